@@ -1,0 +1,29 @@
+"""Errors a user can cause. The CLI prints their message as one line and exits with status 2."""
+
+
+class KdsearchError(Exception):
+    """Base of every error caused by the user's input or environment, not by a bug."""
+
+
+class RecipeError(KdsearchError):
+    """A recipe (or an override of one) is not valid."""
+
+
+class DataError(KdsearchError):
+    """A data set cannot be found, read or split as asked."""
+
+
+class TeacherError(KdsearchError):
+    """A teacher checkpoint cannot be loaded into the architecture the recipe names."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; the run cannot go on."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        super().__init__(
+            f"the training loss became {value} in epoch {epoch}; "
+            "lower optim.lr or the distillation weights"
+        )
+        self.epoch = epoch
+        self.value = value

@@ -1,0 +1,284 @@
+"""The recipe: everything one training run needs, typed and strict (DESIGN section 3).
+
+A recipe is immutable. `Recipe.override({"distill.kd.temperature": 6})` is the one way to change one
+(CLI `--set`, the search and promotion all use it); it returns a new, fully re-validated recipe.
+This module imports no torch, so reading and checking a recipe is cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdsearch.errors import RecipeError
+
+ModelName = Literal[
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "mobilenetv2",
+    "shufflenetv2",
+]
+DatasetName = Literal["digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+
+Weight = Annotated[float, Field(ge=0.0)]
+Positive = Annotated[float, Field(gt=0.0)]
+Epochs = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    """A strict, immutable part of a recipe: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    """Which data set, where it lives, and how the validation split and subset are cut."""
+
+    dataset: DatasetName
+    root: str = "~/.cache/kdsearch/data"
+    download: bool = True
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    subset: Annotated[int, Field(ge=1)] | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
+    image_size: Annotated[int, Field(ge=8)] | None = None
+
+
+class TeacherTrainConfig(Section):
+    """How a teacher is trained when no checkpoint is given (cosine schedule, recipe optim)."""
+
+    epochs: Epochs = 240
+    lr: Positive = 0.05
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+class TeacherConfig(Section):
+    """The frozen network the student learns from."""
+
+    arch: ModelName
+    checkpoint: str | None = None
+    train: TeacherTrainConfig = TeacherTrainConfig()
+
+
+class StudentConfig(Section):
+    """The network being trained."""
+
+    arch: ModelName
+
+
+class CEConfig(Section):
+    """Cross-entropy against the labels."""
+
+    weight: Weight = 1.0
+
+
+class KDConfig(Section):
+    """Hinton KD on the final logits."""
+
+    weight: Weight = 0.9
+    temperature: Positive = 4.0
+
+
+class DistillConfig(Section):
+    """Every distillation term with its weight; a weight of 0 switches the term off."""
+
+    ce: CEConfig = CEConfig()
+    kd: KDConfig = KDConfig()
+
+
+class OptimConfig(Section):
+    """Stochastic gradient descent, as every CIFAR distillation paper trains."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: Positive = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Weight = 5.0e-4
+    nesterov: bool = True
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov: true needs momentum > 0")
+        return self
+
+
+class ScheduleConfig(Section):
+    """Training length and learning-rate schedule (the rate is set once per epoch)."""
+
+    epochs: Epochs = 240
+    kind: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[Annotated[int, Field(ge=1)]] = [150, 180, 210]
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> ScheduleConfig:
+        if self.kind != "multistep":
+            return self
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must increase strictly, got {self.milestones}")
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(
+                f"milestones {late} are not below epochs ({self.epochs}); "
+                "set schedule.milestones together with schedule.epochs"
+            )
+        return self
+
+
+class Recipe(Section):
+    """Everything one training run needs."""
+
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    distill: DistillConfig = DistillConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str = "recipe") -> Recipe:
+        """Validate a plain mapping; every problem is reported with its dotted key."""
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{source}: a recipe must be a mapping, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as err:
+            raise RecipeError(f"{source}: {describe(err, cls)}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "recipe") -> Recipe:
+        """Parse YAML text (safe loader only) into a recipe."""
+        return cls.from_dict(load_yaml(text, source=source), source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe YAML file."""
+        return cls.from_yaml(read_text(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, scalars) that `from_dict` turns back into an equal recipe."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """YAML text that `from_yaml` turns back into an equal recipe."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, changes: Mapping[str, Any], *, source: str = "override") -> Recipe:
+        """A new recipe with each dotted path set to its value, checked like a loaded recipe."""
+        raw = self.to_dict()
+        for path, value in changes.items():
+            _set_path(raw, path, value, source=source)
+        return Recipe.from_dict(raw, source=source)
+
+
+def describe(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line naming each bad key and what is allowed there."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(model, loc[:-1]))
+            lines.append(f"{key}: unknown key; allowed here: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        elif e["type"] == "value_error":
+            lines.append(f"{key}: {str(e['msg']).removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {_short(e.get('input'))})")
+    return "; ".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The keys allowed in the section at `loc` (empty if `loc` does not name a section)."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if _is_section(current) else None
+        if field is None:
+            return []
+        current = field.annotation
+    return list(current.model_fields) if _is_section(current) else []
+
+
+def _is_section(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any, *, source: str) -> None:
+    parts = path.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        allowed = _fields_at(Recipe, tuple(parts[:depth]))
+        if part not in allowed:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise RecipeError(
+                f"{source}: {path}: unknown key {part!r} in {where}; allowed: {', '.join(allowed)}"
+            )
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads `5e-4` as a float (YAML 1.1 wants `5.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str, *, source: str) -> Any:
+    """Parse YAML with the safe loader; a syntax error names the file and line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(f"{source}:{where}: not valid YAML: {problem}") from None
+
+
+def read_text(path: str | Path) -> str:
+    """Read a UTF-8 file; a missing file is a RecipeError, not a traceback."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{p}: cannot read: {err}") from None

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdsearch.errors import RecipeError
+from kdsearch.recipe import DATASET_NAMES, MODEL_NAMES, Recipe
+
+from .conftest import REPO, tiny_recipe
+
+MINIMAL = """
+data: {dataset: digits}
+teacher: {arch: resnet20}
+student: {arch: resnet8}
+"""
+
+
+def test_minimal_recipe_takes_the_defaults_of_the_design() -> None:
+    recipe = Recipe.from_yaml(MINIMAL)
+    assert recipe.distill.kd.temperature == 4.0
+    assert recipe.distill.kd.weight == 0.9
+    assert recipe.schedule.milestones == [150, 180, 210]
+    assert recipe.optim.nesterov is True
+    assert recipe.data.val_fraction == 0.1
+    assert recipe.precision == "auto" and recipe.device == "auto"
+
+
+def test_yaml_round_trip_gives_an_equal_recipe() -> None:
+    recipe = tiny_recipe({"distill.kd.temperature": 6.5, "data.subset": 300, "seed": 3})
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again == recipe
+    assert again.to_yaml() == recipe.to_yaml()
+
+
+def test_shipped_recipes_load() -> None:
+    for path in sorted((REPO / "search_spaces" / "recipes").glob("*.yaml")):
+        assert Recipe.load(path).student.arch in MODEL_NAMES
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (MINIMAL + "distill: {kd: {temprature: 3}}", "distill.kd.temprature: unknown key"),
+        (
+            MINIMAL + "distill: {kd: {temperature: 0}}",
+            "distill.kd.temperature: Input should be greater than 0",
+        ),
+        (MINIMAL + "batch_size: 6.5", "batch_size: Input should be a valid integer"),
+        (MINIMAL + "batch_size: '64'", "batch_size: Input should be a valid integer"),
+        (MINIMAL + "optim: {nesterov: 1}", "optim.nesterov: Input should be a valid boolean"),
+        (
+            MINIMAL + "precision: half",
+            "precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'",
+        ),
+        (MINIMAL + "device: gpu", "device: String should match pattern"),
+        (MINIMAL + "schedule: {epochs: 100}", "schedule: milestones [150, 180, 210] are not below"),
+        (MINIMAL + "schedule: {epochs: 10, milestones: [5, 3]}", "milestones must increase"),
+        (MINIMAL + "optim: {momentum: 0.0}", "nesterov: true needs momentum > 0"),
+        (
+            MINIMAL + "data: {dataset: digits, val_fraction: 1.5}",
+            "data.val_fraction: Input should be less than 1",
+        ),
+        (
+            "data: {dataset: mnist}\nteacher: {arch: resnet20}\nstudent: {arch: resnet8}",
+            "data.dataset: Input should be 'digits'",
+        ),
+        (
+            "data: {dataset: digits}\nteacher: {arch: resnet18}\nstudent: {arch: resnet8}",
+            "teacher.arch: Input should be 'resnet8'",
+        ),
+        ("data: {dataset: digits}\nteacher: {arch: resnet20}", "student: required key is missing"),
+        ("- just a list", "a recipe must be a mapping"),
+        ("data: [1, 2", "not valid YAML"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_what_is_allowed(yaml_text: str, expected: str) -> None:
+    with pytest.raises(RecipeError, match=None) as info:
+        Recipe.from_yaml(yaml_text, source="r.yaml")
+    assert expected in str(info.value)
+    assert str(info.value).startswith("r.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_lists_the_allowed_keys() -> None:
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_yaml(MINIMAL + "distill: {kd: {temprature: 3}}")
+    assert "allowed here: weight, temperature" in str(info.value)
+
+
+def test_every_model_and_dataset_name_is_accepted() -> None:
+    base = Recipe.from_yaml(MINIMAL)
+    for arch in MODEL_NAMES:
+        assert base.override({"student.arch": arch}).student.arch == arch
+    for name in DATASET_NAMES:
+        assert base.override({"data.dataset": name}).data.dataset == name
+
+
+def test_exponent_floats_without_a_dot_are_floats() -> None:
+    recipe = Recipe.from_yaml(MINIMAL + "optim: {weight_decay: 5e-4, lr: 1E-2}")
+    assert recipe.optim.weight_decay == pytest.approx(5e-4)
+    assert recipe.optim.lr == pytest.approx(0.01)
+
+
+def test_unsafe_yaml_tags_are_refused() -> None:
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.from_yaml(MINIMAL + "seed: !!python/object/apply:os.getcwd []")
+
+
+def test_override_returns_a_new_checked_recipe() -> None:
+    recipe = Recipe.from_yaml(MINIMAL)
+    changed = recipe.override(
+        {"distill.kd.temperature": 6, "schedule.epochs": 20, "schedule.milestones": [10, 15]}
+    )
+    assert changed.distill.kd.temperature == 6.0
+    assert isinstance(changed.distill.kd.temperature, float)
+    assert recipe.distill.kd.temperature == 4.0  # the original is untouched
+    assert changed.schedule.milestones == [10, 15]
+
+
+def test_override_sets_a_whole_section() -> None:
+    recipe = Recipe.from_yaml(MINIMAL).override({"distill.kd": {"weight": 0.0}})
+    assert recipe.distill.kd.weight == 0.0 and recipe.distill.kd.temperature == 4.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"distill.kd.temprature": 3},
+            "unknown key 'temprature' in distill.kd; allowed: weight, temperature",
+        ),
+        ({"optimizer.lr": 0.1}, "unknown key 'optimizer' in the top level"),
+        ({"seed.value": 1}, "unknown key 'value' in seed"),
+        (
+            {"distill.kd.temperature": "hot"},
+            "distill.kd.temperature: Input should be a valid number",
+        ),
+        ({"student.arch": "resnet9"}, "student.arch: Input should be"),
+    ],
+)
+def test_override_rejects_bad_paths_and_values(changes: dict[str, object], expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_yaml(MINIMAL).override(changes)
+    assert expected in str(info.value)
+
+
+def test_recipe_is_immutable() -> None:
+    recipe = Recipe.from_yaml(MINIMAL)
+    with pytest.raises(Exception, match="frozen"):
+        recipe.seed = 3  # type: ignore[misc]
+
+
+def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no such file"):
+        Recipe.load(tmp_path / "absent.yaml")
+
+
+def test_recipe_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, kdsearch.recipe; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
