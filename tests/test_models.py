@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdsearch.models import MODELS, build_model, count_parameters
+from kdsearch.recipe import MODEL_NAMES
+
+# Published parameter counts at 100 classes (RepDistiller's model zoo, counted by instantiating
+# the official model files; see shared/reference/kd_methods.md section 7).
+PUBLISHED = {
+    "resnet8": 83_892,
+    "resnet20": 278_324,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540,
+    "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916,
+    "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780,
+    "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028,
+    "vgg13": 9_462_180,
+    "mobilenetv2": 812_836,
+    "shufflenetv2": 1_355_528,
+}
+
+
+def test_registry_matches_the_recipe_names() -> None:
+    assert set(MODELS) == set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED))
+def test_parameter_count_matches_the_published_one(arch: str) -> None:
+    count = count_parameters(build_model(arch, 100))
+    assert abs(count - PUBLISHED[arch]) / PUBLISHED[arch] <= 0.005
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize(("channels", "classes", "size"), [(3, 100, 32), (1, 10, 8), (1, 7, 28)])
+def test_taps_contract(arch: str, channels: int, classes: int, size: int) -> None:
+    model = build_model(arch, classes, channels).eval()
+    x = torch.randn(2, channels, size, size)
+    taps = model.taps(x)
+    assert taps.logits.shape == (2, classes)
+    assert taps.pooled.shape == (2, model.feat_dim)
+    assert len(taps.stages) == len(model.stage_channels)
+    assert [s.shape[1] for s in taps.stages] == list(model.stage_channels)
+    heights = [s.shape[-1] for s in taps.stages]
+    assert heights == sorted(heights, reverse=True), "stages go from shallow (large) to deep"
+    assert torch.isfinite(taps.logits).all()
+    torch.testing.assert_close(model(x), taps.logits)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_gradients_reach_every_parameter(arch: str) -> None:
+    model = build_model(arch, 10, 3)
+    model.taps(torch.randn(4, 3, 16, 16)).logits.logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_cifar_stage_shapes_follow_the_papers() -> None:
+    taps = build_model("resnet8x4", 100).taps(torch.randn(1, 3, 32, 32))
+    assert [tuple(s.shape[1:]) for s in taps.stages] == [
+        (32, 32, 32),
+        (64, 32, 32),
+        (128, 16, 16),
+        (256, 8, 8),
+    ]
+    taps = build_model("vgg8", 100).eval().taps(torch.randn(1, 3, 32, 32))
+    assert [tuple(s.shape[1:]) for s in taps.stages] == [
+        (64, 32, 32),
+        (128, 16, 16),
+        (256, 8, 8),
+        (512, 4, 4),
+        (512, 4, 4),
+    ]
+    taps = build_model("mobilenetv2", 100).eval().taps(torch.randn(1, 3, 32, 32))
+    assert [tuple(s.shape[1:]) for s in taps.stages] == [
+        (16, 16, 16),
+        (12, 16, 16),
+        (16, 8, 8),
+        (48, 4, 4),
+        (160, 2, 2),
+    ]
