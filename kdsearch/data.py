@@ -1,0 +1,528 @@
+"""Data sets decoded once into uint8 tensors, split with a seed, and served as augmented batches.
+
+Every source becomes an `ImageData`: train / val / test splits of uint8 images (N, C, H, W) with
+int64 labels. The validation split is carved from the training images with `data.seed`; the test
+split is never used for model selection. Batches are cut, cropped, flipped and normalised on the
+training device with tensor indexing only, no per-image Python. The random draws of an epoch
+(order, crop offsets, flips) are a pure function of (seed, epoch, image index), so every trial of a
+search sees the same stream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import tarfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdsearch.cache import cache_dir, digest
+from kdsearch.errors import DataError
+from kdsearch.recipe import DataConfig
+
+Progress = Callable[[str, int, int], None]
+"""progress(what, done, total), called during long work such as decoding an image folder."""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (uint8, N x C x H x W) and their labels (int64, N)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The same split on another device."""
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A decoded data set with its splits and what augmentation and normalisation it takes."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    classes: tuple[str, ...]
+    hflip: bool  # horizontal flips keep the label (not so for digits)
+    mean: tuple[float, ...]  # per channel, of the training split, in [0, 1]
+    std: tuple[float, ...]
+    fingerprint: str  # changes whenever any image, label or split changes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[-1])
+
+
+class Raw(NamedTuple):
+    """What a source reads: the official train and test sets."""
+
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    hflip: bool
+
+
+def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData:
+    """Read the data set the recipe names and cut its splits."""
+    raw = SOURCES[cfg.dataset](cfg, progress)
+    train, test = raw.train, raw.test
+    if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:
+        train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
+    if cfg.subset is not None:
+        if cfg.subset > len(train):
+            raise DataError(
+                f"data.subset: {cfg.subset} is more than the {len(train)} training images"
+            )
+        keep, _ = stratified_take(train.y, cfg.subset, _generator(cfg.seed, "subset"))
+        train = _index(train, keep)
+    n_val = round(cfg.val_fraction * len(train))
+    if n_val < 1 or n_val >= len(train):
+        raise DataError(
+            f"data.val_fraction: {cfg.val_fraction} of {len(train)} images leaves no "
+            "validation or no training image"
+        )
+    val_idx, train_idx = stratified_take(train.y, n_val, _generator(cfg.seed, "val"))
+    val, train = _index(train, val_idx), _index(train, train_idx)
+    mean, std = channel_stats(train.x)
+    return ImageData(
+        name=cfg.dataset,
+        train=train,
+        val=val,
+        test=test,
+        classes=raw.classes,
+        hflip=raw.hflip,
+        mean=mean,
+        std=std,
+        fingerprint=_fingerprint(train, val, test),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def _generator(seed: int, purpose: str) -> torch.Generator:
+    """An independent CPU random stream for one purpose of one seed."""
+    key = hashlib.blake2b(f"{seed}/{purpose}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+
+
+def stratified_take(y: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Pick `n` indices with each class in proportion to its share (largest remainder); return
+    (picked, rest), both sorted."""
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * n / len(y)
+    quota = exact.floor().long()
+    short = n - int(quota.sum())
+    if short:
+        quota[torch.argsort(exact - quota, descending=True, stable=True)[:short]] += 1
+    picked = []
+    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = torch.nonzero(y == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:q]])
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[torch.cat(picked)] = True
+    return torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+
+
+def _index(split: Split, idx: Tensor) -> Split:
+    return Split(split.x[idx].contiguous(), split.y[idx].contiguous())
+
+
+def _resize(split: Split, size: int) -> Split:
+    x = F.interpolate(split.x.float(), size=(size, size), mode="bilinear", antialias=True)
+    return Split(x.round().clamp(0, 255).to(torch.uint8), split.y)
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255.0
+    std = flat.std(dim=1).clamp_min(1e-3)
+    return tuple(flat.mean(dim=1).tolist()), tuple(std.tolist())
+
+
+def _fingerprint(*splits: Split) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for s in splits:
+        h.update(str(tuple(s.x.shape)).encode())
+        h.update(s.x.contiguous().numpy().tobytes())
+        h.update(s.y.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split(x: np.ndarray | Tensor, y: np.ndarray | Tensor | list[int]) -> Split:
+    xt = torch.as_tensor(x, dtype=torch.uint8).contiguous()
+    if xt.ndim == 3:
+        xt = xt.unsqueeze(1)
+    return Split(xt, torch.as_tensor(y, dtype=torch.int64).contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def _root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser()
+
+
+def _digits(cfg: DataConfig, progress: Progress | None) -> Raw:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # 8x8 images with values 0..16; 16 grey levels map onto 0..255.
+    x = torch.as_tensor(bunch.images).mul(16).clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    test_idx, train_idx = stratified_take(y, round(0.2 * len(y)), _generator(cfg.seed, "test"))
+    every = Split(x, y)
+    classes = tuple(str(c) for c in range(10))
+    return Raw(_index(every, train_idx), _index(every, test_idx), classes, hflip=False)
+
+
+def _synthetic(cfg: DataConfig, progress: Progress | None) -> Raw:
+    """Ten classes of noisy coloured blobs: learnable in a few epochs, for tests."""
+    gen = _generator(cfg.seed, "synthetic")
+    size = cfg.image_size or 16
+    templates = F.interpolate(
+        torch.rand(10, 3, 4, 4, generator=gen),
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    )
+
+    def draw(n: int) -> Split:
+        y = torch.arange(n) % 10
+        noise = torch.randn(n, 3, size, size, generator=gen) * 0.25
+        x = (templates[y] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return Split(x, y)
+
+    return Raw(draw(800), draw(200), tuple(f"class{c}" for c in range(10)), hflip=True)
+
+
+CIFAR_LAYOUT = {
+    # name: (folder, archive, train files, test files, label key, meta file, names key)
+    "cifar10": (
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        "batches.meta",
+        "label_names",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        ["train"],
+        ["test"],
+        "fine_labels",
+        "meta",
+        "fine_label_names",
+    ),
+}
+
+
+def _cifar(cfg: DataConfig, progress: Progress | None) -> Raw:
+    folder, archive, train_files, test_files, label_key, meta, names_key = CIFAR_LAYOUT[cfg.dataset]
+    root = _root(cfg)
+    if not (root / folder).is_dir():
+        if (root / archive).is_file():
+            with tarfile.open(root / archive) as tar:
+                tar.extractall(root, filter="data")
+        elif cfg.download:
+            _torchvision_download(cfg.dataset, root)
+        else:
+            raise DataError(
+                f"{cfg.dataset} is not in {root} (looked for {folder}/ and {archive}); "
+                "set data.download: true, or copy the official archive there"
+            )
+
+    def read(name: str) -> dict[str, Any]:
+        path = root / folder / name
+        try:
+            with open(path, "rb") as f:
+                return dict(pickle.load(f, encoding="latin1"))
+        except (OSError, pickle.UnpicklingError, EOFError) as err:
+            raise DataError(f"{path}: cannot read the {cfg.dataset} file: {err}") from None
+
+    def load(files: list[str]) -> Split:
+        parts = [read(f) for f in files]
+        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
+        y = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        return _split(x.reshape(-1, 3, 32, 32), y)
+
+    classes = tuple(read(meta)[names_key])
+    return Raw(load(train_files), load(test_files), classes, hflip=True)
+
+
+def _torchvision_download(dataset: str, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion_mnist": tvd.FashionMNIST}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls[dataset](str(root), train=train, download=True)
+    except Exception as err:  # network, disk or checksum: the user can only act on the message
+        raise DataError(
+            f"could not download {dataset} into {root}: {err}; copy the official files there "
+            "and set data.download: false"
+        ) from None
+
+
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def _fashion_mnist(cfg: DataConfig, progress: Progress | None) -> Raw:
+    raw_dir = _root(cfg) / "FashionMNIST" / "raw"
+    names = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+
+    def find(name: str) -> Path | None:
+        for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    wanted = [n for pair in names.values() for n in pair]
+    if any(find(n) is None for n in wanted):
+        if not cfg.download:
+            raise DataError(
+                f"fashion_mnist is not in {raw_dir} (looked for {', '.join(wanted)}, "
+                "optionally .gz); set data.download: true, or copy the IDX files there"
+            )
+        _torchvision_download("fashion_mnist", _root(cfg))
+
+    def load(pair: tuple[str, str]) -> Split:
+        images, labels = (read_idx(find(n)) for n in pair)  # type: ignore[arg-type]
+        return _split(images, labels)
+
+    return Raw(load(names["train"]), load(names["test"]), FASHION_CLASSES, hflip=True)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: holds {body.size} bytes, its header says {dims}")
+    return body.reshape(dims)
+
+
+def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
+    root = _root(cfg)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"imagefolder: {root} needs train/ and test/ folders of class folders")
+    listing = {split: _list_images(root / split) for split in ("train", "test")}
+    classes = tuple(sorted({c for c, _ in listing["train"]}))
+    unknown = sorted({c for c, _ in listing["test"]} - set(classes))
+    if unknown:
+        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
+    stats = [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for split in listing.values()
+        for _, p in split
+    ]
+    key = digest({"root": str(root.resolve()), "size": cfg.image_size, "files": stats})
+    cached = cache_dir() / "decoded" / f"imagefolder-{key}.pt"
+    if cached.is_file():
+        saved = torch.load(cached, weights_only=True)
+        return Raw(Split(*saved["train"]), Split(*saved["test"]), classes, hflip=True)
+    index = {c: i for i, c in enumerate(classes)}
+    done = 0
+    total = len(stats)
+
+    def decode_all(items: list[tuple[str, Path]]) -> Split:
+        nonlocal done
+        images = []
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for image in pool.map(lambda item: _decode(item[1], cfg.image_size), items):
+                images.append(image)
+                done += 1
+                if progress is not None and (done % 2000 == 0 or done == total):
+                    progress("decoding images", done, total)
+        shapes = {a.shape for a in images}
+        if len(shapes) > 1:
+            raise DataError(
+                f"imagefolder: images of {len(shapes)} different shapes in {root}; "
+                "set data.image_size to resize them all"
+            )
+        labels = [index[c] for c, _ in items]
+        return _split(np.stack(images).transpose(0, 3, 1, 2), labels)
+
+    train, test = decode_all(listing["train"]), decode_all(listing["test"])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
+    tmp.replace(cached)
+    return Raw(train, test, classes, hflip=True)
+
+
+def _list_images(folder: Path) -> list[tuple[str, Path]]:
+    items = [
+        (cls.name, path)
+        for cls in sorted(p for p in folder.iterdir() if p.is_dir())
+        for path in sorted(cls.iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise DataError(f"imagefolder: no images under {folder}")
+    return items
+
+
+def _decode(path: Path, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as file:
+            img = file.convert("L" if file.mode in ("1", "L", "I;16") else "RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: cannot decode: {err}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+SOURCES: dict[str, Callable[[DataConfig, Progress | None], Raw]] = {
+    "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "fashion_mnist": _fashion_mnist,
+    "imagefolder": _imagefolder,
+    "synthetic": _synthetic,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+class Batch(NamedTuple):
+    """Normalised float images, labels, and each image's index in its split (`idx`)."""
+
+    x: Tensor
+    y: Tensor
+    idx: Tensor
+
+
+class Loader:
+    """Serves one split, resident on `device`, as batches.
+
+    Training batches are shuffled, randomly cropped (zero padding of 1/8 of the side, 4 pixels for
+    32x32) and flipped where the data set allows it; evaluation batches are neither.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        data: ImageData,
+        device: torch.device,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+    ) -> None:
+        self.split = split.to(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.hflip = data.hflip
+        self.pad = max(1, data.image_size // 8)
+        self.device = device
+        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if self.train and n >= self.batch_size:
+            return n // self.batch_size  # full batches only: batch norm needs more than one image
+        return -(-n // self.batch_size)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 images to normalised floats."""
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch; for training, a pure function of (seed, epoch)."""
+        n = len(self.split)
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
+                yield Batch(self.normalize(self.split.x[idx]), self.split.y[idx], idx)
+            return
+        draws = epoch_draws(n, seed=self.seed, epoch=epoch, pad=self.pad, hflip=self.hflip)
+        order, offsets, flips = (d.to(self.device) for d in draws)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = crop_flip(self.split.x[idx], offsets[idx], flips[idx], self.pad)
+            yield Batch(self.normalize(x), self.split.y[idx], idx)
+
+
+def epoch_draws(n: int, *, seed: int, epoch: int, pad: int, hflip: bool) -> tuple[Tensor, ...]:
+    """Order of the images, and each image's crop offsets and flip, for one epoch."""
+    gen = _generator(seed, f"epoch{epoch}")
+    order = torch.randperm(n, generator=gen)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    return order, offsets, flips & hflip
+
+
+def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, pad: int) -> Tensor:
+    """Random crops of zero-padded images, mirrored where `flips` is set, in one gather."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
