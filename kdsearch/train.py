@@ -1,0 +1,211 @@
+"""One training run: a student distilled from a frozen teacher, as a recipe says.
+
+`train` knows nothing of Ray or Optuna; it calls `report` once per epoch, and whoever drives it
+(the CLI, a search trial, a promotion run) decides what to do with the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdsearch.data import ImageData, Loader, Split
+from kdsearch.distill import Distiller
+from kdsearch.errors import NonFiniteLoss, RecipeError
+from kdsearch.losses import BuildContext, Step
+from kdsearch.models import TapModel, build_model, count_parameters
+from kdsearch.recipe import Recipe
+
+EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch measured. `epoch` counts from 1."""
+
+    epoch: int
+    train_loss: float
+    parts: dict[str, float]
+    val_acc: float
+    val_loss: float
+    lr: float
+    images_per_sec: float
+    seconds: float
+
+
+@dataclass
+class Result:
+    """A finished run: the trained student (heads dropped) and its learning curve."""
+
+    student: TapModel
+    history: list[EpochStats] = field(default_factory=list)
+    params: int = 0
+    seconds: float = 0.0
+
+    @property
+    def val_acc(self) -> float:
+        """Validation accuracy after the last epoch: the model that is kept."""
+        return self.history[-1].val_acc
+
+    @property
+    def images_per_sec(self) -> float:
+        """Training throughput over the whole run."""
+        images = sum(s.images_per_sec * s.seconds for s in self.history)
+        return images / max(sum(s.seconds for s in self.history), 1e-9)
+
+
+Report = Callable[[EpochStats], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: {name} asked for, but CUDA is not available here")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`; None means plain fp32.
+
+    `auto` is bf16 on CUDA (no loss scaling needed) and fp32 on the CPU.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_at(recipe: Recipe, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (counted from 0)."""
+    s = recipe.schedule
+    if s.kind == "cosine":
+        return recipe.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / s.epochs))
+    return float(recipe.optim.lr * s.gamma ** sum(epoch >= m for m in s.milestones))
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[None]:
+    """Mixed precision where asked for, a no-op otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train(
+    recipe: Recipe,
+    data: ImageData,
+    report: Report | None = None,
+    *,
+    teacher: TapModel | None = None,
+) -> Result:
+    """Train the recipe's student on `data`, distilling from `teacher`; report every epoch."""
+    device = resolve_device(recipe.device)
+    dtype = autocast_dtype(recipe.precision, device)
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student.arch, data.num_classes, data.channels).to(device)
+    if teacher is not None:
+        teacher = freeze(teacher).to(device)
+    ctx = BuildContext(student, teacher, data.num_classes, len(data.train))
+    distiller = Distiller.build(recipe, ctx).to(device)
+    opt = recipe.optim
+    optimizer = torch.optim.SGD(
+        distiller.parameters(),
+        lr=opt.lr,
+        momentum=opt.momentum,
+        weight_decay=opt.weight_decay,
+        nesterov=opt.nesterov,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loader = Loader(
+        data.train, data, device, batch_size=recipe.batch_size, train=True, seed=recipe.seed
+    )
+    val_loader = Loader(data.val, data, device, batch_size=EVAL_BATCH, train=False)
+    result = Result(student, params=count_parameters(student))
+    started = time.perf_counter()
+    for epoch in range(recipe.schedule.epochs):
+        lr = lr_at(recipe, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        distiller.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        part_sums: dict[str, torch.Tensor] = {}
+        for batch in loader.epoch(epoch):
+            with autocast(device, dtype):
+                total, parts = distiller.loss(Step(batch, student, teacher))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += total.detach()
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.detach()
+        steps = len(loader)
+        train_loss = loss_sum.item() / steps  # the one host sync of the epoch's training
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch + 1, train_loss)
+        val_acc, val_loss = evaluate(student, val_loader, dtype)
+        stats = EpochStats(
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            parts={name: float(v) / steps for name, v in part_sums.items()},
+            val_acc=val_acc,
+            val_loss=val_loss,
+            lr=lr,
+            images_per_sec=steps * recipe.batch_size / seconds,
+            seconds=seconds,
+        )
+        result.history.append(stats)
+        if report is not None:
+            report(stats)
+    result.seconds = time.perf_counter() - started
+    student.eval()
+    return result
+
+
+def freeze(model: TapModel) -> TapModel:
+    """Eval mode and no gradients, for the whole run: batch-norm statistics stay as trained."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: Loader, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of `model` over every batch of `loader`."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=loader.device)
+    loss = torch.zeros((), device=loader.device)
+    for batch in loader.epoch(0):
+        with autocast(loader.device, dtype):
+            logits = model(batch.x).float()
+        correct += (logits.argmax(1) == batch.y).sum()
+        loss += F.cross_entropy(logits, batch.y, reduction="sum")
+    model.train(was_training)
+    n = len(loader.split)
+    return correct.item() / n, loss.item() / n
+
+
+def evaluate_split(
+    model: TapModel, split: Split, data: ImageData, recipe: Recipe
+) -> tuple[float, float]:
+    """Accuracy and loss of `model` on one split of `data`, on the recipe's device."""
+    device = resolve_device(recipe.device)
+    loader = Loader(split, data, device, batch_size=EVAL_BATCH, train=False)
+    return evaluate(model.to(device), loader, autocast_dtype(recipe.precision, device))

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsearch.data import ImageData, load_data
+from kdsearch.errors import TeacherError
+from kdsearch.models import build_model
+from kdsearch.recipe import DataConfig
+from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_key, teacher_recipe
+
+from .conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> ImageData:
+    return load_data(DataConfig(dataset="synthetic", val_fraction=0.2))
+
+
+def test_teacher_is_trained_once_then_reused_from_the_cache(
+    synthetic, isolated_cache: Path
+) -> None:
+    recipe = tiny_recipe()
+    epochs: list[int] = []
+    first = get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch))
+    assert first.source == "trained" and epochs == [1, 2]
+    assert first.path.is_file() and first.path.is_relative_to(isolated_cache)
+    second = get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch))
+    assert second.source == "cache" and epochs == [1, 2], "no epoch may run the second time"
+    assert second.val_acc == first.val_acc
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert not second.model.training
+
+
+def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> None:
+    base = tiny_recipe()
+    key = teacher_key(base, synthetic)
+    # the student side of the recipe does not change the teacher
+    assert (
+        teacher_key(
+            base.override(
+                {
+                    "student.arch": "wrn_16_1",
+                    "distill.kd.temperature": 2.0,
+                    "seed": 5,
+                    "device": "auto",
+                }
+            ),
+            synthetic,
+        )
+        == key
+    )
+    for change in (
+        {"teacher.train.epochs": 3},
+        {"teacher.train.lr": 0.1},
+        {"teacher.arch": "resnet14"},
+        {"batch_size": 32},
+        {"optim.weight_decay": 0.0},
+    ):
+        assert teacher_key(base.override(change), synthetic) != key, change
+    other_data = load_data(DataConfig(dataset="synthetic", val_fraction=0.2, seed=1))
+    assert teacher_key(base, other_data) != key
+
+
+def test_teacher_recipe_trains_with_cross_entropy_alone() -> None:
+    recipe = teacher_recipe(tiny_recipe({"teacher.arch": "resnet14"}))
+    assert recipe.student.arch == "resnet14"
+    assert recipe.distill.ce.weight == 1.0 and recipe.distill.kd.weight == 0.0
+    assert recipe.schedule.kind == "cosine" and recipe.schedule.epochs == 2
+
+
+def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path) -> None:
+    model = build_model("resnet8", synthetic.num_classes, synthetic.channels)
+    torch.save({"model": model.state_dict(), "epoch": 240}, tmp_path / "t.pth")
+    recipe = tiny_recipe({"teacher.checkpoint": str(tmp_path / "t.pth")})
+    teacher = get_teacher(recipe, synthetic)
+    assert teacher.source == "checkpoint"
+    torch.testing.assert_close(
+        teacher.model.state_dict()["fc.weight"], model.state_dict()["fc.weight"]
+    )
+    assert not cached_teacher_path(recipe, synthetic).exists(), "a checkpoint needs no training"
+
+
+@pytest.mark.parametrize(
+    ("arch", "classes", "expected"),
+    [
+        ("resnet14", 10, "does not fit resnet8 with 10 classes.*unexpected weights"),
+        ("resnet8", 100, r"fc.weight is \(100, 64\), expected \(10, 64\)"),
+    ],
+)
+def test_checkpoint_of_another_architecture_or_class_count_is_refused(
+    synthetic,
+    tmp_path: Path,
+    arch: str,
+    classes: int,
+    expected: str,
+) -> None:
+    torch.save(build_model(arch, classes, 3).state_dict(), tmp_path / "t.pt")
+    recipe = tiny_recipe({"teacher.checkpoint": str(tmp_path / "t.pt")})
+    with pytest.raises(TeacherError, match=expected):
+        get_teacher(recipe, synthetic)
+
+
+class Payload:
+    """An arbitrary object: `weights_only=True` must refuse to unpickle it."""
+
+
+def test_checkpoint_holding_code_objects_is_refused(synthetic: ImageData, tmp_path: Path) -> None:
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(TeacherError, match="not a loadable weights file"):
+        get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "evil.pt")}), synthetic)
+
+
+def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
+    with pytest.raises(TeacherError, match="no such file"):
+        get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "none.pt")}), synthetic)

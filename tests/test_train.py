@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdsearch.data import ImageData, load_data
+from kdsearch.errors import NonFiniteLoss, RecipeError
+from kdsearch.models import TapModel, build_model
+from kdsearch.train import EpochStats, autocast_dtype, lr_at, resolve_device, train
+
+from .conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> ImageData:
+    from kdsearch.recipe import DataConfig
+
+    return load_data(DataConfig(dataset="synthetic", val_fraction=0.2))
+
+
+def _teacher(data: ImageData, epochs: int = 3) -> TapModel:
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": epochs})
+    return train(recipe, data).student
+
+
+def test_student_alone_learns_and_reports_every_epoch(synthetic: ImageData) -> None:
+    seen: list[EpochStats] = []
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 4})
+    result = train(recipe, synthetic, seen.append)
+    assert [s.epoch for s in seen] == [1, 2, 3, 4]
+    assert seen[-1].val_acc > 0.5, "10 classes: chance is 0.1"
+    assert seen[-1].train_loss < seen[0].train_loss
+    assert all(s.images_per_sec > 0 and s.seconds > 0 for s in seen)
+    assert set(seen[0].parts) == {"ce"}
+    assert result.val_acc == seen[-1].val_acc and result.params > 0
+
+
+def test_kd_run_reports_both_terms_and_their_weighted_sum(synthetic: ImageData) -> None:
+    seen: list[EpochStats] = []
+    teacher = _teacher(synthetic, epochs=1)
+    train(tiny_recipe({"schedule.epochs": 1}), synthetic, seen.append, teacher=teacher)
+    parts = seen[0].parts
+    assert set(parts) == {"ce", "kd"}
+    assert seen[0].train_loss == pytest.approx(1.0 * parts["ce"] + 0.9 * parts["kd"], rel=1e-4)
+
+
+def test_same_seed_gives_the_same_run_on_cpu(synthetic: ImageData) -> None:
+    teacher = _teacher(synthetic, epochs=1)
+    runs = [train(tiny_recipe(), synthetic, teacher=teacher) for _ in range(2)]
+    assert [s.val_acc for s in runs[0].history] == [s.val_acc for s in runs[1].history]
+    assert [s.train_loss for s in runs[0].history] == [s.train_loss for s in runs[1].history]
+    for a, b in zip(
+        runs[0].student.state_dict().values(), runs[1].student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    other = train(tiny_recipe({"seed": 1}), synthetic, teacher=teacher)
+    assert other.history[-1].train_loss != runs[0].history[-1].train_loss
+
+
+def test_teacher_stays_frozen_and_in_eval_mode(synthetic: ImageData) -> None:
+    teacher = _teacher(synthetic, epochs=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes: list[bool] = []
+    train(tiny_recipe(), synthetic, lambda s: modes.append(teacher.training), teacher=teacher)
+    assert modes == [False, False]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed: batch-norm statistics must stay"
+
+
+def test_kd_without_a_teacher_is_refused(synthetic: ImageData) -> None:
+    with pytest.raises(RecipeError, match=r"distill\.kd needs a teacher"):
+        train(tiny_recipe(), synthetic)
+
+
+def test_all_weights_zero_is_refused(synthetic: ImageData) -> None:
+    with pytest.raises(RecipeError, match="every term has weight 0"):
+        train(tiny_recipe({"distill.kd.weight": 0.0, "distill.ce.weight": 0.0}), synthetic)
+
+
+def test_non_finite_loss_stops_the_run(synthetic: ImageData) -> None:
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "optim.lr": 1.0e12, "schedule.epochs": 3})
+    seen: list[EpochStats] = []
+    with pytest.raises(NonFiniteLoss) as info:
+        train(recipe, synthetic, seen.append)
+    assert info.value.epoch == len(seen) + 1
+    assert "lower optim.lr" in str(info.value)
+
+
+def test_multistep_and_cosine_schedules() -> None:
+    step = tiny_recipe(
+        {
+            "schedule": {"epochs": 10, "kind": "multistep", "milestones": [4, 7], "gamma": 0.1},
+            "optim.lr": 0.1,
+        }
+    )
+    assert [round(lr_at(step, e), 6) for e in (0, 3, 4, 6, 7, 9)] == [
+        0.1,
+        0.1,
+        0.01,
+        0.01,
+        0.001,
+        0.001,
+    ]
+    cos = tiny_recipe({"schedule": {"epochs": 4, "kind": "cosine"}, "optim.lr": 0.1})
+    assert [round(lr_at(cos, e), 6) for e in range(4)] == [0.1, 0.085355, 0.05, 0.014645]
+
+
+def test_auto_device_and_precision_on_this_machine() -> None:
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(RecipeError, match="fp16 needs CUDA"):
+        autocast_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_asking_for_cuda_without_one_is_a_clear_error() -> None:
+    with pytest.raises(RecipeError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_bf16_autocast_trains_on_cpu(synthetic: ImageData) -> None:
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "precision": "bf16", "schedule.epochs": 3})
+    result = train(recipe, synthetic)
+    assert result.val_acc > 0.3
+    assert all(p.dtype == torch.float32 for p in result.student.parameters())
+
+
+def test_student_state_dict_loads_into_the_bare_architecture(synthetic: ImageData) -> None:
+    teacher = _teacher(synthetic, epochs=1)
+    result = train(tiny_recipe({"schedule.epochs": 1}), synthetic, teacher=teacher)
+    bare = build_model("resnet8", synthetic.num_classes, synthetic.channels)
+    bare.load_state_dict(result.student.state_dict())
