@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsearch.models import build_model
+from kdsearch.recipe import Recipe
+
+from .conftest import tiny_recipe
+
+
+def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
+    out = tmp_path / "out"
+    proc = kdsearch(
+        "train",
+        "r.yaml",
+        "--set",
+        "distill.kd.temperature=2",
+        "--set",
+        "schedule.epochs=3",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher epoch   2/2" in proc.stderr and "student epoch   3/3" in proc.stderr
+    resolved = Recipe.load(out / "recipe.yaml")
+    assert resolved == tiny_recipe({"distill.kd.temperature": 2.0, "schedule.epochs": 3})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["teacher"]["source"] == "trained"
+    state = torch.load(out / "student.pt", weights_only=True)
+    build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights
+    again = kdsearch("train", "r.yaml", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a trained student" in again.stderr
+
+
+def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(tiny_recipe({"distill.kd.weight": 0.0}).to_yaml())
+    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher" not in proc.stderr
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["teacher"] is None
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "args", "expected"),
+    [
+        (None, ["missing.yaml"], "missing.yaml: no such file"),
+        (
+            "data: {dataset: digits}\nteacher: {arch: resnet20}\nstudent: {arch: resnet8, width: 2}",
+            ["r.yaml"],
+            "student.width: unknown key",
+        ),
+        (
+            tiny_recipe().to_yaml(),
+            ["r.yaml", "--set", "distill.kd.temperature"],
+            "expected PATH=VALUE",
+        ),
+        (
+            tiny_recipe().to_yaml(),
+            ["r.yaml", "--set", "optim.lr=fast"],
+            "optim.lr: Input should be a valid number",
+        ),
+        (
+            tiny_recipe().to_yaml(),
+            [
+                "r.yaml",
+                "--set",
+                "data.dataset=cifar10",
+                "--set",
+                "data.download=false",
+                "--set",
+                "data.root=nowhere",
+            ],
+            "cifar10 is not in",
+        ),
+        (
+            tiny_recipe().to_yaml(),
+            ["r.yaml", "--set", "teacher.checkpoint=nope.pt"],
+            "no such file",
+        ),
+        (tiny_recipe().to_yaml(), ["r.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(
+    tmp_path: Path, recipe_text: str | None, args: list[str], expected: str
+) -> None:
+    if recipe_text is not None:
+        (tmp_path / "r.yaml").write_text(recipe_text)
+    proc = kdsearch("train", *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line]
+    assert errors == lines[-1:], proc.stderr  # one error line, the last; progress may come before
+    assert expected in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_divergence_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "optim.lr": 1.0e12})
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "training diverged" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "student.pt").exists()
+
+
+def test_version_and_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.startswith("kdsearch ")
+    helptext = subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--set PATH=VALUE" in helptext and "--out" in helptext
