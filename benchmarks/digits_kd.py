@@ -26,7 +26,9 @@ def main() -> None:
     data = load_data(base.data)
     teacher = get_teacher(base, data)
     t_test = evaluate_split(teacher.model, data.test, data, base)[0]
-    print(f"teacher {base.teacher.arch}: val {100 * teacher.val_acc:.2f}%  test {100 * t_test:.2f}%")
+    print(
+        f"teacher {base.teacher.arch}: val {100 * teacher.val_acc:.2f}%  test {100 * t_test:.2f}%"
+    )
     variants = {
         "student alone (kd weight 0)": {"distill.kd.weight": 0.0},
         f"KD (weight {base.distill.kd.weight}, T {base.distill.kd.temperature})": {},
