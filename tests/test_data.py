@@ -247,3 +247,34 @@ def test_normalisation_uses_the_training_split_statistics() -> None:
     x = torch.cat([b.x for b in loader.epoch(0)]).transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(x.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(1), torch.ones(3), atol=1e-3, rtol=0)
+
+
+def test_missing_cifar_is_downloaded_with_torchvision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets as tvd
+
+    calls: list[tuple[str, bool, bool]] = []
+
+    def fake_download(root: str, train: bool, download: bool) -> None:
+        calls.append((root, train, download))
+        if not (Path(root) / "cifar-10-batches-py").exists():
+            _write_cifar(Path(root), "cifar10", n_train=100, n_test=20, as_archive=False)
+
+    monkeypatch.setattr(tvd, "CIFAR10", fake_download)
+    data = load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "new"), download=True))
+    assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
+    assert len(data.test) == 20
+
+
+def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(root: str, train: bool, download: bool) -> None:
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvd, "CIFAR100", offline)
+    with pytest.raises(DataError, match=r"could not download cifar100 into .*name resolution"):
+        load_data(DataConfig(dataset="cifar100", root=str(tmp_path), download=True))
