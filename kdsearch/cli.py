@@ -104,14 +104,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     teacher = None
     if needs_teacher(recipe):
-        with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
-            teacher = get_teacher(recipe, data, report)
+        with (
+            epoch_progress("teacher", recipe.teacher.train.epochs) as report,
+            epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report,
+        ):
+            teacher = get_teacher(recipe, data, report, heads_report=heads_report)
         console.print(
             f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
             f"val acc {100 * teacher.val_acc:.2f}%"
         )
     with epoch_progress("student", recipe.schedule.epochs) as report:
-        result = train(recipe, data, report, teacher=teacher.model if teacher else None)
+        result = train(
+            recipe,
+            data,
+            report,
+            teacher=teacher.model if teacher else None,
+            teacher_heads=teacher.heads if teacher else None,
+        )
     test_acc, test_loss = evaluate_split(result.student, data.test, data, recipe)
     metrics = {
         "val_acc": result.val_acc,

@@ -126,10 +126,15 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
 # Splits
 
 
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one purpose of one seed (a split, an epoch, a step)."""
+    key = hashlib.blake2b(f"{seed}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") & (2**63 - 1)
+
+
 def _generator(seed: int, purpose: str) -> torch.Generator:
     """An independent CPU random stream for one purpose of one seed."""
-    key = hashlib.blake2b(f"{seed}/{purpose}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(derive_seed(seed, purpose))
 
 
 def stratified_take(y: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ class Distiller(nn.Module):
         self.student = student
         self.terms = nn.ModuleDict(terms)
         self.weights = weights
+        self.rotations = any(term.needs_rotations for term in terms.values())
 
     @classmethod
     def build(cls, recipe: Recipe, ctx: BuildContext) -> Distiller:
@@ -30,11 +31,17 @@ class Distiller(nn.Module):
         for name, cfg in recipe.distill:
             if cfg.weight == 0:
                 continue
-            params = cfg.model_dump(exclude={"weight"})
-            term = LOSSES[name](ctx, **params)
-            if term.needs_teacher and ctx.teacher is None:
+            kind = LOSSES[name]
+            if kind.needs_teacher and ctx.teacher is None:
                 raise RecipeError(f"distill.{name} needs a teacher, but this run has none")
-            terms[name] = term
+            if kind.has_teacher_heads and name not in ctx.teacher_heads:
+                raise RecipeError(
+                    f"distill.{name} needs the teacher's {name} heads; get_teacher() prepares them"
+                )
+            try:
+                terms[name] = kind(ctx, **cfg.model_dump(exclude={"weight"}))
+            except ValueError as err:
+                raise RecipeError(f"distill.{name}: {err}") from None
             weights[name] = cfg.weight
         if not terms:
             raise RecipeError("distill: every term has weight 0; nothing would be trained")
@@ -53,3 +60,12 @@ class Distiller(nn.Module):
 def needs_teacher(recipe: Recipe) -> bool:
     """Whether any term the recipe switches on reads the teacher."""
     return any(cfg.weight > 0 and LOSSES[name].needs_teacher for name, cfg in recipe.distill)
+
+
+def needs_teacher_heads(recipe: Recipe) -> bool:
+    """Whether any term the recipe switches on reads heads trained on the teacher."""
+    return any(cfg.weight > 0 and LOSSES[name].has_teacher_heads for name, cfg in recipe.distill)
+
+
+HEAD_TERMS: tuple[str, ...] = tuple(name for name, kind in LOSSES.items() if kind.has_teacher_heads)
+"""Terms whose teacher side has trained heads; a teacher's heads are prepared for all of them."""

@@ -72,12 +72,21 @@ class TeacherTrainConfig(Section):
     seed: Annotated[int, Field(ge=0)] = 0
 
 
+class TeacherHeadsConfig(Section):
+    """How the teacher's own heads (HSAKD auxiliary classifiers, SSKD projection) are trained on
+    the frozen teacher, once, before any student needs them (cosine schedule, recipe optim)."""
+
+    epochs: Epochs = 60
+    lr: Positive = 0.05
+
+
 class TeacherConfig(Section):
     """The frozen network the student learns from."""
 
     arch: ModelName
     checkpoint: str | None = None
     train: TeacherTrainConfig = TeacherTrainConfig()
+    heads: TeacherHeadsConfig = TeacherHeadsConfig()
 
 
 class StudentConfig(Section):
@@ -99,11 +108,85 @@ class KDConfig(Section):
     temperature: Positive = 4.0
 
 
+class PKTConfig(Section):
+    """Probabilistic knowledge transfer on the pooled features (see losses/pkt.py for the scale)."""
+
+    weight: Weight = 0.0
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+FeatDim = Annotated[int, Field(ge=2)]
+Negatives = Annotated[int, Field(ge=1)]
+
+
+class CRDConfig(Section):
+    """Contrastive representation distillation on the pooled features."""
+
+    weight: Weight = 0.0
+    feat_dim: FeatDim = 128
+    temperature: Positive = 0.07
+    negatives: Negatives = 16384
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
+class CKTFConfig(Section):
+    """CRD at the stem, every stage and the pooled features, with final and intermediate weights."""
+
+    weight: Weight = 0.0
+    final: Weight = 0.8
+    intermediate: Weight = 0.1
+    feat_dim: FeatDim = 128
+    temperature: Positive = 0.1
+    negatives: Negatives = 16384
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
+class SSKDConfig(Section):
+    """Self-supervision by rotations: KD on rotated images and similarity-matrix transfer."""
+
+    weight: Weight = 0.0
+    tf_weight: Weight = 2.7
+    ss_weight: Weight = 10.0
+    tf_temperature: Positive = 4.0
+    ss_temperature: Positive = 0.5
+    tf_keep: Fraction = 1.0
+    ss_keep: Fraction = 0.75
+
+
+class HSAKDConfig(Section):
+    """Auxiliary classifiers on intermediate stages over rotation-augmented joint labels."""
+
+    weight: Weight = 0.0
+    temperature: Positive = 3.0
+    placement: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 3]
+
+    @model_validator(mode="after")
+    def _distinct_stages(self) -> HSAKDConfig:
+        if len(set(self.placement)) != len(self.placement):
+            raise ValueError(f"placement lists a stage twice: {self.placement}")
+        return self
+
+
+class STKDConfig(Section):
+    """Similarity transfer through mixed images: mixed CE and KL to the teacher on them."""
+
+    weight: Weight = 0.0
+    mix: Literal["mixup", "cutmix"] = "mixup"
+    alpha: Positive = 0.2
+    temperature: Positive = 4.0
+
+
 class DistillConfig(Section):
     """Every distillation term with its weight; a weight of 0 switches the term off."""
 
     ce: CEConfig = CEConfig()
     kd: KDConfig = KDConfig()
+    pkt: PKTConfig = PKTConfig()
+    crd: CRDConfig = CRDConfig()
+    cktf: CKTFConfig = CKTFConfig()
+    sskd: SSKDConfig = SSKDConfig()
+    hsakd: HSAKDConfig = HSAKDConfig()
+    stkd: STKDConfig = STKDConfig()
 
 
 class OptimConfig(Section):

@@ -7,34 +7,52 @@ promotion that asks for the same teacher loads it instead of training it again.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdsearch.cache import cache_dir, digest
-from kdsearch.data import ImageData
-from kdsearch.errors import TeacherError
+from kdsearch.data import ImageData, Loader
+from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
+from kdsearch.errors import NonFiniteLoss, TeacherError
+from kdsearch.losses import LOSSES
+from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model
 from kdsearch.recipe import DistillConfig, Recipe
-from kdsearch.train import Report, evaluate_split, freeze, train
+from kdsearch.train import (
+    EpochStats,
+    Report,
+    autocast,
+    autocast_dtype,
+    evaluate_split,
+    freeze,
+    resolve_device,
+    train,
+)
 
 CACHE_FORMAT = 1  # bump when the cached file's layout or the teacher training loop changes
+HEADS_FORMAT = 1  # likewise for the teacher-side heads
 
 
 @dataclass(frozen=True)
 class Teacher:
-    """A ready teacher, where it came from, and its validation accuracy."""
+    """A ready teacher, where it came from, its validation accuracy, and its trained heads."""
 
     model: TapModel
     source: str  # "checkpoint", "cache" or "trained"
     path: Path
     val_acc: float
+    heads: Mapping[str, nn.Module] = field(default_factory=dict)  # term name -> frozen heads
 
 
 def teacher_recipe(recipe: Recipe) -> Recipe:
@@ -70,8 +88,26 @@ def cached_teacher_path(recipe: Recipe, data: ImageData) -> Path:
     return cache_dir() / "teachers" / f"{recipe.teacher.arch}-{teacher_key(recipe, data)}.pt"
 
 
-def get_teacher(recipe: Recipe, data: ImageData, report: Report | None = None) -> Teacher:
-    """Load the checkpoint the recipe names, else the cached teacher, else train and cache one."""
+def get_teacher(
+    recipe: Recipe,
+    data: ImageData,
+    report: Report | None = None,
+    *,
+    heads: bool | None = None,
+    heads_report: Report | None = None,
+) -> Teacher:
+    """Load the checkpoint the recipe names, else the cached teacher, else train and cache one.
+
+    With `heads` (by default: when an active term reads them) the teacher also comes with its
+    heads for every term that has some, trained once on the frozen teacher and cached.
+    """
+    teacher = _backbone(recipe, data, report)
+    if heads if heads is not None else needs_teacher_heads(recipe):
+        teacher = replace(teacher, heads=get_teacher_heads(recipe, data, teacher, heads_report))
+    return teacher
+
+
+def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher:
     if recipe.teacher.checkpoint is not None:
         path = Path(recipe.teacher.checkpoint).expanduser()
         model = load_checkpoint(path, recipe.teacher.arch, data)
@@ -94,6 +130,120 @@ def get_teacher(recipe: Recipe, data: ImageData, report: Report | None = None) -
         },
     )
     return Teacher(freeze(result.student), "trained", path, result.val_acc)
+
+
+def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Path:
+    """Where the heads trained on `teacher` are (or will be) cached, beside the teacher."""
+    if teacher.source == "checkpoint":
+        ident = f"{recipe.teacher.arch}-ckpt{_file_digest(teacher.path)}"
+    else:
+        ident = teacher.path.stem
+    opt = recipe.optim
+    spec = {
+        "format": HEADS_FORMAT,
+        "teacher": ident,
+        "data": data.fingerprint,
+        "heads": recipe.teacher.heads.model_dump(),
+        "terms": HEAD_TERMS,
+        "optim": [opt.momentum, opt.weight_decay, opt.nesterov],
+        "batch_size": recipe.batch_size,
+        "precision": recipe.precision,
+        "seed": recipe.teacher.train.seed,
+    }
+    return cache_dir() / "teachers" / f"{ident}-heads-{digest(spec)}.pt"
+
+
+def get_teacher_heads(
+    recipe: Recipe, data: ImageData, teacher: Teacher, report: Report | None = None
+) -> dict[str, nn.Module]:
+    """The teacher-side heads of every term that has some (HSAKD: an auxiliary classifier on
+    every stage that can carry one; SSKD: the projection), from the cache or trained now."""
+    heads = nn.ModuleDict(
+        {name: LOSSES[name].teacher_heads(teacher.model, data.num_classes) for name in HEAD_TERMS}
+    )
+    path = teacher_heads_path(recipe, data, teacher)
+    if path.is_file():
+        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        train_teacher_heads(heads, teacher.model, recipe, data, report)
+        _save(
+            heads,
+            path,
+            {
+                "teacher": str(teacher.path),
+                "heads": recipe.teacher.heads.model_dump(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+    return {name: freeze(head.cpu()) for name, head in heads.items()}
+
+
+def train_teacher_heads(
+    heads: nn.ModuleDict, teacher: TapModel, recipe: Recipe, data: ImageData, report: Report | None
+) -> None:
+    """Train `heads` on the frozen teacher's rotated batches (cosine schedule from
+    `teacher.heads.lr` over `teacher.heads.epochs`, the recipe's optimizer and batch size)."""
+    device = resolve_device(recipe.device)
+    dtype = autocast_dtype(recipe.precision, device)
+    teacher = freeze(teacher).to(device)
+    heads.to(device)
+    opt, cfg = recipe.optim, recipe.teacher.heads
+    optimizer = torch.optim.SGD(
+        heads.parameters(),
+        lr=cfg.lr,
+        momentum=opt.momentum,
+        weight_decay=opt.weight_decay,
+        nesterov=opt.nesterov,
+    )
+    seed = recipe.teacher.train.seed
+    loader = Loader(data.train, data, device, batch_size=recipe.batch_size, train=True, seed=seed)
+    val_loader = Loader(data.val, data, device, batch_size=recipe.batch_size, train=False)
+
+    def objective(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with autocast(device, dtype):
+            t_rot = frozen_taps(teacher, rotate(x))
+            return {n: LOSSES[n].teacher_head_objective(heads[n], t_rot, y) for n in heads}
+
+    for epoch in range(cfg.epochs):
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        heads.train()
+        started = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {n: torch.zeros((), device=device) for n in heads}
+        for batch in loader.epoch(epoch):
+            parts = objective(batch.x, batch.y)
+            total = torch.stack([loss for loss, _ in parts.values()]).sum()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            for n, (loss, _) in parts.items():
+                sums[n] += loss.detach()
+        seconds = time.perf_counter() - started
+        train_parts = {n: float(v) / len(loader) for n, v in sums.items()}
+        train_loss = sum(train_parts.values())
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch + 1, train_loss)
+        heads.eval()
+        with torch.no_grad():
+            scores = [objective(b.x, b.y) for b in val_loader.epoch(0)]
+        val_acc = sum(float(acc) for s in scores for _, acc in s.values()) / (
+            len(scores) * len(heads)
+        )
+        val_loss = sum(float(loss) for s in scores for loss, _ in s.values()) / len(scores)
+        if report is not None:
+            report(
+                EpochStats(
+                    epoch + 1,
+                    train_loss,
+                    train_parts,
+                    val_acc,
+                    val_loss,
+                    lr,
+                    len(loader) * recipe.batch_size / seconds,
+                    seconds,
+                )
+            )
 
 
 def load_checkpoint(path: Path, arch: str, data: ImageData) -> TapModel:
@@ -152,7 +302,15 @@ def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:
     return evaluate_split(model, data.val, data, recipe)[0]
 
 
-def _save(model: TapModel, path: Path, meta: dict[str, Any]) -> None:
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """Write weights and metadata atomically, so a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsearch.data import ImageData, Loader, Split
+from kdsearch.data import ImageData, Loader, Split, derive_seed
 from kdsearch.distill import Distiller
 from kdsearch.errors import NonFiniteLoss, RecipeError
 from kdsearch.losses import BuildContext, Step
@@ -24,6 +25,7 @@ from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
 
 EVAL_BATCH = 512
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -109,15 +111,25 @@ def train(
     report: Report | None = None,
     *,
     teacher: TapModel | None = None,
+    teacher_heads: Mapping[str, nn.Module] | None = None,
 ) -> Result:
-    """Train the recipe's student on `data`, distilling from `teacher`; report every epoch."""
+    """Train the recipe's student on `data`, distilling from `teacher` (and the heads trained on
+    it, for the terms that read them); report every epoch."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student.arch, data.num_classes, data.channels).to(device)
     if teacher is not None:
         teacher = freeze(teacher).to(device)
-    ctx = BuildContext(student, teacher, data.num_classes, len(data.train))
+    heads = {name: freeze(h).to(device) for name, h in (teacher_heads or {}).items()}
+    ctx = BuildContext(
+        student,
+        teacher,
+        data.num_classes,
+        train_labels=data.train.y.to(device),
+        image_shape=(data.channels, data.image_size, data.image_size),
+        teacher_heads=heads,
+    )
     distiller = Distiller.build(recipe, ctx).to(device)
     opt = recipe.optim
     optimizer = torch.optim.SGD(
@@ -142,9 +154,11 @@ def train(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         part_sums: dict[str, torch.Tensor] = {}
-        for batch in loader.epoch(epoch):
+        for b, batch in enumerate(loader.epoch(epoch)):
+            seed = derive_seed(recipe.seed, f"step{epoch}.{b}")
+            step = Step(batch, student, teacher, rotations=distiller.rotations, seed=seed)
             with autocast(device, dtype):
-                total, parts = distiller.loss(Step(batch, student, teacher))
+                total, parts = distiller.loss(step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()  # type: ignore[no-untyped-call]
             scaler.step(optimizer)
@@ -176,7 +190,7 @@ def train(
     return result
 
 
-def freeze(model: TapModel) -> TapModel:
+def freeze(model: M) -> M:
     """Eval mode and no gradients, for the whole run: batch-norm statistics stay as trained."""
     model.eval()
     model.requires_grad_(False)

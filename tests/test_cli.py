@@ -54,6 +54,25 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already holds a trained student" in again.stderr
 
 
+def test_heads_of_every_term_are_dropped_from_the_saved_student(tmp_path: Path) -> None:
+    changes = {f"distill.{n}.weight": 1.0 for n in ("pkt", "crd", "cktf", "sskd", "hsakd", "stkd")}
+    recipe = tiny_recipe(
+        {
+            **changes,
+            "distill.crd.negatives": 64,
+            "distill.cktf.negatives": 64,
+            "teacher.heads.epochs": 1,
+            "schedule.epochs": 1,
+        }
+    )
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher heads epoch   1/1" in proc.stderr
+    state = torch.load(tmp_path / "o" / "student.pt", weights_only=True)
+    build_model("resnet8", 10, 3).load_state_dict(state)
+
+
 def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe({"distill.kd.weight": 0.0}).to_yaml())
     proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)

@@ -119,3 +119,68 @@ def test_checkpoint_holding_code_objects_is_refused(synthetic: ImageData, tmp_pa
 def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
     with pytest.raises(TeacherError, match="no such file"):
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "none.pt")}), synthetic)
+
+
+def test_teacher_heads_are_trained_once_cached_beside_the_teacher_and_reused(
+    synthetic: ImageData,
+) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 2})
+    epochs: list[int] = []
+    first = get_teacher(recipe, synthetic, heads_report=lambda s: epochs.append(s.epoch))
+    assert set(first.heads) == {"hsakd", "sskd"} and epochs == [1, 2]
+    cached = list(first.path.parent.glob(f"{first.path.stem}-heads-*.pt"))
+    assert len(cached) == 1
+    # a head on every stage that can carry one, whatever placement this recipe asks for
+    assert sorted(first.heads["hsakd"].keys()) == ["1", "2", "3"]  # type: ignore[operator]
+    second = get_teacher(
+        recipe.override({"distill.hsakd.placement": [2]}),
+        synthetic,
+        heads_report=lambda s: epochs.append(s.epoch),
+    )
+    assert epochs == [1, 2], "the heads must come from the cache"
+    for a, b in zip(
+        first.heads["hsakd"].state_dict().values(),
+        second.heads["hsakd"].state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for h in second.heads.values() for p in h.parameters())
+
+
+def test_heads_are_only_prepared_when_an_active_term_reads_them(synthetic: ImageData) -> None:
+    assert get_teacher(tiny_recipe(), synthetic).heads == {}
+    assert set(
+        get_teacher(
+            tiny_recipe({"distill.sskd.weight": 1.0, "teacher.heads.epochs": 1}), synthetic
+        ).heads
+    ) == {"hsakd", "sskd"}
+
+
+def test_training_the_heads_improves_their_task(synthetic: ImageData) -> None:
+    seen: list[float] = []
+    recipe = tiny_recipe({"teacher.train.epochs": 4, "teacher.heads.epochs": 4})
+    get_teacher(recipe, synthetic, heads=True, heads_report=lambda s: seen.append(s.train_loss))
+    assert seen[-1] < seen[0]
+
+
+def test_a_student_trained_with_heads_leaves_them_untouched(synthetic: ImageData) -> None:
+    from kdsearch.train import train
+
+    recipe = tiny_recipe(
+        {
+            "distill.hsakd.weight": 1.0,
+            "distill.sskd.weight": 1.0,
+            "teacher.heads.epochs": 1,
+            "schedule.epochs": 1,
+        }
+    )
+    teacher = get_teacher(recipe, synthetic)
+    before = {
+        n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in teacher.heads.items()
+    }
+    result = train(recipe, synthetic, teacher=teacher.model, teacher_heads=teacher.heads)
+    for n, h in teacher.heads.items():
+        for k, v in h.state_dict().items():
+            assert torch.equal(v, before[n][k]), f"{n}.{k} changed"
+    bare = build_model("resnet8", synthetic.num_classes, synthetic.channels)
+    bare.load_state_dict(result.student.state_dict())  # strict: no head in the student's state

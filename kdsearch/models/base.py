@@ -20,7 +20,7 @@ class TapModel(nn.Module):
     """A classifier that exposes its stage outputs and pooled features.
 
     Subclasses set `stage_channels` (one entry per element of `Taps.stages`) and `feat_dim`
-    (the width of `Taps.pooled`), and implement `taps`.
+    (the width of `Taps.pooled`), and implement `taps` and `head_trunk`.
     """
 
     stage_channels: tuple[int, ...]
@@ -30,8 +30,23 @@ class TapModel(nn.Module):
     def taps(self, x: Tensor) -> Taps:
         """Run the network once and return logits, stage outputs and pooled features."""
 
+    @abstractmethod
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        """A freshly initialised copy of the layers after `stage` (one extra block after the last
+        stage), and its output width: the body of an auxiliary classifier on that stage, as HSAKD
+        builds them. `stage` is one of `head_stages`."""
+
+    @property
+    def head_stages(self) -> tuple[int, ...]:
+        """Stages that can carry an auxiliary head: every stage after the stem."""
+        return tuple(range(1, len(self.stage_channels)))
+
     def forward(self, x: Tensor) -> Tensor:
         return self.taps(x).logits
+
+    def _check_head_stage(self, stage: int) -> None:
+        if stage not in self.head_stages:
+            raise ValueError(f"stage {stage} cannot carry a head; stages {self.head_stages} can")
 
 
 def init_weights(model: nn.Module) -> None:

@@ -53,19 +53,10 @@ class MobileNetV2(TapModel):
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 0.5) -> None:
         super().__init__()
-        cin = int(32 * width)
-        self.stem = nn.Sequential(*conv_bn_relu(in_channels, cin, 3, 2))
-        groups = []
-        for expansion, c, n, s in GROUPS:
-            cout = int(c * width)
-            blocks = [
-                InvertedResidual(cin if i == 0 else cout, cout, s if i == 0 else 1, expansion)
-                for i in range(n)
-            ]
-            groups.append(nn.Sequential(*blocks))
-            cin = cout
-        self.groups = nn.ModuleList(groups)
-        self.head = nn.Sequential(*conv_bn_relu(cin, 1280, 1))
+        self.width = width
+        self.stem = nn.Sequential(*conv_bn_relu(in_channels, int(32 * width), 3, 2))
+        self.groups = nn.ModuleList(self._group(g) for g in range(len(GROUPS)))
+        self.head = nn.Sequential(*conv_bn_relu(self._channels(len(GROUPS) - 1), 1280, 1))
         self.fc = nn.Linear(1280, num_classes)
         self.stage_channels = (
             int(32 * width),
@@ -83,3 +74,26 @@ class MobileNetV2(TapModel):
                 stages.append(x)
         pooled = F.adaptive_avg_pool2d(self.head(x), 1).flatten(1)
         return Taps(self.fc(pooled), tuple(stages), pooled)
+
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        self._check_head_stage(stage)
+        after = TAPPED_GROUPS[stage - 1]
+        groups = [self._group(g) for g in range(after + 1, len(GROUPS))]
+        trunk = nn.Sequential(*groups, *conv_bn_relu(self._channels(len(GROUPS) - 1), 1280, 1))
+        init_weights(trunk)
+        return trunk, 1280
+
+    def _channels(self, group: int) -> int:
+        """Output width of block group `group` (-1: the stem)."""
+        return int((32 if group < 0 else GROUPS[group][1]) * self.width)
+
+    def _group(self, g: int) -> nn.Sequential:
+        """A freshly built block group `g`."""
+        expansion, _, n, stride = GROUPS[g]
+        cin, cout = self._channels(g - 1), self._channels(g)
+        return nn.Sequential(
+            *(
+                InvertedResidual(cin if i == 0 else cout, cout, stride if i == 0 else 1, expansion)
+                for i in range(n)
+            )
+        )

@@ -67,6 +67,16 @@ class ResNet(TapModel):
         pooled = F.adaptive_avg_pool2d(stages[-1], 1).flatten(1)
         return Taps(self.fc(pooled), tuple(stages), pooled)
 
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        self._check_head_stage(stage)
+        w, n = self.widths, self.blocks_per_stage
+        if stage == 3:
+            trunk = nn.Sequential(resnet_stage(w[3], w[3], n, 1))
+        else:
+            trunk = nn.Sequential(*(resnet_stage(w[i], w[i + 1], n, 2) for i in range(stage, 3)))
+        init_weights(trunk)
+        return trunk, w[3]
+
 
 THIN = (16, 16, 32, 64)
 WIDE = (32, 64, 128, 256)  # the "x4" models of the CRD benchmark

@@ -88,3 +88,11 @@ class ShuffleNetV2(TapModel):
             stages.append(layer(stages[-1]))
         pooled = F.adaptive_avg_pool2d(self.head(stages[-1]), 1).flatten(1)
         return Taps(self.fc(pooled), tuple(stages), pooled)
+
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        self._check_head_stage(stage)
+        cins = (STEM, *WIDTHS[:-1])
+        stages = [shuffle_stage(cins[i], WIDTHS[i], BLOCKS[i]) for i in range(stage, len(WIDTHS))]
+        trunk = nn.Sequential(*stages, conv_bn(WIDTHS[-1], HEAD, 1), nn.ReLU())
+        init_weights(trunk)
+        return trunk, HEAD

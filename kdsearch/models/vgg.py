@@ -26,12 +26,15 @@ def vgg_block(cin: int, widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class VGG(TapModel):
-    """Blocks 0-2 are each followed by 2x2 max pooling; block 3 is pooled only while the map is
-    larger than 4x4 (the papers' rule: 64x64 inputs are pooled there, 32x32 ones are not)."""
+    """Five blocks with max pooling between them (see `pool_after`), global pooling, a classifier.
+
+    The papers pool after block 3 only for 64x64 inputs; "while the map is larger than 4x4" is that
+    rule for any input size."""
 
     def __init__(self, config: str, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         cfg = CONFIGS[config]
+        self.config = cfg
         cins = (in_channels, *tuple(block[-1] for block in cfg[:-1]))
         self.blocks = nn.ModuleList(vgg_block(cin, w) for cin, w in zip(cins, cfg, strict=True))
         self.fc = nn.Linear(cfg[-1][-1], num_classes)
@@ -44,7 +47,41 @@ class VGG(TapModel):
         for i, block in enumerate(self.blocks):
             x = block(x)
             stages.append(x)
-            if i < 3 or (i == 3 and x.shape[-1] > 4):
-                x = F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 2 else x
+            x = pool_after(i, x)
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return Taps(self.fc(pooled), tuple(stages), pooled)
+
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        self._check_head_stage(stage)
+        cfg, last = self.config, len(self.config) - 1
+        if stage == last:
+            blocks = [vgg_block(cfg[last][-1], (cfg[last][-1],))]
+        else:
+            blocks = [vgg_block(cfg[i - 1][-1], cfg[i]) for i in range(stage + 1, last + 1)]
+        trunk = VGGTail(stage, blocks)
+        init_weights(trunk)
+        return trunk, cfg[last][-1]
+
+
+def pool_after(block: int, x: Tensor) -> Tensor:
+    """2x2 max pooling after blocks 0-2, after block 3 only while the map is larger than 4x4."""
+    if (block < 3 or (block == 3 and x.shape[-1] > 4)) and min(x.shape[-2:]) >= 2:
+        return F.max_pool2d(x, 2)
+    return x
+
+
+class VGGTail(nn.Module):
+    """The blocks after `stage`, with the backbone's pooling between them."""
+
+    def __init__(self, stage: int, blocks: list[nn.Sequential]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = pool_after(self.stage, x)
+        for i, block in enumerate(self.blocks, start=self.stage + 1):
+            x = block(x)
+            if i < 4:
+                x = pool_after(i, x)
+        return x

@@ -45,6 +45,7 @@ class WideResNet(TapModel):
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         self.blocks_per_stage = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.widths = widths
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.layers = nn.ModuleList(
             wrn_stage(widths[i], widths[i + 1], self.blocks_per_stage, 1 if i == 0 else 2)
@@ -62,3 +63,14 @@ class WideResNet(TapModel):
             stages.append(layer(stages[-1]))
         pooled = F.adaptive_avg_pool2d(F.relu(self.bn(stages[-1])), 1).flatten(1)
         return Taps(self.fc(pooled), tuple(stages), pooled)
+
+    def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
+        self._check_head_stage(stage)
+        w, n = self.widths, self.blocks_per_stage
+        if stage == 3:
+            body = [wrn_stage(w[3], w[3], n, 1)]
+        else:
+            body = [wrn_stage(w[i], w[i + 1], n, 2) for i in range(stage, 3)]
+        trunk = nn.Sequential(*body, nn.BatchNorm2d(w[3]), nn.ReLU())  # pre-activation: close it
+        init_weights(trunk)
+        return trunk, w[3]

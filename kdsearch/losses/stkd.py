@@ -1,0 +1,42 @@
+"""STKD: Zhao, Gong, Sun, Dong & Yu, Similarity Transfer for Knowledge Distillation,
+arXiv:2103.10047, 2021.
+
+No official code was found; this follows the paper's abstract (similarity between instances
+transferred through mixed virtual samples and mixed labels): the student learns the mixed labels
+and the teacher's output distribution on the same mixed images.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdsearch.losses.base import BuildContext, Step, Term
+from kdsearch.losses.kd import kd_loss
+
+
+def stkd_loss(
+    s_logits: Tensor, t_logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float, temperature: float
+) -> Tensor:
+    """Mixed cross-entropy, lam * CE(s, y_a) + (1 - lam) * CE(s, y_b), plus T^2 KL from the
+    teacher's distribution on the same mixed images."""
+    s = s_logits.float()
+    mixed_ce = lam * F.cross_entropy(s, y_a) + (1.0 - lam) * F.cross_entropy(s, y_b)
+    return mixed_ce + kd_loss(s, t_logits, temperature)
+
+
+class STKD(Term):
+    """Transfer inter-instance similarity through mixup (or cutmix) images, lam ~ Beta(a, a)."""
+
+    def __init__(
+        self, ctx: BuildContext, *, mix: str = "mixup", alpha: float = 0.2, temperature: float = 4.0
+    ) -> None:
+        super().__init__()
+        self.mix = mix
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def forward(self, step: Step) -> Tensor:
+        view, s = step.mixed(self.mix, self.alpha)
+        t = step.teacher_on(view.x)
+        return stkd_loss(s.logits, t.logits, view.y_a, view.y_b, view.lam, self.temperature)
