@@ -84,3 +84,38 @@ def test_cifar_stage_shapes_follow_the_papers() -> None:
         (48, 4, 4),
         (160, 2, 2),
     ]
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_head_stage_gets_a_trunk_of_the_declared_width(arch: str) -> None:
+    model = build_model(arch, 10, 3).eval()
+    taps = model.taps(torch.randn(2, 3, 32, 32))
+    assert model.head_stages == tuple(range(1, len(model.stage_channels)))
+    for stage in model.head_stages:
+        trunk, width = model.head_trunk(stage)
+        out = trunk.eval()(taps.stages[stage])
+        assert out.shape[:2] == (2, width)
+    with pytest.raises(ValueError, match="cannot carry a head"):
+        model.head_trunk(0)
+
+
+# HSAKD's auxiliary classifiers at 100 classes (400 joint labels), per head, as counted from the
+# official model files (shared/reference/kd_methods.md section 1.3).
+HSAKD_HEADS = {
+    "resnet8x4": (1.252, 1.022, 1.283),
+    "resnet32x4": (7.16, 5.75, 6.01),
+    "resnet56": (0.839, 0.676, 0.692),
+    "wrn_40_2": (2.19, 1.76, 1.82),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(HSAKD_HEADS))
+def test_auxiliary_heads_match_the_reference_sizes(arch: str) -> None:
+    from kdsearch.losses.hsakd import AuxClassifier
+
+    model = build_model(arch, 100)
+    sizes = [
+        sum(p.numel() for p in AuxClassifier(model, s, 100).parameters()) / 1e6
+        for s in model.head_stages
+    ]
+    assert sizes == pytest.approx(HSAKD_HEADS[arch], rel=0.01)
