@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdsearch import __version__
@@ -71,14 +74,27 @@ def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[Any], None]]:
         yield report
 
 
+def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
+    """The recipe's teacher (and its heads when asked), with progress while either trains."""
+    from kdsearch.teacher import get_teacher
+
+    with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
+        teacher = get_teacher(recipe, data, report, heads=False)
+    if heads:
+        from kdsearch.teacher import get_teacher_heads
+
+        with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
+            teacher = replace(teacher, heads=get_teacher_heads(recipe, data, teacher, heads_report))
+    return teacher
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one student from a recipe and write recipe.yaml, metrics.json and student.pt."""
     recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: bad input fails fast
     import torch
 
     from kdsearch.data import load_data
-    from kdsearch.distill import needs_teacher
-    from kdsearch.teacher import get_teacher
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, train
 
     out = (
@@ -104,11 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     teacher = None
     if needs_teacher(recipe):
-        with (
-            epoch_progress("teacher", recipe.teacher.train.epochs) as report,
-            epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report,
-        ):
-            teacher = get_teacher(recipe, data, report, heads_report=heads_report)
+        teacher = prepare_teacher(recipe, data, needs_teacher_heads(recipe))
         console.print(
             f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
             f"val acc {100 * teacher.val_acc:.2f}%"
@@ -154,6 +166,93 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, default_storage, open_storage, redact
+
+    space = SearchSpace.load(args.space)
+    if args.set:
+        space = space.with_base_changes(parse_sets(args.set))
+    name = args.study or space.config.study.name
+    url = args.storage or space.config.study.storage or default_storage(name)
+    target = args.trials or space.config.search.trials
+    record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+
+    if args.address not in (None, "auto"):
+        use_ray_token(os.environ)
+    from kdsearch.data import load_data
+    from kdsearch.losses import LOSSES
+    from kdsearch.search import active_terms, run_search
+
+    done_before = len(record.study.trials) - record.tally().running
+    console.print(
+        f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+        f"({done_before} finished before, {len(record.orphans)} to run again), "
+        f"at most {space.config.asha.max_epochs} epochs each"
+    )
+    with console.status("loading data"):
+        data = load_data(space.base.data)
+    terms = active_terms(space)
+    teacher = None
+    if any(LOSSES[t].needs_teacher for t in terms):
+        teacher = prepare_teacher(space.base, data, any(LOSSES[t].has_teacher_heads for t in terms))
+        console.print(
+            f"teacher {space.base.teacher.arch} ({teacher.source}): "
+            f"val acc {100 * teacher.val_acc:.2f}%"
+        )
+    with Live(console=console, refresh_per_second=2, transient=True) as live:
+        outcome = run_search(
+            space,
+            record,
+            data,
+            teacher,
+            address=args.address,
+            status=lambda tally: live.update(status_line(tally, target)),
+        )
+    console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
+    for line in outcome.tally.failures[-5:]:
+        console.print(f"  failed {line}", markup=False)
+    finished = outcome.tally.complete + outcome.tally.pruned + outcome.tally.failed
+    if finished < target:
+        console.print(
+            f"stopped with {finished} of {target} trials finished; "
+            f"`kdsearch run {args.space} --resume` finishes the search"
+        )
+        return 130
+    console.print(
+        f"study {name!r} is in {redact(url)}; `kdsearch dashboard {redact(url)}` shows it"
+    )
+    return 0
+
+
+def use_ray_token(env: MutableMapping[str, str]) -> None:
+    """Clusters started with `ray start` check a token that Ray loads by itself only for
+    `--address auto`; for an explicit address, turn token mode on when a token is at hand. Ray
+    reads this setting when it is first imported, so this runs before kdsearch.search is."""
+    if "RAY_AUTH_MODE" in env:
+        return
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_TOKEN" in env or token_file.is_file():
+        env["RAY_AUTH_MODE"] = "token"
+
+
+def status_line(tally: Any, target: int) -> str:
+    """One line: trials by state and the best so far."""
+    finished = tally.complete + tally.pruned + tally.failed
+    line = (
+        f"trials {finished}/{target}: {tally.complete} complete, {tally.pruned} pruned, "
+        f"{tally.failed} failed, {tally.running} running"
+    )
+    if tally.best is not None:
+        value, number, params = tally.best
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+        )
+        line += f"; best {100 * value:.2f}% (#{number}: {shown})"
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = _Parser(prog="kdsearch", description="AutoML for knowledge distillation.")
@@ -170,6 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output folder (default: studies/runs/<recipe>-<time>)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="search a space of distillation recipes")
+    p.add_argument("space", help="a search space YAML file (search_spaces/*.yaml)")
+    p.add_argument("--trials", type=int, help="trials the study should hold (default: the space's)")
+    p.add_argument("--study", help="study name (default: the space's study.name)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a value of the base recipe (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        help="join the Ray cluster at this address (default: start "
+        "a local Ray sized to this machine)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted or killed search of the same study",
+    )
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -27,3 +27,7 @@ class NonFiniteLoss(Exception):
         )
         self.epoch = epoch
         self.value = value
+
+
+class StudyError(KdsearchError):
+    """A study storage cannot be opened, or a study is not in the state an action needs."""

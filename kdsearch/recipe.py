@@ -270,6 +270,21 @@ class Recipe(Section):
         """YAML text that `from_yaml` turns back into an equal recipe."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def get(self, path: str) -> Any:
+        """The value at a dotted path (plain data for a section); an unknown path is an error."""
+        node: Any = self.to_dict()
+        for part in check_path(path, source="recipe"):
+            node = node[part]
+        return node
+
+    def with_epochs(self, epochs: int) -> Recipe:
+        """The same recipe trained for `epochs`, multistep milestones scaled in proportion (the
+        budget of a search trial or of a promotion run)."""
+        s = self.schedule
+        scaled = sorted({max(1, round(m * epochs / s.epochs)) for m in s.milestones})
+        milestones = [m for m in scaled if m < epochs]
+        return self.override({"schedule.epochs": epochs, "schedule.milestones": milestones})
+
     def override(self, changes: Mapping[str, Any], *, source: str = "override") -> Recipe:
         """A new recipe with each dotted path set to its value, checked like a loaded recipe."""
         raw = self.to_dict()
@@ -316,9 +331,9 @@ def _is_section(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseModel)
 
 
-def _set_path(raw: dict[str, Any], path: str, value: Any, *, source: str) -> None:
+def check_path(path: str, *, source: str) -> list[str]:
+    """The parts of a dotted recipe path; a part that names no key is an error listing the keys."""
     parts = path.split(".")
-    node: Any = raw
     for depth, part in enumerate(parts):
         allowed = _fields_at(Recipe, tuple(parts[:depth]))
         if part not in allowed:
@@ -326,12 +341,17 @@ def _set_path(raw: dict[str, Any], path: str, value: Any, *, source: str) -> Non
             raise RecipeError(
                 f"{source}: {path}: unknown key {part!r} in {where}; allowed: {', '.join(allowed)}"
             )
-        if depth == len(parts) - 1:
-            node[part] = value
-        else:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
+    return parts
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any, *, source: str) -> None:
+    *sections, leaf = check_path(path, source=source)
+    node = raw
+    for part in sections:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
 
 
 class _Loader(yaml.SafeLoader):

@@ -1,0 +1,371 @@
+"""`kdsearch run`: trials on Ray Tune with ASHA, proposed by Optuna, recorded by `study.Record`.
+
+The only module that imports Ray. The driver loads the data and prepares the teacher (and its
+heads) once, puts them in Ray's object store, and starts trials that each train one recipe for
+at most `asha.max_epochs`, reporting every epoch. Proposals and the record both live in the
+study: `KdSearcher` asks Optuna for a trial when Tune has a free slot and tells it the outcome
+itself, so a trial ASHA stopped is PRUNED (Ray's OptunaSearch would call it COMPLETE) and a
+search killed half-way resumes from the database alone, without Tune's experiment checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from kdsearch.data import ImageData, Split
+from kdsearch.errors import KdsearchError, RecipeError
+from kdsearch.losses import LOSSES
+from kdsearch.models import TapModel, build_model, count_parameters
+from kdsearch.recipe import Recipe
+from kdsearch.space import SearchSpace
+from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally
+from kdsearch.teacher import Teacher
+from kdsearch.train import EpochStats, train
+
+Status = Callable[[Tally], None]
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every trial reads and nobody changes: the data as numpy arrays (the object store
+    hands them to every trial on a node without copying) and the teacher's weights."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    teacher_arch: str
+    teacher_state: dict[str, torch.Tensor]
+    heads_state: dict[str, dict[str, torch.Tensor]]
+
+
+def share(data: ImageData, teacher: Teacher | None, arch: str) -> Shared:
+    """Pack the data and teacher for the object store."""
+    arrays = {
+        f"{name}_{part}": getattr(getattr(data, name), part).numpy()
+        for name in ("train", "val", "test")
+        for part in ("x", "y")
+    }
+    meta = {
+        "name": data.name,
+        "classes": data.classes,
+        "hflip": data.hflip,
+        "mean": data.mean,
+        "std": data.std,
+        "fingerprint": data.fingerprint,
+    }
+    return Shared(
+        arrays,
+        meta,
+        arch,
+        {} if teacher is None else teacher.model.state_dict(),
+        {} if teacher is None else {n: h.state_dict() for n, h in teacher.heads.items()},
+    )
+
+
+def unshare(shared: Shared) -> tuple[ImageData, TapModel | None, dict[str, torch.nn.Module]]:
+    """Data, teacher and heads back as torch objects (the data without a copy)."""
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = {k: torch.from_numpy(v) for k, v in shared.arrays.items()}
+    m = shared.meta
+    data = ImageData(
+        m["name"],
+        Split(t["train_x"], t["train_y"]),
+        Split(t["val_x"], t["val_y"]),
+        Split(t["test_x"], t["test_y"]),
+        tuple(m["classes"]),
+        m["hflip"],
+        tuple(m["mean"]),
+        tuple(m["std"]),
+        m["fingerprint"],
+    )
+    if not shared.teacher_state:
+        return data, None, {}
+    teacher = build_model(shared.teacher_arch, data.num_classes, data.channels)
+    teacher.load_state_dict(shared.teacher_state)
+    heads: dict[str, torch.nn.Module] = {}
+    for name, state in shared.heads_state.items():
+        heads[name] = LOSSES[name].teacher_heads(teacher, data.num_classes)
+        heads[name].load_state_dict(state)
+    return data, teacher, heads
+
+
+def run_trial(config: dict[str, Any], shared: Shared) -> None:
+    """One trial: train the recipe, report every epoch; any failure is reported, not raised,
+    so the driver records its reason and the search goes on."""
+    torch.set_num_threads(max(1, int(config["threads"])))
+    started = time.perf_counter()
+    epoch = 0
+    try:
+        recipe = Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}")
+        data, teacher, heads = unshare(shared)
+        params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
+
+        def report(stats: EpochStats) -> None:
+            nonlocal epoch
+            epoch = stats.epoch
+            tune.report(
+                {
+                    "epoch": stats.epoch,
+                    METRIC: stats.val_acc,
+                    "train_loss": stats.train_loss,
+                    "images_per_sec": stats.images_per_sec,
+                    "student_params": params,
+                    "wall_seconds": time.perf_counter() - started,
+                }
+            )
+
+        train(recipe, data, report, teacher=teacher, teacher_heads=heads)
+    except Exception as err:  # recorded as FAIL with its reason; nothing is lost
+        tune.report(
+            {
+                "epoch": epoch + 1,
+                METRIC: float("nan"),
+                "failure": f"{type(err).__name__}: {err}"[:2000],
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that remembers which trials it stopped before the budget, and why trials errored:
+    Tune tells a searcher neither."""
+
+    def __init__(self, max_t: int, grace_period: int, reduction_factor: float) -> None:
+        super().__init__(
+            time_attr="epoch",
+            max_t=max_t,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            stop_last_trials=True,
+        )
+        self.stopped: set[str] = set()
+        self.errors: dict[str, str] = {}
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        decision: str = super().on_trial_result(tune_controller, trial, result)
+        if (
+            decision == TrialScheduler.STOP
+            and result.get("epoch", 0) < self._max_t
+            and "failure" not in result
+        ):
+            self.stopped.add(trial.trial_id)
+        return decision
+
+    def remember(self, curves: Mapping[str, Mapping[int, float]]) -> None:
+        """Enter finished trials' results into the rungs they reached, so a resumed search
+        prunes against the whole study, not only against the trials it runs itself."""
+        for bracket in self._brackets:
+            for milestone, recorded in bracket._rungs:
+                for key, curve in curves.items():
+                    if int(milestone) in curve:
+                        recorded[key] = curve[int(milestone)]
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        text = str(trial.get_error() or "").strip().splitlines()
+        self.errors[trial.trial_id] = text[-1][:500] if text else "the trial's process failed"
+        super().on_trial_error(tune_controller, trial)
+
+
+class KdSearcher(Searcher):
+    """Proposes trials from the study and records their outcome in it."""
+
+    def __init__(self, record: Record, asha: RecordingASHA, threads: float) -> None:
+        super().__init__(metric=METRIC, mode="max")
+        self.record = record
+        self.asha = asha
+        self.threads = threads
+        self.max_epochs = record.space.config.asha.max_epochs
+        self.plans: dict[str, Plan] = {}
+        self.curves: dict[str, dict[int, float]] = {}
+        self.interrupted: list[int] = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        plan = self.record.next_plan(trial_id)
+        if plan is None:
+            return Searcher.FINISHED
+        self.plans[trial_id] = plan
+        self.curves[trial_id] = {}
+        return {"number": plan.number, "recipe": plan.recipe.to_yaml(), "threads": self.threads}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._note(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        plan = self.plans.pop(trial_id, None)
+        if plan is None:
+            return
+        if result:
+            self._note(trial_id, result)
+        curve = self.curves.pop(trial_id)
+        last = result or {}
+        attrs: dict[str, Any] = {"epochs": max(curve, default=0)}
+        for key in ("wall_seconds", "images_per_sec", "student_params"):
+            if key in last:
+                attrs[key] = last[key]
+        if error or "failure" in last:
+            attrs["failure"] = last.get("failure") or self.asha.errors.get(
+                trial_id, "the trial failed"
+            )
+            state = TrialState.FAIL
+        elif trial_id in self.asha.stopped:
+            state = TrialState.PRUNED
+        elif max(curve, default=0) >= self.max_epochs:
+            state = TrialState.COMPLETE
+        else:  # stopped by an interrupted search: stays RUNNING, `--resume` runs it again
+            self.interrupted.append(plan.number)
+            return
+        self.record.finish(plan.number, state, curve, attrs)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the study is this searcher's whole state (see `--resume`)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its searcher for an experiment restore that kdsearch does not use; the
+        # database connection cannot be pickled and is not needed there.
+        return {k: v for k, v in self.__dict__.items() if k != "record"}
+
+    def _note(self, trial_id: str, result: dict[str, Any]) -> None:
+        value = result.get(METRIC)
+        if trial_id in self.curves and value is not None and not math.isnan(value):
+            self.curves[trial_id][int(result["epoch"])] = float(value)
+
+
+class Progress(tune.Callback):
+    """Hands the record's tally to the display and keeps the driver's heartbeat fresh."""
+
+    def __init__(self, record: Record, status: Status | None) -> None:
+        self.record = record
+        self.status = status
+        self.last_beat = time.monotonic()
+        self.last_status = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("record", "status")}
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.last_beat > HEARTBEAT_S:
+            self.record.heartbeat()
+            self.last_beat = now
+        if self.status is not None and now - self.last_status > 1.0:
+            self.status(self.record.tally())
+            self.last_status = now
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a `run_search` call ended."""
+
+    tally: Tally
+    interrupted: list[int]  # trial numbers left RUNNING for --resume
+    seconds: float
+
+
+def run_search(
+    space: SearchSpace,
+    record: Record,
+    data: ImageData,
+    teacher: Teacher | None,
+    *,
+    address: str | None = None,
+    status: Status | None = None,
+) -> Outcome:
+    """Run the trials of `record` on Ray (a local instance sized to this machine, or the cluster
+    at `address`) until the study holds the target number of finished trials."""
+    started = time.monotonic()
+    # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has its own.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        start_ray(address)
+    try:
+        cfg = space.config
+        per_trial = cfg.search.per_trial
+        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        gpus = float(cluster.get("GPU", 0.0))
+        gpu = (
+            (min(1.0, gpus / cfg.search.concurrent) if gpus else 0.0)
+            if per_trial.gpu == "auto"
+            else per_trial.gpu
+        )
+        for kind, wanted, have in (
+            ("cpu", per_trial.cpu, float(cluster.get("CPU", 0.0))),
+            ("gpu", gpu, gpus),
+        ):
+            if wanted > have:  # Tune would wait forever for a slot that cannot exist
+                raise RecipeError(
+                    f"{space.source}: search.per_trial.{kind} is {wanted}, but the Ray cluster "
+                    f"has {have:g} {kind.upper()}s"
+                )
+        asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
+        asha.remember(record.finished_curves())
+        searcher = KdSearcher(record, asha, per_trial.cpu)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, shared=share(data, teacher, space.base.teacher.arch)),
+            {"cpu": per_trial.cpu, "gpu": gpu},
+        )
+        bound = max(1, record.target + len(record.orphans))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=asha,
+                num_samples=bound,
+                max_concurrent_trials=cfg.search.concurrent,
+                metric=METRIC,
+                mode="max",
+            ),
+            run_config=tune.RunConfig(
+                name=f"kdsearch-{os.getpid()}",
+                storage_path=tempfile.mkdtemp(prefix="kdsearch-tune-"),
+                verbose=0,
+                callbacks=[Progress(record, status)],
+                failure_config=tune.FailureConfig(max_failures=0),
+                log_to_file=False,
+            ),
+        )
+        tuner.fit()
+    finally:
+        if own_ray:
+            ray.shutdown()
+    return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started)
+
+
+def start_ray(address: str | None) -> None:
+    """A local Ray sized to this machine, or a connection to the cluster at `address`."""
+    try:
+        ray.init(
+            address=address,
+            num_cpus=None if address else os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+        )
+    except (ConnectionError, RuntimeError) as err:
+        raise KdsearchError(f"cannot join the Ray cluster at {address}: {err}") from None
+
+
+def active_terms(space: SearchSpace) -> set[str]:
+    """Terms that some trial of the space can switch on (a reachable weight above 0)."""
+    return {
+        name for name in LOSSES if any(w > 0 for w in space.reachable(f"distill.{name}.weight"))
+    }

@@ -1,0 +1,302 @@
+"""Search spaces: a base recipe, distributions over dotted recipe paths, and how to search them
+(DESIGN section 4).
+
+A space is checked completely when it is loaded, before anything runs: every path exists in the
+recipe, every bound is valid, every value a parameter can take fits the recipe's type there, and
+every `when` refers to an earlier parameter and to values it can take.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import Field, ValidationError, model_validator
+
+from kdsearch.errors import RecipeError
+from kdsearch.recipe import Recipe, Section, describe, load_yaml, read_text
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Scalar = bool | int | float | str | None
+
+
+class _Param(Section):
+    when: dict[str, Any] | None = None
+
+
+class FloatParam(_Param):
+    """A float in [low, high], on a log scale or in steps if asked."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatParam:
+        _check_bounds(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntParam(_Param):
+    """An integer in [low, high], on a log scale or in steps if asked."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntParam:
+        _check_bounds(self.low, self.high, self.log, self.step if self.step != 1 else None)
+        return self
+
+
+class CategoricalParam(_Param):
+    """One of a list of values; a value may itself be a list (an HSAKD placement, say)."""
+
+    type: Literal["categorical"]
+    choices: Annotated[list[Any], Field(min_length=1)]
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _check_bounds(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) is above high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"log: true needs low > 0, got {low}")
+    if log and step is not None:
+        raise ValueError("log and step cannot be combined")
+
+
+class StudyConfig(Section):
+    """Where the record of the search lives."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    storage: str | None = None  # default: sqlite:///studies/<name>.db
+
+
+class PerTrialConfig(Section):
+    """Resources of one trial. `gpu: auto` is 1/concurrent of a GPU where the cluster has GPUs."""
+
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    gpu: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+
+
+class SearchConfig(Section):
+    """How many trials, how many at once, and how they are proposed."""
+
+    trials: Annotated[int, Field(ge=1)] = 16
+    concurrent: Annotated[int, Field(ge=1)] = 2
+    per_trial: PerTrialConfig = PerTrialConfig()
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+class AshaConfig(Section):
+    """Successive halving over epochs: a trial runs at most `max_epochs`; at `grace_epochs`
+    and every `reduction_factor` times more, only the best 1/reduction_factor continue."""
+
+    max_epochs: Annotated[int, Field(ge=1)]
+    grace_epochs: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> AshaConfig:
+        if self.grace_epochs > self.max_epochs:
+            raise ValueError(
+                f"grace_epochs ({self.grace_epochs}) is above max_epochs ({self.max_epochs})"
+            )
+        return self
+
+
+class PromoteConfig(Section):
+    """Re-training of the best trials at full budget (`epochs`: the base recipe's if null)."""
+
+    top_k: Annotated[int, Field(ge=1)] = 3
+    seeds: Annotated[int, Field(ge=1)] = 3
+    epochs: Annotated[int, Field(ge=1)] | None = None
+
+
+class ExportConfig(Section):
+    """Where the winner is written."""
+
+    dir: str
+
+
+class SpaceFile(Section):
+    """The YAML file as written."""
+
+    study: StudyConfig
+    base: dict[str, Any] | str
+    space: dict[str, Param]
+    search: SearchConfig = SearchConfig()
+    asha: AshaConfig
+    promote: PromoteConfig | None = None
+    export: ExportConfig | None = None
+
+
+class SuggestTrial(Protocol):
+    """The part of `optuna.Trial` a space samples with (kept as a protocol: no optuna import)."""
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = ..., log: bool = ...
+    ) -> float: ...
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = ..., log: bool = ...
+    ) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated space: the base recipe, the parameters in order, and the search settings."""
+
+    source: str
+    text: str
+    base: Recipe
+    params: dict[str, FloatParam | IntParam | CategoricalParam]
+    config: SpaceFile
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchSpace:
+        """Read and check a space file; every problem names its key."""
+        text = read_text(path)
+        return cls.from_yaml(text, source=str(path), folder=Path(path).parent)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str, folder: Path = Path(".")) -> SearchSpace:
+        raw = load_yaml(text, source=source)
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{source}: a search space must be a mapping")
+        try:
+            config = SpaceFile.model_validate(dict(raw))
+        except ValidationError as err:
+            raise RecipeError(f"{source}: {describe(err, SpaceFile)}") from None
+        if isinstance(config.base, str):
+            base = Recipe.load(folder / config.base)
+        else:
+            base = Recipe.from_dict(config.base, source=f"{source}: base")
+        space = cls(source, text, base, dict(config.space), config)
+        space._check()
+        return space
+
+    def with_base_changes(self, changes: Mapping[str, Any]) -> SearchSpace:
+        """The same space over a base recipe with `changes` applied (the CLI's --set)."""
+        base = self.base.override(changes, source="--set")
+        space = SearchSpace(self.source, self.text, base, self.params, self.config)
+        space._check()
+        return space
+
+    def reachable(self, path: str) -> list[Any]:
+        """Every value a recipe path can take in some trial: the base value, and the bounds or
+        choices of the parameter that sets it."""
+        values = [self.base.get(path)]
+        p = self.params.get(path)
+        if p is not None:
+            values += _extremes(p)
+        return values
+
+    @property
+    def trial_recipe(self) -> Recipe:
+        """The base recipe at the trial budget (`asha.max_epochs`)."""
+        return self.base.with_epochs(self.config.asha.max_epochs)
+
+    def suggest(self, trial: SuggestTrial) -> dict[str, Any]:
+        """Sample every parameter whose `when` holds, in order: {name: value}."""
+        chosen: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if not self._active(p, chosen):
+                continue
+            if isinstance(p, FloatParam):
+                chosen[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+            elif isinstance(p, IntParam):
+                chosen[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+            else:
+                labels = choice_labels(p.choices)
+                chosen[name] = p.choices[labels.index(trial.suggest_categorical(name, labels))]
+        return chosen
+
+    def overrides(self, chosen: Mapping[str, Any]) -> dict[str, Any]:
+        """The recipe changes of a sample: every chosen recipe path ($-decisions left out)."""
+        return {name: value for name, value in chosen.items() if not name.startswith("$")}
+
+    def recipe_for(self, chosen: Mapping[str, Any]) -> Recipe:
+        """The trial recipe of a sample."""
+        return self.trial_recipe.override(self.overrides(chosen), source=self.source)
+
+    @staticmethod
+    def _active(p: _Param, chosen: Mapping[str, Any]) -> bool:
+        for ref, wanted in (p.when or {}).items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if ref not in chosen or chosen[ref] not in allowed:
+                return False
+        return True
+
+    def _check(self) -> None:
+        base = self.trial_recipe
+        seen: list[str] = []
+        for name, p in self.params.items():
+            where = f"{self.source}: space.{name}"
+            if name.startswith("$"):
+                if not isinstance(p, CategoricalParam):
+                    raise RecipeError(f"{where}: a $decision must be categorical")
+            else:
+                if name in ("schedule.epochs", "schedule.milestones"):
+                    raise RecipeError(
+                        f"{where}: the trial budget is asha.max_epochs; not searchable"
+                    )
+                try:
+                    base.get(name)
+                except RecipeError as err:
+                    raise RecipeError(f"{where}: not a recipe path ({err})") from None
+                for value in _extremes(p):
+                    try:
+                        base.override({name: value})
+                    except RecipeError as err:
+                        raise RecipeError(
+                            f"{where}: {value!r} does not fit the recipe: {err}"
+                        ) from None
+            for ref, wanted in (p.when or {}).items():
+                if ref not in seen:
+                    raise RecipeError(
+                        f"{where}: when refers to {ref!r}, which is not an earlier parameter"
+                    )
+                target = self.params[ref]
+                for value in wanted if isinstance(wanted, list) else [wanted]:
+                    if not _can_take(target, value):
+                        raise RecipeError(
+                            f"{where}: when {ref} = {value!r}, but {ref} never takes that value"
+                        )
+            seen.append(name)
+
+
+def choice_labels(choices: list[Any]) -> list[Scalar]:
+    """How a study stores categorical choices: as they are when all are scalars, else as JSON
+    text (Optuna takes scalars only), so a placement [1, 2] is stored as "[1, 2]"."""
+    if all(c is None or isinstance(c, bool | int | float | str) for c in choices):
+        return list(choices)
+    return [json.dumps(c) for c in choices]
+
+
+def _extremes(p: FloatParam | IntParam | CategoricalParam) -> list[Any]:
+    """The values whose fit to the recipe proves every value fits."""
+    if isinstance(p, CategoricalParam):
+        return list(p.choices)
+    return [p.low, p.high]
+
+
+def _can_take(p: FloatParam | IntParam | CategoricalParam, value: Any) -> bool:
+    if isinstance(p, CategoricalParam):
+        return value in p.choices
+    return isinstance(value, int | float) and not math.isnan(value) and p.low <= value <= p.high

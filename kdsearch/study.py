@@ -1,0 +1,281 @@
+"""The study is the record of a search (DESIGN section 5).
+
+Every trial is written from the driver process only, by `Record`: created RUNNING when it is
+proposed (with its Ray trial id, driver and full recipe), and finished exactly once as COMPLETE
+(it reached the trial budget), PRUNED (ASHA stopped it) or FAIL (it raised, or its loss went
+non-finite; the reason is a user attribute), with one intermediate value per epoch. A trial left
+RUNNING by a driver that is gone (killed, interrupted) is adopted by `kdsearch run --resume` and
+run again under the same number, so the study ends with exactly the trials asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch import __version__
+from kdsearch.data import derive_seed
+from kdsearch.errors import RecipeError, StudyError
+from kdsearch.recipe import Recipe
+from kdsearch.space import SearchSpace
+
+METRIC = "val_acc"
+OPEN_ATTEMPTS = 3
+HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
+STALE_S = 300.0  # ... and is presumed gone by drivers on other hosts after this long without one
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_storage(study_name: str) -> str:
+    """SQLite under ./studies/, created if missing."""
+    Path("studies").mkdir(exist_ok=True)
+    return f"sqlite:///studies/{study_name}.db"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: nothing secret can be parsed out of it either
+        return url.split("@")[-1]
+
+
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
+    failure: Exception | None = None
+    for _ in range(OPEN_ATTEMPTS):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # SQLAlchemy, driver and Optuna errors: cannot use this URL
+            # Two drivers opening a new PostgreSQL database at once race to create Optuna's
+            # tables, and one of them fails; a moment later the tables are there.
+            failure = err
+            time.sleep(0.5 + random.random())
+    text = str(failure).strip()
+    reason = text.splitlines()[0] if text else type(failure).__name__
+    reason = reason.replace(url, redact(url))
+    raise StudyError(f"cannot open the study storage {redact(url)}: {reason}")
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    """Names of the studies a storage holds."""
+    return [s.study_name for s in storage.get_all_studies()]
+
+
+def load_study(storage: BaseStorage, name: str) -> optuna.Study:
+    """An existing study; a missing one lists the names the storage holds."""
+    if name not in study_names(storage):
+        held = ", ".join(study_names(storage)) or "none"
+        raise StudyError(f"no study named {name!r} in this storage (it holds: {held})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def trial_recipe(trial: FrozenTrial) -> Recipe:
+    """The full recipe a trial trained with, as recorded."""
+    return Recipe.from_yaml(str(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
+
+
+@dataclass
+class Plan:
+    """A trial to run: its number in the study and its recipe."""
+
+    number: int
+    recipe: Recipe
+    params: dict[str, Any]
+    adopted: bool = False
+
+
+@dataclass
+class Tally:
+    """What the record holds, for the live display."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    best: tuple[float, int, dict[str, Any]] | None = None  # value, number, params
+    failures: list[str] = field(default_factory=list)
+
+
+class Record:
+    """Writes one driver's trials into a study. Not thread-safe: call it from one thread."""
+
+    def __init__(
+        self,
+        storage: BaseStorage,
+        name: str,
+        space: SearchSpace,
+        *,
+        target: int,
+        resume: bool,
+    ) -> None:
+        self.storage = storage
+        self.space = space
+        self.target = target
+        self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        exists = name in study_names(storage)
+        if exists and not resume:
+            n = len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
+            if n:
+                raise StudyError(
+                    f"study {name!r} already holds {n} trials; add --resume to finish it, or "
+                    "choose another --study name"
+                )
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", load_if_exists=True
+        )
+        seed = derive_seed(space.config.search.seed, f"sampler/{len(study.trials)}") % 2**32
+        sampler: optuna.samplers.BaseSampler = (
+            optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+            if space.config.search.sampler == "tpe"
+            else optuna.samplers.RandomSampler(seed=seed)
+        )
+        self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        self.study_id = storage.get_study_id_from_name(name)
+        for key, value in {
+            "space": space.text,
+            "space_file": space.source,
+            "kdsearch_version": __version__,
+            "base_recipe": space.base.to_yaml(),
+            "metric": METRIC,
+            "max_epochs": space.config.asha.max_epochs,
+        }.items():
+            self.study.set_user_attr(key, value)
+        self.orphans = self._orphans() if resume else []
+        self.heartbeat()
+
+    # -- proposing -----------------------------------------------------------------------
+
+    def next_plan(self, ray_trial_id: str) -> Plan | None:
+        """The next trial for Ray: an adopted orphan first, else a new sample while the study
+        holds fewer trials than the target; None when there is nothing left to start."""
+        if self.orphans:
+            orphan = self.orphans.pop(0)
+            attempt = int(orphan.user_attrs.get("attempt", 1)) + 1
+            self._claim(orphan._trial_id, ray_trial_id, attempt=attempt)
+            return Plan(orphan.number, trial_recipe(orphan), dict(orphan.params), adopted=True)
+        while len(self.study.get_trials(deepcopy=False)) < self.target:
+            trial = self.study.ask()
+            chosen = self.space.suggest(trial)
+            try:
+                recipe = self.space.recipe_for(chosen)
+            except RecipeError as err:  # a combination the recipe rejects: a failed trial
+                self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            self._claim(trial._trial_id, ray_trial_id, attempt=1)
+            self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
+            return Plan(trial.number, recipe, dict(trial.params))
+        return None
+
+    def _claim(self, trial_id: int, ray_trial_id: str, *, attempt: int) -> None:
+        for key, value in (
+            ("ray_trial_id", ray_trial_id),
+            ("driver", self.driver),
+            ("attempt", attempt),
+        ):
+            self.storage.set_trial_user_attr(trial_id, key, value)
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def finish(
+        self,
+        number: int,
+        state: TrialState,
+        curve: Mapping[int, float],
+        attrs: Mapping[str, Any],
+    ) -> None:
+        """Write the trial's learning curve and attributes, then its final state, once."""
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        if self.storage.get_trial(trial_id).state.is_finished():
+            return
+        for epoch, value in sorted(curve.items()):
+            self.storage.set_trial_intermediate_value(trial_id, epoch, value)
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
+        if state == TrialState.COMPLETE:
+            self.study.tell(number, curve[max(curve)])
+        else:
+            self.study.tell(number, state=state)
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Tell other drivers this one is alive (they adopt its trials only once it is not)."""
+        self.storage.set_study_system_attr(self.study_id, f"heartbeat:{self.driver}", time.time())
+
+    def _orphans(self) -> list[FrozenTrial]:
+        """RUNNING trials whose driver is gone: on this host, its process is dead; elsewhere,
+        its heartbeat is older than STALE_S."""
+        beats = self.storage.get_study_system_attrs(self.study_id)
+        host = socket.gethostname()
+        orphans = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            driver = str(trial.user_attrs.get("driver", ""))
+            owner_host, _, pid = driver.rpartition(":")
+            if owner_host == host:
+                gone = not _alive(int(pid)) if pid.isdigit() else True
+            else:
+                gone = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) > STALE_S
+            if gone:
+                orphans.append(trial)
+        return orphans
+
+    # -- reading -------------------------------------------------------------------------
+
+    def finished_curves(self) -> dict[str, dict[int, float]]:
+        """Learning curves of the study's finished trials, keyed "study#<number>"."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        return {
+            f"study#{t.number}": dict(t.intermediate_values)
+            for t in self.study.get_trials(deepcopy=False, states=done)
+        }
+
+    def tally(self) -> Tally:
+        """Counts by state and the best complete trial so far."""
+        t = Tally()
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state == TrialState.COMPLETE:
+                t.complete += 1
+                if trial.value is not None and (t.best is None or trial.value > t.best[0]):
+                    t.best = (trial.value, trial.number, dict(trial.params))
+            elif trial.state == TrialState.PRUNED:
+                t.pruned += 1
+            elif trial.state == TrialState.FAIL:
+                t.failed += 1
+                t.failures.append(f"#{trial.number}: {trial.user_attrs.get('failure', '?')}")
+            elif trial.state == TrialState.RUNNING:
+                t.running += 1
+        return t
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def ranked(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials, best first (all of them reached the same budget)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return sorted(done, key=lambda t: (-float(t.value or 0.0), t.number))

@@ -1,0 +1,297 @@
+"""Real searches on Ray: the study must tell the truth, survive kill -9 and Ctrl-C, and work on a
+Ray cluster and on PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch.models import build_model, count_parameters
+from kdsearch.study import trial_recipe
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+study: {name: tiny}
+base:
+  data: {dataset: digits, subset: 600, val_fraction: 0.3}
+  teacher: {arch: resnet8, train: {epochs: 3, lr: 0.1}}
+  student: {arch: resnet8}
+  schedule: {epochs: 4, kind: cosine}
+  device: cpu
+space:
+  optim.lr: {type: categorical, choices: [0.002, 0.05, 0.1, 1.0e12]}
+  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}
+search: {trials: 8, concurrent: 2, per_trial: {cpu: 1}, sampler: random, seed: 0}
+asha: {max_epochs: 4, grace_epochs: 1, reduction_factor: 2}
+"""
+MAX_EPOCHS = 4
+
+
+def kdsearch(*args: str, cwd: Path, env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdsearch.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )  # type: ignore[call-overload]
+
+
+def workdir(root: Path) -> tuple[Path, dict[str, str]]:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "space.yaml").write_text(SPACE)
+    return root, dict(os.environ, KDSEARCH_CACHE_DIR=str(root / "cache"), COLUMNS="200")
+
+
+def trials(root: Path, name: str = "tiny") -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{root}/studies/{name}.db").trials
+
+
+@pytest.fixture(scope="module")
+def search(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    root, env = workdir(tmp_path_factory.mktemp("search"))
+    proc = kdsearch("run", "space.yaml", cwd=root, env=env)
+    out, err = proc.communicate(timeout=600)
+    return root, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_search_ends_with_every_trial_finished(
+    search: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    root, proc = search
+    assert proc.returncode == 0, proc.stderr
+    assert "trials 8/8:" in proc.stderr
+    states = [t.state for t in trials(root)]
+    assert len(states) == 8 and TrialState.RUNNING not in states
+
+
+def test_asha_stopped_trials_are_pruned_and_full_ones_complete(
+    search: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    root, _ = search
+    done = [t for t in trials(root) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert {t.state for t in done} == {TrialState.COMPLETE, TrialState.PRUNED}
+    for t in done:
+        epochs = int(t.user_attrs["epochs"])
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1)), (
+            "one value per epoch, the last included"
+        )
+        if t.state == TrialState.COMPLETE:
+            assert epochs == MAX_EPOCHS and t.value == t.intermediate_values[MAX_EPOCHS]
+        else:
+            assert epochs < MAX_EPOCHS and t.value == t.intermediate_values[epochs]
+
+
+def test_a_trial_whose_loss_went_nan_is_failed_with_its_reason(
+    search: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    root, proc = search
+    diverged = [t for t in trials(root) if t.params["optim.lr"] == 1.0e12]
+    assert diverged, "the seeded sampler draws the diverging learning rate at least once"
+    for t in diverged:
+        assert t.state == TrialState.FAIL
+        assert t.user_attrs["failure"].startswith(
+            "NonFiniteLoss: the training loss became nan in epoch 1"
+        )
+    others = [t for t in trials(root) if t.params["optim.lr"] != 1.0e12]
+    assert all(t.state != TrialState.FAIL for t in others)
+    assert "failed #" in proc.stderr
+
+
+def test_trials_and_study_carry_their_attributes(
+    search: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    root, _ = search
+    all_trials = trials(root)
+    ids = [t.user_attrs["ray_trial_id"] for t in all_trials]
+    assert len(set(ids)) == len(ids)
+    params = count_parameters(build_model("resnet8", 10, 1))
+    for t in all_trials:
+        recipe = trial_recipe(t)
+        assert recipe.optim.lr == t.params["optim.lr"] and recipe.schedule.epochs == MAX_EPOCHS
+        assert t.user_attrs["wall_seconds"] > 0 and t.user_attrs["attempt"] == 1
+        if t.state != TrialState.FAIL:
+            assert t.user_attrs["images_per_sec"] > 0 and t.user_attrs["student_params"] == params
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root}/studies/tiny.db")
+    assert study.user_attrs["space"] == SPACE
+    assert study.user_attrs["kdsearch_version"] and study.user_attrs["metric"] == "val_acc"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the search did not get there in time"
+        time.sleep(0.5)
+
+
+def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    try:
+        ts = trials(root)
+    except Exception:  # the study is not created yet
+        return [], []
+    return [t for t in ts if t.state.is_finished()], [
+        t for t in ts if t.state == TrialState.RUNNING
+    ]
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """The driver's Ray processes are in its session; clean them up after the test's kill."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_trial(
+    tmp_path: Path, how: str
+) -> None:
+    root, env = workdir(tmp_path)
+    proc = kdsearch(
+        "run", "space.yaml", "--trials", "10", cwd=root, env=env, start_new_session=True
+    )
+    try:
+        _wait_for(
+            lambda: (
+                len(_finished_and_running(root)[0]) >= 3 and bool(_finished_and_running(root)[1])
+            ),
+            300,
+            proc,
+        )
+        before = {
+            t.number: (t.state, t.value, t.datetime_complete)
+            for t in _finished_and_running(root)[0]
+        }
+        if how == "kill -9":
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        else:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 130, err
+            assert "--resume" in err and "Traceback" not in err
+    finally:
+        _kill_group(proc)
+    left = [t.number for t in trials(root) if t.state == TrialState.RUNNING]
+    assert left, "the stop must have caught trials in flight"
+    resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    final = trials(root)
+    assert len(final) == 10 and all(t.state.is_finished() for t in final)
+    for t in final:
+        if t.number in before:
+            assert (t.state, t.value, t.datetime_complete) == before[t.number], (
+                "a finished trial changed"
+            )
+        elif t.number in left:
+            assert t.user_attrs["attempt"] == 2, "an interrupted trial runs again under its number"
+
+
+def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
+    root, env = workdir(tmp_path)
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        proc = kdsearch(
+            "run",
+            "space.yaml",
+            "--trials",
+            "4",
+            "--address",
+            f"127.0.0.1:{port}",
+            cwd=root,
+            env=env,
+        )
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert [t.state.is_finished() for t in trials(root)] == [True] * 4
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(
+    not POSTGRES, reason="set KDSEARCH_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)"
+)
+def test_two_drivers_share_one_postgresql_study(tmp_path: Path) -> None:
+    assert POSTGRES is not None
+    root, env = workdir(tmp_path)
+    name = f"shared_{os.getpid()}_{int(time.time())}"
+    args = (
+        "run",
+        "space.yaml",
+        "--storage",
+        POSTGRES,
+        "--study",
+        name,
+        "--trials",
+        "8",
+        "--resume",
+    )
+    procs = [kdsearch(*args, cwd=root, env=env) for _ in range(2)]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    ts = study.trials
+    assert len(ts) >= 8 and all(t.state.is_finished() for t in ts)
+    assert sorted(t.number for t in ts) == list(range(len(ts)))
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in ts]
+    assert len(set(ray_ids)) == len(ray_ids), "no trial recorded twice"
+    drivers = {t.user_attrs["driver"] for t in ts}
+    assert len(drivers) == 2, "both drivers ran trials into the one study"
+
+
+def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path: Path) -> None:
+    root, env = workdir(tmp_path)
+    proc = kdsearch(
+        "run",
+        "space.yaml",
+        "--storage",
+        "postgresql+psycopg2://kd:s3cret@127.0.0.1:1/x",
+        cwd=root,
+        env=env,
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdsearch: error: cannot open the study storage")
+    assert "s3cret" not in err

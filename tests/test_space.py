@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from optuna.trial import FixedTrial
+
+from kdsearch.errors import RecipeError
+from kdsearch.space import SearchSpace, choice_labels
+
+from .conftest import REPO
+
+BASE = """
+study: {name: t}
+base:
+  data: {dataset: digits}
+  teacher: {arch: resnet8}
+  student: {arch: resnet8}
+  schedule: {epochs: 240, kind: multistep, milestones: [150, 180, 210]}
+asha: {max_epochs: 24, grace_epochs: 2, reduction_factor: 3}
+"""
+
+
+def space_of(params: str, extra: str = "") -> SearchSpace:
+    return SearchSpace.from_yaml(BASE + "space:\n" + params + extra, source="s.yaml")
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10", "cifar100"])
+def test_shipped_spaces_are_valid(name: str) -> None:
+    space = SearchSpace.load(REPO / "search_spaces" / f"{name}.yaml")
+    assert space.params and space.config.search.trials >= 16
+    assert space.trial_recipe.schedule.epochs == space.config.asha.max_epochs
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            "  distill.kd.temprature: {type: float, low: 1, high: 2}",
+            "space.distill.kd.temprature: not a recipe path",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: 3, high: 2}",
+            "space.distill.kd.temperature.float: low (3.0) is above high (2.0)",
+        ),
+        ("  optim.lr: {type: float, low: 0.0, high: 0.1, log: true}", "log: true needs low > 0"),
+        (
+            "  optim.lr: {type: float, low: 0.01, high: 0.1, log: true, step: 0.01}",
+            "log and step cannot be combined",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: -1, high: 2}",
+            "space.distill.kd.temperature: -1.0 does not fit the recipe",
+        ),
+        (
+            "  distill.kd.temperature: {type: categorical, choices: [2.0, hot]}",
+            "'hot' does not fit the recipe",
+        ),
+        (
+            "  batch_size: {type: int, low: 1, high: 64}",
+            "space.batch_size: 1 does not fit the recipe",
+        ),
+        (
+            "  distill.kd.temperature: {type: normal, low: 1, high: 2}",
+            "space.distill.kd.temperature: Input tag 'normal' found using 'type' does not match",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}\n  $x: {type: categorical, choices: [a, b]}",
+            "when refers to '$x', which is not an earlier parameter",
+        ),
+        (
+            "  $x: {type: categorical, choices: [a, b]}\n  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: c}}",
+            "when $x = 'c', but $x never takes that value",
+        ),
+        ("  $x: {type: float, low: 1, high: 2}", "a $decision must be categorical"),
+        ("  schedule.epochs: {type: int, low: 1, high: 9}", "the trial budget is asha.max_epochs"),
+        (
+            "  distill.hsakd.placement: {type: categorical, choices: [[1, 2], [2, 2]]}",
+            "placement lists a stage twice",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: 1, high: 2, hgih: 3}",
+            "space.distill.kd.temperature.float.hgih: unknown key",
+        ),
+    ],
+)
+def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        space_of(params)
+    assert expected in str(info.value), str(info.value)
+    assert str(info.value).startswith("s.yaml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("search: {trials: 0}\n", "search.trials: Input should be greater than or equal to 1"),
+        ("search: {sampler: grid}\n", "search.sampler: Input should be 'tpe' or 'random'"),
+        (
+            "bogus: 1\n",
+            "bogus: unknown key; allowed here: study, base, space, search, asha, promote, export",
+        ),
+    ],
+)
+def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
+    with pytest.raises(RecipeError, match=None) as info:
+        space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", extra)
+    assert expected in str(info.value)
+
+
+def test_grace_above_budget_is_refused() -> None:
+    text = BASE.replace("grace_epochs: 2", "grace_epochs: 30") + "space: {}\n"
+    with pytest.raises(RecipeError, match=r"asha: grace_epochs \(30\) is above max_epochs \(24\)"):
+        SearchSpace.from_yaml(text, source="s.yaml")
+
+
+CONDITIONAL = """  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}
+  $extra: {type: categorical, choices: [none, crd, hsakd]}
+  distill.crd.weight: {type: float, low: 0.1, high: 2.0, when: {$extra: crd}}
+  distill.hsakd.weight: {type: float, low: 0.1, high: 2.0, when: {$extra: [hsakd]}}
+  distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]], when: {$extra: hsakd}}
+"""
+
+
+def test_when_samples_a_parameter_only_after_the_value_it_names() -> None:
+    space = space_of(CONDITIONAL)
+    chosen = space.suggest(FixedTrial({"distill.kd.temperature": 3.0, "$extra": "none"}))
+    assert chosen == {"distill.kd.temperature": 3.0, "$extra": "none"}
+    recipe = space.recipe_for(chosen)
+    assert recipe.distill.crd.weight == 0.0  # the base value stands
+    chosen = space.suggest(
+        FixedTrial(
+            {
+                "distill.kd.temperature": 3.0,
+                "$extra": "hsakd",
+                "distill.hsakd.weight": 0.5,
+                "distill.hsakd.placement": "[3]",
+            }
+        )
+    )
+    assert chosen["distill.hsakd.placement"] == [3]
+    recipe = space.recipe_for(chosen)
+    assert recipe.distill.hsakd.placement == [3] and recipe.distill.hsakd.weight == 0.5
+    assert "distill.crd.weight" not in chosen
+
+
+def test_trial_recipes_run_at_the_asha_budget_with_scaled_milestones() -> None:
+    recipe = space_of(CONDITIONAL).trial_recipe
+    assert recipe.schedule.epochs == 24 and recipe.schedule.milestones == [15, 18, 21]
+
+
+def test_list_choices_are_stored_as_json_text() -> None:
+    assert choice_labels(["a", 1, None]) == ["a", 1, None]
+    assert choice_labels([[1, 2], [3]]) == ["[1, 2]", "[3]"]
+
+
+def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: digits}\nteacher: {arch: resnet8}\nstudent: {arch: resnet8}\n"
+    )
+    (tmp_path / "s.yaml").write_text(
+        "study: {name: t}\nbase: r.yaml\nspace: {}\nasha: {max_epochs: 3}\n"
+    )
+    assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
+
+
+def test_set_changes_the_base_and_is_checked() -> None:
+    space = space_of(CONDITIONAL)
+    assert space.with_base_changes({"distill.kd.weight": 0.5}).base.distill.kd.weight == 0.5
+    with pytest.raises(RecipeError, match="unknown key"):
+        space.with_base_changes({"distill.kd.wieght": 0.5})
+
+
+def test_reachable_values_cover_base_and_parameter() -> None:
+    space = space_of(CONDITIONAL)
+    assert space.reachable("distill.crd.weight") == [0.0, 0.1, 2.0]
+    assert space.reachable("distill.pkt.weight") == [0.0]
+
+
+def test_cli_rejects_a_bad_space_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(
+        BASE + "space:\n  optim.lr: {type: float, low: 1, high: 0.1}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", "run", "s.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "kdsearch: error: s.yaml: space.optim.lr.float: low (1.0) is above high (0.1)"
+    ]
+    assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kdsearch.errors import StudyError
+from kdsearch.space import SearchSpace
+from kdsearch.study import STALE_S, Record, open_storage, ranked, redact, trial_recipe
+
+SPACE = """
+study: {name: s}
+base:
+  data: {dataset: digits}
+  teacher: {arch: resnet8}
+  student: {arch: resnet8}
+space:
+  optim.lr: {type: float, low: 0.01, high: 0.2, log: true}
+  distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]]}
+asha: {max_epochs: 4, grace_epochs: 1, reduction_factor: 2}
+"""
+
+
+@pytest.fixture
+def space() -> SearchSpace:
+    return SearchSpace.from_yaml(SPACE, source="s.yaml")
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/s.db"
+
+
+def test_trials_are_proposed_until_the_target_and_finished_once(
+    space: SearchSpace, url: str
+) -> None:
+    record = Record(open_storage(url), "s", space, target=3, resume=False)
+    plans = [record.next_plan(f"ray{i}") for i in range(4)]
+    assert [p.number for p in plans[:3] if p] == [0, 1, 2] and plans[3] is None
+    assert plans[0] is not None and plans[0].recipe.schedule.epochs == 4
+    record.finish(0, TrialState.COMPLETE, {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}, {"epochs": 4})
+    record.finish(1, TrialState.PRUNED, {1: 0.3}, {"epochs": 1})
+    record.finish(2, TrialState.FAIL, {}, {"epochs": 1, "failure": "NonFiniteLoss: nan"})
+    record.finish(0, TrialState.FAIL, {}, {})  # a second finish changes nothing
+    study = optuna.load_study(study_name="s", storage=url)
+    t0, t1, t2 = study.trials
+    assert (t0.state, t0.value, t0.intermediate_values) == (
+        TrialState.COMPLETE,
+        0.8,
+        {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8},
+    )
+    assert (t1.state, t1.value) == (TrialState.PRUNED, 0.3)
+    assert t2.state == TrialState.FAIL and t2.user_attrs["failure"] == "NonFiniteLoss: nan"
+    assert t0.user_attrs["ray_trial_id"] == "ray0" and t0.user_attrs["attempt"] == 1
+    assert trial_recipe(t0) == plans[0].recipe
+    assert study.user_attrs["space"] == SPACE and study.user_attrs["max_epochs"] == 4
+    assert [t.number for t in ranked(study.trials)] == [0]
+    tally = record.tally()
+    assert (tally.complete, tally.pruned, tally.failed, tally.running) == (1, 1, 1, 0)
+    assert tally.best is not None and tally.best[:2] == (0.8, 0)
+
+
+def test_a_placement_is_stored_as_text_and_recorded_as_a_list(space: SearchSpace, url: str) -> None:
+    record = Record(open_storage(url), "s", space, target=6, resume=False)
+    plans = [record.next_plan(str(i)) for i in range(6)]
+    for plan in plans:
+        assert plan is not None
+        assert plan.params["distill.hsakd.placement"] in ("[1, 2, 3]", "[3]")
+        assert plan.recipe.distill.hsakd.placement in ([1, 2, 3], [3])
+
+
+def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
+    record = Record(open_storage(url), "s", space, target=2, resume=False)
+    record.next_plan("a")
+    with pytest.raises(StudyError, match="already holds 1 trials; add --resume"):
+        Record(open_storage(url), "s", space, target=2, resume=False)
+    assert Record(open_storage(url), "s", space, target=2, resume=True).target == 2
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
+    space: SearchSpace, url: str
+) -> None:
+    storage = open_storage(url)
+    first = Record(storage, "s", space, target=4, resume=False)
+    for i in range(4):
+        first.next_plan(f"r{i}")
+    first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
+    host = socket.gethostname()
+    study_id = storage.get_study_id_from_name("s")
+    drivers = {1: f"{host}:{_dead_pid()}", 2: f"{host}:{os.getpid()}", 3: "elsewhere:42"}
+    for number, driver in drivers.items():
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        storage.set_trial_user_attr(trial_id, "driver", driver)
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time())
+    again = Record(storage, "s", space, target=4, resume=True)
+    assert [t.number for t in again.orphans] == [1]  # 2 is this live process; 3 beats fresh
+    plan = again.next_plan("new")
+    assert plan is not None and plan.number == 1 and plan.adopted
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 1))
+    assert trial.user_attrs["attempt"] == 2 and trial.user_attrs["ray_trial_id"] == "new"
+    assert again.next_plan("more") is None, "the study already holds its four trials"
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time() - STALE_S - 1)
+    assert [t.number for t in Record(storage, "s", space, target=4, resume=True).orphans] == [3]
+
+
+def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
+    # each value fits the base alone; together they break a rule of the recipe
+    text = SPACE.replace(
+        "  optim.lr: {type: float, low: 0.01, high: 0.2, log: true}\n",
+        "  optim.momentum: {type: categorical, choices: [0.0, 0.9]}\n"
+        "  optim.nesterov: {type: categorical, choices: [false, true]}\n",
+    ).replace("student: {arch: resnet8}", "student: {arch: resnet8}\n  optim: {nesterov: false}")
+    record = Record(
+        open_storage(url), "s", SearchSpace.from_yaml(text, source="s.yaml"), target=3, resume=False
+    )
+    record.study.enqueue_trial({"optim.momentum": 0.0, "optim.nesterov": True})
+    plan = record.next_plan("x")
+    assert plan is not None and plan.number == 1
+    first = record.study.trials[0]
+    assert first.state == TrialState.FAIL
+    assert "nesterov: true needs momentum > 0" in first.user_attrs["failure"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nosuchdb://x/y", "cannot open the study storage nosuchdb://x/y: "),
+        (
+            "postgresql+psycopg2://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage postgresql+psycopg2://kd:***@127.0.0.1:1/none: ",
+        ),
+    ],
+)
+def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -> None:
+    with pytest.raises(StudyError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert message.startswith(expected) and "hunter2" not in message and "\n" not in message
+
+
+def test_redact_hides_passwords_only() -> None:
+    assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+    assert redact("sqlite:///studies/x.db") == "sqlite:///studies/x.db"
