@@ -33,10 +33,10 @@ from kdsearch.errors import KdsearchError, RecipeError
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
-from kdsearch.space import SearchSpace
+from kdsearch.space import SearchConfig, SearchSpace
 from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally
 from kdsearch.teacher import Teacher
-from kdsearch.train import EpochStats, train
+from kdsearch.train import EpochStats, evaluate_split, train
 
 Status = Callable[[Tally], None]
 
@@ -298,29 +298,13 @@ def run_search(
         start_ray(address)
     try:
         cfg = space.config
-        per_trial = cfg.search.per_trial
-        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        gpus = float(cluster.get("GPU", 0.0))
-        gpu = (
-            (min(1.0, gpus / cfg.search.concurrent) if gpus else 0.0)
-            if per_trial.gpu == "auto"
-            else per_trial.gpu
-        )
-        for kind, wanted, have in (
-            ("cpu", per_trial.cpu, float(cluster.get("CPU", 0.0))),
-            ("gpu", gpu, gpus),
-        ):
-            if wanted > have:  # Tune would wait forever for a slot that cannot exist
-                raise RecipeError(
-                    f"{space.source}: search.per_trial.{kind} is {wanted}, but the Ray cluster "
-                    f"has {have:g} {kind.upper()}s"
-                )
+        cpu, gpu = trial_resources(cfg.search)
         asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
         asha.remember(record.finished_curves())
-        searcher = KdSearcher(record, asha, per_trial.cpu)
+        searcher = KdSearcher(record, asha, cpu)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, shared=share(data, teacher, space.base.teacher.arch)),
-            {"cpu": per_trial.cpu, "gpu": gpu},
+            {"cpu": cpu, "gpu": gpu},
         )
         bound = max(1, record.target + len(record.orphans))
         tuner = tune.Tuner(
@@ -347,6 +331,114 @@ def run_search(
         if own_ray:
             ray.shutdown()
     return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One full training run done on Ray: its curve, validation and test accuracy, weights."""
+
+    key: str
+    curve: dict[int, float]
+    val_acc: float
+    test_acc: float
+    params: int
+    seconds: float
+    images_per_sec: float
+    weights: dict[str, torch.Tensor] | None
+    failure: str | None = None
+
+
+def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> JobResult:
+    """Train one recipe to the end and score it on the test split (a promotion run)."""
+    torch.set_num_threads(max(1, int(threads)))
+    curve: dict[int, float] = {}
+    started = time.perf_counter()
+    try:
+        recipe = Recipe.from_yaml(recipe_yaml, source=key)
+        data, teacher, heads = unshare(shared)
+        result = train(
+            recipe,
+            data,
+            lambda s: curve.__setitem__(s.epoch, s.val_acc),
+            teacher=teacher,
+            teacher_heads=heads,
+        )
+        test_acc, _ = evaluate_split(result.student, data.test, data, recipe)
+        weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
+        return JobResult(
+            key,
+            curve,
+            result.val_acc,
+            test_acc,
+            result.params,
+            time.perf_counter() - started,
+            result.images_per_sec,
+            weights,
+        )
+    except Exception as err:  # recorded as a failed run with its reason
+        return JobResult(
+            key,
+            curve,
+            float("nan"),
+            float("nan"),
+            0,
+            time.perf_counter() - started,
+            0.0,
+            None,
+            f"{type(err).__name__}: {err}"[:2000],
+        )
+
+
+def run_jobs(
+    jobs: Mapping[str, Recipe],
+    data: ImageData,
+    teacher: Teacher | None,
+    *,
+    search: SearchConfig,
+    address: str | None,
+    on_done: Callable[[JobResult], None],
+) -> None:
+    """Run full trainings as Ray tasks with a trial's resources, as many at once as they allow;
+    `on_done` sees each result in the driver as soon as it is in."""
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        start_ray(address)
+    try:
+        cpu, gpu = trial_resources(search)
+        shared = ray.put(share(data, teacher, next(iter(jobs.values())).teacher.arch))
+        remote = ray.remote(train_job).options(num_cpus=cpu, num_gpus=gpu)
+        pending = {remote.remote(key, r.to_yaml(), shared, cpu): key for key, r in jobs.items()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                on_done(ray.get(ref))
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def trial_resources(search: SearchConfig) -> tuple[float, float]:
+    """CPUs and GPUs of one trial on the connected cluster (`gpu: auto` is 1/concurrent of a
+    GPU where there are GPUs); a request the cluster cannot meet is refused at once, since Tune
+    and Ray would wait forever for it."""
+    cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    gpus = float(cluster.get("GPU", 0.0))
+    per_trial = search.per_trial
+    if per_trial.gpu == "auto":
+        gpu = min(1.0, gpus / search.concurrent) if gpus else 0.0
+    else:
+        gpu = per_trial.gpu
+    for kind, wanted, have in (
+        ("cpu", per_trial.cpu, float(cluster.get("CPU", 0.0))),
+        ("gpu", gpu, gpus),
+    ):
+        if wanted > have:
+            raise RecipeError(
+                f"search.per_trial.{kind} is {wanted:g}, but the Ray cluster has {have:g} "
+                f"{kind.upper()}s"
+            )
+    return per_trial.cpu, gpu
 
 
 def start_ray(address: str | None) -> None:

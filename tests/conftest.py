@@ -55,3 +55,51 @@ def cifar10_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(CIFAR10_JPEG) as tar:
         tar.extractall(root, filter="data")
     return root
+
+
+SMALL_SPACE = """
+study: {name: s}
+base:
+  data: {dataset: digits, subset: 300, val_fraction: 0.3}
+  teacher: {arch: resnet8, train: {epochs: 2, lr: 0.1}}
+  student: {arch: resnet8}
+  distill: {kd: {weight: 0.9, temperature: 4.0}}
+  schedule: {epochs: 3, kind: cosine}
+  device: cpu
+space:
+  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}
+search: {trials: 5, concurrent: 2, per_trial: {cpu: 1}, sampler: random, seed: 0}
+asha: {max_epochs: 2, grace_epochs: 1, reduction_factor: 2}
+"""
+
+# Search results written as a search would write them (values chosen so the ranking is known;
+# promotion, export and the report then work on this record for real).
+SEARCH_VALUES = {
+    0: ("COMPLETE", [0.50, 0.70]),
+    1: ("COMPLETE", [0.60, 0.90]),
+    2: ("PRUNED", [0.95]),
+    3: ("COMPLETE", [0.40, 0.80]),
+    4: ("FAIL", []),
+}
+
+
+def write_study(root: Path) -> str:
+    """A finished search study in root/studies/s.db; returns its URL."""
+    from optuna.trial import TrialState
+
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, open_storage
+
+    (root / "studies").mkdir(parents=True, exist_ok=True)
+    (root / "space.yaml").write_text(SMALL_SPACE)
+    url = f"sqlite:///{root}/studies/s.db"
+    space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
+    record = Record(open_storage(url), "s", space, target=len(SEARCH_VALUES), resume=False)
+    for number, (state, values) in SEARCH_VALUES.items():
+        assert record.next_plan(f"ray{number}") is not None
+        curve = {epoch + 1: v for epoch, v in enumerate(values)}
+        attrs = {"epochs": len(values)} | (
+            {"failure": "NonFiniteLoss: nan"} if state == "FAIL" else {}
+        )
+        record.finish(number, TrialState[state], curve, attrs)
+    return url

@@ -295,3 +295,23 @@ def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path: Path)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdsearch: error: cannot open the study storage")
     assert "s3cret" not in err
+
+
+def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path) -> None:
+    root, env = workdir(tmp_path)
+    space = SPACE.replace("choices: [0.002, 0.05, 0.1, 1.0e12]", "choices: [0.05, 0.1]")
+    (root / "space.yaml").write_text(
+        space + "promote: {top_k: 1, seeds: 1, epochs: 3}\nexport: {dir: out/winner}\n"
+    )
+    proc = kdsearch("run", "space.yaml", "--trials", "4", cwd=root, env=env)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    promoted = optuna.load_study(
+        study_name="tiny-promoted", storage=f"sqlite:///{root}/studies/tiny.db"
+    )
+    assert (
+        len(promoted.trials) == 3
+    )  # the best trial, the student alone and plain KD, one seed each
+    for name in ("recipe.yaml", "student.pt", "meta.json", "hyperparameters.json"):
+        assert (root / "out" / "winner" / name).is_file()
+    assert "exported the winner of 'tiny'" in err and "kdsearch train out/winner/recipe.yaml" in err

@@ -1,0 +1,388 @@
+"""The commands of the `kdsearch` CLI; each takes the parsed arguments and returns an exit code.
+
+Heavy modules (torch, Ray) are imported inside the commands, after the input is checked, so a
+mistake in a recipe or a space is reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import MutableMapping, Sequence
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.live import Live
+
+from kdsearch import __version__
+from kdsearch.display import console, epoch_progress, leaderboard_table, status_line
+from kdsearch.errors import KdsearchError
+from kdsearch.recipe import Recipe, load_yaml
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """`path=value` pairs; each value is read as YAML, so `6`, `true`, `[1, 2]` keep their types."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise KdsearchError(
+                f"--set {item!r}: expected PATH=VALUE, e.g. distill.kd.temperature=6"
+            )
+        changes[path.strip()] = load_yaml(text, source=f"--set {path}")
+    return changes
+
+
+def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
+    """A recipe file with the command line's `--set` overrides applied."""
+    recipe = Recipe.load(path)
+    return recipe.override(parse_sets(sets), source="--set") if sets else recipe
+
+
+def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
+    """The recipe's teacher (and its heads when asked), with progress while either trains."""
+    from kdsearch.teacher import get_teacher
+
+    with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
+        teacher = get_teacher(recipe, data, report, heads=False)
+    if heads:
+        from kdsearch.teacher import get_teacher_heads
+
+        with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
+            teacher = replace(teacher, heads=get_teacher_heads(recipe, data, teacher, heads_report))
+    return teacher
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one student from a recipe and write recipe.yaml, metrics.json and student.pt."""
+    recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: bad input fails fast
+    import torch
+
+    from kdsearch.data import load_data
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, train
+
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("studies/runs") / (f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
+    if (out / "student.pt").exists():
+        raise KdsearchError(f"--out {out} already holds a trained student; choose another folder")
+    device = resolve_device(recipe.device)
+    dtype = autocast_dtype(recipe.precision, device)
+    console.print(
+        f"kdsearch {__version__}: {recipe.teacher.arch} -> {recipe.student.arch} on "
+        f"{recipe.data.dataset}, {device.type}, {dtype or torch.float32}"
+    )
+    with console.status("loading data"):
+        data = load_data(
+            recipe.data, progress=lambda what, done, total: console.print(f"{what}: {done}/{total}")
+        )
+    console.print(
+        f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+        f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
+    )
+    teacher = None
+    if needs_teacher(recipe):
+        teacher = prepare_teacher(recipe, data, needs_teacher_heads(recipe))
+        console.print(
+            f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
+            f"val acc {100 * teacher.val_acc:.2f}%"
+        )
+    with epoch_progress("student", recipe.schedule.epochs) as report:
+        result = train(
+            recipe,
+            data,
+            report,
+            teacher=teacher.model if teacher else None,
+            teacher_heads=teacher.heads if teacher else None,
+        )
+    test_acc, test_loss = evaluate_split(result.student, data.test, data, recipe)
+    metrics = {
+        "val_acc": result.val_acc,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs": len(result.history),
+        "seconds": round(result.seconds, 2),
+        "images_per_sec": round(result.images_per_sec, 1),
+        "student_params": result.params,
+        "device": str(device),
+        "precision": str(dtype or torch.float32),
+        "teacher": None
+        if teacher is None
+        else {
+            "arch": recipe.teacher.arch,
+            "source": teacher.source,
+            "path": str(teacher.path),
+            "val_acc": teacher.val_acc,
+        },
+        "history": [vars(s) for s in result.history],
+        "kdsearch": __version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    torch.save({k: v.cpu() for k, v in result.student.state_dict().items()}, out / "student.pt")
+    console.print(
+        f"student {recipe.student.arch}: val acc {100 * result.val_acc:.2f}%, "
+        f"test acc {100 * test_acc:.2f}%; wrote {out}/recipe.yaml, metrics.json, student.pt"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, default_storage, open_storage, redact
+
+    space = SearchSpace.load(args.space)
+    if args.set:
+        space = space.with_base_changes(parse_sets(args.set))
+    name = args.study or space.config.study.name
+    url = args.storage or space.config.study.storage or default_storage(name)
+    target = args.trials or space.config.search.trials
+    record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+
+    if args.address not in (None, "auto"):
+        use_ray_token(os.environ)
+    from kdsearch.data import load_data
+    from kdsearch.losses import LOSSES
+    from kdsearch.search import active_terms, run_search
+
+    done_before = len(record.study.trials) - record.tally().running
+    console.print(
+        f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+        f"({done_before} finished before, {len(record.orphans)} to run again), "
+        f"at most {space.config.asha.max_epochs} epochs each"
+    )
+    with console.status("loading data"):
+        data = load_data(space.base.data)
+    terms = active_terms(space)
+    teacher = None
+    if any(LOSSES[t].needs_teacher for t in terms):
+        teacher = prepare_teacher(space.base, data, any(LOSSES[t].has_teacher_heads for t in terms))
+        console.print(
+            f"teacher {space.base.teacher.arch} ({teacher.source}): "
+            f"val acc {100 * teacher.val_acc:.2f}%"
+        )
+    with Live(console=console, refresh_per_second=2, transient=True) as live:
+        outcome = run_search(
+            space,
+            record,
+            data,
+            teacher,
+            address=args.address,
+            status=lambda tally: live.update(status_line(tally, target)),
+        )
+    console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
+    for line in outcome.tally.failures[-5:]:
+        console.print(f"  failed {line}", markup=False)
+    finished = outcome.tally.complete + outcome.tally.pruned + outcome.tally.failed
+    if finished < target:
+        console.print(
+            f"stopped with {finished} of {target} trials finished; "
+            f"`kdsearch run {args.space} --resume` finishes the search"
+        )
+        return 130
+    console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
+    if space.config.promote is not None:
+        p = space.config.promote
+        run_promotion(open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address)
+    if space.config.export is not None:
+        run_export(open_storage(url), name, Path(space.config.export.dir))
+    return 0
+
+
+def study_storage(study: str, url: str | None) -> tuple[Any, str]:
+    """The storage of an existing study: `url`, else ./studies/<study>.db, which must exist
+    (opening a missing SQLite file would silently create an empty one)."""
+    from kdsearch.study import open_storage
+
+    if url is None:
+        path = Path("studies") / f"{study}.db"
+        if not path.is_file():
+            raise KdsearchError(f"no study database at {path}; pass --storage URL")
+        url = f"sqlite:///{path}"
+    return open_storage(url), url
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Re-train the best trials at full budget over several seeds, and the baselines."""
+    from kdsearch.promote import space_config
+    from kdsearch.study import load_study
+
+    storage, url = study_storage(args.study, args.storage)
+    cfg = space_config(load_study(storage, args.study)).promote
+    top_k = args.top_k or (cfg.top_k if cfg else 3)
+    seeds = args.seeds or (cfg.seeds if cfg else 3)
+    epochs = args.epochs or (cfg.epochs if cfg else None)
+    run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address)
+    return 0
+
+
+def run_promotion(
+    storage: Any,
+    url: str,
+    name: str,
+    top_k: int,
+    seeds: int,
+    epochs: int | None,
+    address: str | None,
+) -> None:
+    """Promote, with a line per finished run, then print the leaderboard."""
+    from kdsearch.promote import leaderboard, promote, promoted_name, weights_dir_for
+
+    console.print(
+        f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to "
+        f"the student alone and plain KD, at {epochs or 'the base recipe'}'s epochs"
+    )
+
+    def on_run(run: Any, result: Any) -> None:
+        if result.failure:
+            console.print(f"  {run.label} seed {run.seed}: failed: {result.failure}", markup=False)
+        else:
+            console.print(
+                f"  {run.label} seed {run.seed}: val {100 * result.val_acc:.2f}%  "
+                f"test {100 * result.test_acc:.2f}%  ({result.seconds:.0f} s)"
+            )
+
+    promoted = promote(
+        storage,
+        name,
+        top_k=top_k,
+        seeds=seeds,
+        epochs=epochs,
+        weights_dir=weights_dir_for(url, name),
+        address=address,
+        on_run=on_run,
+        prepare=prepare_teacher,
+    )
+    console.print(leaderboard_table(leaderboard(promoted)))
+    console.print(f"runs recorded in study {promoted_name(name)!r} of {url}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the winner as recipe.yaml, student.pt, meta.json and hyperparameters.json."""
+    storage, _ = study_storage(args.study, args.storage)
+    run_export(storage, args.study, Path(args.out))
+    return 0
+
+
+def run_export(storage: Any, name: str, out: Path) -> None:
+    """Export the winner; without a promotion, train the winning trial's recipe once first."""
+    import torch
+
+    from kdsearch.data import load_data
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.export import export, find_winner
+    from kdsearch.train import evaluate_split, train
+
+    winner = find_winner(storage, name)
+    data = load_data(winner.recipe.data)
+    if winner.weights is not None:
+        weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
+    else:
+        console.print(
+            f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
+            "once to export its student"
+        )
+        teacher = None
+        if needs_teacher(winner.recipe):
+            teacher = prepare_teacher(winner.recipe, data, needs_teacher_heads(winner.recipe))
+        with epoch_progress("winner", winner.recipe.schedule.epochs) as report:
+            result = train(
+                winner.recipe,
+                data,
+                report,
+                teacher=teacher.model if teacher else None,
+                teacher_heads=teacher.heads if teacher else None,
+            )
+        winner.metrics.update(
+            val_acc=result.val_acc,
+            test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
+        )
+        weights = result.student.state_dict()
+    export(winner, name, out, weights, {"classes": data.num_classes, "channels": data.channels})
+    for baseline, scores in winner.metrics.get("baselines", {}).items():
+        if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
+            console.print(
+                f"note: {baseline} scored higher on validation "
+                f"({100 * scores['val_acc_mean']:.2f}% against "
+                f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe"
+            )
+    console.print(
+        f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
+        "recipe.yaml, student.pt, meta.json, hyperparameters.json; "
+        f"`kdsearch train {out}/recipe.yaml` reproduces it"
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve optuna-dashboard on a study storage until Ctrl-C."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna_dashboard import wsgi
+
+    from kdsearch.study import open_storage
+
+    url = args.storage if "://" in args.storage else f"sqlite:///{args.storage}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise KdsearchError(f"no study database at {url.removeprefix('sqlite:///')}")
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """One line per request would bury the address; stay quiet."""
+
+    try:
+        server = make_server(args.host, args.port, wsgi(open_storage(url)), handler_class=Quiet)
+    except OSError as err:
+        raise KdsearchError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    print(
+        f"optuna-dashboard: http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C stops)",
+        flush=True,
+    )
+    with suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML report of a study."""
+    from kdsearch.report import build_report
+
+    storage, _ = study_storage(args.study, args.storage)
+    out = Path(args.out)
+    out.write_text(build_report(storage, args.study), encoding="utf-8")
+    console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline)")
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    """Print the trials of a study as a table, or write them as CSV."""
+    from kdsearch.report import trials_table
+    from kdsearch.study import load_study
+
+    storage, _ = study_storage(args.study, args.storage)
+    table = trials_table(load_study(storage, args.study))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        console.print(f"wrote {len(table)} trials to {args.csv}")
+    else:
+        print(table.to_string(index=False))
+    return 0
+
+
+def use_ray_token(env: MutableMapping[str, str]) -> None:
+    """Clusters started with `ray start` check a token that Ray loads by itself only for
+    `--address auto`; for an explicit address, turn token mode on when a token is at hand. Ray
+    reads this setting when it is first imported, so this runs before kdsearch.search is."""
+    if "RAY_AUTH_MODE" in env:
+        return
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_TOKEN" in env or token_file.is_file():
+        env["RAY_AUTH_MODE"] = "token"

@@ -1,0 +1,154 @@
+"""Export: the winner of a study as a folder a production training job runs as is.
+
+recipe.yaml           the complete recipe; `kdsearch train DIR/recipe.yaml` reproduces it
+student.pt            the student's state dict alone (heads dropped), for the bare architecture
+meta.json             study, trial, seeds, metrics, versions of kdsearch and its libraries
+hyperparameters.json  the recipe as a flat {"dotted.path": value} map, for other stacks
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from kdsearch import __version__
+from kdsearch.errors import KdsearchError, StudyError
+from kdsearch.models import build_model
+from kdsearch.promote import has_promoted, leaderboard, promoted_name
+from kdsearch.recipe import Recipe
+from kdsearch.study import load_study, ranked, trial_recipe
+
+
+@dataclass(frozen=True)
+class Winner:
+    """The best recipe of a study, where it comes from, and its trained weights if any."""
+
+    recipe: Recipe
+    source: str  # "promoted" or "search"
+    trial: int
+    metrics: dict[str, Any]
+    weights: Path | None
+    seeds: list[int] = field(default_factory=list)
+
+
+def find_winner(storage: BaseStorage, name: str) -> Winner:
+    """The promoted recipe with the best mean validation accuracy over seeds (its best seed's
+    weights); without a promotion, the best COMPLETE trial of the search (no weights yet)."""
+    if has_promoted(storage, name):
+        promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
+        board = leaderboard(promoted)
+        searched = board[board["source_trial"] >= 0]
+        best = searched.iloc[0]
+        source = int(best["source_trial"])
+        runs = [
+            t
+            for t in promoted.trials
+            if t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) == source
+        ]
+        top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
+        metrics = {
+            "val_acc_mean": best["val_mean"] / 100,
+            "val_acc_sd": best["val_sd"] / 100,
+            "test_acc_mean": best["test_mean"] / 100,
+            "test_acc_sd": best["test_sd"] / 100,
+            "runs": {
+                f"seed {t.user_attrs['seed']}": {
+                    "val_acc": t.value,
+                    "test_acc": t.user_attrs["test_acc"],
+                }
+                for t in sorted(runs, key=lambda t: int(t.user_attrs["seed"]))
+            },
+            "exported_seed": int(top.user_attrs["seed"]),
+            "baselines": {
+                str(r["recipe"]): {
+                    "val_acc_mean": r["val_mean"] / 100,
+                    "test_acc_mean": r["test_mean"] / 100,
+                }
+                for _, r in board[board["source_trial"] < 0].iterrows()
+            },
+        }
+        return Winner(
+            Recipe.from_yaml(str(top.user_attrs["recipe"])),
+            "promoted",
+            source,
+            metrics,
+            Path(str(top.user_attrs["weights"])),
+            sorted(int(t.user_attrs["seed"]) for t in runs),
+        )
+    study = load_study(storage, name)
+    best_trials = ranked(study.trials)
+    if not best_trials:
+        raise StudyError(f"study {name!r} has no COMPLETE trial to export")
+    best_trial = best_trials[0]
+    recipe = trial_recipe(best_trial)
+    metrics = {"search_val_acc": best_trial.value, "epochs": best_trial.user_attrs.get("epochs")}
+    return Winner(recipe, "search", best_trial.number, metrics, None, [recipe.seed])
+
+
+def export(
+    winner: Winner,
+    name: str,
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    data_info: dict[str, int],
+) -> None:
+    """Write the four files of an export into `out` (a previous export of the same study may be
+    replaced; anything else there is refused, so nothing is lost)."""
+    meta_path = out / "meta.json"
+    if out.exists() and any(out.iterdir()):
+        previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if previous.get("study") != name:
+            raise KdsearchError(
+                f"--out {out} already holds files that are not an export of study {name!r}; "
+                "choose another folder"
+            )
+    model = build_model(winner.recipe.student.arch, data_info["classes"], data_info["channels"])
+    model.load_state_dict(weights)  # the bare architecture must take the weights as they are
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(winner.recipe.to_yaml())
+    torch.save({k: v.cpu() for k, v in weights.items()}, out / "student.pt")
+    meta = {
+        "study": name,
+        "source": winner.source,
+        "trial": winner.trial,
+        "seeds": winner.seeds,
+        "metrics": winner.metrics,
+        "student": winner.recipe.student.arch,
+        "teacher": winner.recipe.teacher.arch,
+        "data": winner.recipe.data.dataset,
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": versions(),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    flat = flatten(winner.recipe.to_dict())
+    (out / "hyperparameters.json").write_text(json.dumps(flat, indent=2) + "\n")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def versions() -> dict[str, str]:
+    """Versions of kdsearch, Python and the libraries a result depends on."""
+    found = {"kdsearch": __version__, "python": platform.python_version()}
+    for package in ("torch", "torchvision", "optuna", "ray", "numpy"):
+        found[package] = version(package)
+    return found

@@ -1,0 +1,239 @@
+"""Promotion: the best trials of a search re-trained at full budget over several seeds, scored on
+the test split, next to the student alone and plain KD trained the same way.
+
+Every run is recorded in the study `<name>-promoted` (same storage) when it ends, with its source
+trial, seed, validation and test accuracy and learning curve, so a promotion interrupted and run
+again skips every run already there.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.distributions import IntDistribution
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState, create_trial
+
+from kdsearch import __version__
+from kdsearch.data import load_data
+from kdsearch.distill import needs_teacher, needs_teacher_heads
+from kdsearch.errors import StudyError
+from kdsearch.losses import LOSSES
+from kdsearch.recipe import Recipe, load_yaml
+from kdsearch.search import JobResult, run_jobs
+from kdsearch.space import SpaceFile
+from kdsearch.study import load_study, ranked, study_names, trial_recipe
+from kdsearch.teacher import Teacher, get_teacher
+
+STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
+PLAIN_KD = -2
+BASELINE_LABELS = {STUDENT_ALONE: "student alone", PLAIN_KD: "plain KD"}
+
+
+def promoted_name(name: str) -> str:
+    """The promoted study of a search study."""
+    return f"{name}-promoted"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One promotion run: a recipe at full budget with one seed."""
+
+    source_trial: int  # a trial number of the search, or STUDENT_ALONE / PLAIN_KD
+    seed: int
+    recipe: Recipe
+
+    @property
+    def key(self) -> str:
+        return f"{self.source_trial}/{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return BASELINE_LABELS.get(self.source_trial, f"trial {self.source_trial}")
+
+
+def space_config(study: optuna.Study) -> SpaceFile:
+    """The search's space file as recorded in the study (its base is not loaded again)."""
+    return SpaceFile.model_validate(load_yaml(str(study.user_attrs["space"]), source="study"))
+
+
+def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> list[Run]:
+    """The runs of a promotion: the top-k COMPLETE trials (all ran the same budget, so their
+    values compare) and the two baselines, each at the full schedule, for every seed."""
+    base = Recipe.from_yaml(str(study.user_attrs["base_recipe"]), source="study base recipe")
+    full = base.with_epochs(epochs) if epochs else base
+    schedule = full.schedule.model_dump()
+    best = ranked(study.trials)[:top_k]
+    if not best:
+        raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to promote")
+    sources = {t.number: trial_recipe(t).override({"schedule": schedule}) for t in best}
+    off = {f"distill.{name}.weight": 0.0 for name in LOSSES if name != "ce"}
+    alone = full.override({**off, "distill.ce.weight": 1.0})
+    kd = base.distill.kd
+    sources[STUDENT_ALONE] = alone
+    sources[PLAIN_KD] = alone.override(
+        {
+            "distill.kd.weight": kd.weight if kd.weight > 0 else 0.9,
+            "distill.kd.temperature": kd.temperature,
+        }
+    )
+    return [
+        Run(number, seed, recipe.override({"seed": seed}))
+        for number, recipe in sources.items()
+        for seed in range(seeds)
+    ]
+
+
+def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
+    """The promoted study of `name`, created on first use."""
+    study = optuna.create_study(
+        study_name=promoted_name(name), storage=storage, direction="maximize", load_if_exists=True
+    )
+    study.set_user_attr("source_study", name)
+    study.set_user_attr("kdsearch_version", __version__)
+    return study
+
+
+def finished_keys(promoted: optuna.Study) -> set[str]:
+    """Runs already recorded; a promotion run again does not redo them."""
+    return {str(t.user_attrs["run_key"]) for t in promoted.trials if t.state.is_finished()}
+
+
+def promote(
+    storage: BaseStorage,
+    name: str,
+    *,
+    top_k: int,
+    seeds: int,
+    epochs: int | None,
+    weights_dir: Path,
+    address: str | None = None,
+    on_run: Callable[[Run, JobResult], None] | None = None,
+    prepare: Callable[[Recipe, Any, bool], Teacher] | None = None,
+) -> optuna.Study:
+    """Train every run of the plan not yet recorded, on Ray, and record each as it ends."""
+    study = load_study(storage, name)
+    runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
+    promoted = open_promoted(storage, name)
+    todo = {r.key: r for r in runs if r.key not in finished_keys(promoted)}
+    if not todo:
+        return promoted
+    first = next(iter(todo.values())).recipe
+    data = load_data(first.data)
+    teacher = None
+    if any(needs_teacher(r.recipe) for r in todo.values()):
+        heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
+        teacher = (prepare or _prepare)(first, data, heads)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(result: JobResult) -> None:
+        run = todo[result.key]
+        _record(promoted, run, result, weights_dir)
+        if on_run is not None:
+            on_run(run, result)
+
+    run_jobs(
+        {k: r.recipe for k, r in todo.items()},
+        data,
+        teacher,
+        search=space_config(study).search,
+        address=address,
+        on_done=record,
+    )
+    return promoted
+
+
+def _prepare(recipe: Recipe, data: Any, heads: bool) -> Teacher:
+    return get_teacher(recipe, data, heads=heads)
+
+
+def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Path) -> None:
+    attrs: dict[str, Any] = {
+        "run_key": run.key,
+        "label": run.label,
+        "source_trial": run.source_trial,
+        "seed": run.seed,
+        "recipe": run.recipe.to_yaml(),
+        "epochs": max(result.curve, default=0),
+        "wall_seconds": round(result.seconds, 2),
+        "images_per_sec": round(result.images_per_sec, 1),
+    }
+    if result.failure is None:
+        assert result.weights is not None
+        path = (weights_dir / f"{run.source_trial}-seed{run.seed}.pt").resolve()
+        torch.save(result.weights, path)
+        attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
+        state, value = TrialState.COMPLETE, result.val_acc
+    else:
+        attrs["failure"] = result.failure
+        state, value = TrialState.FAIL, None
+    trial = create_trial(
+        state=state,
+        value=value,
+        params={"source_trial": run.source_trial, "seed": run.seed},
+        distributions={
+            "source_trial": IntDistribution(-2, 10**6),
+            "seed": IntDistribution(0, 10**6),
+        },
+        intermediate_values=result.curve,
+        user_attrs=attrs,
+    )
+    promoted.add_trial(trial)
+
+
+def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
+    """Mean and spread over seeds of each promoted recipe and baseline, best validation first."""
+    rows: dict[int, dict[str, Any]] = {}
+    for t in promoted.trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        source = int(t.user_attrs["source_trial"])
+        row = rows.setdefault(
+            source, {"recipe": t.user_attrs["label"], "source_trial": source, "val": [], "test": []}
+        )
+        row["val"].append(100 * float(t.value or 0.0))
+        row["test"].append(100 * float(t.user_attrs["test_acc"]))
+    table = [
+        {
+            "recipe": r["recipe"],
+            "source_trial": r["source_trial"],
+            "seeds": len(r["val"]),
+            "val_mean": statistics.mean(r["val"]),
+            "val_sd": _sd(r["val"]),
+            "test_mean": statistics.mean(r["test"]),
+            "test_sd": _sd(r["test"]),
+        }
+        for r in rows.values()
+    ]
+    columns = ["recipe", "source_trial", "seeds", "val_mean", "val_sd", "test_mean", "test_sd"]
+    frame = pd.DataFrame(table, columns=columns)
+    return frame.sort_values("val_mean", ascending=False, ignore_index=True)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def has_promoted(storage: BaseStorage, name: str) -> bool:
+    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched recipe."""
+    if promoted_name(name) not in study_names(storage):
+        return False
+    promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
+    return any(
+        t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) >= 0
+        for t in promoted.trials
+    )
+
+
+def weights_dir_for(url: str, name: str) -> Path:
+    """Where promoted students' weights go: beside an SQLite file, else under ./studies/."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).parent / promoted_name(name)
+    return Path("studies") / promoted_name(name)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from kdsearch.export import flatten
+from kdsearch.models import build_model
+from kdsearch.recipe import Recipe
+
+from .conftest import write_study
+
+pytestmark = pytest.mark.slow
+
+
+def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", *args],
+        cwd=cwd,
+        env=dict(os.environ, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Path) -> None:
+    write_study(tmp_path)
+    assert (
+        kdsearch(
+            "promote", "s", "--top-k", "1", "--seeds", "2", "--epochs", "2", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    proc = kdsearch("export", "s", "--out", "winner", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "winner"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == "promoted" and meta["trial"] == 1 and meta["seeds"] == [0, 1]
+    assert {"kdsearch", "torch", "optuna", "ray"} <= set(meta["versions"])
+    runs = [
+        t
+        for t in optuna.load_study(
+            study_name="s-promoted", storage=f"sqlite:///{tmp_path}/studies/s.db"
+        ).trials
+        if t.user_attrs["source_trial"] == 1 and t.state == TrialState.COMPLETE
+    ]
+    best = max(runs, key=lambda t: (t.value, -t.user_attrs["seed"]))
+    recipe = Recipe.load(out / "recipe.yaml")
+    assert recipe == Recipe.from_yaml(best.user_attrs["recipe"]), "the recipe loads back equal"
+    assert json.loads((out / "hyperparameters.json").read_text()) == flatten(recipe.to_dict())
+    state = torch.load(out / "student.pt", weights_only=True)
+    build_model("resnet8", 10, 1).load_state_dict(state)  # strict: the student alone
+    again = kdsearch("train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["val_acc"] == pytest.approx(best.value), "same recipe, same CPU: same student"
+    retrained = torch.load(tmp_path / "again" / "student.pt", weights_only=True)
+    assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in state.items())
+
+
+def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
+    write_study(tmp_path)
+    proc = kdsearch("export", "s", "--out", "w", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing promoted: training the best trial (#1)" in proc.stderr
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert meta["source"] == "search" and meta["trial"] == 1
+    assert 0.0 <= meta["metrics"]["test_acc"] <= 1.0
+    assert Recipe.load(tmp_path / "w" / "recipe.yaml").schedule.epochs == 2
+
+
+def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
+    write_study(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "notes.txt").write_text("mine")
+    proc = kdsearch("export", "s", "--out", "w", cwd=tmp_path)
+    assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
+    assert (tmp_path / "w" / "notes.txt").read_text() == "mine"
+
+
+def test_flatten_makes_dotted_keys() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+    }
