@@ -105,10 +105,12 @@ def leaderboard_figure(board: pd.DataFrame) -> go.Figure:
                 marker_color=colour,
             )
         )
+    low = min(float((board[f"{s}_mean"] - board[f"{s}_sd"]).min()) for s in ("val", "test"))
     fig.update_layout(
         title="Promoted recipes and baselines (mean ± sd over seeds)",
         barmode="group",
         yaxis_title="accuracy %",
+        yaxis_range=[max(0.0, low - 2.0), 100.0],  # from 0 the differences would not show
     )
     return fig
 
