@@ -28,6 +28,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable --set PATH=VALUE option."""
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = _Parser(prog="kdsearch", description="AutoML for knowledge distillation.")
@@ -37,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one student from a recipe YAML"
     )
     p.add_argument("recipe", help="a recipe YAML file")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a recipe value, e.g. --set distill.kd.temperature=6 (repeatable)",
-    )
+    add_set(p, "override a recipe value, e.g. --set distill.kd.temperature=6 (repeatable)")
     p.add_argument("--out", help="output folder (default: studies/runs/<recipe>-<time>)")
     p.set_defaults(func=cmd_train)
 
@@ -52,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials the study should hold (default: the space's)")
     p.add_argument("--study", help="study name (default: the space's study.name)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a value of the base recipe (repeatable)",
-    )
+    add_set(p, "override a value of the base recipe, e.g. --set data.root=DIR (repeatable)")
     p.add_argument(
         "--address",
         help="join the Ray cluster at this address (default: start "

@@ -34,9 +34,11 @@ from kdsearch.train import (
     Report,
     autocast,
     autocast_dtype,
+    cosine,
     evaluate_split,
     freeze,
     resolve_device,
+    sgd,
     train,
 )
 
@@ -187,14 +189,8 @@ def train_teacher_heads(
     dtype = autocast_dtype(recipe.precision, device)
     teacher = freeze(teacher).to(device)
     heads.to(device)
-    opt, cfg = recipe.optim, recipe.teacher.heads
-    optimizer = torch.optim.SGD(
-        heads.parameters(),
-        lr=cfg.lr,
-        momentum=opt.momentum,
-        weight_decay=opt.weight_decay,
-        nesterov=opt.nesterov,
-    )
+    cfg = recipe.teacher.heads
+    optimizer = sgd(heads.parameters(), recipe.optim, cfg.lr)
     seed = recipe.teacher.train.seed
     loader = Loader(data.train, data, device, batch_size=recipe.batch_size, train=True, seed=seed)
     val_loader = Loader(data.val, data, device, batch_size=recipe.batch_size, train=False)
@@ -205,7 +201,7 @@ def train_teacher_heads(
             return {n: LOSSES[n].teacher_head_objective(heads[n], t_rot, y) for n in heads}
 
     for epoch in range(cfg.epochs):
-        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+        lr = cosine(cfg.lr, epoch, cfg.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         heads.train()

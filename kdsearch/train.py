@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ from kdsearch.distill import Distiller
 from kdsearch.errors import NonFiniteLoss, RecipeError
 from kdsearch.losses import BuildContext, Step
 from kdsearch.models import TapModel, build_model, count_parameters
-from kdsearch.recipe import Recipe
+from kdsearch.recipe import OptimConfig, Recipe
 
 EVAL_BATCH = 512
 M = TypeVar("M", bound=nn.Module)
@@ -92,8 +92,20 @@ def lr_at(recipe: Recipe, epoch: int) -> float:
     """The learning rate of epoch `epoch` (counted from 0)."""
     s = recipe.schedule
     if s.kind == "cosine":
-        return recipe.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / s.epochs))
+        return cosine(recipe.optim.lr, epoch, s.epochs)
     return float(recipe.optim.lr * s.gamma ** sum(epoch >= m for m in s.milestones))
+
+
+def cosine(lr: float, epoch: int, epochs: int) -> float:
+    """Cosine annealing from `lr` to 0 over `epochs`, set once per epoch."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def sgd(params: Iterable[nn.Parameter], opt: OptimConfig, lr: float) -> torch.optim.SGD:
+    """SGD with the recipe's momentum, weight decay and Nesterov setting."""
+    return torch.optim.SGD(
+        params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+    )
 
 
 def autocast(
@@ -131,14 +143,7 @@ def train(
         teacher_heads=heads,
     )
     distiller = Distiller.build(recipe, ctx).to(device)
-    opt = recipe.optim
-    optimizer = torch.optim.SGD(
-        distiller.parameters(),
-        lr=opt.lr,
-        momentum=opt.momentum,
-        weight_decay=opt.weight_decay,
-        nesterov=opt.nesterov,
-    )
+    optimizer = sgd(distiller.parameters(), recipe.optim, recipe.optim.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = Loader(
         data.train, data, device, batch_size=recipe.batch_size, train=True, seed=recipe.seed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(
     os.environ.get("KDSEARCH_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 )
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`kdsearch ARGS` as a user runs it, in its own process, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "kdsearch.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,25 +11,13 @@ import torch
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import tiny_recipe
-
-
-def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "kdsearch.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from .conftest import run_cli, tiny_recipe
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
     out = tmp_path / "out"
-    proc = kdsearch(
+    proc = run_cli(
         "train",
         "r.yaml",
         "--set",
@@ -50,7 +37,7 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["teacher"]["source"] == "trained"
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights
-    again = kdsearch("train", "r.yaml", "--out", str(out), cwd=tmp_path)
+    again = run_cli("train", "r.yaml", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "already holds a trained student" in again.stderr
 
 
@@ -66,7 +53,7 @@ def test_heads_of_every_term_are_dropped_from_the_saved_student(tmp_path: Path) 
         }
     )
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
-    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    proc = run_cli("train", "r.yaml", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "teacher heads epoch   1/1" in proc.stderr
     state = torch.load(tmp_path / "o" / "student.pt", weights_only=True)
@@ -75,7 +62,7 @@ def test_heads_of_every_term_are_dropped_from_the_saved_student(tmp_path: Path) 
 
 def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe({"distill.kd.weight": 0.0}).to_yaml())
-    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    proc = run_cli("train", "r.yaml", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "teacher" not in proc.stderr
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["teacher"] is None
@@ -126,7 +113,7 @@ def test_bad_input_is_one_line_and_status_2(
 ) -> None:
     if recipe_text is not None:
         (tmp_path / "r.yaml").write_text(recipe_text)
-    proc = kdsearch("train", *args, cwd=tmp_path)
+    proc = run_cli("train", *args, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     errors = [line for line in lines if "error" in line]
@@ -138,7 +125,7 @@ def test_bad_input_is_one_line_and_status_2(
 def test_divergence_is_reported_without_a_traceback(tmp_path: Path) -> None:
     recipe = tiny_recipe({"distill.kd.weight": 0.0, "optim.lr": 1.0e12})
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
-    proc = kdsearch("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    proc = run_cli("train", "r.yaml", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 1
     assert "training diverged" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "student.pt").exists()

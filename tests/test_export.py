@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -15,31 +12,20 @@ from kdsearch.export import flatten
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import write_study
+from .conftest import run_cli, write_study
 
 pytestmark = pytest.mark.slow
-
-
-def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kdsearch.cli", *args],
-        cwd=cwd,
-        env=dict(os.environ, COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Path) -> None:
     write_study(tmp_path)
     assert (
-        kdsearch(
+        run_cli(
             "promote", "s", "--top-k", "1", "--seeds", "2", "--epochs", "2", cwd=tmp_path
         ).returncode
         == 0
     )
-    proc = kdsearch("export", "s", "--out", "winner", cwd=tmp_path)
+    proc = run_cli("export", "s", "--out", "winner", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "winner"
     meta = json.loads((out / "meta.json").read_text())
@@ -58,7 +44,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(recipe.to_dict())
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 1).load_state_dict(state)  # strict: the student alone
-    again = kdsearch("train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path)
+    again = run_cli("train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert metrics["val_acc"] == pytest.approx(best.value), "same recipe, same CPU: same student"
@@ -68,7 +54,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
 
 def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
     write_study(tmp_path)
-    proc = kdsearch("export", "s", "--out", "w", cwd=tmp_path)
+    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing promoted: training the best trial (#1)" in proc.stderr
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
@@ -81,7 +67,7 @@ def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
     write_study(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "notes.txt").write_text("mine")
-    proc = kdsearch("export", "s", "--out", "w", cwd=tmp_path)
+    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
     assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
     assert (tmp_path / "w" / "notes.txt").read_text() == "mine"
 

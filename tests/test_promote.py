@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -12,20 +9,9 @@ from optuna.trial import TrialState
 from kdsearch.promote import leaderboard, plan
 from kdsearch.study import open_storage
 
-from .conftest import write_study
+from .conftest import run_cli, write_study
 
 pytestmark = pytest.mark.slow
-
-
-def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kdsearch.cli", *args],
-        cwd=cwd,
-        env=dict(os.environ, COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def promoted(root: Path) -> optuna.Study:
@@ -51,7 +37,7 @@ def test_plan_takes_the_best_complete_trials_and_both_baselines(tmp_path: Path) 
 
 def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path) -> None:
     write_study(tmp_path)
-    first = kdsearch("promote", "s", "--top-k", "2", "--seeds", "1", "--epochs", "2", cwd=tmp_path)
+    first = run_cli("promote", "s", "--top-k", "2", "--seeds", "1", "--epochs", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     runs = promoted(tmp_path).trials
     assert len(runs) == 4 and all(t.state == TrialState.COMPLETE for t in runs)
@@ -60,7 +46,7 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
         assert 0.0 <= t.user_attrs["test_acc"] <= 1.0 and Path(t.user_attrs["weights"]).is_file()
     assert "student alone" in first.stderr and "plain KD" in first.stderr
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
-    second = kdsearch("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
+    second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     runs = promoted(tmp_path).trials
     assert len(runs) == 8, "only the four seed-1 runs are new"
@@ -71,5 +57,5 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert sorted(board["recipe"]) == ["plain KD", "student alone", "trial 1", "trial 3"]
     assert set(board["seeds"]) == {2}
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
-    again = kdsearch("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
+    again = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0 and len(promoted(tmp_path).trials) == 8

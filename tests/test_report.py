@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,23 +15,12 @@ import pytest
 from kdsearch.report import build_report
 from kdsearch.study import open_storage
 
-from .conftest import SEARCH_VALUES, write_study
+from .conftest import SEARCH_VALUES, run_cli, write_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
 )
-
-
-def kdsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kdsearch.cli", *args],
-        cwd=cwd,
-        env=dict(os.environ, COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
@@ -54,7 +42,7 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
 
 def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     write_study(tmp_path)
-    shown = kdsearch("trials", "s", cwd=tmp_path)
+    shown = run_cli("trials", "s", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[0].split() == [
         "number",
@@ -63,7 +51,7 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
         "epochs",
         "distill.kd.temperature",
     ]
-    written = kdsearch("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+    written = run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     assert written.returncode == 0
     table = pd.read_csv(tmp_path / "t.csv")
     assert list(table["state"]) == [state for state, _ in SEARCH_VALUES.values()]
@@ -71,14 +59,14 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
 
 
 def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
-    proc = kdsearch("trials", "nothere", cwd=tmp_path)
+    proc = run_cli("trials", "nothere", cwd=tmp_path)
     assert (
         proc.returncode == 2
         and proc.stderr.strip()
         == "kdsearch: error: no study database at studies/nothere.db; pass --storage URL"
     )
     write_study(tmp_path)
-    proc = kdsearch(
+    proc = run_cli(
         "report", "other", "--storage", f"sqlite:///{tmp_path}/studies/s.db", cwd=tmp_path
     )
     assert (
@@ -105,7 +93,7 @@ def test_report_holds_every_section_and_needs_no_network(tmp_path: Path) -> None
 @needs_chromium
 def test_report_figures_are_drawn_in_a_browser(tmp_path: Path) -> None:
     write_study(tmp_path)
-    assert kdsearch("report", "s", "--out", "r.html", cwd=tmp_path).returncode == 0
+    assert run_cli("report", "s", "--out", "r.html", cwd=tmp_path).returncode == 0
     dom = chromium("--dump-dom", (tmp_path / "r.html").as_uri(), profile=tmp_path / "p").stdout
     assert dom.count('class="main-svg"') >= 5, "plotly drew an SVG for every figure"
     assert "trial 1" in dom  # hover labels of the learning curves are in the drawn traces
@@ -180,7 +168,7 @@ def test_dashboard_port_in_use_is_one_line(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = kdsearch("dashboard", "studies/s.db", "--port", str(port), cwd=tmp_path)
+        proc = run_cli("dashboard", "studies/s.db", "--port", str(port), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith(
         f"kdsearch: error: cannot listen on 127.0.0.1:{port}"
     )
