@@ -113,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"kdsearch: training diverged: {err}", markup=False)
         return 1
     except KeyboardInterrupt:
-        console.print("kdsearch: interrupted; nothing of the unfinished run was written")
+        console.print(
+            "kdsearch: interrupted (what had finished is kept; nothing half-done was written)"
+        )
         return 130
 
 
