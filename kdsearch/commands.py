@@ -183,12 +183,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in outcome.tally.failures[-5:]:
         console.print(f"  failed {line}", markup=False)
     finished = outcome.tally.complete + outcome.tally.pruned + outcome.tally.failed
-    if finished < target:
+    if not outcome.complete:
         console.print(
             f"stopped with {finished} of {target} trials finished; "
             f"`kdsearch run {args.space} --resume` finishes the search"
         )
         return 130
+    if outcome.tally.running:
+        console.print(
+            f"this driver is done; {outcome.tally.running} trials of other drivers "
+            "are still running in the study"
+        )
     console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
     if space.config.promote is not None:
         p = space.config.promote

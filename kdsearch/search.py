@@ -194,10 +194,12 @@ class KdSearcher(Searcher):
         self.plans: dict[str, Plan] = {}
         self.curves: dict[str, dict[int, float]] = {}
         self.interrupted: list[int] = []
+        self.exhausted = False  # the study holds its target: nothing more to propose
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         plan = self.record.next_plan(trial_id)
         if plan is None:
+            self.exhausted = True
             return Searcher.FINISHED
         self.plans[trial_id] = plan
         self.curves[trial_id] = {}
@@ -277,6 +279,7 @@ class Outcome:
     tally: Tally
     interrupted: list[int]  # trial numbers left RUNNING for --resume
     seconds: float
+    complete: bool  # every trial this driver started has finished and none is left to start
 
 
 def run_search(
@@ -330,7 +333,8 @@ def run_search(
     finally:
         if own_ray:
             ray.shutdown()
-    return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started)
+    complete = searcher.exhausted and not searcher.interrupted
+    return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
 
 
 @dataclass(frozen=True)
