@@ -194,12 +194,10 @@ class KdSearcher(Searcher):
         self.plans: dict[str, Plan] = {}
         self.curves: dict[str, dict[int, float]] = {}
         self.interrupted: list[int] = []
-        self.exhausted = False  # the study holds its target: nothing more to propose
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         plan = self.record.next_plan(trial_id)
         if plan is None:
-            self.exhausted = True
             return Searcher.FINISHED
         self.plans[trial_id] = plan
         self.curves[trial_id] = {}
@@ -333,7 +331,9 @@ def run_search(
     finally:
         if own_ray:
             ray.shutdown()
-    complete = searcher.exhausted and not searcher.interrupted
+    # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
+    # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
+    complete = record.all_started() and not searcher.plans and not searcher.interrupted
     return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
 
 

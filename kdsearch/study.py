@@ -184,6 +184,10 @@ class Record:
             return Plan(trial.number, recipe, dict(trial.params))
         return None
 
+    def all_started(self) -> bool:
+        """Whether every trial of the target has been started (by this driver or another)."""
+        return not self.orphans and len(self.study.get_trials(deepcopy=False)) >= self.target
+
     def _claim(self, trial_id: int, ray_trial_id: str, *, attempt: int) -> None:
         for key, value in (
             ("ray_trial_id", ray_trial_id),
