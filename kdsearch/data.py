@@ -473,8 +473,10 @@ class Loader:
         batch_size: int,
         train: bool,
         seed: int = 0,
+        channels_last: bool = False,
     ) -> None:
         self.split = split.to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -493,8 +495,9 @@ class Loader:
         return -(-n // self.batch_size)
 
     def normalize(self, x: Tensor) -> Tensor:
-        """uint8 images to normalised floats."""
-        return torch.addcmul(self.shift, x.float(), self.scale)
+        """uint8 images to normalised floats, in the loader's memory format."""
+        out = torch.addcmul(self.shift, x.float(), self.scale)
+        return out.contiguous(memory_format=self.memory_format)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; for training, a pure function of (seed, epoch)."""

@@ -240,6 +240,7 @@ class Recipe(Section):
     batch_size: Annotated[int, Field(ge=2)] = 64
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    compile: bool = False
     seed: Annotated[int, Field(ge=0)] = 0
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,7 +22,8 @@ from kdsearch.data import ImageData, Loader, Split, derive_seed
 from kdsearch.distill import Distiller
 from kdsearch.errors import NonFiniteLoss, RecipeError
 from kdsearch.losses import BuildContext, Step
-from kdsearch.models import TapModel, build_model, count_parameters
+from kdsearch.losses.base import TapsFn
+from kdsearch.models import TapModel, Taps, build_model, count_parameters
 from kdsearch.recipe import OptimConfig, Recipe
 
 EVAL_BATCH = 512
@@ -39,7 +41,8 @@ class EpochStats:
     val_loss: float
     lr: float
     images_per_sec: float
-    seconds: float
+    seconds: float  # the training steps
+    eval_seconds: float  # the validation pass after them
 
 
 @dataclass
@@ -129,10 +132,13 @@ def train(
     it, for the terms that read them); report every epoch."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
+    nhwc = device.type == "cuda"  # cuDNN's fast convolution kernels want channels-last tensors
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
     torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student.arch, data.num_classes, data.channels).to(device)
+    student = build_model(recipe.student.arch, data.num_classes, data.channels)
+    student = student.to(device).to(memory_format=fmt)
     if teacher is not None:
-        teacher = freeze(teacher).to(device)
+        teacher = freeze(teacher).to(device).to(memory_format=fmt)
     heads = {name: freeze(h).to(device) for name, h in (teacher_heads or {}).items()}
     ctx = BuildContext(
         student,
@@ -146,9 +152,19 @@ def train(
     optimizer = sgd(distiller.parameters(), recipe.optim, recipe.optim.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = Loader(
-        data.train, data, device, batch_size=recipe.batch_size, train=True, seed=recipe.seed
+        data.train,
+        data,
+        device,
+        batch_size=recipe.batch_size,
+        train=True,
+        seed=recipe.seed,
+        channels_last=nhwc,
     )
-    val_loader = Loader(data.val, data, device, batch_size=EVAL_BATCH, train=False)
+    val_loader = Loader(
+        data.val, data, device, batch_size=EVAL_BATCH, train=False, channels_last=nhwc
+    )
+    student_taps = taps_fn(student, recipe.compile)
+    teacher_taps = None if teacher is None else taps_fn(teacher, recipe.compile)
     result = Result(student, params=count_parameters(student))
     started = time.perf_counter()
     for epoch in range(recipe.schedule.epochs):
@@ -161,7 +177,7 @@ def train(
         part_sums: dict[str, torch.Tensor] = {}
         for b, batch in enumerate(loader.epoch(epoch)):
             seed = derive_seed(recipe.seed, f"step{epoch}.{b}")
-            step = Step(batch, student, teacher, rotations=distiller.rotations, seed=seed)
+            step = Step(batch, student_taps, teacher_taps, rotations=distiller.rotations, seed=seed)
             with autocast(device, dtype):
                 total, parts = distiller.loss(step)
             optimizer.zero_grad(set_to_none=True)
@@ -176,6 +192,7 @@ def train(
         seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch + 1, train_loss)
+        t1 = time.perf_counter()
         val_acc, val_loss = evaluate(student, val_loader, dtype)
         stats = EpochStats(
             epoch=epoch + 1,
@@ -186,6 +203,7 @@ def train(
             lr=lr,
             images_per_sec=steps * recipe.batch_size / seconds,
             seconds=seconds,
+            eval_seconds=time.perf_counter() - t1,
         )
         result.history.append(stats)
         if report is not None:
@@ -193,6 +211,34 @@ def train(
     result.seconds = time.perf_counter() - started
     student.eval()
     return result
+
+
+def taps_fn(model: TapModel, compiled: bool) -> TapsFn:
+    """The model's taps, through `torch.compile` when asked."""
+    return CompiledTaps(model) if compiled else model.taps
+
+
+class CompiledTaps:
+    """`torch.compile` of a model's taps that falls back to eager execution, once and for the
+    rest of the run, where compilation fails (no compiler, an unsupported operation)."""
+
+    def __init__(self, model: TapModel) -> None:
+        self.model = model
+        self.compiled = torch.compile(model.taps)
+        self.failure: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> Taps:
+        if self.failure is None:
+            try:
+                taps: Taps = self.compiled(x)
+                return taps
+            except Exception as err:  # any compiler failure; a real error recurs in eager mode
+                self.failure = f"{type(err).__name__}: {err}".splitlines()[0]
+                warnings.warn(
+                    f"torch.compile failed ({self.failure}); training goes on without it",
+                    stacklevel=2,
+                )
+        return self.model.taps(x)
 
 
 def freeze(model: M) -> M:
@@ -226,5 +272,7 @@ def evaluate_split(
 ) -> tuple[float, float]:
     """Accuracy and loss of `model` on one split of `data`, on the recipe's device."""
     device = resolve_device(recipe.device)
-    loader = Loader(split, data, device, batch_size=EVAL_BATCH, train=False)
+    loader = Loader(
+        split, data, device, batch_size=EVAL_BATCH, train=False, channels_last=device.type == "cuda"
+    )
     return evaluate(model.to(device), loader, autocast_dtype(recipe.precision, device))

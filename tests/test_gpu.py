@@ -31,3 +31,10 @@ def test_fp16_uses_loss_scaling_and_trains() -> None:
         {"distill.kd.weight": 0.0, "device": "cuda", "precision": "fp16", "schedule.epochs": 3}
     )
     assert train(recipe, data).val_acc > 0.3
+
+
+def test_cuda_training_runs_channels_last() -> None:
+    data = load_data(DataConfig(dataset="synthetic"))
+    result = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "cuda"}), data)
+    convs = [p for p in result.student.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)

@@ -136,3 +136,35 @@ def test_student_state_dict_loads_into_the_bare_architecture(synthetic: ImageDat
     result = train(tiny_recipe({"schedule.epochs": 1}), synthetic, teacher=teacher)
     bare = build_model("resnet8", synthetic.num_classes, synthetic.channels)
     bare.load_state_dict(result.student.state_dict())
+
+
+def test_compile_gives_the_eager_run(synthetic: ImageData) -> None:
+    teacher = _teacher(synthetic, epochs=1)
+    recipe = tiny_recipe({"schedule.epochs": 1})
+    eager = train(recipe, synthetic, teacher=teacher)
+    compiled = train(recipe.override({"compile": True}), synthetic, teacher=teacher)
+    assert compiled.history[0].train_loss == pytest.approx(eager.history[0].train_loss, rel=1e-4)
+    assert compiled.val_acc == pytest.approx(eager.val_acc, abs=0.02)
+
+
+def test_compile_that_fails_falls_back_to_eager_with_a_warning(
+    synthetic: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fn: object) -> object:
+        def run(x: torch.Tensor) -> object:
+            raise RuntimeError("no compiler for this operation\nsecond line")
+
+        return run
+
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1})
+    eager = train(recipe, synthetic)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no compiler"):
+        fallback = train(recipe.override({"compile": True}), synthetic)
+    assert fallback.history[0].train_loss == eager.history[0].train_loss
+
+
+def test_epochs_report_training_and_validation_time_apart(synthetic: ImageData) -> None:
+    seen: list[EpochStats] = []
+    train(tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1}), synthetic, seen.append)
+    assert seen[0].seconds > 0 and seen[0].eval_seconds > 0

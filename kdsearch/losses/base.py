@@ -17,6 +17,8 @@ from kdsearch.models import TapModel, Taps
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
 T = TypeVar("T")
+TapsFn = Callable[[Tensor], Taps]
+"""A model's `taps` (or its compiled twin): images in, Taps out."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Mixed(NamedTuple):
 class Step:
     """One training batch as the terms see it.
 
-    Forward passes are computed on first use and shared by every term: a step whose active terms
+    `student` and `teacher` are the models' taps functions. Forward passes are computed on first
+    use and shared by every term: a step whose active terms
     never read the teacher never runs it. When any active term works on rotations, the student
     and teacher run once on the 4B rotated batch (unrotated first, then 90, 180, 270 degrees) and
     `s` and `t` are its first B rows, as HSAKD and SSKD train. Random draws (mixing) come from
@@ -57,8 +60,8 @@ class Step:
     def __init__(
         self,
         batch: Batch,
-        student: TapModel,
-        teacher: TapModel | None,
+        student: TapsFn,
+        teacher: TapsFn | None,
         *,
         rotations: bool = False,
         seed: int = 0,
@@ -88,7 +91,7 @@ class Step:
         """The student's taps on the batch."""
         if self.rotations:
             return slice_taps(self.s_rot, 0, self.size)
-        return self.student.taps(self.batch.x)
+        return self.student(self.batch.x)
 
     @cached_property
     def t(self) -> Taps:
@@ -105,7 +108,7 @@ class Step:
     @cached_property
     def s_rot(self) -> Taps:
         """The student's taps on the rotated batch."""
-        return self.student.taps(self.x_rot)
+        return self.student(self.x_rot)
 
     @cached_property
     def t_rot(self) -> Taps:
@@ -117,7 +120,7 @@ class Step:
         key = (kind, alpha)
         if key not in self._mixed:
             view = mix_batch(self.batch.x, self.batch.y, kind, alpha, self.seed)
-            self._mixed[key] = (view, self.student.taps(view.x))
+            self._mixed[key] = (view, self.student(view.x))
         return self._mixed[key]
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
@@ -131,7 +134,7 @@ class Step:
         """The teacher's taps on other images (a mixed batch)."""
         return frozen_taps(self._teacher(), x)
 
-    def _teacher(self) -> TapModel:
+    def _teacher(self) -> TapsFn:
         if self.teacher is None:
             raise RuntimeError("a term read the teacher, but this run has none")
         return self.teacher
@@ -151,14 +154,14 @@ def slice_taps(taps: Taps, start: int, stop: int) -> Taps:
     )
 
 
-def frozen_taps(model: TapModel, x: Tensor) -> Taps:
+def frozen_taps(taps_of: TapsFn, x: Tensor) -> Taps:
     """Taps computed under inference mode, returned as ordinary tensors.
 
     Inference-mode tensors cannot be saved for backward, and the terms combine teacher outputs
     with student outputs; cloning them outside inference mode costs one copy of the activations.
     """
     with torch.inference_mode():
-        taps = model.taps(x)
+        taps = taps_of(x)
     return Taps(taps.logits.clone(), tuple(s.clone() for s in taps.stages), taps.pooled.clone())
 
 

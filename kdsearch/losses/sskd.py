@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdsearch.losses.base import ROTATIONS, BuildContext, FrozenHead, Step, Term
-from kdsearch.losses.kd import kd_loss
+from kdsearch.losses.kd import kd_per_row
 from kdsearch.models import TapModel, Taps
 
 
@@ -25,22 +25,25 @@ def rotation_similarity(proj: Tensor, batch: int) -> Tensor:
     return unit[batch:] @ unit[:batch].T
 
 
-def keep_by_rank(scores: Tensor, target: Tensor, keep_wrong: float) -> Tensor:
-    """SSKD's error-level ranking: rows whose target is the teacher's top score are all kept; of
-    the others, the `keep_wrong` fraction whose target ranks best. Returns kept row indices."""
+def kept_by_rank(scores: Tensor, target: Tensor, keep_wrong: float) -> Tensor:
+    """SSKD's error-level ranking as a mask of kept rows: rows whose target is the teacher's top
+    score are all kept; of the others, the `keep_wrong` fraction whose target ranks best.
+
+    Computed on the device with no host round trip (the count of kept rows stays a tensor)."""
     target_score = scores.gather(1, target[:, None])
     rank = (scores > target_score).sum(dim=1)  # 0 = the teacher got this row right
     order = torch.argsort(rank, stable=True)
-    wrong = int((rank > 0).sum())
-    kept = len(rank) - wrong + int(wrong * keep_wrong)
-    return torch.sort(order[:kept]).values
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(rank), device=rank.device)
+    wrong = (rank > 0).sum()
+    kept = len(rank) - wrong + torch.floor(wrong * keep_wrong).long()
+    return position < kept
 
 
-def kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """`kd_loss` over the kept rows; 0 (still attached to the graph) when none is kept."""
-    if student.shape[0] == 0:
-        return student.sum() * 0.0
-    return kd_loss(student, teacher, temperature)
+def kd_kept(student: Tensor, teacher: Tensor, kept: Tensor, temperature: float) -> Tensor:
+    """`kd_loss` averaged over the kept rows only (0 when none is kept)."""
+    rows = kd_per_row(student, teacher, temperature)
+    return (rows * kept).sum() / kept.sum().clamp_min(1)
 
 
 def sskd_loss(
@@ -62,11 +65,11 @@ def sskd_loss(
     only; `y` holds the labels of the B unrotated images."""
     batch = y.shape[0]
     y_rot = y.repeat(ROTATIONS - 1)
-    tf_rows = keep_by_rank(t_logits_rot, y_rot, tf_keep)
-    tf = kl_rows(s_logits_rot[tf_rows], t_logits_rot[tf_rows], tf_temperature)
+    tf_kept = kept_by_rank(t_logits_rot, y_rot, tf_keep)
+    tf = kd_kept(s_logits_rot, t_logits_rot, tf_kept, tf_temperature)
     positives = torch.arange(batch, device=y.device).repeat(ROTATIONS - 1)
-    ss_rows = keep_by_rank(t_sim, positives, ss_keep)
-    ss = kl_rows(s_sim[ss_rows], t_sim[ss_rows], ss_temperature)
+    ss_kept = kept_by_rank(t_sim, positives, ss_keep)
+    ss = kd_kept(s_sim, t_sim, ss_kept, ss_temperature)
     return tf_weight * tf + ss_weight * ss
 
 

@@ -70,7 +70,8 @@ def first_batch(data: ImageData, size: int = 8) -> Batch:
 
 
 def step_for(distiller: Distiller, ctx: BuildContext, batch: Batch, seed: int = 0) -> Step:
-    return Step(batch, ctx.student, ctx.teacher, rotations=distiller.rotations, seed=seed)
+    teacher = ctx.teacher.taps if ctx.teacher is not None else None
+    return Step(batch, ctx.student.taps, teacher, rotations=distiller.rotations, seed=seed)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

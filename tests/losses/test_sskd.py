@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kdsearch.losses.sskd import keep_by_rank, rotation_similarity, sskd_loss
+from kdsearch.losses.sskd import kept_by_rank, rotation_similarity, sskd_loss
 
 
-def test_keep_by_rank_keeps_correct_rows_and_the_best_ranked_wrong_ones() -> None:
+def test_ranking_keeps_correct_rows_and_the_best_ranked_wrong_ones() -> None:
     scores = torch.tensor(
         [
             [0.9, 0.1, 0.0],  # target 0: right
@@ -19,10 +19,10 @@ def test_keep_by_rank_keeps_correct_rows_and_the_best_ranked_wrong_ones() -> Non
         ]
     )
     target = torch.tensor([0, 0, 0, 2, 2])
-    assert keep_by_rank(scores, target, 1.0).tolist() == [0, 1, 2, 3, 4]
-    assert keep_by_rank(scores, target, 0.0).tolist() == [0, 3]
+    assert kept_by_rank(scores, target, 1.0).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert kept_by_rank(scores, target, 0.0).nonzero().flatten().tolist() == [0, 3]
     # of three wrong rows, int(3 * 0.5) = 1 is kept: the one whose target ranks best (row 2)
-    assert keep_by_rank(scores, target, 0.5).tolist() == [0, 2, 3]
+    assert kept_by_rank(scores, target, 0.5).nonzero().flatten().tolist() == [0, 2, 3]
 
 
 def test_rotation_similarity_rows_are_rotated_images_against_originals() -> None:
