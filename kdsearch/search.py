@@ -111,6 +111,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     torch.set_num_threads(max(1, int(config["threads"])))
     started = time.perf_counter()
     epoch = 0
+    busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
     try:
         recipe = Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}")
         data, teacher, heads = unshare(shared)
@@ -119,6 +120,8 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
         def report(stats: EpochStats) -> None:
             nonlocal epoch
             epoch = stats.epoch
+            busy["train_seconds"] += stats.seconds
+            busy["eval_seconds"] += stats.eval_seconds
             tune.report(
                 {
                     "epoch": stats.epoch,
@@ -127,11 +130,14 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
                     "images_per_sec": stats.images_per_sec,
                     "student_params": params,
                     "wall_seconds": time.perf_counter() - started,
+                    **busy,
                 }
             )
 
         train(recipe, data, report, teacher=teacher, teacher_heads=heads)
     except Exception as err:  # recorded as FAIL with its reason; nothing is lost
+        if torch.cuda.is_available():  # a trial out of GPU memory leaves none held for the others
+            torch.cuda.empty_cache()
         tune.report(
             {
                 "epoch": epoch + 1,
@@ -217,7 +223,13 @@ class KdSearcher(Searcher):
         curve = self.curves.pop(trial_id)
         last = result or {}
         attrs: dict[str, Any] = {"epochs": max(curve, default=0)}
-        for key in ("wall_seconds", "images_per_sec", "student_params"):
+        for key in (
+            "wall_seconds",
+            "train_seconds",
+            "eval_seconds",
+            "images_per_sec",
+            "student_params",
+        ):
             if key in last:
                 attrs[key] = last[key]
         if error or "failure" in last:

@@ -197,7 +197,7 @@ def train_teacher_heads(
 
     def objective(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with autocast(device, dtype):
-            t_rot = frozen_taps(teacher, rotate(x))
+            t_rot = frozen_taps(teacher.taps, rotate(x))
             return {n: LOSSES[n].teacher_head_objective(heads[n], t_rot, y) for n in heads}
 
     for epoch in range(cfg.epochs):
@@ -221,6 +221,7 @@ def train_teacher_heads(
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch + 1, train_loss)
         heads.eval()
+        t1 = time.perf_counter()
         with torch.no_grad():
             scores = [objective(b.x, b.y) for b in val_loader.epoch(0)]
         val_acc = sum(float(acc) for s in scores for _, acc in s.values()) / (
@@ -238,6 +239,7 @@ def train_teacher_heads(
                     lr,
                     len(loader) * recipe.batch_size / seconds,
                     seconds,
+                    time.perf_counter() - t1,
                 )
             )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.models import build_model, count_parameters
@@ -129,6 +130,8 @@ def test_trials_and_study_carry_their_attributes(
         assert t.user_attrs["wall_seconds"] > 0 and t.user_attrs["attempt"] == 1
         if t.state != TrialState.FAIL:
             assert t.user_attrs["images_per_sec"] > 0 and t.user_attrs["student_params"] == params
+            busy = t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"]
+            assert 0 < busy < t.user_attrs["wall_seconds"]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root}/studies/tiny.db")
     assert study.user_attrs["space"] == SPACE
     assert study.user_attrs["kdsearch_version"] and study.user_attrs["metric"] == "val_acc"
@@ -315,3 +318,59 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     for name in ("recipe.yaml", "student.pt", "meta.json", "hyperparameters.json"):
         assert (root / "out" / "winner" / name).is_file()
     assert "exported the winner of 'tiny'" in err and "kdsearch train out/winner/recipe.yaml" in err
+
+
+def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial reports its failure (the driver records FAIL and goes on) instead of raising."""
+    from kdsearch import search
+    from kdsearch.data import load_data
+    from kdsearch.recipe import DataConfig
+
+    from .conftest import tiny_recipe
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    reports: list[dict[str, object]] = []
+    monkeypatch.setattr(search, "train", out_of_memory)
+    monkeypatch.setattr(search.tune, "report", reports.append)
+    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    recipe = tiny_recipe({"distill.kd.weight": 0.0})
+    search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    (report,) = reports
+    assert str(report["failure"]).startswith("OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize(
+    ("per_trial", "concurrent", "gpus", "expected"),
+    [
+        ({"cpu": 2, "gpu": 0.25}, 4, 1.0, (2.0, 0.25)),  # four trials share one GPU
+        ({"cpu": 1}, 4, 1.0, (1.0, 0.25)),  # `auto`: the GPU split between the concurrent trials
+        ({"cpu": 1}, 2, 8.0, (1.0, 1.0)),  # never more than one GPU per trial
+        ({"cpu": 1}, 2, 0.0, (1.0, 0.0)),  # `auto` on a machine without one: CPU trials
+    ],
+)
+def test_trial_resources_share_a_gpu_between_trials(
+    monkeypatch: pytest.MonkeyPatch,
+    per_trial: dict[str, float],
+    concurrent: int,
+    gpus: float,
+    expected: tuple[float, float],
+) -> None:
+    from kdsearch import search
+    from kdsearch.space import SearchConfig
+
+    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": gpus})
+    config = SearchConfig.model_validate({"per_trial": per_trial, "concurrent": concurrent})
+    assert search.trial_resources(config) == expected
+
+
+def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsearch import search
+    from kdsearch.errors import RecipeError
+    from kdsearch.space import SearchConfig
+
+    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    config = SearchConfig.model_validate({"per_trial": {"gpu": 0.25}})
+    with pytest.raises(RecipeError, match="search.per_trial.gpu is 0.25, but the Ray cluster"):
+        search.trial_resources(config)
