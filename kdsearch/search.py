@@ -329,6 +329,9 @@ def run_search(
                 max_concurrent_trials=cfg.search.concurrent,
                 metric=METRIC,
                 mode="max",
+                # A trial that ran to its end hands its worker (torch imported, threads set up)
+                # to the next one; Tune starts a fresh worker where the reset fails.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"kdsearch-{os.getpid()}",
