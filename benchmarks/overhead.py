@@ -21,25 +21,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import optuna
 import yaml
-
-
-def run(space: Path, work: Path, trials: int | None = None) -> float:
-    args = [sys.executable, "-m", "kdsearch.cli", "run", str(space)]
-    if trials is not None:
-        args += ["--trials", str(trials)]
-    started = time.perf_counter()
-    proc = subprocess.run(args, cwd=work, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr}")
-    return time.perf_counter() - started
+from searches import finished_trials, run_search
 
 
 def main() -> None:
@@ -55,13 +41,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("KDSEARCH_CACHE_DIR", str(work / "cache"))
     shutil.rmtree(work / "studies", ignore_errors=True)
-    run(space, work, trials=1)  # the teacher (and heads) into the cache
+    run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
     rows = []
     for _ in range(args.runs):
         shutil.rmtree(work / "studies")
-        wall = run(space, work)
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{work}/studies/{name}.db")
-        trials = [t for t in study.trials if t.state.is_finished()]
+        wall = run_search(space, work)
+        trials = finished_trials(work, name)
         busy = sum(
             t.user_attrs.get("train_seconds", 0) + t.user_attrs.get("eval_seconds", 0)
             for t in trials

@@ -372,5 +372,5 @@ def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 2.0})
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0.25}})
-    with pytest.raises(RecipeError, match="search.per_trial.gpu is 0.25, but the Ray cluster"):
+    with pytest.raises(RecipeError, match=r"search\.per_trial\.gpu is 0\.25, but the Ray cluster"):
         search.trial_resources(config)

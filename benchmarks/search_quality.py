@@ -1,0 +1,195 @@
+"""ASHA search against a full-budget random search of the same number of trials, on a real
+CIFAR-10 subset: the best validation accuracy reached against the compute spent.
+
+    python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
+        [--max-epochs 9] [--grace 1] [--reduction 3] [--work DIR] [--out-dir DIR]
+
+DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
+arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
+learning rate, and one extra term of PKT, HSAKD or STKD) with the same cached teacher:
+
+- ASHA: the product's default, TPE proposals and ASHA stopping at `--grace` epochs and every
+  `--reduction` times more;
+- random: random proposals, every trial trained for `--max-epochs` (nothing is stopped).
+
+Only trials that reached `--max-epochs` count towards an arm's best (a pruned trial's score is a
+shorter budget's). Compute is counted in epochs trained, summed over trials, and in wall time.
+Writes `search_quality.png` (best so far against epochs spent) and `search_quality.md` into
+`--out-dir`. The teacher is trained once into the cache before either arm is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from optuna.trial import TrialState
+from searches import finished_trials, run_search, write_space
+
+SPACE = {
+    "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
+    "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
+    "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+    "$extra": {"type": "categorical", "choices": ["none", "pkt", "hsakd", "stkd"]},
+    "distill.pkt.weight": {
+        "type": "float",
+        "low": 50.0,
+        "high": 2000.0,
+        "log": True,
+        "when": {"$extra": "pkt"},
+    },
+    "distill.hsakd.weight": {"type": "float", "low": 0.2, "high": 2.0, "when": {"$extra": "hsakd"}},
+    "distill.stkd.weight": {"type": "float", "low": 0.2, "high": 2.0, "when": {"$extra": "stkd"}},
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    wall: float
+    epochs: list[int]  # per trial, in the order they finished
+    full: list[float | None]  # val acc of trials that reached max epochs, else None
+    pruned: int
+
+    @property
+    def best(self) -> float:
+        return max(v for v in self.full if v is not None)
+
+    def best_so_far(self) -> tuple[list[int], list[float]]:
+        spent, best, xs, ys = 0, float("-inf"), [], []
+        for e, v in zip(self.epochs, self.full, strict=True):
+            spent += e
+            if v is not None and v > best:
+                best = v
+            if best > float("-inf"):
+                xs.append(spent)
+                ys.append(100 * best)
+        return xs, ys
+
+
+def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
+    asha = arm != "random"
+    epochs = 1 if arm == "warmup" else args.max_epochs
+    doc = {
+        "study": {"name": arm},
+        "base": {
+            "data": {
+                "dataset": "imagefolder",
+                "root": str(Path(args.root).resolve()),
+                "subset": args.subset,
+                "val_fraction": 0.2,
+            },
+            "teacher": {
+                "arch": "resnet20",
+                "train": {"epochs": args.teacher_epochs, "lr": 0.05},
+                "heads": {"epochs": 15, "lr": 0.05},
+            },
+            "student": {"arch": "resnet8"},
+            "distill": {"ce": {"weight": 1.0}, "kd": {"weight": 0.9, "temperature": 4.0}},
+            "optim": {"lr": 0.05},
+            "schedule": {"epochs": epochs, "kind": "cosine"},
+            "batch_size": 64,
+        },
+        "space": SPACE,
+        "search": {
+            "trials": args.trials,
+            "concurrent": 2,
+            "per_trial": {"cpu": 1},
+            "sampler": "tpe" if asha else "random",
+            "seed": 0,
+        },
+        "asha": {
+            "max_epochs": epochs,
+            "grace_epochs": min(args.grace, epochs) if asha else epochs,
+            "reduction_factor": args.reduction,
+        },
+    }
+    return write_space(doc, work / f"{arm}.yaml")
+
+
+def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
+    done = finished_trials(work, name)
+    epochs = [int(t.user_attrs.get("epochs", 0)) for t in done]
+    full = [
+        t.value if t.state == TrialState.COMPLETE and e >= max_epochs else None
+        for t, e in zip(done, epochs, strict=True)
+    ]
+    pruned = sum(t.state == TrialState.PRUNED for t in done)
+    return Arm(name, wall, epochs, full, pruned)
+
+
+def plot(arms: list[Arm], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for arm in arms:
+        xs, ys = arm.best_so_far()
+        ax.step(xs, ys, where="post", marker="o", label=f"{arm.name} ({sum(arm.epochs)} epochs)")
+    ax.set_xlabel("epochs trained, summed over trials")
+    ax.set_ylabel("best validation accuracy at full budget (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--subset", type=int, default=2000)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--max-epochs", type=int, default=9)
+    parser.add_argument("--grace", type=int, default=1)
+    parser.add_argument("--reduction", type=int, default=3)
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
+    parser.add_argument("--out-dir", default=".")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="kdsearch-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("KDSEARCH_CACHE_DIR", str(work / "cache"))
+    # Teacher and heads into the cache first (a one-trial, one-epoch search of the same space
+    # reads the same teacher), so neither arm's wall time includes them.
+    run_search(space_file(args, work, "warmup"), work, "--trials", "1")
+    arms = []
+    for name in ("asha", "random"):
+        space = space_file(args, work, name)
+        wall = run_search(space, work, "--trials", str(args.trials))
+        arms.append(read_arm(name, work, wall, args.max_epochs))
+    asha, rand = arms
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(arms, out / "search_quality.png")
+    lines = [
+        f"CIFAR-10 subset of {args.subset} images (80% train / 20% validation), "
+        f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
+        f"2 at a time on {os.cpu_count()} CPU cores",
+        "",
+        "| search | trials complete / pruned | epochs trained | wall s | best val acc % |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        complete = sum(v is not None for v in arm.full)
+        lines.append(
+            f"| {arm.name} | {complete} / {arm.pruned} | {sum(arm.epochs)} | {arm.wall:.0f} | "
+            f"{100 * arm.best:.2f} |"
+        )
+    lines += [
+        "",
+        f"ASHA's best minus random's best: {100 * (asha.best - rand.best):+.2f} points, with "
+        f"{sum(asha.epochs) / sum(rand.epochs):.2f} of its epochs and "
+        f"{asha.wall / rand.wall:.2f} of its wall time.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "search_quality.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

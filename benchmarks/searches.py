@@ -1,0 +1,36 @@
+"""Helpers of the benchmarks that run whole searches: write a space file, run `kdsearch run` on it
+as a user does (a fresh process), and read the study it wrote."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial
+
+
+def write_space(doc: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_search(space: Path, work: Path, *args: str) -> float:
+    """Run `kdsearch run SPACE ARGS` in `work`; its wall time in seconds. Exits on failure."""
+    command = [sys.executable, "-m", "kdsearch.cli", "run", str(space), *args]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr}")
+    return time.perf_counter() - started
+
+
+def finished_trials(work: Path, study: str) -> list[FrozenTrial]:
+    """The study's finished trials, in the order they finished."""
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{work}/studies/{study}.db")
+    done = [t for t in loaded.trials if t.state.is_finished()]
+    return sorted(done, key=lambda t: t.datetime_complete or t.datetime_start)

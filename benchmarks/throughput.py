@@ -1,0 +1,304 @@
+"""Training throughput of kdsearch's trial loop against a reference loop written the way the
+official repositories train, measured in one run.
+
+    python benchmarks/throughput.py [--pairs resnet32x4:resnet8x4,wrn_40_2:wrn_16_2]
+        [--methods kd,hsakd,crd] [--steps 4] [--rounds 3] [--device auto] [--workers N]
+        [--compile] [--out FILE.md]
+
+The reference: a CIFAR-style dataset of uint8 images decoded to PIL and transformed per image
+(RandomCrop 32 with padding 4, horizontal flip, ToTensor, Normalize) through a DataLoader, fp32,
+NCHW; the teacher under `no_grad`; CRD's negatives drawn per image in the dataset and its memory
+gathered as B x (K+1) x D before a batched product (RepDistiller); HSAKD's rotations stacked on
+the device after the CPU augmentation (HSAKD); DataLoader workers as the official scripts set
+them (RepDistiller: 8, HSAKD: none), capped at this machine's cores. Both loops train the same
+models (kdsearch's zoo and HSAKD heads), batch 64, on the same random images with 100 classes.
+Each loop runs one warm-up epoch and one timed epoch of `--steps` steps; the pairs of loops run
+`--rounds` times and the table shows the median speeds and the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from kdsearch.data import ImageData, Split
+from kdsearch.distill import HEAD_TERMS
+from kdsearch.losses import LOSSES
+from kdsearch.losses.crd import Embed
+from kdsearch.losses.hsakd import AuxClassifier
+from kdsearch.models import TapModel, build_model
+from kdsearch.recipe import Recipe
+from kdsearch.train import resolve_device, train
+
+BATCH = 64
+CLASSES = 100
+MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference loop
+
+
+class CifarStyle(Dataset[Any]):
+    """A torchvision-CIFAR-style dataset: PIL image per item, transforms per item; with
+    `negatives`, CRD's instance sampler (the index and K indices of other classes)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, negatives: int = 0) -> None:
+        self.images, self.labels, self.negatives = images, labels, negatives
+        self.transform = T.Compose(
+            [
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
+        self.others = [np.nonzero(labels != c)[0] for c in range(CLASSES)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        image = self.transform(Image.fromarray(self.images[i]))
+        label = int(self.labels[i])
+        if not self.negatives:
+            return image, label
+        sample = np.random.choice(self.others[label], self.negatives, replace=True)
+        return image, label, i, np.hstack(([i], sample))
+
+
+def distill_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """RepDistiller's DistillKL."""
+    p_s = F.log_softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    return F.kl_div(p_s, p_t, reduction="sum") * temperature**2 / s.shape[0]
+
+
+class GatherMemory(nn.Module):
+    """CRD's memory as the official code computes it: gather (B, K+1, D) rows, then bmm."""
+
+    def __init__(self, n: int, dim: int, temperature: float = 0.07, momentum: float = 0.5) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim / 3)
+        self.register_buffer("m_s", torch.rand(n, dim) * 2 * bound - bound)
+        self.register_buffer("m_t", torch.rand(n, dim) * 2 * bound - bound)
+        self.t, self.mom, self.n = temperature, momentum, n
+        self.z_s = self.z_t = -1.0
+
+    def forward(self, v_s: Tensor, v_t: Tensor, idx: Tensor, sample: Tensor) -> Tensor:
+        b, k1 = sample.shape
+        w_s = torch.index_select(self.m_s, 0, sample.view(-1)).view(b, k1, -1)
+        w_t = torch.index_select(self.m_t, 0, sample.view(-1)).view(b, k1, -1)
+        out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.t)
+        out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.t)
+        if self.z_s < 0:
+            self.z_s, self.z_t = out_s.mean().item() * self.n, out_t.mean().item() * self.n
+        loss = nce(out_s / self.z_s, self.n) + nce(out_t / self.z_t, self.n)
+        with torch.no_grad():
+            for memory, v in ((self.m_s, v_s), (self.m_t, v_t)):
+                rows = torch.index_select(memory, 0, idx) * self.mom + v.detach() * (1 - self.mom)
+                memory.index_copy_(0, idx, F.normalize(rows, dim=1))
+        return loss
+
+
+def nce(x: Tensor, n: int) -> Tensor:
+    k = x.shape[1] - 1
+    noise = k / n
+    pos = torch.log(x[:, 0] / (x[:, 0] + noise + 1e-7))
+    neg = torch.log(noise / (x[:, 1:] + noise + 1e-7))
+    return -(pos.sum() + neg.sum()) / x.shape[0]
+
+
+def reference_speed(
+    method: str,
+    teacher: TapModel,
+    student: TapModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    workers: int,
+    device: torch.device,
+) -> float:
+    """Images per second of the timed epoch of the reference loop."""
+    negatives = 16384 if method == "crd" else 0
+    loader = DataLoader(
+        CifarStyle(images, labels, negatives),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=0 if method == "hsakd" else workers,
+        drop_last=True,
+    )
+    teacher, student = teacher.to(device).eval(), student.to(device).train()
+    extra = nn.ModuleDict()
+    if method == "crd":
+        extra["e_s"], extra["e_t"] = Embed(student.feat_dim, 128), Embed(teacher.feat_dim, 128)
+        extra["mem"] = GatherMemory(len(labels), 128)
+    if method == "hsakd":
+        extra["s"] = nn.ModuleList(AuxClassifier(student, i, CLASSES) for i in student.head_stages)
+        t_heads = nn.ModuleList(AuxClassifier(teacher, i, CLASSES) for i in teacher.head_stages)
+        t_heads.to(device).eval()
+    extra.to(device)
+    params = list(student.parameters()) + list(extra.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    seconds = 0.0
+    for _ in range(2):  # a warm-up epoch, then the timed one
+        started = time.perf_counter()
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            if method == "kd":
+                with torch.no_grad():
+                    t = teacher(x)
+                s = student(x)
+                loss = F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
+            elif method == "crd":
+                with torch.no_grad():
+                    t_feat = teacher.taps(x).pooled
+                s_taps = student.taps(x)
+                v_s, v_t = extra["e_s"](s_taps.pooled), extra["e_t"](t_feat)
+                crd = extra["mem"](v_s, v_t, batch[2].to(device), batch[3].to(device))
+                loss = F.cross_entropy(s_taps.logits, y) + 0.8 * crd
+            else:
+                x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1)
+                x = x.view(-1, *x.shape[2:])  # interleaved: the 4 rotations of each image
+                with torch.no_grad():
+                    t = teacher.taps(x)
+                    t_aux = [h(t.stages[i + 1]) for i, h in enumerate(t_heads)]
+                s = student.taps(x)
+                s_aux = [h(s.stages[i + 1]) for i, h in enumerate(extra["s"])]
+                loss = F.cross_entropy(s.logits[0::4], y)
+                loss = loss + distill_kl(s.logits, t.logits, 3.0)
+                for a, b in zip(s_aux, t_aux, strict=True):  # heads learn by KL alone
+                    loss = loss + distill_kl(a, b, 3.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    return steps * BATCH / seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# kdsearch's loop
+
+
+def kdsearch_speed(
+    method: str,
+    teacher: TapModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    student_arch: str,
+    device: str,
+    compiled: bool,
+) -> float:
+    """Images per second of the timed epoch of kdsearch's training loop."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    split = Split(x, torch.from_numpy(labels).long())
+    data = ImageData(
+        "random",
+        split,
+        Split(x[:BATCH], split.y[:BATCH]),
+        Split(x[:BATCH], split.y[:BATCH]),
+        tuple(str(c) for c in range(CLASSES)),
+        True,
+        MEAN,
+        STD,
+        "random",
+    )
+    weights = {f"distill.{n}.weight": 0.0 for n in LOSSES if n != "ce"}
+    weights[f"distill.{method}.weight"] = {"kd": 0.9, "crd": 0.8, "hsakd": 1.0}[method]
+    recipe = Recipe.from_dict(
+        {
+            "data": {"dataset": "synthetic"},
+            "teacher": {"arch": "resnet8"},
+            "student": {"arch": student_arch},
+            "schedule": {"epochs": 2, "kind": "cosine"},
+            "optim": {"nesterov": False},
+            "batch_size": BATCH,
+            "device": device,
+            "compile": compiled,
+        }
+    ).override(weights)
+    heads = {n: LOSSES[n].teacher_heads(teacher, CLASSES) for n in HEAD_TERMS}
+    result = train(recipe, data, teacher=teacher, teacher_heads=heads)
+    return result.history[-1].images_per_sec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
+    parser.add_argument("--methods", default="kd,hsakd,crd")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--compile", action="store_true", help="kdsearch's loop with compile: true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.steps * BATCH, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(args.steps * BATCH) % CLASSES).astype(np.int64)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    lines = [
+        f"device: {device.type} ({where or platform.machine()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch {BATCH}, "
+        f"{args.steps} timed steps, medians of "
+        f"{args.rounds} rounds, reference DataLoader workers {args.workers} (HSAKD: 0)"
+        + (", kdsearch with compile: true" if args.compile else ""),
+        "",
+        "| teacher -> student | method | reference img/s | kdsearch img/s | kdsearch / reference |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for pair in args.pairs.split(","):
+        t_arch, s_arch = pair.split(":")
+        for method in args.methods.split(","):
+            ref, ours, ratios = [], [], []
+            for _ in range(args.rounds):
+                torch.manual_seed(0)
+                teacher = build_model(t_arch, CLASSES, 3)
+                ref.append(
+                    reference_speed(
+                        method,
+                        teacher,
+                        build_model(s_arch, CLASSES, 3),
+                        images,
+                        labels,
+                        args.steps,
+                        args.workers,
+                        device,
+                    )
+                )
+                ours.append(
+                    kdsearch_speed(
+                        method, teacher, images, labels, s_arch, args.device, args.compile
+                    )
+                )
+                ratios.append(ours[-1] / ref[-1])
+            row = (
+                f"| {t_arch} -> {s_arch} | {method} | {statistics.median(ref):.1f} | "
+                f"{statistics.median(ours):.1f} | {statistics.median(ratios):.2f}x |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
