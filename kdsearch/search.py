@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace
+from kdsearch.store import StoreConfig
 from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally
 from kdsearch.teacher import Teacher
 from kdsearch.train import EpochStats, evaluate_split, train
@@ -134,7 +137,15 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
                 }
             )
 
-        train(recipe, data, report, teacher=teacher, teacher_heads=heads)
+        store = config.get("store")
+        train(
+            recipe,
+            data,
+            report,
+            teacher=teacher,
+            teacher_heads=heads,
+            store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
+        )
     except Exception as err:  # recorded as FAIL with its reason; nothing is lost
         if torch.cuda.is_available():  # a trial out of GPU memory leaves none held for the others
             torch.cuda.empty_cache()
@@ -191,11 +202,18 @@ class RecordingASHA(ASHAScheduler):
 class KdSearcher(Searcher):
     """Proposes trials from the study and records their outcome in it."""
 
-    def __init__(self, record: Record, asha: RecordingASHA, threads: float) -> None:
+    def __init__(
+        self,
+        record: Record,
+        asha: RecordingASHA,
+        threads: float,
+        store: tuple[str, int, int] | None,
+    ) -> None:
         super().__init__(metric=METRIC, mode="max")
         self.record = record
         self.asha = asha
         self.threads = threads
+        self.store = store  # the teacher-output store's folder and budgets, or None
         self.max_epochs = record.space.config.asha.max_epochs
         self.plans: dict[str, Plan] = {}
         self.curves: dict[str, dict[int, float]] = {}
@@ -207,7 +225,12 @@ class KdSearcher(Searcher):
             return Searcher.FINISHED
         self.plans[trial_id] = plan
         self.curves[trial_id] = {}
-        return {"number": plan.number, "recipe": plan.recipe.to_yaml(), "threads": self.threads}
+        return {
+            "number": plan.number,
+            "recipe": plan.recipe.to_yaml(),
+            "threads": self.threads,
+            "store": self.store,
+        }
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._note(trial_id, result)
@@ -309,12 +332,18 @@ def run_search(
     own_ray = not ray.is_initialized()
     if own_ray:
         start_ray(address)
+    cfg = space.config
+    store = cfg.search.teacher_store
+    # One folder per search; trials on other nodes of a cluster create it there (one per node).
+    store_root = tempfile.mkdtemp(prefix="kdsearch-teacher-outputs-") if store.enabled else None
     try:
-        cfg = space.config
         cpu, gpu = trial_resources(cfg.search)
         asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
         asha.remember(record.finished_curves())
-        searcher = KdSearcher(record, asha, cpu)
+        budgets = (int(store.budget_mb * 2**20), int(store.device_mb * 2**20))
+        searcher = KdSearcher(
+            record, asha, cpu, None if store_root is None else (store_root, *budgets)
+        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, shared=share(data, teacher, space.base.teacher.arch)),
             {"cpu": cpu, "gpu": gpu},
@@ -346,6 +375,8 @@ def run_search(
     finally:
         if own_ray:
             ray.shutdown()
+        if store_root is not None:
+            shutil.rmtree(store_root, ignore_errors=True)
     # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
     # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
     complete = record.all_started() and not searcher.plans and not searcher.interrupted

@@ -91,6 +91,17 @@ class PerTrialConfig(Section):
     gpu: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
 
 
+class TeacherStoreConfig(Section):
+    """The teacher-output store: the teacher's outputs for each epoch computed once and read by
+    every trial on the machine (see `kdsearch.store`). `budget_mb` caps the store's size (an
+    epoch that does not fit is computed by each trial that needs it); an epoch of at most
+    `device_mb` is copied to a trial's GPU."""
+
+    enabled: bool = True
+    budget_mb: Annotated[float, Field(ge=0)] = 4096.0
+    device_mb: Annotated[float, Field(ge=0)] = 1024.0
+
+
 class SearchConfig(Section):
     """How many trials, how many at once, and how they are proposed."""
 
@@ -99,6 +110,7 @@ class SearchConfig(Section):
     per_trial: PerTrialConfig = PerTrialConfig()
     sampler: Literal["tpe", "random"] = "tpe"
     seed: Annotated[int, Field(ge=0)] = 0
+    teacher_store: TeacherStoreConfig = TeacherStoreConfig()
 
 
 class AshaConfig(Section):

@@ -25,6 +25,7 @@ from kdsearch.losses import BuildContext, Step
 from kdsearch.losses.base import TapsFn
 from kdsearch.models import TapModel, Taps, build_model, count_parameters
 from kdsearch.recipe import OptimConfig, Recipe
+from kdsearch.store import StoreConfig, StoreReader
 
 EVAL_BATCH = 512
 M = TypeVar("M", bound=nn.Module)
@@ -127,9 +128,11 @@ def train(
     *,
     teacher: TapModel | None = None,
     teacher_heads: Mapping[str, nn.Module] | None = None,
+    store: StoreConfig | None = None,
 ) -> Result:
     """Train the recipe's student on `data`, distilling from `teacher` (and the heads trained on
-    it, for the terms that read them); report every epoch."""
+    it, for the terms that read them); report every epoch. With `store`, the teacher's outputs
+    are read from (or computed once into) the teacher-output store, where the terms allow."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
     nhwc = device.type == "cuda"  # cuDNN's fast convolution kernels want channels-last tensors
@@ -166,18 +169,31 @@ def train(
     student_taps = taps_fn(student, recipe.compile)
     teacher_taps = None if teacher is None else taps_fn(teacher, recipe.compile)
     result = Result(student, params=count_parameters(student))
+    from_store = None
+    if store is not None and teacher_taps is not None:
+        from_store = StoreReader.open(store, recipe, data, distiller, teacher_taps, heads, loader)
     started = time.perf_counter()
     for epoch in range(recipe.schedule.epochs):
         lr = lr_at(recipe, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         distiller.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         part_sums: dict[str, torch.Tensor] = {}
+        with autocast(device, dtype):
+            epoch_outputs = None if from_store is None else from_store.epoch(epoch)
         for b, batch in enumerate(loader.epoch(epoch)):
             seed = derive_seed(recipe.seed, f"step{epoch}.{b}")
-            step = Step(batch, student_taps, teacher_taps, rotations=distiller.rotations, seed=seed)
+            rows = None if epoch_outputs is None else epoch_outputs.rows(batch.idx, device)
+            step = Step(
+                batch,
+                student_taps,
+                teacher_taps,
+                rotations=distiller.rotations,
+                seed=seed,
+                stored=rows,
+            )
             with autocast(device, dtype):
                 total, parts = distiller.loss(step)
             optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +55,11 @@ class Step:
     and teacher run once on the 4B rotated batch (unrotated first, then 90, 180, 270 degrees) and
     `s` and `t` are its first B rows, as HSAKD and SSKD train. Random draws (mixing) come from
     `seed`, which the training loop derives from (recipe seed, epoch, batch).
+
+    `stored` holds the teacher's outputs for this batch read from the teacher-output store (see
+    `kdsearch.store`): `logits` and `pooled`, or `rot_logits`, `rot_pooled` and the `rot_*`
+    outputs of teacher heads; then `t` or `t_rot` come from it (without stage maps: only terms
+    that do not read them are run against a store) and the teacher does not run.
     """
 
     def __init__(
@@ -65,12 +70,14 @@ class Step:
         *,
         rotations: bool = False,
         seed: int = 0,
+        stored: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.batch = batch
         self.student = student
         self.teacher = teacher
         self.rotations = rotations
         self.seed = seed
+        self.stored = stored or {}
         self._mixed: dict[tuple[str, float], tuple[Mixed, Taps]] = {}
         self._memo: dict[Hashable, Any] = {}
 
@@ -98,6 +105,8 @@ class Step:
         """The teacher's taps on the batch (no gradient, ever)."""
         if self.rotations:
             return slice_taps(self.t_rot, 0, self.size)
+        if "logits" in self.stored:
+            return Taps(self.stored["logits"], (), self.stored["pooled"])
         return frozen_taps(self._teacher(), self.batch.x)
 
     @cached_property
@@ -113,7 +122,16 @@ class Step:
     @cached_property
     def t_rot(self) -> Taps:
         """The teacher's taps on the rotated batch."""
+        if "rot_logits" in self.stored:
+            return Taps(self.stored["rot_logits"], (), self.stored["rot_pooled"])
         return frozen_taps(self._teacher(), self.x_rot)
+
+    def teacher_extra(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """A teacher-side output beyond the taps (a teacher head's): from the store when it holds
+        `name`, else `compute()`, once per step."""
+        if name in self.stored:
+            return self.stored[name]
+        return self.memo(("teacher", name), compute)
 
     def mixed(self, kind: str, alpha: float) -> tuple[Mixed, Taps]:
         """Mixed images (mixup or cutmix with Beta(alpha, alpha)) and the student's taps on them."""
@@ -223,6 +241,10 @@ class Term(nn.Module):
     needs_teacher: ClassVar[bool] = True
     needs_rotations: ClassVar[bool] = False
     has_teacher_heads: ClassVar[bool] = False
+    teacher_reads: ClassVar[Literal["outputs", "stages", "mixed", "none"]] = "outputs"
+    """What the term reads of the teacher: `outputs` (logits, pooled features, head outputs: the
+    teacher-output store can serve them), `stages` (stage maps: run live), `mixed` (outputs on
+    images the term mixes itself: run live), `none`."""
 
     @abstractmethod
     def forward(self, step: Step) -> Tensor:
@@ -232,6 +254,12 @@ class Term(nn.Module):
     def teacher_heads(cls, teacher: TapModel, num_classes: int) -> nn.Module:
         """Fresh teacher-side heads (terms with `has_teacher_heads` only)."""
         raise TypeError(f"{cls.__name__} has no teacher heads")
+
+    @classmethod
+    def stored_extras(cls, heads: nn.Module, t_rot: Taps) -> dict[str, Tensor]:
+        """Outputs of the term's teacher heads on the rotated batch that the teacher-output store
+        keeps (names start with `rot_`), read back through `Step.teacher_extra`."""
+        return {}
 
     @classmethod
     def teacher_head_objective(

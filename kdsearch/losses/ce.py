@@ -17,6 +17,7 @@ class CE(Term):
     """The supervised term; on its own it trains the student without a teacher."""
 
     needs_teacher = False
+    teacher_reads = "none"
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()

@@ -30,6 +30,8 @@ class CKTF(Term):
     (`F.normalize(dim=0)`, which makes the loss depend on the batch) is left out.
     """
 
+    teacher_reads = "stages"
+
     def __init__(
         self,
         ctx: BuildContext,

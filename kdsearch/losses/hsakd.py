@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.losses.base import ROTATIONS, BuildContext, FrozenHead, Step, Term, match_stage
+from kdsearch.losses.base import (
+    ROTATIONS,
+    BuildContext,
+    FrozenHead,
+    Step,
+    Term,
+    frozen_call,
+    match_stage,
+)
 from kdsearch.losses.kd import kd_loss
 from kdsearch.models import TapModel, Taps
 
@@ -93,8 +101,21 @@ class HSAKD(Term):
     def forward(self, step: Step) -> Tensor:
         s, t = step.s_rot, step.t_rot
         s_aux = [self.heads[str(p)](s.stages[p]) for p in self.placement]
-        t_aux = [self.teacher_aux[p](t.stages[self.teacher_stage[p]]) for p in self.placement]
+        t_aux = [self._teacher_aux(step, p) for p in self.placement]
         return hsakd_loss(s_aux, t_aux, s.logits, t.logits, self.temperature)
+
+    def _teacher_aux(self, step: Step, placement: int) -> Tensor:
+        stage = self.teacher_stage[placement]
+        head = self.teacher_aux[placement]
+        return step.teacher_extra(f"rot_hsakd{stage}", lambda: head(step.t_rot.stages[stage]))
+
+    @classmethod
+    def stored_extras(cls, heads: nn.Module, t_rot: Taps) -> dict[str, Tensor]:
+        """Every teacher head's joint logits on the rotated batch."""
+        assert isinstance(heads, nn.ModuleDict)
+        return {
+            f"rot_hsakd{p}": frozen_call(head, t_rot.stages[int(p)]) for p, head in heads.items()
+        }
 
     @classmethod
     def teacher_heads(cls, teacher: TapModel, num_classes: int) -> nn.Module:

@@ -28,6 +28,8 @@ def stkd_loss(
 class STKD(Term):
     """Transfer inter-instance similarity through mixup (or cutmix) images, lam ~ Beta(a, a)."""
 
+    teacher_reads = "mixed"
+
     def __init__(
         self, ctx: BuildContext, *, mix: str = "mixup", alpha: float = 0.2, temperature: float = 4.0
     ) -> None:

@@ -1,0 +1,263 @@
+"""The teacher-output store: the frozen teacher's outputs for one epoch of training data,
+computed once and read by every trial of a search on the same machine.
+
+Within a search every trial sees the same images in the same order with the same augmentation
+draws (a pure function of the data seed, the epoch and the image index, see `data.Loader`), so
+the teacher's outputs for an epoch are the same for every trial. The first trial to reach an
+epoch computes them, over the batches it trains on, and writes them to the store; later trials
+read them instead of running the teacher. What is stored is what the terms read of the teacher:
+final logits and pooled features, on the batch (`plain`) or on its four rotations (`rot`), and
+the outputs of the teacher's HSAKD heads on the rotations. Terms that read the teacher's stage
+maps (CKTF) or its outputs on images a trial mixes with its own parameters (STKD) run the
+teacher live.
+
+An epoch is one folder of `.npy` files, written under a temporary name and renamed into place,
+so a reader never sees half an epoch; a lock file per epoch lets one trial compute it while a
+trial reaching it at the same time runs the teacher live for that epoch instead of waiting or
+computing it twice. Stored epochs are memory-mapped (the page cache holds them in host memory);
+an epoch that fits `device_bytes` is copied to the training device at the start of the epoch.
+When the store would grow past `budget_bytes` the epoch is used by the trial that computed it
+and not stored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdsearch.cache import digest
+from kdsearch.data import ImageData, Loader
+from kdsearch.distill import Distiller
+from kdsearch.losses import LOSSES
+from kdsearch.losses.base import ROTATIONS, TapsFn, frozen_taps, rotate
+from kdsearch.recipe import Recipe
+
+Outputs = dict[str, Tensor]
+"""Teacher outputs of a set of images by name, one row per image (rotations: one row of 4)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where a search's store lives and how large it may grow."""
+
+    root: Path
+    budget_bytes: int
+    device_bytes: int
+
+
+class EpochOutputs:
+    """One epoch's teacher outputs for every training image, indexed by image."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        self.tensors = dict(tensors)
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device) -> EpochOutputs:
+        return EpochOutputs({k: v.to(device) for k, v in self.tensors.items()}, self.dtype)
+
+    def rows(self, idx: Tensor, device: torch.device) -> Outputs:
+        """The outputs of the images `idx`, on `device`, in the training step's layout: plain
+        tensors (B, ...), rotated ones (4B, ...) with the four rotations as consecutive blocks."""
+        out = {}
+        for name, t in self.tensors.items():
+            rows = t[idx.to(t.device)].to(device, non_blocking=True).to(self.dtype)
+            if name.startswith("rot"):
+                rows = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
+            out[name] = rows
+        return out
+
+
+def per_image(outputs: Outputs, batch: int) -> Outputs:
+    """Step-layout outputs (rotated: 4B rows, rotation blocks) to one row per image."""
+    out = {}
+    for name, t in outputs.items():
+        if name.startswith("rot"):
+            t = t.reshape(ROTATIONS, batch, *t.shape[1:]).transpose(0, 1)
+        out[name] = t
+    return out
+
+
+class TeacherStore:
+    """The store of one search (or one training run) for one stream of training batches.
+
+    `stream` names everything the outputs depend on besides the epoch: the data seed, the batch
+    size, the precision and the device type; trials that differ in any of these never share.
+    """
+
+    def __init__(self, config: StoreConfig, stream: str, num_images: int) -> None:
+        self.config = config
+        self.folder = config.root / stream
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.num_images = num_images
+
+    def epoch(
+        self,
+        epoch: int,
+        group: str,
+        device: torch.device,
+        compute: Callable[[], Iterator[tuple[Tensor, Outputs]]],
+    ) -> EpochOutputs | None:
+        """The outputs of `epoch` for `group`: read from the store; else computed here (by
+        `compute`, which yields each batch's image indices and its step-layout outputs) and
+        stored when the budget allows; None when another trial is computing them right now."""
+        final = self.folder / f"{group}-epoch{epoch}"
+        if not final.is_dir():
+            with self._lock(final.with_suffix(".lock")) as mine:
+                if not mine:
+                    return None
+                if not final.is_dir():
+                    outputs = self._compute(compute)
+                    if self._fits(outputs.nbytes):
+                        self._write(outputs, final)
+                    return self._placed(outputs, device)
+        return self._placed(self._read(final), device)
+
+    def _compute(self, compute: Callable[[], Iterator[tuple[Tensor, Outputs]]]) -> EpochOutputs:
+        tensors: dict[str, Tensor] = {}
+        dtype = torch.float32
+        for idx, batch_outputs in compute():
+            for name, rows in per_image(batch_outputs, len(idx)).items():
+                if name not in tensors:
+                    tensors[name] = torch.empty(
+                        (self.num_images, *rows.shape[1:]), dtype=torch.float32
+                    )
+                    dtype = rows.dtype
+                tensors[name][idx.cpu()] = rows.float().cpu()
+        return EpochOutputs(tensors, dtype)
+
+    def _fits(self, nbytes: int) -> bool:
+        used = sum(f.stat().st_size for f in self.config.root.rglob("*.npy"))
+        return used + nbytes <= self.config.budget_bytes
+
+    def _write(self, outputs: EpochOutputs, final: Path) -> None:
+        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
+        partial.mkdir()
+        for name, t in outputs.tensors.items():
+            np.save(partial / f"{name}.npy", t.numpy())
+        (partial / "dtype").write_text(str(outputs.dtype).removeprefix("torch."))
+        try:
+            partial.rename(final)
+        except OSError:  # written by another process in the meantime: keep theirs
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _read(self, final: Path) -> EpochOutputs:
+        dtype = getattr(torch, (final / "dtype").read_text())
+        with warnings.catch_warnings():  # memory-mapped read-only; nothing writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {
+                f.stem: torch.from_numpy(np.load(f, mmap_mode="r")) for f in final.glob("*.npy")
+            }
+        return EpochOutputs(tensors, dtype)
+
+    def _placed(self, outputs: EpochOutputs, device: torch.device) -> EpochOutputs:
+        if device.type != "cpu" and outputs.nbytes <= self.config.device_bytes:
+            return outputs.to(device)
+        return outputs
+
+    @contextmanager
+    def _lock(self, path: Path) -> Iterator[bool]:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+
+def store_group(distiller: Distiller, heads: Mapping[str, torch.nn.Module]) -> str | None:
+    """Which stored outputs a run reads: `plain` (the batch), `rot-...` (its rotations, with the
+    outputs of the named teacher heads), or None when no active term can read from a store
+    (none reads the teacher's outputs, or one reads its stage maps)."""
+    reads = {term.teacher_reads for term in distiller.terms.values()}
+    if "stages" in reads or "outputs" not in reads:
+        return None
+    if not distiller.rotations:
+        return "plain"
+    return "-".join(["rot", *sorted(heads)])
+
+
+def teacher_outputs(
+    teacher: TapsFn, heads: Mapping[str, torch.nn.Module], rotations: bool
+) -> Callable[[Tensor], Outputs]:
+    """What the store keeps of the teacher for a batch, in the step's layout (see `Step`)."""
+
+    def outputs(x: Tensor) -> Outputs:
+        if not rotations:
+            t = frozen_taps(teacher, x)
+            return {"logits": t.logits, "pooled": t.pooled}
+        t_rot = frozen_taps(teacher, rotate(x))
+        out = {"rot_logits": t_rot.logits, "rot_pooled": t_rot.pooled}
+        for name, module in heads.items():
+            out |= LOSSES[name].stored_extras(module, t_rot)
+        return out
+
+    return outputs
+
+
+class StoreReader:
+    """One training run's view of the store: its group of outputs, for its stream of batches."""
+
+    def __init__(
+        self, store: TeacherStore, group: str, outputs: Callable[[Tensor], Outputs], loader: Loader
+    ) -> None:
+        self.store, self.group, self.outputs, self.loader = store, group, outputs, loader
+
+    @classmethod
+    def open(
+        cls,
+        config: StoreConfig,
+        recipe: Recipe,
+        data: ImageData,
+        distiller: Distiller,
+        teacher: TapsFn,
+        heads: Mapping[str, torch.nn.Module],
+        loader: Loader,
+    ) -> StoreReader | None:
+        """The reader for a run, or None when its terms cannot read from a store."""
+        group = store_group(distiller, heads)
+        if group is None:
+            return None
+        # Everything besides the epoch that decides the batches and the teacher's numbers on them
+        # (the teacher itself is the search's one teacher: a store belongs to one search).
+        stream = digest(
+            [
+                data.fingerprint,
+                recipe.seed,
+                recipe.batch_size,
+                recipe.precision,
+                recipe.compile,
+                str(loader.device),
+                str(loader.memory_format),
+            ]
+        )
+        store = TeacherStore(config, stream, len(data.train))
+        return cls(store, group, teacher_outputs(teacher, heads, distiller.rotations), loader)
+
+    def epoch(self, epoch: int) -> EpochOutputs | None:
+        """This epoch's outputs (stored, or computed now over the run's own batches), or None
+        when another run is computing them: the teacher then runs live for this epoch."""
+
+        def compute() -> Iterator[tuple[Tensor, Outputs]]:
+            for batch in self.loader.epoch(epoch):
+                yield batch.idx, self.outputs(batch.x)
+
+        return self.store.epoch(epoch, self.group, self.loader.device, compute)
