@@ -21,11 +21,10 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import yaml
-from searches import finished_trials, run_search
+from searches import finished_trials, run_search, work_dir
 
 
 def main() -> None:
@@ -37,9 +36,7 @@ def main() -> None:
     space = Path(args.space).resolve()
     doc = yaml.safe_load(space.read_text())
     name, slots = doc["study"]["name"], int(doc["search"]["concurrent"])
-    work = Path(args.work or tempfile.mkdtemp(prefix="kdsearch-overhead-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("KDSEARCH_CACHE_DIR", str(work / "cache"))
+    work = work_dir(args.work, "kdsearch-overhead-")
     shutil.rmtree(work / "studies", ignore_errors=True)
     run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
     rows = []

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from optuna.trial import TrialState
-from searches import finished_trials, run_search, write_space
+from searches import finished_trials, run_search, work_dir, write_space
 
 SPACE = {
     "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
@@ -151,9 +150,7 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kdsearch-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("KDSEARCH_CACHE_DIR", str(work / "cache"))
+    work = work_dir(args.work, "kdsearch-quality-")
     # Teacher and heads into the cache first (a one-trial, one-epoch search of the same space
     # reads the same teacher), so neither arm's wall time includes them.
     run_search(space_file(args, work, "warmup"), work, "--trials", "1")

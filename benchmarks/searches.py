@@ -3,8 +3,10 @@ as a user does (a fresh process), and read the study it wrote."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,15 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import FrozenTrial
+
+
+def work_dir(path: str | None, prefix: str) -> Path:
+    """The benchmark's folder (`path`, or a new temporary one), with the kdsearch cache in it
+    unless KDSEARCH_CACHE_DIR says otherwise."""
+    work = Path(path or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("KDSEARCH_CACHE_DIR", str(work / "cache"))
+    return work
 
 
 def write_space(doc: dict[str, Any], path: Path) -> Path:

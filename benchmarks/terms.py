@@ -54,6 +54,20 @@ def random_data(n_train: int, classes: int = 100, seed: int = 0) -> ImageData:
     )
 
 
+def pair_recipe(teacher_arch: str, student_arch: str, device: str) -> Recipe:
+    """KD from `teacher_arch` to `student_arch` for two epochs at batch 64 on `device`."""
+    return Recipe.from_dict(
+        {
+            "data": {"dataset": "synthetic"},
+            "teacher": {"arch": teacher_arch},
+            "student": {"arch": student_arch},
+            "schedule": {"epochs": 2, "kind": "cosine"},
+            "batch_size": BATCH,
+            "device": device,
+        }
+    )
+
+
 def variant(base: Recipe, term: str | None) -> Recipe:
     weights = {f"distill.{n}.weight": 0.0 for n in LOSSES if n != "ce"}
     if term is not None:
@@ -83,16 +97,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for pair in args.pairs.split(","):
         teacher_arch, student_arch = pair.split(":")
-        base = Recipe.from_dict(
-            {
-                "data": {"dataset": "synthetic"},
-                "teacher": {"arch": teacher_arch},
-                "student": {"arch": student_arch},
-                "schedule": {"epochs": 2, "kind": "cosine"},
-                "batch_size": BATCH,
-                "device": args.device,
-            }
-        )
+        base = pair_recipe(teacher_arch, student_arch, args.device)
         teacher = build_model(teacher_arch, 100, 3)
         heads = {n: LOSSES[n].teacher_heads(teacher, 100) for n in HEAD_TERMS}
         names = ["student alone", *TERMS]

@@ -1,0 +1,152 @@
+"""The same searches with and without the teacher-output store, measured in one run.
+
+    python benchmarks/teacher_cache.py [--root DIR] [--only digits,cifar10,r32x4]
+        [--work DIR] [--out FILE.md]
+
+Each search runs twice, once with `search.teacher_store.enabled: false` (the teacher runs live in
+every trial) and once with the store (its default), as `kdsearch run` in a fresh process with
+the teacher already cached; the table gives the search's wall time and its trials' training
+images per second (median over trials; a trial's figure includes computing the store's epochs
+it was first to reach), and the ratios.
+
+- digits: `search_spaces/digits.yaml` as shipped (16 trials, KD plus one extra term);
+- cifar10: with `--root` (CIFAR-10 as an image folder), a 2,000-image subset, resnet20 ->
+  resnet8, 6 trials of at most 4 epochs searching KD's temperature and weight and the learning
+  rate;
+- r32x4: with `--root`, resnet32x4 -> resnet8x4 on 256 training images (HSAKD: 128), the
+  teacher and its heads trained one epoch (speed does not depend on their accuracy), one search
+  per term (KD, PKT, CRD, HSAKD) of trials of 2 epochs searching that term's settings and the
+  learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from searches import finished_trials, run_search, work_dir, write_space
+
+R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
+    # term: (its weights in the base recipe, the space, trials, images: 80% train, 20% val)
+    "kd": ({}, {"distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0}}, 6, 320),
+    "pkt": (
+        {"pkt": {"weight": 469.0}},
+        {"distill.pkt.weight": {"type": "float", "low": 50.0, "high": 2000.0, "log": True}},
+        6,
+        320,
+    ),
+    "crd": (
+        {"crd": {"weight": 0.8}},
+        {"distill.crd.temperature": {"type": "float", "low": 0.03, "high": 0.3, "log": True}},
+        6,
+        320,
+    ),
+    "hsakd": (
+        {"hsakd": {"weight": 1.0}},
+        {"distill.hsakd.placement": {"type": "categorical", "choices": [[1, 2, 3], [2, 3]]}},
+        4,
+        160,
+    ),
+}
+
+
+def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
+    """The searches to compare, as space documents."""
+    out: dict[str, dict[str, Any]] = {}
+    if "digits" in only:
+        here = Path(__file__).resolve().parent.parent / "search_spaces"
+        doc = yaml.safe_load((here / "digits.yaml").read_text())
+        doc["base"] = str(here / doc["base"])
+        out["digits"] = doc
+    if root is None:
+        return out
+    data = {"dataset": "imagefolder", "root": str(Path(root).resolve()), "val_fraction": 0.2}
+    lr = {"optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}
+    if "cifar10" in only:
+        out["cifar10"] = {
+            "study": {"name": "cifar10"},
+            "base": {
+                "data": {**data, "subset": 2000},
+                "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
+                "student": {"arch": "resnet8"},
+                "schedule": {"epochs": 4, "kind": "cosine"},
+            },
+            "space": {
+                "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
+                "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
+                **lr,
+            },
+            "search": {"trials": 6, "concurrent": 2, "per_trial": {"cpu": 1}},
+            "asha": {"max_epochs": 4, "grace_epochs": 1, "reduction_factor": 2},
+        }
+    if "r32x4" in only:
+        for term, (weights, space, trials, images) in R32X4_TERMS.items():
+            out[f"r32x4-{term}"] = {
+                "study": {"name": f"r32x4-{term}"},
+                "base": {
+                    "data": {**data, "subset": images},
+                    "teacher": {
+                        "arch": "resnet32x4",
+                        "train": {"epochs": 1, "lr": 0.05},
+                        "heads": {"epochs": 1, "lr": 0.05},
+                    },
+                    "student": {"arch": "resnet8x4"},
+                    "distill": {"kd": {"weight": 0.9, "temperature": 4.0}, **weights},
+                    "schedule": {"epochs": 2, "kind": "cosine"},
+                },
+                "space": {**space, **lr},
+                "search": {"trials": trials, "concurrent": 2, "per_trial": {"cpu": 1}},
+                "asha": {"max_epochs": 2, "grace_epochs": 2},
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="CIFAR-10 as an image folder (the cifar10, r32x4 rows)")
+    parser.add_argument("--only", default="digits,cifar10,r32x4")
+    parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
+    parser.add_argument("--out", help="also write the table to this markdown file")
+    args = parser.parse_args()
+    work = work_dir(args.work, "kdsearch-teacher-cache-")
+    lines = [
+        f"{os.cpu_count()} CPU cores; each search with the teacher cached, live then stored",
+        "",
+        "| search | trials | wall s, live | wall s, store | trial img/s, live | "
+        "trial img/s, store | trial speed-up | search speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for name, doc in searches(args.root, set(args.only.split(","))).items():
+        warm = copy.deepcopy(doc)
+        warm["study"]["name"] = f"{name}-warmup"
+        run_search(write_space(warm, work / f"{name}-warmup.yaml"), work, "--trials", "1")
+        walls, speeds, count = {}, {}, 0
+        for arm in ("live", "store"):
+            arm_doc = copy.deepcopy(doc)
+            arm_doc["study"]["name"] = f"{name}-{arm}"
+            arm_doc["search"]["teacher_store"] = {"enabled": arm == "store"}
+            walls[arm] = run_search(write_space(arm_doc, work / f"{name}-{arm}.yaml"), work)
+            trials = finished_trials(work, f"{name}-{arm}")
+            count = len(trials)
+            speeds[arm] = statistics.median(
+                t.user_attrs["images_per_sec"] for t in trials if "images_per_sec" in t.user_attrs
+            )
+        row = (
+            f"| {name} | {count} | {walls['live']:.1f} | {walls['store']:.1f} | "
+            f"{speeds['live']:.1f} | {speeds['store']:.1f} | "
+            f"{speeds['store'] / speeds['live']:.2f}x | {walls['live'] / walls['store']:.2f}x |"
+        )
+        print(row, flush=True)
+        lines.append(row)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
