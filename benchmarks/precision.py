@@ -1,13 +1,14 @@
 """What `precision: bf16` gains and costs on the CPU, against fp32, measured in one run.
 
-    python benchmarks/precision.py [--pairs resnet32x4:resnet8x4,wrn_40_2:wrn_16_2] [--steps 3]
-        [--rounds 2] [--seeds 3]
+    python benchmarks/precision.py [--seeds 3] [--pairs resnet32x4:resnet8x4,...] [--steps 3]
+        [--rounds 2]
 
-Speed: KD training images per second of each pair on random 32x32 images with 100 classes,
-batch 64, fp32 and bf16 autocast alternately, `--rounds` times (medians; as benchmarks/terms.py).
-Accuracy: the digits recipe (search_spaces/recipes/digits.yaml, resnet20 -> resnet8 with KD)
-trained in fp32 and in bf16 with the same seeds and the same fp32 teacher; validation and test
-accuracy, mean and spread over `--seeds`. Prints which bf16 instructions the CPU has: where it
+Accuracy and speed on digits: the digits recipe (search_spaces/recipes/digits.yaml, resnet20 ->
+resnet8 with KD) trained in fp32 and in bf16 with the same seeds and the same fp32 teacher;
+validation and test accuracy, mean and spread over `--seeds`, and training images per second
+(median over seeds). With `--pairs`, also KD training images per second of each pair on random
+32x32 images with 100 classes, batch 64, fp32 and bf16 alternately, `--rounds` times (medians;
+as benchmarks/terms.py). Prints which bf16 instructions the CPU has: where it
 has none, PyTorch emulates bf16 arithmetic and it cannot be faster than fp32.
 """
 
@@ -67,22 +68,24 @@ def accuracy(seeds: int) -> list[str]:
     teacher = get_teacher(base, data).model
     rows = []
     for precision in PRECISIONS:
-        val, test = [], []
+        val, test, speed = [], [], []
         for seed in range(seeds):
             recipe = base.override({"seed": seed, "precision": precision, "device": "cpu"})
             result = train(recipe, data, teacher=teacher)
             val.append(100 * result.val_acc)
             test.append(100 * evaluate_split(result.student, data.test, data, recipe)[0])
+            speed.append(result.images_per_sec)
         rows.append(
             f"| digits KD, {precision} | {statistics.mean(val):.2f} ± {statistics.stdev(val):.2f} "
-            f"| {statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} |"
+            f"| {statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} "
+            f"| {statistics.median(speed):.0f} |"
         )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
+    parser.add_argument("--pairs", default="", help="teacher:student,... (default: none)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
@@ -91,12 +94,14 @@ def main() -> None:
         f"CPU bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| training | fp32 | bf16 | bf16 / fp32 |\n|---|---|---|---|", flush=True)
-    for row in speed(args.pairs.split(","), args.steps, args.rounds):
-        print(row, flush=True)
-    print(f"\n| run ({args.seeds} seeds) | val acc % | test acc % |\n|---|---|---|", flush=True)
+    print(f"| run ({args.seeds} seeds) | val acc % | test acc % | train img/s |", flush=True)
+    print("|---|---|---|---|", flush=True)
     for row in accuracy(args.seeds):
         print(row, flush=True)
+    if args.pairs:
+        print("\n| training | fp32 | bf16 | bf16 / fp32 |\n|---|---|---|---|", flush=True)
+        for row in speed(args.pairs.split(","), args.steps, args.rounds):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
