@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 from searches import finished_trials, run_search, work_dir, write_space
+from tables import Table
 
 R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
     # term: (its weights in the base recipe, the space, trials, images: 80% train, 20% val)
@@ -114,14 +115,13 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
     work = work_dir(args.work, "kdsearch-teacher-cache-")
-    lines = [
+    table = Table(
         f"{os.cpu_count()} CPU cores; each search with the teacher cached, live then stored",
         "",
         "| search | trials | wall s, live | wall s, store | trial img/s, live | "
         "trial img/s, store | trial speed-up | search speed-up |",
         "|---|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
     for name, doc in searches(args.root, set(args.only.split(","))).items():
         warm = copy.deepcopy(doc)
         warm["study"]["name"] = f"{name}-warmup"
@@ -142,10 +142,8 @@ def main() -> None:
             f"{speeds['live']:.1f} | {speeds['store']:.1f} | "
             f"{speeds['store'] / speeds['live']:.2f}x | {walls['live'] / walls['store']:.2f}x |"
         )
-        print(row, flush=True)
-        lines.append(row)
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        table.row(row)
+    table.save(args.out)
 
 
 if __name__ == "__main__":

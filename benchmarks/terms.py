@@ -22,6 +22,7 @@ import platform
 import statistics
 
 import torch
+from tables import Table
 
 from kdsearch.data import ImageData, Split
 from kdsearch.distill import HEAD_TERMS
@@ -86,15 +87,14 @@ def main() -> None:
     device = resolve_device(args.device)
     data = random_data(args.steps * BATCH)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    lines = [
+    table = Table(
         f"device: {device.type} ({where or platform.machine()}), {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, batch {BATCH}, {args.steps} timed steps, "
         f"medians of {args.rounds} rounds",
         "",
         "| teacher -> student | variant | train img/s (median) | relative to KD (median) |",
         "|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
     for pair in args.pairs.split(","):
         teacher_arch, student_arch = pair.split(":")
         base = pair_recipe(teacher_arch, student_arch, args.device)
@@ -115,11 +115,8 @@ def main() -> None:
                 f"| {teacher_arch} -> {student_arch} | {name} | "
                 f"{statistics.median(speeds[name]):.1f} | {statistics.median(ratios[name]):.2f}x |"
             )
-            print(row, flush=True)
-            lines.append(row)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            table.row(row)
+    table.save(args.out)
 
 
 if __name__ == "__main__":

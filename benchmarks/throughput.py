@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
+from tables import Table
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -253,7 +254,7 @@ def main() -> None:
     images = rng.integers(0, 256, (args.steps * BATCH, 32, 32, 3), dtype=np.uint8)
     labels = (np.arange(args.steps * BATCH) % CLASSES).astype(np.int64)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    lines = [
+    table = Table(
         f"device: {device.type} ({where or platform.machine()}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch {BATCH}, "
         f"{args.steps} timed steps, medians of "
@@ -262,8 +263,7 @@ def main() -> None:
         "",
         "| teacher -> student | method | reference img/s | kdsearch img/s | kdsearch / reference |",
         "|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
     for pair in args.pairs.split(","):
         t_arch, s_arch = pair.split(":")
         for method in args.methods.split(","):
@@ -293,11 +293,8 @@ def main() -> None:
                 f"| {t_arch} -> {s_arch} | {method} | {statistics.median(ref):.1f} | "
                 f"{statistics.median(ours):.1f} | {statistics.median(ratios):.2f}x |"
             )
-            print(row, flush=True)
-            lines.append(row)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            table.row(row)
+    table.save(args.out)
 
 
 if __name__ == "__main__":
