@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -142,7 +144,9 @@ def test_compile_gives_the_eager_run(synthetic: ImageData) -> None:
     teacher = _teacher(synthetic, epochs=1)
     recipe = tiny_recipe({"schedule.epochs": 1})
     eager = train(recipe, synthetic, teacher=teacher)
-    compiled = train(recipe.override({"compile": True}), synthetic, teacher=teacher)
+    with warnings.catch_warnings():  # a fallback to eager would pass unnoticed otherwise
+        warnings.filterwarnings("error", message="torch.compile failed")
+        compiled = train(recipe.override({"compile": True}), synthetic, teacher=teacher)
     assert compiled.history[0].train_loss == pytest.approx(eager.history[0].train_loss, rel=1e-4)
     assert compiled.val_acc == pytest.approx(eager.val_acc, abs=0.02)
 
