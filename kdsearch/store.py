@@ -40,7 +40,7 @@ from kdsearch.cache import digest
 from kdsearch.data import ImageData, Loader
 from kdsearch.distill import Distiller
 from kdsearch.losses import LOSSES
-from kdsearch.losses.base import ROTATIONS, TapsFn, frozen_taps, rotate
+from kdsearch.losses.base import ROTATIONS, TapsFn, rotate
 from kdsearch.recipe import Recipe
 
 Outputs = dict[str, Tensor]
@@ -200,11 +200,12 @@ def teacher_outputs(
 ) -> Callable[[Tensor], Outputs]:
     """What the store keeps of the teacher for a batch, in the step's layout (see `Step`)."""
 
+    @torch.inference_mode()  # the outputs are copied into the store, never into a graph
     def outputs(x: Tensor) -> Outputs:
         if not rotations:
-            t = frozen_taps(teacher, x)
+            t = teacher(x)
             return {"logits": t.logits, "pooled": t.pooled}
-        t_rot = frozen_taps(teacher, rotate(x))
+        t_rot = teacher(rotate(x))
         out = {"rot_logits": t_rot.logits, "rot_pooled": t_rot.pooled}
         for name, module in heads.items():
             out |= LOSSES[name].stored_extras(module, t_rot)

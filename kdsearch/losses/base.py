@@ -258,7 +258,8 @@ class Term(nn.Module):
     @classmethod
     def stored_extras(cls, heads: nn.Module, t_rot: Taps) -> dict[str, Tensor]:
         """Outputs of the term's teacher heads on the rotated batch that the teacher-output store
-        keeps (names start with `rot_`), read back through `Step.teacher_extra`."""
+        keeps (names start with `rot_`), read back through `Step.teacher_extra`. Called under
+        inference mode with the frozen heads."""
         return {}
 
     @classmethod

@@ -15,7 +15,6 @@ from kdsearch.losses.base import (
     FrozenHead,
     Step,
     Term,
-    frozen_call,
     match_stage,
 )
 from kdsearch.losses.kd import kd_loss
@@ -113,9 +112,7 @@ class HSAKD(Term):
     def stored_extras(cls, heads: nn.Module, t_rot: Taps) -> dict[str, Tensor]:
         """Every teacher head's joint logits on the rotated batch."""
         assert isinstance(heads, nn.ModuleDict)
-        return {
-            f"rot_hsakd{p}": frozen_call(head, t_rot.stages[int(p)]) for p, head in heads.items()
-        }
+        return {f"rot_hsakd{p}": head(t_rot.stages[int(p)]) for p, head in heads.items()}
 
     @classmethod
     def teacher_heads(cls, teacher: TapModel, num_classes: int) -> nn.Module:
