@@ -473,10 +473,8 @@ class Loader:
         batch_size: int,
         train: bool,
         seed: int = 0,
-        channels_last: bool = False,
     ) -> None:
         self.split = split.to(device)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -495,9 +493,9 @@ class Loader:
         return -(-n // self.batch_size)
 
     def normalize(self, x: Tensor) -> Tensor:
-        """uint8 images to normalised floats, in the loader's memory format."""
+        """uint8 images to normalised floats, channels-last (the layout the models are in)."""
         out = torch.addcmul(self.shift, x.float(), self.scale)
-        return out.contiguous(memory_format=self.memory_format)
+        return out.contiguous(memory_format=torch.channels_last)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; for training, a pure function of (seed, epoch)."""

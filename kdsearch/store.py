@@ -247,7 +247,6 @@ class StoreReader:
                 recipe.precision,
                 recipe.compile,
                 str(loader.device),
-                str(loader.memory_format),
             ]
         )
         store = TeacherStore(config, stream, len(data.train))

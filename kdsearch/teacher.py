@@ -37,6 +37,7 @@ from kdsearch.train import (
     cosine,
     evaluate_split,
     freeze,
+    place,
     resolve_device,
     sgd,
     train,
@@ -187,8 +188,8 @@ def train_teacher_heads(
     `teacher.heads.lr` over `teacher.heads.epochs`, the recipe's optimizer and batch size)."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
-    teacher = freeze(teacher).to(device)
-    heads.to(device)
+    teacher = place(freeze(teacher), device)
+    place(heads, device)
     cfg = recipe.teacher.heads
     optimizer = sgd(heads.parameters(), recipe.optim, cfg.lr)
     seed = recipe.teacher.train.seed

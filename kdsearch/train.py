@@ -135,14 +135,11 @@ def train(
     are read from (or computed once into) the teacher-output store, where the terms allow."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
-    nhwc = device.type == "cuda"  # cuDNN's fast convolution kernels want channels-last tensors
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
     torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student.arch, data.num_classes, data.channels)
-    student = student.to(device).to(memory_format=fmt)
+    student = place(build_model(recipe.student.arch, data.num_classes, data.channels), device)
     if teacher is not None:
-        teacher = freeze(teacher).to(device).to(memory_format=fmt)
-    heads = {name: freeze(h).to(device) for name, h in (teacher_heads or {}).items()}
+        teacher = place(freeze(teacher), device)
+    heads = {name: place(freeze(h), device) for name, h in (teacher_heads or {}).items()}
     ctx = BuildContext(
         student,
         teacher,
@@ -161,11 +158,8 @@ def train(
         batch_size=recipe.batch_size,
         train=True,
         seed=recipe.seed,
-        channels_last=nhwc,
     )
-    val_loader = Loader(
-        data.val, data, device, batch_size=EVAL_BATCH, train=False, channels_last=nhwc
-    )
+    val_loader = Loader(data.val, data, device, batch_size=EVAL_BATCH, train=False)
     student_taps = taps_fn(student, recipe.compile)
     teacher_taps = None if teacher is None else taps_fn(teacher, recipe.compile)
     result = Result(student, params=count_parameters(student))
@@ -257,6 +251,12 @@ class CompiledTaps:
         return self.model.taps(x)
 
 
+def place(model: M, device: torch.device) -> M:
+    """`model` on `device` in the channels-last layout, which the convolution kernels of both
+    oneDNN (CPU) and cuDNN run fastest on; `Loader` serves batches in the same layout."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
 def freeze(model: M) -> M:
     """Eval mode and no gradients, for the whole run: batch-norm statistics stay as trained."""
     model.eval()
@@ -288,7 +288,5 @@ def evaluate_split(
 ) -> tuple[float, float]:
     """Accuracy and loss of `model` on one split of `data`, on the recipe's device."""
     device = resolve_device(recipe.device)
-    loader = Loader(
-        split, data, device, batch_size=EVAL_BATCH, train=False, channels_last=device.type == "cuda"
-    )
-    return evaluate(model.to(device), loader, autocast_dtype(recipe.precision, device))
+    loader = Loader(split, data, device, batch_size=EVAL_BATCH, train=False)
+    return evaluate(place(model, device), loader, autocast_dtype(recipe.precision, device))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,17 @@ CIFAR10_JPEG = Path(
 )
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """`kdsearch ARGS` as a user runs it, in its own process, output captured."""
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 900, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`kdsearch ARGS` as a user runs it, in its own process, output captured; `env` is added
+    to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "kdsearch.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env=dict(os.environ, COLUMNS="200"),
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
         timeout=timeout,
     )
 

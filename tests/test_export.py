@@ -44,7 +44,11 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(recipe.to_dict())
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 1).load_state_dict(state)  # strict: the student alone
-    again = run_cli("train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path)
+    # The promotion trained with one thread (per_trial.cpu: 1); the CPU's channels-last kernels
+    # split their sums by thread, so the same weights need the same thread count.
+    again = run_cli(
+        "train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
+    )
     assert again.returncode == 0, again.stderr
     metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert metrics["val_acc"] == pytest.approx(best.value), "same recipe, same CPU: same student"

@@ -33,7 +33,7 @@ def test_fp16_uses_loss_scaling_and_trains() -> None:
     assert train(recipe, data).val_acc > 0.3
 
 
-def test_cuda_training_runs_channels_last() -> None:
+def test_cuda_training_runs_channels_last_too() -> None:
     data = load_data(DataConfig(dataset="synthetic"))
     result = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "cuda"}), data)
     convs = [p for p in result.student.parameters() if p.dim() == 4]

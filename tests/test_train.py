@@ -70,6 +70,21 @@ def test_teacher_stays_frozen_and_in_eval_mode(synthetic: ImageData) -> None:
         assert torch.equal(v, before[k]), f"{k} changed: batch-norm statistics must stay"
 
 
+def test_models_and_batches_are_channels_last(synthetic: ImageData) -> None:
+    teacher = _teacher(synthetic, epochs=1)
+    layouts: list[bool] = []
+    first_conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = first_conv.register_forward_pre_hook(
+        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    result = train(tiny_recipe({"schedule.epochs": 1}), synthetic, teacher=teacher)
+    hook.remove()
+    for model in (result.student, teacher):
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert layouts and all(layouts), "every batch reaches the teacher channels-last"
+
+
 def test_kd_without_a_teacher_is_refused(synthetic: ImageData) -> None:
     with pytest.raises(RecipeError, match=r"distill\.kd needs a teacher"):
         train(tiny_recipe(), synthetic)
