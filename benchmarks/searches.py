@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,4 +45,4 @@ def finished_trials(work: Path, study: str) -> list[FrozenTrial]:
     """The study's finished trials, in the order they finished."""
     loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{work}/studies/{study}.db")
     done = [t for t in loaded.trials if t.state.is_finished()]
-    return sorted(done, key=lambda t: t.datetime_complete or t.datetime_start)
+    return sorted(done, key=lambda t: t.datetime_complete or t.datetime_start or datetime.min)

@@ -94,6 +94,9 @@ def distill_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 class GatherMemory(nn.Module):
     """CRD's memory as the official code computes it: gather (B, K+1, D) rows, then bmm."""
 
+    m_s: Tensor
+    m_t: Tensor
+
     def __init__(self, n: int, dim: int, temperature: float = 0.07, momentum: float = 0.5) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(dim / 3)
@@ -182,13 +185,14 @@ def reference_speed(
                     t = teacher.taps(x)
                     t_aux = [h(t.stages[i + 1]) for i, h in enumerate(t_heads)]
                 s = student.taps(x)
-                s_aux = [h(s.stages[i + 1]) for i, h in enumerate(extra["s"])]
+                s_heads: nn.ModuleList = extra["s"]  # type: ignore[assignment]
+                s_aux = [h(s.stages[i + 1]) for i, h in enumerate(s_heads)]
                 loss = F.cross_entropy(s.logits[0::4], y)
                 loss = loss + distill_kl(s.logits, t.logits, 3.0)
                 for a, b in zip(s_aux, t_aux, strict=True):  # heads learn by KL alone
                     loss = loss + distill_kl(a, b, 3.0)
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
