@@ -148,7 +148,7 @@ def train(
         image_shape=(data.channels, data.image_size, data.image_size),
         teacher_heads=heads,
     )
-    distiller = Distiller.build(recipe, ctx).to(device)
+    distiller = place(Distiller.build(recipe, ctx), device)
     optimizer = sgd(distiller.parameters(), recipe.optim, recipe.optim.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = Loader(
