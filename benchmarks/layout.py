@@ -1,0 +1,116 @@
+"""Channels-last against NCHW for the convolutions a KD step runs, in one run.
+
+    python benchmarks/layout.py [--pairs resnet20:resnet8,resnet32x4:resnet8x4,wrn_40_2:wrn_16_2]
+        [--threads 1,2] [--steps 8] [--rounds 3] [--device auto] [--out FILE.md]
+
+For each pair and thread count: milliseconds of a student training step (forward, cross-entropy,
+backward, SGD step) and of the teacher's forward pass under inference mode, on a random batch of
+64 32x32 images with 100 classes, with models and batch in NCHW and in channels-last. Each
+figure is the mean of `--steps` calls after two warm-up calls; the layouts alternate `--rounds`
+times and the table shows the medians and the median of the per-round ratios. kdsearch trains
+channels-last on every device; this is the measurement behind that choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tables import Table
+
+from kdsearch.models import build_model
+from kdsearch.train import resolve_device
+
+BATCH = 64
+CLASSES = 100
+PAIRS = "resnet20:resnet8,resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
+LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
+def mean_ms(fn: Callable[[], object], steps: int, device: torch.device) -> float:
+    """Mean milliseconds of `fn` over `steps` calls, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+def step_and_forward(
+    t_arch: str, s_arch: str, layout: torch.memory_format, steps: int, device: torch.device
+) -> tuple[float, float]:
+    """Milliseconds of a student step and of a teacher forward pass in `layout`."""
+    torch.manual_seed(0)
+    student = build_model(s_arch, CLASSES, 3).to(device).to(memory_format=layout)
+    teacher = build_model(t_arch, CLASSES, 3).to(device).to(memory_format=layout).eval()
+    teacher.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    y = torch.randint(0, CLASSES, (BATCH,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(student(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
+    def forward() -> None:
+        with torch.inference_mode():
+            teacher(x)
+
+    return mean_ms(step, steps, device), mean_ms(forward, steps, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--pairs", default="resnet20:resnet8,resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
+    )
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    table = Table(
+        f"device: {device.type} ({where or platform.machine()}), torch {torch.__version__}, "
+        f"batch {BATCH}, means of {args.steps} calls, medians of {args.rounds} rounds",
+        "",
+        "| teacher -> student | threads | student step ms, NCHW / channels-last | speed-up "
+        "| teacher forward ms, NCHW / channels-last | speed-up |",
+        "|---|---|---|---|---|---|",
+    )
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for pair in args.pairs.split(","):
+            t_arch, s_arch = pair.split(":")
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYOUTS}
+            for _ in range(args.rounds):
+                for name, layout in LAYOUTS.items():
+                    runs[name].append(step_and_forward(t_arch, s_arch, layout, args.steps, device))
+            cells = []
+            for part in (0, 1):
+                nchw = [r[part] for r in runs["nchw"]]
+                last = [r[part] for r in runs["channels-last"]]
+                ratio = statistics.median(a / b for a, b in zip(nchw, last, strict=True))
+                cells.append(
+                    f"{statistics.median(nchw):.1f} / {statistics.median(last):.1f} | {ratio:.2f}x"
+                )
+            table.row(f"| {t_arch} -> {s_arch} | {threads} | {cells[0]} | {cells[1]} |")
+    table.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
