@@ -1,4 +1,4 @@
-"""What share of the digits search's wall time is not spent training.
+"""What share of the digits search's wall time is not spent training, and where it goes.
 
     python benchmarks/overhead.py [--space search_spaces/digits.yaml] [--runs 2] [--work DIR]
 
@@ -9,10 +9,13 @@ had `concurrent` slots for the whole wall time of the command, so
 
     overhead = 1 - sum(busy) / (concurrent x command wall time)
 
-and it splits into what happened inside trials (a trial's life in the study, from proposal to
-record, minus its busy time: the worker's start, the data and teacher hand-off, the database
-writes) and outside them (Python and Ray start-up, data loading, slots left idle while the last
-trials of a rung finish, shutdown).
+and it splits, from the command's start and end and the study's trial timestamps, into: before
+the first trial is proposed (Python imports, Ray start-up, data and teacher loading, opening the
+study); the first trial of each slot, proposal to record, minus its busy time (a fresh worker
+process: importing torch and kdsearch, unpacking the data and teacher); the same for every other
+trial (a reused worker: building models, reporting epochs, the study's writes); slots idle while
+trials run (between trials, and one slot waiting while the last trials finish); after the last
+trial is recorded (Ray's shutdown, printing the leaderboard, the process's exit).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import argparse
 import os
 import shutil
 import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import yaml
+from optuna.trial import FrozenTrial
 from searches import finished_trials, run_search, work_dir
 
 
@@ -39,37 +46,71 @@ def main() -> None:
     work = work_dir(args.work, "kdsearch-overhead-")
     shutil.rmtree(work / "studies", ignore_errors=True)
     run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
-    rows = []
-    for _ in range(args.runs):
-        shutil.rmtree(work / "studies")
-        wall = run_search(space, work)
-        trials = finished_trials(work, name)
-        busy = sum(
-            t.user_attrs.get("train_seconds", 0) + t.user_attrs.get("eval_seconds", 0)
-            for t in trials
-        )
-        lives = sum(
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            for t in trials
-            if t.datetime_complete and t.datetime_start
-        )
-        capacity = slots * wall
-        rows.append((len(trials), wall, busy, lives - busy, capacity - lives, capacity))
+    rows = [measure(space, work, name, slots) for _ in range(args.runs)]
     lines = [
         f"`kdsearch run {args.space}` with the teacher cached, {slots} trials at a time, "
-        f"{os.cpu_count()} CPU cores; {args.runs} runs",
+        f"{os.cpu_count()} CPU cores; {args.runs} runs; shares of {slots} x wall time",
         "",
-        "| run | trials | wall s | busy slot-s | in trials, not busy | outside trials | overhead |",
-        "|---|---|---|---|---|---|---|",
+        "| run | trials | wall s | busy slot-s | before the first trial | first trial per slot, "
+        "not busy | other trials, not busy | slots idle | after the last trial | overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, (n, wall, busy, inside, outside, capacity) in enumerate(rows, 1):
+    for i, row in enumerate(rows, 1):
+        shares = " | ".join(f"{100 * part / row.capacity:.1f}%" for part in row.parts)
         lines.append(
-            f"| {i} | {n} | {wall:.1f} | {busy:.1f} | {100 * inside / capacity:.1f}% | "
-            f"{100 * outside / capacity:.1f}% | {100 * (1 - busy / capacity):.1f}% |"
+            f"| {i} | {row.trials} | {row.wall:.1f} | {row.busy:.1f} | {shares} | "
+            f"{100 * row.overhead:.1f}% |"
         )
-    median = statistics.median(1 - r[2] / r[5] for r in rows)
+    median = statistics.median(r.overhead for r in rows)
     lines += ["", f"median overhead: {100 * median:.1f}% of {slots} x wall time"]
     print("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Run:
+    trials: int
+    wall: float
+    busy: float
+    capacity: float  # slot-seconds: slots x wall
+    parts: tuple[float, ...]  # slot-seconds of each column of the table, in its order
+
+    @property
+    def overhead(self) -> float:
+        return 1 - self.busy / self.capacity
+
+
+def measure(space: Path, work: Path, name: str, slots: int) -> Run:
+    """One search from an empty study, and where its slot-seconds went."""
+    shutil.rmtree(work / "studies", ignore_errors=True)
+    started = time.time()
+    wall = run_search(space, work)
+    ended = started + wall
+    trials = sorted(finished_trials(work, name), key=lambda t: t.datetime_start or datetime.min)
+
+    def busy(t: FrozenTrial) -> float:
+        return float(t.user_attrs.get("train_seconds", 0) + t.user_attrs.get("eval_seconds", 0))
+
+    def life(t: FrozenTrial) -> float:
+        assert t.datetime_start is not None and t.datetime_complete is not None
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+
+    first = trials[0].datetime_start
+    last = max(t.datetime_complete for t in trials if t.datetime_complete is not None)
+    assert first is not None
+    before = slots * (first.timestamp() - started)
+    after = slots * (ended - last.timestamp())
+    first_trials = sum(life(t) - busy(t) for t in trials[:slots])
+    other_trials = sum(life(t) - busy(t) for t in trials[slots:])
+    total_busy = sum(busy(t) for t in trials)
+    capacity = slots * wall
+    idle = capacity - before - after - sum(life(t) for t in trials)
+    return Run(
+        len(trials),
+        wall,
+        total_busy,
+        capacity,
+        (before, first_trials, other_trials, idle, after),
+    )
 
 
 if __name__ == "__main__":
