@@ -2,7 +2,7 @@
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
     python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
-        [--max-epochs 9] [--grace 1] [--reduction 3] [--work DIR] [--out-dir DIR]
+        [--max-epochs 18] [--grace 2] [--reduction 3] [--work DIR] [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
 arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from optuna.trial import TrialState
 from searches import finished_trials, run_search, work_dir, write_space
 
@@ -52,6 +53,7 @@ class Arm:
     epochs: list[int]  # per trial, in the order they finished
     full: list[float | None]  # val acc of trials that reached max epochs, else None
     pruned: int
+    curves: list[dict[int, float]]  # each trial's validation accuracy by epoch
 
     @property
     def best(self) -> float:
@@ -117,7 +119,16 @@ def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
         for t, e in zip(done, epochs, strict=True)
     ]
     pruned = sum(t.state == TrialState.PRUNED for t in done)
-    return Arm(name, wall, epochs, full, pruned)
+    return Arm(name, wall, epochs, full, pruned, [dict(t.intermediate_values) for t in done])
+
+
+def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> float:
+    """Spearman's rank correlation, over the trials that ran to `last`, between the validation
+    accuracy after `epoch` and after `last`: how well a rung at `epoch` foretells the end."""
+    full = [c for c in curves if epoch in c and last in c]
+    early = pd.Series([c[epoch] for c in full]).rank()
+    final = pd.Series([c[last] for c in full]).rank()
+    return float(early.corr(final))
 
 
 def plot(arms: list[Arm], path: Path) -> None:
@@ -143,8 +154,8 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--subset", type=int, default=2000)
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--max-epochs", type=int, default=9)
-    parser.add_argument("--grace", type=int, default=1)
+    parser.add_argument("--max-epochs", type=int, default=18)
+    parser.add_argument("--grace", type=int, default=2)
     parser.add_argument("--reduction", type=int, default=3)
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
@@ -182,6 +193,23 @@ def main() -> None:
         f"ASHA's best minus random's best: {100 * (asha.best - rand.best):+.2f} points, with "
         f"{sum(asha.epochs) / sum(rand.epochs):.2f} of its epochs and "
         f"{asha.wall / rand.wall:.2f} of its wall time.",
+    ]
+    rungs, rung = [], args.grace
+    while rung < args.max_epochs:
+        rungs.append(rung)
+        rung *= args.reduction
+    lines += [
+        "",
+        "How well an early epoch ranks the random search's trials as their last epoch does "
+        "(Spearman):",
+        "",
+        f"| epoch | rank correlation with epoch {args.max_epochs} |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {e}{' (a rung)' if e in rungs else ''} | "
+        f"{rank_correlation(rand.curves, e, args.max_epochs):.2f} |"
+        for e in range(1, args.max_epochs)
     ]
     text = "\n".join(lines) + "\n"
     (out / "search_quality.md").write_text(text)
