@@ -1,15 +1,18 @@
 """What `precision: bf16` gains and costs on the CPU, against fp32, measured in one run.
 
-    python benchmarks/precision.py [--seeds 3] [--pairs resnet32x4:resnet8x4,...] [--steps 3]
-        [--rounds 2]
+    python benchmarks/precision.py [--seeds 3] [--root DIR] [--subset 5000] [--epochs 15]
+        [--pairs resnet32x4:resnet8x4,...] [--steps 3] [--rounds 2]
 
 Accuracy and speed on digits: the digits recipe (search_spaces/recipes/digits.yaml, resnet20 ->
 resnet8 with KD) trained in fp32 and in bf16 with the same seeds and the same fp32 teacher;
 validation and test accuracy, mean and spread over `--seeds`, and training images per second
-(median over seeds). With `--pairs`, also KD training images per second of each pair on random
-32x32 images with 100 classes, batch 64, fp32 and bf16 alternately, `--rounds` times (medians;
-as benchmarks/terms.py). Prints which bf16 instructions the CPU has: where it
-has none, PyTorch emulates bf16 arithmetic and it cannot be faster than fp32.
+(median over seeds). With `--root` (CIFAR-10 as an image folder), the same on a `--subset` of
+CIFAR-10 (80% train, 20% validation; the test split in full): resnet20 -> resnet8 with KD for
+`--epochs`, the teacher trained once in fp32 for 30 epochs (cached). With `--pairs`, also KD
+training images per second of each pair on random 32x32 images with 100 classes, batch 64, fp32
+and bf16 alternately, `--rounds` times (medians; as benchmarks/terms.py). Prints which bf16
+instructions the CPU has: where it has none, PyTorch emulates bf16 arithmetic and it cannot be
+faster than fp32.
 """
 
 from __future__ import annotations
@@ -62,10 +65,30 @@ def speed(pairs: list[str], steps: int, rounds: int) -> list[str]:
     return rows
 
 
-def accuracy(seeds: int) -> list[str]:
-    base = Recipe.load("search_spaces/recipes/digits.yaml")
+def cifar_recipe(root: str, subset: int, epochs: int) -> Recipe:
+    """resnet20 -> resnet8 with KD on a CIFAR-10 subset."""
+    return Recipe.from_dict(
+        {
+            "data": {
+                "dataset": "imagefolder",
+                "root": str(Path(root).resolve()),
+                "subset": subset,
+                "val_fraction": 0.2,
+            },
+            "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
+            "student": {"arch": "resnet8"},
+            "distill": {"ce": {"weight": 1.0}, "kd": {"weight": 0.9, "temperature": 4.0}},
+            "optim": {"lr": 0.05},
+            "schedule": {"epochs": epochs, "kind": "cosine"},
+            "batch_size": 64,
+        }
+    )
+
+
+def accuracy(name: str, base: Recipe, seeds: int) -> list[str]:
+    """Rows of fp32 and bf16 training of `base` over `seeds`, from one fp32 teacher."""
     data = load_data(base.data)
-    teacher = get_teacher(base, data).model
+    teacher = get_teacher(base.override({"precision": "fp32"}), data).model
     rows = []
     for precision in PRECISIONS:
         val, test, speed = [], [], []
@@ -76,7 +99,7 @@ def accuracy(seeds: int) -> list[str]:
             test.append(100 * evaluate_split(result.student, data.test, data, recipe)[0])
             speed.append(result.images_per_sec)
         rows.append(
-            f"| digits KD, {precision} | {statistics.mean(val):.2f} ± {statistics.stdev(val):.2f} "
+            f"| {name}, {precision} | {statistics.mean(val):.2f} ± {statistics.stdev(val):.2f} "
             f"| {statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} "
             f"| {statistics.median(speed):.0f} |"
         )
@@ -89,6 +112,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 rows)")
+    parser.add_argument("--subset", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
     print(
         f"CPU bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, "
@@ -96,8 +122,13 @@ def main() -> None:
     )
     print(f"| run ({args.seeds} seeds) | val acc % | test acc % | train img/s |", flush=True)
     print("|---|---|---|---|", flush=True)
-    for row in accuracy(args.seeds):
-        print(row, flush=True)
+    runs = [("digits KD", Recipe.load("search_spaces/recipes/digits.yaml"))]
+    if args.root:
+        recipe = cifar_recipe(args.root, args.subset, args.epochs)
+        runs.append((f"CIFAR-10 {args.subset} KD", recipe))
+    for name, recipe in runs:
+        for row in accuracy(name, recipe, args.seeds):
+            print(row, flush=True)
     if args.pairs:
         print("\n| training | fp32 | bf16 | bf16 / fp32 |\n|---|---|---|---|", flush=True)
         for row in speed(args.pairs.split(","), args.steps, args.rounds):
