@@ -3,7 +3,7 @@ official repositories train, measured in one run.
 
     python benchmarks/throughput.py [--pairs resnet32x4:resnet8x4,wrn_40_2:wrn_16_2]
         [--methods kd,hsakd,crd] [--steps 4] [--rounds 3] [--device auto] [--workers N]
-        [--compile] [--out FILE.md]
+        [--precisions auto,bf16] [--compile] [--out FILE.md]
 
 The reference: a CIFAR-style dataset of uint8 images decoded to PIL and transformed per image
 (RandomCrop 32 with padding 4, horizontal flip, ToTensor, Normalize) through a DataLoader, fp32,
@@ -14,6 +14,8 @@ them (RepDistiller: 8, HSAKD: none), capped at this machine's cores. Both loops 
 models (kdsearch's zoo and HSAKD heads), batch 64, on the same random images with 100 classes.
 Each loop runs one warm-up epoch and one timed epoch of `--steps` steps; the pairs of loops run
 `--rounds` times and the table shows the median speeds and the median of the per-round ratios.
+kdsearch's loop is timed at each of `--precisions` (the recipe's `precision`; `auto` is what a
+recipe gets by default on this device), the reference always in fp32.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def kdsearch_speed(
     student_arch: str,
     device: str,
     compiled: bool,
+    precision: str,
 ) -> tuple[float, float]:
     """Images per second of the timed epoch of kdsearch's training loop: with the teacher run
     live, and reading the teacher-output store a previous run of the same recipe wrote (what
@@ -241,6 +244,7 @@ def kdsearch_speed(
             "batch_size": BATCH,
             "device": device,
             "compile": compiled,
+            "precision": precision,
         }
     ).override(weights)
     heads = {n: LOSSES[n].teacher_heads(teacher, CLASSES) for n in HEAD_TERMS}
@@ -260,10 +264,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--precisions", default="auto", help="kdsearch's loop at each of these")
     parser.add_argument("--compile", action="store_true", help="kdsearch's loop with compile: true")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    precisions = args.precisions.split(",")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.steps * BATCH, 32, 32, 3), dtype=np.uint8)
     labels = (np.arange(args.steps * BATCH) % CLASSES).astype(np.int64)
@@ -275,14 +281,20 @@ def main() -> None:
         f"{args.rounds} rounds, reference DataLoader workers {args.workers} (HSAKD: 0)"
         + (", kdsearch with compile: true" if args.compile else ""),
         "",
-        "| teacher -> student | method | reference img/s | kdsearch img/s | kdsearch / reference "
-        "| kdsearch img/s, teacher outputs stored | stored / reference |",
-        "|---|---|---|---|---|---|---|",
+        "| teacher -> student | method | reference img/s, fp32 |"
+        + "".join(
+            f" kdsearch img/s, {p} | kdsearch / reference | kdsearch img/s, {p}, teacher outputs "
+            "stored | stored / reference |"
+            for p in precisions
+        ),
+        "|---|---|---|" + "---|---|---|---|" * len(precisions),
     )
     for pair in args.pairs.split(","):
         t_arch, s_arch = pair.split(":")
         for method in args.methods.split(","):
-            ref, ours, stored = [], [], []
+            ref: list[float] = []
+            ours: dict[str, list[float]] = {p: [] for p in precisions}
+            stored: dict[str, list[float]] = {p: [] for p in precisions}
             for _ in range(args.rounds):
                 torch.manual_seed(0)
                 teacher = build_model(t_arch, CLASSES, 3)
@@ -298,18 +310,17 @@ def main() -> None:
                         device,
                     )
                 )
-                live, read = kdsearch_speed(
-                    method, teacher, images, labels, s_arch, args.device, args.compile
-                )
-                ours.append(live)
-                stored.append(read)
-            ratio = statistics.median(o / r for o, r in zip(ours, ref, strict=True))
-            stored_ratio = statistics.median(o / r for o, r in zip(stored, ref, strict=True))
-            row = (
-                f"| {t_arch} -> {s_arch} | {method} | {statistics.median(ref):.1f} | "
-                f"{statistics.median(ours):.1f} | {ratio:.2f}x | "
-                f"{statistics.median(stored):.1f} | {stored_ratio:.2f}x |"
-            )
+                for p in precisions:
+                    live, read = kdsearch_speed(
+                        method, teacher, images, labels, s_arch, args.device, args.compile, p
+                    )
+                    ours[p].append(live)
+                    stored[p].append(read)
+            row = f"| {t_arch} -> {s_arch} | {method} | {statistics.median(ref):.1f} |"
+            for p in precisions:
+                for speeds in (ours[p], stored[p]):
+                    ratio = statistics.median(o / r for o, r in zip(speeds, ref, strict=True))
+                    row += f" {statistics.median(speeds):.1f} | {ratio:.2f}x |"
             table.row(row)
     table.save(args.out)
 
