@@ -83,13 +83,23 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`; None means plain fp32.
 
-    `auto` is bf16 on CUDA (no loss scaling needed) and fp32 on the CPU.
+    `auto` is bf16 where the hardware multiplies in bf16 natively: CUDA (no loss scaling needed)
+    and CPUs with AMX, where oneDNN's bf16 convolutions train 1.7-3.6x faster than fp32 at the
+    same accuracy (README, "Performance"); fp32 on other CPUs, which emulate bf16 slowly.
     """
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+        return torch.bfloat16 if native else None
     if precision == "fp16" and device.type != "cuda":
         raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), which oneDNN uses for
+    bf16 matrix products."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
 
 
 def lr_at(recipe: Recipe, epoch: int) -> float:
