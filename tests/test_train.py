@@ -85,6 +85,32 @@ def test_models_and_batches_are_channels_last(synthetic: ImageData) -> None:
     assert layouts and all(layouts), "every batch reaches the teacher channels-last"
 
 
+def test_the_terms_own_convolutions_are_channels_last_too(
+    synthetic: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HSAKD's student heads are whole copied stages: left NCHW, oneDNN would convert every
+    batch between layouts."""
+    import kdsearch.train as train_module
+    from kdsearch.losses import LOSSES
+
+    teacher = _teacher(synthetic, epochs=1)
+    heads = {"hsakd": LOSSES["hsakd"].teacher_heads(teacher, synthetic.num_classes)}
+    trained: list[torch.nn.Parameter] = []
+    real_sgd = train_module.sgd
+
+    def recording_sgd(params, opt, lr):  # type: ignore[no-untyped-def]
+        trained.extend(params)
+        return real_sgd(trained, opt, lr)
+
+    monkeypatch.setattr(train_module, "sgd", recording_sgd)
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "schedule.epochs": 1})
+    result = train(recipe, synthetic, teacher=teacher, teacher_heads=heads)
+    own = {id(p) for p in result.student.parameters()}
+    term_convs = [p for p in trained if p.dim() == 4 and id(p) not in own]
+    assert term_convs, "HSAKD's student heads train convolutions of their own"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in term_convs)
+
+
 def test_kd_without_a_teacher_is_refused(synthetic: ImageData) -> None:
     with pytest.raises(RecipeError, match=r"distill\.kd needs a teacher"):
         train(tiny_recipe(), synthetic)
