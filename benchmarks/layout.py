@@ -1,14 +1,18 @@
 """Channels-last against NCHW for the convolutions a KD step runs, in one run.
 
     python benchmarks/layout.py [--pairs resnet20:resnet8,resnet32x4:resnet8x4,wrn_40_2:wrn_16_2]
-        [--threads 1,2] [--steps 8] [--rounds 3] [--device auto] [--out FILE.md]
+        [--threads 1,2] [--steps 8] [--rounds 3] [--device auto] [--precision fp32]
+        [--out FILE.md]
 
 For each pair and thread count: milliseconds of a student training step (forward, cross-entropy,
 backward, SGD step) and of the teacher's forward pass under inference mode, on a random batch of
 64 32x32 images with 100 classes, with models and batch in NCHW and in channels-last. Each
 figure is the mean of `--steps` calls after two warm-up calls; the layouts alternate `--rounds`
 times and the table shows the medians and the median of the per-round ratios. kdsearch trains
-channels-last on every device; this is the measurement behind that choice.
+channels-last on every device; this is the measurement behind that choice. `--precision` is a
+recipe's (`auto`, `fp32`, `bf16`): both passes run under its autocast. The two columns also bound
+what the teacher-output store can gain: a KD step that no longer runs the teacher saves at most
+the forward pass, (step + forward) / step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from tables import Table
 
 from kdsearch.models import build_model
-from kdsearch.train import resolve_device
+from kdsearch.train import autocast, autocast_dtype, resolve_device
 
 BATCH = 64
 CLASSES = 100
@@ -47,7 +51,12 @@ def mean_ms(fn: Callable[[], object], steps: int, device: torch.device) -> float
 
 
 def step_and_forward(
-    t_arch: str, s_arch: str, layout: torch.memory_format, steps: int, device: torch.device
+    t_arch: str,
+    s_arch: str,
+    layout: torch.memory_format,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> tuple[float, float]:
     """Milliseconds of a student step and of a teacher forward pass in `layout`."""
     torch.manual_seed(0)
@@ -59,13 +68,14 @@ def step_and_forward(
     y = torch.randint(0, CLASSES, (BATCH,), device=device)
 
     def step() -> None:
-        loss = F.cross_entropy(student(x), y)
+        with autocast(device, dtype):
+            loss = F.cross_entropy(student(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
 
     def forward() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, dtype):
             teacher(x)
 
     return mean_ms(step, steps, device), mean_ms(forward, steps, device)
@@ -80,13 +90,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--out")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    dtype = autocast_dtype(args.precision, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     table = Table(
         f"device: {device.type} ({where or platform.machine()}), torch {torch.__version__}, "
-        f"batch {BATCH}, means of {args.steps} calls, medians of {args.rounds} rounds",
+        f"{dtype or torch.float32}, batch {BATCH}, means of {args.steps} calls, "
+        f"medians of {args.rounds} rounds",
         "",
         "| teacher -> student | threads | student step ms, NCHW / channels-last | speed-up "
         "| teacher forward ms, NCHW / channels-last | speed-up |",
@@ -99,7 +112,9 @@ def main() -> None:
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYOUTS}
             for _ in range(args.rounds):
                 for name, layout in LAYOUTS.items():
-                    runs[name].append(step_and_forward(t_arch, s_arch, layout, args.steps, device))
+                    runs[name].append(
+                        step_and_forward(t_arch, s_arch, layout, args.steps, device, dtype)
+                    )
             cells = []
             for part in (0, 1):
                 nchw = [r[part] for r in runs["nchw"]]
