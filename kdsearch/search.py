@@ -37,11 +37,12 @@ from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace
 from kdsearch.store import StoreConfig
-from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally
+from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
 from kdsearch.train import EpochStats, evaluate_split, train
 
 Status = Callable[[Tally], None]
+SCRATCH = "kdsearch-search"
 
 
 @dataclass(frozen=True)
@@ -334,8 +335,9 @@ def run_search(
         start_ray(address)
     cfg = space.config
     store = cfg.search.teacher_store
-    # One folder per search; trials on other nodes of a cluster create it there (one per node).
-    store_root = tempfile.mkdtemp(prefix="kdsearch-teacher-outputs-") if store.enabled else None
+    scratch = scratch_folder()
+    # Trials on other nodes of a cluster create the store's folder there (one per node).
+    store_root = str(scratch / "teacher-outputs") if store.enabled else None
     try:
         cpu, gpu = trial_resources(cfg.search)
         asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
@@ -364,7 +366,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=f"kdsearch-{os.getpid()}",
-                storage_path=tempfile.mkdtemp(prefix="kdsearch-tune-"),
+                storage_path=str(scratch / "tune"),
                 verbose=0,
                 callbacks=[Progress(record, status)],
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -375,12 +377,22 @@ def run_search(
     finally:
         if own_ray:
             ray.shutdown()
-        if store_root is not None:
-            shutil.rmtree(store_root, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
     # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
     complete = record.all_started() and not searcher.plans and not searcher.interrupted
     return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
+
+
+def scratch_folder() -> Path:
+    """A new temporary folder for this search (Tune's files, the teacher-output store), named
+    after the driver's process; the folders of earlier searches on this host whose process is gone
+    (killed with -9, so they could not remove their own) are removed first."""
+    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH}-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH}-{os.getpid()}-"))
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ class Record:
             driver = str(trial.user_attrs.get("driver", ""))
             owner_host, _, pid = driver.rpartition(":")
             if owner_host == host:
-                gone = not _alive(int(pid)) if pid.isdigit() else True
+                gone = not process_alive(int(pid)) if pid.isdigit() else True
             else:
                 gone = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) > STALE_S
             if gone:
@@ -269,7 +269,8 @@ class Record:
         return t
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,11 @@ def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTri
     ]
 
 
+def scratch_of(pid: int) -> list[Path]:
+    """The temporary folders the search driven by process `pid` left behind."""
+    return list(Path(tempfile.gettempdir()).glob(f"kdsearch-search-{pid}-*"))
+
+
 def _kill_group(proc: subprocess.Popen[str]) -> None:
     """The driver's Ray processes are in its session; clean them up after the test's kill."""
     with contextlib.suppress(ProcessLookupError):
@@ -198,9 +204,12 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
         _kill_group(proc)
     left = [t.number for t in trials(root) if t.state == TrialState.RUNNING]
     assert left, "the stop must have caught trials in flight"
+    assert bool(scratch_of(proc.pid)) == (how == "kill -9"), "Ctrl-C cleans up its own"
     resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
+    assert not scratch_of(proc.pid), "the next search removes a killed search's temporary files"
+    assert not scratch_of(resumed.pid)
     final = trials(root)
     assert len(final) == 10 and all(t.state.is_finished() for t in final)
     for t in final:
