@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -335,10 +336,11 @@ def run_search(
         start_ray(address)
     cfg = space.config
     store = cfg.search.teacher_store
-    scratch = scratch_folder()
-    # Trials on other nodes of a cluster create the store's folder there (one per node).
-    store_root = str(scratch / "teacher-outputs") if store.enabled else None
+    scratch: Path | None = None
     try:
+        scratch = scratch_folder()
+        # Trials on other nodes of a cluster create the store's folder there (one per node).
+        store_root = str(scratch / "teacher-outputs") if store.enabled else None
         cpu, gpu = trial_resources(cfg.search)
         asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
         asha.remember(record.finished_curves())
@@ -377,7 +379,8 @@ def run_search(
     finally:
         if own_ray:
             ray.shutdown()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
     # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
     complete = record.all_started() and not searcher.plans and not searcher.interrupted
@@ -386,13 +389,17 @@ def run_search(
 
 def scratch_folder() -> Path:
     """A new temporary folder for this search (Tune's files, the teacher-output store), named
-    after the driver's process; the folders of earlier searches on this host whose process is gone
-    (killed with -9, so they could not remove their own) are removed first."""
-    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH}-*-*"):
-        pid = old.name.split("-")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
+    after the driver's host and process. The folders this user's earlier searches driven from
+    this host left behind (killed with -9, so they could not remove their own) are removed
+    first. Trials on other nodes of a cluster create the same name there; a driver never touches
+    a folder named after another host, whose process it cannot see."""
+    owner = f"{SCRATCH}-{socket.gethostname()}"
+    for old in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
+        named, pid, _ = old.name.rsplit("-", 2)
+        mine = old.is_dir() and old.stat().st_uid == os.getuid()
+        if named == owner and mine and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH}-{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,31 @@ def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTri
 
 def scratch_of(pid: int) -> list[Path]:
     """The temporary folders the search driven by process `pid` left behind."""
-    return list(Path(tempfile.gettempdir()).glob(f"kdsearch-search-{pid}-*"))
+    host = socket.gethostname()
+    return list(Path(tempfile.gettempdir()).glob(f"kdsearch-search-{host}-{pid}-*"))
+
+
+def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
+    from kdsearch.search import scratch_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp, host = Path(tempfile.gettempdir()), socket.gethostname()
+    left = tmp / f"kdsearch-search-{host}-{dead.pid}-x1"
+    live = tmp / f"kdsearch-search-{host}-{os.getpid()}-x2"
+    # Trials of a search driven from another machine (whose name starts with this one's): its
+    # driver's pid means nothing here.
+    remote = tmp / f"kdsearch-search-{host}-b-{dead.pid}-x3"
+    for folder in (left, live, remote):
+        (folder / "teacher-outputs").mkdir(parents=True)
+    new = scratch_folder()
+    try:
+        assert not left.exists()
+        assert live.is_dir() and remote.is_dir()
+        assert new.name.startswith(f"kdsearch-search-{host}-{os.getpid()}-")
+    finally:
+        for folder in (left, live, remote, new):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
