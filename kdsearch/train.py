@@ -96,10 +96,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), which oneDNN uses for
-    bf16 matrix products."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    """Whether this process can use AMX tiles (Intel Sapphire Rapids and later), which oneDNN
+    uses for bf16 matrix products: the CPU has them and the kernel lets the process use them."""
+    has = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    enable = getattr(torch.cpu, "_init_amx", None)
+    return bool(has is not None and enable is not None and has() and enable())
 
 
 def lr_at(recipe: Recipe, epoch: int) -> float:

@@ -8,7 +8,14 @@ import torch
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import NonFiniteLoss, RecipeError
 from kdsearch.models import TapModel, build_model
-from kdsearch.train import EpochStats, autocast_dtype, lr_at, resolve_device, train
+from kdsearch.train import (
+    EpochStats,
+    autocast_dtype,
+    cpu_has_amx,
+    lr_at,
+    resolve_device,
+    train,
+)
 
 from .conftest import tiny_recipe
 
@@ -153,7 +160,7 @@ def test_auto_device_and_precision_on_this_machine() -> None:
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     on_cpu = autocast_dtype("auto", torch.device("cpu"))
-    assert on_cpu is (torch.bfloat16 if torch.cpu._is_amx_tile_supported() else None)
+    assert on_cpu is (torch.bfloat16 if cpu_has_amx() else None)
     assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(RecipeError, match="fp16 needs CUDA"):
@@ -165,6 +172,7 @@ def test_auto_precision_on_the_cpu_is_bf16_only_with_amx(
     amx: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)
     assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if amx else None)
     assert autocast_dtype("fp32", torch.device("cpu")) is None
 
