@@ -10,9 +10,9 @@ backward, SGD step) and of the teacher's forward pass under inference mode, on a
 figure is the mean of `--steps` calls after two warm-up calls; the layouts alternate `--rounds`
 times and the table shows the medians and the median of the per-round ratios. kdsearch trains
 channels-last on every device; this is the measurement behind that choice. `--precision` is a
-recipe's (`auto`, `fp32`, `bf16`): both passes run under its autocast. The two columns also bound
-what the teacher-output store can gain: a KD step that no longer runs the teacher saves at most
-the forward pass, (step + forward) / step.
+recipe's (`auto`, `fp32`, `bf16`): both passes run under its autocast. The two columns also
+estimate what the teacher-output store can gain: a KD step that no longer runs the teacher saves
+about the forward pass, (step + forward) / step.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ official repositories train, measured in one run.
 
     python benchmarks/throughput.py [--pairs resnet32x4:resnet8x4,wrn_40_2:wrn_16_2]
         [--methods kd,hsakd,crd] [--steps 4] [--rounds 3] [--device auto] [--workers N]
-        [--precisions auto,bf16] [--compile] [--out FILE.md]
+        [--precisions auto] [--compile] [--out FILE.md]
 
 The reference: a CIFAR-style dataset of uint8 images decoded to PIL and transformed per image
 (RandomCrop 32 with padding 4, horizontal flip, ToTensor, Normalize) through a DataLoader, fp32,
