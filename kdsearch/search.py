@@ -10,6 +10,7 @@ search killed half-way resumes from the database alone, without Tune's experimen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -396,9 +397,11 @@ def scratch_folder() -> Path:
     owner = f"{SCRATCH}-{socket.gethostname()}"
     for old in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
         named, pid, _ = old.name.rsplit("-", 2)
-        mine = old.is_dir() and old.stat().st_uid == os.getuid()
-        if named == owner and mine and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+        if named != owner or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # another search may be removing it right now
+            if old.stat().st_uid == os.getuid():
+                shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
 
 
