@@ -1,11 +1,16 @@
-"""What share of the digits search's wall time is not spent training, and where it goes.
+"""What share of a search's wall time is not spent training, where it goes, and the least it
+could be on this machine.
 
-    python benchmarks/overhead.py [--space search_spaces/digits.yaml] [--runs 2] [--work DIR]
+    python benchmarks/overhead.py [--space search_spaces/digits.yaml] [--root DIR] [--runs 2]
+        [--work DIR] [--out FILE.md]
 
-Runs `kdsearch run SPACE` as a user does (a fresh process, a local Ray, the SQLite study) with
-the teacher already in the cache, `--runs` times. A trial's busy time is its training steps
-plus its validation passes (the trial attributes `train_seconds` and `eval_seconds`); the search
-had `concurrent` slots for the whole wall time of the command, so
+Runs `kdsearch run` as a user does (a fresh process, a local Ray, the SQLite study) with the
+teacher already in the cache, `--runs` times, on `--space` (the digits search by default) and,
+with `--root` (CIFAR-10 as an image folder), on a CIFAR-10 search whose trials train for tens of
+seconds: a 5,000-image subset, resnet20 -> resnet8, 8 trials of at most 6 epochs searching KD's
+temperature and weight and the learning rate. A trial's busy time is its training steps plus its
+validation passes (the trial attributes `train_seconds` and `eval_seconds`); the search had
+`concurrent` slots for the whole wall time of the command, so
 
     overhead = 1 - sum(busy) / (concurrent x command wall time)
 
@@ -16,6 +21,12 @@ process: importing torch and kdsearch, unpacking the data and teacher); the same
 trial (a reused worker: building models, reporting epochs, the study's writes); slots idle while
 trials run (between trials, and one slot waiting while the last trials finish); after the last
 trial is recorded (Ray's shutdown, printing the leaderboard, the process's exit).
+
+The bare start-up is what any search on Ray pays here with no data, teacher, study or trial: a
+process that imports what `kdsearch run` imports, starts Ray as it does, has one fresh worker
+per slot import what a trial imports and make a torch optimizer (whose first use imports
+torch._dynamo), shuts Ray down and exits. "Least possible" is the overhead the search would have
+if that were all it paid besides its busy time: 1 - busy / (concurrent x bare + busy).
 """
 
 from __future__ import annotations
@@ -24,59 +35,142 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-import yaml
 from optuna.trial import FrozenTrial
-from searches import finished_trials, run_search, work_dir
+from searches import finished_trials, run_search, shipped_space, work_dir, write_space
+from tables import Table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default="search_spaces/digits.yaml")
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
-    args = parser.parse_args()
-    space = Path(args.space).resolve()
-    doc = yaml.safe_load(space.read_text())
-    name, slots = doc["study"]["name"], int(doc["search"]["concurrent"])
-    work = work_dir(args.work, "kdsearch-overhead-")
-    shutil.rmtree(work / "studies", ignore_errors=True)
-    run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
-    rows = [measure(space, work, name, slots) for _ in range(args.runs)]
-    lines = [
-        f"`kdsearch run {args.space}` with the teacher cached, {slots} trials at a time, "
-        f"{os.cpu_count()} CPU cores; {args.runs} runs; shares of {slots} x wall time",
-        "",
-        "| run | trials | wall s | busy slot-s | before the first trial | first trial per slot, "
-        "not busy | other trials, not busy | slots idle | after the last trial | overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, row in enumerate(rows, 1):
-        shares = " | ".join(f"{100 * part / row.capacity:.1f}%" for part in row.parts)
-        lines.append(
-            f"| {i} | {row.trials} | {row.wall:.1f} | {row.busy:.1f} | {shares} | "
-            f"{100 * row.overhead:.1f}% |"
-        )
-    median = statistics.median(r.overhead for r in rows)
-    lines += ["", f"median overhead: {100 * median:.1f}% of {slots} x wall time"]
-    print("\n".join(lines))
+def cifar10_search(root: str) -> dict[str, Any]:
+    """A CIFAR-10 search whose trials train for tens of seconds each on a 2-core CPU."""
+    return {
+        "study": {"name": "overhead-cifar10"},
+        "base": {
+            "data": {
+                "dataset": "imagefolder",
+                "root": str(Path(root).resolve()),
+                "subset": 5000,
+                "val_fraction": 0.2,
+            },
+            "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
+            "student": {"arch": "resnet8"},
+            "schedule": {"epochs": 6, "kind": "cosine"},
+        },
+        "space": {
+            "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
+            "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
+            "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+        },
+        "search": {"trials": 8, "concurrent": 2, "per_trial": {"cpu": 1}, "seed": 0},
+        "asha": {"max_epochs": 6, "grace_epochs": 2, "reduction_factor": 3},
+    }
 
 
 @dataclass(frozen=True)
 class Run:
     trials: int
+    slots: int
     wall: float
     busy: float
-    capacity: float  # slot-seconds: slots x wall
     parts: tuple[float, ...]  # slot-seconds of each column of the table, in its order
+
+    @property
+    def capacity(self) -> float:
+        return self.slots * self.wall
 
     @property
     def overhead(self) -> float:
         return 1 - self.busy / self.capacity
+
+    def least(self, bare: float) -> float:
+        """The overhead with nothing but the bare start-up besides the busy time."""
+        return 1 - self.busy / (self.slots * bare + self.busy)
+
+    @property
+    def later_cost(self) -> float:
+        """Seconds a trial on a reused worker costs besides its busy time, on average."""
+        return self.parts[2] / max(1, self.trials - self.slots)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="search_spaces/digits.yaml")
+    parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 search)")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
+    parser.add_argument("--out", help="also write the tables to this markdown file")
+    parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)  # the bare start-up's child
+    args = parser.parse_args()
+    if args.bare:
+        bare(args.bare)
+        return
+    work = work_dir(args.work, "kdsearch-overhead-")
+    docs = {Path(args.space).stem: shipped_space(Path(args.space))}
+    if args.root:
+        docs["cifar10"] = cifar10_search(args.root)
+    slots = {name: int(doc["search"]["concurrent"]) for name, doc in docs.items()}
+    bares = {n: [measure_bare(n) for _ in range(args.runs)] for n in sorted(set(slots.values()))}
+    table = Table(
+        f"{os.cpu_count()} CPU cores, teacher cached, {args.runs} runs; bare start-up "
+        + ", ".join(
+            f"{n} slots {' / '.join(f'{s:.1f}' for s in walls)} s" for n, walls in bares.items()
+        ),
+        "",
+        "| search | run | trials | wall s | busy slot-s | before the first trial | first trial "
+        "per slot, not busy | other trials, not busy | slots idle | after the last trial | "
+        "overhead | least possible | later trial, not busy s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    )
+    for name, doc in docs.items():
+        space = write_space(doc, work / f"{name}.yaml")
+        study = doc["study"]["name"]
+        shutil.rmtree(work / "studies", ignore_errors=True)
+        run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
+        bare_wall = statistics.median(bares[slots[name]])
+        for i in range(1, args.runs + 1):
+            row = measure(space, work, study, slots[name])
+            shares = " | ".join(f"{100 * part / row.capacity:.1f}%" for part in row.parts)
+            table.row(
+                f"| {name} | {i} | {row.trials} | {row.wall:.1f} | {row.busy:.1f} | {shares} | "
+                f"{100 * row.overhead:.1f}% | {100 * row.least(bare_wall):.1f}% | "
+                f"{row.later_cost:.2f} |"
+            )
+    table.save(args.out)
+
+
+def measure_bare(slots: int) -> float:
+    """Wall seconds of the bare start-up with `slots` workers, as a fresh process."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--bare", str(slots)], check=True)
+    return time.perf_counter() - started
+
+
+def bare(slots: int) -> None:
+    """The bare start-up itself (see the module's text)."""
+    import ray
+
+    from kdsearch import commands, search  # noqa: F401  (what `kdsearch run` imports)
+
+    search.start_ray(None)
+    first = ray.remote(num_cpus=1)(first_use)
+    ray.get([first.remote() for _ in range(slots)])
+    ray.shutdown()
+
+
+def first_use() -> None:
+    """What a fresh trial worker does before any trial-specific work."""
+    import torch
+
+    from kdsearch import search  # noqa: F401  (the trial function's module)
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def measure(space: Path, work: Path, name: str, slots: int) -> Run:
@@ -101,14 +195,12 @@ def measure(space: Path, work: Path, name: str, slots: int) -> Run:
     after = slots * (ended - last.timestamp())
     first_trials = sum(life(t) - busy(t) for t in trials[:slots])
     other_trials = sum(life(t) - busy(t) for t in trials[slots:])
-    total_busy = sum(busy(t) for t in trials)
-    capacity = slots * wall
-    idle = capacity - before - after - sum(life(t) for t in trials)
+    idle = slots * wall - before - after - sum(life(t) for t in trials)
     return Run(
         len(trials),
+        slots,
         wall,
-        total_busy,
-        capacity,
+        sum(busy(t) for t in trials),
         (before, first_trials, other_trials, idle, after),
     )
 

@@ -26,6 +26,15 @@ def work_dir(path: str | None, prefix: str) -> Path:
     return work
 
 
+def shipped_space(path: Path) -> dict[str, Any]:
+    """A space file as a document that can be written anywhere (its base recipe's path made
+    absolute)."""
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    if isinstance(doc.get("base"), str):
+        doc["base"] = str((path.parent / doc["base"]).resolve())
+    return doc
+
+
 def write_space(doc: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

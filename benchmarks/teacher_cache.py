@@ -28,8 +28,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-from searches import finished_trials, run_search, work_dir, write_space
+from searches import finished_trials, run_search, shipped_space, work_dir, write_space
 from tables import Table
 
 R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
@@ -61,9 +60,7 @@ def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if "digits" in only:
         here = Path(__file__).resolve().parent.parent / "search_spaces"
-        doc = yaml.safe_load((here / "digits.yaml").read_text())
-        doc["base"] = str(here / doc["base"])
-        out["digits"] = doc
+        out["digits"] = shipped_space(here / "digits.yaml")
     if root is None:
         return out
     data = {"dataset": "imagefolder", "root": str(Path(root).resolve()), "val_fraction": 0.2}
