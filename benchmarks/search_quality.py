@@ -2,7 +2,8 @@
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
     python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
-        [--max-epochs 18] [--grace 2] [--reduction 3] [--work DIR] [--out-dir DIR]
+        [--max-epochs 18] [--grace 2] [--reduction 3] [--orders 200] [--work DIR]
+        [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
 arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
@@ -16,15 +17,28 @@ Only trials that reached `--max-epochs` count towards an arm's best (a pruned tr
 shorter budget's). Compute is counted in epochs trained, summed over trials, and in wall time.
 Writes `search_quality.png` (best so far against epochs spent) and `search_quality.md` into
 `--out-dir`. The teacher is trained once into the cache before either arm is timed.
+
+One live ASHA run depends on which trials happen to reach a rung first. So ASHA's rule (Ray's:
+a trial reaching a rung stops when it is below the (1 - 1/reduction) quantile of the results
+recorded there before it) is also replayed on the random arm's full learning curves, the trials
+arriving in `--orders` random orders (and once in the order they ran), `concurrent` at a time,
+every epoch one time step, for several first rungs and reduction factors: how far below the
+random search's best it ends and what share of its epochs it spends, on average, and in how many
+orders both halves of the target hold. The replay proposes the random arm's configurations, not
+TPE's.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
+import random
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 from searches import finished_trials, run_search, work_dir, write_space
@@ -54,6 +68,7 @@ class Arm:
     full: list[float | None]  # val acc of trials that reached max epochs, else None
     pruned: int
     curves: list[dict[int, float]]  # each trial's validation accuracy by epoch
+    numbers: list[int]  # each trial's number: the order the trials started in
 
     @property
     def best(self) -> float:
@@ -119,7 +134,8 @@ def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
         for t, e in zip(done, epochs, strict=True)
     ]
     pruned = sum(t.state == TrialState.PRUNED for t in done)
-    return Arm(name, wall, epochs, full, pruned, [dict(t.intermediate_values) for t in done])
+    curves = [dict(t.intermediate_values) for t in done]
+    return Arm(name, wall, epochs, full, pruned, curves, [t.number for t in done])
 
 
 def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> float:
@@ -129,6 +145,90 @@ def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> f
     early = pd.Series([c[epoch] for c in full]).rank()
     final = pd.Series([c[last] for c in full]).rank()
     return float(early.corr(final))
+
+
+def rungs(grace: int, reduction: int, max_epochs: int) -> list[int]:
+    """The epochs at which ASHA compares trials (Ray's milestones below the budget)."""
+    out, rung = [], grace
+    while rung < max_epochs:
+        out.append(rung)
+        rung *= reduction
+    return out
+
+
+def replay(
+    curves: list[dict[int, float]],
+    order: list[int],
+    grace: int,
+    reduction: int,
+    max_epochs: int,
+    slots: int,
+) -> tuple[float, int]:
+    """ASHA's stopping rule on recorded full learning curves, trials started in `order` as slots
+    free up: the best last-epoch accuracy of the trials that ran to the end, and epochs spent."""
+    recorded: dict[int, list[float]] = {m: [] for m in rungs(grace, reduction, max_epochs)}
+    waiting = list(order)
+    running: list[tuple[int, int, int]] = []  # (time the epoch ends, trial, epoch)
+    finished: list[float] = []
+    spent = 0
+
+    def start(now: int) -> None:
+        if waiting:
+            heapq.heappush(running, (now + 1, waiting.pop(0), 1))
+
+    for _ in range(slots):
+        start(0)
+    while running:
+        now, trial, epoch = heapq.heappop(running)
+        spent += 1
+        value = curves[trial][epoch]
+        if epoch == max_epochs:
+            finished.append(value)
+            start(now)
+            continue
+        if epoch in recorded:
+            before = recorded[epoch]
+            stop = bool(before) and value < np.percentile(before, 100 * (1 - 1 / reduction))
+            before.append(value)
+            if stop:
+                start(now)
+                continue
+        heapq.heappush(running, (now + 1, trial, epoch + 1))
+    return max(finished), spent
+
+
+def replay_table(args: argparse.Namespace, rand: Arm) -> list[str]:
+    """ASHA replayed on the random arm's curves (see the module's text), as markdown lines."""
+    started = sorted(zip(rand.numbers, rand.curves, strict=True))
+    curves = [c for _, c in started if len(c) == args.max_epochs]
+    budget = len(curves) * args.max_epochs
+    best = max(c[args.max_epochs] for c in curves)
+    shuffle = random.Random(0)
+    orders = [shuffle.sample(range(len(curves)), len(curves)) for _ in range(args.orders)]
+    lines = [
+        f"ASHA's rule replayed on the random search's {len(curves)} learning curves, "
+        f"{args.orders} random arrival orders, 2 at a time:",
+        "",
+        "| first rung | reduction | rungs | below random's best, points: mean / in run order | "
+        "share of its epochs: mean / in run order | orders meeting the target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for grace in sorted({1, 2, 3, args.grace}):
+        for reduction in sorted({2, 3, 4, args.reduction}):
+            runs = [
+                replay(curves, o, grace, reduction, args.max_epochs, 2)
+                for o in [list(range(len(curves))), *orders]
+            ]
+            gaps = [100 * (best - b) for b, _ in runs]
+            shares = [e / budget for _, e in runs]
+            met = sum(g <= 0.5 and sh <= 1 / 3 for g, sh in zip(gaps[1:], shares[1:], strict=True))
+            lines.append(
+                f"| {grace} | {reduction} | {rungs(grace, reduction, args.max_epochs)} | "
+                f"{statistics.mean(gaps[1:]):.2f} / {gaps[0]:.2f} | "
+                f"{statistics.mean(shares[1:]):.2f} / {shares[0]:.2f} | "
+                f"{100 * met / args.orders:.0f}% |"
+            )
+    return lines
 
 
 def plot(arms: list[Arm], path: Path) -> None:
@@ -158,6 +258,7 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=2)
     parser.add_argument("--reduction", type=int, default=3)
     parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--orders", type=int, default=200, help="arrival orders to replay")
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
@@ -194,10 +295,7 @@ def main() -> None:
         f"{sum(asha.epochs) / sum(rand.epochs):.2f} of its epochs and "
         f"{asha.wall / rand.wall:.2f} of its wall time.",
     ]
-    rungs, rung = [], args.grace
-    while rung < args.max_epochs:
-        rungs.append(rung)
-        rung *= args.reduction
+    asha_rungs = rungs(args.grace, args.reduction, args.max_epochs)
     lines += [
         "",
         "How well an early epoch ranks the random search's trials as their last epoch does "
@@ -207,10 +305,11 @@ def main() -> None:
         "|---|---|",
     ]
     lines += [
-        f"| {e}{' (a rung)' if e in rungs else ''} | "
+        f"| {e}{' (a rung)' if e in asha_rungs else ''} | "
         f"{rank_correlation(rand.curves, e, args.max_epochs):.2f} |"
         for e in range(1, args.max_epochs)
     ]
+    lines += ["", *replay_table(args, rand)]
     text = "\n".join(lines) + "\n"
     (out / "search_quality.md").write_text(text)
     print(text)
