@@ -332,9 +332,6 @@ def run_search(
     started = time.monotonic()
     # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has its own.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune's CSV and JSON result files would go to the scratch folder removed at the end; the
-    # study holds every figure, so the driver does not spend time writing them.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     own_ray = not ray.is_initialized()
     if own_ray:
         start_ray(address)
