@@ -22,11 +22,13 @@ trial (a reused worker: building models, reporting epochs, the study's writes); 
 trials run (between trials, and one slot waiting while the last trials finish); after the last
 trial is recorded (Ray's shutdown, printing the leaderboard, the process's exit).
 
-The bare start-up is what any search on Ray pays here with no data, teacher, study or trial: a
-process that imports what `kdsearch run` imports, starts Ray as it does, has one fresh worker
-per slot import what a trial imports and make a torch optimizer (whose first use imports
-torch._dynamo), shuts Ray down and exits. "Least possible" is the overhead the search would have
-if that were all it paid besides its busy time: 1 - busy / (concurrent x bare + busy).
+The bare start-up is what a search started as `kdsearch run` starts one (on a local Ray) pays
+here with no data, teacher, study or trial: a process that imports what `kdsearch run` imports,
+starts Ray as it does, has one fresh worker per slot import what a trial imports and make a
+torch optimizer (whose first use imports torch._dynamo), shuts Ray down and exits; one such
+process runs first, uncounted, so that none of the counted ones reads a cold disk. "Least
+possible" is the overhead the search would have if that were all it paid besides its busy time:
+1 - busy / (concurrent x bare + busy).
 """
 
 from __future__ import annotations
@@ -106,21 +108,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out", help="also write the tables to this markdown file")
-    parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)  # the bare start-up's child
+    # the bare start-up's child: slots and CPUs per slot
+    parser.add_argument("--bare", nargs=2, type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare:
-        bare(args.bare)
+    if args.bare is not None:
+        bare(int(args.bare[0]), args.bare[1])
         return
     work = work_dir(args.work, "kdsearch-overhead-")
     docs = {Path(args.space).stem: shipped_space(Path(args.space))}
     if args.root:
-        docs["cifar10"] = cifar10_search(args.root)
+        docs["cifar10 subset"] = cifar10_search(args.root)
     slots = {name: int(doc["search"]["concurrent"]) for name, doc in docs.items()}
-    bares = {n: [measure_bare(n) for _ in range(args.runs)] for n in sorted(set(slots.values()))}
+    shapes = sorted({(slots[n], float(d["search"]["per_trial"]["cpu"])) for n, d in docs.items()})
+    measure_bare(*shapes[0])  # not counted: the first process after a while reads a cold disk
+    bares = {shape: [measure_bare(*shape) for _ in range(args.runs)] for shape in shapes}
     table = Table(
         f"{os.cpu_count()} CPU cores, teacher cached, {args.runs} runs; bare start-up "
         + ", ".join(
-            f"{n} slots {' / '.join(f'{s:.1f}' for s in walls)} s" for n, walls in bares.items()
+            f"{n} slots of {cpu:g} CPU {' / '.join(f'{s:.1f}' for s in walls)} s"
+            for (n, cpu), walls in bares.items()
         ),
         "",
         "| search | run | trials | wall s | busy slot-s | before the first trial | first trial "
@@ -133,7 +139,8 @@ def main() -> None:
         study = doc["study"]["name"]
         shutil.rmtree(work / "studies", ignore_errors=True)
         run_search(space, work, "--trials", "1")  # the teacher (and heads) into the cache
-        bare_wall = statistics.median(bares[slots[name]])
+        shape = (slots[name], float(doc["search"]["per_trial"]["cpu"]))
+        bare_wall = statistics.median(bares[shape])
         for i in range(1, args.runs + 1):
             row = measure(space, work, study, slots[name])
             shares = " | ".join(f"{100 * part / row.capacity:.1f}%" for part in row.parts)
@@ -145,21 +152,23 @@ def main() -> None:
     table.save(args.out)
 
 
-def measure_bare(slots: int) -> float:
-    """Wall seconds of the bare start-up with `slots` workers, as a fresh process."""
+def measure_bare(slots: int, cpu: float) -> float:
+    """Wall seconds of the bare start-up with `slots` workers of `cpu` CPUs, as a fresh
+    process."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--bare", str(slots)], check=True)
+    subprocess.run([sys.executable, __file__, "--bare", str(slots), str(cpu)], check=True)
     return time.perf_counter() - started
 
 
-def bare(slots: int) -> None:
-    """The bare start-up itself (see the module's text)."""
+def bare(slots: int, cpu: float) -> None:
+    """The bare start-up itself (see the module's text). Plain Ray tasks: no Tune, no
+    placement groups, so a floor under what Tune itself could reach."""
     import ray
 
     from kdsearch import commands, search  # noqa: F401  (what `kdsearch run` imports)
 
     search.start_ray(None)
-    first = ray.remote(num_cpus=1)(first_use)
+    first = ray.remote(num_cpus=cpu)(first_use)
     ray.get([first.remote() for _ in range(slots)])
     ray.shutdown()
 

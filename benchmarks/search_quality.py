@@ -43,6 +43,8 @@ import pandas as pd
 from optuna.trial import TrialState
 from searches import finished_trials, run_search, work_dir, write_space
 
+SLOTS = 2  # trials at a time, in both arms and in the replay
+
 SPACE = {
     "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
     "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
@@ -112,7 +114,7 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
         "space": SPACE,
         "search": {
             "trials": args.trials,
-            "concurrent": 2,
+            "concurrent": SLOTS,
             "per_trial": {"cpu": 1},
             "sampler": "tpe" if asha else "random",
             "seed": 0,
@@ -167,19 +169,21 @@ def replay(
     """ASHA's stopping rule on recorded full learning curves, trials started in `order` as slots
     free up: the best last-epoch accuracy of the trials that ran to the end, and epochs spent."""
     recorded: dict[int, list[float]] = {m: [] for m in rungs(grace, reduction, max_epochs)}
-    waiting = list(order)
-    running: list[tuple[int, int, int]] = []  # (time the epoch ends, trial, epoch)
+    rank = {trial: i for i, trial in enumerate(order)}  # of two epochs ending at once, the
+    waiting = list(order)  # trial that arrived first is first at a rung
+    running: list[tuple[int, int, int, int]] = []  # (time the epoch ends, rank, trial, epoch)
     finished: list[float] = []
     spent = 0
 
     def start(now: int) -> None:
         if waiting:
-            heapq.heappush(running, (now + 1, waiting.pop(0), 1))
+            trial = waiting.pop(0)
+            heapq.heappush(running, (now + 1, rank[trial], trial, 1))
 
     for _ in range(slots):
         start(0)
     while running:
-        now, trial, epoch = heapq.heappop(running)
+        now, _, trial, epoch = heapq.heappop(running)
         spent += 1
         value = curves[trial][epoch]
         if epoch == max_epochs:
@@ -188,12 +192,12 @@ def replay(
             continue
         if epoch in recorded:
             before = recorded[epoch]
-            stop = bool(before) and value < np.percentile(before, 100 * (1 - 1 / reduction))
+            stop = bool(before) and value < np.nanpercentile(before, 100 * (1 - 1 / reduction))
             before.append(value)
             if stop:
                 start(now)
                 continue
-        heapq.heappush(running, (now + 1, trial, epoch + 1))
+        heapq.heappush(running, (now + 1, rank[trial], trial, epoch + 1))
     return max(finished), spent
 
 
@@ -207,7 +211,7 @@ def replay_table(args: argparse.Namespace, rand: Arm) -> list[str]:
     orders = [shuffle.sample(range(len(curves)), len(curves)) for _ in range(args.orders)]
     lines = [
         f"ASHA's rule replayed on the random search's {len(curves)} learning curves, "
-        f"{args.orders} random arrival orders, 2 at a time:",
+        f"{args.orders} random arrival orders, {SLOTS} at a time:",
         "",
         "| first rung | reduction | rungs | below random's best, points: mean / in run order | "
         "share of its epochs: mean / in run order | orders meeting the target |",
@@ -216,10 +220,10 @@ def replay_table(args: argparse.Namespace, rand: Arm) -> list[str]:
     for grace in sorted({1, 2, 3, args.grace}):
         for reduction in sorted({2, 3, 4, args.reduction}):
             runs = [
-                replay(curves, o, grace, reduction, args.max_epochs, 2)
+                replay(curves, o, grace, reduction, args.max_epochs, SLOTS)
                 for o in [list(range(len(curves))), *orders]
             ]
-            gaps = [100 * (best - b) for b, _ in runs]
+            gaps = [round(100 * (best - b), 6) for b, _ in runs]  # 0.5 is 0.5, not 0.50000001
             shares = [e / budget for _, e in runs]
             met = sum(g <= 0.5 and sh <= 1 / 3 for g, sh in zip(gaps[1:], shares[1:], strict=True))
             lines.append(
@@ -262,6 +266,8 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
+    if args.orders < 1:
+        parser.error("--orders must be at least 1")
     work = work_dir(args.work, "kdsearch-quality-")
     # Teacher and heads into the cache first (a one-trial, one-epoch search of the same space
     # reads the same teacher), so neither arm's wall time includes them.
@@ -278,7 +284,7 @@ def main() -> None:
     lines = [
         f"CIFAR-10 subset of {args.subset} images (80% train / 20% validation), "
         f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
-        f"2 at a time on {os.cpu_count()} CPU cores",
+        f"{SLOTS} at a time on {os.cpu_count()} CPU cores",
         "",
         "| search | trials complete / pruned | epochs trained | wall s | best val acc % |",
         "|---|---|---|---|---|",
