@@ -43,36 +43,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from optuna.trial import FrozenTrial
-from searches import finished_trials, run_search, shipped_space, work_dir, write_space
+from searches import (
+    cifar10_kd_search,
+    finished_trials,
+    run_search,
+    shipped_space,
+    work_dir,
+    write_space,
+)
 from tables import Table
-
-
-def cifar10_search(root: str) -> dict[str, Any]:
-    """A CIFAR-10 search whose trials train for tens of seconds each on a 2-core CPU."""
-    return {
-        "study": {"name": "overhead-cifar10"},
-        "base": {
-            "data": {
-                "dataset": "imagefolder",
-                "root": str(Path(root).resolve()),
-                "subset": 5000,
-                "val_fraction": 0.2,
-            },
-            "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
-            "student": {"arch": "resnet8"},
-            "schedule": {"epochs": 6, "kind": "cosine"},
-        },
-        "space": {
-            "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
-            "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
-            "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
-        },
-        "search": {"trials": 8, "concurrent": 2, "per_trial": {"cpu": 1}, "seed": 0},
-        "asha": {"max_epochs": 6, "grace_epochs": 2, "reduction_factor": 3},
-    }
 
 
 @dataclass(frozen=True)
@@ -117,7 +98,15 @@ def main() -> None:
     work = work_dir(args.work, "kdsearch-overhead-")
     docs = {Path(args.space).stem: shipped_space(Path(args.space))}
     if args.root:
-        docs["cifar10 subset"] = cifar10_search(args.root)
+        # trials that train for tens of seconds each on a 2-core CPU
+        docs["cifar10 subset"] = cifar10_kd_search(
+            args.root,
+            "overhead-cifar10",
+            subset=5000,
+            epochs=6,
+            trials=8,
+            asha={"grace_epochs": 2, "reduction_factor": 3},
+        )
     slots = {name: int(doc["search"]["concurrent"]) for name, doc in docs.items()}
     shapes = sorted({(slots[n], float(d["search"]["per_trial"]["cpu"])) for n, d in docs.items()})
     measure_bare(*shapes[0])  # not counted: the first process after a while reads a cold disk

@@ -28,7 +28,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from searches import finished_trials, run_search, shipped_space, work_dir, write_space
+from searches import (
+    cifar10_kd_search,
+    finished_trials,
+    run_search,
+    shipped_space,
+    work_dir,
+    write_space,
+)
 from tables import Table
 
 R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
@@ -66,22 +73,14 @@ def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
     data = {"dataset": "imagefolder", "root": str(Path(root).resolve()), "val_fraction": 0.2}
     lr = {"optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}
     if "cifar10" in only:
-        out["cifar10"] = {
-            "study": {"name": "cifar10"},
-            "base": {
-                "data": {**data, "subset": 2000},
-                "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
-                "student": {"arch": "resnet8"},
-                "schedule": {"epochs": 4, "kind": "cosine"},
-            },
-            "space": {
-                "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
-                "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
-                **lr,
-            },
-            "search": {"trials": 6, "concurrent": 2, "per_trial": {"cpu": 1}},
-            "asha": {"max_epochs": 4, "grace_epochs": 1, "reduction_factor": 2},
-        }
+        out["cifar10"] = cifar10_kd_search(
+            root,
+            "cifar10",
+            subset=2000,
+            epochs=4,
+            trials=6,
+            asha={"grace_epochs": 1, "reduction_factor": 2},
+        )
     if "r32x4" in only:
         for term, (weights, space, trials, images) in R32X4_TERMS.items():
             out[f"r32x4-{term}"] = {
