@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from searches import cifar10_base
 from terms import BATCH, pair_recipe, random_data
 
 from kdsearch.data import load_data
@@ -69,17 +70,9 @@ def cifar_recipe(root: str, subset: int, epochs: int) -> Recipe:
     """resnet20 -> resnet8 with KD on a CIFAR-10 subset."""
     return Recipe.from_dict(
         {
-            "data": {
-                "dataset": "imagefolder",
-                "root": str(Path(root).resolve()),
-                "subset": subset,
-                "val_fraction": 0.2,
-            },
-            "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
-            "student": {"arch": "resnet8"},
+            **cifar10_base(root, subset, epochs),
             "distill": {"ce": {"weight": 1.0}, "kd": {"weight": 0.9, "temperature": 4.0}},
             "optim": {"lr": 0.05},
-            "schedule": {"epochs": epochs, "kind": "cosine"},
             "batch_size": 64,
         }
     )

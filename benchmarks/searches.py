@@ -35,25 +35,30 @@ def shipped_space(path: Path) -> dict[str, Any]:
     return doc
 
 
+def cifar10_base(root: str, subset: int, epochs: int) -> dict[str, Any]:
+    """resnet20 -> resnet8 on a CIFAR-10 subset (an image folder at `root`; 80% train, 20%
+    validation) for `epochs` epochs, the teacher trained 30 epochs."""
+    return {
+        "data": {
+            "dataset": "imagefolder",
+            "root": str(Path(root).resolve()),
+            "subset": subset,
+            "val_fraction": 0.2,
+        },
+        "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
+        "student": {"arch": "resnet8"},
+        "schedule": {"epochs": epochs, "kind": "cosine"},
+    }
+
+
 def cifar10_kd_search(
     root: str, name: str, *, subset: int, epochs: int, trials: int, asha: dict[str, int]
 ) -> dict[str, Any]:
-    """A search of KD's temperature and weight and the learning rate, resnet20 -> resnet8 on a
-    CIFAR-10 subset (an image folder at `root`; 80% train, 20% validation), 2 trials at a time,
-    each of at most `epochs` epochs."""
+    """A search of KD's temperature and weight and the learning rate on `cifar10_base`, 2 trials
+    at a time, each of at most `epochs` epochs."""
     return {
         "study": {"name": name},
-        "base": {
-            "data": {
-                "dataset": "imagefolder",
-                "root": str(Path(root).resolve()),
-                "subset": subset,
-                "val_fraction": 0.2,
-            },
-            "teacher": {"arch": "resnet20", "train": {"epochs": 30, "lr": 0.05}},
-            "student": {"arch": "resnet8"},
-            "schedule": {"epochs": epochs, "kind": "cosine"},
-        },
+        "base": cifar10_base(root, subset, epochs),
         "space": {
             "distill.kd.temperature": {"type": "float", "low": 1.0, "high": 8.0},
             "distill.kd.weight": {"type": "float", "low": 0.0, "high": 2.0},
