@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -245,6 +246,27 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert t.user_attrs["attempt"] == 2, "an interrupted trial runs again under its number"
 
 
+def stop_ray_cluster(temp_dir: str) -> None:
+    """Stop the processes of the Ray cluster started with `temp_dir`, and only those: `ray stop`
+    stops every Ray on the machine, a search someone is running beside the tests included."""
+    own = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in arg for arg in p.info["cmdline"] or [])
+    ]
+    procs = {p.pid: p for p in own}
+    for p in own:  # workers and agents name themselves ray::..., but are the raylet's children
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     root, env = workdir(tmp_path)
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
@@ -252,12 +274,14 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="kdsearch-test-ray-")  # short: Ray's socket paths
     started = subprocess.run(
         [
             ray,
             "start",
             "--head",
             f"--port={port}",
+            f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=false",
@@ -284,7 +308,14 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert [t.state.is_finished() for t in trials(root)] == [True] * 4
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in arg for arg in p.info["cmdline"] or [])
+    ]
+    assert not left, "the cluster's processes are stopped"
 
 
 POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
