@@ -246,25 +246,31 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert t.user_attrs["attempt"] == 2, "an interrupted trial runs again under its number"
 
 
-def stop_ray_cluster(temp_dir: str) -> None:
-    """Stop the processes of the Ray cluster started with `temp_dir`, and only those: `ray stop`
-    stops every Ray on the machine, a search someone is running beside the tests included."""
-    own = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(temp_dir in arg for arg in p.info["cmdline"] or [])
-    ]
-    procs = {p.pid: p for p in own}
-    for p in own:  # workers and agents name themselves ray::..., but are the raylet's children
-        with contextlib.suppress(psutil.Error):
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-    for p in procs.values():
+def in_session(session: int) -> list[psutil.Process]:
+    """The live processes of a session (a zombie has exited and holds nothing)."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def stop_ray_cluster(session: int) -> list[psutil.Process]:
+    """Stop the Ray cluster that `ray start` started as the leader of session `session`, and
+    only it: `ray stop` stops every Ray on the machine, a search running beside the tests
+    included. Ray's daemons (and the workers and agents they start) stay in the session of the
+    `ray start` that launched them. Returns the processes still running."""
+    procs = in_session(session)
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=15)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return in_session(session)
 
 
 def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
@@ -274,8 +280,10 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    temp_dir = tempfile.mkdtemp(prefix="kdsearch-test-ray-")  # short: Ray's socket paths
-    started = subprocess.run(
+    # its own temp dir, so it does not become the machine's "current cluster" for address=auto;
+    # short, for Ray's socket paths
+    temp_dir = tempfile.mkdtemp(prefix="kdsearch-test-ray-")
+    head = subprocess.Popen(
         [
             ray,
             "start",
@@ -288,12 +296,15 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
             "--disable-usage-stats",
         ],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
+        start_new_session=True,  # its daemons stay in this session: stopped below, and only they
     )
-    assert started.returncode == 0, started.stderr
     try:
+        _, err = head.communicate(timeout=120)
+        assert head.returncode == 0, err
+        assert in_session(head.pid), "the cluster's processes are found by their session"
         proc = kdsearch(
             "run",
             "space.yaml",
@@ -308,14 +319,9 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert [t.state.is_finished() for t in trials(root)] == [True] * 4
     finally:
-        stop_ray_cluster(temp_dir)
+        left = stop_ray_cluster(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    left = [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any(temp_dir in arg for arg in p.info["cmdline"] or [])
-    ]
-    assert not left, "the cluster's processes are stopped"
+    assert not left, f"the cluster's processes are stopped: {left}"
 
 
 POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
