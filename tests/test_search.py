@@ -191,10 +191,31 @@ def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """The driver's Ray processes are in its session; clean them up after the test's kill."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def in_session(session: int) -> list[psutil.Process]:
+    """The live processes of a session (a zombie has exited and holds nothing)."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def stop_session(session: int) -> list[psutil.Process]:
+    """Stop the processes of session `session`, which a test started as a session leader (a
+    search's driver, `ray start`), and only those: Ray's daemons and the workers and agents they
+    start stay in it (`ray stop` would stop every Ray on the machine, a search running beside the
+    tests included). Returns the processes still running."""
+    procs = in_session(session)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return in_session(session)
 
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
@@ -226,7 +247,7 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert proc.returncode == 130, err
             assert "--resume" in err and "Traceback" not in err
     finally:
-        _kill_group(proc)
+        stop_session(proc.pid)  # the killed driver's Ray
     left = [t.number for t in trials(root) if t.state == TrialState.RUNNING]
     assert left, "the stop must have caught trials in flight"
     assert bool(scratch_of(proc.pid)) == (how == "kill -9"), "Ctrl-C cleans up its own"
@@ -244,33 +265,6 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             )
         elif t.number in left:
             assert t.user_attrs["attempt"] == 2, "an interrupted trial runs again under its number"
-
-
-def in_session(session: int) -> list[psutil.Process]:
-    """The live processes of a session (a zombie has exited and holds nothing)."""
-    found = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-    return found
-
-
-def stop_ray_cluster(session: int) -> list[psutil.Process]:
-    """Stop the Ray cluster that `ray start` started as the leader of session `session`, and
-    only it: `ray stop` stops every Ray on the machine, a search running beside the tests
-    included. Ray's daemons (and the workers and agents they start) stay in the session of the
-    `ray start` that launched them. Returns the processes still running."""
-    procs = in_session(session)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return in_session(session)
 
 
 def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
@@ -319,7 +313,7 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert [t.state.is_finished() for t in trials(root)] == [True] * 4
     finally:
-        left = stop_ray_cluster(head.pid)
+        left = stop_session(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, f"the cluster's processes are stopped: {left}"
 
