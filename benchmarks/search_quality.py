@@ -2,7 +2,7 @@
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
     python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
-        [--max-epochs 18] [--grace 2] [--reduction 3] [--orders 200] [--work DIR]
+        [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--orders 200] [--work DIR]
         [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
@@ -25,7 +25,8 @@ arriving in `--orders` random orders (and once in the order they ran), `concurre
 every epoch one time step, for several first rungs and reduction factors: how far below the
 random search's best it ends and what share of its epochs it spends, on average, and in how many
 orders both halves of the target hold. The replay proposes the random arm's configurations, not
-TPE's.
+TPE's. `--seed` draws another subset, split, teacher and set of proposals: a rung setting chosen
+on one seed's curves can be checked on another's.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
                 "root": str(Path(args.root).resolve()),
                 "subset": args.subset,
                 "val_fraction": 0.2,
+                "seed": args.seed,
             },
             "teacher": {
                 "arch": "resnet20",
-                "train": {"epochs": args.teacher_epochs, "lr": 0.05},
+                "train": {"epochs": args.teacher_epochs, "lr": 0.05, "seed": args.seed},
                 "heads": {"epochs": 15, "lr": 0.05},
             },
             "student": {"arch": "resnet8"},
@@ -110,6 +112,7 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
             "optim": {"lr": 0.05},
             "schedule": {"epochs": epochs, "kind": "cosine"},
             "batch_size": 64,
+            "seed": args.seed,
         },
         "space": SPACE,
         "search": {
@@ -117,7 +120,7 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
             "concurrent": SLOTS,
             "per_trial": {"cpu": 1},
             "sampler": "tpe" if asha else "random",
-            "seed": 0,
+            "seed": args.seed,
         },
         "asha": {
             "max_epochs": epochs,
@@ -262,6 +265,9 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=2)
     parser.add_argument("--reduction", type=int, default=3)
     parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data subset, split, teacher and proposals"
+    )
     parser.add_argument("--orders", type=int, default=200, help="arrival orders to replay")
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
@@ -284,7 +290,7 @@ def main() -> None:
     lines = [
         f"CIFAR-10 subset of {args.subset} images (80% train / 20% validation), "
         f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
-        f"{SLOTS} at a time on {os.cpu_count()} CPU cores",
+        f"{SLOTS} at a time on {os.cpu_count()} CPU cores, seed {args.seed}",
         "",
         "| search | trials complete / pruned | epochs trained | wall s | best val acc % |",
         "|---|---|---|---|---|",
