@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -19,6 +20,7 @@ from kdsearch.commands import (
 )
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, NonFiniteLoss
+from kdsearch.space import NAME_PATTERN
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +28,40 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def whole_number(text: str) -> int:
+    """An option's value as an int (argparse names the option when this raises)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive(text: str) -> int:
+    """A count or budget: at least 1."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, or 0 for any free one."""
+    value = whole_number(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return value
+
+
+def study_name(text: str) -> str:
+    """A study name as a space file's study.name allows: it names files and folders."""
+    if not re.fullmatch(NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with "
+            "'.', '_' or '-'"
+        )
+    return text
 
 
 def add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -43,14 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="a recipe YAML file")
     add_set(p, "override a recipe value, e.g. --set distill.kd.temperature=6 (repeatable)")
-    p.add_argument("--out", help="output folder (default: studies/runs/<recipe>-<time>)")
+    p.add_argument("--out", help="output folder (default: studies/runs/<recipe>-<date>-<time>)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="search a space of distillation recipes")
     p.add_argument("space", help="a search space YAML file (search_spaces/*.yaml)")
-    p.add_argument("--trials", type=int, help="trials the study should hold (default: the space's)")
-    p.add_argument("--study", help="study name (default: the space's study.name)")
-    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument(
+        "--trials", type=positive, help="trials the study should hold (default: the space's)"
+    )
+    p.add_argument("--study", type=study_name, help="study name (default: the space's study.name)")
+    p.add_argument(
+        "--storage",
+        help="SQLAlchemy URL (default: the space's study.storage, else sqlite:///studies/<study>.db)",
+    )
     add_set(p, "override a value of the base recipe, e.g. --set data.root=DIR (repeatable)")
     p.add_argument(
         "--address",
@@ -71,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         return q
 
     p = study_command("promote", "re-train the best trials at full budget over several seeds")
-    p.add_argument("--top-k", type=int, help="trials to promote (default: the space's, else 3)")
-    p.add_argument("--seeds", type=int, help="seeds per recipe (default: the space's, else 3)")
+    p.add_argument(
+        "--top-k", type=positive, help="trials to promote (default: the space's, else 3)"
+    )
+    p.add_argument("--seeds", type=positive, help="seeds per recipe (default: the space's, else 3)")
     p.add_argument(
         "--epochs",
-        type=int,
+        type=positive,
         help="full budget (default: the space's, else the base recipe's schedule.epochs)",
     )
     p.add_argument("--address", help="join the Ray cluster at this address")
@@ -88,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
     p.add_argument("storage", help="SQLAlchemy URL, or the path of an SQLite study file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free)")
+    p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0: any free)")
     p.set_defaults(func=cmd_dashboard)
 
     p = study_command("report", "write a self-contained HTML report of a study")

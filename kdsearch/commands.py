@@ -21,6 +21,7 @@ from rich.live import Live
 from kdsearch import __version__
 from kdsearch.display import console, epoch_progress, leaderboard_table, status_line
 from kdsearch.errors import KdsearchError
+from kdsearch.paths import writable_file, writable_folder
 from kdsearch.recipe import Recipe, load_yaml
 
 
@@ -71,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.out
         else Path("studies/runs") / (f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
+    writable_folder(out, "--out")
     if (out / "student.pt").exists():
         raise KdsearchError(f"--out {out} already holds a trained student; choose another folder")
     device = resolve_device(recipe.device)
@@ -137,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
+    if args.address not in (None, "auto"):
+        use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
     from kdsearch.study import Record, default_storage, open_storage, redact
 
@@ -144,12 +148,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.set:
         space = space.with_base_changes(parse_sets(args.set))
     name = args.study or space.config.study.name
-    url = args.storage or space.config.study.storage or default_storage(name)
     target = args.trials or space.config.search.trials
+    if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
+        from kdsearch.search import local_resources, trial_resources
+
+        trial_resources(space.config.search, local_resources())
+    if space.config.export is not None:
+        from kdsearch.export import check_out
+
+        check_out(Path(space.config.export.dir), name)  # now, not after the search
+    url = args.storage or space.config.study.storage or default_storage(name)
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
 
-    if args.address not in (None, "auto"):
-        use_ray_token(os.environ)
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
     from kdsearch.search import active_terms, run_search
@@ -204,20 +214,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def study_storage(study: str, url: str | None) -> tuple[Any, str]:
-    """The storage of an existing study: `url`, else ./studies/<study>.db, which must exist
-    (opening a missing SQLite file would silently create an empty one)."""
-    from kdsearch.study import open_storage
+    """The storage of an existing study: `url`, else ./studies/<study>.db. An SQLite file must
+    exist: opening a missing one would silently create an empty database."""
+    from kdsearch.study import open_storage, sqlite_file
 
     if url is None:
         path = Path("studies") / f"{study}.db"
         if not path.is_file():
             raise KdsearchError(f"no study database at {path}; pass --storage URL")
         url = f"sqlite:///{path}"
+    file = sqlite_file(url)
+    if file is not None and not file.is_file():
+        raise KdsearchError(f"no study database at {file}")
     return open_storage(url), url
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
+    if args.address not in (None, "auto"):
+        use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.promote import space_config
     from kdsearch.study import load_study
 
@@ -284,9 +299,10 @@ def run_export(storage: Any, name: str, out: Path) -> None:
 
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
-    from kdsearch.export import export, find_winner
+    from kdsearch.export import check_out, export, find_winner
     from kdsearch.train import evaluate_split, train
 
+    check_out(out, name)
     winner = find_winner(storage, name)
     data = load_data(winner.recipe.data)
     if winner.weights is not None:
@@ -333,11 +349,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from optuna_dashboard import wsgi
 
-    from kdsearch.study import open_storage
+    from kdsearch.study import open_storage, sqlite_file
 
     url = args.storage if "://" in args.storage else f"sqlite:///{args.storage}"
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise KdsearchError(f"no study database at {url.removeprefix('sqlite:///')}")
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise KdsearchError(f"no study database at {path}")
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
@@ -360,8 +377,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
     from kdsearch.report import build_report
 
-    storage, _ = study_storage(args.study, args.storage)
     out = Path(args.out)
+    writable_file(out, "--out")
+    storage, _ = study_storage(args.study, args.storage)
     out.write_text(build_report(storage, args.study), encoding="utf-8")
     console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline)")
     return 0
@@ -372,8 +390,13 @@ def cmd_trials(args: argparse.Namespace) -> int:
     from kdsearch.report import trials_table
     from kdsearch.study import load_study
 
+    if args.csv:
+        writable_file(Path(args.csv), "--csv")
     storage, _ = study_storage(args.study, args.storage)
     table = trials_table(load_study(storage, args.study))
+    if table.empty and not args.csv:
+        console.print(f"study {args.study!r} holds no trials yet")
+        return 0
     if args.csv:
         table.to_csv(args.csv, index=False)
         console.print(f"wrote {len(table)} trials to {args.csv}")

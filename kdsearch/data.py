@@ -14,7 +14,10 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -256,8 +259,7 @@ def _cifar(cfg: DataConfig, progress: Progress | None) -> Raw:
     root = _root(cfg)
     if not (root / folder).is_dir():
         if (root / archive).is_file():
-            with tarfile.open(root / archive) as tar:
-                tar.extractall(root, filter="data")
+            _extract(root / archive, folder)
         elif cfg.download:
             _torchvision_download(cfg.dataset, root)
         else:
@@ -282,6 +284,23 @@ def _cifar(cfg: DataConfig, progress: Progress | None) -> Raw:
 
     classes = tuple(read(meta)[names_key])
     return Raw(load(train_files), load(test_files), classes, hflip=True)
+
+
+def _extract(archive: Path, folder: str) -> None:
+    """Unpack `archive` beside itself so that its `folder` appears whole or not at all."""
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=archive.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        if not (tmp / folder).is_dir():
+            raise DataError(f"{archive}: holds no {folder}/ folder; is it the official archive?")
+        (tmp / folder).rename(archive.parent / folder)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise DataError(
+            f"{archive}: cannot unpack it ({err}); replace it with the official archive"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _torchvision_download(dataset: str, root: Path) -> None:

@@ -19,14 +19,14 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
-from kdsearch.promote import has_promoted, leaderboard, promoted_name
-from kdsearch.recipe import Recipe
-from kdsearch.study import load_study, ranked, trial_recipe
+from kdsearch.paths import writable_folder
+from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name
+from kdsearch.recipe import Recipe, flatten
+from kdsearch.study import load_study, ranked, recorded, trial_recipe
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
         searched = board[board["source_trial"] >= 0]
         best = searched.iloc[0]
         source = int(best["source_trial"])
-        runs = [
-            t
-            for t in promoted.trials
-            if t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) == source
-        ]
+        runs = [t for t in current_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
         metrics = {
             "val_acc_mean": best["val_mean"] / 100,
@@ -86,6 +82,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
             sorted(int(t.user_attrs["seed"]) for t in runs),
         )
     study = load_study(storage, name)
+    recorded(study, "space")  # a search study, not a promoted one or another tool's
     best_trials = ranked(study.trials)
     if not best_trials:
         raise StudyError(f"study {name!r} has no COMPLETE trial to export")
@@ -104,14 +101,8 @@ def export(
 ) -> None:
     """Write the four files of an export into `out` (a previous export of the same study may be
     replaced; anything else there is refused, so nothing is lost)."""
+    check_out(out, name)
     meta_path = out / "meta.json"
-    if out.exists() and any(out.iterdir()):
-        previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if previous.get("study") != name:
-            raise KdsearchError(
-                f"--out {out} already holds files that are not an export of study {name!r}; "
-                "choose another folder"
-            )
     model = build_model(winner.recipe.student.arch, data_info["classes"], data_info["channels"])
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
     out.mkdir(parents=True, exist_ok=True)
@@ -134,16 +125,21 @@ def export(
     (out / "hyperparameters.json").write_text(json.dumps(flat, indent=2) + "\n")
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
+def check_out(out: Path, name: str) -> None:
+    """Refuse, before any training, a folder an export of study `name` must not write into:
+    a file, a place that cannot be written, or a folder holding anything but an earlier
+    export of the same study."""
+    writable_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            previous = json.loads((out / "meta.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if not isinstance(previous, dict) or previous.get("study") != name:
+            raise KdsearchError(
+                f"--out {out} already holds files that are not an export of study {name!r}; "
+                "choose another folder"
+            )
 
 
 def versions() -> dict[str, str]:

@@ -2,8 +2,10 @@
 the test split, next to the student alone and plain KD trained the same way.
 
 Every run is recorded in the study `<name>-promoted` (same storage) when it ends, with its source
-trial, seed, validation and test accuracy and learning curve, so a promotion interrupted and run
-again skips every run already there.
+trial, seed, budget, validation and test accuracy and learning curve, so a promotion interrupted
+and run again skips every run already COMPLETE there (a failed run is tried again). A promotion at
+another budget (`--epochs`) trains its own runs; the leaderboard and the export read the runs of
+the latest promotion's budget, and earlier ones stay in the study.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 import torch
 from optuna.distributions import IntDistribution
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from kdsearch import __version__
 from kdsearch.data import load_data
@@ -29,7 +31,14 @@ from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe, load_yaml
 from kdsearch.search import JobResult, run_jobs
 from kdsearch.space import SpaceFile
-from kdsearch.study import load_study, ranked, study_names, trial_recipe
+from kdsearch.study import (
+    load_study,
+    ranked,
+    recorded,
+    sqlite_file,
+    study_names,
+    trial_recipe,
+)
 from kdsearch.teacher import Teacher, get_teacher
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
@@ -52,7 +61,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        return f"{self.source_trial}/{self.seed}"
+        return f"{self.source_trial}/{self.seed}/{self.recipe.schedule.epochs}"
 
     @property
     def label(self) -> str:
@@ -61,13 +70,13 @@ class Run:
 
 def space_config(study: optuna.Study) -> SpaceFile:
     """The search's space file as recorded in the study (its base is not loaded again)."""
-    return SpaceFile.model_validate(load_yaml(str(study.user_attrs["space"]), source="study"))
+    return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
 
 
 def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> list[Run]:
     """The runs of a promotion: the top-k COMPLETE trials (all ran the same budget, so their
     values compare) and the two baselines, each at the full schedule, for every seed."""
-    base = Recipe.from_yaml(str(study.user_attrs["base_recipe"]), source="study base recipe")
+    base = Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
     full = base.with_epochs(epochs) if epochs else base
     schedule = full.schedule.model_dump()
     best = ranked(study.trials)[:top_k]
@@ -102,8 +111,18 @@ def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
 
 
 def finished_keys(promoted: optuna.Study) -> set[str]:
-    """Runs already recorded; a promotion run again does not redo them."""
-    return {str(t.user_attrs["run_key"]) for t in promoted.trials if t.state.is_finished()}
+    """Runs already COMPLETE; a promotion run again does not redo them."""
+    return {str(t.user_attrs["run_key"]) for t in promoted.trials if t.state == TrialState.COMPLETE}
+
+
+def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE runs at the budget of the latest promotion."""
+    budget = promoted.user_attrs.get("budget")
+    return [
+        t
+        for t in promoted.trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("budget") == budget
+    ]
 
 
 def promote(
@@ -122,6 +141,7 @@ def promote(
     study = load_study(storage, name)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
     promoted = open_promoted(storage, name)
+    promoted.set_user_attr("budget", runs[0].recipe.schedule.epochs)
     todo = {r.key: r for r in runs if r.key not in finished_keys(promoted)}
     if not todo:
         return promoted
@@ -160,6 +180,7 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
         "label": run.label,
         "source_trial": run.source_trial,
         "seed": run.seed,
+        "budget": run.recipe.schedule.epochs,
         "recipe": run.recipe.to_yaml(),
         "epochs": max(result.curve, default=0),
         "wall_seconds": round(result.seconds, 2),
@@ -189,11 +210,10 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
 
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
-    """Mean and spread over seeds of each promoted recipe and baseline, best validation first."""
+    """Mean and spread over seeds of each promoted recipe and baseline at the latest promotion's
+    budget, best validation first."""
     rows: dict[int, dict[str, Any]] = {}
-    for t in promoted.trials:
-        if t.state != TrialState.COMPLETE:
-            continue
+    for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
         row = rows.setdefault(
             source, {"recipe": t.user_attrs["label"], "source_trial": source, "val": [], "test": []}
@@ -222,18 +242,15 @@ def _sd(values: list[float]) -> float:
 
 
 def has_promoted(storage: BaseStorage, name: str) -> bool:
-    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched recipe."""
+    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched recipe
+    at the latest promotion's budget."""
     if promoted_name(name) not in study_names(storage):
         return False
     promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
-    return any(
-        t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) >= 0
-        for t in promoted.trials
-    )
+    return any(int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted))
 
 
 def weights_dir_for(url: str, name: str) -> Path:
     """Where promoted students' weights go: beside an SQLite file, else under ./studies/."""
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///")).parent / promoted_name(name)
-    return Path("studies") / promoted_name(name)
+    path = sqlite_file(url)
+    return (path.parent if path else Path("studies")) / promoted_name(name)

@@ -39,6 +39,11 @@ ModelName = Literal[
 ]
 DatasetName = Literal["digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+# Stages after the stem, each of which can carry an HSAKD auxiliary head (numbered 1..n); the
+# models package builds networks with exactly these (a test holds the two together).
+HEAD_STAGES: dict[str, int] = {
+    name: 4 if name.startswith("vgg") or name == "mobilenetv2" else 3 for name in MODEL_NAMES
+}
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 Weight = Annotated[float, Field(ge=0.0)]
@@ -49,7 +54,7 @@ Epochs = Annotated[int, Field(ge=1)]
 class Section(BaseModel):
     """A strict, immutable part of a recipe: unknown keys and wrong types are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -243,6 +248,18 @@ class Recipe(Section):
     compile: bool = False
     seed: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="after")
+    def _placement_fits_student(self) -> Recipe:
+        stages = HEAD_STAGES[self.student.arch]
+        placement = self.distill.hsakd.placement
+        bad = [p for p in placement if p > stages]
+        if bad:
+            raise ValueError(
+                f"distill.hsakd.placement {placement}: {self.student.arch} has no stage "
+                f"{bad[0]} to carry a head (its stages are 1-{stages})"
+            )
+        return self
+
     @classmethod
     def from_dict(cls, raw: Any, *, source: str = "recipe") -> Recipe:
         """Validate a plain mapping; every problem is reported with its dotted key."""
@@ -306,10 +323,23 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         elif e["type"] == "value_error":
-            lines.append(f"{key}: {str(e['msg']).removeprefix('Value error, ')}")
+            message = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{key}: {message}" if loc else message)  # a check across keys names them
         else:
             lines.append(f"{key}: {e['msg']} (got {_short(e.get('input'))})")
     return "; ".join(lines)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
 
 
 def _short(value: Any) -> str:
@@ -339,6 +369,8 @@ def check_path(path: str, *, source: str) -> list[str]:
         allowed = _fields_at(Recipe, tuple(parts[:depth]))
         if part not in allowed:
             where = ".".join(parts[:depth]) or "the top level"
+            if not allowed:
+                raise RecipeError(f"{source}: {path}: {where} is a value, not a section")
             raise RecipeError(
                 f"{source}: {path}: unknown key {part!r} in {where}; allowed: {', '.join(allowed)}"
             )

@@ -490,11 +490,19 @@ def run_jobs(
             ray.shutdown()
 
 
-def trial_resources(search: SearchConfig) -> tuple[float, float]:
-    """CPUs and GPUs of one trial on the connected cluster (`gpu: auto` is 1/concurrent of a
-    GPU where there are GPUs); a request the cluster cannot meet is refused at once, since Tune
-    and Ray would wait forever for it."""
-    cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
+def local_resources() -> dict[str, float]:
+    """What the local Ray that `start_ray` starts will have: every CPU and visible GPU."""
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def trial_resources(
+    search: SearchConfig, cluster: Mapping[str, float] | None = None
+) -> tuple[float, float]:
+    """CPUs and GPUs of one trial on `cluster`'s resources, by default the connected Ray's
+    (`gpu: auto` is 1/concurrent of a GPU where there are GPUs); a request the cluster cannot
+    meet is refused at once, since Tune and Ray would wait forever for it."""
+    if cluster is None:
+        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
     gpus = float(cluster.get("GPU", 0.0))
     per_trial = search.per_trial
     if per_trial.gpu == "auto":

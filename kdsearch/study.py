@@ -26,8 +26,8 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import __version__
 from kdsearch.data import derive_seed
 from kdsearch.errors import RecipeError, StudyError
-from kdsearch.recipe import Recipe
-from kdsearch.space import SearchSpace
+from kdsearch.recipe import Recipe, flatten, load_yaml
+from kdsearch.space import SearchSpace, SpaceFile
 
 METRIC = "val_acc"
 OPEN_ATTEMPTS = 3
@@ -53,15 +53,34 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names (None for another database, or SQLite in memory)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def open_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     failure: Exception | None = None
-    for _ in range(OPEN_ATTEMPTS):
+    for _ in range(1 if url.startswith("sqlite") else OPEN_ATTEMPTS):
         try:
             return RDBStorage(url, engine_kwargs=kwargs)
+        except (ArgumentError, NoSuchModuleError, ImportError) as err:  # no retry mends these
+            failure = err
+            break
         except Exception as err:  # SQLAlchemy, driver and Optuna errors: cannot use this URL
             # Two drivers opening a new PostgreSQL database at once race to create Optuna's
             # tables, and one of them fails; a moment later the tables are there.
@@ -86,8 +105,22 @@ def load_study(storage: BaseStorage, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def recorded(study: optuna.Study, key: str) -> str:
+    """A study attribute `kdsearch run` records; a study it did not write is a clear error."""
+    if key not in study.user_attrs:
+        source = study.user_attrs.get("source_study")
+        hint = f"; it holds the promotion runs of study {source!r}: use that" if source else ""
+        raise StudyError(
+            f"study {study.study_name!r} was not written by `kdsearch run` (it records no "
+            f"{key!r}){hint}"
+        )
+    return str(study.user_attrs[key])
+
+
 def trial_recipe(trial: FrozenTrial) -> Recipe:
     """The full recipe a trial trained with, as recorded."""
+    if "recipe" not in trial.user_attrs:
+        raise StudyError(f"trial {trial.number} records no recipe: not a trial of `kdsearch run`")
     return Recipe.from_yaml(str(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
 
 
@@ -136,6 +169,15 @@ class Record:
                 raise StudyError(
                     f"study {name!r} already holds {n} trials; add --resume to finish it, or "
                     "choose another --study name"
+                )
+        if exists and resume:
+            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+            changed = changed_settings(attrs, space)
+            if changed:
+                raise StudyError(
+                    f"study {name!r} was started with other settings ({'; '.join(changed)}); "
+                    "resume it with the space and --set it was started with, or choose another "
+                    "--study name"
                 )
         study = optuna.create_study(
             study_name=name, storage=storage, direction="maximize", load_if_exists=True
@@ -267,6 +309,33 @@ class Record:
             elif trial.state == TrialState.RUNNING:
                 t.running += 1
         return t
+
+
+def changed_settings(attrs: Mapping[str, Any], space: SearchSpace) -> list[str]:
+    """What `space` changes of the settings a study recorded, that its trials depend on: the
+    trial budget, the base recipe and the searched parameters (not the trial count, the
+    resources or what follows the search)."""
+    if "space" not in attrs:
+        return []
+    changed = []
+    if attrs.get("max_epochs") != space.config.asha.max_epochs:
+        changed.append(
+            f"asha.max_epochs {attrs.get('max_epochs')} -> {space.config.asha.max_epochs}"
+        )
+    was = flatten(Recipe.from_yaml(str(attrs["base_recipe"]), source="the study").to_dict())
+    now = flatten(space.base.to_dict())
+    changed += [
+        f"base.{key} {was.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(was.keys() | now.keys())
+        if was.get(key) != now.get(key)
+    ]
+    params = SpaceFile.model_validate(load_yaml(str(attrs["space"]), source="the study")).space
+    changed += [
+        f"space.{key} differs"
+        for key in sorted(params.keys() | space.params.keys())
+        if params.get(key) != space.params.get(key)
+    ]
+    return changed
 
 
 def process_alive(pid: int) -> bool:

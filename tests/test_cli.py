@@ -11,7 +11,7 @@ import torch
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import run_cli, tiny_recipe
+from .conftest import SMALL_SPACE, run_cli, tiny_recipe
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
@@ -146,3 +146,38 @@ def test_version_and_help() -> None:
         check=True,
     ).stdout
     assert "--set PATH=VALUE" in helptext and "--out" in helptext
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "s.yaml", "--trials", "0"], "argument --trials: 0 is not a positive number"),
+        (["run", "s.yaml", "--trials", "-3"], "argument --trials: -3 is not a positive number"),
+        (["run", "s.yaml", "--study", "../x"], "argument --study: '../x': a study name is"),
+        (["promote", "s", "--seeds", "-1"], "argument --seeds: -1 is not a positive number"),
+        (["promote", "s", "--top-k", "0"], "argument --top-k: 0 is not a positive number"),
+        (["promote", "s", "--epochs", "two"], "argument --epochs: 'two' is not a whole number"),
+        (["dashboard", "s.db", "--port", "99999"], "argument --port: 99999 is not a port"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], expected: str) -> None:
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_an_unusable_out_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
+    (tmp_path / "taken").write_text("mine")
+    for out, expected in (("taken", "--out taken is a file"), ("taken/o", "taken is a file")):
+        proc = run_cli("train", "r.yaml", "--out", out, cwd=tmp_path)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert "data:" not in proc.stderr and "Traceback" not in proc.stderr  # nothing loaded
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
+    proc = run_cli("run", "s.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "search.per_trial.cpu is 4096, but" in proc.stderr
+    assert "teacher" not in proc.stderr and not (tmp_path / "studies").exists()

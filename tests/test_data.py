@@ -107,6 +107,20 @@ def test_cifar_reads_the_official_pickle_format(
     assert torch.equal(data.test.x[0], torch.as_tensor(first).view(3, 32, 32))
 
 
+def test_a_broken_archive_is_a_clear_error_and_leaves_no_folder(tmp_path: Path) -> None:
+    _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=True)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    whole = archive.read_bytes()
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False)
+    for broken in (b"not an archive", whole[: len(whole) // 2]):  # garbage, and cut short
+        archive.write_bytes(broken)
+        with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: cannot unpack it"):
+            load_data(cfg)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
+    archive.write_bytes(whole)
+    assert len(load_data(cfg).test) == 10
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist"])
 def test_missing_data_set_without_download_is_a_clear_error(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataError, match=f"{name} is not in {tmp_path}.*data.download: true"):

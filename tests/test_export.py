@@ -8,11 +8,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.export import flatten
 from kdsearch.models import build_model
-from kdsearch.recipe import Recipe
+from kdsearch.recipe import Recipe, flatten
 
-from .conftest import run_cli, write_study
+from .conftest import SMALL_SPACE, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +72,16 @@ def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
     (tmp_path / "w" / "notes.txt").write_text("mine")
     proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
     assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
+    assert "training the best trial" not in proc.stderr, "refused before any training"
     assert (tmp_path / "w" / "notes.txt").read_text() == "mine"
-
-
-def test_flatten_makes_dotted_keys() -> None:
-    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
-        "a.b": 1,
-        "a.c.d": [1, 2],
-        "e": None,
-    }
+    (tmp_path / "w" / "meta.json").write_text("{not json")
+    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
+    assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
+    proc = run_cli("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
+    assert proc.returncode == 2 and "--out w/notes.txt is a file; name a folder" in proc.stderr
+    assert "training the best trial" not in proc.stderr and "Traceback" not in proc.stderr
+    # a search that would export there is refused before it starts
+    (tmp_path / "e.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: e}\nexport: {dir: w}"))
+    proc = run_cli("run", "e.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "not an export of study 'e'" in proc.stderr
+    assert not (tmp_path / "studies" / "e.db").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdsearch.models import MODELS, build_model, count_parameters
-from kdsearch.recipe import MODEL_NAMES
+from kdsearch.recipe import HEAD_STAGES, MODEL_NAMES
 
 # Published parameter counts at 100 classes (RepDistiller's model zoo, counted by instantiating
 # the official model files; see shared/reference/kd_methods.md section 7).
@@ -28,6 +28,11 @@ PUBLISHED = {
 
 def test_registry_matches_the_recipe_names() -> None:
     assert set(MODELS) == set(MODEL_NAMES)
+
+
+def test_the_recipe_knows_each_models_head_stages() -> None:
+    for arch in MODELS:
+        assert build_model(arch, 10).head_stages == tuple(range(1, HEAD_STAGES[arch] + 1)), arch
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))

@@ -6,7 +6,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kdsearch.promote import leaderboard, plan
+from kdsearch.promote import (
+    Run,
+    _record,
+    finished_keys,
+    has_promoted,
+    leaderboard,
+    open_promoted,
+    plan,
+)
+from kdsearch.search import JobResult
 from kdsearch.study import open_storage
 
 from .conftest import run_cli, write_study
@@ -59,3 +68,35 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
     again = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0 and len(promoted(tmp_path).trials) == 8
+
+
+def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(write_study(tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    promoted_study = open_promoted(storage, "s")
+
+    def record(run: Run, value: float, failure: str | None = None) -> None:
+        weights = None if failure else {}
+        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, weights, failure)
+        _record(promoted_study, run, result, tmp_path)
+
+    short = plan(study, top_k=1, seeds=1, epochs=2)
+    long = plan(study, top_k=1, seeds=1, epochs=4)
+    assert [r.source_trial for r in long] == [1, -1, -2]
+    assert not {r.key for r in short} & {r.key for r in long}, "a budget is part of a run's key"
+    for run in short:
+        record(run, 0.5)
+    record(long[0], 0.0, failure="CUDA out of memory")
+    for run in long[1:]:
+        record(run, 0.9)
+    assert finished_keys(promoted_study) == {r.key for r in short + long[1:]}  # not the failure
+    promoted_study.set_user_attr("budget", 2)
+    assert list(leaderboard(promoted_study)["val_mean"]) == [50.0] * 3
+    assert has_promoted(storage, "s")
+    promoted_study.set_user_attr("budget", 4)
+    board = leaderboard(promoted_study)
+    assert sorted(board["recipe"]) == ["plain KD", "student alone"]
+    assert list(board["val_mean"]) == [90.0] * 2
+    assert not has_promoted(storage, "s"), "no searched recipe finished at the latest budget"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdsearch.errors import RecipeError
-from kdsearch.recipe import DATASET_NAMES, MODEL_NAMES, Recipe
+from kdsearch.recipe import DATASET_NAMES, MODEL_NAMES, Recipe, flatten
 
 from .conftest import REPO, tiny_recipe
 
@@ -131,12 +131,20 @@ def test_override_sets_a_whole_section() -> None:
             "unknown key 'temprature' in distill.kd; allowed: weight, temperature",
         ),
         ({"optimizer.lr": 0.1}, "unknown key 'optimizer' in the top level"),
-        ({"seed.value": 1}, "unknown key 'value' in seed"),
+        ({"seed.value": 1}, "seed.value: seed is a value, not a section"),
         (
             {"distill.kd.temperature": "hot"},
             "distill.kd.temperature: Input should be a valid number",
         ),
         ({"student.arch": "resnet9"}, "student.arch: Input should be"),
+        ({"distill.kd.temperature": float("inf")}, "Input should be a finite number"),
+        ({"optim.lr": float("nan")}, "optim.lr: Input should be a finite number"),
+        ({"distill.kd.temperature.x": 1}, "distill.kd.temperature is a value, not a section"),
+        (
+            {"distill.hsakd.placement": [1, 4]},
+            "distill.hsakd.placement [1, 4]: resnet8 has no stage 4 to carry a head "
+            "(its stages are 1-3)",
+        ),
     ],
 )
 def test_override_rejects_bad_paths_and_values(changes: dict[str, object], expected: str) -> None:
@@ -163,3 +171,11 @@ def test_recipe_module_does_not_import_torch() -> None:
     code = "import sys, kdsearch.recipe; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_flatten_makes_dotted_keys() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+    }

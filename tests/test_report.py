@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -73,6 +74,35 @@ def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
         proc.returncode == 2
         and "no study named 'other' in this storage (it holds: s)" in proc.stderr
     )
+
+
+def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
+    write_study(tmp_path)
+    for command in ("promote", "export", "report", "trials"):
+        extra = ["--out", "x"] if command == "export" else []
+        proc = run_cli(command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path)
+        assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
+    (tmp_path / "folder").mkdir()
+    for args, expected in (
+        (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
+        (["report", "s", "--out", "folder"], "--out folder is a folder; name a file"),
+        (["trials", "s", "--csv", "nowhere/t.csv"], "--csv nowhere/t.csv: no folder nowhere"),
+    ):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
+    assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
+
+
+def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path) -> None:
+    url = write_study(tmp_path)
+    optuna.create_study(study_name="other", storage=url).optimize(lambda t: 1.0, n_trials=1)
+    for command, extra in (("promote", []), ("export", ["--out", "x"])):
+        proc = run_cli(command, "other", "--storage", url, *extra, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "study 'other' was not written by `kdsearch run`" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
 
 
 def test_report_holds_every_section_and_needs_no_network(tmp_path: Path) -> None:

@@ -84,6 +84,22 @@ def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
     assert Record(open_storage(url), "s", space, target=2, resume=True).target == 2
 
 
+def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str) -> None:
+    Record(open_storage(url), "s", space, target=2, resume=False).next_plan("a")
+    changed = space.with_base_changes({"data.subset": 100, "optim.momentum": 0.8})
+    with pytest.raises(StudyError) as err:
+        Record(open_storage(url), "s", changed, target=2, resume=True)
+    assert "base.data.subset None -> 100; base.optim.momentum 0.9 -> 0.8" in str(err.value)
+    other = SearchSpace.from_yaml(
+        SPACE.replace("high: 0.2", "high: 0.3").replace("max_epochs: 4", "max_epochs: 5"),
+        source="s.yaml",
+    )
+    with pytest.raises(StudyError, match=r"asha.max_epochs 4 -> 5; space.optim.lr differs"):
+        Record(open_storage(url), "s", other, target=2, resume=True)
+    more = SearchSpace.from_yaml(SPACE + "search: {trials: 9, concurrent: 1}\n", source="t.yaml")
+    assert Record(open_storage(url), "s", more, target=9, resume=True).target == 9
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -1,0 +1,31 @@
+"""Where a command will write, checked before it does any work, so that a mistyped path fails at
+once instead of after a training run whose result would then be lost."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kdsearch.errors import KdsearchError
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """`folder` is a folder, or can be created as one, and can be written in."""
+    if folder.exists() and not folder.is_dir():
+        raise KdsearchError(f"{option} {folder} is a file; name a folder")
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise KdsearchError(f"{option} {folder}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KdsearchError(f"{option} {folder}: cannot write in {ancestor}")
+
+
+def writable_file(path: Path, option: str) -> None:
+    """`path` names a file (not a folder) in an existing folder that can be written in."""
+    if path.is_dir():
+        raise KdsearchError(f"{option} {path} is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise KdsearchError(f"{option} {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise KdsearchError(f"{option} {path}: cannot write it")
