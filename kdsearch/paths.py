@@ -11,6 +11,8 @@ from kdsearch.errors import KdsearchError
 
 def writable_folder(folder: Path, option: str) -> None:
     """`folder` is a folder, or can be created as one, and can be written in."""
+    if folder.is_symlink() and not folder.exists():
+        raise KdsearchError(f"{option} {folder} is a link to nothing; name a folder")
     if folder.exists() and not folder.is_dir():
         raise KdsearchError(f"{option} {folder} is a file; name a folder")
     ancestor = next(p for p in (folder, *folder.parents) if p.exists())

@@ -4,8 +4,8 @@ the test split, next to the student alone and plain KD trained the same way.
 Every run is recorded in the study `<name>-promoted` (same storage) when it ends, with its source
 trial, seed, budget, validation and test accuracy and learning curve, so a promotion interrupted
 and run again skips every run already COMPLETE there (a failed run is tried again). A promotion at
-another budget (`--epochs`) trains its own runs; the leaderboard and the export read the runs of
-the latest promotion's budget, and earlier ones stay in the study.
+another budget (`--epochs`) trains its own runs; the leaderboard and the export read the runs at
+the budget of the latest searched recipe to finish, and earlier ones stay in the study.
 """
 
 from __future__ import annotations
@@ -110,19 +110,32 @@ def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
     return study
 
 
+def run_budget(run: FrozenTrial) -> int:
+    """The epochs a recorded run was planned for (runs recorded before the budget was recorded
+    by itself carry it in their recipe)."""
+    if "budget" in run.user_attrs:
+        return int(run.user_attrs["budget"])
+    return Recipe.from_yaml(str(run.user_attrs["recipe"])).schedule.epochs
+
+
 def finished_keys(promoted: optuna.Study) -> set[str]:
     """Runs already COMPLETE; a promotion run again does not redo them."""
-    return {str(t.user_attrs["run_key"]) for t in promoted.trials if t.state == TrialState.COMPLETE}
+    return {
+        f"{t.params['source_trial']}/{t.params['seed']}/{run_budget(t)}"
+        for t in promoted.trials
+        if t.state == TrialState.COMPLETE
+    }
 
 
 def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE runs at the budget of the latest promotion."""
-    budget = promoted.user_attrs.get("budget")
-    return [
-        t
-        for t in promoted.trials
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("budget") == budget
-    ]
+    """The COMPLETE runs at the budget of the latest searched recipe to finish (a promotion at
+    a new budget that has not finished one yet leaves the earlier results in place)."""
+    done = [t for t in promoted.trials if t.state == TrialState.COMPLETE]
+    searched = [t for t in done if int(t.user_attrs["source_trial"]) >= 0]
+    if not searched:
+        return done
+    budget = run_budget(max(searched, key=lambda t: t.number))
+    return [t for t in done if run_budget(t) == budget]
 
 
 def promote(
@@ -141,7 +154,6 @@ def promote(
     study = load_study(storage, name)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
     promoted = open_promoted(storage, name)
-    promoted.set_user_attr("budget", runs[0].recipe.schedule.epochs)
     todo = {r.key: r for r in runs if r.key not in finished_keys(promoted)}
     if not todo:
         return promoted
@@ -210,8 +222,8 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
 
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
-    """Mean and spread over seeds of each promoted recipe and baseline at the latest promotion's
-    budget, best validation first."""
+    """Mean and spread over seeds of each promoted recipe and baseline at the current budget
+    (`current_runs`), best validation first."""
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
@@ -242,8 +254,8 @@ def _sd(values: list[float]) -> float:
 
 
 def has_promoted(storage: BaseStorage, name: str) -> bool:
-    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched recipe
-    at the latest promotion's budget."""
+    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched
+    recipe."""
     if promoted_name(name) not in study_names(storage):
         return False
     promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)

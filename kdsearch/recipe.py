@@ -253,7 +253,7 @@ class Recipe(Section):
         stages = HEAD_STAGES[self.student.arch]
         placement = self.distill.hsakd.placement
         bad = [p for p in placement if p > stages]
-        if bad:
+        if bad and self.distill.hsakd.weight > 0:  # HSAKD off: its placement is not used
             raise ValueError(
                 f"distill.hsakd.placement {placement}: {self.student.arch} has no stage "
                 f"{bad[0]} to carry a head (its stages are 1-{stages})"

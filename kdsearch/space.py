@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import Field, ValidationError, model_validator
 
 from kdsearch.errors import RecipeError
-from kdsearch.recipe import Recipe, Section, describe, load_yaml, read_text
+from kdsearch.recipe import HEAD_STAGES, Recipe, Section, describe, load_yaml, read_text
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Scalar = bool | int | float | str | None
@@ -291,6 +291,24 @@ class SearchSpace:
                             f"{where}: when {ref} = {value!r}, but {ref} never takes that value"
                         )
             seen.append(name)
+        self._check_placements()
+
+    def _check_placements(self) -> None:
+        """Every searched placement fits the student, when some trial can switch HSAKD on: a
+        recipe checks its placement only while HSAKD is on, and the loop above tries each choice
+        on the base recipe, where it may be off (the base's own placement it checks at a
+        searched weight)."""
+        p = self.params.get("distill.hsakd.placement")
+        if p is None or not any(w > 0 for w in self.reachable("distill.hsakd.weight")):
+            return
+        arch = self.base.student.arch
+        for placement in _extremes(p):
+            bad = [stage for stage in placement if stage > HEAD_STAGES[arch]]
+            if bad:
+                raise RecipeError(
+                    f"{self.source}: space.distill.hsakd.placement: {placement} has stage "
+                    f"{bad[0]}, but {arch} has stages 1-{HEAD_STAGES[arch]} to carry a head"
+                )
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:

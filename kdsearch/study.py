@@ -311,6 +311,11 @@ class Record:
         return t
 
 
+# Where a machine finds things and runs them, not what a trial trains: a driver joining a study
+# from another machine may set these its own way.
+PER_MACHINE = frozenset({"data.root", "data.download", "teacher.checkpoint", "device", "compile"})
+
+
 def changed_settings(attrs: Mapping[str, Any], space: SearchSpace) -> list[str]:
     """What `space` changes of the settings a study recorded, that its trials depend on: the
     trial budget, the base recipe and the searched parameters (not the trial count, the
@@ -327,7 +332,7 @@ def changed_settings(attrs: Mapping[str, Any], space: SearchSpace) -> list[str]:
     changed += [
         f"base.{key} {was.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(was.keys() | now.keys())
-        if was.get(key) != now.get(key)
+        if was.get(key) != now.get(key) and key not in PER_MACHINE
     ]
     params = SpaceFile.model_validate(load_yaml(str(attrs["space"]), source="the study")).space
     changed += [

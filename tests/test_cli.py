@@ -169,7 +169,12 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], exp
 def test_an_unusable_out_is_refused_before_training(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
     (tmp_path / "taken").write_text("mine")
-    for out, expected in (("taken", "--out taken is a file"), ("taken/o", "taken is a file")):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, expected in (
+        ("taken", "--out taken is a file"),
+        ("taken/o", "taken is a file"),
+        ("dangling", "--out dangling is a link to nothing"),
+    ):
         proc = run_cli("train", "r.yaml", "--out", out, cwd=tmp_path)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
         assert "data:" not in proc.stderr and "Traceback" not in proc.stderr  # nothing loaded

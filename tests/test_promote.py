@@ -4,7 +4,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.distributions import IntDistribution
+from optuna.trial import TrialState, create_trial
 
 from kdsearch.promote import (
     Run,
@@ -92,11 +93,41 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     for run in long[1:]:
         record(run, 0.9)
     assert finished_keys(promoted_study) == {r.key for r in short + long[1:]}  # not the failure
-    promoted_study.set_user_attr("budget", 2)
+    # no searched recipe has finished at 4 epochs yet: the board stays at 2
     assert list(leaderboard(promoted_study)["val_mean"]) == [50.0] * 3
     assert has_promoted(storage, "s")
-    promoted_study.set_user_attr("budget", 4)
+    record(long[0], 0.8)  # the failed run, tried again
     board = leaderboard(promoted_study)
-    assert sorted(board["recipe"]) == ["plain KD", "student alone"]
-    assert list(board["val_mean"]) == [90.0] * 2
-    assert not has_promoted(storage, "s"), "no searched recipe finished at the latest budget"
+    assert dict(zip(board["recipe"], board["val_mean"], strict=True)) == {
+        "student alone": 90.0,
+        "plain KD": 90.0,
+        "trial 1": 80.0,
+    }
+
+
+def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
+    storage = open_storage(write_study(tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    promoted_study = open_promoted(storage, "s")
+    for run in plan(study, top_k=1, seeds=1, epochs=3):
+        promoted_study.add_trial(
+            create_trial(
+                value=0.7,
+                params={"source_trial": run.source_trial, "seed": run.seed},
+                distributions={
+                    "source_trial": IntDistribution(-2, 10**6),
+                    "seed": IntDistribution(0, 10**6),
+                },
+                user_attrs={
+                    "run_key": f"{run.source_trial}/{run.seed}",  # the old key, no budget
+                    "label": run.label,
+                    "source_trial": run.source_trial,
+                    "seed": run.seed,
+                    "recipe": run.recipe.to_yaml(),
+                    "test_acc": 0.6,
+                },
+            )
+        )
+    keys = {r.key for r in plan(study, top_k=1, seeds=1, epochs=3)}
+    assert finished_keys(promoted_study) == keys
+    assert len(leaderboard(promoted_study)) == 3

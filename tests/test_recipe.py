@@ -141,7 +141,7 @@ def test_override_sets_a_whole_section() -> None:
         ({"optim.lr": float("nan")}, "optim.lr: Input should be a finite number"),
         ({"distill.kd.temperature.x": 1}, "distill.kd.temperature is a value, not a section"),
         (
-            {"distill.hsakd.placement": [1, 4]},
+            {"distill.hsakd.weight": 1.0, "distill.hsakd.placement": [1, 4]},
             "distill.hsakd.placement [1, 4]: resnet8 has no stage 4 to carry a head "
             "(its stages are 1-3)",
         ),

@@ -84,6 +84,11 @@ def test_shipped_spaces_are_valid(name: str) -> None:
             "  distill.kd.temperature: {type: float, low: 1, high: 2, hgih: 3}",
             "space.distill.kd.temperature.float.hgih: unknown key",
         ),
+        (
+            "  distill.hsakd.weight: {type: float, low: 0.0, high: 1.0}\n"
+            "  distill.hsakd.placement: {type: categorical, choices: [[1], [2, 4]]}",
+            "space.distill.hsakd.placement: [2, 4] has stage 4, but resnet8 has stages 1-3",
+        ),
     ],
 )
 def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
@@ -108,6 +113,21 @@ def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
     with pytest.raises(RecipeError, match=None) as info:
         space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", extra)
     assert expected in str(info.value)
+
+
+def test_the_base_placement_is_checked_only_where_hsakd_can_be_on() -> None:
+    base = BASE.replace(
+        "student: {arch: resnet8}",
+        "student: {arch: resnet8}\n  distill: {hsakd: {placement: [1, 2, 4]}}",
+    )
+    kd_only = "space:\n  distill.kd.temperature: {type: float, low: 1, high: 2}\n"
+    assert SearchSpace.from_yaml(base + kd_only, source="s.yaml").params  # HSAKD never on
+    hsakd = (
+        "space:\n  $extra: {type: categorical, choices: [none, hsakd]}\n"
+        "  distill.hsakd.weight: {type: float, low: 0.5, high: 1.0, when: {$extra: hsakd}}\n"
+    )
+    with pytest.raises(RecipeError, match=r"placement \[1, 2, 4\]: resnet8 has no stage 4"):
+        SearchSpace.from_yaml(base + hsakd, source="s.yaml")
 
 
 def test_grace_above_budget_is_refused() -> None:

@@ -98,6 +98,9 @@ def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str)
         Record(open_storage(url), "s", other, target=2, resume=True)
     more = SearchSpace.from_yaml(SPACE + "search: {trials: 9, concurrent: 1}\n", source="t.yaml")
     assert Record(open_storage(url), "s", more, target=9, resume=True).target == 9
+    # where another machine keeps the data, and what it runs on, may differ
+    elsewhere = space.with_base_changes({"data.root": "/mnt/data", "device": "cpu"})
+    assert Record(open_storage(url), "s", elsewhere, target=2, resume=True).target == 2
 
 
 def _dead_pid() -> int:
