@@ -155,10 +155,11 @@ def test_hsakd_places_heads_exactly_on_the_chosen_stages(
 
 
 def test_hsakd_placement_on_a_stage_the_student_lacks_is_refused(tiny_data: ImageData) -> None:
-    with pytest.raises(
-        RecipeError, match=r"distill\.hsakd: placement \[1, 4\]: the student has no stage 4"
-    ):
-        build(recipe_with({"hsakd": {"weight": 1.0, "placement": [1, 4]}}), tiny_data)
+    with pytest.raises(RecipeError, match=r"placement \[1, 4\]: resnet8 has no stage 4"):
+        recipe_with({"hsakd": {"weight": 1.0, "placement": [1, 4]}})  # by the recipe
+    _, ctx = build(recipe_with({"hsakd": {"weight": 1.0}}), tiny_data)
+    with pytest.raises(ValueError, match=r"placement \[1, 4\]: the student has no stage 4"):
+        LOSSES["hsakd"](ctx, placement=[1, 4])  # and by the term built on its own
     # mobilenetv2 has four stages that can carry a head
     distiller, _ = build(
         recipe_with({"hsakd": {"weight": 1.0, "placement": [4]}}, student="mobilenetv2"), tiny_data
