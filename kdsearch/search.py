@@ -331,14 +331,17 @@ def run_search(
     at `address`) until the study holds the target number of finished trials."""
     started = time.monotonic()
     # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has its own.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Off for this search only (a caller's later Tune runs keep theirs), unless the caller chose.
+    quiet = "RAY_AIR_NEW_OUTPUT" not in os.environ
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     own_ray = not ray.is_initialized()
-    if own_ray:
-        start_ray(address)
     cfg = space.config
     store = cfg.search.teacher_store
     scratch: Path | None = None
     try:
+        if own_ray:
+            start_ray(address)
         scratch = scratch_folder()
         # Trials on other nodes of a cluster create the store's folder there (one per node).
         store_root = str(scratch / "teacher-outputs") if store.enabled else None
@@ -382,6 +385,8 @@ def run_search(
             ray.shutdown()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        if quiet:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
     # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
     # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
     complete = record.all_started() and not searcher.plans and not searcher.interrupted

@@ -443,3 +443,28 @@ def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0.25}})
     with pytest.raises(RecipeError, match=r"search\.per_trial\.gpu is 0\.25, but the Ray cluster"):
         search.trial_resources(config)
+
+
+def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library caller's later Tune runs keep Tune's console output: kdsearch turns it off for
+    its own search only."""
+    from kdsearch.data import load_data
+    from kdsearch.search import run_search
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, open_storage
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    text = (
+        SPACE.replace("trials: 8", "trials: 1")
+        .replace("[0.1, 0.002, 0.05, 1.0e12]", "[0.1]")
+        .replace(
+            "student: {arch: resnet8}", "student: {arch: resnet8}\n  distill: {kd: {weight: 0.0}}"
+        )
+    )
+    space = SearchSpace.from_yaml(text, source="space.yaml")
+    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
+    outcome = run_search(space, record, load_data(space.base.data), None)
+    assert outcome.complete and outcome.tally.complete + outcome.tally.pruned == 1
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
