@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
-    from kdsearch.study import Record, default_storage, open_storage, redact
+    from kdsearch.study import Record, default_storage, open_storage, redact, sqlite_file
 
     space = SearchSpace.load(args.space)
     if args.set:
@@ -158,6 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_out(Path(space.config.export.dir), name)  # now, not after the search
     url = args.storage or space.config.study.storage or default_storage(name)
+    file = sqlite_file(url)
+    new_file = file if file is not None and not file.exists() else None
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
 
     from kdsearch.data import load_data
@@ -170,25 +172,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"({done_before} finished before, {len(record.orphans)} to run again), "
         f"at most {space.config.asha.max_epochs} epochs each"
     )
-    with console.status("loading data"):
-        data = load_data(space.base.data)
-    terms = active_terms(space)
-    teacher = None
-    if any(LOSSES[t].needs_teacher for t in terms):
-        teacher = prepare_teacher(space.base, data, any(LOSSES[t].has_teacher_heads for t in terms))
-        console.print(
-            f"teacher {space.base.teacher.arch} ({teacher.source}): "
-            f"val acc {100 * teacher.val_acc:.2f}%"
-        )
-    with Live(console=console, refresh_per_second=2, transient=True) as live:
-        outcome = run_search(
-            space,
-            record,
-            data,
-            teacher,
-            address=args.address,
-            status=lambda tally: live.update(status_line(tally, target)),
-        )
+    try:
+        with console.status("loading data"):
+            data = load_data(space.base.data)
+        terms = active_terms(space)
+        teacher = None
+        if any(LOSSES[t].needs_teacher for t in terms):
+            heads = any(LOSSES[t].has_teacher_heads for t in terms)
+            teacher = prepare_teacher(space.base, data, heads)
+            console.print(
+                f"teacher {space.base.teacher.arch} ({teacher.source}): "
+                f"val acc {100 * teacher.val_acc:.2f}%"
+            )
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            outcome = run_search(
+                space,
+                record,
+                data,
+                teacher,
+                address=args.address,
+                status=lambda tally: live.update(status_line(tally, target)),
+            )
+    except BaseException:
+        # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back
+        # the SQLite study this command created, and its file, so a rerun starts clean. (Not
+        # on a shared server: another driver may have joined the study and be preparing.)
+        if file is not None and record.discard_if_unused() and new_file is not None:
+            new_file.unlink(missing_ok=True)
+        raise
     console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
     for line in outcome.tally.failures[-5:]:
         console.print(f"  failed {line}", markup=False)

@@ -163,6 +163,7 @@ class Record:
         self.target = target
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
         exists = name in study_names(storage)
+        self.created = not exists
         if exists and not resume:
             n = len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
             if n:
@@ -201,6 +202,14 @@ class Record:
             self.study.set_user_attr(key, value)
         self.orphans = self._orphans() if resume else []
         self.heartbeat()
+
+    def discard_if_unused(self) -> bool:
+        """Delete the study again if this driver created it and no trial was ever written in
+        it; True when the storage then holds no study at all."""
+        if not self.created or self.storage.get_all_trials(self.study_id, deepcopy=False):
+            return False
+        self.storage.delete_study(self.study_id)
+        return not self.storage.get_all_studies()
 
     # -- proposing -----------------------------------------------------------------------
 

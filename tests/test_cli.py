@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -186,3 +187,19 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: P
     proc = run_cli("run", "s.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "search.per_trial.cpu is 4096, but" in proc.stderr
     assert "teacher" not in proc.stderr and not (tmp_path / "studies").exists()
+
+
+def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
+    proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
+    assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
+    assert not (tmp_path / "studies" / "s.db").exists()
+    # in a file that holds another study, only the new one goes
+    other = tmp_path / "other.db"
+    optuna.create_study(study_name="kept", storage=f"sqlite:///{other}")
+    storage = ["--storage", f"sqlite:///{other}"]
+    proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path)
+    assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
+    names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{other}")]
+    assert names == ["kept"]
