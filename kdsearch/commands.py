@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from collections.abc import MutableMapping, Sequence
 from contextlib import suppress
@@ -19,7 +20,13 @@ from typing import Any
 from rich.live import Live
 
 from kdsearch import __version__
-from kdsearch.display import console, epoch_progress, leaderboard_table, status_line
+from kdsearch.display import (
+    console,
+    epoch_progress,
+    leaderboard_table,
+    search_status,
+    status_line,
+)
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import writable_file, writable_folder
 from kdsearch.recipe import Recipe, load_yaml
@@ -191,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 data,
                 teacher,
                 address=args.address,
-                status=lambda tally: live.update(status_line(tally, target)),
+                status=search_status(live, target),
             )
     except BaseException:
         # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back
@@ -207,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not outcome.complete:
         console.print(
             f"stopped with {finished} of {target} trials finished; "
-            f"`kdsearch run {args.space} --resume` finishes the search"
+            f"`{resume_command(args, url)}` finishes the search",
+            markup=False,
         )
         return 130
     if outcome.tally.running:
@@ -222,6 +230,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if space.config.export is not None:
         run_export(open_storage(url), name, Path(space.config.export.dir))
     return 0
+
+
+def resume_command(args: argparse.Namespace, url: str) -> str:
+    """The command that finishes this search: the same options, and --resume."""
+    from kdsearch.study import redact
+
+    parts = ["kdsearch", "run", args.space]
+    for option, value in (
+        ("--study", args.study),
+        ("--storage", args.storage and redact(url)),
+        ("--trials", args.trials and str(args.trials)),
+        ("--address", args.address),
+    ):
+        if value:
+            parts += [option, value]
+    for item in args.set:
+        parts += ["--set", item]
+    return shlex.join([*parts, "--resume"])
 
 
 def study_storage(study: str, url: str | None) -> tuple[Any, str]:

@@ -7,7 +7,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -20,6 +28,9 @@ def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[Any], None]]:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
@@ -51,6 +62,22 @@ def status_line(tally: Any, target: int) -> str:
         )
         line += f"; best {100 * value:.2f}% (#{number}: {shown})"
     return line
+
+
+def search_status(live: Live, target: int) -> Callable[[Any], None]:
+    """The search's status callback: the live line in a terminal; elsewhere (a log file) the
+    status printed as a line whenever trials have finished since the last one."""
+    if console.is_terminal:
+        return lambda tally: live.update(status_line(tally, target))
+    printed = [0]
+
+    def show(tally: Any) -> None:
+        finished = tally.complete + tally.pruned + tally.failed
+        if finished != printed[0] and finished < target:  # the last one: the command's last line
+            printed[0] = finished
+            console.print(status_line(tally, target), markup=False)
+
+    return show
 
 
 def leaderboard_table(board: Any) -> Table:
