@@ -293,6 +293,7 @@ def run_promotion(
 ) -> None:
     """Promote, with a line per finished run, then print the leaderboard."""
     from kdsearch.promote import leaderboard, promote, promoted_name, weights_dir_for
+    from kdsearch.study import redact
 
     console.print(
         f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to "
@@ -320,7 +321,10 @@ def run_promotion(
         prepare=prepare_teacher,
     )
     console.print(leaderboard_table(leaderboard(promoted)))
-    console.print(f"runs recorded in study {promoted_name(name)!r} of {url}")
+    console.print(
+        f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
+        f"weights in {weights_dir_for(url, name)}/"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -373,10 +377,11 @@ def run_export(storage: Any, name: str, out: Path) -> None:
                 f"({100 * scores['val_acc_mean']:.2f}% against "
                 f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe"
             )
+    threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
         "recipe.yaml, student.pt, meta.json, hyperparameters.json; "
-        f"`kdsearch train {out}/recipe.yaml` reproduces it"
+        f"`{threads}kdsearch train {out}/recipe.yaml` reproduces it on a machine like this one"
     )
 
 

@@ -67,6 +67,12 @@ class Run:
     def label(self) -> str:
         return BASELINE_LABELS.get(self.source_trial, f"trial {self.source_trial}")
 
+    @property
+    def slug(self) -> str:
+        """A file name for the run's weights: "trial-3-seed0-20ep", "plain-kd-seed1-20ep"."""
+        name = self.label.lower().replace(" ", "-")
+        return f"{name}-seed{self.seed}-{self.recipe.schedule.epochs}ep"
+
 
 def space_config(study: optuna.Study) -> SpaceFile:
     """The search's space file as recorded in the study (its base is not loaded again)."""
@@ -200,7 +206,7 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
     }
     if result.failure is None:
         assert result.weights is not None
-        path = (weights_dir / f"{run.source_trial}-seed{run.seed}.pt").resolve()
+        path = (weights_dir / f"{run.slug}.pt").resolve()
         torch.save(result.weights, path)
         attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
         state, value = TrialState.COMPLETE, result.val_acc

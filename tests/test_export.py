@@ -44,7 +44,10 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 1).load_state_dict(state)  # strict: the student alone
     # The promotion trained with one thread (per_trial.cpu: 1); the CPU's channels-last kernels
-    # split their sums by thread, so the same weights need the same thread count.
+    # split their sums by thread, so the same weights need the same thread count, which the
+    # export's last line and meta.json give.
+    assert meta["threads"] == 1
+    assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
     again = run_cli(
         "train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
     )

@@ -54,6 +54,14 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     for t in runs:
         assert sorted(t.intermediate_values) == [1, 2] and t.value == t.intermediate_values[2]
         assert 0.0 <= t.user_attrs["test_acc"] <= 1.0 and Path(t.user_attrs["weights"]).is_file()
+    names = sorted(Path(t.user_attrs["weights"]).name for t in runs)
+    assert names == [
+        "plain-kd-seed0-2ep.pt",
+        "student-alone-seed0-2ep.pt",
+        "trial-1-seed0-2ep.pt",
+        "trial-3-seed0-2ep.pt",
+    ]
+    assert "the students' weights in studies/s-promoted/" in first.stderr
     assert "student alone" in first.stderr and "plain KD" in first.stderr
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
     second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
