@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
-    p.add_argument("storage", help="SQLAlchemy URL, or the path of an SQLite study file")
+    p.add_argument(
+        "storage",
+        help="SQLAlchemy URL, the path of an SQLite study file, or a study name in ./studies/",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0: any free)")
     p.set_defaults(func=cmd_dashboard)

@@ -393,7 +393,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from kdsearch.study import open_storage, sqlite_file
 
-    url = args.storage if "://" in args.storage else f"sqlite:///{args.storage}"
+    given = args.storage
+    named = Path("studies") / f"{given}.db"
+    if "://" not in given and not Path(given).exists() and named.is_file():
+        given = str(named)  # a study name, as the other commands take
+    url = given if "://" in given else f"sqlite:///{given}"
     path = sqlite_file(url)
     if path is not None and not path.is_file():
         raise KdsearchError(f"no study database at {path}")
@@ -443,8 +447,25 @@ def cmd_trials(args: argparse.Namespace) -> int:
         table.to_csv(args.csv, index=False)
         console.print(f"wrote {len(table)} trials to {args.csv}")
     else:
-        print(table.to_string(index=False))
+        print(
+            table.to_string(
+                index=False,
+                na_rep="-",  # a parameter that trial did not sample, or no value yet
+                formatters={"value": percent, "epochs": whole},
+                float_format=lambda v: f"{v:.6g}",
+            )
+        )
     return 0
+
+
+def percent(value: float) -> str:
+    """An accuracy as the CLI prints it elsewhere."""
+    return "-" if value != value else f"{100 * value:.2f}%"  # NaN != NaN
+
+
+def whole(value: float) -> str:
+    """A count that pandas made a float (a column with gaps)."""
+    return "-" if value != value else str(int(value))
 
 
 def use_ray_token(env: MutableMapping[str, str]) -> None:

@@ -9,6 +9,7 @@ distillation parameter against the metric.
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -126,7 +127,11 @@ def build_report(storage: BaseStorage, name: str) -> str:
     if len(complete) >= 2:
         sections.append(("Parallel coordinates", plot_parallel_coordinate(study)))
         try:
-            sections.append(("Parameter importances", plot_param_importances(study)))
+            with warnings.catch_warnings():
+                # Optuna notes that a parameter only some trials sample (a `when`) has few
+                # trials in some regime: true of every conditional space, and not the user's to fix
+                warnings.filterwarnings("ignore", message="Some regimes", category=UserWarning)
+                sections.append(("Parameter importances", plot_param_importances(study)))
         except (ValueError, RuntimeError) as err:  # e.g. no parameter varies among them
             sections.append(("Parameter importances", f"not available: {err}"))
     else:

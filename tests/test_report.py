@@ -52,6 +52,9 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
         "epochs",
         "distill.kd.temperature",
     ]
+    # accuracy in percent as `run` prints it; "-" where there is no value
+    rows = [line.split()[:4] for line in shown.stdout.splitlines()[1:]]
+    assert rows[1] == ["1", "COMPLETE", "90.00%", "2"] and rows[4] == ["4", "FAIL", "-", "0"]
     written = run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     assert written.returncode == 0
     table = pd.read_csv(tmp_path / "t.csv")
@@ -129,9 +132,9 @@ def test_report_figures_are_drawn_in_a_browser(tmp_path: Path) -> None:
     assert "trial 1" in dom  # hover labels of the learning curves are in the drawn traces
 
 
-def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+def _serve(tmp_path: Path, storage: str = "studies/s.db") -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kdsearch.cli", "dashboard", "studies/s.db", "--port", "0"],
+        [sys.executable, "-m", "kdsearch.cli", "dashboard", storage, "--port", "0"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -157,7 +160,7 @@ def _get(url: str) -> dict[str, object]:
 
 def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
     write_study(tmp_path)
-    proc, port = _serve(tmp_path)
+    proc, port = _serve(tmp_path, "s")  # a study name, as the other commands take
     try:
         summaries = _get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in summaries] == ["s"]  # type: ignore[index,union-attr]
