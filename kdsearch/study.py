@@ -75,15 +75,16 @@ def open_storage(url: str) -> BaseStorage:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     failure: Exception | None = None
-    for _ in range(1 if url.startswith("sqlite") else OPEN_ATTEMPTS):
+    for _ in range(OPEN_ATTEMPTS):
         try:
             return RDBStorage(url, engine_kwargs=kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as err:  # no retry mends these
             failure = err
             break
         except Exception as err:  # SQLAlchemy, driver and Optuna errors: cannot use this URL
-            # Two drivers opening a new PostgreSQL database at once race to create Optuna's
-            # tables, and one of them fails; a moment later the tables are there.
+            # Two processes opening a new database at once (two drivers on PostgreSQL; a search
+            # and a reader of its new SQLite file) race to create Optuna's tables, and one of
+            # them fails; a moment later the tables are there.
             failure = err
             time.sleep(0.5 + random.random())
     text = str(failure).strip()
