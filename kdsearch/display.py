@@ -21,9 +21,35 @@ from rich.table import Table
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class EpochBars:
+    """The report of a training run in the terminal: a bar over epochs with time elapsed and
+    left, a bar over the running epoch's batches, and one printed line per epoch."""
+
+    def __init__(self, progress: Progress, label: str, epochs: int) -> None:
+        self.progress = progress
+        self.label = label
+        self.epochs = epochs
+        self.task = progress.add_task(f"{label} epochs", total=epochs)
+        self.batches = progress.add_task(f"{label} batches", total=None)
+
+    def __call__(self, stats: Any) -> None:
+        parts = " ".join(f"{k} {v:.3f}" for k, v in stats.parts.items())
+        self.progress.console.print(
+            f"{self.label} epoch {stats.epoch:>3}/{self.epochs}  loss {stats.train_loss:.4f} "
+            f"({parts})  val acc {100 * stats.val_acc:6.2f}%  lr {stats.lr:.4g}  "
+            f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s"
+        )
+        self.progress.advance(self.task)
+
+    def batch(self, done: int, total: int) -> None:
+        if done == 1:  # a new epoch: its own elapsed and remaining time
+            self.progress.reset(self.batches, total=total)
+        self.progress.update(self.batches, completed=done, total=total)
+
+
 @contextmanager
-def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[Any], None]]:
-    """A progress bar over epochs and one printed line per epoch; yields the report callback."""
+def epoch_progress(label: str, epochs: int) -> Iterator[EpochBars]:
+    """Progress bars over a run's epochs and batches, gone when it ends; yields the report."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -34,18 +60,7 @@ def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[Any], None]]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"{label} epochs", total=epochs)
-
-        def report(stats: Any) -> None:
-            parts = " ".join(f"{k} {v:.3f}" for k, v in stats.parts.items())
-            progress.console.print(
-                f"{label} epoch {stats.epoch:>3}/{epochs}  loss {stats.train_loss:.4f} ({parts})  "
-                f"val acc {100 * stats.val_acc:6.2f}%  lr {stats.lr:.4g}  "
-                f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s"
-            )
-            progress.advance(task)
-
-        yield report
+        yield EpochBars(progress, label, epochs)
 
 
 def status_line(tally: Any, target: int) -> str:

@@ -34,6 +34,7 @@ from kdsearch.train import (
     Report,
     autocast,
     autocast_dtype,
+    batch_ticks,
     cosine,
     evaluate_split,
     freeze,
@@ -201,6 +202,7 @@ def train_teacher_heads(
             t_rot = frozen_taps(teacher.taps, rotate(x))
             return {n: LOSSES[n].teacher_head_objective(heads[n], t_rot, y) for n in heads}
 
+    tick = batch_ticks(report)
     for epoch in range(cfg.epochs):
         lr = cosine(cfg.lr, epoch, cfg.epochs)
         for group in optimizer.param_groups:
@@ -208,7 +210,7 @@ def train_teacher_heads(
         heads.train()
         started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {n: torch.zeros((), device=device) for n in heads}
-        for batch in loader.epoch(epoch):
+        for b, batch in enumerate(loader.epoch(epoch)):
             parts = objective(batch.x, batch.y)
             total = torch.stack([loss for loss, _ in parts.values()]).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -216,6 +218,8 @@ def train_teacher_heads(
             optimizer.step()
             for n, (loss, _) in parts.items():
                 sums[n] += loss.detach()
+            if tick is not None:
+                tick(b + 1, len(loader))
         seconds = time.perf_counter() - started
         train_parts = {n: float(v) / len(loader) for n, v in sums.items()}
         train_loss = sum(train_parts.values())

@@ -1,7 +1,8 @@
 """One training run: a student distilled from a frozen teacher, as a recipe says.
 
 `train` knows nothing of Ray or Optuna; it calls `report` once per epoch, and whoever drives it
-(the CLI, a search trial, a promotion run) decides what to do with the figures.
+(the CLI, a search trial, a promotion run) decides what to do with the figures. A report that is
+also a `BatchReport` (the CLI's progress bars) hears of every training batch as well.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,20 @@ class Result:
 
 
 Report = Callable[[EpochStats], None]
+
+
+@runtime_checkable
+class BatchReport(Protocol):
+    """A report that also follows an epoch batch by batch (an epoch may take minutes)."""
+
+    def __call__(self, stats: EpochStats) -> None: ...
+
+    def batch(self, done: int, total: int) -> None: ...
+
+
+def batch_ticks(report: Report | None) -> Callable[[int, int], None] | None:
+    """The batch callback of `report`, if it has one."""
+    return report.batch if isinstance(report, BatchReport) else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,6 +192,7 @@ def train(
     from_store = None
     if store is not None and teacher_taps is not None:
         from_store = StoreReader.open(store, recipe, data, distiller, teacher_taps, heads, loader)
+    tick = batch_ticks(report)
     started = time.perf_counter()
     for epoch in range(recipe.schedule.epochs):
         lr = lr_at(recipe, epoch)
@@ -208,6 +224,8 @@ def train(
             loss_sum += total.detach()
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0) + value.detach()
+            if tick is not None:
+                tick(b + 1, len(loader))
         steps = len(loader)
         train_loss = loss_sum.item() / steps  # the one host sync of the epoch's training
         seconds = time.perf_counter() - t0

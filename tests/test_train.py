@@ -45,6 +45,26 @@ def test_student_alone_learns_and_reports_every_epoch(synthetic: ImageData) -> N
     assert result.val_acc == seen[-1].val_acc and result.params > 0
 
 
+def test_a_batch_report_follows_every_training_batch(synthetic: ImageData) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+            self.ticks: list[tuple[int, int]] = []
+
+        def __call__(self, stats: EpochStats) -> None:
+            self.epochs.append(stats.epoch)
+
+        def batch(self, done: int, total: int) -> None:
+            self.ticks.append((done, total))
+
+    recorder = Recorder()
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 2})
+    train(recipe, synthetic, recorder)
+    per_epoch = len(synthetic.train) // recipe.batch_size  # full batches only
+    assert recorder.epochs == [1, 2]
+    assert recorder.ticks == [(k, per_epoch) for k in range(1, per_epoch + 1)] * 2
+
+
 def test_kd_run_reports_both_terms_and_their_weighted_sum(synthetic: ImageData) -> None:
     seen: list[EpochStats] = []
     teacher = _teacher(synthetic, epochs=1)
