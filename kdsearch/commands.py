@@ -204,17 +204,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back
         # the SQLite study this command created, and its file, so a rerun starts clean. (Not
         # on a shared server: another driver may have joined the study and be preparing.)
-        if file is not None and record.discard_if_unused() and new_file is not None:
-            new_file.unlink(missing_ok=True)
+        with suppress(Exception):  # the error that stopped the search is the one to show
+            if file is not None and record.discard_if_unused() and new_file is not None:
+                new_file.unlink(missing_ok=True)
         raise
     console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
     for line in outcome.tally.failures[-5:]:
         console.print(f"  failed {line}", markup=False)
     finished = outcome.tally.complete + outcome.tally.pruned + outcome.tally.failed
     if not outcome.complete:
+        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
         console.print(
             f"stopped with {finished} of {target} trials finished; "
-            f"`{resume_command(args, url)}` finishes the search",
+            f"`{resume_command(args, url)}`{hidden} finishes the search",
             markup=False,
         )
         return 130
@@ -395,7 +397,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     given = args.storage
     named = Path("studies") / f"{given}.db"
-    if "://" not in given and not Path(given).exists() and named.is_file():
+    if "://" not in given and not Path(given).is_file() and named.is_file():
         given = str(named)  # a study name, as the other commands take
     url = given if "://" in given else f"sqlite:///{given}"
     path = sqlite_file(url)
@@ -447,6 +449,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
         table.to_csv(args.csv, index=False)
         console.print(f"wrote {len(table)} trials to {args.csv}")
     else:
+        table = table.astype({"value": float, "epochs": float})  # None in a column of Nones too
         print(
             table.to_string(
                 index=False,
@@ -458,14 +461,14 @@ def cmd_trials(args: argparse.Namespace) -> int:
     return 0
 
 
-def percent(value: float) -> str:
+def percent(value: float | None) -> str:
     """An accuracy as the CLI prints it elsewhere."""
-    return "-" if value != value else f"{100 * value:.2f}%"  # NaN != NaN
+    return "-" if value is None or value != value else f"{100 * value:.2f}%"  # NaN != NaN
 
 
-def whole(value: float) -> str:
+def whole(value: float | None) -> str:
     """A count that pandas made a float (a column with gaps)."""
-    return "-" if value != value else str(int(value))
+    return "-" if value is None or value != value else str(int(value))
 
 
 def use_ray_token(env: MutableMapping[str, str]) -> None:

@@ -88,7 +88,7 @@ def search_status(live: Live, target: int) -> Callable[[Any], None]:
 
     def show(tally: Any) -> None:
         finished = tally.complete + tally.pruned + tally.failed
-        if finished != printed[0] and finished < target:  # the last one: the command's last line
+        if finished != printed[0] and finished != target:  # the target: the command's last line
             printed[0] = finished
             console.print(status_line(tally, target), markup=False)
 

@@ -24,7 +24,7 @@ from kdsearch import __version__
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import writable_folder
-from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name, space_config
+from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import load_study, ranked, recorded, trial_recipe
 
@@ -39,7 +39,7 @@ class Winner:
     metrics: dict[str, Any]
     weights: Path | None
     seeds: list[int] = field(default_factory=list)
-    threads: int | None = None  # CPU threads the weights were trained with (None: all cores)
+    threads: int | None = None  # CPU threads the weights were trained with, where recorded
 
 
 def find_winner(storage: BaseStorage, name: str) -> Winner:
@@ -81,7 +81,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
             metrics,
             Path(str(top.user_attrs["weights"])),
             sorted(int(t.user_attrs["seed"]) for t in runs),
-            max(1, int(space_config(load_study(storage, name)).search.per_trial.cpu)),
+            int(top.user_attrs["threads"]) if "threads" in top.user_attrs else None,
         )
     study = load_study(storage, name)
     recorded(study, "space")  # a search study, not a promoted one or another tool's

@@ -201,6 +201,7 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
         "budget": run.recipe.schedule.epochs,
         "recipe": run.recipe.to_yaml(),
         "epochs": max(result.curve, default=0),
+        "threads": result.threads,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
     }

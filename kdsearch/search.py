@@ -423,11 +423,13 @@ class JobResult:
     images_per_sec: float
     weights: dict[str, torch.Tensor] | None
     failure: str | None = None
+    threads: int = 1  # CPU threads it trained with: the same weights need the same count
 
 
 def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> JobResult:
     """Train one recipe to the end and score it on the test split (a promotion run)."""
     torch.set_num_threads(max(1, int(threads)))
+    used = torch.get_num_threads()
     curve: dict[int, float] = {}
     started = time.perf_counter()
     try:
@@ -451,6 +453,7 @@ def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> Job
             time.perf_counter() - started,
             result.images_per_sec,
             weights,
+            threads=used,
         )
     except Exception as err:  # recorded as a failed run with its reason
         return JobResult(
@@ -463,6 +466,7 @@ def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> Job
             0.0,
             None,
             f"{type(err).__name__}: {err}"[:2000],
+            threads=used,
         )
 
 

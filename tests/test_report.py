@@ -55,6 +55,10 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     # accuracy in percent as `run` prints it; "-" where there is no value
     rows = [line.split()[:4] for line in shown.stdout.splitlines()[1:]]
     assert rows[1] == ["1", "COMPLETE", "90.00%", "2"] and rows[4] == ["4", "FAIL", "-", "0"]
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    optuna.create_study(study_name="only-running", storage=url).ask()  # no value, no epochs yet
+    running = run_cli("trials", "only-running", "--storage", url, cwd=tmp_path)
+    assert running.stdout.splitlines()[1].split() == ["0", "RUNNING", "-", "-"], running.stdout
     written = run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     assert written.returncode == 0
     table = pd.read_csv(tmp_path / "t.csv")
@@ -160,6 +164,7 @@ def _get(url: str) -> dict[str, object]:
 
 def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
     write_study(tmp_path)
+    (tmp_path / "s").mkdir()  # a folder of the same name does not hide the study
     proc, port = _serve(tmp_path, "s")  # a study name, as the other commands take
     try:
         summaries = _get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
