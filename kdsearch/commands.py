@@ -272,8 +272,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
-    from kdsearch.promote import space_config
-    from kdsearch.study import load_study
+    from kdsearch.study import load_study, space_config
 
     storage, url = study_storage(args.study, args.storage)
     cfg = space_config(load_study(storage, args.study)).promote

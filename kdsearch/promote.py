@@ -28,13 +28,13 @@ from kdsearch.data import load_data
 from kdsearch.distill import needs_teacher, needs_teacher_heads
 from kdsearch.errors import StudyError
 from kdsearch.losses import LOSSES
-from kdsearch.recipe import Recipe, load_yaml
+from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult, run_jobs
-from kdsearch.space import SpaceFile
 from kdsearch.study import (
     load_study,
     ranked,
     recorded,
+    space_config,
     sqlite_file,
     study_names,
     trial_recipe,
@@ -72,11 +72,6 @@ class Run:
         """A file name for the run's weights: "trial-3-seed0-20ep", "plain-kd-seed1-20ep"."""
         name = self.label.lower().replace(" ", "-")
         return f"{name}-seed{self.seed}-{self.recipe.schedule.epochs}ep"
-
-
-def space_config(study: optuna.Study) -> SpaceFile:
-    """The search's space file as recorded in the study (its base is not loaded again)."""
-    return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
 
 
 def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> list[Run]:

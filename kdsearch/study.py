@@ -118,6 +118,11 @@ def recorded(study: optuna.Study, key: str) -> str:
     return str(study.user_attrs[key])
 
 
+def space_config(study: optuna.Study) -> SpaceFile:
+    """The search's space file as recorded in the study (its base is not loaded again)."""
+    return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
+
+
 def trial_recipe(trial: FrozenTrial) -> Recipe:
     """The full recipe a trial trained with, as recorded."""
     if "recipe" not in trial.user_attrs:
@@ -173,8 +178,7 @@ class Record:
                     "choose another --study name"
                 )
         if exists and resume:
-            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
-            changed = changed_settings(attrs, space)
+            changed = changed_settings(optuna.load_study(study_name=name, storage=storage), space)
             if changed:
                 raise StudyError(
                     f"study {name!r} was started with other settings ({'; '.join(changed)}); "
@@ -326,25 +330,22 @@ class Record:
 PER_MACHINE = frozenset({"data.root", "data.download", "teacher.checkpoint", "device", "compile"})
 
 
-def changed_settings(attrs: Mapping[str, Any], space: SearchSpace) -> list[str]:
-    """What `space` changes of the settings a study recorded, that its trials depend on: the
+def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
+    """What `space` changes of the settings `study` recorded, that its trials depend on: the
     trial budget, the base recipe and the searched parameters (not the trial count, the
     resources or what follows the search)."""
-    if "space" not in attrs:
-        return []
     changed = []
-    if attrs.get("max_epochs") != space.config.asha.max_epochs:
-        changed.append(
-            f"asha.max_epochs {attrs.get('max_epochs')} -> {space.config.asha.max_epochs}"
-        )
-    was = flatten(Recipe.from_yaml(str(attrs["base_recipe"]), source="the study").to_dict())
+    budget = space_config(study).asha.max_epochs
+    if budget != space.config.asha.max_epochs:
+        changed.append(f"asha.max_epochs {budget} -> {space.config.asha.max_epochs}")
+    was = flatten(Recipe.from_yaml(recorded(study, "base_recipe"), source="the study").to_dict())
     now = flatten(space.base.to_dict())
     changed += [
         f"base.{key} {was.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(was.keys() | now.keys())
         if was.get(key) != now.get(key) and key not in PER_MACHINE
     ]
-    params = SpaceFile.model_validate(load_yaml(str(attrs["space"]), source="the study")).space
+    params = space_config(study).space
     changed += [
         f"space.{key} differs"
         for key in sorted(params.keys() | space.params.keys())
