@@ -51,6 +51,11 @@ def promoted_name(name: str) -> str:
     return f"{name}-promoted"
 
 
+def run_key(source_trial: int, seed: int, budget: int) -> str:
+    """What identifies a promotion run: its recipe, seed and budget."""
+    return f"{source_trial}/{seed}/{budget}"
+
+
 @dataclass(frozen=True)
 class Run:
     """One promotion run: a recipe at full budget with one seed."""
@@ -61,7 +66,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        return f"{self.source_trial}/{self.seed}/{self.recipe.schedule.epochs}"
+        return run_key(self.source_trial, self.seed, self.recipe.schedule.epochs)
 
     @property
     def label(self) -> str:
@@ -122,7 +127,7 @@ def run_budget(run: FrozenTrial) -> int:
 def finished_keys(promoted: optuna.Study) -> set[str]:
     """Runs already COMPLETE; a promotion run again does not redo them."""
     return {
-        f"{t.params['source_trial']}/{t.params['seed']}/{run_budget(t)}"
+        run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
         for t in promoted.trials
         if t.state == TrialState.COMPLETE
     }
