@@ -250,14 +250,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _placement_fits_student(self) -> Recipe:
-        stages = HEAD_STAGES[self.student.arch]
-        placement = self.distill.hsakd.placement
-        bad = [p for p in placement if p > stages]
-        if bad and self.distill.hsakd.weight > 0:  # HSAKD off: its placement is not used
-            raise ValueError(
-                f"distill.hsakd.placement {placement}: {self.student.arch} has no stage "
-                f"{bad[0]} to carry a head (its stages are 1-{stages})"
-            )
+        if self.distill.hsakd.weight > 0:  # HSAKD off: its placement is not used
+            problem = placement_problem(self.student.arch, self.distill.hsakd.placement)
+            if problem:
+                raise ValueError(f"distill.hsakd.placement {problem}")
         return self
 
     @classmethod
@@ -328,6 +324,15 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
         else:
             lines.append(f"{key}: {e['msg']} (got {_short(e.get('input'))})")
     return "; ".join(lines)
+
+
+def placement_problem(arch: str, placement: list[int]) -> str | None:
+    """Why HSAKD heads cannot go on `placement` of model `arch`, if they cannot."""
+    stages = HEAD_STAGES[arch]
+    bad = [p for p in placement if p > stages]
+    if not bad:
+        return None
+    return f"{placement}: {arch} has no stage {bad[0]} to carry a head (its stages are 1-{stages})"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

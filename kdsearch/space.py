@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import Field, ValidationError, model_validator
 
 from kdsearch.errors import RecipeError
-from kdsearch.recipe import HEAD_STAGES, Recipe, Section, describe, load_yaml, read_text
+from kdsearch.recipe import (
+    Recipe,
+    Section,
+    describe,
+    load_yaml,
+    placement_problem,
+    read_text,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Scalar = bool | int | float | str | None
@@ -301,14 +308,10 @@ class SearchSpace:
         p = self.params.get("distill.hsakd.placement")
         if p is None or not any(w > 0 for w in self.reachable("distill.hsakd.weight")):
             return
-        arch = self.base.student.arch
         for placement in _extremes(p):
-            bad = [stage for stage in placement if stage > HEAD_STAGES[arch]]
-            if bad:
-                raise RecipeError(
-                    f"{self.source}: space.distill.hsakd.placement: {placement} has stage "
-                    f"{bad[0]}, but {arch} has stages 1-{HEAD_STAGES[arch]} to carry a head"
-                )
+            problem = placement_problem(self.base.student.arch, placement)
+            if problem:
+                raise RecipeError(f"{self.source}: space.distill.hsakd.placement: {problem}")
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:

@@ -87,7 +87,7 @@ def test_shipped_spaces_are_valid(name: str) -> None:
         (
             "  distill.hsakd.weight: {type: float, low: 0.0, high: 1.0}\n"
             "  distill.hsakd.placement: {type: categorical, choices: [[1], [2, 4]]}",
-            "space.distill.hsakd.placement: [2, 4] has stage 4, but resnet8 has stages 1-3",
+            "space.distill.hsakd.placement: [2, 4]: resnet8 has no stage 4 to carry a head",
         ),
     ],
 )
