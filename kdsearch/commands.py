@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import time
@@ -166,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_out(Path(space.config.export.dir), name)  # now, not after the search
     url = args.storage or space.config.study.storage or default_storage(name)
     file = sqlite_file(url)
-    new_file = file if file is not None and not file.exists() else None
+    new_file = file is not None and not file.exists()
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
 
     from kdsearch.data import load_data
@@ -205,8 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # the SQLite study this command created, and its file, so a rerun starts clean. (Not
         # on a shared server: another driver may have joined the study and be preparing.)
         with suppress(Exception):  # the error that stopped the search is the one to show
-            if file is not None and record.discard_if_unused() and new_file is not None:
-                new_file.unlink(missing_ok=True)
+            if file is not None and record.discard_if_unused() and new_file:
+                file.unlink(missing_ok=True)
         raise
     console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
     for line in outcome.tally.failures[-5:]:
@@ -448,7 +449,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
         table.to_csv(args.csv, index=False)
         console.print(f"wrote {len(table)} trials to {args.csv}")
     else:
-        table = table.astype({"value": float, "epochs": float})  # None in a column of Nones too
+        table = table.astype({"value": float, "epochs": float})  # None (a column of Nones) -> NaN
         print(
             table.to_string(
                 index=False,
@@ -460,14 +461,14 @@ def cmd_trials(args: argparse.Namespace) -> int:
     return 0
 
 
-def percent(value: float | None) -> str:
-    """An accuracy as the CLI prints it elsewhere."""
-    return "-" if value is None or value != value else f"{100 * value:.2f}%"  # NaN != NaN
+def percent(value: float) -> str:
+    """An accuracy as the CLI prints it elsewhere ("-": none yet)."""
+    return "-" if math.isnan(value) else f"{100 * value:.2f}%"
 
 
-def whole(value: float | None) -> str:
+def whole(value: float) -> str:
     """A count that pandas made a float (a column with gaps)."""
-    return "-" if value is None or value != value else str(int(value))
+    return "-" if math.isnan(value) else str(int(value))
 
 
 def use_ray_token(env: MutableMapping[str, str]) -> None:
