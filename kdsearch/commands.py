@@ -254,19 +254,24 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
 
 
 def study_storage(study: str, url: str | None) -> tuple[Any, str]:
-    """The storage of an existing study: `url`, else ./studies/<study>.db. An SQLite file must
-    exist: opening a missing one would silently create an empty database."""
-    from kdsearch.study import open_storage, sqlite_file
-
+    """The storage of an existing study: `url`, else ./studies/<study>.db."""
     if url is None:
         path = Path("studies") / f"{study}.db"
         if not path.is_file():
             raise KdsearchError(f"no study database at {path}; pass --storage URL")
         url = f"sqlite:///{path}"
+    return existing_storage(url), url
+
+
+def existing_storage(url: str) -> Any:
+    """The storage at `url`, which holds studies already: a missing SQLite file is an error,
+    where opening it would silently create an empty database."""
+    from kdsearch.study import open_storage, sqlite_file
+
     file = sqlite_file(url)
     if file is not None and not file.is_file():
         raise KdsearchError(f"no study database at {file}")
-    return open_storage(url), url
+    return open_storage(url)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -393,23 +398,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from optuna_dashboard import wsgi
 
-    from kdsearch.study import open_storage, sqlite_file
-
     given = args.storage
     named = Path("studies") / f"{given}.db"
     if "://" not in given and not Path(given).is_file() and named.is_file():
         given = str(named)  # a study name, as the other commands take
     url = given if "://" in given else f"sqlite:///{given}"
-    path = sqlite_file(url)
-    if path is not None and not path.is_file():
-        raise KdsearchError(f"no study database at {path}")
+    storage = existing_storage(url)
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             """One line per request would bury the address; stay quiet."""
 
     try:
-        server = make_server(args.host, args.port, wsgi(open_storage(url)), handler_class=Quiet)
+        server = make_server(args.host, args.port, wsgi(storage), handler_class=Quiet)
     except OSError as err:
         raise KdsearchError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     print(

@@ -89,6 +89,8 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
         extra = ["--out", "x"] if command == "export" else []
         proc = run_cli(command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path)
         assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
+    proc = run_cli("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
     (tmp_path / "folder").mkdir()
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
