@@ -2,12 +2,13 @@
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
     python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
-        [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--orders 200] [--work DIR]
-        [--out-dir DIR]
+        [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--lr LR] [--orders 200]
+        [--work DIR] [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
 arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
-learning rate, and one extra term of PKT, HSAKD or STKD) with the same cached teacher:
+learning rate, and one extra term of PKT, HSAKD or STKD) with the same cached teacher; `--lr`
+fixes the learning rate instead of searching it, leaving the distillation terms:
 
 - ASHA: the product's default, TPE proposals and ASHA stopping at `--grace` epochs and every
   `--reduction` times more;
@@ -72,6 +73,7 @@ class Arm:
     pruned: int
     curves: list[dict[int, float]]  # each trial's validation accuracy by epoch
     numbers: list[int]  # each trial's number: the order the trials started in
+    lrs: list[float | None]  # each trial's learning rate where it was searched
 
     @property
     def best(self) -> float:
@@ -92,6 +94,7 @@ class Arm:
 def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
     asha = arm != "random"
     epochs = 1 if arm == "warmup" else args.max_epochs
+    space = {k: v for k, v in SPACE.items() if args.lr is None or k != "optim.lr"}
     doc = {
         "study": {"name": arm},
         "base": {
@@ -109,12 +112,12 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
             },
             "student": {"arch": "resnet8"},
             "distill": {"ce": {"weight": 1.0}, "kd": {"weight": 0.9, "temperature": 4.0}},
-            "optim": {"lr": 0.05},
+            "optim": {"lr": 0.05 if args.lr is None else args.lr},
             "schedule": {"epochs": epochs, "kind": "cosine"},
             "batch_size": 64,
             "seed": args.seed,
         },
-        "space": SPACE,
+        "space": space,
         "search": {
             "trials": args.trials,
             "concurrent": SLOTS,
@@ -140,7 +143,8 @@ def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
     ]
     pruned = sum(t.state == TrialState.PRUNED for t in done)
     curves = [dict(t.intermediate_values) for t in done]
-    return Arm(name, wall, epochs, full, pruned, curves, [t.number for t in done])
+    lrs = [t.params.get("optim.lr") for t in done]
+    return Arm(name, wall, epochs, full, pruned, curves, [t.number for t in done], lrs)
 
 
 def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> float:
@@ -150,6 +154,14 @@ def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> f
     early = pd.Series([c[epoch] for c in full]).rank()
     final = pd.Series([c[last] for c in full]).rank()
     return float(early.corr(final))
+
+
+def lr_correlation(arm: Arm, epoch: int, last: int) -> float:
+    """Spearman's rank correlation, over the trials that ran to `last`, between the learning rate
+    and the validation accuracy after `epoch`."""
+    full = [(lr, c[epoch]) for lr, c in zip(arm.lrs, arm.curves, strict=True) if last in c]
+    lrs = pd.Series([lr for lr, _ in full]).rank()
+    return float(lrs.corr(pd.Series([acc for _, acc in full]).rank()))
 
 
 def rungs(grace: int, reduction: int, max_epochs: int) -> list[int]:
@@ -268,12 +280,15 @@ def main() -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="data subset, split, teacher and proposals"
     )
+    parser.add_argument("--lr", type=float, help="fix the learning rate instead of searching it")
     parser.add_argument("--orders", type=int, default=200, help="arrival orders to replay")
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
     if args.orders < 1:
         parser.error("--orders must be at least 1")
+    if args.lr is not None and args.lr <= 0:
+        parser.error("--lr must be positive")
     work = work_dir(args.work, "kdsearch-quality-")
     # Teacher and heads into the cache first (a one-trial, one-epoch search of the same space
     # reads the same teacher), so neither arm's wall time includes them.
@@ -290,7 +305,8 @@ def main() -> None:
     lines = [
         f"CIFAR-10 subset of {args.subset} images (80% train / 20% validation), "
         f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
-        f"{SLOTS} at a time on {os.cpu_count()} CPU cores, seed {args.seed}",
+        f"{SLOTS} at a time on {os.cpu_count()} CPU cores, seed {args.seed}, "
+        + ("learning rate searched" if args.lr is None else f"learning rate fixed at {args.lr}"),
         "",
         "| search | trials complete / pruned | epochs trained | wall s | best val acc % |",
         "|---|---|---|---|---|",
@@ -308,18 +324,22 @@ def main() -> None:
         f"{asha.wall / rand.wall:.2f} of its wall time.",
     ]
     asha_rungs = rungs(args.grace, args.reduction, args.max_epochs)
+    searched = args.lr is None
     lines += [
         "",
         "How well an early epoch ranks the random search's trials as their last epoch does "
-        "(Spearman):",
+        + ("and how the learning rate ranks them at that epoch " if searched else "")
+        + "(Spearman):",
         "",
-        f"| epoch | rank correlation with epoch {args.max_epochs} |",
-        "|---|---|",
+        f"| epoch | rank correlation with epoch {args.max_epochs} |"
+        + (" learning rate's rank correlation with it |" if searched else ""),
+        "|---|---|" + ("---|" if searched else ""),
     ]
     lines += [
         f"| {e}{' (a rung)' if e in asha_rungs else ''} | "
         f"{rank_correlation(rand.curves, e, args.max_epochs):.2f} |"
-        for e in range(1, args.max_epochs)
+        + (f" {lr_correlation(rand, e, args.max_epochs):.2f} |" if searched else "")
+        for e in range(1, args.max_epochs + 1)
     ]
     lines += ["", *replay_table(args, rand)]
     text = "\n".join(lines) + "\n"
