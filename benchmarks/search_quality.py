@@ -37,6 +37,7 @@ import heapq
 import os
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,17 +174,30 @@ def rungs(grace: int, reduction: int, max_epochs: int) -> list[int]:
     return out
 
 
-def replay(
-    curves: list[dict[int, float]],
-    order: list[int],
-    grace: int,
-    reduction: int,
-    max_epochs: int,
-    slots: int,
-) -> tuple[float, int]:
-    """ASHA's stopping rule on recorded full learning curves, trials started in `order` as slots
-    free up: the best last-epoch accuracy of the trials that ran to the end, and epochs spent."""
+Rule = Callable[[int, int, float], bool]  # (trial, epoch, accuracy) -> stop it there
+
+
+def asha_rule(grace: int, reduction: int, max_epochs: int) -> Rule:
+    """Ray's ASHA stopping rule: a trial reaching a rung stops when its accuracy is below the
+    (1 - 1/reduction) quantile of the accuracies recorded at that rung before it."""
     recorded: dict[int, list[float]] = {m: [] for m in rungs(grace, reduction, max_epochs)}
+
+    def stops(trial: int, epoch: int, value: float) -> bool:
+        if epoch not in recorded:
+            return False
+        before = recorded[epoch]
+        stop = bool(before) and bool(value < np.nanpercentile(before, 100 * (1 - 1 / reduction)))
+        before.append(value)
+        return stop
+
+    return stops
+
+
+def replay(
+    curves: list[dict[int, float]], order: list[int], stops: Rule, max_epochs: int, slots: int
+) -> tuple[float, int]:
+    """A stopping rule on recorded full learning curves, trials started in `order` as slots
+    free up: the best last-epoch accuracy of the trials that ran to the end, and epochs spent."""
     rank = {trial: i for i, trial in enumerate(order)}  # of two epochs ending at once, the
     waiting = list(order)  # trial that arrived first is first at a rung
     running: list[tuple[int, int, int, int]] = []  # (time the epoch ends, rank, trial, epoch)
@@ -204,15 +218,10 @@ def replay(
         if epoch == max_epochs:
             finished.append(value)
             start(now)
-            continue
-        if epoch in recorded:
-            before = recorded[epoch]
-            stop = bool(before) and value < np.nanpercentile(before, 100 * (1 - 1 / reduction))
-            before.append(value)
-            if stop:
-                start(now)
-                continue
-        heapq.heappush(running, (now + 1, rank[trial], trial, epoch + 1))
+        elif stops(trial, epoch, value):
+            start(now)
+        else:
+            heapq.heappush(running, (now + 1, rank[trial], trial, epoch + 1))
     return max(finished), spent
 
 
@@ -235,7 +244,9 @@ def replay_table(args: argparse.Namespace, rand: Arm) -> list[str]:
     for grace in sorted({1, 2, 3, args.grace}):
         for reduction in sorted({2, 3, 4, args.reduction}):
             runs = [
-                replay(curves, o, grace, reduction, args.max_epochs, SLOTS)
+                replay(
+                    curves, o, asha_rule(grace, reduction, args.max_epochs), args.max_epochs, SLOTS
+                )
                 for o in [list(range(len(curves))), *orders]
             ]
             gaps = [round(100 * (best - b), 6) for b, _ in runs]  # 0.5 is 0.5, not 0.50000001
