@@ -302,10 +302,14 @@ def run_promotion(
     from kdsearch.promote import leaderboard, promote, promoted_name, weights_dir_for
     from kdsearch.study import redact
 
-    console.print(
-        f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to "
-        f"the student alone and plain KD, at {epochs or 'the base recipe'}'s epochs"
-    )
+    budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
+
+    def on_plan(todo: int, before: int) -> None:
+        console.print(
+            f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to the "
+            f"student alone and plain KD, at {budget}: {todo} runs to train, {before} recorded "
+            "before"
+        )
 
     def on_run(run: Any, result: Any) -> None:
         if result.failure:
@@ -324,6 +328,7 @@ def run_promotion(
         epochs=epochs,
         weights_dir=weights_dir_for(url, name),
         address=address,
+        on_plan=on_plan,
         on_run=on_run,
         prepare=prepare_teacher,
     )

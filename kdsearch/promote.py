@@ -153,14 +153,18 @@ def promote(
     epochs: int | None,
     weights_dir: Path,
     address: str | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
     on_run: Callable[[Run, JobResult], None] | None = None,
     prepare: Callable[[Recipe, Any, bool], Teacher] | None = None,
 ) -> optuna.Study:
-    """Train every run of the plan not yet recorded, on Ray, and record each as it ends."""
+    """Train every run of the plan not yet recorded, on Ray, and record each as it ends.
+    `on_plan` hears how many runs are to train and how many were recorded before."""
     study = load_study(storage, name)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
     promoted = open_promoted(storage, name)
     todo = {r.key: r for r in runs if r.key not in finished_keys(promoted)}
+    if on_plan is not None:
+        on_plan(len(todo), len(runs) - len(todo))
     if not todo:
         return promoted
     first = next(iter(todo.values())).recipe

@@ -17,9 +17,10 @@ from kdsearch.promote import (
     plan,
 )
 from kdsearch.search import JobResult
-from kdsearch.study import open_storage
+from kdsearch.space import SearchSpace
+from kdsearch.study import Record, open_storage
 
-from .conftest import run_cli, write_study
+from .conftest import SMALL_SPACE, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +63,14 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
         "trial-3-seed0-2ep.pt",
     ]
     assert "the students' weights in studies/s-promoted/" in first.stderr
+    assert "at 2 epochs: 4 runs to train, 0 recorded before" in first.stderr
     assert "student alone" in first.stderr and "plain KD" in first.stderr
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
     second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     runs = promoted(tmp_path).trials
     assert len(runs) == 8, "only the four seed-1 runs are new"
+    assert "4 runs to train, 4 recorded before" in second.stderr
     for t in runs:
         if t.user_attrs["run_key"] in stamps:
             assert t.datetime_complete == stamps[t.user_attrs["run_key"]]
@@ -77,6 +80,21 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
     again = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0 and len(promoted(tmp_path).trials) == 8
+    assert "0 runs to train, 8 recorded before" in again.stderr
+
+
+def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
+    record = Record(
+        open_storage(f"sqlite:///{tmp_path}/studies/s.db"), "s", space, target=1, resume=False
+    )
+    assert record.next_plan("ray0") is not None
+    record.finish(0, TrialState.PRUNED, {1: 0.5}, {"epochs": 1})
+    out = run_cli("promote", "s", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "study 's' has no COMPLETE trial to promote" in out.stderr
+    assert "promoting" not in out.stderr
 
 
 def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
