@@ -1,14 +1,15 @@
 """ASHA search against a full-budget random search of the same number of trials, on a real
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
-    python benchmarks/search_quality.py --root DIR [--subset 2000] [--trials 12]
-        [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--lr LR] [--orders 200]
-        [--work DIR] [--out-dir DIR]
+    python benchmarks/search_quality.py --root DIR [--subset 2000] [--val-fraction 0.2]
+        [--trials 12] [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--lr LR]
+        [--orders 200] [--work DIR] [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
 arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
 learning rate, and one extra term of PKT, HSAKD or STKD) with the same cached teacher; `--lr`
-fixes the learning rate instead of searching it, leaving the distillation terms:
+fixes the learning rate instead of searching it, leaving the distillation terms, and
+`--val-fraction` how much of the subset validates (more resolves smaller differences):
 
 - ASHA: the product's default, TPE proposals and ASHA stopping at `--grace` epochs and every
   `--reduction` times more;
@@ -103,7 +104,7 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
                 "dataset": "imagefolder",
                 "root": str(Path(args.root).resolve()),
                 "subset": args.subset,
-                "val_fraction": 0.2,
+                "val_fraction": args.val_fraction,
                 "seed": args.seed,
             },
             "teacher": {
@@ -283,6 +284,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--subset", type=int, default=2000)
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="of the subset, for validation"
+    )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=18)
     parser.add_argument("--grace", type=int, default=2)
@@ -300,6 +304,9 @@ def main() -> None:
         parser.error("--orders must be at least 1")
     if args.lr is not None and args.lr <= 0:
         parser.error("--lr must be positive")
+    n_val = round(args.val_fraction * args.subset)
+    if not 0 < n_val < args.subset:
+        parser.error("--val-fraction must leave validation and training images")
     work = work_dir(args.work, "kdsearch-quality-")
     # Teacher and heads into the cache first (a one-trial, one-epoch search of the same space
     # reads the same teacher), so neither arm's wall time includes them.
@@ -314,7 +321,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(arms, out / "search_quality.png")
     lines = [
-        f"CIFAR-10 subset of {args.subset} images (80% train / 20% validation), "
+        f"CIFAR-10 subset of {args.subset} images ({n_val} of them for validation), "
         f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
         f"{SLOTS} at a time on {os.cpu_count()} CPU cores, seed {args.seed}, "
         + ("learning rate searched" if args.lr is None else f"learning rate fixed at {args.lr}"),
