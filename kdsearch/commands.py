@@ -307,8 +307,8 @@ def run_promotion(
     def on_plan(todo: int, before: int) -> None:
         console.print(
             f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to the "
-            f"student alone and plain KD, at {budget}: {todo} runs to train, {before} recorded "
-            "before"
+            f"student alone and plain KD, at {budget}; runs to train: {todo}, recorded before: "
+            f"{before}"
         )
 
     def on_run(run: Any, result: Any) -> None:

@@ -63,14 +63,14 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
         "trial-3-seed0-2ep.pt",
     ]
     assert "the students' weights in studies/s-promoted/" in first.stderr
-    assert "at 2 epochs: 4 runs to train, 0 recorded before" in first.stderr
+    assert "at 2 epochs; runs to train: 4, recorded before: 0" in first.stderr
     assert "student alone" in first.stderr and "plain KD" in first.stderr
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
     second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     runs = promoted(tmp_path).trials
     assert len(runs) == 8, "only the four seed-1 runs are new"
-    assert "4 runs to train, 4 recorded before" in second.stderr
+    assert "runs to train: 4, recorded before: 4" in second.stderr
     for t in runs:
         if t.user_attrs["run_key"] in stamps:
             assert t.datetime_complete == stamps[t.user_attrs["run_key"]]
@@ -80,7 +80,7 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
     again = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0 and len(promoted(tmp_path).trials) == 8
-    assert "0 runs to train, 8 recorded before" in again.stderr
+    assert "runs to train: 0, recorded before: 8" in again.stderr
 
 
 def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path: Path) -> None:
