@@ -335,7 +335,8 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
     trial budget, the base recipe and the searched parameters (not the trial count, the
     resources or what follows the search)."""
     changed = []
-    budget = space_config(study).asha.max_epochs
+    recorded_space = space_config(study)
+    budget = recorded_space.asha.max_epochs
     if budget != space.config.asha.max_epochs:
         changed.append(f"asha.max_epochs {budget} -> {space.config.asha.max_epochs}")
     was = flatten(Recipe.from_yaml(recorded(study, "base_recipe"), source="the study").to_dict())
@@ -345,7 +346,7 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
         for key in sorted(was.keys() | now.keys())
         if was.get(key) != now.get(key) and key not in PER_MACHINE
     ]
-    params = space_config(study).space
+    params = recorded_space.space
     changed += [
         f"space.{key} differs"
         for key in sorted(params.keys() | space.params.keys())
