@@ -149,21 +149,27 @@ def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
     return Arm(name, wall, epochs, full, pruned, curves, [t.number for t in done], lrs)
 
 
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation of two paired lists."""
+    return float(pd.Series(xs).corr(pd.Series(ys), method="spearman"))
+
+
 def rank_correlation(curves: list[dict[int, float]], epoch: int, last: int) -> float:
     """Spearman's rank correlation, over the trials that ran to `last`, between the validation
     accuracy after `epoch` and after `last`: how well a rung at `epoch` foretells the end."""
     full = [c for c in curves if epoch in c and last in c]
-    early = pd.Series([c[epoch] for c in full]).rank()
-    final = pd.Series([c[last] for c in full]).rank()
-    return float(early.corr(final))
+    return spearman([c[epoch] for c in full], [c[last] for c in full])
 
 
 def lr_correlation(arm: Arm, epoch: int, last: int) -> float:
     """Spearman's rank correlation, over the trials that ran to `last`, between the learning rate
     and the validation accuracy after `epoch`."""
-    full = [(lr, c[epoch]) for lr, c in zip(arm.lrs, arm.curves, strict=True) if last in c]
-    lrs = pd.Series([lr for lr, _ in full]).rank()
-    return float(lrs.corr(pd.Series([acc for _, acc in full]).rank()))
+    full = [
+        (lr, c[epoch])
+        for lr, c in zip(arm.lrs, arm.curves, strict=True)
+        if lr is not None and last in c
+    ]
+    return spearman([lr for lr, _ in full], [acc for _, acc in full])
 
 
 def rungs(grace: int, reduction: int, max_epochs: int) -> list[int]:
