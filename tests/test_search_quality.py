@@ -62,3 +62,18 @@ def test_replay_spends_epochs_as_counted_by_hand() -> None:
     ]
     best, spent = bench.replay(curves, [0, 1, 2], bench.asha_rule(1, 2, 4), 4, 2)
     assert (best, spent) == (0.7, 4 + 1 + 4)
+
+
+@pytest.mark.parametrize(
+    ("best", "share", "met"),
+    [
+        (0.5275, 1 / 3, True),  # exactly half a point below, exactly a third: both held
+        (0.5274, 0.2, False),  # 0.51 points below
+        (0.5400, 0.34, False),  # above random's best, but more than a third of the epochs
+        (0.5500, 0.1, True),
+    ],
+)
+def test_target_counts_half_a_point_and_a_third_inclusive(
+    best: float, share: float, met: bool
+) -> None:
+    assert bench.meets_target(best, 0.5325, share) is met
