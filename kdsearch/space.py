@@ -254,11 +254,9 @@ class SearchSpace:
         """The trial recipe of a sample."""
         return self.trial_recipe.override(self.overrides(chosen), source=self.source)
 
-    @staticmethod
-    def _active(p: _Param, chosen: Mapping[str, Any]) -> bool:
+    def _active(self, p: _Param, chosen: Mapping[str, Any]) -> bool:
         for ref, wanted in (p.when or {}).items():
-            allowed = wanted if isinstance(wanted, list) else [wanted]
-            if ref not in chosen or chosen[ref] not in allowed:
+            if ref not in chosen or chosen[ref] not in _allowed(self.params[ref], wanted):
                 return False
         return True
 
@@ -292,7 +290,7 @@ class SearchSpace:
                         f"{where}: when refers to {ref!r}, which is not an earlier parameter"
                     )
                 target = self.params[ref]
-                for value in wanted if isinstance(wanted, list) else [wanted]:
+                for value in _allowed(target, wanted):
                     if not _can_take(target, value):
                         raise RecipeError(
                             f"{where}: when {ref} = {value!r}, but {ref} never takes that value"
@@ -327,6 +325,16 @@ def _extremes(p: FloatParam | IntParam | CategoricalParam) -> list[Any]:
     if isinstance(p, CategoricalParam):
         return list(p.choices)
     return [p.low, p.high]
+
+
+def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[Any]:
+    """The values a `when` names: a list is any of its items, unless the list is itself one of
+    the parameter's choices (`when: {distill.hsakd.placement: [2, 3]}` names the placement)."""
+    if not isinstance(wanted, list):
+        return [wanted]
+    if isinstance(p, CategoricalParam) and wanted in p.choices:
+        return [wanted]
+    return wanted
 
 
 def _can_take(p: FloatParam | IntParam | CategoricalParam, value: Any) -> bool:

@@ -166,6 +166,28 @@ def test_when_samples_a_parameter_only_after_the_value_it_names() -> None:
     assert "distill.crd.weight" not in chosen
 
 
+def test_when_on_a_list_choice_names_that_choice() -> None:
+    # [3] is one of the placement's choices, so it means that placement, not "any of 3"; a list
+    # of choices still means any of them.
+    on_placement = """  distill.hsakd.temperature: {type: float, low: 1, high: 4, when: {distill.hsakd.placement: [3]}}
+  distill.kd.weight: {type: float, low: 0.1, high: 1, when: {distill.hsakd.placement: [[3], [1, 2, 3]]}}
+"""
+    space = space_of(CONDITIONAL + on_placement)
+    fixed = {"distill.kd.temperature": 3.0, "$extra": "hsakd", "distill.hsakd.weight": 0.5}
+    for label, placement in (("[3]", [3]), ("[1, 2, 3]", [1, 2, 3])):
+        trial = FixedTrial(
+            {
+                **fixed,
+                "distill.hsakd.placement": label,
+                "distill.hsakd.temperature": 2.0,
+                "distill.kd.weight": 0.2,
+            }
+        )
+        chosen = space.suggest(trial)
+        assert ("distill.hsakd.temperature" in chosen) == (placement == [3])
+        assert "distill.kd.weight" in chosen
+
+
 def test_trial_recipes_run_at_the_asha_budget_with_scaled_milestones() -> None:
     recipe = space_of(CONDITIONAL).trial_recipe
     assert recipe.schedule.epochs == 24 and recipe.schedule.milestones == [15, 18, 21]
