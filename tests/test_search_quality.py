@@ -77,3 +77,13 @@ def test_target_counts_half_a_point_and_a_third_inclusive(
     best: float, share: float, met: bool
 ) -> None:
     assert bench.meets_target(best, 0.5325, share) is met
+
+
+def test_spread_counts_full_budget_trials_against_the_binomial_error() -> None:
+    # Two trials at 50% and 60% on 100 validation images (a pruned one left out): standard
+    # deviation sqrt(0.005) = 7.07 points; error sqrt(0.55 * 0.45 / 100) = 4.97 points.
+    arm = bench.Arm("random", 1.0, [18, 2, 18], [0.5, None, 0.6], 1, [{}, {}, {}], [0, 1, 2], [])
+    assert bench.spread(arm, 100) == (
+        "random's trials that ran to the end: 50.00-60.00%, standard deviation 7.07 points "
+        "(the binomial standard error of 100 validation images at 55.0%: 4.97 points)."
+    )
