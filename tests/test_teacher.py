@@ -10,6 +10,7 @@ from kdsearch.errors import TeacherError
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig
 from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_key, teacher_recipe
+from kdsearch.train import EpochStats
 
 from .conftest import tiny_recipe
 
@@ -145,6 +146,26 @@ def test_teacher_heads_are_trained_once_cached_beside_the_teacher_and_reused(
     ):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for h in second.heads.values() for p in h.parameters())
+
+
+def test_training_the_heads_reports_every_batch_and_epoch(synthetic: ImageData) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+            self.ticks: list[tuple[int, int]] = []
+
+        def __call__(self, stats: EpochStats) -> None:
+            self.epochs.append(stats.epoch)
+
+        def batch(self, done: int, total: int) -> None:
+            self.ticks.append((done, total))
+
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 2})
+    recorder = Recorder()
+    get_teacher(recipe, synthetic, heads_report=recorder)
+    per_epoch = len(synthetic.train) // recipe.batch_size  # full batches only
+    assert recorder.epochs == [1, 2]
+    assert recorder.ticks == [(k, per_epoch) for k in range(1, per_epoch + 1)] * 2
 
 
 def test_heads_are_only_prepared_when_an_active_term_reads_them(synthetic: ImageData) -> None:
