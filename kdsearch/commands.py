@@ -152,9 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.space import SearchSpace
     from kdsearch.study import Record, default_storage, open_storage, redact, sqlite_file
 
-    space = SearchSpace.load(args.space)
-    if args.set:
-        space = space.with_base_changes(parse_sets(args.set))
+    space = SearchSpace.load(args.space, parse_sets(args.set))
     name = args.study or space.config.study.name
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work

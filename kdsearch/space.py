@@ -188,13 +188,23 @@ class SearchSpace:
     config: SpaceFile
 
     @classmethod
-    def load(cls, path: str | Path) -> SearchSpace:
-        """Read and check a space file; every problem names its key."""
+    def load(cls, path: str | Path, base_changes: Mapping[str, Any] | None = None) -> SearchSpace:
+        """Read and check a space file; every problem names its key. `base_changes` (the CLI's
+        --set) change the base recipe before the space is checked against it."""
         text = read_text(path)
-        return cls.from_yaml(text, source=str(path), folder=Path(path).parent)
+        return cls.from_yaml(
+            text, source=str(path), folder=Path(path).parent, base_changes=base_changes
+        )
 
     @classmethod
-    def from_yaml(cls, text: str, *, source: str, folder: Path = Path(".")) -> SearchSpace:
+    def from_yaml(
+        cls,
+        text: str,
+        *,
+        source: str,
+        folder: Path = Path("."),
+        base_changes: Mapping[str, Any] | None = None,
+    ) -> SearchSpace:
         raw = load_yaml(text, source=source)
         if not isinstance(raw, Mapping):
             raise RecipeError(f"{source}: a search space must be a mapping")
@@ -206,14 +216,9 @@ class SearchSpace:
             base = Recipe.load(folder / config.base)
         else:
             base = Recipe.from_dict(config.base, source=f"{source}: base")
+        if base_changes:
+            base = base.override(base_changes, source="--set")
         space = cls(source, text, base, dict(config.space), config)
-        space._check()
-        return space
-
-    def with_base_changes(self, changes: Mapping[str, Any]) -> SearchSpace:
-        """The same space over a base recipe with `changes` applied (the CLI's --set)."""
-        base = self.base.override(changes, source="--set")
-        space = SearchSpace(self.source, self.text, base, self.params, self.config)
         space._check()
         return space
 

@@ -208,11 +208,22 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
 
 
+def space_with_sets(params: str, changes: dict[str, object]) -> SearchSpace:
+    return SearchSpace.from_yaml(BASE + "space:\n" + params, source="s.yaml", base_changes=changes)
+
+
 def test_set_changes_the_base_and_is_checked() -> None:
-    space = space_of(CONDITIONAL)
-    assert space.with_base_changes({"distill.kd.weight": 0.5}).base.distill.kd.weight == 0.5
+    assert space_with_sets(CONDITIONAL, {"distill.kd.weight": 0.5}).base.distill.kd.weight == 0.5
     with pytest.raises(RecipeError, match="unknown key"):
-        space.with_base_changes({"distill.kd.wieght": 0.5})
+        space_with_sets(CONDITIONAL, {"distill.kd.wieght": 0.5})
+
+
+def test_the_space_is_checked_against_the_base_as_set_changes_it() -> None:
+    momentum = "  optim.momentum: {type: categorical, choices: [0.0, 0.9]}\n"
+    with pytest.raises(RecipeError, match="nesterov: true needs momentum > 0"):
+        space_of(momentum)  # the base recipe is nesterov by default
+    space = space_with_sets(momentum, {"optim.nesterov": False})
+    assert space.recipe_for({"optim.momentum": 0.0}).optim.momentum == 0.0
 
 
 def test_reachable_values_cover_base_and_parameter() -> None:
