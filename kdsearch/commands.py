@@ -359,6 +359,8 @@ def run_export(storage: Any, name: str, out: Path) -> None:
     if winner.weights is not None:
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
     else:
+        if winner.threads is not None:  # the trial's thread count: the trial's own student
+            torch.set_num_threads(winner.threads)
         console.print(
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"

@@ -91,7 +91,16 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
     best_trial = best_trials[0]
     recipe = trial_recipe(best_trial)
     metrics = {"search_val_acc": best_trial.value, "epochs": best_trial.user_attrs.get("epochs")}
-    return Winner(recipe, "search", best_trial.number, metrics, None, [recipe.seed])
+    threads = best_trial.user_attrs.get("threads")  # absent from studies of older versions
+    return Winner(
+        recipe,
+        "search",
+        best_trial.number,
+        metrics,
+        None,
+        [recipe.seed],
+        None if threads is None else int(threads),
+    )
 
 
 def export(

@@ -135,6 +135,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
                     "train_loss": stats.train_loss,
                     "images_per_sec": stats.images_per_sec,
                     "student_params": params,
+                    "threads": torch.get_num_threads(),
                     "wall_seconds": time.perf_counter() - started,
                     **busy,
                 }
@@ -255,6 +256,7 @@ class KdSearcher(Searcher):
             "eval_seconds",
             "images_per_sec",
             "student_params",
+            "threads",
         ):
             if key in last:
                 attrs[key] = last[key]

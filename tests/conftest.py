@@ -116,7 +116,7 @@ def write_study(root: Path) -> str:
     for number, (state, values) in SEARCH_VALUES.items():
         assert record.next_plan(f"ray{number}") is not None
         curve = {epoch + 1: v for epoch, v in enumerate(values)}
-        attrs = {"epochs": len(values)} | (
+        attrs = {"epochs": len(values), "threads": 1} | (
             {"failure": "NonFiniteLoss: nan"} if state == "FAIL" else {}
         )
         record.finish(number, TrialState[state], curve, attrs)

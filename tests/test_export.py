@@ -67,6 +67,19 @@ def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> Non
     assert meta["source"] == "search" and meta["trial"] == 1
     assert 0.0 <= meta["metrics"]["test_acc"] <= 1.0
     assert Recipe.load(tmp_path / "w" / "recipe.yaml").schedule.epochs == 2
+    # retrained with the trial's one thread (not this process's default), so the export is the
+    # trial's own student and the line it prints says how to train it again
+    assert meta["threads"] == 1
+    assert "`OMP_NUM_THREADS=1 kdsearch train w/recipe.yaml` reproduces it" in proc.stderr
+    again = run_cli(
+        "train", "w/recipe.yaml", "--out", "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
+    )
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["val_acc"] == pytest.approx(meta["metrics"]["val_acc"])
+    exported = torch.load(tmp_path / "w" / "student.pt", weights_only=True)
+    retrained = torch.load(tmp_path / "again" / "student.pt", weights_only=True)
+    assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
 
 
 def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:

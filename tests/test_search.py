@@ -142,6 +142,7 @@ def test_trials_and_study_carry_their_attributes(
         assert t.user_attrs["wall_seconds"] > 0 and t.user_attrs["attempt"] == 1
         if t.state != TrialState.FAIL:
             assert t.user_attrs["images_per_sec"] > 0 and t.user_attrs["student_params"] == params
+            assert t.user_attrs["threads"] == 1, "per_trial.cpu: 1"
             busy = t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"]
             assert 0 < busy < t.user_attrs["wall_seconds"]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root}/studies/tiny.db")
