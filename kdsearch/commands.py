@@ -302,11 +302,14 @@ def run_promotion(
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
 
-    def on_plan(todo: int, before: int) -> None:
+    def on_plan(runs: list[Any], todo: int) -> None:
+        found = len({r.source_trial for r in runs if r.source_trial >= 0})
+        trials = f"top {top_k} trials" if found == top_k else f"{found} COMPLETE trials"
+        fewer = "" if found == top_k else f" (all it has; {top_k} asked for)"
         console.print(
-            f"promoting the top {top_k} trials of {name!r} with {seeds} seeds, next to the "
+            f"promoting the {trials} of {name!r}{fewer} with {seeds} seeds, next to the "
             f"student alone and plain KD, at {budget}; runs to train: {todo}, recorded before: "
-            f"{before}"
+            f"{len(runs) - todo}"
         )
 
     def on_run(run: Any, result: Any) -> None:

@@ -97,14 +97,21 @@ def search_status(live: Live, target: int) -> Callable[[Any], None]:
 
 def leaderboard_table(board: Any) -> Table:
     """The promoted leaderboard for the terminal."""
-    table = Table(title="promoted at full budget (accuracy %, mean ± sd over seeds)")
+    budget = f"{board['epochs'].max()} epochs" if len(board) else "full budget"
+    over = "mean ± sd over seeds" if len(board) and board["seeds"].max() > 1 else "one seed"
+    table = Table(title=f"promoted at {budget} (accuracy %, {over})")
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
     for _, row in board.iterrows():
         table.add_row(
             str(row["recipe"]),
             str(row["seeds"]),
-            f"{row['val_mean']:.2f} ± {row['val_sd']:.2f}",
-            f"{row['test_mean']:.2f} ± {row['test_sd']:.2f}",
+            spread(row["val_mean"], row["val_sd"], row["seeds"]),
+            spread(row["test_mean"], row["test_sd"], row["seeds"]),
         )
     return table
+
+
+def spread(mean: float, sd: float, seeds: int) -> str:
+    """`mean ± sd`, or the mean alone where one seed gives no spread."""
+    return f"{mean:.2f} ± {sd:.2f}" if seeds > 1 else f"{mean:.2f}"

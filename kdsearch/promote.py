@@ -4,8 +4,9 @@ the test split, next to the student alone and plain KD trained the same way.
 Every run is recorded in the study `<name>-promoted` (same storage) when it ends, with its source
 trial, seed, budget, validation and test accuracy and learning curve, so a promotion interrupted
 and run again skips every run already COMPLETE there (a failed run is tried again). A promotion at
-another budget (`--epochs`) trains its own runs; the leaderboard and the export read the runs at
-the budget of the latest searched recipe to finish, and earlier ones stay in the study.
+another budget (`--epochs`) trains its own runs, and earlier ones stay in the study; the
+leaderboard and the export read the runs at the budget the latest promotion asked for, as soon as
+a searched recipe has finished at it (until then, the budget before).
 """
 
 from __future__ import annotations
@@ -133,15 +134,24 @@ def finished_keys(promoted: optuna.Study) -> set[str]:
     }
 
 
+def current_budget(promoted: optuna.Study) -> int | None:
+    """The budget the leaderboard and the export read (see the module's docstring); None while
+    no searched recipe has finished."""
+    if "budget" in promoted.user_attrs:
+        return int(promoted.user_attrs["budget"])
+    searched = [  # a study of an older version: the budget of the latest searched run
+        t
+        for t in promoted.trials
+        if t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) >= 0
+    ]
+    return run_budget(max(searched, key=lambda t: t.number)) if searched else None
+
+
 def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE runs at the budget of the latest searched recipe to finish (a promotion at
-    a new budget that has not finished one yet leaves the earlier results in place)."""
+    """The COMPLETE runs at the current budget (all of them while there is none)."""
     done = [t for t in promoted.trials if t.state == TrialState.COMPLETE]
-    searched = [t for t in done if int(t.user_attrs["source_trial"]) >= 0]
-    if not searched:
-        return done
-    budget = run_budget(max(searched, key=lambda t: t.number))
-    return [t for t in done if run_budget(t) == budget]
+    budget = current_budget(promoted)
+    return done if budget is None else [t for t in done if run_budget(t) == budget]
 
 
 def promote(
@@ -153,18 +163,21 @@ def promote(
     epochs: int | None,
     weights_dir: Path,
     address: str | None = None,
-    on_plan: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[list[Run], int], None] | None = None,
     on_run: Callable[[Run, JobResult], None] | None = None,
     prepare: Callable[[Recipe, Any, bool], Teacher] | None = None,
 ) -> optuna.Study:
     """Train every run of the plan not yet recorded, on Ray, and record each as it ends.
-    `on_plan` hears how many runs are to train and how many were recorded before."""
+    `on_plan` hears the plan's runs and how many of them are to train."""
     study = load_study(storage, name)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
     promoted = open_promoted(storage, name)
-    todo = {r.key: r for r in runs if r.key not in finished_keys(promoted)}
+    done = finished_keys(promoted)
+    if any(r.key in done for r in runs if r.source_trial >= 0):  # asked for again: show it
+        promoted.set_user_attr("budget", runs[0].recipe.schedule.epochs)
+    todo = {r.key: r for r in runs if r.key not in done}
     if on_plan is not None:
-        on_plan(len(todo), len(runs) - len(todo))
+        on_plan(runs, len(todo))
     if not todo:
         return promoted
     first = next(iter(todo.values())).recipe
@@ -230,16 +243,25 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
         user_attrs=attrs,
     )
     promoted.add_trial(trial)
+    if state == TrialState.COMPLETE and run.source_trial >= 0:
+        promoted.set_user_attr("budget", run.recipe.schedule.epochs)
 
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     """Mean and spread over seeds of each promoted recipe and baseline at the current budget
-    (`current_runs`), best validation first."""
+    (`current_runs`; its epochs in column `epochs`), best validation first."""
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
         row = rows.setdefault(
-            source, {"recipe": t.user_attrs["label"], "source_trial": source, "val": [], "test": []}
+            source,
+            {
+                "recipe": t.user_attrs["label"],
+                "source_trial": source,
+                "epochs": run_budget(t),
+                "val": [],
+                "test": [],
+            },
         )
         row["val"].append(100 * float(t.value or 0.0))
         row["test"].append(100 * float(t.user_attrs["test_acc"]))
@@ -247,6 +269,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         {
             "recipe": r["recipe"],
             "source_trial": r["source_trial"],
+            "epochs": r["epochs"],
             "seeds": len(r["val"]),
             "val_mean": statistics.mean(r["val"]),
             "val_sd": _sd(r["val"]),
@@ -255,7 +278,16 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         }
         for r in rows.values()
     ]
-    columns = ["recipe", "source_trial", "seeds", "val_mean", "val_sd", "test_mean", "test_sd"]
+    columns = [
+        "recipe",
+        "source_trial",
+        "epochs",
+        "seeds",
+        "val_mean",
+        "val_sd",
+        "test_mean",
+        "test_sd",
+    ]
     frame = pd.DataFrame(table, columns=columns)
     return frame.sort_values("val_mean", ascending=False, ignore_index=True)
 

@@ -108,7 +108,8 @@ def leaderboard_figure(board: pd.DataFrame) -> go.Figure:
         )
     low = min(float((board[f"{s}_mean"] - board[f"{s}_sd"]).min()) for s in ("val", "test"))
     fig.update_layout(
-        title="Promoted recipes and baselines (mean ± sd over seeds)",
+        title=f"Promoted recipes and baselines at {board['epochs'].max()} epochs "
+        "(mean ± sd over seeds)",
         barmode="group",
         yaxis_title="accuracy %",
         yaxis_range=[max(0.0, low - 2.0), 100.0],  # from 0 the differences would not show

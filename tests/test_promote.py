@@ -15,6 +15,7 @@ from kdsearch.promote import (
     leaderboard,
     open_promoted,
     plan,
+    promote,
 )
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
@@ -65,6 +66,8 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert "the students' weights in studies/s-promoted/" in first.stderr
     assert "at 2 epochs; runs to train: 4, recorded before: 0" in first.stderr
     assert "student alone" in first.stderr and "plain KD" in first.stderr
+    assert "promoted at 2 epochs (accuracy %" in first.stderr
+    assert "±" not in first.stderr, "one seed: no spread to show"
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
     second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -81,6 +84,10 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     again = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0 and len(promoted(tmp_path).trials) == 8
     assert "runs to train: 0, recorded before: 8" in again.stderr
+    more = run_cli("promote", "s", "--top-k", "5", "--seeds", "1", "--epochs", "2", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert "promoting the 3 COMPLETE trials of 's' (all it has; 5 asked for)" in more.stderr
+    assert "runs to train: 1, recorded before: 4" in more.stderr
 
 
 def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path: Path) -> None:
@@ -129,6 +136,21 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
         "plain KD": 90.0,
         "trial 1": 80.0,
     }
+    assert list(board["epochs"]) == [4] * 3
+    # promoting at 2 epochs again trains nothing, and shows (and exports) the 2-epoch runs
+    trained: list[int] = []
+    promote(
+        storage,
+        "s",
+        top_k=1,
+        seeds=1,
+        epochs=2,
+        weights_dir=tmp_path,
+        on_plan=lambda runs, todo: trained.append(todo),
+    )
+    board = leaderboard(open_promoted(storage, "s"))
+    assert trained == [0] and list(board["val_mean"]) == [50.0] * 3
+    assert list(board["epochs"]) == [2] * 3
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
