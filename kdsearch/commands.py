@@ -16,7 +16,7 @@ from collections.abc import MutableMapping, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.live import Live
 
@@ -31,6 +31,10 @@ from kdsearch.display import (
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import writable_file, writable_folder
 from kdsearch.recipe import Recipe, load_yaml
+
+if TYPE_CHECKING:
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, Tally
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -167,17 +171,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+    held = len(record.study.trials)
+    if record.all_started():  # --resume of a finished search, or --trials at most what it holds
+        console.print(
+            f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
+            f"trials ({target} asked for); none to run"
+        )
+        tally, seconds, complete = record.tally(), 0.0, True
+        target = max(target, held)
+    else:
+        console.print(
+            f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+            f"({held - record.tally().running} finished before, {len(record.orphans)} to run "
+            f"again), at most {space.config.asha.max_epochs} epochs each"
+        )
+        tally, seconds, complete = search(args, space, record, file, new_file, target)
+    console.print(status_line(tally, target) + f" in {seconds:.0f} s")
+    for line in tally.failures[-5:]:
+        console.print(f"  failed {line}", markup=False)
+    finished = tally.complete + tally.pruned + tally.failed
+    if not complete:
+        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
+        console.print(
+            f"stopped with {finished} of {target} trials finished; "
+            f"`{resume_command(args, url)}`{hidden} finishes the search",
+            markup=False,
+        )
+        return 130
+    if tally.running:
+        console.print(
+            f"this driver is done; {tally.running} trials of other drivers "
+            "are still running in the study"
+        )
+    console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
+    if space.config.promote is not None:
+        p = space.config.promote
+        run_promotion(open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address)
+    if space.config.export is not None:
+        run_export(open_storage(url), name, Path(space.config.export.dir))
+    return 0
 
+
+def search(
+    args: argparse.Namespace,
+    space: SearchSpace,
+    record: Record,
+    file: Path | None,
+    new_file: bool,
+    target: int,
+) -> tuple[Tally, float, bool]:
+    """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
+    every trial this driver started has finished."""
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
     from kdsearch.search import active_terms, run_search
 
-    done_before = len(record.study.trials) - record.tally().running
-    console.print(
-        f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
-        f"({done_before} finished before, {len(record.orphans)} to run again), "
-        f"at most {space.config.asha.max_epochs} epochs each"
-    )
     try:
         with console.status("loading data"):
             data = load_data(space.base.data)
@@ -207,30 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if file is not None and record.discard_if_unused() and new_file:
                 file.unlink(missing_ok=True)
         raise
-    console.print(status_line(outcome.tally, target) + f" in {outcome.seconds:.0f} s")
-    for line in outcome.tally.failures[-5:]:
-        console.print(f"  failed {line}", markup=False)
-    finished = outcome.tally.complete + outcome.tally.pruned + outcome.tally.failed
-    if not outcome.complete:
-        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
-        console.print(
-            f"stopped with {finished} of {target} trials finished; "
-            f"`{resume_command(args, url)}`{hidden} finishes the search",
-            markup=False,
-        )
-        return 130
-    if outcome.tally.running:
-        console.print(
-            f"this driver is done; {outcome.tally.running} trials of other drivers "
-            "are still running in the study"
-        )
-    console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
-    if space.config.promote is not None:
-        p = space.config.promote
-        run_promotion(open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address)
-    if space.config.export is not None:
-        run_export(open_storage(url), name, Path(space.config.export.dir))
-    return 0
+    return outcome.tally, outcome.seconds, outcome.complete
 
 
 def resume_command(args: argparse.Namespace, url: str) -> str:

@@ -95,6 +95,22 @@ def test_search_ends_with_every_trial_finished(
     assert len(states) == 8 and TrialState.RUNNING not in states
 
 
+def test_resuming_a_finished_search_runs_nothing_and_says_so(
+    search: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    root, _ = search
+    env = dict(os.environ, KDSEARCH_CACHE_DIR=str(root / "cache"), COLUMNS="200")
+    before = [(t.number, t.state, t.datetime_complete) for t in trials(root)]
+    for extra in ([], ["--trials", "4"]):
+        proc = kdsearch("run", "space.yaml", "--resume", *extra, cwd=root, env=env)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        asked = extra[-1] if extra else "8"
+        assert f"already holds 8 trials ({asked} asked for); none to run" in err
+        assert "trials 8/8: " in err and "teacher" not in err, "no data, teacher or Ray"
+    assert [(t.number, t.state, t.datetime_complete) for t in trials(root)] == before
+
+
 def test_asha_stopped_trials_are_pruned_and_full_ones_complete(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
