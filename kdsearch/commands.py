@@ -222,11 +222,17 @@ def search(
 ) -> tuple[Tally, float, bool]:
     """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
     every trial this driver started has finished."""
+    import ray
+
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
-    from kdsearch.search import active_terms, run_search
+    from kdsearch.search import active_terms, run_search, start_ray, trial_resources
 
     try:
+        if args.address is not None:  # join the cluster first: a wrong address costs no work
+            with console.status(f"joining the Ray cluster at {args.address}"):
+                start_ray(args.address)
+            trial_resources(space.config.search)
         with console.status("loading data"):
             data = load_data(space.base.data)
         terms = active_terms(space)
@@ -255,6 +261,9 @@ def search(
             if file is not None and record.discard_if_unused() and new_file:
                 file.unlink(missing_ok=True)
         raise
+    finally:
+        if args.address is not None:
+            ray.shutdown()
     return outcome.tally, outcome.seconds, outcome.complete
 
 

@@ -532,8 +532,13 @@ def trial_resources(
     return per_trial.cpu, gpu
 
 
+CONNECT_S = 10  # how long a cluster's address may take to accept a connection
+
+
 def start_ray(address: str | None) -> None:
     """A local Ray sized to this machine, or a connection to the cluster at `address`."""
+    if address is not None:
+        check_answers(address)
     try:
         ray.init(
             address=address,
@@ -545,6 +550,22 @@ def start_ray(address: str | None) -> None:
         )
     except (ConnectionError, RuntimeError) as err:
         raise KdsearchError(f"cannot join the Ray cluster at {address}: {err}") from None
+
+
+def check_answers(address: str) -> None:
+    """Refuse a `host:port` (or `ray://host:port`) where nothing accepts a connection: Ray
+    itself would retry it without end. (`auto` Ray resolves, and refuses, on its own.)"""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise KdsearchError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({reason}); "
+            "`ray status` on the head node prints its address"
+        ) from None
 
 
 def active_terms(space: SearchSpace) -> set[str]:

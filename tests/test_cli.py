@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,19 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: P
     proc = run_cli("run", "s.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "search.per_trial.cpu is 4096, but" in proc.stderr
     assert "teacher" not in proc.stderr and not (tmp_path / "studies").exists()
+
+
+def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    proc = run_cli("run", "s.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in proc.stderr
+    assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
 
 
 def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Path) -> None:
