@@ -154,7 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
-    from kdsearch.study import Record, default_storage, open_storage, redact, sqlite_file
+    from kdsearch.study import (
+        Record,
+        default_storage,
+        holds_studies,
+        open_storage,
+        redact,
+        sqlite_file,
+    )
 
     space = SearchSpace.load(args.space, parse_sets(args.set))
     name = args.study or space.config.study.name
@@ -170,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = args.storage or space.config.study.storage or default_storage(name)
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
+    if file is not None and file.is_file() and file.stat().st_size and not holds_studies(file):
+        raise KdsearchError(f"{file} is not a study database (it holds no Optuna tables)")
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
     held = len(record.study.trials)
     if record.all_started():  # --resume of a finished search, or --trials at most what it holds
@@ -296,13 +305,15 @@ def study_storage(study: str, url: str | None) -> tuple[Any, str]:
 
 
 def existing_storage(url: str) -> Any:
-    """The storage at `url`, which holds studies already: a missing SQLite file is an error,
-    where opening it would silently create an empty database."""
-    from kdsearch.study import open_storage, sqlite_file
+    """The storage at `url`, which holds studies already: a missing SQLite file, or one that is
+    not Optuna's, is an error, where opening it would silently make it a study database."""
+    from kdsearch.study import holds_studies, open_storage, sqlite_file
 
     file = sqlite_file(url)
     if file is not None and not file.is_file():
         raise KdsearchError(f"no study database at {file}")
+    if file is not None and not holds_studies(file):  # opening it would add Optuna's tables
+        raise KdsearchError(f"{file} is not a study database (it holds no Optuna tables)")
     return open_storage(url)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def default_storage(study_name: str) -> str:
     """SQLite under ./studies/, created if missing."""
-    Path("studies").mkdir(exist_ok=True)
+    folder = Path("studies")
+    if folder.exists() and not folder.is_dir():
+        raise StudyError(
+            "./studies is a file, not the folder the default storage goes in; move it, or pass "
+            "--storage URL"
+        )
+    folder.mkdir(exist_ok=True)
     return f"sqlite:///studies/{study_name}.db"
 
 
@@ -72,12 +80,20 @@ def open_storage(url: str) -> BaseStorage:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
+        file = sqlite_file(url)
+        if file is None:
+            raise StudyError(
+                f"{url}: an SQLite database in memory is lost when the command ends; name a "
+                "file, e.g. sqlite:///studies/NAME.db"
+            )
+        if not file.parent.is_dir():
+            raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
         try:
-            return RDBStorage(url, engine_kwargs=kwargs)
+            return RDBStorage(with_driver(url), engine_kwargs=kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as err:  # no retry mends these
             failure = err
             break
@@ -91,6 +107,30 @@ def open_storage(url: str) -> BaseStorage:
     reason = text.splitlines()[0] if text else type(failure).__name__
     reason = reason.replace(url, redact(url))
     raise StudyError(f"cannot open the study storage {redact(url)}: {reason}")
+
+
+def holds_studies(file: Path) -> bool:
+    """Whether SQLite `file` is an Optuna database (read without writing to it)."""
+    try:
+        with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
+            ).fetchone()
+    except sqlite3.Error:  # not an SQLite file at all
+        return False
+    return row is not None
+
+
+def with_driver(url: str) -> str:
+    """`postgresql://` with the PostgreSQL driver kdsearch installs (psycopg2), where SQLAlchemy
+    would pick psycopg 3, which is not installed; any other URL as it is."""
+    if not url.startswith("postgresql://"):
+        return url
+    try:
+        import psycopg  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 def study_names(storage: BaseStorage) -> list[str]:
@@ -177,7 +217,7 @@ class Record:
                     f"study {name!r} already holds {n} trials; add --resume to finish it, or "
                     "choose another --study name"
                 )
-        if exists and resume:
+        if exists:  # resumed, or empty: another driver may be preparing it right now
             changed = changed_settings(optuna.load_study(study_name=name, storage=storage), space)
             if changed:
                 raise StudyError(

@@ -203,6 +203,20 @@ def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
 
 
+def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    (tmp_path / "studies").write_text("a file where the default folder goes\n")
+    proc = run_cli("run", "s.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "./studies is a file, not the folder" in proc.stderr
+    (tmp_path / "notes.db").write_text("not a database\n")
+    proc = run_cli("run", "s.yaml", "--storage", "sqlite:///notes.db", cwd=tmp_path)
+    assert proc.returncode == 2 and "notes.db is not a study database" in proc.stderr
+    assert (tmp_path / "notes.db").read_text() == "not a database\n"
+    assert "teacher" not in proc.stderr
+
+
 def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]

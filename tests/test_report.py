@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -81,6 +83,25 @@ def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
         proc.returncode == 2
         and "no study named 'other' in this storage (it holds: s)" in proc.stderr
     )
+
+
+def test_a_file_that_is_not_a_study_database_is_left_as_it_was(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.db"
+    with closing(sqlite3.connect(mine)) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text.db").write_text("not a database\n")
+    for file in ("mine.db", "empty", "text.db"):
+        before = (tmp_path / file).read_bytes()
+        for args in (
+            ["trials", "s", "--storage", f"sqlite:///{file}"],
+            ["dashboard", file, "--port", "0"],
+        ):
+            proc = run_cli(*args, cwd=tmp_path)
+            assert proc.returncode == 2, proc.stderr
+            assert f"{file} is not a study database" in proc.stderr
+        assert (tmp_path / file).read_bytes() == before
 
 
 def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:

@@ -84,9 +84,24 @@ def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
     assert Record(open_storage(url), "s", space, target=2, resume=True).target == 2
 
 
+def test_an_empty_study_of_other_settings_is_refused_without_resume(
+    space: SearchSpace, url: str
+) -> None:
+    # another driver created it and is still preparing (loading data, training the teacher)
+    Record(open_storage(url), "s", space, target=2, resume=False)
+    other = SearchSpace.from_yaml(SPACE.replace("high: 0.2", "high: 0.3"), source="o.yaml")
+    with pytest.raises(StudyError, match="was started with other settings"):
+        Record(open_storage(url), "s", other, target=2, resume=False)
+    study = optuna.load_study(study_name="s", storage=url)
+    assert study.user_attrs["space"] == SPACE, "the first driver's record is untouched"
+    assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
+
+
 def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str) -> None:
     Record(open_storage(url), "s", space, target=2, resume=False).next_plan("a")
-    changed = space.with_base_changes({"data.subset": 100, "optim.momentum": 0.8})
+    changed = SearchSpace.from_yaml(
+        SPACE, source="s.yaml", base_changes={"data.subset": 100, "optim.momentum": 0.8}
+    )
     with pytest.raises(StudyError) as err:
         Record(open_storage(url), "s", changed, target=2, resume=True)
     assert "base.data.subset None -> 100; base.optim.momentum 0.9 -> 0.8" in str(err.value)
@@ -99,7 +114,9 @@ def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str)
     more = SearchSpace.from_yaml(SPACE + "search: {trials: 9, concurrent: 1}\n", source="t.yaml")
     assert Record(open_storage(url), "s", more, target=9, resume=True).target == 9
     # where another machine keeps the data, and what it runs on, may differ
-    elsewhere = space.with_base_changes({"data.root": "/mnt/data", "device": "cpu"})
+    elsewhere = SearchSpace.from_yaml(
+        SPACE, source="s.yaml", base_changes={"data.root": "/mnt/data", "device": "cpu"}
+    )
     assert Record(open_storage(url), "s", elsewhere, target=2, resume=True).target == 2
 
 
@@ -160,6 +177,21 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
         (
             "postgresql+psycopg2://kd:hunter2@127.0.0.1:1/none",
             "cannot open the study storage postgresql+psycopg2://kd:***@127.0.0.1:1/none: ",
+        ),
+        # plain postgresql:// reaches the server with psycopg2 (SQLAlchemy's own pick,
+        # psycopg 3, is not installed), so the error is the server's, not a missing module
+        (
+            "postgresql://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage postgresql://kd:***@127.0.0.1:1/none: "
+            "(psycopg2.OperationalError)",
+        ),
+        (
+            "sqlite://",
+            "sqlite://: an SQLite database in memory is lost when the command ends",
+        ),
+        (
+            "sqlite:////no/such/folder/s.db",
+            "cannot open the study storage sqlite:////no/such/folder/s.db: no folder /no/such",
         ),
     ],
 )
