@@ -405,6 +405,12 @@ def run_export(storage: Any, name: str, out: Path) -> None:
     winner = find_winner(storage, name)
     data = load_data(winner.recipe.data)
     if winner.weights is not None:
+        if not winner.weights.is_file():
+            raise KdsearchError(
+                f"the promoted student's weights are not at {winner.weights} (moved, or "
+                f"promoted on another machine); put {winner.weights.parent.name}/ back there, "
+                "or export on the machine that promoted"
+            )
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
     else:
         if winner.threads is not None:  # the trial's thread count: the trial's own student

@@ -56,6 +56,11 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     assert metrics["val_acc"] == pytest.approx(best.value), "same recipe, same CPU: same student"
     retrained = torch.load(tmp_path / "again" / "student.pt", weights_only=True)
     assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in state.items())
+    # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
+    (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
+    proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)
+    assert proc.returncode == 2 and "the promoted student's weights are not at" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
