@@ -85,8 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         else Path("studies/runs") / (f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
     writable_folder(out, "--out")
-    if (out / "student.pt").exists():
-        raise KdsearchError(f"--out {out} already holds a trained student; choose another folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise KdsearchError(f"--out {out} already holds files ({shown}); choose another folder")
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
     console.print(

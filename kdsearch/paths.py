@@ -3,7 +3,9 @@ once instead of after a training run whose result would then be lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from kdsearch.errors import KdsearchError
@@ -20,6 +22,23 @@ def writable_folder(folder: Path, option: str) -> None:
         raise KdsearchError(f"{option} {folder}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise KdsearchError(f"{option} {folder}: cannot write in {ancestor}")
+    _probe(folder, option)
+
+
+def _probe(folder: Path, option: str) -> None:
+    """Create `folder` and a file in it, then take both away again: permissions alone do not
+    tell (root passes every check; a read-only mount or /proc refuses only the write)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise KdsearchError(f"{option} {folder}: cannot write there ({err.strerror})") from None
+    finally:
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def writable_file(path: Path, option: str) -> None:

@@ -40,7 +40,8 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights
     again = run_cli("train", "r.yaml", "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "already holds a trained student" in again.stderr
+    assert again.returncode == 2, again.stderr
+    assert "already holds files (metrics.json, recipe.yaml, student.pt)" in again.stderr
 
 
 def test_heads_of_every_term_are_dropped_from_the_saved_student(tmp_path: Path) -> None:
@@ -172,15 +173,20 @@ def test_an_unusable_out_is_refused_before_training(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
     (tmp_path / "taken").write_text("mine")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "recipe.yaml").write_text("my notes")
     for out, expected in (
         ("taken", "--out taken is a file"),
         ("taken/o", "taken is a file"),
         ("dangling", "--out dangling is a link to nothing"),
+        ("mine", "--out mine already holds files (recipe.yaml)"),
+        ("/proc/kdsearch-out", "--out /proc/kdsearch-out: cannot write"),  # even as root
     ):
         proc = run_cli("train", "r.yaml", "--out", out, cwd=tmp_path)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
         assert "data:" not in proc.stderr and "Traceback" not in proc.stderr  # nothing loaded
     assert (tmp_path / "taken").read_text() == "mine"
+    assert (tmp_path / "mine" / "recipe.yaml").read_text() == "my notes"
 
 
 def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: Path) -> None:
