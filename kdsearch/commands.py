@@ -215,6 +215,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "are still running in the study"
         )
     console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
+    if not tally.complete and not tally.running:
+        console.print("no trial completed, so there is no result to promote or export")
+        return 1
     if space.config.promote is not None:
         p = space.config.promote
         run_promotion(open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address)

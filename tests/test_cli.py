@@ -223,6 +223,19 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     assert "teacher" not in proc.stderr
 
 
+def test_a_search_whose_every_trial_failed_exits_with_status_1(tmp_path: Path) -> None:
+    space = SMALL_SPACE.replace(
+        "  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}",
+        "  optim.nesterov: {type: categorical, choices: [true]}\n"
+        "  optim.momentum: {type: categorical, choices: [0.0]}",
+    )
+    (tmp_path / "s.yaml").write_text(space)
+    proc = run_cli("run", "s.yaml", "--set", "optim.nesterov=false", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "0 complete, 0 pruned, 5 failed" in proc.stderr
+    assert "no trial completed, so there is no result to promote or export" in proc.stderr
+
+
 def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
