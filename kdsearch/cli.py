@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import NoReturn
 
 from kdsearch import __version__
@@ -147,9 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (timeout, a batch scheduler, docker stop) stops a command as Ctrl-C does: a
+    search keeps what finished and says how to resume."""
+    on_int = signal.getsignal(signal.SIGINT)
+    if callable(on_int):  # Python's (KeyboardInterrupt), or Ray Tune's while trials run
+        on_int(signal.SIGINT, frame)
+    else:  # Ctrl-C ignored (a background job of a script): SIGTERM still stops
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdsearch` console command."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     try:
         return int(args.func(args))
     except KdsearchError as err:

@@ -15,8 +15,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -539,6 +541,9 @@ def start_ray(address: str | None) -> None:
     """A local Ray sized to this machine, or a connection to the cluster at `address`."""
     if address is not None:
         check_answers(address)
+    # Ray's core installs its own SIGTERM handler in this process, which prints a crash report
+    # and kills it; keep the one the caller had (the CLI's stops the search as Ctrl-C does).
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(
             address=address,
@@ -550,6 +555,9 @@ def start_ray(address: str | None) -> None:
         )
     except (ConnectionError, RuntimeError) as err:
         raise KdsearchError(f"cannot join the Ray cluster at {address}: {err}") from None
+    finally:
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def check_answers(address: str) -> None:

@@ -240,7 +240,7 @@ def stop_session(session: int) -> list[psutil.Process]:
     return in_session(session)
 
 
-@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c", "sigterm"])
 def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_trial(
     tmp_path: Path, how: str
 ) -> None:
@@ -263,12 +263,12 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
         if how == "kill -9":
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
-        else:
-            proc.send_signal(signal.SIGINT)
+        else:  # SIGTERM (timeout, a batch scheduler) stops it as Ctrl-C does
+            proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 130, err
             hint = "`kdsearch run space.yaml --trials 10 --resume` finishes the search"
-            assert hint in err and "Traceback" not in err
+            assert hint in err and "Traceback" not in err and "SIGTERM received" not in err
     finally:
         stop_session(proc.pid)  # the killed driver's Ray
     left = [t.number for t in trials(root) if t.state == TrialState.RUNNING]
