@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -308,11 +309,11 @@ class Recipe(Section):
 
 
 def describe(err: ValidationError, model: type[BaseModel]) -> str:
-    """One line naming each bad key and what is allowed there."""
+    """One line naming each bad key, as the user wrote it, and what is allowed there."""
     lines = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
-        key = ".".join(loc) or "(top level)"
+        key = ".".join(_user_keys(model, loc)[0]) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(_fields_at(model, loc[:-1]))
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
@@ -354,13 +355,69 @@ def _short(value: Any) -> str:
 
 def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
     """The keys allowed in the section at `loc` (empty if `loc` does not name a section)."""
+    section = _plain(_user_keys(model, loc)[1])
+    return list(section.model_fields) if _is_section(section) else []
+
+
+def _user_keys(model: type[BaseModel], loc: tuple[str, ...]) -> tuple[list[str], Any]:
+    """The keys of a pydantic location as the user wrote them, and the type found there (None
+    where unknown). Past a union pydantic adds the member it tried (`float` for a search-space
+    parameter of `type: float`, `constrained-float`), a key the user never wrote: it is left out."""
+    keys: list[str] = []
     current: Any = model
     for part in loc:
-        field = current.model_fields.get(part) if _is_section(current) else None
-        if field is None:
-            return []
-        current = field.annotation
-    return list(current.model_fields) if _is_section(current) else []
+        members = _union_members(current)
+        if members:
+            current = next((m for m in members if part in _member_tags(m)), None)
+            continue
+        keys.append(part)
+        current = _child(current, part)
+    return keys, current
+
+
+def _plain(tp: Any) -> Any:
+    """`tp` without `Annotated` and without `| None` (pydantic adds no location for either)."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif _is_union(tp) and type(None) in get_args(tp) and len(get_args(tp)) == 2:
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        else:
+            return tp
+
+
+def _union_members(tp: Any) -> list[Any]:
+    """The members of a union other than None (empty if `tp` is no union of two or more)."""
+    tp = _plain(tp)
+    return [a for a in get_args(tp) if a is not type(None)] if _is_union(tp) else []
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, UnionType)
+
+
+def _member_tags(member: Any) -> set[str]:
+    """How pydantic names a section in a union: its tag (a Literal field's value) or class name."""
+    if not _is_section(member):
+        return set()
+    tags = {member.__name__}
+    for field in member.model_fields.values():
+        if get_origin(field.annotation) is Literal:
+            tags.update(str(v) for v in get_args(field.annotation))
+    return tags
+
+
+def _child(tp: Any, part: str) -> Any:
+    """The type of key `part` inside `tp`: a section's field, a dict's value, a list's item."""
+    tp = _plain(tp)
+    if _is_section(tp):
+        field = tp.model_fields.get(part)
+        return field.annotation if field is not None else None
+    if get_origin(tp) is dict:
+        return get_args(tp)[1]
+    if get_origin(tp) is list:
+        return get_args(tp)[0]
+    return None
 
 
 def _is_section(obj: Any) -> bool:
@@ -392,8 +449,36 @@ def _set_path(raw: dict[str, Any], path: str, value: Any, *, source: str) -> Non
     node[leaf] = value
 
 
+# `<<` (a merge) and `=` are no keys of their own: the loader turns them into keys later.
+_SPECIAL_KEY_TAGS = ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value")
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads `5e-4` as a float (YAML 1.1 wants `5.0e-4`)."""
+    """PyYAML's safe loader that also reads `5e-4` as a float (YAML 1.1 wants `5.0e-4`) and
+    refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        _refuse_repeated_keys(self, node)
+        return node
+
+
+def _refuse_repeated_keys(loader: _Loader, node: yaml.MappingNode) -> None:
+    """Checked as the mapping is read, before a merge (`<<: *anchor`) adds keys that may repeat."""
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag in _SPECIAL_KEY_TAGS:
+            continue  # a list or mapping key is refused by the loader itself
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} is given twice (also on line {first_line[key]}); keep one",
+                key_node.start_mark,
+            )
+        first_line[key] = line
 
 
 _Loader.add_implicit_resolver(

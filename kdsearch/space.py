@@ -2,16 +2,17 @@
 (DESIGN section 4).
 
 A space is checked completely when it is loaded, before anything runs: every path exists in the
-recipe, every bound is valid, every value a parameter can take fits the recipe's type there, and
-every `when` refers to an earlier parameter and to values it can take.
+recipe and is not one the search prepares once (the data set, the teacher), every bound is valid,
+every value a parameter can take fits the recipe's type there, and every `when` refers to an
+earlier parameter and to values it can take, and can hold with the conditions it depends on.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -29,6 +30,9 @@ from kdsearch.recipe import (
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Scalar = bool | int | float | str | None
+# Recipe sections the search prepares once, from the base recipe, before any trial: the data set
+# (loaded once, shared through Ray's object store) and the teacher with its heads.
+PREPARED_ONCE = ("data", "teacher")
 
 
 class _Param(Section):
@@ -71,6 +75,17 @@ class CategoricalParam(_Param):
     type: Literal["categorical"]
     choices: Annotated[list[Any], Field(min_length=1)]
 
+    @model_validator(mode="after")
+    def _distinct(self) -> CategoricalParam:
+        # A repeated choice is sampled as its first copy (labels are matched by equality).
+        for i, choice in enumerate(self.choices):
+            same = [c for c in self.choices[:i] if c == choice]
+            if same and repr(same[0]) == repr(choice):
+                raise ValueError(f"choices list {choice!r} twice")
+            if same:
+                raise ValueError(f"choices list {same[0]!r} and {choice!r}, which are equal")
+        return self
+
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
@@ -82,6 +97,24 @@ def _check_bounds(low: float, high: float, log: bool, step: float | None) -> Non
         raise ValueError(f"log: true needs low > 0, got {low}")
     if log and step is not None:
         raise ValueError("log and step cannot be combined")
+    if step is not None:
+        _check_step(low, high, step)
+
+
+def _check_step(low: float, high: float, step: float) -> None:
+    """`step` divides high - low, counted in decimals as Optuna does (which otherwise lowers
+    `high` to the last step below it, with a warning, and may leave a single value)."""
+    d_low, d_step = Decimal(str(low)), Decimal(str(step))
+    span = Decimal(str(high)) - d_low
+    if span % d_step == 0:
+        return
+    below = d_low + span // d_step * d_step
+    fits = [below, below + d_step] if below > d_low else [below + d_step]
+    as_number = int if isinstance(low, int) else float
+    highs = " or ".join(str(as_number(h)) for h in fits)
+    raise ValueError(
+        f"step {step} does not divide high - low ({as_number(span)}); high {highs} would fit"
+    )
 
 
 class StudyConfig(Section):
@@ -266,7 +299,6 @@ class SearchSpace:
         return True
 
     def _check(self) -> None:
-        base = self.trial_recipe
         seen: list[str] = []
         for name, p in self.params.items():
             where = f"{self.source}: space.{name}"
@@ -274,34 +306,87 @@ class SearchSpace:
                 if not isinstance(p, CategoricalParam):
                     raise RecipeError(f"{where}: a $decision must be categorical")
             else:
-                if name in ("schedule.epochs", "schedule.milestones"):
-                    raise RecipeError(
-                        f"{where}: the trial budget is asha.max_epochs; not searchable"
-                    )
-                try:
-                    base.get(name)
-                except RecipeError as err:
-                    raise RecipeError(f"{where}: not a recipe path ({err})") from None
-                for value in _extremes(p):
-                    try:
-                        base.override({name: value})
-                    except RecipeError as err:
-                        raise RecipeError(
-                            f"{where}: {value!r} does not fit the recipe: {err}"
-                        ) from None
-            for ref, wanted in (p.when or {}).items():
-                if ref not in seen:
-                    raise RecipeError(
-                        f"{where}: when refers to {ref!r}, which is not an earlier parameter"
-                    )
-                target = self.params[ref]
-                for value in _allowed(target, wanted):
-                    if not _can_take(target, value):
-                        raise RecipeError(
-                            f"{where}: when {ref} = {value!r}, but {ref} never takes that value"
-                        )
+                self._check_path(name, p, where)
+            self._check_when(p, seen, where)
+            self._check_jointly(name, where)
             seen.append(name)
+        if all(name.startswith("$") for name in self.params):
+            raise RecipeError(
+                f"{self.source}: space: searches no recipe path, so every trial would train the "
+                "same recipe; name at least one (for example distill.kd.temperature)"
+            )
         self._check_placements()
+
+    def _check_path(
+        self, name: str, p: FloatParam | IntParam | CategoricalParam, where: str
+    ) -> None:
+        """`name` is a recipe path that a trial can change, and every value of `p` fits there."""
+        if name in ("schedule.epochs", "schedule.milestones"):
+            raise RecipeError(f"{where}: the trial budget is asha.max_epochs; not searchable")
+        if name.split(".")[0] in PREPARED_ONCE:
+            raise RecipeError(
+                f"{where}: not searchable: the data set and the teacher are prepared once per "
+                f"search from the base recipe; set {name} in base or with --set"
+            )
+        base = self.trial_recipe
+        try:
+            base.get(name)
+        except RecipeError as err:
+            raise RecipeError(f"{where}: not a recipe path ({err})") from None
+        for value in _extremes(p):
+            try:
+                base.override({name: value})
+            except RecipeError as err:
+                raise RecipeError(f"{where}: {value!r} does not fit the recipe: {err}") from None
+
+    def _check_when(self, p: _Param, seen: list[str], where: str) -> None:
+        """Each condition names an earlier parameter and values it can take exactly."""
+        for ref, wanted in (p.when or {}).items():
+            if ref not in seen:
+                raise RecipeError(
+                    f"{where}: when refers to {ref!r}, which is not an earlier parameter"
+                )
+            target = self.params[ref]
+            if isinstance(target, FloatParam):  # even with a step: 0.1 + 2 * 0.1 != 0.3
+                raise RecipeError(
+                    f"{where}: when {ref}: a float parameter never takes one given value "
+                    f"exactly; make {ref} categorical or int"
+                )
+            values = _allowed(target, wanted)
+            if not values:
+                raise RecipeError(f"{where}: when {ref}: [] names no value; list at least one")
+            for value in values:
+                if not _can_take(target, value):
+                    raise RecipeError(
+                        f"{where}: when {ref} = {value!r}, but {ref} never takes that value"
+                    )
+
+    def _check_jointly(self, name: str, where: str) -> None:
+        """Some trial samples `name`: each parameter it needs (through its `when`, and theirs in
+        turn) has a value that all those conditions allow. A condition is on one parameter only,
+        so looking at each parameter's values on their own is exact."""
+        for ref, asks in self._needs(name).items():
+            common = asks[0][1]
+            for i, (asker, values) in enumerate(asks[1:], start=1):
+                before, common = common, [v for v in common if v in values]
+                if not common:
+                    askers = ", ".join(a for a, _ in asks[:i])
+                    raise RecipeError(
+                        f"{where}: when can never hold: {ref} must be {_one_of(before)} to "
+                        f"sample {askers} but {_one_of(values)} to sample {asker}"
+                    )
+
+    def _needs(self, name: str) -> dict[str, list[tuple[str, list[Any]]]]:
+        """For each parameter that must be sampled for `name` to be: which parameters ask for
+        which of its values."""
+        needs: dict[str, list[tuple[str, list[Any]]]] = {}
+        askers = [name]
+        for asker in askers:  # grows as the conditions' own conditions are found
+            for ref, wanted in (self.params[asker].when or {}).items():
+                needs.setdefault(ref, []).append((asker, _allowed(self.params[ref], wanted)))
+                if ref not in askers:
+                    askers.append(ref)
+        return needs
 
     def _check_placements(self) -> None:
         """Every searched placement fits the student, when some trial can switch HSAKD on: a
@@ -342,7 +427,15 @@ def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[A
     return wanted
 
 
-def _can_take(p: FloatParam | IntParam | CategoricalParam, value: Any) -> bool:
+def _can_take(p: IntParam | CategoricalParam, value: Any) -> bool:
     if isinstance(p, CategoricalParam):
         return value in p.choices
-    return isinstance(value, int | float) and not math.isnan(value) and p.low <= value <= p.high
+    return (
+        isinstance(value, int | float)
+        and p.low <= value <= p.high
+        and (value - p.low) % p.step == 0
+    )
+
+
+def _one_of(values: list[Any]) -> str:
+    return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(map(repr, values))

@@ -58,7 +58,7 @@ def test_shipped_recipes_load() -> None:
         (MINIMAL + "schedule: {epochs: 10, milestones: [5, 3]}", "milestones must increase"),
         (MINIMAL + "optim: {momentum: 0.0}", "nesterov: true needs momentum > 0"),
         (
-            MINIMAL + "data: {dataset: digits, val_fraction: 1.5}",
+            MINIMAL.replace("digits}", "digits, val_fraction: 1.5}"),
             "data.val_fraction: Input should be less than 1",
         ),
         (
@@ -100,6 +100,42 @@ def test_exponent_floats_without_a_dot_are_floats() -> None:
     recipe = Recipe.from_yaml(MINIMAL + "optim: {weight_decay: 5e-4, lr: 1E-2}")
     assert recipe.optim.weight_decay == pytest.approx(5e-4)
     assert recipe.optim.lr == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (
+            MINIMAL + "distill: {kd: {weight: 1.0}}\ndistill: {ce: {weight: 0.5}}\n",
+            "r.yaml: line 6: not valid YAML: key 'distill' is given twice (also on line 5); keep one",
+        ),
+        (
+            MINIMAL + "distill:\n  kd: {weight: 1.0, temperature: 2.0, weight: 0.5}\n",
+            "r.yaml: line 6: not valid YAML: key 'weight' is given twice (also on line 6); keep one",
+        ),
+        (
+            MINIMAL + "seed: 1\n'seed': 2\n",
+            "r.yaml: line 6: not valid YAML: key 'seed' is given twice (also on line 5); keep one",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_line(yaml_text: str, expected: str) -> None:
+    # PyYAML keeps the last of two equal keys without a word, so half a recipe could vanish.
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_yaml(yaml_text, source="r.yaml")
+    assert str(info.value) == expected
+
+
+def test_a_merged_key_may_be_overridden_but_not_written_twice() -> None:
+    # `<<: *anchor` then one of the anchor's keys is YAML's override, not a key given twice.
+    merged = Recipe.from_yaml(
+        MINIMAL + "distill:\n  ce: &w {weight: 0.5}\n  kd: {<<: *w, weight: 0.7}\n"
+    )
+    assert (merged.distill.ce.weight, merged.distill.kd.weight) == (0.5, 0.7)
+    with pytest.raises(RecipeError, match="key 'weight' is given twice"):
+        Recipe.from_yaml(
+            MINIMAL + "distill:\n  ce: {weight: 0.5}\n  kd: {weight: 0.5, weight: 0.7}\n"
+        )
 
 
 def test_unsafe_yaml_tags_are_refused() -> None:

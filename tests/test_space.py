@@ -43,7 +43,7 @@ def test_shipped_spaces_are_valid(name: str) -> None:
         ),
         (
             "  distill.kd.temperature: {type: float, low: 3, high: 2}",
-            "space.distill.kd.temperature.float: low (3.0) is above high (2.0)",
+            "space.distill.kd.temperature: low (3.0) is above high (2.0)",
         ),
         ("  optim.lr: {type: float, low: 0.0, high: 0.1, log: true}", "log: true needs low > 0"),
         (
@@ -82,7 +82,7 @@ def test_shipped_spaces_are_valid(name: str) -> None:
         ),
         (
             "  distill.kd.temperature: {type: float, low: 1, high: 2, hgih: 3}",
-            "space.distill.kd.temperature.float.hgih: unknown key",
+            "space.distill.kd.temperature.hgih: unknown key",
         ),
         (
             "  distill.hsakd.weight: {type: float, low: 0.0, high: 1.0}\n"
@@ -107,12 +107,178 @@ def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
             "bogus: 1\n",
             "bogus: unknown key; allowed here: study, base, space, search, asha, promote, export",
         ),
+        (
+            "promote: {top_k: 3, bogus: 1}\n",
+            "promote.bogus: unknown key; allowed here: top_k, seeds, epochs",
+        ),
+        (
+            "search: {per_trial: {gpu: -1}}\n",
+            "search.per_trial.gpu: Input should be greater than or equal to 0 (got -1); "
+            "search.per_trial.gpu: Input should be 'auto' (got -1)",
+        ),
     ],
 )
 def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
     with pytest.raises(RecipeError, match=None) as info:
         space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", extra)
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        "teacher.arch: {type: categorical, choices: [resnet8, resnet20]}",
+        "teacher.train.epochs: {type: int, low: 2, high: 4}",
+        "data.subset: {type: int, low: 100, high: 200}",
+        "data: {type: categorical, choices: [{dataset: digits}]}",
+    ],
+)
+def test_data_and_teacher_are_not_searchable(param: str) -> None:
+    # The search loads the data and prepares the teacher once, from the base recipe: a trial's
+    # value there would be recorded and never used.
+    with pytest.raises(RecipeError) as info:
+        space_of(f"  distill.kd.temperature: {{type: float, low: 1, high: 2}}\n  {param}\n")
+    path = param.split(":")[0]
+    assert str(info.value) == (
+        f"s.yaml: space.{path}: not searchable: the data set and the teacher are prepared once "
+        f"per search from the base recipe; set {path} in base or with --set"
+    )
+
+
+def test_a_parameter_given_twice_is_refused_with_its_line() -> None:
+    twice = (
+        "  distill.kd.temperature: {type: float, low: 1, high: 2}\n"
+        "  distill.kd.temperature: {type: float, low: 3, high: 4}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        space_of(twice)
+    assert str(info.value) == (
+        "s.yaml: line 11: not valid YAML: key 'distill.kd.temperature' is given twice "
+        "(also on line 10); keep one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            "  $x: {type: categorical, choices: [a, b]}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$x: []}}",
+            "space.optim.lr: when $x: [] names no value; list at least one",
+        ),
+        (
+            "  distill.kd.weight: {type: float, low: 0.1, high: 1.0}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {distill.kd.weight: 0.5}}",
+            "space.optim.lr: when distill.kd.weight: a float parameter never takes one given value exactly; make distill.kd.weight categorical or int",
+        ),
+        (
+            "  distill.kd.weight: {type: float, low: 0.1, high: 0.5, step: 0.1}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {distill.kd.weight: 0.3}}",
+            "space.optim.lr: when distill.kd.weight: a float parameter never takes",
+        ),
+        (
+            "  batch_size: {type: int, low: 32, high: 128, step: 32}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {batch_size: 48}}",
+            "space.optim.lr: when batch_size = 48, but batch_size never takes that value",
+        ),
+        (
+            "  distill.stkd.mix: {type: categorical, choices: [mixup, mixup]}",
+            "space.distill.stkd.mix: choices list 'mixup' twice",
+        ),
+        (
+            "  distill.kd.temperature: {type: categorical, choices: [1, 2, 1.0]}",
+            "space.distill.kd.temperature: choices list 1 and 1.0, which are equal",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: 1, high: 2, step: 5}",
+            "space.distill.kd.temperature: step 5.0 does not divide high - low (1.0); high 6.0 would fit",
+        ),
+        (
+            "  batch_size: {type: int, low: 32, high: 100, step: 32}",
+            "space.batch_size: step 32 does not divide high - low (68); high 96 or 128 would fit",
+        ),
+        (
+            "  optim.lr: {type: float, low: 0.01, high: 0.205, step: 0.01}",
+            "space.optim.lr: step 0.01 does not divide high - low (0.195); high 0.2 or 0.21 would fit",
+        ),
+        (
+            "  $x: {type: categorical, choices: [a, b]}\n  $y: {type: categorical, choices: [c, d], when: {$x: a}}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$x: b, $y: c}}",
+            "space.optim.lr: when can never hold: $x must be 'b' to sample optim.lr but 'a' to sample $y",
+        ),
+        (
+            "  $x: {type: categorical, choices: [a, b, c]}\n  $y: {type: categorical, choices: [c, d], when: {$x: [a, b]}}\n  $z: {type: categorical, choices: [e, f], when: {$y: d}}\n  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$z: e, $x: c}}",
+            "space.optim.lr: when can never hold: $x must be 'c' to sample optim.lr but one of 'a', 'b' to sample $y",
+        ),
+    ],
+)
+def test_parameters_that_can_never_be_sampled_are_refused(params: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        space_of(params + "\n")
+    assert expected in str(info.value), str(info.value)
+    assert str(info.value).startswith("s.yaml")
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["{}", "\n  $x: {type: categorical, choices: [a, b]}"],
+)
+def test_a_space_that_searches_no_recipe_path_is_refused(params: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(BASE + f"space: {params}\n", source="s.yaml")
+    assert str(info.value) == (
+        "s.yaml: space: searches no recipe path, so every trial would train the same recipe; "
+        "name at least one (for example distill.kd.temperature)"
+    )
+
+
+def test_a_when_chain_is_checked_through_the_parameters_it_needs() -> None:
+    # distill.kd.weight needs $y, which needs $x in [a, b]: with its own $x in [b, c] the two
+    # overlap in b and the space loads; with $x: c alone they never do.
+    chain = (
+        "  optim.lr: {type: float, low: 0.01, high: 0.2, step: 0.01}\n"
+        "  batch_size: {type: int, low: 32, high: 128, step: 32}\n"
+        "  $x: {type: categorical, choices: [a, b, c]}\n"
+        "  $y: {type: categorical, choices: [c, d], when: {$x: [a, b]}}\n"
+        "  distill.kd.weight: {type: float, low: 0.1, high: 1, when: {$x: [b, c], $y: d, batch_size: 64}}\n"
+    )
+    space = space_of(chain)
+    trial = {"optim.lr": 0.05, "batch_size": 64, "$x": "b", "$y": "d", "distill.kd.weight": 0.5}
+    assert space.suggest(FixedTrial(trial))["distill.kd.weight"] == 0.5
+    with pytest.raises(RecipeError) as info:
+        space_of(chain.replace("{$x: [b, c], $y: d", "{$x: c, $y: d"))
+    assert str(info.value) == (
+        "s.yaml: space.distill.kd.weight: when can never hold: $x must be 'c' to sample "
+        "distill.kd.weight but one of 'a', 'b' to sample $y"
+    )
+
+
+@pytest.mark.parametrize(
+    ("param", "expected"),
+    [
+        (
+            "distill.kd.temperature: {type: float, low: 1, high: 2, lg: true}",
+            "space.distill.kd.temperature.lg: unknown key; allowed here: when, type, low, high, log, step",
+        ),
+        (
+            "batch_size: {type: int, low: 32, high: 64, stp: 2}",
+            "space.batch_size.stp: unknown key; allowed here: when, type, low, high, log, step",
+        ),
+        (
+            "distill.stkd.mix: {type: categorical, choice: [mixup]}",
+            "space.distill.stkd.mix.choices: required key is missing; "
+            "space.distill.stkd.mix.choice: unknown key; allowed here: when, type, choices",
+        ),
+        (
+            "batch_size: {type: int, low: 64, high: 32}",
+            "space.batch_size: low (64) is above high (32)",
+        ),
+        (
+            "distill.kd.temperature: {type: float, low: 1, high: 2, step: -1}",
+            "space.distill.kd.temperature.step: Input should be greater than 0 (got -1)",
+        ),
+    ],
+)
+def test_parameter_errors_name_the_key_as_written(param: str, expected: str) -> None:
+    # A parameter is one of three types; the error names the user's key, not the type pydantic tried.
+    with pytest.raises(RecipeError) as info:
+        space_of(f"  {param}\n")
+    assert str(info.value) == f"s.yaml: {expected}"
 
 
 def test_the_base_placement_is_checked_only_where_hsakd_can_be_on() -> None:
@@ -203,7 +369,8 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
         "data: {dataset: digits}\nteacher: {arch: resnet8}\nstudent: {arch: resnet8}\n"
     )
     (tmp_path / "s.yaml").write_text(
-        "study: {name: t}\nbase: r.yaml\nspace: {}\nasha: {max_epochs: 3}\n"
+        "study: {name: t}\nbase: r.yaml\nasha: {max_epochs: 3}\n"
+        "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
     )
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
 
@@ -245,6 +412,6 @@ def test_cli_rejects_a_bad_space_with_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "kdsearch: error: s.yaml: space.optim.lr.float: low (1.0) is above high (0.1)"
+        "kdsearch: error: s.yaml: space.optim.lr: low (1.0) is above high (0.1)"
     ]
     assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
