@@ -11,8 +11,8 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,9 +118,12 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
         return Teacher(freeze(model), "checkpoint", path, _val_acc(model, data, recipe))
     path = cached_teacher_path(recipe, data)
     if path.is_file():
-        model = load_checkpoint(path, recipe.teacher.arch, data)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return Teacher(freeze(model), "cache", path, float(meta["val_acc"]))
+        try:
+            model = load_checkpoint(path, recipe.teacher.arch, data, where="")
+            meta = json.loads(path.with_suffix(".json").read_text())
+            return Teacher(freeze(model), "cache", path, float(meta["val_acc"]))
+        except (TeacherError, OSError, ValueError, KeyError, TypeError) as err:
+            _damaged(path, err)
     result = train(teacher_recipe(recipe), data, report)
     _save(
         result.student,
@@ -166,9 +169,14 @@ def get_teacher_heads(
         {name: LOSSES[name].teacher_heads(teacher.model, data.num_classes) for name in HEAD_TERMS}
     )
     path = teacher_heads_path(recipe, data, teacher)
+    cached = False
     if path.is_file():
-        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
+        try:
+            heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            cached = True
+        except Exception as err:  # a damaged file: torch.load raises many kinds
+            _damaged(path, err)
+    if not cached:
         train_teacher_heads(heads, teacher.model, recipe, data, report)
         _save(
             heads,
@@ -249,8 +257,17 @@ def train_teacher_heads(
             )
 
 
-def load_checkpoint(path: Path, arch: str, data: ImageData) -> TapModel:
-    """A model of `arch` for `data`'s classes and channels with the weights in `path`.
+def _damaged(path: Path, err: Exception) -> None:
+    """Say that a cache file cannot be used; the caller trains it again and replaces it."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0].replace(f"{path}: ", "")
+    warnings.warn(f"cannot use the cached {path} ({first}); training it again", stacklevel=3)
+
+
+def load_checkpoint(
+    path: Path, arch: str, data: ImageData, where: str = "teacher.checkpoint: "
+) -> TapModel:
+    """A model of `arch` for `data`'s classes and channels with the weights in `path`; errors
+    start with `where` (the recipe key by default).
 
     Accepts a bare state dict or one under "state_dict" / "model" (as other training scripts
     save it). Loading uses `weights_only=True`: a checkpoint cannot run code.
@@ -258,25 +275,21 @@ def load_checkpoint(path: Path, arch: str, data: ImageData) -> TapModel:
     try:
         saved: Any = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise TeacherError(f"teacher.checkpoint: {path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        raise TeacherError(f"{where}{path}: no such file") from None
+    except Exception as err:  # torch.load of a file that is no checkpoint raises many kinds
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TeacherError(
-            f"teacher.checkpoint: {path}: not a loadable weights file ({first})"
-        ) from None
+        raise TeacherError(f"{where}{path}: not a loadable weights file ({first})") from None
     if isinstance(saved, dict):
         for key in ("state_dict", "model"):
             if isinstance(saved.get(key), dict):
                 saved = saved[key]
     if not isinstance(saved, dict):
-        raise TeacherError(
-            f"teacher.checkpoint: {path}: holds a {type(saved).__name__}, not weights"
-        )
+        raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
     model = build_model(arch, data.num_classes, data.channels)
     mismatch = _mismatch(model.state_dict(), saved)
     if mismatch:
         raise TeacherError(
-            f"teacher.checkpoint: {path} does not fit {arch} with {data.num_classes} classes and "
+            f"{where}{path} does not fit {arch} with {data.num_classes} classes and "
             f"{data.channels} input channels: {mismatch}"
         )
     model.load_state_dict(saved)

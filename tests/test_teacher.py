@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,37 @@ def test_checkpoint_holding_code_objects_is_refused(synthetic: ImageData, tmp_pa
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(TeacherError, match="not a loadable weights file"):
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "evil.pt")}), synthetic)
+
+
+@pytest.mark.parametrize("text", ["study: {name: s}\n", "", "\x00" * 100])
+def test_a_checkpoint_that_is_not_torch_weights_is_refused(
+    synthetic: ImageData, tmp_path: Path, text: str
+) -> None:
+    (tmp_path / "notes.pt").write_text(text)
+    with pytest.raises(TeacherError, match=r"teacher\.checkpoint: .*notes\.pt: not a loadable"):
+        get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "notes.pt")}), synthetic)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no metadata", "truncated heads"])
+def test_a_damaged_cache_entry_is_trained_again_and_replaced(
+    synthetic: ImageData, damage: str
+) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    first = get_teacher(recipe, synthetic)
+    heads = next(first.path.parent.glob(f"{first.path.stem}-heads-*.pt"))
+    if damage == "truncated weights":
+        first.path.write_bytes(first.path.read_bytes()[:100])
+    elif damage == "no metadata":
+        first.path.with_suffix(".json").unlink()
+    else:
+        heads.write_bytes(heads.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"cannot use the cached .*; training it again"):
+        again = get_teacher(recipe, synthetic)
+    assert again.source == ("cache" if damage == "truncated heads" else "trained")
+    assert again.val_acc == first.val_acc, "the same recipe trains the same teacher"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cache is whole again
+        assert get_teacher(recipe, synthetic).source == "cache"
 
 
 def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
