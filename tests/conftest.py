@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kdsearch.recipe import Recipe
+from kdsearch.train import EpochStats
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(
@@ -47,6 +48,20 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+class Recorder:
+    """A training report that keeps the epochs and batch ticks it is given."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.ticks: list[tuple[int, int]] = []
+
+    def __call__(self, stats: EpochStats) -> None:
+        self.epochs.append(stats.epoch)
+
+    def batch(self, done: int, total: int) -> None:
+        self.ticks.append((done, total))
 
 
 def tiny_recipe(changes: dict[str, Any] | None = None) -> Recipe:

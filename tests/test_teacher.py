@@ -11,9 +11,8 @@ from kdsearch.errors import TeacherError
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig
 from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_key, teacher_recipe
-from kdsearch.train import EpochStats
 
-from .conftest import tiny_recipe
+from .conftest import Recorder, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -181,17 +180,6 @@ def test_teacher_heads_are_trained_once_cached_beside_the_teacher_and_reused(
 
 
 def test_training_the_heads_reports_every_batch_and_epoch(synthetic: ImageData) -> None:
-    class Recorder:
-        def __init__(self) -> None:
-            self.epochs: list[int] = []
-            self.ticks: list[tuple[int, int]] = []
-
-        def __call__(self, stats: EpochStats) -> None:
-            self.epochs.append(stats.epoch)
-
-        def batch(self, done: int, total: int) -> None:
-            self.ticks.append((done, total))
-
     recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 2})
     recorder = Recorder()
     get_teacher(recipe, synthetic, heads_report=recorder)

@@ -18,7 +18,7 @@ from kdsearch.train import (
     train,
 )
 
-from .conftest import tiny_recipe
+from .conftest import Recorder, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +46,6 @@ def test_student_alone_learns_and_reports_every_epoch(synthetic: ImageData) -> N
 
 
 def test_a_batch_report_follows_every_training_batch(synthetic: ImageData) -> None:
-    class Recorder:
-        def __init__(self) -> None:
-            self.epochs: list[int] = []
-            self.ticks: list[tuple[int, int]] = []
-
-        def __call__(self, stats: EpochStats) -> None:
-            self.epochs.append(stats.epoch)
-
-        def batch(self, done: int, total: int) -> None:
-            self.ticks.append((done, total))
-
     recorder = Recorder()
     recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 2})
     train(recipe, synthetic, recorder)
