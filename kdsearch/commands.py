@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"({held - record.tally().running} finished before, {len(record.orphans)} to run "
             f"again), at most {space.config.asha.max_epochs} epochs each"
         )
-        tally, seconds, complete = search(args, space, record, file, new_file, target)
+        tally, seconds, complete = search_trials(args, space, record, file, new_file, target)
     console.print(status_line(tally, target) + f" in {seconds:.0f} s")
     for line in tally.failures[-5:]:
         console.print(f"  failed {line}", markup=False)
@@ -226,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def search(
+def search_trials(
     args: argparse.Namespace,
     space: SearchSpace,
     record: Record,
