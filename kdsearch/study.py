@@ -111,12 +111,15 @@ def open_storage(url: str) -> BaseStorage:
 
 def holds_studies(file: Path) -> bool:
     """Whether SQLite `file` is an Optuna database (read without writing to it)."""
+    uri = f"{file.resolve().as_uri()}?mode=ro"
     try:
-        with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
             row = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
             ).fetchone()
-    except sqlite3.Error:  # not an SQLite file at all
+    except sqlite3.OperationalError:  # locked or unreadable: not known to be foreign
+        return True  # opening it for real says what is wrong
+    except sqlite3.DatabaseError:  # not an SQLite file at all
         return False
     return row is not None
 
