@@ -117,10 +117,10 @@ def holds_studies(file: Path) -> bool:
             row = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
             ).fetchone()
-    except sqlite3.OperationalError:  # locked or unreadable: not known to be foreign
-        return True  # opening it for real says what is wrong
-    except sqlite3.DatabaseError:  # not an SQLite file at all
-        return False
+    except sqlite3.Error as err:  # only "not a database" says foreign: a file locked, left
+        # with a journal by a killed writer (which only a writable open rolls back) or
+        # unreadable is for the real open to deal with
+        return getattr(err, "sqlite_errorcode", None) != sqlite3.SQLITE_NOTADB
     return row is not None
 
 

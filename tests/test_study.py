@@ -13,7 +13,15 @@ from optuna.trial import TrialState
 
 from kdsearch.errors import StudyError
 from kdsearch.space import SearchSpace
-from kdsearch.study import STALE_S, Record, open_storage, ranked, redact, trial_recipe
+from kdsearch.study import (
+    STALE_S,
+    Record,
+    holds_studies,
+    open_storage,
+    ranked,
+    redact,
+    trial_recipe,
+)
 
 SPACE = """
 study: {name: s}
@@ -205,3 +213,28 @@ def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -
 def test_redact_hides_passwords_only() -> None:
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("sqlite:///studies/x.db") == "sqlite:///studies/x.db"
+
+
+def test_a_study_file_a_killed_writer_left_mid_transaction_is_still_a_study(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="s", storage=url)
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    writer = (
+        "import os, signal, sqlite3\n"
+        f"db = sqlite3.connect({str(tmp_path / 's.db')!r}, isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size = 1')\n"
+        "db.execute('BEGIN IMMEDIATE')\n"
+        "db.execute(\"UPDATE studies SET study_name = study_name || 'x'\")\n"
+        "db.execute('UPDATE trials SET number = number + 10')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer], check=False)
+    assert (tmp_path / "s.db-journal").is_file(), "the kill left a journal to roll back"
+    # a read-only look cannot roll it back, but the file is a study all the same
+    assert holds_studies(tmp_path / "s.db")
+    assert [t.number for t in optuna.load_study(study_name="s", storage=url).trials] == [0]
+    (tmp_path / "text.db").write_text("not a database\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert not holds_studies(tmp_path / "text.db") and not holds_studies(tmp_path / "empty.db")
