@@ -383,7 +383,12 @@ def run_search(
                 log_to_file=False,
             ),
         )
-        tuner.fit()
+        on_int = signal.getsignal(signal.SIGINT)
+        try:
+            tuner.fit()
+        finally:  # Tune leaves its SIGINT handler behind, which would swallow the next stop
+            if on_int is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, on_int)
     finally:
         if own_ray:
             ray.shutdown()
@@ -555,6 +560,10 @@ def start_ray(address: str | None) -> None:
         )
     except (ConnectionError, RuntimeError) as err:
         raise KdsearchError(f"cannot join the Ray cluster at {address}: {err}") from None
+    except SystemExit as exit_:  # Ray's own SIGTERM handler, while it starts: a stop
+        if exit_.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if callable(on_term) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_term)

@@ -412,6 +412,26 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     assert "exported the winner of 'tiny'" in err and "kdsearch train out/winner/recipe.yaml" in err
 
 
+def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path) -> None:
+    # Tune leaves its SIGINT handler behind after a search; a stop must not land in it.
+    root, env = workdir(tmp_path)
+    (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
+    proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env)
+    seen = []
+    try:
+        while not any(line.startswith("promoting the") for line in seen[-1:]):
+            line = proc.stderr.readline()
+            assert line, "".join(seen)
+            seen.append(line)
+        time.sleep(5)  # into the promotion's runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(seen) + err
+    assert "kdsearch: interrupted" in err
+
+
 def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The trial reports its failure (the driver records FAIL and goes on) instead of raising."""
     from kdsearch import search
