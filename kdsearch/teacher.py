@@ -124,6 +124,8 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
             return Teacher(freeze(model), "cache", path, float(meta["val_acc"]))
         except (TeacherError, OSError, ValueError, KeyError, TypeError) as err:
             _damaged(path, err)
+    for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
+        stale.unlink(missing_ok=True)
     result = train(teacher_recipe(recipe), data, report)
     _save(
         result.student,
@@ -165,9 +167,15 @@ def get_teacher_heads(
 ) -> dict[str, nn.Module]:
     """The teacher-side heads of every term that has some (HSAKD: an auxiliary classifier on
     every stage that can carry one; SSKD: the projection), from the cache or trained now."""
-    heads = nn.ModuleDict(
-        {name: LOSSES[name].teacher_heads(teacher.model, data.num_classes) for name in HEAD_TERMS}
-    )
+    rng = torch.random.get_rng_state()
+
+    def fresh() -> nn.ModuleDict:
+        torch.random.set_rng_state(rng)  # the same initial heads however often they are built
+        return nn.ModuleDict(
+            {n: LOSSES[n].teacher_heads(teacher.model, data.num_classes) for n in HEAD_TERMS}
+        )
+
+    heads = fresh()
     path = teacher_heads_path(recipe, data, teacher)
     cached = False
     if path.is_file():
@@ -176,6 +184,7 @@ def get_teacher_heads(
             cached = True
         except Exception as err:  # a damaged file: torch.load raises many kinds
             _damaged(path, err)
+            heads = fresh()  # a failed load may have copied some of the tensors already
     if not cached:
         train_teacher_heads(heads, teacher.model, recipe, data, report)
         _save(

@@ -10,7 +10,13 @@ from kdsearch.data import ImageData, load_data
 from kdsearch.errors import TeacherError
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig
-from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_key, teacher_recipe
+from kdsearch.teacher import (
+    cached_teacher_path,
+    get_teacher,
+    get_teacher_heads,
+    teacher_key,
+    teacher_recipe,
+)
 
 from .conftest import Recorder, tiny_recipe
 
@@ -139,13 +145,38 @@ def test_a_damaged_cache_entry_is_trained_again_and_replaced(
         first.path.with_suffix(".json").unlink()
     else:
         heads.write_bytes(heads.read_bytes()[:100])
+    heads_epochs: list[int] = []
     with pytest.warns(UserWarning, match=r"cannot use the cached .*; training it again"):
-        again = get_teacher(recipe, synthetic)
+        again = get_teacher(recipe, synthetic, heads_report=lambda s: heads_epochs.append(s.epoch))
     assert again.source == ("cache" if damage == "truncated heads" else "trained")
+    assert heads_epochs == [1], "heads trained on the teacher as it is now, not the one replaced"
     assert again.val_acc == first.val_acc, "the same recipe trains the same teacher"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the cache is whole again
         assert get_teacher(recipe, synthetic).source == "cache"
+
+
+def test_heads_a_damaged_file_half_loaded_into_are_trained_from_their_first_state(
+    synthetic: ImageData,
+) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    teacher = get_teacher(recipe, synthetic, heads=False)
+    torch.manual_seed(1)
+    clean = get_teacher_heads(recipe, synthetic, teacher)
+    path = next(teacher.path.parent.glob(f"{teacher.path.stem}-heads-*.pt"))
+    state = torch.load(path, weights_only=True)
+    first = next(iter(state))
+    damaged = {k: torch.zeros_like(v) for k, v in state.items()}  # loads, but is no head
+    damaged[first] = torch.zeros(1)  # a shape that refuses the whole file, after the rest
+    torch.save(damaged, path)
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="cannot use the cached"):
+        again = get_teacher_heads(recipe, synthetic, teacher)
+    for name in clean:
+        for a, b in zip(
+            clean[name].state_dict().values(), again[name].state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b)
 
 
 def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
