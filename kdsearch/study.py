@@ -214,13 +214,29 @@ class Record:
         exists = name in study_names(storage)
         self.created = not exists
         if exists and not resume:
-            n = len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
+            study_id = storage.get_study_id_from_name(name)
+            n = len(storage.get_all_trials(study_id, deepcopy=False))
             if n:
                 raise StudyError(
                     f"study {name!r} already holds {n} trials; add --resume to finish it, or "
                     "choose another --study name"
                 )
-        if exists:  # resumed, or empty: another driver may be preparing it right now
+            # Empty: another driver may be preparing it (data, teacher) with its own settings.
+            # A study nobody prepares, or one made outside kdsearch, this driver takes over.
+            found = optuna.load_study(study_name=name, storage=storage)
+            changed = changed_settings(found, space) if "space" in found.user_attrs else []
+            beats = storage.get_study_system_attrs(study_id)
+            live = [
+                k.removeprefix("heartbeat:")
+                for k in beats
+                if k.startswith("heartbeat:") and driver_alive(k.removeprefix("heartbeat:"), beats)
+            ]
+            if changed and live:
+                raise StudyError(
+                    f"study {name!r} is being prepared by {live[0]} with other settings "
+                    f"({'; '.join(changed)}); choose another --study name"
+                )
+        if exists and resume:
             changed = changed_settings(optuna.load_study(study_name=name, storage=storage), space)
             if changed:
                 raise StudyError(
@@ -327,18 +343,11 @@ class Record:
         """RUNNING trials whose driver is gone: on this host, its process is dead; elsewhere,
         its heartbeat is older than STALE_S."""
         beats = self.storage.get_study_system_attrs(self.study_id)
-        host = socket.gethostname()
-        orphans = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            driver = str(trial.user_attrs.get("driver", ""))
-            owner_host, _, pid = driver.rpartition(":")
-            if owner_host == host:
-                gone = not process_alive(int(pid)) if pid.isdigit() else True
-            else:
-                gone = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) > STALE_S
-            if gone:
-                orphans.append(trial)
-        return orphans
+        return [
+            trial
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not driver_alive(str(trial.user_attrs.get("driver", "")), beats)
+        ]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -396,6 +405,15 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
         if params.get(key) != space.params.get(key)
     ]
     return changed
+
+
+def driver_alive(driver: str, beats: Mapping[str, Any]) -> bool:
+    """Whether the driver "host:pid" is alive: on this host, its process exists; elsewhere, its
+    heartbeat in the study's system attributes `beats` is younger than STALE_S."""
+    owner_host, _, pid = driver.rpartition(":")
+    if owner_host == socket.gethostname():
+        return pid.isdigit() and process_alive(int(pid))
+    return time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) <= STALE_S
 
 
 def process_alive(pid: int) -> bool:

@@ -98,11 +98,26 @@ def test_an_empty_study_of_other_settings_is_refused_without_resume(
     # another driver created it and is still preparing (loading data, training the teacher)
     Record(open_storage(url), "s", space, target=2, resume=False)
     other = SearchSpace.from_yaml(SPACE.replace("high: 0.2", "high: 0.3"), source="o.yaml")
-    with pytest.raises(StudyError, match="was started with other settings"):
+    with pytest.raises(StudyError, match=r"is being prepared by .* with other settings"):
         Record(open_storage(url), "s", other, target=2, resume=False)
     study = optuna.load_study(study_name="s", storage=url)
     assert study.user_attrs["space"] == SPACE, "the first driver's record is untouched"
     assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
+
+
+def test_an_empty_study_nobody_prepares_is_taken_over(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:  # a driver killed while it prepared the study
+        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        Record(open_storage(url), "s", space, target=2, resume=False)
+    other = SearchSpace.from_yaml(SPACE.replace("high: 0.2", "high: 0.3"), source="o.yaml")
+    assert Record(open_storage(url), "s", other, target=2, resume=False).target == 2
+    study = optuna.load_study(study_name="s", storage=url)
+    assert "high: 0.3" in study.user_attrs["space"], "now recorded with this driver's settings"
+    # a study made outside kdsearch (optuna create-study) is taken over too
+    optuna.create_study(study_name="made", storage=url)
+    assert Record(open_storage(url), "made", space, target=2, resume=False).target == 2
 
 
 def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str) -> None:
