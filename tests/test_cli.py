@@ -199,11 +199,12 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: P
 def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as s:  # a port nothing listens on once this closes
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    with socket.socket() as s:  # held, never listening: refused, and no one else can take it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
-    proc = run_cli("run", "s.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=120)
+        address = f"127.0.0.1:{port}"
+        proc = run_cli("run", "s.yaml", "--address", address, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in proc.stderr
     assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
