@@ -16,6 +16,20 @@ from .conftest import SMALL_SPACE, run_cli, write_study
 pytestmark = pytest.mark.slow
 
 
+def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
+    """`OMP_NUM_THREADS=1 kdsearch train EXPORT/recipe.yaml`, as the export's last line says,
+    gives the exported student again: its validation accuracy and its weights."""
+    again = run_cli(
+        "train", f"{export}/recipe.yaml", "--out", "again", cwd=root, env={"OMP_NUM_THREADS": "1"}
+    )
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((root / "again" / "metrics.json").read_text())
+    assert metrics["val_acc"] == pytest.approx(val_acc)
+    exported = torch.load(root / export / "student.pt", weights_only=True)
+    retrained = torch.load(root / "again" / "student.pt", weights_only=True)
+    assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
+
+
 def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Path) -> None:
     write_study(tmp_path)
     assert (
@@ -48,14 +62,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     # export's last line and meta.json give.
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
-    again = run_cli(
-        "train", "winner/recipe.yaml", "--out", "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
-    )
-    assert again.returncode == 0, again.stderr
-    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert metrics["val_acc"] == pytest.approx(best.value), "same recipe, same CPU: same student"
-    retrained = torch.load(tmp_path / "again" / "student.pt", weights_only=True)
-    assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in state.items())
+    assert_retrained_alike(tmp_path, "winner", best.value)  # same recipe, same CPU: same student
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)
@@ -76,15 +83,7 @@ def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> Non
     # trial's own student and the line it prints says how to train it again
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train w/recipe.yaml` reproduces it" in proc.stderr
-    again = run_cli(
-        "train", "w/recipe.yaml", "--out", "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
-    )
-    assert again.returncode == 0, again.stderr
-    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert metrics["val_acc"] == pytest.approx(meta["metrics"]["val_acc"])
-    exported = torch.load(tmp_path / "w" / "student.pt", weights_only=True)
-    retrained = torch.load(tmp_path / "again" / "student.pt", weights_only=True)
-    assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
+    assert_retrained_alike(tmp_path, "w", meta["metrics"]["val_acc"])
 
 
 def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
