@@ -159,9 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.study import (
         Record,
         default_storage,
-        holds_studies,
         open_storage,
         redact,
+        refuse_foreign,
         sqlite_file,
     )
 
@@ -179,8 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = args.storage or space.config.study.storage or default_storage(name)
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
-    if file is not None and file.is_file() and file.stat().st_size and not holds_studies(file):
-        raise KdsearchError(f"{file} is not a study database (it holds no Optuna tables)")
+    if file is not None and file.is_file():
+        refuse_foreign(file, empty_ok=True)
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
     held = len(record.study.trials)
     if record.all_started():  # --resume of a finished search, or --trials at most what it holds
@@ -312,13 +312,13 @@ def study_storage(study: str, url: str | None) -> tuple[Any, str]:
 def existing_storage(url: str) -> Any:
     """The storage at `url`, which holds studies already: a missing SQLite file, or one that is
     not Optuna's, is an error, where opening it would silently make it a study database."""
-    from kdsearch.study import holds_studies, open_storage, sqlite_file
+    from kdsearch.study import open_storage, refuse_foreign, sqlite_file
 
     file = sqlite_file(url)
     if file is not None and not file.is_file():
         raise KdsearchError(f"no study database at {file}")
-    if file is not None and not holds_studies(file):  # opening it would add Optuna's tables
-        raise KdsearchError(f"{file} is not a study database (it holds no Optuna tables)")
+    if file is not None:
+        refuse_foreign(file, empty_ok=False)
     return open_storage(url)
 
 

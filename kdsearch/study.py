@@ -109,6 +109,13 @@ def open_storage(url: str) -> BaseStorage:
     raise StudyError(f"cannot open the study storage {redact(url)}: {reason}")
 
 
+def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
+    """Refuse an SQLite `file` that is not an Optuna database (opening it would add Optuna's
+    tables to it); an empty one only where a new study may start in it."""
+    if not (empty_ok and file.stat().st_size == 0) and not holds_studies(file):
+        raise StudyError(f"{file} is not a study database (it holds no Optuna tables)")
+
+
 def holds_studies(file: Path) -> bool:
     """Whether SQLite `file` is an Optuna database (read without writing to it)."""
     uri = f"{file.resolve().as_uri()}?mode=ro"
@@ -226,11 +233,8 @@ class Record:
             found = optuna.load_study(study_name=name, storage=storage)
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
             beats = storage.get_study_system_attrs(study_id)
-            live = [
-                k.removeprefix("heartbeat:")
-                for k in beats
-                if k.startswith("heartbeat:") and driver_alive(k.removeprefix("heartbeat:"), beats)
-            ]
+            drivers = [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
+            live = [d for d in drivers if driver_alive(d, beats)]
             if changed and live:
                 raise StudyError(
                     f"study {name!r} is being prepared by {live[0]} with other settings "
