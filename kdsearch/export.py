@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 import torch
-from optuna.storages import BaseStorage
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError, StudyError
@@ -27,6 +25,9 @@ from kdsearch.paths import writable_folder
 from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import load_study, ranked, recorded, trial_recipe
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
     """The promoted recipe with the best mean validation accuracy over seeds (its best seed's
     weights); without a promotion, the best COMPLETE trial of the search (no weights yet)."""
     if has_promoted(storage, name):
-        promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
+        promoted = load_study(storage, promoted_name(name))
         board = leaderboard(promoted)
         searched = board[board["source_trial"] >= 0]
         best = searched.iloc[0]
