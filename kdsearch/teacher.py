@@ -45,7 +45,7 @@ from kdsearch.train import (
 )
 
 CACHE_FORMAT = 1  # bump when the cached file's layout or the teacher training loop changes
-HEADS_FORMAT = 1  # likewise for the teacher-side heads
+HEADS_FORMAT = 2  # likewise for the heads (2: ShuffleNetV2 and MobileNetV2 last-stage heads)
 
 
 @dataclass(frozen=True)

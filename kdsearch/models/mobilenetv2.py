@@ -78,7 +78,12 @@ class MobileNetV2(TapModel):
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)
         after = TAPPED_GROUPS[stage - 1]
-        groups = [self._group(g) for g in range(after + 1, len(GROUPS))]
+        if stage == len(TAPPED_GROUPS):  # the last stage's groups again, the first at stride 1
+            first = TAPPED_GROUPS[-2] + 1
+            groups = [self._group(first, cin=self._channels(after), stride=1)]
+            groups += [self._group(g) for g in range(first + 1, len(GROUPS))]
+        else:
+            groups = [self._group(g) for g in range(after + 1, len(GROUPS))]
         trunk = nn.Sequential(*groups, *conv_bn_relu(self._channels(len(GROUPS) - 1), 1280, 1))
         init_weights(trunk)
         return trunk, 1280
@@ -87,10 +92,12 @@ class MobileNetV2(TapModel):
         """Output width of block group `group` (-1: the stem)."""
         return int((32 if group < 0 else GROUPS[group][1]) * self.width)
 
-    def _group(self, g: int) -> nn.Sequential:
-        """A freshly built block group `g`."""
-        expansion, _, n, stride = GROUPS[g]
-        cin, cout = self._channels(g - 1), self._channels(g)
+    def _group(self, g: int, *, cin: int | None = None, stride: int | None = None) -> nn.Sequential:
+        """A freshly built block group `g` (another input width or first stride where given)."""
+        expansion, _, n, group_stride = GROUPS[g]
+        stride = group_stride if stride is None else stride
+        cin = self._channels(g - 1) if cin is None else cin
+        cout = self._channels(g)
         return nn.Sequential(
             *(
                 InvertedResidual(cin if i == 0 else cout, cout, stride if i == 0 else 1, expansion)

@@ -44,15 +44,16 @@ class ShuffleBlock(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """Both branches stride 2; their outputs are concatenated to the new width."""
+    """Both branches stride 2 (1 in the extra block of a head on the last stage); their outputs
+    are concatenated to the new width."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 2) -> None:
         super().__init__()
         mid = cout // 2
-        self.left_dw = conv_bn(cin, cin, 3, 2, groups=cin)
+        self.left_dw = conv_bn(cin, cin, 3, stride, groups=cin)
         self.left_pw = conv_bn(cin, mid, 1)
         self.right_pw1 = conv_bn(cin, mid, 1)
-        self.right_dw = conv_bn(mid, mid, 3, 2, groups=mid)
+        self.right_dw = conv_bn(mid, mid, 3, stride, groups=mid)
         self.right_pw2 = conv_bn(mid, mid, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,9 +62,9 @@ class DownBlock(nn.Module):
         return shuffle(torch.cat([left, right], 1))
 
 
-def shuffle_stage(cin: int, cout: int, blocks: int) -> nn.Sequential:
+def shuffle_stage(cin: int, cout: int, blocks: int, stride: int = 2) -> nn.Sequential:
     """A down-sampling block followed by `blocks` basic blocks."""
-    return nn.Sequential(DownBlock(cin, cout), *(ShuffleBlock(cout) for _ in range(blocks)))
+    return nn.Sequential(DownBlock(cin, cout, stride), *(ShuffleBlock(cout) for _ in range(blocks)))
 
 
 class ShuffleNetV2(TapModel):
@@ -92,7 +93,12 @@ class ShuffleNetV2(TapModel):
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)
         cins = (STEM, *WIDTHS[:-1])
-        stages = [shuffle_stage(cins[i], WIDTHS[i], BLOCKS[i]) for i in range(stage, len(WIDTHS))]
+        if stage == len(WIDTHS):  # the last stage again, at stride 1, as HSAKD's third head
+            stages = [shuffle_stage(WIDTHS[-1], WIDTHS[-1], BLOCKS[-1], stride=1)]
+        else:
+            stages = [
+                shuffle_stage(cins[i], WIDTHS[i], BLOCKS[i]) for i in range(stage, len(WIDTHS))
+            ]
         trunk = nn.Sequential(*stages, conv_bn(WIDTHS[-1], HEAD, 1), nn.ReLU())
         init_weights(trunk)
         return trunk, HEAD

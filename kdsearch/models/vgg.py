@@ -54,8 +54,11 @@ class VGG(TapModel):
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)
         cfg, last = self.config, len(self.config) - 1
-        if stage == last:
-            blocks = [vgg_block(cfg[last][-1], (cfg[last][-1],))]
+        if stage == last:  # the last two blocks again at the same resolution, as HSAKD's
+            blocks = [
+                vgg_block(cfg[last][-1], cfg[last - 1]),
+                vgg_block(cfg[last - 1][-1], cfg[last]),
+            ]
         else:
             blocks = [vgg_block(cfg[i - 1][-1], cfg[i]) for i in range(stage + 1, last + 1)]
         trunk = VGGTail(stage, blocks)
