@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kdsearch import __version__
 from kdsearch.data import derive_seed
@@ -284,24 +284,36 @@ class Record:
     def next_plan(self, ray_trial_id: str) -> Plan | None:
         """The next trial for Ray: an adopted orphan first, else a new sample while the study
         holds fewer trials than the target; None when there is nothing left to start."""
-        if self.orphans:
+        while self.orphans:
             orphan = self.orphans.pop(0)
-            attempt = int(orphan.user_attrs.get("attempt", 1)) + 1
-            self._claim(orphan._trial_id, ray_trial_id, attempt=attempt)
-            return Plan(orphan.number, trial_recipe(orphan), dict(orphan.params), adopted=True)
+            attempt = int(orphan.user_attrs.get("attempt", 1))
+            if "recipe" in orphan.user_attrs:
+                self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
+                return Plan(orphan.number, trial_recipe(orphan), dict(orphan.params), adopted=True)
+            # Its driver was killed while proposing it, so it never trained: propose it again,
+            # keeping the values it had drawn (Optuna returns those) and drawing the rest.
+            plan = self._propose(Trial(self.study, orphan._trial_id), ray_trial_id, attempt)
+            if plan is not None:
+                return plan
         while len(self.study.get_trials(deepcopy=False)) < self.target:
-            trial = self.study.ask()
-            chosen = self.space.suggest(trial)
-            try:
-                recipe = self.space.recipe_for(chosen)
-            except RecipeError as err:  # a combination the recipe rejects: a failed trial
-                self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
-                self.study.tell(trial, state=TrialState.FAIL)
-                continue
-            self._claim(trial._trial_id, ray_trial_id, attempt=1)
-            self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
-            return Plan(trial.number, recipe, dict(trial.params))
+            plan = self._propose(self.study.ask(), ray_trial_id, 1)
+            if plan is not None:
+                return plan
         return None
+
+    def _propose(self, trial: Trial, ray_trial_id: str, attempt: int) -> Plan | None:
+        """Draw the trial's values and record its recipe; None (and a FAIL trial) for a
+        combination the recipe rejects."""
+        chosen = self.space.suggest(trial)
+        try:
+            recipe = self.space.recipe_for(chosen)
+        except RecipeError as err:  # a combination the recipe rejects: a failed trial
+            self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
+            self.study.tell(trial, state=TrialState.FAIL)
+            return None
+        self._claim(trial._trial_id, ray_trial_id, attempt=attempt)
+        self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
+        return Plan(trial.number, recipe, dict(trial.params))
 
     def all_started(self) -> bool:
         """Whether every trial of the target has been started (by this driver or another)."""

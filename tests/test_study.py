@@ -175,6 +175,30 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     assert [t.number for t in Record(storage, "s", space, target=4, resume=True).orphans] == [3]
 
 
+@pytest.mark.parametrize("draws_one", [False, True], ids=["nothing drawn", "one value drawn"])
+def test_a_trial_whose_driver_died_while_proposing_it_is_proposed_again_on_resume(
+    space: SearchSpace, url: str, draws_one: bool
+) -> None:
+    """A kill -9 between Optuna creating the trial and kdsearch recording its recipe leaves a
+    RUNNING trial with no recipe (and no driver); resuming must not stop at it."""
+    storage = open_storage(url)
+    first = Record(storage, "s", space, target=3, resume=False)
+    first.next_plan("r0")
+    killed = first.study.ask()  # the driver dies here, or after drawing some values
+    drawn = {"optim.lr": killed.suggest_float("optim.lr", 0.01, 0.2, log=True)} if draws_one else {}
+    again = Record(storage, "s", space, target=3, resume=True)
+    assert [t.number for t in again.orphans] == [killed.number]
+    plan = again.next_plan("new")
+    assert plan is not None and plan.number == killed.number
+    trial = storage.get_trial(killed._trial_id)
+    assert trial_recipe(trial) == plan.recipe and trial.user_attrs["ray_trial_id"] == "new"
+    assert set(trial.params) == {"optim.lr", "distill.hsakd.placement"}
+    for name, value in drawn.items():
+        assert trial.params[name] == value and plan.recipe.get(name) == value
+    third = again.next_plan("third")
+    assert third is not None and third.number == 2 and again.next_plan("more") is None
+
+
 def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
     # each value fits the base alone; together they break a rule of the recipe
     text = SPACE.replace(
