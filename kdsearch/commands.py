@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
         from kdsearch.search import local_resources, trial_resources
 
-        trial_resources(space.config.search, local_resources())
+        trial_resources(space.config.search, local_resources(), device=space.base.device)
     if space.config.export is not None:
         from kdsearch.export import check_out
 
@@ -246,7 +246,7 @@ def search_trials(
         if args.address is not None:  # join the cluster first: a wrong address costs no work
             with console.status(f"joining the Ray cluster at {args.address}"):
                 start_ray(args.address)
-            trial_resources(space.config.search)
+            trial_resources(space.config.search, device=space.base.device)
         with console.status("loading data"):
             data = load_data(space.base.data)
         terms = active_terms(space)

@@ -525,11 +525,19 @@ class Loader:
                 yield Batch(self.normalize(self.split.x[idx]), self.split.y[idx], idx)
             return
         draws = epoch_draws(n, seed=self.seed, epoch=epoch, pad=self.pad, hflip=self.hflip)
-        order, offsets, flips = (d.to(self.device) for d in draws)
+        order, offsets, flips = (from_host(d, self.device) for d in draws)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = crop_flip(self.split.x[idx], offsets[idx], flips[idx], self.pad)
             yield Batch(self.normalize(x), self.split.y[idx], idx)
+
+
+def from_host(t: Tensor, device: torch.device) -> Tensor:
+    """`t`, drawn on the host, on `device`; to a GPU from pinned memory and without waiting, so
+    the host goes on queueing work instead of stopping until the GPU has done its queue."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def epoch_draws(n: int, *, seed: int, epoch: int, pad: int, hflip: bool) -> tuple[Tensor, ...]:

@@ -43,7 +43,7 @@ from kdsearch.space import SearchConfig, SearchSpace
 from kdsearch.store import StoreConfig
 from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
-from kdsearch.train import EpochStats, evaluate_split, train
+from kdsearch.train import EpochStats, evaluate_split, free_device_memory, train
 
 Status = Callable[[Tally], None]
 SCRATCH = "kdsearch-search"
@@ -80,9 +80,15 @@ def share(data: ImageData, teacher: Teacher | None, arch: str) -> Shared:
         arrays,
         meta,
         arch,
-        {} if teacher is None else teacher.model.state_dict(),
-        {} if teacher is None else {n: h.state_dict() for n, h in teacher.heads.items()},
+        {} if teacher is None else on_host(teacher.model.state_dict()),
+        {} if teacher is None else {n: on_host(h.state_dict()) for n, h in teacher.heads.items()},
     )
+
+
+def on_host(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in host memory: a CUDA tensor would be rebuilt on its GPU in every trial,
+    and fail on a node without one."""
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def unshare(shared: Shared) -> tuple[ImageData, TapModel | None, dict[str, torch.nn.Module]]:
@@ -117,52 +123,72 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     """One trial: train the recipe, report every epoch; any failure is reported, not raised,
     so the driver records its reason and the search goes on."""
     torch.set_num_threads(max(1, int(config["threads"])))
+    free_device_memory()  # what an earlier trial of this reused worker left cached
     started = time.perf_counter()
-    epoch = 0
-    busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    progress = {"epoch": 0}
     try:
-        recipe = Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}")
-        data, teacher, heads = unshare(shared)
-        params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
-
-        def report(stats: EpochStats) -> None:
-            nonlocal epoch
-            epoch = stats.epoch
-            busy["train_seconds"] += stats.seconds
-            busy["eval_seconds"] += stats.eval_seconds
-            tune.report(
-                {
-                    "epoch": stats.epoch,
-                    METRIC: stats.val_acc,
-                    "train_loss": stats.train_loss,
-                    "images_per_sec": stats.images_per_sec,
-                    "student_params": params,
-                    "threads": torch.get_num_threads(),
-                    "wall_seconds": time.perf_counter() - started,
-                    **busy,
-                }
-            )
-
-        store = config.get("store")
-        train(
-            recipe,
-            data,
-            report,
-            teacher=teacher,
-            teacher_heads=heads,
-            store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
-        )
+        _train_trial(config, shared, started, progress)
+        return
     except Exception as err:  # recorded as FAIL with its reason; nothing is lost
-        if torch.cuda.is_available():  # a trial out of GPU memory leaves none held for the others
-            torch.cuda.empty_cache()
+        failure = f"{type(err).__name__}: {err}"[:2000]
+    # Out of the handler, the failed trial's tensors (its traceback held them) are garbage:
+    # a trial out of GPU memory leaves none held for the others.
+    free_device_memory()
+    tune.report(
+        {
+            "epoch": progress["epoch"] + 1,
+            METRIC: float("nan"),
+            "failure": failure,
+            "wall_seconds": time.perf_counter() - started,
+        }
+    )
+
+
+def _train_trial(
+    config: dict[str, Any], shared: Shared, started: float, progress: dict[str, int]
+) -> None:
+    recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
+    data, teacher, heads = unshare(shared)
+    params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
+    busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
+
+    def report(stats: EpochStats) -> None:
+        progress["epoch"] = stats.epoch
+        busy["train_seconds"] += stats.seconds
+        busy["eval_seconds"] += stats.eval_seconds
         tune.report(
             {
-                "epoch": epoch + 1,
-                METRIC: float("nan"),
-                "failure": f"{type(err).__name__}: {err}"[:2000],
+                "epoch": stats.epoch,
+                METRIC: stats.val_acc,
+                "train_loss": stats.train_loss,
+                "images_per_sec": stats.images_per_sec,
+                "student_params": params,
+                "threads": torch.get_num_threads(),
                 "wall_seconds": time.perf_counter() - started,
+                **busy,
             }
         )
+
+    store = config.get("store")
+    train(
+        recipe,
+        data,
+        report,
+        teacher=teacher,
+        teacher_heads=heads,
+        store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
+    )
+
+
+def worker_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as a Ray worker trains it: on the GPU Ray gave the worker, which it sees as
+    `cuda` whatever `cuda:N` the recipe names, and on the CPU where Ray gave it none (`auto`
+    would otherwise take GPU 0, which no one reserved)."""
+    if recipe.device == "cpu" or not ray.is_initialized():
+        return recipe
+    if ray.get_gpu_ids():
+        return recipe.override({"device": "cuda"}) if recipe.device.startswith("cuda:") else recipe
+    return recipe.override({"device": "cpu"}) if recipe.device == "auto" else recipe
 
 
 class RecordingASHA(ASHAScheduler):
@@ -349,7 +375,7 @@ def run_search(
         scratch = scratch_folder()
         # Trials on other nodes of a cluster create the store's folder there (one per node).
         store_root = str(scratch / "teacher-outputs") if store.enabled else None
-        cpu, gpu = trial_resources(cfg.search)
+        cpu, gpu = trial_resources(cfg.search, device=space.base.device)
         asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
         asha.remember(record.finished_curves())
         budgets = (int(store.budget_mb * 2**20), int(store.device_mb * 2**20))
@@ -442,7 +468,7 @@ def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> Job
     curve: dict[int, float] = {}
     started = time.perf_counter()
     try:
-        recipe = Recipe.from_yaml(recipe_yaml, source=key)
+        recipe = worker_recipe(Recipe.from_yaml(recipe_yaml, source=key))
         data, teacher, heads = unshare(shared)
         result = train(
             recipe,
@@ -494,9 +520,12 @@ def run_jobs(
     if own_ray:
         start_ray(address)
     try:
-        cpu, gpu = trial_resources(search)
-        shared = ray.put(share(data, teacher, next(iter(jobs.values())).teacher.arch))
-        remote = ray.remote(train_job).options(num_cpus=cpu, num_gpus=gpu)
+        first = next(iter(jobs.values()))
+        cpu, gpu = trial_resources(search, device=first.device)
+        shared = ray.put(share(data, teacher, first.teacher.arch))
+        # A process per run where it holds a GPU: a reused one would keep its cached GPU
+        # memory, and the GPU it first started CUDA on, for runs Ray gives another.
+        remote = ray.remote(num_cpus=cpu, num_gpus=gpu, max_calls=1 if gpu else 0)(train_job)
         pending = {remote.remote(key, r.to_yaml(), shared, cpu): key for key, r in jobs.items()}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -514,11 +543,12 @@ def local_resources() -> dict[str, float]:
 
 
 def trial_resources(
-    search: SearchConfig, cluster: Mapping[str, float] | None = None
+    search: SearchConfig, cluster: Mapping[str, float] | None = None, *, device: str = "auto"
 ) -> tuple[float, float]:
     """CPUs and GPUs of one trial on `cluster`'s resources, by default the connected Ray's
     (`gpu: auto` is 1/concurrent of a GPU where there are GPUs); a request the cluster cannot
-    meet is refused at once, since Tune and Ray would wait forever for it."""
+    meet, or a CUDA `device` for trials given no GPU, is refused at once, since Tune and Ray
+    would wait forever for the one and every trial would fail on the other."""
     if cluster is None:
         cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
     gpus = float(cluster.get("GPU", 0.0))
@@ -536,6 +566,11 @@ def trial_resources(
                 f"search.per_trial.{kind} is {wanted:g}, but the Ray cluster has {have:g} "
                 f"{kind.upper()}s"
             )
+    if gpu == 0 and device.startswith("cuda"):
+        raise RecipeError(
+            f"device: {device}, but trials get no GPU (search.per_trial.gpu is 0"
+            f"{'' if gpus else ' and the Ray cluster has none'}); use device: auto or cpu"
+        )
     return per_trial.cpu, gpu
 
 

@@ -31,12 +31,14 @@ from kdsearch.models import TapModel, build_model
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
     EpochStats,
+    M,
     Report,
     autocast,
     autocast_dtype,
     batch_ticks,
     cosine,
     evaluate_split,
+    free_device_memory,
     freeze,
     place,
     resolve_device,
@@ -115,7 +117,8 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
     if recipe.teacher.checkpoint is not None:
         path = Path(recipe.teacher.checkpoint).expanduser()
         model = load_checkpoint(path, recipe.teacher.arch, data)
-        return Teacher(freeze(model), "checkpoint", path, _val_acc(model, data, recipe))
+        val_acc = _val_acc(model, data, recipe)
+        return Teacher(freeze(on_host(model)), "checkpoint", path, val_acc)
     path = cached_teacher_path(recipe, data)
     if path.is_file():
         try:
@@ -138,7 +141,7 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     )
-    return Teacher(freeze(result.student), "trained", path, result.val_acc)
+    return Teacher(freeze(on_host(result.student)), "trained", path, result.val_acc)
 
 
 def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Path:
@@ -196,7 +199,17 @@ def get_teacher_heads(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
         )
-    return {name: freeze(head.cpu()) for name, head in heads.items()}
+    on_host(teacher.model)
+    return {name: freeze(on_host(head)) for name, head in heads.items()}
+
+
+def on_host(model: M) -> M:
+    """`model`, trained or scored on the device, back in host memory, and the device memory it
+    used given back: a search's driver shares the teacher from there and holds no GPU memory
+    its trials could use."""
+    model.cpu()
+    free_device_memory()
+    return model
 
 
 def train_teacher_heads(
@@ -210,6 +223,7 @@ def train_teacher_heads(
     place(heads, device)
     cfg = recipe.teacher.heads
     optimizer = sgd(heads.parameters(), recipe.optim, cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     seed = recipe.teacher.train.seed
     loader = Loader(data.train, data, device, batch_size=recipe.batch_size, train=True, seed=seed)
     val_loader = Loader(data.val, data, device, batch_size=recipe.batch_size, train=False)
@@ -231,8 +245,9 @@ def train_teacher_heads(
             parts = objective(batch.x, batch.y)
             total = torch.stack([loss for loss, _ in parts.values()]).sum()
             optimizer.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+            scaler.step(optimizer)
+            scaler.update()
             for n, (loss, _) in parts.items():
                 sums[n] += loss.detach()
             if tick is not None:

@@ -8,6 +8,7 @@ also a `BatchReport` (the CLI's progress bars) hears of every training batch as 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 import warnings
@@ -98,16 +99,28 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`; None means plain fp32.
 
-    `auto` is bf16 where the hardware multiplies in bf16 natively: CUDA (no loss scaling needed)
-    and CPUs with AMX, where oneDNN's bf16 convolutions train 1.7-3.6x faster than fp32 at the
-    same accuracy (README, "Performance"); fp32 on other CPUs, which emulate bf16 slowly.
+    `auto` is bf16 where the hardware multiplies in bf16 natively: GPUs of compute capability 8
+    and later (Ampere on; no loss scaling needed) and CPUs with AMX, where oneDNN's bf16
+    convolutions train 1.7-3.6x faster than fp32 at the same accuracy (README, "Performance");
+    fp16 with loss scaling on GPUs of capability 7 (Volta, Turing: fp16 tensor cores, bf16
+    emulated); fp32 on older GPUs and on CPUs without AMX, which emulate bf16 slowly.
     """
     if precision == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
-        return torch.bfloat16 if native else None
+        if device.type == "cuda":
+            major = torch.cuda.get_device_capability(device)[0]
+            return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     if precision == "fp16" and device.type != "cuda":
         raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def free_device_memory() -> None:
+    """Give the GPU memory this process's allocator caches but no longer uses back to the GPU,
+    for the other processes (trials) sharing it. Nothing to do where CUDA was never started."""
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        gc.collect()  # tensors that only reference cycles still hold
+        torch.cuda.empty_cache()
 
 
 def cpu_has_amx() -> bool:
@@ -271,6 +284,8 @@ class CompiledTaps:
             try:
                 taps: Taps = self.compiled(x)
                 return taps
+            except torch.OutOfMemoryError:
+                raise  # the step's own failure, not the compiler's
             except Exception as err:  # any compiler failure; a real error recurs in eager mode
                 self.failure = f"{type(err).__name__}: {err}".splitlines()[0]
                 warnings.warn(

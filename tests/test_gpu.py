@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
-from kdsearch.data import load_data
+from kdsearch.data import ImageData, load_data
 from kdsearch.recipe import DataConfig
 from kdsearch.train import train
 
@@ -17,24 +21,97 @@ pytestmark = [
 ]
 
 
-def test_auto_device_trains_on_cuda_in_bf16() -> None:
-    data = load_data(DataConfig(dataset="synthetic"))
-    teacher = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "auto"}), data).student
-    result = train(tiny_recipe({"device": "auto", "schedule.epochs": 3}), data, teacher=teacher)
+@pytest.fixture
+def synthetic() -> ImageData:
+    return load_data(DataConfig(dataset="synthetic"))
+
+
+@pytest.fixture
+def linear_dtypes() -> Iterator[list[torch.dtype]]:
+    """The dtypes every nn.Linear's output had while the test ran (a probe of autocast)."""
+    seen: list[torch.dtype] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, nn.Linear) and torch.is_grad_enabled():
+            seen.append(output.dtype)
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()
+
+
+@pytest.fixture
+def scalers(monkeypatch: pytest.MonkeyPatch) -> list[torch.amp.GradScaler]:
+    """Every GradScaler made while the test ran."""
+    made: list[torch.amp.GradScaler] = []
+
+    class Recording(torch.amp.GradScaler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    return made
+
+
+def test_auto_device_trains_on_cuda_in_bf16(
+    synthetic: ImageData, linear_dtypes: list[torch.dtype]
+) -> None:
+    assert torch.cuda.get_device_capability()[0] >= 8, "bf16 is `auto` from Ampere on"
+    teacher = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "auto"}), synthetic).student
+    linear_dtypes.clear()
+    result = train(
+        tiny_recipe({"device": "auto", "schedule.epochs": 3}), synthetic, teacher=teacher
+    )
     assert next(result.student.parameters()).is_cuda
+    assert linear_dtypes and set(linear_dtypes) == {torch.bfloat16}
     assert result.val_acc > 0.3
 
 
-def test_fp16_uses_loss_scaling_and_trains() -> None:
-    data = load_data(DataConfig(dataset="synthetic"))
+def test_fp16_uses_loss_scaling_and_trains(
+    synthetic: ImageData, scalers: list[torch.amp.GradScaler]
+) -> None:
     recipe = tiny_recipe(
         {"distill.kd.weight": 0.0, "device": "cuda", "precision": "fp16", "schedule.epochs": 3}
     )
-    assert train(recipe, data).val_acc > 0.3
+    assert train(recipe, synthetic).val_acc > 0.3
+    (scaler,) = scalers
+    assert scaler.is_enabled() and scaler._scale is not None  # it scaled the steps
 
 
-def test_cuda_training_runs_channels_last_too() -> None:
-    data = load_data(DataConfig(dataset="synthetic"))
-    result = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "cuda"}), data)
+def test_teacher_heads_in_fp16_use_loss_scaling_too(scalers: list[torch.amp.GradScaler]) -> None:
+    from kdsearch.teacher import get_teacher
+
+    recipe = tiny_recipe(
+        {
+            "distill.hsakd.weight": 1.0,
+            "teacher.heads.epochs": 1,
+            "device": "cuda",
+            "precision": "fp16",
+        }
+    )
+    get_teacher(recipe, load_data(recipe.data))
+    assert [s.is_enabled() for s in scalers] == [True, True]  # the teacher's, then the heads'
+
+
+def test_cuda_training_runs_channels_last_too(synthetic: ImageData) -> None:
+    result = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "cuda"}), synthetic)
     convs = [p for p in result.student.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_a_teacher_trained_on_the_gpu_is_shared_from_host_memory() -> None:
+    """Trials rebuild what the driver shares; CUDA tensors would land on the driver's GPU in
+    every trial, and fail on a node without one."""
+    from kdsearch.search import share
+    from kdsearch.teacher import get_teacher
+
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    recipe = recipe.override({"device": "cuda"})
+    data = load_data(recipe.data)
+    teacher = get_teacher(recipe, data)
+    assert not next(teacher.model.parameters()).is_cuda  # back in host memory
+    shared = share(data, teacher, recipe.teacher.arch)
+    tensors = [*shared.teacher_state.values()]
+    tensors += [t for state in shared.heads_state.values() for t in state.values()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)

@@ -453,6 +453,81 @@ def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) 
     assert str(report["failure"]).startswith("OutOfMemoryError: CUDA out of memory")
 
 
+def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Emptying the CUDA cache while the exception (and so the failed step's frames) is alive
+    frees nothing; it must come after, and before the next trial of a reused worker."""
+    import weakref
+
+    from kdsearch import search
+    from kdsearch.data import load_data
+    from kdsearch.recipe import DataConfig
+
+    from .conftest import tiny_recipe
+
+    alive: list[weakref.ref[torch.nn.Module]] = []
+    emptied_with: list[bool] = []  # whether a failed trial's model was still alive then
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        model = torch.nn.Linear(512, 512)
+        alive.append(weakref.ref(model))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(search, "train", out_of_memory)
+    monkeypatch.setattr(search.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: emptied_with.append(any(m() for m in alive))
+    )
+    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    recipe = tiny_recipe({"distill.kd.weight": 0.0})
+    search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    # Emptied at the start (nothing yet) and after the failure, with the model gone.
+    assert emptied_with == [False, False] and len(alive) == 1
+    search.run_trial({"number": 4, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    assert emptied_with == [False, False, False, False] and len(alive) == 2
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu_ids", "expected"),
+    [
+        ("auto", [], "cpu"),  # Ray gave no GPU: not GPU 0 unreserved
+        ("auto", [3], "auto"),
+        ("cuda:1", [3], "cuda"),  # the worker sees its one GPU as cuda:0
+        ("cuda", [0], "cuda"),
+        ("cpu", [0], "cpu"),
+    ],
+)
+def test_a_worker_trains_on_the_device_ray_gave_it(
+    device: str, gpu_ids: list[int], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdsearch import search
+
+    from .conftest import tiny_recipe
+
+    monkeypatch.setattr(search.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(search.ray, "get_gpu_ids", lambda: gpu_ids)
+    recipe = tiny_recipe({"device": device})
+    assert search.worker_recipe(recipe).device == expected
+    assert search.worker_recipe(recipe).student == recipe.student
+
+
+@pytest.mark.parametrize("gpus", [0.0, 1.0])
+def test_a_cuda_device_for_trials_given_no_gpu_is_refused(
+    gpus: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdsearch import search
+    from kdsearch.errors import RecipeError
+    from kdsearch.space import SearchConfig
+
+    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": gpus})
+    config = SearchConfig.model_validate({"per_trial": {"gpu": 0}})
+    with pytest.raises(RecipeError, match=r"device: cuda, but trials get no GPU"):
+        search.trial_resources(config, device="cuda")
+    assert search.trial_resources(config, device="auto") == (1.0, 0.0)
+
+
 @pytest.mark.parametrize(
     ("per_trial", "concurrent", "gpus", "expected"),
     [

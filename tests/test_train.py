@@ -174,7 +174,6 @@ def test_auto_device_and_precision_on_this_machine() -> None:
         amx = "amx_bf16" in cpuinfo.read_text().split()
         assert cpu_has_amx() == amx
         assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if amx else None)
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(RecipeError, match="fp16 needs CUDA"):
         autocast_dtype("fp16", torch.device("cpu"))
@@ -194,6 +193,19 @@ def test_auto_precision_on_the_cpu_is_bf16_only_with_usable_amx(
     monkeypatch.setattr(torch.cpu, "_init_amx", lambda: kernel_allows)
     assert autocast_dtype("auto", torch.device("cpu")) is expected
     assert autocast_dtype("fp32", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 0), torch.float16), ((6, 1), None)],
+)
+def test_auto_precision_on_a_gpu_follows_its_native_formats(
+    capability: tuple[int, int], expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bf16 from Ampere (8.0) on; Volta and Turing only emulate it, but have fp16 tensor cores.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert autocast_dtype("auto", torch.device("cuda")) is expected
+    assert autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16  # asked for: given
 
 
 @pytest.mark.skipif(
@@ -246,6 +258,23 @@ def test_compile_that_fails_falls_back_to_eager_with_a_warning(
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no compiler"):
         fallback = train(recipe.override({"compile": True}), synthetic)
     assert fallback.history[0].train_loss == eager.history[0].train_loss
+
+
+def test_compile_passes_running_out_of_memory_on_instead_of_falling_back(
+    synthetic: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(fn: object) -> object:
+        def run(x: torch.Tensor) -> object:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1, "compile": True})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile failed")
+        with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+            train(recipe, synthetic)
 
 
 def test_epochs_report_training_and_validation_time_apart(synthetic: ImageData) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdsearch.data import Batch
+from kdsearch.data import Batch, from_host
 from kdsearch.models import TapModel, Taps
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -206,7 +206,7 @@ def mix_batch(x: Tensor, y: Tensor, kind: str, alpha: float, seed: int) -> Mixed
     covering 1 - lam of the image (lam is then the exact share left)."""
     rng = np.random.default_rng(seed)
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.as_tensor(rng.permutation(x.shape[0]), device=x.device)
+    perm = from_host(torch.as_tensor(rng.permutation(x.shape[0])), x.device)
     if kind == "mixup":
         return Mixed(lam * x + (1.0 - lam) * x[perm], y, y[perm], lam)
     h, w = x.shape[-2:]
