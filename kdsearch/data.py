@@ -10,13 +10,17 @@ search sees the same stream.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import pickle
 import shutil
+import socket
+import sys
 import tarfile
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +97,7 @@ class Raw(NamedTuple):
 def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData:
     """Read the data set the recipe names and cut its splits."""
     raw = SOURCES[cfg.dataset](cfg, progress)
+    _check_labels(raw, cfg.dataset)
     train, test = raw.train, raw.test
     if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:
         train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
@@ -104,13 +109,24 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
         keep, _ = stratified_take(train.y, cfg.subset, _generator(cfg.seed, "subset"))
         train = _index(train, keep)
     n_val = round(cfg.val_fraction * len(train))
-    if n_val < 1 or n_val >= len(train):
+    n_classes = len(raw.classes)
+    if n_val < 1 or len(train) - n_val < n_classes:
         raise DataError(
-            f"data.val_fraction: {cfg.val_fraction} of {len(train)} images leaves no "
-            "validation or no training image"
+            f"data.val_fraction: {cfg.val_fraction} of {len(train)} images leaves {n_val} to "
+            f"validate and {len(train) - n_val} to train; validation needs at least one and "
+            f"training at least one per class ({n_classes}): change data.val_fraction or "
+            "data.subset"
         )
     val_idx, train_idx = stratified_take(train.y, n_val, _generator(cfg.seed, "val"))
     val, train = _index(train, val_idx), _index(train, train_idx)
+    for name, split in (("training", train), ("validation", val)):
+        lacking = n_classes - len(torch.unique(split.y))
+        if lacking:
+            warnings.warn(
+                f"data: the {name} split has no image of {lacking} of the {n_classes} classes; "
+                "its accuracy says little (change data.subset or data.val_fraction)",
+                stacklevel=2,
+            )
     mean, std = channel_stats(train.x)
     return ImageData(
         name=cfg.dataset,
@@ -183,6 +199,21 @@ def _fingerprint(*splits: Split) -> str:
     return h.hexdigest()
 
 
+def _check_labels(raw: Raw, dataset: str) -> None:
+    """Refuse a source with fewer than two classes, or labels that name no class."""
+    if len(raw.classes) < 2:
+        raise DataError(
+            f"{dataset}: has {len(raw.classes)} class(es) ({', '.join(raw.classes)}); "
+            "a classifier needs at least two"
+        )
+    for name, split in (("training", raw.train), ("test", raw.test)):
+        if len(split) and (split.y.min() < 0 or split.y.max() >= len(raw.classes)):
+            raise DataError(
+                f"{dataset}: {name} labels run from {int(split.y.min())} to "
+                f"{int(split.y.max())}, but there are {len(raw.classes)} classes"
+            )
+
+
 def _split(x: np.ndarray | Tensor, y: np.ndarray | Tensor | list[int]) -> Split:
     xt = torch.as_tensor(x, dtype=torch.uint8).contiguous()
     if xt.ndim == 3:
@@ -205,7 +236,9 @@ def _digits(cfg: DataConfig, progress: Progress | None) -> Raw:
     # 8x8 images with values 0..16; 16 grey levels map onto 0..255.
     x = torch.as_tensor(bunch.images).mul(16).clamp(0, 255).to(torch.uint8).unsqueeze(1)
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    test_idx, train_idx = stratified_take(y, round(0.2 * len(y)), _generator(cfg.seed, "test"))
+    # The test split is the same for every data.seed (which seeds only the subset and the
+    # validation split), as the other sources' official splits are; seed 0 is the split of old.
+    test_idx, train_idx = stratified_take(y, round(0.2 * len(y)), _generator(0, "test"))
     every = Split(x, y)
     classes = tuple(str(c) for c in range(10))
     return Raw(_index(every, train_idx), _index(every, test_idx), classes, hflip=False)
@@ -261,29 +294,56 @@ def _cifar(cfg: DataConfig, progress: Progress | None) -> Raw:
         if (root / archive).is_file():
             _extract(root / archive, folder)
         elif cfg.download:
-            _torchvision_download(cfg.dataset, root)
+            _download(cfg.dataset, root, folder)
         else:
             raise DataError(
                 f"{cfg.dataset} is not in {root} (looked for {folder}/ and {archive}); "
                 "set data.download: true, or copy the official archive there"
             )
 
-    def read(name: str) -> dict[str, Any]:
-        path = root / folder / name
-        try:
-            with open(path, "rb") as f:
-                return dict(pickle.load(f, encoding="latin1"))
-        except (OSError, pickle.UnpicklingError, EOFError) as err:
-            raise DataError(f"{path}: cannot read the {cfg.dataset} file: {err}") from None
-
     def load(files: list[str]) -> Split:
-        parts = [read(f) for f in files]
-        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
-        y = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
-        return _split(x.reshape(-1, 3, 32, 32), y)
+        xs, ys = [], []
+        for name in files:
+            path = root / folder / name
+            body = _read_pickle(path, cfg.dataset)
+            x, y = _field(path, body, "data", np.uint8), _field(path, body, label_key, np.int64)
+            if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+                raise DataError(
+                    f"{path}: holds images of shape {x.shape}, not N x 3072 (32x32 RGB); "
+                    f"replace it with the official {cfg.dataset} file"
+                )
+            if y.shape != (len(x),):
+                raise DataError(f"{path}: holds {len(x)} images but {y.size} labels")
+            xs.append(x)
+            ys.append(y)
+        return _split(np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys))
 
-    classes = tuple(read(meta)[names_key])
+    meta_path = root / folder / meta
+    names = _field(meta_path, _read_pickle(meta_path, cfg.dataset), names_key, np.str_)
+    classes = tuple(str(c) for c in names.tolist())
     return Raw(load(train_files), load(test_files), classes, hflip=True)
+
+
+def _read_pickle(path: Path, dataset: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return dict(pickle.load(f, encoding="latin1"))
+    except Exception as err:  # a damaged pickle: pickle.load raises many kinds
+        raise DataError(f"{path}: cannot read the {dataset} file: {_first_line(err)}") from None
+
+
+def _field(path: Path, body: dict[str, Any], key: str, dtype: type) -> np.ndarray:
+    """The entry `key` of a CIFAR pickle as an array, or a DataError naming what is wrong."""
+    if key not in body:
+        raise DataError(f"{path}: has no '{key}' entry; replace it with the official file")
+    try:
+        return np.asarray(body[key], dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path}: its '{key}' entry is not an array: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _extract(archive: Path, folder: str) -> None:
@@ -294,7 +354,7 @@ def _extract(archive: Path, folder: str) -> None:
             tar.extractall(tmp, filter="data")
         if not (tmp / folder).is_dir():
             raise DataError(f"{archive}: holds no {folder}/ folder; is it the official archive?")
-        (tmp / folder).rename(archive.parent / folder)
+        _place(tmp / folder, archive.parent / folder)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise DataError(
             f"{archive}: cannot unpack it ({err}); replace it with the official archive"
@@ -303,19 +363,63 @@ def _extract(archive: Path, folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _torchvision_download(dataset: str, root: Path) -> None:
+def _place(src: Path, dst: Path) -> None:
+    """Move the folder `src` to `dst` in one rename; when another process has put `dst` there
+    meanwhile (two runs unpacking the same archive at once), keep that one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        src.rename(dst)
+    except OSError:
+        if not dst.is_dir():
+            raise
+
+
+DOWNLOADS = {
+    # data set: (where torchvision downloads it from, what to copy into data.root instead)
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "cifar-100-python.tar.gz",
+    ),
+    "fashion_mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "the four *-ubyte.gz files (Debian's dataset-fashion-mnist package has them)",
+    ),
+}
+# urlopen waits forever for a server that accepts the connection but never answers.
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def _download(dataset: str, root: Path, folder: str) -> None:
+    """Download `dataset` with torchvision into a temporary folder in `root`, then move its
+    `folder` into `root`; a failed download leaves no file or folder behind."""
     import torchvision.datasets as tvd
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion_mnist": tvd.FashionMNIST}
+    url, offline = DOWNLOADS[dataset]
+    print(f"kdsearch: downloading {dataset} from {url} into {root}", file=sys.stderr, flush=True)
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            cls[dataset](str(root), train=train, download=True)
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
+            for train in (True, False):
+                cls[dataset](tmp, train=train, download=True)
+            _place(Path(tmp) / folder, root / folder)
     except Exception as err:  # network, disk or checksum: the user can only act on the message
+        for made in created:  # deepest first; one that holds something stays
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise DataError(
-            f"could not download {dataset} into {root}: {err}; copy the official files there "
-            "and set data.download: false"
+            f"could not download {dataset} into {root} from {url}: {' '.join(str(err).split())}; "
+            f"to work offline, copy {offline} into {root} and set data.download: false"
         ) from None
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 FASHION_CLASSES = (
@@ -333,32 +437,43 @@ FASHION_CLASSES = (
 
 
 def _fashion_mnist(cfg: DataConfig, progress: Progress | None) -> Raw:
-    raw_dir = _root(cfg) / "FashionMNIST" / "raw"
-    names = {
-        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    }
+    root = _root(cfg)
+    raw_dir = root / "FashionMNIST" / "raw"  # where torchvision puts them
+    pairs = [
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    ]
+    wanted = [n for pair in pairs for n in pair]
 
     def find(name: str) -> Path | None:
-        for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
+        for folder in (root, raw_dir):  # root: Debian's /usr/share/datasets/fashion-mnist
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
         return None
 
-    wanted = [n for pair in names.values() for n in pair]
-    if any(find(n) is None for n in wanted):
-        if not cfg.download:
-            raise DataError(
-                f"fashion_mnist is not in {raw_dir} (looked for {', '.join(wanted)}, "
-                "optionally .gz); set data.download: true, or copy the IDX files there"
-            )
-        _torchvision_download("fashion_mnist", _root(cfg))
+    if cfg.download and any(find(n) is None for n in wanted):
+        _download("fashion_mnist", root, "FashionMNIST/raw")
+    found = {n: p for n in wanted if (p := find(n)) is not None}
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise DataError(
+            f"fashion_mnist is not in {root} (looked there and in {raw_dir} for "
+            f"{', '.join(missing)}, optionally .gz); "
+            + ("copy" if cfg.download else "set data.download: true, or copy")
+            + " the IDX files there"
+        )
 
     def load(pair: tuple[str, str]) -> Split:
-        images, labels = (read_idx(find(n)) for n in pair)  # type: ignore[arg-type]
+        images, labels = (read_idx(found[n]) for n in pair)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{found[pair[0]]} holds images of shape {images.shape} but {found[pair[1]]} holds "
+                f"{labels.shape} labels; one image per label is needed"
+            )
         return _split(images, labels)
 
-    return Raw(load(names["train"]), load(names["test"]), FASHION_CLASSES, hflip=True)
+    return Raw(load(pairs[0]), load(pairs[1]), FASHION_CLASSES, hflip=True)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -367,7 +482,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as err:
+    except (OSError, EOFError, zlib.error) as err:  # EOFError: a .gz cut short
         raise DataError(f"{path}: cannot read: {err}") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes")
@@ -395,49 +510,100 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     ]
     key = digest({"root": str(root.resolve()), "size": cfg.image_size, "files": stats})
     cached = cache_dir() / "decoded" / f"imagefolder-{key}.pt"
-    if cached.is_file():
-        saved = torch.load(cached, weights_only=True)
-        return Raw(Split(*saved["train"]), Split(*saved["test"]), classes, hflip=True)
+    saved = _read_decoded(cached)
+    if saved is not None:
+        return Raw(*saved, classes, hflip=True)
+    paths = [p for split in listing.values() for _, p in split]
+    images = _same_shape(_decode_all(paths, cfg.image_size, progress), root)
     index = {c: i for i, c in enumerate(classes)}
-    done = 0
-    total = len(stats)
-
-    def decode_all(items: list[tuple[str, Path]]) -> Split:
-        nonlocal done
-        images = []
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for image in pool.map(lambda item: _decode(item[1], cfg.image_size), items):
-                images.append(image)
-                done += 1
-                if progress is not None and (done % 2000 == 0 or done == total):
-                    progress("decoding images", done, total)
-        shapes = {a.shape for a in images}
-        if len(shapes) > 1:
-            raise DataError(
-                f"imagefolder: images of {len(shapes)} different shapes in {root}; "
-                "set data.image_size to resize them all"
-            )
-        labels = [index[c] for c, _ in items]
-        return _split(np.stack(images).transpose(0, 3, 1, 2), labels)
-
-    train, test = decode_all(listing["train"]), decode_all(listing["test"])
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
-    tmp.replace(cached)
+    labels = [index[c] for split in listing.values() for c, _ in split]
+    n = len(listing["train"])
+    train = _split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
+    test = _split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
+    _write_decoded(cached, train, test)
     return Raw(train, test, classes, hflip=True)
 
 
+def _read_decoded(path: Path) -> tuple[Split, Split] | None:
+    """The train and test splits cached at `path`; None (with a warning if damaged) when none."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        return Split(*saved["train"]), Split(*saved["test"])
+    except Exception as err:  # a damaged file: torch.load raises many kinds
+        warnings.warn(
+            f"cannot use the cached {path} ({_first_line(err)}); decoding the images again",
+            stacklevel=3,
+        )
+        return None
+
+
+def _write_decoded(path: Path, train: Split, test: Split) -> None:
+    """Cache the decoded splits at `path`; where that fails, warn and go on without."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        warnings.warn(
+            f"cannot cache the decoded images in {path.parent} ({_first_line(err)}); "
+            "going on without the cache",
+            stacklevel=3,
+        )
+
+
 def _list_images(folder: Path) -> list[tuple[str, Path]]:
+    """(class, path) of every image in the class folders of `folder`, hidden entries (such as
+    .ipynb_checkpoints, .DS_Store, macOS's ._ files) left out."""
+
+    def visible(path: Path) -> list[Path]:
+        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+
     items = [
         (cls.name, path)
-        for cls in sorted(p for p in folder.iterdir() if p.is_dir())
-        for path in sorted(cls.iterdir())
+        for cls in visible(folder)
+        if cls.is_dir()
+        for path in visible(cls)
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not items:
+        loose = [p for p in visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if loose:
+            raise DataError(
+                f"imagefolder: {len(loose)} images lie directly in {folder}; they must be in "
+                f"one subfolder per class, {folder}/<class>/"
+            )
         raise DataError(f"imagefolder: no images under {folder}")
     return items
+
+
+def _decode_all(paths: list[Path], size: int | None, progress: Progress | None) -> list[np.ndarray]:
+    """Decode every image (height x width x channels), one thread per core."""
+    images = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done, image in enumerate(pool.map(lambda p: _decode(p, size), paths), start=1):
+            images.append(image)
+            if progress is not None and (done % 2000 == 0 or done == len(paths)):
+                progress("decoding images", done, len(paths))
+    return images
+
+
+def _same_shape(images: list[np.ndarray], root: Path) -> list[np.ndarray]:
+    """The images in colour if any is (as torchvision's ImageFolder reads every image as RGB),
+    else greyscale; a DataError if their sizes differ."""
+    if any(a.shape[2] == 3 for a in images):
+        images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise DataError(
+            f"imagefolder: images of {len(shapes)} different shapes in {root}; "
+            "set data.image_size to resize them all"
+        )
+    return images
 
 
 def _decode(path: Path, size: int | None) -> np.ndarray:
@@ -445,7 +611,11 @@ def _decode(path: Path, size: int | None) -> np.ndarray:
 
     try:
         with Image.open(path) as file:
-            img = file.convert("L" if file.mode in ("1", "L", "I;16") else "RGB")
+            if file.mode.startswith("I"):  # 16-bit greyscale: rescale 0..65535 to 0..255
+                grey = np.asarray(file, dtype=np.float64) / 257.0
+                img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+            else:
+                img = file.convert("L" if file.mode in ("1", "L", "LA") else "RGB")
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)

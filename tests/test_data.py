@@ -3,7 +3,10 @@ from __future__ import annotations
 import gzip
 import pickle
 import shutil
+import socket
 import tarfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from kdsearch import data as data_module
 from kdsearch.data import Loader, crop_flip, epoch_draws, load_data, read_idx, stratified_take
 from kdsearch.errors import DataError
-from kdsearch.recipe import DataConfig
+from kdsearch.recipe import DataConfig, Recipe
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_digits_splits_are_disjoint_seeded_and_stratified() -> None:
@@ -32,6 +37,12 @@ def test_digits_splits_are_disjoint_seeded_and_stratified() -> None:
     assert again.fingerprint == data.fingerprint
     other = load_data(DataConfig(dataset="digits", seed=1))
     assert other.fingerprint != data.fingerprint
+
+
+def test_digits_test_split_is_the_same_for_every_data_seed() -> None:
+    data, other = (load_data(DataConfig(dataset="digits", seed=s)) for s in (0, 1))
+    assert torch.equal(data.test.x, other.test.x) and torch.equal(data.test.y, other.test.y)
+    assert not torch.equal(data.val.x, other.val.x)  # data.seed still draws the validation split
 
 
 def test_subset_is_stratified_and_taken_before_the_validation_split() -> None:
@@ -52,6 +63,58 @@ def test_stratified_take_uses_largest_remainders() -> None:
 def test_subset_larger_than_the_training_set_is_an_error() -> None:
     with pytest.raises(DataError, match=r"data.subset: 5000 is more than the 800"):
         load_data(DataConfig(dataset="synthetic", subset=5000))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (DataConfig(dataset="synthetic", val_fraction=0.999), r"leaves 799 to validate and 1 to"),
+        (
+            DataConfig(dataset="digits", subset=3, val_fraction=0.3),
+            r"at least one per class \(10\)",
+        ),
+        (DataConfig(dataset="synthetic", subset=15, val_fraction=0.02), r"leaves 0 to validate"),
+    ],
+)
+def test_a_split_too_small_to_learn_or_validate_is_refused(cfg: DataConfig, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_data(cfg)
+
+
+def test_a_single_class_is_refused(tmp_path: Path) -> None:
+    _folder(tmp_path, {"train": [16], "test": [16]})
+    with pytest.raises(
+        DataError, match=r"imagefolder: has 1 class\(es\) \(class0\); .* at least two"
+    ):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
+def test_splits_lacking_some_classes_warn(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"the validation split has no image of 5 of the 10"):
+        load_data(DataConfig(dataset="synthetic", subset=100, val_fraction=0.05))
+    _write_fashion(tmp_path, classes=8)  # no Bag or Ankle boot among the training images
+    with pytest.warns(UserWarning) as record:
+        load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False))
+    assert [str(w.message).split(";")[0] for w in record] == [
+        f"data: the {split} split has no image of 2 of the 10 classes"
+        for split in ("training", "validation")
+    ]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Recipe.load(REPO / "search_spaces" / "recipes" / "digits.yaml").data,
+        DataConfig(dataset="digits", subset=300, val_fraction=0.3),  # conftest's SMALL_SPACE
+        DataConfig(dataset="synthetic", subset=200, val_fraction=0.2),
+        DataConfig(dataset="synthetic", val_fraction=0.2),
+    ],
+)
+def test_the_shipped_and_tested_splits_are_accepted_without_warnings(cfg: DataConfig) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_data(cfg)
+    assert len(torch.unique(data.val.y)) == len(torch.unique(data.train.y)) == 10
 
 
 def _write_cifar(root: Path, name: str, n_train: int, n_test: int, *, as_archive: bool) -> None:
@@ -155,12 +218,8 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(
     not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
 )
-def test_fashion_mnist_real_data_from_debian(tmp_path: Path) -> None:
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in DEBIAN_FASHION.glob("*-ubyte.gz"):
-        (raw / f.name).symlink_to(f)
-    data = load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False))
+def test_fashion_mnist_real_data_from_debian() -> None:
+    data = load_data(DataConfig(dataset="fashion_mnist", root=str(DEBIAN_FASHION), download=False))
     assert (len(data.train) + len(data.val), len(data.test)) == (60_000, 10_000)
     assert torch.bincount(data.test.y).tolist() == [1000] * 10
     assert data.mean[0] == pytest.approx(0.2860, abs=0.001)  # the published train mean
@@ -277,7 +336,12 @@ def test_missing_cifar_is_downloaded_with_torchvision(
 
     monkeypatch.setattr(tvd, "CIFAR10", fake_download)
     data = load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "new"), download=True))
-    assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
+    # into a temporary folder inside root, whose cifar-10-batches-py/ is then moved into root
+    assert [(Path(r).parent, t, d) for r, t, d in calls] == [
+        (tmp_path / "new", True, True),
+        (tmp_path / "new", False, True),
+    ]
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["cifar-10-batches-py"]
     assert len(data.test) == 20
 
 
@@ -292,3 +356,231 @@ def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(tvd, "CIFAR100", offline)
     with pytest.raises(DataError, match=r"could not download cifar100 into .*name resolution"):
         load_data(DataConfig(dataset="cifar100", root=str(tmp_path), download=True))
+
+
+def test_a_download_that_never_answers_times_out_with_an_offline_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torchvision.datasets as tvd
+
+    server = socket.socket()  # accepts connections (the kernel's backlog) but never answers
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/cifar-10-python.tar.gz"
+    # without a timeout the request would wait forever: close the server after 10 s so that
+    # such a failure shows as a connection reset instead
+    guard = threading.Timer(10.0, server.close)
+    guard.start()
+    monkeypatch.setattr(tvd.CIFAR10, "url", url)
+    monkeypatch.setattr(data_module, "DOWNLOADS", {"cifar10": (url, "cifar-10-python.tar.gz")})
+    monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+    root = tmp_path / "data" / "new"
+    try:
+        with pytest.raises(DataError) as err:
+            load_data(DataConfig(dataset="cifar10", root=str(root), download=True))
+    finally:
+        guard.cancel()
+        server.close()
+    assert "timed out" in str(err.value) and "\n" not in str(err.value)
+    assert f"copy cifar-10-python.tar.gz into {root} and set data.download: false" in str(err.value)
+    assert f"downloading cifar10 from {url} into {root}" in capsys.readouterr().err
+    assert socket.getdefaulttimeout() is None, "the timeout is for the download only"
+    assert list(tmp_path.iterdir()) == [], "a failed download leaves no folder behind"
+
+
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path) -> None:
+    _folder(tmp_path, {"train": [16, 16], "test": [16, 16]})
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / ".ipynb_checkpoints" / "0.png")
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "test" / "class1" / "._0.png").write_bytes(b"macOS resource fork")
+    data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert data.classes == ("class0", "class1")
+    assert torch.bincount(data.test.y).tolist() == [10, 10]
+
+
+def test_a_flat_image_folder_says_images_need_class_subfolders(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / split / f"{i}.jpg")
+    with pytest.raises(DataError, match=r"3 images lie directly in .*train; .*train/<class>/"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_reads_greyscale_images_in_a_colour_set_as_colour(tmp_path: Path) -> None:
+    _folder(tmp_path, {"train": [16, 16], "test": [16, 16]})
+    Image.new("L", (16, 16), 77).save(tmp_path / "train" / "class1" / "grey.jpg", quality=100)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert data.channels == 3 and len(data.train) + len(data.val) == 21
+    every = torch.cat([data.train.x, data.val.x])
+    grey = every[(every[:, 0] == 77).flatten(1).all(1)]
+    assert len(grey) == 1 and (grey == 77).all(), "the greyscale image in all three channels"
+
+
+def test_16_bit_pngs_are_rescaled_to_8_bits_not_clipped(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for c, level in enumerate((1000, 60000)):
+            d = tmp_path / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(10):
+                image = Image.fromarray(np.full((8, 8), level + i, dtype=np.uint16))
+                assert image.mode == "I;16"
+                image.save(d / f"{i}.png")
+    data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert data.channels == 1
+    assert sorted(set(data.test.x.flatten().tolist())) == [4, 233]  # round(1000/257), 60000/257
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "junk"])
+def test_a_damaged_decoded_cache_entry_is_decoded_again_and_replaced(
+    tmp_path: Path, isolated_cache: Path, damage: str
+) -> None:
+    root = tmp_path / "images"
+    _folder(root, {"train": [16, 16], "test": [16, 16]})
+    cfg = DataConfig(dataset="imagefolder", root=str(root))
+    first = load_data(cfg)
+    (cached,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
+    whole = cached.read_bytes()
+    cached.write_bytes({"empty": b"", "truncated": whole[:200], "junk": b"junk" * 50}[damage])
+    with pytest.warns(UserWarning, match=r"cannot use the cached .*decoding the images again"):
+        again = load_data(cfg)
+    assert again.fingerprint == first.fingerprint
+    assert cached.read_bytes() == whole, "the damaged entry is replaced"
+
+
+def test_an_unwritable_cache_folder_warns_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "images"
+    _folder(root, {"train": [16, 16], "test": [16, 16]})
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match=r"cannot cache the decoded images in .*a-file"):
+        data = load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert len(data.test) == 20
+
+
+def _cifar_dir(tmp_path: Path) -> Path:
+    _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=False)
+    return tmp_path / "cifar-10-batches-py"
+
+
+def _repickle(path: Path, change: dict[str, object], drop: str | None = None) -> None:
+    with open(path, "rb") as f:
+        body = pickle.load(f)
+    body.update(change)
+    body.pop(drop, None)
+    with open(path, "wb") as f:
+        pickle.dump(body, f)
+
+
+def test_cifar_with_more_labels_than_images_is_a_clear_error(tmp_path: Path) -> None:
+    batch = _cifar_dir(tmp_path) / "data_batch_2"
+    _repickle(batch, {"labels": list(range(10)) * 6})
+    with pytest.raises(DataError, match=r"data_batch_2: holds 20 images but 60 labels$"):
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("junk meta", r"batches\.meta: cannot read the cifar10 file: unsupported pickle"),
+        ("meta not a dict", r"batches\.meta: cannot read the cifar10 file"),
+        ("no labels", r"data_batch_3: has no 'labels' entry"),
+        ("wrong width", r"data_batch_3: holds images of shape \(20, 1024\), not N x 3072"),
+    ],
+)
+def test_damaged_cifar_files_are_one_line_errors(tmp_path: Path, damage: str, message: str) -> None:
+    folder = _cifar_dir(tmp_path)
+    if damage == "junk meta":
+        (folder / "batches.meta").write_bytes(b"\x80\x09junk")  # pickle.load: ValueError
+    elif damage == "meta not a dict":
+        (folder / "batches.meta").write_bytes(pickle.dumps("junk"))
+    elif damage == "no labels":
+        _repickle(folder / "data_batch_3", {}, drop="labels")
+    else:
+        _repickle(folder / "data_batch_3", {"data": np.zeros((20, 1024), dtype=np.uint8)})
+    with pytest.raises(DataError, match=message) as err:
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+    assert "\n" not in str(err.value)
+
+
+def test_an_archive_unpacked_meanwhile_by_another_process_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=True)
+    real_extractall = tarfile.TarFile.extractall
+
+    def racing_extractall(self: tarfile.TarFile, path: str, **kwargs: object) -> None:
+        real_extractall(self, path, **kwargs)  # type: ignore[arg-type]
+        # the other process renames its copy into place while this one is still unpacking
+        shutil.copytree(Path(path) / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", racing_extractall)
+    data = load_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+    assert len(data.test) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+    ]
+
+
+def _write_fashion(
+    folder: Path, n_train: int = 100, n_train_labels: int = 100, classes: int = 10
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n, n_labels in (("train", n_train, n_train_labels), ("t10k", 30, 30)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n_labels) % classes)
+
+
+def test_fashion_mnist_with_more_labels_than_images_is_a_clear_error(tmp_path: Path) -> None:
+    _write_fashion(tmp_path / "FashionMNIST" / "raw", n_train=100, n_train_labels=600)
+    with pytest.raises(DataError, match=r"train-images.*\(100, 28, 28\) but .*train-labels.*600"):
+        load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False))
+
+
+def test_a_truncated_gz_idx_file_is_a_clear_error(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    _write_fashion(raw)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-12])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: cannot read"):
+        load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False))
+
+
+def test_fashion_mnist_files_directly_in_root_are_read_without_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets as tvd
+
+    def no_download(root: str, train: bool, download: bool) -> None:
+        raise AssertionError("the files are there; nothing to download")
+
+    monkeypatch.setattr(tvd, "FashionMNIST", no_download)
+    _write_fashion(tmp_path)  # as Debian's package lays them out
+    data = load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=True))
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 10, 30)
+    assert not (tmp_path / "FashionMNIST").exists()
+
+
+def test_a_failed_fashion_mnist_download_is_one_line_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets as tvd
+
+    def offline(root: str, train: bool, download: bool) -> None:
+        (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)  # as torchvision does
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x, got:\n")
+
+    monkeypatch.setattr(tvd, "FashionMNIST", offline)
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(
+        DataError, match=r"could not download fashion_mnist .*Tried http://x"
+    ) as err:
+        load_data(DataConfig(dataset="fashion_mnist", root=str(root), download=True))
+    assert "\n" not in str(err.value) and "Debian" in str(err.value)
+    assert list(root.iterdir()) == []
