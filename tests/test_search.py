@@ -184,6 +184,16 @@ def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTri
     ]
 
 
+def running(title: str) -> bool:
+    """Whether some process of this machine has a command line starting with `title` (Ray
+    names a worker by the task it runs)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if cmdline.read_bytes().startswith(title.encode()):
+                return True
+    return False
+
+
 def scratch_of(pid: int) -> list[Path]:
     """The temporary folders the search driven by process `pid` left behind."""
     host = socket.gethostname()
@@ -423,7 +433,11 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path)
             line = proc.stderr.readline()
             assert line, "".join(seen)
             seen.append(line)
-        time.sleep(5)  # into the promotion's runs
+        # Into the promotion's runs, past Ray's start (a SIGTERM inside ray.init meets Ray's
+        # own handler: see the README's "Resume, Ctrl-C and kill -9").
+        deadline = time.monotonic() + 120
+        while not running("ray::train_job") and time.monotonic() < deadline:
+            time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
