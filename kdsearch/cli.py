@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", type=study_name, help="study name (default: the space's study.name)")
     p.add_argument(
         "--storage",
-        help="SQLAlchemy URL (default: the space's study.storage, else sqlite:///studies/<study>.db)",
+        help="SQLAlchemy URL or SQLite file (default: the space's study.storage, else "
+        "sqlite:///studies/<study>.db)",
     )
     add_set(p, "override a value of the base recipe, e.g. --set data.root=DIR (repeatable)")
     p.add_argument(
@@ -110,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     def study_command(command: str, help_text: str) -> _Parser:
         q = sub.add_parser(command, help=help_text)
         q.add_argument("study", help="the study's name")
-        q.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
+        q.add_argument(
+            "--storage",
+            help="SQLAlchemy URL or SQLite file (default: studies/<study>.db; for "
+            "<search>-promoted, studies/<search>.db)",
+        )
         return q
 
     p = study_command("promote", "re-train the best trials at full budget over several seeds")
@@ -144,7 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = study_command("trials", "the trials of a study as a table")
-    p.add_argument("--csv", help="write them to this CSV file instead of printing them")
+    p.add_argument(
+        "--csv", help="write them to this CSV file instead of printing them ('-': stdout)"
+    )
+    p.add_argument(
+        "--sort",
+        choices=("number", "value"),
+        default="number",
+        help="order: by trial number (default), or the COMPLETE trials best first",
+    )
     p.set_defaults(func=cmd_trials)
     return parser
 

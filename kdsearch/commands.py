@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
+import sys
 import time
 from collections.abc import MutableMapping, Sequence
 from contextlib import suppress
@@ -25,8 +25,10 @@ from kdsearch.display import (
     console,
     epoch_progress,
     leaderboard_table,
+    results,
     search_status,
     status_line,
+    trials_view,
 )
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import writable_file, writable_folder
@@ -176,7 +178,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kdsearch.export import check_out
 
         check_out(Path(space.config.export.dir), name)  # now, not after the search
-    url = args.storage or space.config.study.storage or default_storage(name)
+    if args.storage:
+        url = storage_url(args.storage)
+    else:
+        url = space.config.study.storage or default_storage(name)
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
@@ -299,13 +304,32 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
     return shlex.join([*parts, "--resume"])
 
 
-def study_storage(study: str, url: str | None) -> tuple[Any, str]:
-    """The storage of an existing study: `url`, else ./studies/<study>.db."""
-    if url is None:
-        path = Path("studies") / f"{study}.db"
+PROMOTED = "-promoted"  # promote.promoted_name's suffix (kdsearch.promote imports torch)
+
+
+def storage_url(given: str) -> str:
+    """A --storage value as a URL: an SQLAlchemy URL as it is, a file's path as
+    sqlite:///ABSOLUTE_PATH."""
+    return given if "://" in given else f"sqlite:///{Path(given).resolve()}"
+
+
+def study_file(study: str) -> Path:
+    """./studies/<study>.db; for a promoted study without a file of its own, the search's,
+    where `promote` records it."""
+    own = Path("studies") / f"{study}.db"
+    search = Path("studies") / f"{study.removesuffix(PROMOTED)}.db"
+    return search if not own.is_file() and search.is_file() else own
+
+
+def study_storage(study: str, given: str | None) -> tuple[Any, str]:
+    """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
+    `study_file`."""
+    if given is None:
+        path = study_file(study)
         if not path.is_file():
             raise KdsearchError(f"no study database at {path}; pass --storage URL")
-        url = f"sqlite:///{path}"
+        given = f"sqlite:///{path}"
+    url = storage_url(given)
     return existing_storage(url), url
 
 
@@ -463,11 +487,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import wsgi
 
     given = args.storage
-    named = Path("studies") / f"{given}.db"
+    named = study_file(given)
     if "://" not in given and not Path(given).is_file() and named.is_file():
         given = str(named)  # a study name, as the other commands take
-    url = given if "://" in given else f"sqlite:///{given}"
-    storage = existing_storage(url)
+    storage = existing_storage(storage_url(given))
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
@@ -488,52 +511,55 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
-    from kdsearch.report import build_report
+    from kdsearch.report import build_report, search_study
+    from kdsearch.study import ranked
 
     out = Path(args.out)
     writable_file(out, "--out")
     storage, _ = study_storage(args.study, args.storage)
+    study = search_study(storage, args.study)  # refused before anything is written
     out.write_text(build_report(storage, args.study), encoding="utf-8")
-    console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline)")
+    note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
+    console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline){note}")
     return 0
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
-    """Print the trials of a study as a table, or write them as CSV."""
+    """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
+    promoted study's runs as their leaderboard."""
     from kdsearch.report import trials_table
     from kdsearch.study import load_study
 
-    if args.csv:
+    if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
     storage, _ = study_storage(args.study, args.storage)
-    table = trials_table(load_study(storage, args.study))
-    if table.empty and not args.csv:
-        console.print(f"study {args.study!r} holds no trials yet")
+    study = load_study(storage, args.study)
+    if "source_study" in study.user_attrs:  # `promote`'s runs: what `promote` ends with
+        from kdsearch.promote import leaderboard
+
+        board = leaderboard(study)
+        if args.csv:
+            write_csv(board, args.csv, "recipes")
+        else:
+            results.print(leaderboard_table(board))
         return 0
+    table = trials_table(study, by_value=args.sort == "value")
     if args.csv:
-        table.to_csv(args.csv, index=False)
-        console.print(f"wrote {len(table)} trials to {args.csv}")
+        write_csv(table, args.csv, "trials")
+    elif table.empty:
+        console.print(f"study {args.study!r} holds no trials yet")
     else:
-        table = table.astype({"value": float, "epochs": float})  # None (a column of Nones) -> NaN
-        print(
-            table.to_string(
-                index=False,
-                na_rep="-",  # a parameter that trial did not sample, or no value yet
-                formatters={"value": percent, "epochs": whole},
-                float_format=lambda v: f"{v:.6g}",
-            )
-        )
+        results.print(trials_view(table, accuracy="space" in study.user_attrs))
     return 0
 
 
-def percent(value: float) -> str:
-    """An accuracy as the CLI prints it elsewhere ("-": none yet)."""
-    return "-" if math.isnan(value) else f"{100 * value:.2f}%"
-
-
-def whole(value: float) -> str:
-    """A count that pandas made a float (a column with gaps)."""
-    return "-" if math.isnan(value) else str(int(value))
+def write_csv(table: Any, dest: str, rows: str) -> None:
+    """A pandas table as CSV to file `dest`, or to stdout for `-`."""
+    if dest == "-":
+        table.to_csv(sys.stdout, index=False)
+    else:
+        table.to_csv(dest, index=False)
+        console.print(f"wrote {len(table)} {rows} to {dest}")
 
 
 def use_ray_token(env: MutableMapping[str, str]) -> None:

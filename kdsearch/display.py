@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -17,8 +18,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+results = Console(highlight=False)  # stdout: what a command prints as its result (a table)
+FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 
 
 class EpochBars:
@@ -72,9 +79,7 @@ def status_line(tally: Any, target: int) -> str:
     )
     if tally.best is not None:
         value, number, params = tally.best
-        shown = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-        )
+        shown = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
         line += f"; best {100 * value:.2f}% (#{number}: {shown})"
     return line
 
@@ -115,3 +120,73 @@ def leaderboard_table(board: Any) -> Table:
 def spread(mean: float, sd: float, seeds: int) -> str:
     """`mean ± sd`, or the mean alone where one seed gives no spread."""
     return f"{mean:.2f} ± {sd:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
+    """`report.trials_table` for the terminal, fitted to its width: a column for each parameter
+    that every trial which sampled any drew (named without `distill.`, split at its dots), the
+    parameters only some drew (a `when`) together in one column as name=value, and a failure's
+    first line, cut. `accuracy`: the value in percent."""
+    params = [
+        c for c in table.columns if c not in ("number", "state", "value", "epochs", "failure")
+    ]
+    drew = table[params].notna().any(axis=1)
+    shared = [p for p in params if table.loc[drew, p].notna().all()]
+    conditional = [p for p in params if p not in shared]
+    failures = bool(table["failure"].notna().any())
+    headers = ["#", "state", "val acc" if accuracy else "value", "epochs"]
+    headers += [_short(p).replace(".", ".\n") for p in shared]
+    headers += ["conditional\nparameters"] * bool(conditional) + ["failure"] * failures
+    depth = max(h.count("\n") for h in headers)
+    view = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    for i, header in enumerate(headers):  # bottom-aligned; the text columns take what is left
+        wraps = i >= 4 + len(shared)
+        view.add_column(
+            "\n" * (depth - header.count("\n")) + header,
+            justify="left" if wraps or i == 1 else "right",
+            no_wrap=not wraps,
+        )
+    show_value = percent if accuracy else value_text
+    for row in table.to_dict("records"):
+        cells = [str(row["number"]), row["state"], show_value(row["value"]), whole(row["epochs"])]
+        cells += [value_text(row[p]) for p in shared]
+        if conditional:
+            drawn = [p for p in conditional if _given(row[p])]
+            cells.append(" ".join(f"{_short(p)}={value_text(row[p])}" for p in drawn))
+        if failures:
+            cells.append(_cut(str(row["failure"])) if _given(row["failure"]) else "")
+        view.add_row(*(Text(c) for c in cells))
+    return view
+
+
+def _short(param: str) -> str:
+    """A parameter's name in the terminal: most are distillation settings."""
+    return param.removeprefix("distill.")
+
+
+def _cut(failure: str) -> str:
+    """A failure's first line, cut at FAILURE_CHARS."""
+    line = failure.splitlines()[0] if failure.strip() else failure
+    return line if len(line) <= FAILURE_CHARS else line[: FAILURE_CHARS - 1] + "…"
+
+
+def _given(value: Any) -> bool:
+    """Whether a cell of a pandas table holds a value (not None or NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def value_text(value: Any) -> str:
+    """A parameter's value: a float to 4 significant digits, "-" where there is none."""
+    if not _given(value):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def percent(value: Any) -> str:
+    """An accuracy as the CLI prints it ("-": none yet)."""
+    return f"{100 * value:.2f}%" if _given(value) else "-"
+
+
+def whole(value: Any) -> str:
+    """A count that pandas may have made a float (a column with gaps); "-": none."""
+    return str(int(value)) if _given(value) else "-"

@@ -1,22 +1,24 @@
 """An HTML report and pandas tables of a study.
 
 The report is one self-contained file (plotly.js inline, no network needed to open it):
-optimization history, learning curves coloured by state with ASHA's cuts, parallel coordinates,
-parameter importances, the promoted leaderboard with seed spread, and each searched
-distillation parameter against the metric.
+optimization history, learning curves coloured by state with ASHA's cuts, the failed trials
+with their reasons, parallel coordinates, parameter importances, the promoted leaderboard with
+seed spread, and each searched parameter against the metric. Accuracies are in percent, as the
+CLI prints them.
 """
 
 from __future__ import annotations
 
 import html
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections import Counter
+from typing import TypeAlias
 
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
 from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import (
     plot_optimization_history,
@@ -25,8 +27,10 @@ from optuna.visualization import (
     plot_slice,
 )
 
+from kdsearch.display import value_text
+from kdsearch.errors import StudyError
 from kdsearch.promote import leaderboard, promoted_name
-from kdsearch.study import load_study, study_names
+from kdsearch.study import load_study, ranked, recorded, space_config, study_names
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -34,28 +38,74 @@ STATE_COLOURS = {
     "FAIL": "#d62728",
     "RUNNING": "#7f7f7f",
 }
+ACCURACY = "validation accuracy %"
+# Parallel coordinates and importances need this many COMPLETE trials, and a parameter this many
+# COMPLETE trials that sampled it to be assessed: with fewer points neither shows a trend, and
+# PED-ANOVA (Optuna's importances) ranks parameters on the best tenth of the trials.
+MIN_COMPLETE = 5
+
+Part: TypeAlias = "go.Figure | str"  # a figure, or a paragraph of text
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, value, epochs run, and every parameter."""
-    rows = []
-    for t in study.trials:
-        row: dict[str, Any] = {
+def search_study(storage: BaseStorage, name: str) -> optuna.Study:
+    """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error."""
+    study = load_study(storage, name)
+    source = study.user_attrs.get("source_study")
+    if source is not None:
+        raise StudyError(
+            f"study {name!r} holds the promotion runs of study {source!r}: their leaderboard is "
+            f"in `kdsearch report {source}` and `kdsearch trials {name}`"
+        )
+    recorded(study, "space")
+    return study
+
+
+def check_single_objective(study: optuna.Study) -> None:
+    """Refuse a study of several objectives (`kdsearch run` writes one)."""
+    if len(study.directions) > 1:
+        raise StudyError(
+            f"study {study.study_name!r} has {len(study.directions)} objectives; kdsearch reads "
+            "studies of one, as `kdsearch run` writes them"
+        )
+
+
+def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame:
+    """One row per trial: number, state, value, epochs run, every parameter (`param_names`'
+    order) and why it failed; by number, or `best_first`."""
+    check_single_objective(study)
+    trials = best_first(study) if by_value else study.trials
+    rows = [
+        {
             "number": t.number,
             "state": t.state.name,
             "value": t.value,
             "epochs": t.user_attrs.get("epochs"),
+            **t.params,
+            "failure": t.user_attrs.get("failure"),
         }
-        row.update(t.params)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=_columns(study.trials))
+        for t in trials
+    ]
+    columns = ["number", "state", "value", "epochs", *param_names(study), "failure"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _columns(trials: Iterable[FrozenTrial]) -> list[str]:
-    names: list[str] = []
-    for t in trials:
+def best_first(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials best first (the study's direction), then the others by number: a pruned
+    trial's value is its score at a shorter budget, which does not compare."""
+    sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    complete.sort(key=lambda t: (sign * float(t.value or 0.0), t.number))
+    return complete + [t for t in study.trials if t.state != TrialState.COMPLETE]
+
+
+def param_names(study: optuna.Study) -> list[str]:
+    """The parameters the trials sampled: in the space's order for a study of `kdsearch run`,
+    then any others in the order they first appear."""
+    names = list(space_config(study).space) if "space" in study.user_attrs else []
+    for t in study.trials:
         names += [p for p in t.params if p not in names]
-    return ["number", "state", "value", "epochs", *names]
+    sampled = {p for t in study.trials for p in t.params}
+    return [p for p in names if p in sampled]
 
 
 def learning_curves(study: optuna.Study) -> go.Figure:
@@ -70,7 +120,7 @@ def learning_curves(study: optuna.Study) -> go.Figure:
         fig.add_trace(
             go.Scatter(
                 x=steps,
-                y=[t.intermediate_values[s] for s in steps],
+                y=[100 * t.intermediate_values[s] for s in steps],
                 mode="lines+markers",
                 name=state,
                 legendgroup=state,
@@ -81,14 +131,14 @@ def learning_curves(study: optuna.Study) -> go.Figure:
                     "symbol": ["circle"] * (len(steps) - 1)
                     + ["x" if state == "PRUNED" else "circle"],
                 },
-                hovertemplate=f"trial {t.number}<br>epoch %{{x}}<br>acc %{{y:.4f}}<extra></extra>",
+                hovertemplate=f"trial {t.number}<br>epoch %{{x}}<br>acc %{{y:.2f}}%<extra></extra>",
             )
         )
         shown.add(state)
     fig.update_layout(
         title="Learning curves (x: where ASHA pruned a trial)",
         xaxis_title="epoch",
-        yaxis_title="validation accuracy",
+        yaxis_title=ACCURACY,
     )
     return fig
 
@@ -118,53 +168,70 @@ def leaderboard_figure(board: pd.DataFrame) -> go.Figure:
 
 
 def build_report(storage: BaseStorage, name: str) -> str:
-    """The report's HTML text."""
-    study = load_study(storage, name)
+    """The report's HTML text; figures that would be empty are left out, and a line says why
+    where the reader would look for them."""
+    study = search_study(storage, name)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    sections: list[tuple[str, go.Figure | str]] = [
-        ("Optimization history", plot_optimization_history(study)),
-        ("Learning curves", learning_curves(study)),
-    ]
-    if len(complete) >= 2:
-        sections.append(("Parallel coordinates", plot_parallel_coordinate(study)))
+    sections: list[tuple[str, list[Part]]] = []
+    if complete:
+        history = plot_optimization_history(study)
+        for trace in history.data:  # in percent here: a `target` would drop the best-so-far line
+            trace.y = [100 * y for y in trace.y]
+        sections.append(("Optimization history", [history.update_yaxes(title_text=ACCURACY)]))
+    if any(t.intermediate_values for t in study.trials):
+        sections.append(("Learning curves", [learning_curves(study)]))
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    if failed:
+        reasons = [
+            f"trial {t.number}: {t.user_attrs.get('failure', 'no reason recorded')}" for t in failed
+        ]
+        sections.append(("Failed trials", reasons))
+    if complete:
+        sections += _comparisons(study, complete)
+    if promoted_name(name) in study_names(storage):
+        board = leaderboard(load_study(storage, promoted_name(name)))
+        shown: Part = leaderboard_figure(board) if len(board) else "no promoted run has finished"
+        sections.append(("Promoted leaderboard", [shown]))
+    for param in param_names(study):
+        if any(param in t.params for t in complete):
+            fig = plot_slice(study, params=[param], target=_accuracy, target_name=ACCURACY)
+            sections.append((f"{param} against the metric", [fig]))
+    return _page(name, study, sections)
+
+
+def _accuracy(trial: FrozenTrial) -> float:
+    return 100 * float(trial.value or 0.0)
+
+
+def _comparisons(study: optuna.Study, complete: list[FrozenTrial]) -> list[tuple[str, list[Part]]]:
+    """Parallel coordinates and parameter importances, or why they are not there (yet)."""
+    if len(complete) < MIN_COMPLETE:
+        why = f"from {MIN_COMPLETE} COMPLETE trials on; the study has {len(complete)}"
+        return [("Parallel coordinates and parameter importances", [why])]
+    parallel = plot_parallel_coordinate(study, target=_accuracy, target_name=ACCURACY)
+    counts = Counter(p for t in complete for p in t.params)
+    names = param_names(study)
+    assessed = [p for p in names if counts[p] >= MIN_COMPLETE]
+    few = [p for p in names if 0 < counts[p] < MIN_COMPLETE]
+    importances: list[Part] = []
+    if assessed:
         try:
             with warnings.catch_warnings():
                 # Optuna notes that a parameter only some trials sample (a `when`) has few
                 # trials in some regime: true of every conditional space, and not the user's to fix
                 warnings.filterwarnings("ignore", message="Some regimes", category=UserWarning)
-                sections.append(("Parameter importances", plot_param_importances(study)))
+                importances.append(plot_param_importances(study, params=assessed))
         except (ValueError, RuntimeError) as err:  # e.g. no parameter varies among them
-            sections.append(("Parameter importances", f"not available: {err}"))
-    else:
-        sections.append(
-            ("Parallel coordinates and importances", "need at least two COMPLETE trials")
+            importances.append(f"not available: {err}")
+    if few:
+        importances.append(
+            f"not assessed, sampled by fewer than {MIN_COMPLETE} COMPLETE trials: " + ", ".join(few)
         )
-    if promoted_name(name) in study_names(storage):
-        promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
-        board = leaderboard(promoted)
-        sections.append(
-            (
-                "Promoted leaderboard",
-                leaderboard_figure(board) if len(board) else "no promoted run has finished",
-            )
-        )
-    searched = sorted(
-        {p for t in study.trials for p in t.params if p.startswith(("distill.", "$"))}
-    )
-    for param in searched:
-        if any(param in t.params for t in complete):
-            sections.append((f"{param} against the metric", plot_slice(study, params=[param])))
-    return _page(name, study, sections)
+    sections: list[tuple[str, list[Part]]] = [("Parallel coordinates", [parallel])]
+    return sections + ([("Parameter importances", importances)] if importances else [])
 
 
-def _page(name: str, study: optuna.Study, sections: list[tuple[str, go.Figure | str]]) -> str:
-    counts = {s: sum(t.state.name == s for t in study.trials) for s in STATE_COLOURS}
-    summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
-    best = max(
-        (t for t in study.trials if t.state == TrialState.COMPLETE and t.value is not None),
-        key=lambda t: float(t.value or 0.0),
-        default=None,
-    )
+def _page(name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]]) -> str:
     lines = [
         "<!DOCTYPE html>",
         "<html><head><meta charset='utf-8'>",
@@ -172,25 +239,43 @@ def _page(name: str, study: optuna.Study, sections: list[tuple[str, go.Figure | 
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         " section{margin-bottom:2em}</style></head><body>",
         f"<h1>kdsearch study {html.escape(name)}</h1>",
-        f"<p>{len(study.trials)} trials: {html.escape(summary)}.</p>",
+        f"<p>{html.escape(summary(study.trials))}</p>",
+        f"<p>{html.escape(best_line(study))}</p>",
     ]
-    if best is not None:
-        params = ", ".join(
-            f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-            for k, v in best.params.items()
-        )
-        lines.append(
-            f"<p>Best: trial {best.number}, validation accuracy {best.value:.4f} "
-            f"({html.escape(params)}).</p>"
-        )
     first = True
-    for title, body in sections:
+    for title, parts in sections:
         lines.append(f"<section><h2>{html.escape(title)}</h2>")
-        if isinstance(body, str):
-            lines.append(f"<p>{html.escape(body)}</p>")
-        else:
-            lines.append(body.to_html(full_html=False, include_plotlyjs=first))
-            first = False
+        for part in parts:
+            if isinstance(part, str):
+                lines.append(f"<p>{html.escape(part)}</p>")
+            else:
+                lines.append(part.to_html(full_html=False, include_plotlyjs=first))
+                first = False
         lines.append("</section>")
     lines.append("</body></html>")
     return "\n".join(lines)
+
+
+def summary(trials: list[FrozenTrial]) -> str:
+    """The trials by state ("5 trials: 3 complete, 1 pruned, 1 failed."), or that there are none."""
+    if not trials:
+        return "The study holds no trial yet."
+    counts = Counter(t.state.name for t in trials)
+    states = ", ".join(
+        f"{counts[s]} {'failed' if s == 'FAIL' else s.lower()}" for s in STATE_COLOURS if counts[s]
+    )
+    return f"{len(trials)} trial{'s' if len(trials) > 1 else ''}: {states}."
+
+
+def best_line(study: optuna.Study) -> str:
+    """The best COMPLETE trial with its accuracy and parameters, or that there is none yet."""
+    best = ranked(study.trials)
+    if not best:
+        return (
+            "No COMPLETE trial yet (none has reached the full budget): there is no best recipe, "
+            "and the figures that compare COMPLETE trials are left out."
+        )
+    trial = best[0]
+    shown = [p for p in param_names(study) if p in trial.params]
+    params = ", ".join(f"{p} = {value_text(trial.params[p])}" for p in shown)
+    return f"Best: trial {trial.number}, validation accuracy {_accuracy(trial):.2f}% ({params})."

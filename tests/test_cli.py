@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 
+from kdsearch.commands import storage_url
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
@@ -222,6 +223,18 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     assert proc.returncode == 2 and "notes.db is not a study database" in proc.stderr
     assert (tmp_path / "notes.db").read_text() == "not a database\n"
     assert "teacher" not in proc.stderr
+    proc = run_cli("run", "s.yaml", "--storage", "notes.db", cwd=tmp_path)  # a path: that file
+    assert proc.returncode == 2 and f"{tmp_path}/notes.db is not a study database" in proc.stderr
+
+
+def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert storage_url("studies/s.db") == f"sqlite:///{tmp_path}/studies/s.db"
+    assert storage_url("/data/s.db") == "sqlite:////data/s.db"
+    url = "postgresql+psycopg2://user:secret@db:5432/kd"
+    assert storage_url(url) == url
 
 
 def test_a_search_whose_every_trial_failed_exits_with_status_1(tmp_path: Path) -> None:

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
-import pytest
+import io
 
-from kdsearch.display import console, search_status
+import pandas as pd
+import pytest
+from rich.console import Console
+from rich.table import Table
+
+from kdsearch.display import console, search_status, trials_view
 from kdsearch.study import Tally
 
 
@@ -24,3 +29,38 @@ def test_off_a_terminal_the_search_status_is_a_line_when_trials_have_finished(
         "trials 1/4: 1 complete, 0 pruned, 0 failed, 2 running",
         "trials 3/4: 1 complete, 2 pruned, 0 failed, 1 running; best 50.00% (#0: optim.lr=0.1)",
     ]
+
+
+def _rendered(view: Table, width: int) -> list[str]:
+    out = Console(width=width, file=io.StringIO())
+    out.print(view)
+    return out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+
+
+def test_the_trials_table_fits_80_columns_with_conditional_parameters_in_one_column() -> None:
+    columns = ["number", "state", "value", "epochs", "distill.kd.temperature", "distill.kd.weight"]
+    columns += ["optim.lr", "$extra", "distill.pkt.weight", "distill.crd.weight"]
+    columns += ["distill.crd.negatives", "distill.hsakd.weight", "distill.hsakd.placement"]
+    columns += ["distill.stkd.weight", "distill.stkd.mix", "failure"]
+    why = "NonFiniteLoss: the training loss became nan in epoch 3; lower optim.lr or the weights"
+    n = None  # a parameter the trial did not draw
+    rows = [
+        [0, "COMPLETE", 0.96111, 12, 4.2345, 0.9123, 0.0123, "hsakd", n, n, n, 0.5, "[3]", n, n, n],
+        [1, "PRUNED", 0.8, 2, 1.2345, 1.5, 0.15, "crd", n, 0.5, 1024, n, n, n, n, n],
+        [2, "FAIL", n, 0, 6.0, 0.2, 0.05, "stkd", n, n, n, n, n, 1.2, "cutmix", why],
+        [3, "RUNNING", n, n, 3.0, 0.9, 0.02, "none", n, n, n, n, n, n, n, n],
+    ]
+    view = trials_view(pd.DataFrame(rows, columns=columns), accuracy=True)
+    assert max(len(line) for line in _rendered(view, 80)) <= 80
+    wide = _rendered(view, 200)
+    # a column for each parameter every trial drew, named without `distill.` over two lines
+    assert wide[0].split() == ["kd.", "kd.", "optim.", "conditional"]
+    header = "# state val acc epochs temperature weight lr $extra parameters failure"
+    assert wide[1].split() == header.split()
+    # accuracy in percent, floats to 4 significant digits, conditional parameters as name=value
+    first = "0 COMPLETE 96.11% 12 4.234 0.9123 0.0123 hsakd hsakd.weight=0.5 hsakd.placement=[3]"
+    assert wide[2].split() == first.split()
+    assert wide[3].split()[-2:] == ["crd.weight=0.5", "crd.negatives=1024"]
+    # a failure's first 40 characters (the CSV has it whole)
+    assert " ".join(wide[4].split()).endswith("cutmix NonFiniteLoss: the training loss became…")
+    assert wide[5].split() == ["3", "RUNNING", "-", "-", "3", "0.9", "0.02", "none"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -10,15 +11,89 @@ import time
 import urllib.request
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
 import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
 
-from kdsearch.report import build_report
-from kdsearch.study import open_storage
+from kdsearch.promote import PLAIN_KD, open_promoted
+from kdsearch.report import build_report, learning_curves, trials_table
+from kdsearch.space import SearchSpace
+from kdsearch.study import Record, open_storage
 
-from .conftest import SEARCH_VALUES, run_cli, write_study
+from .conftest import SEARCH_VALUES, SMALL_SPACE, run_cli, write_study
+
+# SMALL_SPACE with a parameter outside `distill.` and two conditional ones
+WHEN_SPACE = SMALL_SPACE.replace(
+    "  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}\n",
+    "  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}\n"
+    "  optim.lr: {type: float, low: 0.01, high: 0.2, log: true}\n"
+    "  $extra: {type: categorical, choices: [none, pkt, crd]}\n"
+    "  distill.pkt.weight: {type: float, low: 50.0, high: 1000.0, when: {$extra: pkt}}\n"
+    "  distill.crd.weight: {type: float, low: 0.1, high: 2.0, when: {$extra: crd}}\n",
+)
+
+
+def record_study(
+    url: str,
+    name: str,
+    trials: list[tuple[str, list[float]]],
+    *,
+    space: str = SMALL_SPACE,
+    params: list[dict[str, Any]] | None = None,
+) -> None:
+    """A study as `kdsearch run` writes it, without training: one trial per (state, learning
+    curve), the first ones with `params`; a RUNNING trial has its curve so far."""
+    parsed = SearchSpace.from_yaml(space, source="space.yaml")
+    chosen = params or []
+    # the study counts enqueued trials as held: without them in the target, none is proposed
+    target = len(trials) + len(chosen)
+    record = Record(open_storage(url), name, parsed, target=target, resume=False)
+    for values in chosen:
+        record.study.enqueue_trial(values)
+    for number, (state, values) in enumerate(trials):
+        assert record.next_plan(f"ray{number}") is not None
+        curve = {epoch + 1: v for epoch, v in enumerate(values)}
+        if state == "RUNNING":
+            trial_id = record.storage.get_trial_id_from_study_id_trial_number(
+                record.study_id, number
+            )
+            for epoch, value in curve.items():
+                record.storage.set_trial_intermediate_value(trial_id, epoch, value)
+            continue
+        failure = {"failure": f"ValueError: trial {number} broke"} if state == "FAIL" else {}
+        record.finish(number, TrialState[state], curve, {"epochs": len(values), **failure})
+
+
+def write_promoted(url: str) -> None:
+    """A promotion of study `s` at 4 epochs as `kdsearch promote` records it: trial 1 and plain
+    KD with two seeds each."""
+    promoted = open_promoted(open_storage(url), "s")
+    for source, label, values in ((1, "trial 1", (0.90, 0.92)), (PLAIN_KD, "plain KD", (0.8, 0.8))):
+        for seed, value in enumerate(values):
+            promoted.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE,
+                    value=value,
+                    params={"source_trial": source, "seed": seed},
+                    distributions={
+                        "source_trial": IntDistribution(-2, 10**6),
+                        "seed": IntDistribution(0, 10**6),
+                    },
+                    user_attrs={
+                        "label": label,
+                        "source_trial": source,
+                        "seed": seed,
+                        "budget": 4,
+                        "test_acc": value - 0.05,
+                    },
+                )
+            )
+    promoted.set_user_attr("budget", 4)
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -47,15 +122,12 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     write_study(tmp_path)
     shown = run_cli("trials", "s", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.splitlines()[0].split() == [
-        "number",
-        "state",
-        "value",
-        "epochs",
-        "distill.kd.temperature",
-    ]
+    lines = shown.stdout.splitlines()
+    # the parameter's name without `distill.`, split at its dot over two header lines
+    assert lines[0].split() == ["kd."]
+    assert lines[1].split() == ["#", "state", "val", "acc", "epochs", "temperature", "failure"]
     # accuracy in percent as `run` prints it; "-" where there is no value
-    rows = [line.split()[:4] for line in shown.stdout.splitlines()[1:]]
+    rows = [line.split()[:4] for line in lines[2:]]
     assert rows[1] == ["1", "COMPLETE", "90.00%", "2"] and rows[4] == ["4", "FAIL", "-", "0"]
     url = f"sqlite:///{tmp_path}/studies/s.db"
     optuna.create_study(study_name="only-running", storage=url).ask()  # no value, no epochs yet
@@ -66,6 +138,101 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "t.csv")
     assert list(table["state"]) == [state for state, _ in SEARCH_VALUES.values()]
     assert list(table["epochs"]) == [len(v) for _, v in SEARCH_VALUES.values()]
+    # to stdout, best COMPLETE first (the pruned trial's 0.95 came at a shorter budget)
+    piped = run_cli("trials", "s", "--csv", "-", "--sort", "value", cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
+
+
+def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path) -> None:
+    url = write_study(tmp_path)
+    reason = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of it)"
+    optuna.load_study(study_name="s", storage=url).add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={"distill.kd.temperature": 2.0},
+            distributions={"distill.kd.temperature": FloatDistribution(1.0, 8.0)},
+            user_attrs={"failure": reason},
+        )
+    )
+    shown = run_cli("trials", "s", cwd=tmp_path)
+    rows = {line.split()[0]: line.rstrip() for line in shown.stdout.splitlines()[2:]}
+    assert rows["4"].endswith(" NonFiniteLoss: nan")
+    assert rows["5"].endswith(" RuntimeError: CUDA out of memory. Tried…")  # first line, cut
+    run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+    failures = pd.read_csv(tmp_path / "t.csv")["failure"].fillna("")
+    assert list(failures) == ["", "", "", "", "NonFiniteLoss: nan", reason]  # whole
+    page = build_report(open_storage(url), "s")
+    assert "<h2>Failed trials</h2>\n<p>trial 4: NonFiniteLoss: nan</p>" in page
+    assert "<p>trial 5: RuntimeError: CUDA out of memory" in page
+
+
+def test_trials_columns_follow_the_space_and_sort_by_value_in_the_study_direction(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/w.db"
+    crd = {
+        "distill.kd.temperature": 2.0,
+        "optim.lr": 0.1,
+        "$extra": "crd",
+        "distill.crd.weight": 1.0,
+    }
+    pkt = {
+        "distill.kd.temperature": 3.0,
+        "optim.lr": 0.1,
+        "$extra": "pkt",
+        "distill.pkt.weight": 99.0,
+    }
+    record_study(
+        url, "w", [("COMPLETE", [0.5]), ("COMPLETE", [0.6])], space=WHEN_SPACE, params=[crd, pkt]
+    )
+    table = trials_table(optuna.load_study(study_name="w", storage=url))
+    assert list(table.columns) == [
+        "number",
+        "state",
+        "value",
+        "epochs",
+        "distill.kd.temperature",
+        "optim.lr",
+        "$extra",
+        "distill.pkt.weight",  # the space's order, though trial 0 drew crd.weight first
+        "distill.crd.weight",
+        "failure",
+    ]
+    low = optuna.create_study(study_name="low", storage=url, direction="minimize")
+    for x in (3.0, 1.0, 2.0):
+        low.enqueue_trial({"x": x})
+    low.optimize(lambda t: t.suggest_float("x", 0.0, 5.0), n_trials=3)
+    assert list(trials_table(low, by_value=True)["number"]) == [1, 2, 0]
+
+
+def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_search(
+    tmp_path: Path,
+) -> None:
+    write_promoted(write_study(tmp_path))
+    # no --storage: `promote` recorded it in the search's file, studies/s.db
+    shown = run_cli("trials", "s-promoted", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    title = "promoted at 4 epochs (accuracy %, mean ± sd over seeds)"
+    assert title in " ".join(shown.stdout.split())  # rich wraps it to the table's width
+    assert re.search(r"trial 1\W+2\W+91\.00 ± 1\.41\W+86\.00 ± 1\.41", shown.stdout), shown.stdout
+    proc = run_cli("report", "s-promoted", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        "kdsearch: error: study 's-promoted' holds the promotion runs of study 's': their "
+        "leaderboard is in `kdsearch report s` and `kdsearch trials s-promoted`\n"
+    )
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path) -> None:
+    url = write_study(tmp_path)
+    optuna.create_study(study_name="other", storage=url)
+    shown = run_cli("trials", "s", "--storage", "studies/s.db", cwd=tmp_path)
+    assert shown.returncode == 0 and "COMPLETE" in shown.stdout, shown.stderr
+    for command, extra in (("promote", []), ("export", ["--out", "x"])):
+        proc = run_cli(command, "other", "--storage", "studies/s.db", *extra, cwd=tmp_path)
+        # the file was opened as a storage: the study in it is what is refused
+        assert "study 'other' was not written by `kdsearch run`" in proc.stderr, proc.stderr
 
 
 def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
@@ -111,7 +278,9 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
         proc = run_cli(command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path)
         assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
     proc = run_cli("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
-    assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
+    assert (
+        proc.returncode == 2 and f"no study database at {tmp_path}/studies/typo.db" in proc.stderr
+    )
     (tmp_path / "folder").mkdir()
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
@@ -128,26 +297,101 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
 def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path) -> None:
     url = write_study(tmp_path)
     optuna.create_study(study_name="other", storage=url).optimize(lambda t: 1.0, n_trials=1)
-    for command, extra in (("promote", []), ("export", ["--out", "x"])):
+    for command, extra in (("promote", []), ("export", ["--out", "x"]), ("report", [])):
         proc = run_cli(command, "other", "--storage", url, *extra, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert "study 'other' was not written by `kdsearch run`" in proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+    assert not (tmp_path / "report.html").exists()
+    two = optuna.create_study(study_name="two", storage=url, directions=["maximize", "minimize"])
+    two.optimize(lambda t: (1.0, 2.0), n_trials=1)
+    proc = run_cli("trials", "two", "--storage", url, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        "kdsearch: error: study 'two' has 2 objectives; kdsearch reads studies of one, as "
+        "`kdsearch run` writes them\n"
+    )
 
 
 def test_report_holds_every_section_and_needs_no_network(tmp_path: Path) -> None:
-    url = write_study(tmp_path)
-    page = build_report(open_storage(url), "s")
+    url = f"sqlite:///{tmp_path}/w.db"
+    chosen = [
+        {"$extra": "pkt", "distill.pkt.weight": 100.0 * (i + 1)} if i < 2 else {"$extra": "none"}
+        for i in range(6)
+    ]
+    curves = [("COMPLETE", [0.5, 0.6 + 0.05 * i]) for i in range(6)] + [("PRUNED", [0.4])]
+    record_study(url, "w", [*curves, ("FAIL", [])], space=WHEN_SPACE, params=chosen)
+    page = build_report(open_storage(url), "w")
     for title in (
         "Optimization history",
         "Learning curves",
+        "Failed trials",
         "Parallel coordinates",
         "Parameter importances",
+        # every searched parameter, in the space's order
         "distill.kd.temperature against the metric",
+        "optim.lr against the metric",
+        "$extra against the metric",
+        "distill.pkt.weight against the metric",
     ):
         assert f"<h2>{title}</h2>" in page
-    assert page.count("Plotly.newPlot") == 5
+    assert page.count("Plotly.newPlot") == 8
     assert "<script src=" not in page, "plotly.js is inlined, not fetched"
+    assert "<p>8 trials: 6 complete, 1 pruned, 1 failed.</p>" in page
+    assert "Best: trial 5, validation accuracy 85.00% (" in page
+    # PED-ANOVA would rank pkt.weight on the two trials that drew it
+    assert (
+        "<p>not assessed, sampled by fewer than 5 COMPLETE trials: distill.pkt.weight</p>" in page
+    )
+
+
+def test_importances_wait_for_five_complete_trials_and_accuracy_is_in_percent(
+    tmp_path: Path,
+) -> None:
+    url = write_study(tmp_path)  # 3 COMPLETE trials
+    page = build_report(open_storage(url), "s")
+    assert (
+        "<h2>Parallel coordinates and parameter importances</h2>\n<p>from 5 COMPLETE trials on; the study has 3</p>"
+        in page
+    )
+    assert (
+        "<h2>Parameter importances</h2>" not in page and "<h2>Parallel coordinates</h2>" not in page
+    )
+    assert "<p>Best: trial 1, validation accuracy 90.00% (distill.kd.temperature = " in page
+    curves = learning_curves(optuna.load_study(study_name="s", storage=url))
+    assert (
+        list(curves.data[0].y) == [50.0, 70.0]
+        and curves.layout.yaxis.title.text == "validation accuracy %"
+    )
+
+
+def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/r.db"
+    record_study(url, "empty", [])
+    record_study(url, "failed", [("FAIL", [])])
+    record_study(url, "pruned", [("PRUNED", [0.5]), ("PRUNED", [0.6]), ("FAIL", [])])
+    record_study(url, "running", [("RUNNING", [0.4, 0.5])])
+    storage = open_storage(url)
+    pages = {name: build_report(storage, name) for name in ("empty", "failed", "pruned", "running")}
+    assert "<p>The study holds no trial yet.</p>" in pages["empty"]
+    assert "<p>1 trial: 1 failed.</p>" in pages["failed"]
+    assert "<p>3 trials: 2 pruned, 1 failed.</p>" in pages["pruned"]
+    assert "<p>1 trial: 1 running.</p>" in pages["running"]
+    for page in pages.values():
+        assert "<p>No COMPLETE trial yet (none has reached the full budget)" in page
+        assert "Optimization history" not in page and "against the metric" not in page
+        assert "Parallel coordinates" not in page
+    # no figure, so no plotly.js: a page of a few lines, not 4.7 MB of empty axes
+    assert len(pages["empty"]) < 2000 and len(pages["failed"]) < 2000
+    for name in ("pruned", "running"):  # their curves, as far as they got
+        assert (
+            pages[name].count("Plotly.newPlot") == 1 and "<h2>Learning curves</h2>" in pages[name]
+        )
+    assert "no complete trials" not in capfd.readouterr().err.lower()
+    proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr.startswith("wrote report.html (")
+    assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
 
 
 @needs_chromium
@@ -155,7 +399,8 @@ def test_report_figures_are_drawn_in_a_browser(tmp_path: Path) -> None:
     write_study(tmp_path)
     assert run_cli("report", "s", "--out", "r.html", cwd=tmp_path).returncode == 0
     dom = chromium("--dump-dom", (tmp_path / "r.html").as_uri(), profile=tmp_path / "p").stdout
-    assert dom.count('class="main-svg"') >= 5, "plotly drew an SVG for every figure"
+    figures = (tmp_path / "r.html").read_text().count("Plotly.newPlot")
+    assert dom.count('class="main-svg"') >= figures == 3, "plotly drew an SVG for every figure"
     assert "trial 1" in dom  # hover labels of the learning curves are in the drawn traces
 
 
