@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -357,13 +358,23 @@ class Record:
 
     def _orphans(self) -> list[FrozenTrial]:
         """RUNNING trials whose driver is gone: on this host, its process is dead; elsewhere,
-        its heartbeat is older than STALE_S."""
+        its heartbeat is older than STALE_S. A trial that names no driver yet is being proposed
+        (Optuna creates it before kdsearch claims it), so it is an orphan only once no other
+        driver is alive or it is older than STALE_S (a proposal takes milliseconds)."""
         beats = self.storage.get_study_system_attrs(self.study_id)
-        return [
-            trial
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not driver_alive(str(trial.user_attrs.get("driver", "")), beats)
-        ]
+        others = [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
+        others_alive = any(d != self.driver and driver_alive(d, beats) for d in others)
+        now = datetime.now()
+
+        def gone(trial: FrozenTrial) -> bool:
+            driver = trial.user_attrs.get("driver")
+            if driver is not None:
+                return not driver_alive(str(driver), beats)
+            started = trial.datetime_start or now
+            return not others_alive or (now - started).total_seconds() > STALE_S
+
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [trial for trial in running if gone(trial)]
 
     # -- reading -------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 import optuna
@@ -177,13 +178,16 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
 
 @pytest.mark.parametrize("draws_one", [False, True], ids=["nothing drawn", "one value drawn"])
 def test_a_trial_whose_driver_died_while_proposing_it_is_proposed_again_on_resume(
-    space: SearchSpace, url: str, draws_one: bool
+    space: SearchSpace, url: str, draws_one: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kill -9 between Optuna creating the trial and kdsearch recording its recipe leaves a
     RUNNING trial with no recipe (and no driver); resuming must not stop at it."""
     storage = open_storage(url)
-    first = Record(storage, "s", space, target=3, resume=False)
+    with monkeypatch.context() as m:  # the first driver's process is gone
+        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        first = Record(storage, "s", space, target=3, resume=False)
     first.next_plan("r0")
+    first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
     killed = first.study.ask()  # the driver dies here, or after drawing some values
     drawn = {"optim.lr": killed.suggest_float("optim.lr", 0.01, 0.2, log=True)} if draws_one else {}
     again = Record(storage, "s", space, target=3, resume=True)
@@ -197,6 +201,30 @@ def test_a_trial_whose_driver_died_while_proposing_it_is_proposed_again_on_resum
         assert trial.params[name] == value and plan.recipe.get(name) == value
     third = again.next_plan("third")
     assert third is not None and third.number == 2 and again.next_plan("more") is None
+
+
+def test_a_trial_a_live_driver_is_proposing_is_left_to_it(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers share a study: one has just created a trial and not yet claimed it; the
+    other, resuming, must not take it over (both would train it, with different values)."""
+    storage = open_storage(url)
+    proposer = Record(storage, "s", space, target=3, resume=False)
+    proposing = proposer.study.ask()
+    study_id = storage.get_study_id_from_name("s")
+    # The proposer's heartbeat as another host sees it: this process is the resuming driver.
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time())
+    assert Record(storage, "s", space, target=3, resume=True).orphans == []
+    later = datetime.now() + timedelta(seconds=STALE_S + 1)  # a proposal that never finished
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Later:
+            return cls.fromtimestamp(later.timestamp(), tz)
+
+    monkeypatch.setattr("kdsearch.study.datetime", Later)
+    orphans = Record(storage, "s", space, target=3, resume=True).orphans
+    assert [t.number for t in orphans] == [proposing.number]
 
 
 def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
