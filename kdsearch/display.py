@@ -145,6 +145,8 @@ def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
             "\n" * (depth - header.count("\n")) + header,
             justify="left" if wraps or i == 1 else "right",
             no_wrap=not wraps,
+            overflow="fold",  # a value too long for its column goes on over lines, never cut
+            min_width=len("conditional") if wraps else None,
         )
     show_value = percent if accuracy else value_text
     for row in table.to_dict("records"):
