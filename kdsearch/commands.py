@@ -534,14 +534,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
         writable_file(Path(args.csv), "--csv")
     storage, _ = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
-    if "source_study" in study.user_attrs:  # `promote`'s runs: what `promote` ends with
-        from kdsearch.promote import leaderboard
-
-        board = leaderboard(study)
-        if args.csv:
-            write_csv(board, args.csv, "recipes")
-        else:
-            results.print(leaderboard_table(board))
+    if "source_study" in study.user_attrs:  # `promote`'s runs
+        show_promoted(study, args.csv)
         return 0
     table = trials_table(study, by_value=args.sort == "value")
     if args.csv:
@@ -551,6 +545,35 @@ def cmd_trials(args: argparse.Namespace) -> int:
     else:
         results.print(trials_view(table, accuracy="space" in study.user_attrs))
     return 0
+
+
+def show_promoted(promoted: Any, csv: str | None) -> None:
+    """A promoted study: its leaderboard as `promote` ends with it, then the runs it leaves out
+    (failed, or at another budget); with `csv`, every run."""
+    from kdsearch.promote import current_budget, leaderboard, runs_table
+
+    runs = runs_table(promoted)
+    if csv:
+        write_csv(runs, csv, "runs")
+        return
+    board = leaderboard(promoted)
+    if board.empty:
+        console.print(f"study {promoted.study_name!r}: no promoted run has finished yet")
+    else:
+        results.print(leaderboard_table(board))
+    for _, run in runs[runs["state"] == "FAIL"].iterrows():
+        console.print(
+            f"failed: {run['recipe']}, seed {run['seed']}, {run['budget']} epochs: "
+            f"{str(run['failure']).splitlines()[0]}"
+        )
+    budget = current_budget(promoted)
+    other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]
+    if budget is not None and len(other):
+        budgets = ", ".join(str(b) for b in sorted(set(other["budget"])))
+        console.print(
+            f"{len(other)} finished runs at other budgets ({budgets} epochs) are not in this "
+            "table; `--csv -` lists every run"
+        )
 
 
 def write_csv(table: Any, dest: str, rows: str) -> None:

@@ -292,6 +292,26 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     return frame.sort_values("val_mean", ascending=False, ignore_index=True)
 
 
+def runs_table(promoted: optuna.Study) -> pd.DataFrame:
+    """Every recorded run, finished or failed and at any budget: recipe, seed, budget, state,
+    accuracies (fractions) and why it failed."""
+    rows = [
+        {
+            "recipe": t.user_attrs["label"],
+            "source_trial": int(t.user_attrs["source_trial"]),
+            "seed": int(t.user_attrs["seed"]),
+            "budget": run_budget(t),
+            "state": t.state.name,
+            "val_acc": t.value,
+            "test_acc": t.user_attrs.get("test_acc"),
+            "failure": t.user_attrs.get("failure"),
+        }
+        for t in promoted.trials
+    ]
+    columns = ["recipe", "source_trial", "seed", "budget", "state", "val_acc", "test_acc"]
+    return pd.DataFrame(rows, columns=[*columns, "failure"])
+
+
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 

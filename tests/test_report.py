@@ -209,13 +209,45 @@ def test_trials_columns_follow_the_space_and_sort_by_value_in_the_study_directio
 def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_search(
     tmp_path: Path,
 ) -> None:
-    write_promoted(write_study(tmp_path))
+    url = write_study(tmp_path)
+    promoted = open_promoted(open_storage(url), "s")
+    shown = run_cli("trials", "s-promoted", cwd=tmp_path)
+    assert shown.stderr == "study 's-promoted': no promoted run has finished yet\n"
+    write_promoted(url)
+    for state, budget, attrs in (
+        (TrialState.FAIL, 4, {"failure": "OutOfMemoryError: CUDA out of memory\nmore"}),
+        (TrialState.COMPLETE, 2, {"test_acc": 0.5}),  # an earlier, shorter promotion
+    ):
+        promoted.add_trial(
+            create_trial(
+                state=state,
+                value=0.6 if state == TrialState.COMPLETE else None,
+                params={"source_trial": 1, "seed": 2},
+                distributions={
+                    "source_trial": IntDistribution(-2, 10**6),
+                    "seed": IntDistribution(0, 10**6),
+                },
+                user_attrs={"label": "trial 1", "source_trial": 1, "seed": 2, "budget": budget}
+                | attrs,
+            )
+        )
     # no --storage: `promote` recorded it in the search's file, studies/s.db
     shown = run_cli("trials", "s-promoted", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     title = "promoted at 4 epochs (accuracy %, mean ± sd over seeds)"
     assert title in " ".join(shown.stdout.split())  # rich wraps it to the table's width
     assert re.search(r"trial 1\W+2\W+91\.00 ± 1\.41\W+86\.00 ± 1\.41", shown.stdout), shown.stdout
+    # what the leaderboard leaves out is said, not dropped
+    assert shown.stderr.splitlines() == [
+        "failed: trial 1, seed 2, 4 epochs: OutOfMemoryError: CUDA out of memory",
+        "1 finished runs at other budgets (2 epochs) are not in this table; `--csv -` lists "
+        "every run",
+    ]
+    every = pd.read_csv(
+        io.StringIO(run_cli("trials", "s-promoted", "--csv", "-", cwd=tmp_path).stdout)
+    )
+    assert list(every["state"]) == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE"]
+    assert list(every["budget"]) == [4, 4, 4, 4, 4, 2] and every["val_acc"].max() == 0.92
     proc = run_cli("report", "s-promoted", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == (
         "kdsearch: error: study 's-promoted' holds the promotion runs of study 's': their "
