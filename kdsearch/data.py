@@ -364,14 +364,19 @@ def _extract(archive: Path, folder: str) -> None:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Move the folder `src` to `dst` in one rename; when another process has put `dst` there
-    meanwhile (two runs unpacking the same archive at once), keep that one."""
+    """Move the folder `src` to `dst` in one rename; where `dst` is there already (another
+    process unpacked the same archive meanwhile, or a folder held some of the files), move in
+    only the files it lacks."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         src.rename(dst)
     except OSError:
         if not dst.is_dir():
             raise
+        for entry in src.iterdir():
+            if not (dst / entry.name).exists():
+                with contextlib.suppress(OSError):  # put there meanwhile by another process
+                    entry.rename(dst / entry.name)
 
 
 DOWNLOADS = {
@@ -494,6 +499,11 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+# Bump when decoding changes what an image becomes (2: greyscale in a colour set made colour,
+# 16-bit scaled, not clipped), so that no set decoded the old way is read from the cache.
+DECODE_FORMAT = 2
+
+
 def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     root = _root(cfg)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
@@ -508,7 +518,14 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
         for split in listing.values()
         for _, p in split
     ]
-    key = digest({"root": str(root.resolve()), "size": cfg.image_size, "files": stats})
+    key = digest(
+        {
+            "format": DECODE_FORMAT,
+            "root": str(root.resolve()),
+            "size": cfg.image_size,
+            "files": stats,
+        }
+    )
     cached = cache_dir() / "decoded" / f"imagefolder-{key}.pt"
     saved = _read_decoded(cached)
     if saved is not None:

@@ -449,6 +449,25 @@ def test_a_damaged_decoded_cache_entry_is_decoded_again_and_replaced(
     assert cached.read_bytes() == whole, "the damaged entry is replaced"
 
 
+def test_images_decoded_by_another_decoding_format_are_decoded_again(
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdsearch import data as data_module
+
+    root = tmp_path / "images"
+    _folder(root, {"train": [16, 16], "test": [16, 16]})
+    cfg = DataConfig(dataset="imagefolder", root=str(root))
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "DECODE_FORMAT", data_module.DECODE_FORMAT - 1)
+        load_data(cfg)
+    (old,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
+    old.write_bytes(b"")  # would warn if read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_data(cfg)
+    assert len(list((isolated_cache / "decoded").glob("imagefolder-*.pt"))) == 2
+
+
 def test_an_unwritable_cache_folder_warns_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -564,6 +583,28 @@ def test_fashion_mnist_files_directly_in_root_are_read_without_download(
     data = load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=True))
     assert (len(data.train), len(data.val), len(data.test)) == (90, 10, 30)
     assert not (tmp_path / "FashionMNIST").exists()
+
+
+def test_a_download_completes_a_folder_that_held_some_of_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets as tvd
+
+    def download(root: str, train: bool, download: bool) -> None:
+        _write_fashion(Path(root) / "FashionMNIST" / "raw")  # all four, as torchvision does
+
+    monkeypatch.setattr(tvd, "FashionMNIST", download)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    _write_fashion(raw)
+    kept = (raw / "train-images-idx3-ubyte.gz").read_bytes()
+    for name in ("train-labels", "t10k-images", "t10k-labels"):
+        (raw / f"{name}-idx{1 if 'labels' in name else 3}-ubyte.gz").unlink()
+    data = load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=True))
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 10, 30)
+    assert (
+        len(list(raw.iterdir())) == 4 and (raw / "train-images-idx3-ubyte.gz").read_bytes() == kept
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FashionMNIST"]  # no download folder
 
 
 def test_a_failed_fashion_mnist_download_is_one_line_and_leaves_no_folder(
