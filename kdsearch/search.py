@@ -80,12 +80,14 @@ def share(data: ImageData, teacher: Teacher | None, arch: str) -> Shared:
         arrays,
         meta,
         arch,
-        {} if teacher is None else on_host(teacher.model.state_dict()),
-        {} if teacher is None else {n: on_host(h.state_dict()) for n, h in teacher.heads.items()},
+        {} if teacher is None else host_state(teacher.model.state_dict()),
+        {}
+        if teacher is None
+        else {n: host_state(h.state_dict()) for n, h in teacher.heads.items()},
     )
 
 
-def on_host(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def host_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict in host memory: a CUDA tensor would be rebuilt on its GPU in every trial,
     and fail on a node without one."""
     return {k: v.cpu() for k, v in state.items()}
@@ -567,10 +569,8 @@ def trial_resources(
                 f"{kind.upper()}s"
             )
     if gpu == 0 and device.startswith("cuda"):
-        raise RecipeError(
-            f"device: {device}, but trials get no GPU (search.per_trial.gpu is 0"
-            f"{'' if gpus else ' and the Ray cluster has none'}); use device: auto or cpu"
-        )
+        why = "search.per_trial.gpu is 0" if gpus else "the Ray cluster has no GPU"
+        raise RecipeError(f"device: {device}, but trials get no GPU ({why}); use auto or cpu")
     return per_trial.cpu, gpu
 
 

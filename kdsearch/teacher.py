@@ -47,7 +47,7 @@ from kdsearch.train import (
 )
 
 CACHE_FORMAT = 1  # bump when the cached file's layout or the teacher training loop changes
-HEADS_FORMAT = 2  # likewise for the heads (2: ShuffleNetV2 and MobileNetV2 last-stage heads)
+HEADS_FORMAT = 2  # likewise for the heads (2: last-stage heads of ShuffleNetV2, MobileNetV2, VGG)
 
 
 @dataclass(frozen=True)

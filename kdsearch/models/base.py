@@ -32,9 +32,9 @@ class TapModel(nn.Module):
 
     @abstractmethod
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
-        """A freshly initialised copy of the layers after `stage` (one extra block after the last
-        stage), and its output width: the body of an auxiliary classifier on that stage, as HSAKD
-        builds them. `stage` is one of `head_stages`."""
+        """A freshly initialised copy of the layers after `stage` (on the last stage, that stage
+        again at stride 1), and its output width: the body of an auxiliary classifier on that
+        stage, as HSAKD builds them. `stage` is one of `head_stages`."""
 
     @property
     def head_stages(self) -> tuple[int, ...]:
