@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import MutableMapping, Sequence
 from contextlib import suppress
@@ -504,9 +505,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         f"optuna-dashboard: http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C stops)",
         flush=True,
     )
-    with suppress(KeyboardInterrupt):
-        server.serve_forever()
+    serve_until_stopped(server)
     return 0
+
+
+def serve_until_stopped(server: Any) -> None:
+    """Serve requests on a thread of their own until Ctrl-C or SIGTERM. Served on this thread, a
+    stop that lands while a request is handled is swallowed by wsgiref's error handler, and the
+    server serves on."""
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    with suppress(KeyboardInterrupt):
+        while serving.is_alive():
+            serving.join(0.5)
+    server.shutdown()
+    server.server_close()
 
 
 def cmd_report(args: argparse.Namespace) -> int:

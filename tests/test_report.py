@@ -4,6 +4,8 @@ import io
 import json
 import re
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -460,6 +462,46 @@ def _get(url: str) -> dict[str, object]:
         except OSError:
             assert time.monotonic() < deadline
             time.sleep(0.5)
+
+
+SLOW_SERVER = """
+import signal, sys, time
+from wsgiref.simple_server import make_server
+from kdsearch.cli import stop_as_ctrl_c
+from kdsearch.commands import serve_until_stopped
+
+def slow(environ, start_response):
+    print("handling", flush=True)
+    time.sleep(float(sys.argv[1]))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"done"]
+
+signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+server = make_server("127.0.0.1", 0, slow)
+print(server.server_port, flush=True)
+serve_until_stopped(server)
+print("stopped", flush=True)
+"""
+
+
+def test_a_stop_during_a_request_stops_the_server() -> None:
+    """wsgiref's error handler swallows a KeyboardInterrupt raised inside a request: a SIGTERM
+    that lands then must still stop the dashboard, not leave it serving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVER, "3"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert proc.stdout.readline() == "handling\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and out == "stopped\n"
+        client.close()
+    finally:
+        proc.kill()
 
 
 def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
