@@ -57,7 +57,8 @@ def scalers(monkeypatch: pytest.MonkeyPatch) -> list[torch.amp.GradScaler]:
 def test_auto_device_trains_on_cuda_in_bf16(
     synthetic: ImageData, linear_dtypes: list[torch.dtype]
 ) -> None:
-    assert torch.cuda.get_device_capability()[0] >= 8, "bf16 is `auto` from Ampere on"
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("`auto` is bf16 from Ampere on (fp16 before)")
     teacher = train(tiny_recipe({"distill.kd.weight": 0.0, "device": "auto"}), synthetic).student
     linear_dtypes.clear()
     result = train(
