@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sort",
         choices=("number", "value"),
         default="number",
-        help="order: by trial number (default), or the COMPLETE trials best first",
+        help="order: by trial number (default), or the COMPLETE trials best first "
+        "(a promoted study's leaderboard is always best first)",
     )
     p.set_defaults(func=cmd_trials)
     return parser
