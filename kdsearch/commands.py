@@ -489,8 +489,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     given = args.storage
     named = study_file(given)
-    if "://" not in given and not Path(given).is_file() and named.is_file():
-        given = str(named)  # a study name, as the other commands take
+    if "://" not in given and not Path(given).is_file():
+        if named.is_file():
+            given = str(named)  # a study name, as the other commands take
+        elif Path(given).name == given:  # a bare name: say both places it was looked for
+            raise KdsearchError(f"no study database at {named} or {Path(given).resolve()}")
     storage = existing_storage(storage_url(given))
 
     class Quiet(WSGIRequestHandler):

@@ -315,6 +315,9 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
     assert (
         proc.returncode == 2 and f"no study database at {tmp_path}/studies/typo.db" in proc.stderr
     )
+    proc = run_cli("dashboard", "typo", "--port", "0", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"no study database at studies/typo.db or {tmp_path}/typo" in proc.stderr
     (tmp_path / "folder").mkdir()
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
