@@ -8,13 +8,14 @@ This module imports no torch, so reading and checking a recipe is cheap.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from kdsearch.errors import RecipeError
 
@@ -50,6 +51,8 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 Weight = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 Epochs = Annotated[int, Field(ge=1)]
+# Bounded so that a typo is an error, not a traceback from torch.manual_seed (past 2**64 - 1).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class Section(BaseModel):
@@ -66,7 +69,7 @@ class DataConfig(Section):
     download: bool = True
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     subset: Annotated[int, Field(ge=1)] | None = None
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     image_size: Annotated[int, Field(ge=8)] | None = None
 
 
@@ -75,7 +78,7 @@ class TeacherTrainConfig(Section):
 
     epochs: Epochs = 240
     lr: Positive = 0.05
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
 
 
 class TeacherHeadsConfig(Section):
@@ -194,6 +197,15 @@ class DistillConfig(Section):
     hsakd: HSAKDConfig = HSAKDConfig()
     stkd: STKDConfig = STKDConfig()
 
+    @model_validator(mode="after")
+    def _some_term_on(self) -> DistillConfig:
+        if all(term.weight == 0 for _, term in self):
+            raise ValueError(
+                "every term has weight 0, so nothing would be trained; "
+                "give one a weight above 0 (ce, say)"
+            )
+        return self
+
 
 class OptimConfig(Section):
     """Stochastic gradient descent, as every CIFAR distillation paper trains."""
@@ -247,7 +259,7 @@ class Recipe(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     compile: bool = False
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _placement_fits_student(self) -> Recipe:
@@ -261,7 +273,7 @@ class Recipe(Section):
     def from_dict(cls, raw: Any, *, source: str = "recipe") -> Recipe:
         """Validate a plain mapping; every problem is reported with its dotted key."""
         if not isinstance(raw, Mapping):
-            raise RecipeError(f"{source}: a recipe must be a mapping, got {type(raw).__name__}")
+            raise not_a_mapping(raw, "a recipe", cls.model_fields, source=source)
         try:
             return cls.model_validate(dict(raw))
         except ValidationError as err:
@@ -319,12 +331,31 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            lines.append(_tag_problem(e, model, loc, key))
         elif e["type"] == "value_error":
             message = str(e["msg"]).removeprefix("Value error, ")
             lines.append(f"{key}: {message}" if loc else message)  # a check across keys names them
         else:
             lines.append(f"{key}: {e['msg']} (got {_short(e.get('input'))})")
     return "; ".join(lines)
+
+
+def _tag_problem(e: ErrorDetails, model: type[BaseModel], loc: tuple[str, ...], key: str) -> str:
+    """A union told apart by one key (a search-space parameter's `type`) missing that key, or
+    naming no member: the key and the values allowed there."""
+    name = str(e["ctx"]["discriminator"]).strip("'")
+    members = _union_members(_user_keys(model, loc)[1])
+    allowed = ", ".join(str(v) for m in members for v in get_args(m.model_fields[name].annotation))
+    if e["type"] == "union_tag_not_found":
+        return f"{key}.{name}: required key is missing; allowed: {allowed}"
+    return f"{key}.{name}: got {_short(e['input'][name])}; allowed: {allowed}"
+
+
+def not_a_mapping(raw: Any, what: str, keys: Iterable[str], *, source: str) -> RecipeError:
+    """The error for a file that holds no mapping: what it holds, and the keys that go in one."""
+    got = "it is empty" if raw is None else f"it is a {type(raw).__name__}"
+    return RecipeError(f"{source}: {got}; {what} is a mapping of {', '.join(keys)}")
 
 
 def placement_problem(arch: str, placement: list[int]) -> str | None:

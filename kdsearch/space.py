@@ -5,6 +5,8 @@ A space is checked completely when it is loaded, before anything runs: every pat
 recipe and is not one the search prepares once (the data set, the teacher), every bound is valid,
 every value a parameter can take fits the recipe's type there, and every `when` refers to an
 earlier parameter and to values it can take, and can hold with the conditions it depends on.
+Nothing searched is lost: a `$decision` is named by some `when`, and a section is not searched
+together with a key inside it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import (
     Recipe,
     Section,
+    Seed,
     describe,
     load_yaml,
+    not_a_mapping,
     placement_problem,
     read_text,
 )
@@ -149,7 +153,7 @@ class SearchConfig(Section):
     concurrent: Annotated[int, Field(ge=1)] = 2
     per_trial: PerTrialConfig = PerTrialConfig()
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     teacher_store: TeacherStoreConfig = TeacherStoreConfig()
 
 
@@ -188,12 +192,19 @@ class SpaceFile(Section):
     """The YAML file as written."""
 
     study: StudyConfig
-    base: dict[str, Any] | str
+    base: dict[Any, Any] | str  # a recipe's own keys are checked by the recipe
     space: dict[str, Param]
     search: SearchConfig = SearchConfig()
     asha: AshaConfig
     promote: PromoteConfig | None = None
     export: ExportConfig | None = None
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _recipe_or_file(cls, value: Any) -> Any:
+        if not isinstance(value, dict | str):
+            raise ValueError(f"a recipe (a mapping) or the path of a recipe file, got {value!r}")
+        return value
 
 
 class SuggestTrial(Protocol):
@@ -238,15 +249,19 @@ class SearchSpace:
         folder: Path = Path("."),
         base_changes: Mapping[str, Any] | None = None,
     ) -> SearchSpace:
+        """Parse and check a space's YAML text; `folder` is where a `base` file is looked for."""
         raw = load_yaml(text, source=source)
         if not isinstance(raw, Mapping):
-            raise RecipeError(f"{source}: a search space must be a mapping")
+            raise not_a_mapping(raw, "a search space", SpaceFile.model_fields, source=source)
         try:
             config = SpaceFile.model_validate(dict(raw))
         except ValidationError as err:
             raise RecipeError(f"{source}: {describe(err, SpaceFile)}") from None
         if isinstance(config.base, str):
-            base = Recipe.load(folder / config.base)
+            try:
+                base = Recipe.load(folder / config.base)
+            except RecipeError as err:
+                raise RecipeError(f"{source}: base: {err}") from None
         else:
             base = Recipe.from_dict(config.base, source=f"{source}: base")
         if base_changes:
@@ -315,12 +330,25 @@ class SearchSpace:
                 f"{self.source}: space: searches no recipe path, so every trial would train the "
                 "same recipe; name at least one (for example distill.kd.temperature)"
             )
+        used = {ref for p in self.params.values() for ref in p.when or {}}
+        for name in self.params:
+            if name.startswith("$") and name not in used:
+                raise RecipeError(
+                    f"{self.source}: space.{name}: no when refers to it, so it changes nothing; "
+                    f"name it in a when (when: {{{name}: VALUE}}) or leave it out"
+                )
         self._check_placements()
 
     def _check_path(
         self, name: str, p: FloatParam | IntParam | CategoricalParam, where: str
     ) -> None:
         """`name` is a recipe path that a trial can change, and every value of `p` fits there."""
+        for other in self.params:
+            if other.startswith(f"{name}.") or name.startswith(f"{other}."):
+                raise RecipeError(
+                    f"{where}: {other} is searched too, so one would overwrite the other; "
+                    "search the section or the keys in it, not both"
+                )
         if name in ("schedule.epochs", "schedule.milestones"):
             raise RecipeError(f"{where}: the trial budget is asha.max_epochs; not searchable")
         if name.split(".")[0] in PREPARED_ONCE:

@@ -70,7 +70,18 @@ def test_shipped_recipes_load() -> None:
             "teacher.arch: Input should be 'resnet8'",
         ),
         ("data: {dataset: digits}\nteacher: {arch: resnet20}", "student: required key is missing"),
-        ("- just a list", "a recipe must be a mapping"),
+        (MINIMAL + "seed: 18446744073709551616", "seed: Input should be less than or equal to"),
+        (
+            MINIMAL.replace("resnet20}", "resnet20, train: {seed: 18446744073709551616}}"),
+            "teacher.train.seed: Input should be less than or equal to 4294967295",
+        ),
+        ("- just a list", "r.yaml: it is a list; a recipe is a mapping of data, teacher, student,"),
+        ("", "r.yaml: it is empty; a recipe is a mapping of data, teacher, student,"),
+        (
+            MINIMAL + "distill: {ce: {weight: 0}, kd: {weight: 0.0}}",
+            "r.yaml: distill: every term has weight 0, so nothing would be trained; "
+            "give one a weight above 0 (ce, say)",
+        ),
         ("data: [1, 2", "not valid YAML"),
     ],
 )

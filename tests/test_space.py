@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,16 @@ def test_shipped_spaces_are_valid(name: str) -> None:
     assert space.trial_recipe.schedule.epochs == space.config.asha.max_epochs
 
 
+@pytest.mark.parametrize("name", ["digits", "cifar10"])
+def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
+    path = REPO / "search_spaces" / f"{name}.yaml"
+    asha = SearchSpace.load(path).config.asha
+    rungs = [asha.grace_epochs * asha.reduction_factor**k for k in range(asha.max_epochs)]
+    named = re.search(r"at epochs (\d+(?:, \d+)*(?:,? and \d+)?)", path.read_text())
+    assert named is not None
+    assert re.findall(r"\d+", named.group(1)) == [str(int(r)) for r in rungs if r < asha.max_epochs]
+
+
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -64,7 +75,12 @@ def test_shipped_spaces_are_valid(name: str) -> None:
         ),
         (
             "  distill.kd.temperature: {type: normal, low: 1, high: 2}",
-            "space.distill.kd.temperature: Input tag 'normal' found using 'type' does not match",
+            "space.distill.kd.temperature.type: got 'normal'; allowed: float, int, categorical",
+        ),
+        (
+            "  distill.kd.temperature: {tpye: float, low: 1, high: 2}",
+            "space.distill.kd.temperature.type: required key is missing; "
+            "allowed: float, int, categorical",
         ),
         (
             "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}\n  $x: {type: categorical, choices: [a, b]}",
@@ -75,6 +91,17 @@ def test_shipped_spaces_are_valid(name: str) -> None:
             "when $x = 'c', but $x never takes that value",
         ),
         ("  $x: {type: float, low: 1, high: 2}", "a $decision must be categorical"),
+        (
+            "  distill.kd.temperature: {type: float, low: 1, high: 8}\n"
+            "  distill.kd: {type: categorical, choices: [{weight: 1.0}, {weight: 0.5}]}",
+            "space.distill.kd.temperature: distill.kd is searched too, so one would overwrite "
+            "the other; search the section or the keys in it, not both",
+        ),
+        (
+            "  distill: {type: categorical, choices: [{kd: {weight: 1.0}}]}\n"
+            "  distill.kd.weight: {type: float, low: 0.1, high: 1}",
+            "space.distill: distill.kd.weight is searched too",
+        ),
         ("  schedule.epochs: {type: int, low: 1, high: 9}", "the trial budget is asha.max_epochs"),
         (
             "  distill.hsakd.placement: {type: categorical, choices: [[1, 2], [2, 2]]}",
@@ -103,6 +130,7 @@ def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
     [
         ("search: {trials: 0}\n", "search.trials: Input should be greater than or equal to 1"),
         ("search: {sampler: grid}\n", "search.sampler: Input should be 'tpe' or 'random'"),
+        ("search: {seed: 4294967296}\n", "search.seed: Input should be less than or equal to"),
         (
             "bogus: 1\n",
             "bogus: unknown key; allowed here: study, base, space, search, asha, promote, export",
@@ -224,6 +252,19 @@ def test_a_space_that_searches_no_recipe_path_is_refused(params: str) -> None:
     assert str(info.value) == (
         "s.yaml: space: searches no recipe path, so every trial would train the same recipe; "
         "name at least one (for example distill.kd.temperature)"
+    )
+
+
+def test_a_decision_no_when_refers_to_is_refused() -> None:
+    # Likely a forgotten `when`: every trial would sample it and it would change nothing.
+    with pytest.raises(RecipeError) as info:
+        space_of(
+            "  $extra: {type: categorical, choices: [none, crd]}\n"
+            "  distill.crd.weight: {type: float, low: 0.1, high: 2.0}\n"
+        )
+    assert str(info.value) == (
+        "s.yaml: space.$extra: no when refers to it, so it changes nothing; "
+        "name it in a when (when: {$extra: VALUE}) or leave it out"
     )
 
 
@@ -373,6 +414,43 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
         "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
     )
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("r.yaml", "s.yaml: base: {folder}/r.yaml: no such file"),
+        ("", "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got None"),
+        (
+            "[r.yaml]",
+            "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got ['r.yaml']",
+        ),
+        (
+            "{data: {dataset: digits}, teacher: {arch: resnet8}, student: {arch: resnet8}, 3: x}",
+            "s.yaml: base: 3: Keys should be strings",
+        ),
+    ],
+)
+def test_a_bad_base_names_the_space_file_and_base(tmp_path: Path, base: str, expected: str) -> None:
+    text = (
+        f"study: {{name: t}}\nbase: {base}\nasha: {{max_epochs: 3}}\n"
+        "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(text, source="s.yaml", folder=tmp_path)
+    assert str(info.value).startswith(expected.format(folder=tmp_path)), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [("", "it is empty"), ("- study\n", "it is a list"), ("study\n", "it is a str")],
+)
+def test_a_space_that_is_no_mapping_says_what_it_is_and_what_goes_in_one(
+    text: str, got: str
+) -> None:
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(text, source="s.yaml")
+    assert str(info.value).startswith(f"s.yaml: {got}; a search space is a mapping of study, base,")
 
 
 def space_with_sets(params: str, changes: dict[str, object]) -> SearchSpace:
