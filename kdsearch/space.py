@@ -363,9 +363,10 @@ class SearchSpace:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
         for value in _extremes(p):
             try:
-                base.override({name: value})
+                base.override({name: value}, source="the recipe")
             except RecipeError as err:
-                raise RecipeError(f"{where}: {value!r} does not fit the recipe: {err}") from None
+                problem = str(err).removeprefix("the recipe: ")
+                raise RecipeError(f"{where}: {value!r} does not fit the recipe: {problem}") from None
 
     def _check_when(self, p: _Param, seen: list[str], where: str) -> None:
         """Each condition names an earlier parameter and values it can take exactly."""

@@ -71,7 +71,7 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
         ),
         (
             "  batch_size: {type: int, low: 1, high: 64}",
-            "space.batch_size: 1 does not fit the recipe",
+            "space.batch_size: 1 does not fit the recipe: batch_size: Input should be greater",
         ),
         (
             "  distill.kd.temperature: {type: normal, low: 1, high: 2}",
