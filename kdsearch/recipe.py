@@ -269,6 +269,12 @@ class Recipe(Section):
                 raise ValueError(f"distill.hsakd.placement {problem}")
         return self
 
+    @model_validator(mode="after")
+    def _fp16_on_cuda(self) -> Recipe:
+        if self.precision == "fp16" and self.device == "cpu":  # device auto: known at run time
+            raise ValueError("precision: fp16 needs CUDA; use bf16 or fp32 with device: cpu")
+        return self
+
     @classmethod
     def from_dict(cls, raw: Any, *, source: str = "recipe") -> Recipe:
         """Validate a plain mapping; every problem is reported with its dotted key."""

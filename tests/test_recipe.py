@@ -82,6 +82,10 @@ def test_shipped_recipes_load() -> None:
             "r.yaml: distill: every term has weight 0, so nothing would be trained; "
             "give one a weight above 0 (ce, say)",
         ),
+        (
+            MINIMAL + "precision: fp16\ndevice: cpu",
+            "r.yaml: precision: fp16 needs CUDA; use bf16 or fp32 with device: cpu",
+        ),
         ("data: [1, 2", "not valid YAML"),
     ],
 )
