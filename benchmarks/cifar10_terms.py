@@ -1,7 +1,8 @@
 """Each distillation term alone on a real CIFAR-10 subset, against KD and the student alone.
 
-    python benchmarks/cifar10_terms.py --root DIR [--subset 4000] [--epochs 10] [--seeds 2]
-        [--teacher resnet20] [--student resnet8] [--teacher-epochs 40] [--heads-epochs 20]
+    python benchmarks/cifar10_terms.py --root DIR [--dataset imagefolder] [--subset 4000]
+        [--epochs 10] [--seeds 2] [--teacher resnet20] [--student resnet8] [--teacher-epochs 40]
+        [--heads-epochs 20] [--terms kd,pkt,crd,cktf,sskd,hsakd,stkd]
 
 DIR is CIFAR-10 as an image folder (`train/<class>/*.jpg`, `test/...`; the JPEG archive in
 ../shared/data extracts to one) or, with `--dataset cifar10`, the official pickles. Every variant
@@ -13,15 +14,16 @@ epoch, mean and spread over seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
+
+from tables import device_line, names, positive, run, stdev
 
 from kdsearch.data import load_data
 from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe
 from kdsearch.teacher import get_teacher
-from kdsearch.train import train
+from kdsearch.train import resolve_device, train
 
 # The weight each paper trains its term with, in kdsearch's units (PKT: 30000 / 64, see pkt.py).
 PAPER_WEIGHTS = {
@@ -39,14 +41,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
-    parser.add_argument("--subset", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--subset", type=positive, default=4000)
+    parser.add_argument("--epochs", type=positive, default=10)
+    parser.add_argument("--seeds", type=positive, default=2)
     parser.add_argument("--teacher", default="resnet20")
     parser.add_argument("--student", default="resnet8")
-    parser.add_argument("--teacher-epochs", type=int, default=40)
-    parser.add_argument("--heads-epochs", type=int, default=20)
-    parser.add_argument("--terms", default="kd,pkt,crd,cktf,sskd,hsakd,stkd")
+    parser.add_argument("--teacher-epochs", type=positive, default=40)
+    parser.add_argument("--heads-epochs", type=positive, default=20)
+    parser.add_argument("--terms", type=names(list(PAPER_WEIGHTS)), default=",".join(PAPER_WEIGHTS))
     args = parser.parse_args()
     base = Recipe.from_dict(
         {
@@ -72,6 +74,7 @@ def main() -> None:
     started = time.perf_counter()
     teacher = get_teacher(base, data, heads=True)
     print(
+        f"{device_line(resolve_device(base.device))}; "
         f"data: {len(data.train)} train / {len(data.val)} val; teacher {args.teacher} "
         f"val acc {100 * teacher.val_acc:.2f}% ({teacher.source}, "
         f"{time.perf_counter() - started:.0f} s)",
@@ -84,7 +87,7 @@ def main() -> None:
     )
     print("|---|---|---|---|", flush=True)
     variants: list[tuple[str, dict[str, float]]] = [("student alone", {})]
-    variants += [(t, {f"distill.{t}.weight": PAPER_WEIGHTS[t]}) for t in args.terms.split(",")]
+    variants += [(t, {f"distill.{t}.weight": PAPER_WEIGHTS[t]}) for t in args.terms]
     for name, changes in variants:
         accs, speeds = [], []
         for seed in range(args.seeds):
@@ -94,18 +97,15 @@ def main() -> None:
                 teacher=teacher.model,
                 teacher_heads=teacher.heads,
             )
-            losses = [s.train_loss for s in result.history]
-            assert all(math.isfinite(v) for v in losses), f"{name} diverged"
             accs.append(100 * result.val_acc)
             speeds.append(result.images_per_sec)
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         label = name if name == "student alone" else f"{name} (weight {PAPER_WEIGHTS[name]:g})"
         print(
-            f"| {label} | {statistics.mean(accs):.2f} ± {spread:.2f} | "
+            f"| {label} | {statistics.mean(accs):.2f} ± {stdev(accs):.2f} | "
             f"{', '.join(f'{a:.1f}' for a in accs)} | {statistics.mean(speeds):.0f} |",
             flush=True,
         )
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,29 +11,36 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from tables import Table, device_line, positive, run, stdev
+
 from kdsearch.data import load_data
 from kdsearch.recipe import Recipe
 from kdsearch.teacher import get_teacher
-from kdsearch.train import evaluate_split, train
+from kdsearch.train import evaluate_split, resolve_device, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="search_spaces/recipes/digits.yaml")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=positive, default=5)
     args = parser.parse_args()
     base = Recipe.load(args.recipe)
     data = load_data(base.data)
     teacher = get_teacher(base, data)
     t_test = evaluate_split(teacher.model, data.test, data, base)[0]
-    print(
-        f"teacher {base.teacher.arch}: val {100 * teacher.val_acc:.2f}%  test {100 * t_test:.2f}%"
+    table = Table(
+        f"{device_line(resolve_device(base.device))}, "
+        + (f"seeds 0-{args.seeds - 1}, mean ± standard deviation" if args.seeds > 1 else "seed 0"),
+        "",
+        "| | validation acc % | test acc % |",
+        "|---|---|---|",
+        f"| teacher {base.teacher.arch} | {100 * teacher.val_acc:.2f} | {100 * t_test:.2f} |",
     )
+    kd = base.distill.kd
     variants = {
-        "student alone (kd weight 0)": {"distill.kd.weight": 0.0},
-        f"KD (weight {base.distill.kd.weight}, T {base.distill.kd.temperature})": {},
+        f"student {base.student.arch} alone (`distill.kd.weight: 0`)": {"distill.kd.weight": 0.0},
+        f"student {base.student.arch} with KD (weight {kd.weight:g}, T {kd.temperature:g})": {},
     }
-    print(f"{'student ' + base.student.arch:<34} {'val acc %':>16} {'test acc %':>16}  seeds")
     for name, changes in variants.items():
         val, test = [], []
         for seed in range(args.seeds):
@@ -41,11 +48,11 @@ def main() -> None:
             result = train(recipe, data, teacher=teacher.model)
             val.append(100 * result.val_acc)
             test.append(100 * evaluate_split(result.student, data.test, data, recipe)[0])
-        print(
-            f"{name:<34} {statistics.mean(val):7.2f} ± {statistics.stdev(val):5.2f}  "
-            f"{statistics.mean(test):7.2f} ± {statistics.stdev(test):5.2f}  {args.seeds}"
+        table.row(
+            f"| {name} | {statistics.mean(val):.2f} ± {stdev(val):.2f} | "
+            f"{statistics.mean(test):.2f} ± {stdev(test):.2f} |"
         )
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,14 +18,13 @@ about the forward pass, (step + forward) / step.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from tables import Table
+from tables import Table, device_line, pairs, positive, run
 
 from kdsearch.models import build_model
 from kdsearch.train import autocast, autocast_dtype, resolve_device
@@ -81,23 +80,25 @@ def step_and_forward(
     return mean_ms(step, steps, device), mean_ms(forward, steps, device)
 
 
+def thread_counts(text: str) -> list[int]:
+    """`--threads`: a comma-separated list of thread counts (an argparse type)."""
+    return [positive(t) for t in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--pairs", default="resnet20:resnet8,resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
-    )
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=pairs, default=PAIRS)
+    parser.add_argument("--threads", type=thread_counts, default="1,2")
+    parser.add_argument("--steps", type=positive, default=8)
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--out")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = autocast_dtype(args.precision, device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     table = Table(
-        f"device: {device.type} ({where or platform.machine()}), torch {torch.__version__}, "
+        f"{device_line(device)}, torch {torch.__version__}, "
         f"{dtype or torch.float32}, batch {BATCH}, means of {args.steps} calls, "
         f"medians of {args.rounds} rounds",
         "",
@@ -105,10 +106,9 @@ def main() -> None:
         "| teacher forward ms, NCHW / channels-last | speed-up |",
         "|---|---|---|---|---|---|",
     )
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in args.threads:
         torch.set_num_threads(threads)
-        for pair in args.pairs.split(","):
-            t_arch, s_arch = pair.split(":")
+        for t_arch, s_arch in args.pairs:
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYOUTS}
             for _ in range(args.rounds):
                 for name, layout in LAYOUTS.items():
@@ -128,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

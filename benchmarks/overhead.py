@@ -50,14 +50,17 @@ from searches import (
     finished_trials,
     run_search,
     shipped_space,
+    trial_device,
     work_dir,
     write_space,
 )
-from tables import Table
+from tables import Table, positive, run
 
 
 @dataclass(frozen=True)
 class Run:
+    """One search's wall time, busy time and the slot-seconds of each part of the rest."""
+
     trials: int
     slots: int
     wall: float
@@ -86,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/digits.yaml")
     parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 search)")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=positive, default=2)
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out", help="also write the tables to this markdown file")
     # the bare start-up's child: slots and CPUs per slot
@@ -95,6 +98,8 @@ def main() -> None:
     if args.bare is not None:
         bare(int(args.bare[0]), args.bare[1])
         return
+    if not Path(args.space).is_file():
+        parser.error(f"--space {args.space}: no such file")
     work = work_dir(args.work, "kdsearch-overhead-")
     docs = {Path(args.space).stem: shipped_space(Path(args.space))}
     if args.root:
@@ -112,7 +117,8 @@ def main() -> None:
     measure_bare(*shapes[0])  # not counted: the first process after a while reads a cold disk
     bares = {shape: [measure_bare(*shape) for _ in range(args.runs)] for shape in shapes}
     table = Table(
-        f"{os.cpu_count()} CPU cores, teacher cached, {args.runs} runs; bare start-up "
+        f"{trial_device()}; {os.cpu_count()} CPU cores, teacher cached, {args.runs} runs; "
+        "bare start-up "
         + ", ".join(
             f"{n} slots of {cpu:g} CPU {' / '.join(f'{s:.1f}' for s in walls)} s"
             for (n, cpu), walls in bares.items()
@@ -204,4 +210,4 @@ def measure(space: Path, work: Path, name: str, slots: int) -> Run:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

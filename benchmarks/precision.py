@@ -10,7 +10,9 @@ validation and test accuracy, mean and spread over `--seeds`, and training image
 CIFAR-10 (80% train, 20% validation; the test split in full): resnet20 -> resnet8 with KD for
 `--epochs`, the teacher trained once in fp32 for 30 epochs (cached). With `--pairs`, also KD
 training images per second of each pair on random 32x32 images with 100 classes, batch 64, fp32
-and bf16 alternately, `--rounds` times (medians; as benchmarks/terms.py). Prints which bf16
+and bf16 alternately, `--rounds` times (medians, and the median of the rounds' ratios; as
+benchmarks/terms.py). The accuracy rows' speeds are their whole runs', all fp32 seeds before the
+bf16 ones: a rough figure next to the alternated rows. Prints which bf16
 instructions the CPU has: where it has none, PyTorch emulates bf16 arithmetic and it cannot be
 faster than fp32.
 """
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import torch
 from searches import cifar10_base
-from terms import BATCH, pair_recipe, random_data
+from tables import cpu_name, pairs, positive, run, stdev
+from terms import BATCH, CLASSES, pair_recipe, random_data
 
-from kdsearch.data import load_data
+from kdsearch.data import ImageData, load_data
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 from kdsearch.teacher import get_teacher
@@ -35,6 +38,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def cpu_bf16() -> str:
+    """The CPU's bf16 and AMX instruction flags, or a note that it has none."""
     flags = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -46,22 +50,23 @@ def cpu_bf16() -> str:
     return ", ".join(found) if found else "none (no avx512_bf16, no AMX)"
 
 
-def speed(pairs: list[str], steps: int, rounds: int) -> list[str]:
+def speed(archs: list[tuple[str, str]], steps: int, rounds: int) -> list[str]:
+    """Rows of KD's training speed in fp32 and bf16 for each (teacher, student) of `archs`."""
     data = random_data(steps * BATCH)
     rows = []
-    for pair in pairs:
-        t_arch, s_arch = pair.split(":")
-        teacher = build_model(t_arch, 100, 3)
+    for t_arch, s_arch in archs:
+        teacher = build_model(t_arch, CLASSES, 3)
         measured: dict[str, list[float]] = {p: [] for p in PRECISIONS}
         for _ in range(rounds):
             for precision in PRECISIONS:
                 recipe = pair_recipe(t_arch, s_arch, "cpu").override({"precision": precision})
                 result = train(recipe, data, teacher=teacher)
                 measured[precision].append(result.history[-1].images_per_sec)
-        fp32, bf16 = (statistics.median(measured[p]) for p in PRECISIONS)
+        fp32, bf16 = measured["fp32"], measured["bf16"]
+        ratio = statistics.median(b / f for b, f in zip(bf16, fp32, strict=True))
         rows.append(
-            f"| {t_arch} -> {s_arch} KD | {fp32:.1f} img/s | {bf16:.1f} img/s | "
-            f"{bf16 / fp32:.2f}x |"
+            f"| {t_arch} -> {s_arch} | {statistics.median(fp32):.1f} | "
+            f"{statistics.median(bf16):.1f} | {ratio:.2f}x |"
         )
     return rows
 
@@ -78,55 +83,62 @@ def cifar_recipe(root: str, subset: int, epochs: int) -> Recipe:
     )
 
 
-def accuracy(name: str, base: Recipe, seeds: int) -> list[str]:
+def accuracy(name: str, base: Recipe, data: ImageData, seeds: int) -> list[str]:
     """Rows of fp32 and bf16 training of `base` over `seeds`, from one fp32 teacher."""
-    data = load_data(base.data)
     teacher = get_teacher(base.override({"precision": "fp32"}), data).model
     rows = []
     for precision in PRECISIONS:
-        val, test, speed = [], [], []
+        val, test, speeds = [], [], []
         for seed in range(seeds):
             recipe = base.override({"seed": seed, "precision": precision, "device": "cpu"})
             result = train(recipe, data, teacher=teacher)
             val.append(100 * result.val_acc)
             test.append(100 * evaluate_split(result.student, data.test, data, recipe)[0])
-            speed.append(result.images_per_sec)
+            speeds.append(result.images_per_sec)
         rows.append(
-            f"| {name}, {precision} | {statistics.mean(val):.2f} ± {statistics.stdev(val):.2f} "
-            f"| {statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} "
-            f"| {statistics.median(speed):.0f} |"
+            f"| {name}, {precision} | {statistics.mean(val):.2f} ± {stdev(val):.2f} "
+            f"| {statistics.mean(test):.2f} ± {stdev(test):.2f} "
+            f"| {statistics.median(speeds):.0f} |"
         )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="", help="teacher:student,... (default: none)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 rows)")
-    parser.add_argument("--subset", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=15)
-    args = parser.parse_args()
-    print(
-        f"CPU bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads\n"
+    parser.add_argument(
+        "--pairs", type=pairs, default=[], help="teacher:student,... (default: none)"
     )
-    print(f"| run ({args.seeds} seeds) | val acc % | test acc % | train img/s |", flush=True)
-    print("|---|---|---|---|", flush=True)
+    parser.add_argument("--steps", type=positive, default=3)
+    parser.add_argument("--rounds", type=positive, default=2)
+    parser.add_argument("--seeds", type=positive, default=3)
+    parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 rows)")
+    parser.add_argument("--subset", type=positive, default=5000)
+    parser.add_argument("--epochs", type=positive, default=15)
+    args = parser.parse_args()
     runs = [("digits KD", Recipe.load("search_spaces/recipes/digits.yaml"))]
     if args.root:
         recipe = cifar_recipe(args.root, args.subset, args.epochs)
-        runs.append((f"CIFAR-10 {args.subset} KD", recipe))
-    for name, recipe in runs:
-        for row in accuracy(name, recipe, args.seeds):
+        runs.append((f"CIFAR-10 {args.subset:,}, KD", recipe))
+    datas = [load_data(recipe.data) for _, recipe in runs]  # a wrong --root fails before training
+    print(
+        f"CPU: {cpu_name()}; bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print(
+        f"| run ({args.seeds} seeds) | val acc % | test acc % | train img/s (median) |", flush=True
+    )
+    print("|---|---|---|---|", flush=True)
+    for (name, recipe), data in zip(runs, datas, strict=True):
+        for row in accuracy(name, recipe, data, args.seeds):
             print(row, flush=True)
     if args.pairs:
-        print("\n| training | fp32 | bf16 | bf16 / fp32 |\n|---|---|---|---|", flush=True)
-        for row in speed(args.pairs.split(","), args.steps, args.rounds):
+        print(
+            "\n| KD training | fp32 img/s | bf16 img/s | bf16 / fp32 |\n|---|---|---|---|",
+            flush=True,
+        )
+        for row in speed(args.pairs, args.steps, args.rounds):
             print(row, flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -2,8 +2,8 @@
 CIFAR-10 subset: the best validation accuracy reached against the compute spent.
 
     python benchmarks/search_quality.py --root DIR [--subset 2000] [--val-fraction 0.2]
-        [--trials 12] [--max-epochs 18] [--grace 2] [--reduction 3] [--seed 0] [--lr LR]
-        [--orders 200] [--work DIR] [--out-dir DIR]
+        [--trials 12] [--max-epochs 18] [--grace 2] [--reduction 3] [--teacher-epochs 30]
+        [--seed 0] [--lr LR] [--orders 200] [--work DIR] [--out-dir DIR]
 
 DIR is CIFAR-10 as an image folder (the JPEG archive in ../shared/data extracts to one). Both
 arms run `kdsearch run` on the same space (resnet20 -> resnet8; KD temperature and weight, the
@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
-from searches import finished_trials, run_search, work_dir, write_space
+from searches import finished_trials, run_search, trial_device, work_dir, write_space
+from tables import positive, run, stdev
 
 SLOTS = 2  # trials at a time, in both arms and in the replay
 TARGET_POINTS = 0.5  # how far below random search's best ASHA may end
@@ -72,6 +73,8 @@ SPACE = {
 
 @dataclass(frozen=True)
 class Arm:
+    """What one arm's study recorded, trial by trial."""
+
     name: str
     wall: float
     epochs: list[int]  # per trial, in the order they finished
@@ -83,9 +86,11 @@ class Arm:
 
     @property
     def best(self) -> float:
+        """The best validation accuracy of the trials that reached the full budget."""
         return max(v for v in self.full if v is not None)
 
     def best_so_far(self) -> tuple[list[int], list[float]]:
+        """Epochs spent and best full-budget accuracy (%) so far, after each trial finished."""
         spent, best, xs, ys = 0, float("-inf"), [], []
         for e, v in zip(self.epochs, self.full, strict=True):
             spent += e
@@ -98,6 +103,7 @@ class Arm:
 
 
 def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
+    """The space file of an arm (`asha`, `random`, or the one-epoch `warmup`)."""
     asha = arm != "random"
     epochs = 1 if arm == "warmup" else args.max_epochs
     space = {k: v for k, v in SPACE.items() if args.lr is None or k != "optim.lr"}
@@ -141,6 +147,7 @@ def space_file(args: argparse.Namespace, work: Path, arm: str) -> Path:
 
 
 def read_arm(name: str, work: Path, wall: float, max_epochs: int) -> Arm:
+    """The arm `name` as its study recorded it."""
     done = finished_trials(work, name)
     epochs = [int(t.user_attrs.get("epochs", 0)) for t in done]
     full = [
@@ -183,7 +190,7 @@ def spread(arm: Arm, n_val: int) -> str:
     mean = statistics.mean(final)
     return (
         f"{arm.name}'s trials that ran to the end: {100 * min(final):.2f}-{100 * max(final):.2f}%, "
-        f"standard deviation {100 * statistics.stdev(final):.2f} points "
+        f"standard deviation {100 * stdev(final):.2f} points "
         f"(the binomial standard error of {n_val} validation images at {100 * mean:.1f}%: "
         f"{100 * (mean * (1 - mean) / n_val) ** 0.5:.2f} points)."
     )
@@ -317,25 +324,25 @@ def plot(arms: list[Arm], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
-    parser.add_argument("--subset", type=int, default=2000)
+    parser.add_argument("--subset", type=positive, default=2000)
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="of the subset, for validation"
     )
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--max-epochs", type=int, default=18)
-    parser.add_argument("--grace", type=int, default=2)
-    parser.add_argument("--reduction", type=int, default=3)
-    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--trials", type=positive, default=12)
+    parser.add_argument("--max-epochs", type=positive, default=18)
+    parser.add_argument("--grace", type=positive, default=2)
+    parser.add_argument("--reduction", type=positive, default=3)
+    parser.add_argument("--teacher-epochs", type=positive, default=30)
     parser.add_argument(
         "--seed", type=int, default=0, help="data subset, split, teacher and proposals"
     )
     parser.add_argument("--lr", type=float, help="fix the learning rate instead of searching it")
-    parser.add_argument("--orders", type=int, default=200, help="arrival orders to replay")
+    parser.add_argument("--orders", type=positive, default=200, help="arrival orders to replay")
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
-    if args.orders < 1:
-        parser.error("--orders must be at least 1")
+    if args.reduction < 2:
+        parser.error("--reduction must be at least 2")
     if args.lr is not None and args.lr <= 0:
         parser.error("--lr must be positive")
     n_val = round(args.val_fraction * args.subset)
@@ -357,7 +364,7 @@ def main() -> None:
     lines = [
         f"CIFAR-10 subset of {args.subset} images ({n_val} of them for validation), "
         f"resnet20 -> resnet8, {args.trials} trials of at most {args.max_epochs} epochs, "
-        f"{SLOTS} at a time on {os.cpu_count()} CPU cores, seed {args.seed}, "
+        f"{SLOTS} at a time, {trial_device()}, {os.cpu_count()} CPU cores, seed {args.seed}, "
         + ("learning rate searched" if args.lr is None else f"learning rate fixed at {args.lr}"),
         "",
         "| search | trials complete / pruned | epochs trained | wall s | best val acc % |",
@@ -404,4 +411,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import FrozenTrial
+from tables import device_line
 
 
 def work_dir(path: str | None, prefix: str) -> Path:
@@ -75,13 +76,28 @@ def write_space(doc: dict[str, Any], path: Path) -> Path:
 
 
 def run_search(space: Path, work: Path, *args: str) -> float:
-    """Run `kdsearch run SPACE ARGS` in `work`; its wall time in seconds. Exits on failure."""
+    """Run `kdsearch run SPACE ARGS` in `work`; its wall time in seconds. Exits on failure, with
+    the command's status (2 for an error the user caused, such as a wrong `--root`)."""
     command = [sys.executable, "-m", "kdsearch.cli", "run", str(space), *args]
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr}")
+        print(f"{' '.join(command)} failed:\n{proc.stderr}", file=sys.stderr, end="")
+        sys.exit(max(proc.returncode, 1))  # a signal's negative status is a failure too
     return time.perf_counter() - started
+
+
+def trial_device() -> str:
+    """Where the trials of a search with `device: auto` train (on a GPU where there are GPUs:
+    `per_trial.gpu: auto`), and what `precision: auto` is there, for a table's first line."""
+    import torch
+
+    from kdsearch.train import autocast_dtype, resolve_device
+
+    device = resolve_device("auto")
+    dtype = autocast_dtype("auto", device)
+    precision = "fp32" if dtype is None else "bf16" if dtype == torch.bfloat16 else "fp16"
+    return f"trials on {device_line(device)}, precision: auto is {precision}"
 
 
 def finished_trials(work: Path, study: str) -> list[FrozenTrial]:

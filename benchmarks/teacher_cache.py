@@ -25,6 +25,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,13 @@ from searches import (
     finished_trials,
     run_search,
     shipped_space,
+    trial_device,
     work_dir,
     write_space,
 )
-from tables import Table
+from tables import Table, names, run
+
+SEARCHES = ("digits", "cifar10", "r32x4")
 
 R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
     # term: (its weights in the base recipe, the space, trials, images: 80% train, 20% val)
@@ -106,19 +110,26 @@ def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="CIFAR-10 as an image folder (the cifar10, r32x4 rows)")
-    parser.add_argument("--only", default="digits,cifar10,r32x4")
+    parser.add_argument("--only", type=names(SEARCHES), default=",".join(SEARCHES))
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
+    docs = searches(args.root, set(args.only))
+    skipped = [name for name in args.only if name != "digits" and args.root is None]
+    if not docs:
+        parser.error(f"--only {','.join(skipped)} needs --root")
+    if skipped:
+        print(f"without --root, {' and '.join(skipped)} left out", file=sys.stderr)
     work = work_dir(args.work, "kdsearch-teacher-cache-")
     table = Table(
-        f"{os.cpu_count()} CPU cores; each search with the teacher cached, live then stored",
+        f"{trial_device()}; {os.cpu_count()} CPU cores; each search with the teacher cached, "
+        "live then stored",
         "",
         "| search | trials | wall s, live | wall s, store | trial img/s, live | "
         "trial img/s, store | trial speed-up | search speed-up |",
         "|---|---|---|---|---|---|---|---|",
     )
-    for name, doc in searches(args.root, set(args.only.split(","))).items():
+    for name, doc in docs.items():
         warm = copy.deepcopy(doc)
         warm["study"]["name"] = f"{name}-warmup"
         run_search(write_space(warm, work / f"{name}-warmup.yaml"), work, "--trials", "1")
@@ -143,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,11 +18,10 @@ step.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
-from tables import Table
+from tables import Table, device_line, pairs, positive, run
 
 from kdsearch.data import ImageData, Split
 from kdsearch.distill import HEAD_TERMS
@@ -33,9 +32,11 @@ from kdsearch.train import resolve_device, train
 
 TERMS = ["kd", "pkt", "crd", "cktf", "sskd", "hsakd", "stkd"]
 BATCH = 64
+CLASSES = 100
 
 
-def random_data(n_train: int, classes: int = 100, seed: int = 0) -> ImageData:
+def random_data(n_train: int, classes: int = CLASSES, seed: int = 0) -> ImageData:
+    """`n_train` random 32x32 training images, and one batch each to validate and test on."""
     gen = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> Split:
@@ -70,6 +71,7 @@ def pair_recipe(teacher_arch: str, student_arch: str, device: str) -> Recipe:
 
 
 def variant(base: Recipe, term: str | None) -> Recipe:
+    """`base` with cross-entropy plus `term` at weight 1 (None: cross-entropy alone)."""
     weights = {f"distill.{n}.weight": 0.0 for n in LOSSES if n != "ce"}
     if term is not None:
         weights[f"distill.{term}.weight"] = 1.0
@@ -78,28 +80,25 @@ def variant(base: Recipe, term: str | None) -> Recipe:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
+    parser.add_argument("--steps", type=positive, default=4)
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = random_data(args.steps * BATCH)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     table = Table(
-        f"device: {device.type} ({where or platform.machine()}), {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}, batch {BATCH}, {args.steps} timed steps, "
-        f"medians of {args.rounds} rounds",
+        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"batch {BATCH}, {args.steps} timed steps, medians of {args.rounds} rounds",
         "",
         "| teacher -> student | variant | train img/s (median) | relative to KD (median) |",
         "|---|---|---|---|",
     )
-    for pair in args.pairs.split(","):
-        teacher_arch, student_arch = pair.split(":")
+    for teacher_arch, student_arch in args.pairs:
         base = pair_recipe(teacher_arch, student_arch, args.device)
-        teacher = build_model(teacher_arch, 100, 3)
-        heads = {n: LOSSES[n].teacher_heads(teacher, 100) for n in HEAD_TERMS}
+        teacher = build_model(teacher_arch, CLASSES, 3)
+        heads = {n: LOSSES[n].teacher_heads(teacher, CLASSES) for n in HEAD_TERMS}
         names = ["student alone", *TERMS]
         speeds: dict[str, list[float]] = {name: [] for name in names}
         ratios: dict[str, list[float]] = {name: [] for name in names}
@@ -120,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,12 +10,21 @@ The reference: a CIFAR-style dataset of uint8 images decoded to PIL and transfor
 NCHW; the teacher under `no_grad`; CRD's negatives drawn per image in the dataset and its memory
 gathered as B x (K+1) x D before a batched product (RepDistiller); HSAKD's rotations stacked on
 the device after the CPU augmentation (HSAKD); DataLoader workers as the official scripts set
-them (RepDistiller: 8, HSAKD: none), capped at this machine's cores. Both loops train the same
-models (kdsearch's zoo and HSAKD heads), batch 64, on the same random images with 100 classes.
-Each loop runs one warm-up epoch and one timed epoch of `--steps` steps; the pairs of loops run
-`--rounds` times and the table shows the median speeds and the median of the per-round ratios.
-kdsearch's loop is timed at each of `--precisions` (the recipe's `precision`; `auto` is what a
-recipe gets by default on this device), the reference always in fp32.
+them (RepDistiller: 8, HSAKD: none), capped at this machine's cores, and kept from the warm-up
+epoch to the timed one (as a full epoch of 782 steps hides their start-up, which a timed epoch
+of a few steps would not); on CUDA with `cudnn.benchmark` on, as both official scripts set it.
+Both loops train the same models (kdsearch's zoo and HSAKD heads), batch 64, on the same random
+images with 100 classes. Each loop runs one warm-up epoch and one timed epoch of `--steps`
+steps; the pairs of loops run `--rounds` times and the table shows the median speeds and the
+median of the per-round ratios. kdsearch's loop is timed at each of `--precisions` (the recipe's
+`precision`; `auto` is what a recipe gets by default on this device), the reference always in
+fp32. Left out of the reference: the per-step `loss.item()` logging and accuracy bookkeeping of
+both official scripts (a host-device sync every step on CUDA), so it is if anything faster than
+they are. On a GPU a step takes milliseconds: give `--steps` in the hundreds there.
+
+CRD's memory banks hold one row per training image, so here `--steps` x 64 rows, not CIFAR-100's
+50,000: kdsearch's product with the whole bank (2 x B x N x D multiply-adds) is cheaper here than
+there by up to 0.8 GMAC a step, and the reference's gathers read a bank that fits in cache.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +45,22 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from tables import Table
+from tables import Table, device_line, names, pairs, positive, run
+from terms import BATCH, CLASSES, pair_recipe, random_data, variant
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdsearch.data import ImageData, Split
+from kdsearch.data import ImageData
 from kdsearch.distill import HEAD_TERMS
 from kdsearch.losses import LOSSES
 from kdsearch.losses.crd import Embed
 from kdsearch.losses.hsakd import AuxClassifier
 from kdsearch.models import TapModel, build_model
-from kdsearch.recipe import Recipe
 from kdsearch.store import StoreConfig
-from kdsearch.train import resolve_device, train
+from kdsearch.train import autocast_dtype, resolve_device, train
 
-BATCH = 64
-CLASSES = 100
+METHODS = ("kd", "hsakd", "crd")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 
@@ -131,6 +141,18 @@ def nce(x: Tensor, n: int) -> Tensor:
     return -(pos.sum() + neg.sum()) / x.shape[0]
 
 
+@contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """cuDNN's autotuner on CUDA, as RepDistiller's and HSAKD's scripts turn it on; kdsearch's
+    loop runs with its own setting again after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def reference_speed(
     method: str,
     teacher: TapModel,
@@ -143,12 +165,14 @@ def reference_speed(
 ) -> float:
     """Images per second of the timed epoch of the reference loop."""
     negatives = 16384 if method == "crd" else 0
+    workers = 0 if method == "hsakd" else workers
     loader = DataLoader(
         CifarStyle(images, labels, negatives),
         batch_size=BATCH,
         shuffle=True,
-        num_workers=0 if method == "hsakd" else workers,
+        num_workers=workers,
         drop_last=True,
+        persistent_workers=workers > 0,
     )
     teacher = teacher.to(device).to(memory_format=torch.contiguous_format).eval()
     student = student.to(device).to(memory_format=torch.contiguous_format).train()
@@ -157,48 +181,50 @@ def reference_speed(
         extra["e_s"], extra["e_t"] = Embed(student.feat_dim, 128), Embed(teacher.feat_dim, 128)
         extra["mem"] = GatherMemory(len(labels), 128)
     if method == "hsakd":
-        extra["s"] = nn.ModuleList(AuxClassifier(student, i, CLASSES) for i in student.head_stages)
-        t_heads = nn.ModuleList(AuxClassifier(teacher, i, CLASSES) for i in teacher.head_stages)
+        s_at, t_at = student.head_stages, teacher.head_stages  # a head on each of these stages
+        extra["s"] = nn.ModuleList(AuxClassifier(student, i, CLASSES) for i in s_at)
+        t_heads = nn.ModuleList(AuxClassifier(teacher, i, CLASSES) for i in t_at)
         t_heads.to(device).eval()
     extra.to(device)
     params = list(student.parameters()) + list(extra.parameters())
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
     seconds = 0.0
-    for _ in range(2):  # a warm-up epoch, then the timed one
-        started = time.perf_counter()
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            if method == "kd":
-                with torch.no_grad():
-                    t = teacher(x)
-                s = student(x)
-                loss = F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
-            elif method == "crd":
-                with torch.no_grad():
-                    t_feat = teacher.taps(x).pooled
-                s_taps = student.taps(x)
-                v_s, v_t = extra["e_s"](s_taps.pooled), extra["e_t"](t_feat)
-                crd = extra["mem"](v_s, v_t, batch[2].to(device), batch[3].to(device))
-                loss = F.cross_entropy(s_taps.logits, y) + 0.8 * crd
-            else:
-                x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1)
-                x = x.view(-1, *x.shape[2:])  # interleaved: the 4 rotations of each image
-                with torch.no_grad():
-                    t = teacher.taps(x)
-                    t_aux = [h(t.stages[i + 1]) for i, h in enumerate(t_heads)]
-                s = student.taps(x)
-                s_heads: nn.ModuleList = extra["s"]  # type: ignore[assignment]
-                s_aux = [h(s.stages[i + 1]) for i, h in enumerate(s_heads)]
-                loss = F.cross_entropy(s.logits[0::4], y)
-                loss = loss + distill_kl(s.logits, t.logits, 3.0)
-                for a, b in zip(s_aux, t_aux, strict=True):  # heads learn by KL alone
-                    loss = loss + distill_kl(a, b, 3.0)
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+    with cudnn_autotune(device):
+        for _ in range(2):  # a warm-up epoch, then the timed one
+            started = time.perf_counter()
+            for batch in loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                if method == "kd":
+                    with torch.no_grad():
+                        t = teacher(x)
+                    s = student(x)
+                    loss = F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
+                elif method == "crd":
+                    with torch.no_grad():
+                        t_feat = teacher.taps(x).pooled
+                    s_taps = student.taps(x)
+                    v_s, v_t = extra["e_s"](s_taps.pooled), extra["e_t"](t_feat)
+                    crd = extra["mem"](v_s, v_t, batch[2].to(device), batch[3].to(device))
+                    loss = F.cross_entropy(s_taps.logits, y) + 0.8 * crd
+                else:
+                    x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1)
+                    x = x.view(-1, *x.shape[2:])  # interleaved: the 4 rotations of each image
+                    with torch.no_grad():
+                        t = teacher.taps(x)
+                        t_aux = [h(t.stages[i]) for i, h in zip(t_at, t_heads, strict=True)]
+                    s = student.taps(x)
+                    s_heads: nn.ModuleList = extra["s"]  # type: ignore[assignment]
+                    s_aux = [h(s.stages[i]) for i, h in zip(s_at, s_heads, strict=True)]
+                    loss = F.cross_entropy(s.logits[0::4], y)
+                    loss = loss + distill_kl(s.logits, t.logits, 3.0)
+                    for a, b in zip(s_aux, t_aux, strict=True):  # heads learn by KL alone
+                        loss = loss + distill_kl(a, b, 3.0)
+                optimizer.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
     return steps * BATCH / seconds
 
 
@@ -209,9 +235,8 @@ def reference_speed(
 def kdsearch_speed(
     method: str,
     teacher: TapModel,
-    images: np.ndarray,
-    labels: np.ndarray,
-    student_arch: str,
+    data: ImageData,
+    pair: tuple[str, str],
     device: str,
     compiled: bool,
     precision: str,
@@ -219,34 +244,9 @@ def kdsearch_speed(
     """Images per second of the timed epoch of kdsearch's training loop: with the teacher run
     live, and reading the teacher-output store a previous run of the same recipe wrote (what
     every trial of a search but the first to reach an epoch does)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    split = Split(x, torch.from_numpy(labels).long())
-    data = ImageData(
-        "random",
-        split,
-        Split(x[:BATCH], split.y[:BATCH]),
-        Split(x[:BATCH], split.y[:BATCH]),
-        tuple(str(c) for c in range(CLASSES)),
-        True,
-        MEAN,
-        STD,
-        "random",
+    recipe = variant(pair_recipe(*pair, device), method).override(
+        {"optim.nesterov": False, "compile": compiled, "precision": precision}
     )
-    weights = {f"distill.{n}.weight": 0.0 for n in LOSSES if n != "ce"}
-    weights[f"distill.{method}.weight"] = {"kd": 0.9, "crd": 0.8, "hsakd": 1.0}[method]
-    recipe = Recipe.from_dict(
-        {
-            "data": {"dataset": "synthetic"},
-            "teacher": {"arch": "resnet8"},
-            "student": {"arch": student_arch},
-            "schedule": {"epochs": 2, "kind": "cosine"},
-            "optim": {"nesterov": False},
-            "batch_size": BATCH,
-            "device": device,
-            "compile": compiled,
-            "precision": precision,
-        }
-    ).override(weights)
     heads = {n: LOSSES[n].teacher_heads(teacher, CLASSES) for n in HEAD_TERMS}
     live = train(recipe, data, teacher=teacher, teacher_heads=heads)
     with tempfile.TemporaryDirectory(prefix="kdsearch-throughput-") as root:
@@ -258,27 +258,32 @@ def kdsearch_speed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
-    parser.add_argument("--methods", default="kd,hsakd,crd")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
+    parser.add_argument("--methods", type=names(METHODS), default="kd,hsakd,crd")
+    parser.add_argument("--steps", type=positive, default=4)
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--precisions", default="auto", help="kdsearch's loop at each of these")
+    parser.add_argument(
+        "--precisions", type=names(PRECISIONS), default="auto", help="kdsearch's loop at each"
+    )
     parser.add_argument("--compile", action="store_true", help="kdsearch's loop with compile: true")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
     device = resolve_device(args.device)
-    precisions = args.precisions.split(",")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.steps * BATCH, 32, 32, 3), dtype=np.uint8)
-    labels = (np.arange(args.steps * BATCH) % CLASSES).astype(np.int64)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    precisions: list[str] = args.precisions
+    for p in precisions:
+        autocast_dtype(p, device)  # fp16 without CUDA fails now, not after a round
+    data = random_data(args.steps * BATCH)
+    # the reference's dataset holds the same images as numpy HWC arrays, as torchvision's does
+    images = data.train.x.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = data.train.y.numpy()
     table = Table(
-        f"device: {device.type} ({where or platform.machine()}), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch {BATCH}, "
-        f"{args.steps} timed steps, medians of "
-        f"{args.rounds} rounds, reference DataLoader workers {args.workers} (HSAKD: 0)"
+        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"batch {BATCH}, {args.steps} timed steps, medians of {args.rounds} rounds, "
+        f"reference DataLoader workers {args.workers} (HSAKD: 0)"
         + (", kdsearch with compile: true" if args.compile else ""),
         "",
         "| teacher -> student | method | reference img/s, fp32 |"
@@ -289,9 +294,8 @@ def main() -> None:
         ),
         "|---|---|---|" + "---|---|---|---|" * len(precisions),
     )
-    for pair in args.pairs.split(","):
-        t_arch, s_arch = pair.split(":")
-        for method in args.methods.split(","):
+    for t_arch, s_arch in args.pairs:
+        for method in args.methods:
             ref: list[float] = []
             ours: dict[str, list[float]] = {p: [] for p in precisions}
             stored: dict[str, list[float]] = {p: [] for p in precisions}
@@ -312,7 +316,7 @@ def main() -> None:
                 )
                 for p in precisions:
                     live, read = kdsearch_speed(
-                        method, teacher, images, labels, s_arch, args.device, args.compile, p
+                        method, teacher, data, (t_arch, s_arch), args.device, args.compile, p
                     )
                     ours[p].append(live)
                     stored[p].append(read)
@@ -326,4 +330,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
