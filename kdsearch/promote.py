@@ -25,7 +25,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from kdsearch import __version__
-from kdsearch.data import load_data
+from kdsearch.data import ImageData, load_data
 from kdsearch.distill import needs_teacher, needs_teacher_heads
 from kdsearch.errors import StudyError
 from kdsearch.losses import LOSSES
@@ -82,14 +82,18 @@ class Run:
 
 def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> list[Run]:
     """The runs of a promotion: the top-k COMPLETE trials (all ran the same budget, so their
-    values compare) and the two baselines, each at the full schedule, for every seed."""
-    base = Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
+    values compare) and the two baselines, each at the full budget, for every seed. A trial keeps
+    the schedule settings it searched (kind, gamma); its epochs and milestones become the base's."""
+    base = base_recipe(study)
     full = base.with_epochs(epochs) if epochs else base
-    schedule = full.schedule.model_dump()
+    budget = {
+        "schedule.epochs": full.schedule.epochs,
+        "schedule.milestones": full.schedule.milestones,
+    }
     best = ranked(study.trials)[:top_k]
     if not best:
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to promote")
-    sources = {t.number: trial_recipe(t).override({"schedule": schedule}) for t in best}
+    sources = {t.number: trial_recipe(t).override(budget) for t in best}
     off = {f"distill.{name}.weight": 0.0 for name in LOSSES if name != "ce"}
     alone = full.override({**off, "distill.ce.weight": 1.0})
     kd = base.distill.kd
@@ -105,6 +109,11 @@ def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> 
         for number, recipe in sources.items()
         for seed in range(seeds)
     ]
+
+
+def base_recipe(study: optuna.Study) -> Recipe:
+    """The search's base recipe, as recorded in its study."""
+    return Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
 
 
 def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
@@ -125,13 +134,19 @@ def run_budget(run: FrozenTrial) -> int:
     return Recipe.from_yaml(str(run.user_attrs["recipe"])).schedule.epochs
 
 
+def finished_runs(promoted: optuna.Study) -> dict[str, FrozenTrial]:
+    """The COMPLETE runs by key, the first recorded of a run that two promotions running at once
+    both trained."""
+    done: dict[str, FrozenTrial] = {}
+    for t in promoted.trials:
+        if t.state == TrialState.COMPLETE:
+            done.setdefault(run_key(t.params["source_trial"], t.params["seed"], run_budget(t)), t)
+    return done
+
+
 def finished_keys(promoted: optuna.Study) -> set[str]:
     """Runs already COMPLETE; a promotion run again does not redo them."""
-    return {
-        run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
-        for t in promoted.trials
-        if t.state == TrialState.COMPLETE
-    }
+    return set(finished_runs(promoted))
 
 
 def current_budget(promoted: optuna.Study) -> int | None:
@@ -148,8 +163,8 @@ def current_budget(promoted: optuna.Study) -> int | None:
 
 
 def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE runs at the current budget (all of them while there is none)."""
-    done = [t for t in promoted.trials if t.state == TrialState.COMPLETE]
+    """The COMPLETE runs at the current budget (all of them while there is none), each once."""
+    done = list(finished_runs(promoted).values())
     budget = current_budget(promoted)
     return done if budget is None else [t for t in done if run_budget(t) == budget]
 
@@ -165,7 +180,7 @@ def promote(
     address: str | None = None,
     on_plan: Callable[[list[Run], int], None] | None = None,
     on_run: Callable[[Run, JobResult], None] | None = None,
-    prepare: Callable[[Recipe, Any, bool], Teacher] | None = None,
+    prepare: Callable[[Recipe, ImageData, bool], Teacher] | None = None,
 ) -> optuna.Study:
     """Train every run of the plan not yet recorded, on Ray, and record each as it ends.
     `on_plan` hears the plan's runs and how many of them are to train."""
@@ -180,12 +195,14 @@ def promote(
         on_plan(runs, len(todo))
     if not todo:
         return promoted
-    first = next(iter(todo.values())).recipe
-    data = load_data(first.data)
+    # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
+    # and batch size the teacher trains with, not from a run's, which a trial may have searched.
+    base = base_recipe(study)
+    data = load_data(base.data)
     teacher = None
     if any(needs_teacher(r.recipe) for r in todo.values()):
         heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
-        teacher = (prepare or _prepare)(first, data, heads)
+        teacher = (prepare or _prepare)(base, data, heads)
     weights_dir.mkdir(parents=True, exist_ok=True)
 
     def record(result: JobResult) -> None:
@@ -205,7 +222,7 @@ def promote(
     return promoted
 
 
-def _prepare(recipe: Recipe, data: Any, heads: bool) -> Teacher:
+def _prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
     return get_teacher(recipe, data, heads=heads)
 
 

@@ -7,6 +7,7 @@ import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from kdsearch.data import ImageData
 from kdsearch.promote import (
     Run,
     _record,
@@ -17,9 +18,11 @@ from kdsearch.promote import (
     plan,
     promote,
 )
+from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
 from kdsearch.study import Record, open_storage
+from kdsearch.teacher import Teacher
 
 from .conftest import SMALL_SPACE, run_cli, write_study
 
@@ -45,6 +48,65 @@ def test_plan_takes_the_best_complete_trials_and_both_baselines(tmp_path: Path) 
     assert kd.distill.kd.weight == 0.9
     trial_1 = next(r for r in runs if r.source_trial == 1).recipe
     assert trial_1.distill.kd.temperature == study.trials[1].params["distill.kd.temperature"]
+
+
+def one_trial_study(root: Path, space_text: str) -> optuna.Study:
+    """A search study of `space_text` holding one COMPLETE trial."""
+    space = SearchSpace.from_yaml(space_text, source="space.yaml")
+    url = f"sqlite:///{root}/s.db"
+    record = Record(open_storage(url), "s", space, target=1, resume=False)
+    assert record.next_plan("ray0") is not None
+    record.finish(0, TrialState.COMPLETE, {1: 0.5, 2: 0.6}, {"epochs": 2})
+    return optuna.load_study(study_name="s", storage=url)
+
+
+def test_plan_keeps_the_schedule_kind_and_gamma_a_trial_searched(tmp_path: Path) -> None:
+    text = SMALL_SPACE.replace(
+        "{epochs: 3, kind: cosine}", "{epochs: 3, kind: multistep, milestones: [2], gamma: 0.1}"
+    ).replace(
+        "space:\n",
+        "space:\n  schedule.kind: {type: categorical, choices: [cosine]}\n"
+        "  schedule.gamma: {type: float, low: 0.2, high: 0.5}\n",
+    )
+    study = one_trial_study(tmp_path, text)
+    gamma = study.trials[0].params["schedule.gamma"]
+    searched = next(r for r in plan(study, top_k=1, seeds=1, epochs=6) if r.source_trial == 0)
+    schedule = searched.recipe.schedule
+    assert (schedule.kind, schedule.gamma) == ("cosine", gamma), "as the trial trained"
+    assert (schedule.epochs, schedule.milestones) == (6, [4]), "the base's, at the full budget"
+
+
+def test_the_teacher_is_prepared_from_the_base_recipe_as_the_search_did(tmp_path: Path) -> None:
+    # the teacher's training (its cache key) reads the recipe's optimizer and batch size; a trial
+    # that searched them must not get a teacher of its own, which all runs would then share
+    text = SMALL_SPACE.replace(
+        "space:\n",
+        "space:\n  optim.weight_decay: {type: float, low: 1.0e-3, high: 2.0e-3}\n"
+        "  batch_size: {type: categorical, choices: [32]}\n",
+    )
+    study = one_trial_study(tmp_path, text)
+    asked: list[Recipe] = []
+
+    class Prepared(Exception):
+        pass
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        asked.append(recipe)
+        raise Prepared  # no training: which recipe the teacher comes from is the point
+
+    with pytest.raises(Prepared):
+        promote(
+            open_storage(f"sqlite:///{tmp_path}/s.db"),
+            "s",
+            top_k=1,
+            seeds=1,
+            epochs=2,
+            weights_dir=tmp_path,
+            prepare=prepare,
+        )
+    base = Recipe.from_yaml(study.user_attrs["base_recipe"])
+    assert len(asked) == 1
+    assert (asked[0].optim, asked[0].batch_size) == (base.optim, base.batch_size)
 
 
 def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path) -> None:
@@ -151,6 +213,20 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     board = leaderboard(open_promoted(storage, "s"))
     assert trained == [0] and list(board["val_mean"]) == [50.0] * 3
     assert list(board["epochs"]) == [2] * 3
+
+
+def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) -> None:
+    storage = open_storage(write_study(tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    promoted_study = open_promoted(storage, "s")
+    for value in (0.5, 0.9):  # the second promotion's copy of every run
+        for run in plan(study, top_k=1, seeds=2, epochs=2):
+            result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {})
+            _record(promoted_study, run, result, tmp_path)
+    assert len(promoted_study.trials) == 12
+    board = leaderboard(promoted_study)
+    assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
+    assert list(board["val_mean"]) == [50.0] * 3 and list(board["val_sd"]) == [0.0] * 3
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
