@@ -35,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from kdsearch.data import ImageData, Split
-from kdsearch.errors import KdsearchError, RecipeError
+from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
@@ -252,8 +252,11 @@ class KdSearcher(Searcher):
         self.plans: dict[str, Plan] = {}
         self.curves: dict[str, dict[int, float]] = {}
         self.interrupted: list[int] = []
+        self.failure: StudyError | None = None  # the study could not be written
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        if self.failure is not None:  # Tune would log it and go on training trials
+            raise self.failure
         plan = self.record.next_plan(trial_id)
         if plan is None:
             return Searcher.FINISHED
@@ -302,7 +305,11 @@ class KdSearcher(Searcher):
         else:  # stopped by an interrupted search: stays RUNNING, `--resume` runs it again
             self.interrupted.append(plan.number)
             return
-        self.record.finish(plan.number, state, curve, attrs)
+        try:
+            self.record.finish(plan.number, state, curve, attrs)
+        except StudyError as err:  # the trial stays RUNNING, for `--resume` to run again
+            self.interrupted.append(plan.number)
+            self.failure = self.failure or err
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the study is this searcher's whole state (see `--resume`)."""
@@ -414,6 +421,13 @@ def run_search(
         on_int = signal.getsignal(signal.SIGINT)
         try:
             tuner.fit()
+            if searcher.failure is not None:
+                raise searcher.failure
+        except StudyError as err:
+            raise StudyError(
+                f"{err}; what had finished is kept, and --resume finishes the search once the "
+                "storage works again"
+            ) from None
         finally:  # Tune leaves its SIGINT handler behind, which would swallow the next stop
             if on_int is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, on_int)

@@ -366,7 +366,8 @@ class SearchSpace:
                 base.override({name: value}, source="the recipe")
             except RecipeError as err:
                 problem = str(err).removeprefix("the recipe: ")
-                raise RecipeError(f"{where}: {value!r} does not fit the recipe: {problem}") from None
+                message = f"{where}: {value!r} does not fit the recipe: {problem}"
+                raise RecipeError(message) from None
 
     def _check_when(self, p: _Param, seen: list[str], where: str) -> None:
         """Each condition names an earlier parameter and values it can take exactly."""

@@ -146,13 +146,14 @@ class TeacherStore:
 
     def _write(self, outputs: EpochOutputs, final: Path) -> None:
         partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
-        partial.mkdir()
-        for name, t in outputs.tensors.items():
-            np.save(partial / f"{name}.npy", t.numpy())
-        (partial / "dtype").write_text(str(outputs.dtype).removeprefix("torch."))
         try:
+            partial.mkdir()
+            for name, t in outputs.tensors.items():
+                np.save(partial / f"{name}.npy", t.numpy())
+            (partial / "dtype").write_text(str(outputs.dtype).removeprefix("torch."))
             partial.rename(final)
-        except OSError:  # written by another process in the meantime: keep theirs
+        except OSError:  # the disk is full (the epoch is used, not stored), or another process
+            # wrote it in the meantime (theirs is kept)
             shutil.rmtree(partial, ignore_errors=True)
 
     def _read(self, final: Path) -> EpochOutputs:

@@ -15,12 +15,13 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import update_wrapper
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -181,6 +182,35 @@ def trial_recipe(trial: FrozenTrial) -> Recipe:
     return Recipe.from_yaml(str(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
 
 
+def storage_failure(storage: BaseStorage, err: Exception) -> StudyError:
+    """A failed read or write of the study (a read-only file, a full disk, a lost server) as
+    one line naming its cause, where Optuna guesses at "invalid data"."""
+    cause = getattr(err.__cause__, "orig", None) or err.__cause__ or err
+    text = str(cause).strip()
+    reason = text.splitlines()[0] if text else type(cause).__name__
+    url = redact(str(getattr(storage, "url", "")))
+    return StudyError(f"cannot use the study storage {url}: {reason}")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def clear_storage_errors(
+    method: Callable[Concatenate[Record, P], R],
+) -> Callable[Concatenate[Record, P], R]:
+    """A `Record` method whose storage failure is a `StudyError` (see `storage_failure`)."""
+
+    def checked(record: Record, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(record, *args, **kwargs)
+        except optuna.exceptions.StorageInternalError as err:
+            raise storage_failure(record.storage, err) from None
+
+    update_wrapper(checked, method)
+    return checked
+
+
 @dataclass
 class Plan:
     """A trial to run: its number in the study and its recipe."""
@@ -206,6 +236,7 @@ class Tally:
 class Record:
     """Writes one driver's trials into a study. Not thread-safe: call it from one thread."""
 
+    @clear_storage_errors
     def __init__(
         self,
         storage: BaseStorage,
@@ -234,8 +265,7 @@ class Record:
             found = optuna.load_study(study_name=name, storage=storage)
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
             beats = storage.get_study_system_attrs(study_id)
-            drivers = [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
-            live = [d for d in drivers if driver_alive(d, beats)]
+            live = [d for d in heartbeats(beats) if driver_alive(d, beats)]
             if changed and live:
                 raise StudyError(
                     f"study {name!r} is being prepared by {live[0]} with other settings "
@@ -252,14 +282,20 @@ class Record:
         study = optuna.create_study(
             study_name=name, storage=storage, direction="maximize", load_if_exists=True
         )
-        seed = derive_seed(space.config.search.seed, f"sampler/{len(study.trials)}") % 2**32
+        self.study_id = storage.get_study_id_from_name(name)
+        self.heartbeat()
+        # Drivers that start on the same study at once see the same trial count; each draws
+        # from its own stream, or they would propose (and train) the same trials in pairs.
+        # A driver alone keeps the stream of the count only, so a search is reproducible.
+        rank = len(self._earlier_drivers())
+        stream = f"sampler/{len(study.trials)}" + (f"/driver{rank}" if rank else "")
+        seed = derive_seed(space.config.search.seed, stream) % 2**32
         sampler: optuna.samplers.BaseSampler = (
             optuna.samplers.TPESampler(seed=seed, constant_liar=True)
             if space.config.search.sampler == "tpe"
             else optuna.samplers.RandomSampler(seed=seed)
         )
         self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        self.study_id = storage.get_study_id_from_name(name)
         for key, value in {
             "space": space.text,
             "space_file": space.source,
@@ -270,18 +306,21 @@ class Record:
         }.items():
             self.study.set_user_attr(key, value)
         self.orphans = self._orphans() if resume else []
-        self.heartbeat()
 
+    @clear_storage_errors
     def discard_if_unused(self) -> bool:
-        """Delete the study again if this driver created it and no trial was ever written in
-        it; True when the storage then holds no study at all."""
+        """Delete the study again if this driver created it, no trial was ever written in it
+        and no other live driver has joined it; True when the storage then holds no study."""
         if not self.created or self.storage.get_all_trials(self.study_id, deepcopy=False):
+            return False
+        if self._others_alive():
             return False
         self.storage.delete_study(self.study_id)
         return not self.storage.get_all_studies()
 
     # -- proposing -----------------------------------------------------------------------
 
+    @clear_storage_errors
     def next_plan(self, ray_trial_id: str) -> Plan | None:
         """The next trial for Ray: an adopted orphan first, else a new sample while the study
         holds fewer trials than the target; None when there is nothing left to start."""
@@ -316,6 +355,7 @@ class Record:
         self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
         return Plan(trial.number, recipe, dict(trial.params))
 
+    @clear_storage_errors
     def all_started(self) -> bool:
         """Whether every trial of the target has been started (by this driver or another)."""
         return not self.orphans and len(self.study.get_trials(deepcopy=False)) >= self.target
@@ -330,6 +370,7 @@ class Record:
 
     # -- finishing -----------------------------------------------------------------------
 
+    @clear_storage_errors
     def finish(
         self,
         number: int,
@@ -352,6 +393,7 @@ class Record:
 
     # -- liveness ------------------------------------------------------------------------
 
+    @clear_storage_errors
     def heartbeat(self) -> None:
         """Tell other drivers this one is alive (they adopt its trials only once it is not)."""
         self.storage.set_study_system_attr(self.study_id, f"heartbeat:{self.driver}", time.time())
@@ -362,12 +404,13 @@ class Record:
         (Optuna creates it before kdsearch claims it), so it is an orphan only once no other
         driver is alive or it is older than STALE_S (a proposal takes milliseconds)."""
         beats = self.storage.get_study_system_attrs(self.study_id)
-        others = [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
-        others_alive = any(d != self.driver and driver_alive(d, beats) for d in others)
+        others_alive = self._others_alive()
         now = datetime.now()
 
         def gone(trial: FrozenTrial) -> bool:
             driver = trial.user_attrs.get("driver")
+            if driver == self.driver:  # this driver has proposed nothing yet: an earlier process
+                return True  # of the same host and pid left it (a container restarted: PID 1)
             if driver is not None:
                 return not driver_alive(str(driver), beats)
             started = trial.datetime_start or now
@@ -376,8 +419,24 @@ class Record:
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return [trial for trial in running if gone(trial)]
 
+    def _others_alive(self) -> bool:
+        """Whether another driver of the study is alive."""
+        beats = self.storage.get_study_system_attrs(self.study_id)
+        return any(d != self.driver and driver_alive(d, beats) for d in heartbeats(beats))
+
+    def _earlier_drivers(self) -> list[str]:
+        """The live drivers of the study whose heartbeat is older than this driver's."""
+        beats = self.storage.get_study_system_attrs(self.study_id)
+
+        def age(driver: str) -> tuple[float, str]:
+            return float(beats[f"heartbeat:{driver}"]), driver
+
+        mine = age(self.driver)
+        return [d for d in heartbeats(beats) if age(d) < mine and driver_alive(d, beats)]
+
     # -- reading -------------------------------------------------------------------------
 
+    @clear_storage_errors
     def finished_curves(self) -> dict[str, dict[int, float]]:
         """Learning curves of the study's finished trials, keyed "study#<number>"."""
         done = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -386,6 +445,7 @@ class Record:
             for t in self.study.get_trials(deepcopy=False, states=done)
         }
 
+    @clear_storage_errors
     def tally(self) -> Tally:
         """Counts by state and the best complete trial so far."""
         t = Tally()
@@ -432,6 +492,12 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
         if params.get(key) != space.params.get(key)
     ]
     return changed
+
+
+def heartbeats(beats: Mapping[str, Any]) -> list[str]:
+    """The drivers ("host:pid") that wrote a heartbeat into the study system attributes
+    `beats`."""
+    return [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
 
 
 def driver_alive(driver: str, beats: Mapping[str, Any]) -> bool:

@@ -600,3 +600,39 @@ def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     outcome = run_search(space, record, load_data(space.base.data), None)
     assert outcome.complete and outcome.tally.complete + outcome.tally.pruned == 1
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+
+
+def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(tmp_path: Path) -> None:
+    """A full disk mid-search: Tune logged the failed write of a finished trial and went on, and
+    the search ended "complete" with that trial RUNNING; it stops, saying why, and the trial is
+    left for --resume."""
+    import sqlite3
+
+    from kdsearch.data import load_data
+    from kdsearch.errors import StudyError
+    from kdsearch.search import run_search
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, open_storage
+
+    text = (
+        SPACE.replace("trials: 8, concurrent: 2", "trials: 3, concurrent: 1")
+        .replace("[0.1, 0.002, 0.05, 1.0e12]", "[0.1]")
+        .replace(
+            "student: {arch: resnet8}", "student: {arch: resnet8}\n  distill: {kd: {weight: 0.0}}"
+        )
+    )
+    space = SearchSpace.from_yaml(text, source="space.yaml")
+    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=3, resume=False)
+
+    def full(*args: object) -> None:
+        raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
+            "database or disk is full"
+        )
+
+    record.storage.set_trial_intermediate_value = full  # type: ignore[method-assign]
+    with pytest.raises(StudyError) as err:
+        run_search(space, record, load_data(space.base.data), None)
+    assert str(err.value).startswith(f"cannot use the study storage sqlite:///{tmp_path}/s.db: ")
+    assert "database or disk is full; what had finished is kept, and --resume" in str(err.value)
+    states = [t.state for t in optuna.load_study(study_name="s", storage=record.storage).trials]
+    assert states == [TrialState.RUNNING], "stopped at the first failed write, left to --resume"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -133,6 +134,25 @@ def test_an_epoch_over_the_budget_is_used_but_not_stored(
     live = run(data, teacher, {}, None)
     result = run(data, teacher, {}, config(tmp_path, budget_mb=0.01))
     assert_same(live, result)
+    assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_an_epoch_the_disk_has_no_room_for_is_used_and_leaves_nothing_behind(
+    data: ImageData,
+    teacher: tuple[TapModel, dict[str, torch.nn.Module]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full $TMPDIR failed every trial (OSError out of np.save) and left half-written files
+    that counted against the budget; the store is a saving, never a reason to fail."""
+    live = run(data, teacher, {}, None)
+
+    def full(path: Path, array: object) -> None:
+        Path(path).write_bytes(b"\x93NUMPY")  # the first bytes made it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kdsearch.store.np.save", full)
+    assert_same(live, run(data, teacher, {}, config(tmp_path)))
     assert not list(tmp_path.rglob("*.npy"))
 
 

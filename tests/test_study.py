@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from kdsearch.errors import StudyError
@@ -21,6 +22,7 @@ from kdsearch.study import (
     open_storage,
     ranked,
     redact,
+    study_names,
     trial_recipe,
 )
 
@@ -160,20 +162,37 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name("s")
-    drivers = {1: f"{host}:{_dead_pid()}", 2: f"{host}:{os.getpid()}", 3: "elsewhere:42"}
+    drivers = {1: f"{host}:{_dead_pid()}", 2: f"{host}:{os.getppid()}", 3: "elsewhere:42"}
     for number, driver in drivers.items():
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         storage.set_trial_user_attr(trial_id, "driver", driver)
     storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time())
     again = Record(storage, "s", space, target=4, resume=True)
-    assert [t.number for t in again.orphans] == [1]  # 2 is this live process; 3 beats fresh
+    assert [t.number for t in again.orphans] == [1]  # 2's process lives; 3 beats fresh
     plan = again.next_plan("new")
     assert plan is not None and plan.number == 1 and plan.adopted
     trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 1))
     assert trial.user_attrs["attempt"] == 2 and trial.user_attrs["ray_trial_id"] == "new"
     assert again.next_plan("more") is None, "the study already holds its four trials"
     storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time() - STALE_S - 1)
-    assert [t.number for t in Record(storage, "s", space, target=4, resume=True).orphans] == [3]
+    # A later driver: 3 now, and 1, whose driver (`again`) is this process, not a live other one
+    assert [t.number for t in Record(storage, "s", space, target=4, resume=True).orphans] == [1, 3]
+
+
+def test_trials_left_by_an_earlier_process_of_the_same_host_and_pid_are_adopted(
+    space: SearchSpace, url: str
+) -> None:
+    """A restarted container runs the driver as PID 1 again, on the same host name: its trials
+    looked alive (the resuming process itself), were never run again and stayed RUNNING."""
+    storage = open_storage(url)
+    first = Record(storage, "s", space, target=2, resume=False)  # this host, this pid
+    first.next_plan("r0")
+    first.next_plan("r1")
+    first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
+    again = Record(storage, "s", space, target=2, resume=True)  # same host, same pid
+    assert [t.number for t in again.orphans] == [1]
+    plan = again.next_plan("new")
+    assert plan is not None and plan.number == 1 and plan.adopted
 
 
 @pytest.mark.parametrize("draws_one", [False, True], ids=["nothing drawn", "one value drawn"])
@@ -225,6 +244,61 @@ def test_a_trial_a_live_driver_is_proposing_is_left_to_it(
     monkeypatch.setattr("kdsearch.study.datetime", Later)
     orphans = Record(storage, "s", space, target=3, resume=True).orphans
     assert [t.number for t in orphans] == [proposing.number]
+
+
+def test_drivers_that_start_on_a_study_at_once_propose_different_trials(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers started together see the same trial count; seeded from it alone, they drew
+    the same values and trained every trial twice. A driver alone draws as it always did."""
+    storage = open_storage(url)
+    with monkeypatch.context() as m:  # the other driver: a live process that is not this one
+        m.setattr("kdsearch.study.os.getpid", os.getppid)
+        first = Record(storage, "s", space, target=8, resume=False)
+    second = Record(storage, "s", space, target=8, resume=False)
+    ours = [first.next_plan(f"a{i}") for i in range(4)]
+    theirs = [second.next_plan(f"b{i}") for i in range(4)]
+    assert all(p is not None for p in ours + theirs)
+    drawn = [p.params["optim.lr"] for p in ours + theirs if p is not None]
+    assert len(set(drawn)) == 8, drawn
+    alone = Record(
+        open_storage(url.replace("s.db", "alone.db")), "s", space, target=4, resume=False
+    )
+    plan = alone.next_plan("c0")
+    assert plan is not None and ours[0] is not None and plan.params == ours[0].params
+
+
+def test_a_driver_stopped_while_preparing_keeps_a_study_another_driver_joined(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the teacher trains takes back the study this driver created, but not from
+    under a second driver that joined it meanwhile (it crashed later: no such study)."""
+    storage = open_storage(url)
+    with monkeypatch.context() as m:
+        m.setattr("kdsearch.study.os.getpid", os.getppid)
+        creator = Record(storage, "s", space, target=2, resume=False)
+    assert creator.created
+    joined = Record(storage, "s", space, target=2, resume=False)
+    assert not creator.discard_if_unused()
+    plan = joined.next_plan("r0")
+    assert plan is not None and plan.number == 0
+    alone = Record(storage, "t", space, target=2, resume=False)
+    assert alone.discard_if_unused() is False, "study s is still there"
+    assert study_names(storage) == ["s"]
+
+
+def test_a_study_that_cannot_be_written_is_one_line_naming_why(
+    space: SearchSpace, url: str, tmp_path: Path
+) -> None:
+    """A read-only file (or a full disk) was a traceback ending in Optuna's guess: "invalid
+    data in the commit, e.g. exceeding max length"."""
+    Record(open_storage(url), "s", space, target=2, resume=False).next_plan("a")
+    read_only = RDBStorage(f"sqlite:///file:{tmp_path}/s.db?mode=ro&uri=true")
+    with pytest.raises(StudyError) as err:
+        Record(read_only, "s", space, target=2, resume=True)
+    message = str(err.value)
+    assert message.startswith("cannot use the study storage sqlite:///file")
+    assert message.endswith("/s.db?mode=ro&uri=true: attempt to write a readonly database")
 
 
 def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
