@@ -22,6 +22,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.models import build_model, count_parameters
+from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
 
 pytestmark = pytest.mark.slow
@@ -577,6 +578,19 @@ def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
         search.trial_resources(config)
 
 
+def one_lr_without_kd(search: str) -> SearchSpace:
+    """SPACE with `search` in place of its trial count and concurrency, one learning rate that
+    trains, and KD off (no teacher to prepare)."""
+    text = (
+        SPACE.replace("trials: 8, concurrent: 2", search)
+        .replace("[0.1, 0.002, 0.05, 1.0e12]", "[0.1]")
+        .replace(
+            "student: {arch: resnet8}", "student: {arch: resnet8}\n  distill: {kd: {weight: 0.0}}"
+        )
+    )
+    return SearchSpace.from_yaml(text, source="space.yaml")
+
+
 def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -584,18 +598,10 @@ def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     its own search only."""
     from kdsearch.data import load_data
     from kdsearch.search import run_search
-    from kdsearch.space import SearchSpace
     from kdsearch.study import Record, open_storage
 
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
-    text = (
-        SPACE.replace("trials: 8", "trials: 1")
-        .replace("[0.1, 0.002, 0.05, 1.0e12]", "[0.1]")
-        .replace(
-            "student: {arch: resnet8}", "student: {arch: resnet8}\n  distill: {kd: {weight: 0.0}}"
-        )
-    )
-    space = SearchSpace.from_yaml(text, source="space.yaml")
+    space = one_lr_without_kd("trials: 1, concurrent: 2")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
     outcome = run_search(space, record, load_data(space.base.data), None)
     assert outcome.complete and outcome.tally.complete + outcome.tally.pruned == 1
@@ -611,17 +617,9 @@ def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(tmp_path:
     from kdsearch.data import load_data
     from kdsearch.errors import StudyError
     from kdsearch.search import run_search
-    from kdsearch.space import SearchSpace
     from kdsearch.study import Record, open_storage
 
-    text = (
-        SPACE.replace("trials: 8, concurrent: 2", "trials: 3, concurrent: 1")
-        .replace("[0.1, 0.002, 0.05, 1.0e12]", "[0.1]")
-        .replace(
-            "student: {arch: resnet8}", "student: {arch: resnet8}\n  distill: {kd: {weight: 0.0}}"
-        )
-    )
-    space = SearchSpace.from_yaml(text, source="space.yaml")
+    space = one_lr_without_kd("trials: 3, concurrent: 1")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=3, resume=False)
 
     def full(*args: object) -> None:
