@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import MutableMapping, Sequence
 from contextlib import suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,10 +65,10 @@ def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
     with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
         teacher = get_teacher(recipe, data, report, heads=False)
     if heads:
-        from kdsearch.teacher import get_teacher_heads
+        from kdsearch.teacher import with_heads
 
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
-            teacher = replace(teacher, heads=get_teacher_heads(recipe, data, teacher, heads_report))
+            teacher = with_heads(recipe, data, teacher, heads_report)
     return teacher
 
 
@@ -423,17 +422,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def run_export(storage: Any, name: str, out: Path) -> None:
-    """Export the winner; without a promotion, train the winning trial's recipe once first."""
+    """Export the winner and the teacher it learned from; without a promotion, train the winning
+    trial's recipe once first, against the search's teacher."""
     import torch
 
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
-    from kdsearch.export import check_out, export, find_winner
+    from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
+    from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
     check_out(out, name)
     winner = find_winner(storage, name)
     data = load_data(winner.recipe.data)
+    heads = needs_teacher_heads(winner.recipe)
+    files = winner.teacher
     if winner.weights is not None:
         if not winner.weights.is_file():
             raise KdsearchError(
@@ -442,6 +445,12 @@ def run_export(storage: Any, name: str, out: Path) -> None:
                 "or export on the machine that promoted"
             )
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
+        if files is None and needs_teacher(winner.recipe):
+            console.print(
+                "note: the promotion recorded no teacher file (an earlier kdsearch promoted "
+                "it); exporting the teacher the study's base recipe gives now"
+            )
+            files = TeacherFiles.of(prepare_teacher(winner.base, data, heads), heads)
     else:
         if winner.threads is not None:  # the trial's thread count: the trial's own student
             torch.set_num_threads(winner.threads)
@@ -451,7 +460,8 @@ def run_export(storage: Any, name: str, out: Path) -> None:
         )
         teacher = None
         if needs_teacher(winner.recipe):
-            teacher = prepare_teacher(winner.recipe, data, needs_teacher_heads(winner.recipe))
+            teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
+            files = TeacherFiles.of(teacher, heads)
         with epoch_progress("winner", winner.recipe.schedule.epochs) as report:
             result = train(
                 winner.recipe,
@@ -465,7 +475,8 @@ def run_export(storage: Any, name: str, out: Path) -> None:
             test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
         )
         weights = result.student.state_dict()
-    export(winner, name, out, weights, {"classes": data.num_classes, "channels": data.channels})
+    info = {"classes": data.num_classes, "channels": data.channels}
+    export(winner, name, out, weights, info, files)
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
             console.print(
@@ -474,10 +485,14 @@ def run_export(storage: Any, name: str, out: Path) -> None:
                 f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe"
             )
     threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
+    written = ["recipe.yaml", "student.pt"]
+    if files is not None:
+        written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
+    recipe_path = shlex.quote(f"{out}/recipe.yaml")
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
-        "recipe.yaml, student.pt, meta.json, hyperparameters.json; "
-        f"`{threads}kdsearch train {out}/recipe.yaml` reproduces it on a machine like this one"
+        f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
+        f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
 
 

@@ -2,14 +2,23 @@
 
 recipe.yaml           the complete recipe; `kdsearch train DIR/recipe.yaml` reproduces it
 student.pt            the student's state dict alone (heads dropped), for the bare architecture
-meta.json             study, trial, seeds, metrics, versions of kdsearch and its libraries
+teacher.pt            the teacher the student learned from (when a term reads one), which
+                      recipe.yaml names as `teacher.checkpoint`
+teacher.heads.pt      its HSAKD/SSKD heads (when a term reads them): `teacher.heads.checkpoint`
+meta.json             study, trial, seeds, metrics, teacher files, versions of kdsearch and its
+                      libraries
 hyperparameters.json  the recipe as a flat {"dotted.path": value} map, for other stacks
+
+The teacher's files are copied only if their bytes are those the promotion recorded: a student
+exported with another teacher than its own would not train again to the same weights.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -22,30 +31,40 @@ from kdsearch import __version__
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import writable_folder
-from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name
+from kdsearch.promote import base_recipe, current_runs, has_promoted, leaderboard, promoted_name
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import load_study, ranked, recorded, trial_recipe
+from kdsearch.teacher import TeacherFiles, file_digest
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
+TEACHER_FILE = "teacher.pt"
+HEADS_FILE = "teacher.heads.pt"
+
 
 @dataclass(frozen=True)
 class Winner:
-    """The best recipe of a study, where it comes from, and its trained weights if any."""
+    """The best recipe of a study, where it comes from, its trained weights if any, and the
+    teacher those learned from, where the promotion recorded it."""
 
     recipe: Recipe
+    base: Recipe  # the study's base recipe: the search's (and the promotion's) teacher
     source: str  # "promoted" or "search"
     trial: int
     metrics: dict[str, Any]
     weights: Path | None
     seeds: list[int] = field(default_factory=list)
     threads: int | None = None  # CPU threads the weights were trained with, where recorded
+    teacher: TeacherFiles | None = None
 
 
 def find_winner(storage: BaseStorage, name: str) -> Winner:
     """The promoted recipe with the best mean validation accuracy over seeds (its best seed's
     weights); without a promotion, the best COMPLETE trial of the search (no weights yet)."""
+    study = load_study(storage, name)
+    recorded(study, "space")  # a search study, not a promoted one or another tool's
+    base = base_recipe(study)
     if has_promoted(storage, name):
         promoted = load_study(storage, promoted_name(name))
         board = leaderboard(promoted)
@@ -77,15 +96,15 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
         }
         return Winner(
             Recipe.from_yaml(str(top.user_attrs["recipe"])),
+            base,
             "promoted",
             source,
             metrics,
             Path(str(top.user_attrs["weights"])),
             sorted(int(t.user_attrs["seed"]) for t in runs),
             int(top.user_attrs["threads"]) if "threads" in top.user_attrs else None,
+            TeacherFiles.from_attrs(top.user_attrs),
         )
-    study = load_study(storage, name)
-    recorded(study, "space")  # a search study, not a promoted one or another tool's
     best_trials = ranked(study.trials)
     if not best_trials:
         raise StudyError(f"study {name!r} has no COMPLETE trial to export")
@@ -95,6 +114,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
     threads = best_trial.user_attrs.get("threads")  # absent from studies of older versions
     return Winner(
         recipe,
+        base,
         "search",
         best_trial.number,
         metrics,
@@ -110,15 +130,43 @@ def export(
     out: Path,
     weights: dict[str, torch.Tensor],
     data_info: dict[str, int],
+    teacher: TeacherFiles | None,
 ) -> None:
-    """Write the four files of an export into `out` (a previous export of the same study may be
-    replaced; anything else there is refused, so nothing is lost)."""
+    """Write the files of an export into `out` (a previous export of the same study may be
+    replaced; anything else there is refused, so nothing is lost). `teacher`: the files of the
+    teacher the student learned from, None when no term reads a teacher."""
     check_out(out, name)
-    meta_path = out / "meta.json"
     model = build_model(winner.recipe.student.arch, data_info["classes"], data_info["channels"])
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
+    recipe = winner.recipe
+    copies: dict[str, tuple[Path, str] | None] = {TEACHER_FILE: None, HEADS_FILE: None}
+    if teacher is not None:
+        copies[TEACHER_FILE] = (teacher.weights, teacher.digest)
+        if teacher.heads is not None and teacher.heads_digest is not None:
+            copies[HEADS_FILE] = (teacher.heads, teacher.heads_digest)
+        recipe = recipe.override(
+            {
+                "teacher.checkpoint": TEACHER_FILE,
+                "teacher.heads.checkpoint": HEADS_FILE if copies[HEADS_FILE] else None,
+            },
+            source="export",
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(winner.recipe.to_yaml())
+    copied: dict[str, Path] = {}
+    try:
+        for file, source in copies.items():
+            if source is not None:
+                copied[file] = _copy_checked(*source, out / file)
+    except BaseException:  # a refused or interrupted copy leaves nothing behind
+        for tmp in copied.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for file, source in copies.items():  # checked, all of them: now in place
+        if source is None:
+            (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
+        else:
+            copied[file].replace(out / file)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
     torch.save({k: v.cpu() for k, v in weights.items()}, out / "student.pt")
     meta = {
         "study": name,
@@ -129,13 +177,44 @@ def export(
         "metrics": winner.metrics,
         "student": winner.recipe.student.arch,
         "teacher": winner.recipe.teacher.arch,
+        "teacher_files": {
+            file: {"digest": source[1], "copied_from": str(source[0])}
+            for file, source in copies.items()
+            if source is not None
+        },
         "data": winner.recipe.data.dataset,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
     }
-    meta_path.write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    flat = flatten(winner.recipe.to_dict())
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    flat = flatten(recipe.to_dict())
     (out / "hyperparameters.json").write_text(json.dumps(flat, indent=2) + "\n")
+
+
+def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
+    """A copy of `source` beside `dest` (not yet in its place), if its bytes hash to `digest`:
+    the teacher file the student learned from, not one trained again or replaced since."""
+    if not source.is_file():
+        raise KdsearchError(
+            f"the teacher file the exported student learned from is not at {source} (moved, or "
+            "promoted on another machine); put it back there, or export on the machine that "
+            "promoted"
+        )
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        found = file_digest(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if found != digest:
+        tmp.unlink()
+        raise KdsearchError(
+            f"{source} is not the teacher file the exported student learned from (its hash is "
+            f"{found}, the promotion recorded {digest}): it was trained again or replaced "
+            "since; put the original back, or promote again in a new study"
+        )
+    return tmp
 
 
 def check_out(out: Path, name: str) -> None:

@@ -40,7 +40,7 @@ from kdsearch.study import (
     study_names,
     trial_recipe,
 )
-from kdsearch.teacher import Teacher, get_teacher
+from kdsearch.teacher import Teacher, TeacherFiles, get_teacher
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
 PLAIN_KD = -2
@@ -200,14 +200,18 @@ def promote(
     base = base_recipe(study)
     data = load_data(base.data)
     teacher = None
+    files: dict[bool, TeacherFiles] = {}  # the teacher's files, without and with its heads
     if any(needs_teacher(r.recipe) for r in todo.values()):
         heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
         teacher = (prepare or _prepare)(base, data, heads)
+        files = {h: TeacherFiles.of(teacher, h) for h in (False, True)}
     weights_dir.mkdir(parents=True, exist_ok=True)
 
     def record(result: JobResult) -> None:
         run = todo[result.key]
-        _record(promoted, run, result, weights_dir)
+        # The teacher the run learned from, for the export to ship with the student.
+        learned = files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
+        _record(promoted, run, result, weights_dir, learned)
         if on_run is not None:
             on_run(run, result)
 
@@ -226,7 +230,13 @@ def _prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
     return get_teacher(recipe, data, heads=heads)
 
 
-def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Path) -> None:
+def _record(
+    promoted: optuna.Study,
+    run: Run,
+    result: JobResult,
+    weights_dir: Path,
+    teacher: TeacherFiles | None,
+) -> None:
     attrs: dict[str, Any] = {
         "run_key": run.key,
         "label": run.label,
@@ -238,6 +248,7 @@ def _record(promoted: optuna.Study, run: Run, result: JobResult, weights_dir: Pa
         "threads": result.threads,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
+        **(teacher.attrs() if teacher is not None else {}),
     }
     if result.failure is None:
         assert result.weights is not None

@@ -55,6 +55,10 @@ Epochs = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
+# The recipe keys that name weights files: relative paths in a file are relative to the file.
+CHECKPOINTS = ("teacher.checkpoint", "teacher.heads.checkpoint")
+
+
 class Section(BaseModel):
     """A strict, immutable part of a recipe: unknown keys and wrong types are errors."""
 
@@ -87,15 +91,26 @@ class TeacherHeadsConfig(Section):
 
     epochs: Epochs = 60
     lr: Positive = 0.05
+    checkpoint: str | None = None  # trained heads of `teacher.checkpoint` (as an export holds)
 
 
 class TeacherConfig(Section):
-    """The frozen network the student learns from."""
+    """The frozen network the student learns from. A relative checkpoint path in a recipe or
+    space file is relative to that file's folder (on the command line: to the working folder)."""
 
     arch: ModelName
     checkpoint: str | None = None
     train: TeacherTrainConfig = TeacherTrainConfig()
     heads: TeacherHeadsConfig = TeacherHeadsConfig()
+
+    @model_validator(mode="after")
+    def _heads_of_this_teacher(self) -> TeacherConfig:
+        if self.heads.checkpoint is not None and self.checkpoint is None:
+            raise ValueError(
+                "teacher.heads.checkpoint needs teacher.checkpoint: heads fit the weights of "
+                "the one teacher they were trained on"
+            )
+        return self
 
 
 class StudentConfig(Section):
@@ -292,8 +307,18 @@ class Recipe(Section):
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """Read a recipe YAML file."""
-        return cls.from_yaml(read_text(path), source=str(path))
+        """Read a recipe YAML file; its relative checkpoint paths are relative to its folder."""
+        return cls.from_yaml(read_text(path), source=str(path)).relative_to(Path(path).parent)
+
+    def relative_to(self, folder: Path) -> Recipe:
+        """The same recipe with each relative checkpoint path joined to `folder` (the folder of
+        the file that wrote it), so that the recipe reads the same files from anywhere."""
+        changes = {
+            key: str(folder.expanduser() / Path(value).expanduser())
+            for key in CHECKPOINTS
+            if (value := self.get(key)) is not None and not Path(value).expanduser().is_absolute()
+        }
+        return self.override(changes, source="recipe") if changes else self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, dicts, scalars) that `from_dict` turns back into an equal recipe."""

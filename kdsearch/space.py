@@ -263,7 +263,7 @@ class SearchSpace:
             except RecipeError as err:
                 raise RecipeError(f"{source}: base: {err}") from None
         else:
-            base = Recipe.from_dict(config.base, source=f"{source}: base")
+            base = Recipe.from_dict(config.base, source=f"{source}: base").relative_to(folder)
         if base_changes:
             base = base.override(base_changes, source="--set")
         space = cls(source, text, base, dict(config.space), config)

@@ -466,7 +466,16 @@ class Record:
 
 # Where a machine finds things and runs them, not what a trial trains: a driver joining a study
 # from another machine may set these its own way.
-PER_MACHINE = frozenset({"data.root", "data.download", "teacher.checkpoint", "device", "compile"})
+PER_MACHINE = frozenset(
+    {
+        "data.root",
+        "data.download",
+        "teacher.checkpoint",
+        "teacher.heads.checkpoint",
+        "device",
+        "compile",
+    }
+)
 
 
 def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:

@@ -59,6 +59,46 @@ class Teacher:
     path: Path
     val_acc: float
     heads: Mapping[str, nn.Module] = field(default_factory=dict)  # term name -> frozen heads
+    heads_path: Path | None = None  # where the heads were loaded from or saved to
+
+
+@dataclass(frozen=True)
+class TeacherFiles:
+    """The files of a teacher a student was trained against, each with a hash of its bytes, as
+    a promotion records them and an export copies them."""
+
+    weights: Path
+    digest: str
+    heads: Path | None = None
+    heads_digest: str | None = None
+
+    @classmethod
+    def of(cls, teacher: Teacher, heads: bool) -> TeacherFiles:
+        """The files of a ready `teacher`; its heads' file too when `heads`."""
+        heads_file = teacher.heads_path if heads else None
+        heads_digest = None if heads_file is None else file_digest(heads_file)
+        return cls(teacher.path, file_digest(teacher.path), heads_file, heads_digest)
+
+    def attrs(self) -> dict[str, str]:
+        """As user attributes of a study's trial (strings only)."""
+        found = {"teacher_file": str(self.weights), "teacher_digest": self.digest}
+        if self.heads is not None and self.heads_digest is not None:
+            found.update(teacher_heads_file=str(self.heads), teacher_heads_digest=self.heads_digest)
+        return found
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> TeacherFiles | None:
+        """Back from `attrs()`; None where nothing was recorded (a run without a teacher, or a
+        promotion by an earlier kdsearch)."""
+        if "teacher_file" not in attrs:
+            return None
+        heads = attrs.get("teacher_heads_file")
+        return cls(
+            Path(str(attrs["teacher_file"])),
+            str(attrs["teacher_digest"]),
+            None if heads is None else Path(str(heads)),
+            attrs.get("teacher_heads_digest"),
+        )
 
 
 def teacher_recipe(recipe: Recipe) -> Recipe:
@@ -109,8 +149,16 @@ def get_teacher(
     """
     teacher = _backbone(recipe, data, report)
     if heads if heads is not None else needs_teacher_heads(recipe):
-        teacher = replace(teacher, heads=get_teacher_heads(recipe, data, teacher, heads_report))
+        teacher = with_heads(recipe, data, teacher, heads_report)
     return teacher
+
+
+def with_heads(
+    recipe: Recipe, data: ImageData, teacher: Teacher, report: Report | None = None
+) -> Teacher:
+    """`teacher` with its heads (`get_teacher_heads`) and the file they are in."""
+    heads = get_teacher_heads(recipe, data, teacher, report)
+    return replace(teacher, heads=heads, heads_path=teacher_heads_path(recipe, data, teacher))
 
 
 def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher:
@@ -145,9 +193,12 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
 
 
 def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Path:
-    """Where the heads trained on `teacher` are (or will be) cached, beside the teacher."""
+    """`teacher.heads.checkpoint` if the recipe names one, else where the heads trained on
+    `teacher` are (or will be) cached, beside the teacher."""
+    if recipe.teacher.heads.checkpoint is not None:
+        return Path(recipe.teacher.heads.checkpoint).expanduser()
     if teacher.source == "checkpoint":
-        ident = f"{recipe.teacher.arch}-ckpt{_file_digest(teacher.path)}"
+        ident = f"{recipe.teacher.arch}-ckpt{file_digest(teacher.path)}"
     else:
         ident = teacher.path.stem
     opt = recipe.optim
@@ -155,7 +206,7 @@ def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Pat
         "format": HEADS_FORMAT,
         "teacher": ident,
         "data": data.fingerprint,
-        "heads": recipe.teacher.heads.model_dump(),
+        "heads": recipe.teacher.heads.model_dump(exclude={"checkpoint"}),
         "terms": HEAD_TERMS,
         "optim": [opt.momentum, opt.weight_decay, opt.nesterov],
         "batch_size": recipe.batch_size,
@@ -169,7 +220,8 @@ def get_teacher_heads(
     recipe: Recipe, data: ImageData, teacher: Teacher, report: Report | None = None
 ) -> dict[str, nn.Module]:
     """The teacher-side heads of every term that has some (HSAKD: an auxiliary classifier on
-    every stage that can carry one; SSKD: the projection), from the cache or trained now."""
+    every stage that can carry one; SSKD: the projection): from `teacher.heads.checkpoint`,
+    else from the cache, else trained now."""
     rng = torch.random.get_rng_state()
 
     def fresh() -> nn.ModuleDict:
@@ -180,6 +232,10 @@ def get_teacher_heads(
 
     heads = fresh()
     path = teacher_heads_path(recipe, data, teacher)
+    if recipe.teacher.heads.checkpoint is not None:
+        load_heads(heads, path)
+        on_host(teacher.model)
+        return {name: freeze(on_host(head)) for name, head in heads.items()}
     cached = False
     if path.is_file():
         try:
@@ -201,6 +257,19 @@ def get_teacher_heads(
         )
     on_host(teacher.model)
     return {name: freeze(on_host(head)) for name, head in heads.items()}
+
+
+def load_heads(heads: nn.ModuleDict, path: Path) -> None:
+    """Load `teacher.heads.checkpoint` into `heads`, or say in one line why it does not fit."""
+    where = "teacher.heads.checkpoint: "
+    saved = _load_weights(path, where)
+    mismatch = _mismatch(heads.state_dict(), saved) if isinstance(saved, dict) else "no weights"
+    if mismatch:
+        raise TeacherError(
+            f"{where}{path} does not hold the heads of this teacher and data "
+            f"({', '.join(heads)}): {mismatch}"
+        )
+    heads.load_state_dict(saved)
 
 
 def on_host(model: M) -> M:
@@ -296,13 +365,7 @@ def load_checkpoint(
     Accepts a bare state dict or one under "state_dict" / "model" (as other training scripts
     save it). Loading uses `weights_only=True`: a checkpoint cannot run code.
     """
-    try:
-        saved: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TeacherError(f"{where}{path}: no such file") from None
-    except Exception as err:  # torch.load of a file that is no checkpoint raises many kinds
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TeacherError(f"{where}{path}: not a loadable weights file ({first})") from None
+    saved = _load_weights(path, where)
     if isinstance(saved, dict):
         for key in ("state_dict", "model"):
             if isinstance(saved.get(key), dict):
@@ -318,6 +381,17 @@ def load_checkpoint(
         )
     model.load_state_dict(saved)
     return model
+
+
+def _load_weights(path: Path, where: str) -> Any:
+    """What `torch.load(weights_only=True)` reads from `path`, or a one-line TeacherError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TeacherError(f"{where}{path}: no such file") from None
+    except Exception as err:  # torch.load of a file that is no checkpoint raises many kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TeacherError(f"{where}{path}: not a loadable weights file ({first})") from None
 
 
 def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
@@ -342,7 +416,8 @@ def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:
     return evaluate_split(model, data.val, data, recipe)[0]
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes: which weights a run was trained against."""
     h = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -8,8 +9,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from kdsearch.data import load_data
+from kdsearch.export import Winner, export
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe, flatten
+from kdsearch.teacher import TeacherFiles, get_teacher
 
 from .conftest import SMALL_SPACE, run_cli, write_study
 
@@ -18,11 +22,20 @@ pytestmark = pytest.mark.slow
 
 def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     """`OMP_NUM_THREADS=1 kdsearch train EXPORT/recipe.yaml`, as the export's last line says,
-    gives the exported student again: its validation accuracy and its weights."""
+    gives the exported student again (its validation accuracy and its weights), on a machine
+    without kdsearch's cache: the teacher comes from the export, it is not trained again."""
+    empty = root / "another-machine-cache"
     again = run_cli(
-        "train", f"{export}/recipe.yaml", "--out", "again", cwd=root, env={"OMP_NUM_THREADS": "1"}
+        "train",
+        f"{export}/recipe.yaml",
+        "--out",
+        "again",
+        cwd=root,
+        env={"OMP_NUM_THREADS": "1", "KDSEARCH_CACHE_DIR": str(empty)},
     )
     assert again.returncode == 0, again.stderr
+    assert f"teacher resnet8 (checkpoint, {export}/teacher.pt)" in again.stderr
+    assert not (empty / "teachers").exists(), "no teacher trained"
     metrics = json.loads((root / "again" / "metrics.json").read_text())
     assert metrics["val_acc"] == pytest.approx(val_acc)
     exported = torch.load(root / export / "student.pt", weights_only=True)
@@ -30,7 +43,9 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
 
 
-def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Path) -> None:
+def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
     write_study(tmp_path)
     assert (
         run_cli(
@@ -53,8 +68,15 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     ]
     best = max(runs, key=lambda t: (t.value, -t.user_attrs["seed"]))
     recipe = Recipe.load(out / "recipe.yaml")
-    assert recipe == Recipe.from_yaml(best.user_attrs["recipe"]), "the recipe loads back equal"
-    assert json.loads((out / "hyperparameters.json").read_text()) == flatten(recipe.to_dict())
+    # the recipe loads back equal, but for the teacher it names: the one the export holds
+    assert recipe == Recipe.from_yaml(best.user_attrs["recipe"]).override(
+        {"teacher.checkpoint": str(out / "teacher.pt")}
+    )
+    assert "checkpoint: teacher.pt" in (out / "recipe.yaml").read_text(), "the folder can move"
+    assert meta["teacher_files"]["teacher.pt"]["digest"] == best.user_attrs["teacher_digest"]
+    assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
+    as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
+    assert json.loads((out / "hyperparameters.json").read_text()) == flatten(as_written.to_dict())
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 1).load_state_dict(state)  # strict: the student alone
     # The promotion trained with one thread (per_trial.cpu: 1); the CPU's channels-last kernels
@@ -62,7 +84,19 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(tmp_path: Pat
     # export's last line and meta.json give.
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
-    assert_retrained_alike(tmp_path, "winner", best.value)  # same recipe, same CPU: same student
+    out.rename(tmp_path / "moved-winner")  # the export is a folder that can go anywhere
+    assert_retrained_alike(tmp_path, "moved-winner", best.value)  # same recipe, CPU: same student
+    # the cached teacher the promotion learned from, trained again since (or replaced): the
+    # export refuses to ship another teacher with the student, and writes nothing
+    (cached,) = (isolated_cache / "teachers").glob("resnet8-*[0-9a-f].pt")
+    other = build_model("resnet8", 10, 1).state_dict()
+    torch.save(other, cached)
+    proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
+    assert proc.returncode == 2 and f"{cached} is not the teacher file" in proc.stderr
+    assert not (tmp_path / "w3").exists() or not any((tmp_path / "w3").iterdir())
+    cached.unlink()  # gone: moved, or promoted on another machine
+    proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
+    assert proc.returncode == 2 and f"learned from is not at {cached}" in proc.stderr
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)
@@ -84,6 +118,46 @@ def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> Non
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train w/recipe.yaml` reproduces it" in proc.stderr
     assert_retrained_alike(tmp_path, "w", meta["metrics"]["val_acc"])
+
+
+def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) -> None:
+    recipe = Recipe.from_dict(
+        {
+            "data": {"dataset": "digits", "subset": 300, "val_fraction": 0.3},
+            "teacher": {"arch": "resnet8", "train": {"epochs": 2}, "heads": {"epochs": 1}},
+            "student": {"arch": "resnet8"},
+            "distill": {"kd": {"weight": 0.0}, "hsakd": {"weight": 1.0, "placement": [2, 3]}},
+            "schedule": {"epochs": 2, "kind": "cosine"},
+            "device": "cpu",
+        }
+    )
+    data = load_data(recipe.data)
+    teacher = get_teacher(recipe, data)  # trained and cached, with its heads, for the run below
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    first = run_cli("train", "r.yaml", "--out", "first", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    weights = torch.load(tmp_path / "first" / "student.pt", weights_only=True)
+    winner = Winner(recipe, recipe, "search", 0, metrics, None, [0], 1)
+    files = TeacherFiles.of(teacher, heads=True)
+    export(winner, "s", tmp_path / "w", weights, {"classes": 10, "channels": 1}, files)
+    written = Recipe.from_yaml((tmp_path / "w" / "recipe.yaml").read_text())
+    assert written.teacher.checkpoint == "teacher.pt"
+    assert written.teacher.heads.checkpoint == "teacher.heads.pt"
+    assert (tmp_path / "w" / "teacher.heads.pt").read_bytes() == teacher.heads_path.read_bytes()  # type: ignore[union-attr]
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert set(meta["teacher_files"]) == {"teacher.pt", "teacher.heads.pt"}
+    # neither the teacher nor its heads trained again where the export is trained
+    assert_retrained_alike(tmp_path, "w", metrics["val_acc"])
+    # exported again, of a winner that reads no teacher: the earlier teacher files go
+    plain = replace(winner, recipe=recipe.override({"distill.hsakd.weight": 0.0}))
+    export(plain, "s", tmp_path / "w", weights, {"classes": 10, "channels": 1}, None)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "hyperparameters.json",
+        "meta.json",
+        "recipe.yaml",
+        "student.pt",
+    ]
 
 
 def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     def record(run: Run, value: float, failure: str | None = None) -> None:
         weights = None if failure else {}
         result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, weights, failure)
-        _record(promoted_study, run, result, tmp_path)
+        _record(promoted_study, run, result, tmp_path, None)
 
     short = plan(study, top_k=1, seeds=1, epochs=2)
     long = plan(study, top_k=1, seeds=1, epochs=4)
@@ -222,7 +222,7 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     for value in (0.5, 0.9):  # the second promotion's copy of every run
         for run in plan(study, top_k=1, seeds=2, epochs=2):
             result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {})
-            _record(promoted_study, run, result, tmp_path)
+            _record(promoted_study, run, result, tmp_path, None)
     assert len(promoted_study.trials) == 12
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"

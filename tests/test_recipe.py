@@ -86,6 +86,10 @@ def test_shipped_recipes_load() -> None:
             MINIMAL + "precision: fp16\ndevice: cpu",
             "r.yaml: precision: fp16 needs CUDA; use bf16 or fp32 with device: cpu",
         ),
+        (
+            MINIMAL.replace("resnet20}", "resnet20, heads: {checkpoint: h.pt}}"),
+            "r.yaml: teacher: teacher.heads.checkpoint needs teacher.checkpoint",
+        ),
         ("data: [1, 2", "not valid YAML"),
     ],
 )
@@ -213,6 +217,24 @@ def test_recipe_is_immutable() -> None:
 def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no such file"):
         Recipe.load(tmp_path / "absent.yaml")
+
+
+def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    text = MINIMAL.replace(
+        "resnet20}", "resnet20, checkpoint: teacher.pt, heads: {checkpoint: ../h/heads.pt}}"
+    )
+    (folder / "recipe.yaml").write_text(text)
+    recipe = Recipe.load(folder / "recipe.yaml")
+    assert recipe.teacher.checkpoint == str(folder / "teacher.pt")
+    assert recipe.teacher.heads.checkpoint == str(folder / "../h/heads.pt")
+    absolute = text.replace("checkpoint: teacher.pt", f"checkpoint: {tmp_path}/t.pt")
+    (folder / "recipe.yaml").write_text(absolute.replace("../h/heads.pt", "~/heads.pt"))
+    recipe = Recipe.load(folder / "recipe.yaml")
+    assert recipe.teacher.checkpoint == f"{tmp_path}/t.pt", "an absolute path stays"
+    assert recipe.teacher.heads.checkpoint == "~/heads.pt", "so does one from home"
+    assert Recipe.from_yaml(text).teacher.checkpoint == "teacher.pt", "text without a file"
 
 
 def test_recipe_module_does_not_import_torch() -> None:

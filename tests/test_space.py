@@ -416,6 +416,21 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
 
 
+def test_a_teacher_checkpoint_in_the_base_is_relative_to_its_file(tmp_path: Path) -> None:
+    (tmp_path / "recipes").mkdir()
+    recipe = "data: {dataset: digits}\nteacher: {arch: resnet8, checkpoint: t.pt}\n"
+    (tmp_path / "recipes" / "r.yaml").write_text(recipe + "student: {arch: resnet8}\n")
+    rest = (
+        "asha: {max_epochs: 3}\nspace: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
+    )
+    (tmp_path / "s.yaml").write_text("study: {name: t}\nbase: recipes/r.yaml\n" + rest)
+    checkpoint = SearchSpace.load(tmp_path / "s.yaml").base.teacher.checkpoint
+    assert checkpoint == str(tmp_path / "recipes" / "t.pt")
+    inline = "{data: {dataset: digits}, teacher: {arch: resnet8, checkpoint: t.pt}, student: {arch: resnet8}}"
+    (tmp_path / "s.yaml").write_text(f"study: {{name: t}}\nbase: {inline}\n" + rest)
+    assert SearchSpace.load(tmp_path / "s.yaml").base.teacher.checkpoint == str(tmp_path / "t.pt")
+
+
 @pytest.mark.parametrize(
     ("base", "expected"),
     [

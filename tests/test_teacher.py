@@ -179,6 +179,39 @@ def test_heads_a_damaged_file_half_loaded_into_are_trained_from_their_first_stat
             assert torch.equal(a, b)
 
 
+def test_heads_checkpoint_is_loaded_as_it_is_never_trained(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    trained = get_teacher(recipe, synthetic)
+    assert trained.heads_path is not None and trained.heads_path.is_file()
+    exported = recipe.override(
+        {
+            "teacher.checkpoint": str(trained.path),
+            "teacher.heads.checkpoint": str(trained.heads_path),
+        }
+    )
+    epochs: list[int] = []
+    loaded = get_teacher(exported, synthetic, heads_report=lambda s: epochs.append(s.epoch))
+    assert loaded.source == "checkpoint" and epochs == [], "no heads trained"
+    assert loaded.heads_path == trained.heads_path
+    for name in trained.heads:
+        for a, b in zip(
+            trained.heads[name].state_dict().values(),
+            loaded.heads[name].state_dict().values(),
+            strict=True,
+        ):
+            assert torch.equal(a, b)
+    # a file that is not these heads is an error, never a reason to train others in their place
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
+    for path, expected in [
+        (tmp_path / "other.pt", r"does not hold the heads of this teacher and data .*missing"),
+        (tmp_path / "none.pt", r"teacher.heads.checkpoint: .*none.pt: no such file"),
+    ]:
+        with pytest.raises(TeacherError, match=expected):
+            get_teacher(exported.override({"teacher.heads.checkpoint": str(path)}), synthetic)
+
+
 def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
     with pytest.raises(TeacherError, match="no such file"):
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "none.pt")}), synthetic)
