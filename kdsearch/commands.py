@@ -22,6 +22,7 @@ from rich.live import Live
 
 from kdsearch import __version__
 from kdsearch.display import (
+    RunsStatus,
     console,
     epoch_progress,
     leaderboard_table,
@@ -375,6 +376,7 @@ def run_promotion(
     from kdsearch.study import redact
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
+    status = RunsStatus()
 
     def on_plan(runs: list[Any], todo: int) -> None:
         found = len({r.source_trial for r in runs if r.source_trial >= 0})
@@ -385,8 +387,13 @@ def run_promotion(
             f"student alone and plain KD, at {budget}; runs to train: {todo}, recorded before: "
             f"{len(runs) - todo}"
         )
+        status.total = todo
+
+    def on_epoch(run: Any, epoch: int, val_acc: float) -> None:
+        status.epoch(f"{run.label} seed {run.seed}", epoch, run.recipe.schedule.epochs, val_acc)
 
     def on_run(run: Any, result: Any) -> None:
+        status.done(f"{run.label} seed {run.seed}")
         if result.failure:
             console.print(f"  {run.label} seed {run.seed}: failed: {result.failure}", markup=False)
         else:
@@ -395,18 +402,22 @@ def run_promotion(
                 f"test {100 * result.test_acc:.2f}%  ({result.seconds:.0f} s)"
             )
 
-    promoted = promote(
-        storage,
-        name,
-        top_k=top_k,
-        seeds=seeds,
-        epochs=epochs,
-        weights_dir=weights_dir_for(url, name),
-        address=address,
-        on_plan=on_plan,
-        on_run=on_run,
-        prepare=prepare_teacher,
-    )
+    try:
+        promoted = promote(
+            storage,
+            name,
+            top_k=top_k,
+            seeds=seeds,
+            epochs=epochs,
+            weights_dir=weights_dir_for(url, name),
+            address=address,
+            on_plan=on_plan,
+            on_run=on_run,
+            on_epoch=on_epoch,
+            prepare=prepare_teacher,
+        )
+    finally:
+        status.close()
     console.print(leaderboard_table(leaderboard(promoted)))
     console.print(
         f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
@@ -415,7 +426,7 @@ def run_promotion(
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the winner as recipe.yaml, student.pt, meta.json and hyperparameters.json."""
+    """Write the winner as a folder: its recipe, student, teacher, metadata, hyperparameters."""
     storage, _ = study_storage(args.study, args.storage)
     run_export(storage, args.study, Path(args.out))
     return 0

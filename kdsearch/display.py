@@ -100,6 +100,48 @@ def search_status(live: Live, target: int) -> Callable[[Any], None]:
     return show
 
 
+class RunsStatus:
+    """Progress of full trainings run side by side (a promotion): runs finished of all, and the
+    epoch and validation accuracy each running one has reached. In a terminal a live line;
+    elsewhere (a log file) the line printed as a run passes each quarter of its epochs."""
+
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.finished = 0
+        self.running: dict[str, tuple[int, int, float]] = {}  # label -> epoch, of, accuracy
+        # Started at the first epoch, not before: the teacher's own bars may be showing.
+        self.live: Live | None = None
+
+    def epoch(self, label: str, epoch: int, epochs: int, val_acc: float) -> None:
+        self.running[label] = (epoch, epochs, val_acc)
+        if console.is_terminal:
+            if self.live is None:
+                self.live = Live(console=console, refresh_per_second=2, transient=True)
+                self.live.start()
+            self.live.update(self.line())
+        elif 4 * epoch // epochs > 4 * (epoch - 1) // epochs and epoch < epochs:
+            console.print(self.line(), markup=False)
+
+    def done(self, label: str) -> None:
+        self.running.pop(label, None)
+        self.finished += 1
+        if self.live is not None:
+            self.live.update(self.line())
+
+    def close(self) -> None:
+        """Take the live line away (the runs have ended, or were stopped)."""
+        if self.live is not None:
+            self.live.stop()
+
+    def line(self) -> str:
+        """'runs 2/8 done; trial 11 seed 0 epoch 14/40 (val 97.22%), ...'."""
+        at = [
+            f"{label} epoch {e}/{n} (val {100 * acc:.2f}%)"
+            for label, (e, n, acc) in self.running.items()
+        ]
+        return "; ".join([f"runs {self.finished}/{self.total} done", *at])
+
+
 def leaderboard_table(board: Any) -> Table:
     """The promoted leaderboard for the terminal."""
     budget = f"{board['epochs'].max()} epochs" if len(board) else "full budget"

@@ -180,10 +180,12 @@ def promote(
     address: str | None = None,
     on_plan: Callable[[list[Run], int], None] | None = None,
     on_run: Callable[[Run, JobResult], None] | None = None,
+    on_epoch: Callable[[Run, int, float], None] | None = None,
     prepare: Callable[[Recipe, ImageData, bool], Teacher] | None = None,
 ) -> optuna.Study:
     """Train every run of the plan not yet recorded, on Ray, and record each as it ends.
-    `on_plan` hears the plan's runs and how many of them are to train."""
+    `on_plan` hears the plan's runs and how many of them are to train, `on_epoch` each epoch
+    of a run (its number and validation accuracy) as it ends."""
     study = load_study(storage, name)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
     promoted = open_promoted(storage, name)
@@ -222,6 +224,7 @@ def promote(
         search=space_config(study).search,
         address=address,
         on_done=record,
+        on_epoch=None if on_epoch is None else lambda key, e, acc: on_epoch(todo[key], e, acc),
     )
     return promoted
 

@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
+from ray.util.queue import Queue
 
 from kdsearch.data import ImageData, Split
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
@@ -461,6 +462,9 @@ def scratch_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
 
 
+PROGRESS_S = 1.0  # how often the driver of full trainings looks for finished epochs
+
+
 @dataclass(frozen=True)
 class JobResult:
     """One full training run done on Ray: its curve, validation and test accuracy, weights."""
@@ -477,22 +481,26 @@ class JobResult:
     threads: int = 1  # CPU threads it trained with: the same weights need the same count
 
 
-def train_job(key: str, recipe_yaml: str, shared: Shared, threads: float) -> JobResult:
-    """Train one recipe to the end and score it on the test split (a promotion run)."""
+def train_job(
+    key: str, recipe_yaml: str, shared: Shared, threads: float, progress: Queue | None
+) -> JobResult:
+    """Train one recipe to the end and score it on the test split (a promotion run); each
+    epoch's validation accuracy goes to `progress` as (key, epoch, accuracy) as it ends."""
     torch.set_num_threads(max(1, int(threads)))
     used = torch.get_num_threads()
     curve: dict[int, float] = {}
     started = time.perf_counter()
+
+    def report(stats: EpochStats) -> None:
+        curve[stats.epoch] = stats.val_acc
+        if progress is not None:
+            with contextlib.suppress(ray.exceptions.RayError):  # a driver gone: train on
+                progress.put_nowait((key, stats.epoch, stats.val_acc))
+
     try:
         recipe = worker_recipe(Recipe.from_yaml(recipe_yaml, source=key))
         data, teacher, heads = unshare(shared)
-        result = train(
-            recipe,
-            data,
-            lambda s: curve.__setitem__(s.epoch, s.val_acc),
-            teacher=teacher,
-            teacher_heads=heads,
-        )
+        result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
         test_acc, _ = evaluate_split(result.student, data.test, data, recipe)
         weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
         return JobResult(
@@ -529,9 +537,11 @@ def run_jobs(
     search: SearchConfig,
     address: str | None,
     on_done: Callable[[JobResult], None],
+    on_epoch: Callable[[str, int, float], None] | None = None,
 ) -> None:
     """Run full trainings as Ray tasks with a trial's resources, as many at once as they allow;
-    `on_done` sees each result in the driver as soon as it is in."""
+    `on_done` sees each result in the driver as soon as it is in, `on_epoch` each run's key,
+    epoch and validation accuracy within about a second of the epoch's end."""
     own_ray = not ray.is_initialized()
     if own_ray:
         start_ray(address)
@@ -539,15 +549,28 @@ def run_jobs(
         first = next(iter(jobs.values()))
         cpu, gpu = trial_resources(search, device=first.device)
         shared = ray.put(share(data, teacher, first.teacher.arch))
+        # Epochs travel through a queue (a small actor), wherever on the cluster a run trains.
+        progress = None if on_epoch is None else Queue(actor_options={"num_cpus": 0})
+
+        def drain() -> None:
+            if progress is not None and on_epoch is not None:
+                for key, epoch, val_acc in progress.get_nowait_batch(progress.qsize()):
+                    on_epoch(key, epoch, val_acc)
+
         # A process per run where it holds a GPU: a reused one would keep its cached GPU
         # memory, and the GPU it first started CUDA on, for runs Ray gives another.
         remote = ray.remote(num_cpus=cpu, num_gpus=gpu, max_calls=1 if gpu else 0)(train_job)
-        pending = {remote.remote(key, r.to_yaml(), shared, cpu): key for key, r in jobs.items()}
+        pending = {
+            remote.remote(key, r.to_yaml(), shared, cpu, progress): key for key, r in jobs.items()
+        }
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_S)
+            drain()  # a run's last epochs before its result
             for ref in done:
                 pending.pop(ref)
                 on_done(ray.get(ref))
+        if progress is not None:
+            progress.shutdown()
     finally:
         if own_ray:
             ray.shutdown()

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from kdsearch.display import console, search_status, trials_view
+from kdsearch.display import RunsStatus, console, search_status, trials_view
 from kdsearch.study import Tally
 
 
@@ -29,6 +29,26 @@ def test_off_a_terminal_the_search_status_is_a_line_when_trials_have_finished(
         "trials 1/4: 1 complete, 0 pruned, 0 failed, 2 running",
         "trials 3/4: 1 complete, 2 pruned, 0 failed, 1 running; best 50.00% (#0: optim.lr=0.1)",
     ]
+
+
+def test_off_a_terminal_runs_side_by_side_show_a_line_at_each_quarter_of_their_epochs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = RunsStatus(total=3)
+    for epoch in range(1, 9):
+        status.epoch("trial 4 seed 0", epoch, 8, epoch / 10)
+        if epoch == 3:
+            status.epoch("plain KD seed 1", 1, 2, 0.55)
+            status.done("plain KD seed 1")
+    status.done("trial 4 seed 0")
+    status.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "runs 0/3 done; trial 4 seed 0 epoch 2/8 (val 20.00%)",
+        "runs 0/3 done; trial 4 seed 0 epoch 3/8 (val 30.00%); plain KD seed 1 epoch 1/2 (val 55.00%)",
+        "runs 1/3 done; trial 4 seed 0 epoch 4/8 (val 40.00%)",
+        "runs 1/3 done; trial 4 seed 0 epoch 6/8 (val 60.00%)",
+    ]
+    assert status.line() == "runs 2/3 done"
 
 
 def _rendered(view: Table, width: int) -> list[str]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -130,6 +131,13 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert "student alone" in first.stderr and "plain KD" in first.stderr
     assert "promoted at 2 epochs (accuracy %" in first.stderr
     assert "±" not in first.stderr, "one seed: no spread to show"
+    # while runs train, each one's epochs reach the log (halfway: epoch 1 of 2), from Ray
+    for t in runs:
+        label = (
+            f"{t.user_attrs['label']} seed 0 epoch 1/2 (val {100 * t.intermediate_values[1]:.2f}%)"
+        )
+        assert label in first.stderr
+    assert re.search(r"^runs [0-3]/4 done; ", first.stderr, re.MULTILINE)
     stamps = {t.user_attrs["run_key"]: t.datetime_complete for t in runs}
     second = run_cli("promote", "s", "--top-k", "2", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
