@@ -13,11 +13,10 @@ epoch, mean and spread over seeds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from tables import device_line, names, positive, run, stdev
+from tables import command_line, device_line, names, positive, run, stdev
 
 from kdsearch.data import load_data
 from kdsearch.losses import LOSSES
@@ -38,7 +37,7 @@ PAPER_WEIGHTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--root", required=True)
     parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
     parser.add_argument("--subset", type=positive, default=4000)

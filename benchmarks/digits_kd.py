@@ -8,10 +8,9 @@ order and augmentation of its data. Prints validation and test accuracy, mean an
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-from tables import Table, device_line, positive, run, stdev
+from tables import Table, command_line, device_line, positive, run, stdev
 
 from kdsearch.data import load_data
 from kdsearch.recipe import Recipe
@@ -20,7 +19,7 @@ from kdsearch.train import evaluate_split, resolve_device, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--recipe", default="search_spaces/recipes/digits.yaml")
     parser.add_argument("--seeds", type=positive, default=5)
     args = parser.parse_args()

@@ -17,14 +17,13 @@ about the forward pass, (step + forward) / step.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from tables import Table, device_line, pairs, positive, run
+from tables import Table, command_line, device_line, pairs, positive, run
 
 from kdsearch.models import build_model
 from kdsearch.train import autocast, autocast_dtype, resolve_device
@@ -86,7 +85,7 @@ def thread_counts(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default=PAIRS)
     parser.add_argument("--threads", type=thread_counts, default="1,2")
     parser.add_argument("--steps", type=positive, default=8)

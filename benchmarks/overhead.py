@@ -54,7 +54,7 @@ from searches import (
     work_dir,
     write_space,
 )
-from tables import Table, positive, run
+from tables import Table, command_line, positive, run
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Run:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--space", default="search_spaces/digits.yaml")
     parser.add_argument("--root", help="CIFAR-10 as an image folder (adds the CIFAR-10 search)")
     parser.add_argument("--runs", type=positive, default=2)

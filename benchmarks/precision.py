@@ -19,13 +19,12 @@ faster than fp32.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
 from searches import cifar10_base
-from tables import cpu_name, pairs, positive, run, stdev
+from tables import command_line, cpu_name, pairs, positive, run, stdev
 from terms import BATCH, CLASSES, pair_recipe, random_data
 
 from kdsearch.data import ImageData, load_data
@@ -104,7 +103,7 @@ def accuracy(name: str, base: Recipe, data: ImageData, seeds: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument(
         "--pairs", type=pairs, default=[], help="teacher:student,... (default: none)"
     )

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 from searches import finished_trials, run_search, trial_device, work_dir, write_space
-from tables import positive, run, stdev
+from tables import command_line, positive, run, stdev
 
 SLOTS = 2  # trials at a time, in both arms and in the replay
 TARGET_POINTS = 0.5  # how far below random search's best ASHA may end
@@ -322,7 +322,7 @@ def plot(arms: list[Arm], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--root", required=True)
     parser.add_argument("--subset", type=positive, default=2000)
     parser.add_argument(

@@ -53,6 +53,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def command_line(doc: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark, whose --help shows its whole docstring as written (the
+    usage with every default, what it measures and how)."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def positive(text: str) -> int:
     """An option's value as a whole number of at least 1 (argparse names the option if not)."""
     try:

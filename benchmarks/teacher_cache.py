@@ -21,7 +21,6 @@ it was first to reach), and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -38,7 +37,7 @@ from searches import (
     work_dir,
     write_space,
 )
-from tables import Table, names, run
+from tables import Table, command_line, names, run
 
 SEARCHES = ("digits", "cifar10", "r32x4")
 
@@ -108,7 +107,7 @@ def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--root", help="CIFAR-10 as an image folder (the cifar10, r32x4 rows)")
     parser.add_argument("--only", type=names(SEARCHES), default=",".join(SEARCHES))
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")

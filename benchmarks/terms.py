@@ -17,11 +17,10 @@ step.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from tables import Table, device_line, pairs, positive, run
+from tables import Table, command_line, device_line, pairs, positive, run
 
 from kdsearch.data import ImageData, Split
 from kdsearch.distill import HEAD_TERMS
@@ -79,7 +78,7 @@ def variant(base: Recipe, term: str | None) -> Recipe:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
     parser.add_argument("--steps", type=positive, default=4)
     parser.add_argument("--rounds", type=positive, default=3)

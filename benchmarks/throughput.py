@@ -29,7 +29,6 @@ there by up to 0.8 GMAC a step, and the reference's gathers read a bank that fit
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from tables import Table, device_line, names, pairs, positive, run
+from tables import Table, command_line, device_line, names, pairs, positive, run
 from terms import BATCH, CLASSES, pair_recipe, random_data, variant
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -257,7 +256,7 @@ def kdsearch_speed(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
     parser.add_argument("--methods", type=names(METHODS), default="kd,hsakd,crd")
     parser.add_argument("--steps", type=positive, default=4)
