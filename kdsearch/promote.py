@@ -280,7 +280,8 @@ def _record(
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     """Mean and spread over seeds of each promoted recipe and baseline at the current budget
-    (`current_runs`; its epochs in column `epochs`), best validation first."""
+    (`current_runs`; its epochs in column `epochs`), best validation first (ties: smaller
+    spread, then lower trial number)."""
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
@@ -320,7 +321,10 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         "test_sd",
     ]
     frame = pd.DataFrame(table, columns=columns)
-    return frame.sort_values("val_mean", ascending=False, ignore_index=True)
+    # Ties go to the steadier recipe, then to the lower trial number: never to the order the
+    # runs happened to finish in.
+    keys = ["val_mean", "val_sd", "source_trial"]
+    return frame.sort_values(keys, ascending=[False, True, True], ignore_index=True)
 
 
 def runs_table(promoted: optuna.Study) -> pd.DataFrame:

@@ -338,6 +338,7 @@ class SearchSpace:
                     f"name it in a when (when: {{{name}: VALUE}}) or leave it out"
                 )
         self._check_placements()
+        self._check_terms_on()
 
     def _check_path(
         self, name: str, p: FloatParam | IntParam | CategoricalParam, where: str
@@ -417,6 +418,22 @@ class SearchSpace:
                 if ref not in askers:
                     askers.append(ref)
         return needs
+
+    def _check_terms_on(self) -> None:
+        """A searched setting of a term (its temperature, say) is of some use only if some trial
+        can switch that term on: its weight above 0 in the base or among the weight's values."""
+        for name in self.params:
+            parts = name.split(".")
+            if len(parts) < 3 or parts[0] != "distill" or parts[2] == "weight":
+                continue
+            term = f"distill.{parts[1]}"
+            if term in self.params or any(w > 0 for w in self.reachable(f"{term}.weight")):
+                continue
+            raise RecipeError(
+                f"{self.source}: space.{name}: {term} is never on (its weight is 0 in base and "
+                f"no trial changes it), so this changes nothing; search {term}.weight too, or "
+                "give it a weight in base"
+            )
 
     def _check_placements(self) -> None:
         """Every searched placement fits the student, when some trial can switch HSAKD on: a
