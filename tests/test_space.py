@@ -116,6 +116,16 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
             "  distill.hsakd.placement: {type: categorical, choices: [[1], [2, 4]]}",
             "space.distill.hsakd.placement: [2, 4]: resnet8 has no stage 4 to carry a head",
         ),
+        (
+            "  distill.crd.temperature: {type: float, low: 0.05, high: 0.2}",
+            "space.distill.crd.temperature: distill.crd is never on (its weight is 0 in base and "
+            "no trial changes it), so this changes nothing; search distill.crd.weight too",
+        ),
+        (
+            "  distill.crd.weight: {type: categorical, choices: [0.0]}\n"
+            "  distill.crd.feat_dim: {type: int, low: 64, high: 128}",
+            "space.distill.crd.feat_dim: distill.crd is never on",
+        ),
     ],
 )
 def test_bad_spaces_name_the_key(params: str, expected: str) -> None:

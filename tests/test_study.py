@@ -32,6 +32,7 @@ base:
   data: {dataset: digits}
   teacher: {arch: resnet8}
   student: {arch: resnet8}
+  distill: {hsakd: {weight: 1.0}}
 space:
   optim.lr: {type: float, low: 0.01, high: 0.2, log: true}
   distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]]}
