@@ -339,6 +339,7 @@ class SearchSpace:
                 )
         self._check_placements()
         self._check_terms_on()
+        self._check_promotion_budget()
 
     def _check_path(
         self, name: str, p: FloatParam | IntParam | CategoricalParam, where: str
@@ -418,6 +419,24 @@ class SearchSpace:
                 if ref not in askers:
                     askers.append(ref)
         return needs
+
+    def _check_promotion_budget(self) -> None:
+        """A promotion trains the best trials to the end: not for fewer epochs than a trial."""
+        promote, trial = self.config.promote, self.config.asha.max_epochs
+        if promote is None:
+            return
+        if promote.epochs is not None and promote.epochs < trial:
+            raise RecipeError(
+                f"{self.source}: promote.epochs: {promote.epochs} is below asha.max_epochs "
+                f"({trial}), so the promotion would train the best trials for fewer epochs "
+                "than the search did; raise it"
+            )
+        if promote.epochs is None and self.base.schedule.epochs < trial:
+            raise RecipeError(
+                f"{self.source}: promote: the promotion trains for the base recipe's "
+                f"schedule.epochs ({self.base.schedule.epochs}), fewer than asha.max_epochs "
+                f"({trial}); set promote.epochs, or raise schedule.epochs in base"
+            )
 
     def _check_terms_on(self) -> None:
         """A searched setting of a term (its temperature, say) is of some use only if some trial

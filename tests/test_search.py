@@ -407,7 +407,7 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     root, env = workdir(tmp_path)
     space = SPACE.replace("choices: [0.1, 0.002, 0.05, 1.0e12]", "choices: [0.05, 0.1]")
     (root / "space.yaml").write_text(
-        space + "promote: {top_k: 1, seeds: 1, epochs: 3}\nexport: {dir: out/winner}\n"
+        space + "promote: {top_k: 1, seeds: 1, epochs: 4}\nexport: {dir: out/winner}\n"
     )
     proc = kdsearch("run", "space.yaml", "--trials", "4", cwd=root, env=env)
     _, err = proc.communicate(timeout=900)
@@ -418,7 +418,7 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     assert (
         len(promoted.trials) == 3
     )  # the best trial, the student alone and plain KD, one seed each
-    for name in ("recipe.yaml", "student.pt", "meta.json", "hyperparameters.json"):
+    for name in ("recipe.yaml", "student.pt", "teacher.pt", "meta.json", "hyperparameters.json"):
         assert (root / "out" / "winner" / name).is_file()
     assert "exported the winner of 'tiny'" in err and "kdsearch train out/winner/recipe.yaml" in err
 

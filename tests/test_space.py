@@ -117,6 +117,11 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
             "space.distill.hsakd.placement: [2, 4]: resnet8 has no stage 4 to carry a head",
         ),
         (
+            "  distill.kd.temperature: {type: float, low: 1, high: 2}\npromote: {epochs: 12}",
+            "s.yaml: promote.epochs: 12 is below asha.max_epochs (24), so the promotion would "
+            "train the best trials for fewer epochs than the search did; raise it",
+        ),
+        (
             "  distill.crd.temperature: {type: float, low: 0.05, high: 0.2}",
             "space.distill.crd.temperature: distill.crd is never on (its weight is 0 in base and "
             "no trial changes it), so this changes nothing; search distill.crd.weight too",
@@ -424,6 +429,22 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
         "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
     )
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
+
+
+def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> None:
+    text = BASE.replace(
+        "epochs: 240, kind: multistep, milestones: [150, 180, 210]", "epochs: 20, kind: cosine"
+    )
+    params = "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(text + params + "promote: {top_k: 2}", source="s.yaml")
+    assert str(info.value) == (
+        "s.yaml: promote: the promotion trains for the base recipe's schedule.epochs (20), "
+        "fewer than asha.max_epochs (24); set promote.epochs, or raise schedule.epochs in base"
+    )
+    with_epochs = SearchSpace.from_yaml(text + params + "promote: {epochs: 24}", source="s.yaml")
+    assert with_epochs.config.promote is not None
+    assert SearchSpace.from_yaml(text + params, source="s.yaml").config.promote is None
 
 
 def test_a_teacher_checkpoint_in_the_base_is_relative_to_its_file(tmp_path: Path) -> None:
