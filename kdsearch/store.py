@@ -233,8 +233,10 @@ class StoreReader:
         teacher: TapsFn,
         heads: Mapping[str, torch.nn.Module],
         loader: Loader,
+        dtype: torch.dtype | None,
     ) -> StoreReader | None:
-        """The reader for a run, or None when its terms cannot read from a store."""
+        """The reader for a run that trains in autocast `dtype` (None: fp32), or None when its
+        terms cannot read from a store."""
         group = store_group(distiller, heads)
         if group is None:
             return None
@@ -245,7 +247,7 @@ class StoreReader:
                 data.fingerprint,
                 recipe.seed,
                 recipe.batch_size,
-                recipe.precision,
+                str(dtype),  # the precision it resolved to: `auto` differs between machines
                 recipe.compile,
                 str(loader.device),
             ]

@@ -204,7 +204,9 @@ def train(
     result = Result(student, params=count_parameters(student))
     from_store = None
     if store is not None and teacher_taps is not None:
-        from_store = StoreReader.open(store, recipe, data, distiller, teacher_taps, heads, loader)
+        from_store = StoreReader.open(
+            store, recipe, data, distiller, teacher_taps, heads, loader, dtype
+        )
     tick = batch_ticks(report)
     started = time.perf_counter()
     for epoch in range(recipe.schedule.epochs):

@@ -164,6 +164,15 @@ def test_trials_with_another_seed_or_batch_size_do_not_share(
     assert len(list(tmp_path.iterdir())) == 3  # kd and kd+pkt read the same outputs
 
 
+def test_trials_share_by_the_precision_they_train_in_not_the_one_they_name(
+    data: ImageData, teacher: tuple[TapModel, dict[str, torch.nn.Module]], tmp_path: Path
+) -> None:
+    for precision in ("auto", "bf16", "fp32"):
+        run(data, teacher, {"schedule.epochs": 1, "precision": precision}, config(tmp_path))
+    # auto is bf16 on a CPU with AMX and fp32 elsewhere: it shares with one of the other two
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def test_rotated_outputs_are_kept_per_image_and_served_in_step_layout(data: ImageData) -> None:
     from kdsearch.store import EpochOutputs
 
