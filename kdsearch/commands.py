@@ -56,7 +56,10 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
     """A recipe file with the command line's `--set` overrides applied."""
     recipe = Recipe.load(path)
-    return recipe.override(parse_sets(sets), source="--set") if sets else recipe
+    if not sets:
+        return recipe
+    # paths given on the command line: relative to the working folder
+    return recipe.override(parse_sets(sets), source="--set").resolve_paths(Path.cwd())
 
 
 def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
@@ -69,7 +72,7 @@ def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
         from kdsearch.teacher import with_heads
 
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
-            teacher = with_heads(recipe, data, teacher, heads_report)
+            teacher = with_heads(recipe, data, teacher, report=heads_report)
     return teacher
 
 
@@ -169,6 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
     space = SearchSpace.load(args.space, parse_sets(args.set))
+    for idle in space.idle_settings():
+        console.print(f"note: {space.source}: {idle}", markup=False)
     name = args.study or space.config.study.name
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
@@ -448,6 +453,7 @@ def run_export(storage: Any, name: str, out: Path) -> None:
     data = load_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
     files = winner.teacher
+    checked = True
     if winner.weights is not None:
         if not winner.weights.is_file():
             raise KdsearchError(
@@ -457,11 +463,8 @@ def run_export(storage: Any, name: str, out: Path) -> None:
             )
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
         if files is None and needs_teacher(winner.recipe):
-            console.print(
-                "note: the promotion recorded no teacher file (an earlier kdsearch promoted "
-                "it); exporting the teacher the study's base recipe gives now"
-            )
-            files = TeacherFiles.of(prepare_teacher(winner.base, data, heads), heads)
+            files = unrecorded_teacher(winner.base, data, heads)
+            checked = False
     else:
         if winner.threads is not None:  # the trial's thread count: the trial's own student
             torch.set_num_threads(winner.threads)
@@ -487,7 +490,7 @@ def run_export(storage: Any, name: str, out: Path) -> None:
         )
         weights = result.student.state_dict()
     info = {"classes": data.num_classes, "channels": data.channels}
-    export(winner, name, out, weights, info, files)
+    export(winner, name, out, weights, info, files, teacher_checked=checked)
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
             console.print(
@@ -505,6 +508,37 @@ def run_export(storage: Any, name: str, out: Path) -> None:
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
         f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
+
+
+def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> Any:
+    """The files of the teacher a promotion by an earlier kdsearch trained against, which it did
+    not record: the base recipe's, as this machine has it, never trained here (a teacher
+    trained now would not be the students')."""
+    from kdsearch.teacher import (
+        TeacherFiles,
+        cached_teacher_path,
+        get_teacher,
+        teacher_heads_path,
+        with_heads,
+    )
+
+    missing = (
+        "the promotion recorded no teacher file (an earlier kdsearch promoted it), and the "
+        "teacher it trained against{} is not on this machine; export on the machine that promoted"
+    )
+    if base.teacher.checkpoint is None and not cached_teacher_path(base, data).is_file():
+        raise KdsearchError(missing.format(""))
+    teacher = get_teacher(base, data, heads=False)  # loaded, not trained
+    if heads:
+        if not teacher_heads_path(base, data, teacher).is_file():
+            raise KdsearchError(missing.format("'s heads"))
+        teacher = with_heads(base, data, teacher)
+    console.print(
+        "note: the promotion recorded no teacher file (an earlier kdsearch promoted it); "
+        "exporting the teacher of the study's base recipe on this machine, unchecked "
+        '(meta.json: "checked": false)'
+    )
+    return TeacherFiles.of(teacher, heads)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

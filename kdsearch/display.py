@@ -113,6 +113,7 @@ class RunsStatus:
         self.live: Live | None = None
 
     def epoch(self, label: str, epoch: int, epochs: int, val_acc: float) -> None:
+        """Run `label` has finished `epoch` of `epochs` at validation accuracy `val_acc`."""
         self.running[label] = (epoch, epochs, val_acc)
         if console.is_terminal:
             if self.live is None:
@@ -123,6 +124,7 @@ class RunsStatus:
             console.print(self.line(), markup=False)
 
     def done(self, label: str) -> None:
+        """Run `label` has ended (its scores are printed on their own line)."""
         self.running.pop(label, None)
         self.finished += 1
         if self.live is not None:
@@ -132,6 +134,7 @@ class RunsStatus:
         """Take the live line away (the runs have ended, or were stopped)."""
         if self.live is not None:
             self.live.stop()
+            self.live = None
 
     def line(self) -> str:
         """'runs 2/8 done; trial 11 seed 0 epoch 14/40 (val 97.22%), ...'."""

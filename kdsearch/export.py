@@ -15,6 +15,7 @@ exported with another teacher than its own would not train again to the same wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdsearch import __version__
+from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import writable_folder
@@ -131,43 +133,37 @@ def export(
     weights: dict[str, torch.Tensor],
     data_info: dict[str, int],
     teacher: TeacherFiles | None,
+    *,
+    teacher_checked: bool = True,
 ) -> None:
     """Write the files of an export into `out` (a previous export of the same study may be
     replaced; anything else there is refused, so nothing is lost). `teacher`: the files of the
-    teacher the student learned from, None when no term reads a teacher."""
+    teacher the student learned from, None when no term reads a teacher; `teacher_checked`:
+    whether their hashes are the ones recorded when the student trained.
+
+    Every file is written beside its place first and moved there only when all are ready,
+    meta.json last: a failure or Ctrl-C leaves the folder as it was."""
     check_out(out, name)
     model = build_model(winner.recipe.student.arch, data_info["classes"], data_info["channels"])
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
-    recipe = winner.recipe
+    if teacher is not None and teacher.heads is None and needs_teacher_heads(winner.recipe):
+        raise KdsearchError(
+            "the winner's terms read the teacher's heads, but no heads file was recorded with "
+            "its teacher; promote it again in a new study"
+        )
     copies: dict[str, tuple[Path, str] | None] = {TEACHER_FILE: None, HEADS_FILE: None}
     if teacher is not None:
         copies[TEACHER_FILE] = (teacher.weights, teacher.digest)
         if teacher.heads is not None and teacher.heads_digest is not None:
             copies[HEADS_FILE] = (teacher.heads, teacher.heads_digest)
-        recipe = recipe.override(
-            {
-                "teacher.checkpoint": TEACHER_FILE,
-                "teacher.heads.checkpoint": HEADS_FILE if copies[HEADS_FILE] else None,
-            },
-            source="export",
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    copied: dict[str, Path] = {}
-    try:
-        for file, source in copies.items():
-            if source is not None:
-                copied[file] = _copy_checked(*source, out / file)
-    except BaseException:  # a refused or interrupted copy leaves nothing behind
-        for tmp in copied.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for file, source in copies.items():  # checked, all of them: now in place
-        if source is None:
-            (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
-        else:
-            copied[file].replace(out / file)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
-    torch.save({k: v.cpu() for k, v in weights.items()}, out / "student.pt")
+    # The exported teacher, or none: never a path of the machine that searched.
+    recipe = winner.recipe.override(
+        {
+            "teacher.checkpoint": TEACHER_FILE if copies[TEACHER_FILE] else None,
+            "teacher.heads.checkpoint": HEADS_FILE if copies[HEADS_FILE] else None,
+        },
+        source="export",
+    )
     meta = {
         "study": name,
         "source": winner.source,
@@ -178,7 +174,7 @@ def export(
         "student": winner.recipe.student.arch,
         "teacher": winner.recipe.teacher.arch,
         "teacher_files": {
-            file: {"digest": source[1], "copied_from": str(source[0])}
+            file: {"digest": source[1], "copied_from": str(source[0]), "checked": teacher_checked}
             for file, source in copies.items()
             if source is not None
         },
@@ -186,9 +182,39 @@ def export(
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    flat = flatten(recipe.to_dict())
-    (out / "hyperparameters.json").write_text(json.dumps(flat, indent=2) + "\n")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for file, source in copies.items():
+            if source is not None:
+                staged[file] = _copy_checked(*source, out / file)
+        staged["recipe.yaml"] = _staged(out / "recipe.yaml")
+        staged["recipe.yaml"].write_text(recipe.to_yaml())
+        staged["student.pt"] = _staged(out / "student.pt")
+        torch.save({k: v.cpu() for k, v in weights.items()}, staged["student.pt"])
+        staged["hyperparameters.json"] = _staged(out / "hyperparameters.json")
+        flat = flatten(recipe.to_dict())
+        staged["hyperparameters.json"].write_text(json.dumps(flat, indent=2) + "\n")
+        staged["meta.json"] = _staged(out / "meta.json")
+        staged["meta.json"].write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    except BaseException:  # refused, failed or interrupted: nothing of this export is left
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    for file, source in copies.items():
+        if source is None:
+            (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
+    for file, tmp in staged.items():  # in order: meta.json, which names the export, last
+        tmp.replace(out / file)
+
+
+def _staged(dest: Path) -> Path:
+    """Where `dest` is written before it is moved into place: beside it, hidden."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
 
 
 def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
@@ -200,7 +226,7 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
             "promoted on another machine); put it back there, or export on the machine that "
             "promoted"
         )
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp = _staged(dest)
     try:
         shutil.copyfile(source, tmp)
         found = file_digest(tmp)

@@ -206,7 +206,8 @@ def promote(
     if any(needs_teacher(r.recipe) for r in todo.values()):
         heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
         teacher = (prepare or _prepare)(base, data, heads)
-        files = {h: TeacherFiles.of(teacher, h) for h in (False, True)}
+        full = TeacherFiles.of(teacher, heads)
+        files = {True: full, False: full.without_heads()}
     weights_dir.mkdir(parents=True, exist_ok=True)
 
     def record(result: JobResult) -> None:
@@ -280,8 +281,8 @@ def _record(
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     """Mean and spread over seeds of each promoted recipe and baseline at the current budget
-    (`current_runs`; its epochs in column `epochs`), best validation first (ties: smaller
-    spread, then lower trial number)."""
+    (`current_runs`; its epochs in column `epochs`), best validation first (ties: more seeds,
+    then smaller spread, then lower trial number)."""
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
@@ -321,10 +322,10 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         "test_sd",
     ]
     frame = pd.DataFrame(table, columns=columns)
-    # Ties go to the steadier recipe, then to the lower trial number: never to the order the
-    # runs happened to finish in.
-    keys = ["val_mean", "val_sd", "source_trial"]
-    return frame.sort_values(keys, ascending=[False, True, True], ignore_index=True)
+    # Ties go to the recipe with more seeds behind its mean, then the steadier one, then the
+    # lower trial number: never to the order the runs happened to finish in.
+    keys = ["val_mean", "seeds", "val_sd", "source_trial"]
+    return frame.sort_values(keys, ascending=[False, False, True, True], ignore_index=True)
 
 
 def runs_table(promoted: optuna.Study) -> pd.DataFrame:

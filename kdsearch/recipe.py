@@ -108,7 +108,8 @@ class TeacherConfig(Section):
         if self.heads.checkpoint is not None and self.checkpoint is None:
             raise ValueError(
                 "teacher.heads.checkpoint needs teacher.checkpoint: heads fit the weights of "
-                "the one teacher they were trained on"
+                "the one teacher they were trained on; set teacher.checkpoint to that teacher, "
+                "or remove teacher.heads.checkpoint"
             )
         return self
 
@@ -308,13 +309,14 @@ class Recipe(Section):
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe YAML file; its relative checkpoint paths are relative to its folder."""
-        return cls.from_yaml(read_text(path), source=str(path)).relative_to(Path(path).parent)
+        return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(Path(path).parent)
 
-    def relative_to(self, folder: Path) -> Recipe:
+    def resolve_paths(self, folder: Path) -> Recipe:
         """The same recipe with each relative checkpoint path joined to `folder` (the folder of
-        the file that wrote it), so that the recipe reads the same files from anywhere."""
+        the file that wrote it, or the working folder for the command line's --set), made
+        absolute, so that the recipe reads the same files from anywhere and writes them so."""
         changes = {
-            key: str(folder.expanduser() / Path(value).expanduser())
+            key: str((folder.expanduser() / Path(value).expanduser()).absolute())
             for key in CHECKPOINTS
             if (value := self.get(key)) is not None and not Path(value).expanduser().is_absolute()
         }

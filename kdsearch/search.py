@@ -34,6 +34,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdsearch.data import ImageData, Split
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
@@ -549,13 +550,23 @@ def run_jobs(
         first = next(iter(jobs.values()))
         cpu, gpu = trial_resources(search, device=first.device)
         shared = ray.put(share(data, teacher, first.teacher.arch))
-        # Epochs travel through a queue (a small actor), wherever on the cluster a run trains.
-        progress = None if on_epoch is None else Queue(actor_options={"num_cpus": 0})
+        # Epochs travel through a queue (a small actor on this node), wherever a run trains.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        progress = (
+            None
+            if on_epoch is None
+            else Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        )
 
         def drain() -> None:
-            if progress is not None and on_epoch is not None:
-                for key, epoch, val_acc in progress.get_nowait_batch(progress.qsize()):
-                    on_epoch(key, epoch, val_acc)
+            if progress is None or on_epoch is None:
+                return
+            try:
+                items = progress.get_nowait_batch(progress.qsize())
+            except ray.exceptions.RayError:  # progress is shown, not needed: train on
+                return
+            for key, epoch, val_acc in items:
+                on_epoch(key, epoch, val_acc)
 
         # A process per run where it holds a GPU: a reused one would keep its cached GPU
         # memory, and the GPU it first started CUDA on, for runs Ray gives another.
@@ -563,14 +574,19 @@ def run_jobs(
         pending = {
             remote.remote(key, r.to_yaml(), shared, cpu, progress): key for key, r in jobs.items()
         }
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_S)
-            drain()  # a run's last epochs before its result
-            for ref in done:
-                pending.pop(ref)
-                on_done(ray.get(ref))
-        if progress is not None:
-            progress.shutdown()
+        try:
+            while pending:
+                timeout = None if progress is None else PROGRESS_S
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+                drain()  # a run's last epochs before its result
+                for ref in done:
+                    pending.pop(ref)
+                    on_done(ray.get(ref))
+        finally:  # stopped or failed: no run trains on, no queue is left behind
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if progress is not None:
+                progress.shutdown(force=True)
     finally:
         if own_ray:
             ray.shutdown()

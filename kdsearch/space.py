@@ -263,9 +263,9 @@ class SearchSpace:
             except RecipeError as err:
                 raise RecipeError(f"{source}: base: {err}") from None
         else:
-            base = Recipe.from_dict(config.base, source=f"{source}: base").relative_to(folder)
-        if base_changes:
-            base = base.override(base_changes, source="--set")
+            base = Recipe.from_dict(config.base, source=f"{source}: base").resolve_paths(folder)
+        if base_changes:  # paths given on the command line: relative to the working folder
+            base = base.override(base_changes, source="--set").resolve_paths(Path.cwd())
         space = cls(source, text, base, dict(config.space), config)
         space._check()
         return space
@@ -338,7 +338,6 @@ class SearchSpace:
                     f"name it in a when (when: {{{name}: VALUE}}) or leave it out"
                 )
         self._check_placements()
-        self._check_terms_on()
         self._check_promotion_budget()
 
     def _check_path(
@@ -438,21 +437,23 @@ class SearchSpace:
                 f"({trial}); set promote.epochs, or raise schedule.epochs in base"
             )
 
-    def _check_terms_on(self) -> None:
-        """A searched setting of a term (its temperature, say) is of some use only if some trial
-        can switch that term on: its weight above 0 in the base or among the weight's values."""
+    def idle_settings(self) -> list[str]:
+        """Searched settings of a term no trial can switch on (its weight 0 in the base and
+        never searched above 0): they change nothing, each named with what to do. Told, not
+        refused, so that a study searched with one can still be resumed."""
+        idle = []
         for name in self.params:
             parts = name.split(".")
             if len(parts) < 3 or parts[0] != "distill" or parts[2] == "weight":
                 continue
             term = f"distill.{parts[1]}"
-            if term in self.params or any(w > 0 for w in self.reachable(f"{term}.weight")):
-                continue
-            raise RecipeError(
-                f"{self.source}: space.{name}: {term} is never on (its weight is 0 in base and "
-                f"no trial changes it), so this changes nothing; search {term}.weight too, or "
-                "give it a weight in base"
-            )
+            if not any(w > 0 for w in self.reachable(f"{term}.weight")):
+                idle.append(
+                    f"space.{name}: {term} is never on (its weight is 0 in base and no trial "
+                    f"changes it), so this changes nothing; search {term}.weight too, or give "
+                    "it a weight in base"
+                )
+        return idle
 
     def _check_placements(self) -> None:
         """Every searched placement fits the student, when some trial can switch HSAKD on: a

@@ -74,10 +74,14 @@ class TeacherFiles:
 
     @classmethod
     def of(cls, teacher: Teacher, heads: bool) -> TeacherFiles:
-        """The files of a ready `teacher`; its heads' file too when `heads`."""
-        heads_file = teacher.heads_path if heads else None
+        """The files of a ready `teacher` (absolute paths); its heads' file too when `heads`."""
+        heads_file = teacher.heads_path.absolute() if heads and teacher.heads_path else None
         heads_digest = None if heads_file is None else file_digest(heads_file)
-        return cls(teacher.path, file_digest(teacher.path), heads_file, heads_digest)
+        return cls(teacher.path.absolute(), file_digest(teacher.path), heads_file, heads_digest)
+
+    def without_heads(self) -> TeacherFiles:
+        """The teacher's weights alone (a run that reads no heads)."""
+        return replace(self, heads=None, heads_digest=None)
 
     def attrs(self) -> dict[str, str]:
         """As user attributes of a study's trial (strings only)."""
@@ -149,12 +153,12 @@ def get_teacher(
     """
     teacher = _backbone(recipe, data, report)
     if heads if heads is not None else needs_teacher_heads(recipe):
-        teacher = with_heads(recipe, data, teacher, heads_report)
+        teacher = with_heads(recipe, data, teacher, report=heads_report)
     return teacher
 
 
 def with_heads(
-    recipe: Recipe, data: ImageData, teacher: Teacher, report: Report | None = None
+    recipe: Recipe, data: ImageData, teacher: Teacher, *, report: Report | None = None
 ) -> Teacher:
     """`teacher` with its heads (`get_teacher_heads`) and the file they are in."""
     heads = get_teacher_heads(recipe, data, teacher, report)
@@ -232,12 +236,11 @@ def get_teacher_heads(
 
     heads = fresh()
     path = teacher_heads_path(recipe, data, teacher)
-    if recipe.teacher.heads.checkpoint is not None:
-        load_heads(heads, path)
-        on_host(teacher.model)
-        return {name: freeze(on_host(head)) for name, head in heads.items()}
     cached = False
-    if path.is_file():
+    if recipe.teacher.heads.checkpoint is not None:
+        load_heads(heads, path)  # as they are: never trained again in their place
+        cached = True
+    elif path.is_file():
         try:
             heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             cached = True

@@ -107,7 +107,7 @@ def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
         (
             tiny_recipe().to_yaml(),
             ["r.yaml", "--set", "teacher.checkpoint=nope.pt"],
-            "no such file",
+            "/nope.pt: no such file",  # made absolute against the working folder
         ),
         (tiny_recipe().to_yaml(), ["r.yaml", "--bogus"], "unrecognized arguments: --bogus"),
     ],

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
         env={"OMP_NUM_THREADS": "1", "KDSEARCH_CACHE_DIR": str(empty)},
     )
     assert again.returncode == 0, again.stderr
-    assert f"teacher resnet8 (checkpoint, {export}/teacher.pt)" in again.stderr
+    assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
     assert not (empty / "teachers").exists(), "no teacher trained"
+    # what `train` wrote runs again from anywhere: its teacher paths are absolute
+    rerun = Recipe.load(root / "again" / "recipe.yaml")
+    assert rerun.teacher.checkpoint == str(root / export / "teacher.pt")
     metrics = json.loads((root / "again" / "metrics.json").read_text())
     assert metrics["val_acc"] == pytest.approx(val_acc)
     exported = torch.load(root / export / "student.pt", weights_only=True)
@@ -74,6 +78,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     )
     assert "checkpoint: teacher.pt" in (out / "recipe.yaml").read_text(), "the folder can move"
     assert meta["teacher_files"]["teacher.pt"]["digest"] == best.user_attrs["teacher_digest"]
+    assert meta["teacher_files"]["teacher.pt"]["checked"] is True
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(as_written.to_dict())
@@ -93,10 +98,24 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     torch.save(other, cached)
     proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
     assert proc.returncode == 2 and f"{cached} is not the teacher file" in proc.stderr
-    assert not (tmp_path / "w3").exists() or not any((tmp_path / "w3").iterdir())
+    assert not (tmp_path / "w3").exists(), "nothing written, not even the folder"
     cached.unlink()  # gone: moved, or promoted on another machine
     proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
     assert proc.returncode == 2 and f"learned from is not at {cached}" in proc.stderr
+    # a promotion by a kdsearch that recorded no teacher files: the base recipe's teacher as
+    # this machine has it, said to be unchecked, and never one trained now
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute("DELETE FROM trial_user_attributes WHERE key LIKE 'teacher_%'")
+    proc = run_cli("export", "s", "--out", "w4", cwd=tmp_path)
+    assert proc.returncode == 2 and "the teacher it trained against is not on" in proc.stderr
+    assert not (isolated_cache / "teachers" / cached.name).exists(), "no teacher trained"
+    torch.save(other, cached)
+    proc = run_cli("export", "s", "--out", "w4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the promotion recorded no teacher file" in proc.stderr
+    unchecked = json.loads((tmp_path / "w4" / "meta.json").read_text())["teacher_files"]
+    assert unchecked["teacher.pt"]["checked"] is False
+    assert (tmp_path / "w4" / "teacher.pt").read_bytes() == cached.read_bytes()
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)

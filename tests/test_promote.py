@@ -237,25 +237,28 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     assert list(board["val_mean"]) == [50.0] * 3 and list(board["val_sd"]) == [0.0] * 3
 
 
-def test_leaderboard_ties_go_to_the_steadier_recipe_then_the_lower_trial(tmp_path: Path) -> None:
+def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_lower_trial(
+    tmp_path: Path,
+) -> None:
     storage = open_storage(write_study(tmp_path))
     study = optuna.load_study(study_name="s", storage=storage)
     promoted_study = open_promoted(storage, "s")
-    runs = plan(study, top_k=3, seeds=2, epochs=2)
-    values = {  # recorded best-last, so finish order would put the wrong one first
-        (3, 0): 0.25,
-        (3, 1): 0.75,
-        (0, 0): 0.5,
-        (0, 1): 0.5,
+    runs = plan(study, top_k=3, seeds=2, epochs=2)  # trials 1, 3, 0 and the baselines
+    values = {  # all at 50%: trial 0 spread out, 1 and 3 steady, trial 1's second seed failed
+        (0, 0): 0.25,
+        (0, 1): 0.75,
         (1, 0): 0.5,
-        (1, 1): 0.5,
+        (3, 0): 0.5,
+        (3, 1): 0.5,
     }
-    for run in reversed(runs):
+    for run in reversed(runs):  # the order finishing would give: 3 before 1, 0 first
         value = values.get((run.source_trial, run.seed), 0.1)
-        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {})
+        failure = None if (run.source_trial, run.seed) != (1, 1) else "CUDA out of memory"
+        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {}, failure)
         _record(promoted_study, run, result, tmp_path, None)
     board = leaderboard(promoted_study)
-    assert list(board["recipe"][:3]) == ["trial 0", "trial 1", "trial 3"]
+    assert list(board["recipe"][:3]) == ["trial 3", "trial 0", "trial 1"]
+    assert list(board["seeds"][:3]) == [2, 2, 1]
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:

@@ -219,7 +219,9 @@ def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
         Recipe.load(tmp_path / "absent.yaml")
 
 
-def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path) -> None:
+def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
     text = MINIMAL.replace(
@@ -235,6 +237,9 @@ def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path) -
     assert recipe.teacher.checkpoint == f"{tmp_path}/t.pt", "an absolute path stays"
     assert recipe.teacher.heads.checkpoint == "~/heads.pt", "so does one from home"
     assert Recipe.from_yaml(text).teacher.checkpoint == "teacher.pt", "text without a file"
+    monkeypatch.chdir(tmp_path)  # a file named relative to the working folder: still absolute
+    (folder / "recipe.yaml").write_text(text)
+    assert Recipe.load("export/recipe.yaml").teacher.checkpoint == str(folder / "teacher.pt")
 
 
 def test_recipe_module_does_not_import_torch() -> None:

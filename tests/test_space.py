@@ -121,16 +121,6 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
             "s.yaml: promote.epochs: 12 is below asha.max_epochs (24), so the promotion would "
             "train the best trials for fewer epochs than the search did; raise it",
         ),
-        (
-            "  distill.crd.temperature: {type: float, low: 0.05, high: 0.2}",
-            "space.distill.crd.temperature: distill.crd is never on (its weight is 0 in base and "
-            "no trial changes it), so this changes nothing; search distill.crd.weight too",
-        ),
-        (
-            "  distill.crd.weight: {type: categorical, choices: [0.0]}\n"
-            "  distill.crd.feat_dim: {type: int, low: 64, high: 128}",
-            "space.distill.crd.feat_dim: distill.crd is never on",
-        ),
     ],
 )
 def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
@@ -429,6 +419,26 @@ def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
         "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
     )
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
+
+
+def test_a_setting_of_a_term_no_trial_switches_on_is_named_as_idle() -> None:
+    idle = space_of(
+        "  distill.crd.temperature: {type: float, low: 0.05, high: 0.2}\n"
+        "  distill.pkt.weight: {type: categorical, choices: [0.0]}\n"
+        "  distill.kd.temperature: {type: float, low: 1, high: 8}\n"  # KD is on in base
+        "  distill.hsakd.weight: {type: float, low: 0.0, high: 1.0}\n"
+        "  distill.hsakd.placement: {type: categorical, choices: [[1], [2, 3]]}\n"
+        "  distill.cktf.weight: {type: categorical, choices: [0.0]}\n"
+        "  distill.cktf.temperature: {type: float, low: 0.05, high: 0.2}\n"
+    ).idle_settings()
+    assert idle == [
+        "space.distill.crd.temperature: distill.crd is never on (its weight is 0 in base and no "
+        "trial changes it), so this changes nothing; search distill.crd.weight too, or give it "
+        "a weight in base",
+        "space.distill.cktf.temperature: distill.cktf is never on (its weight is 0 in base and "
+        "no trial changes it), so this changes nothing; search distill.cktf.weight too, or give "
+        "it a weight in base",
+    ]
 
 
 def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> None:
