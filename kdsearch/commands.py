@@ -31,13 +31,14 @@ from kdsearch.display import (
     status_line,
     trials_view,
 )
-from kdsearch.errors import KdsearchError
+from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.paths import writable_file, writable_folder
 from kdsearch.recipe import Recipe, load_yaml
 
 if TYPE_CHECKING:
     from kdsearch.space import SearchSpace
     from kdsearch.study import Record, Tally
+    from kdsearch.teacher import TeacherFiles
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -237,6 +238,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def same_teacher(record: Record, files: TeacherFiles) -> None:
+    """Record in the study the teacher files its trials learn from, or, where a driver before
+    recorded them, refuse other ones: one study, one teacher."""
+    recorded = record.study.user_attrs.get("teacher_files")
+    if recorded is None:
+        record.study.set_user_attr("teacher_files", files.attrs())
+    elif problem := files.changed_since(recorded):
+        raise StudyError(
+            f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
+            "new study (--study NAME)"
+        )
+
+
 def search_trials(
     args: argparse.Namespace,
     space: SearchSpace,
@@ -252,6 +266,7 @@ def search_trials(
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
     from kdsearch.search import active_terms, run_search, start_ray, trial_resources
+    from kdsearch.teacher import TeacherFiles
 
     try:
         if args.address is not None:  # join the cluster first: a wrong address costs no work
@@ -269,6 +284,7 @@ def search_trials(
                 f"teacher {space.base.teacher.arch} ({teacher.source}): "
                 f"val acc {100 * teacher.val_acc:.2f}%"
             )
+            same_teacher(record, TeacherFiles.of(teacher, heads))
         with Live(console=console, refresh_per_second=2, transient=True) as live:
             outcome = run_search(
                 space,

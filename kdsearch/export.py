@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 
 TEACHER_FILE = "teacher.pt"
 HEADS_FILE = "teacher.heads.pt"
+EXPORT_FILES = frozenset(
+    {"recipe.yaml", "student.pt", TEACHER_FILE, HEADS_FILE, "meta.json", "hyperparameters.json"}
+)
 
 
 @dataclass(frozen=True)
@@ -182,8 +186,10 @@ def export(
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
     }
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the folder's, and above
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in filter(_leftover, out.iterdir()):
+        leftover.unlink()
     staged: dict[str, Path] = {}
     try:
         for file, source in copies.items():
@@ -201,9 +207,9 @@ def export(
     except BaseException:  # refused, failed or interrupted: nothing of this export is left
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        with contextlib.suppress(OSError):  # stops at one that is not empty
+            for folder in created:
+                folder.rmdir()
         raise
     for file, source in copies.items():
         if source is None:
@@ -215,6 +221,12 @@ def export(
 def _staged(dest: Path) -> Path:
     """Where `dest` is written before it is moved into place: beside it, hidden."""
     return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+
+
+def _leftover(path: Path) -> bool:
+    """A file an export killed before it could clean up staged (`_staged`), and nothing else."""
+    staged = re.fullmatch(r"\.(.+)\.\d+\.tmp", path.name)
+    return staged is not None and staged.group(1) in EXPORT_FILES and path.is_file()
 
 
 def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
@@ -248,7 +260,7 @@ def check_out(out: Path, name: str) -> None:
     a file, a place that cannot be written, or a folder holding anything but an earlier
     export of the same study."""
     writable_folder(out, "--out")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         try:
             previous = json.loads((out / "meta.json").read_text())
         except (OSError, ValueError):

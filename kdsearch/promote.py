@@ -208,6 +208,12 @@ def promote(
         teacher = (prepare or _prepare)(base, data, heads)
         full = TeacherFiles.of(teacher, heads)
         files = {True: full, False: full.without_heads()}
+        for t in promoted.trials:  # one teacher behind every mean over seeds
+            if t.state == TrialState.COMPLETE and (problem := full.changed_since(t.user_attrs)):
+                raise StudyError(
+                    f"{promoted.study_name}: {problem}; put that file back, or delete the study "
+                    f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
+                )
     weights_dir.mkdir(parents=True, exist_ok=True)
 
     def record(result: JobResult) -> None:

@@ -83,6 +83,21 @@ class TeacherFiles:
         """The teacher's weights alone (a run that reads no heads)."""
         return replace(self, heads=None, heads_digest=None)
 
+    def changed_since(self, recorded: Mapping[str, Any]) -> str | None:
+        """How these files differ from those `recorded` (as `attrs()` wrote them), or None when
+        every file recorded there hashes the same now."""
+        for path, now, key in (
+            (self.weights, self.digest, "teacher_digest"),
+            (self.heads, self.heads_digest, "teacher_heads_digest"),
+        ):
+            was = recorded.get(key)
+            if was is not None and now is not None and was != now:
+                return (
+                    f"the teacher file {path} hashes {now}, but the runs recorded before learned "
+                    f"from one that hashed {was}: it was trained again or replaced since"
+                )
+        return None
+
     def attrs(self) -> dict[str, str]:
         """As user attributes of a study's trial (strings only)."""
         found = {"teacher_file": str(self.weights), "teacher_digest": self.digest}

@@ -11,7 +11,8 @@ import torch
 from optuna.trial import TrialState
 
 from kdsearch.data import load_data
-from kdsearch.export import Winner, export
+from kdsearch.errors import KdsearchError
+from kdsearch.export import Winner, check_out, export
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.teacher import TeacherFiles, get_teacher
@@ -100,8 +101,9 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert proc.returncode == 2 and f"{cached} is not the teacher file" in proc.stderr
     assert not (tmp_path / "w3").exists(), "nothing written, not even the folder"
     cached.unlink()  # gone: moved, or promoted on another machine
-    proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
+    proc = run_cli("export", "s", "--out", "new/nested dir", cwd=tmp_path)
     assert proc.returncode == 2 and f"learned from is not at {cached}" in proc.stderr
+    assert not (tmp_path / "new").exists(), "the folders it made are gone again"
     # a promotion by a kdsearch that recorded no teacher files: the base recipe's teacher as
     # this machine has it, said to be unchecked, and never one trained now
     with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
@@ -180,6 +182,13 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
 
 
 def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
+    # what an export killed before it could clean up leaves (and only that) is no obstacle
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / ".student.pt.4242.tmp").write_bytes(b"half")
+    check_out(tmp_path / "killed", "s")
+    (tmp_path / "killed" / ".notes.4242.tmp").write_text("mine")
+    with pytest.raises(KdsearchError, match="already holds files that are not an export"):
+        check_out(tmp_path / "killed", "s")
     write_study(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "notes.txt").write_text("mine")

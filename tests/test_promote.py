@@ -5,11 +5,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData
+from kdsearch.errors import StudyError
+from kdsearch.models import build_model
 from kdsearch.promote import (
+    PLAIN_KD,
     Run,
     _record,
     finished_keys,
@@ -23,7 +27,7 @@ from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
 from kdsearch.study import Record, open_storage
-from kdsearch.teacher import Teacher
+from kdsearch.teacher import Teacher, TeacherFiles, file_digest
 
 from .conftest import SMALL_SPACE, run_cli, write_study
 
@@ -235,6 +239,30 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
     assert list(board["val_mean"]) == [50.0] * 3 and list(board["val_sd"]) == [0.0] * 3
+
+
+def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(write_study(tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    promoted_study = open_promoted(storage, "s")
+    first = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, first)
+    kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
+    result = JobResult(kd.key, {1: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {})
+    _record(promoted_study, kd, result, tmp_path, TeacherFiles(first, file_digest(first)))
+    torch.save({"w": torch.ones(3)}, first)  # trained again since, in the same place
+    model = build_model("resnet8", 10, 1)
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        return Teacher(model, "cache", first, 0.5)
+
+    with pytest.raises(StudyError) as info:
+        promote(storage, "s", top_k=1, seeds=2, epochs=2, weights_dir=tmp_path, prepare=prepare)
+    assert f"the teacher file {first} hashes" in str(info.value)
+    assert "the runs recorded before learned from one that hashed" in str(info.value)
+    assert len(promoted_study.trials) == 1, "nothing trained against the other teacher"
 
 
 def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_lower_trial(

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import psutil
@@ -21,9 +22,12 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch.commands import same_teacher
+from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
+from kdsearch.teacher import TeacherFiles, file_digest
 
 pytestmark = pytest.mark.slow
 
@@ -634,3 +638,19 @@ def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(tmp_path:
     assert "database or disk is full; what had finished is kept, and --resume" in str(err.value)
     states = [t.state for t in optuna.load_study(study_name="s", storage=record.storage).trials]
     assert states == [TrialState.RUNNING], "stopped at the first failed write, left to --resume"
+
+
+def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="s")
+    record = SimpleNamespace(study=study)
+    weights = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, weights)
+    first = TeacherFiles(weights, file_digest(weights))
+    same_teacher(record, first)  # type: ignore[arg-type]
+    assert study.user_attrs["teacher_files"]["teacher_digest"] == first.digest
+    same_teacher(record, first)  # type: ignore[arg-type]  # a resume with the same teacher
+    torch.save({"w": torch.ones(3)}, weights)  # trained again, or another machine's
+    with pytest.raises(
+        StudyError, match=r"study 's': the teacher file .* hashes .*\(--study NAME\)"
+    ):
+        same_teacher(record, TeacherFiles(weights, file_digest(weights)))  # type: ignore[arg-type]
