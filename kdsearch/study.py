@@ -252,32 +252,33 @@ class Record:
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
         exists = name in study_names(storage)
         self.created = not exists
-        if exists and not resume:
+        if exists:
             study_id = storage.get_study_id_from_name(name)
             n = len(storage.get_all_trials(study_id, deepcopy=False))
-            if n:
+            if n and not resume:
                 raise StudyError(
                     f"study {name!r} already holds {n} trials; add --resume to finish it, or "
                     "choose another --study name"
                 )
-            # Empty: another driver may be preparing it (data, teacher) with its own settings.
-            # A study nobody prepares, or one made outside kdsearch, this driver takes over.
+            # Empty and without settings: another driver may be creating it this moment, or
+            # preparing it (data, teacher); a study nobody prepares, or one made outside
+            # kdsearch, this driver takes over. Trials without settings: another tool's study.
             found = optuna.load_study(study_name=name, storage=storage)
+            if n and "space" not in found.user_attrs:
+                recorded(found, "space")
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
+            if changed and resume:
+                raise StudyError(
+                    f"study {name!r} was started with other settings ({'; '.join(changed)}); "
+                    "resume it with the space and --set it was started with, or choose another "
+                    "--study name"
+                )
             beats = storage.get_study_system_attrs(study_id)
             live = [d for d in heartbeats(beats) if driver_alive(d, beats)]
             if changed and live:
                 raise StudyError(
                     f"study {name!r} is being prepared by {live[0]} with other settings "
                     f"({'; '.join(changed)}); choose another --study name"
-                )
-        if exists and resume:
-            changed = changed_settings(optuna.load_study(study_name=name, storage=storage), space)
-            if changed:
-                raise StudyError(
-                    f"study {name!r} was started with other settings ({'; '.join(changed)}); "
-                    "resume it with the space and --set it was started with, or choose another "
-                    "--study name"
                 )
         study = optuna.create_study(
             study_name=name, storage=storage, direction="maximize", load_if_exists=True

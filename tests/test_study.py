@@ -124,6 +124,21 @@ def test_an_empty_study_nobody_prepares_is_taken_over(
     assert Record(open_storage(url), "made", space, target=2, resume=False).target == 2
 
 
+def test_resume_joins_a_study_its_first_driver_has_created_but_not_yet_described(
+    space: SearchSpace, url: str
+) -> None:
+    # two `run --resume` started together: the other driver has made the study and not yet
+    # written its settings; this one joins it, as one without --resume would
+    optuna.create_study(study_name="s", storage=url)
+    record = Record(open_storage(url), "s", space, target=2, resume=True)
+    assert record.study.user_attrs["space"] == space.text
+    # a study of another tool, with trials and no settings, is still refused
+    other = optuna.create_study(study_name="theirs", storage=url)
+    other.add_trial(optuna.trial.create_trial(value=1.0))
+    with pytest.raises(StudyError, match="was not written by `kdsearch run`"):
+        Record(open_storage(url), "theirs", space, target=2, resume=True)
+
+
 def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str) -> None:
     Record(open_storage(url), "s", space, target=2, resume=False).next_plan("a")
     changed = SearchSpace.from_yaml(
