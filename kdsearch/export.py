@@ -9,7 +9,7 @@ meta.json             study, trial, seeds, metrics, teacher files, versions of k
                       libraries
 hyperparameters.json  the recipe as a flat {"dotted.path": value} map, for other stacks
 
-The teacher's files are copied only if their bytes are those the promotion recorded: a student
+The teacher's files are copied only if their weights are those the promotion recorded: a student
 exported with another teacher than its own would not train again to the same weights.
 """
 
@@ -37,7 +37,7 @@ from kdsearch.paths import writable_folder
 from kdsearch.promote import base_recipe, current_runs, has_promoted, leaderboard, promoted_name
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import load_study, ranked, recorded, trial_recipe
-from kdsearch.teacher import TeacherFiles, file_digest
+from kdsearch.teacher import TeacherFiles, weights_digest
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -241,7 +241,7 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
     tmp = _staged(dest)
     try:
         shutil.copyfile(source, tmp)
-        found = file_digest(tmp)
+        found = weights_digest(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -64,8 +64,9 @@ class Teacher:
 
 @dataclass(frozen=True)
 class TeacherFiles:
-    """The files of a teacher a student was trained against, each with a hash of its bytes, as
-    a promotion records them and an export copies them."""
+    """The files of a teacher a student was trained against, each with a hash of the weights
+    in it (`weights_digest`), as a search and a promotion record them and an export copies
+    them."""
 
     weights: Path
     digest: str
@@ -76,8 +77,8 @@ class TeacherFiles:
     def of(cls, teacher: Teacher, heads: bool) -> TeacherFiles:
         """The files of a ready `teacher` (absolute paths); its heads' file too when `heads`."""
         heads_file = teacher.heads_path.absolute() if heads and teacher.heads_path else None
-        heads_digest = None if heads_file is None else file_digest(heads_file)
-        return cls(teacher.path.absolute(), file_digest(teacher.path), heads_file, heads_digest)
+        heads_digest = None if heads_file is None else weights_digest(heads_file)
+        return cls(teacher.path.absolute(), weights_digest(teacher.path), heads_file, heads_digest)
 
     def without_heads(self) -> TeacherFiles:
         """The teacher's weights alone (a run that reads no heads)."""
@@ -217,7 +218,7 @@ def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Pat
     if recipe.teacher.heads.checkpoint is not None:
         return Path(recipe.teacher.heads.checkpoint).expanduser()
     if teacher.source == "checkpoint":
-        ident = f"{recipe.teacher.arch}-ckpt{file_digest(teacher.path)}"
+        ident = f"{recipe.teacher.arch}-ckpt{_file_digest(teacher.path)}"
     else:
         ident = teacher.path.stem
     opt = recipe.optim
@@ -383,11 +384,7 @@ def load_checkpoint(
     Accepts a bare state dict or one under "state_dict" / "model" (as other training scripts
     save it). Loading uses `weights_only=True`: a checkpoint cannot run code.
     """
-    saved = _load_weights(path, where)
-    if isinstance(saved, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(saved.get(key), dict):
-                saved = saved[key]
+    saved = _unwrapped(_load_weights(path, where))
     if not isinstance(saved, dict):
         raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
     model = build_model(arch, data.num_classes, data.channels)
@@ -399,6 +396,32 @@ def load_checkpoint(
         )
     model.load_state_dict(saved)
     return model
+
+
+def _unwrapped(saved: Any) -> Any:
+    """The state dict in what a checkpoint holds: itself, or the one under "state_dict" or
+    "model" (as other training scripts save it)."""
+    if isinstance(saved, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(saved.get(key), dict):
+                return saved[key]
+    return saved
+
+
+def weights_digest(path: Path) -> str:
+    """A short hash of the weights in `path` (their names, types, shapes and values), not of
+    the file's bytes: `torch.save` writes the same weights differently under another name."""
+    state = _unwrapped(_load_weights(path, ""))
+    h = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(state.items()) if isinstance(state, dict) else [("", state)]:
+        h.update(str(name).encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
 
 
 def _load_weights(path: Path, where: str) -> Any:
@@ -434,8 +457,7 @@ def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:
     return evaluate_split(model, data.val, data, recipe)[0]
 
 
-def file_digest(path: Path) -> str:
-    """A short hash of a file's bytes: which weights a run was trained against."""
+def _file_digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

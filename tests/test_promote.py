@@ -27,7 +27,7 @@ from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
 from kdsearch.study import Record, open_storage
-from kdsearch.teacher import Teacher, TeacherFiles, file_digest
+from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, run_cli, write_study
 
@@ -251,7 +251,7 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
     torch.save({"w": torch.zeros(3)}, first)
     kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
     result = JobResult(kd.key, {1: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {})
-    _record(promoted_study, kd, result, tmp_path, TeacherFiles(first, file_digest(first)))
+    _record(promoted_study, kd, result, tmp_path, TeacherFiles(first, weights_digest(first)))
     torch.save({"w": torch.ones(3)}, first)  # trained again since, in the same place
     model = build_model("resnet8", 10, 1)
 

@@ -27,7 +27,7 @@ from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
-from kdsearch.teacher import TeacherFiles, file_digest
+from kdsearch.teacher import TeacherFiles, weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -645,7 +645,7 @@ def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> 
     record = SimpleNamespace(study=study)
     weights = tmp_path / "teacher.pt"
     torch.save({"w": torch.zeros(3)}, weights)
-    first = TeacherFiles(weights, file_digest(weights))
+    first = TeacherFiles(weights, weights_digest(weights))
     same_teacher(record, first)  # type: ignore[arg-type]
     assert study.user_attrs["teacher_files"]["teacher_digest"] == first.digest
     same_teacher(record, first)  # type: ignore[arg-type]  # a resume with the same teacher
@@ -653,4 +653,4 @@ def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> 
     with pytest.raises(
         StudyError, match=r"study 's': the teacher file .* hashes .*\(--study NAME\)"
     ):
-        same_teacher(record, TeacherFiles(weights, file_digest(weights)))  # type: ignore[arg-type]
+        same_teacher(record, TeacherFiles(weights, weights_digest(weights)))  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from kdsearch.teacher import (
     get_teacher_heads,
     teacher_key,
     teacher_recipe,
+    weights_digest,
 )
 
 from .conftest import Recorder, tiny_recipe
@@ -210,6 +211,18 @@ def test_heads_checkpoint_is_loaded_as_it_is_never_trained(
     ]:
         with pytest.raises(TeacherError, match=expected):
             get_teacher(exported.override({"teacher.heads.checkpoint": str(path)}), synthetic)
+
+
+def test_weights_digest_names_the_weights_not_the_file(tmp_path: Path) -> None:
+    state = build_model("resnet8", 10, 1).state_dict()
+    torch.save(state, tmp_path / "a.pt")  # torch.save writes the file name into the archive
+    torch.save({"state_dict": state, "epoch": 240}, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
+    assert weights_digest(tmp_path / "a.pt") == weights_digest(tmp_path / "b.pt")
+    changed = dict(state)
+    changed["fc.bias"] = changed["fc.bias"] + 1e-6
+    torch.save(changed, tmp_path / "c.pt")
+    assert weights_digest(tmp_path / "c.pt") != weights_digest(tmp_path / "a.pt")
 
 
 def test_missing_checkpoint_is_a_clear_error(synthetic: ImageData, tmp_path: Path) -> None:
