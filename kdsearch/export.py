@@ -230,8 +230,8 @@ def _leftover(path: Path) -> bool:
 
 
 def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
-    """A copy of `source` beside `dest` (not yet in its place), if its bytes hash to `digest`:
-    the teacher file the student learned from, not one trained again or replaced since."""
+    """A copy of `source` beside `dest` (not yet in its place), if the weights in it hash to
+    `digest`: the teacher file the student learned from, not one trained again or replaced."""
     if not source.is_file():
         raise KdsearchError(
             f"the teacher file the exported student learned from is not at {source} (moved, or "

@@ -177,8 +177,9 @@ def with_heads(
     recipe: Recipe, data: ImageData, teacher: Teacher, *, report: Report | None = None
 ) -> Teacher:
     """`teacher` with its heads (`get_teacher_heads`) and the file they are in."""
-    heads = get_teacher_heads(recipe, data, teacher, report)
-    return replace(teacher, heads=heads, heads_path=teacher_heads_path(recipe, data, teacher))
+    path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
+    heads = get_teacher_heads(recipe, data, teacher, report, path=path)
+    return replace(teacher, heads=heads, heads_path=path)
 
 
 def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher:
@@ -237,11 +238,17 @@ def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Pat
 
 
 def get_teacher_heads(
-    recipe: Recipe, data: ImageData, teacher: Teacher, report: Report | None = None
+    recipe: Recipe,
+    data: ImageData,
+    teacher: Teacher,
+    report: Report | None = None,
+    *,
+    path: Path | None = None,
 ) -> dict[str, nn.Module]:
     """The teacher-side heads of every term that has some (HSAKD: an auxiliary classifier on
     every stage that can carry one; SSKD: the projection): from `teacher.heads.checkpoint`,
-    else from the cache, else trained now."""
+    else from the cache, else trained now. `path`: `teacher_heads_path`, where the caller has
+    it already."""
     rng = torch.random.get_rng_state()
 
     def fresh() -> nn.ModuleDict:
@@ -251,7 +258,7 @@ def get_teacher_heads(
         )
 
     heads = fresh()
-    path = teacher_heads_path(recipe, data, teacher)
+    path = path or teacher_heads_path(recipe, data, teacher)
     cached = False
     if recipe.teacher.heads.checkpoint is not None:
         load_heads(heads, path)  # as they are: never trained again in their place

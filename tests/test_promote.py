@@ -7,6 +7,7 @@ import optuna
 import pytest
 import torch
 from optuna.distributions import IntDistribution
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData
@@ -36,6 +37,18 @@ pytestmark = pytest.mark.slow
 
 def promoted(root: Path) -> optuna.Study:
     return optuna.load_study(study_name="s-promoted", storage=f"sqlite:///{root}/studies/s.db")
+
+
+def searched(tmp_path: Path) -> tuple[BaseStorage, optuna.Study, optuna.Study]:
+    """The storage of a finished search study (`write_study`), the study, its promoted one."""
+    storage = open_storage(write_study(tmp_path))
+    return storage, optuna.load_study(study_name="s", storage=storage), open_promoted(storage, "s")
+
+
+def result_of(run: Run, value: float, failure: str | None = None) -> JobResult:
+    """What a run's job would return: `value` for every accuracy, no weights if it failed."""
+    weights = None if failure else {}
+    return JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, weights, failure)
 
 
 def test_plan_takes_the_best_complete_trials_and_both_baselines(tmp_path: Path) -> None:
@@ -181,14 +194,10 @@ def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path:
 def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     tmp_path: Path,
 ) -> None:
-    storage = open_storage(write_study(tmp_path))
-    study = optuna.load_study(study_name="s", storage=storage)
-    promoted_study = open_promoted(storage, "s")
+    storage, study, promoted_study = searched(tmp_path)
 
     def record(run: Run, value: float, failure: str | None = None) -> None:
-        weights = None if failure else {}
-        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, weights, failure)
-        _record(promoted_study, run, result, tmp_path, None)
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None)
 
     short = plan(study, top_k=1, seeds=1, epochs=2)
     long = plan(study, top_k=1, seeds=1, epochs=4)
@@ -228,13 +237,10 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
 
 
 def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) -> None:
-    storage = open_storage(write_study(tmp_path))
-    study = optuna.load_study(study_name="s", storage=storage)
-    promoted_study = open_promoted(storage, "s")
+    _, study, promoted_study = searched(tmp_path)
     for value in (0.5, 0.9):  # the second promotion's copy of every run
         for run in plan(study, top_k=1, seeds=2, epochs=2):
-            result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {})
-            _record(promoted_study, run, result, tmp_path, None)
+            _record(promoted_study, run, result_of(run, value), tmp_path, None)
     assert len(promoted_study.trials) == 12
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
@@ -244,13 +250,11 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
 def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from(
     tmp_path: Path,
 ) -> None:
-    storage = open_storage(write_study(tmp_path))
-    study = optuna.load_study(study_name="s", storage=storage)
-    promoted_study = open_promoted(storage, "s")
+    storage, study, promoted_study = searched(tmp_path)
     first = tmp_path / "teacher.pt"
     torch.save({"w": torch.zeros(3)}, first)
     kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
-    result = JobResult(kd.key, {1: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {})
+    result = result_of(kd, 0.5)
     _record(promoted_study, kd, result, tmp_path, TeacherFiles(first, weights_digest(first)))
     torch.save({"w": torch.ones(3)}, first)  # trained again since, in the same place
     model = build_model("resnet8", 10, 1)
@@ -268,9 +272,7 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
 def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_lower_trial(
     tmp_path: Path,
 ) -> None:
-    storage = open_storage(write_study(tmp_path))
-    study = optuna.load_study(study_name="s", storage=storage)
-    promoted_study = open_promoted(storage, "s")
+    _, study, promoted_study = searched(tmp_path)
     runs = plan(study, top_k=3, seeds=2, epochs=2)  # trials 1, 3, 0 and the baselines
     values = {  # all at 50%: trial 0 spread out, 1 and 3 steady, trial 1's second seed failed
         (0, 0): 0.25,
@@ -282,17 +284,14 @@ def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_low
     for run in reversed(runs):  # the order finishing would give: 3 before 1, 0 first
         value = values.get((run.source_trial, run.seed), 0.1)
         failure = None if (run.source_trial, run.seed) != (1, 1) else "CUDA out of memory"
-        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 10.0, {}, failure)
-        _record(promoted_study, run, result, tmp_path, None)
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None)
     board = leaderboard(promoted_study)
     assert list(board["recipe"][:3]) == ["trial 3", "trial 0", "trial 1"]
     assert list(board["seeds"][:3]) == [2, 2, 1]
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
-    storage = open_storage(write_study(tmp_path))
-    study = optuna.load_study(study_name="s", storage=storage)
-    promoted_study = open_promoted(storage, "s")
+    _, study, promoted_study = searched(tmp_path)
     for run in plan(study, top_k=1, seeds=1, epochs=3):
         promoted_study.add_trial(
             create_trial(
