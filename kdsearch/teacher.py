@@ -48,6 +48,7 @@ from kdsearch.train import (
 
 CACHE_FORMAT = 1  # bump when the cached file's layout or the teacher training loop changes
 HEADS_FORMAT = 2  # likewise for the heads (2: last-stage heads of ShuffleNetV2, MobileNetV2, VGG)
+TEACHER_DIGEST = "teacher_digest"  # a heads file's key: the teacher they were trained on
 
 
 @dataclass(frozen=True)
@@ -261,11 +262,12 @@ def get_teacher_heads(
     path = path or teacher_heads_path(recipe, data, teacher)
     cached = False
     if recipe.teacher.heads.checkpoint is not None:
-        load_heads(heads, path)  # as they are: never trained again in their place
+        load_heads(heads, path, teacher)  # as they are: never trained again in their place
         cached = True
     elif path.is_file():
         try:
-            heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            heads.load_state_dict(_unwrapped(saved))
             cached = True
         except Exception as err:  # a damaged file: torch.load raises many kinds
             _damaged(path, err)
@@ -280,20 +282,32 @@ def get_teacher_heads(
                 "heads": recipe.teacher.heads.model_dump(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
+            teacher_digest=weights_digest(teacher.path),
         )
     on_host(teacher.model)
     return {name: freeze(on_host(head)) for name, head in heads.items()}
 
 
-def load_heads(heads: nn.ModuleDict, path: Path) -> None:
-    """Load `teacher.heads.checkpoint` into `heads`, or say in one line why it does not fit."""
+def load_heads(heads: nn.ModuleDict, path: Path, teacher: Teacher) -> None:
+    """Load `teacher.heads.checkpoint` into `heads`, or say in one line why it does not fit:
+    the wrong shapes, or heads that record having been trained on another teacher (kdsearch
+    writes the teacher's `weights_digest` into every heads file it trains; heads from
+    elsewhere record none, and only their shapes can be checked)."""
     where = "teacher.heads.checkpoint: "
-    saved = _load_weights(path, where)
+    loaded = _load_weights(path, where)
+    trained_on = loaded.get(TEACHER_DIGEST) if isinstance(loaded, dict) else None
+    saved = _unwrapped(loaded)
     mismatch = _mismatch(heads.state_dict(), saved) if isinstance(saved, dict) else "no weights"
     if mismatch:
         raise TeacherError(
             f"{where}{path} does not hold the heads of this teacher and data "
             f"({', '.join(heads)}): {mismatch}"
+        )
+    if trained_on is not None and trained_on != (ours := weights_digest(teacher.path)):
+        raise TeacherError(
+            f"{where}{path} holds heads trained on another teacher (its weights hash "
+            f"{trained_on}; {teacher.path} hashes {ours}): name the teacher they were trained "
+            "on in teacher.checkpoint, or drop teacher.heads.checkpoint to train heads for this one"
         )
     heads.load_state_dict(saved)
 
@@ -472,10 +486,17 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _save(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Write weights and metadata atomically, so a concurrent reader never sees half a file."""
+def _save(
+    model: nn.Module, path: Path, meta: dict[str, Any], teacher_digest: str | None = None
+) -> None:
+    """Write weights and metadata atomically, so a concurrent reader never sees half a file.
+    With `teacher_digest` (heads) the weights go under "state_dict" beside it, so the file
+    names the teacher it belongs to wherever it is copied."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
+    if teacher_digest is not None:
+        weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
+    torch.save(weights, tmp)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     tmp.replace(path)

@@ -165,7 +165,7 @@ def test_heads_a_damaged_file_half_loaded_into_are_trained_from_their_first_stat
     torch.manual_seed(1)
     clean = get_teacher_heads(recipe, synthetic, teacher)
     path = next(teacher.path.parent.glob(f"{teacher.path.stem}-heads-*.pt"))
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
     first = next(iter(state))
     damaged = {k: torch.zeros_like(v) for k, v in state.items()}  # loads, but is no head
     damaged[first] = torch.zeros(1)  # a shape that refuses the whole file, after the rest
@@ -211,6 +211,27 @@ def test_heads_checkpoint_is_loaded_as_it_is_never_trained(
     ]:
         with pytest.raises(TeacherError, match=expected):
             get_teacher(exported.override({"teacher.heads.checkpoint": str(path)}), synthetic)
+
+
+def test_heads_trained_on_another_teacher_of_the_same_architecture_are_refused(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    mine = get_teacher(recipe, synthetic)
+    other = get_teacher(recipe.override({"teacher.train.seed": 7}), synthetic)
+    assert other.heads_path is not None and weights_digest(other.path) != weights_digest(mine.path)
+    mixed = recipe.override(
+        {"teacher.checkpoint": str(mine.path), "teacher.heads.checkpoint": str(other.heads_path)}
+    )
+    with pytest.raises(TeacherError, match=r"holds heads trained on another teacher"):
+        get_teacher(mixed, synthetic)
+    # heads saved elsewhere as a bare state dict name no teacher: only their shapes are checked
+    bare = torch.load(other.heads_path, weights_only=True)["state_dict"]
+    torch.save(bare, tmp_path / "bare.pt")
+    loaded = get_teacher(
+        mixed.override({"teacher.heads.checkpoint": str(tmp_path / "bare.pt")}), synthetic
+    )
+    assert loaded.heads_path == tmp_path / "bare.pt"
 
 
 def test_weights_digest_names_the_weights_not_the_file(tmp_path: Path) -> None:
