@@ -375,10 +375,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from kdsearch.study import load_study, space_config
 
     storage, url = study_storage(args.study, args.storage)
-    cfg = space_config(load_study(storage, args.study)).promote
+    space = space_config(load_study(storage, args.study))
+    cfg = space.promote
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
     epochs = args.epochs or (cfg.epochs if cfg else None)
+    if args.epochs is not None and args.epochs < space.asha.max_epochs:
+        raise KdsearchError(
+            f"--epochs {args.epochs} is below the search's asha.max_epochs "
+            f"({space.asha.max_epochs}), so the promotion would train the best trials for "
+            "fewer epochs than the search did; raise it"
+        )
     run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address)
     return 0
 
@@ -488,10 +495,16 @@ def run_export(storage: Any, name: str, out: Path) -> None:
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"
         )
-        teacher = None
+        teacher, files = None, None
         if needs_teacher(winner.recipe):
             teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
             files = TeacherFiles.of(teacher, heads)
+            if winner.teacher and (problem := files.changed_since(winner.teacher.attrs())):
+                console.print(
+                    f"note: {problem}; the search chose this recipe against that teacher, and "
+                    "the exported student learns from this one",
+                    markup=False,
+                )
         with epoch_progress("winner", winner.recipe.schedule.epochs) as report:
             result = train(
                 winner.recipe,
@@ -526,7 +539,7 @@ def run_export(storage: Any, name: str, out: Path) -> None:
     )
 
 
-def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> Any:
+def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> TeacherFiles:
     """The files of the teacher a promotion by an earlier kdsearch trained against, which it did
     not record: the base recipe's, as this machine has it, never trained here (a teacher
     trained now would not be the students')."""

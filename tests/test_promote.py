@@ -191,6 +191,17 @@ def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path:
     assert "promoting" not in out.stderr
 
 
+def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
+    tmp_path: Path,
+) -> None:
+    write_study(tmp_path)  # asha.max_epochs: 2
+    out = run_cli("promote", "s", "--epochs", "1", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--epochs 1 is below the search's asha.max_epochs (2)" in out.stderr
+    assert "promoting" not in out.stderr
+    assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
+
+
 def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     tmp_path: Path,
 ) -> None:
