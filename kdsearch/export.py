@@ -52,7 +52,8 @@ EXPORT_FILES = frozenset(
 @dataclass(frozen=True)
 class Winner:
     """The best recipe of a study, where it comes from, its trained weights if any, and the
-    teacher those learned from, where the promotion recorded it."""
+    teacher those learned from, where the promotion recorded it (without a promotion: the
+    teacher the search's trials learned from, where the search recorded it)."""
 
     recipe: Recipe
     base: Recipe  # the study's base recipe: the search's (and the promotion's) teacher
@@ -127,6 +128,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
         None,
         [recipe.seed],
         None if threads is None else int(threads),
+        TeacherFiles.from_attrs(study.user_attrs.get("teacher_files") or {}),
     )
 
 
@@ -153,7 +155,8 @@ def export(
     if teacher is not None and teacher.heads is None and needs_teacher_heads(winner.recipe):
         raise KdsearchError(
             "the winner's terms read the teacher's heads, but no heads file was recorded with "
-            "its teacher; promote it again in a new study"
+            "its teacher; search again in a new study (`kdsearch run SPACE --study NAME`) and "
+            "promote that"
         )
     copies: dict[str, tuple[Path, str] | None] = {TEACHER_FILE: None, HEADS_FILE: None}
     if teacher is not None:
@@ -250,7 +253,8 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
         raise KdsearchError(
             f"{source} is not the teacher file the exported student learned from (its hash is "
             f"{found}, the promotion recorded {digest}): it was trained again or replaced "
-            "since; put the original back, or promote again in a new study"
+            "since; put the original back, or search again in a new study (`kdsearch run "
+            "SPACE --study NAME`) and promote that"
         )
     return tmp
 

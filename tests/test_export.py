@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -139,6 +140,22 @@ def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> Non
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train w/recipe.yaml` reproduces it" in proc.stderr
     assert_retrained_alike(tmp_path, "w", meta["metrics"]["val_acc"])
+
+
+def test_export_without_a_promotion_says_when_the_search_learned_from_another_teacher(
+    tmp_path: Path,
+) -> None:
+    url = write_study(tmp_path)
+    study = optuna.load_study(study_name="s", storage=url)
+    study.set_user_attr("teacher_files", {"teacher_file": "/gone.pt", "teacher_digest": "0" * 16})
+    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(
+        r"note: the teacher file \S+ hashes [0-9a-f]{16}, but the runs recorded before learned "
+        r"from one that hashed 0{16}: .*the exported student learns from this one",
+        " ".join(proc.stderr.split()),
+    )
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["teacher_files"]
 
 
 def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) -> None:
