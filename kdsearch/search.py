@@ -43,7 +43,7 @@ from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace
 from kdsearch.store import StoreConfig
-from kdsearch.study import HEARTBEAT_S, METRIC, Plan, Record, Tally, process_alive
+from kdsearch.study import METRIC, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
 from kdsearch.train import EpochStats, evaluate_split, free_device_memory, train
 
@@ -328,12 +328,11 @@ class KdSearcher(Searcher):
 
 
 class Progress(tune.Callback):
-    """Hands the record's tally to the display and keeps the driver's heartbeat fresh."""
+    """Hands the record's tally to the display."""
 
-    def __init__(self, record: Record, status: Status | None) -> None:
+    def __init__(self, record: Record, status: Status) -> None:
         self.record = record
         self.status = status
-        self.last_beat = time.monotonic()
         self.last_status = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -341,10 +340,7 @@ class Progress(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         now = time.monotonic()
-        if now - self.last_beat > HEARTBEAT_S:
-            self.record.heartbeat()
-            self.last_beat = now
-        if self.status is not None and now - self.last_status > 1.0:
+        if now - self.last_status > 1.0:
             self.status(self.record.tally())
             self.last_status = now
 
@@ -415,7 +411,7 @@ def run_search(
                 name=f"kdsearch-{os.getpid()}",
                 storage_path=str(scratch / "tune"),
                 verbose=0,
-                callbacks=[Progress(record, status)],
+                callbacks=[Progress(record, status)] if status else [],
                 failure_config=tune.FailureConfig(max_failures=0),
                 log_to_file=False,
             ),

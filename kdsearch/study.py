@@ -14,9 +14,10 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import update_wrapper
@@ -36,7 +37,7 @@ from kdsearch.space import SearchSpace, SpaceFile
 METRIC = "val_acc"
 OPEN_ATTEMPTS = 3
 HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
-STALE_S = 300.0  # ... and is presumed gone by drivers on other hosts after this long without one
+STALE_S = 300.0  # ... and is presumed gone after this long without one
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -395,15 +396,40 @@ class Record:
     # -- liveness ------------------------------------------------------------------------
 
     @clear_storage_errors
-    def heartbeat(self) -> None:
-        """Tell other drivers this one is alive (they adopt its trials only once it is not)."""
-        self.storage.set_study_system_attr(self.study_id, f"heartbeat:{self.driver}", time.time())
+    def heartbeat(self, at: float | None = None) -> None:
+        """Tell other drivers this one is alive (they adopt its trials only once it is not);
+        `at=0.0` tells them it has ended."""
+        beat = time.time() if at is None else at
+        self.storage.set_study_system_attr(self.study_id, f"heartbeat:{self.driver}", beat)
+
+    @contextmanager
+    def alive(self) -> Iterator[None]:
+        """Keep this driver's heartbeat fresh, every HEARTBEAT_S from a thread, so through
+        loading data and training a teacher as well as the trials, until the block ends; then
+        mark it ended, so that other drivers adopt its trials at once and a later process that
+        is given its PID is not taken for it."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                with suppress(Exception):  # a storage out of reach: the next beat tries again
+                    self.heartbeat()
+
+        thread = threading.Thread(target=beat, name="kdsearch-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            with suppress(Exception):  # the error that ended the block is the one to show
+                self.heartbeat(at=0.0)
 
     def _orphans(self) -> list[FrozenTrial]:
-        """RUNNING trials whose driver is gone: on this host, its process is dead; elsewhere,
-        its heartbeat is older than STALE_S. A trial that names no driver yet is being proposed
-        (Optuna creates it before kdsearch claims it), so it is an orphan only once no other
-        driver is alive or it is older than STALE_S (a proposal takes milliseconds)."""
+        """RUNNING trials whose driver is gone (`driver_alive`). A trial that names no driver
+        yet is being proposed (Optuna creates it before kdsearch claims it), so it is an orphan
+        only once no other driver is alive or it is older than STALE_S (a proposal takes
+        milliseconds)."""
         beats = self.storage.get_study_system_attrs(self.study_id)
         others_alive = self._others_alive()
         now = datetime.now()
@@ -511,12 +537,15 @@ def heartbeats(beats: Mapping[str, Any]) -> list[str]:
 
 
 def driver_alive(driver: str, beats: Mapping[str, Any]) -> bool:
-    """Whether the driver "host:pid" is alive: on this host, its process exists; elsewhere, its
-    heartbeat in the study's system attributes `beats` is younger than STALE_S."""
+    """Whether the driver "host:pid" is alive: its heartbeat in the study's system attributes
+    `beats` is younger than STALE_S (a driver refreshes it while it runs, `Record.alive`, and
+    zeroes it as it ends), and on this host its process exists too, so that one killed here is
+    gone at once. A process under a dead driver's PID is not the driver: it does not beat."""
     owner_host, _, pid = driver.rpartition(":")
+    fresh = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) <= STALE_S
     if owner_host == socket.gethostname():
-        return pid.isdigit() and process_alive(int(pid))
-    return time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) <= STALE_S
+        return fresh and pid.isdigit() and process_alive(int(pid))
+    return fresh
 
 
 def process_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import (
     STALE_S,
     Record,
+    driver_alive,
     holds_studies,
     open_storage,
     ranked,
@@ -182,9 +183,10 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     for number, driver in drivers.items():
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         storage.set_trial_user_attr(trial_id, "driver", driver)
-    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time())
+    for driver in drivers.values():
+        storage.set_study_system_attr(study_id, f"heartbeat:{driver}", time.time())
     again = Record(storage, "s", space, target=4, resume=True)
-    assert [t.number for t in again.orphans] == [1]  # 2's process lives; 3 beats fresh
+    assert [t.number for t in again.orphans] == [1]  # 2's process lives and beats; 3 beats
     plan = again.next_plan("new")
     assert plan is not None and plan.number == 1 and plan.adopted
     trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 1))
@@ -193,6 +195,33 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time() - STALE_S - 1)
     # A later driver: 3 now, and 1, whose driver (`again`) is this process, not a live other one
     assert [t.number for t in Record(storage, "s", space, target=4, resume=True).orphans] == [1, 3]
+    # 2's driver stopped beating: the process under its PID is another one (the PID was reused)
+    storage.set_study_system_attr(study_id, f"heartbeat:{drivers[2]}", time.time() - STALE_S - 1)
+    orphans = Record(storage, "s", space, target=4, resume=True).orphans
+    assert [t.number for t in orphans] == [1, 2, 3]
+
+
+def test_a_driver_beats_while_alive_and_marks_its_end(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=2, resume=False)
+    study_id = storage.get_study_id_from_name("s")
+    key = f"heartbeat:{record.driver}"
+
+    def beat() -> float:
+        return float(storage.get_study_system_attrs(study_id)[key])
+
+    first = beat()
+    with record.alive():
+        deadline = time.time() + 30
+        while beat() == first and time.time() < deadline:  # a step that runs for a while
+            time.sleep(0.05)
+        assert beat() > first, "the heartbeat is refreshed with no trial running"
+        assert driver_alive(record.driver, storage.get_study_system_attrs(study_id))
+    assert beat() == 0.0
+    assert not driver_alive(record.driver, storage.get_study_system_attrs(study_id))
 
 
 def test_trials_left_by_an_earlier_process_of_the_same_host_and_pid_are_adopted(
