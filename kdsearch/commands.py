@@ -194,21 +194,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
-    held = len(record.study.trials)
-    if record.all_started():  # --resume of a finished search, or --trials at most what it holds
-        console.print(
-            f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
-            f"trials ({target} asked for); none to run"
-        )
-        tally, seconds, complete = record.tally(), 0.0, True
-        target = max(target, held)
-    else:
-        console.print(
-            f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
-            f"({held - record.tally().running} finished before, {len(record.orphans)} to run "
-            f"again), at most {space.config.asha.max_epochs} epochs each"
-        )
-        tally, seconds, complete = search_trials(args, space, record, file, new_file, target)
+    with record.alive():
+        held = len(record.study.trials)
+        if record.all_started():  # --resume of a finished search, or --trials at most it holds
+            console.print(
+                f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
+                f"trials ({target} asked for); none to run"
+            )
+            tally, seconds, complete = record.tally(), 0.0, True
+            target = max(target, held)
+        else:
+            console.print(
+                f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+                f"({held - record.tally().running} finished before, {len(record.orphans)} to "
+                f"run again), at most {space.config.asha.max_epochs} epochs each"
+            )
+            tally, seconds, complete = search_trials(args, space, record, file, new_file, target)
     console.print(status_line(tally, target) + f" in {seconds:.0f} s")
     for line in tally.failures[-5:]:
         console.print(f"  failed {line}", markup=False)
@@ -259,13 +260,41 @@ def search_trials(
     new_file: bool,
     target: int,
 ) -> tuple[Tally, float, bool]:
-    """`_prepare_and_search` with this driver's heartbeat kept fresh; what fails before the
-    first trial takes back the SQLite study this command created."""
+    """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
+    every trial this driver started has finished."""
     import ray
 
+    from kdsearch.data import load_data
+    from kdsearch.losses import LOSSES
+    from kdsearch.search import active_terms, run_search, start_ray, trial_resources
+    from kdsearch.teacher import TeacherFiles
+
     try:
-        with record.alive():
-            return _prepare_and_search(args, space, record, target)
+        if args.address is not None:  # join the cluster first: a wrong address costs no work
+            with console.status(f"joining the Ray cluster at {args.address}"):
+                start_ray(args.address)
+            trial_resources(space.config.search, device=space.base.device)
+        with console.status("loading data"):
+            data = load_data(space.base.data)
+        terms = active_terms(space)
+        teacher = None
+        if any(LOSSES[t].needs_teacher for t in terms):
+            heads = any(LOSSES[t].has_teacher_heads for t in terms)
+            teacher = prepare_teacher(space.base, data, heads)
+            console.print(
+                f"teacher {space.base.teacher.arch} ({teacher.source}): "
+                f"val acc {100 * teacher.val_acc:.2f}%"
+            )
+            same_teacher(record, TeacherFiles.of(teacher, heads))
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            outcome = run_search(
+                space,
+                record,
+                data,
+                teacher,
+                address=args.address,
+                status=search_status(live, target),
+            )
     except BaseException:
         # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back
         # the SQLite study this command created, and its file, so a rerun starts clean. (Not
@@ -277,43 +306,6 @@ def search_trials(
     finally:
         if args.address is not None:
             ray.shutdown()
-
-
-def _prepare_and_search(
-    args: argparse.Namespace, space: SearchSpace, record: Record, target: int
-) -> tuple[Tally, float, bool]:
-    """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
-    every trial this driver started has finished."""
-    from kdsearch.data import load_data
-    from kdsearch.losses import LOSSES
-    from kdsearch.search import active_terms, run_search, start_ray, trial_resources
-    from kdsearch.teacher import TeacherFiles
-
-    if args.address is not None:  # join the cluster first: a wrong address costs no work
-        with console.status(f"joining the Ray cluster at {args.address}"):
-            start_ray(args.address)
-        trial_resources(space.config.search, device=space.base.device)
-    with console.status("loading data"):
-        data = load_data(space.base.data)
-    terms = active_terms(space)
-    teacher = None
-    if any(LOSSES[t].needs_teacher for t in terms):
-        heads = any(LOSSES[t].has_teacher_heads for t in terms)
-        teacher = prepare_teacher(space.base, data, heads)
-        console.print(
-            f"teacher {space.base.teacher.arch} ({teacher.source}): "
-            f"val acc {100 * teacher.val_acc:.2f}%"
-        )
-        same_teacher(record, TeacherFiles.of(teacher, heads))
-    with Live(console=console, refresh_per_second=2, transient=True) as live:
-        outcome = run_search(
-            space,
-            record,
-            data,
-            teacher,
-            address=args.address,
-            status=search_status(live, target),
-        )
     return outcome.tally, outcome.seconds, outcome.complete
 
 

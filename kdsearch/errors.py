@@ -31,3 +31,8 @@ class NonFiniteLoss(Exception):
 
 class StudyError(KdsearchError):
     """A study storage cannot be opened, or a study is not in the state an action needs."""
+
+
+class StorageError(StudyError):
+    """The study storage stopped taking reads or writes (a full disk, a read-only file, a lost
+    server)."""

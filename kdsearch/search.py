@@ -328,9 +328,10 @@ class KdSearcher(Searcher):
 
 
 class Progress(tune.Callback):
-    """Hands the record's tally to the display."""
+    """Hands the record's tally to the display, and stops the search when the driver's
+    heartbeat could not be written."""
 
-    def __init__(self, record: Record, status: Status) -> None:
+    def __init__(self, record: Record, status: Status | None) -> None:
         self.record = record
         self.status = status
         self.last_status = 0.0
@@ -339,8 +340,9 @@ class Progress(tune.Callback):
         return {k: v for k, v in self.__dict__.items() if k not in ("record", "status")}
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.record.check_beat()
         now = time.monotonic()
-        if now - self.last_status > 1.0:
+        if self.status is not None and now - self.last_status > 1.0:
             self.status(self.record.tally())
             self.last_status = now
 
@@ -366,80 +368,86 @@ def run_search(
 ) -> Outcome:
     """Run the trials of `record` on Ray (a local instance sized to this machine, or the cluster
     at `address`) until the study holds the target number of finished trials."""
-    started = time.monotonic()
-    # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has its own.
-    # Off for this search only (a caller's later Tune runs keep theirs), unless the caller chose.
-    quiet = "RAY_AIR_NEW_OUTPUT" not in os.environ
-    if quiet:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    own_ray = not ray.is_initialized()
-    cfg = space.config
-    store = cfg.search.teacher_store
-    scratch: Path | None = None
-    try:
-        if own_ray:
-            start_ray(address)
-        scratch = scratch_folder()
-        # Trials on other nodes of a cluster create the store's folder there (one per node).
-        store_root = str(scratch / "teacher-outputs") if store.enabled else None
-        cpu, gpu = trial_resources(cfg.search, device=space.base.device)
-        asha = RecordingASHA(cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor)
-        asha.remember(record.finished_curves())
-        budgets = (int(store.budget_mb * 2**20), int(store.device_mb * 2**20))
-        searcher = KdSearcher(
-            record, asha, cpu, None if store_root is None else (store_root, *budgets)
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, shared=share(data, teacher, space.base.teacher.arch)),
-            {"cpu": cpu, "gpu": gpu},
-        )
-        bound = max(1, record.target + len(record.orphans))
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=asha,
-                num_samples=bound,
-                max_concurrent_trials=cfg.search.concurrent,
-                metric=METRIC,
-                mode="max",
-                # A trial that ran to its end hands its worker (torch imported, threads set up)
-                # to the next one; Tune starts a fresh worker where the reset fails.
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"kdsearch-{os.getpid()}",
-                storage_path=str(scratch / "tune"),
-                verbose=0,
-                callbacks=[Progress(record, status)] if status else [],
-                failure_config=tune.FailureConfig(max_failures=0),
-                log_to_file=False,
-            ),
-        )
-        on_int = signal.getsignal(signal.SIGINT)
-        try:
-            tuner.fit()
-            if searcher.failure is not None:
-                raise searcher.failure
-        except StudyError as err:
-            raise StudyError(
-                f"{err}; what had finished is kept, and --resume finishes the search once the "
-                "storage works again"
-            ) from None
-        finally:  # Tune leaves its SIGINT handler behind, which would swallow the next stop
-            if on_int is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, on_int)
-    finally:
-        if own_ray:
-            ray.shutdown()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    with record.alive():  # beats with the caller's block, where it has one
+        started = time.monotonic()
+        # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has
+        # its own. Off for this search only (a caller's later Tune runs keep theirs), unless the
+        # caller chose.
+        quiet = "RAY_AIR_NEW_OUTPUT" not in os.environ
         if quiet:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-    # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
-    # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
-    complete = record.all_started() and not searcher.plans and not searcher.interrupted
-    return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
+            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        own_ray = not ray.is_initialized()
+        cfg = space.config
+        store = cfg.search.teacher_store
+        scratch: Path | None = None
+        try:
+            if own_ray:
+                start_ray(address)
+            scratch = scratch_folder()
+            # Trials on other nodes of a cluster create the store's folder there (one per node).
+            store_root = str(scratch / "teacher-outputs") if store.enabled else None
+            cpu, gpu = trial_resources(cfg.search, device=space.base.device)
+            asha = RecordingASHA(
+                cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor
+            )
+            asha.remember(record.finished_curves())
+            budgets = (int(store.budget_mb * 2**20), int(store.device_mb * 2**20))
+            searcher = KdSearcher(
+                record, asha, cpu, None if store_root is None else (store_root, *budgets)
+            )
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    run_trial, shared=share(data, teacher, space.base.teacher.arch)
+                ),
+                {"cpu": cpu, "gpu": gpu},
+            )
+            bound = max(1, record.target + len(record.orphans))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=asha,
+                    num_samples=bound,
+                    max_concurrent_trials=cfg.search.concurrent,
+                    metric=METRIC,
+                    mode="max",
+                    # A trial that ran to its end hands its worker (torch imported, threads set up)
+                    # to the next one; Tune starts a fresh worker where the reset fails.
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"kdsearch-{os.getpid()}",
+                    storage_path=str(scratch / "tune"),
+                    verbose=0,
+                    callbacks=[Progress(record, status)],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    log_to_file=False,
+                ),
+            )
+            on_int = signal.getsignal(signal.SIGINT)
+            try:
+                tuner.fit()
+                if searcher.failure is not None:
+                    raise searcher.failure
+            except StudyError as err:
+                raise StudyError(
+                    f"{err}; what had finished is kept, and --resume finishes the search once the "
+                    "storage works again"
+                ) from None
+            finally:  # Tune leaves its SIGINT handler behind, which would swallow the next stop
+                if on_int is not None and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, on_int)
+        finally:
+            if own_ray:
+                ray.shutdown()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            if quiet:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
+        # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
+        complete = record.all_started() and not searcher.plans and not searcher.interrupted
+        return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
 
 
 def scratch_folder() -> Path:

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kdsearch import __version__
 from kdsearch.data import derive_seed
-from kdsearch.errors import RecipeError, StudyError
+from kdsearch.errors import RecipeError, StorageError, StudyError
 from kdsearch.recipe import Recipe, flatten, load_yaml
 from kdsearch.space import SearchSpace, SpaceFile
 
@@ -183,14 +183,14 @@ def trial_recipe(trial: FrozenTrial) -> Recipe:
     return Recipe.from_yaml(str(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
 
 
-def storage_failure(storage: BaseStorage, err: Exception) -> StudyError:
+def storage_failure(storage: BaseStorage, err: Exception) -> StorageError:
     """A failed read or write of the study (a read-only file, a full disk, a lost server) as
     one line naming its cause, where Optuna guesses at "invalid data"."""
     cause = getattr(err.__cause__, "orig", None) or err.__cause__ or err
     text = str(cause).strip()
     reason = text.splitlines()[0] if text else type(cause).__name__
     url = redact(str(getattr(storage, "url", "")))
-    return StudyError(f"cannot use the study storage {url}: {reason}")
+    return StorageError(f"cannot use the study storage {url}: {reason}")
 
 
 P = ParamSpec("P")
@@ -235,7 +235,8 @@ class Tally:
 
 
 class Record:
-    """Writes one driver's trials into a study. Not thread-safe: call it from one thread."""
+    """Writes one driver's trials into a study. Not thread-safe: call it from one thread
+    (`alive` writes the heartbeat from a thread of its own)."""
 
     @clear_storage_errors
     def __init__(
@@ -251,6 +252,8 @@ class Record:
         self.space = space
         self.target = target
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.beat_failure: StudyError | None = None  # why the heartbeat thread stopped
+        self._beating = False
         exists = name in study_names(storage)
         self.created = not exists
         if exists:
@@ -285,6 +288,7 @@ class Record:
             study_name=name, storage=storage, direction="maximize", load_if_exists=True
         )
         self.study_id = storage.get_study_id_from_name(name)
+        storage.set_study_system_attr(self.study_id, f"joined:{self.driver}", time.time())
         self.heartbeat()
         # Drivers that start on the same study at once see the same trial count; each draws
         # from its own stream, or they would propose (and train) the same trials in pairs.
@@ -406,24 +410,44 @@ class Record:
     def alive(self) -> Iterator[None]:
         """Keep this driver's heartbeat fresh, every HEARTBEAT_S from a thread, so through
         loading data and training a teacher as well as the trials, until the block ends; then
-        mark it ended, so that other drivers adopt its trials at once and a later process that
-        is given its PID is not taken for it."""
+        mark it ended, so that other drivers adopt its trials at once. A block within another
+        beats with the outer one. A beat the storage refuses stops the thread, and
+        `check_beat` raises why in the driver's own thread."""
+        if self._beating:
+            yield
+            return
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                with suppress(Exception):  # a storage out of reach: the next beat tries again
+                try:
                     self.heartbeat()
+                except StudyError as err:
+                    self.beat_failure = err
+                    return
 
         thread = threading.Thread(target=beat, name="kdsearch-heartbeat", daemon=True)
+        self._beating = True
         thread.start()
+        storage_works = True
         try:
             yield
+        except StorageError:
+            storage_works = False
+            raise
         finally:
             stop.set()
-            thread.join()
-            with suppress(Exception):  # the error that ended the block is the one to show
-                self.heartbeat(at=0.0)
+            thread.join(timeout=1.0)  # a beat waiting on a busy storage is not waited for
+            self._beating = False
+            if storage_works and self.beat_failure is None:
+                with suppress(Exception):  # the error that ended the block is the one to show
+                    self.heartbeat(at=0.0)
+
+    def check_beat(self) -> None:
+        """Raise the storage failure that stopped the heartbeat, if one did: the trials would
+        otherwise run on while other drivers take this one for gone."""
+        if self.beat_failure is not None:
+            raise self.beat_failure
 
     def _orphans(self) -> list[FrozenTrial]:
         """RUNNING trials whose driver is gone (`driver_alive`). A trial that names no driver
@@ -452,14 +476,16 @@ class Record:
         return any(d != self.driver and driver_alive(d, beats) for d in heartbeats(beats))
 
     def _earlier_drivers(self) -> list[str]:
-        """The live drivers of the study whose heartbeat is older than this driver's."""
+        """The live drivers of the study that opened it before this driver, by the time each
+        wrote as it did (not by their heartbeats, which they refresh; a driver of an earlier
+        kdsearch wrote none, and its first heartbeat stands in)."""
         beats = self.storage.get_study_system_attrs(self.study_id)
 
-        def age(driver: str) -> tuple[float, str]:
-            return float(beats[f"heartbeat:{driver}"]), driver
+        def joined(driver: str) -> tuple[float, str]:
+            return float(beats.get(f"joined:{driver}", beats[f"heartbeat:{driver}"])), driver
 
-        mine = age(self.driver)
-        return [d for d in heartbeats(beats) if age(d) < mine and driver_alive(d, beats)]
+        mine = joined(self.driver)
+        return [d for d in heartbeats(beats) if joined(d) < mine and driver_alive(d, beats)]
 
     # -- reading -------------------------------------------------------------------------
 

@@ -267,6 +267,8 @@ def get_teacher_heads(
     elif path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
+            if (trained_on := _trained_on(saved)) not in (None, weights_digest(teacher.path)):
+                raise TeacherError(f"trained on another teacher (its weights hash {trained_on})")
             heads.load_state_dict(_unwrapped(saved))
             cached = True
         except Exception as err:  # a damaged file: torch.load raises many kinds
@@ -295,7 +297,7 @@ def load_heads(heads: nn.ModuleDict, path: Path, teacher: Teacher) -> None:
     elsewhere record none, and only their shapes can be checked)."""
     where = "teacher.heads.checkpoint: "
     loaded = _load_weights(path, where)
-    trained_on = loaded.get(TEACHER_DIGEST) if isinstance(loaded, dict) else None
+    trained_on = _trained_on(loaded)
     saved = _unwrapped(loaded)
     mismatch = _mismatch(heads.state_dict(), saved) if isinstance(saved, dict) else "no weights"
     if mismatch:
@@ -427,6 +429,12 @@ def _unwrapped(saved: Any) -> Any:
             if isinstance(saved.get(key), dict):
                 return saved[key]
     return saved
+
+
+def _trained_on(saved: Any) -> str | None:
+    """The `weights_digest` of the teacher a heads file names, where it names one."""
+    found = saved.get(TEACHER_DIGEST) if isinstance(saved, dict) else None
+    return None if found is None else str(found)
 
 
 def weights_digest(path: Path) -> str:

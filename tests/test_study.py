@@ -13,7 +13,7 @@ import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from kdsearch.errors import StudyError
+from kdsearch.errors import StorageError, StudyError
 from kdsearch.space import SearchSpace
 from kdsearch.study import (
     STALE_S,
@@ -199,6 +199,39 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     storage.set_study_system_attr(study_id, f"heartbeat:{drivers[2]}", time.time() - STALE_S - 1)
     orphans = Record(storage, "s", space, target=4, resume=True).orphans
     assert [t.number for t in orphans] == [1, 2, 3]
+
+
+def test_a_heartbeat_the_storage_refuses_stops_the_search_in_the_drivers_thread(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdsearch.search import Progress
+
+    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
+    record = Record(open_storage(url), "s", space, target=2, resume=False)
+
+    def refused(at: float | None = None) -> None:
+        raise StorageError("cannot use the study storage sqlite:///s.db: disk I/O error")
+
+    monkeypatch.setattr(record, "heartbeat", refused)
+    with pytest.raises(StorageError, match="disk I/O error"), record.alive():
+        deadline = time.time() + 30
+        while record.beat_failure is None and time.time() < deadline:
+            time.sleep(0.05)
+        Progress(record, None).on_step_end(0, [])  # Tune's next step stops the search
+
+
+def test_drivers_rank_by_when_they_joined_not_by_their_latest_beat(
+    space: SearchSpace, url: str
+) -> None:
+    storage = open_storage(url)
+    Record(storage, "s", space, target=2, resume=False)
+    study_id = storage.get_study_id_from_name("s")
+    # a driver on another host joined first; its clock runs a minute ahead, so its latest beat
+    # reads later than this driver's
+    storage.set_study_system_attr(study_id, "joined:elsewhere:42", time.time() - 10)
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:42", time.time() + 60)
+    second = Record(storage, "s", space, target=2, resume=True)
+    assert second._earlier_drivers() == ["elsewhere:42"]
 
 
 def test_a_driver_beats_while_alive_and_marks_its_end(

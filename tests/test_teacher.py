@@ -234,6 +234,20 @@ def test_heads_trained_on_another_teacher_of_the_same_architecture_are_refused(
     assert loaded.heads_path == tmp_path / "bare.pt"
 
 
+def test_cached_heads_of_a_teacher_replaced_since_are_trained_again(synthetic: ImageData) -> None:
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    mine = get_teacher(recipe, synthetic)
+    other = get_teacher(recipe.override({"teacher.train.seed": 7}), synthetic, heads=False)
+    mine.path.write_bytes(other.path.read_bytes())  # another machine's teacher copied in
+    heads_epochs: list[int] = []
+    with pytest.warns(UserWarning, match=r"cannot use the cached .*trained on another teacher"):
+        again = get_teacher(recipe, synthetic, heads_report=lambda s: heads_epochs.append(s.epoch))
+    assert again.source == "cache" and heads_epochs == [1], "heads trained for this teacher"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and cached for it
+        assert get_teacher(recipe, synthetic).heads_path == again.heads_path
+
+
 def test_weights_digest_names_the_weights_not_the_file(tmp_path: Path) -> None:
     state = build_model("resnet8", 10, 1).state_dict()
     torch.save(state, tmp_path / "a.pt")  # torch.save writes the file name into the archive
