@@ -422,8 +422,9 @@ class Record:
             while not stop.wait(HEARTBEAT_S):
                 try:
                     self.heartbeat()
-                except StudyError as err:
-                    self.beat_failure = err
+                except Exception as err:  # told in the driver's thread, not as a thread's trace
+                    failure = err if isinstance(err, StudyError) else None
+                    self.beat_failure = failure or storage_failure(self.storage, err)
                     return
 
         thread = threading.Thread(target=beat, name="kdsearch-heartbeat", daemon=True)

@@ -201,8 +201,15 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     assert [t.number for t in orphans] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        StorageError("cannot use the study storage sqlite:///s.db: disk I/O error"),
+        OSError("disk I/O error"),  # not one kdsearch has named: told the same way
+    ],
+)
 def test_a_heartbeat_the_storage_refuses_stops_the_search_in_the_drivers_thread(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     from kdsearch.search import Progress
 
@@ -210,10 +217,13 @@ def test_a_heartbeat_the_storage_refuses_stops_the_search_in_the_drivers_thread(
     record = Record(open_storage(url), "s", space, target=2, resume=False)
 
     def refused(at: float | None = None) -> None:
-        raise StorageError("cannot use the study storage sqlite:///s.db: disk I/O error")
+        raise error
 
     monkeypatch.setattr(record, "heartbeat", refused)
-    with pytest.raises(StorageError, match="disk I/O error"), record.alive():
+    with (
+        pytest.raises(StorageError, match=r"cannot use the study storage .*disk I/O"),
+        record.alive(),
+    ):
         deadline = time.time() + 30
         while record.beat_failure is None and time.time() < deadline:
             time.sleep(0.05)
