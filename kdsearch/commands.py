@@ -172,9 +172,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         sqlite_file,
     )
 
-    space = SearchSpace.load(args.space, parse_sets(args.set))
+    changes = parse_sets(args.set)
+    space = SearchSpace.load(args.space, changes)
     for idle in space.idle_settings():
         console.print(f"note: {space.source}: {idle}", markup=False)
+    for ignored in space.searched_changes(changes):
+        console.print(f"note: {ignored}", markup=False)
     name = args.study or space.config.study.name
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work

@@ -12,7 +12,7 @@ together with a key inside it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -454,6 +454,19 @@ class SearchSpace:
                     "it a weight in base"
                 )
         return idle
+
+    def searched_changes(self, keys: Iterable[str]) -> list[str]:
+        """Of the base recipe's changed `keys` (`--set`), those the space draws in every trial:
+        no trial trains with the value given, each named with what to do. Told, not refused,
+        as `idle_settings`. (A key searched only under a condition keeps its base value where
+        the condition does not hold, so that is a change that counts.)"""
+        return [
+            f"--set {key}: the space searches {key} in every trial, so no trial trains with this "
+            "value (the promotion's baselines, which take the base recipe, may); to fix it for "
+            f"every trial, remove space.{key} from {self.source}"
+            for key in keys
+            if key in self.params and not self.params[key].when
+        ]
 
     def _check_placements(self) -> None:
         """Every searched placement fits the student, when some trial can switch HSAKD on: a

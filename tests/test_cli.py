@@ -246,6 +246,10 @@ def test_a_search_whose_every_trial_failed_exits_with_status_1(tmp_path: Path) -
     (tmp_path / "s.yaml").write_text(space)
     proc = run_cli("run", "s.yaml", "--set", "optim.nesterov=false", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
+    assert (
+        "note: --set optim.nesterov: the space searches optim.nesterov in every trial, so no "
+        "trial trains with this value" in " ".join(proc.stderr.split())
+    )
     assert "0 complete, 0 pruned, 5 failed" in proc.stderr
     assert "no trial completed, so there is no result to promote or export" in proc.stderr
 

@@ -441,6 +441,20 @@ def test_a_setting_of_a_term_no_trial_switches_on_is_named_as_idle() -> None:
     ]
 
 
+def test_a_change_of_the_base_the_space_draws_in_every_trial_is_named() -> None:
+    space = space_of(
+        "  optim.lr: {type: float, low: 0.01, high: 0.1, log: true}\n"
+        "  $extra: {type: categorical, choices: [none, pkt]}\n"
+        "  distill.pkt.weight: {type: float, low: 50.0, high: 2000.0, when: {$extra: pkt}}\n"
+    )
+    found = space.searched_changes(["optim.lr", "distill.pkt.weight", "optim.momentum"])
+    assert found == [
+        "--set optim.lr: the space searches optim.lr in every trial, so no trial trains with "
+        "this value (the promotion's baselines, which take the base recipe, may); to fix it for "
+        f"every trial, remove space.optim.lr from {space.source}"
+    ], "a conditional key keeps the value where its condition fails; momentum is not searched"
+
+
 def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> None:
     text = BASE.replace(
         "epochs: 240, kind: multistep, milestones: [150, 180, 210]", "epochs: 20, kind: cosine"
