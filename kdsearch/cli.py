@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -190,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kdsearch: interrupted (what had finished is kept; nothing half-done was written)"
         )
         return 130
+    except BrokenPipeError:  # `kdsearch trials S --csv - | head`: the reader had what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no failing last flush
+        return 141  # as a command that SIGPIPE ended
 
 
 if __name__ == "__main__":

@@ -146,6 +146,22 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
 
 
+def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(tmp_path: Path) -> None:
+    write_study(tmp_path)
+    proc = subprocess.Popen(  # `kdsearch trials s --csv - | head -0`
+        [sys.executable, "-m", "kdsearch.cli", "trials", "s", "--csv", "-"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141
+    assert stderr == "", "no traceback"
+
+
 def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path) -> None:
     url = write_study(tmp_path)
     reason = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of it)"
