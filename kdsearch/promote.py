@@ -11,6 +11,7 @@ a searched recipe has finished at it (until then, the budget before).
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,7 +264,12 @@ def _record(
     if result.failure is None:
         assert result.weights is not None
         path = (weights_dir / f"{run.slug}.pt").resolve()
-        torch.save(result.weights, path)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:  # whole or not at all: a Ctrl-C, or a promotion reading it at the same moment
+            torch.save(result.weights, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
         state, value = TrialState.COMPLETE, result.val_acc
     else:

@@ -191,6 +191,23 @@ def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path:
     assert "promoting" not in out.stderr
 
 
+def test_a_run_interrupted_while_its_weights_are_written_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, study, promoted = searched(tmp_path)
+    run = plan(study, top_k=1, seeds=1, epochs=2)[0]
+    (tmp_path / "w").mkdir()
+
+    def cut(obj: object, file: Path) -> None:  # Ctrl-C halfway through the file
+        Path(file).write_bytes(b"PK half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _record(promoted, run, result_of(run, 0.9), tmp_path / "w", None)
+    assert list((tmp_path / "w").iterdir()) == [] and not promoted.trials
+
+
 def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
     tmp_path: Path,
 ) -> None:
