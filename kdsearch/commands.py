@@ -26,6 +26,7 @@ from kdsearch.display import (
     console,
     epoch_progress,
     leaderboard_table,
+    print_whole,
     results,
     search_status,
     status_line,
@@ -652,7 +653,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
     elif table.empty:
         console.print(f"study {args.study!r} holds no trials yet")
     else:
-        results.print(trials_view(table, accuracy="space" in study.user_attrs))
+        print_whole(results, trials_view(table, accuracy="space" in study.user_attrs))
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 results = Console(highlight=False)  # stdout: what a command prints as its result (a table)
+UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 
 
@@ -204,6 +206,15 @@ def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
             cells.append(_cut(str(row["failure"])) if _given(row["failure"]) else "")
         view.add_row(*(Text(c) for c in cells))
     return view
+
+
+def print_whole(out: Console, table: Table) -> None:
+    """Print `table` at the console's width, or wider where it cannot fit in that (a narrow
+    terminal then wraps its lines), rather than dropping the columns that do not fit."""
+    least = Measurement.get(out, out.options.update_width(UNBOUNDED), table).minimum
+    if least > out.width:  # `print(width=)` never goes past the console's own width
+        out = Console(file=out.file, width=least, highlight=False, force_terminal=out.is_terminal)
+    out.print(table)
 
 
 def _short(param: str) -> str:

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from kdsearch.display import RunsStatus, console, search_status, trials_view
+from kdsearch.display import RunsStatus, console, print_whole, search_status, trials_view
 from kdsearch.study import Tally
 
 
@@ -88,3 +88,10 @@ def test_the_trials_table_fits_80_columns_with_conditional_parameters_in_one_col
     # a failure's first 40 characters (the CSV has it whole)
     assert " ".join(wide[4].split()).endswith("cutmix NonFiniteLoss: the training loss became…")
     assert wide[5].split() == ["3", "RUNNING", "-", "-", "3", "0.9", "0.02", "none"]
+    # on a terminal too narrow for it, the table goes past the terminal's width (which then
+    # wraps its lines) rather than dropping the columns that do not fit
+    out = Console(width=50, file=io.StringIO())
+    print_whole(out, view)
+    tight = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert "$extra" in tight[1] and "conditional" in tight[0]
+    assert "".join("".join(line.split()) for line in tight).count("=") == 6
