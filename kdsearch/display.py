@@ -151,7 +151,8 @@ def leaderboard_table(board: Any) -> Table:
     """The promoted leaderboard for the terminal."""
     budget = f"{board['epochs'].max()} epochs" if len(board) else "full budget"
     over = "mean ± sd over seeds" if len(board) and board["seeds"].max() > 1 else "one seed"
-    table = Table(title=f"promoted at {budget} (accuracy %, {over})")
+    title = f"promoted at {budget} (accuracy %, {over})"
+    table = Table(title=title, min_width=len(title))  # a title wider than the rows is not wrapped
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
     for _, row in board.iterrows():

@@ -7,7 +7,14 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from kdsearch.display import RunsStatus, console, print_whole, search_status, trials_view
+from kdsearch.display import (
+    RunsStatus,
+    console,
+    leaderboard_table,
+    print_whole,
+    search_status,
+    trials_view,
+)
 from kdsearch.study import Tally
 
 
@@ -95,3 +102,13 @@ def test_the_trials_table_fits_80_columns_with_conditional_parameters_in_one_col
     tight = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
     assert "$extra" in tight[1] and "conditional" in tight[0]
     assert "".join("".join(line.split()) for line in tight).count("=") == 6
+
+
+def test_the_leaderboard_title_is_one_line_however_narrow_its_rows() -> None:
+    board = pd.DataFrame(
+        [["trial 11", 2, 98.89, 0.0, 98.33, 0.39, 24], ["plain KD", 2, 97.78, 0.0, 97.21, 0.0, 24]],
+        columns=["recipe", "seeds", "val_mean", "val_sd", "test_mean", "test_sd", "epochs"],
+    )
+    lines = _rendered(leaderboard_table(board), 120)
+    assert lines[0].strip() == "promoted at 24 epochs (accuracy %, mean ± sd over seeds)"
+    assert "trial 11" in lines[4] and "98.89 ± 0.00" in lines[4]
