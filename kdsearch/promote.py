@@ -11,7 +11,6 @@ a searched recipe has finished at it (until then, the budget before).
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import torch
 from optuna.distributions import IntDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
@@ -41,7 +39,7 @@ from kdsearch.study import (
     study_names,
     trial_recipe,
 )
-from kdsearch.teacher import Teacher, TeacherFiles, get_teacher
+from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
 PLAIN_KD = -2
@@ -264,12 +262,7 @@ def _record(
     if result.failure is None:
         assert result.weights is not None
         path = (weights_dir / f"{run.slug}.pt").resolve()
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:  # whole or not at all: a Ctrl-C, or a promotion reading it at the same moment
-            torch.save(result.weights, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_weights(result.weights, path)  # a promotion reading it at once sees it whole
         attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
         state, value = TrialState.COMPLETE, result.val_acc
     else:

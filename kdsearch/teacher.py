@@ -501,10 +501,19 @@ def _save(
     With `teacher_digest` (heads) the weights go under "state_dict" beside it, so the file
     names the teacher it belongs to wherever it is copied."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
-    torch.save(weights, tmp)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    save_weights(weights, path)
+
+
+def save_weights(weights: Any, path: Path) -> None:
+    """`torch.save` to `path`, whole or not at all: written beside it and moved into place, so a
+    concurrent reader never sees half a file and a Ctrl-C leaves none."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        torch.save(weights, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
