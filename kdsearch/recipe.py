@@ -199,6 +199,7 @@ class STKDConfig(Section):
     mix: Literal["mixup", "cutmix"] = "mixup"
     alpha: Positive = 0.2
     temperature: Positive = 4.0
+    kl_weight: Weight = 1.0
 
 
 class DistillConfig(Section):

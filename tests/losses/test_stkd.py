@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,41 @@ GOLDEN = 1.629286705398382  # y_a [1, 2], y_b [0, 0], lam 0.3, T 2; float64 sums
 def test_stkd_loss_matches_the_golden_value() -> None:
     value = stkd_loss(S, T, torch.tensor([1, 2]), torch.tensor([0, 0]), 0.3, 2.0)
     assert value.item() == pytest.approx(GOLDEN, rel=1e-6)
+
+
+def _softmax(row: list[float], temperature: float) -> list[float]:
+    e = [math.exp(v / temperature) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_kl_weight_scales_the_teachers_part_alone() -> None:
+    s, t = S.tolist(), T.tolist()
+    y_a, y_b, lam, temp = [1, 2], [0, 0], 0.3, 2.0
+    ce = (
+        sum(
+            -(
+                lam * math.log(_softmax(s[i], 1)[y_a[i]])
+                + (1 - lam) * math.log(_softmax(s[i], 1)[y_b[i]])
+            )
+            for i in range(2)
+        )
+        / 2
+    )
+    kl = (
+        sum(
+            sum(
+                p * math.log(p / q)
+                for p, q in zip(_softmax(t[i], temp), _softmax(s[i], temp), strict=True)
+            )
+            for i in range(2)
+        )
+        * temp**2
+        / 2
+    )
+    assert ce + kl == pytest.approx(GOLDEN, rel=1e-9)  # the default weighs the two parts alike
+    for kl_weight in (0.0, 2.5):
+        value = stkd_loss(S, T, torch.tensor(y_a), torch.tensor(y_b), lam, temp, kl_weight)
+        assert value.item() == pytest.approx(ce + kl_weight * kl, rel=1e-6)
 
 
 def test_mixup_blends_each_image_with_its_partner() -> None:
