@@ -48,6 +48,10 @@ from kdsearch.train import (
 
 CACHE_FORMAT = 1  # bump when the cached file's layout or the teacher training loop changes
 HEADS_FORMAT = 2  # likewise for the heads (2: last-stage heads of ShuffleNetV2, MobileNetV2, VGG)
+# Settings added to distillation terms since CACHE_FORMAT 1. A teacher trains on cross-entropy
+# alone, so they cannot change it; leaving them out of its key keeps every cached teacher's key
+# (and its heads') as it was, where hashing them would have every cached teacher trained again.
+UNKEYED_TERM_SETTINGS = {"stkd": ("kl_weight",)}
 TEACHER_DIGEST = "teacher_digest"  # a heads file's key: the teacher they were trained on
 
 
@@ -146,6 +150,9 @@ def teacher_key(recipe: Recipe, data: ImageData) -> str:
     spec = teacher_recipe(recipe).to_dict()
     for irrelevant in ("data", "device", "teacher"):
         spec.pop(irrelevant)
+    for term, settings in UNKEYED_TERM_SETTINGS.items():
+        for setting in settings:
+            spec["distill"][term].pop(setting)
     spec["teacher_train"] = recipe.teacher.train.model_dump()
     return digest({"format": CACHE_FORMAT, "data": data.fingerprint, "recipe": spec})
 

@@ -9,7 +9,7 @@ import torch
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import TeacherError
 from kdsearch.models import build_model
-from kdsearch.recipe import DataConfig
+from kdsearch.recipe import DataConfig, Recipe
 from kdsearch.teacher import (
     cached_teacher_path,
     get_teacher,
@@ -73,6 +73,15 @@ def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> N
         assert teacher_key(base.override(change), synthetic) != key, change
     other_data = load_data(DataConfig(dataset="synthetic", val_fraction=0.2, seed=1))
     assert teacher_key(base, other_data) != key
+
+
+def test_a_term_setting_added_later_keeps_every_cached_teachers_key(synthetic: ImageData) -> None:
+    # keys as kdsearch computed them before STKD's kl_weight existed (at f7ca3a1): a new
+    # setting of a term, which cannot change a teacher, must not send every cached teacher
+    # to be trained again
+    assert teacher_key(tiny_recipe(), synthetic) == "5a999e90772ab1a8"
+    digits = Recipe.load(Path(__file__).parents[1] / "search_spaces/recipes/digits.yaml")
+    assert teacher_key(digits, synthetic) == "2bdd960a77b9703f"
 
 
 def test_teacher_recipe_trains_with_cross_entropy_alone() -> None:
