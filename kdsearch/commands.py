@@ -377,19 +377,28 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
+    from kdsearch.promote import base_recipe
     from kdsearch.study import load_study, space_config
 
     storage, url = study_storage(args.study, args.storage)
-    space = space_config(load_study(storage, args.study))
+    study = load_study(storage, args.study)
+    space = space_config(study)
     cfg = space.promote
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
     epochs = args.epochs or (cfg.epochs if cfg else None)
-    if args.epochs is not None and args.epochs < space.asha.max_epochs:
+    trial_budget = space.asha.max_epochs
+    if args.epochs is not None and args.epochs < trial_budget:
         raise KdsearchError(
             f"--epochs {args.epochs} is below the search's asha.max_epochs "
-            f"({space.asha.max_epochs}), so the promotion would train the best trials for "
+            f"({trial_budget}), so the promotion would train the best trials for "
             "fewer epochs than the search did; raise it"
+        )
+    if epochs is None and (base := base_recipe(study).schedule.epochs) < trial_budget:
+        raise KdsearchError(  # a space with `promote:` was checked so at load; this one has none
+            f"the base recipe's schedule.epochs ({base}) is below the search's asha.max_epochs "
+            f"({trial_budget}), so the promotion would train the best trials for fewer epochs "
+            f"than the search did; pass --epochs {trial_budget} or more"
         )
     run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address)
     return 0

@@ -116,17 +116,17 @@ SEARCH_VALUES = {
 }
 
 
-def write_study(root: Path) -> str:
-    """A finished search study in root/studies/s.db; returns its URL."""
+def write_study(root: Path, space_text: str = SMALL_SPACE) -> str:
+    """A finished search study of `space_text` in root/studies/s.db; returns its URL."""
     from optuna.trial import TrialState
 
     from kdsearch.space import SearchSpace
     from kdsearch.study import Record, open_storage
 
     (root / "studies").mkdir(parents=True, exist_ok=True)
-    (root / "space.yaml").write_text(SMALL_SPACE)
+    (root / "space.yaml").write_text(space_text)
     url = f"sqlite:///{root}/studies/s.db"
-    space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
+    space = SearchSpace.from_yaml(space_text, source="space.yaml")
     record = Record(open_storage(url), "s", space, target=len(SEARCH_VALUES), resume=False)
     for number, (state, values) in SEARCH_VALUES.items():
         assert record.next_plan(f"ray{number}") is not None

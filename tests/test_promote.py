@@ -219,6 +219,21 @@ def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
     assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
 
 
+def test_a_base_recipe_shorter_than_the_trial_budget_needs_epochs_to_promote(
+    tmp_path: Path,
+) -> None:
+    # a search run with `--set schedule.epochs=1` and no promote section: its trials trained
+    # asha.max_epochs (2); promoting at the base's 1 epoch would train the best for fewer
+    write_study(tmp_path, SMALL_SPACE.replace("schedule: {epochs: 3", "schedule: {epochs: 1"))
+    out = run_cli("promote", "s", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "base recipe's schedule.epochs (1) is below the search's asha.max_epochs (2)" in (
+        out.stderr
+    )
+    assert "--epochs 2 or more" in out.stderr and "promoting" not in out.stderr
+    assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
+
+
 def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     tmp_path: Path,
 ) -> None:
