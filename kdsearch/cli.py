@@ -49,6 +49,14 @@ def positive(text: str) -> int:
     return value
 
 
+def ray_address(text: str) -> str:
+    """A Ray cluster's address as Ray takes it: `auto`, HOST:PORT or ray://HOST:PORT."""
+    host, sep, number = text.removeprefix("ray://").rpartition(":")
+    if text == "auto" or (host and sep and number.isdigit() and 0 < int(number) <= 65535):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+
+
 def port(text: str) -> int:
     """A TCP port, or 0 for any free one."""
     value = whole_number(text)
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(p, "override a value of the base recipe, e.g. --set data.root=DIR (repeatable)")
     p.add_argument(
         "--address",
+        type=ray_address,
         help="join the Ray cluster at this address (default: start "
         "a local Ray sized to this machine)",
     )
@@ -129,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         help="full budget (default: the space's, else the base recipe's schedule.epochs)",
     )
-    p.add_argument("--address", help="join the Ray cluster at this address")
+    p.add_argument("--address", type=ray_address, help="join the Ray cluster at this address")
     p.set_defaults(func=cmd_promote)
 
     p = study_command("export", "write the winner as a folder a training job runs as is")

@@ -211,6 +211,17 @@ def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
 
 
+@pytest.mark.parametrize("address", ["nonsense", "host:notaport", "host:70000", ":6379"])
+def test_an_address_ray_cannot_parse_is_refused_in_one_line(tmp_path: Path, address: str) -> None:
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    for command in (["run", "s.yaml"], ["promote", "s"]):
+        proc = run_cli(*command, "--address", address, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        why = f"argument --address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT"
+        assert why in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert not (tmp_path / "studies").exists()
+
+
 def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     tmp_path: Path,
 ) -> None:
