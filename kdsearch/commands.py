@@ -198,6 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
     record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+    if args.resume and record.created:  # a typo in --study would otherwise pass unseen
+        console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
     with record.alive():
         held = len(record.study.trials)
         if record.all_started():  # --resume of a finished search, or --trials at most it holds

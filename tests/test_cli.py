@@ -271,11 +271,15 @@ def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Pa
     proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
     assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
     assert not (tmp_path / "studies" / "s.db").exists()
-    # in a file that holds another study, only the new one goes
+    # in a file that holds another study, only the new one goes (and --resume of a study not
+    # there yet says it starts one)
     other = tmp_path / "other.db"
     optuna.create_study(study_name="kept", storage=f"sqlite:///{other}")
-    storage = ["--storage", f"sqlite:///{other}"]
+    storage = ["--storage", f"sqlite:///{other}", "--resume"]
     proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path)
     assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
+    assert f"note: no study 's' in sqlite:///{other} yet, so --resume starts it" in " ".join(
+        proc.stderr.split()
+    )
     names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{other}")]
     assert names == ["kept"]
