@@ -197,7 +197,7 @@ def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
             min_width=len("conditional") if wraps else None,
         )
     show_value = percent if accuracy else value_text
-    for row in table.to_dict("records"):
+    for row in table.astype(object).where(table.notna(), None).to_dict("records"):
         cells = [str(row["number"]), row["state"], show_value(row["value"]), whole(row["epochs"])]
         cells += [value_text(row[p]) for p in shared]
         if conditional:

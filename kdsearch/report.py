@@ -86,7 +86,12 @@ def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame
         for t in trials
     ]
     columns = ["number", "state", "value", "epochs", *param_names(study), "failure"]
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    for column in columns:  # pandas makes whole numbers floats (12.0) around a gap; keep them
+        given = [row[column] for row in rows if row.get(column) is not None]
+        if given and all(type(v) is int for v in given):
+            table[column] = pd.array([row.get(column) for row in rows], dtype="Int64")
+    return table
 
 
 def best_first(study: optuna.Study) -> list[FrozenTrial]:

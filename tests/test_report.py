@@ -20,7 +20,9 @@ import pandas as pd
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from rich.console import Console
 
+from kdsearch.display import trials_view
 from kdsearch.promote import PLAIN_KD, open_promoted
 from kdsearch.report import build_report, learning_curves, trials_table
 from kdsearch.space import SearchSpace
@@ -144,6 +146,29 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     piped = run_cli("trials", "s", "--csv", "-", "--sort", "value", cwd=tmp_path)
     assert piped.returncode == 0 and piped.stderr == ""
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
+
+
+def test_whole_numbers_stay_whole_beside_trials_that_have_none(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    negatives = IntDistribution(256, 4096)
+    study.add_trial(
+        create_trial(
+            value=0.9,
+            params={"distill.crd.negatives": 256},
+            distributions={"distill.crd.negatives": negatives},
+            user_attrs={"epochs": 12},
+        )
+    )
+    study.add_trial(create_trial(state=TrialState.RUNNING))  # no value, epochs or parameter yet
+    table = trials_table(study)
+    csv = table.to_csv(index=False).splitlines()
+    # pandas would write 12.0 and 256.0, which `--set distill.crd.negatives=256.0` refuses
+    assert csv[1:] == ["0,COMPLETE,0.9,12,256,", "1,RUNNING,,,,"]
+    out = Console(width=120, file=io.StringIO())
+    out.print(trials_view(table, accuracy=True))
+    lines = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines[-2].split() == ["0", "COMPLETE", "90.00%", "12", "256"]
+    assert lines[-1].split() == ["1", "RUNNING", "-", "-", "-"]
 
 
 def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(tmp_path: Path) -> None:
