@@ -24,8 +24,19 @@ from rich.text import Text
 if TYPE_CHECKING:
     import pandas as pd
 
+
+class Results(Console):
+    """stdout, where a command prints its result (a table)."""
+
+    def on_broken_pipe(self) -> None:
+        # `kdsearch trials S | head`: end as the CSV does (the CLI's exit status 141, as for
+        # SIGPIPE), where Rich exits with status 1
+        self.quiet = True
+        raise BrokenPipeError
+
+
 console = Console(stderr=True, highlight=False, soft_wrap=True)
-results = Console(highlight=False)  # stdout: what a command prints as its result (a table)
+results = Results(highlight=False)
 UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 
@@ -210,11 +221,13 @@ def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
 
 
 def print_whole(out: Console, table: Table) -> None:
-    """Print `table` at the console's width, or wider where it cannot fit in that (a narrow
-    terminal then wraps its lines), rather than dropping the columns that do not fit."""
-    least = Measurement.get(out, out.options.update_width(UNBOUNDED), table).minimum
-    if least > out.width:  # `print(width=)` never goes past the console's own width
-        out = Console(file=out.file, width=least, highlight=False, force_terminal=out.is_terminal)
+    """Print `table` on a terminal at its width, or wider where it cannot fit in that (the
+    terminal then wraps its lines), rather than dropping the columns that do not fit; into a
+    pipe or a file, which have no width, at the table's own, one line per row (for grep)."""
+    fits = Measurement.get(out, out.options.update_width(UNBOUNDED), table)
+    width = fits.minimum if out.is_terminal else fits.maximum
+    if width > out.width or not out.is_terminal:  # `print(width=)` stays within the console's
+        out = type(out)(file=out.file, width=width, highlight=False, force_terminal=out.is_terminal)
     out.print(table)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pandas as pd
 import pytest
@@ -97,11 +98,17 @@ def test_the_trials_table_fits_80_columns_with_conditional_parameters_in_one_col
     assert wide[5].split() == ["3", "RUNNING", "-", "-", "3", "0.9", "0.02", "none"]
     # on a terminal too narrow for it, the table goes past the terminal's width (which then
     # wraps its lines) rather than dropping the columns that do not fit
-    out = Console(width=50, file=io.StringIO())
+    out = Console(width=50, file=io.StringIO(), force_terminal=True)
     print_whole(out, view)
-    tight = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    tight = re.sub(r"\x1b\[[0-9;]*m", "", out.file.getvalue()).splitlines()  # type: ignore[attr-defined]
     assert "$extra" in tight[1] and "conditional" in tight[0]
     assert "".join("".join(line.split()) for line in tight).count("=") == 6
+    assert 50 < max(len(line) for line in tight) < max(len(line) for line in wide)
+    # into a pipe or a file (no terminal, no width), one line per trial, as wide as it takes
+    out = Console(width=80, file=io.StringIO())
+    print_whole(out, view)
+    piped = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert len(piped) == 2 + len(rows) and piped[2].split() == first.split()
 
 
 def test_the_leaderboard_title_is_one_line_however_narrow_its_rows() -> None:

@@ -171,10 +171,13 @@ def test_whole_numbers_stay_whole_beside_trials_that_have_none(tmp_path: Path) -
     assert lines[-1].split() == ["1", "RUNNING", "-", "-", "-"]
 
 
-def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("csv", [["--csv", "-"], []])
+def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(
+    tmp_path: Path, csv: list[str]
+) -> None:
     write_study(tmp_path)
-    proc = subprocess.Popen(  # `kdsearch trials s --csv - | head -0`
-        [sys.executable, "-m", "kdsearch.cli", "trials", "s", "--csv", "-"],
+    proc = subprocess.Popen(  # `kdsearch trials s [--csv -] | head -0`
+        [sys.executable, "-m", "kdsearch.cli", "trials", "s", *csv],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -183,7 +186,7 @@ def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(tmp_path: 
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
     stderr = proc.stderr.read()
-    assert proc.wait(timeout=300) == 141
+    assert proc.wait(timeout=300) == 141, "as a command that SIGPIPE ended, table or CSV"
     assert stderr == "", "no traceback"
 
 
