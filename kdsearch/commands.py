@@ -161,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
+    refuse_other_kdsearch(Path.cwd())
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
@@ -377,6 +378,7 @@ def existing_storage(url: str) -> Any:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
+    refuse_other_kdsearch(Path.cwd())
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.promote import base_recipe
@@ -704,6 +706,24 @@ def write_csv(table: Any, dest: str, rows: str) -> None:
     else:
         table.to_csv(dest, index=False)
         console.print(f"wrote {len(table)} {rows} to {dest}")
+
+
+def refuse_other_kdsearch(cwd: Path) -> None:
+    """Ray's workers import from the driver's working directory first: refuse a kdsearch there
+    other than the one running (a checkout of another version), whose code every trial would
+    run instead, failing on recipes this one writes."""
+    theirs, ours = cwd / "kdsearch", Path(__file__).resolve().parent
+    if not (theirs / "__init__.py").is_file() or theirs.resolve() == ours:
+        return
+    if _sources(theirs) != _sources(ours):
+        raise KdsearchError(
+            f"{theirs} is another kdsearch than the one running ({ours}), and Ray's workers "
+            "would import it from the working directory; run kdsearch from another directory"
+        )
+
+
+def _sources(package: Path) -> dict[Path, bytes]:
+    return {f.relative_to(package): f.read_bytes() for f in sorted(package.rglob("*.py"))}
 
 
 def use_ray_token(env: MutableMapping[str, str]) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import optuna
 import pytest
 import torch
 
+import kdsearch
 from kdsearch.commands import storage_url
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
@@ -220,6 +222,30 @@ def test_an_address_ray_cannot_parse_is_refused_in_one_line(tmp_path: Path, addr
         why = f"argument --address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT"
         assert why in proc.stderr and len(proc.stderr.splitlines()) == 1
         assert not (tmp_path / "studies").exists()
+
+
+def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) -> None:
+    # Ray's workers would import it in place of the kdsearch running, trial after trial
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    shutil.copytree(Path(kdsearch.__file__).parent, tmp_path / "kdsearch")
+    copy = tmp_path / "kdsearch" / "recipe.py"
+    copy.write_text(copy.read_text() + "# another version\n")
+
+    def installed(*args: str) -> subprocess.CompletedProcess[str]:
+        # -P: as the console script, which does not import from the working directory
+        command = [sys.executable, "-P", "-m", "kdsearch.cli", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    for command in (["run", "s.yaml"], ["promote", "s"]):
+        proc = installed(*command)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{tmp_path / 'kdsearch'} is another kdsearch than the one running" in " ".join(
+            proc.stderr.split()
+        )
+        assert not (tmp_path / "studies").exists()
+    copy.write_text(copy.read_text().removesuffix("# another version\n"))  # the same code: fine
+    proc = installed("promote", "s")
+    assert proc.returncode == 2 and "no study database at" in proc.stderr, proc.stderr
 
 
 def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
