@@ -7,9 +7,10 @@ import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from kdsearch import __version__
 from kdsearch.commands import (
@@ -22,7 +23,7 @@ from kdsearch.commands import (
     cmd_trials,
 )
 from kdsearch.display import console
-from kdsearch.errors import KdsearchError, NonFiniteLoss
+from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
 from kdsearch.space import NAME_PATTERN
 
 
@@ -183,10 +184,30 @@ def stop_as_ctrl_c(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """kdsearch's own warnings as one line, as its errors are (not Python's file:line, category
+    and source line); every other warning as Python shows it."""
+    if issubclass(category, KdsearchWarning):
+        console.print(f"kdsearch: warning: {message}", markup=False)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdsearch` console command."""
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+    warnings.showwarning = show_warning
     try:
         return int(args.func(args))
     except KdsearchError as err:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdsearch.cache import cache_dir, digest
-from kdsearch.errors import DataError
+from kdsearch.errors import DataError, KdsearchWarning
 from kdsearch.recipe import DataConfig
 
 Progress = Callable[[str, int, int], None]
@@ -125,6 +125,7 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
             warnings.warn(
                 f"data: the {name} split has no image of {lacking} of the {n_classes} classes; "
                 "its accuracy says little (change data.subset or data.val_fraction)",
+                KdsearchWarning,
                 stacklevel=2,
             )
     mean, std = channel_stats(train.x)
@@ -551,6 +552,7 @@ def _read_decoded(path: Path) -> tuple[Split, Split] | None:
     except Exception as err:  # a damaged file: torch.load raises many kinds
         warnings.warn(
             f"cannot use the cached {path} ({_first_line(err)}); decoding the images again",
+            KdsearchWarning,
             stacklevel=3,
         )
         return None
@@ -569,6 +571,7 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
         warnings.warn(
             f"cannot cache the decoded images in {path.parent} ({_first_line(err)}); "
             "going on without the cache",
+            KdsearchWarning,
             stacklevel=3,
         )
 

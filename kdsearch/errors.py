@@ -17,6 +17,11 @@ class TeacherError(KdsearchError):
     """A teacher checkpoint cannot be loaded into the architecture the recipe names."""
 
 
+class KdsearchWarning(UserWarning):
+    """Something a user should know that does not stop the work (a damaged cache rebuilt, a
+    split missing classes); the CLI prints it as one line."""
+
+
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite; the run cannot go on."""
 

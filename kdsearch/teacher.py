@@ -24,7 +24,7 @@ from torch import nn
 from kdsearch.cache import cache_dir, digest
 from kdsearch.data import ImageData, Loader
 from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
-from kdsearch.errors import NonFiniteLoss, TeacherError
+from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model
@@ -402,7 +402,9 @@ def train_teacher_heads(
 def _damaged(path: Path, err: Exception) -> None:
     """Say that a cache file cannot be used; the caller trains it again and replaces it."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0].replace(f"{path}: ", "")
-    warnings.warn(f"cannot use the cached {path} ({first}); training it again", stacklevel=3)
+    warnings.warn(
+        f"cannot use the cached {path} ({first}); training it again", KdsearchWarning, stacklevel=3
+    )
 
 
 def load_checkpoint(

@@ -22,7 +22,7 @@ from torch import nn
 
 from kdsearch.data import ImageData, Loader, Split, derive_seed
 from kdsearch.distill import Distiller
-from kdsearch.errors import NonFiniteLoss, RecipeError
+from kdsearch.errors import KdsearchWarning, NonFiniteLoss, RecipeError
 from kdsearch.losses import BuildContext, Step
 from kdsearch.losses.base import TapsFn
 from kdsearch.models import TapModel, Taps, build_model, count_parameters
@@ -292,6 +292,7 @@ class CompiledTaps:
                 self.failure = f"{type(err).__name__}: {err}".splitlines()[0]
                 warnings.warn(
                     f"torch.compile failed ({self.failure}); training goes on without it",
+                    KdsearchWarning,
                     stacklevel=2,
                 )
         return self.model.taps(x)

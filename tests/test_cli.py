@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -12,7 +14,9 @@ import pytest
 import torch
 
 import kdsearch
+from kdsearch import cli
 from kdsearch.commands import storage_url
+from kdsearch.errors import KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
@@ -222,6 +226,26 @@ def test_an_address_ray_cannot_parse_is_refused_in_one_line(tmp_path: Path, addr
         why = f"argument --address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT"
         assert why in proc.stderr and len(proc.stderr.splitlines()) == 1
         assert not (tmp_path / "studies").exists()
+
+
+def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def command(args: argparse.Namespace) -> int:  # as a damaged teacher cache is met
+        warnings.warn(
+            "cannot use the cached t.pt (truncated); training it again",
+            KdsearchWarning,
+            stacklevel=1,
+        )
+        warnings.warn("a library's own warning", DeprecationWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after
+    monkeypatch.setattr(cli, "cmd_trials", command)
+    with pytest.warns(DeprecationWarning, match="a library's own warning"):  # Python's way
+        assert cli.main(["trials", "s"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["kdsearch: warning: cannot use the cached t.pt (truncated); training it again"]
 
 
 def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) -> None:
