@@ -129,8 +129,14 @@ class Payload:
 
 def test_checkpoint_holding_code_objects_is_refused(synthetic: ImageData, tmp_path: Path) -> None:
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(TeacherError, match="not a loadable weights file"):
+    with pytest.raises(TeacherError) as refused:
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "evil.pt")}), synthetic)
+    # what the file holds, and how to save weights alone; not torch's advice to load it with
+    # weights_only=False, which would run its code
+    assert "not a file of weights alone (Unsupported global: GLOBAL" in str(refused.value)
+    assert "Payload was not an allowed global by default)" in str(refused.value)
+    assert str(refused.value).endswith("torch.save(model.state_dict(), PATH)")
+    assert "weights_only" not in str(refused.value)
 
 
 @pytest.mark.parametrize("text", ["study: {name: s}\n", "", "\x00" * 100])
@@ -138,7 +144,8 @@ def test_a_checkpoint_that_is_not_torch_weights_is_refused(
     synthetic: ImageData, tmp_path: Path, text: str
 ) -> None:
     (tmp_path / "notes.pt").write_text(text)
-    with pytest.raises(TeacherError, match=r"teacher\.checkpoint: .*notes\.pt: not a loadable"):
+    refused = r"teacher\.checkpoint: .*notes\.pt: not a (loadable|file of weights alone)"
+    with pytest.raises(TeacherError, match=refused):
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "notes.pt")}), synthetic)
 
 
