@@ -253,6 +253,12 @@ class SearchSpace:
         raw = load_yaml(text, source=source)
         if not isinstance(raw, Mapping):
             raise not_a_mapping(raw, "a search space", SpaceFile.model_fields, source=source)
+        if raw and raw.keys() <= Recipe.model_fields.keys():  # one line, not one per key
+            raise RecipeError(
+                f"{source}: a recipe, not a search space (which names a recipe in base: and "
+                "what to search in space:); `kdsearch train` takes a recipe, `kdsearch run` a "
+                "search space"
+            )
         try:
             config = SpaceFile.model_validate(dict(raw))
         except ValidationError as err:

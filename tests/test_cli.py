@@ -116,6 +116,12 @@ def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
             "/nope.pt: no such file",  # made absolute against the working folder
         ),
         (tiny_recipe().to_yaml(), ["r.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            SMALL_SPACE,
+            ["r.yaml"],
+            "r.yaml: a search space (it has space: and base:), not a recipe; `kdsearch run` "
+            "takes a search space, `kdsearch train` a recipe",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(

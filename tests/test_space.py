@@ -523,6 +523,18 @@ def test_a_space_that_is_no_mapping_says_what_it_is_and_what_goes_in_one(
     assert str(info.value).startswith(f"s.yaml: {got}; a search space is a mapping of study, base,")
 
 
+def test_a_recipe_given_for_a_space_is_named_so_in_one_line() -> None:
+    recipe = (REPO / "search_spaces" / "recipes" / "digits.yaml").read_text()
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(recipe, source="r.yaml")
+    assert str(info.value) == (
+        "r.yaml: a recipe, not a search space (which names a recipe in base: and what to "
+        "search in space:); `kdsearch train` takes a recipe, `kdsearch run` a search space"
+    )
+    with pytest.raises(RecipeError, match="unknown key"):  # a space's key mistyped stays so
+        SearchSpace.from_yaml(recipe.replace("student:", "studnet:"), source="r.yaml")
+
+
 def space_with_sets(params: str, changes: dict[str, object]) -> SearchSpace:
     return SearchSpace.from_yaml(BASE + "space:\n" + params, source="s.yaml", base_changes=changes)
 
