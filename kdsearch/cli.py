@@ -24,7 +24,7 @@ from kdsearch.commands import (
 )
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
-from kdsearch.space import NAME_PATTERN
+from kdsearch.space import NAME_PATTERN, cluster_address
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,11 +51,12 @@ def positive(text: str) -> int:
 
 
 def ray_address(text: str) -> str:
-    """A Ray cluster's address as Ray takes it: `auto`, HOST:PORT or ray://HOST:PORT."""
-    host, sep, number = text.removeprefix("ray://").rpartition(":")
-    if text == "auto" or (host and sep and number.isdigit() and 0 < int(number) <= 65535):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    """A Ray cluster's address as Ray takes it (`space.cluster_address`)."""
+    try:
+        cluster_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def port(text: str) -> int:
@@ -224,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kdsearch trials S --csv - | head`: the reader had what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no failing last flush
         return 141  # as a command that SIGPIPE ended
+    finally:
+        warnings.showwarning = PYTHON_SHOWWARNING
 
 
 if __name__ == "__main__":

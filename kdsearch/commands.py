@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
-    refuse_other_kdsearch(Path.cwd())
+    refuse_other_kdsearch(Path.cwd(), args.address)
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
@@ -378,11 +378,11 @@ def existing_storage(url: str) -> Any:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
-    refuse_other_kdsearch(Path.cwd())
+    refuse_other_kdsearch(Path.cwd(), args.address)
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
-    from kdsearch.promote import base_recipe
-    from kdsearch.study import load_study, space_config
+    from kdsearch.space import short_promotion
+    from kdsearch.study import base_recipe, load_study, space_config
 
     storage, url = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
@@ -391,19 +391,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
     epochs = args.epochs or (cfg.epochs if cfg else None)
-    trial_budget = space.asha.max_epochs
-    if args.epochs is not None and args.epochs < trial_budget:
-        raise KdsearchError(
-            f"--epochs {args.epochs} is below the search's asha.max_epochs "
-            f"({trial_budget}), so the promotion would train the best trials for "
-            "fewer epochs than the search did; raise it"
-        )
-    if epochs is None and (base := base_recipe(study).schedule.epochs) < trial_budget:
-        raise KdsearchError(  # a space with `promote:` was checked so at load; this one has none
-            f"the base recipe's schedule.epochs ({base}) is below the search's asha.max_epochs "
-            f"({trial_budget}), so the promotion would train the best trials for fewer epochs "
-            f"than the search did; pass --epochs {trial_budget} or more"
-        )
+    if args.epochs:
+        what = "--epochs"
+    elif epochs:
+        what = "the search's promote.epochs"  # checked at load since kdsearch checks it
+    else:
+        what = "the base recipe's schedule.epochs"
+    fix = f"pass --epochs {space.asha.max_epochs} or more"
+    if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
+        raise KdsearchError(short)
     run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address)
     return 0
 
@@ -708,12 +704,14 @@ def write_csv(table: Any, dest: str, rows: str) -> None:
         console.print(f"wrote {len(table)} {rows} to {dest}")
 
 
-def refuse_other_kdsearch(cwd: Path) -> None:
-    """Ray's workers import from the driver's working directory first: refuse a kdsearch there
-    other than the one running (a checkout of another version), whose code every trial would
-    run instead, failing on recipes this one writes."""
+def refuse_other_kdsearch(cwd: Path, address: str | None) -> None:
+    """Ray's workers import from the driver's working directory first (not through a ray://
+    client): refuse a kdsearch there other than the one running (a checkout of another
+    version), whose code every trial would run instead, failing on recipes this one writes."""
     theirs, ours = cwd / "kdsearch", Path(__file__).resolve().parent
-    if not (theirs / "__init__.py").is_file() or theirs.resolve() == ours:
+    if (address or "").startswith("ray://") or not (theirs / "__init__.py").is_file():
+        return
+    if theirs.resolve() == ours:
         return
     if _sources(theirs) != _sources(ours):
         raise KdsearchError(

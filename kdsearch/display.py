@@ -35,8 +35,9 @@ class Results(Console):
         raise BrokenPipeError
 
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-results = Results(highlight=False)
+# emoji=False: a path such as run:fire:1 is printed as it is
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+results = Results(highlight=False, emoji=False)
 UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 

@@ -31,9 +31,9 @@ from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult, run_jobs
 from kdsearch.study import (
+    base_recipe,
     load_study,
     ranked,
-    recorded,
     space_config,
     sqlite_file,
     study_names,
@@ -108,11 +108,6 @@ def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> 
         for number, recipe in sources.items()
         for seed in range(seeds)
     ]
-
-
-def base_recipe(study: optuna.Study) -> Recipe:
-    """The search's base recipe, as recorded in its study."""
-    return Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
 
 
 def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:

@@ -297,7 +297,7 @@ class Recipe(Section):
         """Validate a plain mapping; every problem is reported with its dotted key."""
         if not isinstance(raw, Mapping):
             raise not_a_mapping(raw, "a recipe", cls.model_fields, source=source)
-        if "space" in raw or "base" in raw:  # one line, not one per key of the space file
+        if "space" in raw and "base" in raw:  # one line, not one per key of the space file
             raise RecipeError(
                 f"{source}: a search space (it has space: and base:), not a recipe; "
                 "`kdsearch run` takes a search space, `kdsearch train` a recipe"

@@ -41,7 +41,7 @@ from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
-from kdsearch.space import SearchConfig, SearchSpace
+from kdsearch.space import SearchConfig, SearchSpace, cluster_address
 from kdsearch.store import StoreConfig
 from kdsearch.study import METRIC, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
@@ -664,11 +664,14 @@ def start_ray(address: str | None) -> None:
 def check_answers(address: str) -> None:
     """Refuse a `host:port` (or `ray://host:port`) where nothing accepts a connection: Ray
     itself would retry it without end. (`auto` Ray resolves, and refuses, on its own.)"""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    try:
+        where = cluster_address(address)
+    except ValueError as err:
+        raise KdsearchError(f"--address: {err}") from None
+    if where is None:
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+        socket.create_connection(where, timeout=CONNECT_S).close()
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise KdsearchError(

@@ -427,21 +427,21 @@ class SearchSpace:
 
     def _check_promotion_budget(self) -> None:
         """A promotion trains the best trials to the end: not for fewer epochs than a trial."""
-        promote, trial = self.config.promote, self.config.asha.max_epochs
+        promote = self.config.promote
         if promote is None:
             return
-        if promote.epochs is not None and promote.epochs < trial:
-            raise RecipeError(
-                f"{self.source}: promote.epochs: {promote.epochs} is below asha.max_epochs "
-                f"({trial}), so the promotion would train the best trials for fewer epochs "
-                "than the search did; raise it"
+        if promote.epochs is not None:
+            short = short_promotion("promote.epochs:", promote.epochs, self.config, "raise it")
+        else:
+            fix = "set promote.epochs, or raise schedule.epochs in base"
+            short = short_promotion(
+                "promote: the base recipe's schedule.epochs",
+                self.base.schedule.epochs,
+                self.config,
+                fix,
             )
-        if promote.epochs is None and self.base.schedule.epochs < trial:
-            raise RecipeError(
-                f"{self.source}: promote: the promotion trains for the base recipe's "
-                f"schedule.epochs ({self.base.schedule.epochs}), fewer than asha.max_epochs "
-                f"({trial}); set promote.epochs, or raise schedule.epochs in base"
-            )
+        if short:
+            raise RecipeError(f"{self.source}: {short}")
 
     def idle_settings(self) -> list[str]:
         """Searched settings of a term no trial can switch on (its weight 0 in the base and
@@ -486,6 +486,32 @@ class SearchSpace:
             problem = placement_problem(self.base.student.arch, placement)
             if problem:
                 raise RecipeError(f"{self.source}: space.distill.hsakd.placement: {problem}")
+
+
+def cluster_address(text: str) -> tuple[str, int] | None:
+    """The host and port of a Ray cluster's address as Ray takes it: HOST:PORT, [IPv6]:PORT or
+    ray://HOST:PORT; None for `auto` (Ray finds the cluster itself). ValueError otherwise."""
+    if text == "auto":
+        return None
+    host, sep, port = text.removeprefix("ray://").rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not sep or not host or "/" in host or (":" in host and not bracketed):
+        raise ValueError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    return host.strip("[]") if bracketed else host, int(port)
+
+
+def short_promotion(what: str, epochs: int, config: SpaceFile, fix: str) -> str | None:
+    """Why promoting at `epochs` (`what` says whence) would train the best trials for fewer
+    epochs than the search `config` trained them, if it would; `fix` says what to do."""
+    trial = config.asha.max_epochs
+    if epochs >= trial:
+        return None
+    return (
+        f"{what} {epochs} is below asha.max_epochs ({trial}), so the promotion would train the "
+        f"best trials for fewer epochs than the search did; {fix}"
+    )
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:

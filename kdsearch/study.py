@@ -176,6 +176,11 @@ def space_config(study: optuna.Study) -> SpaceFile:
     return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
 
 
+def base_recipe(study: optuna.Study) -> Recipe:
+    """The search's base recipe, as recorded in its study."""
+    return Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
+
+
 def trial_recipe(trial: FrozenTrial) -> Recipe:
     """The full recipe a trial trained with, as recorded."""
     if "recipe" not in trial.user_attrs:
@@ -541,7 +546,7 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
     budget = recorded_space.asha.max_epochs
     if budget != space.config.asha.max_epochs:
         changed.append(f"asha.max_epochs {budget} -> {space.config.asha.max_epochs}")
-    was = flatten(Recipe.from_yaml(recorded(study, "base_recipe"), source="the study").to_dict())
+    was = flatten(base_recipe(study).to_dict())
     now = flatten(space.base.to_dict())
     changed += [
         f"base.{key} {was.get(key)!r} -> {now.get(key)!r}"

@@ -470,19 +470,20 @@ def _load_weights(path: Path, where: str) -> Any:
     except FileNotFoundError:
         raise TeacherError(f"{where}{path}: no such file") from None
     except Exception as err:  # torch.load of a file that is no checkpoint raises many kinds
+        # torch's advice (load with weights_only=False, which runs the file's code) is not for
+        # this: say what the reader met, and, for a pickled object, how to save weights alone
         text = " ".join(str(err).split())
-        if (reader := text.partition("WeightsUnpickler error: ")[2]) or "weights_only" in text:
-            # torch's advice (load with weights_only=False, which runs the file's code) is not
-            # for this: say what the file holds, and what kdsearch reads
-            reason = re.split(r"\.? (?:Please use|Check the documentation)", reader)[0]
-            reason = reason or "more than weights"
+        reader = re.split(r"\.? (?:Please use|Check the documentation)", text)[0]
+        reader = reader.partition("WeightsUnpickler error: ")[2] or reader
+        if reader.startswith("Unsupported global"):
             raise TeacherError(
-                f"{where}{path}: not a file of weights alone ({reason}); kdsearch reads tensors "
+                f"{where}{path}: not a file of weights alone ({reader}); kdsearch reads tensors "
                 "and never runs a file's code: save the model's state_dict, "
                 "torch.save(model.state_dict(), PATH)"
             ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TeacherError(f"{where}{path}: not a loadable weights file ({first})") from None
+        raise TeacherError(
+            f"{where}{path}: not a loadable weights file ({reader or type(err).__name__})"
+        ) from None
 
 
 def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:

@@ -223,7 +223,9 @@ def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
 
 
-@pytest.mark.parametrize("address", ["nonsense", "host:notaport", "host:70000", ":6379"])
+@pytest.mark.parametrize(
+    "address", ["nonsense", "host:notaport", "host:70000", ":6379", "::1:6379", "http://h:8265"]
+)
 def test_an_address_ray_cannot_parse_is_refused_in_one_line(tmp_path: Path, address: str) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     for command in (["run", "s.yaml"], ["promote", "s"]):
@@ -239,7 +241,7 @@ def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
 ) -> None:
     def command(args: argparse.Namespace) -> int:  # as a damaged teacher cache is met
         warnings.warn(
-            "cannot use the cached t.pt (truncated); training it again",
+            "cannot use the cached run:fire:1/t.pt (truncated); training it again",
             KdsearchWarning,
             stacklevel=1,
         )
@@ -250,8 +252,11 @@ def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
     monkeypatch.setattr(cli, "cmd_trials", command)
     with pytest.warns(DeprecationWarning, match="a library's own warning"):  # Python's way
         assert cli.main(["trials", "s"]) == 0
+    assert warnings.showwarning is not cli.show_warning  # Python's again once main returns
     err = capsys.readouterr().err.splitlines()
-    assert err == ["kdsearch: warning: cannot use the cached t.pt (truncated); training it again"]
+    assert err == [  # as it is: no emoji for :fire:
+        "kdsearch: warning: cannot use the cached run:fire:1/t.pt (truncated); training it again"
+    ]
 
 
 def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) -> None:
@@ -273,6 +278,9 @@ def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) ->
             proc.stderr.split()
         )
         assert not (tmp_path / "studies").exists()
+    # a ray:// client: Ray does not put the working directory on its workers' path
+    proc = installed("promote", "s", "--address", "ray://127.0.0.1:1")
+    assert "another kdsearch" not in proc.stderr and "no study database at" in proc.stderr
     copy.write_text(copy.read_text().removesuffix("# another version\n"))  # the same code: fine
     proc = installed("promote", "s")
     assert proc.returncode == 2 and "no study database at" in proc.stderr, proc.stderr

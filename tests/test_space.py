@@ -9,7 +9,8 @@ import pytest
 from optuna.trial import FixedTrial
 
 from kdsearch.errors import RecipeError
-from kdsearch.space import SearchSpace, choice_labels
+from kdsearch.recipe import Recipe
+from kdsearch.space import SearchSpace, choice_labels, cluster_address
 
 from .conftest import REPO
 
@@ -463,8 +464,9 @@ def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> N
     with pytest.raises(RecipeError) as info:
         SearchSpace.from_yaml(text + params + "promote: {top_k: 2}", source="s.yaml")
     assert str(info.value) == (
-        "s.yaml: promote: the promotion trains for the base recipe's schedule.epochs (20), "
-        "fewer than asha.max_epochs (24); set promote.epochs, or raise schedule.epochs in base"
+        "s.yaml: promote: the base recipe's schedule.epochs 20 is below asha.max_epochs (24), so "
+        "the promotion would train the best trials for fewer epochs than the search did; set "
+        "promote.epochs, or raise schedule.epochs in base"
     )
     with_epochs = SearchSpace.from_yaml(text + params + "promote: {epochs: 24}", source="s.yaml")
     assert with_epochs.config.promote is not None
@@ -533,6 +535,26 @@ def test_a_recipe_given_for_a_space_is_named_so_in_one_line() -> None:
     )
     with pytest.raises(RecipeError, match="unknown key"):  # a space's key mistyped stays so
         SearchSpace.from_yaml(recipe.replace("student:", "studnet:"), source="r.yaml")
+    # and a recipe with one stray key of a space is a recipe with an unknown key
+    with pytest.raises(RecipeError, match=r"^r\.yaml: space: unknown key; allowed here: data,"):
+        Recipe.from_yaml(recipe + "space: 1\n", source="r.yaml")
+
+
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("auto", None),
+        ("localhost:6379", ("localhost", 6379)),
+        ("10.0.0.5:6379", ("10.0.0.5", 6379)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("ray://head:10001", ("head", 10001)),
+        ("ray://[::1]:10001", ("::1", 10001)),
+    ],
+)
+def test_cluster_addresses_ray_takes_are_split_into_host_and_port(
+    address: str, parts: tuple[str, int] | None
+) -> None:
+    assert cluster_address(address) == parts
 
 
 def space_with_sets(params: str, changes: dict[str, object]) -> SearchSpace:
