@@ -51,7 +51,7 @@ def positive(text: str) -> int:
 
 
 def ray_address(text: str) -> str:
-    """A Ray cluster's address as Ray takes it (`space.cluster_address`)."""
+    """A Ray cluster's address (`space.cluster_address`)."""
     try:
         cluster_address(text)
     except ValueError as err:

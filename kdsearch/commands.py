@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
-    refuse_other_kdsearch(Path.cwd(), args.address)
+    refuse_other_kdsearch(Path.cwd())
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
@@ -378,7 +378,7 @@ def existing_storage(url: str) -> Any:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Re-train the best trials at full budget over several seeds, and the baselines."""
-    refuse_other_kdsearch(Path.cwd(), args.address)
+    refuse_other_kdsearch(Path.cwd())
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import short_promotion
@@ -704,14 +704,12 @@ def write_csv(table: Any, dest: str, rows: str) -> None:
         console.print(f"wrote {len(table)} {rows} to {dest}")
 
 
-def refuse_other_kdsearch(cwd: Path, address: str | None) -> None:
-    """Ray's workers import from the driver's working directory first (not through a ray://
-    client): refuse a kdsearch there other than the one running (a checkout of another
-    version), whose code every trial would run instead, failing on recipes this one writes."""
+def refuse_other_kdsearch(cwd: Path) -> None:
+    """Ray's workers import from the driver's working directory first: refuse a kdsearch there
+    other than the one running (a checkout of another version), whose code every trial would
+    run instead, failing on recipes this one writes."""
     theirs, ours = cwd / "kdsearch", Path(__file__).resolve().parent
-    if (address or "").startswith("ray://") or not (theirs / "__init__.py").is_file():
-        return
-    if theirs.resolve() == ours:
+    if not (theirs / "__init__.py").is_file() or theirs.resolve() == ours:
         return
     if _sources(theirs) != _sources(ours):
         raise KdsearchError(

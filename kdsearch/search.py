@@ -401,7 +401,10 @@ def run_search(
                 ),
                 {"cpu": cpu, "gpu": gpu},
             )
-            bound = max(1, record.target + len(record.orphans))
+            # Tune's cap on trials: the target, the trials left by drivers gone before this one
+            # started, and as many again for drivers that may die beside it (their trials are
+            # taken over); the study says when to stop. Past the cap, --resume finishes.
+            bound = 2 * record.target + len(record.orphans)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -430,7 +433,8 @@ def run_search(
                 if searcher.failure is not None:
                     raise searcher.failure
             except StudyError as err:
-                raise StudyError(
+                kind = type(err)  # a StorageError stays one: its end is not written (`alive`)
+                raise kind(
                     f"{err}; what had finished is kept, and --resume finishes the search once the "
                     "storage works again"
                 ) from None
@@ -662,7 +666,7 @@ def start_ray(address: str | None) -> None:
 
 
 def check_answers(address: str) -> None:
-    """Refuse a `host:port` (or `ray://host:port`) where nothing accepts a connection: Ray
+    """Refuse a `host:port` where nothing accepts a connection: Ray
     itself would retry it without end. (`auto` Ray resolves, and refuses, on its own.)"""
     try:
         where = cluster_address(address)

@@ -489,16 +489,23 @@ class SearchSpace:
 
 
 def cluster_address(text: str) -> tuple[str, int] | None:
-    """The host and port of a Ray cluster's address as Ray takes it: HOST:PORT, [IPv6]:PORT or
-    ray://HOST:PORT; None for `auto` (Ray finds the cluster itself). ValueError otherwise."""
+    """The host and port of a Ray cluster's address, HOST:PORT or [IPv6]:PORT; None for `auto`
+    (Ray finds the cluster itself). ValueError otherwise, and for ray://: through Ray Client,
+    Tune would run its searcher on the cluster, away from the process that writes the study."""
     if text == "auto":
         return None
-    host, sep, port = text.removeprefix("ray://").rpartition(":")
+    if text.startswith("ray://"):
+        raise ValueError(
+            f"{text!r}: Ray Client (ray://) is not supported, as Tune would then run away from "
+            "the process that writes the study; run kdsearch on a node of the cluster with "
+            "auto or HEAD:6379"
+        )
+    host, sep, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if not sep or not host or "/" in host or (":" in host and not bracketed):
-        raise ValueError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+        raise ValueError(f"{text!r} is not auto or HOST:PORT")
     if not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{text!r} is not auto, HOST:PORT or ray://HOST:PORT")
+        raise ValueError(f"{text!r} is not auto or HOST:PORT")
     return host.strip("[]") if bracketed else host, int(port)
 
 

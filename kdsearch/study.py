@@ -259,6 +259,8 @@ class Record:
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
         self.beat_failure: StudyError | None = None  # why the heartbeat thread stopped
         self._beating = False
+        self._beat_lock = threading.Lock()  # no beat lands after the mark of the end
+        self._claimed: set[int] = set()  # trial ids this driver runs
         exists = name in study_names(storage)
         self.created = not exists
         if exists:
@@ -316,7 +318,7 @@ class Record:
             "max_epochs": space.config.asha.max_epochs,
         }.items():
             self.study.set_user_attr(key, value)
-        self.orphans = self._orphans() if resume else []
+        self.orphans = self._orphans() if resume else []  # as found on opening the study
 
     @clear_storage_errors
     def discard_if_unused(self) -> bool:
@@ -333,17 +335,21 @@ class Record:
 
     @clear_storage_errors
     def next_plan(self, ray_trial_id: str) -> Plan | None:
-        """The next trial for Ray: an adopted orphan first, else a new sample while the study
+        """The next trial for Ray: an orphan first (looked for again at each call, so that a
+        driver that dies beside this one is taken over too), else a new sample while the study
         holds fewer trials than the target; None when there is nothing left to start."""
-        while self.orphans:
-            orphan = self.orphans.pop(0)
+        for orphan in self._orphans():
             attempt = int(orphan.user_attrs.get("attempt", 1))
-            if "recipe" in orphan.user_attrs:
-                self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
-                return Plan(orphan.number, trial_recipe(orphan), dict(orphan.params), adopted=True)
-            # Its driver was killed while proposing it, so it never trained: propose it again,
-            # keeping the values it had drawn (Optuna returns those) and drawing the rest.
-            plan = self._propose(Trial(self.study, orphan._trial_id), ray_trial_id, attempt)
+            try:
+                if "recipe" in orphan.user_attrs:
+                    self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
+                    recipe = trial_recipe(orphan)
+                    return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
+                # Its driver was killed while proposing it, so it never trained: propose it
+                # again, keeping the values it had drawn (Optuna returns those), drawing the rest.
+                plan = self._propose(Trial(self.study, orphan._trial_id), ray_trial_id, attempt)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another driver took it over and finished it since it was read
             if plan is not None:
                 return plan
         while len(self.study.get_trials(deepcopy=False)) < self.target:
@@ -369,9 +375,11 @@ class Record:
     @clear_storage_errors
     def all_started(self) -> bool:
         """Whether every trial of the target has been started (by this driver or another)."""
-        return not self.orphans and len(self.study.get_trials(deepcopy=False)) >= self.target
+        held = len(self.study.get_trials(deepcopy=False))
+        return held >= self.target and not self._orphans()
 
     def _claim(self, trial_id: int, ray_trial_id: str, *, attempt: int) -> None:
+        self._claimed.add(trial_id)
         for key, value in (
             ("ray_trial_id", ray_trial_id),
             ("driver", self.driver),
@@ -425,12 +433,15 @@ class Record:
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                try:
-                    self.heartbeat()
-                except Exception as err:  # told in the driver's thread, not as a thread's trace
-                    failure = err if isinstance(err, StudyError) else None
-                    self.beat_failure = failure or storage_failure(self.storage, err)
-                    return
+                with self._beat_lock:
+                    if stop.is_set():  # the end was marked while this beat waited for the lock
+                        return
+                    try:
+                        self.heartbeat()
+                    except Exception as err:  # told in the driver's thread, not as a trace
+                        failure = err if isinstance(err, StudyError) else None
+                        self.beat_failure = failure or storage_failure(self.storage, err)
+                        return
 
         thread = threading.Thread(target=beat, name="kdsearch-heartbeat", daemon=True)
         self._beating = True
@@ -443,11 +454,11 @@ class Record:
             raise
         finally:
             stop.set()
-            thread.join(timeout=1.0)  # a beat waiting on a busy storage is not waited for
+            thread.join(timeout=1.0)  # a beat waiting on a busy storage is not waited for...
             self._beating = False
             if storage_works and self.beat_failure is None:
-                with suppress(Exception):  # the error that ended the block is the one to show
-                    self.heartbeat(at=0.0)
+                with self._beat_lock, suppress(Exception):  # ...but it lands before the end
+                    self.heartbeat(at=0.0)  # (the error that ended the block is the one to show)
 
     def check_beat(self) -> None:
         """Raise the storage failure that stopped the heartbeat, if one did: the trials would
@@ -466,8 +477,8 @@ class Record:
 
         def gone(trial: FrozenTrial) -> bool:
             driver = trial.user_attrs.get("driver")
-            if driver == self.driver:  # this driver has proposed nothing yet: an earlier process
-                return True  # of the same host and pid left it (a container restarted: PID 1)
+            if driver == self.driver:  # not claimed by this Record: an earlier process of the
+                return trial._trial_id not in self._claimed  # same host and pid (PID 1 again)
             if driver is not None:
                 return not driver_alive(str(driver), beats)
             started = trial.datetime_start or now

@@ -547,14 +547,18 @@ def test_a_recipe_given_for_a_space_is_named_so_in_one_line() -> None:
         ("localhost:6379", ("localhost", 6379)),
         ("10.0.0.5:6379", ("10.0.0.5", 6379)),
         ("[::1]:6379", ("::1", 6379)),
-        ("ray://head:10001", ("head", 10001)),
-        ("ray://[::1]:10001", ("::1", 10001)),
     ],
 )
-def test_cluster_addresses_ray_takes_are_split_into_host_and_port(
+def test_cluster_addresses_are_split_into_host_and_port(
     address: str, parts: tuple[str, int] | None
 ) -> None:
     assert cluster_address(address) == parts
+
+
+def test_ray_client_addresses_are_refused_with_why() -> None:
+    # through Ray Client, Tune would run the searcher (which writes the study) on the cluster
+    with pytest.raises(ValueError, match=r"^'ray://head:10001': Ray Client \(ray://\) is not"):
+        cluster_address("ray://head:10001")
 
 
 def space_with_sets(params: str, changes: dict[str, object]) -> SearchSpace:

@@ -4,13 +4,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from kdsearch.errors import StorageError, StudyError
@@ -199,6 +200,77 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     storage.set_study_system_attr(study_id, f"heartbeat:{drivers[2]}", time.time() - STALE_S - 1)
     orphans = Record(storage, "s", space, target=4, resume=True).orphans
     assert [t.number for t in orphans] == [1, 2, 3]
+
+
+def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_user_attr(trial_id, "driver", driver)
+
+
+def test_two_resuming_drivers_never_take_over_one_trial_twice(space: SearchSpace, url: str) -> None:
+    storage = open_storage(url)
+    killed = Record(storage, "s", space, target=4, resume=False)
+    for i in range(4):
+        killed.next_plan(f"r{i}")
+    study_id = storage.get_study_id_from_name("s")
+    for number in range(4):
+        _own(storage, study_id, number, "elsewhere:1")  # a driver killed on another host
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:1", time.time() - STALE_S - 1)
+    first = Record(storage, "s", space, target=4, resume=True)
+    assert [t.number for t in first.orphans] == [0, 1, 2, 3]
+    plan = first.next_plan("a0")
+    assert plan is not None and plan.number == 0
+    # a second driver resumes beside it and takes over trial 1, then trial 2, which it finishes
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:2", time.time())
+    _own(storage, study_id, 1, "elsewhere:2")
+    _own(storage, study_id, 2, "elsewhere:2")
+    trial_2 = storage.get_trial_id_from_study_id_trial_number(study_id, 2)
+    storage.set_trial_state_values(trial_2, TrialState.COMPLETE, [0.9])
+    plan = first.next_plan("a1")  # neither 1 (the other's now) nor 2 (finished)
+    assert plan is not None and plan.number == 3 and plan.adopted
+    assert first.next_plan("a2") is None and first.all_started()
+
+
+def test_a_driver_takes_over_the_trials_of_one_that_died_beside_it(
+    space: SearchSpace, url: str
+) -> None:
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=4, resume=False)  # no --resume
+    study_id = storage.get_study_id_from_name("s")
+    for i in range(4):
+        record.next_plan(f"r{i}")
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:3", time.time())
+    for number in (2, 3):  # a second driver joined with --resume and runs these
+        _own(storage, study_id, number, "elsewhere:3")
+    assert record.next_plan("r4") is None and record.all_started()  # they run elsewhere
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:3", time.time() - STALE_S - 1)
+    assert not record.all_started()  # it died: its trials are this driver's to finish
+    adopted = [record.next_plan("r5"), record.next_plan("r6")]
+    assert [p.number for p in adopted if p is not None] == [2, 3]
+    assert record.next_plan("r7") is None and record.all_started()
+
+
+def test_a_beat_in_flight_as_the_driver_ends_lands_before_the_mark_of_its_end(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=2, resume=False)
+    writes = record.heartbeat
+    in_flight = threading.Event()
+
+    def slow(at: float | None = None) -> None:  # a beat waiting 1.5 s on a busy storage
+        if at is None:
+            in_flight.set()
+            time.sleep(1.5)
+        writes(at)
+
+    monkeypatch.setattr(record, "heartbeat", slow)
+    with record.alive():
+        assert in_flight.wait(10)
+    time.sleep(2.0)  # past the late beat, had it been left to land after the end
+    study_id = storage.get_study_id_from_name("s")
+    assert storage.get_study_system_attrs(study_id)[f"heartbeat:{record.driver}"] == 0.0
 
 
 @pytest.mark.parametrize(
