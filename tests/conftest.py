@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,29 @@ def run_cli(
         env={**os.environ, "COLUMNS": "200", **(env or {})},
         timeout=timeout,
     )
+
+
+CliHere = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def cli_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> CliHere:
+    """`kdsearch ARGS` run in this process, in folder `cwd`: (exit status, stderr). For commands
+    that end before any work, where a process of their own spends seconds importing."""
+    from kdsearch.cli import main
+
+    def run(*args: str, cwd: Path) -> tuple[int, str]:
+        monkeypatch.chdir(cwd)
+        on_term = signal.getsignal(signal.SIGTERM)  # main installs its own
+        try:
+            status = main(list(args))
+        except SystemExit as exit_:  # a usage error
+            status = int(exit_.code or 0)
+        finally:
+            signal.signal(signal.SIGTERM, on_term)
+        return status, capsys.readouterr().err
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from kdsearch.report import build_report, learning_curves, trials_table
 from kdsearch.space import SearchSpace
 from kdsearch.study import Record, open_storage
 
-from .conftest import SEARCH_VALUES, SMALL_SPACE, run_cli, write_study
+from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, write_study
 
 # SMALL_SPACE with a parameter outside `distill.` and two conditional ones
 WHEN_SPACE = SMALL_SPACE.replace(
@@ -330,7 +330,9 @@ def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
     )
 
 
-def test_a_file_that_is_not_a_study_database_is_left_as_it_was(tmp_path: Path) -> None:
+def test_a_file_that_is_not_a_study_database_is_left_as_it_was(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
     mine = tmp_path / "mine.db"
     with closing(sqlite3.connect(mine)) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
@@ -343,51 +345,48 @@ def test_a_file_that_is_not_a_study_database_is_left_as_it_was(tmp_path: Path) -
             ["trials", "s", "--storage", f"sqlite:///{file}"],
             ["dashboard", file, "--port", "0"],
         ):
-            proc = run_cli(*args, cwd=tmp_path)
-            assert proc.returncode == 2, proc.stderr
-            assert f"{file} is not a study database" in proc.stderr
+            status, err = cli_here(*args, cwd=tmp_path)
+            assert status == 2 and f"{file} is not a study database" in err, err
         assert (tmp_path / file).read_bytes() == before
 
 
-def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path) -> None:
+def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: CliHere) -> None:
     write_study(tmp_path)
     for command in ("promote", "export", "report", "trials"):
         extra = ["--out", "x"] if command == "export" else []
-        proc = run_cli(command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path)
-        assert proc.returncode == 2 and "no study database at studies/typo.db" in proc.stderr
-    proc = run_cli("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
-    assert (
-        proc.returncode == 2 and f"no study database at {tmp_path}/studies/typo.db" in proc.stderr
-    )
-    proc = run_cli("dashboard", "typo", "--port", "0", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert f"no study database at studies/typo.db or {tmp_path}/typo" in proc.stderr
+        status, err = cli_here(
+            command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path
+        )
+        assert status == 2 and "no study database at studies/typo.db" in err
+    status, err = cli_here("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
+    assert status == 2 and f"no study database at {tmp_path}/studies/typo.db" in err
+    status, err = cli_here("dashboard", "typo", "--port", "0", cwd=tmp_path)
+    assert status == 2
+    assert f"no study database at studies/typo.db or {tmp_path}/typo" in " ".join(err.split())
     (tmp_path / "folder").mkdir()
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
         (["report", "s", "--out", "folder"], "--out folder is a folder; name a file"),
         (["trials", "s", "--csv", "nowhere/t.csv"], "--csv nowhere/t.csv: no folder nowhere"),
     ):
-        proc = run_cli(*args, cwd=tmp_path)
-        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr
+        status, err = cli_here(*args, cwd=tmp_path)
+        assert status == 2 and expected in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
 
 
-def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path) -> None:
+def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
     url = write_study(tmp_path)
     optuna.create_study(study_name="other", storage=url).optimize(lambda t: 1.0, n_trials=1)
     for command, extra in (("promote", []), ("export", ["--out", "x"]), ("report", [])):
-        proc = run_cli(command, "other", "--storage", url, *extra, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert "study 'other' was not written by `kdsearch run`" in proc.stderr
-        assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+        status, err = cli_here(command, "other", "--storage", url, *extra, cwd=tmp_path)
+        assert status == 2 and "study 'other' was not written by `kdsearch run`" in err, err
+        assert not (tmp_path / "x").exists()
     assert not (tmp_path / "report.html").exists()
     two = optuna.create_study(study_name="two", storage=url, directions=["maximize", "minimize"])
     two.optimize(lambda t: (1.0, 2.0), n_trials=1)
-    proc = run_cli("trials", "two", "--storage", url, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr == (
+    status, err = cli_here("trials", "two", "--storage", url, cwd=tmp_path)
+    assert status == 2 and err == (
         "kdsearch: error: study 'two' has 2 objectives; kdsearch reads studies of one, as "
         "`kdsearch run` writes them\n"
     )
