@@ -470,26 +470,35 @@ class Record:
         """RUNNING trials whose driver is gone (`driver_alive`). A trial that names no driver
         yet is being proposed (Optuna creates it before kdsearch claims it), so it is an orphan
         only once no other driver is alive or it is older than STALE_S (a proposal takes
-        milliseconds)."""
+        milliseconds). Read at every proposal: the heartbeats only while some trial runs that
+        this driver did not claim."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        others = [
+            t
+            for t in running
+            if t._trial_id not in self._claimed or t.user_attrs.get("driver") != self.driver
+        ]
+        if not others:
+            return []
         beats = self.storage.get_study_system_attrs(self.study_id)
-        others_alive = self._others_alive()
+        others_alive = self._others_alive(beats)
         now = datetime.now()
 
         def gone(trial: FrozenTrial) -> bool:
             driver = trial.user_attrs.get("driver")
             if driver == self.driver:  # not claimed by this Record: an earlier process of the
-                return trial._trial_id not in self._claimed  # same host and pid (PID 1 again)
+                return True  # same host and pid left it (a container restarted: PID 1)
             if driver is not None:
                 return not driver_alive(str(driver), beats)
             started = trial.datetime_start or now
             return not others_alive or (now - started).total_seconds() > STALE_S
 
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return [trial for trial in running if gone(trial)]
+        return [trial for trial in others if gone(trial)]
 
-    def _others_alive(self) -> bool:
-        """Whether another driver of the study is alive."""
-        beats = self.storage.get_study_system_attrs(self.study_id)
+    def _others_alive(self, beats: Mapping[str, Any] | None = None) -> bool:
+        """Whether another driver of the study is alive (by `beats`, else read now)."""
+        if beats is None:
+            beats = self.storage.get_study_system_attrs(self.study_id)
         return any(d != self.driver and driver_alive(d, beats) for d in heartbeats(beats))
 
     def _earlier_drivers(self) -> list[str]:
