@@ -20,7 +20,7 @@ from kdsearch.errors import KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import SMALL_SPACE, run_cli, tiny_recipe
+from .conftest import SMALL_SPACE, CliHere, run_cli, tiny_recipe
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_an_address_ray_cannot_parse_is_refused_in_one_line(tmp_path: Path, addr
 
 
 def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere
 ) -> None:
     def command(args: argparse.Namespace) -> int:  # as a damaged teacher cache is met
         warnings.warn(
@@ -248,13 +248,12 @@ def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
         warnings.warn("a library's own warning", DeprecationWarning, stacklevel=1)
         return 0
 
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after
     monkeypatch.setattr(cli, "cmd_trials", command)
     with pytest.warns(DeprecationWarning, match="a library's own warning"):  # Python's way
-        assert cli.main(["trials", "s"]) == 0
-    assert warnings.showwarning is not cli.show_warning  # Python's again once main returns
-    err = capsys.readouterr().err.splitlines()
-    assert err == [  # as it is: no emoji for :fire:
+        status, err = cli_here("trials", "s", cwd=tmp_path)
+        assert warnings.showwarning is not cli.show_warning  # Python's again once main returns
+    assert status == 0
+    assert err.splitlines() == [  # as it is: no emoji for :fire:
         "kdsearch: warning: cannot use the cached run:fire:1/t.pt (truncated); training it again"
     ]
 

@@ -52,6 +52,13 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/s.db"
 
 
+@pytest.fixture
+def beating(space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch) -> Record:
+    """A new driver of study "s" whose `alive` beats every 0.05 s."""
+    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
+    return Record(open_storage(url), "s", space, target=2, resume=False)
+
+
 def test_trials_are_proposed_until_the_target_and_finished_once(
     space: SearchSpace, url: str
 ) -> None:
@@ -231,6 +238,27 @@ def test_two_resuming_drivers_never_take_over_one_trial_twice(space: SearchSpace
     assert first.next_plan("a2") is None and first.all_started()
 
 
+def test_a_trial_finished_between_reading_and_taking_it_over_is_passed_over(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(url)
+    killed = Record(storage, "s", space, target=2, resume=False)
+    killed.next_plan("r0")
+    killed.next_plan("r1")
+    study_id = storage.get_study_id_from_name("s")
+    for number in (0, 1):
+        _own(storage, study_id, number, "elsewhere:1")
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:1", time.time() - STALE_S - 1)
+    record = Record(storage, "s", space, target=2, resume=True)
+    as_read = record._orphans()
+    trial_0 = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
+    storage.set_trial_state_values(trial_0, TrialState.COMPLETE, [0.9])  # by another driver
+    monkeypatch.setattr(record, "_orphans", lambda: as_read)
+    plan = record.next_plan("a0")  # Optuna refuses to write to 0 now: 1 is taken instead
+    assert plan is not None and plan.number == 1
+    assert storage.get_trial(trial_0).user_attrs["driver"] == "elsewhere:1"
+
+
 def test_a_driver_takes_over_the_trials_of_one_that_died_beside_it(
     space: SearchSpace, url: str
 ) -> None:
@@ -251,11 +279,9 @@ def test_a_driver_takes_over_the_trials_of_one_that_died_beside_it(
 
 
 def test_a_beat_in_flight_as_the_driver_ends_lands_before_the_mark_of_its_end(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+    beating: Record, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
-    storage = open_storage(url)
-    record = Record(storage, "s", space, target=2, resume=False)
+    record, storage = beating, beating.storage
     writes = record.heartbeat
     in_flight = threading.Event()
 
@@ -281,12 +307,11 @@ def test_a_beat_in_flight_as_the_driver_ends_lands_before_the_mark_of_its_end(
     ],
 )
 def test_a_heartbeat_the_storage_refuses_stops_the_search_in_the_drivers_thread(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, error: Exception
+    beating: Record, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     from kdsearch.search import Progress
 
-    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
-    record = Record(open_storage(url), "s", space, target=2, resume=False)
+    record = beating
 
     def refused(at: float | None = None) -> None:
         raise error
@@ -316,12 +341,8 @@ def test_drivers_rank_by_when_they_joined_not_by_their_latest_beat(
     assert second._earlier_drivers() == ["elsewhere:42"]
 
 
-def test_a_driver_beats_while_alive_and_marks_its_end(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
-    storage = open_storage(url)
-    record = Record(storage, "s", space, target=2, resume=False)
+def test_a_driver_beats_while_alive_and_marks_its_end(beating: Record) -> None:
+    record, storage = beating, beating.storage
     study_id = storage.get_study_id_from_name("s")
     key = f"heartbeat:{record.driver}"
 
