@@ -394,7 +394,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.epochs:
         what = "--epochs"
     elif epochs:
-        what = "the search's promote.epochs"  # checked at load since kdsearch checks it
+        what = "the search's promote.epochs"  # checked at load too, by a kdsearch that does
     else:
         what = "the base recipe's schedule.epochs"
     fix = f"pass --epochs {space.asha.max_epochs} or more"
