@@ -6,13 +6,16 @@
 
 For each pair and thread count: milliseconds of a student training step (forward, cross-entropy,
 backward, SGD step) and of the teacher's forward pass under inference mode, on a random batch of
-64 32x32 images with 100 classes, with models and batch in NCHW and in channels-last. Each
-figure is the mean of `--steps` calls after two warm-up calls; the layouts alternate `--rounds`
-times and the table shows the medians and the median of the per-round ratios. kdsearch trains
-channels-last on every device; this is the measurement behind that choice. `--precision` is a
-recipe's (`auto`, `fp32`, `bf16`): both passes run under its autocast. The two columns also
-estimate what the teacher-output store can gain: a KD step that no longer runs the teacher saves
-about the forward pass, (step + forward) / step.
+64 32x32 images with 100 classes, with models and batch in NCHW and in channels-last, and of the
+channels-last forward pass with the teacher's batch norms folded into its convolutions, as a
+trial runs its frozen teacher (`fold_batch_norm`; the batch norms carry running statistics and
+affine maps a trained teacher could have, so that no folded one is the identity). Each figure
+is the mean of `--steps` calls after two warm-up calls; the variants alternate `--rounds` times
+and the table shows the medians and the median of the per-round ratios. kdsearch trains
+channels-last on every device; this is the measurement behind that choice and behind folding.
+`--precision` is a recipe's (`auto`, `fp32`, `bf16`): every pass runs under its autocast. The
+columns also estimate what the teacher-output store can gain: a KD step that no longer runs the
+teacher saves about the forward pass, (step + folded forward) / step.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from tables import Table, command_line, device_line, pairs, positive, run
+from torch import nn
 
-from kdsearch.models import build_model
+from kdsearch.models import build_model, fold_batch_norm
 from kdsearch.train import autocast, autocast_dtype, resolve_device
 
 BATCH = 64
@@ -48,6 +52,18 @@ def mean_ms(fn: Callable[[], object], steps: int, device: torch.device) -> float
     return 1000 * (time.perf_counter() - started) / steps
 
 
+def trained_looking(teacher: nn.Module) -> nn.Module:
+    """`teacher`, frozen, with batch-norm statistics and affine maps away from a fresh model's
+    identity (folding an identity would skip nothing a trained teacher's folding does not)."""
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.running_mean, std=0.3)
+            nn.init.uniform_(m.running_var, 0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, std=0.1)
+    return teacher.eval().requires_grad_(False)
+
+
 def step_and_forward(
     t_arch: str,
     s_arch: str,
@@ -55,12 +71,14 @@ def step_and_forward(
     steps: int,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> tuple[float, float]:
-    """Milliseconds of a student step and of a teacher forward pass in `layout`."""
+) -> tuple[float, float, float]:
+    """Milliseconds of a student step, of a teacher forward pass and of the folded teacher's
+    forward pass, in `layout`."""
     torch.manual_seed(0)
     student = build_model(s_arch, CLASSES, 3).to(device).to(memory_format=layout)
-    teacher = build_model(t_arch, CLASSES, 3).to(device).to(memory_format=layout).eval()
-    teacher.requires_grad_(False)
+    teacher = trained_looking(build_model(t_arch, CLASSES, 3))
+    folded = fold_batch_norm(teacher).to(device).to(memory_format=layout)
+    teacher = teacher.to(device).to(memory_format=layout)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, CLASSES, (BATCH,), device=device)
@@ -72,11 +90,18 @@ def step_and_forward(
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
 
-    def forward() -> None:
-        with torch.inference_mode(), autocast(device, dtype):
-            teacher(x)
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                model(x)
 
-    return mean_ms(step, steps, device), mean_ms(forward, steps, device)
+        return call
+
+    return (
+        mean_ms(step, steps, device),
+        mean_ms(forward(teacher), steps, device),
+        mean_ms(forward(folded), steps, device),
+    )
 
 
 def thread_counts(text: str) -> list[int]:
@@ -102,13 +127,14 @@ def main() -> None:
         f"medians of {args.rounds} rounds",
         "",
         "| teacher -> student | threads | student step ms, NCHW / channels-last | speed-up "
-        "| teacher forward ms, NCHW / channels-last | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| teacher forward ms, NCHW / channels-last | speed-up "
+        "| folded forward ms, channels-last | speed-up over channels-last |",
+        "|---|---|---|---|---|---|---|---|",
     )
     for threads in args.threads:
         torch.set_num_threads(threads)
         for t_arch, s_arch in args.pairs:
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYOUTS}
+            runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in LAYOUTS}
             for _ in range(args.rounds):
                 for name, layout in LAYOUTS.items():
                     runs[name].append(
@@ -122,7 +148,11 @@ def main() -> None:
                 cells.append(
                     f"{statistics.median(nchw):.1f} / {statistics.median(last):.1f} | {ratio:.2f}x"
                 )
-            table.row(f"| {t_arch} -> {s_arch} | {threads} | {cells[0]} | {cells[1]} |")
+            last = [r[1] for r in runs["channels-last"]]
+            folded = [r[2] for r in runs["channels-last"]]
+            ratio = statistics.median(a / b for a, b in zip(last, folded, strict=True))
+            cells.append(f"{statistics.median(folded):.1f} | {ratio:.2f}x")
+            table.row(f"| {t_arch} -> {s_arch} | {threads} | {' | '.join(cells)} |")
     table.save(args.out)
 
 

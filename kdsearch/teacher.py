@@ -28,7 +28,7 @@ from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
 from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
-from kdsearch.models import TapModel, build_model
+from kdsearch.models import TapModel, build_model, fold_batch_norm
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
     EpochStats,
@@ -338,7 +338,7 @@ def train_teacher_heads(
     `teacher.heads.lr` over `teacher.heads.epochs`, the recipe's optimizer and batch size)."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
-    teacher = place(freeze(teacher), device)
+    teacher = place(fold_batch_norm(freeze(teacher)), device)
     place(heads, device)
     cfg = recipe.teacher.heads
     optimizer = sgd(heads.parameters(), recipe.optim, cfg.lr)

@@ -25,7 +25,7 @@ from kdsearch.distill import Distiller
 from kdsearch.errors import KdsearchWarning, NonFiniteLoss, RecipeError
 from kdsearch.losses import BuildContext, Step
 from kdsearch.losses.base import TapsFn
-from kdsearch.models import TapModel, Taps, build_model, count_parameters
+from kdsearch.models import TapModel, Taps, build_model, count_parameters, fold_batch_norm
 from kdsearch.recipe import OptimConfig, Recipe
 from kdsearch.store import StoreConfig, StoreReader
 
@@ -177,8 +177,10 @@ def train(
     torch.manual_seed(recipe.seed)
     student = place(build_model(recipe.student.arch, data.num_classes, data.channels), device)
     if teacher is not None:
-        teacher = place(freeze(teacher), device)
-    heads = {name: place(freeze(h), device) for name, h in (teacher_heads or {}).items()}
+        teacher = place(fold_batch_norm(freeze(teacher)), device)
+    heads = {
+        name: place(fold_batch_norm(freeze(h)), device) for name, h in (teacher_heads or {}).items()
+    }
     ctx = BuildContext(
         student,
         teacher,

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from kdsearch.models import MODELS, build_model, count_parameters
+from kdsearch.models import MODELS, build_model, count_parameters, fold_batch_norm
 from kdsearch.recipe import HEAD_STAGES, MODEL_NAMES
 
 # Published parameter counts at 100 classes (RepDistiller's model zoo, counted by instantiating
@@ -102,6 +103,54 @@ def test_every_head_stage_gets_a_trunk_of_the_declared_width(arch: str) -> None:
         assert out.shape[:2] == (2, width)
     with pytest.raises(ValueError, match="cannot carry a head"):
         model.head_trunk(0)
+
+
+def _trained_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """`model` in eval mode, in float64, with batch-norm statistics and affine maps far from the
+    identity a fresh model has, so that folding them wrongly shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model.double().eval()
+
+
+def _batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_folding_batch_norms_keeps_every_tap_and_leaves_the_model_alone(arch: str) -> None:
+    model = _trained_batch_norms(build_model(arch, 10, 3), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = model.taps(x), folded.taps(x)
+        for w, g in zip(want, got, strict=True):
+            for a, b in zip(
+                w if isinstance(w, tuple) else (w,),
+                g if isinstance(g, tuple) else (g,),
+                strict=True,
+            ):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+        trunk, _ = model.head_trunk(model.head_stages[-1])
+        trunk = _trained_batch_norms(trunk, seed=1)
+        stage = want.stages[model.head_stages[-1]]
+        torch.testing.assert_close(
+            fold_batch_norm(trunk)(stage), trunk(stage), rtol=1e-9, atol=1e-9
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if arch.startswith("wrn"):  # pre-activation: every batch norm comes before its convolution
+        assert _batch_norms(folded) == _batch_norms(model)
+    else:  # only a batch norm after no convolution (MobileNetV2 / ShuffleNetV2 have none) stays
+        assert _batch_norms(folded) < _batch_norms(model) // 4
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(model.train())
 
 
 # HSAKD's auxiliary classifiers at 100 classes (400 joint labels), in millions of parameters per

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from kdsearch.models.base import TapModel, Taps
+from kdsearch.models.base import TapModel, Taps, fold_batch_norm
 from kdsearch.models.mobilenetv2 import MobileNetV2
 from kdsearch.models.resnet import THIN, WIDE, ResNet
 from kdsearch.models.shufflenetv2 import ShuffleNetV2
@@ -47,4 +47,4 @@ def count_parameters(model: TapModel) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MODELS", "TapModel", "Taps", "build_model", "count_parameters"]
+__all__ = ["MODELS", "TapModel", "Taps", "build_model", "count_parameters", "fold_batch_norm"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 from abc import abstractmethod
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
+import torch
 from torch import Tensor, nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class Taps(NamedTuple):
@@ -59,3 +64,35 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def fold_batch_norm(model: M) -> M:
+    """A copy of the frozen `model` in which every batch norm that directly follows a
+    convolution in an `nn.Sequential` (the zoo's `conv_bn` pairs) is folded into that
+    convolution's weights and bias. In eval mode a batch norm is an affine map per channel, so
+    the copy computes the same function to rounding and skips a pass over every such
+    convolution's output: a frozen teacher's forward pass, which a search runs again and again,
+    is that much cheaper (pre-activation networks such as WRN have no pair to fold)."""
+    if model.training:
+        raise ValueError("only a model in eval mode can have its batch norms folded")
+    folded = copy.deepcopy(model)
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for first, second in itertools.pairwise(seq._modules):
+            conv, bn = seq._modules[first], seq._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[first] = _folded_conv(conv, bn)
+                seq._modules[second] = nn.Identity()
+    return folded
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """`conv` (the copy's own) with `bn`'s affine map in eval mode folded into it."""
+    assert bn.running_mean is not None and bn.running_var is not None  # the zoo's BNs track them
+    scale = bn.weight * bn.running_var.add(bn.eps).rsqrt()
+    bias = torch.zeros_like(bn.running_mean) if conv.bias is None else conv.bias
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+    return conv
