@@ -57,6 +57,7 @@ def trained_looking(teacher: nn.Module) -> nn.Module:
     identity (folding an identity would skip nothing a trained teacher's folding does not)."""
     for m in teacher.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None  # the zoo tracks them
             nn.init.normal_(m.running_mean, std=0.3)
             nn.init.uniform_(m.running_var, 0.5, 2.0)
             nn.init.uniform_(m.weight, 0.5, 1.5)
