@@ -10,9 +10,10 @@ backward, SGD step) and of the teacher's forward pass under inference mode, on a
 channels-last forward pass with the teacher's batch norms folded into its convolutions, as a
 trial runs its frozen teacher (`fold_batch_norm`; the batch norms carry running statistics and
 affine maps a trained teacher could have, so that no folded one is the identity). Each figure
-is the mean of `--steps` calls after two warm-up calls; the variants alternate `--rounds` times
-and the table shows the medians and the median of the per-round ratios. kdsearch trains
-channels-last on every device; this is the measurement behind that choice and behind folding.
+is the mean of `--steps` calls after two warm-up calls (the two forward passes' calls
+interleaved); the layouts alternate `--rounds` times and the table shows the medians and the
+median of the per-round ratios. kdsearch trains channels-last on every device; this is the
+measurement behind that choice and behind folding.
 `--precision` is a recipe's (`auto`, `fp32`, `bf16`): every pass runs under its autocast. The
 columns also estimate what the teacher-output store can gain: a KD step that no longer runs the
 teacher saves about the forward pass, (step + folded forward) / step.
@@ -42,14 +43,37 @@ def mean_ms(fn: Callable[[], object], steps: int, device: torch.device) -> float
     """Mean milliseconds of `fn` over `steps` calls, after two warm-up calls."""
     for _ in range(2):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+def interleaved_ms(
+    first: Callable[[], object], second: Callable[[], object], steps: int, device: torch.device
+) -> tuple[float, float]:
+    """Mean milliseconds of each of `first` and `second` over `steps` calls, after two warm-up
+    calls of each. The calls alternate, in turn first-second and second-first, so that the
+    machine's drift and whatever one call leaves warm for the next fall on both alike."""
+    for _ in range(2):
+        first()
+        second()
+    total = [0.0, 0.0]
+    for i in range(steps):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
+            sync(device)
+            started = time.perf_counter()
+            (first, second)[which]()
+            sync(device)
+            total[which] += time.perf_counter() - started
+    return 1000 * total[0] / steps, 1000 * total[1] / steps
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 1000 * (time.perf_counter() - started) / steps
 
 
 def trained_looking(teacher: nn.Module) -> nn.Module:
@@ -98,10 +122,8 @@ def step_and_forward(
 
         return call
 
-    return (
-        mean_ms(step, steps, device),
-        mean_ms(forward(teacher), steps, device),
-        mean_ms(forward(folded), steps, device),
+    return mean_ms(step, steps, device), *interleaved_ms(
+        forward(teacher), forward(folded), steps, device
     )
 
 
