@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdsearch.data import ImageData, Split
-from kdsearch.errors import KdsearchError, RecipeError, StudyError
+from kdsearch.errors import KdsearchError, KdsearchWarning, RecipeError, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.recipe import Recipe
@@ -155,33 +155,56 @@ def _train_trial(
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
     busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    store = config.get("store")
+    with kept_warnings() as told:
 
-    def report(stats: EpochStats) -> None:
-        progress["epoch"] = stats.epoch
-        busy["train_seconds"] += stats.seconds
-        busy["eval_seconds"] += stats.eval_seconds
-        tune.report(
-            {
-                "epoch": stats.epoch,
-                METRIC: stats.val_acc,
-                "train_loss": stats.train_loss,
-                "images_per_sec": stats.images_per_sec,
-                "student_params": params,
-                "threads": torch.get_num_threads(),
-                "wall_seconds": time.perf_counter() - started,
-                **busy,
-            }
+        def report(stats: EpochStats) -> None:
+            progress["epoch"] = stats.epoch
+            busy["train_seconds"] += stats.seconds
+            busy["eval_seconds"] += stats.eval_seconds
+            tune.report(
+                {
+                    "epoch": stats.epoch,
+                    METRIC: stats.val_acc,
+                    "train_loss": stats.train_loss,
+                    "images_per_sec": stats.images_per_sec,
+                    "student_params": params,
+                    "threads": torch.get_num_threads(),
+                    "wall_seconds": time.perf_counter() - started,
+                    **busy,
+                    **({"warnings": said} if (said := told()) else {}),
+                }
+            )
+
+        train(
+            recipe,
+            data,
+            report,
+            teacher=teacher,
+            teacher_heads=heads,
+            store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
         )
 
-    store = config.get("store")
-    train(
-        recipe,
-        data,
-        report,
-        teacher=teacher,
-        teacher_heads=heads,
-        store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
-    )
+
+@contextlib.contextmanager
+def kept_warnings() -> Iterator[Callable[[], list[str]]]:
+    """Within: kdsearch's warnings are kept, not shown, and the function given returns their
+    distinct messages so far. A Ray worker's warnings reach no console (`log_to_driver` is
+    off), so a trial or promotion run hands them to the driver with its results (`tell_once`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", KdsearchWarning)  # each run's, not once per worker
+        yield lambda: sorted(
+            {str(w.message) for w in caught if issubclass(w.category, KdsearchWarning)}
+        )
+
+
+def tell_once(told: set[str], where: str, messages: Iterable[str]) -> None:
+    """Warn in the driver of each of a run's `messages` not in `told` yet (the same warning
+    comes from every run of a search: it is said once), naming the run."""
+    for message in messages:
+        if message not in told:
+            told.add(message)
+            warnings.warn(f"{where}: {message}", KdsearchWarning, stacklevel=2)
 
 
 def worker_recipe(recipe: Recipe) -> Recipe:
@@ -255,6 +278,7 @@ class KdSearcher(Searcher):
         self.curves: dict[str, dict[int, float]] = {}
         self.interrupted: list[int] = []
         self.failure: StudyError | None = None  # the study could not be written
+        self.warned: set[str] = set()  # the trials' warnings told so far
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.failure is not None:  # Tune would log it and go on training trials
@@ -272,7 +296,8 @@ class KdSearcher(Searcher):
         }
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        self._note(trial_id, result)
+        if trial_id in self.plans:
+            self._note(trial_id, self.plans[trial_id].number, result)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -281,7 +306,7 @@ class KdSearcher(Searcher):
         if plan is None:
             return
         if result:
-            self._note(trial_id, result)
+            self._note(trial_id, plan.number, result)
         curve = self.curves.pop(trial_id)
         last = result or {}
         attrs: dict[str, Any] = {"epochs": max(curve, default=0)}
@@ -292,6 +317,7 @@ class KdSearcher(Searcher):
             "images_per_sec",
             "student_params",
             "threads",
+            "warnings",
         ):
             if key in last:
                 attrs[key] = last[key]
@@ -321,10 +347,11 @@ class KdSearcher(Searcher):
         # database connection cannot be pickled and is not needed there.
         return {k: v for k, v in self.__dict__.items() if k != "record"}
 
-    def _note(self, trial_id: str, result: dict[str, Any]) -> None:
+    def _note(self, trial_id: str, number: int, result: dict[str, Any]) -> None:
         value = result.get(METRIC)
         if trial_id in self.curves and value is not None and not math.isnan(value):
             self.curves[trial_id][int(result["epoch"])] = float(value)
+        tell_once(self.warned, f"trial {number}", result.get("warnings", ()))
 
 
 class Progress(tune.Callback):
@@ -488,6 +515,7 @@ class JobResult:
     weights: dict[str, torch.Tensor] | None
     failure: str | None = None
     threads: int = 1  # CPU threads it trained with: the same weights need the same count
+    warnings: tuple[str, ...] = ()  # kdsearch's warnings in the run (`kept_warnings`)
 
 
 def train_job(
@@ -506,10 +534,12 @@ def train_job(
             with contextlib.suppress(ray.exceptions.RayError):  # a driver gone: train on
                 progress.put_nowait((key, stats.epoch, stats.val_acc))
 
+    told: Callable[[], list[str]] = list
     try:
         recipe = worker_recipe(Recipe.from_yaml(recipe_yaml, source=key))
         data, teacher, heads = unshare(shared)
-        result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
+        with kept_warnings() as told:
+            result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
         test_acc, _ = evaluate_split(result.student, data.test, data, recipe)
         weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
         return JobResult(
@@ -522,6 +552,7 @@ def train_job(
             result.images_per_sec,
             weights,
             threads=used,
+            warnings=tuple(told()),
         )
     except Exception as err:  # recorded as a failed run with its reason
         return JobResult(
@@ -535,6 +566,7 @@ def train_job(
             None,
             f"{type(err).__name__}: {err}"[:2000],
             threads=used,
+            warnings=tuple(told()),
         )
 
 
@@ -582,6 +614,7 @@ def run_jobs(
         pending = {
             remote.remote(key, r.to_yaml(), shared, cpu, progress): key for key, r in jobs.items()
         }
+        told: set[str] = set()
         try:
             while pending:
                 timeout = None if progress is None else PROGRESS_S
@@ -589,7 +622,9 @@ def run_jobs(
                 drain()  # a run's last epochs before its result
                 for ref in done:
                     pending.pop(ref)
-                    on_done(ray.get(ref))
+                    result: JobResult = ray.get(ref)
+                    tell_once(told, result.key, result.warnings)
+                    on_done(result)
         finally:  # stopped or failed: no run trains on, no queue is left behind
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -472,6 +472,72 @@ def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) 
     assert str(report["failure"]).startswith("OutOfMemoryError: CUDA out of memory")
 
 
+def _broken_compile(fn: object) -> object:
+    def run(x: torch.Tensor) -> object:
+        raise RuntimeError("no compiler for this operation")
+
+    return run
+
+
+def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's warnings reach no console: `compile: true` falling back to eager execution
+    goes to the driver with the trial's reports and the promotion run's result instead."""
+    import warnings
+
+    from kdsearch import search
+    from kdsearch.data import load_data
+    from kdsearch.recipe import DataConfig
+
+    from .conftest import tiny_recipe
+
+    reports: list[dict[str, object]] = []
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    monkeypatch.setattr(search.tune, "report", reports.append)
+    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1, "compile": True})
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+        job = search.train_job("best#0", recipe.to_yaml(), shared, 1, None)
+    said = [
+        "torch.compile failed (RuntimeError: no compiler for this operation); training goes on without it"
+    ]
+    assert [r["epoch"] for r in reports] == [1] and "failure" not in reports[-1]
+    assert [r.get("warnings") for r in reports] == [said]
+    assert job.failure is None and job.warnings == tuple(said)
+    assert not [w for w in shown if "torch.compile" in str(w.message)]  # kept, not shown
+    reports.clear()
+    search.run_trial(
+        {"number": 4, "recipe": recipe.override({"compile": False}).to_yaml(), "threads": 1}, shared
+    )
+    assert reports and all("warnings" not in r for r in reports)
+
+
+def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:
+    from kdsearch import search
+    from kdsearch.errors import KdsearchWarning
+    from kdsearch.study import METRIC, Record, open_storage
+
+    space = SearchSpace.from_yaml(SPACE, source="s.yaml")
+    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=2, resume=False)
+    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
+    searcher = search.KdSearcher(record, asha, 1.0, None)
+    said = "torch.compile failed (RuntimeError: x); training goes on without it"
+    with pytest.warns(KdsearchWarning) as shown:
+        for ray_id in ("a", "b"):
+            searcher.suggest(ray_id)
+            for epoch in range(1, MAX_EPOCHS + 1):
+                result = {"epoch": epoch, METRIC: 0.5, "warnings": [said]}
+                searcher.on_trial_result(ray_id, result)
+            searcher.on_trial_complete(ray_id, result)
+    assert [str(w.message) for w in shown] == [f"trial 0: {said}"]
+    trials = record.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs["warnings"] for t in trials] == [[said], [said]]
+
+
 def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
