@@ -182,7 +182,7 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], exp
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
-def test_an_unusable_out_is_refused_before_training(tmp_path: Path) -> None:
+def test_an_unusable_out_is_refused_before_training(tmp_path: Path, cli_here: CliHere) -> None:
     (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
     (tmp_path / "taken").write_text("mine")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
@@ -195,18 +195,20 @@ def test_an_unusable_out_is_refused_before_training(tmp_path: Path) -> None:
         ("mine", "--out mine already holds files (recipe.yaml)"),
         ("/proc/kdsearch-out", "--out /proc/kdsearch-out: cannot write"),  # even as root
     ):
-        proc = run_cli("train", "r.yaml", "--out", out, cwd=tmp_path)
-        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
-        assert "data:" not in proc.stderr and "Traceback" not in proc.stderr  # nothing loaded
+        status, err = cli_here("train", "r.yaml", "--out", out, cwd=tmp_path)
+        assert status == 2 and expected in err, err
+        assert "data:" not in err and "Traceback" not in err  # nothing loaded
     assert (tmp_path / "taken").read_text() == "mine"
     assert (tmp_path / "mine" / "recipe.yaml").read_text() == "my notes"
 
 
-def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(tmp_path: Path) -> None:
+def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
-    proc = run_cli("run", "s.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "search.per_trial.cpu is 4096, but" in proc.stderr
-    assert "teacher" not in proc.stderr and not (tmp_path / "studies").exists()
+    status, err = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert status == 2 and "search.per_trial.cpu is 4096, but" in err
+    assert "teacher" not in err and not (tmp_path / "studies").exists()
 
 
 def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
@@ -283,19 +285,21 @@ def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) ->
 
 
 def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
-    tmp_path: Path,
+    tmp_path: Path, cli_here: CliHere
 ) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     (tmp_path / "studies").write_text("a file where the default folder goes\n")
-    proc = run_cli("run", "s.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "./studies is a file, not the folder" in proc.stderr
+    status, err = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert status == 2 and "./studies is a file, not the folder" in err
     (tmp_path / "notes.db").write_text("not a database\n")
-    proc = run_cli("run", "s.yaml", "--storage", "sqlite:///notes.db", cwd=tmp_path)
-    assert proc.returncode == 2 and "notes.db is not a study database" in proc.stderr
+    status, err = cli_here("run", "s.yaml", "--storage", "sqlite:///notes.db", cwd=tmp_path)
+    assert status == 2 and "notes.db is not a study database" in err
     assert (tmp_path / "notes.db").read_text() == "not a database\n"
-    assert "teacher" not in proc.stderr
-    proc = run_cli("run", "s.yaml", "--storage", "notes.db", cwd=tmp_path)  # a path: that file
-    assert proc.returncode == 2 and f"{tmp_path}/notes.db is not a study database" in proc.stderr
+    assert "teacher" not in err
+    status, err = cli_here(
+        "run", "s.yaml", "--storage", "notes.db", cwd=tmp_path
+    )  # a path: that file
+    assert status == 2 and f"{tmp_path}/notes.db is not a study database" in err
 
 
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
@@ -325,21 +329,25 @@ def test_a_search_whose_every_trial_failed_exits_with_status_1(tmp_path: Path) -
     assert "no trial completed, so there is no result to promote or export" in proc.stderr
 
 
-def test_a_search_that_fails_before_its_first_trial_leaves_no_study(tmp_path: Path) -> None:
+def test_a_search_that_fails_before_its_first_trial_leaves_no_study(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
-    proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
-    assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
+    status, err = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
+    assert status == 2 and "cifar10 is not in" in err, err
     assert not (tmp_path / "studies" / "s.db").exists()
     # in a file that holds another study, only the new one goes (and --resume of a study not
     # there yet says it starts one)
     other = tmp_path / "other.db"
     optuna.create_study(study_name="kept", storage=f"sqlite:///{other}")
     storage = ["--storage", f"sqlite:///{other}", "--resume"]
-    proc = run_cli("run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path)
-    assert proc.returncode == 2 and "cifar10 is not in" in proc.stderr, proc.stderr
+    status, err = cli_here(
+        "run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path
+    )
+    assert status == 2 and "cifar10 is not in" in err, err
     assert f"note: no study 's' in sqlite:///{other} yet, so --resume starts it" in " ".join(
-        proc.stderr.split()
+        err.split()
     )
     names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{other}")]
     assert names == ["kept"]

@@ -313,21 +313,18 @@ def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path) -> None:
         assert "study 'other' was not written by `kdsearch run`" in proc.stderr, proc.stderr
 
 
-def test_a_missing_study_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli("trials", "nothere", cwd=tmp_path)
+def test_a_missing_study_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
+    status, err = cli_here("trials", "nothere", cwd=tmp_path)
     assert (
-        proc.returncode == 2
-        and proc.stderr.strip()
+        status == 2
+        and err.strip()
         == "kdsearch: error: no study database at studies/nothere.db; pass --storage URL"
     )
     write_study(tmp_path)
-    proc = run_cli(
+    status, err = cli_here(
         "report", "other", "--storage", f"sqlite:///{tmp_path}/studies/s.db", cwd=tmp_path
     )
-    assert (
-        proc.returncode == 2
-        and "no study named 'other' in this storage (it holds: s)" in proc.stderr
-    )
+    assert status == 2 and "no study named 'other' in this storage (it holds: s)" in err
 
 
 def test_a_file_that_is_not_a_study_database_is_left_as_it_was(
