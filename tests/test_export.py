@@ -18,7 +18,7 @@ from kdsearch.models import build_model
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.teacher import TeacherFiles, get_teacher
 
-from .conftest import SMALL_SPACE, run_cli, write_study
+from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     ]
 
 
-def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
+def test_export_refuses_a_folder_holding_something_else(tmp_path: Path, cli_here: CliHere) -> None:
     # what an export killed before it could clean up leaves (and only that) is no obstacle
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / ".student.pt.4242.tmp").write_bytes(b"half")
@@ -209,18 +209,18 @@ def test_export_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
     write_study(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "notes.txt").write_text("mine")
-    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
-    assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
-    assert "training the best trial" not in proc.stderr, "refused before any training"
+    status, err = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert status == 2 and "not an export of study 's'" in err
+    assert "training the best trial" not in err, "refused before any training"
     assert (tmp_path / "w" / "notes.txt").read_text() == "mine"
     (tmp_path / "w" / "meta.json").write_text("{not json")
-    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
-    assert proc.returncode == 2 and "not an export of study 's'" in proc.stderr
-    proc = run_cli("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
-    assert proc.returncode == 2 and "--out w/notes.txt is a file; name a folder" in proc.stderr
-    assert "training the best trial" not in proc.stderr and "Traceback" not in proc.stderr
+    status, err = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert status == 2 and "not an export of study 's'" in err
+    status, err = cli_here("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
+    assert status == 2 and "--out w/notes.txt is a file; name a folder" in err
+    assert "training the best trial" not in err and "Traceback" not in err
     # a search that would export there is refused before it starts
     (tmp_path / "e.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: e}\nexport: {dir: w}"))
-    proc = run_cli("run", "e.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "not an export of study 'e'" in proc.stderr
+    status, err = cli_here("run", "e.yaml", cwd=tmp_path)
+    assert status == 2 and "not an export of study 'e'" in err
     assert not (tmp_path / "studies" / "e.db").exists()
