@@ -38,17 +38,20 @@ def run_cli(
     )
 
 
-CliHere = Callable[..., tuple[int, str]]
+CliHere = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
 def cli_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> CliHere:
-    """`kdsearch ARGS` run in this process, in folder `cwd`: (exit status, stderr). For commands
-    that end before any work, where a process of their own spends seconds importing."""
+    """`kdsearch ARGS` run in this process, in folder `cwd`, what it printed captured as
+    `run_cli` captures it. For commands that start no search, where a process of their own
+    spends seconds importing."""
     from kdsearch.cli import main
 
-    def run(*args: str, cwd: Path) -> tuple[int, str]:
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         monkeypatch.chdir(cwd)
+        monkeypatch.setenv("COLUMNS", "200")  # as run_cli: tables as wide as they want
+        capsys.readouterr()  # what the test printed before is not the command's
         on_term = signal.getsignal(signal.SIGTERM)  # main installs its own
         try:
             status = main(list(args))
@@ -56,7 +59,8 @@ def cli_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
             status = int(exit_.code or 0)
         finally:
             signal.signal(signal.SIGTERM, on_term)
-        return status, capsys.readouterr().err
+        shown = capsys.readouterr()
+        return subprocess.CompletedProcess(["kdsearch", *args], status, shown.out, shown.err)
 
     return run
 

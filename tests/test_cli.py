@@ -195,9 +195,9 @@ def test_an_unusable_out_is_refused_before_training(tmp_path: Path, cli_here: Cl
         ("mine", "--out mine already holds files (recipe.yaml)"),
         ("/proc/kdsearch-out", "--out /proc/kdsearch-out: cannot write"),  # even as root
     ):
-        status, err = cli_here("train", "r.yaml", "--out", out, cwd=tmp_path)
-        assert status == 2 and expected in err, err
-        assert "data:" not in err and "Traceback" not in err  # nothing loaded
+        ran = cli_here("train", "r.yaml", "--out", out, cwd=tmp_path)
+        assert ran.returncode == 2 and expected in ran.stderr, ran.stderr
+        assert "data:" not in ran.stderr and "Traceback" not in ran.stderr  # nothing loaded
     assert (tmp_path / "taken").read_text() == "mine"
     assert (tmp_path / "mine" / "recipe.yaml").read_text() == "my notes"
 
@@ -206,9 +206,9 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
-    status, err = cli_here("run", "s.yaml", cwd=tmp_path)
-    assert status == 2 and "search.per_trial.cpu is 4096, but" in err
-    assert "teacher" not in err and not (tmp_path / "studies").exists()
+    ran = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and "search.per_trial.cpu is 4096, but" in ran.stderr
+    assert "teacher" not in ran.stderr and not (tmp_path / "studies").exists()
 
 
 def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
@@ -252,10 +252,10 @@ def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
 
     monkeypatch.setattr(cli, "cmd_trials", command)
     with pytest.warns(DeprecationWarning, match="a library's own warning"):  # Python's way
-        status, err = cli_here("trials", "s", cwd=tmp_path)
+        ran = cli_here("trials", "s", cwd=tmp_path)
         assert warnings.showwarning is not cli.show_warning  # Python's again once main returns
-    assert status == 0
-    assert err.splitlines() == [  # as it is: no emoji for :fire:
+    assert ran.returncode == 0
+    assert ran.stderr.splitlines() == [  # as it is: no emoji for :fire:
         "kdsearch: warning: cannot use the cached run:fire:1/t.pt (truncated); training it again"
     ]
 
@@ -289,17 +289,15 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
 ) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     (tmp_path / "studies").write_text("a file where the default folder goes\n")
-    status, err = cli_here("run", "s.yaml", cwd=tmp_path)
-    assert status == 2 and "./studies is a file, not the folder" in err
+    ran = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and "./studies is a file, not the folder" in ran.stderr
     (tmp_path / "notes.db").write_text("not a database\n")
-    status, err = cli_here("run", "s.yaml", "--storage", "sqlite:///notes.db", cwd=tmp_path)
-    assert status == 2 and "notes.db is not a study database" in err
+    ran = cli_here("run", "s.yaml", "--storage", "sqlite:///notes.db", cwd=tmp_path)
+    assert ran.returncode == 2 and "notes.db is not a study database" in ran.stderr
     assert (tmp_path / "notes.db").read_text() == "not a database\n"
-    assert "teacher" not in err
-    status, err = cli_here(
-        "run", "s.yaml", "--storage", "notes.db", cwd=tmp_path
-    )  # a path: that file
-    assert status == 2 and f"{tmp_path}/notes.db is not a study database" in err
+    assert "teacher" not in ran.stderr
+    ran = cli_here("run", "s.yaml", "--storage", "notes.db", cwd=tmp_path)  # a path: that file
+    assert ran.returncode == 2 and f"{tmp_path}/notes.db is not a study database" in ran.stderr
 
 
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
@@ -334,20 +332,18 @@ def test_a_search_that_fails_before_its_first_trial_leaves_no_study(
 ) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
-    status, err = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
-    assert status == 2 and "cifar10 is not in" in err, err
+    ran = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
+    assert ran.returncode == 2 and "cifar10 is not in" in ran.stderr, ran.stderr
     assert not (tmp_path / "studies" / "s.db").exists()
     # in a file that holds another study, only the new one goes (and --resume of a study not
     # there yet says it starts one)
     other = tmp_path / "other.db"
     optuna.create_study(study_name="kept", storage=f"sqlite:///{other}")
     storage = ["--storage", f"sqlite:///{other}", "--resume"]
-    status, err = cli_here(
-        "run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path
-    )
-    assert status == 2 and "cifar10 is not in" in err, err
+    ran = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", *storage, cwd=tmp_path)
+    assert ran.returncode == 2 and "cifar10 is not in" in ran.stderr, ran.stderr
     assert f"note: no study 's' in sqlite:///{other} yet, so --resume starts it" in " ".join(
-        err.split()
+        ran.stderr.split()
     )
     names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{other}")]
     assert names == ["kept"]

@@ -209,18 +209,18 @@ def test_export_refuses_a_folder_holding_something_else(tmp_path: Path, cli_here
     write_study(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "notes.txt").write_text("mine")
-    status, err = cli_here("export", "s", "--out", "w", cwd=tmp_path)
-    assert status == 2 and "not an export of study 's'" in err
-    assert "training the best trial" not in err, "refused before any training"
+    ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert ran.returncode == 2 and "not an export of study 's'" in ran.stderr
+    assert "training the best trial" not in ran.stderr, "refused before any training"
     assert (tmp_path / "w" / "notes.txt").read_text() == "mine"
     (tmp_path / "w" / "meta.json").write_text("{not json")
-    status, err = cli_here("export", "s", "--out", "w", cwd=tmp_path)
-    assert status == 2 and "not an export of study 's'" in err
-    status, err = cli_here("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
-    assert status == 2 and "--out w/notes.txt is a file; name a folder" in err
-    assert "training the best trial" not in err and "Traceback" not in err
+    ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert ran.returncode == 2 and "not an export of study 's'" in ran.stderr
+    ran = cli_here("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
+    assert ran.returncode == 2 and "--out w/notes.txt is a file; name a folder" in ran.stderr
+    assert "training the best trial" not in ran.stderr and "Traceback" not in ran.stderr
     # a search that would export there is refused before it starts
     (tmp_path / "e.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: e}\nexport: {dir: w}"))
-    status, err = cli_here("run", "e.yaml", cwd=tmp_path)
-    assert status == 2 and "not an export of study 'e'" in err
+    ran = cli_here("run", "e.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and "not an export of study 'e'" in ran.stderr
     assert not (tmp_path / "studies" / "e.db").exists()

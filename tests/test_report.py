@@ -122,9 +122,9 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
-def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
+def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) -> None:
     write_study(tmp_path)
-    shown = run_cli("trials", "s", cwd=tmp_path)
+    shown = cli_here("trials", "s", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     # the parameter's name without `distill.`, split at its dot over two header lines
@@ -135,15 +135,15 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path) -> None:
     assert rows[1] == ["1", "COMPLETE", "90.00%", "2"] and rows[4] == ["4", "FAIL", "-", "0"]
     url = f"sqlite:///{tmp_path}/studies/s.db"
     optuna.create_study(study_name="only-running", storage=url).ask()  # no value, no epochs yet
-    running = run_cli("trials", "only-running", "--storage", url, cwd=tmp_path)
+    running = cli_here("trials", "only-running", "--storage", url, cwd=tmp_path)
     assert running.stdout.splitlines()[1].split() == ["0", "RUNNING", "-", "-"], running.stdout
-    written = run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+    written = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     assert written.returncode == 0
     table = pd.read_csv(tmp_path / "t.csv")
     assert list(table["state"]) == [state for state, _ in SEARCH_VALUES.values()]
     assert list(table["epochs"]) == [len(v) for _, v in SEARCH_VALUES.values()]
     # to stdout, best COMPLETE first (the pruned trial's 0.95 came at a shorter budget)
-    piped = run_cli("trials", "s", "--csv", "-", "--sort", "value", cwd=tmp_path)
+    piped = cli_here("trials", "s", "--csv", "-", "--sort", "value", cwd=tmp_path)
     assert piped.returncode == 0 and piped.stderr == ""
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
 
@@ -190,7 +190,7 @@ def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(
     assert stderr == "", "no traceback"
 
 
-def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path) -> None:
+def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path, cli_here: CliHere) -> None:
     url = write_study(tmp_path)
     reason = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of it)"
     optuna.load_study(study_name="s", storage=url).add_trial(
@@ -201,11 +201,11 @@ def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path) -> None:
             user_attrs={"failure": reason},
         )
     )
-    shown = run_cli("trials", "s", cwd=tmp_path)
+    shown = cli_here("trials", "s", cwd=tmp_path)
     rows = {line.split()[0]: line.rstrip() for line in shown.stdout.splitlines()[2:]}
     assert rows["4"].endswith(" NonFiniteLoss: nan")
     assert rows["5"].endswith(" RuntimeError: CUDA out of memory. Tried…")  # first line, cut
-    run_cli("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+    cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     failures = pd.read_csv(tmp_path / "t.csv")["failure"].fillna("")
     assert list(failures) == ["", "", "", "", "NonFiniteLoss: nan", reason]  # whole
     page = build_report(open_storage(url), "s")
@@ -253,11 +253,11 @@ def test_trials_columns_follow_the_space_and_sort_by_value_in_the_study_directio
 
 
 def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_search(
-    tmp_path: Path,
+    tmp_path: Path, cli_here: CliHere
 ) -> None:
     url = write_study(tmp_path)
     promoted = open_promoted(open_storage(url), "s")
-    shown = run_cli("trials", "s-promoted", cwd=tmp_path)
+    shown = cli_here("trials", "s-promoted", cwd=tmp_path)
     assert shown.stderr == "study 's-promoted': no promoted run has finished yet\n"
     write_promoted(url)
     for state, budget, attrs in (
@@ -278,7 +278,7 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
             )
         )
     # no --storage: `promote` recorded it in the search's file, studies/s.db
-    shown = run_cli("trials", "s-promoted", cwd=tmp_path)
+    shown = cli_here("trials", "s-promoted", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     title = "promoted at 4 epochs (accuracy %, mean ± sd over seeds)"
     assert shown.stdout.splitlines()[0].strip() == title
@@ -290,11 +290,11 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
         "every run",
     ]
     every = pd.read_csv(
-        io.StringIO(run_cli("trials", "s-promoted", "--csv", "-", cwd=tmp_path).stdout)
+        io.StringIO(cli_here("trials", "s-promoted", "--csv", "-", cwd=tmp_path).stdout)
     )
     assert list(every["state"]) == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE"]
     assert list(every["budget"]) == [4, 4, 4, 4, 4, 2] and every["val_acc"].max() == 0.92
-    proc = run_cli("report", "s-promoted", cwd=tmp_path)
+    proc = cli_here("report", "s-promoted", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == (
         "kdsearch: error: study 's-promoted' holds the promotion runs of study 's': their "
         "leaderboard is in `kdsearch report s` and `kdsearch trials s-promoted`\n"
@@ -302,29 +302,31 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     assert not (tmp_path / "report.html").exists()
 
 
-def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path) -> None:
+def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path, cli_here: CliHere) -> None:
     url = write_study(tmp_path)
     optuna.create_study(study_name="other", storage=url)
-    shown = run_cli("trials", "s", "--storage", "studies/s.db", cwd=tmp_path)
+    shown = cli_here("trials", "s", "--storage", "studies/s.db", cwd=tmp_path)
     assert shown.returncode == 0 and "COMPLETE" in shown.stdout, shown.stderr
     for command, extra in (("promote", []), ("export", ["--out", "x"])):
-        proc = run_cli(command, "other", "--storage", "studies/s.db", *extra, cwd=tmp_path)
+        proc = cli_here(command, "other", "--storage", "studies/s.db", *extra, cwd=tmp_path)
         # the file was opened as a storage: the study in it is what is refused
         assert "study 'other' was not written by `kdsearch run`" in proc.stderr, proc.stderr
 
 
 def test_a_missing_study_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
-    status, err = cli_here("trials", "nothere", cwd=tmp_path)
+    ran = cli_here("trials", "nothere", cwd=tmp_path)
     assert (
-        status == 2
-        and err.strip()
+        ran.returncode == 2
+        and ran.stderr.strip()
         == "kdsearch: error: no study database at studies/nothere.db; pass --storage URL"
     )
     write_study(tmp_path)
-    status, err = cli_here(
+    ran = cli_here(
         "report", "other", "--storage", f"sqlite:///{tmp_path}/studies/s.db", cwd=tmp_path
     )
-    assert status == 2 and "no study named 'other' in this storage (it holds: s)" in err
+    assert (
+        ran.returncode == 2 and "no study named 'other' in this storage (it holds: s)" in ran.stderr
+    )
 
 
 def test_a_file_that_is_not_a_study_database_is_left_as_it_was(
@@ -342,8 +344,10 @@ def test_a_file_that_is_not_a_study_database_is_left_as_it_was(
             ["trials", "s", "--storage", f"sqlite:///{file}"],
             ["dashboard", file, "--port", "0"],
         ):
-            status, err = cli_here(*args, cwd=tmp_path)
-            assert status == 2 and f"{file} is not a study database" in err, err
+            ran = cli_here(*args, cwd=tmp_path)
+            assert ran.returncode == 2 and f"{file} is not a study database" in ran.stderr, (
+                ran.stderr
+            )
         assert (tmp_path / file).read_bytes() == before
 
 
@@ -351,23 +355,23 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
     write_study(tmp_path)
     for command in ("promote", "export", "report", "trials"):
         extra = ["--out", "x"] if command == "export" else []
-        status, err = cli_here(
-            command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path
-        )
-        assert status == 2 and "no study database at studies/typo.db" in err
-    status, err = cli_here("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
-    assert status == 2 and f"no study database at {tmp_path}/studies/typo.db" in err
-    status, err = cli_here("dashboard", "typo", "--port", "0", cwd=tmp_path)
-    assert status == 2
-    assert f"no study database at studies/typo.db or {tmp_path}/typo" in " ".join(err.split())
+        ran = cli_here(command, "s", "--storage", "sqlite:///studies/typo.db", *extra, cwd=tmp_path)
+        assert ran.returncode == 2 and "no study database at studies/typo.db" in ran.stderr
+    ran = cli_here("dashboard", "studies/typo.db", "--port", "0", cwd=tmp_path)
+    assert ran.returncode == 2 and f"no study database at {tmp_path}/studies/typo.db" in ran.stderr
+    ran = cli_here("dashboard", "typo", "--port", "0", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert f"no study database at studies/typo.db or {tmp_path}/typo" in " ".join(
+        ran.stderr.split()
+    )
     (tmp_path / "folder").mkdir()
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
         (["report", "s", "--out", "folder"], "--out folder is a folder; name a file"),
         (["trials", "s", "--csv", "nowhere/t.csv"], "--csv nowhere/t.csv: no folder nowhere"),
     ):
-        status, err = cli_here(*args, cwd=tmp_path)
-        assert status == 2 and expected in err, err
+        ran = cli_here(*args, cwd=tmp_path)
+        assert ran.returncode == 2 and expected in ran.stderr, ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
 
@@ -376,14 +380,16 @@ def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path, cli_here: Cl
     url = write_study(tmp_path)
     optuna.create_study(study_name="other", storage=url).optimize(lambda t: 1.0, n_trials=1)
     for command, extra in (("promote", []), ("export", ["--out", "x"]), ("report", [])):
-        status, err = cli_here(command, "other", "--storage", url, *extra, cwd=tmp_path)
-        assert status == 2 and "study 'other' was not written by `kdsearch run`" in err, err
+        ran = cli_here(command, "other", "--storage", url, *extra, cwd=tmp_path)
+        assert (
+            ran.returncode == 2 and "study 'other' was not written by `kdsearch run`" in ran.stderr
+        ), ran.stderr
         assert not (tmp_path / "x").exists()
     assert not (tmp_path / "report.html").exists()
     two = optuna.create_study(study_name="two", storage=url, directions=["maximize", "minimize"])
     two.optimize(lambda t: (1.0, 2.0), n_trials=1)
-    status, err = cli_here("trials", "two", "--storage", url, cwd=tmp_path)
-    assert status == 2 and err == (
+    ran = cli_here("trials", "two", "--storage", url, cwd=tmp_path)
+    assert ran.returncode == 2 and ran.stderr == (
         "kdsearch: error: study 'two' has 2 objectives; kdsearch reads studies of one, as "
         "`kdsearch run` writes them\n"
     )
@@ -472,9 +478,9 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
 
 
 @needs_chromium
-def test_report_figures_are_drawn_in_a_browser(tmp_path: Path) -> None:
+def test_report_figures_are_drawn_in_a_browser(tmp_path: Path, cli_here: CliHere) -> None:
     write_study(tmp_path)
-    assert run_cli("report", "s", "--out", "r.html", cwd=tmp_path).returncode == 0
+    assert cli_here("report", "s", "--out", "r.html", cwd=tmp_path).returncode == 0
     dom = chromium("--dump-dom", (tmp_path / "r.html").as_uri(), profile=tmp_path / "p").stdout
     figures = (tmp_path / "r.html").read_text().count("Plotly.newPlot")
     assert dom.count('class="main-svg"') >= figures == 3, "plotly drew an SVG for every figure"
