@@ -11,13 +11,16 @@ the outputs of the teacher's HSAKD heads on the rotations. Terms that read the t
 maps (CKTF) or its outputs on images a trial mixes with its own parameters (STKD) run the
 teacher live.
 
-An epoch is one folder of `.npy` files, written under a temporary name and renamed into place,
-so a reader never sees half an epoch; a lock file per epoch lets one trial compute it while a
-trial reaching it at the same time runs the teacher live for that epoch instead of waiting or
-computing it twice. Stored epochs are memory-mapped (the page cache holds them in host memory);
-an epoch that fits `device_bytes` is copied to the training device at the start of the epoch.
-When the store would grow past `budget_bytes` the epoch is used by the trial that computed it
-and not stored.
+An epoch is one folder of `.npy` files, in the precision the teacher ran in (bf16 as its 16
+bits), written under a temporary name and renamed into place, so a reader never sees half an
+epoch; a lock file per epoch lets one trial compute it while a trial reaching it at the same
+time runs the teacher live for that epoch instead of waiting or computing it twice. Stored
+epochs are memory-mapped (the page cache holds them in host memory); an epoch that fits
+`device_bytes` is copied to the training device at the start of the epoch. Writers take turns
+(one lock for the whole store) to check `budget_bytes` and write, so trials computing different
+epochs at once cannot grow the store past it together. An epoch that would grow the store past
+the budget is used by the trial that computed it and not stored; once an epoch of the kind is
+known not to fit, trials run the teacher live instead of computing epochs nobody can keep.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,25 +60,25 @@ class StoreConfig:
 
 
 class EpochOutputs:
-    """One epoch's teacher outputs for every training image, indexed by image."""
+    """One epoch's teacher outputs for every training image, indexed by image, each in the
+    dtype the teacher computed it in."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
         self.tensors = dict(tensors)
-        self.dtype = dtype
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device: torch.device) -> EpochOutputs:
-        return EpochOutputs({k: v.to(device) for k, v in self.tensors.items()}, self.dtype)
+        return EpochOutputs({k: v.to(device) for k, v in self.tensors.items()})
 
     def rows(self, idx: Tensor, device: torch.device) -> Outputs:
         """The outputs of the images `idx`, on `device`, in the training step's layout: plain
         tensors (B, ...), rotated ones (4B, ...) with the four rotations as consecutive blocks."""
         out = {}
         for name, t in self.tensors.items():
-            rows = t[idx.to(t.device)].to(device, non_blocking=True).to(self.dtype)
+            rows = t[idx.to(t.device)].to(device, non_blocking=True)
             if name.startswith("rot"):
                 rows = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
             out[name] = rows
@@ -102,7 +105,8 @@ class TeacherStore:
     def __init__(self, config: StoreConfig, stream: str, num_images: int) -> None:
         self.config = config
         self.folder = config.root / stream
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with suppress(OSError):  # where it cannot be made, no lock can be: the teacher runs live
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.num_images = num_images
 
     def epoch(
@@ -114,56 +118,90 @@ class TeacherStore:
     ) -> EpochOutputs | None:
         """The outputs of `epoch` for `group`: read from the store; else computed here (by
         `compute`, which yields each batch's image indices and its step-layout outputs) and
-        stored when the budget allows; None when another trial is computing them right now."""
+        stored when the budget allows; None when the teacher is to run live for this epoch
+        (another trial is computing it right now, the store is known to have no room for it,
+        or the store's folder cannot be written)."""
         final = self.folder / f"{group}-epoch{epoch}"
         if not final.is_dir():
-            with self._lock(final.with_suffix(".lock")) as mine:
+            with self._lock(final.with_suffix(".lock"), wait=False) as mine:
                 if not mine:
                     return None
                 if not final.is_dir():
-                    outputs = self._compute(compute)
-                    if self._fits(outputs.nbytes):
-                        self._write(outputs, final)
-                    return self._placed(outputs, device)
+                    return self._computed(group, final, device, compute)
         return self._placed(self._read(final), device)
+
+    def _computed(
+        self,
+        group: str,
+        final: Path,
+        device: torch.device,
+        compute: Callable[[], Iterator[tuple[Tensor, Outputs]]],
+    ) -> EpochOutputs | None:
+        """`final`'s epoch computed here, and stored if it fits; None when it is known not to."""
+        size = self.folder / f"{group}.bytes"  # every epoch of a group is the same size
+        with suppress(OSError, ValueError):
+            if self._used() + int(size.read_text()) > self.config.budget_bytes:
+                return None  # computing it would only cost its memory and syncs
+        outputs = self._compute(compute)
+        with self._lock(self.config.root / "writer.lock", wait=True) as mine:
+            if mine:
+                self._clear_dead_writers()
+                if self._used() + outputs.nbytes <= self.config.budget_bytes:
+                    self._write(outputs, final)
+                with suppress(OSError):
+                    size.write_text(str(outputs.nbytes))
+        return self._placed(outputs, device)
 
     def _compute(self, compute: Callable[[], Iterator[tuple[Tensor, Outputs]]]) -> EpochOutputs:
         tensors: dict[str, Tensor] = {}
-        dtype = torch.float32
         for idx, batch_outputs in compute():
             for name, rows in per_image(batch_outputs, len(idx)).items():
                 if name not in tensors:
                     tensors[name] = torch.empty(
-                        (self.num_images, *rows.shape[1:]), dtype=torch.float32
+                        (self.num_images, *rows.shape[1:]), dtype=rows.dtype
                     )
-                    dtype = rows.dtype
-                tensors[name][idx.cpu()] = rows.float().cpu()
-        return EpochOutputs(tensors, dtype)
+                tensors[name][idx.cpu()] = rows.cpu()
+        return EpochOutputs(tensors)
 
-    def _fits(self, nbytes: int) -> bool:
-        used = sum(f.stat().st_size for f in self.config.root.rglob("*.npy"))
-        return used + nbytes <= self.config.budget_bytes
+    def _used(self) -> int:
+        """Bytes of the stored epochs (renamed into place; epochs are never removed while a
+        search runs, so none vanishes under this count)."""
+        return sum(
+            f.stat().st_size
+            for epoch in self.config.root.glob("*/*-epoch*")
+            if not epoch.name.startswith(".") and epoch.is_dir()
+            for f in epoch.glob("*.npy")
+        )
+
+    def _clear_dead_writers(self) -> None:
+        """Remove the temporary folders of writers killed while writing (called by the writer
+        holding the store's lock: no live writer has one)."""
+        for partial in self.config.root.glob("*/.*-epoch*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _write(self, outputs: EpochOutputs, final: Path) -> None:
         partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
         try:
             partial.mkdir()
             for name, t in outputs.tensors.items():
-                np.save(partial / f"{name}.npy", t.numpy())
-            (partial / "dtype").write_text(str(outputs.dtype).removeprefix("torch."))
+                bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # NumPy has no bf16
+                np.save(partial / f"{name}.npy", bits.numpy())
+                (partial / f"{name}.dtype").write_text(str(t.dtype).removeprefix("torch."))
             partial.rename(final)
         except OSError:  # the disk is full (the epoch is used, not stored), or another process
             # wrote it in the meantime (theirs is kept)
             shutil.rmtree(partial, ignore_errors=True)
 
     def _read(self, final: Path) -> EpochOutputs:
-        dtype = getattr(torch, (final / "dtype").read_text())
         with warnings.catch_warnings():  # memory-mapped read-only; nothing writes to them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensors = {
-                f.stem: torch.from_numpy(np.load(f, mmap_mode="r")) for f in final.glob("*.npy")
+                f.stem: torch.from_numpy(np.load(f, mmap_mode="r")).view(
+                    getattr(torch, f.with_suffix(".dtype").read_text())
+                )
+                for f in final.glob("*.npy")
             }
-        return EpochOutputs(tensors, dtype)
+        return EpochOutputs(tensors)
 
     def _placed(self, outputs: EpochOutputs, device: torch.device) -> EpochOutputs:
         if device.type != "cpu" and outputs.nbytes <= self.config.device_bytes:
@@ -171,11 +209,19 @@ class TeacherStore:
         return outputs
 
     @contextmanager
-    def _lock(self, path: Path) -> Iterator[bool]:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    def _lock(self, path: Path, *, wait: bool) -> Iterator[bool]:
+        """Hold the lock file `path` (released when the process dies, too): whether this
+        process got it; without `wait`, False at once when another holds it. False too when the
+        file cannot be made (a full or read-only $TMPDIR): the store is a saving, never a
+        reason to fail."""
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:
+            yield False
+            return
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 yield False
                 return

@@ -5,7 +5,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from kdsearch.distill import HEAD_TERMS
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model
 from kdsearch.recipe import DataConfig
-from kdsearch.store import StoreConfig, per_image
+from kdsearch.store import Outputs, StoreConfig, TeacherStore, per_image
 from kdsearch.train import Result, train
 
 from .conftest import tiny_recipe
@@ -27,6 +31,7 @@ STORED_TERMS = {  # every term that reads the teacher's outputs, and a recipe th
     "sskd": {"distill.sskd.weight": 1.0},
     "hsakd": {"distill.hsakd.weight": 1.0, "distill.hsakd.placement": [1, 3]},
     "hsakd+crd+kd": {"distill.hsakd.weight": 1.0, "distill.crd.weight": 0.5},
+    "kd, bf16": {"precision": "bf16"},  # stored as its 16 bits, which NumPy has no type for
 }
 
 
@@ -45,6 +50,11 @@ def teacher(data: ImageData) -> tuple[TapModel, dict[str, torch.nn.Module]]:
 
 def config(root: Path, budget_mb: float = 64.0) -> StoreConfig:
     return StoreConfig(root, int(budget_mb * 2**20), 0)
+
+
+def streams(root: Path) -> list[Path]:
+    """The store's folders, one per stream of batches (beside them: the writers' lock)."""
+    return [p for p in root.iterdir() if p.is_dir()]
 
 
 def run(
@@ -77,7 +87,8 @@ def test_a_run_reading_the_store_trains_as_one_running_the_teacher_live(
     changes = STORED_TERMS[term]
     live = run(data, teacher, changes, None)
     writer = run(data, teacher, changes, config(tmp_path))  # computes each epoch, stores it
-    stored = sorted(p.name for p in next(tmp_path.iterdir()).iterdir() if p.is_dir())
+    (stream,) = streams(tmp_path)
+    stored = sorted(p.name for p in stream.iterdir() if p.is_dir())
     assert len(stored) == 2, "both epochs are in the store"
 
     def no_teacher(*args: object, **kwargs: object) -> None:
@@ -115,7 +126,7 @@ def test_an_epoch_another_run_is_computing_is_run_live_and_not_written_twice(
 ) -> None:
     live = run(data, teacher, {}, None)
     run(data, teacher, {"schedule.epochs": 1}, config(tmp_path / "probe"))
-    (stream,) = (tmp_path / "probe").iterdir()
+    (stream,) = streams(tmp_path / "probe")
     folder = tmp_path / "store" / stream.name
     folder.mkdir(parents=True)
     fd = os.open(folder / "plain-epoch1.lock", os.O_CREAT | os.O_RDWR)
@@ -161,7 +172,7 @@ def test_trials_with_another_seed_or_batch_size_do_not_share(
 ) -> None:
     for changes in ({}, {"seed": 1}, {"batch_size": 32}, {"distill.pkt.weight": 100.0}):
         run(data, teacher, {"schedule.epochs": 1, **changes}, config(tmp_path))
-    assert len(list(tmp_path.iterdir())) == 3  # kd and kd+pkt read the same outputs
+    assert len(streams(tmp_path)) == 3  # kd and kd+pkt read the same outputs
 
 
 def test_trials_share_by_the_precision_they_train_in_not_the_one_they_name(
@@ -170,7 +181,7 @@ def test_trials_share_by_the_precision_they_train_in_not_the_one_they_name(
     for precision in ("auto", "bf16", "fp32"):
         run(data, teacher, {"schedule.epochs": 1, "precision": precision}, config(tmp_path))
     # auto is bf16 on a CPU with AMX and fp32 elsewhere: it shares with one of the other two
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(streams(tmp_path)) == 2
 
 
 def test_rotated_outputs_are_kept_per_image_and_served_in_step_layout(data: ImageData) -> None:
@@ -189,6 +200,116 @@ def test_rotated_outputs_are_kept_per_image_and_served_in_step_layout(data: Imag
     full = {k: torch.zeros(len(data.train), *v.shape[1:]) for k, v in rows.items()}
     for k, v in rows.items():
         full[k][batch.idx] = v
-    served = EpochOutputs(full, torch.float32).rows(batch.idx, torch.device("cpu"))
+    served = EpochOutputs(full).rows(batch.idx, torch.device("cpu"))
     assert torch.equal(served["rot_logits"], step_layout["rot_logits"])
     assert torch.equal(served["logits"], step_layout["logits"])
+
+
+ROWS = 1000  # images of the epochs below; one epoch of 256 float32 logits each: 1,024,000 bytes
+EPOCH_BYTES = ROWS * 256 * 4
+
+
+def epoch_of(
+    seen: list[int] | None = None, barrier: threading.Barrier | None = None
+) -> Iterator[tuple[torch.Tensor, Outputs]]:
+    """A `compute` of one epoch in batches of 100 (noted in `seen`); then waits at `barrier`."""
+    for start in range(0, ROWS, 100):
+        idx = torch.arange(start, start + 100)
+        if seen is not None:
+            seen.append(start)
+        yield idx, {"logits": idx[:, None].float().expand(100, 256).contiguous()}
+    if barrier is not None:
+        barrier.wait(timeout=60)
+
+
+def test_trials_storing_epochs_at_the_same_time_keep_the_store_within_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each checked the budget before either had written, and both wrote: 2 epochs in a store
+    with room for 1."""
+    write = TeacherStore._write
+
+    def slow_write(self: TeacherStore, *args: Any) -> None:  # a large epoch takes a while
+        time.sleep(0.5)
+        write(self, *args)
+
+    monkeypatch.setattr(TeacherStore, "_write", slow_write)
+    stores = [TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES, 0), "s", ROWS) for _ in range(2)]
+    barrier = threading.Barrier(2)  # both have computed their epoch before either writes
+    cpu = torch.device("cpu")
+    got: list[object] = []
+    threads = [
+        threading.Thread(
+            target=lambda e=e: got.append(
+                stores[e].epoch(e, "plain", cpu, lambda: epoch_of(None, barrier))
+            )
+        )
+        for e in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got) == 2 and all(g is not None for g in got), "both used their epoch"
+    stored = [p.name for p in (tmp_path / "s").iterdir() if p.is_dir()]
+    assert len(stored) == 1 and sum(f.stat().st_size for f in tmp_path.rglob("*.npy")) <= (
+        EPOCH_BYTES + 128  # .npy header
+    )
+
+
+def test_a_full_store_runs_the_teacher_live_instead_of_computing_epochs_it_cannot_keep(
+    tmp_path: Path,
+) -> None:
+    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES + 4096, 0), "s", ROWS)
+    cpu = torch.device("cpu")
+    seen: list[int] = []
+    first = store.epoch(0, "plain", cpu, lambda: epoch_of(seen))
+    assert first is not None and len(seen) == 10 and (tmp_path / "s" / "plain-epoch0").is_dir()
+    seen.clear()
+    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
+    read = store.epoch(0, "plain", cpu, lambda: epoch_of(seen))
+    assert (
+        read is not None
+        and seen == []
+        and torch.equal(read.tensors["logits"], first.tensors["logits"])
+    )
+
+
+def test_a_writer_killed_while_writing_leaves_nothing_that_counts_against_the_budget(
+    tmp_path: Path,
+) -> None:
+    dead = tmp_path / "s" / ".plain-epoch3.0123abcd"  # as `_write` names its folder
+    dead.mkdir(parents=True)
+    (dead / "logits.npy").write_bytes(bytes(EPOCH_BYTES))
+    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES + 4096, 0), "s", ROWS)
+    assert store.epoch(0, "plain", torch.device("cpu"), epoch_of) is not None
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["plain-epoch0"]
+
+
+def test_bf16_outputs_are_stored_as_their_16_bits_and_read_back_as_they_were(
+    tmp_path: Path,
+) -> None:
+    store = TeacherStore(StoreConfig(tmp_path, 2**30, 0), "s", ROWS)
+    cpu = torch.device("cpu")
+    values = torch.randn(ROWS, 256).bfloat16()
+
+    def compute() -> Iterator[tuple[torch.Tensor, Outputs]]:
+        for start in range(0, ROWS, 100):
+            idx = torch.arange(start, start + 100)
+            yield idx, {"logits": values[idx], "pooled": values[idx].float()}
+
+    store.epoch(0, "plain", cpu, compute)
+    read = store.epoch(0, "plain", cpu, compute)
+    assert read is not None
+    assert read.tensors["logits"].dtype == torch.bfloat16
+    assert torch.equal(read.tensors["logits"], values)
+    assert read.tensors["pooled"].dtype == torch.float32  # each output in its own dtype
+    assert (tmp_path / "s" / "plain-epoch0" / "logits.npy").stat().st_size < ROWS * 256 * 2 + 256
+
+
+def test_a_store_whose_folder_cannot_be_written_runs_the_teacher_live(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    store = TeacherStore(StoreConfig(tmp_path / "file" / "store", 2**30, 0), "s", ROWS)
+    seen: list[int] = []
+    assert store.epoch(0, "plain", torch.device("cpu"), lambda: epoch_of(seen)) is None
+    assert seen == []
