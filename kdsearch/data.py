@@ -701,6 +701,11 @@ class Loader:
             return n // self.batch_size  # full batches only: batch norm needs more than one image
         return -(-n // self.batch_size)
 
+    @property
+    def images(self) -> int:
+        """How many images an epoch serves."""
+        return min(len(self) * self.batch_size, len(self.split))
+
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 images to normalised floats, channels-last (the layout the models are in)."""
         out = torch.addcmul(self.shift, x.float(), self.scale)

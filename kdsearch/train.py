@@ -257,7 +257,7 @@ def train(
             val_acc=val_acc,
             val_loss=val_loss,
             lr=lr,
-            images_per_sec=steps * recipe.batch_size / seconds,
+            images_per_sec=loader.images / seconds,
             seconds=seconds,
             eval_seconds=time.perf_counter() - t1,
         )

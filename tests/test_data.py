@@ -299,6 +299,10 @@ def test_loader_serves_full_shuffled_batches_with_normalised_images() -> None:
     loader = Loader(data.train, data, CPU, batch_size=64, train=True, seed=0)
     batches = list(loader.epoch(0))
     assert len(batches) == len(loader) == len(data.train) // 64
+    assert loader.images == sum(len(b.idx) for b in batches) == len(loader) * 64
+    # a split smaller than a batch: one batch of all of it (speeds are reported per image)
+    few = Loader(data.train, data, CPU, batch_size=4096, train=True, seed=0)
+    assert [len(b.idx) for b in few.epoch(0)] == [few.images] == [len(data.train)]
     assert all(b.x.shape == (64, 3, 16, 16) and b.x.dtype == torch.float32 for b in batches)
     seen = torch.cat([b.idx for b in batches])
     assert len(set(seen.tolist())) == len(seen), "no image twice in one epoch"
