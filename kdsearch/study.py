@@ -256,7 +256,7 @@ class Record:
         self.storage = storage
         self.space = space
         self.target = target
-        self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.driver = this_driver()
         self.beat_failure: StudyError | None = None  # why the heartbeat thread stopped
         self._beating = False
         self._beat_lock = threading.Lock()  # no beat lands after the mark of the end
@@ -583,19 +583,40 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
 
 
 def heartbeats(beats: Mapping[str, Any]) -> list[str]:
-    """The drivers ("host:pid") that wrote a heartbeat into the study system attributes
+    """The drivers (`this_driver`) that wrote a heartbeat into the study system attributes
     `beats`."""
     return [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace ("" where the system names none): processes of one host
+    name see each other's PIDs only within one namespace (containers with the host's network
+    share its name, not its PIDs)."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return link.removeprefix("pid:[").removesuffix("]")
+
+
+def this_driver() -> str:
+    """This process as a driver of studies: "host:pid@namespace" (see `pid_namespace`), so
+    that no two live drivers share a name. (Earlier kdsearch wrote "host:pid": a driver of no
+    namespace, so seen by its heartbeat alone.)"""
+    ns = pid_namespace()
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"@{ns}" if ns else "")
+
+
 def driver_alive(driver: str, beats: Mapping[str, Any]) -> bool:
-    """Whether the driver "host:pid" is alive: its heartbeat in the study's system attributes
-    `beats` is younger than STALE_S (a driver refreshes it while it runs, `Record.alive`, and
-    zeroes it as it ends), and on this host its process exists too, so that one killed here is
-    gone at once. A process under a dead driver's PID is not the driver: it does not beat."""
-    owner_host, _, pid = driver.rpartition(":")
+    """Whether `driver` (see `this_driver`) is alive: its heartbeat in the study's system
+    attributes `beats` is younger than STALE_S (a driver refreshes it while it runs,
+    `Record.alive`, and zeroes it as it ends), and where this process can see its process (the
+    same host and PID namespace), that exists too, so that one killed there is gone at once. A
+    process under a dead driver's PID is not the driver: it does not beat."""
+    owner_host, _, pid_ns = driver.rpartition(":")
+    pid, _, ns = pid_ns.partition("@")
     fresh = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) <= STALE_S
-    if owner_host == socket.gethostname():
+    if owner_host == socket.gethostname() and ns == pid_namespace():
         return fresh and pid.isdigit() and process_alive(int(pid))
     return fresh
 

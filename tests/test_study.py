@@ -22,6 +22,7 @@ from kdsearch.study import (
     driver_alive,
     holds_studies,
     open_storage,
+    pid_namespace,
     ranked,
     redact,
     study_names,
@@ -185,9 +186,8 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     for i in range(4):
         first.next_plan(f"r{i}")
     first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
-    host = socket.gethostname()
     study_id = storage.get_study_id_from_name("s")
-    drivers = {1: f"{host}:{_dead_pid()}", 2: f"{host}:{os.getppid()}", 3: "elsewhere:42"}
+    drivers = {1: _here(_dead_pid()), 2: _here(os.getppid()), 3: "elsewhere:42"}
     for number, driver in drivers.items():
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         storage.set_trial_user_attr(trial_id, "driver", driver)
@@ -207,6 +207,37 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     storage.set_study_system_attr(study_id, f"heartbeat:{drivers[2]}", time.time() - STALE_S - 1)
     orphans = Record(storage, "s", space, target=4, resume=True).orphans
     assert [t.number for t in orphans] == [1, 2, 3]
+
+
+def _here(pid: int, namespace: str | None = None) -> str:
+    """The name of a driver of this host with process id `pid`, in this process's PID
+    namespace or in `namespace`."""
+    return f"{socket.gethostname()}:{pid}@{pid_namespace() if namespace is None else namespace}"
+
+
+def test_a_driver_of_this_host_name_in_another_pid_namespace_is_judged_by_its_heartbeat(
+    space: SearchSpace, url: str
+) -> None:
+    """Containers on the host's network share its name but not its PIDs. A driver in another
+    one was taken for dead (its PID is nobody here) and its live trials taken over at every
+    proposal, each driver taking them back from the other; two such drivers that were both
+    PID 1 had one name, and each ran all of the other's trials again."""
+    storage = open_storage(url)
+    first = Record(storage, "s", space, target=3, resume=False)
+    for i in range(3):
+        first.next_plan(f"r{i}")
+    study_id = storage.get_study_id_from_name("s")
+    others = {1: _here(_dead_pid(), "4026599999"), 2: _here(os.getpid(), "4026599999")}
+    for number, driver in others.items():
+        _own(storage, study_id, number, driver)
+        storage.set_study_system_attr(study_id, f"heartbeat:{driver}", time.time())
+    assert first.driver not in others.values(), "a name of its own, though PID and host agree"
+    # trial 0 was this process's (`first`): taken over; 1 and 2 run in the other container
+    assert [t.number for t in Record(storage, "s", space, target=3, resume=True).orphans] == [0]
+    for driver in others.values():  # the other container's driver stopped beating
+        storage.set_study_system_attr(study_id, f"heartbeat:{driver}", time.time() - STALE_S - 1)
+    orphans = Record(storage, "s", space, target=3, resume=True).orphans
+    assert [t.number for t in orphans] == [0, 1, 2]
 
 
 def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
