@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kdsearch import __version__
 from kdsearch.data import derive_seed
-from kdsearch.errors import RecipeError, StorageError, StudyError
+from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.recipe import Recipe, flatten, load_yaml
 from kdsearch.space import SearchSpace, SpaceFile
 
@@ -397,18 +398,35 @@ class Record:
         curve: Mapping[int, float],
         attrs: Mapping[str, Any],
     ) -> None:
-        """Write the trial's learning curve and attributes, then its final state, once."""
+        """Write the trial's learning curve and attributes, then its final state, once, while
+        the trial is this driver's: one that another driver has finished, or taken over since
+        (this driver's heartbeat had stopped: a suspended process, a storage out of reach), is
+        that driver's to record."""
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        if self.storage.get_trial(trial_id).state.is_finished():
+        trial = self.storage.get_trial(trial_id)
+        if trial.state.is_finished():
             return
-        for epoch, value in sorted(curve.items()):
-            self.storage.set_trial_intermediate_value(trial_id, epoch, value)
-        for key, value in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
-        if state == TrialState.COMPLETE:
-            self.study.tell(number, curve[max(curve)])
-        else:
-            self.study.tell(number, state=state)
+        owner = trial.user_attrs.get("driver")
+        if owner != self.driver:
+            warnings.warn(
+                f"trial {number} was taken over by driver {owner} while this one ran it (this "
+                "one's heartbeat had stopped for 5 minutes, or both took the trial over at "
+                "once); its result is left to that driver",
+                KdsearchWarning,
+                stacklevel=2,
+            )
+            return
+        try:
+            for epoch, value in sorted(curve.items()):
+                self.storage.set_trial_intermediate_value(trial_id, epoch, value)
+            for key, value in attrs.items():
+                self.storage.set_trial_user_attr(trial_id, key, value)
+            if state == TrialState.COMPLETE:
+                self.study.tell(number, curve[max(curve)], skip_if_finished=True)
+            else:
+                self.study.tell(number, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another driver finished it as this one wrote: the first finish stands
 
     # -- liveness ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
-from kdsearch.errors import StorageError, StudyError
+from kdsearch.errors import KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
 from kdsearch.study import (
     STALE_S,
@@ -238,6 +238,45 @@ def test_a_driver_of_this_host_name_in_another_pid_namespace_is_judged_by_its_he
         storage.set_study_system_attr(study_id, f"heartbeat:{driver}", time.time() - STALE_S - 1)
     orphans = Record(storage, "s", space, target=3, resume=True).orphans
     assert [t.number for t in orphans] == [0, 1, 2]
+
+
+def test_a_trial_taken_over_while_this_driver_ran_it_is_left_to_its_new_driver(
+    space: SearchSpace, url: str
+) -> None:
+    """A driver suspended for 5 minutes (Ctrl-Z, a paused VM) wakes to finish trials another
+    driver has taken over: it wrote its curve over theirs."""
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=2, resume=False)
+    record.next_plan("r0")
+    study_id = storage.get_study_id_from_name("s")
+    _own(storage, study_id, 0, "elsewhere:42")  # took it over
+    with pytest.warns(KdsearchWarning, match="trial 0 was taken over by driver elsewhere:42"):
+        record.finish(0, TrialState.COMPLETE, {4: 0.9}, {"epochs": 4})
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
+    assert trial.state == TrialState.RUNNING and trial.intermediate_values == {}
+    assert "epochs" not in trial.user_attrs
+
+
+def test_a_trial_another_driver_finishes_while_this_one_writes_it_keeps_the_first_finish(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's refusal to write a finished trial escaped `finish`, and Tune never gave the
+    trial's slot back: after as many such trials as slots the search hung."""
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=2, resume=False)
+    record.next_plan("r0")
+    trial_id = storage.get_trial_id_from_study_id_trial_number(record.study_id, 0)
+    write = storage.set_trial_user_attr
+
+    def finished_meanwhile(tid: int, key: str, value: object) -> None:
+        if not storage.get_trial(tid).state.is_finished():  # the other driver's finish
+            storage.set_trial_state_values(tid, TrialState.COMPLETE, [0.5])
+        write(tid, key, value)
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", finished_meanwhile)
+    record.finish(0, TrialState.COMPLETE, {4: 0.9}, {"epochs": 4})
+    trial = storage.get_trial(trial_id)
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.5
 
 
 def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
