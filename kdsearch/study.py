@@ -344,7 +344,15 @@ class Record:
             try:
                 if "recipe" in orphan.user_attrs:
                     self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
-                    recipe = trial_recipe(orphan)
+                    # what it trains, with this machine's settings (a GPU its driver had, a
+                    # data folder of its own), as a trial this driver proposes
+                    here = {
+                        key: self.space.base.get(key)
+                        for key in PER_MACHINE
+                        if key not in self.space.params
+                    }
+                    recipe = trial_recipe(orphan).override(here)
+                    self.storage.set_trial_user_attr(orphan._trial_id, "recipe", recipe.to_yaml())
                     return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
                 # again, keeping the values it had drawn (Optuna returns those), drawing the rest.

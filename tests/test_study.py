@@ -240,6 +240,32 @@ def test_a_driver_of_this_host_name_in_another_pid_namespace_is_judged_by_its_he
     assert [t.number for t in orphans] == [0, 1, 2]
 
 
+def test_a_trial_taken_over_trains_with_this_machines_settings(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial of a driver that named its GPU, taken over by a driver on a machine without one,
+    failed for good: it kept the device (and data folder) of the machine it was proposed on."""
+    storage = open_storage(url)
+    theirs = SearchSpace.from_yaml(
+        SPACE.replace(
+            "data: {dataset: digits}", "data: {dataset: digits, root: /gpu/data}"
+        ).replace("  student: {arch: resnet8}", "  student: {arch: resnet8}\n  device: cuda:1"),
+        source="s.yaml",
+    )
+    with monkeypatch.context() as m:  # the first driver's process is gone
+        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        first = Record(storage, "s", theirs, target=1, resume=False)
+        proposed = first.next_plan("r0")
+    assert proposed is not None and proposed.recipe.device == "cuda:1"
+    again = Record(storage, "s", space, target=1, resume=True)  # this machine: device auto
+    plan = again.next_plan("new")
+    assert plan is not None and plan.adopted
+    assert plan.recipe.device == "auto" and plan.recipe.data.root == space.base.data.root
+    assert plan.recipe.optim.lr == proposed.recipe.optim.lr, "what it searched is kept"
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(again.study_id, 0))
+    assert trial_recipe(trial) == plan.recipe, "recorded as it trains now"
+
+
 def test_a_trial_taken_over_while_this_driver_ran_it_is_left_to_its_new_driver(
     space: SearchSpace, url: str
 ) -> None:
