@@ -334,7 +334,7 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
     return shlex.join([*parts, "--resume"])
 
 
-PROMOTED = "-promoted"  # promote.promoted_name's suffix (kdsearch.promote imports torch)
+PROMOTED = "-promoted"  # study.promoted_name's suffix (kdsearch.study imports torch)
 
 
 def storage_url(given: str) -> str:
@@ -414,8 +414,8 @@ def run_promotion(
     address: str | None,
 ) -> None:
     """Promote, with a line per finished run, then print the leaderboard."""
-    from kdsearch.promote import leaderboard, promote, promoted_name, weights_dir_for
-    from kdsearch.study import redact
+    from kdsearch.promote import leaderboard, promote, weights_dir_for
+    from kdsearch.study import promoted_name, redact
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
     status = RunsStatus()

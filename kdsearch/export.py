@@ -34,9 +34,9 @@ from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import writable_folder
-from kdsearch.promote import current_runs, has_promoted, leaderboard, promoted_name
+from kdsearch.promote import current_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
-from kdsearch.study import base_recipe, load_study, ranked, recorded, trial_recipe
+from kdsearch.study import base_recipe, load_study, promoted_name, ranked, recorded, trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
 
 if TYPE_CHECKING:

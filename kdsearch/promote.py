@@ -33,6 +33,7 @@ from kdsearch.search import JobResult, run_jobs
 from kdsearch.study import (
     base_recipe,
     load_study,
+    promoted_name,
     ranked,
     space_config,
     sqlite_file,
@@ -44,11 +45,6 @@ from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
 PLAIN_KD = -2
 BASELINE_LABELS = {STUDENT_ALONE: "student alone", PLAIN_KD: "plain KD"}
-
-
-def promoted_name(name: str) -> str:
-    """The promoted study of a search study."""
-    return f"{name}-promoted"
 
 
 def run_key(source_trial: int, seed: int, budget: int) -> str:
@@ -256,8 +252,12 @@ def _record(
     }
     if result.failure is None:
         assert result.weights is not None
-        path = (weights_dir / f"{run.slug}.pt").resolve()
-        save_weights(result.weights, path)  # a promotion reading it at once sees it whole
+        path = new_file(weights_dir, run.slug, ".pt")
+        try:
+            save_weights(result.weights, path)  # a promotion reading it at once sees it whole
+        except BaseException:  # Ctrl-C, a full disk: no empty file is left taken
+            path.unlink(missing_ok=True)
+            raise
         attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
         state, value = TrialState.COMPLETE, result.val_acc
     else:
@@ -277,6 +277,21 @@ def _record(
     promoted.add_trial(trial)
     if state == TrialState.COMPLETE and run.source_trial >= 0:
         promoted.set_user_attr("budget", run.recipe.schedule.epochs)
+
+
+def new_file(folder: Path, stem: str, suffix: str) -> Path:
+    """A file of `folder` no one else has: `stem`, else `stem-2`, `stem-3`, ..., created empty
+    (and so taken) at once. Two promotions training one run at once each keep their own
+    weights; the first recorded counts (`finished_runs`), so it must point at its own."""
+    n = 1
+    while True:
+        path = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
+        try:
+            path.open("x").close()
+        except FileExistsError:
+            n += 1
+            continue
+        return path.resolve()
 
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:

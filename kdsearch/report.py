@@ -29,8 +29,8 @@ from optuna.visualization import (
 
 from kdsearch.display import value_text
 from kdsearch.errors import StudyError
-from kdsearch.promote import leaderboard, promoted_name
-from kdsearch.study import load_study, ranked, recorded, space_config, study_names
+from kdsearch.promote import leaderboard
+from kdsearch.study import load_study, promoted_name, ranked, recorded, space_config, study_names
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",

@@ -182,6 +182,11 @@ def base_recipe(study: optuna.Study) -> Recipe:
     return Recipe.from_yaml(recorded(study, "base_recipe"), source="study base recipe")
 
 
+def promoted_name(name: str) -> str:
+    """The promoted study of a search study (`kdsearch.promote`), in the same storage."""
+    return f"{name}-promoted"
+
+
 def trial_recipe(trial: FrozenTrial) -> Recipe:
     """The full recipe a trial trained with, as recorded."""
     if "recipe" not in trial.user_attrs:
@@ -262,7 +267,15 @@ class Record:
         self._beating = False
         self._beat_lock = threading.Lock()  # no beat lands after the mark of the end
         self._claimed: set[int] = set()  # trial ids this driver runs
-        exists = name in study_names(storage)
+        names = study_names(storage)
+        exists = name in names
+        if not exists and promoted_name(name) in names:
+            raise StudyError(
+                f"study {promoted_name(name)!r} holds the promotion of an earlier search named "
+                f"{name!r}, which is gone: its runs would be taken for this search's; delete it "
+                f"(optuna delete-study --study-name {promoted_name(name)} --storage URL) or "
+                "choose another --study name"
+            )
         self.created = not exists
         if exists:
             study_id = storage.get_study_id_from_name(name)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -17,6 +18,7 @@ from kdsearch.promote import (
     PLAIN_KD,
     Run,
     _record,
+    current_runs,
     finished_keys,
     has_promoted,
     leaderboard,
@@ -281,11 +283,18 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     _, study, promoted_study = searched(tmp_path)
     for value in (0.5, 0.9):  # the second promotion's copy of every run
         for run in plan(study, top_k=1, seeds=2, epochs=2):
-            _record(promoted_study, run, result_of(run, value), tmp_path, None)
+            result = replace(result_of(run, value), weights={"w": torch.tensor(value)})
+            _record(promoted_study, run, result, tmp_path, None)
     assert len(promoted_study.trials) == 12
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
     assert list(board["val_mean"]) == [50.0] * 3 and list(board["val_sd"]) == [0.0] * 3
+    # the weights of the run that counts are its own: the second copy wrote a file of its own
+    # where it overwrote the first's
+    for t in current_runs(promoted_study):
+        weights = torch.load(t.user_attrs["weights"], weights_only=True)
+        assert weights["w"].item() == pytest.approx(t.value)
+    assert len({t.user_attrs["weights"] for t in promoted_study.trials}) == 12
 
 
 def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from(

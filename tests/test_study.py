@@ -106,6 +106,18 @@ def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
     assert Record(open_storage(url), "s", space, target=2, resume=True).target == 2
 
 
+def test_a_search_named_as_one_whose_promotion_outlived_it_is_refused(
+    space: SearchSpace, url: str
+) -> None:
+    """`optuna delete-study s` leaves s-promoted: a new search named s would have had trial N's
+    promoted runs taken for its own trial N, never trained again."""
+    optuna.create_study(study_name="s-promoted", storage=url)
+    with pytest.raises(StudyError, match="'s-promoted' holds the promotion of an earlier search"):
+        Record(open_storage(url), "s", space, target=2, resume=False)
+    assert study_names(open_storage(url)) == ["s-promoted"], "nothing created"
+    assert Record(open_storage(url), "t", space, target=2, resume=False).created
+
+
 def test_an_empty_study_of_other_settings_is_refused_without_resume(
     space: SearchSpace, url: str
 ) -> None:
