@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import update_wrapper
+from functools import cache, update_wrapper
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -627,35 +627,41 @@ def heartbeats(beats: Mapping[str, Any]) -> list[str]:
     return [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
 
 
-def pid_namespace() -> str:
-    """This process's PID namespace ("" where the system names none): processes of one host
-    name see each other's PIDs only within one namespace (containers with the host's network
-    share its name, not its PIDs)."""
+@cache  # a process keeps its boot and namespace
+def pid_scope() -> str:
+    """Where this process's PID names this process: its machine's boot (the kernel's boot id)
+    and its PID namespace, as "boot-namespace"; "" where the system names neither. Containers
+    on the host's network share its name but not its PIDs, and two machines may share a name."""
     try:
-        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        ns = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
     except OSError:
         return ""
-    return link.removeprefix("pid:[").removesuffix("]")
+    return f"{boot}-{ns.removeprefix('pid:[').removesuffix(']')}"
+
+
+def process_host() -> str:
+    """The part of a driver's name before its PID: "host@scope" (see `pid_scope`)."""
+    scope = pid_scope()
+    return socket.gethostname() + (f"@{scope}" if scope else "")
 
 
 def this_driver() -> str:
-    """This process as a driver of studies: "host:pid@namespace" (see `pid_namespace`), so
-    that no two live drivers share a name. (Earlier kdsearch wrote "host:pid": a driver of no
-    namespace, so seen by its heartbeat alone.)"""
-    ns = pid_namespace()
-    return f"{socket.gethostname()}:{os.getpid()}" + (f"@{ns}" if ns else "")
+    """This process as a driver of studies: "host@scope:pid" (see `process_host`), so that no
+    two live drivers share a name. (Earlier kdsearch wrote "host:pid", read as a process whose
+    scope is unknown, so judged by its heartbeat alone; and it reads these names the same way.)"""
+    return f"{process_host()}:{os.getpid()}"
 
 
 def driver_alive(driver: str, beats: Mapping[str, Any]) -> bool:
     """Whether `driver` (see `this_driver`) is alive: its heartbeat in the study's system
     attributes `beats` is younger than STALE_S (a driver refreshes it while it runs,
     `Record.alive`, and zeroes it as it ends), and where this process can see its process (the
-    same host and PID namespace), that exists too, so that one killed there is gone at once. A
-    process under a dead driver's PID is not the driver: it does not beat."""
-    owner_host, _, pid_ns = driver.rpartition(":")
-    pid, _, ns = pid_ns.partition("@")
+    same host, boot and PID namespace), that exists too, so that one killed there is gone at
+    once. A process under a dead driver's PID is not the driver: it does not beat."""
+    owner, _, pid = driver.rpartition(":")
     fresh = time.time() - float(beats.get(f"heartbeat:{driver}", 0.0)) <= STALE_S
-    if owner_host == socket.gethostname() and ns == pid_namespace():
+    if owner == process_host():
         return fresh and pid.isdigit() and process_alive(int(pid))
     return fresh
 

@@ -22,7 +22,7 @@ from kdsearch.study import (
     driver_alive,
     holds_studies,
     open_storage,
-    pid_namespace,
+    pid_scope,
     ranked,
     redact,
     study_names,
@@ -221,28 +221,30 @@ def test_resume_adopts_trials_whose_driver_is_gone_and_only_those(
     assert [t.number for t in orphans] == [1, 2, 3]
 
 
-def _here(pid: int, namespace: str | None = None) -> str:
-    """The name of a driver of this host with process id `pid`, in this process's PID
-    namespace or in `namespace`."""
-    return f"{socket.gethostname()}:{pid}@{pid_namespace() if namespace is None else namespace}"
+def _here(pid: int, scope: str | None = None) -> str:
+    """The name of a driver of this host name with process id `pid`, where this process is
+    (its boot and PID namespace) or in `scope`."""
+    return f"{socket.gethostname()}@{pid_scope() if scope is None else scope}:{pid}"
 
 
-def test_a_driver_of_this_host_name_in_another_pid_namespace_is_judged_by_its_heartbeat(
+def test_a_driver_of_this_host_name_that_is_not_on_this_machine_and_namespace_lives_by_its_beat(
     space: SearchSpace, url: str
 ) -> None:
-    """Containers on the host's network share its name but not its PIDs. A driver in another
-    one was taken for dead (its PID is nobody here) and its live trials taken over at every
-    proposal, each driver taking them back from the other; two such drivers that were both
-    PID 1 had one name, and each ran all of the other's trials again."""
+    """Containers on the host's network share its name but not its PIDs (so do two machines of
+    one name). A driver in another one was taken for dead (its PID is nobody here) and its live
+    trials taken over at every proposal, each driver taking them back from the other; two such
+    drivers that were both PID 1 had one name, and each ran all of the other's trials again."""
     storage = open_storage(url)
     first = Record(storage, "s", space, target=3, resume=False)
     for i in range(3):
         first.next_plan(f"r{i}")
     study_id = storage.get_study_id_from_name("s")
-    others = {1: _here(_dead_pid(), "4026599999"), 2: _here(os.getpid(), "4026599999")}
+    elsewhere = "0123abcd-4026599999"  # another container, or a machine of the same name
+    others = {1: _here(_dead_pid(), elsewhere), 2: _here(os.getpid(), elsewhere)}
     for number, driver in others.items():
         _own(storage, study_id, number, driver)
         storage.set_study_system_attr(study_id, f"heartbeat:{driver}", time.time())
+    assert first.driver == _here(os.getpid()) and pid_scope(), "named with where its PID holds"
     assert first.driver not in others.values(), "a name of its own, though PID and host agree"
     # trial 0 was this process's (`first`): taken over; 1 and 2 run in the other container
     assert [t.number for t in Record(storage, "s", space, target=3, resume=True).orphans] == [0]
