@@ -1,11 +1,14 @@
 """Where a command will write, checked before it does any work, so that a mistyped path fails at
-once instead of after a training run whose result would then be lost."""
+once instead of after a training run whose result would then be lost; and the locks that
+processes sharing a folder take turns by."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kdsearch.errors import KdsearchError
@@ -50,3 +53,24 @@ def writable_file(path: Path, option: str) -> None:
         raise KdsearchError(f"{option} {path}: no folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise KdsearchError(f"{option} {path}: cannot write it")
+
+
+@contextlib.contextmanager
+def flocked(path: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold the lock of `path` (a folder, or a file, made if missing; released when the process
+    dies, too): whether this process got it; without `wait`, False at once when another process
+    holds it. False too when `path` cannot be opened (a full or read-only $TMPDIR)."""
+    try:
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -40,6 +40,7 @@ from kdsearch.data import ImageData, Split
 from kdsearch.errors import KdsearchError, KdsearchWarning, RecipeError, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
+from kdsearch.paths import flocked
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace, cluster_address
 from kdsearch.store import StoreConfig
@@ -406,11 +407,11 @@ def run_search(
         own_ray = not ray.is_initialized()
         cfg = space.config
         store = cfg.search.teacher_store
-        scratch: Path | None = None
+        scratch_held = contextlib.ExitStack()
         try:
             if own_ray:
                 start_ray(address)
-            scratch = scratch_folder()
+            scratch = scratch_held.enter_context(scratch_folder())
             # Trials on other nodes of a cluster create the store's folder there (one per node).
             store_root = str(scratch / "teacher-outputs") if store.enabled else None
             cpu, gpu = trial_resources(cfg.search, device=space.base.device)
@@ -471,8 +472,7 @@ def run_search(
         finally:
             if own_ray:
                 ray.shutdown()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            scratch_held.close()
             if quiet:
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
@@ -481,21 +481,35 @@ def run_search(
         return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
 
 
-def scratch_folder() -> Path:
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
     """A new temporary folder for this search (Tune's files, the teacher-output store), named
-    after the driver's host and process. The folders this user's earlier searches driven from
-    this host left behind (killed with -9, so they could not remove their own) are removed
-    first. Trials on other nodes of a cluster create the same name there; a driver never touches
-    a folder named after another host, whose process it cannot see."""
+    after the driver's host and process, locked (`flock`) while the search runs and removed
+    after it. The folders this user's earlier searches driven from this host left behind
+    (killed with -9, so they could not remove their own) are removed first: those no process
+    holds whose process is gone or is this one (a restarted container's PID 1 before it). One
+    held is another search's, even where its PID means nothing here (a container on this
+    host's network sharing its /tmp). Trials on other nodes of a cluster create the same name
+    there; a driver never touches a folder named after another host, whose process it cannot
+    see."""
     owner = f"{SCRATCH}-{socket.gethostname()}"
     for old in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
         named, pid, _ = old.name.rsplit("-", 2)
-        if named != owner or not pid.isdigit() or process_alive(int(pid)):
+        if named != owner or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):  # another search may be removing it right now
             if old.stat().st_uid == os.getuid():
-                shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
+                with flocked(old, wait=False) as free:
+                    if free:
+                        shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
+    try:
+        with flocked(folder, wait=True):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 PROGRESS_S = 1.0  # how often the driver of full trainings looks for finished epochs

@@ -25,13 +25,11 @@ known not to fit, trials run the teacher live instead of computing epochs nobody
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from kdsearch.data import ImageData, Loader
 from kdsearch.distill import Distiller
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import ROTATIONS, TapsFn, rotate
+from kdsearch.paths import flocked
 from kdsearch.recipe import Recipe
 
 Outputs = dict[str, Tensor]
@@ -123,7 +122,7 @@ class TeacherStore:
         or the store's folder cannot be written)."""
         final = self.folder / f"{group}-epoch{epoch}"
         if not final.is_dir():
-            with self._lock(final.with_suffix(".lock"), wait=False) as mine:
+            with flocked(final.with_suffix(".lock"), wait=False) as mine:
                 if not mine:
                     return None
                 if not final.is_dir():
@@ -143,7 +142,7 @@ class TeacherStore:
             if self._used() + int(size.read_text()) > self.config.budget_bytes:
                 return None  # computing it would only cost its memory and syncs
         outputs = self._compute(compute)
-        with self._lock(self.config.root / "writer.lock", wait=True) as mine:
+        with flocked(self.config.root / "writer.lock", wait=True) as mine:
             if mine:
                 self._clear_dead_writers()
                 if self._used() + outputs.nbytes <= self.config.budget_bytes:
@@ -207,27 +206,6 @@ class TeacherStore:
         if device.type != "cpu" and outputs.nbytes <= self.config.device_bytes:
             return outputs.to(device)
         return outputs
-
-    @contextmanager
-    def _lock(self, path: Path, *, wait: bool) -> Iterator[bool]:
-        """Hold the lock file `path` (released when the process dies, too): whether this
-        process got it; without `wait`, False at once when another holds it. False too when the
-        file cannot be made (a full or read-only $TMPDIR): the store is a saving, never a
-        reason to fail."""
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError:
-            yield False
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
 
 
 def store_group(distiller: Distiller, heads: Mapping[str, torch.nn.Module]) -> str | None:

@@ -4,6 +4,7 @@ Ray cluster and on PostgreSQL."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -212,19 +213,30 @@ def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
     dead.wait()
     tmp, host = Path(tempfile.gettempdir()), socket.gethostname()
     left = tmp / f"kdsearch-search-{host}-{dead.pid}-x1"
-    live = tmp / f"kdsearch-search-{host}-{os.getpid()}-x2"
+    live = tmp / f"kdsearch-search-{host}-{os.getppid()}-x2"  # a live process's
     # Trials of a search driven from another machine (whose name starts with this one's): its
     # driver's pid means nothing here.
     remote = tmp / f"kdsearch-search-{host}-b-{dead.pid}-x3"
-    for folder in (left, live, remote):
+    # A live search in a container on this host's network sharing its /tmp: its PID means
+    # nothing here either, but it holds its folder's lock.
+    beside = tmp / f"kdsearch-search-{host}-{dead.pid}-x4"
+    # Left by an earlier process under this one's PID (a restarted container's PID 1)
+    mine = tmp / f"kdsearch-search-{host}-{os.getpid()}-x5"
+    for folder in (left, live, remote, beside, mine):
         (folder / "teacher-outputs").mkdir(parents=True)
-    new = scratch_folder()
+    held = os.open(beside, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
-        assert not left.exists()
-        assert live.is_dir() and remote.is_dir()
-        assert new.name.startswith(f"kdsearch-search-{host}-{os.getpid()}-")
+        with scratch_folder() as new:
+            assert not left.exists() and not mine.exists()
+            assert live.is_dir() and remote.is_dir() and beside.is_dir()
+            assert new.name.startswith(f"kdsearch-search-{host}-{os.getpid()}-")
+            with scratch_folder() as second:  # this one, held, is no earlier process's
+                assert new.is_dir() and second != new
+        assert not new.exists() and not second.exists(), "removed as the search ends"
     finally:
-        for folder in (left, live, remote, new):
+        os.close(held)
+        for folder in (left, live, remote, beside, mine):
             shutil.rmtree(folder, ignore_errors=True)
 
 
