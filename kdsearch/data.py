@@ -566,14 +566,15 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
         torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
         tmp.replace(path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         warnings.warn(
             f"cannot cache the decoded images in {path.parent} ({_first_line(err)}); "
             "going on without the cache",
             KdsearchWarning,
             stacklevel=3,
         )
+    finally:  # a Ctrl-C too: no half-written copy of the data set is left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _list_images(folder: Path) -> list[tuple[str, Path]]:

@@ -56,14 +56,15 @@ def writable_file(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def flocked(path: Path, *, wait: bool) -> Iterator[bool]:
+def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
     """Hold the lock of `path` (a folder, or a file, made if missing; released when the process
-    dies, too): whether this process got it; without `wait`, False at once when another process
-    holds it. False too when `path` cannot be opened (a full or read-only $TMPDIR)."""
+    dies, too): True when this process got it; without `wait`, False at once when another
+    process holds it; None when `path` cannot be opened (a full or read-only folder), so that
+    nothing is locked."""
     try:
         fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_CREAT | os.O_RDWR, 0o644)
     except OSError:
-        yield False
+        yield None
         return
     try:
         try:

@@ -14,7 +14,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model, fold_batch_norm
+from kdsearch.paths import flocked, writable_folder
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
     EpochStats,
@@ -151,6 +153,7 @@ def teacher_key(recipe: Recipe, data: ImageData) -> str:
     spec = teacher_recipe(recipe).to_dict()
     for irrelevant in ("data", "device", "teacher"):
         spec.pop(irrelevant)
+    spec["compile"] = False  # how fast, not what, it trains (False: the keys cached so far)
     for term, settings in UNKEYED_TERM_SETTINGS.items():
         for setting in settings:
             spec["distill"][term].pop(setting)
@@ -198,6 +201,13 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
         val_acc = _val_acc(model, data, recipe)
         return Teacher(freeze(on_host(model)), "checkpoint", path, val_acc)
     path = cached_teacher_path(recipe, data)
+    with training_turn(path, "this teacher"):
+        return _cached_or_trained(recipe, data, report, path)
+
+
+def _cached_or_trained(
+    recipe: Recipe, data: ImageData, report: Report | None, path: Path
+) -> Teacher:
     if path.is_file():
         try:
             model = load_checkpoint(path, recipe.teacher.arch, data, where="")
@@ -205,8 +215,10 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
             return Teacher(freeze(model), "cache", path, float(meta["val_acc"]))
         except (TeacherError, OSError, ValueError, KeyError, TypeError) as err:
             _damaged(path, err)
+    writable_folder(path.parent, "the teacher cache")  # before hours of training, not after
     for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
-        stale.unlink(missing_ok=True)
+        if stale.suffix != ".lock":  # a lock stays where a process may hold it
+            stale.unlink(missing_ok=True)
     result = train(teacher_recipe(recipe), data, report)
     _save(
         result.student,
@@ -220,6 +232,25 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
         },
     )
     return Teacher(freeze(on_host(result.student)), "trained", path, result.val_acc)
+
+
+@contextmanager
+def training_turn(path: Path, what: str) -> Iterator[None]:
+    """One process at a time loads, or trains and caches, what `path` holds; another waits for
+    it and then loads its result. (Two trained at once: each replaced the other's file, under a
+    search that had recorded, and trained heads on, the one it replaced.)"""
+    lock = path.with_suffix(".lock")
+    with flocked(lock, wait=False) as free:
+        if free is not False:  # this process's turn, or a cache folder that takes no lock
+            yield
+            return
+    warnings.warn(
+        f"another process is training {what} ({path}); waiting for it, to use its result",
+        KdsearchWarning,
+        stacklevel=4,
+    )
+    with flocked(lock, wait=True):
+        yield
 
 
 def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Path:
@@ -268,34 +299,42 @@ def get_teacher_heads(
 
     heads = fresh()
     path = path or teacher_heads_path(recipe, data, teacher)
-    cached = False
     if recipe.teacher.heads.checkpoint is not None:
         load_heads(heads, path, teacher)  # as they are: never trained again in their place
-        cached = True
-    elif path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if (trained_on := _trained_on(saved)) not in (None, weights_digest(teacher.path)):
-                raise TeacherError(f"trained on another teacher (its weights hash {trained_on})")
-            heads.load_state_dict(_unwrapped(saved))
-            cached = True
-        except Exception as err:  # a damaged file: torch.load raises many kinds
-            _damaged(path, err)
-            heads = fresh()  # a failed load may have copied some of the tensors already
-    if not cached:
-        train_teacher_heads(heads, teacher.model, recipe, data, report)
-        _save(
-            heads,
-            path,
-            {
-                "teacher": str(teacher.path),
-                "heads": recipe.teacher.heads.model_dump(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            },
-            teacher_digest=weights_digest(teacher.path),
-        )
+    else:
+        with training_turn(path, "the teacher's heads"):
+            if not _load_cached_heads(heads, path, teacher):
+                heads = fresh()  # a failed load may have copied some of the tensors already
+                writable_folder(path.parent, "the teacher cache")
+                train_teacher_heads(heads, teacher.model, recipe, data, report)
+                _save(
+                    heads,
+                    path,
+                    {
+                        "teacher": str(teacher.path),
+                        "heads": recipe.teacher.heads.model_dump(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    },
+                    teacher_digest=weights_digest(teacher.path),
+                )
     on_host(teacher.model)
     return {name: freeze(on_host(head)) for name, head in heads.items()}
+
+
+def _load_cached_heads(heads: nn.ModuleDict, path: Path, teacher: Teacher) -> bool:
+    """Load the heads cached at `path` into `heads`: whether they were there, whole, and
+    trained on `teacher` (said when not)."""
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if (trained_on := _trained_on(saved)) not in (None, weights_digest(teacher.path)):
+            raise TeacherError(f"trained on another teacher (its weights hash {trained_on})")
+        heads.load_state_dict(_unwrapped(saved))
+    except Exception as err:  # a damaged file: torch.load raises many kinds
+        _damaged(path, err)
+        return False
+    return True
 
 
 def load_heads(heads: nn.ModuleDict, path: Path, teacher: Teacher) -> None:
@@ -526,7 +565,12 @@ def _save(
     weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    meta_tmp = path.with_suffix(f".{os.getpid()}.json.tmp")
+    try:  # whole or not at all, as the weights
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        meta_tmp.replace(path.with_suffix(".json"))
+    finally:
+        meta_tmp.unlink(missing_ok=True)
     save_weights(weights, path)
 
 

@@ -484,6 +484,22 @@ def test_an_unwritable_cache_folder_warns_and_goes_on(
     assert len(data.test) == 20
 
 
+def test_a_ctrl_c_while_the_decoded_images_are_cached_leaves_no_partial_copy(
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "images"
+    _folder(root, {"train": [16, 16], "test": [16, 16]})
+
+    def cut(obj: object, file: Path) -> None:  # Ctrl-C halfway through the file
+        Path(file).write_bytes(b"PK half of the data set")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert list((isolated_cache / "decoded").iterdir()) == []
+
+
 def _cifar_dir(tmp_path: Path) -> Path:
     _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=False)
     return tmp_path / "cifar-10-batches-py"

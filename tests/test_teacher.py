@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -7,10 +11,11 @@ import pytest
 import torch
 
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import TeacherError
+from kdsearch.errors import KdsearchError, KdsearchWarning, TeacherError
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig, Recipe
 from kdsearch.teacher import (
+    Teacher,
     cached_teacher_path,
     get_teacher,
     get_teacher_heads,
@@ -45,6 +50,47 @@ def test_teacher_is_trained_once_then_reused_from_the_cache(
     assert not second.model.training
 
 
+def test_a_teacher_another_process_is_training_is_waited_for_and_loaded(
+    synthetic: ImageData,
+) -> None:
+    """Two searches with one teacher, started together on an empty cache, both trained it and
+    each replaced the other's file, under a search that had recorded (and trained heads on)
+    the teacher it replaced."""
+    recipe = tiny_recipe()
+    path = cached_teacher_path(recipe, synthetic)
+    path.parent.mkdir(parents=True)
+    lock = os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the other process, training
+    got: list[Teacher] = []
+    epochs: list[int] = []
+    waiting = threading.Thread(
+        target=lambda: got.append(get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch)))
+    )
+    with pytest.warns(KdsearchWarning, match="another process is training this teacher"):
+        waiting.start()
+        time.sleep(1.0)
+    assert waiting.is_alive() and not got, "it waits"
+    theirs = get_teacher(recipe.override({"teacher.train.lr": 0.1}), synthetic)  # their result
+    path.write_bytes(theirs.path.read_bytes())
+    path.with_suffix(".json").write_text(theirs.path.with_suffix(".json").read_text())
+    os.close(lock)
+    waiting.join(timeout=60)
+    (teacher,) = got
+    assert teacher.source == "cache" and epochs == [], "loaded, not trained a second time"
+    assert weights_digest(teacher.path) == weights_digest(theirs.path)
+
+
+def test_a_teacher_cache_that_cannot_be_written_is_refused_before_training(
+    synthetic: ImageData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    epochs: list[int] = []
+    with pytest.raises(KdsearchError, match=r"the teacher cache .*file is a file, not a folder"):
+        get_teacher(tiny_recipe(), synthetic, lambda s: epochs.append(s.epoch))
+    assert epochs == [], "no training thrown away"
+
+
 def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> None:
     base = tiny_recipe()
     key = teacher_key(base, synthetic)
@@ -57,6 +103,7 @@ def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> N
                     "distill.kd.temperature": 2.0,
                     "seed": 5,
                     "device": "auto",
+                    "compile": True,  # how fast the teacher trains, not what
                 }
             ),
             synthetic,
