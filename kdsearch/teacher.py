@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdsearch.cache import cache_dir, digest
-from kdsearch.data import ImageData, Loader
+from kdsearch.data import ImageData, Loader, derive_seed
 from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
 from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
@@ -289,13 +289,14 @@ def get_teacher_heads(
     every stage that can carry one; SSKD: the projection): from `teacher.heads.checkpoint`,
     else from the cache, else trained now. `path`: `teacher_heads_path`, where the caller has
     it already."""
-    rng = torch.random.get_rng_state()
 
     def fresh() -> nn.ModuleDict:
-        torch.random.set_rng_state(rng)  # the same initial heads however often they are built
-        return nn.ModuleDict(
-            {n: LOSSES[n].teacher_heads(teacher.model, data.num_classes) for n in HEAD_TERMS}
-        )
+        # the same initial heads for the same key (its seed), whatever ran before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(recipe.teacher.train.seed, "teacher heads"))
+            return nn.ModuleDict(
+                {n: LOSSES[n].teacher_heads(teacher.model, data.num_classes) for n in HEAD_TERMS}
+            )
 
     heads = fresh()
     path = path or teacher_heads_path(recipe, data, teacher)

@@ -354,6 +354,22 @@ def test_teacher_heads_are_trained_once_cached_beside_the_teacher_and_reused(
     assert not any(p.requires_grad for h in second.heads.values() for p in h.parameters())
 
 
+def test_heads_of_one_key_start_alike_whatever_ran_before(
+    synthetic: ImageData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their first weights came from the global random state of the moment: a search on a cold
+    cache and a promotion on another machine trained different heads under one key."""
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    teacher = get_teacher(recipe, synthetic)
+    trained = []
+    for seed in (1, 2):
+        monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / f"cache{seed}"))
+        torch.manual_seed(seed)
+        trained.append(get_teacher_heads(recipe, synthetic, teacher)["hsakd"].state_dict())
+    for a, b in zip(trained[0].values(), trained[1].values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_training_the_heads_reports_every_batch_and_epoch(synthetic: ImageData) -> None:
     recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 2})
     recorder = Recorder()
