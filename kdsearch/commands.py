@@ -34,7 +34,7 @@ from kdsearch.display import (
 )
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.paths import writable_file, writable_folder
-from kdsearch.recipe import Recipe, load_yaml
+from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 
 if TYPE_CHECKING:
     from kdsearch.space import SearchSpace
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """`path=value` pairs; each value is read as YAML, so `6`, `true`, `[1, 2]` keep their types."""
+    """`path=value` pairs; each value is read as YAML, so `6`, `true`, `[1, 2]` keep their types,
+    and a mapping sets the keys it names (`optim={lr: 0.1}` is `optim.lr=0.1`)."""
     changes: dict[str, Any] = {}
     for item in items:
         path, sep, text = item.partition("=")
@@ -52,7 +53,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
                 f"--set {item!r}: expected PATH=VALUE, e.g. distill.kd.temperature=6"
             )
         changes[path.strip()] = load_yaml(text, source=f"--set {path}")
-    return changes
+    return leaf_changes(changes)
 
 
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:

@@ -406,6 +406,20 @@ def placement_problem(arch: str, placement: list[int]) -> str | None:
     return f"{placement}: {arch} has no stage {bad[0]} to carry a head (its stages are 1-{stages})"
 
 
+def leaf_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`changes` with each mapping spread over the keys it names (`{"optim": {"lr": 0.1}}` ->
+    `{"optim.lr": 0.1}`), so that a section given in part (a searched choice, a --set) keeps
+    the rest of its keys as they were; `Recipe.override` sets a section whole, its other keys
+    back to their defaults."""
+    out: dict[str, Any] = {}
+    for path, value in changes.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(dict(value), f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
     flat: dict[str, Any] = {}

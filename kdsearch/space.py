@@ -26,6 +26,7 @@ from kdsearch.recipe import (
     Section,
     Seed,
     describe,
+    leaf_changes,
     load_yaml,
     not_a_mapping,
     placement_problem,
@@ -306,8 +307,11 @@ class SearchSpace:
         return chosen
 
     def overrides(self, chosen: Mapping[str, Any]) -> dict[str, Any]:
-        """The recipe changes of a sample: every chosen recipe path ($-decisions left out)."""
-        return {name: value for name, value in chosen.items() if not name.startswith("$")}
+        """The recipe changes of a sample: every chosen recipe path ($-decisions left out), a
+        section's choice as the keys it names (the rest of the section stays the base's)."""
+        return leaf_changes(
+            {name: value for name, value in chosen.items() if not name.startswith("$")}
+        )
 
     def recipe_for(self, chosen: Mapping[str, Any]) -> Recipe:
         """The trial recipe of a sample."""
@@ -356,7 +360,8 @@ class SearchSpace:
                     f"{where}: {other} is searched too, so one would overwrite the other; "
                     "search the section or the keys in it, not both"
                 )
-        if name in ("schedule.epochs", "schedule.milestones"):
+        budget = {"schedule.epochs", "schedule.milestones"}
+        if name in budget or any(budget & leaf_changes({name: v}).keys() for v in _extremes(p)):
             raise RecipeError(f"{where}: the trial budget is asha.max_epochs; not searchable")
         if name.split(".")[0] in PREPARED_ONCE:
             raise RecipeError(
@@ -370,7 +375,7 @@ class SearchSpace:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
         for value in _extremes(p):
             try:
-                base.override({name: value}, source="the recipe")
+                base.override(leaf_changes({name: value}), source="the recipe")
             except RecipeError as err:
                 problem = str(err).removeprefix("the recipe: ")
                 message = f"{where}: {value!r} does not fit the recipe: {problem}"

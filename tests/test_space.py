@@ -12,7 +12,7 @@ from kdsearch.errors import RecipeError
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchSpace, choice_labels, cluster_address
 
-from .conftest import REPO
+from .conftest import REPO, tiny_recipe
 
 BASE = """
 study: {name: t}
@@ -601,3 +601,34 @@ def test_cli_rejects_a_bad_space_with_one_line(tmp_path: Path) -> None:
         "kdsearch: error: s.yaml: space.optim.lr: low (1.0) is above high (0.1)"
     ]
     assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
+
+
+def test_a_searched_section_sets_the_keys_a_choice_names_and_keeps_the_rest() -> None:
+    """A choice replaced the section: every key it did not name went back to its default (the
+    base's KD temperature, a --set, lost), and a searched `schedule` trained 240 epochs' worth
+    of schedule within the 24-epoch trial budget."""
+    space = SearchSpace.from_yaml(
+        BASE.replace(
+            "  student: {arch: resnet8}",
+            "  student: {arch: resnet8}\n  distill: {kd: {temperature: 6.0}}",
+        )
+        + "space:\n  distill.kd: {type: categorical, choices: [{weight: 0.5}, {weight: 1.0}]}\n"
+        + "  schedule: {type: categorical, choices: [{kind: cosine}, {gamma: 0.2}]}\n",
+        source="s.yaml",
+        base_changes={"distill.kd.temperature": 2.0},
+    )
+    recipe = space.recipe_for({"distill.kd": {"weight": 0.5}, "schedule": {"gamma": 0.2}})
+    assert (recipe.distill.kd.weight, recipe.distill.kd.temperature) == (0.5, 2.0)
+    assert recipe.schedule.epochs == 24 and recipe.schedule.milestones == [15, 18, 21]
+    assert (recipe.schedule.kind, recipe.schedule.gamma) == ("multistep", 0.2)
+    with pytest.raises(RecipeError, match=r"the trial budget is asha\.max_epochs"):
+        space_of("  schedule: {type: categorical, choices: [{kind: cosine}, {epochs: 12}]}")
+
+
+def test_a_set_of_a_section_sets_the_keys_it_names() -> None:
+    from kdsearch.commands import parse_sets
+
+    changes = parse_sets(["optim={lr: 0.2}", "distill.kd={weight: 0.5}", "optim.nesterov=true"])
+    assert changes == {"optim.lr": 0.2, "distill.kd.weight": 0.5, "optim.nesterov": True}
+    recipe = tiny_recipe({"optim.momentum": 0.5}).override(changes)
+    assert (recipe.optim.lr, recipe.optim.momentum) == (0.2, 0.5), "momentum kept"
