@@ -241,7 +241,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     if space.config.promote is not None:
         p = space.config.promote
-        run_promotion(open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address)
+        if not run_promotion(
+            open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address
+        ):
+            if space.config.export is not None:
+                console.print("so the space's export is not done")
+            return 1
     if space.config.export is not None:
         run_export(open_storage(url), name, Path(space.config.export.dir))
     return 0
@@ -401,8 +406,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     fix = f"pass --epochs {space.asha.max_epochs} or more"
     if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
         raise KdsearchError(short)
-    run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address)
-    return 0
+    return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
 
 
 def run_promotion(
@@ -413,15 +417,18 @@ def run_promotion(
     seeds: int,
     epochs: int | None,
     address: str | None,
-) -> None:
-    """Promote, with a line per finished run, then print the leaderboard."""
-    from kdsearch.promote import leaderboard, promote, weights_dir_for
+) -> bool:
+    """Promote, with a line per finished run, then print the leaderboard; whether a run of a
+    searched recipe is recorded finished at the promotion's budget (not: every one failed)."""
+    from kdsearch.promote import finished_keys, leaderboard, promote, weights_dir_for
     from kdsearch.study import promoted_name, redact
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
     status = RunsStatus()
+    searched: list[str] = []  # the keys of the plan's runs of searched recipes
 
     def on_plan(runs: list[Any], todo: int) -> None:
+        searched[:] = [r.key for r in runs if r.source_trial >= 0]
         found = len({r.source_trial for r in runs if r.source_trial >= 0})
         trials = f"top {top_k} trials" if found == top_k else f"{found} COMPLETE trials"
         fewer = "" if found == top_k else f" (all it has; {top_k} asked for)"
@@ -466,6 +473,10 @@ def run_promotion(
         f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
         f"weights in {weights_dir_for(url, name)}/"
     )
+    if finished_keys(promoted) & set(searched):
+        return True
+    console.print(f"every run of the searched recipes failed at {budget}: nothing is promoted")
+    return False
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -32,7 +33,7 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import Record, open_storage
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
-from .conftest import SMALL_SPACE, run_cli, write_study
+from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -364,3 +365,30 @@ def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path:
     keys = {r.key for r in plan(study, top_k=1, seeds=1, epochs=3)}
     assert finished_keys(promoted_study) == keys
     assert len(leaderboard(promoted_study)) == 3
+
+
+def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It printed the baselines' leaderboard and exited 0; `kdsearch run` then exported the
+    best search trial instead, as if no promotion had been asked for."""
+    write_study(tmp_path)
+
+    def diverging(storage: BaseStorage, name: str, **kwargs: Any) -> optuna.Study:
+        study = optuna.load_study(study_name=name, storage=storage)
+        runs = plan(study, top_k=kwargs["top_k"], seeds=kwargs["seeds"], epochs=kwargs["epochs"])
+        kwargs["on_plan"](runs, len(runs))
+        promoted = open_promoted(storage, name)
+        kwargs["weights_dir"].mkdir(parents=True)
+        for run in runs:  # the baselines train; every searched recipe diverges
+            failure = "NonFiniteLoss: nan" if run.source_trial >= 0 else None
+            result = replace(result_of(run, 0.5, failure), weights=None if failure else {})
+            _record(promoted, run, result, kwargs["weights_dir"], None)
+            kwargs["on_run"](run, result)
+        return promoted
+
+    monkeypatch.setattr("kdsearch.promote.promote", diverging)
+    ran = cli_here("promote", "s", "--seeds", "1", "--top-k", "2", cwd=tmp_path)
+    assert ran.returncode == 1, ran.stderr
+    assert "trial 1 seed 0: failed: NonFiniteLoss: nan" in ran.stderr
+    assert "every run of the searched recipes failed at the base recipe's epochs" in ran.stderr
