@@ -56,7 +56,7 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 # The recipe keys that name weights files: relative paths in a file are relative to the file.
-CHECKPOINTS = ("teacher.checkpoint", "teacher.heads.checkpoint")
+INPUT_PATHS = ("data.root", "teacher.checkpoint", "teacher.heads.checkpoint")
 
 
 class Section(BaseModel):
@@ -314,16 +314,18 @@ class Recipe(Section):
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """Read a recipe YAML file; its relative checkpoint paths are relative to its folder."""
+        """Read a recipe YAML file; its relative input paths (`INPUT_PATHS`) are relative to
+        its folder."""
         return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(Path(path).parent)
 
     def resolve_paths(self, folder: Path) -> Recipe:
-        """The same recipe with each relative checkpoint path joined to `folder` (the folder of
-        the file that wrote it, or the working folder for the command line's --set), made
-        absolute, so that the recipe reads the same files from anywhere and writes them so."""
+        """The same recipe with each relative input path (the data folder, the checkpoints)
+        joined to `folder` (the folder of the file that wrote it, or the working folder for the
+        command line's --set), made absolute, so that the recipe reads the same files from
+        anywhere and writes them so."""
         changes = {
             key: str((folder.expanduser() / Path(value).expanduser()).absolute())
-            for key in CHECKPOINTS
+            for key in INPUT_PATHS
             if (value := self.get(key)) is not None and not Path(value).expanduser().is_absolute()
         }
         return self.override(changes, source="recipe") if changes else self

@@ -219,7 +219,7 @@ def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
         Recipe.load(tmp_path / "absent.yaml")
 
 
-def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(
+def test_input_paths_in_a_file_are_relative_to_its_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "export"
@@ -231,6 +231,10 @@ def test_checkpoint_paths_in_a_file_are_relative_to_its_folder(
     recipe = Recipe.load(folder / "recipe.yaml")
     assert recipe.teacher.checkpoint == str(folder / "teacher.pt")
     assert recipe.teacher.heads.checkpoint == str(folder / "../h/heads.pt")
+    assert recipe.data.root == "~/.cache/kdsearch/data", "the default, from home, stays"
+    # the data folder too (a recipe.yaml that `train` wrote read another folder from elsewhere)
+    (folder / "recipe.yaml").write_text(text.replace("data: {", "data: {root: images, "))
+    assert Recipe.load(folder / "recipe.yaml").data.root == str(folder / "images")
     absolute = text.replace("checkpoint: teacher.pt", f"checkpoint: {tmp_path}/t.pt")
     (folder / "recipe.yaml").write_text(absolute.replace("../h/heads.pt", "~/heads.pt"))
     recipe = Recipe.load(folder / "recipe.yaml")
