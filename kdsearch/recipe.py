@@ -336,7 +336,7 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """YAML text that `from_yaml` turns back into an equal recipe."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def get(self, path: str) -> Any:
         """The value at a dotted path (plain data for a section); an unknown path is an error."""
@@ -567,11 +567,17 @@ def _refuse_repeated_keys(loader: _Loader, node: yaml.MappingNode) -> None:
         first_line[key] = line
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes a string `_Loader` would read as a float (a folder
+    named `1e5`), so that what is written reads back as it was."""
+
+
+for _resolving in (_Loader, _Dumper):
+    _resolving.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
 
 
 def load_yaml(text: str, *, source: str) -> Any:

@@ -261,3 +261,11 @@ def test_flatten_makes_dotted_keys() -> None:
         "a.c.d": [1, 2],
         "e": None,
     }
+
+
+@pytest.mark.parametrize("name", ["1e5", "5e-4", "2E10", "1_0e3"])
+def test_a_string_that_reads_as_a_number_is_written_so_that_it_reads_back(name: str) -> None:
+    """`5e-4` is read as a float (YAML 1.1 would read a string); a folder of that name was
+    written bare, and the recipe then failed to load: `data.root` is no number."""
+    recipe = Recipe.from_yaml(MINIMAL).override({"data.root": name})
+    assert Recipe.from_yaml(recipe.to_yaml()).data.root == name
