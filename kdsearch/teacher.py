@@ -15,7 +15,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,6 @@ def teacher_key(recipe: Recipe, data: ImageData) -> str:
     spec = teacher_recipe(recipe).to_dict()
     for irrelevant in ("data", "device", "teacher"):
         spec.pop(irrelevant)
-    spec["compile"] = False  # how fast, not what, it trains (False: the keys cached so far)
     for term, settings in UNKEYED_TERM_SETTINGS.items():
         for setting in settings:
             spec["distill"][term].pop(setting)
@@ -240,6 +239,8 @@ def training_turn(path: Path, what: str) -> Iterator[None]:
     it and then loads its result. (Two trained at once: each replaced the other's file, under a
     search that had recorded, and trained heads on, the one it replaced.)"""
     lock = path.with_suffix(".lock")
+    with suppress(OSError):  # a fresh cache: the lock needs its folder (an unwritable one, none)
+        path.parent.mkdir(parents=True, exist_ok=True)
     with flocked(lock, wait=False) as free:
         if free is not False:  # this process's turn, or a cache folder that takes no lock
             yield

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 import warnings
@@ -51,33 +49,48 @@ def test_teacher_is_trained_once_then_reused_from_the_cache(
 
 
 def test_a_teacher_another_process_is_training_is_waited_for_and_loaded(
-    synthetic: ImageData,
+    synthetic: ImageData, isolated_cache: Path
 ) -> None:
     """Two searches with one teacher, started together on an empty cache, both trained it and
     each replaced the other's file, under a search that had recorded (and trained heads on)
-    the teacher it replaced."""
+    the teacher it replaced. (Two threads stand for the two processes: each lock is its own
+    open file, so they exclude each other as processes do.)"""
     recipe = tiny_recipe()
-    path = cached_teacher_path(recipe, synthetic)
-    path.parent.mkdir(parents=True)
-    lock = os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # the other process, training
-    got: list[Teacher] = []
+    assert not isolated_cache.exists(), "an empty cache: no teachers/ folder for a lock yet"
+    held, release = threading.Event(), threading.Event()
+
+    def training(*args: object) -> None:  # the first, after its first epoch: holds on here
+        held.set()
+        assert release.wait(timeout=60)
+
+    first: list[Teacher] = []
+    second: list[Teacher] = []
     epochs: list[int] = []
-    waiting = threading.Thread(
-        target=lambda: got.append(get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch)))
-    )
-    with pytest.warns(KdsearchWarning, match="another process is training this teacher"):
-        waiting.start()
-        time.sleep(1.0)
-    assert waiting.is_alive() and not got, "it waits"
-    theirs = get_teacher(recipe.override({"teacher.train.lr": 0.1}), synthetic)  # their result
-    path.write_bytes(theirs.path.read_bytes())
-    path.with_suffix(".json").write_text(theirs.path.with_suffix(".json").read_text())
-    os.close(lock)
-    waiting.join(timeout=60)
-    (teacher,) = got
-    assert teacher.source == "cache" and epochs == [], "loaded, not trained a second time"
-    assert weights_digest(teacher.path) == weights_digest(theirs.path)
+    threads = [
+        threading.Thread(
+            target=lambda: first.append(get_teacher(recipe, synthetic, training)), daemon=True
+        ),
+        threading.Thread(
+            target=lambda: second.append(
+                get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch))
+            ),
+            daemon=True,
+        ),
+    ]
+    try:
+        threads[0].start()
+        assert held.wait(timeout=60)
+        with pytest.warns(KdsearchWarning, match="another process is training this teacher"):
+            threads[1].start()
+            time.sleep(1.0)
+        assert threads[1].is_alive() and not second, "it waits"
+    finally:
+        release.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert first[0].source == "trained"
+    assert second[0].source == "cache" and epochs == [], "loaded, not trained a second time"
+    assert weights_digest(second[0].path) == weights_digest(first[0].path)
 
 
 def test_a_teacher_cache_that_cannot_be_written_is_refused_before_training(
@@ -103,7 +116,6 @@ def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> N
                     "distill.kd.temperature": 2.0,
                     "seed": 5,
                     "device": "auto",
-                    "compile": True,  # how fast the teacher trains, not what
                 }
             ),
             synthetic,
