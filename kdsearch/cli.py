@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         type=ray_address,
-        help="join the Ray cluster at this address (default: start "
-        "a local Ray sized to this machine)",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="join the Ray cluster at this address (default: $RAY_ADDRESS where set, else "
+        "start a local Ray sized to this machine)",
     )
     p.add_argument(
         "--resume",
@@ -140,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         help="full budget (default: the space's, else the base recipe's schedule.epochs)",
     )
-    p.add_argument("--address", type=ray_address, help="join the Ray cluster at this address")
+    p.add_argument(
+        "--address",
+        type=ray_address,
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="join the Ray cluster at this address (default: $RAY_ADDRESS where set)",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = study_command("export", "write the winner as a folder a training job runs as is")

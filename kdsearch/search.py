@@ -624,7 +624,11 @@ def run_jobs(
 
         # A process per run where it holds a GPU: a reused one would keep its cached GPU
         # memory, and the GPU it first started CUDA on, for runs Ray gives another.
-        remote = ray.remote(num_cpus=cpu, num_gpus=gpu, max_calls=1 if gpu else 0)(train_job)
+        # Not retried: a run whose process died (out of memory, a lost node) fails alone, as a
+        # run that raised does, instead of training again from its first epoch.
+        remote = ray.remote(num_cpus=cpu, num_gpus=gpu, max_calls=1 if gpu else 0, max_retries=0)(
+            train_job
+        )
         pending = {
             remote.remote(key, r.to_yaml(), shared, cpu, progress): key for key, r in jobs.items()
         }
@@ -635,8 +639,7 @@ def run_jobs(
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
                 drain()  # a run's last epochs before its result
                 for ref in done:
-                    pending.pop(ref)
-                    result: JobResult = ray.get(ref)
+                    result = job_result(ref, pending.pop(ref))
                     tell_once(told, result.key, result.warnings)
                     on_done(result)
         finally:  # stopped or failed: no run trains on, no queue is left behind
@@ -649,6 +652,20 @@ def run_jobs(
             ray.shutdown()
 
 
+def job_result(ref: ray.ObjectRef[JobResult], key: str) -> JobResult:
+    """The result of the run `key` (see `train_job`), or, where its process died before it
+    could return one, a failed result naming why."""
+    try:
+        result: JobResult = ray.get(ref)
+    except ray.exceptions.RayError as err:
+        cause = getattr(err, "cause", None)  # what train_job raised, where it raised
+        error = cause if isinstance(cause, Exception) else err
+        why = (str(error).strip().splitlines() or [""])[0]
+        failure = f"{type(error).__name__}: {why}".removesuffix(": ")
+        return JobResult(key, {}, 0.0, 0.0, 0, 0.0, 0.0, None, failure=failure)
+    return result
+
+
 def local_resources() -> dict[str, float]:
     """What the local Ray that `start_ray` starts will have: every CPU and visible GPU."""
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
@@ -658,15 +675,16 @@ def trial_resources(
     search: SearchConfig, cluster: Mapping[str, float] | None = None, *, device: str = "auto"
 ) -> tuple[float, float]:
     """CPUs and GPUs of one trial on `cluster`'s resources, by default the connected Ray's
-    (`gpu: auto` is 1/concurrent of a GPU where there are GPUs); a request the cluster cannot
+    (`gpu: auto`: an equal share of a GPU, as many to a GPU as `concurrent` trials need, where
+    there are GPUs); a request the cluster cannot
     meet, or a CUDA `device` for trials given no GPU, is refused at once, since Tune and Ray
     would wait forever for the one and every trial would fail on the other."""
     if cluster is None:
         cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
     gpus = float(cluster.get("GPU", 0.0))
     per_trial = search.per_trial
-    if per_trial.gpu == "auto":
-        gpu = min(1.0, gpus / search.concurrent) if gpus else 0.0
+    if per_trial.gpu == "auto":  # 1/k of a GPU, k the trials each must hold for `concurrent`
+        gpu = 1.0 / math.ceil(search.concurrent / gpus) if gpus else 0.0
     else:
         gpu = per_trial.gpu
     for kind, wanted, have in (

@@ -219,6 +219,7 @@ def train(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         part_sums: dict[str, torch.Tensor] = {}
+        epoch_outputs = None  # the last epoch's, off the device before the next is placed
         with autocast(device, dtype):
             epoch_outputs = None if from_store is None else from_store.epoch(epoch)
         for b, batch in enumerate(loader.epoch(epoch)):

@@ -225,6 +225,22 @@ def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
 
 
+def test_ray_address_in_the_environment_is_the_cluster_to_join(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `ray job submit` and Ray's pods set it: a local Ray was started with this machine's
+    CPU count, which Ray refuses for a cluster (a ValueError's traceback)."""
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    with socket.socket() as s:  # held, never listening
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        ran = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert ran.returncode == 2, ran.stderr
+    assert f"cannot join the Ray cluster at {address}: nothing answers there" in ran.stderr
+    assert not (tmp_path / "studies" / "s.db").exists()
+
+
 @pytest.mark.parametrize(
     "address", ["nonsense", "host:notaport", "host:70000", ":6379", "::1:6379", "http://h:8265"]
 )

@@ -640,6 +640,9 @@ def test_a_cuda_device_for_trials_given_no_gpu_is_refused(
         ({"cpu": 1}, 4, 1.0, (1.0, 0.25)),  # `auto`: the GPU split between the concurrent trials
         ({"cpu": 1}, 2, 8.0, (1.0, 1.0)),  # never more than one GPU per trial
         ({"cpu": 1}, 2, 0.0, (1.0, 0.0)),  # `auto` on a machine without one: CPU trials
+        # two to a GPU, so all three run (2/3 of a GPU each fitted one to a GPU: two ran)
+        ({"cpu": 1}, 3, 2.0, (1.0, 0.5)),
+        ({"cpu": 1}, 6, 4.0, (1.0, 0.5)),
     ],
 )
 def test_trial_resources_share_a_gpu_between_trials(
@@ -740,3 +743,29 @@ def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> 
         StudyError, match=r"study 's': the teacher file .* hashes .*\(--study NAME\)"
     ):
         same_teacher(record, TeacherFiles(weights, weights_digest(weights)))  # type: ignore[arg-type]
+
+
+def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
+    """Ray retried it from its first epoch, then `ray.get` raised out of the promotion, which
+    cancelled every other run still training."""
+    import ray
+
+    from kdsearch.search import job_result
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def dies() -> None:
+        os._exit(1)  # as Ray's memory monitor or a segfault ends a run
+
+    @ray.remote(num_cpus=1)
+    def raises() -> None:
+        raise ValueError("a bug in the run")
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        died = job_result(dies.remote(), "trial-1-seed0")
+        raised = job_result(raises.remote(), "trial-2-seed0")
+    finally:
+        ray.shutdown()
+    assert died.key == "trial-1-seed0" and died.weights is None
+    assert died.failure is not None and died.failure.startswith("WorkerCrashedError")
+    assert raised.failure == "ValueError: a bug in the run"

@@ -313,3 +313,29 @@ def test_a_store_whose_folder_cannot_be_written_runs_the_teacher_live(tmp_path: 
     seen: list[int] = []
     assert store.epoch(0, "plain", torch.device("cpu"), lambda: epoch_of(seen)) is None
     assert seen == []
+
+
+def test_an_epochs_stored_outputs_are_let_go_before_the_next_epochs_are_placed(
+    data: ImageData,
+    teacher: tuple[TapModel, dict[str, torch.nn.Module]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU the next epoch was copied to the device while the last one's copy was still
+    held: twice `device_mb` per trial."""
+    import weakref
+
+    from kdsearch.store import StoreReader
+
+    read = StoreReader.epoch
+    earlier: list[weakref.ref[object]] = []
+
+    def epoch(self: StoreReader, number: int) -> object:
+        assert all(ref() is None for ref in earlier), "the last epoch's outputs are still held"
+        outputs = read(self, number)
+        earlier.append(weakref.ref(outputs))
+        return outputs
+
+    monkeypatch.setattr(StoreReader, "epoch", epoch)
+    run(data, teacher, {"schedule.epochs": 3}, config(tmp_path))
+    assert len(earlier) == 3
