@@ -131,11 +131,12 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     free_device_memory()  # what an earlier trial of this reused worker left cached
     started = time.perf_counter()
     progress = {"epoch": 0}
-    try:
-        _train_trial(config, shared, started, progress)
-        return
-    except Exception as err:  # recorded as FAIL with its reason; nothing is lost
-        failure = f"{type(err).__name__}: {err}"[:2000]
+    with kept_warnings() as told:
+        try:
+            _train_trial(config, shared, started, progress, told)
+            return
+        except Exception as err:  # recorded as FAIL with its reason; nothing is lost
+            failure = f"{type(err).__name__}: {err}"[:2000]
     # Out of the handler, the failed trial's tensors (its traceback held them) are garbage:
     # a trial out of GPU memory leaves none held for the others.
     free_device_memory()
@@ -145,46 +146,50 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
             METRIC: float("nan"),
             "failure": failure,
             "wall_seconds": time.perf_counter() - started,
+            **({"warnings": said} if (said := told()) else {}),  # what led up to it, too
         }
     )
 
 
 def _train_trial(
-    config: dict[str, Any], shared: Shared, started: float, progress: dict[str, int]
+    config: dict[str, Any],
+    shared: Shared,
+    started: float,
+    progress: dict[str, int],
+    told: Callable[[], list[str]],
 ) -> None:
     recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
     busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
     store = config.get("store")
-    with kept_warnings() as told:
 
-        def report(stats: EpochStats) -> None:
-            progress["epoch"] = stats.epoch
-            busy["train_seconds"] += stats.seconds
-            busy["eval_seconds"] += stats.eval_seconds
-            tune.report(
-                {
-                    "epoch": stats.epoch,
-                    METRIC: stats.val_acc,
-                    "train_loss": stats.train_loss,
-                    "images_per_sec": stats.images_per_sec,
-                    "student_params": params,
-                    "threads": torch.get_num_threads(),
-                    "wall_seconds": time.perf_counter() - started,
-                    **busy,
-                    **({"warnings": said} if (said := told()) else {}),
-                }
-            )
-
-        train(
-            recipe,
-            data,
-            report,
-            teacher=teacher,
-            teacher_heads=heads,
-            store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
+    def report(stats: EpochStats) -> None:
+        progress["epoch"] = stats.epoch
+        busy["train_seconds"] += stats.seconds
+        busy["eval_seconds"] += stats.eval_seconds
+        tune.report(
+            {
+                "epoch": stats.epoch,
+                METRIC: stats.val_acc,
+                "train_loss": stats.train_loss,
+                "images_per_sec": stats.images_per_sec,
+                "student_params": params,
+                "threads": torch.get_num_threads(),
+                "wall_seconds": time.perf_counter() - started,
+                **busy,
+                **({"warnings": said} if (said := told()) else {}),
+            }
         )
+
+    train(
+        recipe,
+        data,
+        report,
+        teacher=teacher,
+        teacher_heads=heads,
+        store=None if store is None else StoreConfig(Path(store[0]), store[1], store[2]),
+    )
 
 
 @contextlib.contextmanager

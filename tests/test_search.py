@@ -533,6 +533,10 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
         {"number": 4, "recipe": recipe.override({"compile": False}).to_yaml(), "threads": 1}, shared
     )
     assert reports and all("warnings" not in r for r in reports)
+    reports.clear()  # a trial that fails: its warnings come with its failure
+    diverges = recipe.override({"optim.lr": 1.0e12}).to_yaml()
+    search.run_trial({"number": 5, "recipe": diverges, "threads": 1}, shared)
+    assert "NonFiniteLoss" in str(reports[-1]["failure"]) and reports[-1]["warnings"] == said
 
 
 def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:
