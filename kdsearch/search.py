@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -671,36 +671,50 @@ def job_result(ref: ray.ObjectRef[JobResult], key: str) -> JobResult:
     return result
 
 
-def local_resources() -> dict[str, float]:
-    """What the local Ray that `start_ray` starts will have: every CPU and visible GPU."""
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+def local_resources() -> list[dict[str, float]]:
+    """What the local Ray that `start_ray` starts will have: one node with every CPU and
+    visible GPU."""
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
 
 
 def trial_resources(
-    search: SearchConfig, cluster: Mapping[str, float] | None = None, *, device: str = "auto"
+    search: SearchConfig,
+    nodes: Sequence[Mapping[str, float]] | None = None,
+    *,
+    device: str = "auto",
 ) -> tuple[float, float]:
-    """CPUs and GPUs of one trial on `cluster`'s resources, by default the connected Ray's
+    """CPUs and GPUs of one trial on a cluster of `nodes`, by default the connected Ray's
     (`gpu: auto`: an equal share of a GPU, as many to a GPU as `concurrent` trials need, where
-    there are GPUs); a request the cluster cannot
-    meet, or a CUDA `device` for trials given no GPU, is refused at once, since Tune and Ray
-    would wait forever for the one and every trial would fail on the other."""
-    if cluster is None:
-        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
-    gpus = float(cluster.get("GPU", 0.0))
+    there are GPUs); a request no node can meet, or a CUDA `device` for trials given no GPU, is
+    refused at once, since Tune and Ray would wait forever for the one and every trial would
+    fail on the other."""
+    if nodes is None:
+        nodes = cluster_nodes()
+    gpus = sum(float(node.get("GPU", 0.0)) for node in nodes)
     per_trial = search.per_trial
     if per_trial.gpu == "auto":  # 1/k of a GPU, k the trials each must hold for `concurrent`
         gpu = 1.0 / math.ceil(search.concurrent / gpus) if gpus else 0.0
     else:
         gpu = per_trial.gpu
-    for kind, wanted, have in (
-        ("cpu", per_trial.cpu, float(cluster.get("CPU", 0.0))),
-        ("gpu", gpu, gpus),
-    ):
-        if wanted > have:
+    for kind, wanted in (("cpu", per_trial.cpu), ("gpu", gpu)):
+        most = max((float(node.get(kind.upper(), 0.0)) for node in nodes), default=0.0)
+        if wanted > most:
+            where = "the Ray cluster has" if len(nodes) == 1 else "its largest Ray node has"
             raise RecipeError(
-                f"search.per_trial.{kind} is {wanted:g}, but the Ray cluster has {have:g} "
-                f"{kind.upper()}s"
+                f"search.per_trial.{kind} is {wanted:g}, but {where} {most:g} {kind.upper()}s"
             )
+    if not any(
+        node.get("CPU", 0.0) >= per_trial.cpu and node.get("GPU", 0.0) >= gpu for node in nodes
+    ):
+        raise RecipeError(
+            f"search.per_trial is {per_trial.cpu:g} CPUs with {gpu:g} GPUs, but no Ray node "
+            "has both"
+        )
     if gpu == 0 and device.startswith("cuda"):
         why = "search.per_trial.gpu is 0" if gpus else "the Ray cluster has no GPU"
         raise RecipeError(f"device: {device}, but trials get no GPU ({why}); use auto or cpu")

@@ -630,7 +630,7 @@ def test_a_cuda_device_for_trials_given_no_gpu_is_refused(
     from kdsearch.errors import RecipeError
     from kdsearch.space import SearchConfig
 
-    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": gpus})
+    monkeypatch.setattr(search, "cluster_nodes", lambda: [{"CPU": 4.0, "GPU": gpus}])
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0}})
     with pytest.raises(RecipeError, match=r"device: cuda, but trials get no GPU"):
         search.trial_resources(config, device="cuda")
@@ -659,7 +659,8 @@ def test_trial_resources_share_a_gpu_between_trials(
     from kdsearch import search
     from kdsearch.space import SearchConfig
 
-    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": gpus})
+    nodes = [{"CPU": 8.0, "GPU": gpus / 2}, {"CPU": 8.0, "GPU": gpus / 2}]  # two like nodes
+    monkeypatch.setattr(search, "cluster_nodes", lambda: nodes)
     config = SearchConfig.model_validate({"per_trial": per_trial, "concurrent": concurrent})
     assert search.trial_resources(config) == expected
 
@@ -669,10 +670,29 @@ def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
     from kdsearch.errors import RecipeError
     from kdsearch.space import SearchConfig
 
-    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(search, "cluster_nodes", lambda: [{"CPU": 2.0}])
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0.25}})
     with pytest.raises(RecipeError, match=r"search\.per_trial\.gpu is 0\.25, but the Ray cluster"):
         search.trial_resources(config)
+
+
+def test_a_request_no_single_node_meets_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compared with the cluster's totals, two GPUs a trial on four one-GPU nodes passed, and
+    the search waited forever with no trial running."""
+    from kdsearch import search
+    from kdsearch.errors import RecipeError
+    from kdsearch.space import SearchConfig
+
+    nodes = [{"CPU": 8.0, "GPU": 1.0}] * 4 + [{"CPU": 32.0}]
+    monkeypatch.setattr(search, "cluster_nodes", lambda: nodes)
+    two = SearchConfig.model_validate({"per_trial": {"cpu": 1, "gpu": 2}})
+    with pytest.raises(RecipeError, match=r"per_trial\.gpu is 2, but its largest Ray node has 1"):
+        search.trial_resources(two)
+    cpus = SearchConfig.model_validate({"per_trial": {"cpu": 16, "gpu": 1}})
+    with pytest.raises(RecipeError, match=r"16 CPUs with 1 GPUs, but no Ray node has both"):
+        search.trial_resources(cpus)
+    fits = SearchConfig.model_validate({"per_trial": {"cpu": 16, "gpu": 0}})
+    assert search.trial_resources(fits) == (16.0, 0.0)
 
 
 def one_lr_without_kd(search: str) -> SearchSpace:
