@@ -672,9 +672,17 @@ def job_result(ref: ray.ObjectRef[JobResult], key: str) -> JobResult:
 
 
 def local_resources() -> list[dict[str, float]]:
-    """What the local Ray that `start_ray` starts will have: one node with every CPU and
-    visible GPU."""
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    """What the local Ray that `start_ray` starts will have: one node with every CPU this
+    process may use and every visible GPU."""
+    return [{"CPU": float(usable_cpus()), "GPU": float(torch.cuda.device_count())}]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM job's or `taskset`'s share of the machine),
+    where the system says; else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -734,7 +742,7 @@ def start_ray(address: str | None) -> None:
     try:
         ray.init(
             address=address,
-            num_cpus=None if address else os.cpu_count(),
+            num_cpus=None if address else usable_cpus(),
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.ERROR,

@@ -676,6 +676,15 @@ def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
         search.trial_resources(config)
 
 
+def test_a_local_ray_has_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SLURM job given 2 of a node's 64 CPUs started a Ray of 64, as many trials at once."""
+    from kdsearch import search
+
+    monkeypatch.setattr(search.os, "sched_getaffinity", lambda pid: {3, 5})
+    monkeypatch.setattr(search.os, "cpu_count", lambda: 64)
+    assert search.usable_cpus() == 2 and search.local_resources()[0]["CPU"] == 2.0
+
+
 def test_a_request_no_single_node_meets_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compared with the cluster's totals, two GPUs a trial on four one-GPU nodes passed, and
     the search waited forever with no trial running."""
