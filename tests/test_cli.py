@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -235,6 +236,9 @@ def test_ray_address_in_the_environment_is_the_cluster_to_join(
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
         monkeypatch.setenv("RAY_ADDRESS", address)
+        # as set, not turned to token mode where a test's `ray start` left a token: Ray has been
+        # imported in this process already, and its later local Rays would refuse that mode
+        monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
         ran = cli_here("run", "s.yaml", cwd=tmp_path)
     assert ran.returncode == 2, ran.stderr
     assert f"cannot join the Ray cluster at {address}: nothing answers there" in ran.stderr
