@@ -35,6 +35,7 @@ from torch import Tensor
 
 from kdsearch.cache import cache_dir, digest
 from kdsearch.errors import DataError, KdsearchWarning
+from kdsearch.paths import staging_path
 from kdsearch.recipe import DataConfig
 
 Progress = Callable[[str, int, int], None]
@@ -560,7 +561,7 @@ def _read_decoded(path: Path) -> tuple[Split, Split] | None:
 
 def _write_decoded(path: Path, train: Split, test: Split) -> None:
     """Cache the decoded splits at `path`; where that fails, warn and go on without."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = staging_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import re
 import shutil
@@ -33,7 +32,7 @@ from kdsearch import __version__
 from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
-from kdsearch.paths import writable_folder
+from kdsearch.paths import staging_path, writable_folder
 from kdsearch.promote import current_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import base_recipe, load_study, promoted_name, ranked, recorded, trial_recipe
@@ -198,14 +197,14 @@ def export(
         for file, source in copies.items():
             if source is not None:
                 staged[file] = _copy_checked(*source, out / file)
-        staged["recipe.yaml"] = _staged(out / "recipe.yaml")
+        staged["recipe.yaml"] = staging_path(out / "recipe.yaml")
         staged["recipe.yaml"].write_text(recipe.to_yaml())
-        staged["student.pt"] = _staged(out / "student.pt")
+        staged["student.pt"] = staging_path(out / "student.pt")
         torch.save({k: v.cpu() for k, v in weights.items()}, staged["student.pt"])
-        staged["hyperparameters.json"] = _staged(out / "hyperparameters.json")
+        staged["hyperparameters.json"] = staging_path(out / "hyperparameters.json")
         flat = flatten(recipe.to_dict())
         staged["hyperparameters.json"].write_text(json.dumps(flat, indent=2) + "\n")
-        staged["meta.json"] = _staged(out / "meta.json")
+        staged["meta.json"] = staging_path(out / "meta.json")
         staged["meta.json"].write_text(json.dumps(meta, indent=2, default=float) + "\n")
     except BaseException:  # refused, failed or interrupted: nothing of this export is left
         for tmp in staged.values():
@@ -221,15 +220,11 @@ def export(
         tmp.replace(out / file)
 
 
-def _staged(dest: Path) -> Path:
-    """Where `dest` is written before it is moved into place: beside it, hidden."""
-    return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-
-
 def _leftover(path: Path) -> bool:
-    """A file an export killed before it could clean up staged (`_staged`), and nothing else."""
-    staged = re.fullmatch(r"\.(.+)\.\d+\.tmp", path.name)
-    return staged is not None and staged.group(1) in EXPORT_FILES and path.is_file()
+    """A file an export killed before it could clean up staged (`staging_path`), and nothing else
+    (older versions named them without the random part)."""
+    found = re.fullmatch(r"\.(.+)\.\d+(-[0-9a-f]+)?\.tmp", path.name)
+    return found is not None and found.group(1) in EXPORT_FILES and path.is_file()
 
 
 def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
@@ -241,7 +236,7 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
             "promoted on another machine); put it back there, or export on the machine that "
             "promoted"
         )
-    tmp = _staged(dest)
+    tmp = staging_path(dest)
     try:
         shutil.copyfile(source, tmp)
         found = weights_digest(tmp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,3 +76,10 @@ def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
         yield True
     finally:
         os.close(fd)
+
+
+def staging_path(dest: Path) -> Path:
+    """Where `dest` is written before it is moved into place: beside it (one file system, so the
+    move is atomic), hidden, and unique to this writer. The PID alone is not: two containers'
+    PID 1 sharing a cache folder would write one file."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")

@@ -15,6 +15,7 @@ from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.export import Winner, check_out, export
 from kdsearch.models import build_model
+from kdsearch.paths import staging_path
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.teacher import TeacherFiles, get_teacher
 
@@ -201,7 +202,8 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
 def test_export_refuses_a_folder_holding_something_else(tmp_path: Path, cli_here: CliHere) -> None:
     # what an export killed before it could clean up leaves (and only that) is no obstacle
     (tmp_path / "killed").mkdir()
-    (tmp_path / "killed" / ".student.pt.4242.tmp").write_bytes(b"half")
+    (tmp_path / "killed" / ".student.pt.4242.tmp").write_bytes(b"half")  # an older version's
+    staging_path(tmp_path / "killed" / "meta.json").write_text("{half")
     check_out(tmp_path / "killed", "s")
     (tmp_path / "killed" / ".notes.4242.tmp").write_text("mine")
     with pytest.raises(KdsearchError, match="already holds files that are not an export"):
