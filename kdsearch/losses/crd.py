@@ -10,8 +10,6 @@ from torch import Tensor, nn
 
 from kdsearch.losses.base import BuildContext, Step, Term
 
-EPS = 1e-7
-
 
 class Embed(nn.Module):
     """Linear projection to the contrastive space, then L2 normalisation."""
@@ -21,18 +19,23 @@ class Embed(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.linear(x.flatten(1).float()), dim=1)
+        with torch.autocast(x.device.type, enabled=False):  # fp32: anchors and memories alike
+            return F.normalize(self.linear(x.flatten(1).float()), dim=1)
 
 
-def contrast_loss(scores: Tensor, num_data: int) -> Tensor:
-    """NCE loss of CRD (its eq. 18 as implemented): column 0 holds the positive's score, the other
-    K columns the negatives'; the noise distribution is uniform over the `num_data` images."""
-    k = scores.shape[1] - 1
-    noise = k / num_data
-    pos, neg = scores[:, 0], scores[:, 1:]
-    log_d1 = torch.log(pos / (pos + noise + EPS))
-    log_d0 = torch.log(noise / (neg + noise + EPS))
-    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+def contrast_loss(log_scores: Tensor, num_data: int) -> Tensor:
+    """NCE loss of CRD (its eq. 18 as implemented): column 0 holds the log of the positive's
+    score, the other K columns the negatives'; the noise distribution is uniform over the
+    `num_data` images. With P a score and n = K / num_data, the official code takes
+    log(P / (P + n)) and log(n / (P + n)); in logs these are -softplus(log n - log P) and
+    -softplus(log P - log n), which hold for any temperature (the official form's exp(1 / T)
+    is inf in fp32 below T = 0.0113, and every loss NaN)."""
+    k = log_scores.shape[1] - 1
+    log_noise = math.log(k / num_data)
+    pos, neg = log_scores[:, 0], log_scores[:, 1:]
+    log_d1 = -F.softplus(log_noise - pos)
+    log_d0 = -F.softplus(neg - log_noise)
+    return -(log_d1.sum() + log_d0.sum()) / log_scores.shape[0]
 
 
 class NegativeSampler(nn.Module):
@@ -64,43 +67,44 @@ class NegativeSampler(nn.Module):
 
 class ContrastMemory(nn.Module):
     """Momentum memory banks of student and teacher embeddings for every training image, and the
-    normalising constants Z, fixed on the first batch as the official code does."""
+    normalising constants Z (kept as logs), fixed on the first batch as the official code does."""
 
     bank_s: Tensor
     bank_t: Tensor
-    z: Tensor
+    log_z: Tensor
 
     def __init__(self, num_data: int, dim: int) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("bank_s", torch.rand(num_data, dim) * 2 * bound - bound)
         self.register_buffer("bank_t", torch.rand(num_data, dim) * 2 * bound - bound)
-        self.register_buffer("z", torch.full((2,), -1.0))
+        self.register_buffer("log_z", torch.full((2,), math.nan))  # NaN: not set yet
         self._z_fixed = False  # spares a device sync per step once Z is known
         self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
 
     def scores(
         self, v_s: Tensor, v_t: Tensor, rows: Tensor, temperature: float
     ) -> tuple[Tensor, Tensor]:
-        """exp(<memory, anchor> / T) / Z: the student anchor against teacher memories, and the
-        teacher anchor against student memories, at `rows` (B, K+1; positive first).
+        """log(exp(<memory, anchor> / T) / Z): the student anchor against teacher memories, and
+        the teacher anchor against student memories, at `rows` (B, K+1; positive first). Z is
+        the mean of exp(<memory, anchor> / T) over the first batch times the number of images.
 
         The official code gathers the K+1 memories of each anchor (B x K x D floats, 0.5 GB per
         bank at B = 64, K = 16384) and contracts them; one matrix product with the whole bank
         (B x N) and a gather of the scores gives the same numbers at a fraction of the memory
-        traffic. Computed in fp32 even under autocast: exp(1 / 0.07) does not survive bf16.
+        traffic. Computed in fp32 even under autocast: 1 / 0.07 does not survive bf16.
         """
         self._apply_pending()
         with torch.autocast(v_s.device.type, enabled=False):
-            dots_s = (v_s.float() @ self.bank_t.T).gather(1, rows)
-            dots_t = (v_t.float() @ self.bank_s.T).gather(1, rows)
-            out_s, out_t = torch.exp(dots_s / temperature), torch.exp(dots_t / temperature)
+            logit_s = (v_s.float() @ self.bank_t.T).gather(1, rows) / temperature
+            logit_t = (v_t.float() @ self.bank_s.T).gather(1, rows) / temperature
         if not self._z_fixed:
-            if self.z[0] < 0:
-                z = torch.stack([out_s.mean(), out_t.mean()]).detach() * self.bank_s.shape[0]
-                self.z.copy_(z)
+            if self.log_z[0].isnan():
+                mean = torch.stack([logit_s.flatten(), logit_t.flatten()]).logsumexp(1)
+                self.log_z.copy_(mean.detach() - math.log(logit_s.numel()))
+                self.log_z.add_(math.log(self.bank_s.shape[0]))
             self._z_fixed = True
-        return out_s / self.z[0], out_t / self.z[1]
+        return logit_s - self.log_z[0], logit_t - self.log_z[1]
 
     def update(self, v_s: Tensor, v_t: Tensor, idx: Tensor, momentum: float) -> None:
         """Move the positives' memories toward this batch's embeddings.
@@ -149,9 +153,9 @@ class ContrastiveLayer(nn.Module):
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
         idx = step.batch.idx
         rows = step.memo(("contrast rows", self.negatives), lambda: self._rows(step))
-        out_s, out_t = self.memory.scores(v_s, v_t, rows, self.temperature)
+        log_s, log_t = self.memory.scores(v_s, v_t, rows, self.temperature)
         num_data = int(self.memory.bank_s.shape[0])
-        loss = contrast_loss(out_s, num_data) + contrast_loss(out_t, num_data)
+        loss = contrast_loss(log_s, num_data) + contrast_loss(log_t, num_data)
         self.memory.update(v_s, v_t, idx, self.momentum)
         return loss
 

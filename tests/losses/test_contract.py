@@ -12,6 +12,7 @@ import torch
 from kdsearch.data import ImageData
 from kdsearch.errors import RecipeError
 from kdsearch.losses import LOSSES
+from kdsearch.losses.base import Step
 from kdsearch.models import TapModel, Taps
 from kdsearch.recipe import DistillConfig
 
@@ -56,6 +57,10 @@ def test_term_gives_a_finite_scalar_and_gradients_reach_student_and_own_heads_on
     assert ctx.teacher is not None
     teacher_before = snapshot(ctx.teacher)
     heads_before = {n: snapshot(h) for n, h in ctx.teacher_heads.items()}
+    # as if a caller forgot to freeze them: the terms themselves keep autograd off the teacher
+    ctx.teacher.requires_grad_(True)
+    for heads in ctx.teacher_heads.values():
+        heads.requires_grad_(True)
     step = step_for(distiller, ctx, first_batch(tiny_data))
     _total, parts = distiller.loss(step)
     value = parts[name]
@@ -174,3 +179,23 @@ def test_terms_read_the_teacher_heads_they_need(tiny_data: ImageData) -> None:
     bare = type(ctx)(ctx.student, ctx.teacher, ctx.num_classes, ctx.train_labels, ctx.image_shape)
     with pytest.raises(RecipeError, match=r"distill\.sskd needs the teacher's sskd heads"):
         Distiller.build(recipe_with(_on("sskd")), bare)
+
+
+def test_ce_and_kd_read_the_unrotated_quarter_when_rotations_are_on(tiny_data: ImageData) -> None:
+    # in eval mode (batch norm as a fixed map) the rotated stack's first quarter is the batch itself
+    plain, ctx = build(recipe_with({"ce": {"weight": 1.0}, "kd": {"weight": 1.0}}), tiny_data)
+    rotated, _ = build(
+        recipe_with({**_on("hsakd"), "ce": {"weight": 1.0}, "kd": {"weight": 1.0}}), tiny_data
+    )
+    assert rotated.rotations and not plain.rotations
+    ctx.student.eval()
+    batch = first_batch(tiny_data)
+    teacher = ctx.teacher.taps if ctx.teacher is not None else None
+    on = Step(batch, ctx.student.taps, teacher, rotations=True)
+    off = Step(batch, ctx.student.taps, teacher, rotations=False)
+    torch.testing.assert_close(on.s.logits, off.s.logits)
+    torch.testing.assert_close(on.t.logits, off.t.logits)
+    quarter = ctx.student.taps(torch.rot90(batch.x, 1, dims=(2, 3))).logits
+    torch.testing.assert_close(on.s_rot.logits[len(batch.y) : 2 * len(batch.y)], quarter)
+    for name in ("ce", "kd"):
+        torch.testing.assert_close(rotated.terms[name](on), plain.terms[name](off))
