@@ -36,7 +36,8 @@ def kept_by_rank(scores: Tensor, target: Tensor, keep_wrong: float) -> Tensor:
     position = torch.empty_like(order)
     position[order] = torch.arange(len(rank), device=rank.device)
     wrong = (rank > 0).sum()
-    kept = len(rank) - wrong + torch.floor(wrong * keep_wrong).long()
+    # int(wrong * keep) in float64 as the official code: in float32 90 * 0.7 is 63, not 62
+    kept = len(rank) - wrong + torch.floor(wrong.double() * keep_wrong).long()
     return position < kept
 
 

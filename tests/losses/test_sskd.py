@@ -25,6 +25,14 @@ def test_ranking_keeps_correct_rows_and_the_best_ranked_wrong_ones() -> None:
     assert kept_by_rank(scores, target, 0.5).nonzero().flatten().tolist() == [0, 2, 3]
 
 
+def test_the_kept_count_of_wrong_rows_is_rounded_down_as_python_does() -> None:
+    # 90 wrong rows (target 1, the teacher says 0) and 10 right; int(90 * 0.7) = 62
+    scores = torch.tensor([[1.0, 0.0]]).repeat(100, 1)
+    target = torch.tensor([1] * 90 + [0] * 10)
+    assert int(90 * 0.7) == 62
+    assert int(kept_by_rank(scores, target, 0.7).sum()) == 10 + 62
+
+
 def test_rotation_similarity_rows_are_rotated_images_against_originals() -> None:
     proj = torch.tensor(
         [
