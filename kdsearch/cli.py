@@ -59,6 +59,23 @@ def ray_address(text: str) -> str:
     return text
 
 
+def address_from_environment() -> str | None:
+    """`--address`'s default: $RAY_ADDRESS, as `ray job submit` and Ray's pods set it. Checked
+    here rather than by argparse, so that a bad value is named as the variable it is."""
+    text = os.environ.get("RAY_ADDRESS") or None
+    if text is None:
+        return None
+    try:
+        cluster_address(text)
+    except ValueError as err:
+        jobs_api = " (an http address is the Jobs API's, for `ray job submit`)"
+        raise KdsearchError(
+            f"RAY_ADDRESS={err}{jobs_api if text.startswith('http') else ''}; unset it, or "
+            "pass --address auto or HEAD:PORT"
+        ) from None
+    return text
+
+
 def port(text: str) -> int:
     """A TCP port, or 0 for any free one."""
     value = whole_number(text)
@@ -110,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         type=ray_address,
-        default=os.environ.get("RAY_ADDRESS") or None,
         help="join the Ray cluster at this address (default: $RAY_ADDRESS where set, else "
         "start a local Ray sized to this machine)",
     )
@@ -144,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         type=ray_address,
-        default=os.environ.get("RAY_ADDRESS") or None,
         help="join the Ray cluster at this address (default: $RAY_ADDRESS where set)",
     )
     p.set_defaults(func=cmd_promote)
@@ -216,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     warnings.showwarning = show_warning
     try:
+        if "address" in args and args.address is None:
+            args.address = address_from_environment()
         return int(args.func(args))
     except KdsearchError as err:
         console.print(f"kdsearch: error: {err}", markup=False)

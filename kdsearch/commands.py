@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.storage:
         url = storage_url(args.storage)
     else:
-        url = space.config.study.storage or default_storage(name)
+        url = storage_url(space.config.study.storage or default_storage(name))
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():

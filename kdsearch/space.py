@@ -126,7 +126,21 @@ class StudyConfig(Section):
     """Where the record of the search lives."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    storage: str | None = None  # default: sqlite:///studies/<name>.db
+    storage: str | None = None  # default: sqlite:///studies/<name>.db; a path is an SQLite file
+
+    @field_validator("storage")
+    @classmethod
+    def _parsable(cls, value: str | None) -> str | None:
+        """An SQLAlchemy URL that parses, or a path (no `://`), as `--storage` takes."""
+        if value is not None and "://" in value:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError(f"{value!r} is not an SQLAlchemy URL") from None
+        return value
 
 
 class PerTrialConfig(Section):

@@ -245,6 +245,25 @@ def test_ray_address_in_the_environment_is_the_cluster_to_join(
     assert not (tmp_path / "studies" / "s.db").exists()
 
 
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "ray://head:10001"])
+def test_a_ray_address_variable_kdsearch_cannot_join_is_named_as_the_variable(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    """`ray job submit`'s users set RAY_ADDRESS to the Jobs API's http address: an error about an
+    --address never typed, even for a space file that does not exist, was all they got."""
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    for command in (["run", "s.yaml"], ["promote", "s"], ["run", "missing.yaml"]):
+        ran = cli_here(*command, cwd=tmp_path)
+        assert ran.returncode == 2, ran.stderr
+        assert ran.stderr.startswith(f"kdsearch: error: RAY_ADDRESS='{address}'"), ran.stderr
+        assert "--address" not in ran.stderr.split(";")[0] and "Traceback" not in ran.stderr
+        assert ("Jobs API" in ran.stderr) == address.startswith("http")
+    monkeypatch.setenv("RAY_ADDRESS", "")  # set but empty: as unset
+    assert "RAY_ADDRESS" not in cli_here("run", "missing.yaml", cwd=tmp_path).stderr
+    assert not (tmp_path / "studies").exists()
+
+
 @pytest.mark.parametrize(
     "address", ["nonsense", "host:notaport", "host:70000", ":6379", "::1:6379", "http://h:8265"]
 )
@@ -318,6 +337,16 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     assert "teacher" not in ran.stderr
     ran = cli_here("run", "s.yaml", "--storage", "notes.db", cwd=tmp_path)  # a path: that file
     assert ran.returncode == 2 and f"{tmp_path}/notes.db is not a study database" in ran.stderr
+    # the space's study.storage takes a path as --storage does (it was passed on unparsed)
+    (tmp_path / "p.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: s, storage: notes.db}"))
+    ran = cli_here("run", "p.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and f"{tmp_path}/notes.db is not a study database" in ran.stderr
+    # and a URL SQLAlchemy cannot parse is refused with the space, naming the key
+    bad = SMALL_SPACE.replace("name: s}", "name: s, storage: 'postgres ql://db/kd'}")
+    (tmp_path / "u.yaml").write_text(bad)
+    ran = cli_here("run", "u.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and "study.storage" in ran.stderr, ran.stderr
+    assert "'postgres ql://db/kd' is not an SQLAlchemy URL" in ran.stderr
 
 
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
