@@ -642,11 +642,12 @@ def serve_until_stopped(server: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
-    from kdsearch.report import build_report, search_study
+    from kdsearch.report import TITLE, build_report, search_study
     from kdsearch.study import ranked
 
     out = Path(args.out)
     writable_file(out, "--out")
+    replaceable(out, "--out", "a kdsearch report", f"<title>{TITLE}")
     storage, _ = study_storage(args.study, args.storage)
     study = search_study(storage, args.study)  # refused before anything is written
     out.write_text(build_report(storage, args.study), encoding="utf-8")
@@ -663,6 +664,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
+        replaceable(Path(args.csv), "--csv", "a table kdsearch wrote", *CSV_HEADS)
     storage, _ = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
     if "source_study" in study.user_attrs:  # `promote`'s runs
@@ -704,6 +706,22 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
         console.print(
             f"{len(other)} finished runs at other budgets ({budgets} epochs) are not in this "
             "table; `--csv -` lists every run"
+        )
+
+
+CSV_HEADS = ("number,state,", "recipe,source_trial,")  # trials_table's, runs_table's columns
+
+
+def replaceable(path: Path, option: str, what: str, *marks: str) -> None:
+    """Refuse to write over a file that is not an earlier output of the same command (one of
+    `marks` in its first 4 KiB): `--out recipe.yaml` is a slip, not a wish to lose the recipe."""
+    if not path.is_file():
+        return
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace")
+    if not any(mark in head for mark in marks):
+        raise KdsearchError(
+            f"{option} {path} already holds a file that is not {what}; move it or name another"
         )
 
 

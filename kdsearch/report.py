@@ -38,6 +38,7 @@ STATE_COLOURS = {
     "FAIL": "#d62728",
     "RUNNING": "#7f7f7f",
 }
+TITLE = "kdsearch report: "  # the page title's start: `report --out` replaces only such a file
 ACCURACY = "validation accuracy %"
 # Parallel coordinates and importances need this many COMPLETE trials, and a parameter this many
 # COMPLETE trials that sampled it to be assessed: with fewer points neither shows a trend, and
@@ -240,7 +241,7 @@ def _page(name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]]
     lines = [
         "<!DOCTYPE html>",
         "<html><head><meta charset='utf-8'>",
-        f"<title>kdsearch report: {html.escape(name)}</title>",
+        f"<title>{TITLE}{html.escape(name)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         " section{margin-bottom:2em}</style></head><body>",
         f"<h1>kdsearch study {html.escape(name)}</h1>",

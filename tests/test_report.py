@@ -137,8 +137,16 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) 
     optuna.create_study(study_name="only-running", storage=url).ask()  # no value, no epochs yet
     running = cli_here("trials", "only-running", "--storage", url, cwd=tmp_path)
     assert running.stdout.splitlines()[1].split() == ["0", "RUNNING", "-", "-"], running.stdout
-    written = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
-    assert written.returncode == 0
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")  # the user's, not a kdsearch table
+    ran = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+    assert (
+        ran.returncode == 2 and "--csv t.csv already holds a file that is not a table" in ran.stderr
+    )
+    assert (tmp_path / "t.csv").read_text() == "a,b\n1,2\n"
+    (tmp_path / "t.csv").unlink()
+    for _ in range(2):  # the second time over its own table
+        written = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
+        assert written.returncode == 0
     table = pd.read_csv(tmp_path / "t.csv")
     assert list(table["state"]) == [state for state, _ in SEARCH_VALUES.values()]
     assert list(table["epochs"]) == [len(v) for _, v in SEARCH_VALUES.values()]
@@ -294,6 +302,9 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     )
     assert list(every["state"]) == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE"]
     assert list(every["budget"]) == [4, 4, 4, 4, 4, 2] and every["val_acc"].max() == 0.92
+    for _ in range(2):  # to a file, the second time over its own table
+        assert cli_here("trials", "s-promoted", "--csv", "runs.csv", cwd=tmp_path).returncode == 0
+    assert pd.read_csv(tmp_path / "runs.csv").equals(every)
     proc = cli_here("report", "s-promoted", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == (
         "kdsearch: error: study 's-promoted' holds the promotion runs of study 's': their "
@@ -475,6 +486,21 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
     proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.startswith("wrote report.html (")
     assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
+
+
+def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHere) -> None:
+    write_study(tmp_path)
+    for _ in range(2):
+        ran = cli_here("report", "s", cwd=tmp_path)
+        assert (
+            ran.returncode == 0
+            and "<title>kdsearch report: s</title>" in (tmp_path / "report.html").read_text()
+        )
+    (tmp_path / "recipe.yaml").write_text("mine\n")
+    ran = cli_here("report", "s", "--out", "recipe.yaml", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert "--out recipe.yaml already holds a file that is not a kdsearch report" in ran.stderr
+    assert (tmp_path / "recipe.yaml").read_text() == "mine\n"
 
 
 @needs_chromium
