@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import warnings
@@ -24,7 +23,7 @@ from kdsearch.commands import (
 )
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
-from kdsearch.space import NAME_PATTERN, cluster_address
+from kdsearch.space import cluster_address, study_name_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,11 +85,8 @@ def port(text: str) -> int:
 
 def study_name(text: str) -> str:
     """A study name as a space file's study.name allows: it names files and folders."""
-    if not re.fullmatch(NAME_PATTERN, text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with "
-            "'.', '_' or '-'"
-        )
+    if problem := study_name_problem(text):
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

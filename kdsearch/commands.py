@@ -375,6 +375,8 @@ def existing_storage(url: str) -> Any:
     from kdsearch.study import open_storage, refuse_foreign, sqlite_file
 
     file = sqlite_file(url)
+    if file is not None and file.is_dir():
+        raise KdsearchError(f"{file} is a folder, not a study database")
     if file is not None and not file.is_file():
         raise KdsearchError(f"no study database at {file}")
     if file is not None:
@@ -603,7 +605,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import wsgi
 
     given = args.storage
-    named = study_file(given)
+    named = study_file(given.removesuffix(".db"))  # `digits` or `digits.db`: studies/digits.db
     if "://" not in given and not Path(given).is_file():
         if named.is_file():
             given = str(named)  # a study name, as the other commands take

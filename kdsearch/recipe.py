@@ -363,7 +363,8 @@ class Recipe(Section):
 
 def describe(err: ValidationError, model: type[BaseModel]) -> str:
     """One line naming each bad key, as the user wrote it, and what is allowed there."""
-    lines = []
+    lines: list[str] = []
+    alternatives: dict[str, tuple[int, list[str], Any]] = {}  # a union's members, tried in turn
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(_user_keys(model, loc)[0]) or "(top level)"
@@ -377,8 +378,16 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
         elif e["type"] == "value_error":
             message = str(e["msg"]).removeprefix("Value error, ")
             lines.append(f"{key}: {message}" if loc else message)  # a check across keys names them
+        elif e["type"] in ("model_type", "dict_type"):
+            fields = ", ".join(_fields_at(model, loc))
+            lines.append(f"{key}: should be a mapping of {fields} (got {_short(e.get('input'))})")
+        elif key in alternatives:
+            alternatives[key][1].append(str(e["msg"]).removeprefix("Input ").lower())
         else:
-            lines.append(f"{key}: {e['msg']} (got {_short(e.get('input'))})")
+            alternatives[key] = (len(lines), [str(e["msg"])], e.get("input"))
+            lines.append(key)
+    for key, (at, messages, got) in alternatives.items():
+        lines[at] = f"{key}: {', or '.join(messages)} (got {_short(got)})"
     return "; ".join(lines)
 
 

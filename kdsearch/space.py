@@ -12,6 +12,7 @@ together with a key inside it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -34,6 +35,18 @@ from kdsearch.recipe import (
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def study_name_problem(text: str) -> str | None:
+    """Why `text` cannot name a study (it names files and folders), or None."""
+    if re.fullmatch(NAME_PATTERN, text):
+        return None
+    return (
+        f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with '.', "
+        "'_' or '-'"
+    )
+
+
 Scalar = bool | int | float | str | None
 # Recipe sections the search prepares once, from the base recipe, before any trial: the data set
 # (loaded once, shared through Ray's object store) and the teacher with its heads.
@@ -125,8 +138,15 @@ def _check_step(low: float, high: float, step: float) -> None:
 class StudyConfig(Section):
     """Where the record of the search lives."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    name: str
     storage: str | None = None  # default: sqlite:///studies/<name>.db; a path is an SQLite file
+
+    @field_validator("name")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        if problem := study_name_problem(value):
+            raise ValueError(problem)
+        return value
 
     @field_validator("storage")
     @classmethod

@@ -92,6 +92,8 @@ def open_storage(url: str) -> BaseStorage:
             )
         if not file.parent.is_dir():
             raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
+        if file.is_dir():
+            raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     failure: Exception | None = None

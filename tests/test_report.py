@@ -375,7 +375,16 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
     assert f"no study database at studies/typo.db or {tmp_path}/typo" in " ".join(
         ran.stderr.split()
     )
+    ran = cli_here("dashboard", "typo.db", "--port", "0", cwd=tmp_path)  # not studies/typo.db.db
+    assert f"no study database at studies/typo.db or {tmp_path}/typo.db" in " ".join(
+        ran.stderr.split()
+    )
     (tmp_path / "folder").mkdir()
+    ran = cli_here("trials", "s", "--storage", "folder", cwd=tmp_path)
+    assert ran.returncode == 2 and f"{tmp_path}/folder is a folder, not a study" in ran.stderr
+    (tmp_path / "folder" / "r.yaml").write_text(SMALL_SPACE)
+    ran = cli_here("run", "folder/r.yaml", "--storage", "folder", cwd=tmp_path)
+    assert ran.returncode == 2 and f"{tmp_path}/folder is a folder" in ran.stderr, ran.stderr
     for args, expected in (
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
         (["report", "s", "--out", "folder"], "--out folder is a folder; name a file"),

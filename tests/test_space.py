@@ -147,8 +147,13 @@ def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
         ),
         (
             "search: {per_trial: {gpu: -1}}\n",
-            "search.per_trial.gpu: Input should be greater than or equal to 0 (got -1); "
-            "search.per_trial.gpu: Input should be 'auto' (got -1)",
+            "search.per_trial.gpu: Input should be greater than or equal to 0, or should be "
+            "'auto' (got -1)",
+        ),
+        (
+            "search: {per_trial: {gpu: half}}\n",
+            "search.per_trial.gpu: Input should be a valid number, or should be 'auto' "
+            "(got 'half')",
         ),
     ],
 )
@@ -156,6 +161,27 @@ def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
     with pytest.raises(RecipeError, match=None) as info:
         space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", extra)
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("study", "expected"),
+    [
+        ("study: t", "study: should be a mapping of name, storage (got 't')"),
+        (
+            "study: {name: -t}",
+            "study.name: '-t': a study name is letters, digits, '_', '.' and '-', not starting "
+            "with '.', '_' or '-'",
+        ),
+    ],
+)
+def test_a_bad_study_section_is_told_in_the_words_of_the_file(study: str, expected: str) -> None:
+    text = (
+        BASE.replace("study: {name: t}", study)
+        + "space:\n  optim.lr: {type: float, low: 0.01, high: 0.1}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(text, source="s.yaml")
+    assert str(info.value) == f"s.yaml: {expected}"
 
 
 @pytest.mark.parametrize(
