@@ -112,6 +112,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
     )
+    from kdsearch.export import exported_data
+
+    if (searched := exported_data(Path(args.recipe))) not in (None, data.fingerprint):
+        console.print(
+            f"note: these are not the images or splits the exported student in "
+            f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
+            f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
+            markup=False,
+        )
     teacher = None
     if needs_teacher(recipe):
         teacher = prepare_teacher(recipe, data, needs_teacher_heads(recipe))
@@ -546,8 +555,7 @@ def run_export(storage: Any, name: str, out: Path) -> None:
             test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
         )
         weights = result.student.state_dict()
-    info = {"classes": data.num_classes, "channels": data.channels}
-    export(winner, name, out, weights, info, files, teacher_checked=checked)
+    export(winner, name, out, weights, data, files, teacher_checked=checked)
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
             console.print(

@@ -85,6 +85,18 @@ class ImageData:
     def image_size(self) -> int:
         return int(self.train.x.shape[-1])
 
+    def inputs(self) -> dict[str, Any]:
+        """What a model trained on this data takes and gives, for code that serves it outside
+        kdsearch: images of `channels` x `image_size` x `image_size` in [0, 1], minus `mean`
+        and divided by `std` per channel; logits over `classes`, in that order."""
+        return {
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "classes": list(self.classes),
+        }
+
 
 class Raw(NamedTuple):
     """What a source reads: the official train and test sets."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdsearch import __version__
+from kdsearch.data import ImageData
 from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
@@ -136,7 +137,7 @@ def export(
     name: str,
     out: Path,
     weights: dict[str, torch.Tensor],
-    data_info: dict[str, int],
+    data: ImageData,
     teacher: TeacherFiles | None,
     *,
     teacher_checked: bool = True,
@@ -149,7 +150,7 @@ def export(
     Every file is written beside its place first and moved there only when all are ready,
     meta.json last: a failure or Ctrl-C leaves the folder as it was."""
     check_out(out, name)
-    model = build_model(winner.recipe.student.arch, data_info["classes"], data_info["channels"])
+    model = build_model(winner.recipe.student.arch, data.num_classes, data.channels)
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
     if teacher is not None and teacher.heads is None and needs_teacher_heads(winner.recipe):
         raise KdsearchError(
@@ -185,6 +186,8 @@ def export(
             if source is not None
         },
         "data": winner.recipe.data.dataset,
+        "data_fingerprint": data.fingerprint,
+        "inputs": data.inputs(),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
     }
@@ -218,6 +221,16 @@ def export(
             (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
     for file, tmp in staged.items():  # in order: meta.json, which names the export, last
         tmp.replace(out / file)
+
+
+def exported_data(recipe_file: Path) -> str | None:
+    """The fingerprint of the data the student of the export holding `recipe_file` trained on,
+    as its meta.json records it; None for a recipe that is not in an export (or an older one)."""
+    try:
+        found = json.loads((recipe_file.parent / "meta.json").read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, not a mapping
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _leftover(path: Path) -> bool:

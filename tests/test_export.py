@@ -39,6 +39,7 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     )
     assert again.returncode == 0, again.stderr
     assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
+    assert "not the images or splits" not in again.stderr, "the same data as the export's"
     assert not (empty / "teachers").exists(), "no teacher trained"
     # what `train` wrote runs again from anywhere: its teacher paths are absolute
     rerun = Recipe.load(root / "again" / "recipe.yaml")
@@ -179,18 +180,43 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     weights = torch.load(tmp_path / "first" / "student.pt", weights_only=True)
     winner = Winner(recipe, recipe, "search", 0, metrics, None, [0], 1)
     files = TeacherFiles.of(teacher, heads=True)
-    export(winner, "s", tmp_path / "w", weights, {"classes": 10, "channels": 1}, files)
+    export(winner, "s", tmp_path / "w", weights, data, files)
     written = Recipe.from_yaml((tmp_path / "w" / "recipe.yaml").read_text())
     assert written.teacher.checkpoint == "teacher.pt"
     assert written.teacher.heads.checkpoint == "teacher.heads.pt"
     assert (tmp_path / "w" / "teacher.heads.pt").read_bytes() == teacher.heads_path.read_bytes()  # type: ignore[union-attr]
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
     assert set(meta["teacher_files"]) == {"teacher.pt", "teacher.heads.pt"}
+    # what serving the student outside kdsearch needs: its input's shape and normalisation
+    assert meta["inputs"] == {
+        "channels": 1,
+        "image_size": 8,
+        "mean": pytest.approx(list(data.mean)),
+        "std": pytest.approx(list(data.std)),
+        "classes": [str(c) for c in range(10)],
+    }
+    assert meta["data_fingerprint"] == data.fingerprint
     # neither the teacher nor its heads trained again where the export is trained
     assert_retrained_alike(tmp_path, "w", metrics["val_acc"])
+    # on other images or splits, the retraining says its accuracy is not the export's
+    other = run_cli(
+        "train",
+        "w/recipe.yaml",
+        "--set",
+        "data.val_fraction=0.2",
+        "--set",
+        "schedule.epochs=1",
+        "--out",
+        "other",
+        cwd=tmp_path,
+    )
+    assert other.returncode == 0, other.stderr
+    assert "note: these are not the images or splits the exported student in w trained on" in (
+        " ".join(other.stderr.split())
+    )
     # exported again, of a winner that reads no teacher: the earlier teacher files go
     plain = replace(winner, recipe=recipe.override({"distill.hsakd.weight": 0.0}))
-    export(plain, "s", tmp_path / "w", weights, {"classes": 10, "channels": 1}, None)
+    export(plain, "s", tmp_path / "w", weights, data, None)
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
         "hyperparameters.json",
         "meta.json",
