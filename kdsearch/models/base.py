@@ -68,22 +68,24 @@ def init_weights(model: nn.Module) -> None:
 
 def fold_batch_norm(model: M) -> M:
     """A copy of the frozen `model` in which every batch norm that directly follows a
-    convolution in an `nn.Sequential` (the zoo's `conv_bn` pairs) is folded into that
-    convolution's weights and bias. In eval mode a batch norm is an affine map per channel, so
-    the copy computes the same function to rounding and skips a pass over every such
-    convolution's output: a frozen teacher's forward pass, which a search runs again and again,
-    is that much cheaper (pre-activation networks such as WRN have no pair to fold)."""
+    convolution is folded into that convolution's weights and bias: in an `nn.Sequential` (the
+    zoo's `conv_bn` pairs), and in a module whose `FOLDS` names (convolution, batch norm)
+    attribute pairs its forward applies one straight after the other (WRN's pre-activation
+    blocks). In eval mode a batch norm is an affine map per channel, so the copy computes the
+    same function to rounding and skips a pass over every such convolution's output: a frozen
+    teacher's forward pass, which a search runs again and again, is that much cheaper."""
     if model.training:
         raise ValueError("only a model in eval mode can have its batch norms folded")
     folded = copy.deepcopy(model)
-    for seq in folded.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for first, second in itertools.pairwise(seq._modules):
-            conv, bn = seq._modules[first], seq._modules[second]
+    for module in folded.modules():
+        pairs = list(getattr(module, "FOLDS", ()))
+        if isinstance(module, nn.Sequential):
+            pairs += itertools.pairwise(module._modules)
+        for first, second in pairs:
+            conv, bn = module._modules[first], module._modules[second]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                seq._modules[first] = _folded_conv(conv, bn)
-                seq._modules[second] = nn.Identity()
+                module._modules[first] = _folded_conv(conv, bn)
+                module._modules[second] = nn.Identity()
     return folded
 
 

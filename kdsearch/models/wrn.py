@@ -11,6 +11,8 @@ from kdsearch.models.base import TapModel, Taps, init_weights
 class PreActBlock(nn.Module):
     """BN-ReLU-conv twice; the shortcut reads the activated input when the width changes."""
 
+    FOLDS = (("conv1", "bn2"),)  # bn2 reads conv1's output and nothing else (fold_batch_norm)
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
