@@ -37,6 +37,7 @@ ModelName = Literal[
     "vgg11",
     "vgg13",
     "mobilenetv2",
+    "shufflenetv1",
     "shufflenetv2",
 ]
 DatasetName = Literal["digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic"]

@@ -9,6 +9,7 @@ from functools import partial
 from kdsearch.models.base import TapModel, Taps, fold_batch_norm
 from kdsearch.models.mobilenetv2 import MobileNetV2
 from kdsearch.models.resnet import THIN, WIDE, ResNet
+from kdsearch.models.shufflenetv1 import ShuffleNetV1
 from kdsearch.models.shufflenetv2 import ShuffleNetV2
 from kdsearch.models.vgg import VGG
 from kdsearch.models.wrn import WideResNet
@@ -33,6 +34,7 @@ MODELS: dict[str, Builder] = {
     "vgg11": partial(VGG, "vgg11"),
     "vgg13": partial(VGG, "vgg13"),
     "mobilenetv2": MobileNetV2,
+    "shufflenetv1": ShuffleNetV1,
     "shufflenetv2": ShuffleNetV2,
 }
 
