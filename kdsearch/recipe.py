@@ -29,6 +29,7 @@ ModelName = Literal[
     "resnet110",
     "resnet8x4",
     "resnet32x4",
+    "resnet50",
     "wrn_16_1",
     "wrn_16_2",
     "wrn_40_1",
@@ -45,7 +46,8 @@ MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 # Stages after the stem, each of which can carry an HSAKD auxiliary head (numbered 1..n); the
 # models package builds networks with exactly these (a test holds the two together).
 HEAD_STAGES: dict[str, int] = {
-    name: 4 if name.startswith("vgg") or name == "mobilenetv2" else 3 for name in MODEL_NAMES
+    name: 4 if name.startswith("vgg") or name in ("mobilenetv2", "resnet50") else 3
+    for name in MODEL_NAMES
 }
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 

@@ -9,6 +9,7 @@ from functools import partial
 from kdsearch.models.base import TapModel, Taps, fold_batch_norm
 from kdsearch.models.mobilenetv2 import MobileNetV2
 from kdsearch.models.resnet import THIN, WIDE, ResNet
+from kdsearch.models.resnet50 import ResNet50
 from kdsearch.models.shufflenetv1 import ShuffleNetV1
 from kdsearch.models.shufflenetv2 import ShuffleNetV2
 from kdsearch.models.vgg import VGG
@@ -26,6 +27,7 @@ MODELS: dict[str, Builder] = {
     "resnet110": partial(ResNet, 110, THIN),
     "resnet8x4": partial(ResNet, 8, WIDE),
     "resnet32x4": partial(ResNet, 32, WIDE),
+    "resnet50": ResNet50,
     "wrn_16_1": partial(WideResNet, 16, 1),
     "wrn_16_2": partial(WideResNet, 16, 2),
     "wrn_40_1": partial(WideResNet, 40, 1),

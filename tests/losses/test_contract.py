@@ -19,7 +19,15 @@ from kdsearch.recipe import DistillConfig
 from .conftest import build, first_batch, recipe_with, snapshot, step_for
 
 DISTILLATION_TERMS = sorted(set(LOSSES) - {"ce"})
-FAMILIES = ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2"]
+FAMILIES = [
+    "resnet8",
+    "resnet50",
+    "wrn_16_1",
+    "vgg8",
+    "mobilenetv2",
+    "shufflenetv1",
+    "shufflenetv2",
+]
 SMALL_CONTRAST = {"negatives": 64}  # the defaults' 16384 would only slow the tests
 
 
