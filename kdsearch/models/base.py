@@ -8,6 +8,7 @@ from abc import abstractmethod
 from typing import NamedTuple, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 M = TypeVar("M", bound=nn.Module)
@@ -52,6 +53,27 @@ class TapModel(nn.Module):
     def _check_head_stage(self, stage: int) -> None:
         if stage not in self.head_stages:
             raise ValueError(f"stage {stage} cannot carry a head; stages {self.head_stages} can")
+
+
+class StageStack(TapModel):
+    """The layout of most of the zoo: a stem, stages one after another, global average pooling
+    and a linear classifier. Subclasses set `stem`, `layers` and `fc`, and override
+    `before_pool` where the last stage is transformed before pooling."""
+
+    stem: nn.Module
+    layers: nn.ModuleList
+    fc: nn.Linear
+
+    def taps(self, x: Tensor) -> Taps:
+        stages = [self.stem(x)]
+        for layer in self.layers:
+            stages.append(layer(stages[-1]))
+        pooled = F.adaptive_avg_pool2d(self.before_pool(stages[-1]), 1).flatten(1)
+        return Taps(self.fc(pooled), tuple(stages), pooled)
+
+    def before_pool(self, last: Tensor) -> Tensor:
+        """What the pooling reads of the last stage's output: the output itself."""
+        return last
 
 
 def init_weights(model: nn.Module) -> None:

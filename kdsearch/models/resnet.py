@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.models.base import TapModel, Taps, init_weights
+from kdsearch.models.base import StageStack, init_weights
 
 
 def conv_bn(cin: int, cout: int, *, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -39,7 +39,7 @@ def resnet_stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-class ResNet(TapModel):
+class ResNet(StageStack):
     """Stem (3x3 conv), three stages at strides 1, 2, 2, global pooling, a linear classifier."""
 
     def __init__(
@@ -59,13 +59,6 @@ class ResNet(TapModel):
         self.stage_channels = widths
         self.feat_dim = widths[3]
         init_weights(self)
-
-    def taps(self, x: Tensor) -> Taps:
-        stages = [self.stem(x)]
-        for layer in self.layers:
-            stages.append(layer(stages[-1]))
-        pooled = F.adaptive_avg_pool2d(stages[-1], 1).flatten(1)
-        return Taps(self.fc(pooled), tuple(stages), pooled)
 
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.models.base import TapModel, Taps, init_weights
+from kdsearch.models.base import StageStack, init_weights
 from kdsearch.models.resnet import conv_bn
 
 PLANES = (64, 128, 256, 512)
@@ -43,7 +43,7 @@ def bottleneck_stage(cin: int, planes: int, blocks: int, stride: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-class ResNet50(TapModel):
+class ResNet50(StageStack):
     """Stages of 256, 512, 1024 and 2048 channels; the pooled last stage feeds the classifier."""
 
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
@@ -58,13 +58,6 @@ class ResNet50(TapModel):
         self.stage_channels = widths
         self.feat_dim = widths[-1]
         init_weights(self)
-
-    def taps(self, x: Tensor) -> Taps:
-        stages = [self.stem(x)]
-        for layer in self.layers:
-            stages.append(layer(stages[-1]))
-        pooled = F.adaptive_avg_pool2d(stages[-1], 1).flatten(1)
-        return Taps(self.fc(pooled), tuple(stages), pooled)
 
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.models.base import TapModel, Taps, init_weights
+from kdsearch.models.base import StageStack, init_weights
 from kdsearch.models.shufflenetv2 import conv_bn, shuffle
 
 WIDTHS = (240, 480, 960)
@@ -47,7 +47,7 @@ def shuffle_stage(cin: int, cout: int, units: int, stride: int = 2) -> nn.Sequen
     return nn.Sequential(first, *(ShuffleUnit(cout, cout, 1) for _ in range(units - 1)))
 
 
-class ShuffleNetV1(TapModel):
+class ShuffleNetV1(StageStack):
     """Groups 3: stages of 240, 480 and 960 channels at strides 2, 4, 8; the pooled last stage
     feeds the classifier."""
 
@@ -62,13 +62,6 @@ class ShuffleNetV1(TapModel):
         self.stage_channels = (STEM, *WIDTHS)
         self.feat_dim = WIDTHS[-1]
         init_weights(self)
-
-    def taps(self, x: Tensor) -> Taps:
-        stages = [self.stem(x)]
-        for layer in self.layers:
-            stages.append(layer(stages[-1]))
-        pooled = F.adaptive_avg_pool2d(stages[-1], 1).flatten(1)
-        return Taps(self.fc(pooled), tuple(stages), pooled)
 
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.models.base import TapModel, Taps, init_weights
+from kdsearch.models.base import StageStack, init_weights
 
 WIDTHS = (116, 232, 464)
 BLOCKS = (3, 7, 3)  # basic blocks after the down-sampling block of each stage
@@ -67,7 +67,7 @@ def shuffle_stage(cin: int, cout: int, blocks: int, stride: int = 2) -> nn.Seque
     return nn.Sequential(DownBlock(cin, cout, stride), *(ShuffleBlock(cout) for _ in range(blocks)))
 
 
-class ShuffleNetV2(TapModel):
+class ShuffleNetV2(StageStack):
     """Net size 1.0: stages of 116, 232 and 464 channels at strides 2, 4, 8."""
 
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
@@ -83,12 +83,10 @@ class ShuffleNetV2(TapModel):
         self.feat_dim = HEAD
         init_weights(self)
 
-    def taps(self, x: Tensor) -> Taps:
-        stages = [self.stem(x)]
-        for layer in self.layers:
-            stages.append(layer(stages[-1]))
-        pooled = F.adaptive_avg_pool2d(self.head(stages[-1]), 1).flatten(1)
-        return Taps(self.fc(pooled), tuple(stages), pooled)
+    def before_pool(self, last: Tensor) -> Tensor:
+        """The 1x1 convolution to the 1024-wide head."""
+        out: Tensor = self.head(last)
+        return out
 
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.models.base import TapModel, Taps, init_weights
+from kdsearch.models.base import StageStack, init_weights
 
 
 class PreActBlock(nn.Module):
@@ -35,7 +35,7 @@ def wrn_stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class WideResNet(TapModel):
+class WideResNet(StageStack):
     """Stem conv, three stages of widths 16k, 32k, 64k, then BN-ReLU, pooling and a classifier.
 
     Stage outputs are the raw block outputs (no BN-ReLU), as the KD papers tap them.
@@ -59,12 +59,9 @@ class WideResNet(TapModel):
         self.feat_dim = widths[3]
         init_weights(self)
 
-    def taps(self, x: Tensor) -> Taps:
-        stages = [self.stem(x)]
-        for layer in self.layers:
-            stages.append(layer(stages[-1]))
-        pooled = F.adaptive_avg_pool2d(F.relu(self.bn(stages[-1])), 1).flatten(1)
-        return Taps(self.fc(pooled), tuple(stages), pooled)
+    def before_pool(self, last: Tensor) -> Tensor:
+        """The pre-activation network's final BN-ReLU (the stages themselves are raw)."""
+        return F.relu(self.bn(last))
 
     def head_trunk(self, stage: int) -> tuple[nn.Module, int]:
         self._check_head_stage(stage)
