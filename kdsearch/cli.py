@@ -59,8 +59,9 @@ def ray_address(text: str) -> str:
 
 
 def address_from_environment() -> str | None:
-    """`--address`'s default: $RAY_ADDRESS, as `ray job submit` and Ray's pods set it. Checked
-    here rather than by argparse, so that a bad value is named as the variable it is."""
+    """$RAY_ADDRESS, as `ray job submit` and Ray's pods set it: `--address`'s default, and what
+    `--address auto` means too (Ray reads the variable first). Checked here rather than by
+    argparse, so that a bad value is named as the variable it is."""
     text = os.environ.get("RAY_ADDRESS") or None
     if text is None:
         return None
@@ -70,7 +71,7 @@ def address_from_environment() -> str | None:
         jobs_api = " (an http address is the Jobs API's, for `ray job submit`)"
         raise KdsearchError(
             f"RAY_ADDRESS={err}{jobs_api if text.startswith('http') else ''}; unset it, or "
-            "pass --address auto or HEAD:PORT"
+            "pass --address HEAD:PORT"
         ) from None
     return text
 
@@ -227,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     warnings.showwarning = show_warning
     try:
-        if "address" in args and args.address is None:
-            args.address = address_from_environment()
+        if "address" in args and args.address in (None, "auto"):
+            args.address = address_from_environment() or args.address
         return int(args.func(args))
     except KdsearchError as err:
         console.print(f"kdsearch: error: {err}", markup=False)

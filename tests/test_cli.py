@@ -253,7 +253,12 @@ def test_a_ray_address_variable_kdsearch_cannot_join_is_named_as_the_variable(
     --address never typed, even for a space file that does not exist, was all they got."""
     (tmp_path / "s.yaml").write_text(SMALL_SPACE)
     monkeypatch.setenv("RAY_ADDRESS", address)
-    for command in (["run", "s.yaml"], ["promote", "s"], ["run", "missing.yaml"]):
+    for command in (
+        ["run", "s.yaml"],
+        ["promote", "s"],
+        ["run", "missing.yaml"],
+        ["run", "s.yaml", "--address", "auto"],  # Ray would read the variable for `auto`
+    ):
         ran = cli_here(*command, cwd=tmp_path)
         assert ran.returncode == 2, ran.stderr
         assert ran.stderr.startswith(f"kdsearch: error: RAY_ADDRESS='{address}'"), ran.stderr
