@@ -383,9 +383,11 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
             lines.append(f"{key}: {message}" if loc else message)  # a check across keys names them
         elif e["type"] in ("model_type", "dict_type"):
             fields = ", ".join(_fields_at(model, loc))
-            lines.append(f"{key}: should be a mapping of {fields} (got {_short(e.get('input'))})")
+            of = f" of {fields}" if fields else ""
+            lines.append(f"{key}: should be a mapping{of} (got {_short(e.get('input'))})")
         elif key in alternatives:
-            alternatives[key][1].append(str(e["msg"]).removeprefix("Input ").lower())
+            alternative = str(e["msg"]).removeprefix("Input ")
+            alternatives[key][1].append(alternative[:1].lower() + alternative[1:])
         else:
             alternatives[key] = (len(lines), [str(e["msg"])], e.get("input"))
             lines.append(key)

@@ -184,6 +184,12 @@ def test_a_bad_study_section_is_told_in_the_words_of_the_file(study: str, expect
     assert str(info.value) == f"s.yaml: {expected}"
 
 
+def test_a_space_that_is_not_a_mapping_is_told_so() -> None:
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(BASE + "space: 5\n", source="s.yaml")
+    assert str(info.value) == "s.yaml: space: should be a mapping (got 5)"
+
+
 @pytest.mark.parametrize(
     "param",
     [
