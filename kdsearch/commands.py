@@ -13,7 +13,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from kdsearch.display import (
     trials_view,
 )
 from kdsearch.errors import KdsearchError, StudyError
-from kdsearch.paths import writable_file, writable_folder
+from kdsearch.paths import replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 
 if TYPE_CHECKING:
@@ -112,8 +112,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
     )
-    from kdsearch.export import exported_data
-
     if (searched := exported_data(Path(args.recipe))) not in (None, data.fingerprint):
         console.print(
             f"note: these are not the images or splits the exported student in "
@@ -522,6 +520,14 @@ def run_export(storage: Any, name: str, out: Path) -> None:
                 "or export on the machine that promoted"
             )
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
+        if winner.data_fingerprint not in (None, data.fingerprint):
+            console.print(
+                "note: the promoted student trained on other images or splits than this machine "
+                f"loads for {winner.recipe.data.dataset} (data fingerprint "
+                f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
+                "records the promotion's",
+                markup=False,
+            )
         if files is None and needs_teacher(winner.recipe):
             files = unrecorded_teacher(winner.base, data, heads)
             checked = False
@@ -573,6 +579,17 @@ def run_export(storage: Any, name: str, out: Path) -> None:
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
         f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
+
+
+def exported_data(recipe_file: Path) -> str | None:
+    """The fingerprint of the data the student of the export holding `recipe_file` trained on,
+    as its meta.json records it; None for a recipe that is not in an export (or an older one).
+    Here, not in kdsearch.export, which writes it: `train` should not import Ray to read it."""
+    try:
+        found = json.loads((recipe_file.parent / "meta.json").read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, not a mapping
+        return None
+    return found if isinstance(found, str) else None
 
 
 def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> TeacherFiles:
@@ -657,10 +674,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     writable_file(out, "--out")
-    replaceable(out, "--out", "a kdsearch report", f"<title>{TITLE}")
+    replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
     storage, _ = study_storage(args.study, args.storage)
     study = search_study(storage, args.study)  # refused before anything is written
-    out.write_text(build_report(storage, args.study), encoding="utf-8")
+    with replaced_whole(out) as tmp:
+        tmp.write_text(build_report(storage, args.study), encoding="utf-8")
     note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
     console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline){note}")
     return 0
@@ -674,7 +692,9 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
-        replaceable(Path(args.csv), "--csv", "a table kdsearch wrote", *CSV_HEADS)
+        replaceable(
+            Path(args.csv), "--csv", "a table kdsearch wrote", lambda h: h.startswith(CSV_HEADS)
+        )
     storage, _ = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
     if "source_study" in study.user_attrs:  # `promote`'s runs
@@ -722,25 +742,27 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
 CSV_HEADS = ("number,state,", "recipe,source_trial,")  # trials_table's, runs_table's columns
 
 
-def replaceable(path: Path, option: str, what: str, *marks: str) -> None:
-    """Refuse to write over a file that is not an earlier output of the same command (one of
-    `marks` in its first 4 KiB): `--out recipe.yaml` is a slip, not a wish to lose the recipe."""
-    if not path.is_file():
+def replaceable(path: Path, option: str, what: str, ours: Callable[[str], bool]) -> None:
+    """Refuse to write over a file that is not empty and not an earlier output of the same
+    command (`ours` of its first 4 KiB): `--out recipe.yaml` is a slip, not a wish to lose the
+    recipe."""
+    if not path.is_file() or path.stat().st_size == 0:
         return
     with path.open("rb") as f:
         head = f.read(4096).decode("utf-8", errors="replace")
-    if not any(mark in head for mark in marks):
+    if not ours(head):
         raise KdsearchError(
             f"{option} {path} already holds a file that is not {what}; move it or name another"
         )
 
 
 def write_csv(table: Any, dest: str, rows: str) -> None:
-    """A pandas table as CSV to file `dest`, or to stdout for `-`."""
+    """A pandas table as CSV to file `dest` (whole or not at all), or to stdout for `-`."""
     if dest == "-":
         table.to_csv(sys.stdout, index=False)
     else:
-        table.to_csv(dest, index=False)
+        with replaced_whole(Path(dest)) as tmp:
+            table.to_csv(tmp, index=False)
         console.print(f"wrote {len(table)} {rows} to {dest}")
 
 

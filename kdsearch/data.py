@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kdsearch.cache import cache_dir, digest
 from kdsearch.errors import DataError, KdsearchWarning
-from kdsearch.paths import staging_path
+from kdsearch.paths import replaced_whole
 from kdsearch.recipe import DataConfig
 
 Progress = Callable[[str, int, int], None]
@@ -573,11 +573,10 @@ def _read_decoded(path: Path) -> tuple[Split, Split] | None:
 
 def _write_decoded(path: Path, train: Split, test: Split) -> None:
     """Cache the decoded splits at `path`; where that fails, warn and go on without."""
-    tmp = staging_path(path)
-    try:
+    try:  # whole or not at all, a Ctrl-C too: no half-written copy of the data set is left
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
-        tmp.replace(path)
+        with replaced_whole(path) as tmp:
+            torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         warnings.warn(
             f"cannot cache the decoded images in {path.parent} ({_first_line(err)}); "
@@ -585,9 +584,6 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
             KdsearchWarning,
             stacklevel=3,
         )
-    finally:  # a Ctrl-C too: no half-written copy of the data set is left behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _list_images(folder: Path) -> list[tuple[str, Path]]:

@@ -64,6 +64,7 @@ class Winner:
     seeds: list[int] = field(default_factory=list)
     threads: int | None = None  # CPU threads the weights were trained with, where recorded
     teacher: TeacherFiles | None = None
+    data_fingerprint: str | None = None  # of the data the promoted weights trained on
 
 
 def find_winner(storage: BaseStorage, name: str) -> Winner:
@@ -111,6 +112,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
             sorted(int(t.user_attrs["seed"]) for t in runs),
             int(top.user_attrs["threads"]) if "threads" in top.user_attrs else None,
             TeacherFiles.from_attrs(top.user_attrs),
+            top.user_attrs.get("data_fingerprint"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)
     if not best_trials:
@@ -186,7 +188,7 @@ def export(
             if source is not None
         },
         "data": winner.recipe.data.dataset,
-        "data_fingerprint": data.fingerprint,
+        "data_fingerprint": winner.data_fingerprint or data.fingerprint,
         "inputs": data.inputs(),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
@@ -221,16 +223,6 @@ def export(
             (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
     for file, tmp in staged.items():  # in order: meta.json, which names the export, last
         tmp.replace(out / file)
-
-
-def exported_data(recipe_file: Path) -> str | None:
-    """The fingerprint of the data the student of the export holding `recipe_file` trained on,
-    as its meta.json records it; None for a recipe that is not in an export (or an older one)."""
-    try:
-        found = json.loads((recipe_file.parent / "meta.json").read_text()).get("data_fingerprint")
-    except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, not a mapping
-        return None
-    return found if isinstance(found, str) else None
 
 
 def _leftover(path: Path) -> bool:

@@ -83,3 +83,15 @@ def staging_path(dest: Path) -> Path:
     move is atomic), hidden, and unique to this writer. The PID alone is not: two containers'
     PID 1 sharing a cache folder would write one file."""
     return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def replaced_whole(dest: Path) -> Iterator[Path]:
+    """A staging path to write `dest` to, moved into place when the block ends without error and
+    removed otherwise (a Ctrl-C too): no reader sees half a file, and none is left behind."""
+    tmp = staging_path(dest)
+    try:
+        yield tmp
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)

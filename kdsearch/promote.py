@@ -210,7 +210,7 @@ def promote(
         run = todo[result.key]
         # The teacher the run learned from, for the export to ship with the student.
         learned = files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
-        _record(promoted, run, result, weights_dir, learned)
+        _record(promoted, run, result, weights_dir, learned, data.fingerprint)
         if on_run is not None:
             on_run(run, result)
 
@@ -236,6 +236,7 @@ def _record(
     result: JobResult,
     weights_dir: Path,
     teacher: TeacherFiles | None,
+    data_fingerprint: str,
 ) -> None:
     attrs: dict[str, Any] = {
         "run_key": run.key,
@@ -248,6 +249,7 @@ def _record(
         "threads": result.threads,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
+        "data_fingerprint": data_fingerprint,
         **(teacher.attrs() if teacher is not None else {}),
     }
     if result.failure is None:

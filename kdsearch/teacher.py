@@ -29,7 +29,7 @@ from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model, fold_batch_norm
-from kdsearch.paths import flocked, staging_path, writable_folder
+from kdsearch.paths import flocked, replaced_whole, writable_folder
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
     EpochStats,
@@ -566,21 +566,13 @@ def _save(
     weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
-    meta_tmp = staging_path(path.with_suffix(".json"))
-    try:  # whole or not at all, as the weights
+    with replaced_whole(path.with_suffix(".json")) as meta_tmp:  # whole, as the weights
         meta_tmp.write_text(json.dumps(meta, indent=2))
-        meta_tmp.replace(path.with_suffix(".json"))
-    finally:
-        meta_tmp.unlink(missing_ok=True)
     save_weights(weights, path)
 
 
 def save_weights(weights: Any, path: Path) -> None:
     """`torch.save` to `path`, whole or not at all: written beside it and moved into place, so a
     concurrent reader never sees half a file and a Ctrl-C leaves none."""
-    tmp = staging_path(path)
-    try:
+    with replaced_whole(path) as tmp:
         torch.save(weights, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -83,6 +83,8 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert "checkpoint: teacher.pt" in (out / "recipe.yaml").read_text(), "the folder can move"
     assert meta["teacher_files"]["teacher.pt"]["digest"] == best.user_attrs["teacher_digest"]
     assert meta["teacher_files"]["teacher.pt"]["checked"] is True
+    assert meta["data_fingerprint"] == best.user_attrs["data_fingerprint"]
+    assert "trained on other images or splits" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(as_written.to_dict())
@@ -121,6 +123,18 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     unchecked = json.loads((tmp_path / "w4" / "meta.json").read_text())["teacher_files"]
     assert unchecked["teacher.pt"]["checked"] is False
     assert (tmp_path / "w4" / "teacher.pt").read_bytes() == cached.read_bytes()
+    # promoted on other data than this machine loads: said, and meta.json keeps the promotion's
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = '\"f00d\"' WHERE key = 'data_fingerprint'"
+        )
+    proc = run_cli("export", "s", "--out", "w5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "note: the promoted student trained on other images or splits than this machine loads"
+        in (" ".join(proc.stderr.split()))
+    )
+    assert json.loads((tmp_path / "w5" / "meta.json").read_text())["data_fingerprint"] == "f00d"
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)

@@ -36,6 +36,7 @@ from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
 pytestmark = pytest.mark.slow
+FINGERPRINT = "0123456789abcdef"  # of the data a promotion loaded, as `_record` keeps it
 
 
 def promoted(root: Path) -> optuna.Study:
@@ -207,7 +208,7 @@ def test_a_run_interrupted_while_its_weights_are_written_leaves_no_file(
 
     monkeypatch.setattr(torch, "save", cut)
     with pytest.raises(KeyboardInterrupt):
-        _record(promoted, run, result_of(run, 0.9), tmp_path / "w", None)
+        _record(promoted, run, result_of(run, 0.9), tmp_path / "w", None, FINGERPRINT)
     assert list((tmp_path / "w").iterdir()) == [] and not promoted.trials
 
 
@@ -241,7 +242,7 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     storage, study, promoted_study = searched(tmp_path)
 
     def record(run: Run, value: float, failure: str | None = None) -> None:
-        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None)
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, FINGERPRINT)
 
     short = plan(study, top_k=1, seeds=1, epochs=2)
     long = plan(study, top_k=1, seeds=1, epochs=4)
@@ -285,7 +286,7 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     for value in (0.5, 0.9):  # the second promotion's copy of every run
         for run in plan(study, top_k=1, seeds=2, epochs=2):
             result = replace(result_of(run, value), weights={"w": torch.tensor(value)})
-            _record(promoted_study, run, result, tmp_path, None)
+            _record(promoted_study, run, result, tmp_path, None, FINGERPRINT)
     assert len(promoted_study.trials) == 12
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
@@ -306,7 +307,14 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
     torch.save({"w": torch.zeros(3)}, first)
     kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
     result = result_of(kd, 0.5)
-    _record(promoted_study, kd, result, tmp_path, TeacherFiles(first, weights_digest(first)))
+    _record(
+        promoted_study,
+        kd,
+        result,
+        tmp_path,
+        TeacherFiles(first, weights_digest(first)),
+        FINGERPRINT,
+    )
     torch.save({"w": torch.ones(3)}, first)  # trained again since, in the same place
     model = build_model("resnet8", 10, 1)
 
@@ -335,7 +343,7 @@ def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_low
     for run in reversed(runs):  # the order finishing would give: 3 before 1, 0 first
         value = values.get((run.source_trial, run.seed), 0.1)
         failure = None if (run.source_trial, run.seed) != (1, 1) else "CUDA out of memory"
-        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None)
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, FINGERPRINT)
     board = leaderboard(promoted_study)
     assert list(board["recipe"][:3]) == ["trial 3", "trial 0", "trial 1"]
     assert list(board["seeds"][:3]) == [2, 2, 1]
@@ -383,7 +391,7 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
         for run in runs:  # the baselines train; every searched recipe diverges
             failure = "NonFiniteLoss: nan" if run.source_trial >= 0 else None
             result = replace(result_of(run, 0.5, failure), weights=None if failure else {})
-            _record(promoted, run, result, kwargs["weights_dir"], None)
+            _record(promoted, run, result, kwargs["weights_dir"], None, FINGERPRINT)
             kwargs["on_run"](run, result)
         return promoted
 

@@ -137,13 +137,13 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) 
     optuna.create_study(study_name="only-running", storage=url).ask()  # no value, no epochs yet
     running = cli_here("trials", "only-running", "--storage", url, cwd=tmp_path)
     assert running.stdout.splitlines()[1].split() == ["0", "RUNNING", "-", "-"], running.stdout
-    (tmp_path / "t.csv").write_text("a,b\n1,2\n")  # the user's, not a kdsearch table
+    (tmp_path / "t.csv").write_text("a,number,state,b\n1,2\n")  # the user's, not a kdsearch table
     ran = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
     assert (
         ran.returncode == 2 and "--csv t.csv already holds a file that is not a table" in ran.stderr
     )
-    assert (tmp_path / "t.csv").read_text() == "a,b\n1,2\n"
-    (tmp_path / "t.csv").unlink()
+    assert (tmp_path / "t.csv").read_text() == "a,number,state,b\n1,2\n"
+    (tmp_path / "t.csv").write_text("")  # empty (`touch`, a run killed at its start): replaced
     for _ in range(2):  # the second time over its own table
         written = cli_here("trials", "s", "--csv", "t.csv", cwd=tmp_path)
         assert written.returncode == 0
