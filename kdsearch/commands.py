@@ -562,6 +562,21 @@ def run_export(storage: Any, name: str, out: Path) -> None:
         )
         weights = result.student.state_dict()
     export(winner, name, out, weights, data, files, teacher_checked=checked)
+    if winner.failed_seeds:  # ranked last, so every searched recipe had a failed seed
+        console.print(
+            f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
+            f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
+            f"{winner.recipe.schedule.epochs} epochs, as a seed of every searched recipe did "
+            "(`kdsearch trials` says why); its mean is over the seeds that finished",
+            markup=False,
+        )
+    if winner.planned_seeds and len(winner.seeds) + len(winner.failed_seeds) < winner.planned_seeds:
+        console.print(
+            f"note: the winner's mean is over {len(winner.seeds)} of the "
+            f"{winner.planned_seeds} seeds the promotion asked for (interrupted?); `kdsearch "
+            "promote` again trains the rest, then export again",
+            markup=False,
+        )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
             console.print(
@@ -712,8 +727,9 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
 def show_promoted(promoted: Any, csv: str | None) -> None:
     """A promoted study: its leaderboard as `promote` ends with it, then the runs it leaves out
-    (failed, or at another budget); with `csv`, every run."""
-    from kdsearch.promote import current_budget, leaderboard, runs_table
+    (failed at its budget and not finished by a later try, or at another budget); with `csv`,
+    every run."""
+    from kdsearch.promote import board_budget, failed_runs, leaderboard, run_budget, runs_table
 
     runs = runs_table(promoted)
     if csv:
@@ -724,12 +740,14 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
         console.print(f"study {promoted.study_name!r}: no promoted run has finished yet")
     else:
         results.print(leaderboard_table(board))
-    for _, run in runs[runs["state"] == "FAIL"].iterrows():
+    for run in failed_runs(promoted):
         console.print(
-            f"failed: {run['recipe']}, seed {run['seed']}, {run['budget']} epochs: "
-            f"{str(run['failure']).splitlines()[0]}"
+            f"failed: {run.user_attrs['label']}, seed {run.user_attrs['seed']}, "
+            f"{run_budget(run)} epochs: "
+            f"{str(run.user_attrs['failure']).splitlines()[0]}",
+            markup=False,
         )
-    budget = current_budget(promoted)
+    budget = board_budget(promoted)
     other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]
     if budget is not None and len(other):
         budgets = ", ".join(str(b) for b in sorted(set(other["budget"])))

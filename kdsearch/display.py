@@ -168,9 +168,10 @@ def leaderboard_table(board: Any) -> Table:
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
     for _, row in board.iterrows():
+        failed = int(row.get("failed", 0))
         table.add_row(
             str(row["recipe"]),
-            str(row["seeds"]),
+            f"{row['seeds']} ({failed} failed)" if failed else str(row["seeds"]),
             spread(row["val_mean"], row["val_sd"], row["seeds"]),
             spread(row["test_mean"], row["test_sd"], row["seeds"]),
         )

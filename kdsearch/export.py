@@ -34,7 +34,7 @@ from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import staging_path, writable_folder
-from kdsearch.promote import current_runs, has_promoted, leaderboard
+from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import base_recipe, load_study, promoted_name, ranked, recorded, trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
@@ -65,6 +65,9 @@ class Winner:
     threads: int | None = None  # CPU threads the weights were trained with, where recorded
     teacher: TeacherFiles | None = None
     data_fingerprint: str | None = None  # of the data the promoted weights trained on
+    inputs: dict[str, Any] | None = None  # what that data gave them (channels, mean, ...)
+    failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
+    planned_seeds: int | None = None  # the seeds the latest promotion asked for
 
 
 def find_winner(storage: BaseStorage, name: str) -> Winner:
@@ -80,6 +83,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
         best = searched.iloc[0]
         source = int(best["source_trial"])
         runs = [t for t in current_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
+        failed = [t for t in failed_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
         metrics = {
             "val_acc_mean": best["val_mean"] / 100,
@@ -113,6 +117,9 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
             int(top.user_attrs["threads"]) if "threads" in top.user_attrs else None,
             TeacherFiles.from_attrs(top.user_attrs),
             top.user_attrs.get("data_fingerprint"),  # absent from older promotions
+            top.user_attrs.get("inputs"),
+            sorted(int(t.user_attrs["seed"]) for t in failed),
+            promoted.user_attrs.get("seeds"),
         )
     best_trials = ranked(study.trials)
     if not best_trials:
@@ -152,6 +159,7 @@ def export(
     Every file is written beside its place first and moved there only when all are ready,
     meta.json last: a failure or Ctrl-C leaves the folder as it was."""
     check_out(out, name)
+    promoted = winner.source == "promoted"
     model = build_model(winner.recipe.student.arch, data.num_classes, data.channels)
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
     if teacher is not None and teacher.heads is None and needs_teacher_heads(winner.recipe):
@@ -178,6 +186,8 @@ def export(
         "source": winner.source,
         "trial": winner.trial,
         "seeds": winner.seeds,
+        "failed_seeds": winner.failed_seeds,
+        "planned_seeds": winner.planned_seeds,
         "threads": winner.threads,
         "metrics": winner.metrics,
         "student": winner.recipe.student.arch,
@@ -188,8 +198,10 @@ def export(
             if source is not None
         },
         "data": winner.recipe.data.dataset,
-        "data_fingerprint": winner.data_fingerprint or data.fingerprint,
-        "inputs": data.inputs(),
+        # the data the weights trained on: the promotion's (null where an older one did not
+        # record it), else this machine's, on which the search's winner trained just now
+        "data_fingerprint": winner.data_fingerprint if promoted else data.fingerprint,
+        "inputs": winner.inputs if promoted and winner.inputs else data.inputs(),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
     }
@@ -218,11 +230,11 @@ def export(
             for folder in created:
                 folder.rmdir()
         raise
-    for file, source in copies.items():
-        if source is None:
-            (out / file).unlink(missing_ok=True)  # an earlier export's, of another teacher
     for file, tmp in staged.items():  # in order: meta.json, which names the export, last
         tmp.replace(out / file)
+    for file, source in copies.items():  # then an earlier export's teacher, which it no longer
+        if source is None:  # names: a kill before this leaves a spare file, not a lost one
+            (out / file).unlink(missing_ok=True)
 
 
 def _leftover(path: Path) -> bool:

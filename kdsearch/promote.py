@@ -11,6 +11,7 @@ a searched recipe has finished at it (until then, the budget before).
 
 from __future__ import annotations
 
+import collections
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> 
     values compare) and the two baselines, each at the full budget, for every seed. A trial keeps
     the schedule settings it searched (kind, gamma); its epochs and milestones become the base's."""
     base = base_recipe(study)
-    full = base.with_epochs(epochs) if epochs else base
+    # at the base's own epochs too: a cosine base may keep milestones past its end, which a trial
+    # that searched `schedule.kind` = multistep never trained with (and a recipe refuses)
+    full = base.with_epochs(epochs or base.schedule.epochs)
     budget = {
         "schedule.epochs": full.schedule.epochs,
         "schedule.milestones": full.schedule.milestones,
@@ -152,11 +155,32 @@ def current_budget(promoted: optuna.Study) -> int | None:
     return run_budget(max(searched, key=lambda t: t.number)) if searched else None
 
 
-def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE runs at the current budget (all of them while there is none), each once."""
-    done = list(finished_runs(promoted).values())
+def board_budget(promoted: optuna.Study) -> int | None:
+    """The budget of the leaderboard: the current budget, else (no searched recipe has finished
+    yet, only baselines) that of the latest finished run; None while no run has finished."""
     budget = current_budget(promoted)
-    return done if budget is None else [t for t in done if run_budget(t) == budget]
+    if budget is None and (done := finished_runs(promoted)):
+        budget = run_budget(max(done.values(), key=lambda t: t.number))
+    return budget
+
+
+def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE runs at the leaderboard's budget (`board_budget`), each once."""
+    budget = board_budget(promoted)
+    return [t for t in finished_runs(promoted).values() if run_budget(t) == budget]
+
+
+def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
+    """The FAIL runs at the leaderboard's budget that no later try of the same run (recipe,
+    seed, budget) has finished, each once."""
+    budget = board_budget(promoted)
+    done = finished_runs(promoted)
+    failed: dict[str, FrozenTrial] = {}
+    for t in promoted.trials:
+        key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
+        if t.state == TrialState.FAIL and key not in done and run_budget(t) == budget:
+            failed.setdefault(key, t)
+    return list(failed.values())
 
 
 def promote(
@@ -182,6 +206,7 @@ def promote(
     done = finished_keys(promoted)
     if any(r.key in done for r in runs if r.source_trial >= 0):  # asked for again: show it
         promoted.set_user_attr("budget", runs[0].recipe.schedule.epochs)
+    promoted.set_user_attr("seeds", seeds)  # the seeds the latest promotion asked for
     todo = {r.key: r for r in runs if r.key not in done}
     if on_plan is not None:
         on_plan(runs, len(todo))
@@ -191,6 +216,16 @@ def promote(
     # and batch size the teacher trains with, not from a run's, which a trial may have searched.
     base = base_recipe(study)
     data = load_data(base.data)
+    for t in promoted.trials:  # one data set behind every mean over seeds
+        trained_on = t.user_attrs.get("data_fingerprint")  # absent from older promotions
+        if t.state == TrialState.COMPLETE and trained_on not in (None, data.fingerprint):
+            raise StudyError(
+                f"{promoted.study_name}: its run {t.user_attrs['label']}, seed "
+                f"{t.user_attrs['seed']} trained on other images or splits than this machine "
+                f"loads for {base.data.dataset} (data fingerprint {str(trained_on)[:12]}, here "
+                f"{data.fingerprint[:12]}); promote where that data is, or delete the study "
+                f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
+            )
     teacher = None
     files: dict[bool, TeacherFiles] = {}  # the teacher's files, without and with its heads
     if any(needs_teacher(r.recipe) for r in todo.values()):
@@ -205,12 +240,14 @@ def promote(
                     f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
                 )
     weights_dir.mkdir(parents=True, exist_ok=True)
+    # the data every run trains on; `inputs`: what serving its student needs, as this data gave it
+    trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
 
     def record(result: JobResult) -> None:
         run = todo[result.key]
         # The teacher the run learned from, for the export to ship with the student.
         learned = files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
-        _record(promoted, run, result, weights_dir, learned, data.fingerprint)
+        _record(promoted, run, result, weights_dir, learned, trained_on)
         if on_run is not None:
             on_run(run, result)
 
@@ -236,7 +273,7 @@ def _record(
     result: JobResult,
     weights_dir: Path,
     teacher: TeacherFiles | None,
-    data_fingerprint: str,
+    trained_on: dict[str, Any],
 ) -> None:
     attrs: dict[str, Any] = {
         "run_key": run.key,
@@ -249,7 +286,7 @@ def _record(
         "threads": result.threads,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
-        "data_fingerprint": data_fingerprint,
+        **trained_on,
         **(teacher.attrs() if teacher is not None else {}),
     }
     if result.failure is None:
@@ -297,9 +334,12 @@ def new_file(folder: Path, stem: str, suffix: str) -> Path:
 
 
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
-    """Mean and spread over seeds of each promoted recipe and baseline at the current budget
-    (`current_runs`; its epochs in column `epochs`), best validation first (ties: more seeds,
+    """Mean and spread over seeds of each promoted recipe and baseline at the leaderboard's
+    budget (`current_runs`; its epochs in column `epochs`) and how many of its seeds failed
+    there (`failed_runs`): first the recipes none of whose seeds failed, a recipe that diverged
+    on some seed being no recipe to ship, each group best validation first (ties: more seeds,
     then smaller spread, then lower trial number)."""
+    failed = collections.Counter(int(t.user_attrs["source_trial"]) for t in failed_runs(promoted))
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
@@ -321,6 +361,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
             "source_trial": r["source_trial"],
             "epochs": r["epochs"],
             "seeds": len(r["val"]),
+            "failed": failed[r["source_trial"]],
             "val_mean": statistics.mean(r["val"]),
             "val_sd": _sd(r["val"]),
             "test_mean": statistics.mean(r["test"]),
@@ -333,6 +374,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         "source_trial",
         "epochs",
         "seeds",
+        "failed",
         "val_mean",
         "val_sd",
         "test_mean",
@@ -340,9 +382,14 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     ]
     frame = pd.DataFrame(table, columns=columns)
     # Ties go to the recipe with more seeds behind its mean, then the steadier one, then the
-    # lower trial number: never to the order the runs happened to finish in.
-    keys = ["val_mean", "seeds", "val_sd", "source_trial"]
-    return frame.sort_values(keys, ascending=[False, False, True, True], ignore_index=True)
+    # lower trial number: never to the order the runs happened to finish in. Means of equal
+    # sums of accuracies differ in their last bits with the order of the sum (0.9 + 0.8 and
+    # 0.85 + 0.85), so they are compared rounded.
+    order = frame.assign(val_key=frame["val_mean"].round(9)).sort_values(
+        ["failed", "val_key", "seeds", "val_sd", "source_trial"],
+        ascending=[True, False, False, True, True],
+    )
+    return frame.loc[order.index].reset_index(drop=True)
 
 
 def runs_table(promoted: optuna.Study) -> pd.DataFrame:

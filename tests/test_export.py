@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError
@@ -84,6 +84,9 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert meta["teacher_files"]["teacher.pt"]["digest"] == best.user_attrs["teacher_digest"]
     assert meta["teacher_files"]["teacher.pt"]["checked"] is True
     assert meta["data_fingerprint"] == best.user_attrs["data_fingerprint"]
+    assert meta["inputs"] == best.user_attrs["inputs"] and meta["inputs"]["channels"] == 1
+    assert meta["failed_seeds"] == [] and meta["planned_seeds"] == 2
+    assert "failed at" not in proc.stderr and "seeds the promotion asked for" not in proc.stderr
     assert "trained on other images or splits" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
@@ -128,13 +131,28 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
         db.execute(
             "UPDATE trial_user_attributes SET value_json = '\"f00d\"' WHERE key = 'data_fingerprint'"
         )
+    # and a seed of the winner that diverged, of four asked for: said, and in meta.json
+    promoted = optuna.load_study(
+        study_name="s-promoted", storage=f"sqlite:///{tmp_path}/studies/s.db"
+    )
+    promoted.set_user_attr("seeds", 4)
+    promoted.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={"source_trial": 1, "seed": 2},
+            distributions=best.distributions,
+            user_attrs={**best.user_attrs, "seed": 2, "failure": "NonFiniteLoss: nan"},
+        )
+    )
     proc = run_cli("export", "s", "--out", "w5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (
-        "note: the promoted student trained on other images or splits than this machine loads"
-        in (" ".join(proc.stderr.split()))
-    )
-    assert json.loads((tmp_path / "w5" / "meta.json").read_text())["data_fingerprint"] == "f00d"
+    said = " ".join(proc.stderr.split())
+    assert "note: the promoted student trained on other images or splits than this machine" in said
+    assert "note: seed 2 of the winner failed at 2 epochs, as a seed of every searched" in said
+    assert "note: the winner's mean is over 2 of the 4 seeds the promotion asked for" in said
+    meta = json.loads((tmp_path / "w5" / "meta.json").read_text())
+    assert meta["data_fingerprint"] == "f00d" and meta["inputs"] == best.user_attrs["inputs"]
+    assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2], 4)
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)

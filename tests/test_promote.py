@@ -12,11 +12,12 @@ from optuna.distributions import IntDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState, create_trial
 
-from kdsearch.data import ImageData
+from kdsearch.data import ImageData, load_data
 from kdsearch.errors import StudyError
 from kdsearch.models import build_model
 from kdsearch.promote import (
     PLAIN_KD,
+    STUDENT_ALONE,
     Run,
     _record,
     current_runs,
@@ -30,13 +31,14 @@ from kdsearch.promote import (
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, open_storage
+from kdsearch.study import Record, base_recipe, open_storage
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 FINGERPRINT = "0123456789abcdef"  # of the data a promotion loaded, as `_record` keeps it
+DATA = {"data_fingerprint": FINGERPRINT, "inputs": {"channels": 1, "image_size": 8}}
 
 
 def promoted(root: Path) -> optuna.Study:
@@ -208,7 +210,7 @@ def test_a_run_interrupted_while_its_weights_are_written_leaves_no_file(
 
     monkeypatch.setattr(torch, "save", cut)
     with pytest.raises(KeyboardInterrupt):
-        _record(promoted, run, result_of(run, 0.9), tmp_path / "w", None, FINGERPRINT)
+        _record(promoted, run, result_of(run, 0.9), tmp_path / "w", None, DATA)
     assert list((tmp_path / "w").iterdir()) == [] and not promoted.trials
 
 
@@ -242,7 +244,7 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     storage, study, promoted_study = searched(tmp_path)
 
     def record(run: Run, value: float, failure: str | None = None) -> None:
-        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, FINGERPRINT)
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, DATA)
 
     short = plan(study, top_k=1, seeds=1, epochs=2)
     long = plan(study, top_k=1, seeds=1, epochs=4)
@@ -286,7 +288,7 @@ def test_a_run_two_promotions_at_once_both_recorded_counts_once(tmp_path: Path) 
     for value in (0.5, 0.9):  # the second promotion's copy of every run
         for run in plan(study, top_k=1, seeds=2, epochs=2):
             result = replace(result_of(run, value), weights={"w": torch.tensor(value)})
-            _record(promoted_study, run, result, tmp_path, None, FINGERPRINT)
+            _record(promoted_study, run, result, tmp_path, None, DATA)
     assert len(promoted_study.trials) == 12
     board = leaderboard(promoted_study)
     assert list(board["seeds"]) == [2] * 3, "seeds 0 and 1, not four seeds"
@@ -307,13 +309,14 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
     torch.save({"w": torch.zeros(3)}, first)
     kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
     result = result_of(kd, 0.5)
+    here = load_data(base_recipe(study).data)  # the data this promotion loads, as recorded
     _record(
         promoted_study,
         kd,
         result,
         tmp_path,
         TeacherFiles(first, weights_digest(first)),
-        FINGERPRINT,
+        {"data_fingerprint": here.fingerprint, "inputs": here.inputs()},
     )
     torch.save({"w": torch.ones(3)}, first)  # trained again since, in the same place
     model = build_model("resnet8", 10, 1)
@@ -333,7 +336,7 @@ def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_low
 ) -> None:
     _, study, promoted_study = searched(tmp_path)
     runs = plan(study, top_k=3, seeds=2, epochs=2)  # trials 1, 3, 0 and the baselines
-    values = {  # all at 50%: trial 0 spread out, 1 and 3 steady, trial 1's second seed failed
+    values = {  # all at 50%: trial 0 spread out, 1 and 3 steady, trial 1's second seed not run
         (0, 0): 0.25,
         (0, 1): 0.75,
         (1, 0): 0.5,
@@ -341,12 +344,107 @@ def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_low
         (3, 1): 0.5,
     }
     for run in reversed(runs):  # the order finishing would give: 3 before 1, 0 first
-        value = values.get((run.source_trial, run.seed), 0.1)
-        failure = None if (run.source_trial, run.seed) != (1, 1) else "CUDA out of memory"
-        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, FINGERPRINT)
+        if (run.source_trial, run.seed) != (1, 1):  # an interrupted promotion
+            value = values.get((run.source_trial, run.seed), 0.1)
+            _record(promoted_study, run, result_of(run, value), tmp_path, None, DATA)
     board = leaderboard(promoted_study)
     assert list(board["recipe"][:3]) == ["trial 3", "trial 0", "trial 1"]
     assert list(board["seeds"][:3]) == [2, 2, 1]
+
+
+def test_a_recipe_with_a_failed_seed_ranks_below_every_recipe_without_one(
+    tmp_path: Path,
+) -> None:
+    """A recipe that diverged on two seeds of three ranked first on its one lucky seed (the
+    failures were dropped from its mean), and was exported as the winner."""
+    _, study, promoted_study = searched(tmp_path)
+    runs = plan(study, top_k=3, seeds=3, epochs=2)  # trials 1, 3, 0 and the baselines
+    for run in runs:
+        failure = "NonFiniteLoss: nan" if (run.source_trial, run.seed) in {(1, 1), (1, 2)} else None
+        value = 0.95 if run.source_trial == 1 else 0.94 if run.source_trial == 3 else 0.5
+        _record(promoted_study, run, result_of(run, value, failure), tmp_path, None, DATA)
+    board = leaderboard(promoted_study)
+    assert board["recipe"][0] == "trial 3" and list(board["failed"][:-1]) == [0] * 4
+    last = board.iloc[-1]
+    assert (last["recipe"], last["seeds"], last["failed"], last["val_mean"]) == (
+        "trial 1",
+        1,
+        2,
+        95.0,
+    )
+    # tried again and finished: no longer a failure, and its mean is over its three seeds
+    for run in runs[1:3]:
+        _record(promoted_study, run, result_of(run, 0.95), tmp_path, None, DATA)
+    board = leaderboard(promoted_study)
+    assert (board["recipe"][0], board["seeds"][0], board["failed"][0]) == ("trial 1", 3, 0)
+
+
+def test_equal_means_tie_whatever_order_their_accuracies_were_summed_in(tmp_path: Path) -> None:
+    """160/180 and 166/180 average to 90.55555555555556, 161/180 and 165/180 to
+    90.55555555555554: the spread never broke the tie, the last bit did."""
+    _, study, promoted_study = searched(tmp_path)
+    runs = plan(study, top_k=2, seeds=2, epochs=2)  # trials 1, 3 and the baselines
+    correct = {(1, 0): 160, (1, 1): 166, (3, 0): 161, (3, 1): 165}
+    for run in runs:
+        value = correct.get((run.source_trial, run.seed), 90) / 180
+        _record(promoted_study, run, result_of(run, value), tmp_path, None, DATA)
+    board = leaderboard(promoted_study)
+    assert list(board["recipe"][:2]) == ["trial 3", "trial 1"], "the steadier first"
+    assert board["val_sd"][0] < board["val_sd"][1]
+
+
+def test_the_board_of_a_promotion_whose_searched_runs_have_not_finished_is_one_budget(
+    tmp_path: Path,
+) -> None:
+    """Before any searched recipe finished, the baselines of every budget were averaged
+    together: four "seeds" at 20 and 40 epochs in one row."""
+    _, study, promoted_study = searched(tmp_path)
+    for epochs, value in ((2, 0.8), (4, 0.9)):
+        for run in plan(study, top_k=1, seeds=2, epochs=epochs):
+            if run.source_trial < 0:
+                _record(promoted_study, run, result_of(run, value), tmp_path, None, DATA)
+    board = leaderboard(promoted_study)
+    assert list(board["seeds"]) == [2, 2] and list(board["epochs"]) == [4, 4]
+    assert list(board["val_mean"]) == [90.0, 90.0]
+
+
+def test_a_searched_schedule_kind_promotes_at_the_base_epochs_of_a_cosine_base(
+    tmp_path: Path,
+) -> None:
+    """A cosine base may keep milestones past its end (the defaults, 150/180/210); a trial that
+    searched kind = multistep trained without them, and the plan refused it as "milestones
+    [150, 180, 210] are not below epochs (3)"."""
+    space = SMALL_SPACE.replace(
+        "  distill.kd.temperature:",
+        "  schedule.kind: {type: categorical, choices: [cosine, multistep]}\n"
+        "  distill.kd.temperature:",
+    )
+    storage = open_storage(write_study(tmp_path, space))
+    study = optuna.load_study(study_name="s", storage=storage)
+    runs = plan(study, top_k=3, seeds=1, epochs=None)
+    assert {r.recipe.schedule.epochs for r in runs} == {3}
+    assert {tuple(r.recipe.schedule.milestones) for r in runs} == {()}
+    kinds = {r.source_trial: r.recipe.schedule.kind for r in runs}
+    assert kinds == {
+        t.number: t.params["schedule.kind"] for t in study.trials if t.number in kinds
+    } | {
+        STUDENT_ALONE: "cosine",
+        PLAIN_KD: "cosine",
+    }
+    assert "multistep" in kinds.values(), "the case the plan refused is in this study"
+
+
+def test_a_promotion_refuses_runs_recorded_on_other_data(tmp_path: Path) -> None:
+    """Runs on other images or splits (another machine, a changed folder) were averaged with
+    the new ones over seeds."""
+    storage, study, promoted_study = searched(tmp_path)
+    alone = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial < 0)
+    _record(promoted_study, alone, result_of(alone, 0.5), tmp_path, None, DATA)
+    with pytest.raises(StudyError) as info:
+        promote(storage, "s", top_k=1, seeds=2, epochs=2, weights_dir=tmp_path)
+    assert "its run student alone, seed 0 trained on other images or splits" in str(info.value)
+    assert "(data fingerprint 0123456789ab, here" in str(info.value)
+    assert len(promoted_study.trials) == 1, "nothing trained on this data"
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
@@ -391,7 +489,7 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
         for run in runs:  # the baselines train; every searched recipe diverges
             failure = "NonFiniteLoss: nan" if run.source_trial >= 0 else None
             result = replace(result_of(run, 0.5, failure), weights=None if failure else {})
-            _record(promoted, run, result, kwargs["weights_dir"], None, FINGERPRINT)
+            _record(promoted, run, result, kwargs["weights_dir"], None, DATA)
             kwargs["on_run"](run, result)
         return promoted
 

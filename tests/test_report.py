@@ -268,20 +268,22 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     shown = cli_here("trials", "s-promoted", cwd=tmp_path)
     assert shown.stderr == "study 's-promoted': no promoted run has finished yet\n"
     write_promoted(url)
-    for state, budget, attrs in (
-        (TrialState.FAIL, 4, {"failure": "OutOfMemoryError: CUDA out of memory\nmore"}),
-        (TrialState.COMPLETE, 2, {"test_acc": 0.5}),  # an earlier, shorter promotion
+    for state, seed, budget, attrs in (
+        (TrialState.FAIL, 2, 4, {"failure": "OutOfMemoryError: CUDA out of memory\nmore"}),
+        (TrialState.COMPLETE, 2, 2, {"test_acc": 0.5}),  # an earlier, shorter promotion
+        (TrialState.FAIL, 0, 4, {"failure": "RayTaskError: node lost"}),  # finished since
+        (TrialState.FAIL, 1, 2, {"failure": "NonFiniteLoss: nan"}),  # at another budget
     ):
         promoted.add_trial(
             create_trial(
                 state=state,
                 value=0.6 if state == TrialState.COMPLETE else None,
-                params={"source_trial": 1, "seed": 2},
+                params={"source_trial": 1, "seed": seed},
                 distributions={
                     "source_trial": IntDistribution(-2, 10**6),
                     "seed": IntDistribution(0, 10**6),
                 },
-                user_attrs={"label": "trial 1", "source_trial": 1, "seed": 2, "budget": budget}
+                user_attrs={"label": "trial 1", "source_trial": 1, "seed": seed, "budget": budget}
                 | attrs,
             )
         )
@@ -290,8 +292,10 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     assert shown.returncode == 0, shown.stderr
     title = "promoted at 4 epochs (accuracy %, mean ± sd over seeds)"
     assert shown.stdout.splitlines()[0].strip() == title
-    assert re.search(r"trial 1\W+2\W+91\.00 ± 1\.41\W+86\.00 ± 1\.41", shown.stdout), shown.stdout
-    # what the leaderboard leaves out is said, not dropped
+    row = r"trial 1\W+2 \(1 failed\)\W+91\.00 ± 1\.41\W+86\.00 ± 1\.41"
+    assert re.search(row, shown.stdout), shown.stdout
+    # what the leaderboard leaves out is said, not dropped; a run that failed and has finished
+    # since is not a failure, and one at another budget is in the CSV
     assert shown.stderr.splitlines() == [
         "failed: trial 1, seed 2, 4 epochs: OutOfMemoryError: CUDA out of memory",
         "1 finished runs at other budgets (2 epochs) are not in this table; `--csv -` lists "
@@ -300,8 +304,8 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     every = pd.read_csv(
         io.StringIO(cli_here("trials", "s-promoted", "--csv", "-", cwd=tmp_path).stdout)
     )
-    assert list(every["state"]) == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE"]
-    assert list(every["budget"]) == [4, 4, 4, 4, 4, 2] and every["val_acc"].max() == 0.92
+    assert list(every["state"]) == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE", "FAIL", "FAIL"]
+    assert list(every["budget"]) == [4, 4, 4, 4, 4, 2, 4, 2] and every["val_acc"].max() == 0.92
     for _ in range(2):  # to a file, the second time over its own table
         assert cli_here("trials", "s-promoted", "--csv", "runs.csv", cwd=tmp_path).returncode == 0
     assert pd.read_csv(tmp_path / "runs.csv").equals(every)
