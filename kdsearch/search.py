@@ -254,9 +254,12 @@ class RecordingASHA(ASHAScheduler):
         prunes against the whole study, not only against the trials it runs itself."""
         for bracket in self._brackets:
             for milestone, recorded in bracket._rungs:
+                # a live trial's result enters the rung at the first epoch at or past it (a
+                # reduction factor of 2.5 puts rungs at 2.5, 6.25, ...: epochs 3, 7, ...)
+                epoch = math.ceil(milestone - 1e-9)
                 for key, curve in curves.items():
-                    if int(milestone) in curve:
-                        recorded[key] = curve[int(milestone)]
+                    if epoch in curve:
+                        recorded[key] = curve[epoch]
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         text = str(trial.get_error() or "").strip().splitlines()
@@ -741,7 +744,9 @@ def start_ray(address: str | None) -> None:
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(
-            address=address,
+            # "local": a Ray of its own; None would join the Ray whose address `ray start` left
+            # in Ray's temp folder (and refuse num_cpus there), even one long dead
+            address=address or "local",
             num_cpus=None if address else usable_cpus(),
             include_dashboard=False,
             log_to_driver=False,

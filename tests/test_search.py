@@ -433,8 +433,19 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     (root / "space.yaml").write_text(
         space + "promote: {top_k: 1, seeds: 1, epochs: 4}\nexport: {dir: out/winner}\n"
     )
-    proc = kdsearch("run", "space.yaml", "--trials", "4", cwd=root, env=env)
-    _, err = proc.communicate(timeout=900)
+    # the address a `ray start --head` that is long gone left behind: without --address, the
+    # search and the promotion start a Ray of their own (they tried to join it, and Ray
+    # refused them num_cpus: a traceback)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+    try:
+        proc = kdsearch(
+            "run", "space.yaml", "--trials", "4", cwd=root, env={**env, "RAY_TMPDIR": str(ray_tmp)}
+        )
+        _, err = proc.communicate(timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, err
     promoted = optuna.load_study(
         study_name="tiny-promoted", storage=f"sqlite:///{root}/studies/tiny.db"
@@ -802,3 +813,26 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     assert died.key == "trial-1-seed0" and died.weights is None
     assert died.failure is not None and died.failure.startswith("WorkerCrashedError")
     assert raised.failure == "ValueError: a bug in the run"
+
+
+@pytest.mark.parametrize("reduction_factor", [2.0, 2.5, 1.5])
+def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_trial_would(
+    reduction_factor: float,
+) -> None:
+    """A fractional reduction factor puts rungs between epochs (2.5: at 2.5, 6.25, 15.625); a
+    live trial enters each at the first epoch past it, and a resumed search entered the epoch
+    before (epochs 2, 6, 15 for 3, 7, 16), a lower accuracy, so it pruned less."""
+    from types import SimpleNamespace
+
+    from kdsearch.search import RecordingASHA
+
+    curve = {epoch: epoch / 100 for epoch in range(1, 17)}  # rising: never stopped
+    live = RecordingASHA(16, 1, reduction_factor)
+    (bracket,) = live._brackets
+    for epoch, value in curve.items():
+        bracket.on_result(SimpleNamespace(trial_id="t"), epoch, value)  # type: ignore[arg-type]
+    resumed = RecordingASHA(16, 1, reduction_factor)
+    resumed.remember({"t": curve})
+    entered = [dict(recorded) for _, recorded in resumed._brackets[0]._rungs]
+    assert entered == [dict(recorded) for _, recorded in bracket._rungs]
+    assert len(entered) >= 3 and all(entered)
