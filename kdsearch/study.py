@@ -36,6 +36,7 @@ from kdsearch.recipe import Recipe, flatten, load_yaml
 from kdsearch.space import SearchSpace, SpaceFile
 
 METRIC = "val_acc"
+PG_CONNECT_S = 10  # how long a PostgreSQL server may take to answer a connection
 OPEN_ATTEMPTS = 3
 HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
 STALE_S = 300.0  # ... and is presumed gone after this long without one
@@ -82,6 +83,10 @@ def sqlite_file(url: str) -> Path | None:
 def open_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        # libpq waits without end for a host that drops packets: each of the attempts below
+        # would cost the kernel's SYN timeout (about two minutes) before the one clear line
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_S}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
         file = sqlite_file(url)

@@ -642,6 +642,25 @@ def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -
     assert message.startswith(expected) and "hunter2" not in message and "\n" not in message
 
 
+def test_a_postgresql_server_that_never_answers_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that takes the connection and says nothing (or drops packets): libpq waited
+    without end, and the one clear line never came."""
+    from kdsearch import study
+
+    monkeypatch.setattr(study, "PG_CONNECT_S", 2)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nothing ever speaks
+        url = f"postgresql://kd@127.0.0.1:{silent.getsockname()[1]}/none"
+        with pytest.raises(StudyError) as info:
+            open_storage(url)
+    assert str(info.value).startswith(f"cannot open the study storage {url}: ")
+    assert "timeout expired" in str(info.value)
+
+
 def test_redact_hides_passwords_only() -> None:
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("sqlite:///studies/x.db") == "sqlite:///studies/x.db"
