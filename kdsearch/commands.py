@@ -246,6 +246,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not tally.complete and not tally.running:
         console.print("no trial completed, so there is no result to promote or export")
         return 1
+    if tally.running and (space.config.promote or space.config.export):
+        # from the trials finished so far, the best might not be the search's: the last
+        # driver to finish promotes and exports (or, should it be gone, the user)
+        console.print(
+            "so this driver leaves the space's promotion and export to the driver that "
+            f"finishes the search last; should none, run {left_to_user(args, space, url)} "
+            "once it is done",
+            markup=False,
+        )
+        return 0
     if space.config.promote is not None:
         p = space.config.promote
         if not run_promotion(
@@ -257,6 +267,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if space.config.export is not None:
         run_export(open_storage(url), name, Path(space.config.export.dir))
     return 0
+
+
+def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
+    """The commands that do the space's promotion and export as `kdsearch run` would."""
+    from kdsearch.study import redact
+
+    name = args.study or space.config.study.name
+    given = args.storage or space.config.study.storage  # else the default, which they find
+    storage = f" --storage {shlex.quote(redact(url))}" if given else ""
+    commands = []
+    if (p := space.config.promote) is not None:
+        epochs = f" --epochs {p.epochs}" if p.epochs else ""
+        commands.append(
+            f"kdsearch promote {name}{storage} --top-k {p.top_k} --seeds {p.seeds}{epochs}"
+        )
+    if (e := space.config.export) is not None:
+        commands.append(f"kdsearch export {name}{storage} --out {shlex.quote(e.dir)}")
+    return " and ".join(f"`{c}`" for c in commands)
 
 
 def same_teacher(record: Record, files: TeacherFiles) -> None:

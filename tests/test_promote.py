@@ -498,3 +498,27 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
     assert ran.returncode == 1, ran.stderr
     assert "trial 1 seed 0: failed: NonFiniteLoss: nan" in ran.stderr
     assert "every run of the searched recipes failed at the base recipe's epochs" in ran.stderr
+
+
+def test_a_driver_that_ends_while_others_still_run_trials_leaves_them_the_promotion(
+    tmp_path: Path,
+) -> None:
+    """It promoted (and exported) the best of the trials finished so far, while another
+    driver's trials ran; one whose own trials had all been pruned was told "no COMPLETE
+    trial to promote" and exited 2 after a healthy search."""
+    url = write_study(tmp_path, SMALL_SPACE + "promote: {top_k: 1, seeds: 2, epochs: 2}\n")
+    space = SearchSpace.from_yaml((tmp_path / "space.yaml").read_text(), source="space.yaml")
+    other = Record(open_storage(url), "s", space, target=6, resume=True)
+    other.driver = "elsewhere:123"  # a driver on another machine, alive by its heartbeat
+    assert other.next_plan("ray5") is not None
+    other.heartbeat()
+    ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    said = " ".join(ran.stderr.split())
+    assert "1 trials of other drivers are still running" in said
+    assert (
+        "leaves the space's promotion and export to the driver that finishes the search last"
+        in said
+    )
+    assert "`kdsearch promote s --top-k 1 --seeds 2 --epochs 2`" in said
+    assert "s-promoted" not in optuna.get_all_study_names(url), "nothing promoted"
