@@ -444,6 +444,10 @@ class Record:
                 stacklevel=2,
             )
             return
+        # Steps past this attempt's last: an earlier attempt's, whose driver stopped while
+        # recording it (killed, or a write the storage refused) before it was adopted; Optuna
+        # deletes no step, and takes a pruned trial's value from its last one.
+        stale = any(step > max(curve, default=0) for step in trial.intermediate_values)
         try:
             for epoch, value in sorted(curve.items()):
                 self.storage.set_trial_intermediate_value(trial_id, epoch, value)
@@ -451,6 +455,10 @@ class Record:
                 self.storage.set_trial_user_attr(trial_id, key, value)
             if state == TrialState.COMPLETE:
                 self.study.tell(number, curve[max(curve)], skip_if_finished=True)
+            elif state == TrialState.PRUNED and stale and curve:  # as `tell` would, from this
+                done = self.storage.get_trial(trial_id)  # attempt's last step
+                self.study.sampler.after_trial(self.study, done, state, None)
+                self.storage.set_trial_state_values(trial_id, state, [curve[max(curve)]])
             else:
                 self.study.tell(number, state=state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -563,10 +571,15 @@ class Record:
 
     @clear_storage_errors
     def finished_curves(self) -> dict[str, dict[int, float]]:
-        """Learning curves of the study's finished trials, keyed "study#<number>"."""
+        """Learning curves of the study's finished trials, keyed "study#<number>", to the epoch
+        each reached (`finish` explains the steps past it some hold)."""
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         return {
-            f"study#{t.number}": dict(t.intermediate_values)
+            f"study#{t.number}": {
+                step: value
+                for step, value in t.intermediate_values.items()
+                if step <= int(t.user_attrs.get("epochs", step))
+            }
             for t in self.study.get_trials(deepcopy=False, states=done)
         }
 

@@ -89,6 +89,30 @@ def test_trials_are_proposed_until_the_target_and_finished_once(
     assert tally.best is not None and tally.best[:2] == (0.8, 0)
 
 
+def test_a_trial_trained_again_is_valued_at_its_own_last_epoch_not_an_earlier_attempts(
+    space: SearchSpace, url: str
+) -> None:
+    """A driver that stopped while writing a trial's curve (killed, or a write refused) left
+    epochs 1-4 of it; trained again on --resume and pruned at epoch 1, the trial was PRUNED at
+    the old epoch 4's value (Optuna values a pruned trial at its last step), and that old curve
+    went into a later resume's ASHA rungs."""
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=2, resume=False)
+    assert record.next_plan("r0") is not None
+    trial_id = storage.get_trial_id_from_study_id_trial_number(record.study_id, 0)
+    for epoch, value in {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}.items():  # the first attempt's
+        storage.set_trial_intermediate_value(trial_id, epoch, value)
+    record.finish(0, TrialState.PRUNED, {1: 0.3}, {"epochs": 1})
+    trial = storage.get_trial(trial_id)
+    assert (trial.state, trial.value) == (TrialState.PRUNED, 0.3)
+    assert record.finished_curves() == {"study#0": {1: 0.3}}
+    # the usual case, no steps of an earlier attempt, is Optuna's own `tell`
+    assert record.next_plan("r1") is not None
+    record.finish(1, TrialState.PRUNED, {1: 0.2, 2: 0.4}, {"epochs": 2})
+    assert record.study.trials[1].value == 0.4
+    assert record.finished_curves()["study#1"] == {1: 0.2, 2: 0.4}
+
+
 def test_a_placement_is_stored_as_text_and_recorded_as_a_list(space: SearchSpace, url: str) -> None:
     record = Record(open_storage(url), "s", space, target=6, resume=False)
     plans = [record.next_plan(str(i)) for i in range(6)]
