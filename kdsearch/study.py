@@ -36,6 +36,7 @@ from kdsearch.recipe import Recipe, flatten, load_yaml
 from kdsearch.space import SearchSpace, SpaceFile
 
 METRIC = "val_acc"
+MAX_ATTEMPTS = 3  # a trial whose driver died this often is not adopted again
 PG_CONNECT_S = 10  # how long a PostgreSQL server may take to answer a connection
 OPEN_ATTEMPTS = 3
 HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
@@ -363,7 +364,6 @@ class Record:
             attempt = int(orphan.user_attrs.get("attempt", 1))
             try:
                 if "recipe" in orphan.user_attrs:
-                    self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
                     # what it trains, with this machine's settings (a GPU its driver had, a
                     # data folder of its own), as a trial this driver proposes
                     here = {
@@ -371,7 +371,19 @@ class Record:
                         for key in PER_MACHINE
                         if key not in self.space.params
                     }
-                    recipe = trial_recipe(orphan).override(here)
+                    try:
+                        recipe = trial_recipe(orphan).override(here)
+                    except RecipeError as err:  # recorded by another kdsearch, say
+                        self._give_up(orphan, f"its recorded recipe does not load here: {err}")
+                        continue
+                    if attempt >= MAX_ATTEMPTS:  # each time, its driver died: it may be why
+                        self._give_up(
+                            orphan,
+                            f"its driver stopped while training it {attempt} times (out of "
+                            "memory? a GPU fault?), so it is not tried again",
+                        )
+                        continue
+                    self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
                     self.storage.set_trial_user_attr(orphan._trial_id, "recipe", recipe.to_yaml())
                     return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
@@ -406,6 +418,11 @@ class Record:
         """Whether every trial of the target has been started (by this driver or another)."""
         held = len(self.study.get_trials(deepcopy=False))
         return held >= self.target and not self._orphans()
+
+    def _give_up(self, orphan: FrozenTrial, why: str) -> None:
+        """Record an orphan as failed, `why`, rather than train it again."""
+        self.storage.set_trial_user_attr(orphan._trial_id, "failure", why)
+        self.study.tell(orphan.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def _claim(self, trial_id: int, ray_trial_id: str, *, attempt: int) -> None:
         self._claimed.add(trial_id)

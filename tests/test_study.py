@@ -343,6 +343,37 @@ def test_a_trial_another_driver_finishes_while_this_one_writes_it_keeps_the_firs
     assert trial.state == TrialState.COMPLETE and trial.value == 0.5
 
 
+def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resume(
+    space: SearchSpace, url: str
+) -> None:
+    """A trial that took its driver down (the host out of memory) was trained again first on
+    every --resume, without end; one whose recorded recipe no longer loads stopped every resume
+    at it."""
+    storage = open_storage(url)
+    first = Record(storage, "s", space, target=3, resume=False)
+    for i in range(3):
+        first.next_plan(f"r{i}")
+    study_id = storage.get_study_id_from_name("s")
+    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in range(3)]
+    for trial_id in ids:
+        storage.set_trial_user_attr(trial_id, "driver", _here(_dead_pid()))
+    storage.set_trial_user_attr(ids[0], "attempt", 3)  # its third driver died with it too
+    storage.set_trial_user_attr(ids[1], "recipe", "student: {arch: resnet9000}\n")
+    storage.set_trial_user_attr(ids[2], "attempt", 2)
+    again = Record(storage, "s", space, target=3, resume=True)
+    plan = again.next_plan("new")
+    assert plan is not None and plan.number == 2 and plan.adopted, "tried a third time"
+    assert again.next_plan("more") is None
+    t0, t1, _ = (storage.get_trial(i) for i in ids)
+    assert t0.state == TrialState.FAIL and t0.user_attrs["failure"].startswith(
+        "its driver stopped while training it 3 times"
+    )
+    assert t1.state == TrialState.FAIL and t1.user_attrs["failure"].startswith(
+        "its recorded recipe does not load here: "
+    )
+    assert "resnet9000" in t1.user_attrs["failure"]
+
+
 def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     storage.set_trial_user_attr(trial_id, "driver", driver)
