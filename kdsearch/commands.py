@@ -176,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.study import (
         Record,
         default_storage,
+        machine_settings,
         open_storage,
         redact,
         refuse_foreign,
@@ -256,16 +257,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             markup=False,
         )
         return 0
+    # this driver's data folder, device, teacher files: the study records the base recipe of
+    # whichever driver joined it last, perhaps on another machine
+    here = machine_settings(space.base, space.params)
     if space.config.promote is not None:
         p = space.config.promote
         if not run_promotion(
-            open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address
+            open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address, here
         ):
             if space.config.export is not None:
                 console.print("so the space's export is not done")
             return 1
     if space.config.export is not None:
-        run_export(open_storage(url), name, Path(space.config.export.dir))
+        run_export(open_storage(url), name, Path(space.config.export.dir), here)
     return 0
 
 
@@ -454,9 +458,11 @@ def run_promotion(
     seeds: int,
     epochs: int | None,
     address: str | None,
+    here: dict[str, Any] | None = None,
 ) -> bool:
     """Promote, with a line per finished run, then print the leaderboard; whether a run of a
-    searched recipe is recorded finished at the promotion's budget (not: every one failed)."""
+    searched recipe is recorded finished at the promotion's budget (not: every one failed).
+    `here`: this machine's settings (`promote.plan`)."""
     from kdsearch.promote import finished_keys, leaderboard, promote, weights_dir_for
     from kdsearch.study import promoted_name, redact
 
@@ -502,6 +508,7 @@ def run_promotion(
             on_run=on_run,
             on_epoch=on_epoch,
             prepare=prepare_teacher,
+            here=here,
         )
     finally:
         status.close()
@@ -523,9 +530,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(storage: Any, name: str, out: Path) -> None:
+def run_export(storage: Any, name: str, out: Path, here: dict[str, Any] | None = None) -> None:
     """Export the winner and the teacher it learned from; without a promotion, train the winning
-    trial's recipe once first, against the search's teacher."""
+    trial's recipe once first, against the search's teacher. `here`: this machine's settings
+    (`export.find_winner`)."""
     import torch
 
     from kdsearch.data import load_data
@@ -535,7 +543,7 @@ def run_export(storage: Any, name: str, out: Path) -> None:
     from kdsearch.train import evaluate_split, train
 
     check_out(out, name)
-    winner = find_winner(storage, name)
+    winner = find_winner(storage, name, here)
     data = load_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
     files = winner.teacher

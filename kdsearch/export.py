@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -36,7 +37,16 @@ from kdsearch.models import build_model
 from kdsearch.paths import staging_path, writable_folder
 from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
-from kdsearch.study import base_recipe, load_study, promoted_name, ranked, recorded, trial_recipe
+from kdsearch.study import (
+    base_recipe,
+    load_study,
+    machine_settings,
+    promoted_name,
+    ranked,
+    recorded,
+    space_config,
+    trial_recipe,
+)
 from kdsearch.teacher import TeacherFiles, weights_digest
 
 if TYPE_CHECKING:
@@ -70,12 +80,16 @@ class Winner:
     planned_seeds: int | None = None  # the seeds the latest promotion asked for
 
 
-def find_winner(storage: BaseStorage, name: str) -> Winner:
+def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
     """The promoted recipe with the best mean validation accuracy over seeds (its best seed's
-    weights); without a promotion, the best COMPLETE trial of the search (no weights yet)."""
+    weights); without a promotion, the best COMPLETE trial of the search (no weights yet).
+    `here`: this machine's settings (`machine_settings`; default: the study's base recipe's)."""
     study = load_study(storage, name)
     recorded(study, "space")  # a search study, not a promoted one or another tool's
     base = base_recipe(study)
+    if here is None:
+        here = machine_settings(base, space_config(study).space)
+    base = base.override(here)
     if has_promoted(storage, name):
         promoted = load_study(storage, promoted_name(name))
         board = leaderboard(promoted)
@@ -107,7 +121,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
             },
         }
         return Winner(
-            Recipe.from_yaml(str(top.user_attrs["recipe"])),
+            Recipe.from_yaml(str(top.user_attrs["recipe"])).override(here),
             base,
             "promoted",
             source,
@@ -125,7 +139,7 @@ def find_winner(storage: BaseStorage, name: str) -> Winner:
     if not best_trials:
         raise StudyError(f"study {name!r} has no COMPLETE trial to export")
     best_trial = best_trials[0]
-    recipe = trial_recipe(best_trial)
+    recipe = trial_recipe(best_trial).override(here)
     metrics = {"search_val_acc": best_trial.value, "epochs": best_trial.user_attrs.get("epochs")}
     threads = best_trial.user_attrs.get("threads")  # absent from studies of older versions
     return Winner(

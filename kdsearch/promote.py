@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from kdsearch.search import JobResult, run_jobs
 from kdsearch.study import (
     base_recipe,
     load_study,
+    machine_settings,
     promoted_name,
     ranked,
     space_config,
@@ -76,11 +77,23 @@ class Run:
         return f"{name}-seed{self.seed}-{self.recipe.schedule.epochs}ep"
 
 
-def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> list[Run]:
+def plan(
+    study: optuna.Study,
+    *,
+    top_k: int,
+    seeds: int,
+    epochs: int | None,
+    here: Mapping[str, Any] | None = None,
+) -> list[Run]:
     """The runs of a promotion: the top-k COMPLETE trials (all ran the same budget, so their
     values compare) and the two baselines, each at the full budget, for every seed. A trial keeps
-    the schedule settings it searched (kind, gamma); its epochs and milestones become the base's."""
+    the schedule settings it searched (kind, gamma); its epochs and milestones become the base's.
+    Every run takes the machine settings `here` (`machine_settings`; default: the study's base
+    recipe's), not those of the driver that proposed its trial."""
     base = base_recipe(study)
+    if here is None:
+        here = machine_settings(base, space_config(study).space)
+    base = base.override(here)
     # at the base's own epochs too: a cosine base may keep milestones past its end, which a trial
     # that searched `schedule.kind` = multistep never trained with (and a recipe refuses)
     full = base.with_epochs(epochs or base.schedule.epochs)
@@ -91,7 +104,7 @@ def plan(study: optuna.Study, *, top_k: int, seeds: int, epochs: int | None) -> 
     best = ranked(study.trials)[:top_k]
     if not best:
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to promote")
-    sources = {t.number: trial_recipe(t).override(budget) for t in best}
+    sources = {t.number: trial_recipe(t).override({**budget, **here}) for t in best}
     off = {f"distill.{name}.weight": 0.0 for name in LOSSES if name != "ce"}
     alone = full.override({**off, "distill.ce.weight": 1.0})
     kd = base.distill.kd
@@ -196,12 +209,16 @@ def promote(
     on_run: Callable[[Run, JobResult], None] | None = None,
     on_epoch: Callable[[Run, int, float], None] | None = None,
     prepare: Callable[[Recipe, ImageData, bool], Teacher] | None = None,
+    here: Mapping[str, Any] | None = None,
 ) -> optuna.Study:
     """Train every run of the plan not yet recorded, on Ray, and record each as it ends.
     `on_plan` hears the plan's runs and how many of them are to train, `on_epoch` each epoch
-    of a run (its number and validation accuracy) as it ends."""
+    of a run (its number and validation accuracy) as it ends; `here`: this machine's settings
+    (see `plan`)."""
     study = load_study(storage, name)
-    runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs)
+    if here is None:
+        here = machine_settings(base_recipe(study), space_config(study).space)
+    runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
     promoted = open_promoted(storage, name)
     done = finished_keys(promoted)
     if any(r.key in done for r in runs if r.source_trial >= 0):  # asked for again: show it
@@ -214,7 +231,7 @@ def promote(
         return promoted
     # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
     # and batch size the teacher trains with, not from a run's, which a trial may have searched.
-    base = base_recipe(study)
+    base = base_recipe(study).override(here)
     data = load_data(base.data)
     for t in promoted.trials:  # one data set behind every mean over seeds
         trained_on = t.user_attrs.get("data_fingerprint")  # absent from older promotions

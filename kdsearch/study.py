@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -366,11 +366,7 @@ class Record:
                 if "recipe" in orphan.user_attrs:
                     # what it trains, with this machine's settings (a GPU its driver had, a
                     # data folder of its own), as a trial this driver proposes
-                    here = {
-                        key: self.space.base.get(key)
-                        for key in PER_MACHINE
-                        if key not in self.space.params
-                    }
+                    here = machine_settings(self.space.base, self.space.params)
                     try:
                         recipe = trial_recipe(orphan).override(here)
                     except RecipeError as err:  # recorded by another kdsearch, say
@@ -631,6 +627,11 @@ PER_MACHINE = frozenset(
         "compile",
     }
 )
+
+
+def machine_settings(recipe: Recipe, searched: Iterable[str]) -> dict[str, Any]:
+    """The PER_MACHINE settings of `recipe`, but for those a space searches (`searched`)."""
+    return {key: recipe.get(key) for key in PER_MACHINE if key not in searched}
 
 
 def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:

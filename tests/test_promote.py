@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from kdsearch.promote import (
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, base_recipe, open_storage
+from kdsearch.study import Record, base_recipe, open_storage, trial_recipe
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -522,3 +524,28 @@ def test_a_driver_that_ends_while_others_still_run_trials_leaves_them_the_promot
     )
     assert "`kdsearch promote s --top-k 1 --seeds 2 --epochs 2`" in said
     assert "s-promoted" not in optuna.get_all_study_names(url), "nothing promoted"
+
+
+def test_every_run_takes_this_machines_settings_not_its_proposers(tmp_path: Path) -> None:
+    """A trial proposed by a driver on another machine kept that machine's device and data
+    folder in the promotion (a `device: cpu` driver's trial trained on the CPU of a GPU
+    machine), and `kdsearch run` promoted with the base of whichever driver joined last."""
+    _, study, _ = searched(tmp_path)
+    theirs = Recipe.from_yaml(study.trials[1].user_attrs["recipe"]).override(
+        {"device": "cuda:1", "data.root": "/their/data"}
+    )
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:  # as that driver recorded it
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'recipe' AND trial_id = ?",
+            (json.dumps(theirs.to_yaml()), study.trials[1]._trial_id),
+        )
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/studies/s.db")
+    assert trial_recipe(study.trials[1]).device == "cuda:1"
+    runs = plan(study, top_k=1, seeds=1, epochs=2)
+    assert [r.source_trial for r in runs] == [1, STUDENT_ALONE, PLAIN_KD]
+    mine = base_recipe(study).data.root
+    assert {(r.recipe.device, r.recipe.data.root) for r in runs} == {("cpu", mine)}
+    assert runs[0].recipe.distill == theirs.distill, "what it searched is kept"
+    here = {"device": "auto", "data.root": "/mine"}
+    runs = plan(study, top_k=1, seeds=1, epochs=2, here=here)
+    assert {(r.recipe.device, r.recipe.data.root) for r in runs} == {("auto", "/mine")}
