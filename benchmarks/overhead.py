@@ -9,12 +9,16 @@ teacher already in the cache, `--runs` times, on `--space` (the digits search by
 with `--root` (CIFAR-10 as an image folder), on a CIFAR-10 search whose trials train for tens of
 seconds: a 5,000-image subset, resnet20 -> resnet8, 8 trials of at most 6 epochs searching KD's
 temperature and weight and the learning rate. A trial's busy time is its training steps plus its
-validation passes (the trial attributes `train_seconds` and `eval_seconds`); the search had
-`concurrent` slots for the whole wall time of the command, so
+validation passes (the trial attributes `train_seconds` and `eval_seconds`; a failed trial's, to
+the last epoch it finished); the search had `concurrent` slots for the whole wall time of the
+command, so
 
     overhead = 1 - sum(busy) / (concurrent x command wall time)
 
-and it splits, from the command's start and end and the study's trial timestamps, into: before
+and, with the validation passes counted outside the training steps too (the column
+"overhead, validation outside"), 1 - sum(train_seconds) / (concurrent x wall);
+
+the first splits, from the command's start and end and the study's trial timestamps, into: before
 the first trial is proposed (Python imports, Ray start-up, data and teacher loading, opening the
 study); the first trial of each slot, proposal to record, minus its busy time (a fresh worker
 process: importing torch and kdsearch, unpacking the data and teacher); the same for every other
@@ -65,6 +69,7 @@ class Run:
     slots: int
     wall: float
     busy: float
+    validation: float  # slot-seconds of it in validation passes
     parts: tuple[float, ...]  # slot-seconds of each column of the table, in its order
 
     @property
@@ -74,6 +79,10 @@ class Run:
     @property
     def overhead(self) -> float:
         return 1 - self.busy / self.capacity
+
+    @property
+    def overhead_with_validation(self) -> float:
+        return 1 - (self.busy - self.validation) / self.capacity
 
     def least(self, bare: float) -> float:
         """The overhead with nothing but the bare start-up besides the busy time."""
@@ -124,10 +133,11 @@ def main() -> None:
             for (n, cpu), walls in bares.items()
         ),
         "",
-        "| search | run | trials | wall s | busy slot-s | before the first trial | first trial "
-        "per slot, not busy | other trials, not busy | slots idle | after the last trial | "
-        "overhead | least possible | later trial, not busy s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| search | run | trials | wall s | busy slot-s | of it validation | before the first "
+        "trial | first trial per slot, not busy | other trials, not busy | slots idle | after the "
+        "last trial | overhead | least possible | overhead, validation outside | later trial, "
+        "not busy s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     )
     for name, doc in docs.items():
         space = write_space(doc, work / f"{name}.yaml")
@@ -140,8 +150,9 @@ def main() -> None:
             row = measure(space, work, study, slots[name])
             shares = " | ".join(f"{100 * part / row.capacity:.1f}%" for part in row.parts)
             table.row(
-                f"| {name} | {i} | {row.trials} | {row.wall:.1f} | {row.busy:.1f} | {shares} | "
-                f"{100 * row.overhead:.1f}% | {100 * row.least(bare_wall):.1f}% | "
+                f"| {name} | {i} | {row.trials} | {row.wall:.1f} | {row.busy:.1f} | "
+                f"{row.validation:.1f} | {shares} | {100 * row.overhead:.1f}% | "
+                f"{100 * row.least(bare_wall):.1f}% | {100 * row.overhead_with_validation:.1f}% | "
                 f"{row.later_cost:.2f} |"
             )
     table.save(args.out)
@@ -205,6 +216,7 @@ def measure(space: Path, work: Path, name: str, slots: int) -> Run:
         slots,
         wall,
         sum(busy(t) for t in trials),
+        sum(float(t.user_attrs.get("eval_seconds", 0)) for t in trials),
         (before, first_trials, other_trials, idle, after),
     )
 

@@ -11,8 +11,8 @@ in turn, `--rounds` times; each round's speeds are divided by that round's KD sp
 table shows the medians, so a machine whose speed drifts still compares like with like. The
 teacher and its heads are untrained: throughput does not depend on the weights. CRD/CKTF memory
 banks are sized to this small training set; on CIFAR-100 (50,000 images) their bank product adds
-2 x B x N x D = 0.8 GMAC per contrastive layer and step, under 1% of a resnet32x4 -> resnet8x4
-step.
+2 x B x N x D = 0.8 GMAC per contrastive layer and step forward and about as much backward (both
+embeddings train), 1.6 GMAC, under 2% of a resnet32x4 -> resnet8x4 step (about 100 GMAC).
 """
 
 from __future__ import annotations

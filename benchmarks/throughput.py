@@ -23,8 +23,9 @@ both official scripts (a host-device sync every step on CUDA), so it is if anyth
 they are. On a GPU a step takes milliseconds: give `--steps` in the hundreds there.
 
 CRD's memory banks hold one row per training image, so here `--steps` x 64 rows, not CIFAR-100's
-50,000: kdsearch's product with the whole bank (2 x B x N x D multiply-adds) is cheaper here than
-there by up to 0.8 GMAC a step, and the reference's gathers read a bank that fits in cache.
+50,000: kdsearch's product with the whole bank (2 x B x N x D multiply-adds forward, about as
+many again backward, since both embeddings train) is cheaper here than there by up to 1.6 GMAC a
+step, and the reference's gathers read a bank that fits in cache.
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     torch.set_num_threads(max(1, int(config["threads"])))
     free_device_memory()  # what an earlier trial of this reused worker left cached
     started = time.perf_counter()
-    progress = {"epoch": 0}
+    # the last finished epoch and the busy time to it, for a failure's report too
+    progress: dict[str, float] = {"epoch": 0, "train_seconds": 0.0, "eval_seconds": 0.0}
     with kept_warnings() as told:
         try:
             _train_trial(config, shared, started, progress, told)
@@ -142,10 +143,12 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     free_device_memory()
     tune.report(
         {
-            "epoch": progress["epoch"] + 1,
+            "epoch": int(progress["epoch"]) + 1,
             METRIC: float("nan"),
             "failure": failure,
             "wall_seconds": time.perf_counter() - started,
+            "train_seconds": progress["train_seconds"],
+            "eval_seconds": progress["eval_seconds"],
             **({"warnings": said} if (said := told()) else {}),  # what led up to it, too
         }
     )
@@ -155,19 +158,20 @@ def _train_trial(
     config: dict[str, Any],
     shared: Shared,
     started: float,
-    progress: dict[str, int],
+    progress: dict[str, float],
     told: Callable[[], list[str]],
 ) -> None:
     recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
-    busy = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    busy = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_images": 0.0}
     store = config.get("store")
 
     def report(stats: EpochStats) -> None:
-        progress["epoch"] = stats.epoch
         busy["train_seconds"] += stats.seconds
         busy["eval_seconds"] += stats.eval_seconds
+        busy["train_images"] += round(stats.images_per_sec * stats.seconds)
+        progress.update(epoch=stats.epoch, **busy)
         tune.report(
             {
                 "epoch": stats.epoch,
@@ -323,6 +327,7 @@ class KdSearcher(Searcher):
             "wall_seconds",
             "train_seconds",
             "eval_seconds",
+            "train_images",
             "images_per_sec",
             "student_params",
             "threads",
