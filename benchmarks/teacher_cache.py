@@ -150,7 +150,7 @@ def main() -> None:
             speeds[arm] = statistics.median(
                 t.user_attrs["train_images"] / t.user_attrs["train_seconds"]
                 for t in trials
-                if t.user_attrs.get("train_seconds")
+                if t.user_attrs.get("train_seconds") and "train_images" in t.user_attrs
             )
         row = (
             f"| {name} | {counts['live']} / {counts['store']} | "

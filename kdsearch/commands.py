@@ -250,10 +250,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tally.running and (space.config.promote or space.config.export):
         # from the trials finished so far, the best might not be the search's: the last
         # driver to finish promotes and exports (or, should it be gone, the user)
+        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
         console.print(
             "so this driver leaves the space's promotion and export to the driver that "
-            f"finishes the search last; should none, run {left_to_user(args, space, url)} "
-            "once it is done",
+            "finishes the search last (if its space file has them); should none, run "
+            f"{left_to_user(args, space, url)}{hidden} once it is done",
             markup=False,
         )
         return 0
@@ -278,13 +279,15 @@ def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
     from kdsearch.study import redact
 
     name = args.study or space.config.study.name
-    given = args.storage or space.config.study.storage  # else the default, which they find
-    storage = f" --storage {shlex.quote(redact(url))}" if given else ""
+    named = args.storage or space.config.study.storage  # else the default, which they find
+    storage = f" --storage {shlex.quote(redact(url))}" if named else ""
+    address = f" --address {shlex.quote(args.address)}" if args.address else ""  # its cluster
     commands = []
     if (p := space.config.promote) is not None:
         epochs = f" --epochs {p.epochs}" if p.epochs else ""
         commands.append(
-            f"kdsearch promote {name}{storage} --top-k {p.top_k} --seeds {p.seeds}{epochs}"
+            f"kdsearch promote {name}{storage}{address} --top-k {p.top_k} --seeds {p.seeds}"
+            + epochs
         )
     if (e := space.config.export) is not None:
         commands.append(f"kdsearch export {name}{storage} --out {shlex.quote(e.dir)}")
@@ -598,12 +601,13 @@ def run_export(storage: Any, name: str, out: Path, here: dict[str, Any] | None =
         )
         weights = result.student.state_dict()
     export(winner, name, out, weights, data, files, teacher_checked=checked)
-    if winner.failed_seeds:  # ranked last, so every searched recipe had a failed seed
+    if winner.failed_seeds:
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
             f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
-            f"{winner.recipe.schedule.epochs} epochs, as a seed of every searched recipe did "
-            "(`kdsearch trials` says why); its mean is over the seeds that finished",
+            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {name}-promoted` says "
+            f"why; `kdsearch promote {name}` again retries them); its mean is over the seeds "
+            "that finished",
             markup=False,
         )
     if winner.planned_seeds and len(winner.seeds) + len(winner.failed_seeds) < winner.planned_seeds:

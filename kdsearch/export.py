@@ -77,19 +77,18 @@ class Winner:
     data_fingerprint: str | None = None  # of the data the promoted weights trained on
     inputs: dict[str, Any] | None = None  # what that data gave them (channels, mean, ...)
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
-    planned_seeds: int | None = None  # the seeds the latest promotion asked for
+    planned_seeds: int | None = None  # the seeds the latest promotion at its budget asked for
 
 
 def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
     """The promoted recipe with the best mean validation accuracy over seeds (its best seed's
     weights); without a promotion, the best COMPLETE trial of the search (no weights yet).
-    `here`: this machine's settings (`machine_settings`; default: the study's base recipe's)."""
+    `here`: this machine's settings (`machine_settings`; default: those the promoted weights
+    trained with, on the machine that holds them, else the study's base recipe's)."""
     study = load_study(storage, name)
     recorded(study, "space")  # a search study, not a promoted one or another tool's
     base = base_recipe(study)
-    if here is None:
-        here = machine_settings(base, space_config(study).space)
-    base = base.override(here)
+    searched_keys = space_config(study).space
     if has_promoted(storage, name):
         promoted = load_study(storage, promoted_name(name))
         board = leaderboard(promoted)
@@ -99,6 +98,9 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         runs = [t for t in current_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         failed = [t for t in failed_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
+        trained = Recipe.from_yaml(str(top.user_attrs["recipe"]))
+        if here is None:
+            here = machine_settings(trained, searched_keys)
         metrics = {
             "val_acc_mean": best["val_mean"] / 100,
             "val_acc_sd": best["val_sd"] / 100,
@@ -121,8 +123,8 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             },
         }
         return Winner(
-            Recipe.from_yaml(str(top.user_attrs["recipe"])).override(here),
-            base,
+            trained.override(here),
+            base.override(here),
             "promoted",
             source,
             metrics,
@@ -133,12 +135,15 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             top.user_attrs.get("data_fingerprint"),  # absent from older promotions
             top.user_attrs.get("inputs"),
             sorted(int(t.user_attrs["seed"]) for t in failed),
-            promoted.user_attrs.get("seeds"),
+            promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
         )
     best_trials = ranked(study.trials)
     if not best_trials:
         raise StudyError(f"study {name!r} has no COMPLETE trial to export")
     best_trial = best_trials[0]
+    if here is None:
+        here = machine_settings(base, searched_keys)
+    base = base.override(here)
     recipe = trial_recipe(best_trial).override(here)
     metrics = {"search_val_acc": best_trial.value, "epochs": best_trial.user_attrs.get("epochs")}
     threads = best_trial.user_attrs.get("threads")  # absent from studies of older versions

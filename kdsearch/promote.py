@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from kdsearch import __version__
 from kdsearch.data import ImageData, load_data
 from kdsearch.distill import needs_teacher, needs_teacher_heads
-from kdsearch.errors import StudyError
+from kdsearch.errors import NonFiniteLoss, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult, run_jobs
@@ -184,9 +184,11 @@ def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
 
 
 def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
-    """The FAIL runs at the leaderboard's budget that no later try of the same run (recipe,
-    seed, budget) has finished, each once."""
+    """The FAIL runs at the leaderboard's budget (while no run has finished: the latest
+    run's) that no later try of the same run (recipe, seed, budget) has finished, each once."""
     budget = board_budget(promoted)
+    if budget is None and promoted.trials:
+        budget = run_budget(max(promoted.trials, key=lambda t: t.number))
     done = finished_runs(promoted)
     failed: dict[str, FrozenTrial] = {}
     for t in promoted.trials:
@@ -194,6 +196,12 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
         if t.state == TrialState.FAIL and key not in done and run_budget(t) == budget:
             failed.setdefault(key, t)
     return list(failed.values())
+
+
+def diverged(run: FrozenTrial) -> bool:
+    """Whether a failed run failed of its recipe, its loss become non-finite, rather than of
+    its machine (out of memory, a lost node: a promotion run again retries those)."""
+    return str(run.user_attrs.get("failure", "")).startswith(NonFiniteLoss.__name__)
 
 
 def promote(
@@ -221,13 +229,14 @@ def promote(
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
     promoted = open_promoted(storage, name)
     done = finished_keys(promoted)
+    budget = runs[0].recipe.schedule.epochs
     if any(r.key in done for r in runs if r.source_trial >= 0):  # asked for again: show it
-        promoted.set_user_attr("budget", runs[0].recipe.schedule.epochs)
-    promoted.set_user_attr("seeds", seeds)  # the seeds the latest promotion asked for
+        promoted.set_user_attr("budget", budget)
     todo = {r.key: r for r in runs if r.key not in done}
     if on_plan is not None:
         on_plan(runs, len(todo))
     if not todo:
+        promoted.set_user_attr(f"seeds:{budget}", seeds)
         return promoted
     # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
     # and batch size the teacher trains with, not from a run's, which a trial may have searched.
@@ -257,6 +266,7 @@ def promote(
                     f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
                 )
     weights_dir.mkdir(parents=True, exist_ok=True)
+    promoted.set_user_attr(f"seeds:{budget}", seeds)  # what the export's mean should be over
     # the data every run trains on; `inputs`: what serving its student needs, as this data gave it
     trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
 
@@ -353,10 +363,12 @@ def new_file(folder: Path, stem: str, suffix: str) -> Path:
 def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     """Mean and spread over seeds of each promoted recipe and baseline at the leaderboard's
     budget (`current_runs`; its epochs in column `epochs`) and how many of its seeds failed
-    there (`failed_runs`): first the recipes none of whose seeds failed, a recipe that diverged
-    on some seed being no recipe to ship, each group best validation first (ties: more seeds,
-    then smaller spread, then lower trial number)."""
-    failed = collections.Counter(int(t.user_attrs["source_trial"]) for t in failed_runs(promoted))
+    there (`failed_runs`), of them `diverged`: ranked by how many diverged, fewest first, a
+    recipe that diverges on some seed being no recipe to ship, then best validation first
+    (ties: more seeds, then smaller spread, then lower trial number)."""
+    failures = failed_runs(promoted)
+    failed = collections.Counter(int(t.user_attrs["source_trial"]) for t in failures)
+    bad = collections.Counter(int(t.user_attrs["source_trial"]) for t in failures if diverged(t))
     rows: dict[int, dict[str, Any]] = {}
     for t in current_runs(promoted):
         source = int(t.user_attrs["source_trial"])
@@ -379,6 +391,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
             "epochs": r["epochs"],
             "seeds": len(r["val"]),
             "failed": failed[r["source_trial"]],
+            "diverged": bad[r["source_trial"]],
             "val_mean": statistics.mean(r["val"]),
             "val_sd": _sd(r["val"]),
             "test_mean": statistics.mean(r["test"]),
@@ -392,6 +405,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
         "epochs",
         "seeds",
         "failed",
+        "diverged",
         "val_mean",
         "val_sd",
         "test_mean",
@@ -403,7 +417,7 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     # sums of accuracies differ in their last bits with the order of the sum (0.9 + 0.8 and
     # 0.85 + 0.85), so they are compared rounded.
     order = frame.assign(val_key=frame["val_mean"].round(9)).sort_values(
-        ["failed", "val_key", "seeds", "val_sd", "source_trial"],
+        ["diverged", "val_key", "seeds", "val_sd", "source_trial"],
         ascending=[True, False, False, True, True],
     )
     return frame.loc[order.index].reset_index(drop=True)

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     free_device_memory()  # what an earlier trial of this reused worker left cached
     started = time.perf_counter()
     # the last finished epoch and the busy time to it, for a failure's report too
-    progress: dict[str, float] = {"epoch": 0, "train_seconds": 0.0, "eval_seconds": 0.0}
+    progress = {"epoch": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0, "train_images": 0.0}
     with kept_warnings() as told:
         try:
             _train_trial(config, shared, started, progress, told)
@@ -149,6 +150,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
             "wall_seconds": time.perf_counter() - started,
             "train_seconds": progress["train_seconds"],
             "eval_seconds": progress["eval_seconds"],
+            "train_images": progress["train_images"],
             **({"warnings": said} if (said := told()) else {}),  # what led up to it, too
         }
     )
@@ -255,15 +257,15 @@ class RecordingASHA(ASHAScheduler):
 
     def remember(self, curves: Mapping[str, Mapping[int, float]]) -> None:
         """Enter finished trials' results into the rungs they reached, so a resumed search
-        prunes against the whole study, not only against the trials it runs itself."""
+        prunes against the whole study, not only against the trials it runs itself: each curve
+        goes through the rungs epoch by epoch, as its trial's results went live (a result fills
+        one rung at most, so with a reduction factor near 1 a rung can take a later epoch than
+        the first past it)."""
         for bracket in self._brackets:
-            for milestone, recorded in bracket._rungs:
-                # a live trial's result enters the rung at the first epoch at or past it (a
-                # reduction factor of 2.5 puts rungs at 2.5, 6.25, ...: epochs 3, 7, ...)
-                epoch = math.ceil(milestone - 1e-9)
-                for key, curve in curves.items():
-                    if epoch in curve:
-                        recorded[key] = curve[epoch]
+            for key, curve in curves.items():
+                trial: Any = SimpleNamespace(trial_id=key)  # all a bracket reads of a trial
+                for epoch in sorted(curve):
+                    bracket.on_result(trial, epoch, curve[epoch])  # its decision: long taken
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         text = str(trial.get_error() or "").strip().splitlines()

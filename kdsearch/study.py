@@ -36,7 +36,7 @@ from kdsearch.recipe import Recipe, flatten, load_yaml
 from kdsearch.space import SearchSpace, SpaceFile
 
 METRIC = "val_acc"
-MAX_ATTEMPTS = 3  # a trial whose driver died this often is not adopted again
+MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
 PG_CONNECT_S = 10  # how long a PostgreSQL server may take to answer a connection
 OPEN_ATTEMPTS = 3
 HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
@@ -84,7 +84,12 @@ def sqlite_file(url: str) -> Path | None:
 def open_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("postgresql") and "connect_timeout" not in url:
+    driver = url.partition("://")[0]
+    if (
+        driver in ("postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+        and "connect_timeout" not in url
+        and "PGCONNECT_TIMEOUT" not in os.environ  # the user's own
+    ):
         # libpq waits without end for a host that drops packets: each of the attempts below
         # would cost the kernel's SYN timeout (about two minutes) before the one clear line
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_S}
@@ -360,26 +365,35 @@ class Record:
         """The next trial for Ray: an orphan first (looked for again at each call, so that a
         driver that dies beside this one is taken over too), else a new sample while the study
         holds fewer trials than the target; None when there is nothing left to start."""
+        beats: Mapping[str, Any] | None = None
         for orphan in self._orphans():
             attempt = int(orphan.user_attrs.get("attempt", 1))
             try:
                 if "recipe" in orphan.user_attrs:
-                    # what it trains, with this machine's settings (a GPU its driver had, a
-                    # data folder of its own), as a trial this driver proposes
-                    here = machine_settings(self.space.base, self.space.params)
                     try:
-                        recipe = trial_recipe(orphan).override(here)
+                        recorded_recipe = trial_recipe(orphan)
                     except RecipeError as err:  # recorded by another kdsearch, say
-                        self._give_up(orphan, f"its recorded recipe does not load here: {err}")
+                        self._give_up(orphan, f"its recorded recipe does not load: {err}")
                         continue
-                    if attempt >= MAX_ATTEMPTS:  # each time, its driver died: it may be why
+                    # a driver that died (its heartbeat not zeroed as a stop zeroes it) while
+                    # training it, again: the trial may be what kills them
+                    if beats is None:
+                        beats = self.storage.get_study_system_attrs(self.study_id)
+                    last = beats.get(f"heartbeat:{orphan.user_attrs.get('driver')}", 0.0)
+                    crashes = int(orphan.user_attrs.get("crashes", 0)) + (float(last) != 0.0)
+                    if crashes >= MAX_CRASHES:
                         self._give_up(
                             orphan,
-                            f"its driver stopped while training it {attempt} times (out of "
+                            f"its driver died while training it {crashes} times (out of "
                             "memory? a GPU fault?), so it is not tried again",
                         )
                         continue
+                    # what it trains, with this machine's settings (a GPU its driver had, a
+                    # data folder of its own), as a trial this driver proposes
+                    here = machine_settings(self.space.base, self.space.params)
+                    recipe = recorded_recipe.override(here)
                     self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
+                    self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
                     self.storage.set_trial_user_attr(orphan._trial_id, "recipe", recipe.to_yaml())
                     return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
@@ -457,25 +471,32 @@ class Record:
                 stacklevel=2,
             )
             return
-        # Steps past this attempt's last: an earlier attempt's, whose driver stopped while
-        # recording it (killed, or a write the storage refused) before it was adopted; Optuna
-        # deletes no step, and takes a pruned trial's value from its last one.
-        stale = any(step > max(curve, default=0) for step in trial.intermediate_values)
+        last = max(curve, default=0)
+        if any(step > last for step in trial.intermediate_values):
+            self._drop_steps_after(trial_id, last)
         try:
             for epoch, value in sorted(curve.items()):
                 self.storage.set_trial_intermediate_value(trial_id, epoch, value)
             for key, value in attrs.items():
                 self.storage.set_trial_user_attr(trial_id, key, value)
             if state == TrialState.COMPLETE:
-                self.study.tell(number, curve[max(curve)], skip_if_finished=True)
-            elif state == TrialState.PRUNED and stale and curve:  # as `tell` would, from this
-                done = self.storage.get_trial(trial_id)  # attempt's last step
-                self.study.sampler.after_trial(self.study, done, state, None)
-                self.storage.set_trial_state_values(trial_id, state, [curve[max(curve)]])
+                self.study.tell(number, curve[last], skip_if_finished=True)
             else:
                 self.study.tell(number, state=state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another driver finished it as this one wrote: the first finish stands
+
+    def _drop_steps_after(self, trial_id: int, last: int) -> None:
+        """Delete a trial's intermediate values past step `last`: an earlier attempt's, whose
+        driver stopped while recording it (killed, or a write the storage refused) before the
+        trial was adopted. Optuna has no call for it, and would read them as this attempt's:
+        a pruned trial's value is its last step's, and TPE ranks pruned trials by it."""
+        from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
+        from sqlalchemy import delete
+
+        assert isinstance(self.storage, RDBStorage)  # open_storage's
+        with self.storage.engine.begin() as connection:
+            connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
 
     # -- liveness ------------------------------------------------------------------------
 
@@ -584,15 +605,10 @@ class Record:
 
     @clear_storage_errors
     def finished_curves(self) -> dict[str, dict[int, float]]:
-        """Learning curves of the study's finished trials, keyed "study#<number>", to the epoch
-        each reached (`finish` explains the steps past it some hold)."""
+        """Learning curves of the study's finished trials, keyed "study#<number>"."""
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         return {
-            f"study#{t.number}": {
-                step: value
-                for step, value in t.intermediate_values.items()
-                if step <= int(t.user_attrs.get("epochs", step))
-            }
+            f"study#{t.number}": dict(t.intermediate_values)
             for t in self.study.get_trials(deepcopy=False, states=done)
         }
 

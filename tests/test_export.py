@@ -135,7 +135,8 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     promoted = optuna.load_study(
         study_name="s-promoted", storage=f"sqlite:///{tmp_path}/studies/s.db"
     )
-    promoted.set_user_attr("seeds", 4)
+    promoted.set_user_attr("seeds:2", 4)  # asked for at this budget
+    promoted.set_user_attr("seeds:40", 9)  # at another: not this mean's
     promoted.add_trial(
         create_trial(
             state=TrialState.FAIL,
@@ -148,7 +149,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
     assert "note: the promoted student trained on other images or splits than this machine" in said
-    assert "note: seed 2 of the winner failed at 2 epochs, as a seed of every searched" in said
+    assert "note: seed 2 of the winner failed at 2 epochs (`kdsearch trials s-promoted`" in said
     assert "note: the winner's mean is over 2 of the 4 seeds the promotion asked for" in said
     meta = json.loads((tmp_path / "w5" / "meta.json").read_text())
     assert meta["data_fingerprint"] == "f00d" and meta["inputs"] == best.user_attrs["inputs"]

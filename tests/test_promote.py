@@ -23,6 +23,7 @@ from kdsearch.promote import (
     Run,
     _record,
     current_runs,
+    failed_runs,
     finished_keys,
     has_promoted,
     leaderboard,
@@ -374,11 +375,25 @@ def test_a_recipe_with_a_failed_seed_ranks_below_every_recipe_without_one(
         2,
         95.0,
     )
+    # a seed lost to its machine (out of memory, a lost node) is no mark against a recipe: it
+    # is shown, and a promotion run again retries it
+    (trial_3_seed_0,) = (r for r in runs if (r.source_trial, r.seed) == (3, 0))
+    _record(
+        promoted_study,
+        replace(trial_3_seed_0, seed=3),
+        result_of(trial_3_seed_0, 0.0, "RayTaskError: node lost"),
+        tmp_path,
+        None,
+        DATA,
+    )
+    board = leaderboard(promoted_study)
+    assert (board["recipe"][0], board["failed"][0], board["diverged"][0]) == ("trial 3", 1, 0)
+    assert (board["failed"].iloc[-1], board["diverged"].iloc[-1]) == (2, 2)
     # tried again and finished: no longer a failure, and its mean is over its three seeds
     for run in runs[1:3]:
         _record(promoted_study, run, result_of(run, 0.95), tmp_path, None, DATA)
     board = leaderboard(promoted_study)
-    assert (board["recipe"][0], board["seeds"][0], board["failed"][0]) == ("trial 1", 3, 0)
+    assert (board["recipe"][0], board["seeds"][0], board["diverged"][0]) == ("trial 1", 3, 0)
 
 
 def test_equal_means_tie_whatever_order_their_accuracies_were_summed_in(tmp_path: Path) -> None:
@@ -393,6 +408,21 @@ def test_equal_means_tie_whatever_order_their_accuracies_were_summed_in(tmp_path
     board = leaderboard(promoted_study)
     assert list(board["recipe"][:2]) == ["trial 3", "trial 1"], "the steadier first"
     assert board["val_sd"][0] < board["val_sd"][1]
+
+
+def test_failures_are_listed_while_no_run_has_finished(tmp_path: Path) -> None:
+    """Every run failed (out of memory, say): `kdsearch trials STUDY-promoted` said only
+    that no run had finished, and not why."""
+    _, study, promoted_study = searched(tmp_path)
+    runs = plan(study, top_k=1, seeds=1, epochs=2)
+    for run in runs:
+        _record(
+            promoted_study, run, result_of(run, 0.0, "OutOfMemoryError: x"), tmp_path, None, DATA
+        )
+    assert leaderboard(promoted_study).empty
+    assert sorted(t.user_attrs["label"] for t in failed_runs(promoted_study)) == sorted(
+        r.label for r in runs
+    )
 
 
 def test_the_board_of_a_promotion_whose_searched_runs_have_not_finished_is_one_budget(
@@ -549,3 +579,20 @@ def test_every_run_takes_this_machines_settings_not_its_proposers(tmp_path: Path
     here = {"device": "auto", "data.root": "/mine"}
     runs = plan(study, top_k=1, seeds=1, epochs=2, here=here)
     assert {(r.recipe.device, r.recipe.data.root) for r in runs} == {("auto", "/mine")}
+
+
+def test_the_winner_takes_the_settings_of_the_machine_that_promoted_it(tmp_path: Path) -> None:
+    """`kdsearch export` run alone took the data folder and device of the study's base recipe,
+    that of whichever driver joined the search last, over those the promoted weights trained
+    with on the machine that holds them."""
+    from kdsearch.export import find_winner
+
+    storage, study, promoted_study = searched(tmp_path)
+    mine = {"data.root": "/promoted/here", "device": "cpu"}
+    for run in plan(study, top_k=1, seeds=1, epochs=2, here=mine):
+        _record(promoted_study, run, result_of(run, 0.5), tmp_path, None, DATA)
+    winner = find_winner(storage, "s")
+    assert winner.source == "promoted" and winner.recipe.data.root == "/promoted/here"
+    assert winner.base.data.root == "/promoted/here", "its teacher and data as well"
+    assert base_recipe(study).data.root != "/promoted/here"
+    assert find_winner(storage, "s", {"data.root": "/x"}).recipe.data.root == "/x"

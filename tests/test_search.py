@@ -819,13 +819,15 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     assert raised.failure == "ValueError: a bug in the run"
 
 
-@pytest.mark.parametrize("reduction_factor", [2.0, 2.5, 1.5])
+@pytest.mark.parametrize("reduction_factor", [2.0, 2.5, 1.5, 1.2, 10**0.5])
 def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_trial_would(
     reduction_factor: float,
 ) -> None:
     """A fractional reduction factor puts rungs between epochs (2.5: at 2.5, 6.25, 15.625); a
     live trial enters each at the first epoch past it, and a resumed search entered the epoch
-    before (epochs 2, 6, 15 for 3, 7, 16), a lower accuracy, so it pruned less."""
+    before (epochs 2, 6, 15 for 3, 7, 16), a lower accuracy, so it pruned less. Near 1 (1.2)
+    one result fills one rung at most, so a rung can take a later epoch still; sqrt(10) puts
+    a rung at 10.000000000000002, which epoch 10 does not reach."""
     from types import SimpleNamespace
 
     from kdsearch.search import RecordingASHA

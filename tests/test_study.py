@@ -105,6 +105,7 @@ def test_a_trial_trained_again_is_valued_at_its_own_last_epoch_not_an_earlier_at
     record.finish(0, TrialState.PRUNED, {1: 0.3}, {"epochs": 1})
     trial = storage.get_trial(trial_id)
     assert (trial.state, trial.value) == (TrialState.PRUNED, 0.3)
+    assert trial.intermediate_values == {1: 0.3}, "TPE ranks a pruned trial by its last step"
     assert record.finished_curves() == {"study#0": {1: 0.3}}
     # the usual case, no steps of an earlier attempt, is Optuna's own `tell`
     assert record.next_plan("r1") is not None
@@ -348,28 +349,30 @@ def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resu
 ) -> None:
     """A trial that took its driver down (the host out of memory) was trained again first on
     every --resume, without end; one whose recorded recipe no longer loads stopped every resume
-    at it."""
+    at it. A driver stopped as Ctrl-C stops one (its heartbeat zeroed) is no such death."""
     storage = open_storage(url)
     first = Record(storage, "s", space, target=3, resume=False)
     for i in range(3):
         first.next_plan(f"r{i}")
     study_id = storage.get_study_id_from_name("s")
     ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in range(3)]
-    for trial_id in ids:
-        storage.set_trial_user_attr(trial_id, "driver", _here(_dead_pid()))
-    storage.set_trial_user_attr(ids[0], "attempt", 3)  # its third driver died with it too
+    drivers = [_here(_dead_pid()) for _ in ids]
+    for trial_id, driver, beat in zip(ids, drivers, (time.time() - 60, 0.0, 0.0), strict=True):
+        storage.set_trial_user_attr(trial_id, "driver", driver)
+        storage.set_trial_user_attr(trial_id, "crashes", 2)  # two drivers died with each
+        storage.set_study_system_attr(study_id, f"heartbeat:{driver}", beat)
     storage.set_trial_user_attr(ids[1], "recipe", "student: {arch: resnet9000}\n")
-    storage.set_trial_user_attr(ids[2], "attempt", 2)
     again = Record(storage, "s", space, target=3, resume=True)
     plan = again.next_plan("new")
-    assert plan is not None and plan.number == 2 and plan.adopted, "tried a third time"
+    assert plan is not None and plan.number == 2 and plan.adopted, "stopped, not killed by it"
+    assert storage.get_trial(ids[2]).user_attrs["crashes"] == 2
     assert again.next_plan("more") is None
     t0, t1, _ = (storage.get_trial(i) for i in ids)
     assert t0.state == TrialState.FAIL and t0.user_attrs["failure"].startswith(
-        "its driver stopped while training it 3 times"
+        "its driver died while training it 3 times"
     )
     assert t1.state == TrialState.FAIL and t1.user_attrs["failure"].startswith(
-        "its recorded recipe does not load here: "
+        "its recorded recipe does not load: "
     )
     assert "resnet9000" in t1.user_attrs["failure"]
 
