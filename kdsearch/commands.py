@@ -250,7 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tally.running and (space.config.promote or space.config.export):
         # from the trials finished so far, the best might not be the search's: the last
         # driver to finish promotes and exports (or, should it be gone, the user)
-        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
+        named = args.storage or space.config.study.storage
+        hidden = " (its password hidden)" if named and redact(url) != url else ""
         console.print(
             "so this driver leaves the space's promotion and export to the driver that "
             "finishes the search last (if its space file has them); should none, run "

@@ -168,10 +168,12 @@ def leaderboard_table(board: Any) -> Table:
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
     for _, row in board.iterrows():
-        failed = int(row.get("failed", 0))
+        diverged = int(row.get("diverged", 0))
+        lost = int(row.get("failed", 0)) - diverged  # to its machine: retried
+        told = [f"{diverged} diverged"] * bool(diverged) + [f"{lost} failed"] * bool(lost)
         table.add_row(
             str(row["recipe"]),
-            f"{row['seeds']} ({failed} failed)" if failed else str(row["seeds"]),
+            f"{row['seeds']} ({', '.join(told)})" if told else str(row["seeds"]),
             spread(row["val_mean"], row["val_sd"], row["seeds"]),
             spread(row["test_mean"], row["test_sd"], row["seeds"]),
         )

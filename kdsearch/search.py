@@ -258,14 +258,19 @@ class RecordingASHA(ASHAScheduler):
     def remember(self, curves: Mapping[str, Mapping[int, float]]) -> None:
         """Enter finished trials' results into the rungs they reached, so a resumed search
         prunes against the whole study, not only against the trials it runs itself: each curve
-        goes through the rungs epoch by epoch, as its trial's results went live (a result fills
+        goes through the rungs as its trial's results went live, epoch by epoch, then its last
+        result once more, as Tune hands it to the scheduler when the trial ends (a result fills
         one rung at most, so with a reduction factor near 1 a rung can take a later epoch than
-        the first past it)."""
+        the first past it, or that last result)."""
         for bracket in self._brackets:
             for key, curve in curves.items():
                 trial: Any = SimpleNamespace(trial_id=key)  # all a bracket reads of a trial
                 for epoch in sorted(curve):
-                    bracket.on_result(trial, epoch, curve[epoch])  # its decision: long taken
+                    if epoch < self._max_t:  # at max_t, Tune stops the trial without asking
+                        bracket.on_result(trial, epoch, curve[epoch])  # its decision: taken
+                if curve:
+                    last = max(curve)
+                    bracket.on_result(trial, last, curve[last])
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         text = str(trial.get_error() or "").strip().splitlines()

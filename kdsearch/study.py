@@ -323,6 +323,11 @@ class Record:
         )
         self.study_id = storage.get_study_id_from_name(name)
         storage.set_study_system_attr(self.study_id, f"joined:{self.driver}", time.time())
+        # a driver of this one's name before it (a container's PID 1 again): how it ended, which
+        # this driver's first beat overwrites
+        self._namesake_beat = storage.get_study_system_attrs(self.study_id).get(
+            f"heartbeat:{self.driver}", 0.0
+        )
         self.heartbeat()
         # Drivers that start on the same study at once see the same trial count; each draws
         # from its own stream, or they would propose (and train) the same trials in pairs.
@@ -379,13 +384,19 @@ class Record:
                     # training it, again: the trial may be what kills them
                     if beats is None:
                         beats = self.storage.get_study_system_attrs(self.study_id)
-                    last = beats.get(f"heartbeat:{orphan.user_attrs.get('driver')}", 0.0)
+                    owner = orphan.user_attrs.get("driver")
+                    last = (
+                        self._namesake_beat
+                        if owner == self.driver
+                        else beats.get(f"heartbeat:{owner}", 0.0)
+                    )
                     crashes = int(orphan.user_attrs.get("crashes", 0)) + (float(last) != 0.0)
                     if crashes >= MAX_CRASHES:
                         self._give_up(
                             orphan,
-                            f"its driver died while training it {crashes} times (out of "
-                            "memory? a GPU fault?), so it is not tried again",
+                            f"its driver died while training it {crashes} times (killed: out "
+                            "of memory? a GPU fault?; or cut off from the study's storage), so "
+                            "it is not tried again",
                         )
                         continue
                     # what it trains, with this machine's settings (a GPU its driver had, a
@@ -493,10 +504,14 @@ class Record:
         a pruned trial's value is its last step's, and TPE ranks pruned trials by it."""
         from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
         from sqlalchemy import delete
+        from sqlalchemy.exc import SQLAlchemyError
 
         assert isinstance(self.storage, RDBStorage)  # open_storage's
-        with self.storage.engine.begin() as connection:
-            connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
+        try:
+            with self.storage.engine.begin() as connection:
+                connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
+        except SQLAlchemyError as err:  # as Optuna's own writes fail (`clear_storage_errors`)
+            raise optuna.exceptions.StorageInternalError(str(err)) from err
 
     # -- liveness ------------------------------------------------------------------------
 
@@ -605,10 +620,15 @@ class Record:
 
     @clear_storage_errors
     def finished_curves(self) -> dict[str, dict[int, float]]:
-        """Learning curves of the study's finished trials, keyed "study#<number>"."""
+        """Learning curves of the study's finished trials, keyed "study#<number>", to the epoch
+        each reached (an earlier kdsearch left an earlier attempt's steps past it)."""
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         return {
-            f"study#{t.number}": dict(t.intermediate_values)
+            f"study#{t.number}": {
+                step: value
+                for step, value in t.intermediate_values.items()
+                if step <= int(t.user_attrs.get("epochs", step))
+            }
             for t in self.study.get_trials(deepcopy=False, states=done)
         }
 

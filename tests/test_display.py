@@ -119,3 +119,26 @@ def test_the_leaderboard_title_is_one_line_however_narrow_its_rows() -> None:
     lines = _rendered(leaderboard_table(board), 120)
     assert lines[0].strip() == "promoted at 24 epochs (accuracy %, mean ± sd over seeds)"
     assert "trial 11" in lines[4] and "98.89 ± 0.00" in lines[4]
+
+
+def test_the_leaderboard_tells_diverged_seeds_from_failed_ones() -> None:
+    board = pd.DataFrame(
+        [
+            ["trial 3", 3, 0, 0, 94.0, 0.0, 93.0, 0.0, 24],
+            ["trial 1", 1, 3, 2, 95.0, 0.0, 94.0, 0.0, 24],
+        ],
+        columns=[
+            "recipe",
+            "seeds",
+            "failed",
+            "diverged",
+            "val_mean",
+            "val_sd",
+            "test_mean",
+            "test_sd",
+            "epochs",
+        ],
+    )
+    text = "\n".join(_rendered(leaderboard_table(board), 120))
+    assert re.search(r"trial 3\W+3\W+94\.00", text)
+    assert "1 (2 diverged, 1 failed)" in text, text

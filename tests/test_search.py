@@ -820,25 +820,36 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
 
 
 @pytest.mark.parametrize("reduction_factor", [2.0, 2.5, 1.5, 1.2, 10**0.5])
-def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_trial_would(
+def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_search_did(
     reduction_factor: float,
 ) -> None:
     """A fractional reduction factor puts rungs between epochs (2.5: at 2.5, 6.25, 15.625); a
     live trial enters each at the first epoch past it, and a resumed search entered the epoch
-    before (epochs 2, 6, 15 for 3, 7, 16), a lower accuracy, so it pruned less. Near 1 (1.2)
-    one result fills one rung at most, so a rung can take a later epoch still; sqrt(10) puts
-    a rung at 10.000000000000002, which epoch 10 does not reach."""
+    before (epochs 2, 6, 15 for 3, 7, 16), a lower accuracy, so it pruned less. Near 1 (1.2) a
+    result fills one rung at most, and the result Tune hands the scheduler as a trial ends fills
+    one more; sqrt(10) puts a rung at 10.000000000000002, which epoch 10 does not reach. The
+    live side is driven as Tune drives a scheduler: results until it says STOP, then the end."""
     from types import SimpleNamespace
 
     from kdsearch.search import RecordingASHA
+    from kdsearch.study import METRIC
 
-    curve = {epoch: epoch / 100 for epoch in range(1, 17)}  # rising: never stopped
     live = RecordingASHA(16, 1, reduction_factor)
-    (bracket,) = live._brackets
-    for epoch, value in curve.items():
-        bracket.on_result(SimpleNamespace(trial_id="t"), epoch, value)  # type: ignore[arg-type]
+    live.set_search_properties(METRIC, "max")
+    curves: dict[str, dict[int, float]] = {}
+    for n in range(12):  # trials that learn at different speeds, so some are stopped
+        trial = SimpleNamespace(trial_id=f"t{n}")
+        live.on_trial_add(None, trial)  # type: ignore[arg-type]
+        curve = curves.setdefault(trial.trial_id, {})
+        for epoch in range(1, 17):
+            result = {"epoch": epoch, METRIC: (epoch * (1 + n % 5)) / 100 + n / 1000}
+            curve[epoch] = result[METRIC]
+            if live.on_trial_result(None, trial, result) == "STOP":  # type: ignore[arg-type]
+                break
+        live.on_trial_complete(None, trial, result)  # type: ignore[arg-type]
+    assert any(len(c) < 16 for c in curves.values()), "some trials were stopped"
     resumed = RecordingASHA(16, 1, reduction_factor)
-    resumed.remember({"t": curve})
+    resumed.remember(curves)
     entered = [dict(recorded) for _, recorded in resumed._brackets[0]._rungs]
-    assert entered == [dict(recorded) for _, recorded in bracket._rungs]
+    assert entered == [dict(recorded) for _, recorded in live._brackets[0]._rungs]
     assert len(entered) >= 3 and all(entered)

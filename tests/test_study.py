@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
@@ -375,6 +377,41 @@ def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resu
         "its recorded recipe does not load: "
     )
     assert "resnet9000" in t1.user_attrs["failure"]
+
+
+def test_a_driver_of_the_same_name_stopped_cleanly_is_no_death(
+    space: SearchSpace, url: str
+) -> None:
+    """A container's PID 1 resumes the trials of the PID 1 before it, a driver of its own
+    name: its first beat overwrote how that one ended, so every clean stop counted as a death
+    and the third FAILed the trial."""
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=1, resume=False)
+    assert record.next_plan("r0") is not None
+    for n in range(4):
+        record.heartbeat(0.0)  # stopped as Ctrl-C stops it
+        record = Record(storage, "s", space, target=1, resume=True)
+        plan = record.next_plan(f"again{n}")
+        assert plan is not None and plan.adopted, f"resume {n + 1}"
+    trial = record.study.trials[0]
+    assert trial.state == TrialState.RUNNING and trial.user_attrs["crashes"] == 0
+
+
+def test_a_refused_delete_of_old_steps_is_a_storage_failure(space: SearchSpace, url: str) -> None:
+    """Raised as SQLAlchemy's own error, it escaped the searcher's handling: the trial stayed
+    RUNNING, claimed by a driver that went on as if it had been recorded."""
+    from optuna.storages import RDBStorage
+
+    impatient = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 0.3}})
+    record = Record(impatient, "s", space, target=1, resume=False)
+    assert record.next_plan("r0") is not None
+    trial_id = impatient.get_trial_id_from_study_id_trial_number(record.study_id, 0)
+    for epoch in (1, 2, 3):  # an earlier attempt's
+        impatient.set_trial_intermediate_value(trial_id, epoch, 0.5)
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        db.execute("BEGIN IMMEDIATE")  # another writer holds the file
+        with pytest.raises(StudyError):
+            record.finish(0, TrialState.PRUNED, {1: 0.3}, {"epochs": 1})
 
 
 def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
