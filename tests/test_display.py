@@ -122,23 +122,10 @@ def test_the_leaderboard_title_is_one_line_however_narrow_its_rows() -> None:
 
 
 def test_the_leaderboard_tells_diverged_seeds_from_failed_ones() -> None:
-    board = pd.DataFrame(
-        [
-            ["trial 3", 3, 0, 0, 94.0, 0.0, 93.0, 0.0, 24],
-            ["trial 1", 1, 3, 2, 95.0, 0.0, 94.0, 0.0, 24],
-        ],
-        columns=[
-            "recipe",
-            "seeds",
-            "failed",
-            "diverged",
-            "val_mean",
-            "val_sd",
-            "test_mean",
-            "test_sd",
-            "epochs",
-        ],
-    )
+    steady = {"recipe": "trial 3", "seeds": 3, "failed": 0, "diverged": 0, "val_mean": 94.0}
+    shaky = {"recipe": "trial 1", "seeds": 1, "failed": 3, "diverged": 2, "val_mean": 95.0}
+    spread = {"val_sd": 0.0, "test_mean": 93.0, "test_sd": 0.0, "epochs": 24}
+    board = pd.DataFrame([steady | spread, shaky | spread])
     text = "\n".join(_rendered(leaderboard_table(board), 120))
     assert re.search(r"trial 3\W+3\W+94\.00", text)
     assert "1 (2 diverged, 1 failed)" in text, text
