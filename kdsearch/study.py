@@ -10,6 +10,7 @@ run again under the same number, so the study ends with exactly the trials asked
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -373,6 +374,7 @@ class Record:
         beats: Mapping[str, Any] | None = None
         for orphan in self._orphans():
             attempt = int(orphan.user_attrs.get("attempt", 1))
+            owner = orphan.user_attrs.get("driver")
             try:
                 if "recipe" in orphan.user_attrs:
                     try:
@@ -384,7 +386,6 @@ class Record:
                     # training it, again: the trial may be what kills them
                     if beats is None:
                         beats = self.storage.get_study_system_attrs(self.study_id)
-                    owner = orphan.user_attrs.get("driver")
                     last = (
                         self._namesake_beat
                         if owner == self.driver
@@ -403,26 +404,31 @@ class Record:
                     # data folder of its own), as a trial this driver proposes
                     here = machine_settings(self.space.base, self.space.params)
                     recipe = recorded_recipe.override(here)
-                    self._claim(orphan._trial_id, ray_trial_id, attempt=attempt + 1)
+                    if not self._claim(orphan._trial_id, owner, ray_trial_id, attempt=attempt + 1):
+                        continue
                     self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
                     self.storage.set_trial_user_attr(orphan._trial_id, "recipe", recipe.to_yaml())
                     return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
                 # again, keeping the values it had drawn (Optuna returns those), drawing the rest.
-                plan = self._propose(Trial(self.study, orphan._trial_id), ray_trial_id, attempt)
+                if not self._claim(orphan._trial_id, owner, ray_trial_id, attempt=attempt):
+                    continue
+                plan = self._propose(Trial(self.study, orphan._trial_id))
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another driver took it over and finished it since it was read
             if plan is not None:
                 return plan
         while len(self.study.get_trials(deepcopy=False)) < self.target:
-            plan = self._propose(self.study.ask(), ray_trial_id, 1)
-            if plan is not None:
-                return plan
+            trial = self.study.ask()
+            if self._claim(trial._trial_id, None, ray_trial_id, attempt=1):
+                plan = self._propose(trial)
+                if plan is not None:
+                    return plan
         return None
 
-    def _propose(self, trial: Trial, ray_trial_id: str, attempt: int) -> Plan | None:
-        """Draw the trial's values and record its recipe; None (and a FAIL trial) for a
-        combination the recipe rejects."""
+    def _propose(self, trial: Trial) -> Plan | None:
+        """Draw the trial's values (claimed by this driver) and record its recipe; None (and a
+        FAIL trial) for a combination the recipe rejects."""
         chosen = self.space.suggest(trial)
         try:
             recipe = self.space.recipe_for(chosen)
@@ -430,7 +436,6 @@ class Record:
             self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
             self.study.tell(trial, state=TrialState.FAIL)
             return None
-        self._claim(trial._trial_id, ray_trial_id, attempt=attempt)
         self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
         return Plan(trial.number, recipe, dict(trial.params))
 
@@ -445,14 +450,41 @@ class Record:
         self.storage.set_trial_user_attr(orphan._trial_id, "failure", why)
         self.study.tell(orphan.number, state=TrialState.FAIL, skip_if_finished=True)
 
-    def _claim(self, trial_id: int, ray_trial_id: str, *, attempt: int) -> None:
+    def _claim(self, trial_id: int, was: Any, ray_trial_id: str, *, attempt: int) -> bool:
+        """Make a RUNNING trial this driver's, if it still names driver `was`, the one it named
+        when it was read (None: it names none, being proposed): False when another driver took it
+        between that read and now, or it has finished. The driver is swapped in one
+        conditional write, so of two drivers taking over one orphan at once only one wins (a
+        read, then writes, let both train it and the last to finish drop the other's result)."""
+        from optuna.storages._rdb.models import TrialModel
+        from optuna.storages._rdb.models import TrialUserAttributeModel as Attr
+        from sqlalchemy import insert, select, update
+        from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+        assert isinstance(self.storage, RDBStorage)  # open_storage's
+        mine = (Attr.trial_id == trial_id, Attr.key == "driver")
+        running = (TrialModel.trial_id == trial_id, TrialModel.state == TrialState.RUNNING)
+        value = json.dumps(self.driver)  # as Optuna writes a user attribute
+        try:
+            with self.storage.engine.begin() as connection:
+                if connection.execute(select(TrialModel.trial_id).where(*running)).first() is None:
+                    return False
+                if was is None:  # (trial, key) is unique: of two inserts, the second fails
+                    connection.execute(
+                        insert(Attr).values(trial_id=trial_id, key="driver", value_json=value)
+                    )
+                else:
+                    swap = update(Attr).where(*mine, Attr.value_json == json.dumps(was))
+                    if connection.execute(swap.values(value_json=value)).rowcount != 1:
+                        return False
+        except IntegrityError:
+            return False
+        except SQLAlchemyError as err:  # as Optuna's own writes fail (`clear_storage_errors`)
+            raise optuna.exceptions.StorageInternalError(str(err)) from err
         self._claimed.add(trial_id)
-        for key, value in (
-            ("ray_trial_id", ray_trial_id),
-            ("driver", self.driver),
-            ("attempt", attempt),
-        ):
-            self.storage.set_trial_user_attr(trial_id, key, value)
+        self.storage.set_trial_user_attr(trial_id, "ray_trial_id", ray_trial_id)
+        self.storage.set_trial_user_attr(trial_id, "attempt", attempt)
+        return True
 
     # -- finishing -----------------------------------------------------------------------
 

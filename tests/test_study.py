@@ -464,6 +464,48 @@ def test_a_trial_finished_between_reading_and_taking_it_over_is_passed_over(
     assert storage.get_trial(trial_0).user_attrs["driver"] == "elsewhere:1"
 
 
+@pytest.mark.parametrize("proposed", [True, False], ids=["trained", "killed-proposing"])
+def test_of_two_drivers_taking_over_one_orphan_at_once_only_one_gets_it(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, proposed: bool
+) -> None:
+    """Both read the orphans, then each takes the first: the second finds it taken since (it
+    used to train it too, and the later finish dropped the other's result)."""
+    storage = open_storage(url)
+    killed = Record(storage, "s", space, target=2, resume=False)
+    killed.next_plan("r0")
+    killed.next_plan("r1")
+    study_id = storage.get_study_id_from_name("s")
+    for number in (0, 1):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        if proposed:
+            _own(storage, study_id, number, "elsewhere:1")
+            continue
+        # killed after Optuna created it and before kdsearch named its driver, long ago
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
+            db.execute("DELETE FROM trial_user_attributes WHERE trial_id = ?", (trial_id,))
+            long_ago = datetime.now() - timedelta(seconds=STALE_S + 1)
+            db.execute(
+                "UPDATE trials SET datetime_start = ? WHERE trial_id = ?", (long_ago, trial_id)
+            )
+    storage.set_study_system_attr(study_id, "heartbeat:elsewhere:1", time.time() - STALE_S - 1)
+    killed.heartbeat(at=0.0)
+    first = Record(storage, "s", space, target=2, resume=True)
+    second = Record(storage, "s", space, target=2, resume=True)
+    second.driver = "elsewhere:2"  # another process (these two share this one's name)
+    second.heartbeat()
+    as_read = second._orphans()
+    assert [t.number for t in as_read] == [0, 1]
+    plan = first.next_plan("a0")
+    assert plan is not None and plan.number == 0
+    monkeypatch.setattr(second, "_orphans", lambda: as_read)
+    theirs = second.next_plan("b0")
+    assert theirs is not None and theirs.number == 1, "trial 0 is the first driver's"
+    trial_0 = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
+    assert trial_0.user_attrs["driver"] == first.driver
+    assert trial_0.user_attrs["ray_trial_id"] == "a0"
+    assert second.next_plan("b1") is None and first.next_plan("a1") is None
+
+
 def test_a_driver_takes_over_the_trials_of_one_that_died_beside_it(
     space: SearchSpace, url: str
 ) -> None:
