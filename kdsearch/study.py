@@ -508,8 +508,7 @@ class Record:
         if owner != self.driver:
             warnings.warn(
                 f"trial {number} was taken over by driver {owner} while this one ran it (this "
-                "one's heartbeat had stopped for 5 minutes, or both took the trial over at "
-                "once); its result is left to that driver",
+                "one's heartbeat had stopped for 5 minutes); its result is left to that driver",
                 KdsearchWarning,
                 stacklevel=2,
             )
