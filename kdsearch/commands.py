@@ -195,14 +195,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kdsearch.search import local_resources, trial_resources
 
         trial_resources(space.config.search, local_resources(), device=space.base.device)
-    if space.config.export is not None:
-        from kdsearch.export import check_out
-
-        check_out(Path(space.config.export.dir), name)  # now, not after the search
     if args.storage:
         url = storage_url(args.storage)
     else:
         url = storage_url(space.config.study.storage or default_storage(name))
+    if space.config.export is not None:
+        from kdsearch.export import check_out
+
+        check_out(Path(space.config.export.dir), name, url)  # now, not after the search
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
@@ -271,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 console.print("so the space's export is not done")
             return 1
     if space.config.export is not None:
-        run_export(open_storage(url), name, Path(space.config.export.dir), here)
+        run_export(open_storage(url), url, name, Path(space.config.export.dir), here)
     return 0
 
 
@@ -529,15 +529,17 @@ def run_promotion(
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the winner as a folder: its recipe, student, teacher, metadata, hyperparameters."""
-    storage, _ = study_storage(args.study, args.storage)
-    run_export(storage, args.study, Path(args.out))
+    storage, url = study_storage(args.study, args.storage)
+    run_export(storage, url, args.study, Path(args.out))
     return 0
 
 
-def run_export(storage: Any, name: str, out: Path, here: dict[str, Any] | None = None) -> None:
-    """Export the winner and the teacher it learned from; without a promotion, train the winning
-    trial's recipe once first, against the search's teacher. `here`: this machine's settings
-    (`export.find_winner`)."""
+def run_export(
+    storage: Any, url: str, name: str, out: Path, here: dict[str, Any] | None = None
+) -> None:
+    """Export the winner of study `name` in `storage` (at `url`) and the teacher it learned
+    from; without a promotion, train the winning trial's recipe once first, against the
+    search's teacher. `here`: this machine's settings (`export.find_winner`)."""
     import torch
 
     from kdsearch.data import load_data
@@ -546,7 +548,7 @@ def run_export(storage: Any, name: str, out: Path, here: dict[str, Any] | None =
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
-    check_out(out, name)
+    check_out(out, name, url)
     winner = find_winner(storage, name, here)
     data = load_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
@@ -601,7 +603,7 @@ def run_export(storage: Any, name: str, out: Path, here: dict[str, Any] | None =
             test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
         )
         weights = result.student.state_dict()
-    export(winner, name, out, weights, data, files, teacher_checked=checked)
+    export(winner, name, url, out, weights, data, files, teacher_checked=checked)
     if winner.failed_seeds:
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "

@@ -45,6 +45,7 @@ from kdsearch.study import (
     ranked,
     recorded,
     space_config,
+    storage_place,
     trial_recipe,
 )
 from kdsearch.teacher import TeacherFiles, weights_digest
@@ -163,6 +164,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
 def export(
     winner: Winner,
     name: str,
+    url: str,
     out: Path,
     weights: dict[str, torch.Tensor],
     data: ImageData,
@@ -170,14 +172,15 @@ def export(
     *,
     teacher_checked: bool = True,
 ) -> None:
-    """Write the files of an export into `out` (a previous export of the same study may be
-    replaced; anything else there is refused, so nothing is lost). `teacher`: the files of the
+    """Write the files of an export of study `name` (in the storage at `url`) into `out` (a
+    previous export of the same study may be replaced; anything else there is refused, so
+    nothing is lost). `teacher`: the files of the
     teacher the student learned from, None when no term reads a teacher; `teacher_checked`:
     whether their hashes are the ones recorded when the student trained.
 
     Every file is written beside its place first and moved there only when all are ready,
     meta.json last: a failure or Ctrl-C leaves the folder as it was."""
-    check_out(out, name)
+    check_out(out, name, url)
     promoted = winner.source == "promoted"
     model = build_model(winner.recipe.student.arch, data.num_classes, data.channels)
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
@@ -202,6 +205,7 @@ def export(
     )
     meta = {
         "study": name,
+        "storage": storage_place(url),
         "source": winner.source,
         "trial": winner.trial,
         "seeds": winner.seeds,
@@ -290,10 +294,11 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
     return tmp
 
 
-def check_out(out: Path, name: str) -> None:
-    """Refuse, before any training, a folder an export of study `name` must not write into:
-    a file, a place that cannot be written, or a folder holding anything but an earlier
-    export of the same study."""
+def check_out(out: Path, name: str, url: str) -> None:
+    """Refuse, before any training, a folder an export of study `name` in the storage at `url`
+    must not write into: a file, a place that cannot be written, or a folder holding anything
+    but an earlier export of the same study (of that name, in that storage: studies take the
+    name of their space file, so two databases often hold one of the same name)."""
     writable_folder(out, "--out")
     if out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         try:
@@ -304,6 +309,12 @@ def check_out(out: Path, name: str) -> None:
             raise KdsearchError(
                 f"--out {out} already holds files that are not an export of study {name!r}; "
                 "choose another folder"
+            )
+        place = storage_place(url)
+        if previous.get("storage", place) != place:  # an export before kdsearch recorded it
+            raise KdsearchError(
+                f"--out {out} holds an export of another study named {name!r}, the one in "
+                f"{previous['storage']} (this one is in {place}); choose another folder"
             )
 
 

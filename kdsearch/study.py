@@ -82,6 +82,13 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def storage_place(url: str) -> str:
+    """Where the storage at `url` is, to tell apart two studies of one name: an SQLite file's
+    absolute path, else the URL without its password."""
+    file = sqlite_file(url)
+    return str(file.resolve()) if file is not None else redact(url)
+
+
 def open_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

@@ -86,6 +86,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert meta["data_fingerprint"] == best.user_attrs["data_fingerprint"]
     assert meta["inputs"] == best.user_attrs["inputs"] and meta["inputs"]["channels"] == 1
     assert meta["failed_seeds"] == [] and meta["planned_seeds"] == 2
+    assert meta["storage"] == str((tmp_path / "studies" / "s.db").resolve())
     assert "failed at" not in proc.stderr and "seeds the promotion asked for" not in proc.stderr
     assert "trained on other images or splits" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
@@ -213,7 +214,8 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     weights = torch.load(tmp_path / "first" / "student.pt", weights_only=True)
     winner = Winner(recipe, recipe, "search", 0, metrics, None, [0], 1)
     files = TeacherFiles.of(teacher, heads=True)
-    export(winner, "s", tmp_path / "w", weights, data, files)
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    export(winner, "s", url, tmp_path / "w", weights, data, files)
     written = Recipe.from_yaml((tmp_path / "w" / "recipe.yaml").read_text())
     assert written.teacher.checkpoint == "teacher.pt"
     assert written.teacher.heads.checkpoint == "teacher.heads.pt"
@@ -249,7 +251,7 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     )
     # exported again, of a winner that reads no teacher: the earlier teacher files go
     plain = replace(winner, recipe=recipe.override({"distill.hsakd.weight": 0.0}))
-    export(plain, "s", tmp_path / "w", weights, data, None)
+    export(plain, "s", url, tmp_path / "w", weights, data, None)
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
         "hyperparameters.json",
         "meta.json",
@@ -258,16 +260,18 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     ]
 
 
-def test_export_refuses_a_folder_holding_something_else(tmp_path: Path, cli_here: CliHere) -> None:
+def test_export_refuses_a_folder_holding_something_else(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # what an export killed before it could clean up leaves (and only that) is no obstacle
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / ".student.pt.4242.tmp").write_bytes(b"half")  # an older version's
     staging_path(tmp_path / "killed" / "meta.json").write_text("{half")
-    check_out(tmp_path / "killed", "s")
+    url = write_study(tmp_path)
+    check_out(tmp_path / "killed", "s", url)
     (tmp_path / "killed" / ".notes.4242.tmp").write_text("mine")
     with pytest.raises(KdsearchError, match="already holds files that are not an export"):
-        check_out(tmp_path / "killed", "s")
-    write_study(tmp_path)
+        check_out(tmp_path / "killed", "s", url)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "notes.txt").write_text("mine")
     ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
@@ -277,6 +281,23 @@ def test_export_refuses_a_folder_holding_something_else(tmp_path: Path, cli_here
     (tmp_path / "w" / "meta.json").write_text("{not json")
     ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
     assert ran.returncode == 2 and "not an export of study 's'" in ran.stderr
+    # an export of another study of the same name, from another database: kept
+    (tmp_path / "w" / "notes.txt").unlink()
+    other = {"study": "s", "storage": "/elsewhere/studies/s.db"}
+    (tmp_path / "w" / "meta.json").write_text(json.dumps(other))
+    ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert ran.returncode == 2 and "holds an export of another study named 's'" in ran.stderr
+    assert "the one in /elsewhere/studies/s.db" in " ".join(ran.stderr.split())
+    assert json.loads((tmp_path / "w" / "meta.json").read_text()) == other
+    # one of this study (the file it names, however the URL names it; or one of an older
+    # kdsearch, which named no storage) may be replaced
+    here = {"study": "s", "storage": str((tmp_path / "studies" / "s.db").resolve())}
+    for previous in (here, {"study": "s"}):
+        (tmp_path / "w" / "meta.json").write_text(json.dumps(previous))
+        check_out(tmp_path / "w", "s", url)
+    monkeypatch.chdir(tmp_path)
+    check_out(tmp_path / "w", "s", "sqlite:///studies/s.db")
+    (tmp_path / "w" / "notes.txt").write_text("mine")
     ran = cli_here("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
     assert ran.returncode == 2 and "--out w/notes.txt is a file; name a folder" in ran.stderr
     assert "training the best trial" not in ran.stderr and "Traceback" not in ran.stderr
