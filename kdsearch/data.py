@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import shutil
@@ -243,13 +244,27 @@ def _root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser()
 
 
-def _digits(cfg: DataConfig, progress: Progress | None) -> Raw:
+def digits_table() -> np.ndarray:
+    """scikit-learn's 1,797 digits, a row each: 64 pixels (8x8, values 0..16), then the label.
+    Read from the file scikit-learn ships, without importing scikit-learn, which takes seconds
+    (with SciPy) in every process that loads them; through `load_digits` where the file is not
+    where scikit-learn has always kept it."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        file = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if file.is_file():
+            return np.loadtxt(file, delimiter=",", dtype=np.float64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
+    return np.column_stack([bunch.data, bunch.target])
+
+
+def _digits(cfg: DataConfig, progress: Progress | None) -> Raw:
+    table = torch.as_tensor(digits_table())
     # 8x8 images with values 0..16; 16 grey levels map onto 0..255.
-    x = torch.as_tensor(bunch.images).mul(16).clamp(0, 255).to(torch.uint8).unsqueeze(1)
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    x = table[:, :64].reshape(-1, 1, 8, 8).mul(16).clamp(0, 255).to(torch.uint8)
+    y = table[:, 64].to(torch.int64)
     # The test split is the same for every data.seed (which seeds only the subset and the
     # validation split), as the other sources' official splits are; seed 0 is the split of old.
     test_idx, train_idx = stratified_take(y, round(0.2 * len(y)), _generator(0, "test"))

@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -30,7 +30,6 @@ from kdsearch.distill import needs_teacher, needs_teacher_heads
 from kdsearch.errors import NonFiniteLoss, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe
-from kdsearch.search import JobResult, run_jobs
 from kdsearch.study import (
     base_recipe,
     load_study,
@@ -43,6 +42,9 @@ from kdsearch.study import (
     trial_recipe,
 )
 from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
+
+if TYPE_CHECKING:
+    from kdsearch.search import JobResult
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
 PLAIN_KD = -2
@@ -277,6 +279,8 @@ def promote(
         _record(promoted, run, result, weights_dir, learned, trained_on)
         if on_run is not None:
             on_run(run, result)
+
+    from kdsearch.search import run_jobs  # Ray: not imported by export, report or trials
 
     run_jobs(
         {k: r.recipe for k, r in todo.items()},

@@ -20,12 +20,6 @@ import plotly.graph_objects as go
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from optuna.visualization import (
-    plot_optimization_history,
-    plot_parallel_coordinate,
-    plot_param_importances,
-    plot_slice,
-)
 
 from kdsearch.display import value_text
 from kdsearch.errors import StudyError
@@ -176,6 +170,9 @@ def leaderboard_figure(board: pd.DataFrame) -> go.Figure:
 def build_report(storage: BaseStorage, name: str) -> str:
     """The report's HTML text; figures that would be empty are left out, and a line says why
     where the reader would look for them."""
+    # here, not above: it imports SciPy through matplotlib, seconds that `trials` need not pay
+    from optuna.visualization import plot_optimization_history, plot_slice
+
     study = search_study(storage, name)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     sections: list[tuple[str, list[Part]]] = []
@@ -214,6 +211,8 @@ def _comparisons(study: optuna.Study, complete: list[FrozenTrial]) -> list[tuple
     if len(complete) < MIN_COMPLETE:
         why = f"from {MIN_COMPLETE} COMPLETE trials on; the study has {len(complete)}"
         return [("Parallel coordinates and parameter importances", [why])]
+    from optuna.visualization import plot_parallel_coordinate, plot_param_importances
+
     parallel = plot_parallel_coordinate(study, target=_accuracy, target_name=ACCURACY)
     counts = Counter(p for t in complete for p in t.params)
     names = param_names(study)

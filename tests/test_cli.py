@@ -21,7 +21,7 @@ from kdsearch.errors import KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import SMALL_SPACE, CliHere, run_cli, tiny_recipe
+from .conftest import SMALL_SPACE, CliHere, run_cli, tiny_recipe, write_study
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
@@ -401,3 +401,23 @@ def test_a_search_that_fails_before_its_first_trial_leaves_no_study(
     )
     names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{other}")]
     assert names == ["kept"]
+
+
+def test_commands_that_run_no_trials_start_without_ray_or_scikit_learn(tmp_path: Path) -> None:
+    """`trials` and `export` of a promoted study import neither (seconds each, in every such
+    command): Ray only where trials run, the digits read from scikit-learn's file."""
+    write_study(tmp_path)
+    (tmp_path / "taken").write_text("a file, so the export stops after its imports")
+    script = (
+        "import sys; from kdsearch.cli import main\n"
+        "assert main(['trials', 's']) == 0\n"
+        "assert main(['export', 's', '--out', 'taken']) == 2\n"
+        "from kdsearch.data import load_data; from kdsearch.recipe import DataConfig\n"
+        "load_data(DataConfig(dataset='digits'))\n"
+        "print(sorted({'ray', 'sklearn', 'scipy'} & set(sys.modules)))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1] == "[]"

@@ -5,6 +5,8 @@ import io
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import warnings
@@ -38,6 +40,34 @@ def test_digits_splits_are_disjoint_seeded_and_stratified() -> None:
     assert again.fingerprint == data.fingerprint
     other = load_data(DataConfig(dataset="digits", seed=1))
     assert other.fingerprint != data.fingerprint
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    table = data_module.digits_table()
+    assert np.array_equal(table[:, :64].reshape(-1, 8, 8), bunch.images)
+    assert np.array_equal(table[:, 64], bunch.target)
+    # the same images and splits as when they were loaded through scikit-learn: a study's
+    # recorded data fingerprint still holds
+    assert load_data(DataConfig(dataset="digits")).fingerprint == "b8f425612f7de4c1"
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, kdsearch.data as d; d.digits_table(); print('sklearn' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "False", "seconds of start-up in every process"
+    # where a scikit-learn keeps the file elsewhere: through load_digits, the same table
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    assert np.array_equal(data_module.digits_table(), table)
 
 
 def test_digits_test_split_is_the_same_for_every_data_seed() -> None:
