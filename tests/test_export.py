@@ -52,7 +52,7 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
 
 
 def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
-    tmp_path: Path, isolated_cache: Path
+    tmp_path: Path, isolated_cache: Path, cli_here: CliHere
 ) -> None:
     write_study(tmp_path)
     assert (
@@ -106,22 +106,22 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     (cached,) = (isolated_cache / "teachers").glob("resnet8-*[0-9a-f].pt")
     other = build_model("resnet8", 10, 1).state_dict()
     torch.save(other, cached)
-    proc = run_cli("export", "s", "--out", "w3", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "w3", cwd=tmp_path)
     assert proc.returncode == 2 and f"{cached} is not the teacher file" in proc.stderr
     assert not (tmp_path / "w3").exists(), "nothing written, not even the folder"
     cached.unlink()  # gone: moved, or promoted on another machine
-    proc = run_cli("export", "s", "--out", "new/nested dir", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "new/nested dir", cwd=tmp_path)
     assert proc.returncode == 2 and f"learned from is not at {cached}" in proc.stderr
     assert not (tmp_path / "new").exists(), "the folders it made are gone again"
     # a promotion by a kdsearch that recorded no teacher files: the base recipe's teacher as
     # this machine has it, said to be unchecked, and never one trained now
     with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
         db.execute("DELETE FROM trial_user_attributes WHERE key LIKE 'teacher_%'")
-    proc = run_cli("export", "s", "--out", "w4", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "w4", cwd=tmp_path)
     assert proc.returncode == 2 and "the teacher it trained against is not on" in proc.stderr
     assert not (isolated_cache / "teachers" / cached.name).exists(), "no teacher trained"
     torch.save(other, cached)
-    proc = run_cli("export", "s", "--out", "w4", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "w4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "the promotion recorded no teacher file" in proc.stderr
     unchecked = json.loads((tmp_path / "w4" / "meta.json").read_text())["teacher_files"]
@@ -146,7 +146,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
             user_attrs={**best.user_attrs, "seed": 2, "failure": "NonFiniteLoss: nan"},
         )
     )
-    proc = run_cli("export", "s", "--out", "w5", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "w5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
     assert "note: the promoted student trained on other images or splits than this machine" in said
@@ -157,7 +157,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2], 4)
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
-    proc = run_cli("export", "s", "--out", "w2", cwd=tmp_path)
+    proc = cli_here("export", "s", "--out", "w2", cwd=tmp_path)
     assert proc.returncode == 2 and "the promoted student's weights are not at" in proc.stderr
     assert "Traceback" not in proc.stderr
 
