@@ -177,8 +177,10 @@ def test_version_and_help() -> None:
         (["dashboard", "s.db", "--port", "99999"], "argument --port: 99999 is not a port"),
     ],
 )
-def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], expected: str) -> None:
-    proc = run_cli(*args, cwd=tmp_path)
+def test_bad_option_values_are_usage_errors(
+    tmp_path: Path, cli_here: CliHere, args: list[str], expected: str
+) -> None:
+    proc = cli_here(*args, cwd=tmp_path)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 

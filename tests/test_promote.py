@@ -186,7 +186,9 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert "runs to train: 1, recorded before: 4" in more.stderr
 
 
-def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path: Path) -> None:
+def test_a_study_without_a_complete_trial_is_refused_before_the_banner(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
     (tmp_path / "studies").mkdir()
     space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
     record = Record(
@@ -194,7 +196,7 @@ def test_a_study_without_a_complete_trial_is_refused_before_the_banner(tmp_path:
     )
     assert record.next_plan("ray0") is not None
     record.finish(0, TrialState.PRUNED, {1: 0.5}, {"epochs": 1})
-    out = run_cli("promote", "s", cwd=tmp_path)
+    out = cli_here("promote", "s", cwd=tmp_path)
     assert out.returncode == 2
     assert "study 's' has no COMPLETE trial to promote" in out.stderr
     assert "promoting" not in out.stderr
@@ -218,10 +220,10 @@ def test_a_run_interrupted_while_its_weights_are_written_leaves_no_file(
 
 
 def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
-    tmp_path: Path,
+    tmp_path: Path, cli_here: CliHere
 ) -> None:
     write_study(tmp_path)  # asha.max_epochs: 2
-    out = run_cli("promote", "s", "--epochs", "1", cwd=tmp_path)
+    out = cli_here("promote", "s", "--epochs", "1", cwd=tmp_path)
     assert out.returncode == 2
     assert "--epochs 1 is below asha.max_epochs (2)" in out.stderr
     assert "promoting" not in out.stderr
@@ -229,12 +231,12 @@ def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
 
 
 def test_a_base_recipe_shorter_than_the_trial_budget_needs_epochs_to_promote(
-    tmp_path: Path,
+    tmp_path: Path, cli_here: CliHere
 ) -> None:
     # a search run with `--set schedule.epochs=1` and no promote section: its trials trained
     # asha.max_epochs (2); promoting at the base's 1 epoch would train the best for fewer
     write_study(tmp_path, SMALL_SPACE.replace("schedule: {epochs: 3", "schedule: {epochs: 1"))
-    out = run_cli("promote", "s", cwd=tmp_path)
+    out = cli_here("promote", "s", cwd=tmp_path)
     assert out.returncode == 2
     assert "base recipe's schedule.epochs 1 is below asha.max_epochs (2)" in out.stderr
     assert "--epochs 2 or more" in out.stderr and "promoting" not in out.stderr
