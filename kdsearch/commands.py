@@ -195,14 +195,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kdsearch.search import local_resources, trial_resources
 
         trial_resources(space.config.search, local_resources(), device=space.base.device)
-    if args.storage:
-        url = storage_url(args.storage)
-    else:
-        url = storage_url(space.config.study.storage or default_storage(name))
-    if space.config.export is not None:
+    given = args.storage or space.config.study.storage
+    if space.config.export is not None:  # now, not after the search; and before ./studies
         from kdsearch.export import check_out
 
-        check_out(Path(space.config.export.dir), name, url)  # now, not after the search
+        place = storage_url(given or default_storage(name, make=False))
+        check_out(Path(space.config.export.dir), name, place)
+    url = storage_url(given or default_storage(name))
     file = sqlite_file(url)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():

@@ -5,8 +5,8 @@ student.pt            the student's state dict alone (heads dropped), for the ba
 teacher.pt            the teacher the student learned from (when a term reads one), which
                       recipe.yaml names as `teacher.checkpoint`
 teacher.heads.pt      its HSAKD/SSKD heads (when a term reads them): `teacher.heads.checkpoint`
-meta.json             study, trial, seeds, metrics, teacher files, versions of kdsearch and its
-                      libraries
+meta.json             study and its storage, trial, seeds, metrics, teacher files, versions of
+                      kdsearch and its libraries
 hyperparameters.json  the recipe as a flat {"dotted.path": value} map, for other stacks
 
 The teacher's files are copied only if their weights are those the promotion recorded: a student
@@ -314,7 +314,9 @@ def check_out(out: Path, name: str, url: str) -> None:
         if previous.get("storage", place) != place:  # an export before kdsearch recorded it
             raise KdsearchError(
                 f"--out {out} holds an export of another study named {name!r}, the one in "
-                f"{previous['storage']} (this one is in {place}); choose another folder"
+                f"{previous['storage']} (this one is in {place}); choose another folder, or "
+                "remove that export if it is not wanted (a database moved since counts as "
+                "another)"
             )
 
 

@@ -46,15 +46,16 @@ STALE_S = 300.0  # ... and is presumed gone after this long without one
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def default_storage(study_name: str) -> str:
-    """SQLite under ./studies/, created if missing."""
+def default_storage(study_name: str, *, make: bool = True) -> str:
+    """SQLite under ./studies/, created if missing (with `make`)."""
     folder = Path("studies")
     if folder.exists() and not folder.is_dir():
         raise StudyError(
             "./studies is a file, not the folder the default storage goes in; move it, or pass "
             "--storage URL"
         )
-    folder.mkdir(exist_ok=True)
+    if make:
+        folder.mkdir(exist_ok=True)
     return f"sqlite:///studies/{study_name}.db"
 
 
@@ -84,9 +85,20 @@ def sqlite_file(url: str) -> Path | None:
 
 def storage_place(url: str) -> str:
     """Where the storage at `url` is, to tell apart two studies of one name: an SQLite file's
-    absolute path, else the URL without its password."""
+    absolute path, else the database's backend, host, port and name (not the driver, user,
+    password or options, which name the same database in other ways)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     file = sqlite_file(url)
-    return str(file.resolve()) if file is not None else redact(url)
+    if file is not None:
+        return str(file.resolve())
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return redact(url)
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.get_backend_name()}://{parsed.host or ''}{port}/{parsed.database or ''}"
 
 
 def open_storage(url: str) -> BaseStorage:
@@ -411,29 +423,29 @@ class Record:
                     # data folder of its own), as a trial this driver proposes
                     here = machine_settings(self.space.base, self.space.params)
                     recipe = recorded_recipe.override(here)
-                    if not self._claim(orphan._trial_id, owner, ray_trial_id, attempt=attempt + 1):
+                    if not self._claim(orphan._trial_id, owner):
                         continue
                     self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
-                    self.storage.set_trial_user_attr(orphan._trial_id, "recipe", recipe.to_yaml())
+                    self._started(orphan._trial_id, ray_trial_id, attempt + 1, recipe)
                     return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
                 # again, keeping the values it had drawn (Optuna returns those), drawing the rest.
-                if not self._claim(orphan._trial_id, owner, ray_trial_id, attempt=attempt):
+                if not self._claim(orphan._trial_id, owner):
                     continue
-                plan = self._propose(Trial(self.study, orphan._trial_id))
+                plan = self._propose(Trial(self.study, orphan._trial_id), ray_trial_id, attempt)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another driver took it over and finished it since it was read
             if plan is not None:
                 return plan
         while len(self.study.get_trials(deepcopy=False)) < self.target:
             trial = self.study.ask()
-            if self._claim(trial._trial_id, None, ray_trial_id, attempt=1):
-                plan = self._propose(trial)
+            if self._claim(trial._trial_id, None):
+                plan = self._propose(trial, ray_trial_id, 1)
                 if plan is not None:
                     return plan
         return None
 
-    def _propose(self, trial: Trial) -> Plan | None:
+    def _propose(self, trial: Trial, ray_trial_id: str, attempt: int) -> Plan | None:
         """Draw the trial's values (claimed by this driver) and record its recipe; None (and a
         FAIL trial) for a combination the recipe rejects."""
         chosen = self.space.suggest(trial)
@@ -443,8 +455,17 @@ class Record:
             self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
             self.study.tell(trial, state=TrialState.FAIL)
             return None
-        self.storage.set_trial_user_attr(trial._trial_id, "recipe", recipe.to_yaml())
+        self._started(trial._trial_id, ray_trial_id, attempt, recipe)
         return Plan(trial.number, recipe, dict(trial.params))
+
+    def _started(self, trial_id: int, ray_trial_id: str, attempt: int, recipe: Recipe) -> None:
+        """Record what a claimed trial runs as: its Ray trial, its attempt and its recipe."""
+        for key, value in (
+            ("ray_trial_id", ray_trial_id),
+            ("attempt", attempt),
+            ("recipe", recipe.to_yaml()),
+        ):
+            self.storage.set_trial_user_attr(trial_id, key, value)
 
     @clear_storage_errors
     def all_started(self) -> bool:
@@ -457,7 +478,7 @@ class Record:
         self.storage.set_trial_user_attr(orphan._trial_id, "failure", why)
         self.study.tell(orphan.number, state=TrialState.FAIL, skip_if_finished=True)
 
-    def _claim(self, trial_id: int, was: Any, ray_trial_id: str, *, attempt: int) -> bool:
+    def _claim(self, trial_id: int, was: Any) -> bool:
         """Make a RUNNING trial this driver's, if it still names driver `was`, the one it named
         when it was read (None: it names none, being proposed): False when another driver took it
         between that read and now, or it has finished. The driver is swapped in one
@@ -489,8 +510,6 @@ class Record:
         except SQLAlchemyError as err:  # as Optuna's own writes fail (`clear_storage_errors`)
             raise optuna.exceptions.StorageInternalError(str(err)) from err
         self._claimed.add(trial_id)
-        self.storage.set_trial_user_attr(trial_id, "ray_trial_id", ray_trial_id)
-        self.storage.set_trial_user_attr(trial_id, "attempt", attempt)
         return True
 
     # -- finishing -----------------------------------------------------------------------

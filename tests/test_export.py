@@ -295,14 +295,18 @@ def test_export_refuses_a_folder_holding_something_else(
     for previous in (here, {"study": "s"}):
         (tmp_path / "w" / "meta.json").write_text(json.dumps(previous))
         check_out(tmp_path / "w", "s", url)
+    (tmp_path / "w" / "meta.json").write_text(json.dumps(here))
     monkeypatch.chdir(tmp_path)
     check_out(tmp_path / "w", "s", "sqlite:///studies/s.db")
     (tmp_path / "w" / "notes.txt").write_text("mine")
     ran = cli_here("export", "s", "--out", "w/notes.txt", cwd=tmp_path)
     assert ran.returncode == 2 and "--out w/notes.txt is a file; name a folder" in ran.stderr
     assert "training the best trial" not in ran.stderr and "Traceback" not in ran.stderr
-    # a search that would export there is refused before it starts
-    (tmp_path / "e.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: e}\nexport: {dir: w}"))
-    ran = cli_here("run", "e.yaml", cwd=tmp_path)
+    # a search that would export there is refused before it starts, and leaves nothing
+    fresh = tmp_path / "fresh"
+    (fresh / "w").mkdir(parents=True)
+    (fresh / "w" / "notes.txt").write_text("mine")
+    (fresh / "e.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: e}\nexport: {dir: w}"))
+    ran = cli_here("run", "e.yaml", cwd=fresh)
     assert ran.returncode == 2 and "not an export of study 'e'" in ran.stderr
-    assert not (tmp_path / "studies" / "e.db").exists()
+    assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"

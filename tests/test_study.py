@@ -27,6 +27,7 @@ from kdsearch.study import (
     pid_scope,
     ranked,
     redact,
+    storage_place,
     study_names,
     trial_recipe,
 )
@@ -729,6 +730,23 @@ def test_a_study_that_cannot_be_written_is_one_line_naming_why(
     assert message.endswith("/s.db?mode=ro&uri=true: attempt to write a readonly database")
 
 
+def test_a_storage_is_placed_by_its_database_not_by_how_its_url_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path.resolve() / "studies" / "s.db")
+    assert storage_place("sqlite:///studies/s.db") == here
+    assert storage_place(f"sqlite:///{tmp_path}/studies/../studies/s.db") == here
+    place = storage_place("postgresql://kd:hunter2@db.lan:5433/kd")
+    assert place == "postgresql://db.lan:5433/kd", "no user or password in an export"
+    for same in (
+        "postgresql+psycopg2://reader@db.lan:5433/kd?sslmode=require",
+        "postgresql+psycopg://kd:other@db.lan:5433/kd?connect_timeout=5",
+    ):
+        assert storage_place(same) == place
+    assert storage_place("postgresql://kd@db.lan:5433/other") != place
+
+
 def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
     # each value fits the base alone; together they break a rule of the recipe
     text = SPACE.replace(
@@ -745,6 +763,9 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
     first = record.study.trials[0]
     assert first.state == TrialState.FAIL
     assert "nesterov: true needs momentum > 0" in first.user_attrs["failure"]
+    # it never ran on Ray: the id is the trial's that did (one Ray trial, one study trial)
+    assert "ray_trial_id" not in first.user_attrs
+    assert record.study.trials[1].user_attrs["ray_trial_id"] == "x"
 
 
 @pytest.mark.parametrize(
