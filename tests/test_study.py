@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import closing
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
@@ -15,6 +16,7 @@ import optuna
 import pytest
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy import text
 
 from kdsearch.errors import KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
@@ -465,33 +467,42 @@ def test_a_trial_finished_between_reading_and_taking_it_over_is_passed_over(
     assert storage.get_trial(trial_0).user_attrs["driver"] == "elsewhere:1"
 
 
+POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
+
+
 @pytest.mark.parametrize("proposed", [True, False], ids=["trained", "killed-proposing"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_of_two_drivers_taking_over_one_orphan_at_once_only_one_gets_it(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, proposed: bool
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, proposed: bool, backend: str
 ) -> None:
     """Both read the orphans, then each takes the first: the second finds it taken since (it
     used to train it too, and the later finish dropped the other's result)."""
+    if backend == "postgresql":
+        if not POSTGRES:
+            pytest.skip("set KDSEARCH_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
+        url = POSTGRES
+    name = f"s-{uuid.uuid4().hex[:8]}"  # a server's database outlives the test
     storage = open_storage(url)
-    killed = Record(storage, "s", space, target=2, resume=False)
+    assert isinstance(storage, RDBStorage)
+    killed = Record(storage, name, space, target=2, resume=False)
     killed.next_plan("r0")
     killed.next_plan("r1")
-    study_id = storage.get_study_id_from_name("s")
+    study_id = storage.get_study_id_from_name(name)
     for number in (0, 1):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         if proposed:
             _own(storage, study_id, number, "elsewhere:1")
             continue
         # killed after Optuna created it and before kdsearch named its driver, long ago
-        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
-            db.execute("DELETE FROM trial_user_attributes WHERE trial_id = ?", (trial_id,))
-            long_ago = datetime.now() - timedelta(seconds=STALE_S + 1)
-            db.execute(
-                "UPDATE trials SET datetime_start = ? WHERE trial_id = ?", (long_ago, trial_id)
-            )
+        long_ago = datetime.now() - timedelta(seconds=STALE_S + 1)
+        with storage.engine.begin() as db:
+            where = {"id": trial_id, "at": long_ago}
+            db.execute(text("DELETE FROM trial_user_attributes WHERE trial_id = :id"), where)
+            db.execute(text("UPDATE trials SET datetime_start = :at WHERE trial_id = :id"), where)
     storage.set_study_system_attr(study_id, "heartbeat:elsewhere:1", time.time() - STALE_S - 1)
     killed.heartbeat(at=0.0)
-    first = Record(storage, "s", space, target=2, resume=True)
-    second = Record(storage, "s", space, target=2, resume=True)
+    first = Record(storage, name, space, target=2, resume=True)
+    second = Record(storage, name, space, target=2, resume=True)
     second.driver = "elsewhere:2"  # another process (these two share this one's name)
     second.heartbeat()
     as_read = second._orphans()
