@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import importlib.util
 import os
 import pickle
 import shutil
@@ -26,6 +25,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -249,7 +249,7 @@ def digits_table() -> np.ndarray:
     Read from the file scikit-learn ships, without importing scikit-learn, which takes seconds
     (with SciPy) in every process that loads them; through `load_digits` where the file is not
     where scikit-learn has always kept it."""
-    spec = importlib.util.find_spec("sklearn")
+    spec = find_spec("sklearn")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         file = Path(folder) / "datasets" / "data" / "digits.csv.gz"
         if file.is_file():

@@ -66,7 +66,7 @@ def test_digits_are_scikit_learns_read_without_importing_it(
     )
     assert loaded.stdout.strip() == "False", "seconds of start-up in every process"
     # where a scikit-learn keeps the file elsewhere: through load_digits, the same table
-    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data_module, "find_spec", lambda name: None)
     assert np.array_equal(data_module.digits_table(), table)
 
 
