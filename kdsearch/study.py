@@ -40,6 +40,7 @@ METRIC = "val_acc"
 MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
 PG_CONNECT_S = 10  # how long a PostgreSQL server may take to answer a connection
 OPEN_ATTEMPTS = 3
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}  # where a URL that names none connects
 HEARTBEAT_S = 30.0  # a driver refreshes its heartbeat this often ...
 STALE_S = 300.0  # ... and is presumed gone after this long without one
 
@@ -76,7 +77,7 @@ def sqlite_file(url: str) -> Path | None:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
         return None
     if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
         return None
@@ -95,10 +96,12 @@ def storage_place(url: str) -> str:
         return str(file.resolve())
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
         return redact(url)
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.get_backend_name()}://{parsed.host or ''}{port}/{parsed.database or ''}"
+    backend = parsed.get_backend_name()
+    port = parsed.port or DEFAULT_PORTS.get(backend)
+    host = (parsed.host or "").lower()
+    return f"{backend}://{host}{f':{port}' if port else ''}/{parsed.database or ''}"
 
 
 def open_storage(url: str) -> BaseStorage:

@@ -11,12 +11,13 @@ import uuid
 from contextlib import closing
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
-from sqlalchemy import text
+from sqlalchemy import DateTime, column, text
 
 from kdsearch.errors import KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
@@ -493,10 +494,13 @@ def test_of_two_drivers_taking_over_one_orphan_at_once_only_one_gets_it(
         if proposed:
             _own(storage, study_id, number, "elsewhere:1")
             continue
-        # killed after Optuna created it and before kdsearch named its driver, long ago
-        long_ago = datetime.now() - timedelta(seconds=STALE_S + 1)
+        # killed after Optuna created it and before kdsearch named its driver, long ago (as
+        # Optuna stored its start: in UTC or local time, by its version)
         with storage.engine.begin() as db:
-            where = {"id": trial_id, "at": long_ago}
+            where: dict[str, Any] = {"id": trial_id}
+            start = text("SELECT datetime_start FROM trials WHERE trial_id = :id")
+            stored = db.execute(start.columns(column("datetime_start", DateTime)), where)
+            where["at"] = stored.scalar_one() - timedelta(seconds=STALE_S + 1)
             db.execute(text("DELETE FROM trial_user_attributes WHERE trial_id = :id"), where)
             db.execute(text("UPDATE trials SET datetime_start = :at WHERE trial_id = :id"), where)
     storage.set_study_system_attr(study_id, "heartbeat:elsewhere:1", time.time() - STALE_S - 1)
@@ -752,10 +756,12 @@ def test_a_storage_is_placed_by_its_database_not_by_how_its_url_names_it(
     assert place == "postgresql://db.lan:5433/kd", "no user or password in an export"
     for same in (
         "postgresql+psycopg2://reader@db.lan:5433/kd?sslmode=require",
-        "postgresql+psycopg://kd:other@db.lan:5433/kd?connect_timeout=5",
+        "postgresql+psycopg://kd:other@DB.lan:5433/kd?connect_timeout=5",
     ):
         assert storage_place(same) == place
     assert storage_place("postgresql://kd@db.lan:5433/other") != place
+    assert storage_place("postgresql://db.lan/kd") == storage_place("postgresql://db.lan:5432/kd")
+    assert "hunter2" not in storage_place("postgresql://kd:hunter2@db.lan:port/kd")  # no trace
 
 
 def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(url: str) -> None:
