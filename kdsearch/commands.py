@@ -196,13 +196,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         trial_resources(space.config.search, local_resources(), device=space.base.device)
     given = args.storage or space.config.study.storage
-    if space.config.export is not None:  # now, not after the search; and before ./studies
+    url = storage_url(given or default_storage(name))
+    if space.config.export is not None:  # now, not after the search
         from kdsearch.export import check_out
 
-        place = storage_url(given or default_storage(name, make=False))
-        check_out(Path(space.config.export.dir), name, place)
-    url = storage_url(given or default_storage(name))
+        check_out(Path(space.config.export.dir), name, url)
     file = sqlite_file(url)
+    if file is not None and not given:  # ./studies, once nothing has refused the run
+        file.parent.mkdir(exist_ok=True)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
@@ -249,8 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tally.running and (space.config.promote or space.config.export):
         # from the trials finished so far, the best might not be the search's: the last
         # driver to finish promotes and exports (or, should it be gone, the user)
-        named = args.storage or space.config.study.storage
-        hidden = " (its password hidden)" if named and redact(url) != url else ""
+        hidden = " (its password hidden)" if given and redact(url) != url else ""
         console.print(
             "so this driver leaves the space's promotion and export to the driver that "
             "finishes the search last (if its space file has them); should none, run "

@@ -47,16 +47,14 @@ STALE_S = 300.0  # ... and is presumed gone after this long without one
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def default_storage(study_name: str, *, make: bool = True) -> str:
-    """SQLite under ./studies/, created if missing (with `make`)."""
+def default_storage(study_name: str) -> str:
+    """SQLite under ./studies/ (which `kdsearch run` creates where it is missing)."""
     folder = Path("studies")
     if folder.exists() and not folder.is_dir():
         raise StudyError(
             "./studies is a file, not the folder the default storage goes in; move it, or pass "
             "--storage URL"
         )
-    if make:
-        folder.mkdir(exist_ok=True)
     return f"sqlite:///studies/{study_name}.db"
 
 
@@ -490,14 +488,13 @@ class Record:
         from optuna.storages._rdb.models import TrialModel
         from optuna.storages._rdb.models import TrialUserAttributeModel as Attr
         from sqlalchemy import insert, select, update
-        from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+        from sqlalchemy.exc import IntegrityError
 
-        assert isinstance(self.storage, RDBStorage)  # open_storage's
         mine = (Attr.trial_id == trial_id, Attr.key == "driver")
         running = (TrialModel.trial_id == trial_id, TrialModel.state == TrialState.RUNNING)
         value = json.dumps(self.driver)  # as Optuna writes a user attribute
         try:
-            with self.storage.engine.begin() as connection:
+            with self._transaction() as connection:
                 if connection.execute(select(TrialModel.trial_id).where(*running)).first() is None:
                     return False
                 if was is None:  # (trial, key) is unique: of two inserts, the second fails
@@ -510,10 +507,24 @@ class Record:
                         return False
         except IntegrityError:
             return False
-        except SQLAlchemyError as err:  # as Optuna's own writes fail (`clear_storage_errors`)
-            raise optuna.exceptions.StorageInternalError(str(err)) from err
         self._claimed.add(trial_id)
         return True
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A connection in one transaction on the study's database, for the writes Optuna has
+        no call for; a write the database refuses fails as Optuna's own do
+        (`clear_storage_errors`), but for a broken unique constraint, which the caller reads."""
+        from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+        assert isinstance(self.storage, RDBStorage)  # open_storage's
+        try:
+            with self.storage.engine.begin() as connection:
+                yield connection
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as err:
+            raise optuna.exceptions.StorageInternalError(str(err)) from err
 
     # -- finishing -----------------------------------------------------------------------
 
@@ -564,14 +575,9 @@ class Record:
         a pruned trial's value is its last step's, and TPE ranks pruned trials by it."""
         from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
         from sqlalchemy import delete
-        from sqlalchemy.exc import SQLAlchemyError
 
-        assert isinstance(self.storage, RDBStorage)  # open_storage's
-        try:
-            with self.storage.engine.begin() as connection:
-                connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
-        except SQLAlchemyError as err:  # as Optuna's own writes fail (`clear_storage_errors`)
-            raise optuna.exceptions.StorageInternalError(str(err)) from err
+        with self._transaction() as connection:
+            connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
 
     # -- liveness ------------------------------------------------------------------------
 
