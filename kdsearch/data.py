@@ -250,7 +250,8 @@ def digits_table() -> np.ndarray:
     (with SciPy) in every process that loads them; through `load_digits` where the file is not
     where scikit-learn has always kept it."""
     spec = find_spec("sklearn")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
+    folders = spec.submodule_search_locations if spec else None
+    for folder in folders or []:
         file = Path(folder) / "datasets" / "data" / "digits.csv.gz"
         if file.is_file():
             return np.loadtxt(file, delimiter=",", dtype=np.float64)
