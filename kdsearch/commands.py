@@ -716,11 +716,12 @@ def serve_until_stopped(server: Any) -> None:
     stop that lands while a request is handled is swallowed by wsgiref's error handler, and the
     server serves on."""
     serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    with suppress(KeyboardInterrupt):
+    with suppress(KeyboardInterrupt):  # from the start: the thread may serve a request (and a
+        serving.start()  # stop land) before `start` returns to this one
         while serving.is_alive():
             serving.join(0.5)
-    server.shutdown()
+    if serving.is_alive():  # it serves, or is about to: shutdown waits for it to stop
+        server.shutdown()
     server.server_close()
 
 
