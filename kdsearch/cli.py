@@ -214,7 +214,7 @@ def show_warning(
     """kdsearch's own warnings as one line, as its errors are (not Python's file:line, category
     and source line); every other warning as Python shows it."""
     if issubclass(category, KdsearchWarning):
-        console.print(f"kdsearch: warning: {message}", markup=False)
+        console.print(f"kdsearch: warning: {message}")
     else:
         PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
@@ -232,10 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.address = address_from_environment() or args.address
         return int(args.func(args))
     except KdsearchError as err:
-        console.print(f"kdsearch: error: {err}", markup=False)
+        console.print(f"kdsearch: error: {err}")
         return 2
     except NonFiniteLoss as err:
-        console.print(f"kdsearch: training diverged: {err}", markup=False)
+        console.print(f"kdsearch: training diverged: {err}")
         return 1
     except KeyboardInterrupt:
         console.print(

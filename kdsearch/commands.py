@@ -117,7 +117,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"note: these are not the images or splits the exported student in "
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
-            markup=False,
         )
     teacher = None
     if needs_teacher(recipe):
@@ -186,9 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     changes = parse_sets(args.set)
     space = SearchSpace.load(args.space, changes)
     for idle in space.idle_settings():
-        console.print(f"note: {space.source}: {idle}", markup=False)
+        console.print(f"note: {space.source}: {idle}")
     for ignored in space.searched_changes(changes):
-        console.print(f"note: {ignored}", markup=False)
+        console.print(f"note: {ignored}")
     name = args.study or space.config.study.name
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
@@ -228,14 +227,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             tally, seconds, complete = search_trials(args, space, record, file, new_file, target)
     console.print(status_line(tally, target) + f" in {seconds:.0f} s")
     for line in tally.failures[-5:]:
-        console.print(f"  failed {line}", markup=False)
+        console.print(f"  failed {line}")
     finished = tally.complete + tally.pruned + tally.failed
     if not complete:
         hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
         console.print(
             f"stopped with {finished} of {target} trials finished; "
             f"`{resume_command(args, url)}`{hidden} finishes the search",
-            markup=False,
         )
         return 130
     if tally.running:
@@ -255,7 +253,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "so this driver leaves the space's promotion and export to the driver that "
             "finishes the search last (if its space file has them); should none, run "
             f"{left_to_user(args, space, url)}{hidden} once it is done",
-            markup=False,
         )
         return 0
     # this driver's data folder, device, teacher files: the study records the base recipe of
@@ -491,7 +488,7 @@ def run_promotion(
     def on_run(run: Any, result: Any) -> None:
         status.done(f"{run.label} seed {run.seed}")
         if result.failure:
-            console.print(f"  {run.label} seed {run.seed}: failed: {result.failure}", markup=False)
+            console.print(f"  {run.label} seed {run.seed}: failed: {result.failure}")
         else:
             console.print(
                 f"  {run.label} seed {run.seed}: val {100 * result.val_acc:.2f}%  "
@@ -567,7 +564,6 @@ def run_export(
                 f"loads for {winner.recipe.data.dataset} (data fingerprint "
                 f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
                 "records the promotion's",
-                markup=False,
             )
         if files is None and needs_teacher(winner.recipe):
             files = unrecorded_teacher(winner.base, data, heads)
@@ -587,7 +583,6 @@ def run_export(
                 console.print(
                     f"note: {problem}; the search chose this recipe against that teacher, and "
                     "the exported student learns from this one",
-                    markup=False,
                 )
         with epoch_progress("winner", winner.recipe.schedule.epochs) as report:
             result = train(
@@ -610,14 +605,12 @@ def run_export(
             f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {name}-promoted` says "
             f"why; `kdsearch promote {name}` again retries them); its mean is over the seeds "
             "that finished",
-            markup=False,
         )
     if winner.planned_seeds and len(winner.seeds) + len(winner.failed_seeds) < winner.planned_seeds:
         console.print(
             f"note: the winner's mean is over {len(winner.seeds)} of the "
             f"{winner.planned_seeds} seeds the promotion asked for (interrupted?); `kdsearch "
             "promote` again trains the rest, then export again",
-            markup=False,
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
@@ -788,7 +781,6 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
             f"failed: {run.user_attrs['label']}, seed {run.user_attrs['seed']}, "
             f"{run_budget(run)} epochs: "
             f"{str(run.user_attrs['failure']).splitlines()[0]}",
-            markup=False,
         )
     budget = board_budget(promoted)
     other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]

@@ -35,9 +35,10 @@ class Results(Console):
         raise BrokenPipeError
 
 
-# emoji=False: a path such as run:fire:1 is printed as it is
-console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
-results = Results(highlight=False, emoji=False)
+# markup=False, emoji=False: what kdsearch prints holds users' paths, names and errors, which
+# are printed as they are (a file out[bold].csv, a path such as run:fire:1), never as Rich markup
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
+results = Results(highlight=False, emoji=False, markup=False)
 UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 
@@ -72,7 +73,7 @@ class EpochBars:
 def epoch_progress(label: str, epochs: int) -> Iterator[EpochBars]:
     """Progress bars over a run's epochs and batches, gone when it ends; yields the report."""
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("elapsed"),
@@ -109,7 +110,7 @@ def search_status(live: Live, target: int) -> Callable[[Any], None]:
         finished = tally.complete + tally.pruned + tally.failed
         if finished != printed[0] and finished != target:  # the target: the command's last line
             printed[0] = finished
-            console.print(status_line(tally, target), markup=False)
+            console.print(status_line(tally, target))
 
     return show
 
@@ -135,7 +136,7 @@ class RunsStatus:
                 self.live.start()
             self.live.update(self.line())
         elif 4 * epoch // epochs > 4 * (epoch - 1) // epochs and epoch < epochs:
-            console.print(self.line(), markup=False)
+            console.print(self.line())
 
     def done(self, label: str) -> None:
         """Run `label` has ended (its scores are printed on their own line)."""

@@ -156,6 +156,19 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) 
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
 
 
+@pytest.mark.parametrize("name", ["out[bold]y.csv", "a[/b].csv"])
+def test_a_path_is_printed_as_it_is_never_as_markup(
+    tmp_path: Path, cli_here: CliHere, name: str
+) -> None:
+    """Rich would drop `[bold]` from the line, and raise on `[/b]` after the file is written."""
+    write_study(tmp_path)
+    (tmp_path / name).parent.mkdir(exist_ok=True)  # folder `a[`
+    written = cli_here("trials", "s", "--csv", name, cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    assert written.stderr.strip() == f"wrote {len(SEARCH_VALUES)} trials to {name}"
+    assert (tmp_path / name).is_file()
+
+
 def test_whole_numbers_stay_whole_beside_trials_that_have_none(tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     negatives = IntDistribution(256, 4096)
