@@ -313,11 +313,15 @@ class SearchSpace:
 
     def reachable(self, path: str) -> list[Any]:
         """Every value a recipe path can take in some trial: the base value, and the bounds or
-        choices of the parameter that sets it."""
+        choices of the parameter that sets it, itself or as a key of a section it chooses
+        (`distill.hsakd: {choices: [{weight: 1.0}, ...]}` reaches distill.hsakd.weight 1.0)."""
         values = [self.base.get(path)]
-        p = self.params.get(path)
-        if p is not None:
-            values += _extremes(p)
+        for name, p in self.params.items():
+            if name == path or path.startswith(f"{name}."):
+                for value in _extremes(p):
+                    changes = leaf_changes({name: value})
+                    if path in changes:
+                        values.append(changes[path])
         return values
 
     @property

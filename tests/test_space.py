@@ -10,6 +10,7 @@ from optuna.trial import FixedTrial
 
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import Recipe
+from kdsearch.search import active_terms
 from kdsearch.space import SearchSpace, choice_labels, cluster_address
 
 from .conftest import REPO, tiny_recipe
@@ -615,6 +616,27 @@ def test_reachable_values_cover_base_and_parameter() -> None:
     space = space_of(CONDITIONAL)
     assert space.reachable("distill.crd.weight") == [0.0, 0.1, 2.0]
     assert space.reachable("distill.pkt.weight") == [0.0]
+
+
+def test_a_term_a_section_choice_switches_on_is_reachable_and_its_settings_not_idle() -> None:
+    """Else the search prepares no teacher heads for it (`active_terms` reads `reachable`),
+    and every trial that draws it fails."""
+    space = space_of(
+        "  distill.hsakd: {type: categorical, choices: [{weight: 0.0}, "
+        "{weight: 1.0, placement: [3]}]}\n"
+        "  distill.crd: {type: categorical, choices: [{temperature: 0.1}, {temperature: 0.2}]}\n"
+        "  distill.sskd.tf_temperature: {type: float, low: 2.0, high: 4.0}\n"
+    )
+    assert space.reachable("distill.hsakd.weight") == [0.0, 0.0, 1.0]
+    assert space.reachable("distill.hsakd.placement") == [[1, 2, 3], [3]]
+    assert space.reachable("distill.crd.weight") == [0.0]  # its choices do not name it
+    assert "hsakd" in active_terms(space)
+    assert [line.split(":")[0] for line in space.idle_settings()] == [
+        "space.distill.sskd.tf_temperature"
+    ]
+    whole = space_of("  distill: {type: categorical, choices: [{pkt: {weight: 2.0}}, {}]}\n")
+    assert whole.reachable("distill.pkt.weight") == [0.0, 2.0]
+    assert whole.reachable("distill.kd.weight") == [0.9]  # the default, no choice names it
 
 
 def test_cli_rejects_a_bad_space_with_one_line(tmp_path: Path) -> None:
