@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if space.config.export is not None:  # now, not after the search
         from kdsearch.export import check_out
 
-        check_out(Path(space.config.export.dir), name, url)
+        check_out(Path(space.config.export.dir), name, url, export_option(space))
     file = sqlite_file(url)
     if file is not None and not given:  # ./studies, once nothing has refused the run
         file.parent.mkdir(exist_ok=True)
@@ -267,8 +267,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 console.print("so the space's export is not done")
             return 1
     if space.config.export is not None:
-        run_export(open_storage(url), url, name, Path(space.config.export.dir), here)
+        run_export(
+            open_storage(url), url, name, Path(space.config.export.dir), here, export_option(space)
+        )
     return 0
+
+
+def export_option(space: SearchSpace) -> str:
+    """What names a search's export folder, in an error about it."""
+    return f"export.dir of {space.source}"
 
 
 def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
@@ -531,11 +538,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def run_export(
-    storage: Any, url: str, name: str, out: Path, here: dict[str, Any] | None = None
+    storage: Any,
+    url: str,
+    name: str,
+    out: Path,
+    here: dict[str, Any] | None = None,
+    option: str = "--out",
 ) -> None:
     """Export the winner of study `name` in `storage` (at `url`) and the teacher it learned
     from; without a promotion, train the winning trial's recipe once first, against the
-    search's teacher. `here`: this machine's settings (`export.find_winner`)."""
+    search's teacher. `here`: this machine's settings (`export.find_winner`); `option`: what
+    set `out`, as an error names it."""
     import torch
 
     from kdsearch.data import load_data
@@ -544,7 +557,7 @@ def run_export(
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
-    check_out(out, name, url)
+    check_out(out, name, url, option)
     winner = find_winner(storage, name, here)
     data = load_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
@@ -597,7 +610,7 @@ def run_export(
             test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
         )
         weights = result.student.state_dict()
-    export(winner, name, url, out, weights, data, files, teacher_checked=checked)
+    export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
     if winner.failed_seeds:
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "

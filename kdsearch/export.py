@@ -171,16 +171,18 @@ def export(
     teacher: TeacherFiles | None,
     *,
     teacher_checked: bool = True,
+    option: str = "--out",
 ) -> None:
     """Write the files of an export of study `name` (in the storage at `url`) into `out` (a
     previous export of the same study may be replaced; anything else there is refused, so
     nothing is lost). `teacher`: the files of the
     teacher the student learned from, None when no term reads a teacher; `teacher_checked`:
-    whether their hashes are the ones recorded when the student trained.
+    whether their hashes are the ones recorded when the student trained; `option`: what set
+    `out`, as an error names it.
 
     Every file is written beside its place first and moved there only when all are ready,
     meta.json last: a failure or Ctrl-C leaves the folder as it was."""
-    check_out(out, name, url)
+    check_out(out, name, url, option)
     promoted = winner.source == "promoted"
     model = build_model(winner.recipe.student.arch, data.num_classes, data.channels)
     model.load_state_dict(weights)  # the bare architecture must take the weights as they are
@@ -294,12 +296,13 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
     return tmp
 
 
-def check_out(out: Path, name: str, url: str) -> None:
+def check_out(out: Path, name: str, url: str, option: str = "--out") -> None:
     """Refuse, before any training, a folder an export of study `name` in the storage at `url`
     must not write into: a file, a place that cannot be written, or a folder holding anything
     but an earlier export of the same study (of that name, in that storage: studies take the
-    name of their space file, so two databases often hold one of the same name)."""
-    writable_folder(out, "--out")
+    name of their space file, so two databases often hold one of the same name). `option`:
+    what set `out` (`--out`, a space file's `export.dir`), as the error names it."""
+    writable_folder(out, option)
     if out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         try:
             previous = json.loads((out / "meta.json").read_text())
@@ -307,13 +310,13 @@ def check_out(out: Path, name: str, url: str) -> None:
             previous = {}
         if not isinstance(previous, dict) or previous.get("study") != name:
             raise KdsearchError(
-                f"--out {out} already holds files that are not an export of study {name!r}; "
-                "choose another folder"
+                f"{option} {out} already holds files that are not an export of study "
+                f"{name!r}; choose another folder"
             )
         place = storage_place(url)
         if previous.get("storage", place) != place:  # an export before kdsearch recorded it
             raise KdsearchError(
-                f"--out {out} holds an export of another study named {name!r}, the one in "
+                f"{option} {out} holds an export of another study named {name!r}, the one in "
                 f"{previous['storage']} (this one is in {place}); choose another folder, or "
                 "remove that export if it is not wanted (a database moved since counts as "
                 "another)"

@@ -356,6 +356,21 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     assert "'postgres ql://db/kd' is not an SQLAlchemy URL" in ran.stderr
 
 
+def test_an_export_folder_holding_something_else_is_refused_before_any_work(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Named as the space file set it: there is no --out to change."""
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE + "export: {dir: w}\n")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "notes.txt").write_text("mine")
+    ran = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert "export.dir of s.yaml w already holds files that are not an export of study 's'" in (
+        " ".join(ran.stderr.split())
+    )
+    assert not (tmp_path / "studies").exists() and (tmp_path / "w" / "notes.txt").is_file()
+
+
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
