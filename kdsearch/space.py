@@ -306,6 +306,13 @@ class SearchSpace:
         else:
             base = Recipe.from_dict(config.base, source=f"{source}: base").resolve_paths(folder)
         if base_changes:  # paths given on the command line: relative to the working folder
+            for key in base_changes:
+                section = key.split(".")[0]
+                if section in SpaceFile.model_fields and section not in Recipe.model_fields:
+                    raise RecipeError(
+                        f"--set {key}: --set changes the base recipe; the space's own settings "
+                        f"({', '.join(SpaceFile.model_fields)}) are set in {source}"
+                    )
             base = base.override(base_changes, source="--set").resolve_paths(Path.cwd())
         space = cls(source, text, base, dict(config.space), config)
         space._check()
@@ -401,6 +408,13 @@ class SearchSpace:
         budget = {"schedule.epochs", "schedule.milestones"}
         if name in budget or any(budget & leaf_changes({name: v}).keys() for v in _extremes(p)):
             raise RecipeError(f"{where}: the trial budget is asha.max_epochs; not searchable")
+        if name == "seed":
+            raise RecipeError(
+                f"{where}: not searchable: the seed fixes the data order and augmentation as "
+                "well as the student's initialisation, and every trial of a search trains on the "
+                "same stream, so that trials differ only in what they search; the promotion "
+                "trains the best recipes over several seeds (promote.seeds)"
+            )
         if name.split(".")[0] in PREPARED_ONCE:
             raise RecipeError(
                 f"{where}: not searchable: the data set and the teacher are prepared once per "

@@ -2,14 +2,14 @@
 computed once and read by every trial of a search on the same machine.
 
 Within a search every trial sees the same images in the same order with the same augmentation
-draws (a pure function of the data seed, the epoch and the image index, see `data.Loader`), so
-the teacher's outputs for an epoch are the same for every trial. The first trial to reach an
-epoch computes them, over the batches it trains on, and writes them to the store; later trials
-read them instead of running the teacher. What is stored is what the terms read of the teacher:
-final logits and pooled features, on the batch (`plain`) or on its four rotations (`rot`), and
-the outputs of the teacher's HSAKD heads on the rotations. Terms that read the teacher's stage
-maps (CKTF) or its outputs on images a trial mixes with its own parameters (STKD) run the
-teacher live.
+draws (a pure function of the recipe's seed, which a space cannot search, the epoch and the
+image index, see `data.Loader`), so the teacher's outputs for an epoch are the same for every
+trial. The first trial to reach an epoch computes them, over the batches it trains on, and
+writes them to the store; later trials read them instead of running the teacher. What is stored
+is what the terms read of the teacher: final logits and pooled features, on the batch (`plain`)
+or on its four rotations (`rot`), and the outputs of the teacher's HSAKD heads on the rotations.
+Terms that read the teacher's stage maps (CKTF) or its outputs on images a trial mixes with its
+own parameters (STKD) run the teacher live.
 
 An epoch is one folder of `.npy` files, in the precision the teacher ran in (bf16 as its 16
 bits), written under a temporary name and renamed into place, so a reader never sees half an
@@ -97,7 +97,7 @@ def per_image(outputs: Outputs, batch: int) -> Outputs:
 class TeacherStore:
     """The store of one search (or one training run) for one stream of training batches.
 
-    `stream` names everything the outputs depend on besides the epoch: the data seed, the batch
+    `stream` names everything the outputs depend on besides the epoch: the recipe's seed, the batch
     size, the precision and the device type; trials that differ in any of these never share.
     """
 

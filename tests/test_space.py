@@ -212,6 +212,12 @@ def test_data_and_teacher_are_not_searchable(param: str) -> None:
     )
 
 
+def test_the_seed_is_not_searchable() -> None:
+    """It fixes the data stream every trial of a search shares (and the store is keyed by)."""
+    with pytest.raises(RecipeError, match=r"space.seed: not searchable: the seed fixes the data"):
+        space_of("  seed: {type: int, low: 0, high: 3}\n")
+
+
 def test_a_parameter_given_twice_is_refused_with_its_line() -> None:
     twice = (
         "  distill.kd.temperature: {type: float, low: 1, high: 2}\n"
@@ -602,6 +608,12 @@ def test_set_changes_the_base_and_is_checked() -> None:
     assert space_with_sets(CONDITIONAL, {"distill.kd.weight": 0.5}).base.distill.kd.weight == 0.5
     with pytest.raises(RecipeError, match="unknown key"):
         space_with_sets(CONDITIONAL, {"distill.kd.wieght": 0.5})
+    with pytest.raises(RecipeError) as info:  # not "unknown key 'search'": which file it is in
+        space_with_sets(CONDITIONAL, {"search.concurrent": 4})
+    assert str(info.value) == (
+        "--set search.concurrent: --set changes the base recipe; the space's own settings "
+        "(study, base, space, search, asha, promote, export) are set in s.yaml"
+    )
 
 
 def test_the_space_is_checked_against_the_base_as_set_changes_it() -> None:
@@ -686,3 +698,30 @@ def test_a_set_of_a_section_sets_the_keys_it_names() -> None:
     assert changes == {"optim.lr": 0.2, "distill.kd.weight": 0.5, "optim.nesterov": True}
     recipe = tiny_recipe({"optim.momentum": 0.5}).override(changes)
     assert (recipe.optim.lr, recipe.optim.momentum) == (0.2, 0.5), "momentum kept"
+
+
+def readme_yaml(heading: str) -> str:
+    """The first YAML block of the README after `heading`."""
+    text = (REPO / "README.md").read_text()
+    return text[text.index(heading) :].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_example_space_loads_as_it_says() -> None:
+    """The README: "This file, saved in `search_spaces/`, runs as it is" (its base is there)."""
+    space = SearchSpace.from_yaml(
+        readme_yaml("### Search spaces"), source="README", folder=REPO / "search_spaces"
+    )
+    assert space.config.export is not None and space.config.study.name == "digits-example"
+    assert space.config.export.dir == "studies/digits-example-winner"  # not the walkthrough's
+
+
+def test_the_readmes_recipe_block_shows_the_defaults() -> None:
+    """The README: "Only data.dataset, teacher.arch and student.arch are required; everything
+    else has the default shown"."""
+    shown = Recipe.from_yaml(readme_yaml("## Recipes"))
+    required = {
+        "data": {"dataset": shown.data.dataset},
+        "teacher": {"arch": shown.teacher.arch},
+        "student": {"arch": shown.student.arch},
+    }
+    assert shown == Recipe.from_dict(required)
