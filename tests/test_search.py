@@ -264,7 +264,8 @@ def stop_session(session: int) -> list[psutil.Process]:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    # a killed driver's trial workers may not heed SIGTERM at all: a short wait, then SIGKILL
+    _, alive = psutil.wait_procs(procs, timeout=3)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
