@@ -148,10 +148,12 @@ def teacher_recipe(recipe: Recipe) -> Recipe:
 
 
 def teacher_key(recipe: Recipe, data: ImageData) -> str:
-    """Hash of everything that determines a trained teacher (not the device it ran on)."""
+    """Hash of everything that determines a trained teacher (not the machine's settings: the
+    device it ran on, whether it was compiled, which a resume may change)."""
     spec = teacher_recipe(recipe).to_dict()
     for irrelevant in ("data", "device", "teacher"):
         spec.pop(irrelevant)
+    spec["compile"] = False  # the default, as keys before it was left out hold it
     for term, settings in UNKEYED_TERM_SETTINGS.items():
         for setting in settings:
             spec["distill"][term].pop(setting)

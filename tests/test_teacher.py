@@ -116,6 +116,7 @@ def test_cache_key_covers_what_determines_the_teacher(synthetic: ImageData) -> N
                     "distill.kd.temperature": 2.0,
                     "seed": 5,
                     "device": "auto",
+                    "compile": True,  # a machine's setting, which a resume may change
                 }
             ),
             synthetic,
