@@ -198,11 +198,24 @@ def _resize(split: Split, size: int) -> Split:
     return Split(x.round().clamp(0, 255).to(torch.uint8), split.y)
 
 
+STATS_CHUNK = 2**24  # values per step of `channel_stats`: 128 MiB in float64
+
+
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units."""
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255.0
-    std = flat.std(dim=1).clamp_min(1e-3)
-    return tuple(flat.mean(dim=1).tolist()), tuple(std.tolist())
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units, summed over
+    chunks of images (a float64 copy of the whole set is 8 times its size: 1.1 GB for CIFAR-10,
+    tens of GB for a large image folder)."""
+    channels = x.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in x.split(max(1, STATS_CHUNK // max(1, x[0].numel()))):
+        flat = chunk.transpose(0, 1).reshape(channels, -1).double() / 255.0
+        total += flat.sum(dim=1)
+        squares += flat.square().sum(dim=1)
+    n = x.numel() // channels
+    mean = total / n
+    var = (squares - n * mean.square()) / max(1, n - 1)  # unbiased, as Tensor.std
+    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
 
 
 def _fingerprint(*splits: Split) -> str:
@@ -544,7 +557,7 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     if unknown:
         raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
     stats = [
-        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        (str(p.relative_to(root)), *_size_and_time(p))
         for split in listing.values()
         for _, p in split
     ]
@@ -602,12 +615,24 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
         )
 
 
+def _size_and_time(path: Path) -> tuple[int, int]:
+    """A file's size and modification time (ns), or one line naming it (a link to nothing)."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(f"imagefolder: cannot read {path}: {err.strerror}") from None
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _list_images(folder: Path) -> list[tuple[str, Path]]:
     """(class, path) of every image in the class folders of `folder`, hidden entries (such as
     .ipynb_checkpoints, .DS_Store, macOS's ._ files) left out."""
 
     def visible(path: Path) -> list[Path]:
-        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        try:
+            return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        except OSError as err:
+            raise DataError(f"imagefolder: cannot read {path}: {err.strerror}") from None
 
     items = [
         (cls.name, path)

@@ -277,6 +277,26 @@ def test_imagefolder_reads_the_real_cifar10_jpegs_and_caches_them(
     assert again.fingerprint == data.fingerprint
 
 
+def test_channel_stats_summed_in_chunks_are_those_of_the_whole_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    x[:, 2] = 7  # a constant channel: its deviation is clamped, not 0
+    whole = x.transpose(0, 1).reshape(3, -1).double() / 255.0
+    monkeypatch.setattr(data_module, "STATS_CHUNK", 1000)  # 5 images a chunk
+    mean, std = data_module.channel_stats(x)
+    assert mean == pytest.approx(whole.mean(dim=1).tolist(), rel=1e-12)
+    assert std[:2] == pytest.approx(whole.std(dim=1)[:2].tolist(), rel=1e-12)
+    assert std[2] == 1e-3
+
+
+def test_an_image_folder_with_a_link_to_nothing_is_one_line(tmp_path: Path) -> None:
+    _folder(tmp_path, {"train": [8, 8], "test": [8, 8]})
+    (tmp_path / "train" / "class0" / "moved.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=r"cannot read .*moved.png: No such file or directory"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
     for split, per_class in sizes.items():
         for c, size in enumerate(per_class):
