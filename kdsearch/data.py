@@ -208,7 +208,7 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     channels = x.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in x.split(max(1, STATS_CHUNK // max(1, x[0].numel()))):
+    for chunk in torch.split(x, max(1, STATS_CHUNK // max(1, x[0].numel()))):
         flat = chunk.transpose(0, 1).reshape(channels, -1).double() / 255.0
         total += flat.sum(dim=1)
         squares += flat.square().sum(dim=1)
