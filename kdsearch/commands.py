@@ -35,6 +35,7 @@ from kdsearch.display import (
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.paths import replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
+from kdsearch.space import PROMOTED  # not kdsearch.study's promoted_name: that imports torch
 
 if TYPE_CHECKING:
     from kdsearch.space import SearchSpace
@@ -384,9 +385,6 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
     for item in args.set:
         parts += ["--set", item]
     return shlex.join([*parts, "--resume"])
-
-
-PROMOTED = "-promoted"  # study.promoted_name's suffix (kdsearch.study imports torch)
 
 
 def storage_url(given: str) -> str:

@@ -34,11 +34,12 @@ from kdsearch.study import (
     base_recipe,
     load_study,
     machine_settings,
+    not_the_promotion,
     promoted_name,
+    promotion_held,
     ranked,
     space_config,
     sqlite_file,
-    study_names,
     trial_recipe,
 )
 from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
@@ -126,6 +127,8 @@ def plan(
 
 def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
     """The promoted study of `name`, created on first use."""
+    if promotion_held(storage, name) is False:
+        raise not_the_promotion(name)
     study = optuna.create_study(
         study_name=promoted_name(name), storage=storage, direction="maximize", load_if_exists=True
     )
@@ -454,7 +457,7 @@ def _sd(values: list[float]) -> float:
 def has_promoted(storage: BaseStorage, name: str) -> bool:
     """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched
     recipe."""
-    if promoted_name(name) not in study_names(storage):
+    if not promotion_held(storage, name):
         return False
     promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
     return any(int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted))

@@ -24,7 +24,14 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.display import value_text
 from kdsearch.errors import StudyError
 from kdsearch.promote import leaderboard
-from kdsearch.study import load_study, promoted_name, ranked, recorded, space_config, study_names
+from kdsearch.study import (
+    load_study,
+    promoted_name,
+    promotion_held,
+    ranked,
+    recorded,
+    space_config,
+)
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -191,7 +198,7 @@ def build_report(storage: BaseStorage, name: str) -> str:
         sections.append(("Failed trials", reasons))
     if complete:
         sections += _comparisons(study, complete)
-    if promoted_name(name) in study_names(storage):
+    if promotion_held(storage, name):
         board = leaderboard(load_study(storage, promoted_name(name)))
         shown: Part = leaderboard_figure(board) if len(board) else "no promoted run has finished"
         sections.append(("Promoted leaderboard", [shown]))

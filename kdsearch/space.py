@@ -35,16 +35,22 @@ from kdsearch.recipe import (
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+PROMOTED = "-promoted"  # the promotion runs of search S are study S-promoted, beside it
 
 
 def study_name_problem(text: str) -> str | None:
-    """Why `text` cannot name a study (it names files and folders), or None."""
-    if re.fullmatch(NAME_PATTERN, text):
-        return None
-    return (
-        f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with '.', "
-        "'_' or '-'"
-    )
+    """Why `text` cannot name a search's study (it names files and folders), or None."""
+    if not re.fullmatch(NAME_PATTERN, text):
+        return (
+            f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with "
+            "'.', '_' or '-'"
+        )
+    if text.endswith(PROMOTED):
+        return (
+            f"{text!r}: a name ending in {PROMOTED} is kept for the promotion runs of the search "
+            f"{text.removesuffix(PROMOTED)!r}; choose another"
+        )
+    return None
 
 
 Scalar = bool | int | float | str | None

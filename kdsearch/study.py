@@ -34,7 +34,7 @@ from kdsearch import __version__
 from kdsearch.data import derive_seed
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.recipe import Recipe, flatten, load_yaml
-from kdsearch.space import SearchSpace, SpaceFile
+from kdsearch.space import PROMOTED, SearchSpace, SpaceFile
 
 METRIC = "val_acc"
 MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
@@ -218,7 +218,26 @@ def base_recipe(study: optuna.Study) -> Recipe:
 
 def promoted_name(name: str) -> str:
     """The promoted study of a search study (`kdsearch.promote`), in the same storage."""
-    return f"{name}-promoted"
+    return f"{name}{PROMOTED}"
+
+
+def promotion_held(storage: BaseStorage, name: str) -> bool | None:
+    """Whether the study `promoted_name(name)` holds the promotion runs of search `name`: None
+    where there is no such study, False where it is a study of something else (a search of that
+    name, which an earlier kdsearch let a space file take)."""
+    for summary in storage.get_all_studies():
+        if summary.study_name == promoted_name(name):
+            return summary.user_attrs.get("source_study") == name
+    return None
+
+
+def not_the_promotion(name: str) -> StudyError:
+    """The error for a study named as search `name`'s promotion that is not it."""
+    return StudyError(
+        f"study {promoted_name(name)!r} is not the promotion of study {name!r} but a search of "
+        f"its own, where {name!r}'s promotion runs would go; copy it under another name "
+        "(optuna copy-study) and delete it, or search again under another name"
+    )
 
 
 def trial_recipe(trial: FrozenTrial) -> Recipe:
@@ -303,6 +322,8 @@ class Record:
         self._claimed: set[int] = set()  # trial ids this driver runs
         names = study_names(storage)
         exists = name in names
+        if not exists and promotion_held(storage, name) is False:
+            raise not_the_promotion(name)
         if not exists and promoted_name(name) in names:
             raise StudyError(
                 f"study {promoted_name(name)!r} holds the promotion of an earlier search named "

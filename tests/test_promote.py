@@ -598,3 +598,34 @@ def test_the_winner_takes_the_settings_of_the_machine_that_promoted_it(tmp_path:
     assert winner.base.data.root == "/promoted/here", "its teacher and data as well"
     assert base_recipe(study).data.root != "/promoted/here"
     assert find_winner(storage, "s", {"data.root": "/x"}).recipe.data.root == "/x"
+
+
+def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_to(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """An earlier kdsearch let a search take the name S-promoted; promote, export and report
+    of S took it for S's promotion (and promote marked it so, spoiling it)."""
+    url = write_study(tmp_path)
+    optuna.copy_study(
+        from_study_name="s", from_storage=url, to_storage=url, to_study_name="s-promoted"
+    )
+    storage = open_storage(url)
+    held = optuna.load_study(study_name="s-promoted", storage=storage).user_attrs
+    assert not has_promoted(storage, "s")  # export trains the search's best trial instead
+    out = cli_here("promote", "s", cwd=tmp_path)
+    assert out.returncode == 2 and "promoting" not in out.stderr
+    assert (
+        "study 's-promoted' is not the promotion of study 's' but a search of its own"
+        in " ".join(out.stderr.split())
+    )
+    assert optuna.load_study(study_name="s-promoted", storage=storage).user_attrs == held
+    with pytest.raises(StudyError, match="is not the promotion of study 's'"):
+        open_promoted(storage, "s")
+    with pytest.raises(StudyError, match="is not the promotion of study 'x'"):
+        optuna.copy_study(
+            from_study_name="s", from_storage=url, to_storage=url, to_study_name="x-promoted"
+        )
+        Record(storage, "x", SearchSpace.from_yaml(SMALL_SPACE, source="s"), target=5, resume=False)
+    ran = cli_here("run", "space.yaml", "--study", "t-promoted", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert "'t-promoted': a name ending in -promoted is kept for the promotion runs" in ran.stderr
