@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import warnings
 from collections import Counter
+from contextlib import suppress
 from typing import TypeAlias
 
 import optuna
@@ -108,7 +109,10 @@ def best_first(study: optuna.Study) -> list[FrozenTrial]:
 def param_names(study: optuna.Study) -> list[str]:
     """The parameters the trials sampled: in the space's order for a study of `kdsearch run`,
     then any others in the order they first appear."""
-    names = list(space_config(study).space) if "space" in study.user_attrs else []
+    names: list[str] = []
+    if "space" in study.user_attrs:
+        with suppress(StudyError):  # a space an earlier kdsearch recorded: the trials' order
+            names = list(space_config(study).space)
     for t in study.trials:
         names += [p for p in t.params if p not in names]
     sampled = {p for t in study.trials for p in t.params}

@@ -29,11 +29,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
+from pydantic import ValidationError
 
 from kdsearch import __version__
 from kdsearch.data import derive_seed
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
-from kdsearch.recipe import Recipe, flatten, load_yaml
+from kdsearch.recipe import Recipe, describe, flatten, load_yaml
 from kdsearch.space import PROMOTED, SearchSpace, SpaceFile
 
 METRIC = "val_acc"
@@ -207,8 +208,15 @@ def recorded(study: optuna.Study, key: str) -> str:
 
 
 def space_config(study: optuna.Study) -> SpaceFile:
-    """The search's space file as recorded in the study (its base is not loaded again)."""
-    return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
+    """The search's space file as recorded in the study (its base is not loaded again); one
+    that this kdsearch's checks refuse (recorded by an earlier one) is a clear error."""
+    try:
+        return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
+    except ValidationError as err:
+        raise StudyError(
+            f"study {study.study_name!r}: the space file it recorded no longer passes this "
+            f"kdsearch's checks: {describe(err, SpaceFile)}"
+        ) from None
 
 
 def base_recipe(study: optuna.Study) -> Recipe:

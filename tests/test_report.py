@@ -653,3 +653,27 @@ def test_dashboard_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith(
         f"kdsearch: error: cannot listen on 127.0.0.1:{port}"
     )
+
+
+def test_a_study_whose_recorded_space_no_longer_passes_is_shown_and_refused_in_one_line(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Recorded by an earlier kdsearch, whose checks allowed what this one's refuse (a sampler
+    seed past 2**32 - 1, once)."""
+    url = write_study(tmp_path)
+    study = optuna.load_study(study_name="s", storage=url)
+    space = study.user_attrs["space"]
+    assert "seed: 0}" in space
+    study.set_user_attr("space", space.replace("seed: 0}", "seed: 8589934592}"))
+    listed = cli_here("trials", "s", cwd=tmp_path)
+    assert listed.returncode == 0 and "temperature" in listed.stdout
+    drawn = cli_here("report", "s", cwd=tmp_path)
+    assert drawn.returncode == 0 and "wrote report.html" in drawn.stderr
+    for command in (["promote", "s"], ["export", "s", "--out", "w"]):
+        ran = cli_here(*command, cwd=tmp_path)
+        assert ran.returncode == 2, ran.stderr
+        assert (
+            "study 's': the space file it recorded no longer passes this kdsearch's checks: "
+            in (" ".join(ran.stderr.split()))
+        )
+        assert "search.seed" in ran.stderr and "Traceback" not in ran.stderr
