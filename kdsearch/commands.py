@@ -401,6 +401,15 @@ def study_file(study: str) -> Path:
     return search if not own.is_file() and search.is_file() else own
 
 
+def storage_option(study: str, url: str) -> str:
+    """` --storage URL` (its password hidden) for a command on `study` in the storage at `url`,
+    or nothing where that is the storage the command finds by itself (`study_file`)."""
+    from kdsearch.study import redact, storage_place
+
+    found = storage_place(f"sqlite:///{study_file(study)}")
+    return "" if storage_place(url) == found else f" --storage {shlex.quote(redact(url))}"
+
+
 def study_storage(study: str, given: str | None) -> tuple[Any, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
@@ -609,19 +618,27 @@ def run_export(
         )
         weights = result.student.state_dict()
     export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
+    # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
+    # (or the default) top-k, seeds and epochs, perhaps another budget altogether
+    tried = len(winner.seeds) + len(winner.failed_seeds)
+    storage = storage_option(name, url)
+    again = (
+        f"`kdsearch promote {name}{storage} --top-k {winner.rank} --seeds "
+        f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
+    )
     if winner.failed_seeds:
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
             f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
-            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {name}-promoted` says "
-            f"why; `kdsearch promote {name}` again retries them); its mean is over the seeds "
-            "that finished",
+            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {name}{PROMOTED}"
+            f"{storage}` says why; {again} tries them again); its mean is over the seeds that "
+            "finished",
         )
-    if winner.planned_seeds and len(winner.seeds) + len(winner.failed_seeds) < winner.planned_seeds:
+    if winner.planned_seeds and tried < winner.planned_seeds:
         console.print(
             f"note: the winner's mean is over {len(winner.seeds)} of the "
-            f"{winner.planned_seeds} seeds the promotion asked for (interrupted?); `kdsearch "
-            "promote` again trains the rest, then export again",
+            f"{winner.planned_seeds} seeds the promotion asked for (interrupted?); {again} "
+            "trains the rest, then export again",
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:

@@ -79,6 +79,7 @@ class Winner:
     inputs: dict[str, Any] | None = None  # what that data gave them (channels, mean, ...)
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
     planned_seeds: int | None = None  # the seeds the latest promotion at its budget asked for
+    rank: int | None = None  # the promoted recipe's trial's place among the search's best
 
 
 def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
@@ -137,6 +138,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             top.user_attrs.get("inputs"),
             sorted(int(t.user_attrs["seed"]) for t in failed),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
+            [t.number for t in ranked(study.trials)].index(source) + 1,
         )
     best_trials = ranked(study.trials)
     if not best_trials:

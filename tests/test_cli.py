@@ -16,7 +16,7 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands import storage_url
+from kdsearch.commands import storage_option, storage_url
 from kdsearch.errors import KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
@@ -379,6 +379,14 @@ def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     assert storage_url("/data/s.db") == "sqlite:////data/s.db"
     url = "postgresql+psycopg2://user:secret@db:5432/kd"
     assert storage_url(url) == url
+    # a command printed for the user names the storage only where it would not find it itself
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "s.db").touch()
+    for found in ("sqlite:///studies/s.db", f"sqlite:///{tmp_path}/studies/s.db"):
+        assert storage_option("s", found) == ""
+        assert storage_option("s-promoted", found) == ""  # promote records it in the search's
+    assert storage_option("s", "sqlite:////data/s.db") == " --storage sqlite:////data/s.db"
+    assert storage_option("s", url) == " --storage 'postgresql+psycopg2://user:***@db:5432/kd'"
 
 
 def test_a_search_whose_every_trial_failed_exits_with_status_1(tmp_path: Path) -> None:

@@ -152,6 +152,9 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert "note: the promoted student trained on other images or splits than this machine" in said
     assert "note: seed 2 of the winner failed at 2 epochs (`kdsearch trials s-promoted`" in said
     assert "note: the winner's mean is over 2 of the 4 seeds the promotion asked for" in said
+    # the promotion that trains them, as it was asked for (a bare `promote s` plans the space's)
+    again = "`kdsearch promote s --top-k 1 --seeds 4 --epochs 2`"
+    assert f"{again} tries them again" in said and f"{again} trains the rest" in said
     meta = json.loads((tmp_path / "w5" / "meta.json").read_text())
     assert meta["data_fingerprint"] == "f00d" and meta["inputs"] == best.user_attrs["inputs"]
     assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2], 4)
