@@ -34,7 +34,7 @@ from kdsearch.data import ImageData
 from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
-from kdsearch.paths import staging_path, writable_folder
+from kdsearch.paths import staging_path, stops_deferred, writable_folder
 from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import (
@@ -257,8 +257,9 @@ def export(
             for folder in created:
                 folder.rmdir()
         raise
-    for file, tmp in staged.items():  # in order: meta.json, which names the export, last
-        tmp.replace(out / file)
+    with stops_deferred():  # a Ctrl-C half-way would leave a folder no rerun may replace
+        for file, tmp in staged.items():  # in order: meta.json, which names the export, last
+            tmp.replace(out / file)
     for file, source in copies.items():  # then an earlier export's teacher, which it no longer
         if source is None:  # names: a kill before this leaves a spare file, not a lost one
             (out / file).unlink(missing_ok=True)

@@ -8,7 +8,9 @@ import contextlib
 import fcntl
 import os
 import secrets
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,23 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that come during the block take effect when it ends, for steps that
+    must happen all or none (moving an export's files into place). In the main thread only,
+    where Python runs signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # to the handler it would have reached

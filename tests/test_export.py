@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -313,3 +314,43 @@ def test_export_refuses_a_folder_holding_something_else(
     ran = cli_here("run", "e.yaml", cwd=fresh)
     assert ran.returncode == 2 and "not an export of study 'e'" in ran.stderr
     assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"
+
+
+def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped half-way, the folder would hold some files and no meta.json naming the export,
+    which every rerun refuses as a folder of someone else's."""
+    recipe = Recipe.from_dict(
+        {
+            "data": {"dataset": "digits", "subset": 200},
+            "teacher": {"arch": "resnet8"},
+            "student": {"arch": "resnet8"},
+            "distill": {"kd": {"weight": 0.0}},
+            "device": "cpu",
+        }
+    )
+    data = load_data(recipe.data)
+    weights = build_model("resnet8", data.num_classes, data.channels).state_dict()
+    winner = Winner(recipe, recipe, "search", 0, {"search_val_acc": 0.5}, None, [0], 1)
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    moved: list[str] = []
+    replace_file = Path.replace
+
+    def replace_then_stop(self: Path, target: Path) -> Path:  # type: ignore[override]
+        moved.append(Path(target).name)
+        if len(moved) == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, after recipe.yaml moved
+        return replace_file(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        export(winner, "s", url, tmp_path / "w", weights, data, None)
+    assert moved[-1] == "meta.json"  # every file moved first
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "hyperparameters.json",
+        "meta.json",
+        "recipe.yaml",
+        "student.pt",
+    ]
+    check_out(tmp_path / "w", "s", url)  # an export of the study: a rerun may replace it

@@ -1,6 +1,7 @@
+import signal
 from pathlib import Path
 
-from kdsearch.paths import flocked, staging_path
+from kdsearch.paths import flocked, staging_path, stops_deferred
 
 
 def test_staging_paths_are_hidden_beside_their_file_and_never_shared(tmp_path: Path) -> None:
@@ -21,3 +22,20 @@ def test_a_held_lock_is_refused_without_waiting_and_free_once_let_go(tmp_path: P
         assert again is True
     with flocked(tmp_path / "missing" / "x.lock", wait=False) as unopenable:
         assert unopenable is None
+
+
+def test_a_sigterm_in_a_deferred_block_reaches_its_handler_when_the_block_ends() -> None:
+    heard: list[int] = []
+
+    def mine(signum: int, _: object) -> None:
+        heard.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with stops_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            assert heard == []  # not yet
+        assert heard == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is mine  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
