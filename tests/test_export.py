@@ -337,7 +337,7 @@ def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
     moved: list[str] = []
     replace_file = Path.replace
 
-    def replace_then_stop(self: Path, target: Path) -> Path:  # type: ignore[override]
+    def replace_then_stop(self: Path, target: Path) -> Path:
         moved.append(Path(target).name)
         if len(moved) == 2:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C, after recipe.yaml moved
