@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from kdsearch.display import (
     status_line,
     trials_view,
 )
-from kdsearch.errors import KdsearchError, StudyError
+from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.paths import replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 from kdsearch.space import PROMOTED  # not kdsearch.study's promoted_name: that imports torch
@@ -566,6 +567,9 @@ def run_export(
 
     check_out(out, name, url, option)
     winner = find_winner(storage, name, here)
+    # weights trained on the CPU where the recipe's device here is not (a search or promotion
+    # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
+    on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
     data = load_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
     files = winner.teacher
@@ -604,9 +608,10 @@ def run_export(
                     f"note: {problem}; the search chose this recipe against that teacher, and "
                     "the exported student learns from this one",
                 )
-        with epoch_progress("winner", winner.recipe.schedule.epochs) as report:
+        trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
+        with epoch_progress("winner", trained.schedule.epochs) as report:
             result = train(
-                winner.recipe,
+                trained,
                 data,
                 report,
                 teacher=teacher.model if teacher else None,
@@ -614,8 +619,9 @@ def run_export(
             )
         winner.metrics.update(
             val_acc=result.val_acc,
-            test_acc=evaluate_split(result.student, data.test, data, winner.recipe)[0],
+            test_acc=evaluate_split(result.student, data.test, data, trained)[0],
         )
+        winner = replace(winner, device=device_type(trained.device))  # where these trained
         weights = result.student.state_dict()
     export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
@@ -651,12 +657,22 @@ def run_export(
     written = ["recipe.yaml", "student.pt"]
     if files is not None:
         written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
-    recipe_path = shlex.quote(f"{out}/recipe.yaml")
+    recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
         f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
+
+
+def device_type(name: str) -> str | None:
+    """The type of device a recipe's `device` is here; None where it names one not here."""
+    from kdsearch.train import resolve_device
+
+    try:
+        return resolve_device(name).type
+    except RecipeError:
+        return None
 
 
 def exported_data(recipe_file: Path) -> str | None:

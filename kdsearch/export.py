@@ -80,6 +80,7 @@ class Winner:
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
     planned_seeds: int | None = None  # the seeds the latest promotion at its budget asked for
     rank: int | None = None  # the promoted recipe's trial's place among the search's best
+    device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
 
 
 def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
@@ -139,6 +140,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             sorted(int(t.user_attrs["seed"]) for t in failed),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
             [t.number for t in ranked(study.trials)].index(source) + 1,
+            top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)
     if not best_trials:
@@ -160,6 +162,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         [recipe.seed],
         None if threads is None else int(threads),
         TeacherFiles.from_attrs(study.user_attrs.get("teacher_files") or {}),
+        device=best_trial.user_attrs.get("device"),
     )
 
 
@@ -216,6 +219,7 @@ def export(
         "failed_seeds": winner.failed_seeds,
         "planned_seeds": winner.planned_seeds,
         "threads": winner.threads,
+        "device": winner.device,  # the type it trained on; None where not recorded
         "metrics": winner.metrics,
         "student": winner.recipe.student.arch,
         "teacher": winner.recipe.teacher.arch,

@@ -318,6 +318,7 @@ def _record(
         "recipe": run.recipe.to_yaml(),
         "epochs": max(result.curve, default=0),
         "threads": result.threads,
+        "device": result.device,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
         **trained_on,

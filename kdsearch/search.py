@@ -47,7 +47,7 @@ from kdsearch.space import SearchConfig, SearchSpace, cluster_address
 from kdsearch.store import StoreConfig
 from kdsearch.study import METRIC, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
-from kdsearch.train import EpochStats, evaluate_split, free_device_memory, train
+from kdsearch.train import EpochStats, evaluate_split, free_device_memory, resolve_device, train
 
 Status = Callable[[Tally], None]
 SCRATCH = "kdsearch-search"
@@ -164,6 +164,7 @@ def _train_trial(
     told: Callable[[], list[str]],
 ) -> None:
     recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
+    device = resolve_device(recipe.device).type  # what `auto` became here: the export pins it
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
     busy = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_images": 0.0}
@@ -182,6 +183,7 @@ def _train_trial(
                 "images_per_sec": stats.images_per_sec,
                 "student_params": params,
                 "threads": torch.get_num_threads(),
+                "device": device,
                 "wall_seconds": time.perf_counter() - started,
                 **busy,
                 **({"warnings": said} if (said := told()) else {}),
@@ -338,6 +340,7 @@ class KdSearcher(Searcher):
             "images_per_sec",
             "student_params",
             "threads",
+            "device",
             "warnings",
         ):
             if key in last:
@@ -550,6 +553,7 @@ class JobResult:
     failure: str | None = None
     threads: int = 1  # CPU threads it trained with: the same weights need the same count
     warnings: tuple[str, ...] = ()  # kdsearch's warnings in the run (`kept_warnings`)
+    device: str = "cpu"  # the type of the device it trained on (what `auto` became there)
 
 
 def train_job(
@@ -587,6 +591,7 @@ def train_job(
             weights,
             threads=used,
             warnings=tuple(told()),
+            device=resolve_device(recipe.device).type,
         )
     except Exception as err:  # recorded as a failed run with its reason
         return JobResult(

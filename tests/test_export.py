@@ -100,6 +100,29 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     # export's last line and meta.json give.
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
+    assert best.user_attrs["device"] == meta["device"] == "cpu"
+
+    # runs of device `auto` on a machine where that is CUDA, which trained on its CPU (per_trial
+    # gpu 0): the line pins the CPU the weights trained on; the recipe keeps the machine's `auto`
+    def run_device(was: str, now: str) -> None:
+        with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+            db.execute(
+                "UPDATE trial_user_attributes SET value_json = replace(value_json, ?, ?) "
+                "WHERE key = 'recipe'",
+                (f"device: {was}", f"device: {now}"),
+            )
+
+    run_device("cpu", "auto")
+    with pytest.MonkeyPatch.context() as cuda_here:
+        cuda_here.setattr(torch.cuda, "is_available", lambda: True)
+        on_cuda = cli_here("export", "s", "--out", "winner", cwd=tmp_path)
+    run_device("auto", "cpu")
+    assert on_cuda.returncode == 0, on_cuda.stderr
+    assert (
+        "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml --set device=cpu` reproduces it"
+        in on_cuda.stderr
+    )
+    assert Recipe.load(out / "recipe.yaml").device == "auto"
     out.rename(tmp_path / "moved-winner")  # the export is a folder that can go anywhere
     assert_retrained_alike(tmp_path, "moved-winner", best.value)  # same recipe, CPU: same student
     # the cached teacher the promotion learned from, trained again since (or replaced): the
@@ -354,3 +377,28 @@ def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
         "student.pt",
     ]
     check_out(tmp_path / "w", "s", url)  # an export of the study: a rerun may replace it
+
+
+def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search with per_trial gpu 0 and device `auto` on a GPU machine: its trials trained on
+    the CPU, so the export's student trains there too (here CUDA would fail: there is none),
+    and the line says how to train it again so; the recipe keeps the machine's `auto`."""
+    space = SMALL_SPACE.replace("device: cpu", "device: auto").replace(
+        "kd: {weight: 0.9", "kd: {weight: 0.0"
+    )
+    write_study(tmp_path, space)
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+            "SELECT trial_id, 'device', '\"cpu\"' FROM trials"
+        )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "`OMP_NUM_THREADS=1 kdsearch train w/recipe.yaml --set device=cpu` reproduces it" in (
+        ran.stderr
+    )
+    assert Recipe.load(tmp_path / "w" / "recipe.yaml").device == "auto"
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["device"] == "cpu"

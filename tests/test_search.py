@@ -165,6 +165,7 @@ def test_trials_and_study_carry_their_attributes(
         if t.state != TrialState.FAIL:
             assert t.user_attrs["images_per_sec"] > 0 and t.user_attrs["student_params"] == params
             assert t.user_attrs["threads"] == 1, "per_trial.cpu: 1"
+            assert t.user_attrs["device"] == "cpu"  # what the recipe's device became there
             busy = t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"]
             assert 0 < busy < t.user_attrs["wall_seconds"]
             per_epoch, rest = divmod(t.user_attrs["train_images"], t.user_attrs["epochs"])
