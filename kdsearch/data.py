@@ -569,7 +569,10 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
             "files": stats,
         }
     )
-    cached = cache_dir() / "decoded" / f"imagefolder-{key}.pt"
+    # named for the folder (and size) first: a decode of it replaces those before, which the
+    # folder's files changing since (or another decoding format) left unread for good
+    folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
+    cached = cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
     saved = _read_decoded(cached)
     if saved is not None:
         return Raw(*saved, classes, hflip=True)
@@ -581,6 +584,9 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     train = _split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
     test = _split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
     _write_decoded(cached, train, test)
+    for stale in cached.parent.glob(f"imagefolder-{folder}-*.pt"):
+        if stale != cached:
+            stale.unlink(missing_ok=True)
     return Raw(train, test, classes, hflip=True)
 
 

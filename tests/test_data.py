@@ -508,7 +508,7 @@ def test_a_damaged_decoded_cache_entry_is_decoded_again_and_replaced(
         assert all(torch.equal(a, b) for a, b in zip(before[split], after[split], strict=True))
 
 
-def test_images_decoded_by_another_decoding_format_are_decoded_again(
+def test_images_decoded_by_another_decoding_format_are_decoded_again_and_replaced(
     tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kdsearch import data as data_module
@@ -524,7 +524,18 @@ def test_images_decoded_by_another_decoding_format_are_decoded_again(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_data(cfg)
-    assert len(list((isolated_cache / "decoded").glob("imagefolder-*.pt"))) == 2
+    (new,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")  # the old one is gone
+    assert new != old
+    # so is the decode of a folder changed since (an image added), which nothing would read
+    Image.new("RGB", (16, 16)).save(root / "train" / "class0" / "added.png")
+    load_data(cfg)
+    (newer,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
+    assert newer != new
+    # a decode of the folder at another size, or of another folder, stays
+    load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
+    _folder(tmp_path / "other", {"train": [16, 16], "test": [16, 16]})
+    load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "other")))
+    assert len(list((isolated_cache / "decoded").glob("imagefolder-*.pt"))) == 3
 
 
 def test_an_unwritable_cache_folder_warns_and_goes_on(
