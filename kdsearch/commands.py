@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.live import Live
+from rich.text import Text
 
 from kdsearch import __version__
 from kdsearch.display import (
@@ -36,7 +37,10 @@ from kdsearch.display import (
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.paths import replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
-from kdsearch.space import PROMOTED  # not kdsearch.study's promoted_name: that imports torch
+from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
+    PROMOTED,
+    search_name_problem,
+)
 
 if TYPE_CHECKING:
     from kdsearch.space import SearchSpace
@@ -191,6 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for ignored in space.searched_changes(changes):
         console.print(f"note: {ignored}")
     name = args.study or space.config.study.name
+    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
+        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
         from kdsearch.search import local_resources, trial_resources
@@ -332,7 +338,9 @@ def search_trials(
 
     try:
         if args.address is not None:  # join the cluster first: a wrong address costs no work
-            with console.status(f"joining the Ray cluster at {args.address}"):
+            # Text: a spinner's words are read as markup whatever the console's setting, and
+            # an address such as [fe80::1]:6379 would lose its brackets
+            with console.status(Text(f"joining the Ray cluster at {args.address}")):
                 start_ray(args.address)
             trial_resources(space.config.search, device=space.base.device)
         with console.status("loading data"):
@@ -562,6 +570,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
+    from kdsearch.study import redact
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
@@ -627,18 +636,20 @@ def run_export(
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
     # (or the default) top-k, seeds and epochs, perhaps another budget altogether
     tried = len(winner.seeds) + len(winner.failed_seeds)
-    storage = storage_option(name, url)
+    hidden = " (its password hidden)" if redact(url) != url else ""
     again = (
-        f"`kdsearch promote {name}{storage} --top-k {winner.rank} --seeds "
+        f"`kdsearch promote {name}{storage_option(name, url)} --top-k {winner.rank} --seeds "
         f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
+        + hidden
     )
     if winner.failed_seeds:
+        promoted = f"{name}{PROMOTED}"
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
             f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
-            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {name}{PROMOTED}"
-            f"{storage}` says why; {again} tries them again); its mean is over the seeds that "
-            "finished",
+            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {promoted}"
+            f"{storage_option(promoted, url)}`{hidden} says why; {again} tries them again); its "
+            "mean is over the seeds that finished",
         )
     if winner.planned_seeds and tried < winner.planned_seeds:
         console.print(
@@ -783,7 +794,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
     """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
     promoted study's runs as their leaderboard."""
     from kdsearch.report import trials_table
-    from kdsearch.study import load_study
+    from kdsearch.study import is_search, load_study
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
@@ -792,7 +803,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
         )
     storage, _ = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
-    if "source_study" in study.user_attrs:  # `promote`'s runs
+    if "source_study" in study.user_attrs and not is_search(study.user_attrs):  # `promote`'s
         show_promoted(study, args.csv)
         return 0
     table = trials_table(study, by_value=args.sort == "value")

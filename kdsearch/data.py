@@ -573,6 +573,8 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     # folder's files changing since (or another decoding format) left unread for good
     folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
     cached = cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
+    with contextlib.suppress(OSError):  # named as before the folder was in the name: its own
+        (cached.parent / f"imagefolder-{key}.pt").rename(cached)
     saved = _read_decoded(cached)
     if saved is not None:
         return Raw(*saved, classes, hflip=True)

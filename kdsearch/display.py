@@ -232,7 +232,14 @@ def print_whole(out: Console, table: Table) -> None:
     fits = Measurement.get(out, out.options.update_width(UNBOUNDED), table)
     width = fits.minimum if out.is_terminal else fits.maximum
     if width > out.width or not out.is_terminal:  # `print(width=)` stays within the console's
-        out = type(out)(file=out.file, width=width, highlight=False, force_terminal=out.is_terminal)
+        out = type(out)(
+            file=out.file,
+            width=width,
+            highlight=False,
+            markup=False,
+            emoji=False,
+            force_terminal=out.is_terminal,
+        )
     out.print(table)
 
 

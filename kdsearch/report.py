@@ -26,6 +26,7 @@ from kdsearch.display import value_text
 from kdsearch.errors import StudyError
 from kdsearch.promote import leaderboard
 from kdsearch.study import (
+    is_search,
     load_study,
     promoted_name,
     promotion_held,
@@ -54,7 +55,7 @@ def search_study(storage: BaseStorage, name: str) -> optuna.Study:
     """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error."""
     study = load_study(storage, name)
     source = study.user_attrs.get("source_study")
-    if source is not None:
+    if source is not None and not is_search(study.user_attrs):
         raise StudyError(
             f"study {name!r} holds the promotion runs of study {source!r}: their leaderboard is "
             f"in `kdsearch report {source}` and `kdsearch trials {name}`"

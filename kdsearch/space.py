@@ -39,12 +39,19 @@ PROMOTED = "-promoted"  # the promotion runs of search S are study S-promoted, b
 
 
 def study_name_problem(text: str) -> str | None:
-    """Why `text` cannot name a search's study (it names files and folders), or None."""
-    if not re.fullmatch(NAME_PATTERN, text):
-        return (
-            f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with "
-            "'.', '_' or '-'"
-        )
+    """Why `text` cannot name a study (it names files and folders), or None."""
+    if re.fullmatch(NAME_PATTERN, text):
+        return None
+    return (
+        f"{text!r}: a study name is letters, digits, '_', '.' and '-', not starting with '.', "
+        "'_' or '-'"
+    )
+
+
+def search_name_problem(text: str) -> str | None:
+    """Why a new search may not take the name `text`, or None. Checked where a search starts,
+    not in the space file's schema: a study an earlier kdsearch recorded under such a name must
+    still load."""
     if text.endswith(PROMOTED):
         return (
             f"{text!r}: a name ending in {PROMOTED} is kept for the promotion runs of the search "

@@ -35,7 +35,7 @@ from kdsearch import __version__
 from kdsearch.data import derive_seed
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.recipe import Recipe, describe, flatten, load_yaml
-from kdsearch.space import PROMOTED, SearchSpace, SpaceFile
+from kdsearch.space import PROMOTED, SearchSpace, SpaceFile, search_name_problem
 
 METRIC = "val_acc"
 MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
@@ -231,12 +231,18 @@ def promoted_name(name: str) -> str:
 
 def promotion_held(storage: BaseStorage, name: str) -> bool | None:
     """Whether the study `promoted_name(name)` holds the promotion runs of search `name`: None
-    where there is no such study, False where it is a study of something else (a search of that
-    name, which an earlier kdsearch let a space file take)."""
+    where there is no such study, False where it is a search of its own (which an earlier
+    kdsearch let take that name, and whose `promote` of `name` marked it as the promotion)."""
     for summary in storage.get_all_studies():
         if summary.study_name == promoted_name(name):
-            return summary.user_attrs.get("source_study") == name
+            return not is_search(summary.user_attrs)
     return None
+
+
+def is_search(attrs: Mapping[str, Any]) -> bool:
+    """Whether a study with these user attributes is a search: `kdsearch run` records its space
+    when it creates one, `promote` never (its studies may lack `source_study` for a moment)."""
+    return "space" in attrs
 
 
 def not_the_promotion(name: str) -> StudyError:
@@ -330,6 +336,8 @@ class Record:
         self._claimed: set[int] = set()  # trial ids this driver runs
         names = study_names(storage)
         exists = name in names
+        if not exists and (problem := search_name_problem(name)):
+            raise StudyError(problem)
         if not exists and promotion_held(storage, name) is False:
             raise not_the_promotion(name)
         if not exists and promoted_name(name) in names:

@@ -531,6 +531,12 @@ def test_images_decoded_by_another_decoding_format_are_decoded_again_and_replace
     load_data(cfg)
     (newer,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
     assert newer != new
+    # an entry named as before the folder was in the name is taken over, not decoded again
+    old_name = newer.parent / f"imagefolder-{newer.stem.rsplit('-', 1)[1]}.pt"
+    newer.rename(old_name)
+    seen: list[tuple[int, int]] = []
+    load_data(cfg, progress=lambda what, done, total: seen.append((done, total)))
+    assert not seen and not old_name.exists() and newer.is_file()
     # a decode of the folder at another size, or of another folder, stays
     load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
     _folder(tmp_path / "other", {"train": [16, 16], "test": [16, 16]})

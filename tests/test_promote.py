@@ -626,6 +626,27 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
             from_study_name="s", from_storage=url, to_storage=url, to_study_name="x-promoted"
         )
         Record(storage, "x", SearchSpace.from_yaml(SMALL_SPACE, source="s"), target=5, resume=False)
+    # one that an earlier `promote s` already marked as s's (source_study): still a search
+    optuna.load_study(study_name="s-promoted", storage=storage).set_user_attr("source_study", "s")
+    assert not has_promoted(storage, "s")
+    listed = cli_here("trials", "s-promoted", cwd=tmp_path)
+    assert listed.returncode == 0 and "temperature" in listed.stdout, listed.stderr
+    # no new search takes such a name, from --study or the space file; a study recorded under
+    # one still loads (its recorded space names it)
     ran = cli_here("run", "space.yaml", "--study", "t-promoted", cwd=tmp_path)
     assert ran.returncode == 2
     assert "'t-promoted': a name ending in -promoted is kept for the promotion runs" in ran.stderr
+    (tmp_path / "p.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: p-promoted}"))
+    ran = cli_here("run", "p.yaml", cwd=tmp_path)
+    assert ran.returncode == 2 and "'p-promoted': a name ending in -promoted" in ran.stderr
+    with pytest.raises(StudyError, match="'q-promoted': a name ending in -promoted"):
+        Record(
+            storage,
+            "q-promoted",
+            SearchSpace.from_yaml(SMALL_SPACE, source="s"),
+            target=5,
+            resume=True,
+        )
+    space = SMALL_SPACE.replace("name: s}", "name: s-promoted}")
+    renamed = SearchSpace.from_yaml(space, source="space.yaml")
+    assert renamed.config.study.name == "s-promoted"
