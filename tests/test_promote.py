@@ -626,6 +626,9 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
             from_study_name="s", from_storage=url, to_storage=url, to_study_name="x-promoted"
         )
         Record(storage, "x", SearchSpace.from_yaml(SMALL_SPACE, source="s"), target=5, resume=False)
+    # a promotion another promote just created, its source_study not yet written: s's
+    optuna.create_study(study_name="z-promoted", storage=storage)
+    assert open_promoted(storage, "z").user_attrs["source_study"] == "z"
     # one that an earlier `promote s` already marked as s's (source_study): still a search
     optuna.load_study(study_name="s-promoted", storage=storage).set_user_attr("source_study", "s")
     assert not has_promoted(storage, "s")
