@@ -58,8 +58,26 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
             raise KdsearchError(
                 f"--set {item!r}: expected PATH=VALUE, e.g. distill.kd.temperature=6"
             )
-        changes[path.strip()] = load_yaml(text, source=f"--set {path}")
+        value = load_yaml(text, source=f"--set {path}")
+        if empty := empty_section(path.strip(), value):
+            raise KdsearchError(
+                f"--set {item}: {empty} is an empty mapping, which changes nothing; name the "
+                f"keys to change ({empty}.KEY=VALUE)"
+            )
+        changes[path.strip()] = value
     return leaf_changes(changes)
+
+
+def empty_section(path: str, value: Any) -> str | None:
+    """The path of an empty mapping in a --set value (which would set nothing), or None."""
+    if not isinstance(value, dict):
+        return None
+    if not value:
+        return path
+    return next(
+        (found for key, v in value.items() if (found := empty_section(f"{path}.{key}", v))),
+        None,
+    )
 
 
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:

@@ -16,8 +16,8 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands import storage_option, storage_url
-from kdsearch.errors import KdsearchWarning
+from kdsearch.commands import parse_sets, storage_option, storage_url
+from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
@@ -450,3 +450,17 @@ def test_commands_that_run_no_trials_start_without_ray_or_scikit_learn(tmp_path:
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("item", "empty"), [("optim={}", "optim"), ("distill={kd: {}, pkt: {weight: 1}}", "distill.kd")]
+)
+def test_a_set_of_an_empty_mapping_is_refused_not_ignored(item: str, empty: str) -> None:
+    """It sets no key: a user who meant to reset a section would see nothing happen."""
+    with pytest.raises(KdsearchError) as info:
+        parse_sets([item])
+    assert str(info.value) == (
+        f"--set {item}: {empty} is an empty mapping, which changes nothing; name the keys to "
+        f"change ({empty}.KEY=VALUE)"
+    )
+    assert parse_sets(["optim={lr: 0.1}"]) == {"optim.lr": 0.1}
