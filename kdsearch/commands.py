@@ -74,10 +74,10 @@ def empty_section(path: str, value: Any) -> str | None:
         return None
     if not value:
         return path
-    return next(
-        (found for key, v in value.items() if (found := empty_section(f"{path}.{key}", v))),
-        None,
-    )
+    for key, inner in value.items():
+        if found := empty_section(f"{path}.{key}", inner):
+            return found
+    return None
 
 
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
@@ -588,7 +588,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
-    from kdsearch.study import redact
+    from kdsearch.study import promoted_name, redact
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
@@ -655,13 +655,14 @@ def run_export(
     # (or the default) top-k, seeds and epochs, perhaps another budget altogether
     tried = len(winner.seeds) + len(winner.failed_seeds)
     hidden = " (its password hidden)" if redact(url) != url else ""
+    top_k = f" --top-k {winner.rank}" if winner.rank else ""
     again = (
-        f"`kdsearch promote {name}{storage_option(name, url)} --top-k {winner.rank} --seeds "
+        f"`kdsearch promote {name}{storage_option(name, url)}{top_k} --seeds "
         f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
         + hidden
     )
     if winner.failed_seeds:
-        promoted = f"{name}{PROMOTED}"
+        promoted = promoted_name(name)
         console.print(
             f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
             f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
@@ -812,7 +813,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
     """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
     promoted study's runs as their leaderboard."""
     from kdsearch.report import trials_table
-    from kdsearch.study import is_search, load_study
+    from kdsearch.study import is_promotion, load_study
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
@@ -821,7 +822,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
         )
     storage, _ = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
-    if "source_study" in study.user_attrs and not is_search(study.user_attrs):  # `promote`'s
+    if is_promotion(study.user_attrs):
         show_promoted(study, args.csv)
         return 0
     table = trials_table(study, by_value=args.sort == "value")

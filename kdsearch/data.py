@@ -625,11 +625,18 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
 
 def _size_and_time(path: Path) -> tuple[int, int]:
     """A file's size and modification time (ns), or one line naming it (a link to nothing)."""
-    try:
+    with _readable(path):
         stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """An OSError reading `path` as one line naming it (a link to nothing, a folder not ours)."""
+    try:
+        yield
     except OSError as err:
         raise DataError(f"imagefolder: cannot read {path}: {err.strerror}") from None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _list_images(folder: Path) -> list[tuple[str, Path]]:
@@ -637,10 +644,8 @@ def _list_images(folder: Path) -> list[tuple[str, Path]]:
     .ipynb_checkpoints, .DS_Store, macOS's ._ files) left out."""
 
     def visible(path: Path) -> list[Path]:
-        try:
+        with _readable(path):
             return sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        except OSError as err:
-            raise DataError(f"imagefolder: cannot read {path}: {err.strerror}") from None
 
     items = [
         (cls.name, path)

@@ -139,7 +139,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             top.user_attrs.get("inputs"),
             sorted(int(t.user_attrs["seed"]) for t in failed),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
-            [t.number for t in ranked(study.trials)].index(source) + 1,
+            next((i for i, t in enumerate(ranked(study.trials), 1) if t.number == source), None),
             top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)

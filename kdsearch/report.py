@@ -26,7 +26,7 @@ from kdsearch.display import value_text
 from kdsearch.errors import StudyError
 from kdsearch.promote import leaderboard
 from kdsearch.study import (
-    is_search,
+    is_promotion,
     load_study,
     promoted_name,
     promotion_held,
@@ -54,8 +54,8 @@ Part: TypeAlias = "go.Figure | str"  # a figure, or a paragraph of text
 def search_study(storage: BaseStorage, name: str) -> optuna.Study:
     """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error."""
     study = load_study(storage, name)
-    source = study.user_attrs.get("source_study")
-    if source is not None and not is_search(study.user_attrs):
+    if is_promotion(study.user_attrs):
+        source = study.user_attrs["source_study"]
         raise StudyError(
             f"study {name!r} holds the promotion runs of study {source!r}: their leaderboard is "
             f"in `kdsearch report {source}` and `kdsearch trials {name}`"

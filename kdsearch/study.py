@@ -245,6 +245,12 @@ def is_search(attrs: Mapping[str, Any]) -> bool:
     return "space" in attrs
 
 
+def is_promotion(attrs: Mapping[str, Any]) -> bool:
+    """Whether a study with these user attributes holds `promote`'s runs (a search an earlier
+    `promote` marked with `source_study` is still a search)."""
+    return "source_study" in attrs and not is_search(attrs)
+
+
 def not_the_promotion(name: str) -> StudyError:
     """The error for a study named as search `name`'s promotion that is not it."""
     return StudyError(

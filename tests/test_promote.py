@@ -34,7 +34,7 @@ from kdsearch.promote import (
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, base_recipe, open_storage, trial_recipe
+from kdsearch.study import Record, base_recipe, open_storage, space_config, trial_recipe
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -621,10 +621,10 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
     assert optuna.load_study(study_name="s-promoted", storage=storage).user_attrs == held
     with pytest.raises(StudyError, match="is not the promotion of study 's'"):
         open_promoted(storage, "s")
+    optuna.copy_study(
+        from_study_name="s", from_storage=url, to_storage=url, to_study_name="x-promoted"
+    )
     with pytest.raises(StudyError, match="is not the promotion of study 'x'"):
-        optuna.copy_study(
-            from_study_name="s", from_storage=url, to_storage=url, to_study_name="x-promoted"
-        )
         Record(storage, "x", SearchSpace.from_yaml(SMALL_SPACE, source="s"), target=5, resume=False)
     # a promotion another promote just created, its source_study not yet written: s's
     optuna.create_study(study_name="z-promoted", storage=storage)
@@ -650,6 +650,6 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
             target=5,
             resume=True,
         )
-    space = SMALL_SPACE.replace("name: s}", "name: s-promoted}")
-    renamed = SearchSpace.from_yaml(space, source="space.yaml")
-    assert renamed.config.study.name == "s-promoted"
+    legacy = optuna.load_study(study_name="s-promoted", storage=storage)
+    legacy.set_user_attr("space", SMALL_SPACE.replace("name: s}", "name: s-promoted}"))
+    assert space_config(legacy).study.name == "s-promoted"
