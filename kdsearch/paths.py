@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
+import re
 import secrets
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,16 +90,40 @@ def staging_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+STALE_S = 24 * 3600  # a staging file this old belongs to a writer that was killed
+
+
 @contextlib.contextmanager
 def replaced_whole(dest: Path) -> Iterator[Path]:
     """A staging path to write `dest` to, moved into place when the block ends without error and
-    removed otherwise (a Ctrl-C too): no reader sees half a file, and none is left behind."""
+    removed otherwise (a Ctrl-C too): no reader sees half a file, and none is left behind. The
+    file is on disk before the move (a power loss leaves the old file or the new one, never an
+    empty one under the name), and staging files of `dest` that a killed writer left over a day
+    ago are removed first (a decoded data set's are hundreds of MB)."""
+    staged = re.compile(rf"\.{re.escape(dest.name)}\.\d+-[0-9a-f]+\.tmp")
+    for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if staged.fullmatch(left.name) and time.time() - left.stat().st_mtime > STALE_S:
+                left.unlink()
     tmp = staging_path(dest)
     try:
         yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         tmp.replace(dest)
+        _sync_folder(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Put a folder's entries (a rename into it) on disk, where its file system allows."""
+    with contextlib.suppress(OSError):  # some file systems refuse a folder's fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,12 @@
+import os
 import signal
+import time
 from pathlib import Path
 
-from kdsearch.paths import flocked, staging_path, stops_deferred
+import pytest
+
+from kdsearch import paths
+from kdsearch.paths import flocked, replaced_whole, staging_path, stops_deferred
 
 
 def test_staging_paths_are_hidden_beside_their_file_and_never_shared(tmp_path: Path) -> None:
@@ -39,3 +44,31 @@ def test_a_sigterm_in_a_deferred_block_reaches_its_handler_when_the_block_ends()
         assert signal.getsignal(signal.SIGTERM) is mine  # restored
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_replaced_file_is_on_disk_before_its_move_and_old_staging_files_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "t.pt"
+    dead, live = staging_path(dest), staging_path(dest)  # a killed writer's, a running one's
+    other = staging_path(tmp_path / "t.pt.x")  # another file's, however old
+    for f in (dead, live, other):
+        f.write_bytes(b"half")
+    day_old = time.time() - paths.STALE_S - 60
+    os.utime(dead, (day_old, day_old))
+    os.utime(other, (day_old, day_old))
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        synced.append((name, dest.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(paths.os, "fsync", fsync)
+    with replaced_whole(dest) as tmp:
+        tmp.write_bytes(b"whole")
+    assert dest.read_bytes() == b"whole"
+    # the file itself, while its name still held nothing; then the folder, after the move
+    assert synced == [(tmp.name, False), (tmp_path.name, True)]
+    assert not dead.exists() and live.exists() and other.exists()
