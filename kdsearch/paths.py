@@ -68,7 +68,10 @@ def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
     process holds it; None when `path` cannot be opened (a full or read-only folder), so that
     nothing is locked."""
     try:
-        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_CREAT | os.O_RDWR, 0o644)
+        except PermissionError:  # another user's lock file in a shared cache: flock needs no write
+            fd = os.open(path, os.O_RDONLY)
     except OSError:
         yield None
         return

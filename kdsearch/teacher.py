@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -208,30 +209,41 @@ def _backbone(recipe: Recipe, data: ImageData, report: Report | None) -> Teacher
 def _cached_or_trained(
     recipe: Recipe, data: ImageData, report: Report | None, path: Path
 ) -> Teacher:
+    meta: dict[str, Any] = {"recipe": teacher_recipe(recipe).to_dict(), "data": data.fingerprint}
     if path.is_file():
         try:
             model = load_checkpoint(path, recipe.teacher.arch, data, where="")
-            meta = json.loads(path.with_suffix(".json").read_text())
-            return Teacher(freeze(model), "cache", path, float(meta["val_acc"]))
-        except (TeacherError, OSError, ValueError, KeyError, TypeError) as err:
+        except TeacherError as err:
             _damaged(path, err)
+        else:
+            val_acc = _cached_val_acc(model, path, meta, recipe, data)
+            return Teacher(freeze(on_host(model)), "cache", path, val_acc)
     writable_folder(path.parent, "the teacher cache")  # before hours of training, not after
+    blank = build_model(recipe.teacher.arch, data.num_classes, data.channels)
+    _room_for(blank, path, "the teacher")
     for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
         if stale.suffix != ".lock":  # a lock stays where a process may hold it
             stale.unlink(missing_ok=True)
     result = train(teacher_recipe(recipe), data, report)
-    _save(
-        result.student,
-        path,
-        {
-            "val_acc": result.val_acc,
-            "recipe": teacher_recipe(recipe).to_dict(),
-            "data": data.fingerprint,
-            "seconds": result.seconds,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    )
+    meta.update(val_acc=result.val_acc, seconds=result.seconds)
+    _save(result.student, path, "the teacher", meta)
     return Teacher(freeze(on_host(result.student)), "trained", path, result.val_acc)
+
+
+def _cached_val_acc(
+    model: TapModel, path: Path, meta: dict[str, Any], recipe: Recipe, data: ImageData
+) -> float:
+    """The validation accuracy the metadata beside a cached teacher records; measured again
+    (and written down) where that file is missing or unreadable, as when the weights alone were
+    copied from another machine: the weights are what took hours."""
+    try:
+        return float(json.loads(path.with_suffix(".json").read_text())["val_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    val_acc = _val_acc(model, data, recipe)
+    with suppress(OSError):  # a read-only cache: measured again next time
+        _write_meta(path, {**meta, "val_acc": val_acc})
+    return val_acc
 
 
 @contextmanager
@@ -309,14 +321,15 @@ def get_teacher_heads(
             if not _load_cached_heads(heads, path, teacher):
                 heads = fresh()  # a failed load may have copied some of the tensors already
                 writable_folder(path.parent, "the teacher cache")
+                _room_for(heads, path, "the teacher's heads")
                 train_teacher_heads(heads, teacher.model, recipe, data, report)
                 _save(
                     heads,
                     path,
+                    "the teacher's heads",
                     {
                         "teacher": str(teacher.path),
                         "heads": recipe.teacher.heads.model_dump(),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     },
                     teacher_digest=weights_digest(teacher.path),
                 )
@@ -558,19 +571,51 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _room_for(model: nn.Module, path: Path, what: str) -> None:
+    """Refuse to train `what` (shaped as `model`) where its cache folder has no room for the
+    file: torch.save on a full disk fails only once the training is over, and the training lost."""
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**20
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise TeacherError(
+            f"the teacher cache {path.parent} has {free / 2**20:.1f} MB free, and {what} needs "
+            f"{need / 2**20:.1f} MB there; make room, or set KDSEARCH_CACHE_DIR to a folder "
+            "with room"
+        )
+
+
 def _save(
-    model: nn.Module, path: Path, meta: dict[str, Any], teacher_digest: str | None = None
+    model: nn.Module,
+    path: Path,
+    what: str,
+    meta: dict[str, Any],
+    teacher_digest: str | None = None,
 ) -> None:
-    """Write weights and metadata atomically, so a concurrent reader never sees half a file.
+    """Write weights and metadata atomically, so a concurrent reader never sees half a file;
+    a write that fails (a disk that filled during the training) is one line naming it.
     With `teacher_digest` (heads) the weights go under "state_dict" beside it, so the file
     names the teacher it belongs to wherever it is copied."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
-    with replaced_whole(path.with_suffix(".json")) as meta_tmp:  # whole, as the weights
-        meta_tmp.write_text(json.dumps(meta, indent=2))
-    save_weights(weights, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(weights, path)
+        _write_meta(path, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        free = shutil.disk_usage(path.parent).free / 2**20
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
+        raise TeacherError(
+            f"cannot cache the trained {what.removeprefix('the ')} at {path} ({reason}; "
+            f"{free:.1f} MB free there), and the training is lost; make room, or set "
+            "KDSEARCH_CACHE_DIR to a folder with room"
+        ) from None
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The metadata beside the weights at `path`, whole or not at all."""
+    with replaced_whole(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
 
 
 def save_weights(weights: Any, path: Path) -> None:

@@ -29,6 +29,28 @@ def test_a_held_lock_is_refused_without_waiting_and_free_once_let_go(tmp_path: P
         assert unopenable is None
 
 
+def test_another_users_lock_file_still_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cache folder two users share, the lock file the first made (mode 0644) cannot be
+    opened for writing by the second, who went on with no lock at all."""
+    lock = tmp_path / "t.lock"
+    lock.touch()
+    real_open = os.open
+
+    def as_another_user(path: str, flags: int, *args: int) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(paths.os, "open", as_another_user)
+    with flocked(lock, wait=False) as held:
+        assert held is True
+        monkeypatch.undo()  # the first user's process, holding it meanwhile
+        with flocked(lock, wait=False) as first_user:
+            assert first_user is False
+
+
 def test_a_sigterm_in_a_deferred_block_reaches_its_handler_when_the_block_ends() -> None:
     heard: list[int] = []
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 import warnings
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdsearch import teacher as teacher_module
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning, TeacherError
 from kdsearch.models import build_model
@@ -209,7 +212,7 @@ def test_a_checkpoint_that_is_not_torch_weights_is_refused(
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "notes.pt")}), synthetic)
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "no metadata", "truncated heads"])
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated heads"])
 def test_a_damaged_cache_entry_is_trained_again_and_replaced(
     synthetic: ImageData, damage: str
 ) -> None:
@@ -218,8 +221,6 @@ def test_a_damaged_cache_entry_is_trained_again_and_replaced(
     heads = next(first.path.parent.glob(f"{first.path.stem}-heads-*.pt"))
     if damage == "truncated weights":
         first.path.write_bytes(first.path.read_bytes()[:100])
-    elif damage == "no metadata":
-        first.path.with_suffix(".json").unlink()
     else:
         heads.write_bytes(heads.read_bytes()[:100])
     heads_epochs: list[int] = []
@@ -231,6 +232,62 @@ def test_a_damaged_cache_entry_is_trained_again_and_replaced(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the cache is whole again
         assert get_teacher(recipe, synthetic).source == "cache"
+
+
+@pytest.mark.parametrize("meta", ["missing", "unreadable"])
+def test_a_cached_teacher_copied_without_its_metadata_is_used_and_measured_again(
+    synthetic: ImageData, meta: str
+) -> None:
+    """The README says to copy the teacher's file to a machine whose cache lacks it: the
+    weights alone, which took the training, are enough; the metadata is written again."""
+    recipe = tiny_recipe()
+    first = get_teacher(recipe, synthetic)
+    beside = first.path.with_suffix(".json")
+    if meta == "missing":
+        beside.unlink()
+    else:
+        beside.write_text("{")
+    epochs: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch))
+    assert again.source == "cache" and epochs == []
+    assert again.val_acc == first.val_acc
+    assert weights_digest(again.path) == weights_digest(first.path)
+    assert json.loads(beside.read_text())["val_acc"] == first.val_acc
+
+
+def test_a_teacher_is_not_trained_where_its_cache_has_no_room_for_it(
+    synthetic: ImageData, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = 200_000  # bytes: resnet8's weights need about 0.3 MB
+    monkeypatch.setattr(
+        teacher_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 0, free)
+    )
+    epochs: list[int] = []
+    with pytest.raises(TeacherError) as refused:
+        get_teacher(tiny_recipe(), synthetic, lambda s: epochs.append(s.epoch))
+    assert epochs == [], "refused before the training, not after"
+    assert str(refused.value) == (
+        f"the teacher cache {isolated_cache / 'teachers'} has 0.2 MB free, and the teacher needs "
+        "1.3 MB there; make room, or set KDSEARCH_CACHE_DIR to a folder with room"
+    )
+
+
+def test_a_teacher_the_full_disk_cannot_take_is_one_line_naming_it(
+    synthetic: ImageData, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*_: object, **__: object) -> None:  # as torch.save reports ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 47936")
+
+    monkeypatch.setattr(teacher_module.torch, "save", full)
+    with pytest.raises(
+        TeacherError,
+        match=r"^cannot cache the trained teacher at .*\.pt \(write "
+        r"failed; [0-9.]+ MB free there\), and the training is lost; make room",
+    ):
+        get_teacher(tiny_recipe(), synthetic)
+    assert [p.name for p in (isolated_cache / "teachers").iterdir() if p.suffix != ".lock"] == []
 
 
 def test_heads_a_damaged_file_half_loaded_into_are_trained_from_their_first_state(
