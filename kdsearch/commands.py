@@ -89,18 +89,45 @@ def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
     return recipe.override(parse_sets(sets), source="--set").resolve_paths(Path.cwd())
 
 
-def prepare_teacher(recipe: Recipe, data: Any, heads: bool) -> Any:
-    """The recipe's teacher (and its heads when asked), with progress while either trains."""
-    from kdsearch.teacher import get_teacher
+def prepare_teacher(recipe: Recipe, data: Any, heads: bool, record: Record | None = None) -> Any:
+    """The recipe's teacher (and its heads when asked), with progress while either trains.
+    With `record` (a search resumed or joined), a teacher or heads file its trials learned
+    from that this machine would have to train again is refused before the training: trained
+    again, weights need not hash the same (on a GPU they never do), and `same_teacher` would
+    refuse them only after hours."""
+    from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_heads_path, with_heads
 
+    if record is not None and recipe.teacher.checkpoint is None:
+        not_retrained(record, cached_teacher_path(recipe, data), heads=False)
     with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
         teacher = get_teacher(recipe, data, report, heads=False)
     if heads:
-        from kdsearch.teacher import with_heads
-
+        if record is not None and recipe.teacher.heads.checkpoint is None:
+            not_retrained(record, teacher_heads_path(recipe, data, teacher), heads=True)
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
             teacher = with_heads(recipe, data, teacher, report=heads_report)
     return teacher
+
+
+def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
+    """Refuse where the study records the teacher file (with `heads`: its heads' file) its
+    trials learned from, and `path`, where this machine would find it cached, holds nothing."""
+    recorded = record.study.user_attrs.get("teacher_files", {})
+    part = "heads_" if heads else ""
+    if f"teacher_{part}file" not in recorded or path.is_file():
+        return
+    what, key = (
+        ("teacher's heads", "teacher.heads.checkpoint")
+        if heads
+        else ("teacher", "teacher.checkpoint")
+    )
+    raise StudyError(
+        f"study {record.study.study_name!r}: its trials learned from the {what} in "
+        f"{recorded[f'teacher_{part}file']} (weights hash {recorded[f'teacher_{part}digest']}), "
+        f"and this machine has no copy at {path}; trained again here it need not hash the "
+        f"same, and would be refused after its training: copy that file to {path}, or name it "
+        f"with --set {key}=FILE, or search in a new study (--study NAME)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -367,7 +394,7 @@ def search_trials(
         teacher = None
         if any(LOSSES[t].needs_teacher for t in terms):
             heads = any(LOSSES[t].has_teacher_heads for t in terms)
-            teacher = prepare_teacher(space.base, data, heads)
+            teacher = prepare_teacher(space.base, data, heads, record)
             console.print(
                 f"teacher {space.base.teacher.arch} ({teacher.source}): "
                 f"val acc {100 * teacher.val_acc:.2f}%"

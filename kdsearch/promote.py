@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import statistics
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from kdsearch import __version__
 from kdsearch.data import ImageData, load_data
 from kdsearch.distill import needs_teacher, needs_teacher_heads
-from kdsearch.errors import NonFiniteLoss, StudyError
+from kdsearch.errors import KdsearchWarning, NonFiniteLoss, StudyError
 from kdsearch.losses import LOSSES
 from kdsearch.recipe import Recipe
 from kdsearch.study import (
@@ -264,6 +265,13 @@ def promote(
         teacher = (prepare or _prepare)(base, data, heads)
         full = TeacherFiles.of(teacher, heads)
         files = {True: full, False: full.without_heads()}
+        if problem := full.changed_since(study.user_attrs.get("teacher_files", {})):
+            warnings.warn(  # the search's file lost here, say: a fair promotion all the same
+                f"the search {name!r}: {problem}; its recipes were chosen against that "
+                "teacher, and the promotion trains against this one",
+                KdsearchWarning,
+                stacklevel=2,
+            )
         for t in promoted.trials:  # one teacher behind every mean over seeds
             if t.state == TrialState.COMPLETE and (problem := full.changed_since(t.user_attrs)):
                 raise StudyError(

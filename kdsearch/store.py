@@ -19,8 +19,9 @@ epochs are memory-mapped (the page cache holds them in host memory); an epoch th
 `device_bytes` is copied to the training device at the start of the epoch. Writers take turns
 (one lock for the whole store) to check `budget_bytes` and write, so trials computing different
 epochs at once cannot grow the store past it together. An epoch that would grow the store past
-the budget is used by the trial that computed it and not stored; once an epoch of the kind is
-known not to fit, trials run the teacher live instead of computing epochs nobody can keep.
+the budget (or the disk's free space) is used by the trial that computed it and not stored; once
+an epoch of the kind is known not to fit, trials run the teacher live instead of computing epochs
+nobody can keep.
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ class TeacherStore:
         """`final`'s epoch computed here, and stored if it fits; None when it is known not to."""
         size = self.folder / f"{group}.bytes"  # every epoch of a group is the same size
         with suppress(OSError, ValueError):
-            if self._used() + int(size.read_text()) > self.config.budget_bytes:
+            need = int(size.read_text())
+            if (
+                self._used() + need > self.config.budget_bytes
+                or shutil.disk_usage(self.folder).free < need
+            ):
                 return None  # computing it would only cost its memory and syncs
         outputs = self._compute(compute)
         with flocked(self.config.root / "writer.lock", wait=True) as mine:

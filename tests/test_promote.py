@@ -15,7 +15,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import StudyError
+from kdsearch.errors import KdsearchWarning, StudyError
 from kdsearch.models import build_model
 from kdsearch.promote import (
     PLAIN_KD,
@@ -334,6 +334,32 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
     assert f"the teacher file {first} hashes" in str(info.value)
     assert "the runs recorded before learned from one that hashed" in str(info.value)
     assert len(promoted_study.trials) == 1, "nothing trained against the other teacher"
+
+
+def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_against(
+    tmp_path: Path,
+) -> None:
+    """A first promotion on a machine that had lost the search's cached teacher trained
+    another and promoted against it without a word."""
+    storage, study, _ = searched(tmp_path)
+    searched_with = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, searched_with)
+    study.set_user_attr("teacher_files", TeacherFiles(searched_with, "0" * 16).attrs())
+    model = build_model("resnet8", 10, 1)
+    weights_dir = tmp_path / "w"
+    weights_dir.touch()  # a file: the promotion stops where it would make its folder
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        return Teacher(model, "trained", searched_with, 0.5)
+
+    with pytest.warns(KdsearchWarning) as told, pytest.raises(FileExistsError):
+        promote(storage, "s", top_k=1, seeds=1, epochs=2, weights_dir=weights_dir, prepare=prepare)
+    assert [str(w.message) for w in told] == [
+        f"the search 's': the teacher file {searched_with} hashes "
+        f"{weights_digest(searched_with)}, but the runs recorded before learned from one that "
+        f"hashed {'0' * 16}: it was trained again or replaced since; its recipes were chosen "
+        "against that teacher, and the promotion trains against this one"
+    ]
 
 
 def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_lower_trial(

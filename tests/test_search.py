@@ -796,6 +796,40 @@ def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> 
         same_teacher(record, TeacherFiles(weights, weights_digest(weights)))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("lost", ["teacher", "heads"])
+def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lost: str) -> None:
+    """A --resume on a machine without the cached teacher trained it in full, and only then
+    found it hashing otherwise (on a GPU it always does) and refused it."""
+    from kdsearch.commands import prepare_teacher
+    from kdsearch.data import load_data
+
+    from .conftest import tiny_recipe
+
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
+    data = load_data(recipe.data)
+    files = TeacherFiles.of(prepare_teacher(recipe, data, True), True)
+    record = SimpleNamespace(study=optuna.create_study(study_name="s"))
+    same_teacher(record, files)  # type: ignore[arg-type]
+    again = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # all cached
+    assert TeacherFiles.of(again, True) == files
+    if lost == "teacher":
+        gone, digest, what, key = files.weights, files.digest, "teacher", "teacher.checkpoint"
+    else:
+        assert files.heads is not None
+        gone, digest = files.heads, files.heads_digest
+        what, key = "teacher's heads", "teacher.heads.checkpoint"
+    gone.unlink()
+    with pytest.raises(StudyError) as refused:
+        prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]
+    assert not gone.exists(), "refused before training it again"
+    assert str(refused.value) == (
+        f"study 's': its trials learned from the {what} in {gone} (weights hash {digest}), and "
+        f"this machine has no copy at {gone}; trained again here it need not hash the same, and "
+        f"would be refused after its training: copy that file to {gone}, or name it with --set "
+        f"{key}=FILE, or search in a new study (--study NAME)"
+    )
+
+
 def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     """Ray retried it from its first epoch, then `ray.get` raised out of the promotion, which
     cancelled every other run still training."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -273,6 +274,22 @@ def test_a_full_store_runs_the_teacher_live_instead_of_computing_epochs_it_canno
         and seen == []
         and torch.equal(read.tensors["logits"], first.tensors["logits"])
     )
+
+
+def test_a_full_disk_runs_the_teacher_live_instead_of_computing_epochs_it_cannot_keep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the budget but not the disk's free space: every epoch was computed (its host
+    memory and a sync per batch) and thrown away."""
+    store = TeacherStore(StoreConfig(tmp_path, 100 * EPOCH_BYTES, 0), "s", ROWS)
+    cpu = torch.device("cpu")
+    seen: list[int] = []
+    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is not None and len(seen) == 10
+    room = shutil.disk_usage(tmp_path)._replace(free=EPOCH_BYTES - 1)
+    monkeypatch.setattr("kdsearch.store.shutil.disk_usage", lambda _: room)
+    seen.clear()
+    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
+    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is not None and seen == []
 
 
 def test_a_writer_killed_while_writing_leaves_nothing_that_counts_against_the_budget(
