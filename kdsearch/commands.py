@@ -204,6 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "val_acc": teacher.val_acc,
         },
         "history": [vars(s) for s in result.history],
+        "inputs": data.inputs(),  # what serving the student needs: size, normalisation, classes
         "kdsearch": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,10 @@ from kdsearch.recipe import DataConfig
 Progress = Callable[[str, int, int], None]
 """progress(what, done, total), called during long work such as decoding an image folder."""
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (  # what torchvision's ImageFolder reads, and GIF and JFIF
+    ".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".gif",
+    ".webp",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,6 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
     raw = SOURCES[cfg.dataset](cfg, progress)
     _check_labels(raw, cfg.dataset)
     train, test = raw.train, raw.test
-    if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:
-        train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
     if cfg.subset is not None:
         if cfg.subset > len(train):
             raise DataError(
@@ -122,6 +123,8 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
             )
         keep, _ = stratified_take(train.y, cfg.subset, _generator(cfg.seed, "subset"))
         train = _index(train, keep)
+    if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:  # the kept images
+        train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
     n_val = round(cfg.val_fraction * len(train))
     n_classes = len(raw.classes)
     if n_val < 1 or len(train) - n_val < n_classes:
@@ -193,9 +196,15 @@ def _index(split: Split, idx: Tensor) -> Split:
     return Split(split.x[idx].contiguous(), split.y[idx].contiguous())
 
 
-def _resize(split: Split, size: int) -> Split:
-    x = F.interpolate(split.x.float(), size=(size, size), mode="bilinear", antialias=True)
-    return Split(x.round().clamp(0, 255).to(torch.uint8), split.y)
+def _resize(split: Split, size: int, chunk: int = 256) -> Split:
+    """Every image resized to `size` x `size`, a chunk at a time (in float, an image set whole
+    would take four times its bytes again, twice over)."""
+    out = torch.empty((len(split), split.x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, len(split), chunk):
+        x = split.x[i : i + chunk].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out[i : i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return Split(out, split.y)
 
 
 STATS_CHUNK = 2**24  # values per step of `channel_stats`: 128 MiB in float64
@@ -555,7 +564,11 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     classes = tuple(sorted({c for c, _ in listing["train"]}))
     unknown = sorted({c for c, _ in listing["test"]} - set(classes))
     if unknown:
-        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
+        empty = [c for c in unknown if (root / "train" / c).is_dir()]
+        kinds = "/".join(IMAGE_SUFFIXES)
+        why = f" (train/{empty[0]} holds no {kinds} image)" if empty else ""
+        lacks = ", ".join(unknown)
+        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {lacks}{why}")
     stats = [
         (str(p.relative_to(root)), *_size_and_time(p))
         for split in listing.values()
@@ -577,7 +590,7 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
         (cached.parent / f"imagefolder-{key}.pt").rename(cached)
     saved = _read_decoded(cached)
     if saved is not None:
-        return Raw(*saved, classes, hflip=True)
+        return Raw(*_square(*saved, root), classes, hflip=True)
     paths = [p for split in listing.values() for _, p in split]
     images = _same_shape(_decode_all(paths, cfg.image_size, progress), root)
     index = {c: i for i, c in enumerate(classes)}
@@ -585,11 +598,23 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     n = len(listing["train"])
     train = _split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
     test = _split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
-    _write_decoded(cached, train, test)
+    _write_decoded(cached, *_square(train, test, root))
     for stale in cached.parent.glob(f"imagefolder-{folder}-*.pt"):
         if stale != cached:
             stale.unlink(missing_ok=True)
     return Raw(train, test, classes, hflip=True)
+
+
+def _square(train: Split, test: Split, root: Path) -> tuple[Split, Split]:
+    """The splits, if their images are square: the models take any size, but the rotations of
+    SSKD and HSAKD, and a served model's `inputs`, need squares."""
+    height, width = train.x.shape[-2:]
+    if height != width:
+        raise DataError(
+            f"imagefolder: the images in {root} are {height} high and {width} wide; kdsearch "
+            "trains on square images: set data.image_size to resize them to a square"
+        )
+    return train, test
 
 
 def _read_decoded(path: Path) -> tuple[Split, Split] | None:
@@ -640,20 +665,23 @@ def _readable(path: Path) -> Iterator[None]:
 
 
 def _list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(class, path) of every image in the class folders of `folder`, hidden entries (such as
-    .ipynb_checkpoints, .DS_Store, macOS's ._ files) left out."""
+    """(class, path) of every image in the class folders of `folder` and the folders in them,
+    as torchvision's ImageFolder finds them, hidden entries (such as .ipynb_checkpoints,
+    .DS_Store, macOS's ._ files) left out."""
 
     def visible(path: Path) -> list[Path]:
         with _readable(path):
             return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
-    items = [
-        (cls.name, path)
-        for cls in visible(folder)
-        if cls.is_dir()
-        for path in visible(cls)
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    def images(path: Path) -> Iterator[Path]:
+        for entry in visible(path):
+            if entry.is_dir():
+                yield from images(entry)
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                yield entry
+
+    classes = [cls for cls in visible(folder) if cls.is_dir()]
+    items = [(cls.name, path) for cls in classes for path in images(cls)]
     if not items:
         loose = [p for p in visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
         if loose:
@@ -703,7 +731,7 @@ def _decode(path: Path, size: int | None) -> np.ndarray:
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot decode: {err}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 

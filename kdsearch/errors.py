@@ -23,11 +23,11 @@ class KdsearchWarning(UserWarning):
 
 
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or infinite; the run cannot go on."""
+    """The training (or validation) loss became NaN or infinite; the run cannot go on."""
 
-    def __init__(self, epoch: int, value: float) -> None:
+    def __init__(self, epoch: int, value: float, which: str = "training") -> None:
         super().__init__(
-            f"the training loss became {value} in epoch {epoch}; "
+            f"the {which} loss became {value} in epoch {epoch}; "
             "lower optim.lr or the distillation weights"
         )
         self.epoch = epoch

@@ -251,6 +251,8 @@ def train(
             raise NonFiniteLoss(epoch + 1, train_loss)
         t1 = time.perf_counter()
         val_acc, val_loss = evaluate(student, val_loader, dtype)
+        if not math.isfinite(val_loss):  # the epoch's last updates diverged after its losses
+            raise NonFiniteLoss(epoch + 1, val_loss, "validation")
         stats = EpochStats(
             epoch=epoch + 1,
             train_loss=train_loss,

@@ -17,6 +17,7 @@ import torch
 import kdsearch
 from kdsearch import cli
 from kdsearch.commands import parse_sets, storage_option, storage_url
+from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
@@ -45,6 +46,8 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["teacher"]["source"] == "trained"
+    # what serving the student needs, as an export's meta.json holds it
+    assert metrics["inputs"] == load_data(resolved.data).inputs()
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights
     again = run_cli("train", "r.yaml", "--out", str(out), cwd=tmp_path)

@@ -147,6 +147,18 @@ def test_non_finite_loss_stops_the_run(synthetic: ImageData) -> None:
     assert "lower optim.lr" in str(info.value)
 
 
+def test_a_run_whose_last_update_diverged_stops_too(synthetic: ImageData) -> None:
+    """One step an epoch: its loss, taken before the update, is finite, and the update sends
+    the weights to infinity. The run ended "complete" with NaN weights (`kdsearch train`
+    wrote them, and NaN into metrics.json, with exit status 0)."""
+    recipe = tiny_recipe(
+        {"distill.kd.weight": 0.0, "optim.lr": 1.0e30, "batch_size": 1024, "schedule.epochs": 1}
+    )
+    with pytest.raises(NonFiniteLoss) as info:
+        train(recipe, synthetic)
+    assert str(info.value).startswith("the validation loss became nan in epoch 1; lower optim.lr")
+
+
 def test_multistep_and_cosine_schedules() -> None:
     step = tiny_recipe(
         {
