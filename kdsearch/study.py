@@ -368,6 +368,15 @@ class Record:
             found = optuna.load_study(study_name=name, storage=storage)
             if n and "space" not in found.user_attrs:
                 recorded(found, "space")
+            if found.directions != [optuna.study.StudyDirection.MAXIMIZE]:
+                # `optuna create-study` minimizes by default: taken over as it was, TPE sought
+                # the worst recipes and every ranking but kdsearch's own read upside down
+                kinds = ", ".join(d.name.lower() for d in found.directions)
+                raise StudyError(
+                    f"study {name!r} was made to {kinds}, and kdsearch maximizes validation "
+                    f"accuracy; delete it (optuna delete-study --study-name {name} --storage "
+                    "URL) and make it with --direction maximize, or choose another --study name"
+                )
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
             if changed and resume:
                 raise StudyError(

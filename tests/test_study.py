@@ -172,9 +172,19 @@ def test_an_empty_study_nobody_prepares_is_taken_over(
     assert Record(open_storage(url), "s", other, target=2, resume=False).target == 2
     study = optuna.load_study(study_name="s", storage=url)
     assert "high: 0.3" in study.user_attrs["space"], "now recorded with this driver's settings"
-    # a study made outside kdsearch (optuna create-study) is taken over too
-    optuna.create_study(study_name="made", storage=url)
+    # a study made outside kdsearch (optuna create-study --direction maximize) is taken over too
+    optuna.create_study(study_name="made", storage=url, direction="maximize")
     assert Record(open_storage(url), "made", space, target=2, resume=False).target == 2
+    # one made to minimize (create-study's default) is not: TPE would seek the worst recipes
+    optuna.create_study(study_name="low", storage=url)
+    with pytest.raises(StudyError) as refused:
+        Record(open_storage(url), "low", space, target=2, resume=False)
+    assert str(refused.value) == (
+        "study 'low' was made to minimize, and kdsearch maximizes validation accuracy; delete it "
+        "(optuna delete-study --study-name low --storage URL) and make it with --direction "
+        "maximize, or choose another --study name"
+    )
+    assert optuna.load_study(study_name="low", storage=url).user_attrs == {}, "left as it was"
 
 
 def test_resume_joins_a_study_its_first_driver_has_created_but_not_yet_described(
@@ -182,7 +192,7 @@ def test_resume_joins_a_study_its_first_driver_has_created_but_not_yet_described
 ) -> None:
     # two `run --resume` started together: the other driver has made the study and not yet
     # written its settings; this one joins it, as one without --resume would
-    optuna.create_study(study_name="s", storage=url)
+    optuna.create_study(study_name="s", storage=url, direction="maximize")
     record = Record(open_storage(url), "s", space, target=2, resume=True)
     assert record.study.user_attrs["space"] == space.text
     # a study of another tool, with trials and no settings, is still refused
