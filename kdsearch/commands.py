@@ -35,7 +35,7 @@ from kdsearch.display import (
     trials_view,
 )
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
-from kdsearch.paths import replaced_whole, writable_file, writable_folder
+from kdsearch.paths import placed_folder, replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
     PROMOTED,
@@ -207,13 +207,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         "inputs": data.inputs(),  # what serving the student needs: size, normalisation, classes
         "kdsearch": __version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    torch.save({k: v.cpu() for k, v in result.student.state_dict().items()}, out / "student.pt")
+
+    def write(folder: Path) -> None:
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
+        torch.save(weights, folder / "student.pt")
+
+    try:
+        written = placed_folder(out, write)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
+        raise KdsearchError(
+            f"--out {out}: cannot write the run's files there ({reason}); nothing was written, "
+            "and the training is lost"
+        ) from None
+    if written != out:
+        console.print(f"note: another run wrote into {out} while this one trained")
     console.print(
         f"student {recipe.student.arch}: val acc {100 * result.val_acc:.2f}%, "
-        f"test acc {100 * test_acc:.2f}%; wrote {out}/recipe.yaml, metrics.json, student.pt"
+        f"test acc {100 * test_acc:.2f}%; wrote {written}/recipe.yaml, metrics.json, student.pt"
     )
     return 0
 

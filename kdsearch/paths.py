@@ -5,16 +5,18 @@ processes sharing a folder take turns by."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
 import re
 import secrets
+import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kdsearch.errors import KdsearchError
@@ -127,6 +129,34 @@ def _sync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def placed_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write` fill a new folder beside `out`, then move that into place whole (a failed or
+    interrupted write leaves nothing); where `out` has got files meanwhile (another run given the
+    same folder, or the same second's default name), into `out-2`, `out-3`, ... instead: no
+    run's files overwrite another's. Returns the folder they are in."""
+    staged = staging_path(out)
+    try:
+        staged.mkdir(parents=True)
+        write(staged)
+        for file in staged.iterdir():  # on disk before the folder is in place
+            with open(file, "rb") as written:
+                os.fsync(written.fileno())
+        n = 1
+        while True:
+            dest = out if n == 1 else out.with_name(f"{out.name}-{n}")
+            try:
+                staged.rename(dest)  # onto a missing or empty folder only, atomically
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                n += 1
+            else:
+                _sync_folder(dest.parent)
+                return dest
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -142,6 +142,26 @@ def test_bad_input_is_one_line_and_status_2(
     assert "Traceback" not in proc.stderr
 
 
+def test_train_whose_files_cannot_be_written_is_one_line_and_leaves_nothing(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that filled during the training: torch.save's RuntimeError was a traceback, and
+    a folder of a cut-short student.pt beside its recipe that every rerun refused."""
+    (tmp_path / "r.yaml").write_text(tiny_recipe({"distill.kd.weight": 0.0}).to_yaml())
+
+    def full(*_: object, **__: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 47296")
+
+    monkeypatch.setattr(torch, "save", full)
+    ran = cli_here("train", "r.yaml", "--out", "o", cwd=tmp_path)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert ran.stderr.strip().splitlines()[-1] == (
+        "kdsearch: error: --out o: cannot write the run's files there (write failed); nothing "
+        "was written, and the training is lost"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
 def test_divergence_is_reported_without_a_traceback(tmp_path: Path) -> None:
     recipe = tiny_recipe({"distill.kd.weight": 0.0, "optim.lr": 1.0e12})
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())

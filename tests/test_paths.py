@@ -1,12 +1,20 @@
+import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kdsearch import paths
-from kdsearch.paths import flocked, replaced_whole, staging_path, stops_deferred
+from kdsearch.paths import (
+    flocked,
+    placed_folder,
+    replaced_whole,
+    staging_path,
+    stops_deferred,
+)
 
 
 def test_staging_paths_are_hidden_beside_their_file_and_never_shared(tmp_path: Path) -> None:
@@ -94,3 +102,31 @@ def test_a_replaced_file_is_on_disk_before_its_move_and_old_staging_files_are_sw
     # the file itself, while its name still held nothing; then the folder, after the move
     assert synced == [(tmp.name, False), (tmp_path.name, True)]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_a_folder_is_placed_whole_and_never_over_another_runs_files(tmp_path: Path) -> None:
+    """Two `kdsearch train` with one --out (or started in the same second, so one default
+    name) both wrote into it, and one run's files were lost."""
+
+    def write(text: str) -> Callable[[Path], None]:
+        return lambda folder: (folder / "metrics.json").write_text(text)
+
+    out = tmp_path / "runs" / "r"
+    assert placed_folder(out, write("first")) == out
+    assert placed_folder(out, write("second")) == tmp_path / "runs" / "r-2"
+    assert placed_folder(out, write("third")) == tmp_path / "runs" / "r-3"
+    assert [(out.parent / n / "metrics.json").read_text() for n in ("r", "r-2", "r-3")] == [
+        "first",
+        "second",
+        "third",
+    ]
+    (tmp_path / "empty").mkdir()  # made by hand beforehand, still empty: used
+    assert placed_folder(tmp_path / "empty", write("x")) == tmp_path / "empty"
+
+    def full(folder: Path) -> None:
+        (folder / "recipe.yaml").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        placed_folder(tmp_path / "f", full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs"], "nothing left"
