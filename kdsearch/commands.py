@@ -10,11 +10,12 @@ import argparse
 import json
 import os
 import shlex
+import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,10 @@ from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.paths import placed_folder, replaced_whole, writable_file, writable_folder
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
+    NAME_MAX,
     PROMOTED,
     search_name_problem,
+    study_name_problem,
 )
 
 if TYPE_CHECKING:
@@ -273,7 +276,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
-    record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+    try:
+        record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+    except BaseException:
+        if new_file and file is not None:  # a refused run leaves no file (that a later
+            forget_if_empty(file)  # `trials NAME` would find before the right one)
+        raise
     if args.resume and record.created:  # a typo in --study would otherwise pass unseen
         console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
     with record.alive():
@@ -437,6 +445,20 @@ def search_trials(
     return outcome.tally, outcome.seconds, outcome.complete
 
 
+def forget_if_empty(file: Path) -> None:
+    """Remove the SQLite `file` this command created, where it holds no study after all."""
+    if not file.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(file)) as db:
+            studies = db.execute("SELECT count(*) FROM studies").fetchone()[0]
+    except sqlite3.Error:  # no tables yet
+        studies = 0
+    if not studies:
+        with suppress(OSError):  # the error that refused the run is the one to show
+            file.unlink()
+
+
 def resume_command(args: argparse.Namespace, url: str) -> str:
     """The command that finishes this search: the same options, and --resume."""
     from kdsearch.study import redact
@@ -464,6 +486,8 @@ def storage_url(given: str) -> str:
 def study_file(study: str) -> Path:
     """./studies/<study>.db; for a promoted study without a file of its own, the search's,
     where `promote` records it."""
+    if len(study) > NAME_MAX:  # no study file can have such a name: one line, no OSError
+        raise KdsearchError(str(study_name_problem(study)))
     own = Path("studies") / f"{study}.db"
     search = Path("studies") / f"{study.removesuffix(PROMOTED)}.db"
     return search if not own.is_file() and search.is_file() else own

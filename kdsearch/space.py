@@ -38,8 +38,13 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 PROMOTED = "-promoted"  # the promotion runs of search S are study S-promoted, beside it
 
 
+NAME_MAX = 200  # characters: with ".db-journal" or "-promoted" added, under a file name's 255
+
+
 def study_name_problem(text: str) -> str | None:
     """Why `text` cannot name a study (it names files and folders), or None."""
+    if len(text) > NAME_MAX:
+        return f"{text[:20]}...: a study name is at most {NAME_MAX} characters, not {len(text)}"
     if re.fullmatch(NAME_PATTERN, text):
         return None
     return (

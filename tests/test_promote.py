@@ -665,6 +665,11 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
     ran = cli_here("run", "space.yaml", "--study", "t-promoted", cwd=tmp_path)
     assert ran.returncode == 2
     assert "'t-promoted': a name ending in -promoted is kept for the promotion runs" in ran.stderr
+    # with --resume the name is refused where the study would be made: the file made for it
+    # goes again (`trials t-promoted` would have found it before studies/t.db)
+    ran = cli_here("run", "space.yaml", "--study", "t-promoted", "--resume", cwd=tmp_path)
+    assert ran.returncode == 2 and "'t-promoted': a name ending in -promoted" in ran.stderr
+    assert sorted(p.name for p in (tmp_path / "studies").iterdir()) == ["s.db"]
     (tmp_path / "p.yaml").write_text(SMALL_SPACE.replace("name: s}", "name: p-promoted}"))
     ran = cli_here("run", "p.yaml", cwd=tmp_path)
     assert ran.returncode == 2 and "'p-promoted': a name ending in -promoted" in ran.stderr

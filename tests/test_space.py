@@ -173,6 +173,10 @@ def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
             "study.name: '-t': a study name is letters, digits, '_', '.' and '-', not starting "
             "with '.', '_' or '-'",
         ),
+        (  # a file name's 255 bytes were passed with the suffixes added: a traceback
+            f"study: {{name: {'a' * 201}}}",
+            "study.name: aaaaaaaaaaaaaaaaaaaa...: a study name is at most 200 characters, not 201",
+        ),
     ],
 )
 def test_a_bad_study_section_is_told_in_the_words_of_the_file(study: str, expected: str) -> None:
