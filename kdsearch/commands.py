@@ -480,7 +480,7 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
 def storage_url(given: str) -> str:
     """A --storage value as a URL: an SQLAlchemy URL as it is, a file's path as
     sqlite:///ABSOLUTE_PATH."""
-    return given if "://" in given else f"sqlite:///{Path(given).resolve()}"
+    return given if "://" in given else f"sqlite:///{Path(given).expanduser().resolve()}"
 
 
 def study_file(study: str) -> Path:

@@ -12,6 +12,7 @@ together with a key inside it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -239,6 +240,11 @@ class ExportConfig(Section):
     """Where the winner is written."""
 
     dir: str
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return os.path.expanduser(value)  # as a recipe's paths: `~/x` was a folder named ~
 
 
 class SpaceFile(Section):

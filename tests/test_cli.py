@@ -400,6 +400,8 @@ def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     monkeypatch.chdir(tmp_path)
     assert storage_url("studies/s.db") == f"sqlite:///{tmp_path}/studies/s.db"
     assert storage_url("/data/s.db") == "sqlite:////data/s.db"
+    monkeypatch.setenv("HOME", "/home/u")  # as a space file's study.storage may write it
+    assert storage_url("~/s.db") == "sqlite:////home/u/s.db"
     url = "postgresql+psycopg2://user:secret@db:5432/kd"
     assert storage_url(url) == url
     # a command printed for the user names the storage only where it would not find it itself

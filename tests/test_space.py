@@ -729,3 +729,10 @@ def test_the_readmes_recipe_block_shows_the_defaults() -> None:
         "student": {"arch": shown.student.arch},
     }
     assert shown == Recipe.from_dict(required)
+
+
+def test_a_home_folder_in_export_dir_is_the_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export: {dir: ~/w}` exported into a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", "/home/u")
+    space = space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", "export: {dir: ~/w}\n")
+    assert space.config.export is not None and space.config.export.dir == "/home/u/w"
