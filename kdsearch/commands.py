@@ -36,7 +36,13 @@ from kdsearch.display import (
     trials_view,
 )
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
-from kdsearch.paths import placed_folder, replaced_whole, writable_file, writable_folder
+from kdsearch.paths import (
+    placed_folder,
+    replaced_whole,
+    writable_file,
+    writable_folder,
+    write_errors,
+)
 from kdsearch.recipe import Recipe, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
     NAME_MAX,
@@ -217,14 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
         torch.save(weights, folder / "student.pt")
 
-    try:
+    with write_errors(f"--out {out}"):
         written = placed_folder(out, write)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
-        raise KdsearchError(
-            f"--out {out}: cannot write the run's files there ({reason}); nothing was written, "
-            "and the training is lost"
-        ) from None
     if written != out:
         console.print(f"note: another run wrote into {out} while this one trained")
     console.print(
@@ -867,8 +867,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
     storage, _ = study_storage(args.study, args.storage)
     study = search_study(storage, args.study)  # refused before anything is written
-    with replaced_whole(out) as tmp:
-        tmp.write_text(build_report(storage, args.study), encoding="utf-8")
+    page = build_report(storage, args.study)
+    with write_errors(f"--out {out}"), replaced_whole(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
     console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline){note}")
     return 0
@@ -953,7 +954,7 @@ def write_csv(table: Any, dest: str, rows: str) -> None:
     if dest == "-":
         table.to_csv(sys.stdout, index=False)
     else:
-        with replaced_whole(Path(dest)) as tmp:
+        with write_errors(f"--csv {dest}"), replaced_whole(Path(dest)) as tmp:
             table.to_csv(tmp, index=False)
         console.print(f"wrote {len(table)} {rows} to {dest}")
 

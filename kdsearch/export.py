@@ -34,7 +34,7 @@ from kdsearch.data import ImageData
 from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
-from kdsearch.paths import staging_path, stops_deferred, writable_folder
+from kdsearch.paths import staging_path, stops_deferred, writable_folder, write_errors
 from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import (
@@ -242,18 +242,8 @@ def export(
         leftover.unlink()
     staged: dict[str, Path] = {}
     try:
-        for file, source in copies.items():
-            if source is not None:
-                staged[file] = _copy_checked(*source, out / file)
-        staged["recipe.yaml"] = staging_path(out / "recipe.yaml")
-        staged["recipe.yaml"].write_text(recipe.to_yaml())
-        staged["student.pt"] = staging_path(out / "student.pt")
-        torch.save({k: v.cpu() for k, v in weights.items()}, staged["student.pt"])
-        staged["hyperparameters.json"] = staging_path(out / "hyperparameters.json")
-        flat = flatten(recipe.to_dict())
-        staged["hyperparameters.json"].write_text(json.dumps(flat, indent=2) + "\n")
-        staged["meta.json"] = staging_path(out / "meta.json")
-        staged["meta.json"].write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        with write_errors(f"{option} {out}"):
+            _stage(staged, copies, out, recipe, weights, meta)
     except BaseException:  # refused, failed or interrupted: nothing of this export is left
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
@@ -267,6 +257,30 @@ def export(
     for file, source in copies.items():  # then an earlier export's teacher, which it no longer
         if source is None:  # names: a kill before this leaves a spare file, not a lost one
             (out / file).unlink(missing_ok=True)
+
+
+def _stage(
+    staged: dict[str, Path],
+    copies: dict[str, tuple[Path, str] | None],
+    out: Path,
+    recipe: Recipe,
+    weights: Mapping[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Write every file of the export beside its place in `out`, each named in `staged` as
+    soon as it exists (so that the caller removes them all if one fails)."""
+    for file, source in copies.items():
+        if source is not None:
+            staged[file] = _copy_checked(*source, out / file)
+    staged["recipe.yaml"] = staging_path(out / "recipe.yaml")
+    staged["recipe.yaml"].write_text(recipe.to_yaml())
+    staged["student.pt"] = staging_path(out / "student.pt")
+    torch.save({k: v.cpu() for k, v in weights.items()}, staged["student.pt"])
+    staged["hyperparameters.json"] = staging_path(out / "hyperparameters.json")
+    flat = flatten(recipe.to_dict())
+    staged["hyperparameters.json"].write_text(json.dumps(flat, indent=2) + "\n")
+    staged["meta.json"] = staging_path(out / "meta.json")
+    staged["meta.json"].write_text(json.dumps(meta, indent=2, default=float) + "\n")
 
 
 def _leftover(path: Path) -> bool:

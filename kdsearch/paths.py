@@ -33,10 +33,10 @@ def writable_folder(folder: Path, option: str) -> None:
         raise KdsearchError(f"{option} {folder}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise KdsearchError(f"{option} {folder}: cannot write in {ancestor}")
-    _probe(folder, option)
+    _probe(folder, f"{option} {folder}")
 
 
-def _probe(folder: Path, option: str) -> None:
+def _probe(folder: Path, where: str) -> None:
     """Create `folder` and a file in it, then take both away again: permissions alone do not
     tell (root passes every check; a read-only mount or /proc refuses only the write)."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -45,7 +45,7 @@ def _probe(folder: Path, option: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise KdsearchError(f"{option} {folder}: cannot write there ({err.strerror})") from None
+        raise KdsearchError(f"{where}: cannot write there ({err.strerror})") from None
     finally:
         for p in made:  # deepest first
             with contextlib.suppress(OSError):
@@ -61,6 +61,20 @@ def writable_file(path: Path, option: str) -> None:
         raise KdsearchError(f"{option} {path}: no folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise KdsearchError(f"{option} {path}: cannot write it")
+    _probe(folder, f"{option} {path}")  # a read-only mount or /proc passes the checks above
+
+
+@contextlib.contextmanager
+def write_errors(where: str) -> Iterator[None]:
+    """An OSError while writing (or torch.save's RuntimeError, its word for a full disk) as
+    one line: `where` (the option and its value), why, and that nothing was written."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
+        raise KdsearchError(
+            f"{where}: cannot write there ({reason}); nothing was written"
+        ) from None
 
 
 @contextlib.contextmanager

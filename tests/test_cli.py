@@ -156,8 +156,7 @@ def test_train_whose_files_cannot_be_written_is_one_line_and_leaves_nothing(
     ran = cli_here("train", "r.yaml", "--out", "o", cwd=tmp_path)
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
     assert ran.stderr.strip().splitlines()[-1] == (
-        "kdsearch: error: --out o: cannot write the run's files there (write failed); nothing "
-        "was written, and the training is lost"
+        "kdsearch: error: --out o: cannot write there (write failed); nothing was written"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from kdsearch.data import load_data
+from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.export import Winner, check_out, export
 from kdsearch.models import build_model
@@ -339,11 +339,8 @@ def test_export_refuses_a_folder_holding_something_else(
     assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"
 
 
-def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Stopped half-way, the folder would hold some files and no meta.json naming the export,
-    which every rerun refuses as a folder of someone else's."""
+def small_winner() -> tuple[Winner, ImageData, dict[str, torch.Tensor]]:
+    """A search's winner on a few digits, the data and the student weights to export."""
     recipe = Recipe.from_dict(
         {
             "data": {"dataset": "digits", "subset": 200},
@@ -355,7 +352,15 @@ def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
     )
     data = load_data(recipe.data)
     weights = build_model("resnet8", data.num_classes, data.channels).state_dict()
-    winner = Winner(recipe, recipe, "search", 0, {"search_val_acc": 0.5}, None, [0], 1)
+    return Winner(recipe, recipe, "search", 0, {"search_val_acc": 0.5}, None, [0], 1), data, weights
+
+
+def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped half-way, the folder would hold some files and no meta.json naming the export,
+    which every rerun refuses as a folder of someone else's."""
+    winner, data, weights = small_winner()
     url = f"sqlite:///{tmp_path}/studies/s.db"
     moved: list[str] = []
     replace_file = Path.replace
@@ -377,6 +382,23 @@ def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
         "student.pt",
     ]
     check_out(tmp_path / "w", "s", url)  # an export of the study: a rerun may replace it
+
+
+def test_an_export_the_disk_cannot_take_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    winner, data, weights = small_winner()
+
+    def full(*_: object, **__: object) -> None:  # as torch.save reports ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 47296")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(KdsearchError) as refused:
+        export(winner, "s", f"sqlite:///{tmp_path}/s.db", tmp_path / "w", weights, data, None)
+    assert str(refused.value) == (
+        f"--out {tmp_path / 'w'}: cannot write there (write failed); nothing was written"
+    )
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
@@ -406,11 +407,40 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
         (["report", "s", "--out", "nowhere/r.html"], "--out nowhere/r.html: no folder nowhere"),
         (["report", "s", "--out", "folder"], "--out folder is a folder; name a file"),
         (["trials", "s", "--csv", "nowhere/t.csv"], "--csv nowhere/t.csv: no folder nowhere"),
+        # permissions allow it (as root everything does), the write does not: a traceback
+        (["report", "s", "--out", "/proc/r.html"], "--out /proc/r.html: cannot write there ("),
+        (["trials", "s", "--csv", "/proc/t.csv"], "--csv /proc/t.csv: cannot write there ("),
     ):
         ran = cli_here(*args, cwd=tmp_path)
         assert ran.returncode == 2 and expected in ran.stderr, ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
+
+
+def test_a_report_or_table_the_disk_cannot_take_is_one_line_and_leaves_nothing(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_study(tmp_path)
+    real_write = Path.write_text
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name.endswith(".tmp"):  # the staged report, half written
+            real_write(self, "<html>", encoding="utf-8")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda _, path, **__: full(Path(path), ""))
+    for args, option in (
+        (["report", "s", "--out", "r.html"], "--out r.html"),
+        (["trials", "s", "--csv", "t.csv"], "--csv t.csv"),
+    ):
+        ran = cli_here(*args, cwd=tmp_path)
+        assert ran.returncode == 2 and ran.stderr.strip().splitlines()[-1] == (
+            f"kdsearch: error: {option}: cannot write there (No space left on device); "
+            "nothing was written"
+        ), ran.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "studies"]
 
 
 def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
