@@ -573,6 +573,8 @@ def run_promotion(
     from kdsearch.study import promoted_name, redact
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
+    # before the data and the teacher: a folder the weights cannot go to fails at once
+    writable_folder(weights_dir_for(url, name), "the promoted weights' folder")
     status = RunsStatus()
     searched: list[str] = []  # the keys of the plan's runs of searched recipes
 

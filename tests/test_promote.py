@@ -230,6 +230,19 @@ def test_epochs_below_the_trial_budget_are_refused_before_anything_trains(
     assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
 
 
+def test_a_weights_folder_that_cannot_be_made_is_refused_before_anything_trains(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """It was a FileExistsError traceback once the data and the teacher were ready, with the
+    promoted study made already."""
+    write_study(tmp_path)
+    (tmp_path / "studies" / "s-promoted").touch()
+    out = cli_here("promote", "s", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "the promoted weights' folder studies/s-promoted is a file" in out.stderr
+    assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
+
+
 def test_a_base_recipe_shorter_than_the_trial_budget_needs_epochs_to_promote(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
