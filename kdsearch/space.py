@@ -547,13 +547,22 @@ class SearchSpace:
         no trial trains with the value given, each named with what to do. Told, not refused,
         as `idle_settings`. (A key searched only under a condition keeps its base value where
         the condition does not hold, so that is a change that counts.)"""
-        return [
+        told = [
             f"--set {key}: the space searches {key} in every trial, so no trial trains with this "
             "value (the promotion's baselines, which take the base recipe, may); to fix it for "
             f"every trial, remove space.{key} from {self.source}"
             for key in keys
             if key in self.params and not self.params[key].when
         ]
+        if "schedule.epochs" in keys:  # a way to shorten the search that shortens nothing
+            budget = self.config.asha.max_epochs
+            told.append(
+                f"--set schedule.epochs: every trial trains for asha.max_epochs ({budget}) of "
+                f"{self.source}, whatever the base recipe says; schedule.epochs is what a "
+                f"promotion trains for where promote.epochs is unset, and under {budget} it is "
+                "refused there"
+            )
+        return told
 
     def _check_placements(self) -> None:
         """Every searched placement fits the student, when some trial can switch HSAKD on: a

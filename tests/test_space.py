@@ -497,6 +497,13 @@ def test_a_change_of_the_base_the_space_draws_in_every_trial_is_named() -> None:
         "this value (the promotion's baselines, which take the base recipe, may); to fix it for "
         f"every trial, remove space.optim.lr from {space.source}"
     ], "a conditional key keeps the value where its condition fails; momentum is not searched"
+    # the trial budget: a way to shorten a search that shortened nothing, then failed promote
+    (budget,) = space.searched_changes(["schedule.epochs"])
+    assert budget == (
+        "--set schedule.epochs: every trial trains for asha.max_epochs (24) of s.yaml, whatever "
+        "the base recipe says; schedule.epochs is what a promotion trains for where "
+        "promote.epochs is unset, and under 24 it is refused there"
+    )
 
 
 def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> None:
