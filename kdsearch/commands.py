@@ -333,18 +333,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     # this driver's data folder, device, teacher files: the study records the base recipe of
     # whichever driver joined it last, perhaps on another machine
     here = machine_settings(space.base, space.params)
-    if space.config.promote is not None:
-        p = space.config.promote
-        if not run_promotion(
-            open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address, here
-        ):
-            if space.config.export is not None:
-                console.print("so the space's export is not done")
-            return 1
-    if space.config.export is not None:
-        run_export(
-            open_storage(url), url, name, Path(space.config.export.dir), here, export_option(space)
+    try:
+        if space.config.promote is not None:
+            p = space.config.promote
+            if not run_promotion(
+                open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address, here
+            ):
+                if space.config.export is not None:
+                    console.print("so the space's export is not done")
+                return 1
+        if space.config.export is not None:
+            out = Path(space.config.export.dir)
+            run_export(open_storage(url), url, name, out, here, export_option(space))
+    except KeyboardInterrupt:  # the search is done; say how to finish what follows it
+        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
+        console.print(
+            f"stopped after the search; `{resume_command(args, url)}`{hidden} does the "
+            "space's promotion and export (the promotion runs already finished are kept)"
         )
+        raise
     return 0
 
 

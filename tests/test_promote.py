@@ -243,6 +243,25 @@ def test_a_weights_folder_that_cannot_be_made_is_refused_before_anything_trains(
     assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
 
 
+def test_a_stop_in_the_promotion_after_a_search_says_how_to_finish_it(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `kdsearch run` promoted: "interrupted", and no word that --resume does the
+    promotion and export."""
+    write_study(tmp_path, SMALL_SPACE + "promote: {top_k: 1, seeds: 1}\n")
+
+    def stopped(*_: object, **__: object) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kdsearch.commands.run_promotion", stopped)
+    ran = cli_here("run", "space.yaml", "--resume", cwd=tmp_path)
+    assert ran.returncode == 130
+    assert (
+        "stopped after the search; `kdsearch run space.yaml --resume` does the space's promotion "
+        "and export (the promotion runs already finished are kept)"
+    ) in " ".join(ran.stderr.split())
+
+
 def test_a_base_recipe_shorter_than_the_trial_budget_needs_epochs_to_promote(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
