@@ -93,6 +93,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device: {name} asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise RecipeError(
+            f"device: {name} asked for, but this machine's are cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 

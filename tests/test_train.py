@@ -223,9 +223,17 @@ def test_auto_precision_on_a_gpu_follows_its_native_formats(
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
 )
-def test_asking_for_cuda_without_one_is_a_clear_error() -> None:
+def test_asking_for_cuda_without_one_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RecipeError, match="CUDA is not available"):
         resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(RecipeError) as refused:  # a traceback from deep in .to() before
+        resolve_device("cuda:2")
+    assert str(refused.value) == (
+        "device: cuda:2 asked for, but this machine's are cuda:0 to cuda:1"
+    )
 
 
 def test_bf16_autocast_trains_on_cpu(synthetic: ImageData) -> None:
