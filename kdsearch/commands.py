@@ -37,8 +37,9 @@ from kdsearch.display import (
 )
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.paths import (
-    placed_folder,
+    placed_files,
     replaced_whole,
+    run_files,
     writable_file,
     writable_folder,
     write_errors,
@@ -154,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else Path("studies/runs") / (f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
     writable_folder(out, "--out")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = run_files(out) if out.is_dir() else []
     if held:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise KdsearchError(f"--out {out} already holds files ({shown}); choose another folder")
@@ -224,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.save(weights, folder / "student.pt")
 
     with write_errors(f"--out {out}"):
-        written = placed_folder(out, write)
+        written = placed_files(out, write)
     if written != out:
         console.print(f"note: another run wrote into {out} while this one trained")
     console.print(
@@ -347,9 +348,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_export(open_storage(url), url, name, out, here, export_option(space))
     except KeyboardInterrupt:  # the search is done; say how to finish what follows it
         hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
+        cfg = space.config
+        steps = [w for w, on in (("promotion", cfg.promote), ("export", cfg.export)) if on]
+        kept = " (the promotion runs already finished are kept)" if cfg.promote else ""
         console.print(
             f"stopped after the search; `{resume_command(args, url)}`{hidden} does the "
-            "space's promotion and export (the promotion runs already finished are kept)"
+            f"space's {' and '.join(steps)}{kept}"
         )
         raise
     return 0
@@ -458,10 +462,11 @@ def forget_if_empty(file: Path) -> None:
         return
     try:
         with closing(sqlite3.connect(file)) as db:
-            studies = db.execute("SELECT count(*) FROM studies").fetchone()[0]
-    except sqlite3.Error:  # no tables yet
-        studies = 0
-    if not studies:
+            tables = db.execute("SELECT name FROM sqlite_master WHERE name = 'studies'")
+            empty = not tables.fetchall() or not db.execute("SELECT 1 FROM studies").fetchall()
+    except sqlite3.Error:  # locked, or unreadable: not known to be empty, so kept
+        return
+    if empty:
         with suppress(OSError):  # the error that refused the run is the one to show
             file.unlink()
 
@@ -493,8 +498,6 @@ def storage_url(given: str) -> str:
 def study_file(study: str) -> Path:
     """./studies/<study>.db; for a promoted study without a file of its own, the search's,
     where `promote` records it."""
-    if len(study) > NAME_MAX:  # no study file can have such a name: one line, no OSError
-        raise KdsearchError(str(study_name_problem(study)))
     own = Path("studies") / f"{study}.db"
     search = Path("studies") / f"{study.removesuffix(PROMOTED)}.db"
     return search if not own.is_file() and search.is_file() else own
@@ -513,6 +516,8 @@ def study_storage(study: str, given: str | None) -> tuple[Any, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
     if given is None:
+        if len(study) > NAME_MAX:  # no study file can have such a name: one line, no OSError
+            raise KdsearchError(str(study_name_problem(study)))
         path = study_file(study)
         if not path.is_file():
             raise KdsearchError(f"no study database at {path}; pass --storage URL")
@@ -581,7 +586,13 @@ def run_promotion(
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
     # before the data and the teacher: a folder the weights cannot go to fails at once
-    writable_folder(weights_dir_for(url, name), "the promoted weights' folder")
+    weights_dir = weights_dir_for(url, name)
+    if weights_dir.exists() and not weights_dir.is_dir():
+        raise KdsearchError(
+            f"{weights_dir} is a file, where the promotion keeps its students' weights; move it "
+            "away"
+        )
+    writable_folder(weights_dir, "the promotion's weights folder")
     status = RunsStatus()
     searched: list[str] = []  # the keys of the plan's runs of searched recipes
 

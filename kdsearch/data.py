@@ -564,11 +564,7 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     classes = tuple(sorted({c for c, _ in listing["train"]}))
     unknown = sorted({c for c, _ in listing["test"]} - set(classes))
     if unknown:
-        empty = [c for c in unknown if (root / "train" / c).is_dir()]
-        kinds = "/".join(IMAGE_SUFFIXES)
-        why = f" (train/{empty[0]} holds no {kinds} image)" if empty else ""
-        lacks = ", ".join(unknown)
-        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {lacks}{why}")
+        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
     stats = [
         (str(p.relative_to(root)), *_size_and_time(p))
         for split in listing.values()
@@ -680,8 +676,13 @@ def _list_images(folder: Path) -> list[tuple[str, Path]]:
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 yield entry
 
-    classes = [cls for cls in visible(folder) if cls.is_dir()]
-    items = [(cls.name, path) for cls in classes for path in images(cls)]
+    classes = {cls.name: list(images(cls)) for cls in visible(folder) if cls.is_dir()}
+    if empty := [name for name, found in classes.items() if not found]:
+        raise DataError(  # as torchvision's ImageFolder refuses it: a class would go missing
+            f"imagefolder: {folder}/{empty[0]} holds no {'/'.join(IMAGE_SUFFIXES)} image; "
+            "remove the folder, or convert its images"
+        )
+    items = [(name, path) for name, found in classes.items() for path in found]
     if not items:
         loose = [p for p in visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
         if loose:

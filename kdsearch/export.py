@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -34,7 +33,13 @@ from kdsearch.data import ImageData
 from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
-from kdsearch.paths import staging_path, stops_deferred, writable_folder, write_errors
+from kdsearch.paths import (
+    staged_for,
+    staging_path,
+    stops_deferred,
+    writable_folder,
+    write_errors,
+)
 from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import (
@@ -286,8 +291,7 @@ def _stage(
 def _leftover(path: Path) -> bool:
     """A file an export killed before it could clean up staged (`staging_path`), and nothing else
     (older versions named them without the random part)."""
-    found = re.fullmatch(r"\.(.+)\.\d+(-[0-9a-f]+)?\.tmp", path.name)
-    return found is not None and found.group(1) in EXPORT_FILES and path.is_file()
+    return staged_for(path) in EXPORT_FILES and path.is_file()
 
 
 def _copy_checked(source: Path, digest: str, dest: Path) -> Path:

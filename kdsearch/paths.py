@@ -5,7 +5,6 @@ processes sharing a folder take turns by."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import glob
 import os
@@ -97,6 +96,9 @@ def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # NFS, whose locks need a file open for writing: nothing is locked
+            yield None
+            return
         yield True
     finally:
         os.close(fd)
@@ -109,6 +111,13 @@ def staging_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+def staged_for(path: Path) -> str | None:
+    """The name of the file that `path`, a staging file (`staging_path`), was written for; None
+    where it is none (earlier versions named them without the random part)."""
+    found = re.fullmatch(r"\.(.+)\.\d+(-[0-9a-f]+)?\.tmp", path.name)
+    return None if found is None else found.group(1)
+
+
 STALE_S = 24 * 3600  # a staging file this old belongs to a writer that was killed
 
 
@@ -119,10 +128,9 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     file is on disk before the move (a power loss leaves the old file or the new one, never an
     empty one under the name), and staging files of `dest` that a killed writer left over a day
     ago are removed first (a decoded data set's are hundreds of MB)."""
-    staged = re.compile(rf"\.{re.escape(dest.name)}\.\d+-[0-9a-f]+\.tmp")
     for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
         with contextlib.suppress(OSError):  # gone already, or not ours to remove
-            if staged.fullmatch(left.name) and time.time() - left.stat().st_mtime > STALE_S:
+            if staged_for(left) == dest.name and time.time() - left.stat().st_mtime > STALE_S:
                 left.unlink()
     tmp = staging_path(dest)
     try:
@@ -145,32 +153,55 @@ def _sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def placed_folder(out: Path, write: Callable[[Path], None]) -> Path:
-    """Have `write` fill a new folder beside `out`, then move that into place whole (a failed or
-    interrupted write leaves nothing); where `out` has got files meanwhile (another run given the
-    same folder, or the same second's default name), into `out-2`, `out-3`, ... instead: no
-    run's files overwrite another's. Returns the folder they are in."""
-    staged = staging_path(out)
+STAGING = ".kdsearch-staging-"  # the hidden folder a run writes its files in before moving them
+
+
+def run_files(folder: Path) -> list[str]:
+    """The names in `folder`, but the staging folder of a run killed while it wrote there."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(STAGING))
+
+
+def placed_files(out: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write` fill a hidden folder inside `out`, then move its files into `out` (a write
+    that fails or is interrupted leaves none of them, nor the folders made for them); where `out`
+    holds files by then (another run given the same folder, or the same second's default name),
+    into the first of `out-2`, `out-3`, ... made anew: no run's files overwrite another's.
+    Returns the folder they are in."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
-        staged.mkdir(parents=True)
-        write(staged)
-        for file in staged.iterdir():  # on disk before the folder is in place
-            with open(file, "rb") as written:
-                os.fsync(written.fileno())
-        n = 1
-        while True:
-            dest = out if n == 1 else out.with_name(f"{out.name}-{n}")
-            try:
-                staged.rename(dest)  # onto a missing or empty folder only, atomically
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                n += 1
-            else:
-                _sync_folder(dest.parent)
-                return dest
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+        try:
+            write(staged)
+            files = sorted(staged.iterdir())
+            for file in files:  # on disk before they are in place
+                with open(file, "rb") as written:
+                    os.fsync(written.fileno())
+            dest = _beside(out) if run_files(out) else out
+            with stops_deferred():  # all of them or, stopped before, none
+                for file in files:
+                    shutil.move(file, dest / file.name)
+            _sync_folder(dest)
+            return dest
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # stops at one that is not empty
+                folder.rmdir()
+        raise
+
+
+def _beside(out: Path) -> Path:
+    """A new folder `out-2` (or -3, ...), made here, so no other run takes it meanwhile."""
+    base = out.resolve()
+    n = 2
+    while True:
+        try:
+            (folder := base.with_name(f"{base.name}-{n}")).mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 @contextlib.contextmanager

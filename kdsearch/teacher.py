@@ -26,11 +26,11 @@ from torch import nn
 from kdsearch.cache import cache_dir, digest
 from kdsearch.data import ImageData, Loader, derive_seed
 from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
-from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
+from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model, fold_batch_norm
-from kdsearch.paths import flocked, replaced_whole, writable_folder
+from kdsearch.paths import flocked, replaced_whole, writable_folder, write_errors
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
     EpochStats,
@@ -599,17 +599,16 @@ def _save(
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(weights, path)
-        _write_meta(path, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        free = shutil.disk_usage(path.parent).free / 2**20
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
+        with write_errors(f"the teacher cache {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(weights, path)
+    except KdsearchError as err:
         raise TeacherError(
-            f"cannot cache the trained {what.removeprefix('the ')} at {path} ({reason}; "
-            f"{free:.1f} MB free there), and the training is lost; make room, or set "
+            f"{err}: the trained {what.removeprefix('the ')} is lost; make room, or set "
             "KDSEARCH_CACHE_DIR to a folder with room"
         ) from None
+    with suppress(OSError):  # the weights are what counts: without this, measured again
+        _write_meta(path, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:

@@ -337,15 +337,20 @@ def test_imagefolder_reads_every_kind_imagefolder_does_and_images_in_nested_fold
     assert torch.bincount(torch.cat([data.train.y, data.val.y])).tolist() == [10, 10, 10]
 
 
-def test_a_class_folder_of_unread_files_is_named(tmp_path: Path) -> None:
-    _folder(tmp_path, {"train": [16, 16], "test": [16, 16]})
-    for png in (tmp_path / "train" / "class1").iterdir():
-        png.rename(png.with_suffix(".heic"))
+@pytest.mark.parametrize("splits", [("train",), ("train", "test")])
+def test_a_class_folder_of_unread_files_is_named(tmp_path: Path, splits: tuple[str, ...]) -> None:
+    """Its class went missing: from both splits without a word, or named as one test/ has and
+    train/ lacks, though train/ has its folder."""
+    _folder(tmp_path, {"train": [16, 16, 16], "test": [16, 16, 16]})
+    for split in splits:
+        for png in (tmp_path / split / "class1").iterdir():
+            png.rename(png.with_suffix(".heic"))
     with pytest.raises(DataError) as refused:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
     assert str(refused.value) == (
-        "imagefolder: test/ has classes that train/ lacks: class1 (train/class1 holds no "
-        ".jpg/.jpeg/.jfif/.png/.ppm/.pgm/.pbm/.bmp/.tif/.tiff/.gif/.webp image)"
+        f"imagefolder: {tmp_path}/train/class1 holds no "
+        ".jpg/.jpeg/.jfif/.png/.ppm/.pgm/.pbm/.bmp/.tif/.tiff/.gif/.webp image; remove the "
+        "folder, or convert its images"
     )
 
 

@@ -10,8 +10,9 @@ import pytest
 from kdsearch import paths
 from kdsearch.paths import (
     flocked,
-    placed_folder,
+    placed_files,
     replaced_whole,
+    run_files,
     staging_path,
     stops_deferred,
 )
@@ -57,6 +58,13 @@ def test_another_users_lock_file_still_locks(
         monkeypatch.undo()  # the first user's process, holding it meanwhile
         with flocked(lock, wait=False) as first_user:
             assert first_user is False
+
+    def nfs(fd: int, operation: int) -> None:  # an exclusive NFS lock on a file opened to read
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(paths.fcntl, "flock", nfs)
+    with flocked(lock, wait=False) as unlockable:
+        assert unlockable is None, "nothing locked, as where the file cannot be opened"
 
 
 def test_a_sigterm_in_a_deferred_block_reaches_its_handler_when_the_block_ends() -> None:
@@ -104,7 +112,9 @@ def test_a_replaced_file_is_on_disk_before_its_move_and_old_staging_files_are_sw
     assert not dead.exists() and live.exists() and other.exists()
 
 
-def test_a_folder_is_placed_whole_and_never_over_another_runs_files(tmp_path: Path) -> None:
+def test_a_runs_files_are_placed_whole_and_never_over_another_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two `kdsearch train` with one --out (or started in the same second, so one default
     name) both wrote into it, and one run's files were lost."""
 
@@ -112,21 +122,33 @@ def test_a_folder_is_placed_whole_and_never_over_another_runs_files(tmp_path: Pa
         return lambda folder: (folder / "metrics.json").write_text(text)
 
     out = tmp_path / "runs" / "r"
-    assert placed_folder(out, write("first")) == out
-    assert placed_folder(out, write("second")) == tmp_path / "runs" / "r-2"
-    assert placed_folder(out, write("third")) == tmp_path / "runs" / "r-3"
+    assert placed_files(out, write("first")) == out
+    assert placed_files(out, write("second")) == tmp_path / "runs" / "r-2"
+    assert placed_files(out, write("third")) == tmp_path / "runs" / "r-3"
     assert [(out.parent / n / "metrics.json").read_text() for n in ("r", "r-2", "r-3")] == [
         "first",
         "second",
         "third",
     ]
-    (tmp_path / "empty").mkdir()  # made by hand beforehand, still empty: used
-    assert placed_folder(tmp_path / "empty", write("x")) == tmp_path / "empty"
+    assert run_files(out) == ["metrics.json"], "no staging folder left behind"
+    # the folder as the user gave it: made by hand, a link to one, the working folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine").chmod(0o2775)  # setgid: a shared group folder
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    assert placed_files(tmp_path / "link", write("x")) == tmp_path / "link"
+    assert (tmp_path / "mine").stat().st_mode & 0o2000, "the folder itself kept"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert placed_files(Path("."), write("y")) == Path(".")
+    assert placed_files(Path("."), write("z")) == tmp_path / "here-2"
+    killed = tmp_path / "k" / ".kdsearch-staging-x1y2"  # a run killed while it wrote
+    killed.mkdir(parents=True)
+    assert run_files(tmp_path / "k") == [] and placed_files(tmp_path / "k", write("k")).name == "k"
 
     def full(folder: Path) -> None:
         (folder / "recipe.yaml").write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        placed_folder(tmp_path / "f", full)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs"], "nothing left"
+        placed_files(tmp_path / "f" / "g", full)
+    assert not (tmp_path / "f").exists(), "nothing left, not even the folders made for it"

@@ -239,7 +239,10 @@ def test_a_weights_folder_that_cannot_be_made_is_refused_before_anything_trains(
     (tmp_path / "studies" / "s-promoted").touch()
     out = cli_here("promote", "s", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "the promoted weights' folder studies/s-promoted is a file" in out.stderr
+    assert (
+        "studies/s-promoted is a file, where the promotion keeps its students' weights; move it "
+        "away"
+    ) in out.stderr
     assert "s-promoted" not in optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/s.db")
 
 
@@ -258,7 +261,7 @@ def test_a_stop_in_the_promotion_after_a_search_says_how_to_finish_it(
     assert ran.returncode == 130
     assert (
         "stopped after the search; `kdsearch run space.yaml --resume` does the space's promotion "
-        "and export (the promotion runs already finished are kept)"
+        "(the promotion runs already finished are kept)"
     ) in " ".join(ran.stderr.split())
 
 
