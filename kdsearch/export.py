@@ -303,9 +303,14 @@ def _copy_checked(source: Path, digest: str, dest: Path) -> Path:
             "promoted on another machine); put it back there, or export on the machine that "
             "promoted"
         )
+    try:  # a file that cannot be read is its own fault, not the export folder's
+        src = source.open("rb")
+    except OSError as err:
+        raise KdsearchError(f"cannot read the teacher file {source} ({err.strerror})") from None
     tmp = staging_path(dest)
     try:
-        shutil.copyfile(source, tmp)
+        with src, tmp.open("wb") as copy:
+            shutil.copyfileobj(src, copy)
         found = weights_digest(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -14,11 +15,11 @@ from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError
-from kdsearch.export import Winner, check_out, export
+from kdsearch.export import Winner, _copy_checked, check_out, export
 from kdsearch.models import build_model
 from kdsearch.paths import staging_path
 from kdsearch.recipe import Recipe, flatten
-from kdsearch.teacher import TeacherFiles, get_teacher
+from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
@@ -399,6 +400,26 @@ def test_an_export_the_disk_cannot_take_is_one_line_and_leaves_nothing(
         f"--out {tmp_path / 'w'}: cannot write there (write failed); nothing was written"
     )
     assert not (tmp_path / "w").exists()
+
+
+def test_a_teacher_file_that_cannot_be_read_is_named_not_the_export_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(2)}, teacher)
+    real_open = Path.open
+
+    def unreadable(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == teacher:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", unreadable)
+    (tmp_path / "w").mkdir()
+    with pytest.raises(KdsearchError) as refused:
+        _copy_checked(teacher, weights_digest(teacher), tmp_path / "w" / "teacher.pt")
+    assert str(refused.value) == f"cannot read the teacher file {teacher} (Permission denied)"
+    assert list((tmp_path / "w").iterdir()) == []
 
 
 def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(
