@@ -758,7 +758,8 @@ def run_export(
     if winner.planned_seeds and tried < winner.planned_seeds:
         console.print(
             f"note: the winner's mean is over {len(winner.seeds)} of the "
-            f"{winner.planned_seeds} seeds the promotion asked for (interrupted?); {again} "
+            f"{winner.planned_seeds} seeds a promotion asked for (interrupted, or a later one "
+            f"with fewer seeds); {again} "
             "trains the rest, then export again",
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():

@@ -83,7 +83,7 @@ class Winner:
     data_fingerprint: str | None = None  # of the data the promoted weights trained on
     inputs: dict[str, Any] | None = None  # what that data gave them (channels, mean, ...)
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
-    planned_seeds: int | None = None  # the seeds the latest promotion at its budget asked for
+    planned_seeds: int | None = None  # the most seeds a promotion at its budget asked for
     rank: int | None = None  # the promoted recipe's trial's place among the search's best
     device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
 

@@ -197,11 +197,23 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
         budget = run_budget(max(promoted.trials, key=lambda t: t.number))
     done = finished_runs(promoted)
     failed: dict[str, FrozenTrial] = {}
-    for t in promoted.trials:
+    for t in promoted.trials:  # in the order they were tried
         key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
-        if t.state == TrialState.FAIL and key not in done and run_budget(t) == budget:
-            failed.setdefault(key, t)
+        if t.state != TrialState.FAIL or key in done or run_budget(t) != budget:
+            continue
+        # the latest try, but a divergence over a machine's failure: a seed lost to an OOM and
+        # diverged when tried again is a diverged seed, whichever came first
+        if key not in failed or diverged(t) or not diverged(failed[key]):
+            failed[key] = t
     return list(failed.values())
+
+
+def plan_seeds(promoted: optuna.Study, budget: int, seeds: int) -> None:
+    """Record the seeds a promotion at `budget` asks for: what the export's mean should be over,
+    the most any promotion there asked for (a later, quicker `--seeds 1` over more recipes does
+    not let a mean over one seed pass unremarked)."""
+    key = f"seeds:{budget}"
+    promoted.set_user_attr(key, max(seeds, int(promoted.user_attrs.get(key, 0))))
 
 
 def diverged(run: FrozenTrial) -> bool:
@@ -242,7 +254,7 @@ def promote(
     if on_plan is not None:
         on_plan(runs, len(todo))
     if not todo:
-        promoted.set_user_attr(f"seeds:{budget}", seeds)
+        plan_seeds(promoted, budget, seeds)
         return promoted
     # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
     # and batch size the teacher trains with, not from a run's, which a trial may have searched.
@@ -279,7 +291,7 @@ def promote(
                     f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
                 )
     weights_dir.mkdir(parents=True, exist_ok=True)
-    promoted.set_user_attr(f"seeds:{budget}", seeds)  # what the export's mean should be over
+    plan_seeds(promoted, budget, seeds)
     # the data every run trains on; `inputs`: what serving its student needs, as this data gave it
     trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
 
@@ -431,9 +443,10 @@ def leaderboard(promoted: optuna.Study) -> pd.DataFrame:
     # Ties go to the recipe with more seeds behind its mean, then the steadier one, then the
     # lower trial number: never to the order the runs happened to finish in. Means of equal
     # sums of accuracies differ in their last bits with the order of the sum (0.9 + 0.8 and
-    # 0.85 + 0.85), so they are compared rounded.
-    order = frame.assign(val_key=frame["val_mean"].round(9)).sort_values(
-        ["diverged", "val_key", "seeds", "val_sd", "source_trial"],
+    # 0.85 + 0.85), and equal spreads likewise, so they are compared rounded.
+    order = frame.assign(val_key=frame["val_mean"].round(9), sd_key=frame["val_sd"].round(9))
+    order = order.sort_values(
+        ["diverged", "val_key", "seeds", "sd_key", "source_trial"],
         ascending=[True, False, False, True, True],
     )
     return frame.loc[order.index].reset_index(drop=True)

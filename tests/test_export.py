@@ -89,7 +89,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert meta["inputs"] == best.user_attrs["inputs"] and meta["inputs"]["channels"] == 1
     assert meta["failed_seeds"] == [] and meta["planned_seeds"] == 2
     assert meta["storage"] == str((tmp_path / "studies" / "s.db").resolve())
-    assert "failed at" not in proc.stderr and "seeds the promotion asked for" not in proc.stderr
+    assert "failed at" not in proc.stderr and "seeds a promotion asked for" not in proc.stderr
     assert "trained on other images or splits" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
@@ -176,7 +176,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     said = " ".join(proc.stderr.split())
     assert "note: the promoted student trained on other images or splits than this machine" in said
     assert "note: seed 2 of the winner failed at 2 epochs (`kdsearch trials s-promoted`" in said
-    assert "note: the winner's mean is over 2 of the 4 seeds the promotion asked for" in said
+    assert "note: the winner's mean is over 2 of the 4 seeds a promotion asked for" in said
     # the promotion that trains them, as it was asked for (a bare `promote s` plans the space's)
     again = "`kdsearch promote s --top-k 1 --seeds 4 --epochs 2`"
     assert f"{again} tries them again" in said and f"{again} trains the rest" in said

@@ -29,6 +29,7 @@ from kdsearch.promote import (
     leaderboard,
     open_promoted,
     plan,
+    plan_seeds,
     promote,
 )
 from kdsearch.recipe import Recipe
@@ -418,6 +419,32 @@ def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_low
     assert list(board["seeds"][:3]) == [2, 2, 1]
 
 
+def test_the_seeds_planned_at_a_budget_are_the_most_any_promotion_asked_for(
+    tmp_path: Path,
+) -> None:
+    """`promote --seeds 3`, then a quick `--top-k 5 --seeds 1`: the plan became 1 seed, and a
+    winner's mean over one seed was exported without the note that says so."""
+    _, _, promoted_study = searched(tmp_path)
+    for seeds in (3, 1):
+        plan_seeds(promoted_study, 2, seeds)
+    plan_seeds(promoted_study, 40, 2)  # another budget's own
+    assert promoted_study.user_attrs["seeds:2"] == 3
+    assert promoted_study.user_attrs["seeds:40"] == 2
+
+
+def test_equal_spreads_go_to_the_lower_trial_not_to_their_last_bits(tmp_path: Path) -> None:
+    """154, 157, 157 and 155, 155, 158 of 180 images: the same mean and, worked out, the same
+    spread, whose floats differ in their last bits; the order followed those bits."""
+    _, study, promoted_study = searched(tmp_path)
+    correct = {1: (154, 157, 157), 3: (155, 155, 158)}
+    for run in plan(study, top_k=3, seeds=3, epochs=2):
+        value = correct[run.source_trial][run.seed] / 180 if run.source_trial in correct else 0.5
+        _record(promoted_study, run, result_of(run, value), tmp_path, None, DATA)
+    board = leaderboard(promoted_study)
+    assert board["val_sd"][0] != board["val_sd"][1], "the two floats do differ"
+    assert list(board["recipe"][:2]) == ["trial 1", "trial 3"]
+
+
 def test_a_recipe_with_a_failed_seed_ranks_below_every_recipe_without_one(
     tmp_path: Path,
 ) -> None:
@@ -452,6 +479,15 @@ def test_a_recipe_with_a_failed_seed_ranks_below_every_recipe_without_one(
     board = leaderboard(promoted_study)
     assert (board["recipe"][0], board["failed"][0], board["diverged"][0]) == ("trial 3", 1, 0)
     assert (board["failed"].iloc[-1], board["diverged"].iloc[-1]) == (2, 2)
+    # tried again, that seed diverged: a diverged seed, whatever the first try met (the first
+    # try's node loss decided it, and the recipe kept its rank); a machine's failure after it
+    # does not undo that
+    for failure in ("NonFiniteLoss: nan", "OutOfMemoryError: CUDA out of memory"):
+        again = result_of(trial_3_seed_0, 0.0, failure)
+        _record(promoted_study, replace(trial_3_seed_0, seed=3), again, tmp_path, None, DATA)
+        row = leaderboard(promoted_study).set_index("recipe").loc["trial 3"]
+        assert (row["failed"], row["diverged"]) == (1, 1), failure
+    assert list(leaderboard(promoted_study)["recipe"][-2:]) == ["trial 3", "trial 1"]
     # tried again and finished: no longer a failure, and its mean is over its three seeds
     for run in runs[1:3]:
         _record(promoted_study, run, result_of(run, 0.95), tmp_path, None, DATA)
