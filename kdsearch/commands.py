@@ -673,6 +673,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
+    from kdsearch.promote import failed_searched_runs
     from kdsearch.study import promoted_name, redact
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
@@ -711,6 +712,13 @@ def run_export(
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"
         )
+        if failed := failed_searched_runs(storage, name):  # not "nothing": nothing finished
+            promoted = promoted_name(name)
+            console.print(
+                f"note: the promotion's {failed} runs of searched recipes all failed "
+                f"(`kdsearch trials {promoted}{storage_option(promoted, url)}` says why); no "
+                "promotion confirms this trial's score, which is from the search's budget"
+            )
         teacher, files = None, None
         if needs_teacher(winner.recipe):
             teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher

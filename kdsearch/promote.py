@@ -485,6 +485,18 @@ def has_promoted(storage: BaseStorage, name: str) -> bool:
     return any(int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted))
 
 
+def failed_searched_runs(storage: BaseStorage, name: str) -> int:
+    """How many runs of searched recipes the promoted study of `name` records as failed (at
+    any budget; 0 where there is no such study)."""
+    if not promotion_held(storage, name):
+        return 0
+    promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
+    return sum(
+        t.state == TrialState.FAIL and int(t.user_attrs["source_trial"]) >= 0
+        for t in promoted.trials
+    )
+
+
 def weights_dir_for(url: str, name: str) -> Path:
     """Where promoted students' weights go: beside an SQLite file, else under ./studies/."""
     path = sqlite_file(url)

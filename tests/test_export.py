@@ -18,7 +18,10 @@ from kdsearch.errors import KdsearchError
 from kdsearch.export import Winner, _copy_checked, check_out, export
 from kdsearch.models import build_model
 from kdsearch.paths import staging_path
+from kdsearch.promote import _record, open_promoted, plan
 from kdsearch.recipe import Recipe, flatten
+from kdsearch.search import JobResult
+from kdsearch.study import open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -212,8 +215,22 @@ def test_export_without_a_promotion_says_when_the_search_learned_from_another_te
     url = write_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
     study.set_user_attr("teacher_files", {"teacher_file": "/gone.pt", "teacher_digest": "0" * 16})
+    # and a promotion whose runs of the searched recipe all diverged: the export fell back to
+    # the search's best trial saying only "nothing promoted"
+    promoted = open_promoted(open_storage(url), "s")
+    for run in plan(study, top_k=1, seeds=2, epochs=2):
+        failure = "NonFiniteLoss: nan" if run.source_trial >= 0 else None
+        value = 0.0 if failure else 0.5
+        weights = None if failure else {}
+        result = JobResult(run.key, {1: value}, value, value, 1, 0.1, 1.0, weights, failure)
+        _record(promoted, run, result, tmp_path, None, {"data_fingerprint": None})
     proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert (
+        "note: the promotion's 2 runs of searched recipes all failed (`kdsearch trials "
+        "s-promoted` says why); no promotion confirms this trial's score, which is from the "
+        "search's budget"
+    ) in " ".join(proc.stderr.split())
     assert re.search(
         r"note: the teacher file \S+ hashes [0-9a-f]{16}, but the runs recorded before learned "
         r"from one that hashed 0{16}: .*the exported student learns from this one",
