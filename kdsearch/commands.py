@@ -712,12 +712,15 @@ def run_export(
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"
         )
-        if failed := failed_searched_runs(storage, name):  # not "nothing": nothing finished
+        failed, bad = failed_searched_runs(storage, name)
+        if failed:  # not "nothing": nothing finished
             promoted = promoted_name(name)
+            hidden = " (its password hidden)" if redact(url) != url else ""
             console.print(
-                f"note: the promotion's {failed} runs of searched recipes all failed "
-                f"(`kdsearch trials {promoted}{storage_option(promoted, url)}` says why); no "
-                "promotion confirms this trial's score, which is from the search's budget"
+                f"note: no run of a searched recipe has finished in the promotion ({failed} "
+                f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
+                f"{storage_option(promoted, url)}`{hidden} says why); no promotion confirms "
+                "this trial's score, which is from the search's budget"
             )
         teacher, files = None, None
         if needs_teacher(winner.recipe):
@@ -766,8 +769,8 @@ def run_export(
     if winner.planned_seeds and tried < winner.planned_seeds:
         console.print(
             f"note: the winner's mean is over {len(winner.seeds)} of the "
-            f"{winner.planned_seeds} seeds a promotion asked for (interrupted, or a later one "
-            f"with fewer seeds); {again} "
+            f"{winner.planned_seeds} seeds a promotion asked for (interrupted, or a promotion "
+            f"at this budget with fewer seeds or other recipes); {again} "
             "trains the rest, then export again",
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():

@@ -485,16 +485,20 @@ def has_promoted(storage: BaseStorage, name: str) -> bool:
     return any(int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted))
 
 
-def failed_searched_runs(storage: BaseStorage, name: str) -> int:
-    """How many runs of searched recipes the promoted study of `name` records as failed (at
-    any budget; 0 where there is no such study)."""
+def failed_searched_runs(storage: BaseStorage, name: str) -> tuple[int, int]:
+    """Of the runs (recipe, seed, budget) of searched recipes that the promoted study of `name`
+    tried and no try finished: how many, and how many of those diverged on some try ((0, 0)
+    where there is no such study)."""
     if not promotion_held(storage, name):
-        return 0
+        return 0, 0
     promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
-    return sum(
-        t.state == TrialState.FAIL and int(t.user_attrs["source_trial"]) >= 0
-        for t in promoted.trials
-    )
+    done = finished_runs(promoted)
+    failed: dict[str, bool] = {}
+    for t in promoted.trials:
+        key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
+        if t.state == TrialState.FAIL and t.params["source_trial"] >= 0 and key not in done:
+            failed[key] = failed.get(key, False) or diverged(t)
+    return len(failed), sum(failed.values())
 
 
 def weights_dir_for(url: str, name: str) -> Path:
