@@ -305,11 +305,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in tally.failures[-5:]:
         console.print(f"  failed {line}")
     finished = tally.complete + tally.pruned + tally.failed
+    resumed = password_hidden(url) if args.storage else ""  # after the --resume command
     if not complete:
-        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
         console.print(
             f"stopped with {finished} of {target} trials finished; "
-            f"`{resume_command(args, url)}`{hidden} finishes the search",
+            f"`{resume_command(args, url)}`{resumed} finishes the search",
         )
         return 130
     if tally.running:
@@ -324,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tally.running and (space.config.promote or space.config.export):
         # from the trials finished so far, the best might not be the search's: the last
         # driver to finish promotes and exports (or, should it be gone, the user)
-        hidden = " (its password hidden)" if given and redact(url) != url else ""
+        hidden = password_hidden(url) if given else ""
         console.print(
             "so this driver leaves the space's promotion and export to the driver that "
             "finishes the search last (if its space file has them); should none, run "
@@ -347,12 +347,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = Path(space.config.export.dir)
             run_export(open_storage(url), url, name, out, here, export_option(space))
     except KeyboardInterrupt:  # the search is done; say how to finish what follows it
-        hidden = " (its password hidden)" if args.storage and redact(url) != url else ""
         cfg = space.config
         steps = [w for w, on in (("promotion", cfg.promote), ("export", cfg.export)) if on]
         kept = " (the promotion runs already finished are kept)" if cfg.promote else ""
         console.print(
-            f"stopped after the search; `{resume_command(args, url)}`{hidden} does the "
+            f"stopped after the search; `{resume_command(args, url)}`{resumed} does the "
             f"space's {' and '.join(steps)}{kept}"
         )
         raise
@@ -469,6 +468,14 @@ def forget_if_empty(file: Path) -> None:
     if empty:
         with suppress(OSError):  # the error that refused the run is the one to show
             file.unlink()
+
+
+def password_hidden(url: str) -> str:
+    """' (its password hidden)' to follow a printed command whose storage URL `redact` has
+    shortened, else ''."""
+    from kdsearch.study import redact
+
+    return " (its password hidden)" if redact(url) != url else ""
 
 
 def resume_command(args: argparse.Namespace, url: str) -> str:
@@ -674,11 +681,12 @@ def run_export(
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
     from kdsearch.promote import failed_searched_runs
-    from kdsearch.study import promoted_name, redact
+    from kdsearch.study import promoted_name
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
     check_out(out, name, url, option)
+    hidden = password_hidden(url)  # after each command the notes print with --storage
     winner = find_winner(storage, name, here)
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
     # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
@@ -715,7 +723,6 @@ def run_export(
         failed, bad = failed_searched_runs(storage, name)
         if failed:  # not "nothing": nothing finished
             promoted = promoted_name(name)
-            hidden = " (its password hidden)" if redact(url) != url else ""
             console.print(
                 f"note: no run of a searched recipe has finished in the promotion ({failed} "
                 f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
@@ -750,7 +757,6 @@ def run_export(
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
     # (or the default) top-k, seeds and epochs, perhaps another budget altogether
     tried = len(winner.seeds) + len(winner.failed_seeds)
-    hidden = " (its password hidden)" if redact(url) != url else ""
     top_k = f" --top-k {winner.rank}" if winner.rank else ""
     again = (
         f"`kdsearch promote {name}{storage_option(name, url)}{top_k} --seeds "

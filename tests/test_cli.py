@@ -16,7 +16,7 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands import parse_sets, storage_option, storage_url
+from kdsearch.commands import parse_sets, password_hidden, storage_option, storage_url
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
@@ -403,6 +403,9 @@ def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     assert storage_url("~/s.db") == "sqlite:////home/u/s.db"
     url = "postgresql+psycopg2://user:secret@db:5432/kd"
     assert storage_url(url) == url
+    # a printed command shows the URL without its password, and says so
+    assert password_hidden(url) == " (its password hidden)"
+    assert password_hidden("postgresql://db:5432/kd") == password_hidden(storage_url("s.db")) == ""
     # a command printed for the user names the storage only where it would not find it itself
     (tmp_path / "studies").mkdir()
     (tmp_path / "studies" / "s.db").touch()
