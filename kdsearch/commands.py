@@ -112,10 +112,11 @@ def prepare_teacher(recipe: Recipe, data: Any, heads: bool, record: Record | Non
     with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
         teacher = get_teacher(recipe, data, report, heads=False)
     if heads:
+        path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
         if record is not None and recipe.teacher.heads.checkpoint is None:
-            not_retrained(record, teacher_heads_path(recipe, data, teacher), heads=True)
+            not_retrained(record, path, heads=True)
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
-            teacher = with_heads(recipe, data, teacher, report=heads_report)
+            teacher = with_heads(recipe, data, teacher, report=heads_report, path=path)
     return teacher
 
 
@@ -592,14 +593,7 @@ def run_promotion(
     from kdsearch.study import promoted_name, redact
 
     budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
-    # before the data and the teacher: a folder the weights cannot go to fails at once
     weights_dir = weights_dir_for(url, name)
-    if weights_dir.exists() and not weights_dir.is_dir():
-        raise KdsearchError(
-            f"{weights_dir} is a file, where the promotion keeps its students' weights; move it "
-            "away"
-        )
-    writable_folder(weights_dir, "the promotion's weights folder")
     status = RunsStatus()
     searched: list[str] = []  # the keys of the plan's runs of searched recipes
 
@@ -635,7 +629,7 @@ def run_promotion(
             top_k=top_k,
             seeds=seeds,
             epochs=epochs,
-            weights_dir=weights_dir_for(url, name),
+            weights_dir=weights_dir,
             address=address,
             on_plan=on_plan,
             on_run=on_run,
@@ -648,7 +642,7 @@ def run_promotion(
     console.print(leaderboard_table(leaderboard(promoted)))
     console.print(
         f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
-        f"weights in {weights_dir_for(url, name)}/"
+        f"weights in {weights_dir}/"
     )
     if finished_keys(promoted) & set(searched):
         return True

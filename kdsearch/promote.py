@@ -28,8 +28,9 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from kdsearch import __version__
 from kdsearch.data import ImageData, load_data
 from kdsearch.distill import needs_teacher, needs_teacher_heads
-from kdsearch.errors import KdsearchWarning, NonFiniteLoss, StudyError
+from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, StudyError
 from kdsearch.losses import LOSSES
+from kdsearch.paths import writable_folder
 from kdsearch.recipe import Recipe
 from kdsearch.study import (
     base_recipe,
@@ -195,14 +196,21 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
     budget = board_budget(promoted)
     if budget is None and promoted.trials:
         budget = run_budget(max(promoted.trials, key=lambda t: t.number))
+    return unfinished_failures(promoted, lambda t: run_budget(t) == budget)
+
+
+def unfinished_failures(
+    promoted: optuna.Study, keep: Callable[[FrozenTrial], bool]
+) -> list[FrozenTrial]:
+    """Of the FAIL runs `keep` takes, one per run (recipe, seed, budget) that no try finished:
+    the latest try, but a divergence over a machine's failure (a seed lost to an OOM and
+    diverged when tried again is a diverged seed, whichever came first)."""
     done = finished_runs(promoted)
     failed: dict[str, FrozenTrial] = {}
     for t in promoted.trials:  # in the order they were tried
         key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
-        if t.state != TrialState.FAIL or key in done or run_budget(t) != budget:
+        if t.state != TrialState.FAIL or key in done or not keep(t):
             continue
-        # the latest try, but a divergence over a machine's failure: a seed lost to an OOM and
-        # diverged when tried again is a diverged seed, whichever came first
         if key not in failed or diverged(t) or not diverged(failed[key]):
             failed[key] = t
     return list(failed.values())
@@ -245,6 +253,13 @@ def promote(
     if here is None:
         here = machine_settings(base_recipe(study), space_config(study).space)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
+    # before the promoted study, the data and the teacher: a folder the weights cannot go to
+    if weights_dir.exists() and not weights_dir.is_dir():
+        raise KdsearchError(
+            f"{weights_dir} is a file, where the promotion keeps its students' weights; move it "
+            "away"
+        )
+    writable_folder(weights_dir, "the promotion's weights folder")
     promoted = open_promoted(storage, name)
     done = finished_keys(promoted)
     budget = runs[0].recipe.schedule.epochs
@@ -492,13 +507,8 @@ def failed_searched_runs(storage: BaseStorage, name: str) -> tuple[int, int]:
     if not promotion_held(storage, name):
         return 0, 0
     promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
-    done = finished_runs(promoted)
-    failed: dict[str, bool] = {}
-    for t in promoted.trials:
-        key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
-        if t.state == TrialState.FAIL and t.params["source_trial"] >= 0 and key not in done:
-            failed[key] = failed.get(key, False) or diverged(t)
-    return len(failed), sum(failed.values())
+    failed = unfinished_failures(promoted, lambda t: t.params["source_trial"] >= 0)
+    return len(failed), sum(map(diverged, failed))
 
 
 def weights_dir_for(url: str, name: str) -> Path:

@@ -187,10 +187,16 @@ def get_teacher(
 
 
 def with_heads(
-    recipe: Recipe, data: ImageData, teacher: Teacher, *, report: Report | None = None
+    recipe: Recipe,
+    data: ImageData,
+    teacher: Teacher,
+    *,
+    report: Report | None = None,
+    path: Path | None = None,
 ) -> Teacher:
-    """`teacher` with its heads (`get_teacher_heads`) and the file they are in."""
-    path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
+    """`teacher` with its heads (`get_teacher_heads`) and the file they are in (`path`:
+    `teacher_heads_path`, where the caller has it already)."""
+    path = path or teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher
     heads = get_teacher_heads(recipe, data, teacher, report, path=path)
     return replace(teacher, heads=heads, heads_path=path)
 

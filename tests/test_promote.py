@@ -373,7 +373,7 @@ def test_a_promotion_refuses_a_teacher_other_than_its_recorded_runs_learned_from
 
 
 def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_against(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A first promotion on a machine that had lost the search's cached teacher trained
     another and promoted against it without a word."""
@@ -382,14 +382,16 @@ def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_again
     torch.save({"w": torch.zeros(3)}, searched_with)
     study.set_user_attr("teacher_files", TeacherFiles(searched_with, "0" * 16).attrs())
     model = build_model("resnet8", 10, 1)
-    weights_dir = tmp_path / "w"
-    weights_dir.touch()  # a file: the promotion stops where it would make its folder
 
     def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
         return Teacher(model, "trained", searched_with, 0.5)
 
-    with pytest.warns(KdsearchWarning) as told, pytest.raises(FileExistsError):
-        promote(storage, "s", top_k=1, seeds=1, epochs=2, weights_dir=weights_dir, prepare=prepare)
+    def no_ray(*_: object, **__: object) -> None:  # the promotion stops before its runs train
+        raise InterruptedError
+
+    monkeypatch.setattr("kdsearch.search.run_jobs", no_ray)
+    with pytest.warns(KdsearchWarning) as told, pytest.raises(InterruptedError):
+        promote(storage, "s", top_k=1, seeds=1, epochs=2, weights_dir=tmp_path, prepare=prepare)
     assert [str(w.message) for w in told] == [
         f"the search 's': the teacher file {searched_with} hashes "
         f"{weights_digest(searched_with)}, but the runs recorded before learned from one that "
