@@ -34,9 +34,9 @@ from kdsearch.distill import needs_teacher_heads
 from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import (
+    moved_into_place,
     staged_for,
     staging_path,
-    stops_deferred,
     writable_folder,
     write_errors,
 )
@@ -256,9 +256,9 @@ def export(
             for folder in created:
                 folder.rmdir()
         raise
-    with stops_deferred():  # a Ctrl-C half-way would leave a folder no rerun may replace
-        for file, tmp in staged.items():  # in order: meta.json, which names the export, last
-            tmp.replace(out / file)
+    # all at once (a Ctrl-C half-way would leave a folder no rerun may replace), in order:
+    # meta.json, which names the export, last
+    moved_into_place([(tmp, out / file) for file, tmp in staged.items()])
     for file, source in copies.items():  # then an earlier export's teacher, which it no longer
         if source is None:  # names: a kill before this leaves a spare file, not a lost one
             (out / file).unlink(missing_ok=True)

@@ -64,16 +64,16 @@ def writable_file(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def write_errors(where: str) -> Iterator[None]:
+def write_errors(
+    where: str, then: str = "nothing was written", error: type[KdsearchError] = KdsearchError
+) -> Iterator[None]:
     """An OSError while writing (or torch.save's RuntimeError, its word for a full disk) as
-    one line: `where` (the option and its value), why, and that nothing was written."""
+    one line: `where` (the option and its value), why, and `then`."""
     try:
         yield
     except (OSError, RuntimeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
-        raise KdsearchError(
-            f"{where}: cannot write there ({reason}); nothing was written"
-        ) from None
+        raise error(f"{where}: cannot write there ({reason}); {then}") from None
 
 
 @contextlib.contextmanager
@@ -135,12 +135,24 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     tmp = staging_path(dest)
     try:
         yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        tmp.replace(dest)
-        _sync_folder(dest.parent)
+        moved_into_place([(tmp, dest)])
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def moved_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Move each written file (source, destination) into place, in order: every source on disk
+    first (a power loss leaves the old files or the new ones, never an empty one under the name),
+    all the moves or, for a Ctrl-C or SIGTERM in between, all of them before it takes effect,
+    and then the folders' entries on disk too."""
+    for source, _ in moves:
+        with open(source, "rb") as written:
+            os.fsync(written.fileno())
+    with stops_deferred():
+        for source, dest in moves:
+            shutil.move(source, dest)
+    for folder in {dest.parent for _, dest in moves}:
+        _sync_folder(folder)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -173,15 +185,8 @@ def placed_files(out: Path, write: Callable[[Path], None]) -> Path:
         staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
         try:
             write(staged)
-            files = sorted(staged.iterdir())
-            for file in files:  # on disk before they are in place
-                with open(file, "rb") as written:
-                    os.fsync(written.fileno())
             dest = _beside(out) if run_files(out) else out
-            with stops_deferred():  # all of them or, stopped before, none
-                for file in files:
-                    shutil.move(file, dest / file.name)
-            _sync_folder(dest)
+            moved_into_place([(file, dest / file.name) for file in sorted(staged.iterdir())])
             return dest
         finally:
             shutil.rmtree(staged, ignore_errors=True)

@@ -26,7 +26,7 @@ from torch import nn
 from kdsearch.cache import cache_dir, digest
 from kdsearch.data import ImageData, Loader, derive_seed
 from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
-from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, TeacherError
+from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
 from kdsearch.models import TapModel, build_model, fold_batch_norm
@@ -56,6 +56,7 @@ HEADS_FORMAT = 2  # likewise for the heads (2: last-stage heads of ShuffleNetV2,
 # (and its heads') as it was, where hashing them would have every cached teacher trained again.
 UNKEYED_TERM_SETTINGS = {"stkd": ("kl_weight",)}
 TEACHER_DIGEST = "teacher_digest"  # a heads file's key: the teacher they were trained on
+MAKE_ROOM = "make room, or set KDSEARCH_CACHE_DIR to a folder with room"
 
 
 @dataclass(frozen=True)
@@ -226,13 +227,13 @@ def _cached_or_trained(
             return Teacher(freeze(on_host(model)), "cache", path, val_acc)
     writable_folder(path.parent, "the teacher cache")  # before hours of training, not after
     blank = build_model(recipe.teacher.arch, data.num_classes, data.channels)
-    _room_for(blank, path, "the teacher")
+    _room_for(blank, path, "teacher")
     for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
         if stale.suffix != ".lock":  # a lock stays where a process may hold it
             stale.unlink(missing_ok=True)
     result = train(teacher_recipe(recipe), data, report)
     meta.update(val_acc=result.val_acc, seconds=result.seconds)
-    _save(result.student, path, "the teacher", meta)
+    _save(result.student, path, "teacher", meta)
     return Teacher(freeze(on_host(result.student)), "trained", path, result.val_acc)
 
 
@@ -327,12 +328,12 @@ def get_teacher_heads(
             if not _load_cached_heads(heads, path, teacher):
                 heads = fresh()  # a failed load may have copied some of the tensors already
                 writable_folder(path.parent, "the teacher cache")
-                _room_for(heads, path, "the teacher's heads")
+                _room_for(heads, path, "teacher's heads")
                 train_teacher_heads(heads, teacher.model, recipe, data, report)
                 _save(
                     heads,
                     path,
-                    "the teacher's heads",
+                    "teacher's heads",
                     {
                         "teacher": str(teacher.path),
                         "heads": recipe.teacher.heads.model_dump(),
@@ -584,9 +585,8 @@ def _room_for(model: nn.Module, path: Path, what: str) -> None:
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise TeacherError(
-            f"the teacher cache {path.parent} has {free / 2**20:.1f} MB free, and {what} needs "
-            f"{need / 2**20:.1f} MB there; make room, or set KDSEARCH_CACHE_DIR to a folder "
-            "with room"
+            f"the teacher cache {path.parent} has {free / 2**20:.1f} MB free, and the {what} "
+            f"needs {need / 2**20:.1f} MB there; {MAKE_ROOM}"
         )
 
 
@@ -604,15 +604,9 @@ def _save(
     weights: dict[str, Any] = {k: v.cpu() for k, v in model.state_dict().items()}
     if teacher_digest is not None:
         weights = {"state_dict": weights, TEACHER_DIGEST: teacher_digest}
-    try:
-        with write_errors(f"the teacher cache {path}"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(weights, path)
-    except KdsearchError as err:
-        raise TeacherError(
-            f"{err}: the trained {what.removeprefix('the ')} is lost; make room, or set "
-            "KDSEARCH_CACHE_DIR to a folder with room"
-        ) from None
+    lost = f"the trained {what} is lost; {MAKE_ROOM}"
+    with write_errors(f"the teacher cache {path}", lost, TeacherError):
+        save_weights(weights, path)  # its folder: made by `training_turn`
     with suppress(OSError):  # the weights are what counts: without this, measured again
         _write_meta(path, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 

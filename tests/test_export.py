@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import sqlite3
 from dataclasses import replace
@@ -381,15 +382,15 @@ def test_a_ctrl_c_while_the_files_move_into_place_ends_the_export_first(
     winner, data, weights = small_winner()
     url = f"sqlite:///{tmp_path}/studies/s.db"
     moved: list[str] = []
-    replace_file = Path.replace
+    move_file = shutil.move
 
-    def replace_then_stop(self: Path, target: Path) -> Path:
+    def move_then_stop(source: Path, target: Path) -> object:
         moved.append(Path(target).name)
         if len(moved) == 2:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C, after recipe.yaml moved
-        return replace_file(self, target)
+        return move_file(source, target)
 
-    monkeypatch.setattr(Path, "replace", replace_then_stop)
+    monkeypatch.setattr("kdsearch.paths.shutil.move", move_then_stop)
     with pytest.raises(KeyboardInterrupt):
         export(winner, "s", url, tmp_path / "w", weights, data, None)
     assert moved[-1] == "meta.json"  # every file moved first

@@ -285,8 +285,8 @@ def test_a_teacher_the_full_disk_cannot_take_is_one_line_naming_it(
         get_teacher(tiny_recipe(), synthetic)
     path = cached_teacher_path(tiny_recipe(), synthetic)
     assert str(refused.value) == (
-        f"the teacher cache {path}: cannot write there (write failed); nothing was written: the "
-        "trained teacher is lost; make room, or set KDSEARCH_CACHE_DIR to a folder with room"
+        f"the teacher cache {path}: cannot write there (write failed); the trained teacher is "
+        "lost; make room, or set KDSEARCH_CACHE_DIR to a folder with room"
     )
     assert [p.name for p in (isolated_cache / "teachers").iterdir() if p.suffix != ".lock"] == []
 
