@@ -37,8 +37,9 @@ class Results(Console):
 
 # markup=False, emoji=False: what kdsearch prints holds users' paths, names and errors, which
 # are printed as they are (a file out[bold].csv, a path such as run:fire:1), never as Rich markup
-console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
-results = Results(highlight=False, emoji=False, markup=False)
+PLAIN: dict[str, Any] = {"highlight": False, "emoji": False, "markup": False}  # every console's
+console = Console(stderr=True, soft_wrap=True, **PLAIN)
+results = Results(**PLAIN)
 UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole
 
@@ -232,14 +233,7 @@ def print_whole(out: Console, table: Table) -> None:
     fits = Measurement.get(out, out.options.update_width(UNBOUNDED), table)
     width = fits.minimum if out.is_terminal else fits.maximum
     if width > out.width or not out.is_terminal:  # `print(width=)` stays within the console's
-        out = type(out)(
-            file=out.file,
-            width=width,
-            highlight=False,
-            markup=False,
-            emoji=False,
-            force_terminal=out.is_terminal,
-        )
+        out = type(out)(file=out.file, width=width, force_terminal=out.is_terminal, **PLAIN)
     out.print(table)
 
 
