@@ -675,7 +675,7 @@ def run_export(
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
     from kdsearch.promote import failed_searched_runs
-    from kdsearch.study import promoted_name
+    from kdsearch.study import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
 
@@ -714,7 +714,7 @@ def run_export(
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"
         )
-        failed, bad = failed_searched_runs(storage, name)
+        failed, bad = failed_searched_runs(promoted_study(storage, name))
         if failed:  # not "nothing": nothing finished
             promoted = promoted_name(name)
             console.print(

@@ -46,7 +46,7 @@ from kdsearch.study import (
     base_recipe,
     load_study,
     machine_settings,
-    promoted_name,
+    promoted_study,
     ranked,
     recorded,
     space_config,
@@ -97,8 +97,8 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
     recorded(study, "space")  # a search study, not a promoted one or another tool's
     base = base_recipe(study)
     searched_keys = space_config(study).space
-    if has_promoted(storage, name):
-        promoted = load_study(storage, promoted_name(name))
+    promoted = promoted_study(storage, name)
+    if promoted is not None and has_promoted(promoted):
         board = leaderboard(promoted)
         searched = board[board["source_trial"] >= 0]
         best = searched.iloc[0]

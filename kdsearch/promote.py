@@ -491,22 +491,20 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def has_promoted(storage: BaseStorage, name: str) -> bool:
-    """Whether the promoted study of `name` exists and holds a COMPLETE run of a searched
-    recipe."""
-    if not promotion_held(storage, name):
-        return False
-    promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
-    return any(int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted))
+def has_promoted(promoted: optuna.Study | None) -> bool:
+    """Whether `promoted` (a search's `promoted_study`) holds a COMPLETE run of a searched
+    recipe at its leaderboard's budget."""
+    return promoted is not None and any(
+        int(t.user_attrs["source_trial"]) >= 0 for t in current_runs(promoted)
+    )
 
 
-def failed_searched_runs(storage: BaseStorage, name: str) -> tuple[int, int]:
-    """Of the runs (recipe, seed, budget) of searched recipes that the promoted study of `name`
-    tried and no try finished: how many, and how many of those diverged on some try ((0, 0)
-    where there is no such study)."""
-    if not promotion_held(storage, name):
+def failed_searched_runs(promoted: optuna.Study | None) -> tuple[int, int]:
+    """Of the runs (recipe, seed, budget) of searched recipes that `promoted` (a search's
+    `promoted_study`) tried and no try finished: how many, and how many of those diverged on
+    some try ((0, 0) where there is no such study)."""
+    if promoted is None:
         return 0, 0
-    promoted = optuna.load_study(study_name=promoted_name(name), storage=storage)
     failed = unfinished_failures(promoted, lambda t: t.params["source_trial"] >= 0)
     return len(failed), sum(map(diverged, failed))
 

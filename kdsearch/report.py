@@ -28,8 +28,7 @@ from kdsearch.promote import leaderboard
 from kdsearch.study import (
     is_promotion,
     load_study,
-    promoted_name,
-    promotion_held,
+    promoted_study,
     ranked,
     recorded,
     space_config,
@@ -203,8 +202,8 @@ def build_report(storage: BaseStorage, name: str) -> str:
         sections.append(("Failed trials", reasons))
     if complete:
         sections += _comparisons(study, complete)
-    if promotion_held(storage, name):
-        board = leaderboard(load_study(storage, promoted_name(name)))
+    if (promoted := promoted_study(storage, name)) is not None:
+        board = leaderboard(promoted)
         shown: Part = leaderboard_figure(board) if len(board) else "no promoted run has finished"
         sections.append(("Promoted leaderboard", [shown]))
     for param in param_names(study):

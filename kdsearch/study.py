@@ -239,6 +239,13 @@ def promotion_held(storage: BaseStorage, name: str) -> bool | None:
     return None
 
 
+def promoted_study(storage: BaseStorage, name: str) -> optuna.Study | None:
+    """The study of search `name`'s promotion runs, where there is one (`promotion_held`)."""
+    if not promotion_held(storage, name):
+        return None
+    return optuna.load_study(study_name=promoted_name(name), storage=storage)
+
+
 def is_search(attrs: Mapping[str, Any]) -> bool:
     """Whether a study with these user attributes is a search: `kdsearch run` records its space
     when it creates one, `promote` never (its studies may lack `source_study` for a moment)."""

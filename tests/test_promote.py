@@ -35,7 +35,14 @@ from kdsearch.promote import (
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, base_recipe, open_storage, space_config, trial_recipe
+from kdsearch.study import (
+    Record,
+    base_recipe,
+    open_storage,
+    promoted_study,
+    space_config,
+    trial_recipe,
+)
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -299,7 +306,7 @@ def test_a_failed_run_is_tried_again_and_the_board_reads_the_latest_budget(
     assert finished_keys(promoted_study) == {r.key for r in short + long[1:]}  # not the failure
     # no searched recipe has finished at 4 epochs yet: the board stays at 2
     assert list(leaderboard(promoted_study)["val_mean"]) == [50.0] * 3
-    assert has_promoted(storage, "s")
+    assert has_promoted(promoted_study)
     record(long[0], 0.8)  # the failed run, tried again
     board = leaderboard(promoted_study)
     assert dict(zip(board["recipe"], board["val_mean"], strict=True)) == {
@@ -713,7 +720,8 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
     )
     storage = open_storage(url)
     held = optuna.load_study(study_name="s-promoted", storage=storage).user_attrs
-    assert not has_promoted(storage, "s")  # export trains the search's best trial instead
+    # not s's promotion, so export trains the search's best trial instead
+    assert promoted_study(storage, "s") is None
     out = cli_here("promote", "s", cwd=tmp_path)
     assert out.returncode == 2 and "promoting" not in out.stderr
     assert (
@@ -733,7 +741,7 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
     assert open_promoted(storage, "z").user_attrs["source_study"] == "z"
     # one that an earlier `promote s` already marked as s's (source_study): still a search
     optuna.load_study(study_name="s-promoted", storage=storage).set_user_attr("source_study", "s")
-    assert not has_promoted(storage, "s")
+    assert not has_promoted(promoted_study(storage, "s"))
     listed = cli_here("trials", "s-promoted", cwd=tmp_path)
     assert listed.returncode == 0 and "temperature" in listed.stdout, listed.stderr
     # no new search takes such a name, from --study or the space file; a study recorded under
