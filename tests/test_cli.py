@@ -414,9 +414,8 @@ def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
         assert storage_option("s-promoted", found) == ""  # promote records it in the search's
     assert storage_option("s", "sqlite:////data/s.db") == " --storage sqlite:////data/s.db"
     (tmp_path / "studies" / "s-promoted.db").touch()  # a file of that name: found before s.db
-    assert storage_option("s-promoted", f"sqlite:///{tmp_path}/studies/s.db").startswith(
-        " --storage sqlite:///"
-    )
+    named = storage_option("s-promoted", f"sqlite:///{tmp_path}/studies/s.db")
+    assert named == f" --storage sqlite:///{tmp_path}/studies/s.db"
     assert storage_option("s", url) == " --storage 'postgresql+psycopg2://user:***@db:5432/kd'"
 
 

@@ -397,10 +397,14 @@ def test_image_size_resizes_the_kept_subset_as_it_resized_the_whole_set() -> Non
     whole = load_data(cfg.model_copy(update={"subset": None}))
     raw = load_data(cfg.model_copy(update={"image_size": None}))
     assert data.train.x.shape[1:] == (1, 20, 20)
-    x = raw.train.x.float()
-    expected = F.interpolate(x, size=(20, 20), mode="bilinear", antialias=True)
-    assert torch.equal(data.train.x, expected.round().clamp(0, 255).to(torch.uint8))
-    assert torch.equal(data.test.x, whole.test.x)
+
+    def resized(x: torch.Tensor) -> torch.Tensor:  # all at once, as before the chunks
+        x = F.interpolate(x.float(), size=(20, 20), mode="bilinear", antialias=True)
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+    assert torch.equal(data.train.x, resized(raw.train.x))
+    assert len(raw.test) > 256, "the test split spans two chunks"
+    assert torch.equal(data.test.x, resized(raw.test.x)) and torch.equal(whole.test.x, data.test.x)
     assert data.fingerprint != raw.fingerprint
 
 

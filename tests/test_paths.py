@@ -130,7 +130,7 @@ def test_a_runs_files_are_placed_whole_and_never_over_another_runs(
         "second",
         "third",
     ]
-    assert run_files(out) == ["metrics.json"], "no staging folder left behind"
+    assert [p.name for p in out.iterdir()] == ["metrics.json"], "no staging folder left behind"
     # the folder as the user gave it: made by hand, a link to one, the working folder
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine").chmod(0o2775)  # setgid: a shared group folder

@@ -24,6 +24,7 @@ from kdsearch.promote import (
     _record,
     current_runs,
     failed_runs,
+    failed_searched_runs,
     finished_keys,
     has_promoted,
     leaderboard,
@@ -271,6 +272,13 @@ def test_a_stop_in_the_promotion_after_a_search_says_how_to_finish_it(
         "stopped after the search; `kdsearch run space.yaml --resume` does the space's promotion "
         "(the promotion runs already finished are kept)"
     ) in " ".join(ran.stderr.split())
+    # a --storage whose URL is printed without its password says so after the command
+    monkeypatch.setattr("kdsearch.study.redact", lambda url: "postgresql://u:***@db/kd")
+    ran = cli_here("run", "space.yaml", "--resume", "--storage", "studies/s.db", cwd=tmp_path)
+    assert (
+        "stopped after the search; `kdsearch run space.yaml --storage "
+        "'postgresql://u:***@db/kd' --resume` (its password hidden) does the space's promotion"
+    ) in " ".join(ran.stderr.split()), ran.stderr
 
 
 def test_a_base_recipe_shorter_than_the_trial_budget_needs_epochs_to_promote(
@@ -442,6 +450,24 @@ def test_the_seeds_planned_at_a_budget_are_the_most_any_promotion_asked_for(
     assert again.user_attrs["seeds:2"] == 3
     plan_seeds(promoted_study, 40, 2)  # another budget's own
     assert promoted_study.user_attrs["seeds:40"] == 2
+
+
+def test_failed_searched_runs_counts_runs_not_tries_and_not_the_baselines(
+    tmp_path: Path,
+) -> None:
+    _, study, promoted = searched(tmp_path)
+    runs = {(r.source_trial, r.seed): r for r in plan(study, top_k=1, seeds=2, epochs=2)}
+    tries = [
+        ((PLAIN_KD, 0), "NonFiniteLoss: nan"),  # a baseline's: not a searched recipe's
+        ((1, 0), "OutOfMemoryError: x"),
+        ((1, 0), "OutOfMemoryError: x"),  # the same run tried again: one run
+        ((1, 1), "NonFiniteLoss: nan"),
+    ]
+    for key, failure in tries:
+        _record(promoted, runs[key], result_of(runs[key], 0.0, failure), tmp_path, None, DATA)
+    assert failed_searched_runs(promoted) == (2, 1)
+    _record(promoted, runs[1, 0], result_of(runs[1, 0], 0.5), tmp_path, None, DATA)
+    assert failed_searched_runs(promoted) == (1, 1), "finished: not failed"
 
 
 def test_equal_spreads_go_to_the_lower_trial_not_to_their_last_bits(tmp_path: Path) -> None:

@@ -413,6 +413,8 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
     ):
         ran = cli_here(*args, cwd=tmp_path)
         assert ran.returncode == 2 and expected in ran.stderr, ran.stderr
+        # refused by the folder's probe, before any work: not by the write at the end
+        assert "nothing was written" not in ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
 

@@ -223,9 +223,14 @@ def test_auto_precision_on_a_gpu_follows_its_native_formats(
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
 )
-def test_asking_for_cuda_without_one_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_asking_for_cuda_without_one_is_a_clear_error() -> None:
     with pytest.raises(RecipeError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_asking_for_a_gpu_past_the_machines_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of two GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda:1")
