@@ -19,9 +19,10 @@ epochs are memory-mapped (the page cache holds them in host memory); an epoch th
 `device_bytes` is copied to the training device at the start of the epoch. Writers take turns
 (one lock for the whole store) to check `budget_bytes` and write, so trials computing different
 epochs at once cannot grow the store past it together. An epoch that would grow the store past
-the budget (or the disk's free space) is used by the trial that computed it and not stored; once
-an epoch of the kind is known not to fit, trials run the teacher live instead of computing epochs
-nobody can keep.
+the budget (or the disk's free space) is not computed: its first batch tells its size, and the
+trial runs the teacher live, as do later trials for the epochs of the kind not stored. An epoch
+that fitted when its computing began but not once it was done (trials computing others at the
+same time took the room) is used by the trial that computed it and not stored.
 """
 
 from __future__ import annotations
@@ -137,33 +138,51 @@ class TeacherStore:
         device: torch.device,
         compute: Callable[[], Iterator[tuple[Tensor, Outputs]]],
     ) -> EpochOutputs | None:
-        """`final`'s epoch computed here, and stored if it fits; None when it is known not to."""
+        """`final`'s epoch computed here, and stored if it fits; None when it is known not to:
+        from an earlier epoch of the group, or from this one's first batch, before the rest is
+        computed (so an epoch over the budget never takes more memory than a batch's outputs)."""
         size = self.folder / f"{group}.bytes"  # every epoch of a group is the same size
         with suppress(OSError, ValueError):
-            need = int(size.read_text())
-            if (
-                self._used() + need > self.config.budget_bytes
-                or shutil.disk_usage(self.folder).free < need
-            ):
+            if not self._has_room(int(size.read_text())):
                 return None  # computing it would only cost its memory and syncs
-        outputs = self._compute(compute)
+        outputs = self._compute(compute, size)
+        if outputs is None:
+            return None
         with flocked(self.config.root / "writer.lock", wait=True) as mine:
             if mine:
                 self._clear_dead_writers()
                 if self._used() + outputs.nbytes <= self.config.budget_bytes:
                     self._write(outputs, final)
-                with suppress(OSError):
-                    size.write_text(str(outputs.nbytes))
         return self._placed(outputs, device)
 
-    def _compute(self, compute: Callable[[], Iterator[tuple[Tensor, Outputs]]]) -> EpochOutputs:
+    def _has_room(self, need: int) -> bool:
+        """Whether an epoch of `need` bytes fits the budget beside the stored epochs, and the
+        disk."""
+        return (
+            self._used() + need <= self.config.budget_bytes
+            and shutil.disk_usage(self.folder).free >= need
+        )
+
+    def _compute(
+        self, compute: Callable[[], Iterator[tuple[Tensor, Outputs]]], size: Path
+    ) -> EpochOutputs | None:
+        """The epoch's outputs, or None when its first batch shows that it cannot be stored
+        (its size, one row an image, is then written to `size` for the epochs after it)."""
         tensors: dict[str, Tensor] = {}
         for idx, batch_outputs in compute():
-            for name, rows in per_image(batch_outputs, len(idx)).items():
-                if name not in tensors:
-                    tensors[name] = torch.empty(
-                        (self.num_images, *rows.shape[1:]), dtype=rows.dtype
-                    )
+            rows_of = per_image(batch_outputs, len(idx))
+            if not tensors:
+                need = self.num_images * sum(r[0].nbytes for r in rows_of.values())
+                with suppress(OSError):
+                    size.write_text(str(need))
+                with suppress(OSError):  # a folder that cannot be read: the write will tell
+                    if not self._has_room(need):
+                        return None
+                tensors = {
+                    name: torch.empty((self.num_images, *rows.shape[1:]), dtype=rows.dtype)
+                    for name, rows in rows_of.items()
+                }
+            for name, rows in rows_of.items():
                 tensors[name][idx.cpu()] = rows.cpu()
         return EpochOutputs(tensors)
 

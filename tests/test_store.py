@@ -140,7 +140,7 @@ def test_an_epoch_another_run_is_computing_is_run_live_and_not_written_twice(
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["plain-epoch0"]
 
 
-def test_an_epoch_over_the_budget_is_used_but_not_stored(
+def test_a_run_whose_epochs_are_over_the_budget_trains_as_one_without_a_store(
     data: ImageData, teacher: tuple[TapModel, dict[str, torch.nn.Module]], tmp_path: Path
 ) -> None:
     live = run(data, teacher, {}, None)
@@ -274,6 +274,21 @@ def test_a_full_store_runs_the_teacher_live_instead_of_computing_epochs_it_canno
         and seen == []
         and torch.equal(read.tensors["logits"], first.tensors["logits"])
     )
+
+
+def test_an_epoch_over_the_budget_is_not_computed_past_its_first_batch(
+    tmp_path: Path,
+) -> None:
+    """The first epoch of a kind was computed whole in host memory (the budget's size or more),
+    used by the trial and thrown away, whatever the budget: now its first batch tells its size."""
+    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES - 1, 0), "s", ROWS)
+    cpu = torch.device("cpu")
+    seen: list[int] = []
+    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is None and seen == [0]
+    assert (tmp_path / "s" / "plain.bytes").read_text() == str(EPOCH_BYTES)
+    seen.clear()
+    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
+    assert not list(tmp_path.rglob("*.npy"))
 
 
 def test_a_full_disk_runs_the_teacher_live_instead_of_computing_epochs_it_cannot_keep(
