@@ -355,6 +355,14 @@ class SearchSpace:
                         values.append(changes[path])
         return values
 
+    def written_as(self, recorded: Mapping[str, FloatParam | IntParam | CategoricalParam]) -> None:
+        """Take each parameter as `recorded` (a study's space) writes it, where the two are equal:
+        a study keeps a section's choices as their JSON text, and the same choices written
+        otherwise (keys in another order, 1 for 1.0) would be new labels to it."""
+        for name, p in self.params.items():
+            if recorded.get(name) == p:
+                self.params[name] = recorded[name]
+
     @property
     def trial_recipe(self) -> Recipe:
         """The base recipe at the trial budget (`asha.max_epochs`)."""

@@ -385,6 +385,8 @@ class Record:
                     "URL) and make it with --direction maximize, or choose another --study name"
                 )
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
+            if "space" in found.user_attrs and not changed:
+                space.written_as(space_config(found).space)
             if changed and resume:
                 raise StudyError(
                     f"study {name!r} was started with other settings ({'; '.join(changed)}); "

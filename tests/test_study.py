@@ -149,6 +149,44 @@ def test_a_search_named_as_one_whose_promotion_outlived_it_is_refused(
     assert Record(open_storage(url), "t", space, target=2, resume=False).created
 
 
+def test_a_resume_with_section_choices_written_otherwise_proposes_as_the_study_did(
+    url: str,
+) -> None:
+    """Choices equal as values but written otherwise passed the settings check, and Optuna then
+    refused their JSON text as a new value space: a traceback, and a trial left RUNNING."""
+    written = SPACE.replace(
+        "distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]]}",
+        "distill.hsakd: {type: categorical, choices: [{weight: 0.0}, "
+        "{weight: 1.0, placement: [2, 3]}]}",
+    )
+    record = Record(
+        open_storage(url),
+        "s",
+        SearchSpace.from_yaml(written, source="s.yaml"),
+        target=2,
+        resume=False,
+    )
+    for number in (0, 1):
+        assert record.next_plan(f"ray{number}") is not None
+        record.finish(number, TrialState.COMPLETE, {4: 0.5}, {"epochs": 4})
+    otherwise = written.replace(
+        "{weight: 1.0, placement: [2, 3]}", "{placement: [2, 3], weight: 1}"
+    )
+    again = Record(
+        open_storage(url),
+        "s",
+        SearchSpace.from_yaml(otherwise, source="s.yaml"),
+        target=6,
+        resume=True,
+    )
+    plans = [again.next_plan(f"ray{n}") for n in range(2, 6)]
+    assert all(plan is not None for plan in plans)
+    study = optuna.load_study(study_name="s", storage=url)
+    labels = {t.params["distill.hsakd"] for t in study.trials}
+    assert labels <= {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}
+    assert len(labels) == 2, "both choices drawn over six trials (seeded)"
+
+
 def test_an_empty_study_of_other_settings_is_refused_without_resume(
     space: SearchSpace, url: str
 ) -> None:
