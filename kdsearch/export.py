@@ -50,6 +50,7 @@ from kdsearch.study import (
     ranked,
     recorded,
     space_config,
+    sqlite_file,
     storage_place,
     trial_recipe,
 )
@@ -331,8 +332,16 @@ def check_out(out: Path, name: str, url: str, option: str = "--out") -> None:
     must not write into: a file, a place that cannot be written, or a folder holding anything
     but an earlier export of the same study (of that name, in that storage: studies take the
     name of their space file, so two databases often hold one of the same name). `option`:
-    what set `out` (`--out`, a space file's `export.dir`), as the error names it."""
+    what set `out` (`--out`, a space file's `export.dir`), as the error names it; a folder that
+    is, or will be, where the study's SQLite file is kept too (a search writes it after this
+    check, and an export beside it would be refused only then)."""
     writable_folder(out, option)
+    file = sqlite_file(url)
+    if file is not None and file.resolve().is_relative_to(out.resolve()):
+        raise KdsearchError(
+            f"{option} {out} is where the study's database is kept ({file}); an export needs a "
+            "folder of its own, so choose another"
+        )
     if out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         try:
             previous = json.loads((out / "meta.json").read_text())

@@ -356,6 +356,16 @@ def test_export_refuses_a_folder_holding_something_else(
     ran = cli_here("run", "e.yaml", cwd=fresh)
     assert ran.returncode == 2 and "not an export of study 'e'" in ran.stderr
     assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"
+    # nor one whose export would go where the search keeps its study: refused only at the end,
+    # after the search and its promotion had run, as a folder that held files
+    for folder in ("studies", ".", ""):
+        (fresh / "e.yaml").write_text(
+            SMALL_SPACE.replace("name: s}", f"name: e}}\nexport: {{dir: '{folder}'}}")
+        )
+        ran = cli_here("run", "e.yaml", cwd=fresh)
+        assert ran.returncode == 2, ran.stderr
+        assert "is where the study's database is kept (studies/e.db)" in ran.stderr
+        assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"
 
 
 def small_winner() -> tuple[Winner, ImageData, dict[str, torch.Tensor]]:
