@@ -275,9 +275,19 @@ class RecordingASHA(ASHAScheduler):
                     bracket.on_result(trial, last, curve[last])
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-        text = str(trial.get_error() or "").strip().splitlines()
-        self.errors[trial.trial_id] = text[-1][:500] if text else "the trial's process failed"
+        self.errors[trial.trial_id] = error_line(trial)
         super().on_trial_error(tune_controller, trial)
+
+
+def error_line(trial: Any) -> str:
+    """The last line of the error Tune wrote for a failed `trial` (why its process died, say),
+    read from the driver's own copy: Tune tells the scheduler before it copies that file to the
+    trial's storage, where `trial.get_error()` looks."""
+    text = ""
+    with contextlib.suppress(OSError, TypeError):  # TypeError: Tune wrote none (no path)
+        text = Path(trial.error_file).read_text()
+    lines = text.strip().splitlines()
+    return lines[-1][:500] if lines else "the trial's process failed"
 
 
 class KdSearcher(Searcher):
@@ -298,6 +308,7 @@ class KdSearcher(Searcher):
         self.max_epochs = record.space.config.asha.max_epochs
         self.plans: dict[str, Plan] = {}
         self.curves: dict[str, dict[int, float]] = {}
+        self.latest: dict[str, dict[str, Any]] = {}  # each trial's last result
         self.interrupted: list[int] = []
         self.failure: StudyError | None = None  # the study could not be written
         self.warned: set[str] = set()  # the trials' warnings told so far
@@ -330,7 +341,9 @@ class KdSearcher(Searcher):
         if result:
             self._note(trial_id, plan.number, result)
         curve = self.curves.pop(trial_id)
-        last = result or {}
+        # a process that died reports nothing at the end, and a failure reports only its
+        # progress: what the trial's last epoch said of it (its parameters, device, times) stands
+        last = self.latest.pop(trial_id, {}) | (result or {})
         attrs: dict[str, Any] = {"epochs": max(curve, default=0)}
         for key in (
             "wall_seconds",
@@ -375,6 +388,7 @@ class KdSearcher(Searcher):
         value = result.get(METRIC)
         if trial_id in self.curves and value is not None and not math.isnan(value):
             self.curves[trial_id][int(result["epoch"])] = float(value)
+            self.latest[trial_id] = result
         tell_once(self.warned, f"trial {number}", result.get("warnings", ()))
 
 

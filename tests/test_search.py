@@ -580,6 +580,59 @@ def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path)
     assert [t.user_attrs["warnings"] for t in trials] == [[said], [said]]
 
 
+def test_a_trial_whose_process_died_keeps_what_its_last_epoch_said(tmp_path: Path) -> None:
+    """Tune ends such a trial with no result, and the attributes came from that result alone:
+    its parameters, device, thread count and times were lost."""
+    from kdsearch import search
+    from kdsearch.study import METRIC, Record, open_storage
+
+    space = SearchSpace.from_yaml(SPACE, source="s.yaml")
+    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
+    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
+    asha.errors["a"] = "The actor is dead because its worker process has died."
+    searcher = search.KdSearcher(record, asha, 1.0, None)
+    searcher.suggest("a")
+    said = {"student_params": 78042, "device": "cpu", "threads": 1.0, "train_seconds": 2.5}
+    for epoch in (1, 2):
+        searcher.on_trial_result("a", {"epoch": epoch, METRIC: 0.5, **said})
+    searcher.on_trial_complete("a", None, error=True)
+    (trial,) = record.study.get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["failure"] == asha.errors["a"]
+    assert {k: trial.user_attrs.get(k) for k in said} == said and trial.user_attrs["epochs"] == 2
+
+
+def test_a_trial_whose_process_died_records_why(tmp_path: Path) -> None:
+    """Tune tells the scheduler of the error before it copies the error's file to the trial's
+    storage, where `trial.get_error()` looks: every death read "the trial's process failed"."""
+    import ray
+    from ray import tune
+
+    from kdsearch.search import RecordingASHA
+    from kdsearch.study import METRIC
+
+    def dies(config: dict[str, object]) -> None:
+        tune.report({"epoch": 1, METRIC: 0.5})
+        os._exit(1)  # as the kernel's OOM killer or a segfault ends a trial
+
+    asha = RecordingASHA(MAX_EPOCHS, 1, 2)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(
+            dies,
+            tune_config=tune.TuneConfig(scheduler=asha, num_samples=1, metric=METRIC, mode="max"),
+            run_config=tune.RunConfig(
+                storage_path=str(tmp_path),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        ).fit()
+    finally:
+        ray.shutdown()
+    (why,) = asha.errors.values()
+    assert "its worker process has died" in why
+
+
 def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
