@@ -11,6 +11,7 @@ together with a key inside it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -289,6 +290,7 @@ class SearchSpace:
     base: Recipe
     params: dict[str, FloatParam | IntParam | CategoricalParam]
     config: SpaceFile
+    set_keys: tuple[str, ...] = ()  # what --set changed of the base recipe
 
     @classmethod
     def load(cls, path: str | Path, base_changes: Mapping[str, Any] | None = None) -> SearchSpace:
@@ -324,7 +326,7 @@ class SearchSpace:
             raise RecipeError(f"{source}: {describe(err, SpaceFile)}") from None
         if isinstance(config.base, str):
             try:
-                base = Recipe.load(folder / config.base)
+                base = Recipe.load(folder / Path(config.base).expanduser())
             except RecipeError as err:
                 raise RecipeError(f"{source}: base: {err}") from None
         else:
@@ -338,7 +340,7 @@ class SearchSpace:
                         f"({', '.join(SpaceFile.model_fields)}) are set in {source}"
                     )
             base = base.override(base_changes, source="--set").resolve_paths(Path.cwd())
-        space = cls(source, text, base, dict(config.space), config)
+        space = cls(source, text, base, dict(config.space), config, tuple(base_changes or ()))
         space._check()
         return space
 
@@ -404,13 +406,12 @@ class SearchSpace:
         seen: list[str] = []
         for name, p in self.params.items():
             where = f"{self.source}: space.{name}"
-            if name.startswith("$"):
-                if not isinstance(p, CategoricalParam):
-                    raise RecipeError(f"{where}: a $decision must be categorical")
-            else:
-                self._check_path(name, p, where)
+            if name.startswith("$") and not isinstance(p, CategoricalParam):
+                raise RecipeError(f"{where}: a $decision must be categorical")
             self._check_when(p, seen, where)
             self._check_jointly(name, where)
+            if not name.startswith("$"):
+                self._check_path(name, p, where)
             seen.append(name)
         if all(name.startswith("$") for name in self.params):
             raise RecipeError(
@@ -458,12 +459,31 @@ class SearchSpace:
         except RecipeError as err:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
         for value in _extremes(p):
-            try:
-                base.override(leaf_changes({name: value}), source="the recipe")
-            except RecipeError as err:
-                problem = str(err).removeprefix("the recipe: ")
-                message = f"{where}: {value!r} does not fit the recipe: {problem}"
-                raise RecipeError(message) from None
+            problems = []
+            for fixed in self._conditions(name):  # it fits where one of them holds
+                try:
+                    base.override(leaf_changes({**fixed, name: value}), source="the recipe")
+                    break
+                except RecipeError as err:
+                    under = "".join(f" with {k} {v!r}" for k, v in fixed.items())
+                    problems.append(f"{under}: {str(err).removeprefix('the recipe: ')}")
+            else:
+                changed = f" (the base recipe as --set {', '.join(self.set_keys)} changed it)"
+                raise RecipeError(
+                    f"{where}: {value!r} does not fit the recipe{problems[0]}"
+                    + (changed if self.set_keys else "")
+                )
+
+    def _conditions(self, name: str) -> list[dict[str, Any]]:
+        """The settings of recipe paths that `name` is sampled under, as its `when`s (and theirs)
+        allow them: each combination of their values, at most 16 ([{}] when no `when` names a
+        recipe path)."""
+        allowed = {}
+        for ref, asks in self._needs(name).items():
+            if not ref.startswith("$"):  # `_check_jointly`: some value is common to all
+                allowed[ref] = [v for v in asks[0][1] if all(v in vs for _, vs in asks)]
+        combos = itertools.islice(itertools.product(*allowed.values()), 16)
+        return [dict(zip(allowed, values, strict=True)) for values in combos]
 
     def _check_when(self, p: _Param, seen: list[str], where: str) -> None:
         """Each condition names an earlier parameter and values it can take exactly."""
@@ -580,10 +600,14 @@ class SearchSpace:
         p = self.params.get("distill.hsakd.placement")
         if p is None or not any(w > 0 for w in self.reachable("distill.hsakd.weight")):
             return
+        students = [  # where its `when` draws the student, those it is drawn with
+            leaf_changes(fixed).get("student.arch", self.base.student.arch)
+            for fixed in self._conditions("distill.hsakd.placement")
+        ]
         for placement in _extremes(p):
-            problem = placement_problem(self.base.student.arch, placement)
-            if problem:
-                raise RecipeError(f"{self.source}: space.distill.hsakd.placement: {problem}")
+            problems = [placement_problem(arch, placement) for arch in students]
+            if all(problems):
+                raise RecipeError(f"{self.source}: space.distill.hsakd.placement: {problems[0]}")
 
 
 def cluster_address(text: str) -> tuple[str, int] | None:

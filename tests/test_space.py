@@ -635,6 +635,60 @@ def test_the_space_is_checked_against_the_base_as_set_changes_it() -> None:
     assert space.recipe_for({"optim.momentum": 0.0}).optim.momentum == 0.0
 
 
+def test_a_conditional_value_is_checked_where_its_when_holds() -> None:
+    """Checked against the base recipe alone, momentum 0 was refused under the base's nesterov:
+    true, though no trial samples it but with nesterov false."""
+    space = space_of(
+        "  optim.nesterov: {type: categorical, choices: [true, false]}\n"
+        "  optim.momentum: {type: categorical, choices: [0.0, 0.9], "
+        "when: {optim.nesterov: false}}\n"
+    )
+    assert space.recipe_for({"optim.nesterov": False, "optim.momentum": 0.0}).optim.momentum == 0
+    with pytest.raises(RecipeError) as refused:  # where it holds, a misfit is still refused
+        space_of(
+            "  optim.nesterov: {type: categorical, choices: [true, false]}\n"
+            "  optim.momentum: {type: categorical, choices: [0.0, 0.9], "
+            "when: {optim.nesterov: true}}\n"
+        )
+    assert str(refused.value) == (
+        "s.yaml: space.optim.momentum: 0.0 does not fit the recipe with optim.nesterov True: "
+        "optim: nesterov: true needs momentum > 0"
+    )
+    placements = space_of(  # a placement only the student it is drawn with has
+        "  student.arch: {type: categorical, choices: [resnet8, vgg8]}\n"
+        "  distill.hsakd.weight: {type: float, low: 0.5, high: 1.0}\n"
+        "  distill.hsakd.placement: {type: categorical, choices: [[1, 2, 4], [4]], "
+        "when: {student.arch: vgg8}}\n"
+    )
+    chosen = {"student.arch": "vgg8", "distill.hsakd.weight": 0.5}
+    vgg = placements.recipe_for(chosen | {"distill.hsakd.placement": [1, 2, 4]})
+    assert vgg.distill.hsakd.placement == [1, 2, 4]
+
+
+def test_a_misfit_that_set_made_says_so() -> None:
+    """It was blamed on the space's parameter alone, whose line in the file is right."""
+    with pytest.raises(RecipeError) as refused:
+        space_with_sets(
+            "  distill.hsakd.weight: {type: float, low: 0.2, high: 1.0}\n",
+            {"distill.hsakd.placement": [1, 2, 3, 4]},
+        )
+    assert str(refused.value).endswith(
+        "(the base recipe as --set distill.hsakd.placement changed it)"
+    )
+
+
+def test_a_base_file_under_home_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: digits}\nteacher: {arch: resnet8}\nstudent: {arch: resnet8}\n"
+    )
+    (tmp_path / "s.yaml").write_text(
+        "study: {name: t}\nbase: ~/r.yaml\nasha: {max_epochs: 3}\n"
+        "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
+    )
+    assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
+
+
 def test_reachable_values_cover_base_and_parameter() -> None:
     space = space_of(CONDITIONAL)
     assert space.reachable("distill.crd.weight") == [0.0, 0.1, 2.0]
