@@ -582,6 +582,16 @@ class SearchSpace:
             for key in keys
             if key in self.params and not self.params[key].when
         ]
+        told += [  # a key inside a section that every choice of an unconditional one sets
+            f"--set {key}: every choice of space.{name} in {self.source} sets {key}, so no trial "
+            "trains with this value (the promotion's baselines, which take the base recipe, "
+            "may); to change it, change it in those choices"
+            for key in keys
+            for name, p in self.params.items()
+            if key.startswith(f"{name}.")
+            and not p.when
+            and all(key in leaf_changes({name: v}) for v in _extremes(p))
+        ]
         if "schedule.epochs" in keys:  # a way to shorten the search that shortens nothing
             budget = self.config.asha.max_epochs
             told.append(

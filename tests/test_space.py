@@ -497,6 +497,16 @@ def test_a_change_of_the_base_the_space_draws_in_every_trial_is_named() -> None:
         "this value (the promotion's baselines, which take the base recipe, may); to fix it for "
         f"every trial, remove space.optim.lr from {space.source}"
     ], "a conditional key keeps the value where its condition fails; momentum is not searched"
+    sections = space_of(  # a key every choice of a searched section sets, or not all
+        "  distill.hsakd: {type: categorical, choices: [{weight: 0.0}, "
+        "{weight: 1.0, placement: [2, 3]}]}\n"
+    )
+    assert sections.searched_changes(["distill.hsakd.placement"]) == []
+    assert sections.searched_changes(["distill.hsakd.weight"]) == [
+        "--set distill.hsakd.weight: every choice of space.distill.hsakd in s.yaml sets "
+        "distill.hsakd.weight, so no trial trains with this value (the promotion's baselines, "
+        "which take the base recipe, may); to change it, change it in those choices"
+    ]
     # the trial budget: a way to shorten a search that shortened nothing, then failed promote
     (budget,) = space.searched_changes(["schedule.epochs"])
     assert budget == (
