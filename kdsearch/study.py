@@ -361,6 +361,7 @@ class Record:
                 "choose another --study name"
             )
         self.created = not exists
+        space_text = space.text  # what the study records as its space
         if exists:
             study_id = storage.get_study_id_from_name(name)
             n = len(storage.get_all_trials(study_id, deepcopy=False))
@@ -385,8 +386,10 @@ class Record:
                     "URL) and make it with --direction maximize, or choose another --study name"
                 )
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
-            if "space" in found.user_attrs and not changed:
+            if "space" in found.user_attrs and not changed:  # the same settings, kept as the
+                # study wrote them: its choices' labels are what its trials hold
                 space.written_as(space_config(found).space)
+                space_text = found.user_attrs["space"]
             if changed and resume:
                 raise StudyError(
                     f"study {name!r} was started with other settings ({'; '.join(changed)}); "
@@ -424,7 +427,7 @@ class Record:
         )
         self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         for key, value in {
-            "space": space.text,
+            "space": space_text,
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),
