@@ -290,7 +290,8 @@ class SearchSpace:
     base: Recipe
     params: dict[str, FloatParam | IntParam | CategoricalParam]
     config: SpaceFile
-    set_keys: tuple[str, ...] = ()  # what --set changed of the base recipe
+    # the base recipe before --set changed it, and the keys --set gave (None: no --set)
+    before_set: tuple[Recipe, tuple[str, ...]] | None = None
 
     @classmethod
     def load(cls, path: str | Path, base_changes: Mapping[str, Any] | None = None) -> SearchSpace:
@@ -331,6 +332,7 @@ class SearchSpace:
                 raise RecipeError(f"{source}: base: {err}") from None
         else:
             base = Recipe.from_dict(config.base, source=f"{source}: base").resolve_paths(folder)
+        before_set = (base, tuple(base_changes)) if base_changes else None
         if base_changes:  # paths given on the command line: relative to the working folder
             for key in base_changes:
                 section = key.split(".")[0]
@@ -340,7 +342,7 @@ class SearchSpace:
                         f"({', '.join(SpaceFile.model_fields)}) are set in {source}"
                     )
             base = base.override(base_changes, source="--set").resolve_paths(Path.cwd())
-        space = cls(source, text, base, dict(config.space), config, tuple(base_changes or ()))
+        space = cls(source, text, base, dict(config.space), config, before_set)
         space._check()
         return space
 
@@ -459,20 +461,39 @@ class SearchSpace:
         except RecipeError as err:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
         for value in _extremes(p):
-            problems = []
-            for fixed in self._conditions(name):  # it fits where one of them holds
-                try:
-                    base.override(leaf_changes({**fixed, name: value}), source="the recipe")
-                    break
-                except RecipeError as err:
-                    under = "".join(f" with {k} {v!r}" for k, v in fixed.items())
-                    problems.append(f"{under}: {str(err).removeprefix('the recipe: ')}")
-            else:
-                changed = f" (the base recipe as --set {', '.join(self.set_keys)} changed it)"
+            problem = self._misfit(base, name, value)
+            if problem is not None:
+                before = self._base_before_set()
+                fitted = before is not None and self._misfit(before, name, value) is None
                 raise RecipeError(
-                    f"{where}: {value!r} does not fit the recipe{problems[0]}"
-                    + (changed if self.set_keys else "")
+                    f"{where}: {value!r} does not fit the recipe{problem}" + self._set_blame(fitted)
                 )
+
+    def _misfit(self, base: Recipe, name: str, value: Any) -> str | None:
+        """Why `value` of `name` fits `base` under none of the settings its `when`s sample it
+        under (the first one's problem), or None where it fits under one."""
+        problems = []
+        for fixed in self._conditions(name):
+            try:
+                base.override(leaf_changes({**fixed, name: value}), source="the recipe")
+                return None
+            except RecipeError as err:
+                under = "".join(f" with {k} {v!r}" for k, v in fixed.items())
+                problems.append(f"{under}: {str(err).removeprefix('the recipe: ')}")
+        return problems[0]
+
+    def _base_before_set(self) -> Recipe | None:
+        """The file's own base recipe at the trial budget, where --set changed it."""
+        if self.before_set is None:
+            return None
+        return self.before_set[0].with_epochs(self.config.asha.max_epochs)
+
+    def _set_blame(self, fitted_before: bool) -> str:
+        """What to add to an error about the base recipe where --set caused it: what failed
+        fitted the file's own base recipe."""
+        if self.before_set is None or not fitted_before:
+            return ""
+        return f" (the base recipe as --set {', '.join(self.before_set[1])} changed it)"
 
     def _conditions(self, name: str) -> list[dict[str, Any]]:
         """The settings of recipe paths that `name` is sampled under, as its `when`s (and theirs)
@@ -610,14 +631,23 @@ class SearchSpace:
         p = self.params.get("distill.hsakd.placement")
         if p is None or not any(w > 0 for w in self.reachable("distill.hsakd.weight")):
             return
-        students = [  # where its `when` draws the student, those it is drawn with
-            leaf_changes(fixed).get("student.arch", self.base.student.arch)
-            for fixed in self._conditions("distill.hsakd.placement")
-        ]
+        conditions = self._conditions("distill.hsakd.placement")
+
+        def misfit(base: Recipe, placement: list[int]) -> str | None:
+            problems = [  # where its `when` draws the student, with those it is drawn with
+                placement_problem(leaf_changes(c).get("student.arch", base.student.arch), placement)
+                for c in conditions
+            ]
+            return problems[0] if all(problems) else None
+
+        before = self._base_before_set()
         for placement in _extremes(p):
-            problems = [placement_problem(arch, placement) for arch in students]
-            if all(problems):
-                raise RecipeError(f"{self.source}: space.distill.hsakd.placement: {problems[0]}")
+            if problem := misfit(self.base, placement):
+                fitted = before is not None and misfit(before, placement) is None
+                raise RecipeError(
+                    f"{self.source}: space.distill.hsakd.placement: {problem}"
+                    + self._set_blame(fitted)
+                )
 
 
 def cluster_address(text: str) -> tuple[str, int] | None:

@@ -685,6 +685,25 @@ def test_a_misfit_that_set_made_says_so() -> None:
     assert str(refused.value).endswith(
         "(the base recipe as --set distill.hsakd.placement changed it)"
     )
+    with pytest.raises(RecipeError) as refused:  # the placement the file searches, on the
+        # student --set chose (HSAKD off in the base: the recipe does not check it there)
+        SearchSpace.from_yaml(
+            BASE.replace("student: {arch: resnet8}", "student: {arch: vgg8}")
+            + "space:\n  distill.hsakd.weight: {type: float, low: 0.2, high: 1.0}\n"
+            "  distill.hsakd.placement: {type: categorical, choices: [[1, 2, 4], [4]]}\n",
+            source="s.yaml",
+            base_changes={"student.arch": "resnet8"},
+        )
+    assert str(refused.value) == (
+        "s.yaml: space.distill.hsakd.placement: [1, 2, 4]: resnet8 has no stage 4 to carry a "
+        "head (its stages are 1-3) (the base recipe as --set student.arch changed it)"
+    )
+    with pytest.raises(RecipeError) as refused:  # a misfit of the file's own, --set or not
+        space_with_sets(
+            "  optim.momentum: {type: categorical, choices: [0.0, 0.9]}\n",
+            {"distill.kd.weight": 0.5},
+        )
+    assert str(refused.value).endswith("nesterov: true needs momentum > 0")
 
 
 def test_a_base_file_under_home_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
