@@ -263,13 +263,20 @@ def promote(
     promoted = open_promoted(storage, name)
     done = finished_keys(promoted)
     budget = runs[0].recipe.schedule.epochs
-    if any(r.key in done for r in runs if r.source_trial >= 0):  # asked for again: show it
-        promoted.set_user_attr("budget", budget)
     todo = {r.key: r for r in runs if r.key not in done}
+
+    def planned() -> None:
+        """Record the plan: its seeds, and its budget as the one shown where runs of it had
+        finished before (asked for again). Only once a run has ended, or none is to train: a
+        promotion refused before (its data, its teacher, Ray) leaves the study as it was."""
+        if any(r.key in done for r in runs if r.source_trial >= 0):
+            promoted.set_user_attr("budget", budget)
+        plan_seeds(promoted, budget, seeds)
+
     if on_plan is not None:
         on_plan(runs, len(todo))
     if not todo:
-        plan_seeds(promoted, budget, seeds)
+        planned()
         return promoted
     # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
     # and batch size the teacher trains with, not from a run's, which a trial may have searched.
@@ -306,11 +313,14 @@ def promote(
                     f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
                 )
     weights_dir.mkdir(parents=True, exist_ok=True)
-    plan_seeds(promoted, budget, seeds)
     # the data every run trains on; `inputs`: what serving its student needs, as this data gave it
     trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
+    ended: list[str] = []
 
     def record(result: JobResult) -> None:
+        if not ended:
+            planned()
+        ended.append(result.key)
         run = todo[result.key]
         # The teacher the run learned from, for the export to ship with the student.
         learned = files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None

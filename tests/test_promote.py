@@ -15,7 +15,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import KdsearchWarning, StudyError
+from kdsearch.errors import KdsearchError, KdsearchWarning, StudyError
 from kdsearch.models import build_model
 from kdsearch.promote import (
     PLAIN_KD,
@@ -607,13 +607,40 @@ def test_a_promotion_refuses_runs_recorded_on_other_data(tmp_path: Path) -> None
     """Runs on other images or splits (another machine, a changed folder) were averaged with
     the new ones over seeds."""
     storage, study, promoted_study = searched(tmp_path)
-    alone = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial < 0)
-    _record(promoted_study, alone, result_of(alone, 0.5), tmp_path, None, DATA)
+    runs = plan(study, top_k=1, seeds=1, epochs=2)
+    for run in runs:
+        _record(promoted_study, run, result_of(run, 0.5), tmp_path, None, DATA)
+    promoted_study.set_user_attr("budget", 3)  # a promotion at 3 epochs came after
+    kept = dict(promoted_study.user_attrs)
     with pytest.raises(StudyError) as info:
         promote(storage, "s", top_k=1, seeds=2, epochs=2, weights_dir=tmp_path)
-    assert "its run student alone, seed 0 trained on other images or splits" in str(info.value)
+    assert "trained on other images or splits" in str(info.value)
     assert "(data fingerprint 0123456789ab, here" in str(info.value)
-    assert len(promoted_study.trials) == 1, "nothing trained on this data"
+    assert len(promoted_study.trials) == len(runs), "nothing trained on this data"
+    # refused, it changed nothing: the budget shown, and so the leaderboard, the report and
+    # what `export` ships, had become this refused promotion's
+    assert optuna.load_study(study_name="s-promoted", storage=storage).user_attrs == kept
+
+
+def test_a_promotion_ray_refuses_records_no_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`promote --seeds 5 --address HOST:1` (nothing answers): exit 2, and the study said 5
+    seeds were planned, so the export's note asked for runs no promotion had started."""
+    storage, _, promoted_study = searched(tmp_path)
+    model = build_model("resnet8", 10, 1)
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        return Teacher(model, "cache", tmp_path / "teacher.pt", 0.5)
+
+    def refused(*_: object, **__: object) -> None:
+        raise KdsearchError("cannot join the Ray cluster at 127.0.0.1:1: nothing answers there")
+
+    monkeypatch.setattr("kdsearch.search.run_jobs", refused)
+    torch.save(model.state_dict(), tmp_path / "teacher.pt")
+    with pytest.raises(KdsearchError, match="cannot join"):
+        promote(storage, "s", top_k=1, seeds=5, epochs=2, weights_dir=tmp_path, prepare=prepare)
+    assert "seeds:2" not in promoted_study.user_attrs
 
 
 def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path: Path) -> None:
