@@ -286,27 +286,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     if args.resume and record.created:  # a typo in --study would otherwise pass unseen
         console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
-    with record.alive():
-        held = len(record.study.trials)
-        if record.all_started():  # --resume of a finished search, or --trials at most it holds
-            console.print(
-                f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
-                f"trials ({target} asked for); none to run"
-            )
-            tally, seconds, complete = record.tally(), 0.0, True
-            target = max(target, held)
-        else:
-            console.print(
-                f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
-                f"({held - record.tally().running} finished before, {len(record.orphans)} to "
-                f"run again), at most {space.config.asha.max_epochs} epochs each"
-            )
-            tally, seconds, complete = search_trials(args, space, record, file, new_file, target)
+    resumed = password_hidden(url) if args.storage else ""  # after the --resume command
+    try:
+        with record.alive():
+            held = len(record.study.trials)
+            if record.all_started():  # --resume of a finished search, or --trials at most it holds
+                console.print(
+                    f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
+                    f"trials ({target} asked for); none to run"
+                )
+                tally, seconds, complete = record.tally(), 0.0, True
+                target = max(target, held)
+            else:
+                console.print(
+                    f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+                    f"({held - record.tally().running} finished before, {len(record.orphans)} to "
+                    f"run again), at most {space.config.asha.max_epochs} epochs each"
+                )
+                tally, seconds, complete = search_trials(
+                    args, space, record, file, new_file, target
+                )
+    except KeyboardInterrupt:  # a second Ctrl-C (Tune waits on the first only), or one as
+        # the search ended: the resume line, where the study kept what this run began
+        with suppress(Exception):
+            if record.study.get_trials(deepcopy=False):
+                console.print(
+                    f"stopped; `{resume_command(args, url)}`{resumed} finishes the search"
+                )
+        raise
     console.print(status_line(tally, target) + f" in {seconds:.0f} s")
     for line in tally.failures[-5:]:
         console.print(f"  failed {line}")
     finished = tally.complete + tally.pruned + tally.failed
-    resumed = password_hidden(url) if args.storage else ""  # after the --resume command
     if not complete:
         console.print(
             f"stopped with {finished} of {target} trials finished; "

@@ -274,7 +274,7 @@ def stop_session(session: int) -> list[psutil.Process]:
     return in_session(session)
 
 
-@pytest.mark.parametrize("how", ["kill -9", "ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c", "sigterm", "ctrl-c twice"])
 def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_trial(
     tmp_path: Path, how: str
 ) -> None:
@@ -298,7 +298,10 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
         else:  # SIGTERM (timeout, a batch scheduler) stops it as Ctrl-C does
-            proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+            if how == "ctrl-c twice":  # an impatient user: Tune does not wait on the second
+                time.sleep(0.7)
+                proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 130, err
             hint = "`kdsearch run space.yaml --trials 10 --resume` finishes the search"
