@@ -221,6 +221,13 @@ def show_warning(
 
 PYTHON_SHOWWARNING = warnings.showwarning
 
+# What an interrupted command leaves, by command (the others keep nothing of the interrupted work)
+INTERRUPTED = {
+    "cmd_run": "what had finished is kept; nothing half-done was written",
+    "cmd_promote": "the runs that had finished are kept, and the same command again trains only "
+    "the others; nothing half-done was written",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdsearch` console command."""
@@ -238,9 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"kdsearch: training diverged: {err}")
         return 1
     except KeyboardInterrupt:
-        console.print(
-            "kdsearch: interrupted (what had finished is kept; nothing half-done was written)"
-        )
+        kept = INTERRUPTED.get(args.func.__name__, "nothing half-done was written")
+        console.print(f"kdsearch: interrupted ({kept})")
         return 130
     except BrokenPipeError:  # `kdsearch trials S --csv - | head`: the reader had what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no failing last flush

@@ -490,3 +490,32 @@ def test_a_set_of_an_empty_mapping_is_refused_not_ignored(item: str, empty: str)
         f"change ({empty}.KEY=VALUE)"
     )
     assert parse_sets(["optim={lr: 0.1}"]) == {"optim.lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["train", "r.yaml"], "kdsearch: interrupted (nothing half-done was written)"),
+        (
+            ["promote", "s"],
+            "kdsearch: interrupted (the runs that had finished are kept, and the same command "
+            "again trains only the others; nothing half-done was written)",
+        ),
+    ],
+)
+def test_an_interrupted_command_says_what_it_kept(
+    command: list[str],
+    said: str,
+    cli_here: CliHere,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every command said 'what had finished is kept', `train`, which keeps nothing, too."""
+
+    def stopped(args: object) -> int:
+        raise KeyboardInterrupt
+
+    stopped.__name__ = f"cmd_{command[0]}"
+    monkeypatch.setattr(cli, f"cmd_{command[0]}", stopped)
+    ran = cli_here(*command, cwd=tmp_path)
+    assert ran.returncode == 130 and " ".join(ran.stderr.split()) == said
