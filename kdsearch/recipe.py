@@ -305,6 +305,11 @@ class Recipe(Section):
                 f"{source}: a search space (it has space: and base:), not a recipe; "
                 "`kdsearch run` takes a search space, `kdsearch train` a recipe"
             )
+        if raw and not raw.keys() & cls.model_fields.keys():  # one line, not one per key
+            raise RecipeError(
+                f"{source}: not a recipe: none of its keys ({', '.join(map(str, raw))}) is one "
+                f"of a recipe's ({', '.join(cls.model_fields)})"
+            )
         try:
             return cls.model_validate(dict(raw))
         except ValidationError as err:
@@ -319,6 +324,10 @@ class Recipe(Section):
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe YAML file; its relative input paths (`INPUT_PATHS`) are relative to
         its folder."""
+        if (Path(path) / "recipe.yaml").is_file():  # an export's folder, or a training run's
+            raise RecipeError(
+                f"{path} is a folder; the recipe in it is {Path(path) / 'recipe.yaml'}"
+            )
         return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(Path(path).parent)
 
     def resolve_paths(self, folder: Path) -> Recipe:

@@ -269,3 +269,22 @@ def test_a_string_that_reads_as_a_number_is_written_so_that_it_reads_back(name: 
     written bare, and the recipe then failed to load: `data.root` is no number."""
     recipe = Recipe.from_yaml(MINIMAL).override({"data.root": name})
     assert Recipe.from_yaml(recipe.to_yaml()).data.root == name
+
+
+def test_a_file_or_folder_that_is_not_a_recipe_is_one_short_line(tmp_path: Path) -> None:
+    """An export's meta.json gave one line of some 1,500 characters, "allowed here: ..." for
+    each of its keys; the export's folder, "cannot read: [Errno 21] Is a directory"."""
+    (tmp_path / "meta.json").write_text('{"study": "s", "trial": 3, "inputs": {}}')
+    with pytest.raises(RecipeError) as refused:
+        Recipe.load(tmp_path / "meta.json")
+    assert str(refused.value) == (
+        f"{tmp_path / 'meta.json'}: not a recipe: none of its keys (study, trial, inputs) is one "
+        "of a recipe's (data, teacher, student, distill, optim, schedule, batch_size, precision, "
+        "device, compile, seed)"
+    )
+    (tmp_path / "recipe.yaml").write_text(tiny_recipe().to_yaml())
+    with pytest.raises(RecipeError) as refused:
+        Recipe.load(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path} is a folder; the recipe in it is {tmp_path / 'recipe.yaml'}"
+    )
