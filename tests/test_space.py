@@ -454,12 +454,16 @@ def test_list_choices_are_stored_as_json_text() -> None:
     assert choice_labels([[1, 2], [3]]) == ["[1, 2]", "[3]"]
 
 
-def test_base_may_be_a_recipe_file_next_to_the_space(tmp_path: Path) -> None:
+@pytest.mark.parametrize("base", ["r.yaml", "~/r.yaml"])  # ~ was not expanded there alone
+def test_base_may_be_a_recipe_file_next_to_the_space_or_under_home(
+    tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "r.yaml").write_text(
         "data: {dataset: digits}\nteacher: {arch: resnet8}\nstudent: {arch: resnet8}\n"
     )
     (tmp_path / "s.yaml").write_text(
-        "study: {name: t}\nbase: r.yaml\nasha: {max_epochs: 3}\n"
+        f"study: {{name: t}}\nbase: {base}\nasha: {{max_epochs: 3}}\n"
         "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
     )
     assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
@@ -704,18 +708,6 @@ def test_a_misfit_that_set_made_says_so() -> None:
             {"distill.kd.weight": 0.5},
         )
     assert str(refused.value).endswith("nesterov: true needs momentum > 0")
-
-
-def test_a_base_file_under_home_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: digits}\nteacher: {arch: resnet8}\nstudent: {arch: resnet8}\n"
-    )
-    (tmp_path / "s.yaml").write_text(
-        "study: {name: t}\nbase: ~/r.yaml\nasha: {max_epochs: 3}\n"
-        "space: {distill.kd.temperature: {type: float, low: 1, high: 2}}\n"
-    )
-    assert SearchSpace.load(tmp_path / "s.yaml").base.student.arch == "resnet8"
 
 
 def test_reachable_values_cover_base_and_parameter() -> None:
