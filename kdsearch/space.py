@@ -15,8 +15,8 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
@@ -292,6 +292,8 @@ class SearchSpace:
     config: SpaceFile
     # the base recipe before --set changed it, and the keys --set gave (None: no --set)
     before_set: tuple[Recipe, tuple[str, ...]] | None = None
+    # a categorical parameter's labels where a study holds them written otherwise
+    labels: dict[str, list[Scalar]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, base_changes: Mapping[str, Any] | None = None) -> SearchSpace:
@@ -359,13 +361,19 @@ class SearchSpace:
                         values.append(changes[path])
         return values
 
-    def written_as(self, recorded: Mapping[str, FloatParam | IntParam | CategoricalParam]) -> None:
-        """Take each parameter as `recorded` (a study's space) writes it, where the two are equal:
-        a study keeps a section's choices as their JSON text, and the same choices written
-        otherwise (keys in another order, 1 for 1.0) would be new labels to it."""
-        for name, p in self.params.items():
-            if recorded.get(name) == p:
-                self.params[name] = recorded[name]
+    def labelled_as(self, recorded: Mapping[str, Sequence[Scalar]]) -> None:
+        """Label categorical parameters' choices as a study's trials hold them (`recorded`),
+        where those labels name the same choices in the same order, written otherwise: a
+        section's choices are labelled with their JSON text, which changes with the writing."""
+        for name, labels in recorded.items():
+            p = self.params.get(name)
+            if not isinstance(p, CategoricalParam) or choice_labels(p.choices) == p.choices:
+                continue  # scalar choices are their own labels
+            try:
+                if [json.loads(str(x)) for x in labels] == p.choices:
+                    self.labels[name] = list(labels)
+            except ValueError:  # not labels of this kdsearch's writing
+                continue
 
     @property
     def trial_recipe(self) -> Recipe:
@@ -383,7 +391,7 @@ class SearchSpace:
             elif isinstance(p, IntParam):
                 chosen[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
             else:
-                labels = choice_labels(p.choices)
+                labels = self.labels.get(name) or choice_labels(p.choices)
                 chosen[name] = p.choices[labels.index(trial.suggest_categorical(name, labels))]
         return chosen
 

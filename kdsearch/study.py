@@ -361,7 +361,6 @@ class Record:
                 "choose another --study name"
             )
         self.created = not exists
-        space_text = space.text  # what the study records as its space
         if exists:
             study_id = storage.get_study_id_from_name(name)
             n = len(storage.get_all_trials(study_id, deepcopy=False))
@@ -386,10 +385,6 @@ class Record:
                     "URL) and make it with --direction maximize, or choose another --study name"
                 )
             changed = changed_settings(found, space) if "space" in found.user_attrs else []
-            if "space" in found.user_attrs and not changed:  # the same settings, kept as the
-                # study wrote them: its choices' labels are what its trials hold
-                space.written_as(space_config(found).space)
-                space_text = found.user_attrs["space"]
             if changed and resume:
                 raise StudyError(
                     f"study {name!r} was started with other settings ({'; '.join(changed)}); "
@@ -426,8 +421,18 @@ class Record:
             else optuna.samplers.RandomSampler(seed=seed)
         )
         self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        # the same choices written otherwise (keys in another order, 1 for 1.0) would be new
+        # labels to Optuna, which refuses them: take the labels the study's trials hold
+        space.labelled_as(
+            {
+                param: d.choices
+                for t in self.study.get_trials(deepcopy=False)
+                for param, d in t.distributions.items()
+                if isinstance(d, optuna.distributions.CategoricalDistribution)
+            }
+        )
         for key, value in {
-            "space": space_text,
+            "space": space.text,
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),

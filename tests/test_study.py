@@ -187,6 +187,9 @@ def test_a_resume_with_section_choices_written_otherwise_proposes_as_the_study_d
             assert again.next_plan(f"ray{n}") is not None
             again.finish(n, TrialState.COMPLETE, {4: 0.5}, {"epochs": 4})
     study = optuna.load_study(study_name="s", storage=url)
+    # the file as the last resume gave it (its promote and export may change): the labels were
+    # kept by keeping the first writing whole, which lost those
+    assert study.user_attrs["space"] == otherwise
     labels = {t.params["distill.hsakd"] for t in study.trials}
     assert labels <= {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}
     assert len(labels) == 2, "both choices drawn over eight trials (seeded)"
