@@ -7,6 +7,7 @@ This module imports no torch, so reading and checking a recipe is cheap.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -324,10 +325,11 @@ class Recipe(Section):
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe YAML file; its relative input paths (`INPUT_PATHS`) are relative to
         its folder."""
-        if (Path(path) / "recipe.yaml").is_file():  # an export's folder, or a training run's
-            raise RecipeError(
-                f"{path} is a folder; the recipe in it is {Path(path) / 'recipe.yaml'}"
-            )
+        # An export's folder, or a training run's; one that cannot be searched, `read_text`
+        # refuses (is_file would raise PermissionError)
+        inside = Path(path) / "recipe.yaml"
+        if os.access(path, os.X_OK) and inside.is_file():
+            raise RecipeError(f"{path} is a folder; the recipe in it is {inside}")
         return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(Path(path).parent)
 
     def resolve_paths(self, folder: Path) -> Recipe:
