@@ -421,16 +421,6 @@ class Record:
             else optuna.samplers.RandomSampler(seed=seed)
         )
         self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        # the same choices written otherwise (keys in another order, 1 for 1.0) would be new
-        # labels to Optuna, which refuses them: take the labels the study's trials hold
-        space.labelled_as(
-            {
-                param: d.choices
-                for t in self.study.get_trials(deepcopy=False)
-                for param, d in t.distributions.items()
-                if isinstance(d, optuna.distributions.CategoricalDistribution)
-            }
-        )
         for key, value in {
             "space": space.text,
             "space_file": space.source,
@@ -518,6 +508,17 @@ class Record:
     def _propose(self, trial: Trial, ray_trial_id: str, attempt: int) -> Plan | None:
         """Draw the trial's values (claimed by this driver) and record its recipe; None (and a
         FAIL trial) for a combination the recipe rejects."""
+        # The same choices written otherwise (keys in another order, 1 for 1.0; by a resume, or
+        # a driver beside this one) would be new labels to Optuna, which refuses them: take the
+        # labels the study's trials hold by now
+        self.space.labelled_as(
+            {
+                param: d.choices
+                for t in self.study.get_trials(deepcopy=False)
+                for param, d in t.distributions.items()
+                if isinstance(d, optuna.distributions.CategoricalDistribution)
+            }
+        )
         chosen = self.space.suggest(trial)
         try:
             recipe = self.space.recipe_for(chosen)

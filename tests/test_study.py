@@ -193,6 +193,29 @@ def test_a_resume_with_section_choices_written_otherwise_proposes_as_the_study_d
     labels = {t.params["distill.hsakd"] for t in study.trials}
     assert labels <= {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}
     assert len(labels) == 2, "both choices drawn over eight trials (seeded)"
+    # a driver that joins the study beside another before any trial holds the parameter: the
+    # labels are the study's at each draw, not at the start
+    joined = f"sqlite:///{Path(url.removeprefix('sqlite:///')).parent}/j.db"
+    first = Record(
+        open_storage(joined),
+        "s",
+        SearchSpace.from_yaml(written, source="s.yaml"),
+        target=8,
+        resume=False,
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("kdsearch.study.os.getpid", os.getppid)  # another driver, alive
+        beside = Record(
+            open_storage(joined),
+            "s",
+            SearchSpace.from_yaml(otherwise, source="s.yaml"),
+            target=8,
+            resume=False,
+        )
+    for n in range(4):
+        assert first.next_plan(f"a{n}") is not None and beside.next_plan(f"b{n}") is not None
+    study = optuna.load_study(study_name="s", storage=joined)
+    assert {t.params["distill.hsakd"] for t in study.trials} == labels
 
 
 def test_an_empty_study_of_other_settings_is_refused_without_resume(
