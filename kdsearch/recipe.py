@@ -623,5 +623,5 @@ def read_text(path: str | Path) -> str:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+    except (IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise RecipeError(f"{p}: cannot read: {err}") from None

@@ -288,3 +288,5 @@ def test_a_file_or_folder_that_is_not_a_recipe_is_one_short_line(tmp_path: Path)
     assert str(refused.value) == (
         f"{tmp_path} is a folder; the recipe in it is {tmp_path / 'recipe.yaml'}"
     )
+    with pytest.raises(RecipeError, match=r"cannot read: .*Not a directory"):  # not a traceback
+        Recipe.load(tmp_path / "recipe.yaml" / "r.yaml")
