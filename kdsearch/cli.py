@@ -223,8 +223,8 @@ PYTHON_SHOWWARNING = warnings.showwarning
 
 # What an interrupted command leaves, by command (the others keep nothing of the interrupted work)
 INTERRUPTED = {
-    "cmd_run": "what had finished is kept; nothing half-done was written",
-    "cmd_promote": "the runs that had finished are kept, and the same command again trains only "
+    "run": "what had finished is kept; nothing half-done was written",
+    "promote": "the runs that had finished are kept, and the same command again trains only "
     "the others; nothing half-done was written",
 }
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"kdsearch: training diverged: {err}")
         return 1
     except KeyboardInterrupt:
-        kept = INTERRUPTED.get(args.func.__name__, "nothing half-done was written")
+        kept = INTERRUPTED.get(args.command, "nothing half-done was written")
         console.print(f"kdsearch: interrupted ({kept})")
         return 130
     except BrokenPipeError:  # `kdsearch trials S --csv - | head`: the reader had what it wanted

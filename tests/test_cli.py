@@ -515,7 +515,6 @@ def test_an_interrupted_command_says_what_it_kept(
     def stopped(args: object) -> int:
         raise KeyboardInterrupt
 
-    stopped.__name__ = f"cmd_{command[0]}"
     monkeypatch.setattr(cli, f"cmd_{command[0]}", stopped)
     ran = cli_here(*command, cwd=tmp_path)
     assert ran.returncode == 130 and " ".join(ran.stderr.split()) == said
