@@ -149,73 +149,59 @@ def test_a_search_named_as_one_whose_promotion_outlived_it_is_refused(
     assert Record(open_storage(url), "t", space, target=2, resume=False).created
 
 
+WRITTEN = SPACE.replace(  # a section's choices, which a study labels with their JSON text
+    "distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]]}",
+    "distill.hsakd: {type: categorical, choices: [{weight: 0.0}, "
+    "{weight: 1.0, placement: [2, 3]}]}",
+)
+OTHERWISE = WRITTEN.replace("{weight: 1.0, placement: [2, 3]}", "{placement: [2, 3], weight: 1}")
+
+
+def driver_of(url: str, text: str, target: int, resume: bool) -> Record:
+    return Record(
+        open_storage(url),
+        "s",
+        SearchSpace.from_yaml(text, source="s.yaml"),
+        target=target,
+        resume=resume,
+    )
+
+
 def test_a_resume_with_section_choices_written_otherwise_proposes_as_the_study_did(
     url: str,
 ) -> None:
     """Choices equal as values but written otherwise passed the settings check, and Optuna then
     refused their JSON text as a new value space: a traceback, and a trial left RUNNING."""
-    written = SPACE.replace(
-        "distill.hsakd.placement: {type: categorical, choices: [[1, 2, 3], [3]]}",
-        "distill.hsakd: {type: categorical, choices: [{weight: 0.0}, "
-        "{weight: 1.0, placement: [2, 3]}]}",
-    )
-    record = Record(
-        open_storage(url),
-        "s",
-        SearchSpace.from_yaml(written, source="s.yaml"),
-        target=2,
-        resume=False,
-    )
-    for number in (0, 1):
-        assert record.next_plan(f"ray{number}") is not None
-        record.finish(number, TrialState.COMPLETE, {4: 0.5}, {"epochs": 4})
-    otherwise = written.replace(
-        "{weight: 1.0, placement: [2, 3]}", "{placement: [2, 3], weight: 1}"
-    )
-    number = 2
-    for writing in (otherwise, written, otherwise):  # each resume, not only the first: one that
-        # recorded its own writing made the next one's labels new again
+    number = 0
+    for writing in (WRITTEN, OTHERWISE, WRITTEN, OTHERWISE):  # each resume, not only the
+        # first: one that recorded its own writing made the next one's labels new again
         number += 2
-        again = Record(
-            open_storage(url),
-            "s",
-            SearchSpace.from_yaml(writing, source="s.yaml"),
-            target=number,
-            resume=True,
-        )
+        driver = driver_of(url, writing, number, resume=number > 2)
         for n in range(number - 2, number):
-            assert again.next_plan(f"ray{n}") is not None
-            again.finish(n, TrialState.COMPLETE, {4: 0.5}, {"epochs": 4})
+            assert driver.next_plan(f"ray{n}") is not None
+            driver.finish(n, TrialState.COMPLETE, {4: 0.5}, {"epochs": 4})
     study = optuna.load_study(study_name="s", storage=url)
     # the file as the last resume gave it (its promote and export may change): the labels were
     # kept by keeping the first writing whole, which lost those
-    assert study.user_attrs["space"] == otherwise
+    assert study.user_attrs["space"] == OTHERWISE
     labels = {t.params["distill.hsakd"] for t in study.trials}
-    assert labels <= {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}
-    assert len(labels) == 2, "both choices drawn over eight trials (seeded)"
-    # a driver that joins the study beside another before any trial holds the parameter: the
-    # labels are the study's at each draw, not at the start
-    joined = f"sqlite:///{Path(url.removeprefix('sqlite:///')).parent}/j.db"
-    first = Record(
-        open_storage(joined),
-        "s",
-        SearchSpace.from_yaml(written, source="s.yaml"),
-        target=8,
-        resume=False,
-    )
+    assert labels == {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}, "seeded"
+
+
+def test_a_driver_beside_another_with_section_choices_written_otherwise_draws_their_labels(
+    url: str,
+) -> None:
+    """It joined before any trial held the parameter, so the labels must be the study's at each
+    draw, not at its start."""
+    first = driver_of(url, WRITTEN, 8, resume=False)
     with pytest.MonkeyPatch.context() as m:
         m.setattr("kdsearch.study.os.getpid", os.getppid)  # another driver, alive
-        beside = Record(
-            open_storage(joined),
-            "s",
-            SearchSpace.from_yaml(otherwise, source="s.yaml"),
-            target=8,
-            resume=False,
-        )
+        beside = driver_of(url, OTHERWISE, 8, resume=False)
     for n in range(4):
         assert first.next_plan(f"a{n}") is not None and beside.next_plan(f"b{n}") is not None
-    study = optuna.load_study(study_name="s", storage=joined)
-    assert {t.params["distill.hsakd"] for t in study.trials} == labels
+    study = optuna.load_study(study_name="s", storage=url)
+    labels = {t.params["distill.hsakd"] for t in study.trials}
+    assert labels == {'{"weight": 0.0}', '{"weight": 1.0, "placement": [2, 3]}'}, "seeded"
 
 
 def test_an_empty_study_of_other_settings_is_refused_without_resume(
