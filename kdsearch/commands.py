@@ -948,7 +948,7 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
     """A promoted study: its leaderboard as `promote` ends with it, then the runs it leaves out
     (failed at its budget and not finished by a later try, or at another budget); with `csv`,
     every run."""
-    from kdsearch.promote import board_budget, failed_runs, leaderboard, run_budget, runs_table
+    from kdsearch.promote import board_budget, failed_line, failed_runs, leaderboard, runs_table
 
     runs = runs_table(promoted)
     if csv:
@@ -960,11 +960,7 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
     else:
         results.print(leaderboard_table(board))
     for run in failed_runs(promoted):
-        console.print(
-            f"failed: {run.user_attrs['label']}, seed {run.user_attrs['seed']}, "
-            f"{run_budget(run)} epochs: "
-            f"{str(run.user_attrs['failure']).splitlines()[0]}",
-        )
+        console.print(failed_line(run))
     budget = board_budget(promoted)
     other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]
     if budget is not None and len(other):

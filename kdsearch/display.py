@@ -170,16 +170,22 @@ def leaderboard_table(board: Any) -> Table:
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
     for _, row in board.iterrows():
-        diverged = int(row.get("diverged", 0))
-        lost = int(row.get("failed", 0)) - diverged  # to its machine: retried
-        told = [f"{diverged} diverged"] * bool(diverged) + [f"{lost} failed"] * bool(lost)
         table.add_row(
             str(row["recipe"]),
-            f"{row['seeds']} ({', '.join(told)})" if told else str(row["seeds"]),
+            seeds_cell(row),
             spread(row["val_mean"], row["val_sd"], row["seeds"]),
             spread(row["test_mean"], row["test_sd"], row["seeds"]),
         )
     return table
+
+
+def seeds_cell(row: Any) -> str:
+    """How many seeds of a leaderboard row finished and, of the others, how many diverged and
+    how many failed otherwise: `2`, `1 (2 diverged)`, `2 (1 failed)`."""
+    diverged = int(row.get("diverged", 0))
+    lost = int(row.get("failed", 0)) - diverged  # to its machine: retried
+    told = [f"{diverged} diverged"] * bool(diverged) + [f"{lost} failed"] * bool(lost)
+    return f"{row['seeds']} ({', '.join(told)})" if told else str(row["seeds"])
 
 
 def spread(mean: float, sd: float, seeds: int) -> str:

@@ -199,6 +199,15 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
     return unfinished_failures(promoted, lambda t: run_budget(t) == budget)
 
 
+def failed_line(run: FrozenTrial) -> str:
+    """One line for a failed run: which recipe and seed, at what budget, and why."""
+    why = str(run.user_attrs.get("failure", "no reason recorded")).strip().splitlines() or [""]
+    return (
+        f"failed: {run.user_attrs['label']}, seed {run.user_attrs['seed']}, "
+        f"{run_budget(run)} epochs: {why[0]}"
+    )
+
+
 def unfinished_failures(
     promoted: optuna.Study, keep: Callable[[FrozenTrial], bool]
 ) -> list[FrozenTrial]:

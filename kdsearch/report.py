@@ -22,9 +22,9 @@ from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.display import value_text
+from kdsearch.display import seeds_cell, value_text
 from kdsearch.errors import StudyError
-from kdsearch.promote import leaderboard
+from kdsearch.promote import failed_line, failed_runs, leaderboard
 from kdsearch.study import (
     is_promotion,
     load_study,
@@ -155,12 +155,14 @@ def learning_curves(study: optuna.Study) -> go.Figure:
 
 
 def leaderboard_figure(board: pd.DataFrame) -> go.Figure:
-    """Mean validation and test accuracy over seeds, with their spread as error bars."""
+    """Mean validation and test accuracy over seeds, with their spread as error bars; each
+    recipe is named with its seeds as the terminal's leaderboard counts them."""
     fig = go.Figure()
+    names = [f"{row['recipe']}<br>seeds: {seeds_cell(row)}" for _, row in board.iterrows()]
     for split, colour in (("val", "#1f77b4"), ("test", "#9467bd")):
         fig.add_trace(
             go.Bar(
-                x=board["recipe"],
+                x=names,
                 y=board[f"{split}_mean"],
                 name=f"{split} accuracy %",
                 error_y={"type": "data", "array": board[f"{split}_sd"]},
@@ -205,7 +207,8 @@ def build_report(storage: BaseStorage, name: str) -> str:
     if (promoted := promoted_study(storage, name)) is not None:
         board = leaderboard(promoted)
         shown: Part = leaderboard_figure(board) if len(board) else "no promoted run has finished"
-        sections.append(("Promoted leaderboard", [shown]))
+        lost = [failed_line(run) for run in failed_runs(promoted)]
+        sections.append(("Promoted leaderboard", [shown, *lost]))
     for param in param_names(study):
         if any(param in t.params for t in complete):
             fig = plot_slice(study, params=[param], target=_accuracy, target_name=ACCURACY)

@@ -331,6 +331,39 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     assert not (tmp_path / "report.html").exists()
 
 
+def test_the_report_leaderboard_counts_each_recipes_seeds_and_lists_its_failed_runs(
+    tmp_path: Path,
+) -> None:
+    url = write_study(tmp_path)
+    write_promoted(url)
+    promoted = open_promoted(open_storage(url), "s")
+    for seed, failure in ((2, "NonFiniteLoss: nan at epoch 3"), (3, "RayTaskError: node lost")):
+        promoted.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                params={"source_trial": 1, "seed": seed},
+                distributions={
+                    "source_trial": IntDistribution(-2, 10**6),
+                    "seed": IntDistribution(0, 10**6),
+                },
+                user_attrs={
+                    "label": "trial 1",
+                    "source_trial": 1,
+                    "seed": seed,
+                    "budget": 4,
+                    "failure": failure,
+                },
+            )
+        )
+    page = build_report(open_storage(url), "s")
+    section = page[page.index("<h2>Promoted leaderboard</h2>") :]
+    # the bars are named as the terminal's leaderboard counts the seeds (plotly escapes "<")
+    assert "trial 1\\u003cbr\\u003eseeds: 2 (1 diverged, 1 failed)" in section
+    assert "plain KD\\u003cbr\\u003eseeds: 2" in section
+    assert "<p>failed: trial 1, seed 2, 4 epochs: NonFiniteLoss: nan at epoch 3</p>" in section
+    assert "<p>failed: trial 1, seed 3, 4 epochs: RayTaskError: node lost</p>" in section
+
+
 def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path, cli_here: CliHere) -> None:
     url = write_study(tmp_path)
     optuna.create_study(study_name="other", storage=url)
