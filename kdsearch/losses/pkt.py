@@ -12,10 +12,13 @@ from kdsearch.losses.base import BuildContext, Step, Term
 
 def cosine_conditionals(feat: Tensor) -> Tensor:
     """Row i: the distribution over the batch of (cos(f_i, f_j) + 1) / 2, normalised over j
-    (the diagonal included, as the official code does)."""
-    unit = F.normalize(feat.float(), dim=1)
-    kernel = (unit @ unit.T + 1.0) / 2.0
-    return kernel / kernel.sum(dim=1, keepdim=True)
+    (the diagonal included, as the official code does). In fp32 even under autocast: the
+    kernel's entries differ from each other by less than bf16's step near 1, and those
+    differences are what the loss compares."""
+    with torch.autocast(feat.device.type, enabled=False):
+        unit = F.normalize(feat.float(), dim=1)
+        kernel = (unit @ unit.T + 1.0) / 2.0
+        return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def pkt_loss(feat_s: Tensor, feat_t: Tensor, eps: float = 1e-7) -> Tensor:

@@ -20,9 +20,11 @@ class ProjectionHead(nn.Sequential):
 
 def rotation_similarity(proj: Tensor, batch: int) -> Tensor:
     """Cosine similarity of each rotated image (rows: 3B, the 90/180/270-degree blocks) with each
-    unrotated image (columns: B). Row r's positive is column r mod B, its own source image."""
-    unit = F.normalize(proj.float(), dim=1)
-    return unit[batch:] @ unit[:batch].T
+    unrotated image (columns: B). Row r's positive is column r mod B, its own source image.
+    In fp32 even under autocast, as the features it normalises."""
+    with torch.autocast(proj.device.type, enabled=False):
+        unit = F.normalize(proj.float(), dim=1)
+        return unit[batch:] @ unit[:batch].T
 
 
 def kept_by_rank(scores: Tensor, target: Tensor, keep_wrong: float) -> Tensor:

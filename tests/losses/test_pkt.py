@@ -57,3 +57,18 @@ def test_pkt_scale_does_not_shrink_with_the_batch() -> None:
         [pkt_loss(s[i : i + 256], t[i : i + 256]) for i in range(0, 512, 256)]
     ).mean()
     assert float(large / small) == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_kernel_stays_fp32_under_bf16_autocast() -> None:
+    """A student whose features are the teacher's rotated has the same cosine kernel, so the
+    loss and its gradient are zero; in bf16 the kernel's rounding (2^-8 near 1) is as large as
+    the differences between its entries, and the loss came out at -7e-5 with a gradient."""
+    gen = torch.Generator().manual_seed(0)
+    feat_t = torch.relu(torch.randn(64, 256, generator=gen))
+    rotation, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen))
+    feat_s = (feat_t @ rotation).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pkt_loss(feat_s, feat_t)
+    loss.backward()
+    assert feat_s.grad is not None
+    assert abs(loss.item()) < 1e-6 and feat_s.grad.abs().max().item() < 1e-8

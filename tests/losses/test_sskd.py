@@ -50,6 +50,9 @@ def test_rotation_similarity_rows_are_rotated_images_against_originals() -> None
     assert sim.shape == (6, 2)
     assert sim[0].tolist() == pytest.approx([1.0, 0.0])  # (3, 0) against (1, 0) and (0, 2)
     assert sim[2].tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 as the features, not bf16
+        under = rotation_similarity(proj, batch=2)
+    assert under.dtype == torch.float32 and torch.equal(under, sim)
 
 
 def _kd(s: list[float], t: list[float], temp: float) -> float:
