@@ -72,8 +72,9 @@ def test_digits_are_scikit_learns_read_without_importing_it(
     assert np.array_equal(data_module.digits_table(), table)
 
 
-def test_digits_test_split_is_the_same_for_every_data_seed() -> None:
-    data, other = (load_data(DataConfig(dataset="digits", seed=s)) for s in (0, 1))
+@pytest.mark.parametrize("dataset", ["digits", "synthetic"])
+def test_the_test_split_is_the_same_for_every_data_seed(dataset: str) -> None:
+    data, other = (load_data(DataConfig(dataset=dataset, seed=s)) for s in (0, 1))  # type: ignore[arg-type]
     assert torch.equal(data.test.x, other.test.x) and torch.equal(data.test.y, other.test.y)
     assert not torch.equal(data.val.x, other.val.x)  # data.seed still draws the validation split
 
