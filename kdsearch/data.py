@@ -285,7 +285,7 @@ def digits_table() -> np.ndarray:
 
 def _digits(cfg: DataConfig, progress: Progress | None) -> Raw:
     table = torch.as_tensor(digits_table())
-    # 8x8 images with values 0..16; 16 grey levels map onto 0..255.
+    # 8x8 images with values 0..16 (17 levels), times 16: 0..240, and 16 clamped to 255.
     x = table[:, :64].reshape(-1, 1, 8, 8).mul(16).clamp(0, 255).to(torch.uint8)
     y = table[:, 64].to(torch.int64)
     # The test split is the same for every data.seed (which seeds only the subset and the
