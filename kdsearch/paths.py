@@ -52,13 +52,22 @@ def _probe(folder: Path, where: str) -> None:
 
 
 def writable_file(path: Path, option: str) -> None:
-    """`path` names a file (not a folder) in an existing folder that can be written in."""
+    """`path` names a regular file, or none yet (not a folder, a device or a pipe, which the
+    file written in its place would replace), in an existing folder that can be written in; a
+    link is followed (`replaced_whole` writes its target)."""
     if path.is_dir():
         raise KdsearchError(f"{option} {path} is a folder; name a file")
-    folder = path.parent
+    if path.exists() and not path.is_file():
+        raise KdsearchError(
+            f"{option} {path} is not a regular file (a device or a pipe); name a file"
+        )
+    target = path.resolve() if path.is_symlink() else path
+    folder = target.parent
     if not folder.is_dir():
         raise KdsearchError(f"{option} {path}: no folder {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
         raise KdsearchError(f"{option} {path}: cannot write it")
     _probe(folder, f"{option} {path}")  # a read-only mount or /proc passes the checks above
 
@@ -127,7 +136,9 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     removed otherwise (a Ctrl-C too): no reader sees half a file, and none is left behind. The
     file is on disk before the move (a power loss leaves the old file or the new one, never an
     empty one under the name), and staging files of `dest` that a killed writer left over a day
-    ago are removed first (a decoded data set's are hundreds of MB)."""
+    ago are removed first (a decoded data set's are hundreds of MB). A link is followed: its
+    target is replaced, the link kept."""
+    dest = dest.resolve() if dest.is_symlink() else dest
     for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
         with contextlib.suppress(OSError):  # gone already, or not ours to remove
             if staged_for(left) == dest.name and time.time() - left.stat().st_mtime > STALE_S:

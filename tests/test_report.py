@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -450,6 +451,33 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
         assert "nothing was written" not in ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
+
+
+def test_a_pipe_is_refused_and_a_link_has_its_target_written(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """The file is written beside its name and moved there: over a pipe or a device (as root,
+    `--out /dev/null`) that would replace the pipe or the device, over a link the link."""
+    write_study(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    for args in (["trials", "s", "--csv", "pipe"], ["report", "s", "--out", "pipe"]):
+        ran = cli_here(*args, cwd=tmp_path)
+        assert ran.returncode == 2, ran.stderr
+        assert f"{args[-2]} pipe is not a regular file (a device or a pipe); name a file" in (
+            " ".join(ran.stderr.split())
+        )
+        assert (tmp_path / "pipe").is_fifo()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "t.csv").write_text("")
+    (tmp_path / "latest.csv").symlink_to("out/t.csv")
+    (tmp_path / "new.html").symlink_to("out/r.html")  # to no file yet
+    assert cli_here("trials", "s", "--csv", "latest.csv", cwd=tmp_path).returncode == 0
+    assert cli_here("report", "s", "--out", "new.html", cwd=tmp_path).returncode == 0
+    for link, target in (("latest.csv", "t.csv"), ("new.html", "r.html")):
+        assert (tmp_path / link).is_symlink()
+        assert (tmp_path / "out" / target).stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "out" / "t.csv")) == len(SEARCH_VALUES)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_report_or_table_the_disk_cannot_take_is_one_line_and_leaves_nothing(
