@@ -174,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
     )
-    if (searched := exported_data(Path(args.recipe))) not in (None, data.fingerprint):
+    exported = export_meta(Path(args.recipe))
+    if (searched := exported.get("data_fingerprint")) not in (None, data.fingerprint):
         console.print(
             f"note: these are not the images or splits the exported student in "
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
@@ -187,6 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
             f"val acc {100 * teacher.val_acc:.2f}%"
         )
+        if (replaced := replaced_teacher(Path(args.recipe), exported, teacher.path)) is not None:
+            console.print(
+                f"note: {teacher.path} is not the teacher the exported student in "
+                f"{Path(args.recipe).parent} learned from (weights hash {replaced[0]}, there "
+                f"{replaced[1]}); its meta.json's accuracies do not carry over"
+            )
     with epoch_progress("student", recipe.schedule.epochs) as report:
         result = train(
             recipe,
@@ -813,15 +820,30 @@ def device_type(name: str) -> str | None:
         return None
 
 
-def exported_data(recipe_file: Path) -> str | None:
-    """The fingerprint of the data the student of the export holding `recipe_file` trained on,
-    as its meta.json records it; None for a recipe that is not in an export (or an older one).
-    Here, not in kdsearch.export, which writes it: `train` should not import Ray to read it."""
+def export_meta(recipe_file: Path) -> dict[str, Any]:
+    """The meta.json of the export holding `recipe_file`; empty for a recipe that is not in an
+    export. Here, not in kdsearch.export, which writes it: `train` should not import Ray to
+    read it."""
     try:
-        found = json.loads((recipe_file.parent / "meta.json").read_text()).get("data_fingerprint")
-    except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, not a mapping
-        return None
-    return found if isinstance(found, str) else None
+        found = json.loads((recipe_file.parent / "meta.json").read_text())
+    except (OSError, ValueError):  # no meta.json, not JSON
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def replaced_teacher(recipe_file: Path, meta: dict[str, Any], path: Path) -> tuple[str, str] | None:
+    """Where the teacher at `path` is a file of the export holding `recipe_file` whose weights
+    hash otherwise than its meta.json records (the file replaced since): both hashes."""
+    from kdsearch.teacher import weights_digest
+
+    files = meta.get("teacher_files")
+    for name, recorded in files.items() if isinstance(files, dict) else ():
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("digest"), str):
+            continue
+        if (recipe_file.parent / str(name)).resolve() == path.resolve():
+            here = weights_digest(path)
+            return (here, recorded["digest"]) if here != recorded["digest"] else None
+    return None
 
 
 def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> TeacherFiles:

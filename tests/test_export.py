@@ -46,6 +46,7 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     assert again.returncode == 0, again.stderr
     assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
     assert "not the images or splits" not in again.stderr, "the same data as the export's"
+    assert "is not the teacher" not in again.stderr, "the export's own teacher"
     assert not (empty / "teachers").exists(), "no teacher trained"
     # what `train` wrote runs again from anywhere: its teacher paths are absolute
     rerun = Recipe.load(root / "again" / "recipe.yaml")
@@ -130,6 +131,24 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert Recipe.load(out / "recipe.yaml").device == "auto"
     out.rename(tmp_path / "moved-winner")  # the export is a folder that can go anywhere
     assert_retrained_alike(tmp_path, "moved-winner", best.value)  # same recipe, CPU: same student
+    # the export's teacher file replaced since: a retraining says it learns from another one
+    shipped = tmp_path / "moved-winner" / "teacher.pt"
+    halved = {k: v * 0.5 if k.startswith("fc.") else v for k, v in torch.load(shipped).items()}
+    torch.save(halved, shipped)
+    swapped = cli_here(
+        "train",
+        "moved-winner/recipe.yaml",
+        "--set",
+        "schedule.epochs=1",
+        "--out",
+        "sw",
+        cwd=tmp_path,
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    assert (
+        f"note: {shipped} is not the teacher the exported student in moved-winner learned from "
+        f"(weights hash {weights_digest(shipped)}, there {meta['teacher_files']['teacher.pt']['digest']})"
+    ) in " ".join(swapped.stderr.split())
     # the cached teacher the promotion learned from, trained again since (or replaced): the
     # export refuses to ship another teacher with the student, and writes nothing
     (cached,) = (isolated_cache / "teachers").glob("resnet8-*[0-9a-f].pt")
