@@ -114,6 +114,19 @@ class CategoricalParam(_Param):
     choices: Annotated[list[Any], Field(min_length=1)]
 
     @model_validator(mode="after")
+    def _plain(self) -> CategoricalParam:
+        # A study stores choices as JSON text (`choice_labels`): YAML's dates and timestamps
+        # are not JSON, and failed at the first trial, after the study had started.
+        for choice in self.choices:
+            for odd in _not_plain(choice):
+                where = "is" if odd is choice else f"holds {odd!r},"
+                raise ValueError(
+                    f"choice {choice!r} {where} a {type(odd).__name__}, which a study cannot "
+                    "store; quote it to make it text"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _distinct(self) -> CategoricalParam:
         # A repeated choice is sampled as its first copy (labels are matched by equality).
         for i, choice in enumerate(self.choices):
@@ -126,6 +139,17 @@ class CategoricalParam(_Param):
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _not_plain(value: Any) -> list[Any]:
+    """The first part of `value` that is not YAML's plain data (null, a boolean, a number, text,
+    and lists and mappings of them), as a list of one, or [] where all of it is."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return []
+    if isinstance(value, list | dict):
+        parts = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        return next((odd for p in parts if (odd := _not_plain(p))), [])
+    return [value]
 
 
 def _check_bounds(low: float, high: float, log: bool, step: float | None) -> None:

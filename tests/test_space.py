@@ -93,6 +93,17 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
             "when $x = 'c', but $x never takes that value",
         ),
         ("  $x: {type: float, low: 1, high: 2}", "a $decision must be categorical"),
+        (  # a YAML date: not JSON, which failed at the first trial, with the study started
+            "  $x: {type: categorical, choices: [a, 2024-01-01]}\n"
+            "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}",
+            "space.$x: choice datetime.date(2024, 1, 1) is a date, which a study cannot store; "
+            "quote it to make it text",
+        ),
+        (
+            "  distill: {type: categorical, choices: [{kd: {weight: 1.0}}, "
+            "{kd: {temperature: 2024-01-01T12:30:00Z}}]}",
+            "tzinfo=datetime.timezone.utc), a datetime, which a study cannot store",
+        ),
         (
             "  distill.kd.temperature: {type: float, low: 1, high: 8}\n"
             "  distill.kd: {type: categorical, choices: [{weight: 1.0}, {weight: 0.5}]}",
