@@ -451,6 +451,7 @@ def search_trials(
                 f"val acc {100 * teacher.val_acc:.2f}%"
             )
             same_teacher(record, TeacherFiles.of(teacher, heads))
+        record.record_settings()  # once the data and the teacher have passed
         with Live(console=console, refresh_per_second=2, transient=True) as live:
             outcome = run_search(
                 space,

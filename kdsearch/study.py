@@ -421,6 +421,17 @@ class Record:
             else optuna.samplers.RandomSampler(seed=seed)
         )
         self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        if not self.study.trials:  # new or taken over: what it is, for drivers joining it
+            self.record_settings()
+        self.orphans = self._orphans() if resume else []  # as found on opening the study
+
+    @clear_storage_errors
+    def record_settings(self) -> None:
+        """Record this driver's space and base recipe as the study's: at once in a study of no
+        trials yet; in one resumed or joined, once this driver's data and teacher have passed
+        their checks (a run refused before would leave its machine settings, say a teacher
+        file that is not there, for `promote` and `export` to read)."""
+        space = self.space
         for key, value in {
             "space": space.text,
             "space_file": space.source,
@@ -430,7 +441,6 @@ class Record:
             "max_epochs": space.config.asha.max_epochs,
         }.items():
             self.study.set_user_attr(key, value)
-        self.orphans = self._orphans() if resume else []  # as found on opening the study
 
     @clear_storage_errors
     def discard_if_unused(self) -> bool:

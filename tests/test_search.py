@@ -30,6 +30,8 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
 
+from .conftest import run_cli, write_study
+
 pytestmark = pytest.mark.slow
 
 SPACE = """
@@ -946,3 +948,27 @@ def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_search_
     entered = [dict(recorded) for _, recorded in resumed._brackets[0]._rungs]
     assert entered == [dict(recorded) for _, recorded in live._brackets[0]._rungs]
     assert len(entered) >= 3 and all(entered)
+
+
+def test_a_resume_refused_before_its_search_leaves_the_recorded_settings_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """`promote` and `export` run alone take the machine settings the study recorded last: a
+    resume refused for a teacher file that is not there had recorded that file, and both then
+    failed on it."""
+    url = write_study(tmp_path)
+    before = optuna.load_study(study_name="s", storage=url).user_attrs
+    ran = run_cli(
+        "run",
+        "space.yaml",
+        "--resume",
+        "--trials",
+        "6",
+        "--set",
+        "teacher.checkpoint=nope.pt",
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 2 and "nope.pt" in ran.stderr, ran.stderr
+    after = optuna.load_study(study_name="s", storage=url).user_attrs
+    assert after["base_recipe"] == before["base_recipe"]
+    assert "nope.pt" not in after["base_recipe"]

@@ -158,13 +158,16 @@ OTHERWISE = WRITTEN.replace("{weight: 1.0, placement: [2, 3]}", "{placement: [2,
 
 
 def driver_of(url: str, text: str, target: int, resume: bool) -> Record:
-    return Record(
+    """A driver as `kdsearch run` has one once its data and teacher have passed."""
+    record = Record(
         open_storage(url),
         "s",
         SearchSpace.from_yaml(text, source="s.yaml"),
         target=target,
         resume=resume,
     )
+    record.record_settings()
+    return record
 
 
 def test_a_resume_with_section_choices_written_otherwise_proposes_as_the_study_did(
