@@ -404,6 +404,10 @@ class Progress(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("record", "status")}
 
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        with contextlib.suppress(StudyError):  # the heartbeat's failure stops the search
+            self.record.training(int(trial.config["number"]))
+
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self.record.check_beat()
         now = time.monotonic()

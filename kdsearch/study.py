@@ -480,7 +480,12 @@ class Record:
                         if owner == self.driver
                         else beats.get(f"heartbeat:{owner}", 0.0)
                     )
-                    crashes = int(orphan.user_attrs.get("crashes", 0)) + (float(last) != 0.0)
+                    # only an attempt that had started training: one Tune held back waiting
+                    # for a free slot was not what killed its driver
+                    training = orphan.user_attrs.get("training_attempt") == attempt
+                    crashes = int(orphan.user_attrs.get("crashes", 0)) + (
+                        float(last) != 0.0 and training
+                    )
                     if crashes >= MAX_CRASHES:
                         self._give_up(
                             orphan,
@@ -547,6 +552,14 @@ class Record:
             ("recipe", recipe.to_yaml()),
         ):
             self.storage.set_trial_user_attr(trial_id, key, value)
+
+    @clear_storage_errors
+    def training(self, number: int) -> None:
+        """Record that trial `number`'s attempt has started training (Tune gave it a slot):
+        should its driver die now, the trial may be what killed it."""
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        attempt = self.storage.get_trial(trial_id).user_attrs.get("attempt", 1)
+        self.storage.set_trial_user_attr(trial_id, "training_attempt", attempt)
 
     @clear_storage_errors
     def all_started(self) -> bool:

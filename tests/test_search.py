@@ -164,6 +164,7 @@ def test_trials_and_study_carry_their_attributes(
         recipe = trial_recipe(t)
         assert recipe.optim.lr == t.params["optim.lr"] and recipe.schedule.epochs == MAX_EPOCHS
         assert t.user_attrs["wall_seconds"] > 0 and t.user_attrs["attempt"] == 1
+        assert t.user_attrs["training_attempt"] == 1, "Tune's start of the trial is recorded"
         if t.state != TrialState.FAIL:
             assert t.user_attrs["images_per_sec"] > 0 and t.user_attrs["student_params"] == params
             assert t.user_attrs["threads"] == 1, "per_trial.cpu: 1"
@@ -335,6 +336,7 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert t.user_attrs["attempt"] == left[t.number], (
                 f"an interrupted trial runs again under its number: {t.user_attrs}"
             )
+            assert t.user_attrs["training_attempt"] == left[t.number], "its start recorded"
 
 
 def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:

@@ -434,6 +434,7 @@ def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resu
     for trial_id, driver, beat in zip(ids, drivers, (time.time() - 60, 0.0, 0.0), strict=True):
         storage.set_trial_user_attr(trial_id, "driver", driver)
         storage.set_trial_user_attr(trial_id, "crashes", 2)  # two drivers died with each
+        storage.set_trial_user_attr(trial_id, "training_attempt", 1)  # while it trained
         storage.set_study_system_attr(study_id, f"heartbeat:{driver}", beat)
     storage.set_trial_user_attr(ids[1], "recipe", "student: {arch: resnet9000}\n")
     again = Record(storage, "s", space, target=3, resume=True)
@@ -449,6 +450,38 @@ def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resu
         "its recorded recipe does not load: "
     )
     assert "resnet9000" in t1.user_attrs["failure"]
+
+
+def test_a_trial_that_waited_for_a_slot_is_no_death_of_its_driver(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune proposes `concurrent` trials and holds back those the machine has no slot for: a
+    driver killed then counted a death against every one of them, and after three such kills
+    trials that had never trained were failed as the likely cause."""
+    storage = open_storage(url)
+    with monkeypatch.context() as m:  # the driver that is killed
+        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        first = Record(storage, "s", space, target=2, resume=False)
+        for n in range(2):
+            assert first.next_plan(f"r{n}") is not None
+        first.training(0)  # Tune gave trial 0 a slot; trial 1 waited for one
+        first.heartbeat()  # then it died: its beat stays, not zeroed as a stop zeroes it
+    for kill in range(2):  # resumed by drivers of this process's name, killed in turn
+        again = Record(storage, "s", space, target=2, resume=True)
+        adopted = [again.next_plan(f"k{kill}-{n}") for n in range(2)]
+        assert all(p is not None and p.adopted for p in adopted), f"resume {kill + 1}"
+        again.training(0)
+        again.heartbeat()
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.user_attrs["crashes"] for t in trials] == [2, 0]
+    last = Record(storage, "s", space, target=2, resume=True)
+    plan = last.next_plan("last")  # the third death: trial 0 is failed, trial 1 trains
+    assert plan is not None and plan.number == 1 and last.next_plan("more") is None
+    t0, t1 = optuna.load_study(study_name="s", storage=url).trials
+    assert (
+        t0.state == TrialState.FAIL and "died while training it 3 times" in t0.user_attrs["failure"]
+    )
+    assert t1.state == TrialState.RUNNING and t1.user_attrs["crashes"] == 0
 
 
 def test_a_driver_of_the_same_name_stopped_cleanly_is_no_death(
