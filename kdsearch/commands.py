@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 tally, seconds, complete = record.tally(), 0.0, True
                 target = max(target, held)
             else:
+                target = max(target, held)  # --trials below what it holds: its orphans run
                 console.print(
                     f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
                     f"({held - record.tally().running} finished before, {len(record.orphans)} to "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
 
-from .conftest import run_cli, write_study
+from .conftest import SMALL_SPACE, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -974,3 +975,28 @@ def test_a_resume_refused_before_its_search_leaves_the_recorded_settings_as_they
     after = optuna.load_study(study_name="s", storage=url).user_attrs
     assert after["base_recipe"] == before["base_recipe"]
     assert "nope.pt" not in after["base_recipe"]
+
+
+def test_a_resume_asking_fewer_trials_than_the_study_holds_counts_to_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its orphans run again whatever --trials says; the count read `trials 2/1`."""
+    from kdsearch.study import Record, open_storage
+
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    (tmp_path / "studies").mkdir()
+    space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with monkeypatch.context() as m:  # a driver killed with two trials proposed
+        m.setattr("kdsearch.study.os.getpid", lambda: dead.pid)
+        first = Record(
+            open_storage(f"sqlite:///{tmp_path}/studies/s.db"), "s", space, target=2, resume=False
+        )
+        for n in range(2):
+            assert first.next_plan(f"r{n}") is not None
+    ran = run_cli("run", "space.yaml", "--resume", "--trials", "1", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    said = " ".join(ran.stderr.split())
+    assert "study 's' in" in said and ": 2 trials (0 finished before, 2 to run again)" in said
+    assert re.search(r"trials 2/2: \d complete, \d pruned, 0 failed, 0 running", said), said
