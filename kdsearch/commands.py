@@ -44,7 +44,7 @@ from kdsearch.paths import (
     writable_folder,
     write_errors,
 )
-from kdsearch.recipe import Recipe, leaf_changes, load_yaml
+from kdsearch.recipe import Recipe, empty_section, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
     NAME_MAX,
     PROMOTED,
@@ -76,18 +76,6 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
             )
         changes[path.strip()] = value
     return leaf_changes(changes)
-
-
-def empty_section(path: str, value: Any) -> str | None:
-    """The path of an empty mapping in a --set value (which would set nothing), or None."""
-    if not isinstance(value, dict):
-        return None
-    if not value:
-        return path
-    for key, inner in value.items():
-        if found := empty_section(f"{path}.{key}", inner):
-            return found
-    return None
 
 
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:

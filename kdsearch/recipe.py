@@ -433,6 +433,18 @@ def placement_problem(arch: str, placement: list[int]) -> str | None:
     return f"{placement}: {arch} has no stage {bad[0]} to carry a head (its stages are 1-{stages})"
 
 
+def empty_section(path: str, value: Any) -> str | None:
+    """The path of an empty mapping in a --set value (which would set nothing), or None."""
+    if not isinstance(value, dict):
+        return None
+    if not value:
+        return path
+    for key, inner in value.items():
+        if found := empty_section(f"{path}.{key}", inner):
+            return found
+    return None
+
+
 def leaf_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     """`changes` with each mapping spread over the keys it names (`{"optim": {"lr": 0.1}}` ->
     `{"optim.lr": 0.1}`), so that a section given in part (a searched choice, a --set) keeps

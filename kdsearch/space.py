@@ -29,6 +29,7 @@ from kdsearch.recipe import (
     Section,
     Seed,
     describe,
+    empty_section,
     leaf_changes,
     load_yaml,
     not_a_mapping,
@@ -446,6 +447,8 @@ class SearchSpace:
             self._check_jointly(name, where)
             if not name.startswith("$"):
                 self._check_path(name, p, where)
+                if isinstance(p, CategoricalParam):
+                    _check_changes(name, p, where)
             seen.append(name)
         if all(name.startswith("$") for name in self.params):
             raise RecipeError(
@@ -713,6 +716,28 @@ def short_promotion(what: str, epochs: int, config: SpaceFile, fix: str) -> str 
         f"{what} {epochs} is below asha.max_epochs ({trial}), so the promotion would train the "
         f"best trials for fewer epochs than the search did; {fix}"
     )
+
+
+def _check_changes(name: str, p: CategoricalParam, where: str) -> None:
+    """No two choices of `name` change the recipe alike, and none holds an empty mapping below
+    its top (`{temperature: {}}` sets nothing; `{}` itself is the choice to change nothing):
+    `{kd.weight: 0.5}` and `{kd: {weight: 0.5}}` are one change, which the sampler would weigh
+    twice."""
+    made: list[tuple[Any, dict[str, Any]]] = []
+    for choice in p.choices:
+        if choice != {} and (empty := empty_section(name, choice)):
+            raise RecipeError(
+                f"{where}: choice {choice!r}: {empty} is an empty mapping, which changes "
+                "nothing; name the keys to change"
+            )
+        changes = leaf_changes({name: choice})
+        for other, earlier in made:
+            if earlier == changes:
+                raise RecipeError(
+                    f"{where}: choices {other!r} and {choice!r} make the same change "
+                    f"({', '.join(f'{k}: {v!r}' for k, v in changes.items())}); keep one"
+                )
+        made.append((choice, changes))
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:
