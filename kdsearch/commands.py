@@ -244,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_storage,
         redact,
         refuse_foreign,
+        retuned_settings,
         sqlite_file,
     )
 
@@ -294,6 +295,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 target = max(target, held)
             else:
                 target = max(target, held)  # --trials below what it holds: its orphans run
+                if retuned := retuned_settings(record.study, space):
+                    console.print(
+                        f"note: study {name!r} was searched with other settings "
+                        f"({'; '.join(retuned)}); the trials still to run are stopped and "
+                        "proposed by this run's, and the finished ones stay as they were"
+                    )
                 console.print(
                     f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
                     f"({held - record.tally().running} finished before, {len(record.orphans)} to "

@@ -854,6 +854,26 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
     return changed
 
 
+def retuned_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
+    """What `space` changes of the study's recorded settings that a resume may change (not the
+    trials' own, which `changed_settings` guards) but that decide how its remaining trials are
+    stopped or proposed: ASHA's rungs, the sampler and its seed."""
+    if "space" not in study.user_attrs:
+        return []
+    try:
+        was = space_config(study)
+    except StudyError:  # recorded by a kdsearch whose file this one refuses: nothing to compare
+        return []
+    now = space.config
+    pairs = [
+        ("asha.grace_epochs", was.asha.grace_epochs, now.asha.grace_epochs),
+        ("asha.reduction_factor", was.asha.reduction_factor, now.asha.reduction_factor),
+        ("search.sampler", was.search.sampler, now.search.sampler),
+        ("search.seed", was.search.seed, now.search.seed),
+    ]
+    return [f"{key} {a!r} -> {b!r}" for key, a, b in pairs if a != b]
+
+
 def heartbeats(beats: Mapping[str, Any]) -> list[str]:
     """The drivers (`this_driver`) that wrote a heartbeat into the study system attributes
     `beats`."""

@@ -1000,3 +1000,21 @@ def test_a_resume_asking_fewer_trials_than_the_study_holds_counts_to_what_it_hol
     said = " ".join(ran.stderr.split())
     assert "study 's' in" in said and ": 2 trials (0 finished before, 2 to run again)" in said
     assert re.search(r"trials 2/2: \d complete, \d pruned, 0 failed, 0 running", said), said
+
+
+def test_a_resume_with_other_asha_or_sampler_settings_says_so(tmp_path: Path) -> None:
+    """They decide how the trials left are stopped and proposed; a resume took them silently."""
+    write_study(tmp_path)
+    retuned = SMALL_SPACE.replace("grace_epochs: 1", "grace_epochs: 2").replace(
+        "sampler: random", "sampler: tpe"
+    )
+    (tmp_path / "space.yaml").write_text(retuned)
+    ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        "note: study 's' was searched with other settings (asha.grace_epochs 1 -> 2; "
+        "search.sampler 'random' -> 'tpe'); the trials still to run are stopped and proposed by "
+        "this run's, and the finished ones stay as they were"
+    ) in " ".join(ran.stderr.split())
+    again = run_cli("run", "space.yaml", "--resume", "--trials", "7", cwd=tmp_path)
+    assert again.returncode == 0 and "other settings" not in again.stderr, "recorded since"
