@@ -447,8 +447,6 @@ class SearchSpace:
             self._check_jointly(name, where)
             if not name.startswith("$"):
                 self._check_path(name, p, where)
-                if isinstance(p, CategoricalParam):
-                    _check_changes(name, p, where)
             seen.append(name)
         if all(name.startswith("$") for name in self.params):
             raise RecipeError(
@@ -610,8 +608,9 @@ class SearchSpace:
 
     def idle_settings(self) -> list[str]:
         """Searched settings of a term no trial can switch on (its weight 0 in the base and
-        never searched above 0): they change nothing, each named with what to do. Told, not
-        refused, so that a study searched with one can still be resumed."""
+        never searched above 0), and section choices that change nothing or one thing twice:
+        each named with what to do. Told, not refused, so that a study searched with one can
+        still be resumed."""
         idle = []
         for name in self.params:
             parts = name.split(".")
@@ -624,6 +623,9 @@ class SearchSpace:
                     f"changes it), so this changes nothing; search {term}.weight too, or give "
                     "it a weight in base"
                 )
+        for name, p in self.params.items():
+            if isinstance(p, CategoricalParam) and not name.startswith("$"):
+                idle += _alike_changes(name, p)
         return idle
 
     def searched_changes(self, keys: Iterable[str]) -> list[str]:
@@ -718,26 +720,28 @@ def short_promotion(what: str, epochs: int, config: SpaceFile, fix: str) -> str 
     )
 
 
-def _check_changes(name: str, p: CategoricalParam, where: str) -> None:
-    """No two choices of `name` change the recipe alike, and none holds an empty mapping below
-    its top (`{temperature: {}}` sets nothing; `{}` itself is the choice to change nothing):
-    `{kd.weight: 0.5}` and `{kd: {weight: 0.5}}` are one change, which the sampler would weigh
-    twice."""
+def _alike_changes(name: str, p: CategoricalParam) -> list[str]:
+    """What is amiss with the choices of `name` as changes to the recipe: one holding an empty
+    mapping below its top (`{temperature: {}}` sets nothing; `{}` itself is the choice to
+    change nothing), two making the same change (`{kd.weight: 0.5}` and `{kd: {weight: 0.5}}`,
+    which the sampler weighs twice)."""
+    told: list[str] = []
     made: list[tuple[Any, dict[str, Any]]] = []
     for choice in p.choices:
         if choice != {} and (empty := empty_section(name, choice)):
-            raise RecipeError(
-                f"{where}: choice {choice!r}: {empty} is an empty mapping, which changes "
-                "nothing; name the keys to change"
+            told.append(
+                f"space.{name}: choice {choice!r}: {empty} is an empty mapping, which changes "
+                "nothing there; name the keys to change"
             )
         changes = leaf_changes({name: choice})
-        for other, earlier in made:
-            if earlier == changes:
-                raise RecipeError(
-                    f"{where}: choices {other!r} and {choice!r} make the same change "
-                    f"({', '.join(f'{k}: {v!r}' for k, v in changes.items())}); keep one"
-                )
+        told += [
+            f"space.{name}: choices {other!r} and {choice!r} make the same change, which the "
+            "sampler so draws twice as often; keep one"
+            for other, earlier in made
+            if earlier == changes
+        ]
         made.append((choice, changes))
+    return told
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:

@@ -93,16 +93,6 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
             "when $x = 'c', but $x never takes that value",
         ),
         ("  $x: {type: float, low: 1, high: 2}", "a $decision must be categorical"),
-        (  # accepted, and the sampler weighed the one change twice
-            "  distill: {type: categorical, choices: [{kd.weight: 0.5}, {kd: {weight: 0.5}}]}",
-            "space.distill: choices {'kd.weight': 0.5} and {'kd': {'weight': 0.5}} make the "
-            "same change (distill.kd.weight: 0.5); keep one",
-        ),
-        (  # accepted as a choice that changed nothing, which --set refuses
-            "  distill.kd: {type: categorical, choices: [{temperature: {}}, {weight: 0.5}]}",
-            "space.distill.kd: choice {'temperature': {}}: distill.kd.temperature is an empty "
-            "mapping, which changes nothing; name the keys to change",
-        ),
         (  # a YAML date: not JSON, which failed at the first trial, with the study started
             "  $x: {type: categorical, choices: [a, 2024-01-01]}\n"
             "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}",
@@ -841,6 +831,19 @@ def test_a_home_folder_in_export_dir_is_the_users(monkeypatch: pytest.MonkeyPatc
     assert space.config.export is not None and space.config.export.dir == "/home/u/w"
 
 
-def test_an_empty_choice_is_the_choice_to_change_nothing() -> None:
-    space = space_of("  distill.kd: {type: categorical, choices: [{}, {weight: 0.5}]}\n")
-    assert space.params["distill.kd"].choices == [{}, {"weight": 0.5}]  # type: ignore[union-attr]
+def test_section_choices_that_change_nothing_or_one_thing_twice_are_told() -> None:
+    """Accepted silently before; told, not refused, so that a study started with them can
+    still be resumed (a space file changed to drop one is another search)."""
+    told = space_of(
+        "  distill: {type: categorical, choices: [{kd.weight: 0.5}, {kd: {weight: 0.5}}]}\n"
+        "  optim: {type: categorical, choices: [{}, {lr: 0.1}, {nesterov: {}}]}\n"
+    ).idle_settings()
+    assert told == [
+        "space.distill: choices {'kd.weight': 0.5} and {'kd': {'weight': 0.5}} make the same "
+        "change, which the sampler so draws twice as often; keep one",
+        # `{}` itself is the choice to change nothing
+        "space.optim: choice {'nesterov': {}}: optim.nesterov is an empty mapping, which "
+        "changes nothing there; name the keys to change",
+        "space.optim: choices {} and {'nesterov': {}} make the same change, which the sampler "
+        "so draws twice as often; keep one",
+    ]
