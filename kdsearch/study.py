@@ -482,7 +482,8 @@ class Record:
                     )
                     # only an attempt that had started training: one Tune held back waiting
                     # for a free slot was not what killed its driver
-                    training = orphan.user_attrs.get("training_attempt") == attempt
+                    # (absent: recorded by a kdsearch before this mark, so counted as before)
+                    training = orphan.user_attrs.get("training_attempt", attempt) == attempt
                     crashes = int(orphan.user_attrs.get("crashes", 0)) + (
                         float(last) != 0.0 and training
                     )
@@ -549,6 +550,7 @@ class Record:
         for key, value in (
             ("ray_trial_id", ray_trial_id),
             ("attempt", attempt),
+            ("training_attempt", 0),  # not yet: Tune may hold it back for a slot (`training`)
             ("recipe", recipe.to_yaml()),
         ):
             self.storage.set_trial_user_attr(trial_id, key, value)

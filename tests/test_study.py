@@ -434,8 +434,10 @@ def test_an_orphan_that_cannot_train_is_failed_rather_than_adopted_on_every_resu
     for trial_id, driver, beat in zip(ids, drivers, (time.time() - 60, 0.0, 0.0), strict=True):
         storage.set_trial_user_attr(trial_id, "driver", driver)
         storage.set_trial_user_attr(trial_id, "crashes", 2)  # two drivers died with each
-        storage.set_trial_user_attr(trial_id, "training_attempt", 1)  # while it trained
         storage.set_study_system_attr(study_id, f"heartbeat:{driver}", beat)
+    # recorded by a kdsearch before `training_attempt`: each of those deaths still counts
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
+        db.execute("DELETE FROM trial_user_attributes WHERE key = 'training_attempt'")
     storage.set_trial_user_attr(ids[1], "recipe", "student: {arch: resnet9000}\n")
     again = Record(storage, "s", space, target=3, resume=True)
     plan = again.next_plan("new")
