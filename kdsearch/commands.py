@@ -930,7 +930,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     storage, _ = study_storage(args.study, args.storage)
     study = search_study(storage, args.study)  # refused before anything is written
     page = build_report(storage, args.study)
-    with write_errors(f"--out {out}"), replaced_whole(out) as tmp:
+    with write_errors(f"--out {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")
     note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
     console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline){note}")
@@ -1012,7 +1012,7 @@ def write_csv(table: Any, dest: str, rows: str) -> None:
     if dest == "-":
         table.to_csv(sys.stdout, index=False)
     else:
-        with write_errors(f"--csv {dest}"), replaced_whole(Path(dest)) as tmp:
+        with write_errors(f"--csv {dest}"), replaced_whole(Path(dest), follow_link=True) as tmp:
             table.to_csv(tmp, index=False)
         console.print(f"wrote {len(table)} {rows} to {dest}")
 

@@ -54,14 +54,21 @@ def _probe(folder: Path, where: str) -> None:
 def writable_file(path: Path, option: str) -> None:
     """`path` names a regular file, or none yet (not a folder, a device or a pipe, which the
     file written in its place would replace), in an existing folder that can be written in; a
-    link is followed (`replaced_whole` writes its target)."""
+    link is followed, as `replaced_whole(follow_link=True)` writes its target."""
     if path.is_dir():
         raise KdsearchError(f"{option} {path} is a folder; name a file")
     if path.exists() and not path.is_file():
         raise KdsearchError(
             f"{option} {path} is not a regular file (a device or a pipe); name a file"
         )
-    target = path.resolve() if path.is_symlink() else path
+    target = path
+    if path.is_symlink():
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError):  # a loop of links: RuntimeError before Python 3.13
+            raise KdsearchError(
+                f"{option} {path} is a link that leads round to itself; name a file"
+            ) from None
     folder = target.parent
     if not folder.is_dir():
         raise KdsearchError(f"{option} {path}: no folder {folder}")
@@ -131,14 +138,16 @@ STALE_S = 24 * 3600  # a staging file this old belongs to a writer that was kill
 
 
 @contextlib.contextmanager
-def replaced_whole(dest: Path) -> Iterator[Path]:
+def replaced_whole(dest: Path, *, follow_link: bool = False) -> Iterator[Path]:
     """A staging path to write `dest` to, moved into place when the block ends without error and
     removed otherwise (a Ctrl-C too): no reader sees half a file, and none is left behind. The
     file is on disk before the move (a power loss leaves the old file or the new one, never an
     empty one under the name), and staging files of `dest` that a killed writer left over a day
-    ago are removed first (a decoded data set's are hundreds of MB). A link is followed: its
-    target is replaced, the link kept."""
-    dest = dest.resolve() if dest.is_symlink() else dest
+    ago are removed first (a decoded data set's are hundreds of MB). With `follow_link`, a
+    link has its target replaced and is kept (a user's `--out` through a link; `writable_file`
+    has refused a loop); without, a link is replaced (a cache's own files)."""
+    if follow_link and dest.is_symlink():
+        dest = dest.resolve()
     for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
         with contextlib.suppress(OSError):  # gone already, or not ours to remove
             if staged_for(left) == dest.name and time.time() - left.stat().st_mtime > STALE_S:

@@ -152,3 +152,16 @@ def test_a_runs_files_are_placed_whole_and_never_over_another_runs(
     with pytest.raises(OSError, match="No space left"):
         placed_files(tmp_path / "f" / "g", full)
     assert not (tmp_path / "f").exists(), "nothing left, not even the folders made for it"
+
+
+def test_a_link_is_replaced_unless_it_is_to_be_followed(tmp_path: Path) -> None:
+    """A cache's own file that is a link (to a share gone since) is replaced where it is; a
+    user's `--out` through a link writes the link's target."""
+    (tmp_path / "kept").mkdir()
+    for follow in (False, True):
+        link = tmp_path / f"link-{follow}"
+        link.symlink_to(tmp_path / "kept" / f"t-{follow}")
+        with replaced_whole(link, follow_link=follow) as tmp:
+            tmp.write_text("new")
+        assert link.is_symlink() == follow and link.read_text() == "new"
+        assert (tmp_path / "kept" / f"t-{follow}").exists() == follow

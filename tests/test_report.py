@@ -467,6 +467,9 @@ def test_a_pipe_is_refused_and_a_link_has_its_target_written(
             " ".join(ran.stderr.split())
         )
         assert (tmp_path / "pipe").is_fifo()
+    (tmp_path / "loop").symlink_to("loop")  # was a traceback
+    ran = cli_here("trials", "s", "--csv", "loop", cwd=tmp_path)
+    assert ran.returncode == 2 and "--csv loop is a link that leads round to itself" in ran.stderr
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "t.csv").write_text("")
     (tmp_path / "latest.csv").symlink_to("out/t.csv")
