@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(
     os.environ.get("KDSEARCH_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each worker of a parallel run (pytest-xdist) its own temporary folder, and the searches it
+    starts theirs and their Ray's under it: a search removes the folders of dead drivers it finds
+    there, which the other worker's kill -9 test had left to look at. And a share of the CPUs:
+    torch's threads on every CPU in each worker made the tests training in-process six times
+    slower, spinning against the other worker's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(share)  # the searches' drivers this worker starts
+    torch.set_num_threads(share)
+    own = tempfile.mkdtemp(prefix=f"kd{worker}-")  # short: Ray's socket paths are under it
+    os.environ["TMPDIR"] = own
+    tempfile.tempdir = None  # asked again, from TMPDIR
+    config.add_cleanup(lambda: shutil.rmtree(own, ignore_errors=True))
 
 
 def run_cli(

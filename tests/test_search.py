@@ -78,6 +78,10 @@ def trials(root: Path, name: str = "tiny") -> list[FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root}/studies/{name}.db").trials
 
 
+# the tests that read the one search below run on one worker of a parallel run, which runs it once
+ONE_SEARCH = pytest.mark.xdist_group("tiny-search")
+
+
 @pytest.fixture(scope="module")
 def search(
     tmp_path_factory: pytest.TempPathFactory,
@@ -89,6 +93,7 @@ def search(
     return root, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@ONE_SEARCH
 def test_search_ends_with_every_trial_finished(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -104,6 +109,7 @@ def test_search_ends_with_every_trial_finished(
     assert len(states) == 8 and TrialState.RUNNING not in states
 
 
+@ONE_SEARCH
 def test_resuming_a_finished_search_runs_nothing_and_says_so(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -120,6 +126,7 @@ def test_resuming_a_finished_search_runs_nothing_and_says_so(
     assert [(t.number, t.state, t.datetime_complete) for t in trials(root)] == before
 
 
+@ONE_SEARCH
 def test_asha_stopped_trials_are_pruned_and_full_ones_complete(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -137,6 +144,7 @@ def test_asha_stopped_trials_are_pruned_and_full_ones_complete(
             assert epochs < MAX_EPOCHS and t.value == t.intermediate_values[epochs]
 
 
+@ONE_SEARCH
 def test_a_trial_whose_loss_went_nan_is_failed_with_its_reason(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -153,6 +161,7 @@ def test_a_trial_whose_loss_went_nan_is_failed_with_its_reason(
     assert "failed #" in proc.stderr
 
 
+@ONE_SEARCH
 def test_trials_and_study_carry_their_attributes(
     search: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -200,12 +209,13 @@ def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTri
     ]
 
 
-def running(title: str) -> bool:
-    """Whether some process of this machine has a command line starting with `title` (Ray
-    names a worker by the task it runs)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if cmdline.read_bytes().startswith(title.encode()):
+def running(title: str, session: int) -> bool:
+    """Whether some process of session `session` has a command line starting with `title` (Ray
+    names a worker by the task it runs). Only that session's: a search of a test running beside
+    this one has workers of the same name."""
+    for p in in_session(session):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(p.cmdline()).startswith(title):
                 return True
     return False
 
@@ -349,7 +359,7 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     # its own temp dir, so it does not become the machine's "current cluster" for address=auto;
     # short, for Ray's socket paths
-    temp_dir = tempfile.mkdtemp(prefix="kdsearch-test-ray-")
+    temp_dir = tempfile.mkdtemp(prefix="kdsearch-test-ray-", dir="/tmp")
     head = subprocess.Popen(
         [
             ray,
@@ -477,7 +487,7 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path)
     # Tune leaves its SIGINT handler behind after a search; a stop must not land in it.
     root, env = workdir(tmp_path)
     (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
-    proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env)
+    proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env, start_new_session=True)
     seen = []
     try:
         while not any(line.startswith("promoting the") for line in seen[-1:]):
@@ -487,12 +497,12 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path)
         # Into the promotion's runs, past Ray's start (a SIGTERM inside ray.init meets Ray's
         # own handler: see the README's "Resume, Ctrl-C and kill -9").
         deadline = time.monotonic() + 120
-        while not running("ray::train_job") and time.monotonic() < deadline:
+        while not running("ray::train_job", proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        stop_session(proc.pid)
     assert proc.returncode == 130, "".join(seen) + err
     assert "kdsearch: interrupted" in err
 
