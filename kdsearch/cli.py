@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -229,6 +230,11 @@ INTERRUPTED = {
 }
 
 
+# what the system says of a path the user named that cannot be reached: checking it (pathlib's
+# is_file and the like) raises these, where the commands' own checks give their one line
+UNREACHABLE = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdsearch` console command."""
     args = build_parser().parse_args(argv)
@@ -251,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kdsearch trials S --csv - | head`: the reader had what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no failing last flush
         return 141  # as a command that SIGPIPE ended
+    except OSError as err:
+        if err.errno not in UNREACHABLE or err.filename is None:
+            raise
+        console.print(f"kdsearch: error: {err.filename}: {err.strerror}")
+        return 2
     finally:
         warnings.showwarning = PYTHON_SHOWWARNING
 

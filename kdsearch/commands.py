@@ -332,7 +332,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"this driver is done; {tally.running} trials of other drivers "
             "are still running in the study"
         )
-    console.print(f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`)")
+    console.print(
+        f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`{password_hidden(url)})"
+    )
     if not tally.complete and not tally.running:
         console.print("no trial completed, so there is no result to promote or export")
         return 1
@@ -654,7 +656,9 @@ def run_promotion(
         )
     finally:
         status.close()
-    console.print(leaderboard_table(leaderboard(promoted)))
+    board = leaderboard(promoted)
+    if not board.empty:  # every run failed: their lines above say why
+        console.print(leaderboard_table(board))
     console.print(
         f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
         f"weights in {weights_dir}/"
@@ -927,8 +931,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     writable_file(out, "--out")
     replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
-    storage, _ = study_storage(args.study, args.storage)
-    study = search_study(storage, args.study)  # refused before anything is written
+    storage, url = study_storage(args.study, args.storage)
+    # refused before anything is written
+    study = search_study(storage, args.study, storage_option(args.study, url))
     page = build_report(storage, args.study)
     with write_errors(f"--out {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -162,10 +162,9 @@ class RunsStatus:
 
 
 def leaderboard_table(board: Any) -> Table:
-    """The promoted leaderboard for the terminal."""
-    budget = f"{board['epochs'].max()} epochs" if len(board) else "full budget"
-    over = "mean ± sd over seeds" if len(board) and board["seeds"].max() > 1 else "one seed"
-    title = f"promoted at {budget} (accuracy %, {over})"
+    """The promoted leaderboard (of one recipe at least) for the terminal."""
+    over = "mean ± sd over seeds" if board["seeds"].max() > 1 else "one seed"
+    title = f"promoted at {board['epochs'].max()} epochs (accuracy %, {over})"
     table = Table(title=title, min_width=len(title))  # a title wider than the rows is not wrapped
     for column in ("recipe", "seeds", "validation", "test"):
         table.add_column(column)
@@ -193,14 +192,16 @@ def spread(mean: float, sd: float, seeds: int) -> str:
     return f"{mean:.2f} ± {sd:.2f}" if seeds > 1 else f"{mean:.2f}"
 
 
+# `report.trials_table`'s columns besides the parameters
+TRIAL_COLUMNS = ("number", "state", "value", "epochs", "failure")
+
+
 def trials_view(table: pd.DataFrame, *, accuracy: bool) -> Table:
     """`report.trials_table` for the terminal, fitted to its width: a column for each parameter
     that every trial which sampled any drew (named without `distill.`, split at its dots), the
     parameters only some drew (a `when`) together in one column as name=value, and a failure's
     first line, cut. `accuracy`: the value in percent."""
-    params = [
-        c for c in table.columns if c not in ("number", "state", "value", "epochs", "failure")
-    ]
+    params = [c for c in table.columns if c not in TRIAL_COLUMNS]
     drew = table[params].notna().any(axis=1)
     shared = [p for p in params if table.loc[drew, p].notna().all()]
     conditional = [p for p in params if p not in shared]

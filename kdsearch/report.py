@@ -22,7 +22,7 @@ from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.display import seeds_cell, value_text
+from kdsearch.display import TRIAL_COLUMNS, seeds_cell, value_text
 from kdsearch.errors import StudyError
 from kdsearch.promote import failed_line, failed_runs, leaderboard
 from kdsearch.study import (
@@ -50,14 +50,16 @@ MIN_COMPLETE = 5
 Part: TypeAlias = "go.Figure | str"  # a figure, or a paragraph of text
 
 
-def search_study(storage: BaseStorage, name: str) -> optuna.Study:
-    """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error."""
+def search_study(storage: BaseStorage, name: str, storage_option: str = "") -> optuna.Study:
+    """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error, whose
+    commands carry `storage_option` (` --storage URL`, where the storage is not the default)."""
     study = load_study(storage, name)
     if is_promotion(study.user_attrs):
         source = study.user_attrs["source_study"]
         raise StudyError(
             f"study {name!r} holds the promotion runs of study {source!r}: their leaderboard is "
-            f"in `kdsearch report {source}` and `kdsearch trials {name}`"
+            f"in `kdsearch report {source}{storage_option}` and "
+            f"`kdsearch trials {name}{storage_option}`"
         )
     recorded(study, "space")
     return study
@@ -74,21 +76,26 @@ def check_single_objective(study: optuna.Study) -> None:
 
 def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame:
     """One row per trial: number, state, value, epochs run, every parameter (`param_names`'
-    order) and why it failed; by number, or `best_first`."""
+    order) and why it failed; by number, or `best_first`. A parameter named as one of those
+    columns (another tool's `epochs`) is `params_NAME`, as Optuna's own tables name them all."""
     check_single_objective(study)
     trials = best_first(study) if by_value else study.trials
+
+    def column(param: str) -> str:
+        return f"params_{param}" if param in TRIAL_COLUMNS else param
+
     rows = [
         {
             "number": t.number,
             "state": t.state.name,
             "value": t.value,
             "epochs": t.user_attrs.get("epochs"),
-            **t.params,
+            **{column(p): v for p, v in t.params.items()},
             "failure": t.user_attrs.get("failure"),
         }
         for t in trials
     ]
-    columns = ["number", "state", "value", "epochs", *param_names(study), "failure"]
+    columns = ["number", "state", "value", "epochs", *map(column, param_names(study)), "failure"]
     table = pd.DataFrame(rows, columns=columns)
     for column in columns:  # pandas makes whole numbers floats (12.0) around a gap; keep them
         given = [row[column] for row in rows if row.get(column) is not None]
@@ -225,6 +232,7 @@ def _comparisons(study: optuna.Study, complete: list[FrozenTrial]) -> list[tuple
     if len(complete) < MIN_COMPLETE:
         why = f"from {MIN_COMPLETE} COMPLETE trials on; the study has {len(complete)}"
         return [("Parallel coordinates and parameter importances", [why])]
+    from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization import plot_parallel_coordinate, plot_param_importances
 
     parallel = plot_parallel_coordinate(study, target=_accuracy, target_name=ACCURACY)
@@ -239,7 +247,11 @@ def _comparisons(study: optuna.Study, complete: list[FrozenTrial]) -> list[tuple
                 # Optuna notes that a parameter only some trials sample (a `when`) has few
                 # trials in some regime: true of every conditional space, and not the user's to fix
                 warnings.filterwarnings("ignore", message="Some regimes", category=UserWarning)
-                importances.append(plot_param_importances(study, params=assessed))
+                importances.append(
+                    plot_param_importances(
+                        study, evaluator=PedAnovaImportanceEvaluator(), params=assessed
+                    )
+                )
         except (ValueError, RuntimeError) as err:  # e.g. no parameter varies among them
             importances.append(f"not available: {err}")
     if few:

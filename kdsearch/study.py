@@ -210,13 +210,16 @@ def recorded(study: optuna.Study, key: str) -> str:
 def space_config(study: optuna.Study) -> SpaceFile:
     """The search's space file as recorded in the study (its base is not loaded again); one
     that this kdsearch's checks refuse (recorded by an earlier one) is a clear error."""
+    refused = (
+        f"study {study.study_name!r}: the space file it recorded no longer passes this "
+        "kdsearch's checks"
+    )
     try:
         return SpaceFile.model_validate(load_yaml(recorded(study, "space"), source="study"))
     except ValidationError as err:
-        raise StudyError(
-            f"study {study.study_name!r}: the space file it recorded no longer passes this "
-            f"kdsearch's checks: {describe(err, SpaceFile)}"
-        ) from None
+        raise StudyError(f"{refused}: {describe(err, SpaceFile)}") from None
+    except RecipeError as err:  # YAML this kdsearch reads more strictly (a key given twice)
+        raise StudyError(f"{refused}: {err}") from None
 
 
 def base_recipe(study: optuna.Study) -> Recipe:

@@ -669,11 +669,13 @@ def test_runs_recorded_before_budgets_were_keyed_are_not_trained_again(tmp_path:
     assert len(leaderboard(promoted_study)) == 3
 
 
+@pytest.mark.parametrize("baselines_train", [True, False])
 def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
-    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch, baselines_train: bool
 ) -> None:
     """It printed the baselines' leaderboard and exited 0; `kdsearch run` then exported the
-    best search trial instead, as if no promotion had been asked for."""
+    best search trial instead, as if no promotion had been asked for. With no run finished at
+    all, it printed an empty leaderboard "promoted at full budget (..., one seed)"."""
     write_study(tmp_path)
 
     def diverging(storage: BaseStorage, name: str, **kwargs: Any) -> optuna.Study:
@@ -682,8 +684,9 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
         kwargs["on_plan"](runs, len(runs))
         promoted = open_promoted(storage, name)
         kwargs["weights_dir"].mkdir(parents=True)
-        for run in runs:  # the baselines train; every searched recipe diverges
-            failure = "NonFiniteLoss: nan" if run.source_trial >= 0 else None
+        for run in runs:  # every searched recipe diverges
+            diverges = run.source_trial >= 0 or not baselines_train
+            failure = "NonFiniteLoss: nan" if diverges else None
             result = replace(result_of(run, 0.5, failure), weights=None if failure else {})
             _record(promoted, run, result, kwargs["weights_dir"], None, DATA)
             kwargs["on_run"](run, result)
@@ -694,6 +697,7 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
     assert ran.returncode == 1, ran.stderr
     assert "trial 1 seed 0: failed: NonFiniteLoss: nan" in ran.stderr
     assert "every run of the searched recipes failed at the base recipe's epochs" in ran.stderr
+    assert ("promoted at " in ran.stderr) == baselines_train, ran.stderr
 
 
 def test_a_driver_that_ends_while_others_still_run_trials_leaves_them_the_promotion(

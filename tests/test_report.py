@@ -158,6 +158,42 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) 
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
 
 
+def test_another_tools_parameters_named_as_a_column_do_not_take_its_place(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """A parameter `value` or `epochs` took the trial's own column: the table showed the
+    sampled number as the trial's value, with no word."""
+    url = f"sqlite:///{tmp_path}/other.db"
+    study = optuna.create_study(study_name="other", storage=url, direction="maximize")
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"value": 1.5, "epochs": 7},
+            distributions={
+                "value": optuna.distributions.FloatDistribution(0.0, 2.0),
+                "epochs": optuna.distributions.IntDistribution(1, 9),
+            },
+            value=0.5,
+        )
+    )
+    ran = cli_here("trials", "other", "--storage", url, "--csv", "-", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    table = pd.read_csv(io.StringIO(ran.stdout))
+    assert list(table.columns) == [
+        "number",
+        "state",
+        "value",
+        "epochs",
+        "params_value",
+        "params_epochs",
+        "failure",
+    ]
+    row = table.iloc[0]
+    assert (row["value"], row["params_value"], row["params_epochs"]) == (0.5, 1.5, 7)
+    assert pd.isna(row["epochs"]), "the study recorded no epochs run"
+    shown = cli_here("trials", "other", "--storage", url, cwd=tmp_path)
+    assert shown.stdout.splitlines()[-1].split() == ["0", "COMPLETE", "0.5", "-", "1.5", "7"]
+
+
 @pytest.mark.parametrize("name", ["out[bold]y.csv", "a[/b].csv"])
 def test_a_path_is_printed_as_it_is_never_as_markup(
     tmp_path: Path, cli_here: CliHere, name: str
@@ -329,6 +365,12 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
         "kdsearch: error: study 's-promoted' holds the promotion runs of study 's': their "
         "leaderboard is in `kdsearch report s` and `kdsearch trials s-promoted`\n"
     )
+    (tmp_path / "studies" / "s.db").rename(tmp_path / "elsewhere.db")
+    proc = cli_here("report", "s-promoted", "--storage", "elsewhere.db", cwd=tmp_path)
+    where = f"--storage sqlite:///{tmp_path}/elsewhere.db"  # the commands as they work here
+    assert proc.returncode == 2 and (
+        f"`kdsearch report s {where}` and `kdsearch trials s-promoted {where}`"
+    ) in " ".join(proc.stderr.split())
     assert not (tmp_path / "report.html").exists()
 
 
@@ -451,6 +493,28 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
         assert "nothing was written" not in ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "space.yaml", "studies"]
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["s.db"]
+
+
+def test_a_path_the_system_refuses_to_look_at_is_one_line(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Looking at a path can fail (a name too long, a folder one may not enter): pathlib's
+    checks then raise, which was a traceback."""
+    write_study(tmp_path)
+    long = "x" * 300
+    for args in (
+        ["report", "s", "--out", long],
+        ["trials", "s", "--csv", long],
+        ["trials", "é" * 150],  # 150 characters, 300 bytes: a study file's name
+        ["dashboard", long, "--port", "0"],
+        ["run", "space.yaml", "--storage", long],
+    ):
+        ran = cli_here(*args, cwd=tmp_path)
+        assert ran.returncode == 2, ran.stderr
+        assert ran.stderr.startswith("kdsearch: error: ") and ran.stderr.endswith(
+            ": File name too long\n"
+        ), ran.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "studies"]
 
 
 def test_a_pipe_is_refused_and_a_link_has_its_target_written(
@@ -751,16 +815,24 @@ def test_dashboard_port_in_use_is_one_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("was", "now", "why"),
+    [
+        ("seed: 0}", "seed: 8589934592}", "search.seed"),
+        # YAML read more strictly since: `trials` and `report` stopped at it, in one line
+        ("study: {name: s}", "study: {name: s}\nstudy: {name: s}", "key 'study' is given twice"),
+    ],
+    ids=["a sampler seed past 2**32 - 1", "a key given twice"],
+)
 def test_a_study_whose_recorded_space_no_longer_passes_is_shown_and_refused_in_one_line(
-    tmp_path: Path, cli_here: CliHere
+    tmp_path: Path, cli_here: CliHere, was: str, now: str, why: str
 ) -> None:
-    """Recorded by an earlier kdsearch, whose checks allowed what this one's refuse (a sampler
-    seed past 2**32 - 1, once)."""
+    """Recorded by an earlier kdsearch, whose checks allowed what this one's refuse."""
     url = write_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
     space = study.user_attrs["space"]
-    assert "seed: 0}" in space
-    study.set_user_attr("space", space.replace("seed: 0}", "seed: 8589934592}"))
+    assert was in space
+    study.set_user_attr("space", space.replace(was, now))
     listed = cli_here("trials", "s", cwd=tmp_path)
     assert listed.returncode == 0 and "temperature" in listed.stdout
     drawn = cli_here("report", "s", cwd=tmp_path)
@@ -772,4 +844,4 @@ def test_a_study_whose_recorded_space_no_longer_passes_is_shown_and_refused_in_o
             "study 's': the space file it recorded no longer passes this kdsearch's checks: "
             in (" ".join(ran.stderr.split()))
         )
-        assert "search.seed" in ran.stderr and "Traceback" not in ran.stderr
+        assert why in " ".join(ran.stderr.split()) and "Traceback" not in ran.stderr

@@ -433,6 +433,8 @@ def test_two_drivers_share_one_postgresql_study(tmp_path: Path) -> None:
     assert len(set(ray_ids)) == len(ray_ids), "no trial recorded twice"
     drivers = {t.user_attrs["driver"] for t in ts}
     assert len(drivers) == 2, "both drivers ran trials into the one study"
+    # the dashboard command its last lines name cannot hold the password: it says so
+    assert "` (its password hidden))" in errs[0], errs[0]
 
 
 def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path: Path) -> None:
