@@ -81,7 +81,7 @@ def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame
     check_single_objective(study)
     trials = best_first(study) if by_value else study.trials
 
-    def column(param: str) -> str:
+    def named(param: str) -> str:
         return f"params_{param}" if param in TRIAL_COLUMNS else param
 
     rows = [
@@ -90,12 +90,12 @@ def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame
             "state": t.state.name,
             "value": t.value,
             "epochs": t.user_attrs.get("epochs"),
-            **{column(p): v for p, v in t.params.items()},
+            **{named(p): v for p, v in t.params.items()},
             "failure": t.user_attrs.get("failure"),
         }
         for t in trials
     ]
-    columns = ["number", "state", "value", "epochs", *map(column, param_names(study)), "failure"]
+    columns = ["number", "state", "value", "epochs", *map(named, param_names(study)), "failure"]
     table = pd.DataFrame(rows, columns=columns)
     for column in columns:  # pandas makes whole numbers floats (12.0) around a gap; keep them
         given = [row[column] for row in rows if row.get(column) is not None]
