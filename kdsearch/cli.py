@@ -230,9 +230,9 @@ INTERRUPTED = {
 }
 
 
-# what the system says of a path the user named that cannot be reached: checking it (pathlib's
-# is_file and the like) raises these, where the commands' own checks give their one line
-UNREACHABLE = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS}
+# what the system says of a path that cannot be looked at: pathlib's is_file and the like raise
+# these (Python 3.11) for a path the user named, where the commands' own checks give one line
+UNREACHABLE = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in UNREACHABLE or err.filename is None:
             raise
-        console.print(f"kdsearch: error: {err.filename}: {err.strerror}")
+        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        console.print(f"kdsearch: error: {paths}: {err.strerror}")
         return 2
     finally:
         warnings.showwarning = PYTHON_SHOWWARNING

@@ -933,7 +933,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
     storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
-    study = search_study(storage, args.study, storage_option(args.study, url))
+    study = search_study(storage, args.study, lambda study: storage_option(study, url))
     page = build_report(storage, args.study)
     with write_errors(f"--out {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 from typing import TypeAlias
 
@@ -50,16 +51,18 @@ MIN_COMPLETE = 5
 Part: TypeAlias = "go.Figure | str"  # a figure, or a paragraph of text
 
 
-def search_study(storage: BaseStorage, name: str, storage_option: str = "") -> optuna.Study:
+def search_study(
+    storage: BaseStorage, name: str, storage_option: Callable[[str], str] = lambda _: ""
+) -> optuna.Study:
     """A study `kdsearch run` wrote; a promoted study or another tool's is a clear error, whose
-    commands carry `storage_option` (` --storage URL`, where the storage is not the default)."""
+    commands on a study carry its `storage_option` (` --storage URL` where it is needed)."""
     study = load_study(storage, name)
     if is_promotion(study.user_attrs):
         source = study.user_attrs["source_study"]
         raise StudyError(
             f"study {name!r} holds the promotion runs of study {source!r}: their leaderboard is "
-            f"in `kdsearch report {source}{storage_option}` and "
-            f"`kdsearch trials {name}{storage_option}`"
+            f"in `kdsearch report {source}{storage_option(source)}` and "
+            f"`kdsearch trials {name}{storage_option(name)}`"
         )
     recorded(study, "space")
     return study
@@ -76,26 +79,31 @@ def check_single_objective(study: optuna.Study) -> None:
 
 def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame:
     """One row per trial: number, state, value, epochs run, every parameter (`param_names`'
-    order) and why it failed; by number, or `best_first`. A parameter named as one of those
-    columns (another tool's `epochs`) is `params_NAME`, as Optuna's own tables name them all."""
+    order) and why it failed; by number, or `best_first`. A parameter named as another column
+    (another tool's `epochs`) is `params_NAME`, as Optuna's own tables name them all."""
     check_single_objective(study)
     trials = best_first(study) if by_value else study.trials
-
-    def named(param: str) -> str:
-        return f"params_{param}" if param in TRIAL_COLUMNS else param
-
+    params = param_names(study)
+    named: dict[str, str] = {}
+    for param in params:
+        column = param
+        if column in TRIAL_COLUMNS:  # renamed to no other parameter's name
+            column = f"params_{param}"
+            while column in params or column in named.values():
+                column = f"params_{column}"
+        named[param] = column
     rows = [
         {
             "number": t.number,
             "state": t.state.name,
             "value": t.value,
             "epochs": t.user_attrs.get("epochs"),
-            **{named(p): v for p, v in t.params.items()},
+            **{named[p]: v for p, v in t.params.items()},
             "failure": t.user_attrs.get("failure"),
         }
         for t in trials
     ]
-    columns = ["number", "state", "value", "epochs", *map(named, param_names(study)), "failure"]
+    columns = ["number", "state", "value", "epochs", *named.values(), "failure"]
     table = pd.DataFrame(rows, columns=columns)
     for column in columns:  # pandas makes whole numbers floats (12.0) around a gap; keep them
         given = [row[column] for row in rows if row.get(column) is not None]

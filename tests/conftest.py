@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,14 +35,31 @@ def pytest_configure(config: pytest.Config) -> None:
     slower, spinning against the other worker's."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
+        one_ray_token()
         return
-    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, (cpus or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(share)  # the searches' drivers this worker starts
     torch.set_num_threads(share)
     own = tempfile.mkdtemp(prefix=f"kd{worker}-")  # short: Ray's socket paths are under it
     os.environ["TMPDIR"] = own
     tempfile.tempdir = None  # asked again, from TMPDIR
     config.add_cleanup(lambda: shutil.rmtree(own, ignore_errors=True))
+
+
+def one_ray_token() -> None:
+    """Where this machine has no Ray token yet, write the one Ray's first local start would
+    (~/.ray/auth_token, 64 hex digits) before the workers start: two workers starting their
+    first Rays at once would each write their own, and a cluster could read the other's."""
+    if {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+        return  # the user's own settings
+    token = Path.home() / ".ray" / "auth_token"
+    token.parent.mkdir(exist_ok=True)
+    with (
+        contextlib.suppress(FileExistsError),
+        os.fdopen(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file,
+    ):
+        file.write(secrets.token_hex(32))
 
 
 def run_cli(
