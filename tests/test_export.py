@@ -215,8 +215,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
 
 def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
     write_study(tmp_path)
-    # a default other than the trial's one thread, whatever this worker's share of the CPUs
-    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+    proc = run_cli("export", "s", "--out", "w", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing promoted: training the best trial (#1)" in proc.stderr
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
