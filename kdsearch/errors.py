@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints their message as one line and exits with status 2."""
 
+from __future__ import annotations
+
 
 class KdsearchError(Exception):
     """Base of every error caused by the user's input or environment, not by a bug."""
@@ -23,15 +25,28 @@ class KdsearchWarning(UserWarning):
 
 
 class NonFiniteLoss(Exception):
-    """The training (or validation) loss became NaN or infinite; the run cannot go on."""
+    """The training (or validation) loss became NaN or infinite; the run cannot go on. `run`
+    names the training where that is not the student's, `hint` the setting to lower."""
 
-    def __init__(self, epoch: int, value: float, which: str = "training") -> None:
+    def __init__(
+        self,
+        epoch: int,
+        value: float,
+        which: str = "training",
+        *,
+        run: str = "",
+        hint: str = "lower optim.lr or the distillation weights",
+    ) -> None:
         super().__init__(
-            f"the {which} loss became {value} in epoch {epoch}; "
-            "lower optim.lr or the distillation weights"
+            f"{run + ': ' if run else ''}the {which} loss became {value} in epoch {epoch}; {hint}"
         )
         self.epoch = epoch
         self.value = value
+        self.which = which
+
+    def of(self, run: str, hint: str) -> NonFiniteLoss:
+        """The same divergence, said of another training than the student's."""
+        return NonFiniteLoss(self.epoch, self.value, self.which, run=run, hint=hint)
 
 
 class StudyError(KdsearchError):

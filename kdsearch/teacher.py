@@ -231,7 +231,10 @@ def _cached_or_trained(
     for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
         if stale.suffix != ".lock":  # a lock stays where a process may hold it
             stale.unlink(missing_ok=True)
-    result = train(teacher_recipe(recipe), data, report)
+    try:
+        result = train(teacher_recipe(recipe), data, report)
+    except NonFiniteLoss as err:  # not the student's optim.lr, which the teacher does not use
+        raise err.of("training the teacher", "lower teacher.train.lr") from None
     meta.update(val_acc=result.val_acc, seconds=result.seconds)
     _save(result.student, path, "teacher", meta)
     return Teacher(freeze(on_host(result.student)), "trained", path, result.val_acc)
@@ -437,7 +440,12 @@ def train_teacher_heads(
         train_parts = {n: float(v) / len(loader) for n, v in sums.items()}
         train_loss = sum(train_parts.values())
         if not math.isfinite(train_loss):
-            raise NonFiniteLoss(epoch + 1, train_loss)
+            raise NonFiniteLoss(
+                epoch + 1,
+                train_loss,
+                run="training the teacher's heads",
+                hint="lower teacher.heads.lr",
+            )
         heads.eval()
         t1 = time.perf_counter()
         with torch.no_grad():

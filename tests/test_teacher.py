@@ -12,7 +12,7 @@ import torch
 
 from kdsearch import teacher as teacher_module
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import KdsearchError, KdsearchWarning, TeacherError
+from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig, Recipe
 from kdsearch.teacher import (
@@ -487,3 +487,23 @@ def test_a_student_trained_with_heads_leaves_them_untouched(synthetic: ImageData
             assert torch.equal(v, before[n][k]), f"{n}.{k} changed"
     bare = build_model("resnet8", synthetic.num_classes, synthetic.channels)
     bare.load_state_dict(result.student.state_dict())  # strict: no head in the student's state
+
+
+def test_a_diverging_teacher_or_heads_training_names_its_own_setting(
+    synthetic: ImageData, isolated_cache: Path
+) -> None:
+    """Both said "lower optim.lr or the distillation weights", settings neither training uses:
+    a user following the advice trained the teacher again to the same NaN."""
+    with pytest.raises(NonFiniteLoss) as info:
+        get_teacher(tiny_recipe({"teacher.train.lr": 1.0e12}), synthetic)
+    said = str(info.value)
+    assert said.startswith("training the teacher: the training loss became nan in epoch 1")
+    assert said.endswith("; lower teacher.train.lr") and "optim.lr or" not in said
+    assert not list(isolated_cache.rglob("*.pt")), "nothing cached of a teacher that diverged"
+    recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.lr": 1.0e12})
+    with pytest.raises(NonFiniteLoss) as info:
+        get_teacher(recipe, synthetic)
+    said = str(info.value)
+    assert said.startswith("training the teacher's heads: the training loss became nan")
+    assert said.endswith("; lower teacher.heads.lr")
+    assert not list(isolated_cache.rglob("*-heads-*.pt")), "nor of heads that diverged"
