@@ -262,7 +262,7 @@ class ScheduleConfig(Section):
         if late:
             raise ValueError(
                 f"milestones {late} are not below epochs ({self.epochs}); "
-                "set schedule.milestones together with schedule.epochs"
+                "set schedule.milestones together with schedule.epochs, or schedule.kind: cosine"
             )
         return self
 

@@ -54,7 +54,11 @@ def test_shipped_recipes_load() -> None:
             "precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'",
         ),
         (MINIMAL + "device: gpu", "device: String should match pattern"),
-        (MINIMAL + "schedule: {epochs: 100}", "schedule: milestones [150, 180, 210] are not below"),
+        (
+            MINIMAL + "schedule: {epochs: 100}",
+            "schedule: milestones [150, 180, 210] are not below epochs (100); set "
+            "schedule.milestones together with schedule.epochs, or schedule.kind: cosine",
+        ),
         (MINIMAL + "schedule: {epochs: 10, milestones: [5, 3]}", "milestones must increase"),
         (MINIMAL + "optim: {momentum: 0.0}", "nesterov: true needs momentum > 0"),
         (
