@@ -412,7 +412,8 @@ class SearchSpace:
             if not self._active(p, chosen):
                 continue
             if isinstance(p, FloatParam):
-                chosen[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+                value = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+                chosen[name] = value if p.step is None else on_grid(value, p.low, p.step)
             elif isinstance(p, IntParam):
                 chosen[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
             else:
@@ -433,7 +434,7 @@ class SearchSpace:
 
     def _active(self, p: _Param, chosen: Mapping[str, Any]) -> bool:
         for ref, wanted in (p.when or {}).items():
-            if ref not in chosen or chosen[ref] not in _allowed(self.params[ref], wanted):
+            if ref not in chosen or not _among(chosen[ref], _allowed(self.params[ref], wanted)):
                 return False
         return True
 
@@ -493,14 +494,21 @@ class SearchSpace:
             base.get(name)
         except RecipeError as err:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
-        for value in _extremes(p):
-            problem = self._misfit(base, name, value)
-            if problem is not None:
-                before = self._base_before_set()
-                fitted = before is not None and self._misfit(before, name, value) is None
-                raise RecipeError(
-                    f"{where}: {value!r} does not fit the recipe{problem}" + self._set_blame(fitted)
-                )
+        # at the trial budget, and at the base's own, which a promotion trains: scaled to a
+        # trial's, milestones past the base's epochs are dropped, so `schedule.kind: multistep`
+        # over a cosine base with such milestones trained every trial at a constant rate
+        budgets = [(base, self._base_before_set(), "the recipe")]
+        full = f"the base recipe at its own {self.base.schedule.epochs} epochs"
+        before = self.before_set[0] if self.before_set else None
+        budgets.append((self.base, before, full))
+        for recipe, unset, what in budgets:
+            for value in _extremes(p):
+                problem = self._misfit(recipe, name, value)
+                if problem is not None:
+                    fitted = unset is not None and self._misfit(unset, name, value) is None
+                    raise RecipeError(
+                        f"{where}: {value!r} does not fit {what}{problem}" + self._set_blame(fitted)
+                    )
 
     def _misfit(self, base: Recipe, name: str, value: Any) -> str | None:
         """Why `value` of `name` fits `base` under none of the settings its `when`s sample it
@@ -535,7 +543,7 @@ class SearchSpace:
         allowed = {}
         for ref, asks in self._needs(name).items():
             if not ref.startswith("$"):  # `_check_jointly`: some value is common to all
-                allowed[ref] = [v for v in asks[0][1] if all(v in vs for _, vs in asks)]
+                allowed[ref] = [v for v in asks[0][1] if all(_among(v, vs) for _, vs in asks)]
         combos = itertools.islice(itertools.product(*allowed.values()), 16)
         return [dict(zip(allowed, values, strict=True)) for values in combos]
 
@@ -568,7 +576,7 @@ class SearchSpace:
         for ref, asks in self._needs(name).items():
             common = asks[0][1]
             for i, (asker, values) in enumerate(asks[1:], start=1):
-                before, common = common, [v for v in common if v in values]
+                before, common = common, [v for v in common if _among(v, values)]
                 if not common:
                     askers = ", ".join(a for a, _ in asks[:i])
                     raise RecipeError(
@@ -612,16 +620,29 @@ class SearchSpace:
         each named with what to do. Told, not refused, so that a study searched with one can
         still be resumed."""
         idle = []
-        for name in self.params:
-            parts = name.split(".")
-            if len(parts) < 3 or parts[0] != "distill" or parts[2] == "weight":
+        for name, p in self.params.items():
+            if name.startswith("$"):
                 continue
-            term = f"distill.{parts[1]}"
-            if not any(w > 0 for w in self.reachable(f"{term}.weight")):
+            sets = sorted({path for v in _extremes(p) for path in leaf_changes({name: v})})
+            settings: dict[str, list[str]] = {}  # a term's settings besides its weight
+            for path in sets:
+                parts = path.split(".")
+                if len(parts) >= 3 and parts[0] == "distill" and parts[2] != "weight":
+                    settings.setdefault(f"distill.{parts[1]}", []).append(path)
+            for term, paths in settings.items():
+                if not any(w > 0 for w in self.reachable(f"{term}.weight")):
+                    what = "this" if paths == [name] else f"its {', '.join(paths)}"
+                    idle.append(
+                        f"space.{name}: {term} is never on (its weight is 0 in base and no "
+                        f"trial changes it), so {what} changes nothing; search {term}.weight "
+                        "too, or give it a weight in base"
+                    )
+            if "schedule.gamma" in sets and "multistep" not in self.reachable("schedule.kind"):
                 idle.append(
-                    f"space.{name}: {term} is never on (its weight is 0 in base and no trial "
-                    f"changes it), so this changes nothing; search {term}.weight too, or give "
-                    "it a weight in base"
+                    f"space.{name}: schedule.gamma is the multistep schedule's and no trial "
+                    f"trains one (schedule.kind is {self.base.schedule.kind} in base and no "
+                    "trial changes it), so it changes nothing; search schedule.kind too, or "
+                    "set kind: multistep in base"
                 )
         for name, p in self.params.items():
             if isinstance(p, CategoricalParam) and not name.startswith("$"):
@@ -733,6 +754,11 @@ def _alike_changes(name: str, p: CategoricalParam) -> list[str]:
                 f"space.{name}: choice {choice!r}: {empty} is an empty mapping, which changes "
                 "nothing there; name the keys to change"
             )
+        if twice := _set_twice(name, choice):
+            told.append(
+                f"space.{name}: choice {choice!r} sets {', '.join(twice)} twice, and a trial "
+                "takes the last value given; keep one"
+            )
         changes = leaf_changes({name: choice})
         told += [
             f"space.{name}: choices {other!r} and {choice!r} make the same change, which the "
@@ -742,6 +768,31 @@ def _alike_changes(name: str, p: CategoricalParam) -> list[str]:
         ]
         made.append((choice, changes))
     return told
+
+
+def on_grid(value: float, low: float, step: float) -> float:
+    """A stepped float as its grid writes it: Optuna's low + k * step gave 0.060000000000000005
+    for 0.01 + 5 * 0.01, which the trial trained and an export wrote."""
+    decimals = max(-min(int(Decimal(repr(x)).as_tuple().exponent), 0) for x in (low, step))
+    return round(value, decimals)
+
+
+def _set_twice(name: str, choice: Any) -> list[str]:
+    """The recipe paths a section's choice names more than once (`{kd.weight: 0.5, kd:
+    {weight: 0.7}}`), each key being dotted or nested."""
+    if not isinstance(choice, dict):
+        return []
+    seen: list[str] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                seen.append(f"{prefix}{key}")
+
+    walk(choice, f"{name}.")
+    return sorted({path for path in seen if seen.count(path) > 1})
 
 
 def choice_labels(choices: list[Any]) -> list[Scalar]:
@@ -764,19 +815,35 @@ def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[A
     the parameter's choices (`when: {distill.hsakd.placement: [2, 3]}` names the placement)."""
     if not isinstance(wanted, list):
         return [wanted]
-    if isinstance(p, CategoricalParam) and wanted in p.choices:
+    if isinstance(p, CategoricalParam) and _among(wanted, p.choices):
         return [wanted]
     return wanted
 
 
 def _can_take(p: IntParam | CategoricalParam, value: Any) -> bool:
     if isinstance(p, CategoricalParam):
-        return value in p.choices
+        return _among(value, p.choices)
     return (
         isinstance(value, int | float)
+        and not isinstance(value, bool)
         and p.low <= value <= p.high
         and (value - p.low) % p.step == 0
     )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as YAML values: Python's `True == 1` made `when: {$x: true}` hold for a choice 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _among(value: Any, values: Sequence[Any]) -> bool:
+    return any(_same(value, v) for v in values)
 
 
 def _one_of(values: list[Any]) -> str:

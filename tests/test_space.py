@@ -11,7 +11,7 @@ from optuna.trial import FixedTrial
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import Recipe
 from kdsearch.search import active_terms
-from kdsearch.space import SearchSpace, choice_labels, cluster_address
+from kdsearch.space import SearchSpace, choice_labels, cluster_address, on_grid
 
 from .conftest import REPO, tiny_recipe
 
@@ -740,8 +740,13 @@ def test_a_term_a_section_choice_switches_on_is_reachable_and_its_settings_not_i
     assert space.reachable("distill.hsakd.placement") == [[1, 2, 3], [3]]
     assert space.reachable("distill.crd.weight") == [0.0]  # its choices do not name it
     assert "hsakd" in active_terms(space)
-    assert [line.split(":")[0] for line in space.idle_settings()] == [
-        "space.distill.sskd.tf_temperature"
+    assert space.idle_settings() == [  # CRD's temperature, chosen as a section, was not told
+        "space.distill.crd: distill.crd is never on (its weight is 0 in base and no trial "
+        "changes it), so its distill.crd.temperature changes nothing; search "
+        "distill.crd.weight too, or give it a weight in base",
+        "space.distill.sskd.tf_temperature: distill.sskd is never on (its weight is 0 in base "
+        "and no trial changes it), so this changes nothing; search distill.sskd.weight too, "
+        "or give it a weight in base",
     ]
     whole = space_of("  distill: {type: categorical, choices: [{pkt: {weight: 2.0}}, {}]}\n")
     assert whole.reachable("distill.pkt.weight") == [0.0, 2.0]
@@ -847,3 +852,83 @@ def test_section_choices_that_change_nothing_or_one_thing_twice_are_told() -> No
         "space.optim: choices {} and {'nesterov': {}} make the same change, which the sampler "
         "so draws twice as often; keep one",
     ]
+
+
+def test_settings_a_whole_distill_choice_names_of_a_term_never_on_are_told() -> None:
+    told = space_of(
+        "  distill: {type: categorical, choices: [{crd: {temperature: 0.05}}, "
+        "{kd: {weight: 0.5}}, {pkt: {weight: 1.0}}]}\n"
+    ).idle_settings()
+    assert told == [
+        "space.distill: distill.crd is never on (its weight is 0 in base and no trial changes "
+        "it), so its distill.crd.temperature changes nothing; search distill.crd.weight too, "
+        "or give it a weight in base"
+    ]
+
+
+def test_a_searched_gamma_no_trial_trains_a_multistep_schedule_with_is_told() -> None:
+    cosine = BASE.replace("kind: multistep", "kind: cosine")
+    gamma = "  schedule.gamma: {type: float, low: 0.1, high: 0.5}\n"
+    told = SearchSpace.from_yaml(cosine + "space:\n" + gamma, source="s.yaml").idle_settings()
+    assert told == [
+        "space.schedule.gamma: schedule.gamma is the multistep schedule's and no trial trains "
+        "one (schedule.kind is cosine in base and no trial changes it), so it changes nothing; "
+        "search schedule.kind too, or set kind: multistep in base"
+    ]
+    assert space_of(gamma).idle_settings() == []  # the base is multistep
+    both = "  schedule.kind: {type: categorical, choices: [cosine, multistep]}\n" + gamma
+    assert SearchSpace.from_yaml(cosine + "space:\n" + both, source="s.yaml").idle_settings() == []
+
+
+def test_a_schedule_kind_whose_milestones_miss_the_base_budget_is_refused() -> None:
+    """Scaled to the trial budget, the milestones past the base's epochs were dropped: every
+    trial that drew multistep trained at a constant rate, and the promotion would refuse it."""
+    short = BASE.replace(
+        "schedule: {epochs: 240, kind: multistep, milestones: [150, 180, 210]}",
+        "schedule: {epochs: 20, kind: cosine}",
+    )
+    kind = "  schedule.kind: {type: categorical, choices: [cosine, multistep]}\n"
+    with pytest.raises(RecipeError) as info:
+        SearchSpace.from_yaml(short + "space:\n" + kind, source="s.yaml")
+    assert str(info.value) == (
+        "s.yaml: space.schedule.kind: 'multistep' does not fit the base recipe at its own 20 "
+        "epochs: schedule: milestones [150, 180, 210] are not below epochs (20); set "
+        "schedule.milestones together with schedule.epochs, or schedule.kind: cosine"
+    )
+    fitting = short.replace("kind: cosine}", "kind: cosine, milestones: [10, 15]}")
+    space = SearchSpace.from_yaml(fitting + "space:\n" + kind, source="s.yaml")
+    assert space.recipe_for({"schedule.kind": "multistep"}).schedule.milestones == [12, 18]
+
+
+def test_a_when_on_true_does_not_hold_for_a_choice_1() -> None:
+    """Python's True == 1 let `when: {$x: true}` pass for choices [1, 2] and sample under 1."""
+    with pytest.raises(RecipeError, match=r"when \$x = True, but \$x never takes that value"):
+        space_of(
+            "  $x: {type: categorical, choices: [1, 2]}\n"
+            "  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$x: true}}\n"
+        )
+    space = space_of(
+        "  $x: {type: categorical, choices: [0, 2, true]}\n"
+        "  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$x: true}}\n"
+    )
+    for x, sampled in ((2, False), (True, True)):
+        chosen = space.suggest(FixedTrial({"$x": x, "optim.lr": 0.05}))
+        assert ("optim.lr" in chosen) is sampled
+
+
+def test_a_section_choice_that_sets_a_key_twice_is_told() -> None:
+    told = space_of(
+        "  distill: {type: categorical, choices: [{kd.weight: 0.5, kd: {weight: 0.7}}, {}]}\n"
+    ).idle_settings()
+    assert told == [
+        "space.distill: choice {'kd.weight': 0.5, 'kd': {'weight': 0.7}} sets "
+        "distill.kd.weight twice, and a trial takes the last value given; keep one"
+    ]
+
+
+def test_a_stepped_float_is_drawn_as_its_grid_writes_it() -> None:
+    space = space_of("  optim.lr: {type: float, low: 0.01, high: 0.2, step: 0.01}\n")
+    assert space.suggest(FixedTrial({"optim.lr": 0.01 + 5 * 0.01}))["optim.lr"] == 0.06
+    assert on_grid(0.15000000000000002, 0.01, 0.01) == 0.15
+    assert on_grid(3.0000000000000004, 1.0, 0.5) == 3.0
+    assert on_grid(2.5e-05 + 1e-21, 1e-05, 5e-06) == 2.5e-05
