@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 
 class KdsearchError(Exception):
     """Base of every error caused by the user's input or environment, not by a bug."""
@@ -43,6 +46,16 @@ class NonFiniteLoss(Exception):
         self.epoch = epoch
         self.value = value
         self.which = which
+        self.run = run
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (Ray carries a worker's exceptions so): an exception is unpickled from
+        its `args`, here the message alone, which is not this constructor's."""
+        return (
+            partial(NonFiniteLoss, run=self.run, hint=self.hint),
+            (self.epoch, self.value, self.which),
+        )
 
     def of(self, run: str, hint: str) -> NonFiniteLoss:
         """The same divergence, said of another training than the student's."""

@@ -494,9 +494,20 @@ class SearchSpace:
             base.get(name)
         except RecipeError as err:
             raise RecipeError(f"{where}: not a recipe path ({err})") from None
-        # at the trial budget, and at the base's own, which a promotion trains: scaled to a
-        # trial's, milestones past the base's epochs are dropped, so `schedule.kind: multistep`
-        # over a cosine base with such milestones trained every trial at a constant rate
+        # scaled to a trial's budget, milestones past the base's epochs were dropped, so
+        # `schedule.kind: multistep` over a cosine base with such milestones (the defaults'
+        # 150, 180, 210 under 20 epochs) trained every trial at a constant rate
+        s = self.base.schedule
+        late = [m for m in s.milestones if m >= s.epochs]
+        if late and any(
+            leaf_changes({name: v}).get("schedule.kind") == "multistep" for v in _extremes(p)
+        ):
+            raise RecipeError(
+                f"{where}: multistep needs the base's schedule.milestones below its epochs "
+                f"({s.epochs}), and {late} are not: a trial's budget would drop them and train "
+                "at a constant rate; set schedule.milestones in base"
+            )
+        # at the trial budget, and at the base's own, which a promotion trains
         budgets = [(base, self._base_before_set(), "the recipe")]
         full = f"the base recipe at its own {self.base.schedule.epochs} epochs"
         before = self.before_set[0] if self.before_set else None
@@ -631,10 +642,13 @@ class SearchSpace:
                     settings.setdefault(f"distill.{parts[1]}", []).append(path)
             for term, paths in settings.items():
                 if not any(w > 0 for w in self.reachable(f"{term}.weight")):
-                    what = "this" if paths == [name] else f"its {', '.join(paths)}"
+                    if paths == [name]:
+                        what = "this changes"
+                    else:
+                        what = f"its {', '.join(paths)} change{'s' if len(paths) == 1 else ''}"
                     idle.append(
                         f"space.{name}: {term} is never on (its weight is 0 in base and no "
-                        f"trial changes it), so {what} changes nothing; search {term}.weight "
+                        f"trial changes it), so {what} nothing; search {term}.weight "
                         "too, or give it a weight in base"
                     )
             if "schedule.gamma" in sets and "multistep" not in self.reachable("schedule.kind"):
@@ -786,7 +800,7 @@ def _set_twice(name: str, choice: Any) -> list[str]:
 
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
-            if isinstance(value, dict) and value:
+            if isinstance(value, dict):  # an empty one sets nothing (`_alike_changes` says so)
                 walk(value, f"{prefix}{key}.")
             else:
                 seen.append(f"{prefix}{key}")

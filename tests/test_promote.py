@@ -15,7 +15,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import KdsearchError, KdsearchWarning, StudyError
+from kdsearch.errors import KdsearchError, KdsearchWarning, RecipeError, StudyError
 from kdsearch.models import build_model
 from kdsearch.promote import (
     PLAIN_KD,
@@ -578,17 +578,23 @@ def test_the_board_of_a_promotion_whose_searched_runs_have_not_finished_is_one_b
 
 
 def test_a_searched_schedule_kind_promotes_at_the_base_epochs_of_a_cosine_base(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cosine base may keep milestones past its end (the defaults, 150/180/210); a trial that
     searched kind = multistep trained without them, and the plan refused it as "milestones
-    [150, 180, 210] are not below epochs (3)"."""
+    [150, 180, 210] are not below epochs (3)". Such a space is refused now (test_space), but
+    studies searched with one before are promoted still: the study is written here as an
+    earlier kdsearch wrote it, without that check."""
     space = SMALL_SPACE.replace(
         "  distill.kd.temperature:",
         "  schedule.kind: {type: categorical, choices: [cosine, multistep]}\n"
         "  distill.kd.temperature:",
     )
+    with pytest.raises(RecipeError, match=r"multistep needs the base's schedule\.milestones"):
+        SearchSpace.from_yaml(space, source="space.yaml")
+    monkeypatch.setattr(SearchSpace, "_check", lambda self: None)
     storage = open_storage(write_study(tmp_path, space))
+    monkeypatch.undo()
     study = optuna.load_study(study_name="s", storage=storage)
     runs = plan(study, top_k=3, seeds=1, epochs=None)
     assert {r.recipe.schedule.epochs for r in runs} == {3}

@@ -864,6 +864,14 @@ def test_settings_a_whole_distill_choice_names_of_a_term_never_on_are_told() -> 
         "it), so its distill.crd.temperature changes nothing; search distill.crd.weight too, "
         "or give it a weight in base"
     ]
+    told = space_of(
+        "  distill.cktf: {type: categorical, choices: [{temperature: 0.05, feat_dim: 64}, {}]}\n"
+    ).idle_settings()
+    assert told == [
+        "space.distill.cktf: distill.cktf is never on (its weight is 0 in base and no trial "
+        "changes it), so its distill.cktf.feat_dim, distill.cktf.temperature change nothing; search "
+        "distill.cktf.weight too, or give it a weight in base",
+    ]
 
 
 def test_a_searched_gamma_no_trial_trains_a_multistep_schedule_with_is_told() -> None:
@@ -891,10 +899,13 @@ def test_a_schedule_kind_whose_milestones_miss_the_base_budget_is_refused() -> N
     with pytest.raises(RecipeError) as info:
         SearchSpace.from_yaml(short + "space:\n" + kind, source="s.yaml")
     assert str(info.value) == (
-        "s.yaml: space.schedule.kind: 'multistep' does not fit the base recipe at its own 20 "
-        "epochs: schedule: milestones [150, 180, 210] are not below epochs (20); set "
-        "schedule.milestones together with schedule.epochs, or schedule.kind: cosine"
+        "s.yaml: space.schedule.kind: multistep needs the base's schedule.milestones below its "
+        "epochs (20), and [150, 180, 210] are not: a trial's budget would drop them and train "
+        "at a constant rate; set schedule.milestones in base"
     )
+    section = "  schedule: {type: categorical, choices: [{kind: multistep}, {gamma: 0.2}]}\n"
+    with pytest.raises(RecipeError, match=r"space\.schedule: multistep needs the base's"):
+        SearchSpace.from_yaml(short + "space:\n" + section, source="s.yaml")
     fitting = short.replace("kind: cosine}", "kind: cosine, milestones: [10, 15]}")
     space = SearchSpace.from_yaml(fitting + "space:\n" + kind, source="s.yaml")
     assert space.recipe_for({"schedule.kind": "multistep"}).schedule.milestones == [12, 18]
@@ -906,6 +917,11 @@ def test_a_when_on_true_does_not_hold_for_a_choice_1() -> None:
         space_of(
             "  $x: {type: categorical, choices: [1, 2]}\n"
             "  optim.lr: {type: float, low: 0.01, high: 0.1, when: {$x: true}}\n"
+        )
+    with pytest.raises(RecipeError, match=r"when distill\.crd\.negatives = True, but"):
+        space_of(
+            "  distill.crd.negatives: {type: int, low: 1, high: 8}\n"
+            "  optim.lr: {type: float, low: 0.01, high: 0.1, when: {distill.crd.negatives: true}}\n"
         )
     space = space_of(
         "  $x: {type: categorical, choices: [0, 2, true]}\n"
@@ -924,6 +940,11 @@ def test_a_section_choice_that_sets_a_key_twice_is_told() -> None:
         "space.distill: choice {'kd.weight': 0.5, 'kd': {'weight': 0.7}} sets "
         "distill.kd.weight twice, and a trial takes the last value given; keep one"
     ]
+    told = space_of(  # an empty mapping sets nothing: told as such, not as a second value
+        "  distill: {type: categorical, choices: [{kd.temperature: 2.0, kd: {temperature: {}}}, "
+        "{}]}\n"
+    ).idle_settings()
+    assert len(told) == 1 and "distill.kd.temperature is an empty mapping" in told[0]
 
 
 def test_a_stepped_float_is_drawn_as_its_grid_writes_it() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -306,3 +307,14 @@ def test_epochs_report_training_and_validation_time_apart(synthetic: ImageData) 
     seen: list[EpochStats] = []
     train(tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1}), synthetic, seen.append)
     assert seen[0].seconds > 0 and seen[0].eval_seconds > 0
+
+
+def test_a_non_finite_loss_is_pickled_whole() -> None:
+    """Ray carries a worker's exception to the driver pickled; an exception is unpickled from
+    its message alone, which this one's constructor did not take (a TypeError instead)."""
+    err = NonFiniteLoss(
+        3, float("nan"), "validation", run="training the teacher", hint="lower teacher.train.lr"
+    )
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is NonFiniteLoss and str(back) == str(err)
+    assert (back.epoch, back.which, back.run, back.hint) == (3, "validation", err.run, err.hint)
