@@ -231,6 +231,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# what a promotion's baselines train (`kdsearch.promote.plan`), by their label there
+BASELINE_TERMS = {
+    "student alone": "every distill weight but ce's at 0",
+    "plain KD": "every distill weight but ce's and kd's at 0",
+}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
     refuse_other_kdsearch(Path.cwd())
@@ -794,10 +801,13 @@ def run_export(
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
+            how = BASELINE_TERMS.get(baseline)
             console.print(
                 f"note: {baseline} scored higher on validation "
                 f"({100 * scores['val_acc_mean']:.2f}% against "
-                f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe"
+                f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe, "
+                "which is exported all the same"
+                + (f"; for {baseline}, `kdsearch train` the base recipe with {how}" if how else "")
             )
     threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
     written = ["recipe.yaml", "student.pt"]

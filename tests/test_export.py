@@ -97,6 +97,28 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert "failed at" not in proc.stderr and "seeds a promotion asked for" not in proc.stderr
     assert "trained on other images or splits" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
+    # plain KD ahead of the winner: told, with how to train it, and the winner exported
+    plain_kd = (
+        "SELECT trial_id FROM trial_params WHERE param_name = 'source_trial' AND param_value = -2"
+    )
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        kept = db.execute(
+            f"SELECT trial_id, value FROM trial_values WHERE trial_id IN ({plain_kd})"
+        )
+        was = kept.fetchall()
+        db.execute(f"UPDATE trial_values SET value = 1.0 WHERE trial_id IN ({plain_kd})")
+    ahead = cli_here("export", "s", "--out", "ahead", cwd=tmp_path)
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.executemany(
+            "UPDATE trial_values SET value = ? WHERE trial_id = ?", [(v, i) for i, v in was]
+        )
+    assert len(was) == 2 and ahead.returncode == 0, ahead.stderr
+    assert (
+        f"note: plain KD scored higher on validation (100.00% against {100 * meta['metrics']['val_acc_mean']:.2f}%) "
+        "than the best searched recipe, which is exported all the same; for plain KD, `kdsearch "
+        "train` the base recipe with every distill weight but ce's and kd's at 0"
+    ) in " ".join(ahead.stderr.split())
+    assert json.loads((tmp_path / "ahead" / "meta.json").read_text())["trial"] == 1
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(as_written.to_dict())
     state = torch.load(out / "student.pt", weights_only=True)
