@@ -69,6 +69,20 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
+def without_password(text: str, url: str | None) -> str:
+    """A space file's text with the password of its `study.storage` URL hidden, as the study
+    records it: every reader of the study (the dashboard, on the network where `--host` puts
+    it) would read it there."""
+    if url is None or "://" not in url or "@" not in url:
+        return text
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    user, colon, secret = userinfo.partition(":")
+    if not colon or not secret:
+        return text
+    return text.replace(f"{user}:{secret}@", f"{user}:***@")  # not the secret alone: a
+    # password such as "kd" is also in the keys (distill.kd)
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file an SQLite URL names (None for another database, or SQLite in memory)."""
     from sqlalchemy.engine import make_url
@@ -108,7 +122,7 @@ def open_storage(url: str) -> BaseStorage:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     driver = url.partition("://")[0]
     if (
-        driver in ("postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+        driver in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg")
         and "connect_timeout" not in url
         and "PGCONNECT_TIMEOUT" not in os.environ  # the user's own
     ):
@@ -172,7 +186,10 @@ def holds_studies(file: Path) -> bool:
 
 def with_driver(url: str) -> str:
     """`postgresql://` with the PostgreSQL driver kdsearch installs (psycopg2), where SQLAlchemy
-    would pick psycopg 3, which is not installed; any other URL as it is."""
+    would pick psycopg 3, which is not installed, and so `postgres://`, the scheme many hosting
+    services give out, which SQLAlchemy no longer reads; any other URL as it is."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
     if not url.startswith("postgresql://"):
         return url
     try:
@@ -436,7 +453,7 @@ class Record:
         file that is not there, for `promote` and `export` to read)."""
         space = self.space
         for key, value in {
-            "space": space.text,
+            "space": without_password(space.text, space.config.study.storage),
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),

@@ -30,6 +30,7 @@ from kdsearch.study import (
     pid_scope,
     ranked,
     redact,
+    space_config,
     storage_place,
     study_names,
     trial_recipe,
@@ -903,6 +904,12 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
             "cannot open the study storage postgresql://kd:***@127.0.0.1:1/none: "
             "(psycopg2.OperationalError)",
         ),
+        (  # the scheme hosting services give out, which SQLAlchemy no longer reads ("Can't
+            # load plugin: sqlalchemy.dialects:postgres")
+            "postgres://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage postgres://kd:***@127.0.0.1:1/none: "
+            "(psycopg2.OperationalError)",
+        ),
         (
             "sqlite://",
             "sqlite://: an SQLite database in memory is lost when the command ends",
@@ -967,3 +974,18 @@ def test_a_study_file_a_killed_writer_left_mid_transaction_is_still_a_study(
     (tmp_path / "text.db").write_text("not a database\n")
     (tmp_path / "empty.db").write_bytes(b"")
     assert not holds_studies(tmp_path / "text.db") and not holds_studies(tmp_path / "empty.db")
+
+
+def test_the_password_of_a_space_files_storage_is_not_recorded(url: str) -> None:
+    """The study kept the space file's text whole, and the dashboard showed its
+    `study.storage` with the password to whoever could open it."""
+    secret = SPACE.replace(
+        "study: {name: s}", "study: {name: s, storage: 'postgresql://kd:hunter2@db.lan/kd'}"
+    )
+    assert "kd:hunter2@" in secret
+    space = SearchSpace.from_yaml(secret, source="s.yaml")
+    record = Record(open_storage(url), "s", space, target=1, resume=False)
+    recorded = record.study.user_attrs["space"]
+    assert "hunter2" not in recorded
+    assert recorded == secret.replace("kd:hunter2@", "kd:***@")
+    assert space_config(record.study).study.storage == "postgresql://kd:***@db.lan/kd"
