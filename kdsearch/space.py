@@ -434,7 +434,7 @@ class SearchSpace:
 
     def _active(self, p: _Param, chosen: Mapping[str, Any]) -> bool:
         for ref, wanted in (p.when or {}).items():
-            if ref not in chosen or not _among(chosen[ref], _allowed(self.params[ref], wanted)):
+            if ref not in chosen or chosen[ref] not in _allowed(self.params[ref], wanted):
                 return False
         return True
 
@@ -554,7 +554,7 @@ class SearchSpace:
         allowed = {}
         for ref, asks in self._needs(name).items():
             if not ref.startswith("$"):  # `_check_jointly`: some value is common to all
-                allowed[ref] = [v for v in asks[0][1] if all(_among(v, vs) for _, vs in asks)]
+                allowed[ref] = [v for v in asks[0][1] if all(v in vs for _, vs in asks)]
         combos = itertools.islice(itertools.product(*allowed.values()), 16)
         return [dict(zip(allowed, values, strict=True)) for values in combos]
 
@@ -587,7 +587,7 @@ class SearchSpace:
         for ref, asks in self._needs(name).items():
             common = asks[0][1]
             for i, (asker, values) in enumerate(asks[1:], start=1):
-                before, common = common, [v for v in common if _among(v, values)]
+                before, common = common, [v for v in common if v in values]
                 if not common:
                     askers = ", ".join(a for a, _ in asks[:i])
                     raise RecipeError(
@@ -829,7 +829,7 @@ def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[A
     the parameter's choices (`when: {distill.hsakd.placement: [2, 3]}` names the placement)."""
     if not isinstance(wanted, list):
         return [wanted]
-    if isinstance(p, CategoricalParam) and _among(wanted, p.choices):
+    if isinstance(p, CategoricalParam) and wanted in p.choices:
         return [wanted]
     return wanted
 

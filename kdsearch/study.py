@@ -69,20 +69,6 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
-def without_password(text: str, url: str | None) -> str:
-    """A space file's text with the password of its `study.storage` URL hidden, as the study
-    records it: every reader of the study (the dashboard, on the network where `--host` puts
-    it) would read it there."""
-    if url is None or "://" not in url or "@" not in url:
-        return text
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    user, colon, secret = userinfo.partition(":")
-    if not colon or not secret:
-        return text
-    return text.replace(f"{user}:{secret}@", f"{user}:***@")  # not the secret alone: a
-    # password such as "kd" is also in the keys (distill.kd)
-
-
 def sqlite_file(url: str) -> Path | None:
     """The file an SQLite URL names (None for another database, or SQLite in memory)."""
     from sqlalchemy.engine import make_url
@@ -452,8 +438,10 @@ class Record:
         their checks (a run refused before would leave its machine settings, say a teacher
         file that is not there, for `promote` and `export` to read)."""
         space = self.space
+        url = space.config.study.storage
         for key, value in {
-            "space": without_password(space.text, space.config.study.storage),
+            # a password in study.storage hidden, as every reader of the study sees this
+            "space": space.text.replace(url, redact(url)) if url else space.text,
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),
