@@ -60,13 +60,17 @@ def default_storage(study_name: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: nothing secret can be parsed out of it either
-        return url.split("@")[-1]
+    """The URL with any password replaced, for messages: everything between the user's name
+    and the URL's last `@`, so that a password holding an unencoded `@` (which SQLAlchemy
+    splits at its first) is hidden whole; an `@` later in the URL hides more, never less."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL: nothing secret can be parsed out of it either
+        return url.rpartition("@")[2]
+    userinfo, at, place = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon or "/" in user:  # no password (or a path, as SQLite's)
+        return url
+    return f"{scheme}://{user}:***@{place}"
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -127,13 +131,28 @@ def open_storage(url: str) -> BaseStorage:
             raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
         if file.is_dir():
             raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    with suppress(ArgumentError, ValueError):  # a URL SQLAlchemy cannot read fails below
+        parsed = make_url(url)
+        if "@" in (parsed.host or "") + (parsed.database or ""):
+            raise StudyError(
+                f"cannot open the study storage {redact(url)}: its password holds an '@', "
+                "which SQLAlchemy reads as the end of the password; write it as %40"
+            )
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
         try:
             return RDBStorage(with_driver(url), engine_kwargs=kwargs)
-        except (ArgumentError, NoSuchModuleError, ImportError) as err:  # no retry mends these
+        except ImportError as err:  # no retry mends this; Optuna's own message names nothing
+            module = getattr(err.__cause__, "name", None) or "?"
+            hint = ", or write postgresql://, which uses psycopg2" if "postgres" in driver else ""
+            raise StudyError(
+                f"cannot open the study storage {redact(url)}: the module {module!r} its driver "
+                f"needs is not installed; pip install it{hint}"
+            ) from None
+        except (ArgumentError, NoSuchModuleError) as err:  # no retry mends these
             failure = err
             break
         except Exception as err:  # SQLAlchemy, driver and Optuna errors: cannot use this URL

@@ -910,6 +910,23 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
             "cannot open the study storage postgres://kd:***@127.0.0.1:1/none: "
             "(psycopg2.OperationalError)",
         ),
+        (  # SQLAlchemy ends the password at its first '@' and took the rest for the host, so
+            # the message printed the password's tail
+            "postgresql://kd:x@hunter2@127.0.0.1:1/none",
+            "cannot open the study storage postgresql://kd:***@127.0.0.1:1/none: its password "
+            "holds an '@', which SQLAlchemy reads as the end of the password; write it as %40",
+        ),
+        (  # Optuna's own message named no module: "Failed to import DB access module ..."
+            "postgresql+psycopg://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage postgresql+psycopg://kd:***@127.0.0.1:1/none: the "
+            "module 'psycopg' its driver needs is not installed; pip install it, or write "
+            "postgresql://, which uses psycopg2",
+        ),
+        (
+            "mysql://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage mysql://kd:***@127.0.0.1:1/none: the module "
+            "'MySQLdb' its driver needs is not installed; pip install it",
+        ),
         (
             "sqlite://",
             "sqlite://: an SQLite database in memory is lost when the command ends",
@@ -949,6 +966,15 @@ def test_a_postgresql_server_that_never_answers_is_given_up_on(
 def test_redact_hides_passwords_only() -> None:
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("sqlite:///studies/x.db") == "sqlite:///studies/x.db"
+    assert redact("sqlite:////home/me@lab/x.db") == "sqlite:////home/me@lab/x.db"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact("postgresql://u:a:b@h:5433/db?sslmode=require") == (
+        "postgresql://u:***@h:5433/db?sslmode=require"
+    )
+    # an unencoded '@' in the password: all of it hidden (SQLAlchemy's own rendering kept
+    # the part after its first '@'); a user name with an '@' (as Azure's) is kept
+    assert redact("postgresql://u:se@cret@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u@server:secret@h/db") == "postgresql://u@server:***@h/db"
 
 
 def test_a_study_file_a_killed_writer_left_mid_transaction_is_still_a_study(
