@@ -313,8 +313,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"({held - record.tally().running} finished before, {len(record.orphans)} to "
                     f"run again), at most {space.config.asha.max_epochs} epochs each"
                 )
+                finish = f"`{resume_command(args, url)}`{resumed}"
                 tally, seconds, complete = search_trials(
-                    args, space, record, file, new_file, target
+                    args, space, record, file, new_file, target, finish
                 )
     except KeyboardInterrupt:  # a second Ctrl-C (Tune waits on the first only), or one as
         # the search ended: the resume line, where the study kept what this run began
@@ -427,9 +428,10 @@ def search_trials(
     file: Path | None,
     new_file: bool,
     target: int,
+    resume: str,
 ) -> tuple[Tally, float, bool]:
     """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
-    every trial this driver started has finished."""
+    every trial this driver started has finished; `resume` is the command that finishes them."""
     import ray
 
     from kdsearch.data import load_data
@@ -465,6 +467,7 @@ def search_trials(
                 teacher,
                 address=args.address,
                 status=search_status(live, target),
+                resume=resume,
             )
     except BaseException:
         # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back

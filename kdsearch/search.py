@@ -434,9 +434,11 @@ def run_search(
     *,
     address: str | None = None,
     status: Status | None = None,
+    resume: str = "--resume",
 ) -> Outcome:
     """Run the trials of `record` on Ray (a local instance sized to this machine, or the cluster
-    at `address`) until the study holds the target number of finished trials."""
+    at `address`) until the study holds the target number of finished trials; a storage lost
+    on the way says that `resume` (the caller's command) finishes them."""
     with record.alive():  # beats with the caller's block, where it has one
         started = time.monotonic()
         # Tune's newer console output prints tables and hints even at verbose=0; kdsearch has
@@ -504,7 +506,7 @@ def run_search(
             except StudyError as err:
                 kind = type(err)  # a StorageError stays one: its end is not written (`alive`)
                 raise kind(
-                    f"{err}; what had finished is kept, and --resume finishes the search once the "
+                    f"{err}; what had finished is kept, and {resume} finishes the search once the "
                     "storage works again"
                 ) from None
             finally:  # Tune leaves its SIGINT handler behind, which would swallow the next stop

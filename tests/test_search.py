@@ -31,7 +31,7 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
 
-from .conftest import SMALL_SPACE, run_cli, write_study
+from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -825,31 +825,33 @@ def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ
 
 
-def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(tmp_path: Path) -> None:
+def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere
+) -> None:
     """A full disk mid-search: Tune logged the failed write of a finished trial and went on, and
-    the search ended "complete" with that trial RUNNING; it stops, saying why, and the trial is
-    left for --resume."""
+    the search ended "complete" with that trial RUNNING; it stops, saying why and with the
+    command that finishes it (it said only "--resume"), and the trial is left to that command."""
     import sqlite3
 
-    from kdsearch.data import load_data
-    from kdsearch.errors import StudyError
-    from kdsearch.search import run_search
-    from kdsearch.study import Record, open_storage
+    from optuna.storages import RDBStorage
 
-    space = one_lr_without_kd("trials: 3, concurrent: 1")
-    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=3, resume=False)
+    (tmp_path / "space.yaml").write_text(one_lr_without_kd("trials: 3, concurrent: 1").text)
 
     def full(*args: object) -> None:
         raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
             "database or disk is full"
         )
 
-    record.storage.set_trial_intermediate_value = full  # type: ignore[method-assign]
-    with pytest.raises(StudyError) as err:
-        run_search(space, record, load_data(space.base.data), None)
-    assert str(err.value).startswith(f"cannot use the study storage sqlite:///{tmp_path}/s.db: ")
-    assert "database or disk is full; what had finished is kept, and --resume" in str(err.value)
-    states = [t.state for t in optuna.load_study(study_name="s", storage=record.storage).trials]
+    monkeypatch.setattr(RDBStorage, "set_trial_intermediate_value", full)
+    done = cli_here("run", "space.yaml", "--study", "s", "--trials", "3", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "kdsearch: error: cannot use the study storage sqlite:///studies/s.db: database or disk "
+        "is full; what had finished is kept, and `kdsearch run space.yaml --study s --trials 3 "
+        "--resume` finishes the search once the storage works again"
+    ), done.stderr
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
     assert states == [TrialState.RUNNING], "stopped at the first failed write, left to --resume"
 
 
