@@ -448,12 +448,13 @@ def train_teacher_heads(
             )
         heads.eval()
         t1 = time.perf_counter()
-        with torch.no_grad():
-            scores = [objective(b.x, b.y) for b in val_loader.epoch(0)]
-        val_acc = sum(float(acc) for s in scores for _, acc in s.values()) / (
-            len(scores) * len(heads)
+        with torch.no_grad():  # each batch's means weighed by its images (the last is short)
+            scores = [(objective(b.x, b.y), len(b.y)) for b in val_loader.epoch(0)]
+        seen = sum(n for _, n in scores)
+        val_acc = sum(float(acc) * n for s, n in scores for _, acc in s.values()) / (
+            seen * len(heads)
         )
-        val_loss = sum(float(loss) for s in scores for loss, _ in s.values()) / len(scores)
+        val_loss = sum(float(loss) * n for s, n in scores for loss, _ in s.values()) / seen
         if report is not None:
             report(
                 EpochStats(

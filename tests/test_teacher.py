@@ -450,6 +450,32 @@ def test_training_the_heads_reports_every_batch_and_epoch(synthetic: ImageData) 
     assert recorder.ticks == [(k, per_epoch) for k in range(1, per_epoch + 1)] * 2
 
 
+def test_the_heads_validation_accuracy_counts_every_image_once(synthetic: ImageData) -> None:
+    """The heads' validation accuracy (the mean of HSAKD's and SSKD's) was the mean of the
+    batches' accuracies, so the images of the short last batch counted more than the others."""
+    from kdsearch.data import Loader
+    from kdsearch.losses import LOSSES
+    from kdsearch.losses.base import frozen_taps, rotate
+    from kdsearch.models import fold_batch_norm
+
+    changes = {"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1, "batch_size": 48}
+    recipe = tiny_recipe({**changes, "precision": "fp32"})  # as computed below
+    sizes = [48, 48, 48, len(synthetic.val) - 144]
+    assert 0 < sizes[-1] < 48, "the last validation batch is short"
+    seen: list[float] = []
+    teacher = get_teacher(recipe, synthetic, heads_report=lambda s: seen.append(s.val_acc))
+    model = fold_batch_norm(teacher.model)
+    loader = Loader(synthetic.val, synthetic, torch.device("cpu"), batch_size=48, train=False)
+    correct = 0.0
+    with torch.no_grad():
+        for batch, size in zip(loader.epoch(0), sizes, strict=True):
+            taps = frozen_taps(model.taps, rotate(batch.x))
+            for name, heads in teacher.heads.items():  # SSKD's task is within the batch
+                _, acc = LOSSES[name].teacher_head_objective(heads.eval(), taps, batch.y)
+                correct += float(acc) * size / len(teacher.heads)
+    assert seen[-1] == pytest.approx(correct / len(synthetic.val), abs=1e-6)
+
+
 def test_heads_are_only_prepared_when_an_active_term_reads_them(synthetic: ImageData) -> None:
     assert get_teacher(tiny_recipe(), synthetic).heads == {}
     assert set(
