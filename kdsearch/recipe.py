@@ -361,10 +361,15 @@ class Recipe(Section):
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same recipe trained for `epochs`, multistep milestones scaled in proportion (the
-        budget of a search trial or of a promotion run)."""
+        budget of a search trial or of a promotion run): each within the epochs, as it was, so a
+        late one still decays the last epoch (none fits in one epoch)."""
         s = self.schedule
-        scaled = sorted({max(1, round(m * epochs / s.epochs)) for m in s.milestones})
-        milestones = [m for m in scaled if m < epochs]
+        scaled = {
+            min(epochs - 1, max(1, round(m * epochs / s.epochs)))
+            for m in s.milestones
+            if m < s.epochs  # (a cosine recipe's are not checked, and none is past its end)
+        }
+        milestones = sorted(m for m in scaled if m > 0)
         return self.override({"schedule.epochs": epochs, "schedule.milestones": milestones})
 
     def override(self, changes: Mapping[str, Any], *, source: str = "override") -> Recipe:

@@ -177,6 +177,20 @@ def test_override_returns_a_new_checked_recipe() -> None:
     assert changed.schedule.milestones == [10, 15]
 
 
+def test_milestones_scale_with_the_epochs_and_stay_within_them() -> None:
+    """A milestone in the last epochs of the base (239 of 240) rounded to the trial budget
+    itself (12 of 12) and was dropped: the trial never decayed its learning rate there."""
+    recipe = Recipe.from_yaml(MINIMAL).override({"schedule.milestones": [150, 180, 239]})
+    assert recipe.schedule.epochs == 240
+    assert recipe.with_epochs(12).schedule.milestones == [8, 9, 11]  # 7.5, 9, 11.95
+    assert recipe.with_epochs(2).schedule.milestones == [1]
+    assert recipe.with_epochs(1).schedule.milestones == []
+    assert recipe.with_epochs(480).schedule.milestones == [300, 360, 478]
+    cosine = Recipe.from_yaml(MINIMAL).override({"schedule.kind": "cosine", "schedule.epochs": 20})
+    assert cosine.schedule.milestones == [150, 180, 210]  # the defaults, past its epochs
+    assert cosine.with_epochs(10).schedule.milestones == []
+
+
 def test_override_sets_a_whole_section() -> None:
     recipe = Recipe.from_yaml(MINIMAL).override({"distill.kd": {"weight": 0.0}})
     assert recipe.distill.kd.weight == 0.0 and recipe.distill.kd.temperature == 4.0
