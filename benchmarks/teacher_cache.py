@@ -1,7 +1,7 @@
 """The same searches with and without the teacher-output store, measured in one run.
 
     python benchmarks/teacher_cache.py [--root DIR] [--only digits,cifar10,r32x4]
-        [--work DIR] [--out FILE.md]
+        [--r32x4-scale K] [--work DIR] [--out FILE.md]
 
 Each search runs twice, once with `search.teacher_store.enabled: false` (the teacher runs live in
 every trial) and once with the store (its default), as `kdsearch run` in a fresh process with
@@ -20,7 +20,9 @@ trained in all are printed, and where those differ, compare the trial speeds, no
 - r32x4: with `--root`, resnet32x4 -> resnet8x4 on 256 training images (HSAKD: 128), the
   teacher and its heads trained one epoch (speed does not depend on their accuracy), one search
   per term (KD, PKT, CRD, HSAKD) of trials of 2 epochs searching that term's settings and the
-  learning rate.
+  learning rate; `--r32x4-scale K` takes K times the images, so epochs of K times the steps
+  (4 steps of 64 images at K = 1, where what an epoch or a trial costs besides its steps
+  weighs on the speeds more than in a real search's epochs of hundreds of steps).
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
 }
 
 
-def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
-    """The searches to compare, as space documents."""
+def searches(root: str | None, only: set[str], scale: int = 1) -> dict[str, dict[str, Any]]:
+    """The searches to compare, as space documents (the r32x4 ones on `scale` times their
+    images)."""
     out: dict[str, dict[str, Any]] = {}
     if "digits" in only:
         here = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -93,7 +96,7 @@ def searches(root: str | None, only: set[str]) -> dict[str, dict[str, Any]]:
             out[f"r32x4-{term}"] = {
                 "study": {"name": f"r32x4-{term}"},
                 "base": {
-                    "data": {**data, "subset": images},
+                    "data": {**data, "subset": images * scale},
                     "teacher": {
                         "arch": "resnet32x4",
                         "train": {"epochs": 1, "lr": 0.05},
@@ -114,19 +117,29 @@ def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--root", help="CIFAR-10 as an image folder (the cifar10, r32x4 rows)")
     parser.add_argument("--only", type=names(SEARCHES), default=",".join(SEARCHES))
+    parser.add_argument(
+        "--r32x4-scale",
+        type=int,
+        default=1,
+        metavar="K",
+        help="the r32x4 searches on K times their images: epochs of 4K steps (default 1)",
+    )
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
-    docs = searches(args.root, set(args.only))
+    if args.r32x4_scale < 1:
+        parser.error("--r32x4-scale must be at least 1")
+    docs = searches(args.root, set(args.only), args.r32x4_scale)
     skipped = [name for name in args.only if name != "digits" and args.root is None]
     if not docs:
         parser.error(f"--only {','.join(skipped)} needs --root")
     if skipped:
         print(f"without --root, {' and '.join(skipped)} left out", file=sys.stderr)
     work = work_dir(args.work, "kdsearch-teacher-cache-")
+    scaled = f"; r32x4 on {args.r32x4_scale}x the images" if args.r32x4_scale > 1 else ""
     table = Table(
         f"{trial_device()}; {os.cpu_count()} CPU cores; each search with the teacher cached, "
-        "live then stored",
+        f"live then stored{scaled}",
         "",
         "| search | trials, live / store | epochs trained, live / store | wall s, live | "
         "wall s, store | trial img/s, live | trial img/s, store | trial speed-up | "
