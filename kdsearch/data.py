@@ -567,9 +567,7 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     if unknown:
         raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
     stats = [
-        (str(p.relative_to(root)), *_size_and_time(p))
-        for split in listing.values()
-        for _, p in split
+        (str(p.relative_to(root)), *_stat_key(p)) for split in listing.values() for _, p in split
     ]
     key = digest(
         {
@@ -583,35 +581,25 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     # folder's files changing since (or another decoding format) left unread for good
     folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
     cached = cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
-    with contextlib.suppress(OSError):  # named as before the folder was in the name: its own
-        (cached.parent / f"imagefolder-{key}.pt").rename(cached)
     saved = _read_decoded(cached)
     if saved is not None:
-        return Raw(*_square(*saved, root), classes, hflip=True)
+        return Raw(*saved, classes, hflip=True)
     paths = [p for split in listing.values() for _, p in split]
-    images = _same_shape(_decode_all(paths, cfg.image_size, progress), root)
+    images = _same_channels(_decode_all(paths, cfg.image_size, progress))
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] for split in listing.values() for c, _ in split]
     n = len(listing["train"])
     train = _split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
     test = _split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
-    _write_decoded(cached, *_square(train, test, root))
-    for stale in cached.parent.glob(f"imagefolder-{folder}-*.pt"):
-        if stale != cached:
+    _write_decoded(cached, train, test)
+    for stale in cached.parent.glob("imagefolder-*.pt"):  # this folder's, and any named
+        # as before the folder was in the name, whose keys (files without their inodes) no
+        # decode makes now
+        if stale != cached and (
+            stale.name.startswith(f"imagefolder-{folder}-") or stale.stem.count("-") == 1
+        ):
             stale.unlink(missing_ok=True)
     return Raw(train, test, classes, hflip=True)
-
-
-def _square(train: Split, test: Split, root: Path) -> tuple[Split, Split]:
-    """The splits, if their images are square: the models take any size, but the rotations of
-    SSKD and HSAKD, and a served model's `inputs`, need squares."""
-    height, width = train.x.shape[-2:]
-    if height != width:
-        raise DataError(
-            f"imagefolder: the images in {root} are {height} high and {width} wide; kdsearch "
-            "trains on square images: set data.image_size to resize them to a square"
-        )
-    return train, test
 
 
 def _read_decoded(path: Path) -> tuple[Split, Split] | None:
@@ -645,11 +633,13 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
         )
 
 
-def _size_and_time(path: Path) -> tuple[int, int]:
-    """A file's size and modification time (ns), or one line naming it (a link to nothing)."""
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    """A file's size, modification time (ns) and inode, or one line naming it (a link to
+    nothing). The inode tells apart two files of one size and time that swapped names (class
+    folders renamed into each other, the files' times as an archive set them)."""
     with _readable(path):
         stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 @contextlib.contextmanager
@@ -696,27 +686,53 @@ def _list_images(folder: Path) -> list[tuple[str, Path]]:
 
 
 def _decode_all(paths: list[Path], size: int | None, progress: Progress | None) -> list[np.ndarray]:
-    """Decode every image (height x width x channels), one thread per core."""
-    images = []
+    """Decode every image (height x width x channels), one thread per core. Without `size`,
+    the first image that is not square, or not the size of the first, stops the decoding,
+    naming it (decoded whole first, a folder of photos could take more memory than the
+    machine has before being refused)."""
+    images: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for done, image in enumerate(pool.map(lambda p: _decode(p, size), paths), start=1):
-            images.append(image)
-            if progress is not None and (done % 2000 == 0 or done == len(paths)):
-                progress("decoding images", done, len(paths))
+        decoding = [pool.submit(_decode, p, size) for p in paths]
+        try:
+            for done, future in enumerate(decoding, start=1):
+                image = future.result()
+                if size is None and (problem := _size_problem(image, images, paths, done - 1)):
+                    raise DataError(problem)
+                images.append(image)
+                if progress is not None and (done % 2000 == 0 or done == len(paths)):
+                    progress("decoding images", done, len(paths))
+        finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
+            for future in decoding:
+                future.cancel()
     return images
 
 
-def _same_shape(images: list[np.ndarray], root: Path) -> list[np.ndarray]:
+def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[Path], i: int) -> str:
+    """Why image `i` (decoded without resizing) cannot join those `before` it, or ''."""
+    height, width = image.shape[:2]
+    if not before:
+        return (
+            ""
+            if height == width
+            else (
+                f"imagefolder: {paths[0]} is {height} high and {width} wide; kdsearch trains on "
+                "square images: set data.image_size to resize them to a square"
+            )
+        )
+    if (height, width) == before[0].shape[:2]:
+        return ""
+    first = "x".join(map(str, before[0].shape[:2]))
+    return (
+        f"imagefolder: images of different sizes: {paths[i]} is {height}x{width} (height x "
+        f"width), {paths[0]} {first}; set data.image_size to resize them all to a square"
+    )
+
+
+def _same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
     """The images in colour if any is (as torchvision's ImageFolder reads every image as RGB),
-    else greyscale; a DataError if their sizes differ."""
+    else greyscale."""
     if any(a.shape[2] == 3 for a in images):
         images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        raise DataError(
-            f"imagefolder: images of {len(shapes)} different shapes in {root}; "
-            "set data.image_size to resize them all"
-        )
     return images
 
 

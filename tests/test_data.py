@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import re
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -311,8 +313,13 @@ def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
 
 def test_imagefolder_with_mixed_sizes_needs_image_size(tmp_path: Path) -> None:
     _folder(tmp_path, {"train": [16, 20], "test": [16, 16]})
-    with pytest.raises(DataError, match=r"different shapes.*data.image_size"):
+    with pytest.raises(DataError) as refused:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(refused.value) == (  # it named no file
+        f"imagefolder: images of different sizes: {tmp_path}/train/class1/0.png is 20x20 "
+        f"(height x width), {tmp_path}/train/class0/0.png 16x16; set data.image_size to resize "
+        "them all to a square"
+    )
     data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=12))
     assert data.train.x.shape[1:] == (3, 12, 12)
 
@@ -369,11 +376,59 @@ def test_imagefolder_of_images_that_are_not_square_needs_image_size(tmp_path: Pa
     with pytest.raises(DataError) as refused:
         load_data(cfg)
     assert str(refused.value) == (
-        f"imagefolder: the images in {tmp_path} are 16 high and 32 wide; kdsearch trains on "
+        f"imagefolder: {tmp_path}/train/c0/0.png is 16 high and 32 wide; kdsearch trains on "
         "square images: set data.image_size to resize them to a square"
     )
     data = load_data(cfg.model_copy(update={"image_size": 16}))
     assert data.train.x.shape[1:] == (3, 16, 16) and data.inputs()["image_size"] == 16
+
+
+def test_an_image_of_another_size_stops_the_decoding_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every image was decoded before the sizes were compared: a folder of large photos took
+    more memory than the machine had before it could be refused."""
+    _folder(tmp_path, {"train": [12, 12], "test": [12, 12]})
+    Image.new("RGB", (12, 9)).save(tmp_path / "train" / "class0" / "0.png")  # the first
+    decoded: list[Path] = []
+    decode = data_module._decode
+
+    def slow(path: Path, size: int | None) -> np.ndarray:
+        time.sleep(0.02)
+        decoded.append(path)
+        return decode(path, size)
+
+    monkeypatch.setattr(data_module, "_decode", slow)
+    with pytest.raises(DataError, match=r"class0/0.png is 9 high and 12 wide"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    time.sleep(0.2)  # any decoding still going on has finished
+    assert len(decoded) < 10, f"{len(decoded)} of 40 images decoded"
+
+
+def test_class_folders_that_swapped_names_are_read_again(tmp_path: Path) -> None:
+    """The decoded cache knew a file by its path, size and time: class folders renamed into
+    each other, holding files of one size and time (as an archive sets them), were served from
+    the cache with the old labels."""
+    for c, shade in (("cat", 20), ("dog", 220)):
+        for split in ("train", "test"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(8):
+                file = tmp_path / split / c / f"{i}.bmp"
+                Image.new("RGB", (8, 8), (shade, shade, shade)).save(file)
+                os.utime(file, ns=(10**18, 10**18))
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.25)
+
+    def shade_of(name: str) -> float:
+        data = load_data(cfg)
+        label = data.classes.index(name)
+        return float(data.test.x[data.test.y == label].float().mean())
+
+    assert shade_of("cat") == 20
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").rename(tmp_path / split / "was-cat")
+        (tmp_path / split / "dog").rename(tmp_path / split / "cat")
+        (tmp_path / split / "was-cat").rename(tmp_path / split / "dog")
+    assert shade_of("cat") == 220
 
 
 def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path: Path) -> None:
@@ -626,14 +681,13 @@ def test_images_decoded_by_another_decoding_format_are_decoded_again_and_replace
     load_data(cfg)
     (newer,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
     assert newer != new
-    # an entry named as before the folder was in the name is taken over, not decoded again
+    # an entry named as before the folder was in the name (whose key no later kdsearch
+    # makes: it knew files without their inodes) is removed by the next decode of any folder
     old_name = newer.parent / f"imagefolder-{newer.stem.rsplit('-', 1)[1]}.pt"
-    newer.rename(old_name)
-    seen: list[tuple[int, int]] = []
-    load_data(cfg, progress=lambda what, done, total: seen.append((done, total)))
-    assert not seen and not old_name.exists() and newer.is_file()
+    shutil.copy(newer, old_name)
     # a decode of the folder at another size, or of another folder, stays
     load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
+    assert not old_name.exists() and newer.is_file()
     _folder(tmp_path / "other", {"train": [16, 16], "test": [16, 16]})
     load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "other")))
     assert len(list((isolated_cache / "decoded").glob("imagefolder-*.pt"))) == 3
