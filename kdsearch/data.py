@@ -72,10 +72,11 @@ class ImageData:
     val: Split
     test: Split
     classes: tuple[str, ...]
-    hflip: bool  # horizontal flips keep the label (not so for digits)
+    hflip: bool  # whether training images are flipped left-right (not digits, by default)
     mean: tuple[float, ...]  # per channel, of the training split, in [0, 1]
     std: tuple[float, ...]
-    fingerprint: str  # changes whenever any image, label or split changes
+    fingerprint: str  # changes whenever any image, label or split changes, or `hflip`
+    # against the data set's own default
 
     @property
     def num_classes(self) -> int:
@@ -108,7 +109,7 @@ class Raw(NamedTuple):
     train: Split
     test: Split
     classes: tuple[str, ...]
-    hflip: bool
+    hflip: bool  # whether a flip keeps an image's class (not so for digits)
 
 
 def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData:
@@ -152,10 +153,10 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
         val=val,
         test=test,
         classes=raw.classes,
-        hflip=raw.hflip,
+        hflip=raw.hflip if cfg.hflip is None else cfg.hflip,
         mean=mean,
         std=std,
-        fingerprint=_fingerprint(train, val, test),
+        fingerprint=_fingerprint(train, val, test, flips=cfg.hflip, default=raw.hflip),
     )
 
 
@@ -227,12 +228,16 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
 
 
-def _fingerprint(*splits: Split) -> str:
+def _fingerprint(*splits: Split, flips: bool | None, default: bool) -> str:
+    """A hash of the splits, and of `data.hflip` where it is not the data set's default (so
+    every fingerprint, and the cached teachers keyed by it, stayed as it was before the key)."""
     h = hashlib.blake2b(digest_size=8)
     for s in splits:
         h.update(str(tuple(s.x.shape)).encode())
         h.update(s.x.contiguous().numpy().tobytes())
         h.update(s.y.contiguous().numpy().tobytes())
+    if flips is not None and flips != default:
+        h.update(f"hflip={flips}".encode())
     return h.hexdigest()
 
 

@@ -79,6 +79,7 @@ class DataConfig(Section):
     subset: Annotated[int, Field(ge=1)] | None = None
     seed: Seed = 0
     image_size: Annotated[int, Field(ge=8)] | None = None
+    hflip: bool | None = None  # flip training images left-right; None: as the data set allows
 
 
 class TeacherTrainConfig(Section):

@@ -470,6 +470,29 @@ def test_imagefolder_without_a_test_folder_is_an_error(tmp_path: Path) -> None:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
 
 
+def test_data_hflip_turns_the_flips_on_or_off_and_keys_what_trains_on_them() -> None:
+    """An image folder was always flipped (letters, text and left/right signs trained on
+    mirrored images), and nothing could flip digits."""
+    plain = load_data(DataConfig(dataset="synthetic"))
+    off = load_data(DataConfig(dataset="synthetic", hflip=False))
+    on = load_data(DataConfig(dataset="synthetic", hflip=True))
+    assert plain.hflip is True and off.hflip is False and on.hflip is True
+    # the data set's own default leaves the fingerprint (and the teachers keyed by it) as it was
+    assert on.fingerprint == plain.fingerprint != off.fingerprint
+    # the same draws of order and crops; only the flips differ
+    b_off, b_on = (
+        next(iter(Loader(d.train, d, CPU, batch_size=64, train=True).epoch(0))) for d in (off, on)
+    )
+    assert torch.equal(b_off.idx, b_on.idx)
+    same = (b_on.x == b_off.x).flatten(1).all(1)
+    mirrored = (b_on.x == b_off.x.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and 10 < int((~same).sum()) < 54
+    digits = load_data(DataConfig(dataset="digits", hflip=True))
+    assert (
+        digits.hflip and digits.fingerprint != load_data(DataConfig(dataset="digits")).fingerprint
+    )
+
+
 def test_crop_at_the_centre_offset_is_the_identity_and_flip_mirrors() -> None:
     x = torch.randint(0, 256, (3, 2, 8, 8), dtype=torch.uint8)
     centre = torch.full((3, 2), 1)
