@@ -348,6 +348,8 @@ CIFAR_LAYOUT = {
 def _cifar(cfg: DataConfig, progress: Progress | None) -> Raw:
     folder, archive, train_files, test_files, label_key, meta, names_key = CIFAR_LAYOUT[cfg.dataset]
     root = _root(cfg)
+    if (root / meta).is_file() and not (root / folder).is_dir():  # root is that folder itself
+        root, folder = root.parent, root.name
     if not (root / folder).is_dir():
         if (root / archive).is_file():
             _extract(root / archive, folder)

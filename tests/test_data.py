@@ -204,6 +204,15 @@ def test_cifar_reads_the_official_pickle_format(
     with open(tmp_path / folder, "rb") as f:
         first = pickle.load(f)["data"][0]
     assert torch.equal(data.test.x[0], torch.as_tensor(first).view(3, 32, 32))
+    if not as_archive:  # `root` naming the data set's folder itself: it looked, and would
+        # download, inside it
+        inside = DataConfig(
+            dataset=name,
+            root=str(tmp_path / folder.split("/")[0]),
+            download=False,
+            val_fraction=0.1,
+        )
+        assert load_data(inside).fingerprint == data.fingerprint
 
 
 def test_a_broken_archive_is_a_clear_error_and_leaves_no_folder(tmp_path: Path) -> None:
