@@ -138,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     def study_command(command: str, help_text: str) -> _Parser:
         q = sub.add_parser(command, help=help_text)
         q.add_argument("study", help="the study's name")
-        q.add_argument(
+        promoted = "; for <search>-promoted, studies/<search>.db" if command == "trials" else ""
+        q.add_argument(  # (only `trials` reads a promoted study: the others refuse one)
             "--storage",
-            help="SQLAlchemy URL or SQLite file (default: studies/<study>.db; for "
-            "<search>-promoted, studies/<search>.db)",
+            help=f"SQLAlchemy URL or SQLite file (default: studies/<study>.db{promoted})",
         )
         return q
 

@@ -551,7 +551,8 @@ def study_storage(study: str, given: str | None) -> tuple[Any, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
     if given is None:
-        if len(study) > NAME_MAX:  # no study file can have such a name: one line, no OSError
+        if len(study.removesuffix(PROMOTED)) > NAME_MAX:  # no study file can have such a
+            # name: one line, no OSError (a promoted study's is its search's file)
             raise KdsearchError(str(study_name_problem(study)))
         path = study_file(study)
         if not path.is_file():
@@ -996,13 +997,13 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
         console.print(f"study {promoted.study_name!r}: no promoted run has finished yet")
     else:
         results.print(leaderboard_table(board))
-    for run in failed_runs(promoted):
-        console.print(failed_line(run))
+    for run in failed_runs(promoted):  # with the table, where `> FILE` keeps it
+        results.print(failed_line(run))
     budget = board_budget(promoted)
     other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]
     if budget is not None and len(other):
         budgets = ", ".join(str(b) for b in sorted(set(other["budget"])))
-        console.print(
+        results.print(
             f"{len(other)} finished runs at other budgets ({budgets} epochs) are not in this "
             "table; `--csv -` lists every run"
         )

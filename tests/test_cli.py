@@ -393,6 +393,22 @@ def test_an_export_folder_holding_something_else_is_refused_before_any_work(
     assert not (tmp_path / "studies").exists() and (tmp_path / "w" / "notes.txt").is_file()
 
 
+def test_the_promoted_study_of_a_search_with_a_long_name_is_looked_for(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Its name (the search's, 200 characters, and -promoted) was refused as too long, though
+    it is read from the search's file: the `kdsearch trials NAME-promoted` that promote prints
+    failed."""
+    name = "L" * 200
+    shown = cli_here("trials", f"{name}-promoted", cwd=tmp_path)
+    assert shown.returncode == 2
+    assert shown.stderr.strip() == (
+        f"kdsearch: error: no study database at studies/{name}-promoted.db; pass --storage URL"
+    )
+    too_long = cli_here("trials", f"{name}L-promoted", cwd=tmp_path)
+    assert "a study name is at most 200 characters" in too_long.stderr
+
+
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
