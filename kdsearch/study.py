@@ -136,7 +136,7 @@ def open_storage(url: str) -> BaseStorage:
 
     with suppress(ArgumentError, ValueError):  # a URL SQLAlchemy cannot read fails below
         parsed = make_url(url)
-        if "@" in (parsed.host or "") + (parsed.database or ""):
+        if parsed.password is not None and "@" in (parsed.host or "") + (parsed.database or ""):
             raise StudyError(
                 f"cannot open the study storage {redact(url)}: its password holds an '@', "
                 "which SQLAlchemy reads as the end of the password; write it as %40"

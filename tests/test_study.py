@@ -963,6 +963,13 @@ def test_a_postgresql_server_that_never_answers_is_given_up_on(
     assert "timeout expired" in str(info.value)
 
 
+def test_an_sqlite_file_in_a_folder_with_an_at_sign_opens(tmp_path: Path) -> None:
+    """Not taken for a password holding an '@' (no URL with a password names a file)."""
+    folder = tmp_path / "me@lab"
+    folder.mkdir()
+    assert study_names(open_storage(f"sqlite:///{folder}/s.db")) == []
+
+
 def test_redact_hides_passwords_only() -> None:
     assert redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert redact("sqlite:///studies/x.db") == "sqlite:///studies/x.db"
