@@ -996,16 +996,18 @@ def show_promoted(promoted: Any, csv: str | None) -> None:
     if board.empty:
         console.print(f"study {promoted.study_name!r}: no promoted run has finished yet")
     else:
-        results.print(leaderboard_table(board))
-    for run in failed_runs(promoted):  # with the table, where `> FILE` keeps it
-        results.print(failed_line(run))
+        print_whole(results, leaderboard_table(board))
+    # with the table, where `> FILE` keeps them, one line each whatever the width (for grep)
+    for run in failed_runs(promoted):
+        results.print(failed_line(run), soft_wrap=True)
     budget = board_budget(promoted)
     other = runs[(runs["state"] == "COMPLETE") & (runs["budget"] != budget)]
     if budget is not None and len(other):
         budgets = ", ".join(str(b) for b in sorted(set(other["budget"])))
         results.print(
             f"{len(other)} finished runs at other budgets ({budgets} epochs) are not in this "
-            "table; `--csv -` lists every run"
+            "table; `--csv -` lists every run",
+            soft_wrap=True,
         )
 
 
