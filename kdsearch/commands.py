@@ -588,6 +588,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     storage, url = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
     space = space_config(study)
+    note_search_running(storage, args.study, "promotes")
     cfg = space.promote
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
@@ -602,6 +603,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
         raise KdsearchError(short)
     return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
+
+
+def note_search_running(storage: Any, name: str, does: str) -> None:
+    """Say so where another process searches study `name` now: what `does` (promotes,
+    exports) the best trials so far is not the search's last word."""
+    from kdsearch.study import searching_now
+
+    if drivers := searching_now(storage, name):
+        more = f" and {len(drivers) - 1} more" if len(drivers) > 1 else ""
+        console.print(
+            f"note: {name!r} is still being searched (by {drivers[0]}{more}); this {does} its "
+            "best trials so far, and once the search ends they may be others"
+        )
 
 
 def run_promotion(
@@ -628,7 +642,10 @@ def run_promotion(
     def on_plan(runs: list[Any], todo: int) -> None:
         searched[:] = [r.key for r in runs if r.source_trial >= 0]
         found = len({r.source_trial for r in runs if r.source_trial >= 0})
-        trials = f"top {top_k} trials" if found == top_k else f"{found} COMPLETE trials"
+        if found == top_k:
+            trials = "best trial" if found == 1 else f"top {top_k} trials"
+        else:
+            trials = f"{found} COMPLETE trial{'s' * (found > 1)}"
         fewer = "" if found == top_k else f" (all it has; {top_k} asked for)"
         console.print(
             f"promoting the {trials} of {name!r}{fewer} with {seeds} seeds, next to the "
@@ -712,6 +729,7 @@ def run_export(
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage
     winner = find_winner(storage, name, here)
+    note_search_running(storage, name, "exports")
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
     # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
     on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
@@ -802,6 +820,15 @@ def run_export(
             f"{winner.planned_seeds} seeds a promotion asked for (interrupted, or a promotion "
             f"at this budget with fewer seeds or other recipes); {again} "
             "trains the rest, then export again",
+        )
+    if winner.passed_over:  # a search resumed after its promotion, say: its winner is not ours
+        one = len(winner.passed_over) == 1
+        console.print(
+            f"note: trial{'' if one else 's'} {', '.join(f'#{n}' for n in winner.passed_over)} "
+            f"of the search scored higher there than the exported recipe's (#{winner.trial}) "
+            f"and no promotion at {winner.recipe.schedule.epochs} epochs has trained "
+            f"{'it' if one else 'them'} ({'it' if one else 'they'} finished after the promotion "
+            f"ran, or it stopped first); {again} does, then export again"
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
@@ -952,7 +979,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     with write_errors(f"--out {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")
     note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
-    console.print(f"wrote {out} ({out.stat().st_size // 1024} KiB, opens offline){note}")
+    size = out.stat().st_size  # a page of a few lines, without figures, is under a KiB
+    shown = f"{size:,} bytes" if size < 10 * 1024 else f"{size // 1024:,} KiB"
+    console.print(f"wrote {out} ({shown}, opens offline){note}")
     return 0
 
 
@@ -960,25 +989,35 @@ def cmd_trials(args: argparse.Namespace) -> int:
     """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
     promoted study's runs as their leaderboard."""
     from kdsearch.report import trials_table
-    from kdsearch.study import is_promotion, load_study
+    from kdsearch.study import is_promotion, left_running, load_study
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
         replaceable(
             Path(args.csv), "--csv", "a table kdsearch wrote", lambda h: h.startswith(CSV_HEADS)
         )
-    storage, _ = study_storage(args.study, args.storage)
+    storage, url = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
     if is_promotion(study.user_attrs):
         show_promoted(study, args.csv)
         return 0
     table = trials_table(study, by_value=args.sort == "value")
+    searched = "space" in study.user_attrs  # a kdsearch search, not another tool's study
     if args.csv:
         write_csv(table, args.csv, "trials")
     elif table.empty:
         console.print(f"study {args.study!r} holds no trials yet")
     else:
-        print_whole(results, trials_view(table, accuracy="space" in study.user_attrs))
+        print_whole(results, trials_view(table, accuracy=searched))
+    if searched and (stopped := left_running(storage, args.study, study.trials)):
+        one = len(stopped) == 1
+        console.print(
+            f"note: trial{'' if one else 's'} {', '.join(f'#{n}' for n in stopped)} "
+            f"{'is' if one else 'are'} RUNNING in the study, but the search that ran "
+            f"{'it' if one else 'them'} has stopped (Ctrl-C, or killed); `kdsearch run SPACE "
+            f"--study {shlex.quote(args.study)}{storage_option(args.study, url)} --resume`"
+            f"{password_hidden(url)} runs {'it' if one else 'them'} again"
+        )
     return 0
 
 

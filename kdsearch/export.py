@@ -40,7 +40,7 @@ from kdsearch.paths import (
     writable_folder,
     write_errors,
 )
-from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard
+from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard, run_budget
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import (
     base_recipe,
@@ -86,6 +86,9 @@ class Winner:
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
     planned_seeds: int | None = None  # the most seeds a promotion at its budget asked for
     rank: int | None = None  # the promoted recipe's trial's place among the search's best
+    # trials of the search ranked above that one that no promotion at its budget has tried
+    # (finished since it ran, or it stopped before them)
+    passed_over: list[int] = field(default_factory=list)
     device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
 
 
@@ -107,6 +110,14 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         runs = [t for t in current_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         failed = [t for t in failed_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
+        search_best = ranked(study.trials)
+        rank = next((i for i, t in enumerate(search_best, 1) if t.number == source), None)
+        tried = {
+            int(t.user_attrs["source_trial"])
+            for t in promoted.trials
+            if run_budget(t) == int(best["epochs"])
+        }
+        above = search_best[: rank - 1] if rank else []
         trained = Recipe.from_yaml(str(top.user_attrs["recipe"]))
         if here is None:
             here = machine_settings(trained, searched_keys)
@@ -145,7 +156,8 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             top.user_attrs.get("inputs"),
             sorted(int(t.user_attrs["seed"]) for t in failed),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
-            next((i for i, t in enumerate(ranked(study.trials), 1) if t.number == source), None),
+            rank,
+            [t.number for t in above if t.number not in tried],
             top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)

@@ -909,6 +909,30 @@ def heartbeats(beats: Mapping[str, Any]) -> list[str]:
     return [k.removeprefix("heartbeat:") for k in beats if k.startswith("heartbeat:")]
 
 
+def searching_now(storage: BaseStorage, name: str) -> list[str]:
+    """The live drivers (`driver_alive`) of study `name` in `storage` but this process: a search
+    still under way elsewhere, whose best trials may yet change."""
+    beats = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
+    return [d for d in heartbeats(beats) if d != this_driver() and driver_alive(d, beats)]
+
+
+def left_running(storage: BaseStorage, name: str, trials: Sequence[FrozenTrial]) -> list[int]:
+    """The numbers of `trials` of study `name` in `storage` that are RUNNING but whose driver is
+    gone (`driver_alive`; one that names none yet: while no driver of the study is alive), left
+    so by a search that stopped (Ctrl-C, a kill) until `kdsearch run --resume` runs them again."""
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if not running:
+        return []
+    beats = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
+    anyone = any(driver_alive(d, beats) for d in heartbeats(beats))
+
+    def gone(trial: FrozenTrial) -> bool:
+        driver = trial.user_attrs.get("driver")
+        return not anyone if driver is None else not driver_alive(str(driver), beats)
+
+    return [t.number for t in running if gone(t)]
+
+
 @cache  # a process keeps its boot and namespace
 def pid_scope() -> str:
     """Where this process's PID names this process: its machine's boot (the kernel's boot id)

@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,41 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     meta = json.loads((tmp_path / "w5" / "meta.json").read_text())
     assert meta["data_fingerprint"] == "f00d" and meta["inputs"] == best.user_attrs["inputs"]
     assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2], 4)
+    # a search of the study running on another machine, whose best trials may yet change: a
+    # promotion or an export says so (and a `run` on this one would not: `searching_now`)
+    storage = open_storage(f"sqlite:///{tmp_path}/studies/s.db")
+    beat = "heartbeat:far:4242"  # a driver as `this_driver` names them, on host "far"
+    storage.set_study_system_attr(storage.get_study_id_from_name("s"), beat, time.time())
+    proc = cli_here("promote", "s", "--top-k", "1", "--seeds", "2", "--epochs", "2", cwd=tmp_path)
+    assert proc.returncode == 0 and "runs to train: 0" in proc.stderr, proc.stderr
+    assert "promoting the best trial of 's' with 2 seeds" in proc.stderr
+    running = "note: 's' is still being searched (by far:4242); this {} its best trials so far"
+    assert running.format("promotes") in " ".join(proc.stderr.split())
+    # the search resumed after the promotion and found a better trial: exported all the same
+    # (a promotion confirmed this one), with the promotion that trains the newcomer
+    search = optuna.load_study(study_name="s", storage=storage)
+    was_best = search.trials[1]
+    search.add_trial(
+        create_trial(
+            state=TrialState.COMPLETE,
+            value=0.99,
+            params=was_best.params,
+            distributions=was_best.distributions,
+            user_attrs=was_best.user_attrs,
+        )
+    )
+    proc = cli_here("export", "s", "--out", "w5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert (
+        "note: trial #5 of the search scored higher there than the exported recipe's (#1) and no "
+        "promotion at 2 epochs has trained it (it finished after the promotion ran, or it "
+        "stopped first); `kdsearch promote s --top-k 2 --seeds 4 --epochs 2` does, then export "
+        "again"
+    ) in said
+    assert json.loads((tmp_path / "w5" / "meta.json").read_text())["trial"] == 1
+    assert running.format("exports") in said
+    storage.set_study_system_attr(storage.get_study_id_from_name("s"), beat, 0.0)  # it ended
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
     proc = cli_here("export", "s", "--out", "w2", cwd=tmp_path)

@@ -28,7 +28,7 @@ from kdsearch.display import trials_view
 from kdsearch.promote import PLAIN_KD, open_promoted
 from kdsearch.report import build_report, learning_curves, trials_table
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, open_storage
+from kdsearch.study import Record, open_storage, this_driver
 
 from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, write_study
 
@@ -156,6 +156,32 @@ def test_trials_prints_a_table_or_writes_csv(tmp_path: Path, cli_here: CliHere) 
     piped = cli_here("trials", "s", "--csv", "-", "--sort", "value", cwd=tmp_path)
     assert piped.returncode == 0 and piped.stderr == ""
     assert list(pd.read_csv(io.StringIO(piped.stdout))["number"]) == [1, 3, 0, 2, 4]
+
+
+def test_trials_a_stopped_search_left_running_are_said_to_be_so(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    (tmp_path / "studies").mkdir()
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    record_study(url, "s", [("COMPLETE", [0.5, 0.6]), ("RUNNING", [0.4]), ("RUNNING", [])])
+    storage = open_storage(url)
+    study_id = storage.get_study_id_from_name("s")
+    # their driver, this process, is alive and beats: a search under way, nothing to say
+    running = cli_here("trials", "s", cwd=tmp_path)
+    assert running.returncode == 0 and running.stderr == "", running.stderr
+    assert [line.split()[1] for line in running.stdout.splitlines()[2:]] == [
+        "COMPLETE",
+        "RUNNING",
+        "RUNNING",
+    ]
+    storage.set_study_system_attr(study_id, f"heartbeat:{this_driver()}", 0.0)  # as a stop ends it
+    stopped = cli_here("trials", "s", "--csv", "-", cwd=tmp_path)
+    assert stopped.returncode == 0
+    assert " ".join(stopped.stderr.split()) == (
+        "note: trials #1, #2 are RUNNING in the study, but the search that ran them has stopped "
+        "(Ctrl-C, or killed); `kdsearch run SPACE --study s --resume` runs them again"
+    )
+    assert list(pd.read_csv(io.StringIO(stopped.stdout))["state"])[1:] == ["RUNNING"] * 2
 
 
 def test_another_tools_parameters_named_as_a_column_do_not_take_its_place(
@@ -677,6 +703,9 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
     proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.startswith("wrote report.html (")
     assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
+    proc = run_cli("report", "empty", "--storage", url, "--out", "e.html", cwd=tmp_path)
+    size = (tmp_path / "e.html").stat().st_size  # under a KiB: in bytes, not "0 KiB"
+    assert proc.stderr.startswith(f"wrote e.html ({size:,} bytes, opens offline)"), proc.stderr
 
 
 def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHere) -> None:
