@@ -85,6 +85,14 @@ def port(text: str) -> int:
     return value
 
 
+def given(text: str) -> str:
+    """A file, folder or storage: not empty (`--out ""`, a shell variable that was not set,
+    would name this folder, or print where a file was asked for)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value names nothing")
+    return text
+
+
 def study_name(text: str) -> str:
     """A study name as a space file's study.name allows: it names files and folders."""
     if problem := study_name_problem(text):
@@ -105,19 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "train", help="train one student from a recipe YAML"
     )
-    p.add_argument("recipe", help="a recipe YAML file")
+    p.add_argument("recipe", type=given, help="a recipe YAML file")
     add_set(p, "override a recipe value, e.g. --set distill.kd.temperature=6 (repeatable)")
-    p.add_argument("--out", help="output folder (default: studies/runs/<recipe>-<date>-<time>)")
+    p.add_argument(
+        "--out", type=given, help="output folder (default: studies/runs/<recipe>-<date>-<time>)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="search a space of distillation recipes")
-    p.add_argument("space", help="a search space YAML file (search_spaces/*.yaml)")
+    p.add_argument("space", type=given, help="a search space YAML file (search_spaces/*.yaml)")
     p.add_argument(
         "--trials", type=positive, help="trials the study should hold (default: the space's)"
     )
     p.add_argument("--study", type=study_name, help="study name (default: the space's study.name)")
     p.add_argument(
         "--storage",
+        type=given,
         help="SQLAlchemy URL or SQLite file (default: the space's study.storage, else "
         "sqlite:///studies/<study>.db)",
     )
@@ -141,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         promoted = "; for <search>-promoted, studies/<search>.db" if command == "trials" else ""
         q.add_argument(  # (only `trials` reads a promoted study: the others refuse one)
             "--storage",
+            type=given,
             help=f"SQLAlchemy URL or SQLite file (default: studies/<study>.db{promoted})",
         )
         return q
@@ -163,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
 
     p = study_command("export", "write the winner as a folder a training job runs as is")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", type=given, required=True, help="the folder to write")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
@@ -176,12 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboard)
 
     p = study_command("report", "write a self-contained HTML report of a study")
-    p.add_argument("--out", default="report.html", help="the HTML file (default: report.html)")
+    p.add_argument(
+        "--out", type=given, default="report.html", help="the HTML file (default: report.html)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = study_command("trials", "the trials of a study as a table")
     p.add_argument(
-        "--csv", help="write them to this CSV file instead of printing them ('-': stdout)"
+        "--csv",
+        type=given,
+        help="write them to this CSV file instead of printing them ('-': stdout)",
     )
     p.add_argument(
         "--sort",

@@ -721,7 +721,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
-    from kdsearch.promote import failed_searched_runs
+    from kdsearch.promote import failed_searched_runs, leaderboard
     from kdsearch.study import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
@@ -762,8 +762,9 @@ def run_export(
             f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
             "once to export its student"
         )
-        failed, bad = failed_searched_runs(promoted_study(storage, name))
-        if failed:  # not "nothing": nothing finished
+        promotion = promoted_study(storage, name)
+        failed, bad = failed_searched_runs(promotion)
+        if failed and promotion is not None:  # not "nothing": nothing finished
             promoted = promoted_name(name)
             console.print(
                 f"note: no run of a searched recipe has finished in the promotion ({failed} "
@@ -771,6 +772,14 @@ def run_export(
                 f"{storage_option(promoted, url)}`{hidden} says why); no promotion confirms "
                 "this trial's score, which is from the search's budget"
             )
+            board = leaderboard(promotion)  # the baselines that finished there, to weigh it against
+            for _, row in board[board["source_trial"] < 0].iterrows():
+                console.print(
+                    f"note: {row['recipe']} finished in the promotion, {row['val_mean']:.2f}% "
+                    f"on validation at {row['epochs']} epochs (mean of {row['seeds']} seeds); "
+                    f"for {row['recipe']}, `kdsearch train` the base recipe with "
+                    f"{BASELINE_TERMS[str(row['recipe'])]}"
+                )
         teacher, files = None, None
         if needs_teacher(winner.recipe):
             teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher

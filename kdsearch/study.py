@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
+import yaml
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from pydantic import ValidationError
@@ -57,6 +58,21 @@ def default_storage(study_name: str) -> str:
             "--storage URL"
         )
     return f"sqlite:///studies/{study_name}.db"
+
+
+def password_hidden_text(text: str, url: str | None, source: str) -> str:
+    """A space file's `text` (from `source`) with the password of its study.storage `url`
+    hidden, as every reader of the study sees the text; where the file does not write the URL
+    as it is (a quoted string with escapes, a scalar folded over lines), its document again,
+    without its comments."""
+    if not url or redact(url) == url:
+        return text
+    shown = text.replace(url, redact(url))
+    document = load_yaml(shown, source=source)
+    if document["study"]["storage"] == redact(url):
+        return shown
+    document["study"]["storage"] = redact(url)
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
 
 def redact(url: str) -> str:
@@ -457,10 +473,8 @@ class Record:
         their checks (a run refused before would leave its machine settings, say a teacher
         file that is not there, for `promote` and `export` to read)."""
         space = self.space
-        url = space.config.study.storage
         for key, value in {
-            # a password in study.storage hidden, as every reader of the study sees this
-            "space": space.text.replace(url, redact(url)) if url else space.text,
+            "space": password_hidden_text(space.text, space.config.study.storage, space.source),
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),

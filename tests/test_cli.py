@@ -197,6 +197,13 @@ def test_version_and_help() -> None:
         (["promote", "s", "--top-k", "0"], "argument --top-k: 0 is not a positive number"),
         (["promote", "s", "--epochs", "two"], "argument --epochs: 'two' is not a whole number"),
         (["dashboard", "s.db", "--port", "99999"], "argument --port: 99999 is not a port"),
+        # an empty path (a shell variable that was not set): not this folder, not stdout
+        (["train", "r.yaml", "--out", ""], "argument --out: an empty value names nothing"),
+        (["export", "s", "--out", ""], "argument --out: an empty value names nothing"),
+        (["report", "s", "--out", " "], "argument --out: an empty value names nothing"),
+        (["trials", "s", "--csv", ""], "argument --csv: an empty value names nothing"),
+        (["trials", "s", "--storage", ""], "argument --storage: an empty value names nothing"),
+        (["run", ""], "argument space: an empty value names nothing"),
     ],
 )
 def test_bad_option_values_are_usage_errors(

@@ -309,6 +309,13 @@ def test_export_without_a_promotion_says_when_the_search_learned_from_another_te
         "diverged; `kdsearch trials s-promoted` says why); no promotion confirms this trial's "
         "score, which is from the search's budget"
     ) in " ".join(proc.stderr.split())
+    # the baselines that did finish there, which the searched recipe's score does not compare to
+    for baseline, terms in (("plain KD", "ce's and kd's"), ("student alone", "ce's")):
+        assert (
+            f"note: {baseline} finished in the promotion, 50.00% on validation at 2 epochs (mean "
+            f"of 2 seeds); for {baseline}, `kdsearch train` the base recipe with every distill "
+            f"weight but {terms} at 0"
+        ) in " ".join(proc.stderr.split())
     assert re.search(
         r"note: the teacher file \S+ hashes [0-9a-f]{16}, but the runs recorded before learned "
         r"from one that hashed 0{16}: .*the exported student learns from this one",

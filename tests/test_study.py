@@ -1022,3 +1022,19 @@ def test_the_password_of_a_space_files_storage_is_not_recorded(url: str) -> None
     assert "hunter2" not in recorded
     assert recorded == secret.replace("kd:hunter2@", "kd:***@")
     assert space_config(record.study).study.storage == "postgresql://kd:***@db.lan/kd"
+    # a URL the file does not write as it is, escaped in a double-quoted string or folded over
+    # two lines: its document again, without comments, the password hidden all the same
+    for written in (
+        'storage: "postgresql://kd:hunter\\x32@db.lan/kd"',  # \x32 is "2"
+        "storage: postgresql://kd:hunter2@db.lan/\n    kd",  # folded: "... db.lan/ kd"
+    ):
+        escaped = SPACE.replace("study: {name: s}", f"study:\n  name: s2  # mine\n  {written}")
+        space = SearchSpace.from_yaml(escaped, source="s.yaml")
+        assert "hunter2" in str(space.config.study.storage)
+        record = Record(open_storage(url), "s2", space, target=1, resume=False)
+        recorded = record.study.user_attrs["space"]
+        assert "hunter2" not in recorded and "# mine" not in recorded
+        again = space_config(record.study)
+        assert str(again.study.storage).startswith("postgresql://kd:***@db.lan/")
+        assert again.space == space.config.space and again.asha == space.config.asha
+        record.storage.delete_study(record.study_id)  # name s2 free for the next
