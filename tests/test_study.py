@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, column, text
+from sqlalchemy import DateTime, column, make_url, text
 
 from kdsearch.errors import KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
@@ -961,6 +961,21 @@ def test_a_postgresql_server_that_never_answers_is_given_up_on(
             open_storage(url)
     assert str(info.value).startswith(f"cannot open the study storage {url}: ")
     assert "timeout expired" in str(info.value)
+
+
+def test_a_wrong_postgresql_password_is_one_line_without_it() -> None:
+    """The server's refusal, as a user mistyping the password sees it (.ci/run's server asks
+    for passwords over TCP, as a cluster's does)."""
+    if not POSTGRES:
+        pytest.skip("set KDSEARCH_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
+    parts = make_url(POSTGRES)
+    wrong = parts.set(password="hunter2").render_as_string(hide_password=False)
+    with pytest.raises(StudyError) as info:
+        open_storage(wrong)
+    message = str(info.value)
+    assert message.startswith(f"cannot open the study storage {redact(wrong)}: ")
+    assert "password authentication failed" in message
+    assert "hunter2" not in message and "\n" not in message
 
 
 def test_an_sqlite_file_in_a_folder_with_an_at_sign_opens(tmp_path: Path) -> None:
