@@ -1,7 +1,8 @@
 """The same searches with and without the teacher-output store, measured in one run.
 
     python benchmarks/teacher_cache.py [--root DIR] [--only digits,cifar10,r32x4]
-        [--r32x4-scale K] [--work DIR] [--out FILE.md]
+        [--r32x4-terms kd,pkt,crd,hsakd] [--r32x4-scale K] [--repeats N] [--work DIR]
+        [--out FILE.md]
 
 Each search runs twice, once with `search.teacher_store.enabled: false` (the teacher runs live in
 every trial) and once with the store (its default), as `kdsearch run` in a fresh process with
@@ -12,6 +13,8 @@ the ratios. The two arms of a search run the same trials only where its sampler 
 not depend on the order trials finish in (the r32x4 searches: random proposals, no pruning);
 the digits and cifar10 searches are TPE with ASHA, so each arm's trials and the epochs they
 trained in all are printed, and where those differ, compare the trial speeds, not the walls.
+`--repeats N` runs each arm N times, alternating which goes first (live, store, store, live,
+...), and gives the medians over the repeats: on a shared machine one run of each is one sample.
 
 - digits: `search_spaces/digits.yaml` as shipped (16 trials, KD plus one extra term);
 - cifar10: with `--root` (CIFAR-10 as an image folder), a 2,000-image subset, resnet20 ->
@@ -20,7 +23,8 @@ trained in all are printed, and where those differ, compare the trial speeds, no
 - r32x4: with `--root`, resnet32x4 -> resnet8x4 on 256 training images (HSAKD: 128), the
   teacher and its heads trained one epoch (speed does not depend on their accuracy), one search
   per term (KD, PKT, CRD, HSAKD) of trials of 2 epochs searching that term's settings and the
-  learning rate; `--r32x4-scale K` takes K times the images, so epochs of K times the steps
+  learning rate (`--r32x4-terms`: some of them); `--r32x4-scale K` takes K times the images, so
+  epochs of K times the steps
   (4 steps of 64 images at K = 1, where what an epoch or a trial costs besides its steps
   weighs on the speeds more than in a real search's epochs of hundreds of steps).
 """
@@ -31,6 +35,7 @@ import copy
 import os
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +76,11 @@ R32X4_TERMS: dict[str, tuple[dict[str, Any], dict[str, Any], int, int]] = {
 }
 
 
-def searches(root: str | None, only: set[str], scale: int = 1) -> dict[str, dict[str, Any]]:
-    """The searches to compare, as space documents (the r32x4 ones on `scale` times their
-    images)."""
+def searches(
+    root: str | None, only: set[str], scale: int = 1, terms: Sequence[str] = tuple(R32X4_TERMS)
+) -> dict[str, dict[str, Any]]:
+    """The searches to compare, as space documents (the r32x4 ones of `terms`, on `scale` times
+    their images)."""
     out: dict[str, dict[str, Any]] = {}
     if "digits" in only:
         here = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -92,7 +99,8 @@ def searches(root: str | None, only: set[str], scale: int = 1) -> dict[str, dict
             asha={"grace_epochs": 1, "reduction_factor": 2},
         )
     if "r32x4" in only:
-        for term, (weights, space, trials, images) in R32X4_TERMS.items():
+        for term in terms:
+            weights, space, trials, images = R32X4_TERMS[term]
             out[f"r32x4-{term}"] = {
                 "study": {"name": f"r32x4-{term}"},
                 "base": {
@@ -124,12 +132,18 @@ def main() -> None:
         metavar="K",
         help="the r32x4 searches on K times their images: epochs of 4K steps (default 1)",
     )
+    parser.add_argument(
+        "--r32x4-terms", type=names(tuple(R32X4_TERMS)), default=",".join(R32X4_TERMS)
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, metavar="N", help="runs of each arm (default 1)"
+    )
     parser.add_argument("--work", help="folder for the studies (default: a temporary one)")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
-    if args.r32x4_scale < 1:
-        parser.error("--r32x4-scale must be at least 1")
-    docs = searches(args.root, set(args.only), args.r32x4_scale)
+    if args.r32x4_scale < 1 or args.repeats < 1:
+        parser.error("--r32x4-scale and --repeats must be at least 1")
+    docs = searches(args.root, set(args.only), args.r32x4_scale, args.r32x4_terms)
     skipped = [name for name in args.only if name != "digits" and args.root is None]
     if not docs:
         parser.error(f"--only {','.join(skipped)} needs --root")
@@ -137,6 +151,8 @@ def main() -> None:
         print(f"without --root, {' and '.join(skipped)} left out", file=sys.stderr)
     work = work_dir(args.work, "kdsearch-teacher-cache-")
     scaled = f"; r32x4 on {args.r32x4_scale}x the images" if args.r32x4_scale > 1 else ""
+    if args.repeats > 1:
+        scaled += f"; medians of {args.repeats} runs of each arm, alternating which goes first"
     table = Table(
         f"{trial_device()}; {os.cpu_count()} CPU cores; each search with the teacher cached, "
         f"live then stored{scaled}",
@@ -151,20 +167,26 @@ def main() -> None:
         warm = copy.deepcopy(doc)
         warm["study"]["name"] = f"{name}-warmup"
         run_search(write_space(warm, work / f"{name}-warmup.yaml"), work, "--trials", "1")
-        walls, speeds, counts, epochs = {}, {}, {}, {}
-        for arm in ("live", "store"):
-            arm_doc = copy.deepcopy(doc)
-            arm_doc["study"]["name"] = f"{name}-{arm}"
-            arm_doc["search"]["teacher_store"] = {"enabled": arm == "store"}
-            walls[arm] = run_search(write_space(arm_doc, work / f"{name}-{arm}.yaml"), work)
-            trials = finished_trials(work, f"{name}-{arm}")
-            counts[arm] = len(trials)
-            epochs[arm] = sum(int(t.user_attrs.get("epochs", 0)) for t in trials)
-            speeds[arm] = statistics.median(
-                t.user_attrs["train_images"] / t.user_attrs["train_seconds"]
-                for t in trials
-                if t.user_attrs.get("train_seconds") and "train_images" in t.user_attrs
-            )
+        runs: dict[str, list[tuple[float, float, int, int]]] = {"live": [], "store": []}
+        for repeat in range(args.repeats):
+            for arm in ("live", "store") if repeat % 2 == 0 else ("store", "live"):
+                study = f"{name}-{arm}" + (f"-{repeat}" if repeat else "")
+                arm_doc = copy.deepcopy(doc)
+                arm_doc["study"]["name"] = study
+                arm_doc["search"]["teacher_store"] = {"enabled": arm == "store"}
+                wall = run_search(write_space(arm_doc, work / f"{study}.yaml"), work)
+                trials = finished_trials(work, study)
+                speed = statistics.median(
+                    t.user_attrs["train_images"] / t.user_attrs["train_seconds"]
+                    for t in trials
+                    if t.user_attrs.get("train_seconds") and "train_images" in t.user_attrs
+                )
+                done = sum(int(t.user_attrs.get("epochs", 0)) for t in trials)
+                runs[arm].append((wall, speed, len(trials), done))
+        walls = {arm: statistics.median(r[0] for r in runs[arm]) for arm in runs}
+        speeds = {arm: statistics.median(r[1] for r in runs[arm]) for arm in runs}
+        counts = {arm: "/".join(sorted({str(r[2]) for r in runs[arm]})) for arm in runs}
+        epochs = {arm: "/".join(sorted({str(r[3]) for r in runs[arm]})) for arm in runs}
         row = (
             f"| {name} | {counts['live']} / {counts['store']} | "
             f"{epochs['live']} / {epochs['store']} | {walls['live']:.1f} | "
