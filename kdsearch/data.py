@@ -20,6 +20,7 @@ import socket
 import sys
 import tarfile
 import tempfile
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -406,8 +407,16 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+UNPACK_STALE_S = 3600.0  # an unpack folder this old is a killed process's (CIFAR takes seconds)
+
+
 def _extract(archive: Path, folder: str) -> None:
-    """Unpack `archive` beside itself so that its `folder` appears whole or not at all."""
+    """Unpack `archive` beside itself so that its `folder` appears whole or not at all; first
+    remove what unpacks killed before their cleanup (`kill -9`, a lost machine) left there."""
+    for left in archive.parent.glob(".unpack-*"):
+        with contextlib.suppress(OSError):  # removed meanwhile by another process
+            if time.time() - left.stat().st_mtime > UNPACK_STALE_S:
+                shutil.rmtree(left)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=archive.parent))
     try:
         with tarfile.open(archive) as tar:

@@ -229,6 +229,20 @@ def test_a_broken_archive_is_a_clear_error_and_leaves_no_folder(tmp_path: Path) 
     assert len(load_data(cfg).test) == 10
 
 
+def test_an_unpack_a_killed_process_left_is_removed_by_the_next(tmp_path: Path) -> None:
+    """`kill -9` during the unpack skips its cleanup: the half-unpacked copy stayed for good."""
+    _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=True)
+    left, running = tmp_path / ".unpack-killed", tmp_path / ".unpack-running"
+    for folder in (left, running):
+        (folder / "cifar-10-batches-py").mkdir(parents=True)
+        (folder / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    an_hour_ago = time.time() - 3601
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    load_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+    assert not left.exists(), "a killed unpack's folder is gone"
+    assert running.is_dir(), "one another process may still be writing is left alone"
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist"])
 def test_missing_data_set_without_download_is_a_clear_error(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataError, match=f"{name} is not in {tmp_path}.*data.download: true"):
