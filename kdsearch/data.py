@@ -670,13 +670,23 @@ def _readable(path: Path) -> Iterator[None]:
 def _list_images(folder: Path) -> list[tuple[str, Path]]:
     """(class, path) of every image in the class folders of `folder` and the folders in them,
     as torchvision's ImageFolder finds them, hidden entries (such as .ipynb_checkpoints,
-    .DS_Store, macOS's ._ files) left out."""
+    .DS_Store, macOS's ._ files) left out. A folder reached a second time (a link to another
+    class's folder, or back up the tree) is refused: its images would count twice, under a
+    class that is not theirs, or without end."""
+    seen: dict[Path, Path] = {}  # each folder read, by where it really is
 
     def visible(path: Path) -> list[Path]:
         with _readable(path):
             return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
     def images(path: Path) -> Iterator[Path]:
+        real = path.resolve()
+        if real in seen:
+            raise DataError(
+                f"imagefolder: {seen[real]} and {path} are one folder, {real} (reached through a "
+                "link); remove the link, or copy the images it should add"
+            )
+        seen[real] = path
         for entry in visible(path):
             if entry.is_dir():
                 yield from images(entry)

@@ -229,6 +229,32 @@ def test_a_broken_archive_is_a_clear_error_and_leaves_no_folder(tmp_path: Path) 
     assert len(load_data(cfg).test) == 10
 
 
+@pytest.mark.parametrize("link", ["back up", "another class"])
+def test_a_link_to_a_folder_read_already_is_refused(tmp_path: Path, link: str) -> None:
+    """A link back up the tree added the images again and again until the path was too long;
+    one to another class's folder added its images under the wrong class."""
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    made = tmp_path / "train" / "a" / "more"
+    made.symlink_to(tmp_path / "train" / ("a" if link == "back up" else "b"))
+    with pytest.raises(DataError) as err:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), download=False))
+    # classes are read in order, a's folder (and what it links to) before b's
+    first, second = (made.parent, made) if link == "back up" else (made, tmp_path / "train/b")
+    assert str(err.value) == (
+        f"imagefolder: {first} and {second} are one folder, {first.resolve()} (reached through "
+        "a link); remove the link, or copy the images it should add"
+    )
+    made.unlink()
+    made.symlink_to(tmp_path / "test" / "b")  # a folder elsewhere, read once: its images count
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), download=False, val_fraction=0.5)
+    data = load_data(cfg)
+    assert len(data.train) + len(data.val) == 6
+
+
 def test_an_unpack_a_killed_process_left_is_removed_by_the_next(tmp_path: Path) -> None:
     """`kill -9` during the unpack skips its cleanup: the half-unpacked copy stayed for good."""
     _write_cifar(tmp_path, "cifar10", n_train=100, n_test=10, as_archive=True)
