@@ -814,14 +814,21 @@ def run_export(
         f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
         + hidden
     )
-    if winner.failed_seeds:
-        promoted = promoted_name(name)
+    promoted = promoted_name(name)
+    why = f"`kdsearch trials {promoted}{storage_option(promoted, url)}`{hidden} says why"
+    epochs = winner.recipe.schedule.epochs
+    if lost := [s for s in winner.failed_seeds if s not in winner.diverged_seeds]:
         console.print(
-            f"note: seed{'s' * (len(winner.failed_seeds) > 1)} "
-            f"{', '.join(map(str, winner.failed_seeds))} of the winner failed at "
-            f"{winner.recipe.schedule.epochs} epochs (`kdsearch trials {promoted}"
-            f"{storage_option(promoted, url)}`{hidden} says why; {again} tries them again); its "
-            "mean is over the seeds that finished",
+            f"note: seed{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} of the winner "
+            f"failed at {epochs} epochs ({why}; {again} tries them again); its mean is over the "
+            "seeds that finished",
+        )
+    if gone := winner.diverged_seeds:  # the recipe's and seed's doing, not the machine's
+        console.print(
+            f"note: seed{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} of the winner "
+            f"diverged at {epochs} epochs, its loss non-finite ({why}); its mean is over the "
+            "seeds that finished, and a try again with the same seed, on the CPU with the same "
+            "thread count, diverges the same way",
         )
     if winner.planned_seeds and tried < winner.planned_seeds:
         console.print(

@@ -40,7 +40,14 @@ from kdsearch.paths import (
     writable_folder,
     write_errors,
 )
-from kdsearch.promote import current_runs, failed_runs, has_promoted, leaderboard, run_budget
+from kdsearch.promote import (
+    current_runs,
+    diverged,
+    failed_runs,
+    has_promoted,
+    leaderboard,
+    run_budget,
+)
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.study import (
     base_recipe,
@@ -84,6 +91,7 @@ class Winner:
     data_fingerprint: str | None = None  # of the data the promoted weights trained on
     inputs: dict[str, Any] | None = None  # what that data gave them (channels, mean, ...)
     failed_seeds: list[int] = field(default_factory=list)  # at the budget, not tried again
+    diverged_seeds: list[int] = field(default_factory=list)  # those of them that diverged
     planned_seeds: int | None = None  # the most seeds a promotion at its budget asked for
     rank: int | None = None  # the promoted recipe's trial's place among the search's best
     # trials of the search ranked above that one that no promotion at its budget has tried
@@ -155,6 +163,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             top.user_attrs.get("data_fingerprint"),  # absent from older promotions
             top.user_attrs.get("inputs"),
             sorted(int(t.user_attrs["seed"]) for t in failed),
+            sorted(int(t.user_attrs["seed"]) for t in failed if diverged(t)),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
             rank,
             [t.number for t in above if t.number not in tried],

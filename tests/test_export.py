@@ -207,28 +207,35 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     promoted = optuna.load_study(
         study_name="s-promoted", storage=f"sqlite:///{tmp_path}/studies/s.db"
     )
-    promoted.set_user_attr("seeds:2", 4)  # asked for at this budget
+    promoted.set_user_attr("seeds:2", 5)  # asked for at this budget
     promoted.set_user_attr("seeds:40", 9)  # at another: not this mean's
-    promoted.add_trial(
-        create_trial(
-            state=TrialState.FAIL,
-            params={"source_trial": 1, "seed": 2},
-            distributions=best.distributions,
-            user_attrs={**best.user_attrs, "seed": 2, "failure": "NonFiniteLoss: nan"},
+    for seed, failure in ((2, "OutOfMemoryError: CUDA out of memory"), (3, "NonFiniteLoss: nan")):
+        promoted.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                params={"source_trial": 1, "seed": seed},
+                distributions=best.distributions,
+                user_attrs={**best.user_attrs, "seed": seed, "failure": failure},
+            )
         )
-    )
     proc = cli_here("export", "s", "--out", "w5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
     assert "note: the promoted student trained on other images or splits than this machine" in said
     assert "note: seed 2 of the winner failed at 2 epochs (`kdsearch trials s-promoted`" in said
-    assert "note: the winner's mean is over 2 of the 4 seeds a promotion asked for" in said
+    assert "note: the winner's mean is over 2 of the 5 seeds a promotion asked for" in said
     # the promotion that trains them, as it was asked for (a bare `promote s` plans the space's)
-    again = "`kdsearch promote s --top-k 1 --seeds 4 --epochs 2`"
+    again = "`kdsearch promote s --top-k 1 --seeds 5 --epochs 2`"
     assert f"{again} tries them again" in said and f"{again} trains the rest" in said
+    # a seed that diverged is not sent to be tried again: on the CPU it diverges the same way
+    assert (
+        "note: seed 3 of the winner diverged at 2 epochs, its loss non-finite (`kdsearch trials "
+        "s-promoted` says why); its mean is over the seeds that finished, and a try again with "
+        "the same seed, on the CPU with the same thread count, diverges the same way"
+    ) in said
     meta = json.loads((tmp_path / "w5" / "meta.json").read_text())
     assert meta["data_fingerprint"] == "f00d" and meta["inputs"] == best.user_attrs["inputs"]
-    assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2], 4)
+    assert (meta["seeds"], meta["failed_seeds"], meta["planned_seeds"]) == ([0, 1], [2, 3], 5)
     # a search of the study running on another machine, whose best trials may yet change: a
     # promotion or an export says so (and a `run` on this one would not: `searching_now`)
     storage = open_storage(f"sqlite:///{tmp_path}/studies/s.db")
@@ -258,7 +265,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert (
         "note: trial #5 of the search scored higher there than the exported recipe's (#1) and no "
         "promotion at 2 epochs has trained it (it finished after the promotion ran, or it "
-        "stopped first); `kdsearch promote s --top-k 2 --seeds 4 --epochs 2` does, then export "
+        "stopped first); `kdsearch promote s --top-k 2 --seeds 5 --epochs 2` does, then export "
         "again"
     ) in said
     assert json.loads((tmp_path / "w5" / "meta.json").read_text())["trial"] == 1
