@@ -433,7 +433,7 @@ class Record:
                     "--study name"
                 )
             beats = storage.get_study_system_attrs(study_id)
-            live = [d for d in heartbeats(beats) if driver_alive(d, beats)]
+            live = live_drivers(beats)
             if changed and live:
                 raise StudyError(
                     f"study {name!r} is being prepared by {live[0]} with other settings "
@@ -772,11 +772,8 @@ class Record:
             raise self.beat_failure
 
     def _orphans(self) -> list[FrozenTrial]:
-        """RUNNING trials whose driver is gone (`driver_alive`). A trial that names no driver
-        yet is being proposed (Optuna creates it before kdsearch claims it), so it is an orphan
-        only once no other driver is alive or it is older than STALE_S (a proposal takes
-        milliseconds). Read at every proposal: the heartbeats only while some trial runs that
-        this driver did not claim."""
+        """RUNNING trials whose driver is gone (`driver_gone`). Read at every proposal: the
+        heartbeats only while some trial runs that this driver did not claim."""
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         others = [
             t
@@ -788,23 +785,19 @@ class Record:
         beats = self.storage.get_study_system_attrs(self.study_id)
         others_alive = self._others_alive(beats)
         now = datetime.now()
-
-        def gone(trial: FrozenTrial) -> bool:
-            driver = trial.user_attrs.get("driver")
-            if driver == self.driver:  # not claimed by this Record: an earlier process of the
-                return True  # same host and pid left it (a container restarted: PID 1)
-            if driver is not None:
-                return not driver_alive(str(driver), beats)
-            started = trial.datetime_start or now
-            return not others_alive or (now - started).total_seconds() > STALE_S
-
-        return [trial for trial in others if gone(trial)]
+        # one that names this driver but that this Record did not claim: an earlier process of
+        # the same host and pid left it (a container restarted: PID 1)
+        return [
+            t
+            for t in others
+            if t.user_attrs.get("driver") == self.driver or driver_gone(t, beats, others_alive, now)
+        ]
 
     def _others_alive(self, beats: Mapping[str, Any] | None = None) -> bool:
         """Whether another driver of the study is alive (by `beats`, else read now)."""
         if beats is None:
             beats = self.storage.get_study_system_attrs(self.study_id)
-        return any(d != self.driver and driver_alive(d, beats) for d in heartbeats(beats))
+        return any(d != self.driver for d in live_drivers(beats))
 
     def _earlier_drivers(self) -> list[str]:
         """The live drivers of the study that opened it before this driver, by the time each
@@ -816,7 +809,7 @@ class Record:
             return float(beats.get(f"joined:{driver}", beats[f"heartbeat:{driver}"])), driver
 
         mine = joined(self.driver)
-        return [d for d in heartbeats(beats) if joined(d) < mine and driver_alive(d, beats)]
+        return [d for d in live_drivers(beats) if joined(d) < mine]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -927,24 +920,39 @@ def searching_now(storage: BaseStorage, name: str) -> list[str]:
     """The live drivers (`driver_alive`) of study `name` in `storage` but this process: a search
     still under way elsewhere, whose best trials may yet change."""
     beats = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
-    return [d for d in heartbeats(beats) if d != this_driver() and driver_alive(d, beats)]
+    return [d for d in live_drivers(beats) if d != this_driver()]
 
 
 def left_running(storage: BaseStorage, name: str, trials: Sequence[FrozenTrial]) -> list[int]:
     """The numbers of `trials` of study `name` in `storage` that are RUNNING but whose driver is
-    gone (`driver_alive`; one that names none yet: while no driver of the study is alive), left
-    so by a search that stopped (Ctrl-C, a kill) until `kdsearch run --resume` runs them again."""
+    gone (`driver_gone`), left so by a search that stopped (Ctrl-C, a kill): those that
+    `kdsearch run --resume` runs again."""
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
         return []
     beats = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
-    anyone = any(driver_alive(d, beats) for d in heartbeats(beats))
+    anyone, now = bool(live_drivers(beats)), datetime.now()
+    return [t.number for t in running if driver_gone(t, beats, anyone, now)]
 
-    def gone(trial: FrozenTrial) -> bool:
-        driver = trial.user_attrs.get("driver")
-        return not anyone if driver is None else not driver_alive(str(driver), beats)
 
-    return [t.number for t in running if gone(t)]
+def live_drivers(beats: Mapping[str, Any]) -> list[str]:
+    """The drivers whose heartbeats the study system attributes `beats` hold that are alive
+    (`driver_alive`)."""
+    return [d for d in heartbeats(beats) if driver_alive(d, beats)]
+
+
+def driver_gone(
+    trial: FrozenTrial, beats: Mapping[str, Any], others_alive: bool, now: datetime
+) -> bool:
+    """Whether the driver of RUNNING `trial` is gone (`driver_alive`, by the heartbeats
+    `beats`). A trial that names no driver yet is being proposed (Optuna creates it before
+    kdsearch claims it), so its driver counts as gone only once no other driver is alive
+    (`others_alive`) or the trial is older than STALE_S (a proposal takes milliseconds)."""
+    driver = trial.user_attrs.get("driver")
+    if driver is not None:
+        return not driver_alive(str(driver), beats)
+    started = trial.datetime_start or now
+    return not others_alive or (now - started).total_seconds() > STALE_S
 
 
 @cache  # a process keeps its boot and namespace

@@ -164,6 +164,7 @@ def test_trials_a_stopped_search_left_running_are_said_to_be_so(
     (tmp_path / "studies").mkdir()
     url = f"sqlite:///{tmp_path}/studies/s.db"
     record_study(url, "s", [("COMPLETE", [0.5, 0.6]), ("RUNNING", [0.4]), ("RUNNING", [])])
+    optuna.load_study(study_name="s", storage=url).ask()  # #3: being proposed, no driver yet
     storage = open_storage(url)
     study_id = storage.get_study_id_from_name("s")
     # their driver, this process, is alive and beats: a search under way, nothing to say
@@ -173,15 +174,28 @@ def test_trials_a_stopped_search_left_running_are_said_to_be_so(
         "COMPLETE",
         "RUNNING",
         "RUNNING",
+        "RUNNING",
     ]
+    # a proposal an hour old was never claimed (its driver killed while proposing): stopped,
+    # whoever else is alive, as `--resume` counts it
+    with closing(sqlite3.connect(tmp_path / "studies" / "s.db")) as db, db:
+        db.execute(
+            "UPDATE trials SET datetime_start = datetime(datetime_start, '-3600 seconds') "
+            "WHERE number = 3"
+        )
+    proposing = cli_here("trials", "s", cwd=tmp_path)
+    assert " ".join(proposing.stderr.split()) == (
+        "note: trial #3 is RUNNING in the study, but the search that ran it has stopped "
+        "(Ctrl-C, or killed); `kdsearch run SPACE --study s --resume` runs it again"
+    )
     storage.set_study_system_attr(study_id, f"heartbeat:{this_driver()}", 0.0)  # as a stop ends it
     stopped = cli_here("trials", "s", "--csv", "-", cwd=tmp_path)
     assert stopped.returncode == 0
     assert " ".join(stopped.stderr.split()) == (
-        "note: trials #1, #2 are RUNNING in the study, but the search that ran them has stopped "
-        "(Ctrl-C, or killed); `kdsearch run SPACE --study s --resume` runs them again"
+        "note: trials #1, #2, #3 are RUNNING in the study, but the search that ran them has "
+        "stopped (Ctrl-C, or killed); `kdsearch run SPACE --study s --resume` runs them again"
     )
-    assert list(pd.read_csv(io.StringIO(stopped.stdout))["state"])[1:] == ["RUNNING"] * 2
+    assert list(pd.read_csv(io.StringIO(stopped.stdout))["state"])[1:] == ["RUNNING"] * 3
 
 
 def test_another_tools_parameters_named_as_a_column_do_not_take_its_place(
