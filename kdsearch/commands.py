@@ -588,7 +588,6 @@ def cmd_promote(args: argparse.Namespace) -> int:
     storage, url = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
     space = space_config(study)
-    note_search_running(storage, args.study, "promotes")
     cfg = space.promote
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
@@ -602,6 +601,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     fix = f"pass --epochs {space.asha.max_epochs} or more"
     if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
         raise KdsearchError(short)
+    note_search_running(storage, args.study, "promotes")
     return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
 
 
@@ -728,6 +728,7 @@ def run_export(
 
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage
+    promoted = promoted_name(name)
     winner = find_winner(storage, name, here)
     note_search_running(storage, name, "exports")
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
@@ -765,7 +766,6 @@ def run_export(
         promotion = promoted_study(storage, name)
         failed, bad = failed_searched_runs(promotion)
         if failed and promotion is not None:  # not "nothing": nothing finished
-            promoted = promoted_name(name)
             console.print(
                 f"note: no run of a searched recipe has finished in the promotion ({failed} "
                 f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
@@ -814,18 +814,17 @@ def run_export(
         f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
         + hidden
     )
-    promoted = promoted_name(name)
     why = f"`kdsearch trials {promoted}{storage_option(promoted, url)}`{hidden} says why"
     epochs = winner.recipe.schedule.epochs
     if lost := [s for s in winner.failed_seeds if s not in winner.diverged_seeds]:
         console.print(
-            f"note: seed{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} of the winner "
+            f"note: {numbered('seed', lost)} of the winner "
             f"failed at {epochs} epochs ({why}; {again} tries them again); its mean is over the "
             "seeds that finished",
         )
     if gone := winner.diverged_seeds:  # the recipe's and seed's doing, not the machine's
         console.print(
-            f"note: seed{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} of the winner "
+            f"note: {numbered('seed', gone)} of the winner "
             f"diverged at {epochs} epochs, its loss non-finite ({why}); its mean is over the "
             "seeds that finished, and a try again with the same seed, on the CPU with the same "
             "thread count, diverges the same way",
@@ -840,9 +839,9 @@ def run_export(
     if winner.passed_over:  # a search resumed after its promotion, say: its winner is not ours
         one = len(winner.passed_over) == 1
         console.print(
-            f"note: trial{'' if one else 's'} {', '.join(f'#{n}' for n in winner.passed_over)} "
-            f"of the search scored higher there than the exported recipe's (#{winner.trial}) "
-            f"and no promotion at {winner.recipe.schedule.epochs} epochs has trained "
+            f"note: {numbered('trial', winner.passed_over, '#')} of the search scored higher "
+            f"there than the exported recipe's (#{winner.trial}) "
+            f"and no promotion at {epochs} epochs has trained "
             f"{'it' if one else 'them'} ({'it' if one else 'they'} finished after the promotion "
             f"ran, or it stopped first); {again} does, then export again"
         )
@@ -866,6 +865,12 @@ def run_export(
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
         f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
+
+
+def numbered(word: str, items: Sequence[int], mark: str = "") -> str:
+    """`word`, in the plural for more than one, and the `items` marked: "seed 2", "trials #1,
+    #4"."""
+    return f"{word}{'s' * (len(items) > 1)} " + ", ".join(f"{mark}{i}" for i in items)
 
 
 def device_type(name: str) -> str | None:
@@ -1028,8 +1033,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if searched and (stopped := left_running(storage, args.study, study.trials)):
         one = len(stopped) == 1
         console.print(
-            f"note: trial{'' if one else 's'} {', '.join(f'#{n}' for n in stopped)} "
-            f"{'is' if one else 'are'} RUNNING in the study, but the search that ran "
+            f"note: {numbered('trial', stopped, '#')} {'is' if one else 'are'} RUNNING in the "
+            "study, but the search that ran "
             f"{'it' if one else 'them'} has stopped (Ctrl-C, or killed); `kdsearch run SPACE "
             f"--study {shlex.quote(args.study)}{storage_option(args.study, url)} --resume`"
             f"{password_hidden(url)} runs {'it' if one else 'them'} again"
