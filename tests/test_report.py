@@ -386,12 +386,17 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     # what the leaderboard leaves out is said, not dropped, under the table on stdout (on
     # stderr, `> FILE` kept a table whose failed recipe had vanished); a run that failed and has
     # finished since is not a failure, and one at another budget is in the CSV
-    assert shown.stdout.strip().splitlines()[-2:] == [
+    under = [
         "failed: trial 1, seed 2, 4 epochs: OutOfMemoryError: CUDA out of memory",
         "1 finished runs at other budgets (2 epochs) are not in this table; `--csv -` lists "
         "every run",
     ]
+    assert shown.stdout.strip().splitlines()[-2:] == under
     assert not shown.stderr
+    # one line each at any width (at CI's 80 columns the second broke in two), the table whole
+    narrow = run_cli("trials", "s-promoted", cwd=tmp_path, env={"COLUMNS": "40"})
+    assert narrow.stdout.strip().splitlines()[-2:] == under
+    assert re.search(row, narrow.stdout), narrow.stdout
     every = pd.read_csv(
         io.StringIO(cli_here("trials", "s-promoted", "--csv", "-", cwd=tmp_path).stdout)
     )
