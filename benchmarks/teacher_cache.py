@@ -133,7 +133,10 @@ def main() -> None:
         help="the r32x4 searches on K times their images: epochs of 4K steps (default 1)",
     )
     parser.add_argument(
-        "--r32x4-terms", type=names(tuple(R32X4_TERMS)), default=",".join(R32X4_TERMS)
+        "--r32x4-terms",
+        type=names(tuple(R32X4_TERMS)),
+        default=",".join(R32X4_TERMS),
+        help="the r32x4 searches to run (default: all four)",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, metavar="N", help="runs of each arm (default 1)"
