@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -209,24 +209,24 @@ def _resize(split: Split, size: int, chunk: int = 256) -> Split:
     return Split(out, split.y)
 
 
-STATS_CHUNK = 2**24  # values per step of `channel_stats`: 128 MiB in float64
+STATS_CHUNK = 2**24  # values per step of `channel_stats`: 16 MiB of images
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units, summed over
-    chunks of images (a float64 copy of the whole set is 8 times its size: 1.1 GB for CIFAR-10,
-    tens of GB for a large image folder)."""
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units, from each
+    channel's histogram of the 256 values, counted over chunks of images (exact counts, and no
+    float copy of the set: CIFAR-10's would be 1.1 GB in float64, a large folder's tens of GB)."""
     channels = x.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
     for chunk in torch.split(x, max(1, STATS_CHUNK // max(1, x[0].numel()))):
-        flat = chunk.transpose(0, 1).reshape(channels, -1).double() / 255.0
-        total += flat.sum(dim=1)
-        squares += flat.square().sum(dim=1)
-    n = x.numel() // channels
-    mean = total / n
-    var = (squares - n * mean.square()) / max(1, n - 1)  # unbiased, as Tensor.std
-    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
+        per_channel = chunk.transpose(0, 1).reshape(channels, -1)
+        for c in range(channels):
+            counts[c] += torch.bincount(per_channel[c], minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    n = int(counts[0].sum())
+    mean = (counts * values).sum(dim=1) / n
+    var = (counts * (values - mean[:, None]).square()).sum(dim=1) / max(1, n - 1)  # as Tensor.std
+    return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-3).tolist())
 
 
 def _fingerprint(*splits: Split, flips: bool | None, default: bool) -> str:
@@ -235,8 +235,8 @@ def _fingerprint(*splits: Split, flips: bool | None, default: bool) -> str:
     h = hashlib.blake2b(digest_size=8)
     for s in splits:
         h.update(str(tuple(s.x.shape)).encode())
-        h.update(s.x.contiguous().numpy().tobytes())
-        h.update(s.y.contiguous().numpy().tobytes())
+        h.update(s.x.contiguous().numpy().data)  # the buffer itself, not a copy of it
+        h.update(s.y.contiguous().numpy().data)
     if flips is not None and flips != default:
         h.update(f"hflip={flips}".encode())
     return h.hexdigest()
@@ -577,20 +577,17 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     root = _root(cfg)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(f"imagefolder: {root} needs train/ and test/ folders of class folders")
-    listing = {split: _list_images(root / split) for split in ("train", "test")}
-    classes = tuple(sorted({c for c, _ in listing["train"]}))
-    unknown = sorted({c for c, _ in listing["test"]} - set(classes))
+    listing = {split: _list_images(root, split) for split in ("train", "test")}
+    classes = tuple(sorted({found.cls for found in listing["train"]}))
+    unknown = sorted({found.cls for found in listing["test"]} - set(classes))
     if unknown:
         raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
-    stats = [
-        (str(p.relative_to(root)), *_stat_key(p)) for split in listing.values() for _, p in split
-    ]
     key = digest(
         {
             "format": DECODE_FORMAT,
             "root": str(root.resolve()),
             "size": cfg.image_size,
-            "files": stats,
+            "files": [found.key for split in listing.values() for found in split],
         }
     )
     # named for the folder (and size) first: a decode of it replaces those before, which the
@@ -600,10 +597,10 @@ def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     saved = _read_decoded(cached)
     if saved is not None:
         return Raw(*saved, classes, hflip=True)
-    paths = [p for split in listing.values() for _, p in split]
+    paths = [found.path for split in listing.values() for found in split]
     images = _same_channels(_decode_all(paths, cfg.image_size, progress))
     index = {c: i for i, c in enumerate(classes)}
-    labels = [index[c] for split in listing.values() for c, _ in split]
+    labels = [index[found.cls] for split in listing.values() for found in split]
     n = len(listing["train"])
     train = _split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
     test = _split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
@@ -649,38 +646,42 @@ def _write_decoded(path: Path, train: Split, test: Split) -> None:
         )
 
 
-def _stat_key(path: Path) -> tuple[int, int, int]:
-    """A file's size, modification time (ns) and inode, or one line naming it (a link to
-    nothing). The inode tells apart two files of one size and time that swapped names (class
-    folders renamed into each other, the files' times as an archive set them)."""
-    with _readable(path):
-        stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+class Found(NamedTuple):
+    """An image of an image folder: its class, its path, and what the decoded cache's key holds
+    of it: its path under the root, size, modification time (ns) and inode. The inode tells
+    apart two files of one size and time that swapped names (class folders renamed into each
+    other, the files' times as an archive set them)."""
+
+    cls: str
+    path: str
+    key: tuple[str, int, int, int]
 
 
-@contextlib.contextmanager
-def _readable(path: Path) -> Iterator[None]:
+def _unreadable(path: str, err: OSError) -> DataError:
     """An OSError reading `path` as one line naming it (a link to nothing, a folder not ours)."""
-    try:
-        yield
-    except OSError as err:
-        raise DataError(f"imagefolder: cannot read {path}: {err.strerror}") from None
+    return DataError(f"imagefolder: cannot read {path}: {err.strerror}")
 
 
-def _list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(class, path) of every image in the class folders of `folder` and the folders in them,
-    as torchvision's ImageFolder finds them, hidden entries (such as .ipynb_checkpoints,
-    .DS_Store, macOS's ._ files) left out. A folder reached a second time (a link to another
-    class's folder, or back up the tree) is refused: its images would count twice, under a
-    class that is not theirs, or without end."""
-    seen: dict[Path, Path] = {}  # each folder read, by where it really is
+def _list_images(root: Path, split: str) -> list[Found]:
+    """Every image in the class folders of `root/split` and the folders in them, as
+    torchvision's ImageFolder finds them, hidden entries (such as .ipynb_checkpoints, .DS_Store,
+    macOS's ._ files) left out, in name order. A folder reached a second time (a link to another
+    class's folder, or back up the tree) is refused: its images would count twice, under a class
+    that is not theirs, or without end. One `scandir` a folder and one `stat` an image (a
+    search's every command lists the folder again, to know its cached decode is current)."""
+    seen: dict[str, str] = {}  # each folder read, by where it really is
 
-    def visible(path: Path) -> list[Path]:
-        with _readable(path):
-            return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    def visible(path: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(path) as entries:
+                return sorted(
+                    (e for e in entries if not e.name.startswith(".")), key=lambda e: e.name
+                )
+        except OSError as err:
+            raise _unreadable(path, err) from None
 
-    def images(path: Path) -> Iterator[Path]:
-        real = path.resolve()
+    def images(cls: str, path: str, under: str) -> Iterator[Found]:
+        real = os.path.realpath(path)
         if real in seen:
             raise DataError(
                 f"imagefolder: {seen[real]} and {path} are one folder, {real} (reached through a "
@@ -689,19 +690,26 @@ def _list_images(folder: Path) -> list[tuple[str, Path]]:
         seen[real] = path
         for entry in visible(path):
             if entry.is_dir():
-                yield from images(entry)
-            elif entry.suffix.lower() in IMAGE_SUFFIXES:
-                yield entry
+                yield from images(cls, entry.path, f"{under}/{entry.name}")
+            elif _is_image(entry.name):
+                try:
+                    stat = entry.stat()
+                except OSError as err:
+                    raise _unreadable(entry.path, err) from None
+                key = (f"{under}/{entry.name}", stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                yield Found(cls, entry.path, key)
 
-    classes = {cls.name: list(images(cls)) for cls in visible(folder) if cls.is_dir()}
-    if empty := [name for name, found in classes.items() if not found]:
+    folder = str(root / split)
+    classes = [e for e in visible(folder) if e.is_dir()]
+    found = {c.name: list(images(c.name, c.path, f"{split}/{c.name}")) for c in classes}
+    if empty := [name for name, images_of in found.items() if not images_of]:
         raise DataError(  # as torchvision's ImageFolder refuses it: a class would go missing
             f"imagefolder: {folder}/{empty[0]} holds no {'/'.join(IMAGE_SUFFIXES)} image; "
             "remove the folder, or convert its images"
         )
-    items = [(name, path) for name, found in classes.items() for path in found]
+    items = [image for images_of in found.values() for image in images_of]
     if not items:
-        loose = [p for p in visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+        loose = [e for e in visible(folder) if _is_image(e.name)]
         if loose:
             raise DataError(
                 f"imagefolder: {len(loose)} images lie directly in {folder}; they must be in "
@@ -711,29 +719,66 @@ def _list_images(folder: Path) -> list[tuple[str, Path]]:
     return items
 
 
-def _decode_all(paths: list[Path], size: int | None, progress: Progress | None) -> list[np.ndarray]:
-    """Decode every image (height x width x channels), one thread per core. Without `size`,
-    the first image that is not square, or not the size of the first, stops the decoding,
-    naming it (decoded whole first, a folder of photos could take more memory than the
-    machine has before being refused)."""
+def _is_image(name: str) -> bool:
+    """Whether a (visible) file's suffix is one of the image suffixes, in any case."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+PROBE_IMAGES = 32  # decoded in the calling thread first, to time them
+THREADED_FROM = 0.0015  # seconds an image, from which threads decoded faster (README)
+
+
+def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -> list[np.ndarray]:
+    """Decode every image (height x width x channels). Without `size`, the first image that is
+    not square, or not the size of the first, stops the decoding, naming it (decoded whole
+    first, a folder of photos could take more memory than the machine has before being
+    refused)."""
     images: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoding = [pool.submit(_decode, p, size) for p in paths]
-        try:
-            for done, future in enumerate(decoding, start=1):
-                image = future.result()
-                if size is None and (problem := _size_problem(image, images, paths, done - 1)):
-                    raise DataError(problem)
-                images.append(image)
-                if progress is not None and (done % 2000 == 0 or done == len(paths)):
-                    progress("decoding images", done, len(paths))
-        finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
-            for future in decoding:
-                future.cancel()
+    decoded = decode_images(paths, size)
+    try:
+        for done, image in enumerate(decoded, start=1):
+            if size is None and (problem := _size_problem(image, images, paths, done - 1)):
+                raise DataError(problem)
+            images.append(image)
+            if progress is not None and (done % 2000 == 0 or done == len(paths)):
+                progress("decoding images", done, len(paths))
+    finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
+        decoded.close()
     return images
 
 
-def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[Path], i: int) -> str:
+def decode_images(
+    paths: list[str], size: int | None, threaded: bool | None = None
+) -> Generator[np.ndarray, None, None]:
+    """Each image decoded (and resized to `size` square), in order, in this thread or on one
+    thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
+    under `THREADED_FROM` seconds each (those of CIFAR or MNIST, or a few hundred pixels wide)
+    are decoded in this thread: PIL holds Python's lock between its short calls, and threads
+    taking turns at it decoded them up to 3 times slower than one thread on a 2-core machine
+    (README, "Performance"). Larger ones, whose decoding and resizing run outside that lock, are
+    decoded on threads."""
+    if threaded is None:
+        started = time.perf_counter()
+        for path in paths[:PROBE_IMAGES]:
+            yield _decode(path, size)
+        paths = paths[PROBE_IMAGES:]
+        per_image = (time.perf_counter() - started) / PROBE_IMAGES
+        threaded = per_image >= THREADED_FROM and (os.cpu_count() or 1) > 1
+    if not threaded:
+        for path in paths:
+            yield _decode(path, size)
+        return
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        decoding = [pool.submit(_decode, p, size) for p in paths]
+        try:
+            for future in decoding:
+                yield future.result()
+        finally:
+            for future in decoding:
+                future.cancel()
+
+
+def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[str], i: int) -> str:
     """Why image `i` (decoded without resizing) cannot join those `before` it, or ''."""
     height, width = image.shape[:2]
     if not before:
@@ -762,7 +807,7 @@ def _same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
     return images
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
+def _decode(path: str, size: int | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:

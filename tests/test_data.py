@@ -454,6 +454,33 @@ def test_an_image_of_another_size_stops_the_decoding_there(
     assert len(decoded) < 10, f"{len(decoded)} of 40 images decoded"
 
 
+def test_small_images_are_decoded_in_this_thread_and_slow_ones_on_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every folder was decoded on one thread per core, and threads taking turns at Python's
+    lock between PIL's short calls decoded CIFAR's 32x32 JPEGs 3 times slower than one thread:
+    images that decode fast are decoded in the calling thread now, slow ones still on threads,
+    in the same order."""
+    decode = data_module._decode
+    seen: dict[str, set[int]] = {"fast": set(), "slow": set()}
+    loaded = {}
+    for speed in seen:
+
+        def recorded(path: str, size: int | None, speed: str = speed) -> np.ndarray:
+            seen[speed].add(threading.get_ident())
+            if speed == "slow":
+                time.sleep(data_module.THREADED_FROM)
+            return decode(path, size)
+
+        monkeypatch.setattr(data_module, "_decode", recorded)
+        _folder(tmp_path / speed, {"train": [8] * 4, "test": [8] * 4})  # 80, past the 32 timed
+        loaded[speed] = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / speed)))
+    assert seen["fast"] == {threading.get_ident()}
+    if (os.cpu_count() or 1) > 1:
+        assert seen["slow"] - {threading.get_ident()}, "the pool's threads decoded"
+    assert loaded["fast"].fingerprint == loaded["slow"].fingerprint  # the same images, in order
+
+
 def test_class_folders_that_swapped_names_are_read_again(tmp_path: Path) -> None:
     """The decoded cache knew a file by its path, size and time: class folders renamed into
     each other, holding files of one size and time (as an archive sets them), were served from
