@@ -725,7 +725,7 @@ def _is_image(name: str) -> bool:
 
 
 PROBE_IMAGES = 32  # decoded in the calling thread first, to time them
-THREADED_FROM = 0.0015  # seconds an image, from which threads decoded faster (README)
+THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (README)
 
 
 def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -> list[np.ndarray]:
@@ -752,11 +752,11 @@ def decode_images(
 ) -> Generator[np.ndarray, None, None]:
     """Each image decoded (and resized to `size` square), in order, in this thread or on one
     thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
-    under `THREADED_FROM` seconds each (those of CIFAR or MNIST, or a few hundred pixels wide)
-    are decoded in this thread: PIL holds Python's lock between its short calls, and threads
-    taking turns at it decoded them up to 3 times slower than one thread on a 2-core machine
-    (README, "Performance"). Larger ones, whose decoding and resizing run outside that lock, are
-    decoded on threads."""
+    under `THREADED_FROM` seconds each (those of CIFAR or MNIST, JPEGs up to about 128 pixels
+    wide) are decoded in this thread: PIL holds Python's lock between its short calls, and two
+    threads taking turns at it decoded 32-pixel JPEGs 2 times slower than one thread (README,
+    "Performance"). Larger ones, whose decoding and resizing run outside that lock, are decoded
+    on threads."""
     if threaded is None:
         started = time.perf_counter()
         for path in paths[:PROBE_IMAGES]:
