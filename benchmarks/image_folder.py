@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tables import Table, command_line, cpu_name, positive, run
 
-from kdsearch.data import PROBE_IMAGES, THREADED_FROM, decode_images
+from kdsearch.data import PROBE_IMAGES, decode_images, probe_decoding
 
 TARGET = 32  # the resized rows' size, CIFAR's
 
@@ -62,12 +62,13 @@ def per_image_us(paths: list[str], size: int | None, threaded: bool) -> float:
 
 
 def chosen(paths: list[str], size: int | None) -> str:
-    """Whether kdsearch would decode these on threads, timing the first images as it does."""
-    started = time.perf_counter()
-    for _ in decode_images(paths[:PROBE_IMAGES], size, threaded=False):
-        pass
-    per_image = (time.perf_counter() - started) / PROBE_IMAGES
-    return "threads" if per_image >= THREADED_FROM and (os.cpu_count() or 1) > 1 else "one"
+    """Whether kdsearch would decode the rest of these on threads, timing the first as it does."""
+    probe = probe_decoding(paths, size)
+    while True:
+        try:
+            next(probe)
+        except StopIteration as done:
+            return "threads" if done.value else "one"
 
 
 LOAD = """
@@ -103,8 +104,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the tables to this markdown file")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    if args.images < PROBE_IMAGES:
-        parser.error(f"--images must be at least {PROBE_IMAGES}, the images kdsearch times")
+    if args.images <= PROBE_IMAGES:
+        parser.error(f"--images must be more than {PROBE_IMAGES}, the images kdsearch times")
     if args.root and not Path(args.root).is_dir():
         parser.error(f"--root {args.root} is not a folder")
     decoding = Table(
