@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import errno
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from types import FrameType
@@ -220,6 +222,22 @@ def stop_as_ctrl_c(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+def redeliver_lost_stop(unraisable: sys.UnraisableHookArgs) -> None:
+    """A Ctrl-C (or SIGTERM) that lands while Python runs a finalizer (SQLAlchemy's weak
+    reference callbacks run often) raises its KeyboardInterrupt there, where Python prints it as
+    "Exception ignored" and goes on: the search ran to its end. It is delivered again a moment
+    later, once the finalizer is done; every other such exception is shown as Python shows it."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        stop = signal.SIGINT if callable(signal.getsignal(signal.SIGINT)) else signal.SIGTERM
+        threading.Timer(REDELIVER_S, _thread.interrupt_main, args=(stop,)).start()
+    else:
+        PYTHON_UNRAISABLEHOOK(unraisable)
+
+
+REDELIVER_S = 0.05
+PYTHON_UNRAISABLEHOOK = sys.unraisablehook
+
+
 def show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -256,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     warnings.showwarning = show_warning
+    sys.unraisablehook = redeliver_lost_stop
     try:
         if "address" in args and args.address in (None, "auto"):
             args.address = address_from_environment() or args.address
@@ -281,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = PYTHON_SHOWWARNING
+        sys.unraisablehook = PYTHON_UNRAISABLEHOOK
 
 
 if __name__ == "__main__":

@@ -541,3 +541,42 @@ def test_an_interrupted_command_says_what_it_kept(
     monkeypatch.setattr(cli, f"cmd_{command[0]}", stopped)
     ran = cli_here(*command, cwd=tmp_path)
     assert ran.returncode == 130 and " ".join(ran.stderr.split()) == said
+
+
+LOST_CTRL_C = """
+import sys, time
+from kdsearch import cli
+
+
+class Finalized:
+    def __del__(self) -> None:
+        raise KeyboardInterrupt  # as a Ctrl-C that lands while Python runs a finalizer
+
+
+def command(args: object) -> int:
+    Finalized()  # collected at once: its KeyboardInterrupt is 'ignored' where it was raised
+    for _ in range(100):  # a teacher's epochs, say
+        time.sleep(0.05)
+    print("ran to its end")
+    return 0
+
+
+cli.cmd_train = command
+sys.exit(cli.main(["train", "r.yaml"]))
+"""
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_command(tmp_path: Path) -> None:
+    """A Ctrl-C that landed while SQLAlchemy ran a weak-reference callback was printed as
+    'Exception ignored in ... KeyboardInterrupt' and lost: the search trained its teacher and
+    every trial, and ended with status 0."""
+    ran = subprocess.run(
+        [sys.executable, "-c", LOST_CTRL_C],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 130, ran.stdout + ran.stderr
+    assert "ran to its end" not in ran.stdout
+    assert "kdsearch: interrupted" in ran.stderr and "Exception ignored" not in ran.stderr
