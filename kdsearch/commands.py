@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import replace
 from pathlib import Path
@@ -314,6 +314,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"run again), at most {space.config.asha.max_epochs} epochs each"
                 )
                 finish = f"`{resume_command(args, url)}`{resumed}"
+                record.record_options(
+                    {
+                        "space": str(Path(args.space).resolve()),
+                        "trials": args.trials,
+                        "set": list(args.set),
+                        "address": args.address,
+                    }
+                )
                 tally, seconds, complete = search_trials(
                     args, space, record, file, new_file, target, finish
                 )
@@ -1035,11 +1043,33 @@ def cmd_trials(args: argparse.Namespace) -> int:
         console.print(
             f"note: {numbered('trial', stopped, '#')} {'is' if one else 'are'} RUNNING in the "
             "study, but the search that ran "
-            f"{'it' if one else 'them'} has stopped (Ctrl-C, or killed); `kdsearch run SPACE "
-            f"--study {shlex.quote(args.study)}{storage_option(args.study, url)} --resume`"
-            f"{password_hidden(url)} runs {'it' if one else 'them'} again"
+            f"{'it' if one else 'them'} has stopped (Ctrl-C, or killed); "
+            f"`{recorded_resume(study.user_attrs, args.study, url)}`{password_hidden(url)} runs "
+            f"{'it' if one else 'them'} again",
+            soft_wrap=True,
         )
     return 0
+
+
+def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
+    """The command that resumes the search of study `name`, from the options its latest driver
+    recorded (`Record.record_options`; a study searched before they were: SPACE for its file,
+    and no other options)."""
+    options = attrs.get("run_options", {})
+    space = options.get("space")
+    if space is not None and Path(space).is_relative_to(Path.cwd()):
+        space = str(Path(space).relative_to(Path.cwd()))
+    rest: list[str] = []
+    for option, value in (
+        ("--trials", options.get("trials")),
+        ("--address", options.get("address")),
+    ):
+        if value is not None:
+            rest += [option, str(value)]
+    for item in options.get("set", []):
+        rest += ["--set", item]
+    start = shlex.join(["kdsearch", "run", space or "SPACE", "--study", name])
+    return f"{start}{storage_option(name, url)} {shlex.join([*rest, '--resume'])}"
 
 
 def show_promoted(promoted: Any, csv: str | None) -> None:

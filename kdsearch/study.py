@@ -484,6 +484,13 @@ class Record:
             self.study.set_user_attr(key, value)
 
     @clear_storage_errors
+    def record_options(self, options: Mapping[str, Any]) -> None:
+        """The space file and the options this driver's command line gave (`--trials`, `--set`,
+        `--address`), the latest driver's to run trials, for `trials` to name the command that
+        resumes the search."""
+        self.study.set_user_attr("run_options", dict(options))
+
+    @clear_storage_errors
     def discard_if_unused(self) -> bool:
         """Delete the study again if this driver created it, no trial was ever written in it
         and no other live driver has joined it; True when the storage then holds no study."""
