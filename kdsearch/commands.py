@@ -564,10 +564,25 @@ def study_storage(study: str, given: str | None) -> tuple[Any, str]:
             raise KdsearchError(str(study_name_problem(study)))
         path = study_file(study)
         if not path.is_file():
-            raise KdsearchError(f"no study database at {path}; pass --storage URL")
+            raise KdsearchError(
+                f"no study database at {path} ({studies_here()}); pass --storage URL"
+            )
         given = f"sqlite:///{path}"
     url = storage_url(given)
     return existing_storage(url), url
+
+
+def studies_here(shown: int = 8) -> str:
+    """What ./studies holds, for a study name that names no file there (a typo, or a command
+    run from another folder than the search's)."""
+    folder = Path("studies")
+    if not folder.is_dir():
+        return "no studies/ folder here: a search keeps its study in studies/ where it ran"
+    names = sorted(f.stem for f in folder.glob("*.db"))
+    if not names:
+        return "studies/ holds no study database"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"studies/ holds {', '.join(names[:shown])}{more}"
 
 
 def existing_storage(url: str) -> Any:

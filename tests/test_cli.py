@@ -410,7 +410,8 @@ def test_the_promoted_study_of_a_search_with_a_long_name_is_looked_for(
     shown = cli_here("trials", f"{name}-promoted", cwd=tmp_path)
     assert shown.returncode == 2
     assert shown.stderr.strip() == (
-        f"kdsearch: error: no study database at studies/{name}-promoted.db; pass --storage URL"
+        f"kdsearch: error: no study database at studies/{name}-promoted.db (no studies/ folder "
+        "here: a search keeps its study in studies/ where it ran); pass --storage URL"
     )
     too_long = cli_here("trials", f"{name}L-promoted", cwd=tmp_path)
     assert "a study name is at most 200 characters" in too_long.stderr

@@ -471,13 +471,20 @@ def test_storage_may_be_the_path_of_the_study_file(tmp_path: Path, cli_here: Cli
 
 
 def test_a_missing_study_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
+    """A mistyped name was told to pass --storage, with the right file beside it unnamed."""
     ran = cli_here("trials", "nothere", cwd=tmp_path)
-    assert (
-        ran.returncode == 2
-        and ran.stderr.strip()
-        == "kdsearch: error: no study database at studies/nothere.db; pass --storage URL"
+    assert ran.returncode == 2 and ran.stderr.strip() == (
+        "kdsearch: error: no study database at studies/nothere.db (no studies/ folder here: a "
+        "search keeps its study in studies/ where it ran); pass --storage URL"
     )
     write_study(tmp_path)
+    (tmp_path / "studies" / "digits.db").write_bytes(b"")
+    for command in (["trials"], ["report"], ["promote"], ["export", "--out", "x"]):
+        ran = cli_here(*command, "digit", cwd=tmp_path)
+        assert ran.returncode == 2 and " ".join(ran.stderr.split()) == (
+            "kdsearch: error: no study database at studies/digit.db (studies/ holds digits, s); "
+            "pass --storage URL"
+        )
     ran = cli_here(
         "report", "other", "--storage", f"sqlite:///{tmp_path}/studies/s.db", cwd=tmp_path
     )
