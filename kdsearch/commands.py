@@ -136,7 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.teacher import refuse_missing_checkpoints
     from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, train
+
+    if needs_teacher(recipe):
+        refuse_missing_checkpoints(recipe)
 
     out = (
         Path(args.out)
@@ -254,9 +258,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         retuned_settings,
         sqlite_file,
     )
+    from kdsearch.teacher import refuse_missing_checkpoints
 
     changes = parse_sets(args.set)
     space = SearchSpace.load(args.space, changes)
+    refuse_missing_checkpoints(space.base)  # before the data loads, and before the study
     for idle in space.idle_settings():
         console.print(f"note: {space.source}: {idle}")
     for ignored in space.searched_changes(changes):

@@ -534,6 +534,17 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def refuse_missing_checkpoints(recipe: Recipe) -> None:
+    """A teacher or heads checkpoint the recipe names and this machine lacks, refused in the
+    words loading it would say, before the data set loads (minutes, for a large one)."""
+    for key, path in (
+        ("teacher.checkpoint", recipe.teacher.checkpoint),
+        ("teacher.heads.checkpoint", recipe.teacher.heads.checkpoint),
+    ):
+        if path is not None and not Path(path).exists():
+            raise TeacherError(f"{key}: {path}: no such file")
+
+
 def _load_weights(path: Path, where: str) -> Any:
     """What `torch.load(weights_only=True)` reads from `path`, or a one-line TeacherError."""
     try:

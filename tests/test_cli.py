@@ -581,3 +581,22 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_command(tmp_path: Path) ->
     assert ran.returncode == 130, ran.stdout + ran.stderr
     assert "ran to its end" not in ran.stdout
     assert "kdsearch: interrupted" in ran.stderr and "Exception ignored" not in ran.stderr
+
+
+def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """It was found missing only after the data set had loaded (minutes, for a large one), with
+    the header and the data line printed before the error, and a search's study created."""
+    (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    for command in ("train r.yaml", "run space.yaml"):
+        for key in ("teacher.checkpoint", "teacher.heads.checkpoint"):
+            sets = [f"{key}=/nope.pt"]
+            if key == "teacher.heads.checkpoint":
+                (tmp_path / "t.pt").write_bytes(b"")  # there: the heads' file is what is missing
+                sets.append("teacher.checkpoint=t.pt")
+            ran = cli_here(*command.split(), *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+            assert ran.returncode == 2 and ran.stdout == ""
+            assert ran.stderr == f"kdsearch: error: {key}: /nope.pt: no such file\n"
+    assert not (tmp_path / "studies").exists()
