@@ -306,6 +306,14 @@ class SuggestTrial(Protocol):
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
 
+# the space's settings that `kdsearch run` also takes as options of its own
+COMMAND_LINE = {
+    "search.trials": "`kdsearch run SPACE --trials N`",
+    "study.name": "`kdsearch run SPACE --study NAME`",
+    "study.storage": "`kdsearch run SPACE --storage URL`",
+}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated space: the base recipe, the parameters in order, and the search settings."""
@@ -364,9 +372,11 @@ class SearchSpace:
             for key in base_changes:
                 section = key.split(".")[0]
                 if section in SpaceFile.model_fields and section not in Recipe.model_fields:
+                    option = COMMAND_LINE.get(key)
                     raise RecipeError(
                         f"--set {key}: --set changes the base recipe; the space's own settings "
                         f"({', '.join(SpaceFile.model_fields)}) are set in {source}"
+                        + (f", or this one with {option}" if option else "")
                     )
             base = base.override(base_changes, source="--set").resolve_paths(Path.cwd())
         space = cls(source, text, base, dict(config.space), config, before_set)

@@ -650,6 +650,11 @@ def test_set_changes_the_base_and_is_checked() -> None:
         "--set search.concurrent: --set changes the base recipe; the space's own settings "
         "(study, base, space, search, asha, promote, export) are set in s.yaml"
     )
+    with pytest.raises(RecipeError) as info:  # it said nothing of --trials, made for this
+        space_with_sets(CONDITIONAL, {"search.trials": 8})
+    assert str(info.value).endswith(
+        "are set in s.yaml, or this one with `kdsearch run SPACE --trials N`"
+    )
 
 
 def test_the_space_is_checked_against_the_base_as_set_changes_it() -> None:
