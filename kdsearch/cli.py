@@ -12,7 +12,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from types import FrameType
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from kdsearch import __version__
 from kdsearch.commands import (
@@ -30,10 +30,36 @@ from kdsearch.space import cluster_address, study_name_problem
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line with status 2."""
+    """argparse that reports a usage error in one line with status 2, and refuses an option of
+    one value given twice (argparse keeps the last without a word: `--trials 20 --trials 4`
+    ran 4)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if args and str(args[0]).startswith("-") and "action" not in kwargs:
+            kwargs["action"] = Once
+        return super().add_argument(*args, **kwargs)
+
+
+class Once(argparse.Action):
+    """Store an option's value; the same option a second time is a usage error."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given: dict[str, Any] = namespace.__dict__.setdefault("given_once", {})
+        if self.dest in given:
+            parser.error(
+                f"{option_string} given twice ({given[self.dest]}, then {values}); give it once"
+            )
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
 
 
 def whole_number(text: str) -> int:

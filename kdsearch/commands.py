@@ -74,8 +74,13 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
                 f"--set {item}: {empty} is an empty mapping, which changes nothing; name the "
                 f"keys to change ({empty}.KEY=VALUE)"
             )
-        changes[path.strip()] = value
-    return leaf_changes(changes)
+        for key, leaf in leaf_changes({path.strip(): value}).items():
+            if key in changes:  # the last would win without a word
+                raise KdsearchError(
+                    f"--set {key} given twice ({changes[key]!r}, then {leaf!r}); give it once"
+                )
+            changes[key] = leaf
+    return changes
 
 
 def load_recipe(path: str, sets: Sequence[str]) -> Recipe:

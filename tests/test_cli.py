@@ -120,6 +120,16 @@ def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
             "/nope.pt: no such file",  # made absolute against the working folder
         ),
         (tiny_recipe().to_yaml(), ["r.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+        (  # the last value won without a word
+            tiny_recipe().to_yaml(),
+            ["r.yaml", "--set", "optim={lr: 0.1}", "--set", "optim.lr=0.2"],
+            "--set optim.lr given twice (0.1, then 0.2); give it once",
+        ),
+        (
+            tiny_recipe().to_yaml(),
+            ["r.yaml", "--out", "a", "--out", "b"],
+            "kdsearch train: error: --out given twice (a, then b); give it once",
+        ),
         (
             SMALL_SPACE,
             ["r.yaml"],
@@ -599,4 +609,20 @@ def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
             ran = cli_here(*command.split(), *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
             assert ran.returncode == 2 and ran.stdout == ""
             assert ran.stderr == f"kdsearch: error: {key}: /nope.pt: no such file\n"
+    assert not (tmp_path / "studies").exists()
+
+
+def test_an_option_of_one_value_given_twice_is_refused(tmp_path: Path, cli_here: CliHere) -> None:
+    """`--trials 20 --trials 4 --resume` ran with 4, `--study a --study b` searched b: argparse
+    keeps the last value without a word."""
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    for args, option, values in (
+        (["--trials", "20", "--trials", "4"], "--trials", "20, then 4"),
+        (["--study", "a", "--resume", "--study", "b"], "--study", "a, then b"),
+    ):
+        ran = cli_here("run", "space.yaml", *args, cwd=tmp_path)
+        assert ran.returncode == 2 and ran.stderr == (
+            f"kdsearch run: error: {option} given twice ({values}); give it once (see kdsearch "
+            "run --help)\n"
+        )
     assert not (tmp_path / "studies").exists()
