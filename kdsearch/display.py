@@ -82,7 +82,9 @@ def epoch_progress(label: str, epochs: int) -> Iterator[EpochBars]:
         TextColumn("left"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    # no bars off a terminal, where Rich's left an empty line behind them (the epoch lines stay)
+    bars = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with bars as progress:
         yield EpochBars(progress, label, epochs)
 
 

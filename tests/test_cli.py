@@ -41,6 +41,7 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "teacher epoch   2/2" in proc.stderr and "student epoch   3/3" in proc.stderr
+    assert "" not in proc.stderr.splitlines(), "the bars, off a terminal, left empty lines"
     resolved = Recipe.load(out / "recipe.yaml")
     assert resolved == tiny_recipe({"distill.kd.temperature": 2.0, "schedule.epochs": 3})
     metrics = json.loads((out / "metrics.json").read_text())
