@@ -529,16 +529,30 @@ def resume_command(args: argparse.Namespace, url: str) -> str:
     """The command that finishes this search: the same options, and --resume."""
     from kdsearch.study import redact
 
-    parts = ["kdsearch", "run", args.space]
+    return run_resumed(
+        args.space, args.study, args.storage and redact(url), args.trials, args.address, args.set
+    )
+
+
+def run_resumed(
+    space: str,
+    study: str | None,
+    storage: str | None,
+    trials: int | None,
+    address: str | None,
+    sets: Sequence[str],
+) -> str:
+    """`kdsearch run SPACE` with the options given (those that are not None), and --resume."""
+    parts = ["kdsearch", "run", space]
     for option, value in (
-        ("--study", args.study),
-        ("--storage", args.storage and redact(url)),
-        ("--trials", args.trials and str(args.trials)),
-        ("--address", args.address),
+        ("--study", study),
+        ("--storage", storage),
+        ("--trials", trials and str(trials)),
+        ("--address", address),
     ):
         if value:
             parts += [option, value]
-    for item in args.set:
+    for item in sets:
         parts += ["--set", item]
     return shlex.join([*parts, "--resume"])
 
@@ -1081,21 +1095,21 @@ def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
     """The command that resumes the search of study `name`, from the options its latest driver
     recorded (`Record.record_options`; a study searched before they were: SPACE for its file,
     and no other options)."""
+    from kdsearch.study import redact
+
     options = attrs.get("run_options", {})
     space = options.get("space")
     if space is not None and Path(space).is_relative_to(Path.cwd()):
         space = str(Path(space).relative_to(Path.cwd()))
-    rest: list[str] = []
-    for option, value in (
-        ("--trials", options.get("trials")),
-        ("--address", options.get("address")),
-    ):
-        if value is not None:
-            rest += [option, str(value)]
-    for item in options.get("set", []):
-        rest += ["--set", item]
-    start = shlex.join(["kdsearch", "run", space or "SPACE", "--study", name])
-    return f"{start}{storage_option(name, url)} {shlex.join([*rest, '--resume'])}"
+    storage = redact(url) if storage_option(name, url) else None
+    return run_resumed(
+        space or "SPACE",
+        name,
+        storage,
+        options.get("trials"),
+        options.get("address"),
+        options.get("set", []),
+    )
 
 
 def show_promoted(promoted: Any, csv: str | None) -> None:
