@@ -255,7 +255,9 @@ def redeliver_lost_stop(unraisable: sys.UnraisableHookArgs) -> None:
     later, once the finalizer is done; every other such exception is shown as Python shows it."""
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
         stop = signal.SIGINT if callable(signal.getsignal(signal.SIGINT)) else signal.SIGTERM
-        threading.Timer(REDELIVER_S, _thread.interrupt_main, args=(stop,)).start()
+        again = threading.Timer(REDELIVER_S, _thread.interrupt_main, args=(stop,))
+        again.daemon = True  # a stop lost as the command ends is not waited for at exit
+        again.start()
     else:
         PYTHON_UNRAISABLEHOOK(unraisable)
 
