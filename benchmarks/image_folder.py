@@ -35,6 +35,7 @@ from tables import Table, command_line, cpu_name, positive, run
 from kdsearch.data import PROBE_IMAGES, decode_images, probe_decoding
 
 TARGET = 32  # the resized rows' size, CIFAR's
+SIZES = [32, 64, 128, 256, 512]
 
 
 def write_images(folder: Path, size: int, count: int) -> list[str]:
@@ -97,13 +98,14 @@ def load_seconds(root: str, cache: str) -> tuple[float, int]:
 
 def main() -> None:
     parser = command_line(__doc__)
-    parser.add_argument("--sizes", default="32,64,128,256,512")
+    parser.add_argument(
+        "--sizes", type=lambda text: [positive(s) for s in text.split(",")], default=SIZES
+    )
     parser.add_argument("--images", type=positive, default=1000)
     parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--root", help="an image folder to load whole")
     parser.add_argument("--out", help="also write the tables to this markdown file")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
     if args.images <= PROBE_IMAGES:
         parser.error(f"--images must be more than {PROBE_IMAGES}, the images kdsearch times")
     if args.root and not Path(args.root).is_dir():
@@ -116,7 +118,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
+        for size in args.sizes:
             paths = write_images(Path(tmp) / str(size), size, args.images)
             for target in (None, TARGET):
                 times: dict[bool, list[float]] = {False: [], True: []}

@@ -460,7 +460,7 @@ def test_small_images_are_decoded_in_this_thread_and_slow_ones_on_threads(
     """Every folder was decoded on one thread per core, and threads taking turns at Python's
     lock between PIL's short calls decoded CIFAR's 32x32 JPEGs 2 times slower than one thread:
     images that decode fast are decoded in the calling thread now, slow ones still on threads,
-    in the same order. The first image's decoding (PIL's import: 16 ms against 0.15 ms an image)
+    in the same order. The first image's decoding (PIL's import: 16 ms against 0.13 ms an image)
     is not timed: counted in, it took CIFAR's images near the threads' threshold."""
     decode = data_module._decode
     # seconds the first image and each other one take to decode, besides decoding them
