@@ -754,7 +754,7 @@ def decode_images(
     thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
     under `THREADED_FROM` seconds each (those of CIFAR or MNIST, JPEGs up to about 128 pixels
     wide) are decoded in this thread: PIL holds Python's lock between its short calls, and two
-    threads taking turns at it decoded 32-pixel JPEGs 2 times slower than one thread (README,
+    threads taking turns at it decoded 32-pixel JPEGs 2-2.5 times slower than one thread (README,
     "Performance"). Larger ones, whose decoding and resizing run outside that lock, are decoded
     on threads."""
     if threaded is None:
