@@ -31,7 +31,7 @@ def writable_folder(folder: Path, option: str) -> None:
     if not ancestor.is_dir():
         raise KdsearchError(f"{option} {folder}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise KdsearchError(f"{option} {folder}: cannot write in {ancestor}")
+        raise KdsearchError(f"{option} {folder}: cannot write in {ancestor} (permission denied)")
     _probe(folder, f"{option} {folder}")
 
 
@@ -72,10 +72,10 @@ def writable_file(path: Path, option: str) -> None:
     folder = target.parent
     if not folder.is_dir():
         raise KdsearchError(f"{option} {path}: no folder {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK) or (
-        target.exists() and not os.access(target, os.W_OK)
-    ):
-        raise KdsearchError(f"{option} {path}: cannot write it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KdsearchError(f"{option} {path}: cannot write in {folder} (permission denied)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise KdsearchError(f"{option} {path}: cannot write it (permission denied)")
     _probe(folder, f"{option} {path}")  # a read-only mount or /proc passes the checks above
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdsearch import paths
+from kdsearch.errors import KdsearchError
 from kdsearch.paths import (
     flocked,
     placed_files,
@@ -15,6 +16,8 @@ from kdsearch.paths import (
     run_files,
     staging_path,
     stops_deferred,
+    writable_file,
+    writable_folder,
 )
 
 
@@ -165,3 +168,28 @@ def test_a_link_is_replaced_unless_it_is_to_be_followed(tmp_path: Path) -> None:
             tmp.write_text("new")
         assert link.is_symlink() == follow and link.read_text() == "new"
         assert (tmp_path / "kept" / f"t-{follow}").exists() == follow
+
+
+def test_a_folder_or_file_the_user_may_not_write_is_refused_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a user who is not root meets in a read-only folder (root passes every check)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "old.csv").touch()
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: Path(path).name == "locked")
+    with pytest.raises(KdsearchError) as folder:
+        writable_folder(tmp_path / "out" / "run", "--out")
+    assert (
+        str(folder.value)
+        == f"--out {tmp_path}/out/run: cannot write in {tmp_path} (permission denied)"
+    )
+    with pytest.raises(KdsearchError) as file:
+        writable_file(tmp_path / "new.csv", "--csv")
+    assert (
+        str(file.value)
+        == f"--csv {tmp_path}/new.csv: cannot write in {tmp_path} (permission denied)"
+    )
+    with pytest.raises(KdsearchError) as kept:
+        writable_file(locked / "old.csv", "--csv")
+    assert str(kept.value) == f"--csv {locked}/old.csv: cannot write it (permission denied)"
