@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from kdsearch import __version__
 from kdsearch.data import derive_seed
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
+from kdsearch.paths import writable_file
 from kdsearch.recipe import Recipe, describe, flatten, load_yaml
 from kdsearch.space import PROMOTED, SearchSpace, SpaceFile, search_name_problem
 
@@ -147,6 +148,8 @@ def open_storage(url: str) -> BaseStorage:
             raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
         if file.is_dir():
             raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
+        if not file.exists():  # where it cannot be made, SQLite says "unable to open database file"
+            writable_file(file, "the study storage")
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 

@@ -19,7 +19,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import DateTime, column, make_url, text
 
-from kdsearch.errors import KdsearchWarning, StorageError, StudyError
+from kdsearch.errors import KdsearchError, KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
 from kdsearch.study import (
     STALE_S,
@@ -1053,3 +1053,21 @@ def test_the_password_of_a_space_files_storage_is_not_recorded(url: str) -> None
         assert str(again.study.storage).startswith("postgresql://kd:***@db.lan/")
         assert again.space == space.config.space and again.asha == space.config.asha
         record.storage.delete_study(record.study_id)  # name s2 free for the next
+
+
+def test_a_new_sqlite_file_where_none_can_be_made_is_refused_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that refuses new files (read-only, immutable) gave SQLite's "unable to open
+    database file", after three tries a second apart."""
+
+    def refused(*_: object, **__: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("kdsearch.paths.tempfile.TemporaryFile", refused)
+    with pytest.raises(KdsearchError) as err:
+        open_storage(f"sqlite:///{tmp_path}/x.db")
+    assert str(err.value) == (
+        f"the study storage {tmp_path}/x.db: cannot write there (Operation not permitted)"
+    )
+    assert not (tmp_path / "x.db").exists()
