@@ -1070,7 +1070,9 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if is_promotion(study.user_attrs):
         show_promoted(study, args.csv)
         return 0
-    table = trials_table(study, by_value=args.sort == "value")
+    # a CSV has a column for every parameter of the space: one file of a search has the
+    # columns of another's, whatever their trials sampled
+    table = trials_table(study, by_value=args.sort == "value", unsampled=bool(args.csv))
     searched = "space" in study.user_attrs  # a kdsearch search, not another tool's study
     if args.csv:
         write_csv(table, args.csv, "trials")

@@ -77,13 +77,16 @@ def check_single_objective(study: optuna.Study) -> None:
         )
 
 
-def trials_table(study: optuna.Study, *, by_value: bool = False) -> pd.DataFrame:
+def trials_table(
+    study: optuna.Study, *, by_value: bool = False, unsampled: bool = False
+) -> pd.DataFrame:
     """One row per trial: number, state, value, epochs run, every parameter (`param_names`'
-    order) and why it failed; by number, or `best_first`. A parameter named as another column
-    (another tool's `epochs`) is `params_NAME`, as Optuna's own tables name them all."""
+    order; with `unsampled`, the space's that no trial sampled too) and why it failed; by
+    number, or `best_first`. A parameter named as another column (another tool's `epochs`) is
+    `params_NAME`, as Optuna's own tables name them all."""
     check_single_objective(study)
     trials = best_first(study) if by_value else study.trials
-    params = param_names(study)
+    params = param_names(study, unsampled=unsampled)
     named: dict[str, str] = {}
     for param in params:
         column = param
@@ -121,9 +124,10 @@ def best_first(study: optuna.Study) -> list[FrozenTrial]:
     return complete + [t for t in study.trials if t.state != TrialState.COMPLETE]
 
 
-def param_names(study: optuna.Study) -> list[str]:
-    """The parameters the trials sampled: in the space's order for a study of `kdsearch run`,
-    then any others in the order they first appear."""
+def param_names(study: optuna.Study, *, unsampled: bool = False) -> list[str]:
+    """The parameters the trials sampled (with `unsampled`, and the space's that none did): in
+    the space's order for a study of `kdsearch run`, then any others in the order they first
+    appear."""
     names: list[str] = []
     if "space" in study.user_attrs:
         with suppress(StudyError):  # a space an earlier kdsearch recorded: the trials' order
@@ -131,7 +135,7 @@ def param_names(study: optuna.Study) -> list[str]:
     for t in study.trials:
         names += [p for p in t.params if p not in names]
     sampled = {p for t in study.trials for p in t.params}
-    return [p for p in names if p in sampled]
+    return [p for p in names if unsampled or p in sampled]
 
 
 def learning_curves(study: optuna.Study) -> go.Figure:

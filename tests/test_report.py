@@ -905,3 +905,31 @@ def test_a_study_whose_recorded_space_no_longer_passes_is_shown_and_refused_in_o
             in (" ".join(ran.stderr.split()))
         )
         assert why in " ".join(ran.stderr.split()) and "Traceback" not in ran.stderr
+
+
+def test_a_trials_csv_has_a_column_for_every_parameter_of_the_space(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Its columns were the parameters some trial sampled, so two CSVs of one space differed
+    (a search whose trials never drew PKT had no distill.pkt.weight); the table shows those."""
+    (tmp_path / "studies").mkdir()
+    text = SMALL_SPACE.replace(
+        "space:\n",
+        "space:\n  $extra: {type: categorical, choices: [none, pkt]}\n"
+        "  distill.pkt.weight: {type: float, low: 50.0, high: 1000.0, when: {$extra: pkt}}\n",
+    )
+    space = SearchSpace.from_yaml(text, source="space.yaml")
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    record = Record(open_storage(url), "s", space, target=3, resume=False)
+    for number in range(3):  # the random sampler's first three (seed 0) draw none
+        assert record.next_plan(f"ray{number}") is not None
+        record.finish(number, TrialState.COMPLETE, {1: 0.5, 2: 0.6}, {"epochs": 2})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert all("distill.pkt.weight" not in t.params for t in trials)
+    csv = cli_here("trials", "s", "--csv", "-", cwd=tmp_path)
+    assert csv.returncode == 0, csv.stderr
+    head = "number,state,value,epochs,$extra,distill.pkt.weight,distill.kd.temperature,failure"
+    assert csv.stdout.splitlines()[0] == head
+    assert csv.stdout.splitlines()[1].startswith("0,COMPLETE,0.6,2,none,,")
+    shown = cli_here("trials", "s", cwd=tmp_path)
+    assert "distill.pkt.weight" not in shown.stdout and "$extra" in shown.stdout
