@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 import statistics
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ from kdsearch.paths import writable_folder
 from kdsearch.recipe import Recipe
 from kdsearch.study import (
     base_recipe,
+    check_writes,
+    forget_if_empty,
     load_study,
     machine_settings,
     not_the_promotion,
@@ -42,6 +45,7 @@ from kdsearch.study import (
     ranked,
     space_config,
     sqlite_file,
+    storage_errors,
     trial_recipe,
 )
 from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
@@ -128,15 +132,43 @@ def plan(
 
 
 def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
-    """The promoted study of `name`, created on first use."""
-    if promotion_held(storage, name) is False:
+    """The promoted study of `name`, created on first use; one that exists is only read (its
+    leaderboard shows from a read-only storage)."""
+    held = promotion_held(storage, name)
+    if held is False:
         raise not_the_promotion(name)
-    study = optuna.create_study(
-        study_name=promoted_name(name), storage=storage, direction="maximize", load_if_exists=True
-    )
-    study.set_user_attr("source_study", name)
-    study.set_user_attr("kdsearch_version", __version__)
+    if held:
+        study = optuna.load_study(study_name=promoted_name(name), storage=storage)
+    else:
+        study = optuna.create_study(
+            study_name=promoted_name(name),
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+        )
+    if study.user_attrs.get("source_study") != name:  # (another promote's, created just now)
+        study.set_user_attr("source_study", name)
+        study.set_user_attr("kdsearch_version", __version__)
     return study
+
+
+@contextmanager
+def taken_back(storage: BaseStorage, name: str, weights_dir: Path) -> Iterator[None]:
+    """Left by an error or a stop before a run was recorded (the data, the teacher, Ray,
+    Ctrl-C), the block's promoted study, where it made one, and the weights folders it made
+    are taken back, as `run` takes back a study that never held a trial."""
+    made = [p for p in (weights_dir, *weights_dir.parents) if not p.exists()]  # deepest first
+    created = promotion_held(storage, name) is None
+    try:
+        yield
+    except BaseException:
+        if created:  # (where another promotion began in it meanwhile, it records no run there)
+            with suppress(Exception):  # the error that stopped it is the one to show
+                forget_if_empty(storage, promoted_name(name))
+        for folder in made:
+            with suppress(OSError):  # stops at one that is not empty
+                folder.rmdir()
+        raise
 
 
 def run_budget(run: FrozenTrial) -> int:
@@ -230,7 +262,9 @@ def plan_seeds(promoted: optuna.Study, budget: int, seeds: int) -> None:
     the most any promotion there asked for (a later, quicker `--seeds 1` over more recipes does
     not let a mean over one seed pass unremarked)."""
     key = f"seeds:{budget}"
-    promoted.set_user_attr(key, max(seeds, int(promoted.user_attrs.get(key, 0))))
+    most = max(seeds, int(promoted.user_attrs.get(key, 0)))
+    if promoted.user_attrs.get(key) != most:
+        promoted.set_user_attr(key, most)
 
 
 def diverged(run: FrozenTrial) -> bool:
@@ -269,86 +303,96 @@ def promote(
             "away"
         )
     writable_folder(weights_dir, "the promotion's weights folder")
-    promoted = open_promoted(storage, name)
-    done = finished_keys(promoted)
-    budget = runs[0].recipe.schedule.epochs
-    todo = {r.key: r for r in runs if r.key not in done}
+    kept = "the runs recorded so far are kept, and promoting again once it works trains the others"
+    with taken_back(storage, name, weights_dir), storage_errors(storage, kept):
+        promoted = open_promoted(storage, name)
+        done = finished_keys(promoted)
+        budget = runs[0].recipe.schedule.epochs
+        todo = {r.key: r for r in runs if r.key not in done}
 
-    def planned() -> None:
-        """Record the plan: its seeds, and its budget as the one shown where runs of it had
-        finished before (asked for again). Only once a run has ended, or none is to train: a
-        promotion refused before (its data, its teacher, Ray) leaves the study as it was."""
-        if any(r.key in done for r in runs if r.source_trial >= 0):
-            promoted.set_user_attr("budget", budget)
-        plan_seeds(promoted, budget, seeds)
+        def planned() -> None:
+            """Record the plan: its seeds, and its budget as the one shown where runs of it had
+            finished before (asked for again). Only once a run has ended, or none is to train: a
+            promotion refused before (its data, its teacher, Ray) leaves the study as it was."""
+            finished = any(r.key in done for r in runs if r.source_trial >= 0)
+            if finished and promoted.user_attrs.get("budget") != budget:
+                promoted.set_user_attr("budget", budget)
+            plan_seeds(promoted, budget, seeds)
 
-    if on_plan is not None:
-        on_plan(runs, len(todo))
-    if not todo:
-        planned()
-        return promoted
-    # The data and the teacher as the search prepared them: from the base recipe, whose optimizer
-    # and batch size the teacher trains with, not from a run's, which a trial may have searched.
-    base = base_recipe(study).override(here)
-    data = load_data(base.data)
-    for t in promoted.trials:  # one data set behind every mean over seeds
-        trained_on = t.user_attrs.get("data_fingerprint")  # absent from older promotions
-        if t.state == TrialState.COMPLETE and trained_on not in (None, data.fingerprint):
-            raise StudyError(
-                f"{promoted.study_name}: its run {t.user_attrs['label']}, seed "
-                f"{t.user_attrs['seed']} trained on other images or splits than this machine "
-                f"loads for {base.data.dataset} (data fingerprint {str(trained_on)[:12]}, here "
-                f"{data.fingerprint[:12]}); promote where that data is, or delete the study "
-                f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
-            )
-    teacher = None
-    files: dict[bool, TeacherFiles] = {}  # the teacher's files, without and with its heads
-    if any(needs_teacher(r.recipe) for r in todo.values()):
-        heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
-        teacher = (prepare or _prepare)(base, data, heads)
-        full = TeacherFiles.of(teacher, heads)
-        files = {True: full, False: full.without_heads()}
-        if problem := full.changed_since(study.user_attrs.get("teacher_files", {})):
-            warnings.warn(  # the search's file lost here, say: a fair promotion all the same
-                f"the search {name!r}: {problem}; its recipes were chosen against that "
-                "teacher, and the promotion trains against this one",
-                KdsearchWarning,
-                stacklevel=2,
-            )
-        for t in promoted.trials:  # one teacher behind every mean over seeds
-            if t.state == TrialState.COMPLETE and (problem := full.changed_since(t.user_attrs)):
+        if on_plan is not None:
+            on_plan(runs, len(todo))
+        if not todo:
+            planned()  # writing only what changes: a leaderboard shows from a read-only storage
+            return promoted
+        # a storage that takes no writes is found now, not once the data has loaded and a run
+        # has trained
+        check_writes(storage, promoted.study_name)
+        # The data and the teacher as the search prepared them: from the base recipe, whose
+        # optimizer and batch size the teacher trains with, not from a run's, which a trial may
+        # have searched.
+        base = base_recipe(study).override(here)
+        data = load_data(base.data)
+        for t in promoted.trials:  # one data set behind every mean over seeds
+            trained_on = t.user_attrs.get("data_fingerprint")  # absent from older promotions
+            if t.state == TrialState.COMPLETE and trained_on not in (None, data.fingerprint):
                 raise StudyError(
-                    f"{promoted.study_name}: {problem}; put that file back, or delete the study "
+                    f"{promoted.study_name}: its run {t.user_attrs['label']}, seed "
+                    f"{t.user_attrs['seed']} trained on other images or splits than this machine "
+                    f"loads for {base.data.dataset} (data fingerprint {str(trained_on)[:12]}, here "
+                    f"{data.fingerprint[:12]}); promote where that data is, or delete the study "
                     f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
                 )
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    # the data every run trains on; `inputs`: what serving its student needs, as this data gave it
-    trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
-    ended: list[str] = []
+        teacher = None
+        files: dict[bool, TeacherFiles] = {}  # the teacher's files, without and with its heads
+        if any(needs_teacher(r.recipe) for r in todo.values()):
+            heads = any(needs_teacher_heads(r.recipe) for r in todo.values())
+            teacher = (prepare or _prepare)(base, data, heads)
+            full = TeacherFiles.of(teacher, heads)
+            files = {True: full, False: full.without_heads()}
+            if problem := full.changed_since(study.user_attrs.get("teacher_files", {})):
+                warnings.warn(  # the search's file lost here, say: a fair promotion all the same
+                    f"the search {name!r}: {problem}; its recipes were chosen against that "
+                    "teacher, and the promotion trains against this one",
+                    KdsearchWarning,
+                    stacklevel=2,
+                )
+            for t in promoted.trials:  # one teacher behind every mean over seeds
+                if t.state == TrialState.COMPLETE and (problem := full.changed_since(t.user_attrs)):
+                    raise StudyError(
+                        f"{promoted.study_name}: {problem}; put that file back, or delete the "
+                        f"study {promoted.study_name!r} (optuna delete-study) to promote afresh"
+                    )
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        # the data every run trains on; `inputs`: what serving its student needs, as this data
+        # gave it
+        trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
+        ended: list[str] = []
 
-    def record(result: JobResult) -> None:
-        if not ended:
-            planned()
-        ended.append(result.key)
-        run = todo[result.key]
-        # The teacher the run learned from, for the export to ship with the student.
-        learned = files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
-        _record(promoted, run, result, weights_dir, learned, trained_on)
-        if on_run is not None:
-            on_run(run, result)
+        def record(result: JobResult) -> None:
+            if not ended:
+                planned()
+            ended.append(result.key)
+            run = todo[result.key]
+            # The teacher the run learned from, for the export to ship with the student.
+            learned = (
+                files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
+            )
+            _record(promoted, run, result, weights_dir, learned, trained_on)
+            if on_run is not None:
+                on_run(run, result)
 
-    from kdsearch.search import run_jobs  # Ray: not imported by export, report or trials
+        from kdsearch.search import run_jobs  # Ray: not imported by export, report or trials
 
-    run_jobs(
-        {k: r.recipe for k, r in todo.items()},
-        data,
-        teacher,
-        search=space_config(study).search,
-        address=address,
-        on_done=record,
-        on_epoch=None if on_epoch is None else lambda key, e, acc: on_epoch(todo[key], e, acc),
-    )
-    return promoted
+        run_jobs(
+            {k: r.recipe for k, r in todo.items()},
+            data,
+            teacher,
+            search=space_config(study).search,
+            address=address,
+            on_done=record,
+            on_epoch=None if on_epoch is None else lambda key, e, acc: on_epoch(todo[key], e, acc),
+        )
+        return promoted
 
 
 def _prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
@@ -378,31 +422,32 @@ def _record(
         **trained_on,
         **(teacher.attrs() if teacher is not None else {}),
     }
-    if result.failure is None:
-        assert result.weights is not None
-        path = new_file(weights_dir, run.slug, ".pt")
-        try:
+    path = new_file(weights_dir, run.slug, ".pt") if result.failure is None else None
+    try:
+        if path is not None:
+            assert result.weights is not None
             save_weights(result.weights, path)  # a promotion reading it at once sees it whole
-        except BaseException:  # Ctrl-C, a full disk: no empty file is left taken
+            attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
+            state, value = TrialState.COMPLETE, result.val_acc
+        else:
+            attrs["failure"] = result.failure
+            state, value = TrialState.FAIL, None
+        trial = create_trial(
+            state=state,
+            value=value,
+            params={"source_trial": run.source_trial, "seed": run.seed},
+            distributions={
+                "source_trial": IntDistribution(-2, 10**6),
+                "seed": IntDistribution(0, 10**6),
+            },
+            intermediate_values=result.curve,
+            user_attrs=attrs,
+        )
+        promoted.add_trial(trial)
+    except BaseException:  # Ctrl-C, a full disk, a storage lost: no file left that no run names
+        if path is not None:
             path.unlink(missing_ok=True)
-            raise
-        attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
-        state, value = TrialState.COMPLETE, result.val_acc
-    else:
-        attrs["failure"] = result.failure
-        state, value = TrialState.FAIL, None
-    trial = create_trial(
-        state=state,
-        value=value,
-        params={"source_trial": run.source_trial, "seed": run.seed},
-        distributions={
-            "source_trial": IntDistribution(-2, 10**6),
-            "seed": IntDistribution(0, 10**6),
-        },
-        intermediate_values=result.curve,
-        user_attrs=attrs,
-    )
-    promoted.add_trial(trial)
+        raise
     if state == TrialState.COMPLETE and run.source_trial >= 0:
         promoted.set_user_attr("budget", run.recipe.schedule.epochs)
 

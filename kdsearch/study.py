@@ -283,6 +283,13 @@ def promotion_held(storage: BaseStorage, name: str) -> bool | None:
     return None
 
 
+def forget_if_empty(storage: BaseStorage, name: str) -> None:
+    """Delete the study `name` where it holds no trial."""
+    study_id = storage.get_study_id_from_name(name)
+    if not storage.get_all_trials(study_id, deepcopy=False):
+        storage.delete_study(study_id)
+
+
 def promoted_study(storage: BaseStorage, name: str) -> optuna.Study | None:
     """The study of search `name`'s promotion runs, where there is one (`promotion_held`)."""
     if not promotion_held(storage, name):
@@ -330,6 +337,45 @@ def storage_failure(storage: BaseStorage, err: Exception) -> StorageError:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@contextmanager
+def storage_errors(storage: BaseStorage, then: str = "") -> Iterator[None]:
+    """A failed read or write of `storage` in the block as one line (`storage_failure`),
+    followed by `then` (what was kept, what to do)."""
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as err:
+        failure = storage_failure(storage, err)
+        raise StorageError(f"{failure}; {then}" if then else str(failure)) from None
+
+
+@contextmanager
+def transaction(storage: BaseStorage) -> Iterator[Any]:
+    """A connection in one transaction on `storage`'s database, for the writes Optuna has no
+    call for; a write the database refuses fails as Optuna's own do (`storage_errors`), but
+    for a broken unique constraint, which the caller reads."""
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+    assert isinstance(storage, RDBStorage)  # open_storage's
+    try:
+        with storage.engine.begin() as connection:
+            yield connection
+    except IntegrityError:
+        raise
+    except SQLAlchemyError as err:
+        raise optuna.exceptions.StorageInternalError(str(err)) from err
+
+
+def check_writes(storage: BaseStorage, name: str) -> None:
+    """Fail as a write to `storage` does (`storage_errors`) where it takes none (a read-only
+    file or mount, a standby server), by a write to the study `name` that changes nothing."""
+    from optuna.storages._rdb.models import StudyModel
+    from sqlalchemy import update
+
+    with transaction(storage) as connection:
+        same = update(StudyModel).where(StudyModel.study_name == name).values(study_name=name)
+        connection.execute(same)
 
 
 def clear_storage_errors(
@@ -640,7 +686,7 @@ class Record:
         running = (TrialModel.trial_id == trial_id, TrialModel.state == TrialState.RUNNING)
         value = json.dumps(self.driver)  # as Optuna writes a user attribute
         try:
-            with self._transaction() as connection:
+            with transaction(self.storage) as connection:
                 if connection.execute(select(TrialModel.trial_id).where(*running)).first() is None:
                     return False
                 if was is None:  # (trial, key) is unique: of two inserts, the second fails
@@ -655,22 +701,6 @@ class Record:
             return False
         self._claimed.add(trial_id)
         return True
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Any]:
-        """A connection in one transaction on the study's database, for the writes Optuna has
-        no call for; a write the database refuses fails as Optuna's own do
-        (`clear_storage_errors`), but for a broken unique constraint, which the caller reads."""
-        from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-
-        assert isinstance(self.storage, RDBStorage)  # open_storage's
-        try:
-            with self.storage.engine.begin() as connection:
-                yield connection
-        except IntegrityError:
-            raise
-        except SQLAlchemyError as err:
-            raise optuna.exceptions.StorageInternalError(str(err)) from err
 
     # -- finishing -----------------------------------------------------------------------
 
@@ -722,7 +752,7 @@ class Record:
         from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
         from sqlalchemy import delete
 
-        with self._transaction() as connection:
+        with transaction(self.storage) as connection:
             connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
 
     # -- liveness ------------------------------------------------------------------------

@@ -11,11 +11,17 @@ import optuna
 import pytest
 import torch
 from optuna.distributions import IntDistribution
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.data import ImageData, load_data
-from kdsearch.errors import KdsearchError, KdsearchWarning, RecipeError, StudyError
+from kdsearch.errors import (
+    KdsearchError,
+    KdsearchWarning,
+    RecipeError,
+    StorageError,
+    StudyError,
+)
 from kdsearch.models import build_model
 from kdsearch.promote import (
     PLAIN_KD,
@@ -831,3 +837,99 @@ def test_a_search_named_as_anothers_promotion_is_never_taken_for_it_nor_written_
     legacy = optuna.load_study(study_name="s-promoted", storage=storage)
     legacy.set_user_attr("space", SMALL_SPACE.replace("name: s}", "name: s-promoted}"))
     assert space_config(legacy).study.name == "s-promoted"
+
+
+def trained_at_once(
+    jobs: dict[str, Recipe], data: ImageData, teacher: object, **kwargs: Any
+) -> None:
+    """`run_jobs` as if every run had trained to 0.5 at once."""
+    for key in jobs:
+        kwargs["on_done"](JobResult(key, {1: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {}, None))
+
+
+def fake_teacher(tmp_path: Path) -> Any:
+    """A `prepare` that hands back a resnet8 saved in tmp_path, and records each call."""
+    model = build_model("resnet8", 10, 1)
+    torch.save(model.state_dict(), tmp_path / "teacher.pt")
+    calls: list[Recipe] = []
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        calls.append(recipe)
+        return Teacher(model, "cache", tmp_path / "teacher.pt", 0.5)
+
+    prepare.calls = calls  # type: ignore[attr-defined]
+    return prepare
+
+
+def test_a_read_only_storage_shows_a_promotions_board_and_refuses_new_runs_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`promote` on a read-only study was a traceback through Optuna's create_study (exit 1),
+    even with nothing to train."""
+    url = write_study(tmp_path)
+    read_only = RDBStorage(f"sqlite:///file:{tmp_path}/studies/s.db?mode=ro&uri=true")
+    prepare = fake_teacher(tmp_path)
+    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    weights = tmp_path / "w"
+    with pytest.raises(StorageError) as first:  # no promotion yet: it would be created
+        promote(read_only, "s", top_k=1, seeds=1, epochs=2, weights_dir=weights, prepare=prepare)
+    assert str(first.value).endswith(
+        "/s.db?mode=ro&uri=true: attempt to write a readonly database; the runs recorded so far "
+        "are kept, and promoting again once it works trains the others"
+    )
+    assert not weights.exists()
+    kwargs: dict[str, Any] = {"top_k": 1, "epochs": 2, "weights_dir": weights, "prepare": prepare}
+    promote(open_storage(url), "s", seeds=1, **kwargs)
+    assert len(prepare.calls) == 1
+    shown = promote(read_only, "s", seeds=1, **kwargs)  # nothing to train: nothing written
+    assert sorted(leaderboard(shown)["recipe"]) == ["plain KD", "student alone", "trial 1"]
+    with pytest.raises(StorageError, match="attempt to write a readonly database; the runs"):
+        promote(read_only, "s", seeds=2, **kwargs)
+    assert len(prepare.calls) == 1, "refused before the data and the teacher"
+    assert len(promoted_study(read_only, "s").trials) == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stop", ["storage lost", "Ctrl-C"])
+def test_a_promotion_stopped_before_recording_a_run_takes_back_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """Stopped before its first run was recorded, it left an empty promoted study (which the
+    report then showed as a promotion with no run) and an empty weights folder. A storage lost
+    while a run was recorded was a traceback."""
+    storage = open_storage(write_study(tmp_path))
+    weights = tmp_path / "w" / "s-promoted"
+
+    def lost(*_: object) -> None:
+        cause = sqlite3.OperationalError("disk I/O error")
+        raise optuna.exceptions.StorageInternalError(
+            "An exception is raised during the commit"
+        ) from cause
+
+    def stopped(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    if stop == "Ctrl-C":
+        monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
+    else:
+        monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+        monkeypatch.setattr(optuna.Study, "add_trial", lost)
+    prepare = fake_teacher(tmp_path)
+    kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": weights}
+    with pytest.raises(KeyboardInterrupt if stop == "Ctrl-C" else StorageError) as err:
+        promote(storage, "s", prepare=prepare, **kwargs)
+    if stop != "Ctrl-C":
+        assert str(err.value).endswith(
+            ": disk I/O error; the runs recorded so far are kept, and promoting again once it "
+            "works trains the others"
+        )
+    assert "s-promoted" not in [s.study_name for s in storage.get_all_studies()]
+    assert not (tmp_path / "w").exists(), "the run's weights went with it, and the folders"
+    # a promotion that had recorded runs before keeps its study and its folder
+    monkeypatch.undo()
+    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    promote(storage, "s", prepare=prepare, **kwargs)
+    monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        promote(storage, "s", prepare=prepare, **{**kwargs, "seeds": 2})
+    assert len(promoted_study(storage, "s").trials) == 3  # type: ignore[union-attr]
+    assert len(list(weights.iterdir())) == 3
