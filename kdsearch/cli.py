@@ -37,6 +37,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but arguments left over are the command's error (`kdsearch trials S
+        extra`: see `kdsearch trials --help`), not the top parser's."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next(
+                (a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)),
+                {},
+            )
+            owner = commands.get(str(getattr(parsed, "command", "")), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         if args and str(args[0]).startswith("-") and "action" not in kwargs:
             kwargs["action"] = Once

@@ -695,10 +695,12 @@ def run_promotion(
         else:
             trials = f"{found} COMPLETE trial{'s' * (found > 1)}"
         fewer = "" if found == top_k else f" (all it has; {top_k} asked for)"
+        planned = runs[0].recipe.schedule.epochs
+        at = f"{planned} epochs" if epochs else f"the base recipe's {planned} epochs"
         console.print(
-            f"promoting the {trials} of {name!r}{fewer} with {seeds} seeds, next to the "
-            f"student alone and plain KD, at {budget}; runs to train: {todo}, recorded before: "
-            f"{len(runs) - todo}"
+            f"promoting the {trials} of {name!r}{fewer} with {seeds} seed{'s' * (seeds > 1)}, "
+            f"next to the student alone and plain KD, at {at}; runs to train: {todo}, recorded "
+            f"before: {len(runs) - todo}"
         )
         status.total = todo
 

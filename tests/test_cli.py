@@ -215,6 +215,11 @@ def test_version_and_help() -> None:
         (["trials", "s", "--csv", ""], "argument --csv: an empty value names nothing"),
         (["trials", "s", "--storage", ""], "argument --storage: an empty value names nothing"),
         (["run", ""], "argument space: an empty value names nothing"),
+        # the top parser's error, which sent the user to `kdsearch --help`
+        (
+            ["trials", "s", "extra"],
+            "trials: error: unrecognized arguments: extra (see kdsearch trials --help)",
+        ),
     ],
 )
 def test_bad_option_values_are_usage_errors(
