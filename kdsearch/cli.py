@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = study_command("report", "write a self-contained HTML report of a study")
     p.add_argument(
-        "--out", type=given, default="report.html", help="the HTML file (default: report.html)"
+        "--out",
+        type=given,
+        help="the HTML file (default: STUDY-report.html beside an SQLite study, else in studies/)",
     )
     p.set_defaults(func=cmd_report)
 

@@ -1038,12 +1038,17 @@ def serve_until_stopped(server: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
     from kdsearch.report import TITLE, build_report, search_study
-    from kdsearch.study import ranked
+    from kdsearch.study import ranked, sqlite_file
 
-    out = Path(args.out)
+    storage, url = study_storage(args.study, args.storage)
+    if args.out is None:  # beside its study, as a promotion's weights: one per study
+        folder = sqlite_file(url)
+        out = (folder.parent if folder else Path("studies")) / f"{args.study}-report.html"
+        out.parent.mkdir(exist_ok=True)  # ./studies, for a study on a server
+    else:
+        out = Path(args.out)
     writable_file(out, "--out")
     replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
-    storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
     study = search_study(storage, args.study, lambda study: storage_option(study, url))
     page = build_report(storage, args.study)

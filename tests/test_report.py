@@ -423,7 +423,7 @@ def test_a_promoted_study_is_listed_as_its_leaderboard_and_not_reported_as_a_sea
     assert (f"`kdsearch report s {where}` and `kdsearch trials s-promoted`") in " ".join(
         proc.stderr.split()
     )
-    assert not (tmp_path / "report.html").exists()
+    assert not list(tmp_path.glob("**/*.html"))
 
 
 def test_the_report_leaderboard_counts_each_recipes_seeds_and_lists_its_failed_runs(
@@ -639,7 +639,7 @@ def test_a_study_kdsearch_did_not_write_is_one_line(tmp_path: Path, cli_here: Cl
             ran.returncode == 2 and "study 'other' was not written by `kdsearch run`" in ran.stderr
         ), ran.stderr
         assert not (tmp_path / "x").exists()
-    assert not (tmp_path / "report.html").exists()
+    assert not list(tmp_path.glob("**/*.html"))
     two = optuna.create_study(study_name="two", storage=url, directions=["maximize", "minimize"])
     two.optimize(lambda t: (1.0, 2.0), n_trials=1)
     ran = cli_here("trials", "two", "--storage", url, cwd=tmp_path)
@@ -727,7 +727,7 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
         )
     assert "no complete trials" not in capfd.readouterr().err.lower()
     proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
-    assert proc.returncode == 0 and proc.stderr.startswith("wrote report.html (")
+    assert proc.returncode == 0 and proc.stderr.startswith(f"wrote {tmp_path}/pruned-report.html (")
     assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
     proc = run_cli("report", "empty", "--storage", url, "--out", "e.html", cwd=tmp_path)
     size = (tmp_path / "e.html").stat().st_size  # under a KiB: in bytes, not "0 KiB"
@@ -740,7 +740,8 @@ def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHer
         ran = cli_here("report", "s", cwd=tmp_path)
         assert (
             ran.returncode == 0
-            and "<title>kdsearch report: s</title>" in (tmp_path / "report.html").read_text()
+            and "<title>kdsearch report: s</title>"
+            in (tmp_path / "studies" / "s-report.html").read_text()
         )
     (tmp_path / "recipe.yaml").write_text("mine\n")
     ran = cli_here("report", "s", "--out", "recipe.yaml", cwd=tmp_path)
@@ -896,7 +897,7 @@ def test_a_study_whose_recorded_space_no_longer_passes_is_shown_and_refused_in_o
     listed = cli_here("trials", "s", cwd=tmp_path)
     assert listed.returncode == 0 and "temperature" in listed.stdout
     drawn = cli_here("report", "s", cwd=tmp_path)
-    assert drawn.returncode == 0 and "wrote report.html" in drawn.stderr
+    assert drawn.returncode == 0 and "wrote studies/s-report.html" in drawn.stderr
     for command in (["promote", "s"], ["export", "s", "--out", "w"]):
         ran = cli_here(*command, cwd=tmp_path)
         assert ran.returncode == 2, ran.stderr
