@@ -1001,7 +1001,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if "://" not in given and not Path(given).is_file():
         if named.is_file():
             given = str(named)  # a study name, as the other commands take
-        elif Path(given).name == given:  # a bare name: say both places it was looked for
+        elif Path(given).name == given and not Path(given).is_dir():  # a bare name: say both
+            # places it was looked for (a folder is refused as one below)
             raise KdsearchError(f"no study database at {named} or {Path(given).resolve()}")
     storage = existing_storage(storage_url(given))
 

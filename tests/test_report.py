@@ -535,6 +535,8 @@ def test_a_mistyped_storage_or_output_creates_nothing(tmp_path: Path, cli_here: 
     (tmp_path / "folder").mkdir()
     ran = cli_here("trials", "s", "--storage", "folder", cwd=tmp_path)
     assert ran.returncode == 2 and f"{tmp_path}/folder is a folder, not a study" in ran.stderr
+    ran = cli_here("dashboard", "folder", "--port", "0", cwd=tmp_path)  # was "no study database at"
+    assert ran.returncode == 2 and f"{tmp_path}/folder is a folder, not a study" in ran.stderr
     (tmp_path / "folder" / "r.yaml").write_text(SMALL_SPACE)
     ran = cli_here("run", "folder/r.yaml", "--storage", "folder", cwd=tmp_path)
     assert ran.returncode == 2 and f"{tmp_path}/folder is a folder" in ran.stderr, ran.stderr
