@@ -190,7 +190,10 @@ def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
     """Refuse an SQLite `file` that is not an Optuna database (opening it would add Optuna's
     tables to it); an empty one only where a new study may start in it."""
     if not (empty_ok and file.stat().st_size == 0) and not holds_studies(file):
-        raise StudyError(f"{file} is not a study database (it holds no Optuna tables)")
+        with open(file, "rb") as head:  # SQLite's files start so
+            sqlite = head.read(16) == b"SQLite format 3\x00"
+        why = "it holds no Optuna tables" if sqlite else "it is not an SQLite database"
+        raise StudyError(f"{file} is not a study database ({why})")
 
 
 def holds_studies(file: Path) -> bool:
