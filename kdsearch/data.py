@@ -575,6 +575,9 @@ DECODE_FORMAT = 2
 
 def _imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     root = _root(cfg)
+    if not root.is_dir():
+        kind = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"imagefolder: data.root {root} {kind}")
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(f"imagefolder: {root} needs train/ and test/ folders of class folders")
     listing = {split: _list_images(root, split) for split in ("train", "test")}

@@ -557,6 +557,14 @@ def test_imagefolder_without_a_test_folder_is_an_error(tmp_path: Path) -> None:
     _folder(tmp_path, {"train": [16, 16]})
     with pytest.raises(DataError, match="needs train/ and test/"):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    # a mistyped root said the same, as if the folder were there and laid out wrong
+    with pytest.raises(DataError) as typo:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "typo")))
+    assert str(typo.value) == f"imagefolder: data.root {tmp_path}/typo does not exist"
+    image = tmp_path / "train" / "class0" / "0.png"
+    with pytest.raises(DataError) as file:
+        load_data(DataConfig(dataset="imagefolder", root=str(image)))
+    assert str(file.value) == f"imagefolder: data.root {image} is not a folder"
 
 
 def test_data_hflip_turns_the_flips_on_or_off_and_keys_what_trains_on_them() -> None:
