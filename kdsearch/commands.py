@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else Path("studies/runs") / (f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        else Path("studies/runs") / f"{run_name(args.recipe)}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     writable_folder(out, "--out")
     held = run_files(out) if out.is_dir() else []
@@ -245,6 +245,13 @@ BASELINE_TERMS = {
     "student alone": "every distill weight but ce's at 0",
     "plain KD": "every distill weight but ce's and kd's at 0",
 }
+
+
+def run_name(recipe: str) -> str:
+    """What names a run of `recipe` by default: its file's name, but an export's `recipe.yaml`
+    its folder's (the runs of two exports are told apart)."""
+    path = Path(recipe).resolve()
+    return path.parent.name if path.name == "recipe.yaml" and path.parent.name else path.stem
 
 
 def cmd_run(args: argparse.Namespace) -> int:

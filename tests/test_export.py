@@ -39,23 +39,23 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     again = run_cli(
         "train",
         f"{export}/recipe.yaml",
-        "--out",
-        "again",
         cwd=root,
         env={"OMP_NUM_THREADS": "1", "KDSEARCH_CACHE_DIR": str(empty)},
     )
     assert again.returncode == 0, again.stderr
+    # named after the export (every export's file is recipe.yaml), in studies/runs
+    (out,) = (root / "studies" / "runs").glob(f"{Path(export).name}-2*")
     assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
     assert "not the images or splits" not in again.stderr, "the same data as the export's"
     assert "is not the teacher" not in again.stderr, "the export's own teacher"
     assert not (empty / "teachers").exists(), "no teacher trained"
     # what `train` wrote runs again from anywhere: its teacher paths are absolute
-    rerun = Recipe.load(root / "again" / "recipe.yaml")
+    rerun = Recipe.load(out / "recipe.yaml")
     assert rerun.teacher.checkpoint == str(root / export / "teacher.pt")
-    metrics = json.loads((root / "again" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_acc"] == pytest.approx(val_acc)
     exported = torch.load(root / export / "student.pt", weights_only=True)
-    retrained = torch.load(root / "again" / "student.pt", weights_only=True)
+    retrained = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
 
 
