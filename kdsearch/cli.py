@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         type=ray_address,
-        help="join the Ray cluster at this address (default: $RAY_ADDRESS where set)",
+        help="join the Ray cluster at this address (default: $RAY_ADDRESS where set, else "
+        "start a local Ray sized to this machine)",
     )
     p.set_defaults(func=cmd_promote)
 
