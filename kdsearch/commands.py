@@ -44,7 +44,7 @@ from kdsearch.paths import (
     writable_folder,
     write_errors,
 )
-from kdsearch.recipe import Recipe, empty_section, leaf_changes, load_yaml
+from kdsearch.recipe import Recipe, empty_section, flatten, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
     NAME_MAX,
     PROMOTED,
@@ -778,7 +778,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
-    from kdsearch.promote import failed_searched_runs, leaderboard
+    from kdsearch.promote import baseline_recipe, failed_searched_runs, leaderboard
     from kdsearch.study import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
@@ -904,13 +904,18 @@ def run_export(
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
-            how = BASELINE_TERMS.get(baseline)
+            trained_as = baseline_recipe(promoted_study(storage, name), baseline)
+            how = (
+                f"`{train_command(out / 'recipe.yaml', trained_as)}` trains its seed "
+                f"{trained_as.seed} run again"
+                if trained_as is not None
+                else f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
+            )
             console.print(
                 f"note: {baseline} scored higher on validation "
                 f"({100 * scores['val_acc_mean']:.2f}% against "
                 f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe, "
-                "which is exported all the same"
-                + (f"; for {baseline}, `kdsearch train` the base recipe with {how}" if how else "")
+                f"which is exported all the same; for {baseline}, {how}"
             )
     threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
     written = ["recipe.yaml", "student.pt"]
@@ -922,6 +927,30 @@ def run_export(
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
         f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
     )
+
+
+def train_command(file: Path, wanted: Recipe) -> str:
+    """`kdsearch train FILE` with the `--set` items that make the recipe in `file` train as
+    `wanted` (not its settings of the machine, which `file` has as this one needs them)."""
+    from kdsearch.study import PER_MACHINE
+
+    have, want = flatten(Recipe.load(file).to_dict()), flatten(wanted.to_dict())
+    sets = []
+    for key in sorted(want.keys() - PER_MACHINE):
+        if want[key] != have.get(key):
+            text = json.dumps(want[key])  # YAML reads JSON's numbers, lists, null and strings
+            if isinstance(want[key], str) and bare(key, want[key]):
+                text = want[key]  # a bare word, as a user writes it
+            sets.append(f" --set {shlex.quote(f'{key}={text}')}")
+    return f"kdsearch train {shlex.quote(str(file))}{''.join(sets)}"
+
+
+def bare(key: str, text: str) -> bool:
+    """Whether `--set KEY=TEXT` sets KEY to the string `text` itself."""
+    try:
+        return bool(parse_sets([f"{key}={text}"])[key] == text)
+    except KdsearchError:
+        return False
 
 
 def numbered(word: str, items: Sequence[int], mark: str = "") -> str:

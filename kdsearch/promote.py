@@ -231,6 +231,18 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
     return unfinished_failures(promoted, lambda t: run_budget(t) == budget)
 
 
+def baseline_recipe(promoted: optuna.Study | None, label: str) -> Recipe | None:
+    """The recipe the run `label` ("plain KD", "trial 3") of the lowest seed finished at the
+    leaderboard's budget trained with, where `promoted` (a search's `promoted_study`) has one."""
+    if promoted is None:
+        return None
+    runs = [t for t in current_runs(promoted) if t.user_attrs["label"] == label]
+    if not runs:
+        return None
+    first = min(runs, key=lambda t: int(t.params["seed"]))
+    return Recipe.from_yaml(str(first.user_attrs["recipe"]))
+
+
 def failed_line(run: FrozenTrial) -> str:
     """One line for a failed run: which recipe and seed, at what budget, and why."""
     why = str(run.user_attrs.get("failure", "no reason recorded")).strip().splitlines() or [""]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,13 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands import parse_sets, password_hidden, storage_option, storage_url
+from kdsearch.commands import (
+    parse_sets,
+    password_hidden,
+    storage_option,
+    storage_url,
+    train_command,
+)
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
@@ -632,3 +639,47 @@ def test_an_option_of_one_value_given_twice_is_refused(tmp_path: Path, cli_here:
             "run --help)\n"
         )
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_train_command_turns_a_recipe_file_into_another_recipe_but_for_the_machine(
+    tmp_path: Path,
+) -> None:
+    """What export's note prints for a baseline that beat the winner."""
+    exported = tiny_recipe(
+        {
+            "distill.stkd.weight": 1.95,
+            "distill.stkd.mix": "cutmix",
+            "optim.lr": 0.05,
+            "seed": 1,
+            "data.root": str(tmp_path / "here"),
+            "schedule.kind": "multistep",
+            "schedule.milestones": [1],
+        }
+    )
+    (tmp_path / "my export").mkdir()
+    file = tmp_path / "my export" / "recipe.yaml"
+    file.write_text(exported.to_yaml())
+    wanted = tiny_recipe(
+        {
+            "optim.lr": 1e-5,
+            "seed": 0,
+            "data.root": "/elsewhere",
+            "schedule.kind": "multistep",
+            "schedule.epochs": 4,
+            "schedule.milestones": [1, 3],
+        }
+    )
+    command = train_command(file, wanted)
+    words = shlex.split(command)
+    assert words[:3] == ["kdsearch", "train", str(file)]
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    assert sets == [
+        "distill.stkd.mix=mixup",  # a bare word
+        "distill.stkd.weight=0.0",
+        "optim.lr=1e-05",
+        "schedule.epochs=4",
+        "schedule.milestones=[1, 3]",
+        "seed=0",
+    ], command
+    told = Recipe.load(file).override(parse_sets(sets))
+    assert told == wanted.override({"data.root": exported.data.root})  # this machine's folder

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
+from kdsearch.commands import load_recipe
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.export import Winner, _copy_checked, check_out, export
@@ -23,7 +25,7 @@ from kdsearch.paths import staging_path
 from kdsearch.promote import _record, open_promoted, plan
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.search import JobResult
-from kdsearch.study import open_storage
+from kdsearch.study import PER_MACHINE, open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -114,11 +116,29 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
             "UPDATE trial_values SET value = ? WHERE trial_id = ?", [(v, i) for i, v in was]
         )
     assert len(was) == 2 and ahead.returncode == 0, ahead.stderr
+    said = " ".join(ahead.stderr.split())
     assert (
         f"note: plain KD scored higher on validation (100.00% against {100 * meta['metrics']['val_acc_mean']:.2f}%) "
-        "than the best searched recipe, which is exported all the same; for plain KD, `kdsearch "
-        "train` the base recipe with every distill weight but ce's and kd's at 0"
-    ) in " ".join(ahead.stderr.split())
+        "than the best searched recipe, which is exported all the same; for plain KD, "
+    ) in said
+    # the command it gives trains plain KD's seed-0 run as recorded (it said only "the base
+    # recipe with every distill weight but ce's and kd's at 0", and no file or seed)
+    found = re.search(r"for plain KD, `(kdsearch train [^`]+)` trains its seed 0 run again", said)
+    assert found is not None, said
+    words = shlex.split(found.group(1))
+    assert words[:3] == ["kdsearch", "train", "ahead/recipe.yaml"]
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    assert "distill.kd.temperature=4.0" in sets  # the base's, where the winner searched it
+    told = load_recipe(str(tmp_path / "ahead" / "recipe.yaml"), sets)
+    (recorded,) = [
+        Recipe.from_yaml(t.user_attrs["recipe"])
+        for t in optuna.load_study(
+            study_name="s-promoted", storage=f"sqlite:///{tmp_path}/studies/s.db"
+        ).trials
+        if t.user_attrs["label"] == "plain KD" and t.user_attrs["seed"] == 0
+    ]
+    machine = {key: told.get(key) for key in PER_MACHINE}
+    assert told == recorded.override(machine)
     assert json.loads((tmp_path / "ahead" / "meta.json").read_text())["trial"] == 1
     as_written = Recipe.from_yaml((out / "recipe.yaml").read_text())  # paths as in the file
     assert json.loads((out / "hyperparameters.json").read_text()) == flatten(as_written.to_dict())
