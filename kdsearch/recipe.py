@@ -426,7 +426,9 @@ def _tag_problem(e: ErrorDetails, model: type[BaseModel], loc: tuple[str, ...], 
 
 def not_a_mapping(raw: Any, what: str, keys: Iterable[str], *, source: str) -> RecipeError:
     """The error for a file that holds no mapping: what it holds, and the keys that go in one."""
-    got = "it is empty" if raw is None else f"it is a {type(raw).__name__}"
+    kinds = {str: "text", list: "a list", int: "a number", float: "a number", bool: "true or false"}
+    held = kinds.get(type(raw), f"a {type(raw).__name__}")
+    got = "it is empty" if raw is None else f"it holds {held} ({_short(raw)})"
     return RecipeError(f"{source}: {got}; {what} is a mapping of {', '.join(keys)}")
 
 

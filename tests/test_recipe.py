@@ -79,7 +79,10 @@ def test_shipped_recipes_load() -> None:
             MINIMAL.replace("resnet20}", "resnet20, train: {seed: 18446744073709551616}}"),
             "teacher.train.seed: Input should be less than or equal to 4294967295",
         ),
-        ("- just a list", "r.yaml: it is a list; a recipe is a mapping of data, teacher, student,"),
+        (
+            "- just a list",
+            "r.yaml: it holds a list (['just a list']); a recipe is a mapping of data, teacher,",
+        ),
         ("", "r.yaml: it is empty; a recipe is a mapping of data, teacher, student,"),
         (
             MINIMAL + "distill: {ce: {weight: 0}, kd: {weight: 0.0}}",

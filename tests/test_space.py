@@ -590,7 +590,11 @@ def test_a_bad_base_names_the_space_file_and_base(tmp_path: Path, base: str, exp
 
 @pytest.mark.parametrize(
     ("text", "got"),
-    [("", "it is empty"), ("- study\n", "it is a list"), ("study\n", "it is a str")],
+    [
+        ("", "it is empty"),
+        ("- study\n", "it holds a list (['study'])"),
+        ("study\n", "it holds text ('study')"),
+    ],
 )
 def test_a_space_that_is_no_mapping_says_what_it_is_and_what_goes_in_one(
     text: str, got: str
