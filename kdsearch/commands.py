@@ -411,7 +411,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def export_option(space: SearchSpace) -> str:
     """What names a search's export folder, in an error about it."""
-    return f"export.dir of {space.source}"
+    return f"{space.source}: export.dir"
 
 
 def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:

@@ -417,7 +417,7 @@ def test_an_export_folder_holding_something_else_is_refused_before_any_work(
     (tmp_path / "w" / "notes.txt").write_text("mine")
     ran = cli_here("run", "s.yaml", cwd=tmp_path)
     assert ran.returncode == 2
-    assert "export.dir of s.yaml w already holds files that are not an export of study 's'" in (
+    assert "s.yaml: export.dir w already holds files that are not an export of study 's'" in (
         " ".join(ran.stderr.split())
     )
     assert not (tmp_path / "studies").exists() and (tmp_path / "w" / "notes.txt").is_file()
