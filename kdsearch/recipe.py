@@ -561,11 +561,12 @@ def check_path(path: str, *, source: str) -> list[str]:
     for depth, part in enumerate(parts):
         allowed = _fields_at(Recipe, tuple(parts[:depth]))
         if part not in allowed:
-            where = ".".join(parts[:depth]) or "the top level"
-            if not allowed:
+            if not allowed:  # (the top level always has keys)
+                where = ".".join(parts[:depth])
                 raise RecipeError(f"{source}: {path}: {where} is a value, not a section")
-            raise RecipeError(
-                f"{source}: {path}: unknown key {part!r} in {where}; allowed: {', '.join(allowed)}"
+            raise RecipeError(  # worded as a recipe file's unknown key is (`describe`)
+                f"{source}: {'.'.join(parts[: depth + 1])}: unknown key; allowed here: "
+                f"{', '.join(allowed)}"
             )
     return parts
 

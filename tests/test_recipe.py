@@ -204,9 +204,9 @@ def test_override_sets_a_whole_section() -> None:
     [
         (
             {"distill.kd.temprature": 3},
-            "unknown key 'temprature' in distill.kd; allowed: weight, temperature",
+            "distill.kd.temprature: unknown key; allowed here: weight, temperature",
         ),
-        ({"optimizer.lr": 0.1}, "unknown key 'optimizer' in the top level"),
+        ({"optimizer.lr": 0.1}, "optimizer: unknown key; allowed here: data, teacher, student,"),
         ({"seed.value": 1}, "seed.value: seed is a value, not a section"),
         (
             {"distill.kd.temperature": "hot"},
