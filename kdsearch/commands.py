@@ -1030,8 +1030,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve optuna-dashboard on a study storage until Ctrl-C."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    from optuna_dashboard import wsgi
-
     given = args.storage
     named = study_file(given.removesuffix(".db"))  # `digits` or `digits.db`: studies/digits.db
     if "://" not in given and not Path(given).is_file():
@@ -1041,6 +1039,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             # places it was looked for (a folder is refused as one below)
             raise KdsearchError(f"no study database at {named} or {Path(given).resolve()}")
     storage = existing_storage(storage_url(given))
+    from optuna_dashboard import wsgi  # a second of imports: after a mistyped STORAGE is refused
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:

@@ -27,12 +27,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from kdsearch import __version__
-from kdsearch.data import ImageData, load_data
-from kdsearch.distill import needs_teacher, needs_teacher_heads
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, StudyError
-from kdsearch.losses import LOSSES
 from kdsearch.paths import writable_folder
-from kdsearch.recipe import Recipe
+from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.study import (
     base_recipe,
     check_writes,
@@ -48,10 +45,11 @@ from kdsearch.study import (
     storage_errors,
     trial_recipe,
 )
-from kdsearch.teacher import Teacher, TeacherFiles, get_teacher, save_weights
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch: `trials` and `report` read promotions without it
+    from kdsearch.data import ImageData
     from kdsearch.search import JobResult
+    from kdsearch.teacher import Teacher, TeacherFiles
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
 PLAIN_KD = -2
@@ -114,7 +112,7 @@ def plan(
     if not best:
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to promote")
     sources = {t.number: trial_recipe(t).override({**budget, **here}) for t in best}
-    off = {f"distill.{name}.weight": 0.0 for name in LOSSES if name != "ce"}
+    off = {f"distill.{name}.weight": 0.0 for name in DistillConfig.model_fields if name != "ce"}
     alone = full.override({**off, "distill.ce.weight": 1.0})
     kd = base.distill.kd
     sources[STUDENT_ALONE] = alone
@@ -304,6 +302,10 @@ def promote(
     `on_plan` hears the plan's runs and how many of them are to train, `on_epoch` each epoch
     of a run (its number and validation accuracy) as it ends; `here`: this machine's settings
     (see `plan`)."""
+    from kdsearch.data import load_data
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.teacher import TeacherFiles
+
     study = load_study(storage, name)
     if here is None:
         here = machine_settings(base_recipe(study), space_config(study).space)
@@ -408,6 +410,8 @@ def promote(
 
 
 def _prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+    from kdsearch.teacher import get_teacher
+
     return get_teacher(recipe, data, heads=heads)
 
 
@@ -419,6 +423,8 @@ def _record(
     teacher: TeacherFiles | None,
     trained_on: dict[str, Any],
 ) -> None:
+    from kdsearch.teacher import save_weights
+
     attrs: dict[str, Any] = {
         "run_key": run.key,
         "label": run.label,

@@ -33,7 +33,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from pydantic import ValidationError
 
 from kdsearch import __version__
-from kdsearch.data import derive_seed
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.paths import writable_file
 from kdsearch.recipe import Recipe, describe, flatten, load_yaml
@@ -507,6 +506,8 @@ class Record:
         # A driver alone keeps the stream of the count only, so a search is reproducible.
         rank = len(self._earlier_drivers())
         stream = f"sampler/{len(study.trials)}" + (f"/driver{rank}" if rank else "")
+        from kdsearch.data import derive_seed  # torch: not for the commands that read a study
+
         seed = derive_seed(space.config.search.seed, stream) % 2**32
         sampler: optuna.samplers.BaseSampler = (
             optuna.samplers.TPESampler(seed=seed, constant_liar=True)
