@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -35,10 +37,22 @@ class Results(Console):
         raise BrokenPipeError
 
 
+class Log(Console):
+    """stderr, where a command prints its messages and progress."""
+
+    def on_broken_pipe(self) -> None:
+        # `kdsearch promote S 2>&1 | head`: the reader went away. End as a command that SIGPIPE
+        # ends (status 141), where Rich exits with status 1 ("no result" here) and leaves stderr
+        # broken for what is printed after; SystemExit passes the commands' `except Exception`.
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        raise SystemExit(141)
+
+
 # markup=False, emoji=False: what kdsearch prints holds users' paths, names and errors, which
 # are printed as they are (a file out[bold].csv, a path such as run:fire:1), never as Rich markup
 PLAIN: dict[str, Any] = {"highlight": False, "emoji": False, "markup": False}  # every console's
-console = Console(stderr=True, soft_wrap=True, **PLAIN)
+console = Log(stderr=True, soft_wrap=True, **PLAIN)
 results = Results(**PLAIN)
 UNBOUNDED = 10_000  # columns: a width no table here needs, to measure what one does
 FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CSV has it whole

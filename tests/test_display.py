@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -129,3 +131,21 @@ def test_the_leaderboard_tells_diverged_seeds_from_failed_ones() -> None:
     text = "\n".join(_rendered(leaderboard_table(board), 120))
     assert re.search(r"trial 3\W+3\W+94\.00", text)
     assert "1 (2 diverged, 1 failed)" in text, text
+
+
+def test_a_log_whose_reader_went_away_ends_as_sigpipe_ends_a_command() -> None:
+    """`kdsearch promote S 2>&1 | head -1` exited with status 1 (Rich's), which kdsearch
+    documents as "no result"; `trials S | head` exits 141."""
+    script = (
+        "from kdsearch.display import console\n"
+        "for i in range(100_000):\n"
+        "    console.print(f'line {i}')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None and proc.stdout is not None
+    assert proc.stderr.readline() == "line 0\n"
+    proc.stderr.close()  # as `head -1` does
+    assert proc.wait(timeout=120) == 141
+    assert proc.stdout.read() == "", "nothing, no traceback, went to stdout instead"
