@@ -42,13 +42,18 @@ class _Parser(argparse.ArgumentParser):
     ) -> argparse.Namespace:
         """As argparse's, but arguments left over are the command's error (`kdsearch trials S
         extra`: see `kdsearch trials --help`), not the top parser's."""
-        parsed, extras = self.parse_known_args(args, namespace)
+        given = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(given, namespace)
         if extras:
             commands = next(
                 (a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)),
                 {},
             )
-            owner = commands.get(str(getattr(parsed, "command", "")), self)
+            command = str(getattr(parsed, "command", ""))
+            before = given[: given.index(command)] if command in given else given
+            # `kdsearch --bogus trials S` is the top parser's error, `kdsearch trials S x` the
+            # command's
+            owner = self if any(e in before for e in extras) else commands.get(command, self)
             owner.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 

@@ -45,7 +45,7 @@ from kdsearch.paths import (
     write_errors,
 )
 from kdsearch.recipe import Recipe, empty_section, flatten, leaf_changes, load_yaml
-from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports torch
+from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports Optuna
     NAME_MAX,
     PROMOTED,
     search_name_problem,
@@ -778,7 +778,7 @@ def run_export(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
-    from kdsearch.promote import baseline_recipe, failed_searched_runs, leaderboard
+    from kdsearch.promote import failed_searched_runs, first_run, leaderboard
     from kdsearch.study import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split, train
@@ -904,13 +904,17 @@ def run_export(
         )
     for baseline, scores in winner.metrics.get("baselines", {}).items():
         if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
-            trained_as = baseline_recipe(promoted_study(storage, name), baseline)
-            how = (
-                f"`{train_command(out / 'recipe.yaml', trained_as)}` trains its seed "
-                f"{trained_as.seed} run again"
-                if trained_as is not None
-                else f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
-            )
+            how = f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
+            if (run := first_run(promoted_study(storage, name), baseline)) is not None:
+                trained_as = Recipe.from_yaml(str(run.user_attrs["recipe"]))
+                command = train_command(
+                    out / "recipe.yaml",
+                    trained_as,
+                    threads=run.user_attrs.get("threads"),
+                    cpu=run.user_attrs.get("device") == "cpu"
+                    and device_type(winner.recipe.device) != "cpu",
+                )
+                how = f"`{command}` trains its seed {trained_as.seed} run again"
             console.print(
                 f"note: {baseline} scored higher on validation "
                 f"({100 * scores['val_acc_mean']:.2f}% against "
@@ -929,9 +933,11 @@ def run_export(
     )
 
 
-def train_command(file: Path, wanted: Recipe) -> str:
+def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool) -> str:
     """`kdsearch train FILE` with the `--set` items that make the recipe in `file` train as
-    `wanted` (not its settings of the machine, which `file` has as this one needs them)."""
+    `wanted` (not its settings of the machine, which `file` has as this one needs them), with
+    the `threads` it trained with and, where it trained on the CPU of a machine whose device
+    is not (`cpu`), on the CPU."""
     from kdsearch.study import PER_MACHINE
 
     have, want = flatten(Recipe.load(file).to_dict()), flatten(wanted.to_dict())
@@ -942,7 +948,10 @@ def train_command(file: Path, wanted: Recipe) -> str:
             if isinstance(want[key], str) and bare(key, want[key]):
                 text = want[key]  # a bare word, as a user writes it
             sets.append(f" --set {shlex.quote(f'{key}={text}')}")
-    return f"kdsearch train {shlex.quote(str(file))}{''.join(sets)}"
+    if cpu:
+        sets.append(" --set device=cpu")
+    pinned = "" if threads is None else f"OMP_NUM_THREADS={threads} "
+    return f"{pinned}kdsearch train {shlex.quote(str(file))}{''.join(sets)}"
 
 
 def bare(key: str, text: str) -> bool:
@@ -1077,18 +1086,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     from kdsearch.study import ranked, sqlite_file
 
     storage, url = study_storage(args.study, args.storage)
-    if args.out is None:  # beside its study, as a promotion's weights: one per study
-        folder = sqlite_file(url)
-        out = (folder.parent if folder else Path("studies")) / f"{args.study}-report.html"
-        out.parent.mkdir(exist_ok=True)  # ./studies, for a study on a server
-    else:
-        out = Path(args.out)
-    writable_file(out, "--out")
-    replaceable(out, "--out", "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
     # refused before anything is written
     study = search_study(storage, args.study, lambda study: storage_option(study, url))
+    option = "--out"
+    if args.out is None:  # beside its study, as a promotion's weights: one per study
+        file = sqlite_file(url)
+        out = (file.parent if file else Path("studies")) / f"{args.study}-report.html"
+        option = "the default report file"
+        if not out.parent.exists():  # ./studies, for a study on a server
+            out.parent.mkdir()
+    else:
+        out = Path(args.out)
+    writable_file(out, option)
+    replaceable(out, option, "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
     page = build_report(storage, args.study)
-    with write_errors(f"--out {out}"), replaced_whole(out, follow_link=True) as tmp:
+    with write_errors(f"{option} {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")
     note = "" if ranked(study.trials) else f"; study {args.study!r} has no COMPLETE trial yet"
     size = out.stat().st_size  # a page of a few lines, without figures, is under a KiB

@@ -14,8 +14,7 @@ from __future__ import annotations
 import collections
 import statistics
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +32,11 @@ from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.study import (
     base_recipe,
     check_writes,
-    forget_if_empty,
     load_study,
     machine_settings,
     not_the_promotion,
     promoted_name,
+    promoted_study,
     promotion_held,
     ranked,
     space_config,
@@ -150,25 +149,6 @@ def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:
     return study
 
 
-@contextmanager
-def taken_back(storage: BaseStorage, name: str, weights_dir: Path) -> Iterator[None]:
-    """Left by an error or a stop before a run was recorded (the data, the teacher, Ray,
-    Ctrl-C), the block's promoted study, where it made one, and the weights folders it made
-    are taken back, as `run` takes back a study that never held a trial."""
-    made = [p for p in (weights_dir, *weights_dir.parents) if not p.exists()]  # deepest first
-    created = promotion_held(storage, name) is None
-    try:
-        yield
-    except BaseException:
-        if created:  # (where another promotion began in it meanwhile, it records no run there)
-            with suppress(Exception):  # the error that stopped it is the one to show
-                forget_if_empty(storage, promoted_name(name))
-        for folder in made:
-            with suppress(OSError):  # stops at one that is not empty
-                folder.rmdir()
-        raise
-
-
 def run_budget(run: FrozenTrial) -> int:
     """The epochs a recorded run was planned for (runs recorded before the budget was recorded
     by itself carry it in their recipe)."""
@@ -229,16 +209,12 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
     return unfinished_failures(promoted, lambda t: run_budget(t) == budget)
 
 
-def baseline_recipe(promoted: optuna.Study | None, label: str) -> Recipe | None:
-    """The recipe the run `label` ("plain KD", "trial 3") of the lowest seed finished at the
-    leaderboard's budget trained with, where `promoted` (a search's `promoted_study`) has one."""
-    if promoted is None:
-        return None
-    runs = [t for t in current_runs(promoted) if t.user_attrs["label"] == label]
-    if not runs:
-        return None
-    first = min(runs, key=lambda t: int(t.params["seed"]))
-    return Recipe.from_yaml(str(first.user_attrs["recipe"]))
+def first_run(promoted: optuna.Study | None, label: str) -> FrozenTrial | None:
+    """The run of `label` ("plain KD", "trial 3") with the lowest seed finished at the
+    leaderboard's budget, where `promoted` (a search's `promoted_study`) has one."""
+    runs = [] if promoted is None else current_runs(promoted)
+    runs = [t for t in runs if t.user_attrs["label"] == label]
+    return min(runs, key=lambda t: int(t.params["seed"])) if runs else None
 
 
 def failed_line(run: FrozenTrial) -> str:
@@ -310,51 +286,58 @@ def promote(
     if here is None:
         here = machine_settings(base_recipe(study), space_config(study).space)
     runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
-    # before the promoted study, the data and the teacher: a folder the weights cannot go to
     if weights_dir.exists() and not weights_dir.is_dir():
         raise KdsearchError(
             f"{weights_dir} is a file, where the promotion keeps its students' weights; move it "
             "away"
         )
-    writable_folder(weights_dir, "the promotion's weights folder")
     kept = "the runs recorded so far are kept, and promoting again once it works trains the others"
-    with taken_back(storage, name, weights_dir), storage_errors(storage, kept):
-        promoted = open_promoted(storage, name)
-        done = finished_keys(promoted)
+    with storage_errors(storage, kept):
+        if promotion_held(storage, name) is False:
+            raise not_the_promotion(name)
+        # Made when its first run is recorded (`open_promoted`), and its weights folder with it:
+        # a promotion stopped or refused before leaves neither, and takes nothing back that
+        # another promotion of the study, started meanwhile, may be using.
+        promoted = promoted_study(storage, name)
+        recorded = [] if promoted is None else promoted.trials
+        done = set() if promoted is None else finished_keys(promoted)
         budget = runs[0].recipe.schedule.epochs
         todo = {r.key: r for r in runs if r.key not in done}
 
-        def planned() -> None:
-            """Record the plan: its seeds, and its budget as the one shown where runs of it had
-            finished before (asked for again). Only once a run has ended, or none is to train: a
-            promotion refused before (its data, its teacher, Ray) leaves the study as it was."""
+        def planned(into: optuna.Study) -> None:
+            """Record the plan in the promotion `into`: its seeds, and its budget as the one
+            shown where runs of it had finished before (asked for again). Only once a run has
+            ended, or none is to train: a promotion refused before (its data, its teacher, Ray)
+            leaves the study as it was."""
             finished = any(r.key in done for r in runs if r.source_trial >= 0)
-            if finished and promoted.user_attrs.get("budget") != budget:
-                promoted.set_user_attr("budget", budget)
-            plan_seeds(promoted, budget, seeds)
+            if finished and into.user_attrs.get("budget") != budget:
+                into.set_user_attr("budget", budget)
+            plan_seeds(into, budget, seeds)
 
         if on_plan is not None:
             on_plan(runs, len(todo))
         if not todo:
-            planned()  # writing only what changes: a leaderboard shows from a read-only storage
+            assert promoted is not None  # it holds every run of the plan
+            planned(promoted)  # writing only what changes: the board shows from a read-only file
             return promoted
-        # a storage that takes no writes is found now, not once the data has loaded and a run
-        # has trained
-        check_writes(storage, promoted.study_name)
+        # Before the data and the teacher: a folder the weights cannot go to, and a storage
+        # that takes no writes, are found now, not once a run has trained.
+        writable_folder(weights_dir, "the promotion's weights folder")
+        check_writes(storage, name)
         # The data and the teacher as the search prepared them: from the base recipe, whose
         # optimizer and batch size the teacher trains with, not from a run's, which a trial may
         # have searched.
         base = base_recipe(study).override(here)
         data = load_data(base.data)
-        for t in promoted.trials:  # one data set behind every mean over seeds
+        for t in recorded:  # one data set behind every mean over seeds
             trained_on = t.user_attrs.get("data_fingerprint")  # absent from older promotions
             if t.state == TrialState.COMPLETE and trained_on not in (None, data.fingerprint):
                 raise StudyError(
-                    f"{promoted.study_name}: its run {t.user_attrs['label']}, seed "
+                    f"{promoted_name(name)}: its run {t.user_attrs['label']}, seed "
                     f"{t.user_attrs['seed']} trained on other images or splits than this machine "
                     f"loads for {base.data.dataset} (data fingerprint {str(trained_on)[:12]}, here "
                     f"{data.fingerprint[:12]}); promote where that data is, or delete the study "
-                    f"{promoted.study_name!r} (optuna delete-study) to promote afresh"
+                    f"{promoted_name(name)!r} (optuna delete-study) to promote afresh"
                 )
         teacher = None
         files: dict[bool, TeacherFiles] = {}  # the teacher's files, without and with its heads
@@ -370,21 +353,23 @@ def promote(
                     KdsearchWarning,
                     stacklevel=2,
                 )
-            for t in promoted.trials:  # one teacher behind every mean over seeds
+            for t in recorded:  # one teacher behind every mean over seeds
                 if t.state == TrialState.COMPLETE and (problem := full.changed_since(t.user_attrs)):
                     raise StudyError(
-                        f"{promoted.study_name}: {problem}; put that file back, or delete the "
-                        f"study {promoted.study_name!r} (optuna delete-study) to promote afresh"
+                        f"{promoted_name(name)}: {problem}; put that file back, or delete the "
+                        f"study {promoted_name(name)!r} (optuna delete-study) to promote afresh"
                     )
-        weights_dir.mkdir(parents=True, exist_ok=True)
         # the data every run trains on; `inputs`: what serving its student needs, as this data
         # gave it
         trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
         ended: list[str] = []
 
         def record(result: JobResult) -> None:
+            nonlocal promoted
+            if promoted is None:  # the first run recorded makes the promotion
+                promoted = open_promoted(storage, name)
             if not ended:
-                planned()
+                planned(promoted)
             ended.append(result.key)
             run = todo[result.key]
             # The teacher the run learned from, for the export to ship with the student.
@@ -406,6 +391,7 @@ def promote(
             on_done=record,
             on_epoch=None if on_epoch is None else lambda key, e, acc: on_epoch(todo[key], e, acc),
         )
+        assert promoted is not None  # each run that ended was recorded
         return promoted
 
 
@@ -440,29 +426,36 @@ def _record(
         **trained_on,
         **(teacher.attrs() if teacher is not None else {}),
     }
-    path = new_file(weights_dir, run.slug, ".pt") if result.failure is None else None
-    try:
-        if path is not None:
-            assert result.weights is not None
+    path = None
+    if result.failure is None:
+        assert result.weights is not None
+        weights_dir.mkdir(parents=True, exist_ok=True)  # made with the promotion's first run
+        path = new_file(weights_dir, run.slug, ".pt")
+        try:
             save_weights(result.weights, path)  # a promotion reading it at once sees it whole
-            attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
-            state, value = TrialState.COMPLETE, result.val_acc
-        else:
-            attrs["failure"] = result.failure
-            state, value = TrialState.FAIL, None
-        trial = create_trial(
-            state=state,
-            value=value,
-            params={"source_trial": run.source_trial, "seed": run.seed},
-            distributions={
-                "source_trial": IntDistribution(-2, 10**6),
-                "seed": IntDistribution(0, 10**6),
-            },
-            intermediate_values=result.curve,
-            user_attrs=attrs,
-        )
+        except BaseException:  # Ctrl-C, a full disk: no empty file is left taken
+            path.unlink(missing_ok=True)
+            raise
+        attrs.update(test_acc=result.test_acc, student_params=result.params, weights=str(path))
+        state, value = TrialState.COMPLETE, result.val_acc
+    else:
+        attrs["failure"] = result.failure
+        state, value = TrialState.FAIL, None
+    trial = create_trial(
+        state=state,
+        value=value,
+        params={"source_trial": run.source_trial, "seed": run.seed},
+        distributions={
+            "source_trial": IntDistribution(-2, 10**6),
+            "seed": IntDistribution(0, 10**6),
+        },
+        intermediate_values=result.curve,
+        user_attrs=attrs,
+    )
+    try:
         promoted.add_trial(trial)
-    except BaseException:  # Ctrl-C, a full disk, a storage lost: no file left that no run names
+    except optuna.exceptions.StorageInternalError:  # refused, so not recorded: no file is left
+        # that no run names (a Ctrl-C in the call may come after the commit: its file stays)
         if path is not None:
             path.unlink(missing_ok=True)
         raise

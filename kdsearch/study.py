@@ -190,8 +190,12 @@ def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
     tables to it); an empty one only where a new study may start in it."""
     if not (empty_ok and file.stat().st_size == 0) and not holds_studies(file):
         with open(file, "rb") as head:  # SQLite's files start so
-            sqlite = head.read(16) == b"SQLite format 3\x00"
-        why = "it holds no Optuna tables" if sqlite else "it is not an SQLite database"
+            start = head.read(16)
+        why = (
+            "it holds no Optuna tables"
+            if start == b"SQLite format 3\x00"
+            else ("it is empty" if not start else "it is not an SQLite database")
+        )
         raise StudyError(f"{file} is not a study database ({why})")
 
 
@@ -285,13 +289,6 @@ def promotion_held(storage: BaseStorage, name: str) -> bool | None:
     return None
 
 
-def forget_if_empty(storage: BaseStorage, name: str) -> None:
-    """Delete the study `name` where it holds no trial."""
-    study_id = storage.get_study_id_from_name(name)
-    if not storage.get_all_trials(study_id, deepcopy=False):
-        storage.delete_study(study_id)
-
-
 def promoted_study(storage: BaseStorage, name: str) -> optuna.Study | None:
     """The study of search `name`'s promotion runs, where there is one (`promotion_held`)."""
     if not promotion_held(storage, name):
@@ -371,10 +368,13 @@ def transaction(storage: BaseStorage) -> Iterator[Any]:
 
 def check_writes(storage: BaseStorage, name: str) -> None:
     """Fail as a write to `storage` does (`storage_errors`) where it takes none (a read-only
-    file or mount, a standby server), by a write to the study `name` that changes nothing."""
+    file or mount, a standby server), by a write to the study `name` that changes nothing;
+    a storage not of a database (Optuna's in memory, its journal) passes unchecked."""
     from optuna.storages._rdb.models import StudyModel
     from sqlalchemy import update
 
+    if not isinstance(storage, RDBStorage):
+        return
     with transaction(storage) as connection:
         same = update(StudyModel).where(StudyModel.study_name == name).values(study_name=name)
         connection.execute(same)

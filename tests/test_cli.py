@@ -227,6 +227,7 @@ def test_version_and_help() -> None:
             ["trials", "s", "extra"],
             "trials: error: unrecognized arguments: extra (see kdsearch trials --help)",
         ),
+        (["--bogus", "trials", "s"], "kdsearch: error: unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_option_values_are_usage_errors(
@@ -669,9 +670,16 @@ def test_a_train_command_turns_a_recipe_file_into_another_recipe_but_for_the_mac
             "schedule.milestones": [1, 3],
         }
     )
-    command = train_command(file, wanted)
+    assert shlex.split(train_command(file, wanted, threads=None, cpu=False))[:3] == [
+        "kdsearch",
+        "train",
+        str(file),
+    ]
+    command = train_command(file, wanted, threads=1, cpu=True)  # as it trained, on the CPU
     words = shlex.split(command)
-    assert words[:3] == ["kdsearch", "train", str(file)]
+    assert words[:4] == ["OMP_NUM_THREADS=1", "kdsearch", "train", str(file)]
+    assert command.endswith(" --set device=cpu")
+    words = words[:-2]
     sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     assert sets == [
         "distill.stkd.mix=mixup",  # a bare word

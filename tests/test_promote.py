@@ -893,43 +893,36 @@ def test_a_read_only_storage_shows_a_promotions_board_and_refuses_new_runs_in_on
     assert len(promoted_study(read_only, "s").trials) == 3  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("stop", ["storage lost", "Ctrl-C"])
-def test_a_promotion_stopped_before_recording_a_run_takes_back_what_it_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+def test_a_promotion_stopped_before_recording_a_run_leaves_nothing_and_takes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopped before its first run was recorded, it left an empty promoted study (which the
-    report then showed as a promotion with no run) and an empty weights folder. A storage lost
-    while a run was recorded was a traceback."""
+    report then showed as a promotion with no run) and an empty weights folder. Nor may it
+    take back the study and folder of another promotion of the search that began meanwhile."""
     storage = open_storage(write_study(tmp_path))
     weights = tmp_path / "w" / "s-promoted"
-
-    def lost(*_: object) -> None:
-        cause = sqlite3.OperationalError("disk I/O error")
-        raise optuna.exceptions.StorageInternalError(
-            "An exception is raised during the commit"
-        ) from cause
+    prepare = fake_teacher(tmp_path)
+    kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": weights}
 
     def stopped(*_: object, **__: object) -> None:
         raise KeyboardInterrupt
 
-    if stop == "Ctrl-C":
-        monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
-    else:
-        monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
-        monkeypatch.setattr(optuna.Study, "add_trial", lost)
-    prepare = fake_teacher(tmp_path)
-    kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": weights}
-    with pytest.raises(KeyboardInterrupt if stop == "Ctrl-C" else StorageError) as err:
+    monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
+    with pytest.raises(KeyboardInterrupt):
         promote(storage, "s", prepare=prepare, **kwargs)
-    if stop != "Ctrl-C":
-        assert str(err.value).endswith(
-            ": disk I/O error; the runs recorded so far are kept, and promoting again once it "
-            "works trains the others"
-        )
     assert "s-promoted" not in [s.study_name for s in storage.get_all_studies()]
-    assert not (tmp_path / "w").exists(), "the run's weights went with it, and the folders"
-    # a promotion that had recorded runs before keeps its study and its folder
-    monkeypatch.undo()
+    assert not (tmp_path / "w").exists()
+
+    def beside(*_: object, **__: object) -> None:  # another promotion starts, then this one stops
+        open_promoted(storage, "s")
+        weights.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kdsearch.search.run_jobs", beside)
+    with pytest.raises(KeyboardInterrupt):
+        promote(storage, "s", prepare=prepare, **kwargs)
+    assert "s-promoted" in [s.study_name for s in storage.get_all_studies()] and weights.is_dir()
+    # runs recorded before stay, with their weights
     monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
     promote(storage, "s", prepare=prepare, **kwargs)
     monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
@@ -937,3 +930,34 @@ def test_a_promotion_stopped_before_recording_a_run_takes_back_what_it_made(
         promote(storage, "s", prepare=prepare, **{**kwargs, "seeds": 2})
     assert len(promoted_study(storage, "s").trials) == 3  # type: ignore[union-attr]
     assert len(list(weights.iterdir())) == 3
+
+
+def test_a_storage_lost_as_a_run_is_recorded_is_one_line_and_leaves_no_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was a traceback through Optuna's commit."""
+    storage = open_storage(write_study(tmp_path))
+
+    def lost(*_: object) -> None:
+        cause = sqlite3.OperationalError("disk I/O error")
+        raise optuna.exceptions.StorageInternalError(
+            "An exception is raised during the commit"
+        ) from cause
+
+    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    monkeypatch.setattr(optuna.Study, "add_trial", lost)
+    with pytest.raises(StorageError) as err:
+        promote(
+            storage,
+            "s",
+            top_k=1,
+            seeds=1,
+            epochs=2,
+            weights_dir=tmp_path / "w",
+            prepare=fake_teacher(tmp_path),
+        )
+    assert str(err.value).endswith(
+        ": disk I/O error; the runs recorded so far are kept, and promoting again once it "
+        "works trains the others"
+    )
+    assert list((tmp_path / "w").iterdir()) == [], "no weights that no run names"

@@ -509,7 +509,9 @@ def test_a_file_that_is_not_a_study_database_is_left_as_it_was(
             ["dashboard", file, "--port", "0"],
         ):
             ran = cli_here(*args, cwd=tmp_path)
-            why = "it holds no Optuna tables" if file == "mine.db" else "it is not an SQLite"
+            why = {"mine.db": "it holds no Optuna tables", "empty": "it is empty"}.get(
+                file, "it is not an SQLite"
+            )
             assert ran.returncode == 2 and f"{file} is not a study database ({why}" in " ".join(
                 ran.stderr.split()
             ), ran.stderr
@@ -751,6 +753,14 @@ def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHer
     assert ran.returncode == 2
     assert "--out recipe.yaml already holds a file that is not a kdsearch report" in ran.stderr
     assert (tmp_path / "recipe.yaml").read_text() == "mine\n"
+    # the default file is named as such, where no --out was given
+    (tmp_path / "studies" / "s-report.html").write_text("mine\n")
+    ran = cli_here("report", "s", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert (
+        "the default report file studies/s-report.html already holds a file that is not a "
+        "kdsearch report"
+    ) in " ".join(ran.stderr.split())
 
 
 @needs_chromium
