@@ -946,16 +946,9 @@ def test_a_storage_lost_as_a_run_is_recorded_is_one_line_and_leaves_no_weights(
 
     monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
     monkeypatch.setattr(optuna.Study, "add_trial", lost)
+    kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": tmp_path / "w"}
     with pytest.raises(StorageError) as err:
-        promote(
-            storage,
-            "s",
-            top_k=1,
-            seeds=1,
-            epochs=2,
-            weights_dir=tmp_path / "w",
-            prepare=fake_teacher(tmp_path),
-        )
+        promote(storage, "s", prepare=fake_teacher(tmp_path), **kwargs)
     assert str(err.value).endswith(
         ": disk I/O error; the runs recorded so far are kept, and promoting again once it "
         "works trains the others"
