@@ -36,7 +36,6 @@ from kdsearch.study import (
     machine_settings,
     not_the_promotion,
     promoted_name,
-    promoted_study,
     promotion_held,
     ranked,
     space_config,
@@ -293,12 +292,15 @@ def promote(
         )
     kept = "the runs recorded so far are kept, and promoting again once it works trains the others"
     with storage_errors(storage, kept):
-        if promotion_held(storage, name) is False:
+        held = promotion_held(storage, name)
+        if held is False:
             raise not_the_promotion(name)
         # Made when its first run is recorded (`open_promoted`), and its weights folder with it:
         # a promotion stopped or refused before leaves neither, and takes nothing back that
         # another promotion of the study, started meanwhile, may be using.
-        promoted = promoted_study(storage, name)
+        promoted = (
+            optuna.load_study(study_name=promoted_name(name), storage=storage) if held else None
+        )
         recorded = [] if promoted is None else promoted.trials
         done = set() if promoted is None else finished_keys(promoted)
         budget = runs[0].recipe.schedule.epochs
