@@ -24,6 +24,7 @@ from kdsearch.space import SearchSpace
 from kdsearch.study import (
     STALE_S,
     Record,
+    check_writes,
     driver_alive,
     holds_studies,
     open_storage,
@@ -1071,3 +1072,15 @@ def test_a_new_sqlite_file_where_none_can_be_made_is_refused_saying_why(
         f"the study storage {tmp_path}/x.db: cannot write there (Operation not permitted)"
     )
     assert not (tmp_path / "x.db").exists()
+
+
+def test_check_writes_fails_on_a_read_only_database_and_passes_a_storage_of_none(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="s", storage=url)
+    check_writes(open_storage(url), "s")  # a write that changes nothing
+    read_only = RDBStorage(f"sqlite:///file:{tmp_path}/s.db?mode=ro&uri=true")
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        check_writes(read_only, "s")
+    check_writes(optuna.storages.InMemoryStorage(), "s")  # not a database: nothing to check
