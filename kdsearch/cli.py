@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = study_command("promote", "re-train the best trials at full budget over several seeds")
     p.add_argument(
-        "--top-k", type=positive, help="trials to promote (default: the space's, else 3)"
+        "--top-k",
+        type=positive,
+        help="trials of distinct recipes to promote (default: the space's, else 3)",
     )
     p.add_argument("--seeds", type=positive, help="seeds per recipe (default: the space's, else 3)")
     p.add_argument(

@@ -701,7 +701,7 @@ def run_promotion(
             trials = "best trial" if found == 1 else f"top {top_k} trials"
         else:
             trials = f"{found} COMPLETE trial{'s' * (found > 1)}"
-        fewer = "" if found == top_k else f" (all it has; {top_k} asked for)"
+        fewer = "" if found == top_k else f" (all its distinct recipes; {top_k} asked for)"
         planned = runs[0].recipe.schedule.epochs
         at = f"{planned} epochs" if epochs else f"the base recipe's {planned} epochs"
         console.print(

@@ -42,6 +42,7 @@ from kdsearch.paths import (
 )
 from kdsearch.promote import (
     current_runs,
+    distinct_best,
     diverged,
     failed_runs,
     has_promoted,
@@ -118,17 +119,26 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         runs = [t for t in current_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         failed = [t for t in failed_runs(promoted) if int(t.user_attrs["source_trial"]) == source]
         top = max(runs, key=lambda t: (float(t.value or 0.0), -int(t.user_attrs["seed"])))
-        search_best = ranked(study.trials)
-        rank = next((i for i, t in enumerate(search_best, 1) if t.number == source), None)
+        trained = Recipe.from_yaml(str(top.user_attrs["recipe"]))
+        if here is None:
+            here = machine_settings(trained, searched_keys)
+        # ranked as the promotion ranked them: one trial of each recipe
+        budget = {
+            "schedule.epochs": trained.schedule.epochs,
+            "schedule.milestones": trained.schedule.milestones,
+        }
+        above: list[int] = []  # the search's recipes ranked above the winner's
+        rank = None
+        for number in distinct_best(study.trials, {**budget, **here}):
+            if number == source:
+                rank = len(above) + 1
+                break
+            above.append(number)
         tried = {
             int(t.user_attrs["source_trial"])
             for t in promoted.trials
             if run_budget(t) == int(best["epochs"])
         }
-        above = search_best[: rank - 1] if rank else []
-        trained = Recipe.from_yaml(str(top.user_attrs["recipe"]))
-        if here is None:
-            here = machine_settings(trained, searched_keys)
         metrics = {
             "val_acc_mean": best["val_mean"] / 100,
             "val_acc_sd": best["val_sd"] / 100,
@@ -166,7 +176,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             sorted(int(t.user_attrs["seed"]) for t in failed if diverged(t)),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
             rank,
-            [t.number for t in above if t.number not in tried],
+            [n for n in above if n not in tried] if rank else [],
             top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)

@@ -12,9 +12,11 @@ a searched recipe has finished at it (until then, the budget before).
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 import statistics
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,11 +92,12 @@ def plan(
     epochs: int | None,
     here: Mapping[str, Any] | None = None,
 ) -> list[Run]:
-    """The runs of a promotion: the top-k COMPLETE trials (all ran the same budget, so their
-    values compare) and the two baselines, each at the full budget, for every seed. A trial keeps
-    the schedule settings it searched (kind, gamma); its epochs and milestones become the base's.
-    Every run takes the machine settings `here` (`machine_settings`; default: the study's base
-    recipe's), not those of the driver that proposed its trial."""
+    """The runs of a promotion: the top-k COMPLETE trials of distinct recipes (all ran the same
+    budget, so their values compare) and the two baselines, each at the full budget, for every
+    seed. A trial keeps the schedule settings it searched (kind, gamma); its epochs and
+    milestones become the base's. Every run takes the machine settings `here`
+    (`machine_settings`; default: the study's base recipe's), not those of the driver that
+    proposed its trial."""
     base = base_recipe(study)
     if here is None:
         here = machine_settings(base, space_config(study).space)
@@ -106,10 +109,11 @@ def plan(
         "schedule.epochs": full.schedule.epochs,
         "schedule.milestones": full.schedule.milestones,
     }
-    best = ranked(study.trials)[:top_k]
-    if not best:
+    trials = {t.number: t for t in study.trials}
+    best = itertools.islice(distinct_best(study.trials, {**budget, **here}), top_k)
+    sources = {n: trial_recipe(trials[n]).override({**budget, **here}) for n in best}
+    if not sources:
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to promote")
-    sources = {t.number: trial_recipe(t).override({**budget, **here}) for t in best}
     off = {f"distill.{name}.weight": 0.0 for name in DistillConfig.model_fields if name != "ce"}
     alone = full.override({**off, "distill.ce.weight": 1.0})
     kd = base.distill.kd
@@ -125,6 +129,29 @@ def plan(
         for number, recipe in sources.items()
         for seed in range(seeds)
     ]
+
+
+def distinct_best(trials: Sequence[FrozenTrial], settings: Mapping[str, Any]) -> Iterator[int]:
+    """The numbers of the COMPLETE trials best first (`ranked`), one for each recipe they trained
+    under `settings` (the promotion's budget and machine): where a sampler proposed a recipe again
+    (a categorical space, say), promoting both trials would train the same runs twice, bit for
+    bit. The recipe's first trial stands for it, at its best trial's place, so a better score
+    for a recipe already promoted trains nothing new."""
+    best = ranked(trials)
+    same_params: dict[str, list[FrozenTrial]] = collections.defaultdict(list)  # parse only these
+    for t in best:
+        same_params[json.dumps(t.params, sort_keys=True, default=str)].append(t)
+    first: dict[int, int] = {}  # a trial's number -> that of the recipe's first trial
+    for group in same_params.values():
+        if len(group) > 1:
+            recipes = [(t.number, trial_recipe(t).override({**settings, "seed": 0})) for t in group]
+            for number, recipe in recipes:
+                first[number] = min(n for n, other in recipes if other == recipe)
+    seen: set[int] = set()
+    for t in best:
+        if (number := first.get(t.number, t.number)) not in seen:
+            seen.add(number)
+            yield number
 
 
 def open_promoted(storage: BaseStorage, name: str) -> optuna.Study:

@@ -270,10 +270,22 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     # (a promotion confirmed this one), with the promotion that trains the newcomer
     search = optuna.load_study(study_name="s", storage=storage)
     was_best = search.trials[1]
+    newcomer = Recipe.from_yaml(was_best.user_attrs["recipe"]).override(
+        {"distill.kd.temperature": 7.5}
+    )
     search.add_trial(
         create_trial(
             state=TrialState.COMPLETE,
             value=0.99,
+            params={**was_best.params, "distill.kd.temperature": 7.5},
+            distributions=was_best.distributions,
+            user_attrs={**was_best.user_attrs, "recipe": newcomer.to_yaml()},
+        )
+    )
+    search.add_trial(  # and trial #1's recipe again, better: its promoted runs stand for it
+        create_trial(
+            state=TrialState.COMPLETE,
+            value=0.95,
             params=was_best.params,
             distributions=was_best.distributions,
             user_attrs=was_best.user_attrs,

@@ -92,6 +92,36 @@ def test_plan_takes_the_best_complete_trials_and_both_baselines(tmp_path: Path) 
     assert trial_1.distill.kd.temperature == study.trials[1].params["distill.kd.temperature"]
 
 
+def test_plan_promotes_a_recipe_two_trials_trained_once_as_its_first_trial(
+    tmp_path: Path,
+) -> None:
+    study = optuna.load_study(study_name="s", storage=open_storage(write_study(tmp_path)))
+    best = study.trials[1]  # 0.9, then trial 3 with 0.8 and trial 0 with 0.7
+    seeded = Recipe.from_yaml(best.user_attrs["recipe"], source="t").override({"seed": 7})
+
+    def again(value: float) -> None:  # trial 1's recipe proposed again, with its own seed
+        study.add_trial(
+            create_trial(
+                params=best.params,
+                distributions=best.distributions,
+                value=value,
+                user_attrs={**best.user_attrs, "recipe": seeded.to_yaml()},
+            )
+        )
+
+    again(0.85)  # trial 5: not in trial 3's place
+    assert sorted({r.source_trial for r in plan(study, top_k=2, seeds=1, epochs=6)}) == [
+        -2,
+        -1,
+        1,
+        3,
+    ]
+    assert len(plan(study, top_k=5, seeds=1, epochs=6)) == 3 + 2  # trials 1, 3, 0
+    again(0.99)  # trial 6, first now: trial 1 stands for it, whose runs a promotion may hold
+    runs = plan(study, top_k=1, seeds=1, epochs=6)
+    assert sorted({r.source_trial for r in runs}) == [-2, -1, 1]
+
+
 def one_trial_study(root: Path, space_text: str) -> optuna.Study:
     """A search study of `space_text` holding one COMPLETE trial."""
     space = SearchSpace.from_yaml(space_text, source="space.yaml")
@@ -197,7 +227,10 @@ def test_promotion_trains_records_and_never_redoes_a_finished_run(tmp_path: Path
     assert "runs to train: 0, recorded before: 8" in again.stderr
     more = run_cli("promote", "s", "--top-k", "5", "--seeds", "1", "--epochs", "2", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
-    assert "promoting the 3 COMPLETE trials of 's' (all it has; 5 asked for)" in more.stderr
+    assert (
+        "promoting the 3 COMPLETE trials of 's' (all its distinct recipes; 5 asked for)"
+        in more.stderr
+    )
     assert "runs to train: 1, recorded before: 4" in more.stderr
 
 
