@@ -480,8 +480,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = yaml_text(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def yaml_text(value: Any) -> str:
+    """A value read from YAML as YAML would write it in flow style: `true`, `null`, `[1, 2]`,
+    `{kind: cosine}` (Python's repr would show True, None and quoted keys); text quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {yaml_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:

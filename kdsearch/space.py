@@ -35,6 +35,7 @@ from kdsearch.recipe import (
     not_a_mapping,
     placement_problem,
     read_text,
+    yaml_text,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -288,7 +289,8 @@ class SpaceFile(Section):
     @classmethod
     def _recipe_or_file(cls, value: Any) -> Any:
         if not isinstance(value, dict | str):
-            raise ValueError(f"a recipe (a mapping) or the path of a recipe file, got {value!r}")
+            got = yaml_text(value)
+            raise ValueError(f"a recipe (a mapping) or the path of a recipe file, got {got}")
         return value
 
 

@@ -567,10 +567,15 @@ def test_a_teacher_checkpoint_in_the_base_is_relative_to_its_file(tmp_path: Path
     ("base", "expected"),
     [
         ("r.yaml", "s.yaml: base: {folder}/r.yaml: no such file"),
-        ("", "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got None"),
+        ("", "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got null"),
         (
             "[r.yaml]",
             "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got ['r.yaml']",
+        ),
+        (
+            "[{teacher: null}, yes]",
+            "s.yaml: base: a recipe (a mapping) or the path of a recipe file, got "
+            "[{{teacher: null}}, true]",
         ),
         (
             "{data: {dataset: digits}, teacher: {arch: resnet8}, student: {arch: resnet8}, 3: x}",
@@ -594,6 +599,7 @@ def test_a_bad_base_names_the_space_file_and_base(tmp_path: Path, base: str, exp
         ("", "it is empty"),
         ("- study\n", "it holds a list (['study'])"),
         ("study\n", "it holds text ('study')"),
+        ("true\n", "it holds true or false (true)"),
     ],
 )
 def test_a_space_that_is_no_mapping_says_what_it_is_and_what_goes_in_one(
