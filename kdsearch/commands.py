@@ -689,12 +689,13 @@ def run_promotion(
     from kdsearch.promote import finished_keys, leaderboard, promote, weights_dir_for
     from kdsearch.study import promoted_name, redact
 
-    budget = f"{epochs} epochs" if epochs else "the base recipe's epochs"
     weights_dir = weights_dir_for(url, name)
     status = RunsStatus()
     searched: list[str] = []  # the keys of the plan's runs of searched recipes
+    at = ""  # the plan's budget, as the first line says it
 
     def on_plan(runs: list[Any], todo: int) -> None:
+        nonlocal at
         searched[:] = [r.key for r in runs if r.source_trial >= 0]
         found = len({r.source_trial for r in runs if r.source_trial >= 0})
         if found == top_k:
@@ -750,7 +751,7 @@ def run_promotion(
     )
     if finished_keys(promoted) & set(searched):
         return True
-    console.print(f"every run of the searched recipes failed at {budget}: nothing is promoted")
+    console.print(f"every run of the searched recipes failed at {at}: nothing is promoted")
     return False
 
 

@@ -741,7 +741,7 @@ def test_a_promotion_whose_searched_runs_all_failed_exits_with_status_1(
     ran = cli_here("promote", "s", "--seeds", "1", "--top-k", "2", cwd=tmp_path)
     assert ran.returncode == 1, ran.stderr
     assert "trial 1 seed 0: failed: NonFiniteLoss: nan" in ran.stderr
-    assert "every run of the searched recipes failed at the base recipe's epochs" in ran.stderr
+    assert "every run of the searched recipes failed at the base recipe's 3 epochs:" in ran.stderr
     assert (
         "with 1 seed, next to the student alone and plain KD, at the base recipe's 3 epochs;"
         in (" ".join(ran.stderr.split()))
