@@ -796,6 +796,9 @@ def run_export(
     heads = needs_teacher_heads(winner.recipe)
     files = winner.teacher
     checked = True
+    # a baseline that did better than the exported recipe, and how: named once the export is
+    # written, with the command that trains its first run from the exported recipe
+    better: list[tuple[str, str]] = []
     if winner.weights is not None:
         if not winner.weights.is_file():
             raise KdsearchError(
@@ -831,13 +834,14 @@ def run_export(
                 "this trial's score, which is from the search's budget"
             )
             board = leaderboard(promotion)  # the baselines that finished there, to weigh it against
-            for _, row in board[board["source_trial"] < 0].iterrows():
-                console.print(
-                    f"note: {row['recipe']} finished in the promotion, {row['val_mean']:.2f}% "
-                    f"on validation at {row['epochs']} epochs (mean of {row['seeds']} seeds); "
-                    f"for {row['recipe']}, `kdsearch train` the base recipe with "
-                    f"{BASELINE_TERMS[str(row['recipe'])]}"
+            better += [
+                (
+                    str(row["recipe"]),
+                    f"finished in the promotion, {row['val_mean']:.2f}% on validation at "
+                    f"{row['epochs']} epochs (mean of {row['seeds']} seeds)",
                 )
+                for _, row in board[board["source_trial"] < 0].iterrows()
+            ]
         teacher, files = None, None
         if needs_teacher(winner.recipe):
             teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
@@ -903,25 +907,29 @@ def run_export(
             f"{'it' if one else 'them'} ({'it' if one else 'they'} finished after the promotion "
             f"ran, or it stopped first); {again} does, then export again"
         )
-    for baseline, scores in winner.metrics.get("baselines", {}).items():
-        if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]:
-            how = f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
-            if (run := first_run(promoted_study(storage, name), baseline)) is not None:
-                trained_as = Recipe.from_yaml(str(run.user_attrs["recipe"]))
-                command = train_command(
-                    out / "recipe.yaml",
-                    trained_as,
-                    threads=run.user_attrs.get("threads"),
-                    cpu=run.user_attrs.get("device") == "cpu"
-                    and device_type(winner.recipe.device) != "cpu",
-                )
-                how = f"`{command}` trains its seed {trained_as.seed} run again"
-            console.print(
-                f"note: {baseline} scored higher on validation "
-                f"({100 * scores['val_acc_mean']:.2f}% against "
-                f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe, "
-                f"which is exported all the same; for {baseline}, {how}"
+    better += [
+        (
+            baseline,
+            f"scored higher on validation ({100 * scores['val_acc_mean']:.2f}% against "
+            f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe, "
+            "which is exported all the same",
+        )
+        for baseline, scores in winner.metrics.get("baselines", {}).items()
+        if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]
+    ]
+    for baseline, what in better:
+        how = f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
+        if (run := first_run(promoted_study(storage, name), baseline)) is not None:
+            trained_as = Recipe.from_yaml(str(run.user_attrs["recipe"]))
+            command = train_command(
+                out / "recipe.yaml",
+                trained_as,
+                threads=run.user_attrs.get("threads"),
+                cpu=run.user_attrs.get("device") == "cpu"
+                and device_type(winner.recipe.device) != "cpu",
             )
+            how = f"`{command}` trains its seed {trained_as.seed} run again"
+        console.print(f"note: {baseline} {what}; for {baseline}, {how}")
     threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
     written = ["recipe.yaml", "student.pt"]
     if files is not None:

@@ -348,13 +348,28 @@ def test_export_without_a_promotion_says_when_the_search_learned_from_another_te
         "diverged; `kdsearch trials s-promoted` says why); no promotion confirms this trial's "
         "score, which is from the search's budget"
     ) in " ".join(proc.stderr.split())
-    # the baselines that did finish there, which the searched recipe's score does not compare to
-    for baseline, terms in (("plain KD", "ce's and kd's"), ("student alone", "ce's")):
-        assert (
-            f"note: {baseline} finished in the promotion, 50.00% on validation at 2 epochs (mean "
-            f"of 2 seeds); for {baseline}, `kdsearch train` the base recipe with every distill "
-            f"weight but {terms} at 0"
-        ) in " ".join(proc.stderr.split())
+    # the baselines that did finish there, which the searched recipe's score does not compare
+    # to, each with the command that trains its first run from the exported recipe (it named
+    # "the base recipe with every distill weight but ce's and kd's at 0", and no file or seed)
+    said = " ".join(proc.stderr.split())
+    runs = optuna.load_study(study_name="s-promoted", storage=url).trials
+    for baseline in ("plain KD", "student alone"):
+        found = re.search(
+            f"note: {baseline} finished in the promotion, 50.00% on validation at 2 epochs "
+            f"\\(mean of 2 seeds\\); for {baseline}, `([^`]+)` trains its seed 0 run again",
+            said,
+        )
+        assert found is not None, said
+        words = shlex.split(found.group(1))
+        assert words[:4] == ["OMP_NUM_THREADS=1", "kdsearch", "train", "w/recipe.yaml"]
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        told = load_recipe(str(tmp_path / "w" / "recipe.yaml"), sets)
+        (recorded,) = [
+            Recipe.from_yaml(t.user_attrs["recipe"])
+            for t in runs
+            if t.user_attrs["label"] == baseline and t.user_attrs["seed"] == 0
+        ]
+        assert told == recorded.override({key: told.get(key) for key in PER_MACHINE})
     assert re.search(
         r"note: the teacher file \S+ hashes [0-9a-f]{16}, but the runs recorded before learned "
         r"from one that hashed 0{16}: .*the exported student learns from this one",
