@@ -294,8 +294,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_out(Path(space.config.export.dir), name, url, export_option(space))
     file = sqlite_file(url)
-    if file is not None and not given:  # ./studies, once nothing has refused the run
+    folder = None  # ./studies where this command makes it, once nothing has refused the run
+    if file is not None and not given and not file.parent.exists():
         file.parent.mkdir(exist_ok=True)
+        folder = file.parent
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
@@ -304,6 +306,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BaseException:
         if new_file and file is not None:  # a refused run leaves no file (that a later
             forget_if_empty(file)  # `trials NAME` would find before the right one)
+            remove_if_empty(folder)
         raise
     if args.resume and record.created:  # a typo in --study would otherwise pass unseen
         console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
@@ -341,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     }
                 )
                 tally, seconds, complete = search_trials(
-                    args, space, record, file, new_file, target, finish
+                    args, space, record, file, new_file, folder, target, finish
                 )
     except KeyboardInterrupt:  # a second Ctrl-C (Tune waits on the first only), or one as
         # the search ended: the resume line, where the study kept what this run began
@@ -453,11 +456,14 @@ def search_trials(
     record: Record,
     file: Path | None,
     new_file: bool,
+    folder: Path | None,
     target: int,
     resume: str,
 ) -> tuple[Tally, float, bool]:
     """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
-    every trial this driver started has finished; `resume` is the command that finishes them."""
+    every trial this driver started has finished; `resume` is the command that finishes them.
+    `new_file`: whether this command made the SQLite `file`, `folder`: the folder it made for
+    it, if it did."""
     import ray
 
     from kdsearch.data import load_data
@@ -502,6 +508,7 @@ def search_trials(
         with suppress(Exception):  # the error that stopped the search is the one to show
             if file is not None and record.discard_if_unused() and new_file:
                 file.unlink(missing_ok=True)
+                remove_if_empty(folder)
         raise
     finally:
         if args.address is not None:
@@ -522,6 +529,14 @@ def forget_if_empty(file: Path) -> None:
     if empty:
         with suppress(OSError):  # the error that refused the run is the one to show
             file.unlink()
+
+
+def remove_if_empty(folder: Path | None) -> None:
+    """Remove `folder`, which this command made for its study, where nothing else has been put
+    in it since."""
+    if folder is not None:
+        with suppress(OSError):  # not empty: kept
+            folder.rmdir()
 
 
 def password_hidden(url: str) -> str:

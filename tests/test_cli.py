@@ -278,7 +278,7 @@ def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
         proc = run_cli("run", "s.yaml", "--address", address, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in proc.stderr
-    assert "teacher" not in proc.stderr and not (tmp_path / "studies" / "s.db").exists()
+    assert "teacher" not in proc.stderr and not (tmp_path / "studies").exists()
 
 
 def test_ray_address_in_the_environment_is_the_cluster_to_join(
@@ -491,7 +491,7 @@ def test_a_search_that_fails_before_its_first_trial_leaves_no_study(
     sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
     ran = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
     assert ran.returncode == 2 and "cifar10 is not in" in ran.stderr, ran.stderr
-    assert not (tmp_path / "studies" / "s.db").exists()
+    assert not (tmp_path / "studies").exists()  # nor the folder made for it
     # in a file that holds another study, only the new one goes (and --resume of a study not
     # there yet says it starts one)
     other = tmp_path / "other.db"
