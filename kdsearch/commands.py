@@ -284,9 +284,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     target = args.trials or space.config.search.trials
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
-        from kdsearch.search import local_resources, trial_resources
+        from kdsearch.search import local_resources, machine_choices, trial_resources
 
-        trial_resources(space.config.search, local_resources(), device=space.base.device)
+        trial_resources(space.config.search, local_resources(), **machine_choices(space))
     given = args.storage or space.config.study.storage
     url = storage_url(given or default_storage(name))
     if space.config.export is not None:  # now, not after the search
@@ -468,7 +468,13 @@ def search_trials(
 
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
-    from kdsearch.search import active_terms, run_search, start_ray, trial_resources
+    from kdsearch.search import (
+        active_terms,
+        machine_choices,
+        run_search,
+        start_ray,
+        trial_resources,
+    )
     from kdsearch.teacher import TeacherFiles
 
     try:
@@ -477,7 +483,7 @@ def search_trials(
             # an address such as [fe80::1]:6379 would lose its brackets
             with console.status(Text(f"joining the Ray cluster at {args.address}")):
                 start_ray(args.address)
-            trial_resources(space.config.search, device=space.base.device)
+            trial_resources(space.config.search, **machine_choices(space))
         with console.status("loading data"):
             data = load_data(space.base.data)
         terms = active_terms(space)

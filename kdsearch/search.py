@@ -21,11 +21,11 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import ray
@@ -457,7 +457,7 @@ def run_search(
             scratch = scratch_held.enter_context(scratch_folder())
             # Trials on other nodes of a cluster create the store's folder there (one per node).
             store_root = str(scratch / "teacher-outputs") if store.enabled else None
-            cpu, gpu = trial_resources(cfg.search, device=space.base.device)
+            cpu, gpu = trial_resources(cfg.search, **machine_choices(space))
             asha = RecordingASHA(
                 cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor
             )
@@ -647,7 +647,11 @@ def run_jobs(
         start_ray(address)
     try:
         first = next(iter(jobs.values()))
-        cpu, gpu = trial_resources(search, device=first.device)
+        cpu, gpu = trial_resources(
+            search,
+            devices={r.device for r in jobs.values()},
+            precisions={r.precision for r in jobs.values()},
+        )
         shared = ray.put(share(data, teacher, first.teacher.arch))
         # Epochs travel through a queue (a small actor on this node), wherever a run trains.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -734,13 +738,14 @@ def trial_resources(
     search: SearchConfig,
     nodes: Sequence[Mapping[str, float]] | None = None,
     *,
-    device: str = "auto",
+    devices: Collection[str] = ("auto",),
+    precisions: Collection[str] = (),
 ) -> tuple[float, float]:
     """CPUs and GPUs of one trial on a cluster of `nodes`, by default the connected Ray's
     (`gpu: auto`: an equal share of a GPU, as many to a GPU as `concurrent` trials need, where
-    there are GPUs); a request no node can meet, or a CUDA `device` for trials given no GPU, is
-    refused at once, since Tune and Ray would wait forever for the one and every trial would
-    fail on the other."""
+    there are GPUs); a request no node can meet, or a CUDA device or fp16 among the `devices`
+    and `precisions` trials may take for trials given no GPU, is refused at once, since Tune and
+    Ray would wait forever for the one and the trials would fail on the other."""
     if nodes is None:
         nodes = cluster_nodes()
     gpus = sum(float(node.get("GPU", 0.0)) for node in nodes)
@@ -763,10 +768,27 @@ def trial_resources(
             f"search.per_trial is {per_trial.cpu:g} CPUs with {gpu:g} GPUs, but no Ray node "
             "has both"
         )
-    if gpu == 0 and device.startswith("cuda"):
-        why = "search.per_trial.gpu is 0" if gpus else "the Ray cluster has no GPU"
-        raise RecipeError(f"device: {device}, but trials get no GPU ({why}); use auto or cpu")
+    why = "search.per_trial.gpu is 0" if gpus else "the Ray cluster has no GPU"
+    if gpu == 0 and (cuda := [d for d in devices if d.startswith("cuda")]):
+        raise RecipeError(f"device: {cuda[0]}, but trials get no GPU ({why}); use auto or cpu")
+    if gpu == 0 and "fp16" in precisions:
+        raise RecipeError(
+            f"precision: fp16 needs CUDA, but trials get no GPU ({why}); use bf16 or fp32"
+        )
     return per_trial.cpu, gpu
+
+
+class MachineChoices(TypedDict):
+    devices: list[str]
+    precisions: list[str]
+
+
+def machine_choices(space: SearchSpace) -> MachineChoices:
+    """The devices and precisions a trial of `space` may train with (`trial_resources`)."""
+    return {
+        "devices": [str(v) for v in space.reachable("device")],
+        "precisions": [str(v) for v in space.reachable("precision")],
+    }
 
 
 CONNECT_S = 10  # how long a cluster's address may take to accept a connection

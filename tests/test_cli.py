@@ -324,6 +324,29 @@ def test_a_ray_address_variable_kdsearch_cannot_join_is_named_as_the_variable(
     assert not (tmp_path / "studies").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trials get a GPU here")
+@pytest.mark.parametrize(
+    ("searched", "why"),
+    [
+        ("device: {type: categorical, choices: [cpu, cuda]}", "device: cuda, but trials get"),
+        ("precision: {type: categorical, choices: [fp32, fp16]}", "precision: fp16 needs CUDA"),
+    ],
+)
+def test_a_searched_device_or_precision_trials_cannot_train_with_is_refused(
+    tmp_path: Path, cli_here: CliHere, searched: str, why: str
+) -> None:
+    """Accepted, these failed every trial that drew them (7 of 16), where the same values in
+    the base or --set are refused before the search starts."""
+    space = SMALL_SPACE.replace("space:\n", f"space:\n  {searched}\n")
+    space = space.replace("  device: cpu\n", "  device: auto\n")  # (fp16 with cpu: refused)
+    (tmp_path / "s.yaml").write_text(space)
+    ran = cli_here("run", "s.yaml", cwd=tmp_path)
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.startswith(f"kdsearch: error: {why}"), ran.stderr
+    assert "no GPU (the Ray cluster has no GPU); use " in ran.stderr
+    assert not (tmp_path / "studies").exists()
+
+
 @pytest.mark.parametrize(
     "address", ["nonsense", "host:notaport", "host:70000", ":6379", "::1:6379", "http://h:8265"]
 )

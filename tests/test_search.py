@@ -731,8 +731,13 @@ def test_a_cuda_device_for_trials_given_no_gpu_is_refused(
     monkeypatch.setattr(search, "cluster_nodes", lambda: [{"CPU": 4.0, "GPU": gpus}])
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0}})
     with pytest.raises(RecipeError, match=r"device: cuda, but trials get no GPU"):
-        search.trial_resources(config, device="cuda")
-    assert search.trial_resources(config, device="auto") == (1.0, 0.0)
+        search.trial_resources(config, devices=["auto", "cuda"])
+    with pytest.raises(RecipeError, match=r"precision: fp16 needs CUDA, but trials get no GPU"):
+        search.trial_resources(config, devices=["auto"], precisions=["fp32", "fp16"])
+    assert search.trial_resources(config, devices=["auto", "cpu"], precisions=["bf16"]) == (
+        1.0,
+        0.0,
+    )
 
 
 @pytest.mark.parametrize(
