@@ -248,14 +248,19 @@ class RecordingASHA(ASHAScheduler):
         self.errors: dict[str, str] = {}
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if "failure" in result:  # a failed trial's NaN measures nothing: kept out of the rungs
+            # (where, alone, it made numpy warn "All-NaN slice"); its function has returned
+            return str(TrialScheduler.CONTINUE)
         decision: str = super().on_trial_result(tune_controller, trial, result)
-        if (
-            decision == TrialScheduler.STOP
-            and result.get("epoch", 0) < self._max_t
-            and "failure" not in result
-        ):
+        if decision == TrialScheduler.STOP and result.get("epoch", 0) < self._max_t:
             self.stopped.add(trial.trial_id)
         return decision
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if result and "failure" in result:
+            self._trial_info.pop(trial.trial_id, None)  # as ASHA forgets a trial that ended
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
     def remember(self, curves: Mapping[str, Mapping[int, float]]) -> None:
         """Enter finished trials' results into the rungs they reached, so a resumed search

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -605,6 +606,31 @@ def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path)
     trials = record.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert [t.user_attrs["warnings"] for t in trials] == [[said], [said]]
+
+
+def test_failed_trials_stay_out_of_ashas_rungs() -> None:
+    """Their NaN went into the rung, where numpy warned "All-NaN slice encountered" onto the
+    user's terminal once a rung held failed trials alone."""
+    from kdsearch import search
+    from kdsearch.study import METRIC
+
+    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
+    asha.set_search_properties(METRIC, "max")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        for key in ("a", "b"):
+            trial = SimpleNamespace(trial_id=key)
+            asha.on_trial_add(None, trial)
+            failed = {"epoch": 1, METRIC: float("nan"), "failure": "ValueError: x"}
+            assert asha.on_trial_result(None, trial, failed) == "CONTINUE"
+            asha.on_trial_complete(None, trial, failed)
+        good = SimpleNamespace(trial_id="c")
+        asha.on_trial_add(None, good)  # first to the rung: goes on
+        assert asha.on_trial_result(None, good, {"epoch": 1, METRIC: 0.1}) == "CONTINUE"
+    assert asha.stopped == set()
+    assert all(
+        not recorded or set(recorded) == {"c"} for b in asha._brackets for _, recorded in b._rungs
+    )
 
 
 def test_a_trial_whose_process_died_keeps_what_its_last_epoch_said(tmp_path: Path) -> None:
