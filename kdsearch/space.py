@@ -673,6 +673,13 @@ class SearchSpace:
         for name, p in self.params.items():
             if isinstance(p, CategoricalParam) and not name.startswith("$"):
                 idle += _alike_changes(name, p)
+        for name, p in self.params.items():  # (with a `when`, it sets the value where that holds)
+            values = p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]
+            if not p.when and all(v == values[0] for v in values):
+                idle.append(
+                    f"space.{name}: every trial takes {yaml_text(values[0])}, so it searches "
+                    "nothing; set it in base, or widen it"
+                )
         return idle
 
     def searched_changes(self, keys: Iterable[str]) -> list[str]:

@@ -497,6 +497,30 @@ def test_a_setting_of_a_term_no_trial_switches_on_is_named_as_idle() -> None:
         "space.distill.cktf.temperature: distill.cktf is never on (its weight is 0 in base and "
         "no trial changes it), so this changes nothing; search distill.cktf.weight too, or give "
         "it a weight in base",
+        "space.distill.pkt.weight: every trial takes 0.0, so it searches nothing; set it in "
+        "base, or widen it",
+        "space.distill.cktf.weight: every trial takes 0.0, so it searches nothing; set it in "
+        "base, or widen it",
+    ]
+
+
+def test_a_parameter_of_one_value_is_named_as_searching_nothing() -> None:
+    """A review's space of `low: 4, high: 4` ran 16 trials of one recipe without a word."""
+    idle = space_of(
+        "  distill.kd.temperature: {type: float, low: 4, high: 4}\n"
+        "  optim.lr: {type: float, low: 0.01, high: 0.1, log: true}\n"
+        "  batch_size: {type: int, low: 32, high: 32}\n"
+        "  $extra: {type: categorical, choices: [none, pkt]}\n"
+        "  distill.pkt.weight: {type: categorical, choices: [100.0], when: {$extra: pkt}}\n"
+        "  optim.nesterov: {type: categorical, choices: [true]}\n"
+    ).idle_settings()
+    assert idle == [  # not pkt's: with its `when`, it sets 100 where that holds
+        "space.distill.kd.temperature: every trial takes 4.0, so it searches nothing; set it in "
+        "base, or widen it",
+        "space.batch_size: every trial takes 32, so it searches nothing; set it in base, or "
+        "widen it",
+        "space.optim.nesterov: every trial takes true, so it searches nothing; set it in base, "
+        "or widen it",
     ]
 
 
