@@ -338,6 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 record.record_options(
                     {
                         "space": str(Path(args.space).resolve()),
+                        "study": args.study,
                         "trials": args.trials,
                         "set": list(args.set),
                         "address": args.address,
@@ -1191,7 +1192,7 @@ def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
     storage = redact(url) if storage_option(name, url) else None
     return run_resumed(
         space or "SPACE",
-        name,
+        options.get("study", name),  # None: the run named none (the space's)
         storage,
         options.get("trials"),
         options.get("address"),

@@ -20,6 +20,7 @@ from kdsearch import cli
 from kdsearch.commands import (
     parse_sets,
     password_hidden,
+    recorded_resume,
     storage_option,
     storage_url,
     train_command,
@@ -714,3 +715,19 @@ def test_a_train_command_turns_a_recipe_file_into_another_recipe_but_for_the_mac
     ], command
     told = Recipe.load(file).override(parse_sets(sets))
     assert told == wanted.override({"data.root": exported.data.root})  # this machine's folder
+
+
+def test_the_recorded_resume_command_gives_study_where_the_run_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`trials` said `--study s` where the run itself had named no study (the space's), so
+    the same stop gave two different commands."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    options = {"space": str(tmp_path / "s.yaml"), "trials": None, "set": [], "address": None}
+    told = recorded_resume({"run_options": {**options, "study": None}}, "s", url)
+    assert told == "kdsearch run s.yaml --resume"
+    told = recorded_resume({"run_options": {**options, "study": "s"}}, "s", url)
+    assert told == "kdsearch run s.yaml --study s --resume"
+    # recorded before the study was: as before, named
+    assert recorded_resume({"run_options": options}, "s", url).endswith("--study s --resume")

@@ -323,13 +323,12 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert hint in err and "Traceback" not in err and "SIGTERM received" not in err
     finally:
         stop_session(proc.pid)  # the killed driver's Ray
-    # `trials` names the whole command that finishes the search: it said `kdsearch run SPACE
-    # --study tiny --resume`, which would also have grown the study to the space's 16 trials
+    # `trials` names the whole command that finishes the search, as the run's own last line
+    # does: it said `kdsearch run SPACE --study tiny --resume`, which would also have grown the
+    # study to the space's 16 trials
     shown = kdsearch("trials", "tiny", cwd=root, env=env)
     _, err = shown.communicate(timeout=120)
-    assert "`kdsearch run space.yaml --study tiny --trials 10 --resume` runs" in " ".join(
-        err.split()
-    ), err
+    assert "`kdsearch run space.yaml --trials 10 --resume` runs" in " ".join(err.split()), err
     # the attempt each runs again as: the next, once it had its recipe; one caught while it was
     # proposed (before its recipe was recorded) never trained, so it keeps its attempt
     left = {
