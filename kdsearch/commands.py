@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sqlite3
@@ -286,7 +287,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
         from kdsearch.search import local_resources, machine_choices, trial_resources
 
-        trial_resources(space.config.search, local_resources(), **machine_choices(space))
+        (node,) = local_resources()
+        cpu, gpu = trial_resources(
+            space.config.search, [node], **machine_choices(space), source=space.source
+        )
+        room = min(node["CPU"] // cpu, node["GPU"] // gpu if gpu else math.inf)
+        if (concurrent := space.config.search.concurrent) > room:
+            console.print(
+                f"note: {space.source}: search.concurrent is {concurrent}, but this machine has "
+                f"room for {room:.0f} trial{'s' * (room > 1)} at once ({cpu:g} CPU"
+                f"{'s' * (cpu != 1)}{f' and {gpu:g} GPU' if gpu else ''} each), so "
+                f"{room:.0f} run at a time"
+            )
     given = args.storage or space.config.study.storage
     url = storage_url(given or default_storage(name))
     if space.config.export is not None:  # now, not after the search
@@ -484,7 +496,7 @@ def search_trials(
             # an address such as [fe80::1]:6379 would lose its brackets
             with console.status(Text(f"joining the Ray cluster at {args.address}")):
                 start_ray(args.address)
-            trial_resources(space.config.search, **machine_choices(space))
+            trial_resources(space.config.search, **machine_choices(space), source=space.source)
         with console.status("loading data"):
             data = load_data(space.base.data)
         terms = active_terms(space)

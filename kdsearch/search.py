@@ -462,7 +462,7 @@ def run_search(
             scratch = scratch_held.enter_context(scratch_folder())
             # Trials on other nodes of a cluster create the store's folder there (one per node).
             store_root = str(scratch / "teacher-outputs") if store.enabled else None
-            cpu, gpu = trial_resources(cfg.search, **machine_choices(space))
+            cpu, gpu = trial_resources(cfg.search, **machine_choices(space), source=space.source)
             asha = RecordingASHA(
                 cfg.asha.max_epochs, cfg.asha.grace_epochs, cfg.asha.reduction_factor
             )
@@ -745,12 +745,15 @@ def trial_resources(
     *,
     devices: Collection[str] = ("auto",),
     precisions: Collection[str] = (),
+    source: str = "",
 ) -> tuple[float, float]:
     """CPUs and GPUs of one trial on a cluster of `nodes`, by default the connected Ray's
     (`gpu: auto`: an equal share of a GPU, as many to a GPU as `concurrent` trials need, where
     there are GPUs); a request no node can meet, or a CUDA device or fp16 among the `devices`
     and `precisions` trials may take for trials given no GPU, is refused at once, since Tune and
-    Ray would wait forever for the one and the trials would fail on the other."""
+    Ray would wait forever for the one and the trials would fail on the other. `source`: the
+    space file the search settings came from, to name in the error."""
+    file = f"{source}: " if source else ""
     if nodes is None:
         nodes = cluster_nodes()
     gpus = sum(float(node.get("GPU", 0.0)) for node in nodes)
@@ -764,13 +767,13 @@ def trial_resources(
         if wanted > most:
             where = "the Ray cluster has" if len(nodes) == 1 else "its largest Ray node has"
             raise RecipeError(
-                f"search.per_trial.{kind} is {wanted:g}, but {where} {most:g} {kind.upper()}s"
+                f"{file}search.per_trial.{kind} is {wanted:g}, but {where} {most:g} {kind.upper()}s"
             )
     if not any(
         node.get("CPU", 0.0) >= per_trial.cpu and node.get("GPU", 0.0) >= gpu for node in nodes
     ):
         raise RecipeError(
-            f"search.per_trial is {per_trial.cpu:g} CPUs with {gpu:g} GPUs, but no Ray node "
+            f"{file}search.per_trial is {per_trial.cpu:g} CPUs with {gpu:g} GPUs, but no Ray node "
             "has both"
         )
     why = "search.per_trial.gpu is 0" if gpus else "the Ray cluster has no GPU"

@@ -264,8 +264,19 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(
 ) -> None:
     (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
     ran = cli_here("run", "s.yaml", cwd=tmp_path)
-    assert ran.returncode == 2 and "search.per_trial.cpu is 4096, but" in ran.stderr
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.startswith("kdsearch: error: s.yaml: search.per_trial.cpu is 4096, but")
     assert "teacher" not in ran.stderr and not (tmp_path / "studies").exists()
+    # more trials at once than fit: said (then refused here for its data, to end at once)
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("concurrent: 2", "concurrent: 4096"))
+    sets = ["--set", "data.dataset=cifar10", "--set", "data.download=false"]
+    ran = cli_here("run", "s.yaml", *sets, "--set", "data.root=nowhere", cwd=tmp_path)
+    cpus = len(os.sched_getaffinity(0))
+    said = " ".join(ran.stderr.split())
+    assert (
+        f"note: s.yaml: search.concurrent is 4096, but this machine has room for {cpus} "
+        f"trial{'s' * (cpus > 1)} at once (1 CPU"  # (and a share of a GPU, where it has one)
+    ) in said and f"each), so {cpus} run at a time" in said
 
 
 def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
