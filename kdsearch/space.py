@@ -271,6 +271,8 @@ class ExportConfig(Section):
     @field_validator("dir")
     @classmethod
     def _home(cls, value: str) -> str:
+        if not value.strip():  # read as `.`, the working folder, it was refused for its files
+            raise ValueError("is empty; name the folder to export the winner to")
         return os.path.expanduser(value)  # as a recipe's paths: `~/x` was a folder named ~
 
 

@@ -873,6 +873,12 @@ def test_a_home_folder_in_export_dir_is_the_users(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HOME", "/home/u")
     space = space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", "export: {dir: ~/w}\n")
     assert space.config.export is not None and space.config.export.dir == "/home/u/w"
+    # an empty one was read as the working folder, and refused for the files it holds there
+    with pytest.raises(RecipeError) as empty:
+        space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", "export: {dir: ''}\n")
+    assert str(empty.value) == (
+        "s.yaml: export.dir: is empty; name the folder to export the winner to"
+    )
 
 
 def test_section_choices_that_change_nothing_or_one_thing_twice_are_told() -> None:
