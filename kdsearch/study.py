@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from kdsearch import __version__
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.paths import writable_file
-from kdsearch.recipe import Recipe, describe, flatten, load_yaml
+from kdsearch.recipe import Recipe, describe, flatten, load_yaml, yaml_text
 from kdsearch.space import PROMOTED, SearchSpace, SpaceFile, search_name_problem
 
 METRIC = "val_acc"
@@ -926,11 +926,18 @@ def changed_settings(study: optuna.Study, space: SearchSpace) -> list[str]:
         if was.get(key) != now.get(key) and key not in PER_MACHINE
     ]
     params = recorded_space.space
-    changed += [
-        f"space.{key} differs"
-        for key in sorted(params.keys() | space.params.keys())
-        if params.get(key) != space.params.get(key)
-    ]
+    for key in sorted(params.keys() | space.params.keys()):
+        old, new = params.get(key), space.params.get(key)
+        if old is None or new is None:
+            changed.append(f"space.{key} {'added' if old is None else 'removed'}")
+        elif old != new:  # each field that differs, as the base's keys are
+            was_p, now_p = old.model_dump(), new.model_dump()
+            changed += [
+                f"space.{key}.{field} {yaml_text(was_p.get(field))} -> "
+                f"{yaml_text(now_p.get(field))}"
+                for field in sorted(was_p.keys() | now_p.keys())
+                if was_p.get(field) != now_p.get(field)
+            ]
     return changed
 
 

@@ -274,8 +274,22 @@ def test_resume_refuses_a_search_of_other_settings(space: SearchSpace, url: str)
         SPACE.replace("high: 0.2", "high: 0.3").replace("max_epochs: 4", "max_epochs: 5"),
         source="s.yaml",
     )
-    with pytest.raises(StudyError, match=r"asha.max_epochs 4 -> 5; space.optim.lr differs"):
+    with pytest.raises(StudyError) as err:  # it said only "space.optim.lr differs"
         Record(open_storage(url), "s", other, target=2, resume=True)
+    assert "asha.max_epochs 4 -> 5; space.optim.lr.high 0.2 -> 0.3" in str(err.value)
+    swapped = SearchSpace.from_yaml(
+        SPACE.replace("[[1, 2, 3], [3]]", "[[1, 2, 3], [2, 3]]").replace(
+            "  optim.lr: {type: float, low: 0.01, high: 0.2, log: true}\n",
+            "  optim.momentum: {type: float, low: 0.8, high: 0.9}\n",
+        ),
+        source="s.yaml",
+    )
+    with pytest.raises(StudyError) as err:
+        Record(open_storage(url), "s", swapped, target=2, resume=True)
+    assert (
+        "space.distill.hsakd.placement.choices [[1, 2, 3], [3]] -> [[1, 2, 3], [2, 3]]; "
+        "space.optim.lr removed; space.optim.momentum added"
+    ) in str(err.value)
     more = SearchSpace.from_yaml(SPACE + "search: {trials: 9, concurrent: 1}\n", source="t.yaml")
     assert Record(open_storage(url), "s", more, target=9, resume=True).target == 9
     # where another machine keeps the data, and what it runs on, may differ
