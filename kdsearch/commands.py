@@ -185,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(
             f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
             f"val acc {100 * teacher.val_acc:.2f}%"
+            + (f"; its heads: {teacher.heads_path}" if teacher.heads_path else "")
         )
         if (replaced := replaced_teacher(Path(args.recipe), exported, teacher.path)) is not None:
             console.print(
@@ -218,6 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "source": teacher.source,
             "path": str(teacher.path),
             "val_acc": teacher.val_acc,
+            **({"heads_path": str(teacher.heads_path)} if teacher.heads_path else {}),
         },
         "history": [vars(s) for s in result.history],
         "inputs": data.inputs(),  # what serving the student needs: size, normalisation, classes

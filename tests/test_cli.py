@@ -81,6 +81,9 @@ def test_heads_of_every_term_are_dropped_from_the_saved_student(tmp_path: Path) 
     assert "teacher heads epoch   1/1" in proc.stderr
     state = torch.load(tmp_path / "o" / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)
+    # the heads' file, which `teacher.heads.checkpoint` takes elsewhere, is named and recorded
+    heads = json.loads((tmp_path / "o" / "metrics.json").read_text())["teacher"]["heads_path"]
+    assert Path(heads).is_file() and f"; its heads: {heads}" in " ".join(proc.stderr.split())
 
 
 def test_student_alone_needs_no_teacher(tmp_path: Path) -> None:
