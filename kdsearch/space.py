@@ -458,7 +458,7 @@ class SearchSpace:
             where = f"{self.source}: space.{name}"
             if name.startswith("$") and not isinstance(p, CategoricalParam):
                 raise RecipeError(f"{where}: a $decision must be categorical")
-            self._check_when(p, seen, where)
+            self._check_when(name, p, seen, where)
             self._check_jointly(name, where)
             if not name.startswith("$"):
                 self._check_path(name, p, where)
@@ -572,13 +572,17 @@ class SearchSpace:
         combos = itertools.islice(itertools.product(*allowed.values()), 16)
         return [dict(zip(allowed, values, strict=True)) for values in combos]
 
-    def _check_when(self, p: _Param, seen: list[str], where: str) -> None:
+    def _check_when(self, name: str, p: _Param, seen: list[str], where: str) -> None:
         """Each condition names an earlier parameter and values it can take exactly."""
         for ref, wanted in (p.when or {}).items():
             if ref not in seen:
-                raise RecipeError(
-                    f"{where}: when refers to {ref!r}, which is not an earlier parameter"
-                )
+                if ref == name:
+                    why = "which is this parameter itself"
+                elif ref in self.params:
+                    why = "which is listed after this one; move this one below it"
+                else:
+                    why = "which the space does not search; a when names a parameter above it"
+                raise RecipeError(f"{where}: when refers to {ref!r}, {why}")
             target = self.params[ref]
             if isinstance(target, FloatParam):  # even with a step: 0.1 + 2 * 0.1 != 0.3
                 raise RecipeError(

@@ -86,7 +86,16 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
         ),
         (
             "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}\n  $x: {type: categorical, choices: [a, b]}",
-            "when refers to '$x', which is not an earlier parameter",
+            "when refers to '$x', which is listed after this one; move this one below it",
+        ),
+        (
+            "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {optim.nesterov: false}}",
+            "when refers to 'optim.nesterov', which the space does not search; a when names a "
+            "parameter above it",
+        ),
+        (
+            "  $x: {type: categorical, choices: [a, b], when: {$x: a}}",
+            "space.$x: when refers to '$x', which is this parameter itself",
         ),
         (
             "  $x: {type: categorical, choices: [a, b]}\n  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: c}}",
