@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="finish an interrupted or killed search of the same study",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the space, its base and this machine's resources for it, and stop there "
+        "(nothing is written, no data loaded)",
+    )
     p.set_defaults(func=cmd_run)
 
     def study_command(command: str, help_text: str) -> _Parser:

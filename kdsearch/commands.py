@@ -286,6 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume and (problem := search_name_problem(name)):  # before any file is made
         raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     target = args.trials or space.config.search.trials
+    at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
     if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
         from kdsearch.search import local_resources, machine_choices, trial_resources
 
@@ -301,12 +302,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{'s' * (cpu != 1)}{f' and {gpu:g} GPU' if gpu else ''} each), so "
                 f"{room:.0f} run at a time"
             )
+        at_once = f"{min(concurrent, room):.0f} at a time on this machine"
     given = args.storage or space.config.study.storage
     url = storage_url(given or default_storage(name))
     if space.config.export is not None:  # now, not after the search
         from kdsearch.export import check_out
 
         check_out(Path(space.config.export.dir), name, url, export_option(space))
+    if args.check:  # every check made before the study opens, and nothing written
+        console.print(
+            f"{space.source}: checked: {len(space.params)} parameter"
+            f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "
+            f"{space.config.asha.max_epochs} epochs, {at_once}, for study {name!r} in "
+            f"{redact(url)}; the data, the teacher and the study are first read when it runs"
+        )
+        return 0
     file = sqlite_file(url)
     folder = None  # ./studies where this command makes it, once nothing has refused the run
     if file is not None and not given and not file.parent.exists():

@@ -745,3 +745,21 @@ def test_the_recorded_resume_command_gives_study_where_the_run_did(
     assert told == "kdsearch run s.yaml --study s --resume"
     # recorded before the study was: as before, named
     assert recorded_resume({"run_options": options}, "s", url).endswith("--study s --resume")
+
+
+def test_check_runs_the_checks_of_a_search_and_writes_nothing(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """A user writing a space had no way to check it without starting a study."""
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    ran = cli_here("run", "s.yaml", "--check", "--trials", "3", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert " ".join(ran.stderr.split()) == (
+        "s.yaml: checked: 1 parameter, 3 trials of at most 2 epochs, 2 at a time on this "
+        "machine, for study 's' in sqlite:///studies/s.db; the data, the teacher and the study "
+        "are first read when it runs"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
+    ran = cli_here("run", "s.yaml", "--check", cwd=tmp_path)
+    assert ran.returncode == 2 and "search.per_trial.cpu is 4096" in ran.stderr
