@@ -496,7 +496,7 @@ def test_export_refuses_a_folder_holding_something_else(
     assert sorted(p.name for p in fresh.iterdir()) == ["e.yaml", "w"], "no ./studies made"
     # nor one whose export would go where the search keeps its study: refused only at the end,
     # after the search and its promotion had run, as a folder that held files
-    for folder in ("studies", ".", ""):
+    for folder in ("studies", "."):  # ('' is refused as empty: test_space)
         (fresh / "e.yaml").write_text(
             SMALL_SPACE.replace("name: s}", f"name: e}}\nexport: {{dir: '{folder}'}}")
         )
