@@ -39,6 +39,7 @@ from kdsearch.display import (
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.paths import (
     placed_files,
+    remove_empty,
     replaced_whole,
     run_files,
     writable_file,
@@ -318,10 +319,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 0
     file = sqlite_file(url)
-    folder = None  # ./studies where this command makes it, once nothing has refused the run
+    made: list[Path] = []  # ./studies where this command makes it, once nothing has refused
     if file is not None and not given and not file.parent.exists():
         file.parent.mkdir(exist_ok=True)
-        folder = file.parent
+        made.append(file.parent)
     new_file = file is not None and not file.exists()
     if file is not None and file.is_file():
         refuse_foreign(file, empty_ok=True)
@@ -330,7 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BaseException:
         if new_file and file is not None:  # a refused run leaves no file (that a later
             forget_if_empty(file)  # `trials NAME` would find before the right one)
-            remove_if_empty(folder)
+            remove_empty(made)
         raise
     if args.resume and record.created:  # a typo in --study would otherwise pass unseen
         console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
@@ -369,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     }
                 )
                 tally, seconds, complete = search_trials(
-                    args, space, record, file, new_file, folder, target, finish
+                    args, space, record, file, new_file, made, target, finish
                 )
     except KeyboardInterrupt:  # a second Ctrl-C (Tune waits on the first only), or one as
         # the search ended: the resume line, where the study kept what this run began
@@ -481,14 +482,14 @@ def search_trials(
     record: Record,
     file: Path | None,
     new_file: bool,
-    folder: Path | None,
+    made: list[Path],
     target: int,
     resume: str,
 ) -> tuple[Tally, float, bool]:
     """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
     every trial this driver started has finished; `resume` is the command that finishes them.
-    `new_file`: whether this command made the SQLite `file`, `folder`: the folder it made for
-    it, if it did."""
+    `new_file`: whether this command made the SQLite `file`, `made`: the folders it made for
+    it."""
     import ray
 
     from kdsearch.data import load_data
@@ -539,7 +540,7 @@ def search_trials(
         with suppress(Exception):  # the error that stopped the search is the one to show
             if file is not None and record.discard_if_unused() and new_file:
                 file.unlink(missing_ok=True)
-                remove_if_empty(folder)
+                remove_empty(made)
         raise
     finally:
         if args.address is not None:
@@ -560,14 +561,6 @@ def forget_if_empty(file: Path) -> None:
     if empty:
         with suppress(OSError):  # the error that refused the run is the one to show
             file.unlink()
-
-
-def remove_if_empty(folder: Path | None) -> None:
-    """Remove `folder`, which this command made for its study, where nothing else has been put
-    in it since."""
-    if folder is not None:
-        with suppress(OSError):  # not empty: kept
-            folder.rmdir()
 
 
 def password_hidden(url: str) -> str:

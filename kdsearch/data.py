@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kdsearch.cache import cache_dir, digest
 from kdsearch.errors import DataError, KdsearchWarning
-from kdsearch.paths import replaced_whole
+from kdsearch.paths import remove_empty, replaced_whole
 from kdsearch.recipe import DataConfig
 
 Progress = Callable[[str, int, int], None]
@@ -485,9 +485,7 @@ def _download(dataset: str, root: Path, folder: str) -> None:
                 cls[dataset](tmp, train=train, download=True)
             _place(Path(tmp) / folder, root / folder)
     except Exception as err:  # network, disk or checksum: the user can only act on the message
-        for made in created:  # deepest first; one that holds something stays
-            with contextlib.suppress(OSError):
-                made.rmdir()
+        remove_empty(created)  # deepest first
         raise DataError(
             f"could not download {dataset} into {root} from {url}: {' '.join(str(err).split())}; "
             f"to work offline, copy {offline} into {root} and set data.download: false"

@@ -15,7 +15,6 @@ exported with another teacher than its own would not train again to the same wei
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import shutil
@@ -35,6 +34,7 @@ from kdsearch.errors import KdsearchError, StudyError
 from kdsearch.models import build_model
 from kdsearch.paths import (
     moved_into_place,
+    remove_empty,
     staged_for,
     staging_path,
     writable_folder,
@@ -284,9 +284,7 @@ def export(
     except BaseException:  # refused, failed or interrupted: nothing of this export is left
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # stops at one that is not empty
-            for folder in created:
-                folder.rmdir()
+        remove_empty(created)
         raise
     # all at once (a Ctrl-C half-way would leave a folder no rerun may replace), in order:
     # meta.json, which names the export, last

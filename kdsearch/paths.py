@@ -15,7 +15,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kdsearch.errors import KdsearchError
@@ -46,9 +46,7 @@ def _probe(folder: Path, where: str) -> None:
     except OSError as err:
         raise KdsearchError(f"{where}: cannot write there ({err.strerror})") from None
     finally:
-        for p in made:  # deepest first
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_empty(made)
 
 
 def writable_file(path: Path, option: str) -> None:
@@ -193,6 +191,14 @@ def run_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(STAGING))
 
 
+def remove_empty(folders: Iterable[Path]) -> None:
+    """Remove the `folders` a command made (deepest first) that are empty; one that holds
+    something stays, and so do those above it."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def placed_files(out: Path, write: Callable[[Path], None]) -> Path:
     """Have `write` fill a hidden folder inside `out`, then move its files into `out` (a write
     that fails or is interrupted leaves none of them, nor the folders made for them); where `out`
@@ -211,9 +217,7 @@ def placed_files(out: Path, write: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     except BaseException:
-        for folder in made:
-            with contextlib.suppress(OSError):  # stops at one that is not empty
-                folder.rmdir()
+        remove_empty(made)
         raise
 
 
