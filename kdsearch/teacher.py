@@ -40,11 +40,13 @@ from kdsearch.train import (
     autocast_dtype,
     batch_ticks,
     cosine,
+    descend,
     evaluate_split,
     free_device_memory,
     freeze,
     place,
     resolve_device,
+    set_lr,
     sgd,
     train,
 )
@@ -420,18 +422,14 @@ def train_teacher_heads(
     tick = batch_ticks(report)
     for epoch in range(cfg.epochs):
         lr = cosine(cfg.lr, epoch, cfg.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         heads.train()
         started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {n: torch.zeros((), device=device) for n in heads}
         for b, batch in enumerate(loader.epoch(epoch)):
             parts = objective(batch.x, batch.y)
             total = torch.stack([loss for loss, _ in parts.values()]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
+            descend(optimizer, scaler, total)
             for n, (loss, _) in parts.items():
                 sums[n] += loss.detach()
             if tick is not None:
@@ -464,7 +462,7 @@ def train_teacher_heads(
                     val_acc,
                     val_loss,
                     lr,
-                    len(loader) * recipe.batch_size / seconds,
+                    loader.images / seconds,
                     seconds,
                     time.perf_counter() - t1,
                 )

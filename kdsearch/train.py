@@ -155,6 +155,23 @@ def sgd(params: Iterable[nn.Parameter], opt: OptimConfig, lr: float) -> torch.op
     )
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate, set once per epoch."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def descend(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, total: torch.Tensor
+) -> None:
+    """One optimizer step down `total`'s gradients, through the loss scaling fp16 needs (a
+    scaler that is not enabled passes them as they are)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def autocast(
     device: torch.device, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager[None]:
@@ -217,8 +234,7 @@ def train(
     started = time.perf_counter()
     for epoch in range(recipe.schedule.epochs):
         lr = lr_at(recipe, epoch)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        set_lr(optimizer, lr)
         distiller.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -239,10 +255,7 @@ def train(
             )
             with autocast(device, dtype):
                 total, parts = distiller.loss(step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
+            descend(optimizer, scaler, total)
             loss_sum += total.detach()
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0) + value.detach()

@@ -533,3 +533,14 @@ def test_a_diverging_teacher_or_heads_training_names_its_own_setting(
     assert said.startswith("training the teacher's heads: the training loss became nan")
     assert said.endswith("; lower teacher.heads.lr")
     assert not list(isolated_cache.rglob("*-heads-*.pt")), "nor of heads that diverged"
+
+
+def test_the_heads_speed_counts_the_images_an_epoch_trains(synthetic: ImageData) -> None:
+    """A training split smaller than the batch is one short batch an epoch; the heads' speed
+    counted a whole batch of images for it."""
+    recipe = tiny_recipe(
+        {"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1, "batch_size": 1024}
+    )
+    seen: list[float] = []
+    get_teacher(recipe, synthetic, heads_report=lambda s: seen.append(s.images_per_sec * s.seconds))
+    assert seen == [pytest.approx(len(synthetic.train))]
