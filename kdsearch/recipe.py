@@ -363,14 +363,24 @@ class Recipe(Section):
     def with_epochs(self, epochs: int) -> Recipe:
         """The same recipe trained for `epochs`, multistep milestones scaled in proportion (the
         budget of a search trial or of a promotion run): each within the epochs, as it was, so a
-        late one still decays the last epoch (none fits in one epoch)."""
+        late one still decays the last epoch (none fits in one epoch). Milestones that round to
+        one epoch move apart to the nearest free ones, so every decay still happens; a budget
+        with fewer epochs after its first than milestones decays once an epoch after the first."""
         s = self.schedule
-        scaled = {
-            min(epochs - 1, max(1, round(m * epochs / s.epochs)))
+        last = epochs - 1  # milestones lie in 1..epochs-1
+        places = [
+            min(last, max(1, round(m * epochs / s.epochs)))
             for m in s.milestones
             if m < s.epochs  # (a cosine recipe's are not checked, and none is past its end)
-        }
-        milestones = sorted(m for m in scaled if m > 0)
+        ]
+        if len(places) >= last:
+            milestones = list(range(1, last + 1))
+        else:
+            for i in range(1, len(places)):  # apart, later ones moving later ...
+                places[i] = max(places[i], places[i - 1] + 1)
+            for i in reversed(range(len(places))):  # ... and back below the end
+                places[i] = min(places[i], last - (len(places) - 1 - i))
+            milestones = places
         return self.override({"schedule.epochs": epochs, "schedule.milestones": milestones})
 
     def override(self, changes: Mapping[str, Any], *, source: str = "override") -> Recipe:

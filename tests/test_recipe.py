@@ -194,6 +194,25 @@ def test_milestones_scale_with_the_epochs_and_stay_within_them() -> None:
     assert cosine.with_epochs(10).schedule.milestones == []
 
 
+@pytest.mark.parametrize(
+    ("epochs", "milestones"),
+    [(5, [2, 3, 4]), (6, [3, 4, 5]), (8, [5, 6, 7]), (4, [1, 2, 3]), (3, [1, 2]), (2, [1])],
+)
+def test_milestones_that_round_to_one_epoch_keep_every_decay_they_can(
+    epochs: int, milestones: list[int]
+) -> None:
+    """Milestones went into a set, so [150, 180, 210] of 240 epochs became [3, 4] at 5 epochs
+    (4 and 4 merged) and trials ended at 10 times the learning rate the schedule decays to."""
+    from kdsearch.train import lr_at
+
+    recipe = Recipe.from_yaml(MINIMAL)
+    assert recipe.schedule.milestones == [150, 180, 210]
+    short = recipe.with_epochs(epochs)
+    assert short.schedule.milestones == milestones
+    decays = min(3, epochs - 1)
+    assert lr_at(short, epochs - 1) == pytest.approx(recipe.optim.lr * 0.1**decays)
+
+
 def test_override_sets_a_whole_section() -> None:
     recipe = Recipe.from_yaml(MINIMAL).override({"distill.kd": {"weight": 0.0}})
     assert recipe.distill.kd.weight == 0.0 and recipe.distill.kd.temperature == 4.0
