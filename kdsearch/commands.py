@@ -946,6 +946,14 @@ def run_export(
             f"{'it' if one else 'them'} ({'it' if one else 'they'} finished after the promotion "
             f"ran, or it stopped first); {again} does, then export again"
         )
+    if winner.all_failed:
+        one = len(winner.all_failed) == 1
+        console.print(
+            f"note: {numbered('trial', winner.all_failed, '#')} of the search scored higher "
+            f"there than the exported recipe's (#{winner.trial}), but "
+            f"{'its recipe' if one else 'their recipes'} finished no seed at {epochs} epochs "
+            f"({why})"
+        )
     better += [
         (
             baseline,

@@ -98,6 +98,8 @@ class Winner:
     # trials of the search ranked above that one that no promotion at its budget has tried
     # (finished since it ran, or it stopped before them)
     passed_over: list[int] = field(default_factory=list)
+    # trials ranked above it whose recipe the promotion at its budget tried and no seed finished
+    all_failed: list[int] = field(default_factory=list)
     device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
 
 
@@ -177,6 +179,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
             rank,
             [n for n in above if n not in tried] if rank else [],
+            [n for n in above if n in tried and n not in set(board["source_trial"])],
             top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)

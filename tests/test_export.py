@@ -302,6 +302,35 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     ) in said
     assert json.loads((tmp_path / "w5" / "meta.json").read_text())["trial"] == 1
     assert running.format("exports") in said
+    # the promotion trains the newcomer, and it fails on every seed: on no leaderboard row,
+    # and said, not passed over in silence
+    for seed in range(2):
+        promoted.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                params={"source_trial": 5, "seed": seed},
+                distributions=best.distributions,
+                user_attrs={
+                    **best.user_attrs,
+                    "source_trial": 5,
+                    "label": "trial 5",
+                    "seed": seed,
+                    "failure": "NonFiniteLoss: nan",
+                },
+            )
+        )
+    proc = cli_here("export", "s", "--out", "w5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert (
+        "trial #5 of the search scored higher there than the exported recipe's (#1) and no"
+        not in said
+    )
+    assert (
+        "note: trial #5 of the search scored higher there than the exported recipe's (#1), but "
+        "its recipe finished no seed at 2 epochs (`kdsearch trials s-promoted` says why)"
+    ) in said
+    assert json.loads((tmp_path / "w5" / "meta.json").read_text())["trial"] == 1
     storage.set_study_system_attr(storage.get_study_id_from_name("s"), beat, 0.0)  # it ended
     # the promoted weights moved away (a copied study, a PostgreSQL study read elsewhere)
     (tmp_path / "studies" / "s-promoted").rename(tmp_path / "moved")
