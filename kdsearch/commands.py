@@ -11,12 +11,11 @@ import json
 import math
 import os
 import shlex
-import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from contextlib import closing, suppress
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -490,8 +489,6 @@ def search_trials(
     every trial this driver started has finished; `resume` is the command that finishes them.
     `new_file`: whether this command made the SQLite `file`, `made`: the folders it made for
     it."""
-    import ray
-
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
     from kdsearch.search import (
@@ -499,6 +496,7 @@ def search_trials(
         machine_choices,
         run_search,
         start_ray,
+        stop_ray,
         trial_resources,
     )
     from kdsearch.teacher import TeacherFiles
@@ -544,21 +542,15 @@ def search_trials(
         raise
     finally:
         if args.address is not None:
-            ray.shutdown()
+            stop_ray()
     return outcome.tally, outcome.seconds, outcome.complete
 
 
 def forget_if_empty(file: Path) -> None:
     """Remove the SQLite `file` this command created, where it holds no study after all."""
-    if not file.is_file():
-        return
-    try:
-        with closing(sqlite3.connect(file)) as db:
-            tables = db.execute("SELECT name FROM sqlite_master WHERE name = 'studies'")
-            empty = not tables.fetchall() or not db.execute("SELECT 1 FROM studies").fetchall()
-    except sqlite3.Error:  # locked, or unreadable: not known to be empty, so kept
-        return
-    if empty:
+    from kdsearch.study import holds_no_study
+
+    if file.is_file() and holds_no_study(file):
         with suppress(OSError):  # the error that refused the run is the one to show
             file.unlink()
 

@@ -831,6 +831,11 @@ def start_ray(address: str | None) -> None:
             signal.signal(signal.SIGTERM, on_term)
 
 
+def stop_ray() -> None:
+    """Leave the Ray this process started or joined (`start_ray`)."""
+    ray.shutdown()
+
+
 def check_answers(address: str) -> None:
     """Refuse a `host:port` where nothing accepts a connection: Ray
     itself would retry it without end. (`auto` Ray resolves, and refuses, on its own.)"""

@@ -201,17 +201,37 @@ def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
 
 def holds_studies(file: Path) -> bool:
     """Whether SQLite `file` is an Optuna database (read without writing to it)."""
-    uri = f"{file.resolve().as_uri()}?mode=ro"
     try:
-        with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
-            row = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
-            ).fetchone()
+        with read_only(file) as db:
+            return has_studies_table(db)
     except sqlite3.Error as err:  # only "not a database" says foreign: a file locked, left
         # with a journal by a killed writer (which only a writable open rolls back) or
         # unreadable is for the real open to deal with
         return getattr(err, "sqlite_errorcode", None) != sqlite3.SQLITE_NOTADB
-    return row is not None
+
+
+def holds_no_study(file: Path) -> bool:
+    """Whether SQLite `file` is known to hold no study: no Optuna tables, or no row in its
+    studies table (False where it cannot be read: locked, or unreadable)."""
+    try:
+        with read_only(file) as db:
+            return not has_studies_table(db) or not db.execute("SELECT 1 FROM studies").fetchone()
+    except sqlite3.Error:
+        return False
+
+
+@contextmanager
+def read_only(file: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to SQLite `file` that cannot write to it."""
+    uri = f"{file.resolve().as_uri()}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+        yield db
+
+
+def has_studies_table(db: sqlite3.Connection) -> bool:
+    """Whether the SQLite database `db` has Optuna's studies table."""
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
+    return db.execute(query).fetchone() is not None
 
 
 def with_driver(url: str) -> str:

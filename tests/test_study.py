@@ -26,6 +26,7 @@ from kdsearch.study import (
     Record,
     check_writes,
     driver_alive,
+    holds_no_study,
     holds_studies,
     open_storage,
     pid_scope,
@@ -1037,6 +1038,18 @@ def test_a_study_file_a_killed_writer_left_mid_transaction_is_still_a_study(
     (tmp_path / "text.db").write_text("not a database\n")
     (tmp_path / "empty.db").write_bytes(b"")
     assert not holds_studies(tmp_path / "text.db") and not holds_studies(tmp_path / "empty.db")
+
+
+def test_a_database_is_known_to_hold_no_study_only_where_it_can_be_read(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="s", storage=url)
+    assert not holds_no_study(tmp_path / "s.db")
+    optuna.delete_study(study_name="s", storage=url)
+    assert holds_no_study(tmp_path / "s.db"), "Optuna's tables, but no study in them"
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert holds_no_study(tmp_path / "empty.db")
+    (tmp_path / "text.db").write_text("not a database\n")
+    assert not holds_no_study(tmp_path / "text.db"), "unreadable: not known to be empty"
 
 
 def test_the_password_of_a_space_files_storage_is_not_recorded(url: str) -> None:
