@@ -426,7 +426,6 @@ class Outcome:
     """How a `run_search` call ended."""
 
     tally: Tally
-    interrupted: list[int]  # trial numbers left RUNNING for --resume
     seconds: float
     complete: bool  # every trial this driver started has finished and none is left to start
 
@@ -526,7 +525,7 @@ def run_search(
         # Tune stops asking once it has run `num_samples` trials, so "nothing left" is the study's
         # word, not the searcher's; a plan handed out but never finished means Tune was stopped.
         complete = record.all_started() and not searcher.plans and not searcher.interrupted
-        return Outcome(record.tally(), searcher.interrupted, time.monotonic() - started, complete)
+        return Outcome(record.tally(), time.monotonic() - started, complete)
 
 
 @contextlib.contextmanager

@@ -421,8 +421,7 @@ class Plan:
 
     number: int
     recipe: Recipe
-    params: dict[str, Any]
-    adopted: bool = False
+    adopted: bool = False  # an orphan's recorded recipe, trained again
 
 
 @dataclass
@@ -624,7 +623,7 @@ class Record:
                         continue
                     self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
                     self._started(orphan._trial_id, ray_trial_id, attempt + 1, recipe)
-                    return Plan(orphan.number, recipe, dict(orphan.params), adopted=True)
+                    return Plan(orphan.number, recipe, adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
                 # again, keeping the values it had drawn (Optuna returns those), drawing the rest.
                 if not self._claim(orphan._trial_id, owner):
@@ -664,7 +663,7 @@ class Record:
             self.study.tell(trial, state=TrialState.FAIL)
             return None
         self._started(trial._trial_id, ray_trial_id, attempt, recipe)
-        return Plan(trial.number, recipe, dict(trial.params))
+        return Plan(trial.number, recipe)
 
     def _started(self, trial_id: int, ray_trial_id: str, attempt: int, recipe: Recipe) -> None:
         """Record what a claimed trial runs as: its Ray trial, its attempt and its recipe."""

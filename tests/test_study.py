@@ -126,9 +126,10 @@ def test_a_trial_trained_again_is_valued_at_its_own_last_epoch_not_an_earlier_at
 def test_a_placement_is_stored_as_text_and_recorded_as_a_list(space: SearchSpace, url: str) -> None:
     record = Record(open_storage(url), "s", space, target=6, resume=False)
     plans = [record.next_plan(str(i)) for i in range(6)]
+    stored = {t.number: t.params for t in record.study.trials}
     for plan in plans:
         assert plan is not None
-        assert plan.params["distill.hsakd.placement"] in ("[1, 2, 3]", "[3]")
+        assert stored[plan.number]["distill.hsakd.placement"] in ("[1, 2, 3]", "[3]")
         assert plan.recipe.distill.hsakd.placement in ([1, 2, 3], [3])
 
 
@@ -823,13 +824,13 @@ def test_drivers_that_start_on_a_study_at_once_propose_different_trials(
     ours = [first.next_plan(f"a{i}") for i in range(4)]
     theirs = [second.next_plan(f"b{i}") for i in range(4)]
     assert all(p is not None for p in ours + theirs)
-    drawn = [p.params["optim.lr"] for p in ours + theirs if p is not None]
+    drawn = [p.recipe.optim.lr for p in ours + theirs if p is not None]
     assert len(set(drawn)) == 8, drawn
     alone = Record(
         open_storage(url.replace("s.db", "alone.db")), "s", space, target=4, resume=False
     )
     plan = alone.next_plan("c0")
-    assert plan is not None and ours[0] is not None and plan.params == ours[0].params
+    assert plan is not None and ours[0] is not None and plan.recipe == ours[0].recipe
 
 
 def test_a_driver_stopped_while_preparing_keeps_a_study_another_driver_joined(

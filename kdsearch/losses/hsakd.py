@@ -42,11 +42,6 @@ def joint_labels(y: Tensor) -> Tensor:
     return torch.cat([ROTATIONS * y + k for k in range(ROTATIONS)])
 
 
-def class_logits(joint: Tensor) -> Tensor:
-    """Class scores from joint (class, rotation) logits: the rotations' logits summed per class."""
-    return joint.view(joint.shape[0], -1, ROTATIONS).sum(dim=2)
-
-
 def hsakd_loss(
     s_aux: list[Tensor], t_aux: list[Tensor], s_logits: Tensor, t_logits: Tensor, temperature: float
 ) -> Tensor:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from kdsearch.data import ImageData
-from kdsearch.losses.hsakd import class_logits, hsakd_loss, joint_labels
-from kdsearch.losses.kd import kd_loss
+from kdsearch.losses.hsakd import hsakd_loss, joint_labels
 
 from .conftest import build, first_batch, recipe_with, step_for
 
@@ -14,21 +15,49 @@ def test_joint_labels_follow_the_rotation_blocks() -> None:
     assert joint_labels(torch.tensor([0, 2])).tolist() == [0, 8, 1, 9, 2, 10, 3, 11]
 
 
-def test_class_logits_sum_the_rotations_of_each_class() -> None:
-    joint = torch.arange(8.0).view(1, 8)  # classes 0 and 1, four rotations each
-    assert class_logits(joint).tolist() == [[0 + 1 + 2 + 3, 4 + 5 + 6 + 7]]
+# Two heads' joint logits (2 images, 4 joint classes) and the final logits (3 classes), at
+# temperature 3; the golden value is the float64 sums of _kd_by_hand, computed once and committed.
+S_AUX = [
+    [[1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 0.0, -1.0]],
+    [[0.0, 1.0, 2.0, 3.0], [-2.0, 0.0, 1.0, 0.5]],
+]
+T_AUX = [
+    [[2.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, -1.0]],
+    [[3.0, 2.0, 1.0, 0.0], [-2.0, 0.0, 1.0, 0.5]],
+]
+S_LOGITS = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+T_LOGITS = [[3.0, 2.0, 1.0], [0.5, -1.0, 2.0]]
+GOLDEN = 2.0932975679389463
 
 
-def test_hsakd_loss_is_the_sum_of_the_per_head_and_final_kl() -> None:
-    torch.manual_seed(0)
-    s_aux, t_aux = [torch.randn(8, 12) for _ in range(2)], [torch.randn(8, 12) for _ in range(2)]
-    s_logits, t_logits = torch.randn(8, 3), torch.randn(8, 3)
-    expected = sum(kd_loss(s, t, 3.0) for s, t in zip(s_aux, t_aux, strict=True)) + kd_loss(
-        s_logits, t_logits, 3.0
+def _kd_by_hand(s_rows: list[list[float]], t_rows: list[list[float]], temp: float) -> float:
+    """T^2 KL(softmax(t/T) || softmax(s/T)), averaged over the rows, in float64."""
+
+    def softmax(row: list[float]) -> list[float]:
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = [
+        sum(p * math.log(p / q) for p, q in zip(softmax(t), softmax(s), strict=True))
+        for s, t in zip(s_rows, t_rows, strict=True)
+    ]
+    return sum(kl) / len(kl) * temp * temp
+
+
+def test_hsakd_loss_matches_the_golden_value() -> None:
+    """Every head's KL and the final logits' KL, summed, each averaged over the images."""
+    value = hsakd_loss(
+        [torch.tensor(h) for h in S_AUX],
+        [torch.tensor(h) for h in T_AUX],
+        torch.tensor(S_LOGITS),
+        torch.tensor(T_LOGITS),
+        3.0,
     )
-    assert hsakd_loss(s_aux, t_aux, s_logits, t_logits, 3.0).item() == pytest.approx(
-        float(expected), rel=1e-6
+    assert value.item() == pytest.approx(GOLDEN, rel=1e-6)
+    by_hand = _kd_by_hand(S_LOGITS, T_LOGITS, 3.0) + sum(
+        _kd_by_hand(s, t, 3.0) for s, t in zip(S_AUX, T_AUX, strict=True)
     )
+    assert by_hand == pytest.approx(GOLDEN, rel=1e-12)
 
 
 def test_hsakd_is_zero_when_the_student_is_the_teacher(tiny_data: ImageData) -> None:

@@ -55,6 +55,31 @@ def test_rotation_similarity_rows_are_rotated_images_against_originals() -> None
     assert under.dtype == torch.float32 and torch.equal(under, sim)
 
 
+# Rotated logits of 2 images x 3 rotations (labels 0 and 2: the rows' labels are 0, 2, 0, 2, 0,
+# 2; the teacher is right on rows 0 and 3) and their similarity rows; the golden value is the
+# float64 sums of _kd below (tf_keep 0 keeps the teacher's right rows, ss_keep 1 every row),
+# computed once and committed.
+S_ROT = [
+    [-0.08, 0.36, -0.51],
+    [-1.65, 1.05, 0.52],
+    [-0.17, 0.05, 0.4],
+    [0.61, 1.87, -1.2],
+    [1.0, 0.46, 2.44],
+    [-0.15, 0.49, 0.21],
+]
+T_ROT = [
+    [5.0, 0.0, 0.0],
+    [-2.33, 1.27, -0.25],
+    [0.62, 1.91, -1.58],
+    [0.51, -0.84, 1.53],
+    [1.35, 1.38, 0.62],
+    [1.14, -0.12, 0.63],
+]
+S_SIM = [[0.77, 0.72], [0.61, 0.91], [0.27, 0.51], [0.81, 0.67], [0.56, 0.92], [0.61, 0.84]]
+T_SIM = [[0.07, 0.07], [0.05, 0.53], [0.92, 0.06], [0.7, 0.06], [0.17, 0.33], [0.3, 0.65]]
+GOLDEN = 5.584066480744298
+
+
 def _kd(s: list[float], t: list[float], temp: float) -> float:
     def sm(v: list[float]) -> list[float]:
         e = [math.exp(x / temp) for x in v]
@@ -63,18 +88,13 @@ def _kd(s: list[float], t: list[float], temp: float) -> float:
     return sum(p * math.log(p / q) for p, q in zip(sm(t), sm(s), strict=True)) * temp * temp
 
 
-def test_sskd_loss_against_an_independent_computation() -> None:
-    torch.manual_seed(3)
-    y = torch.tensor([0, 2])
-    s_logits, t_logits = torch.randn(6, 3), torch.randn(6, 3)
-    s_sim, t_sim = torch.rand(6, 2), torch.rand(6, 2)
-    t_logits[0] = torch.tensor([5.0, 0.0, 0.0])  # the teacher is right on row 0 (label 0)
+def test_sskd_loss_matches_the_golden_value() -> None:
     value = sskd_loss(
-        s_logits,
-        t_logits,
-        s_sim,
-        t_sim,
-        y,
+        torch.tensor(S_ROT),
+        torch.tensor(T_ROT),
+        torch.tensor(S_SIM),
+        torch.tensor(T_SIM),
+        torch.tensor([0, 2]),
         tf_weight=2.0,
         ss_weight=3.0,
         tf_temperature=4.0,
@@ -82,11 +102,10 @@ def test_sskd_loss_against_an_independent_computation() -> None:
         tf_keep=0.0,
         ss_keep=1.0,
     )
-    y_rot = [0, 2, 0, 2, 0, 2]
-    tf_rows = [r for r in range(6) if t_logits[r].argmax().item() == y_rot[r]]
-    tf = sum(_kd(s_logits[r].tolist(), t_logits[r].tolist(), 4.0) for r in tf_rows) / len(tf_rows)
-    ss = sum(_kd(s_sim[r].tolist(), t_sim[r].tolist(), 0.5) for r in range(6)) / 6
-    assert value.item() == pytest.approx(2.0 * tf + 3.0 * ss, rel=1e-5)
+    assert value.item() == pytest.approx(GOLDEN, rel=1e-6)
+    tf = (_kd(S_ROT[0], T_ROT[0], 4.0) + _kd(S_ROT[3], T_ROT[3], 4.0)) / 2
+    ss = sum(_kd(s, t, 0.5) for s, t in zip(S_SIM, T_SIM, strict=True)) / 6
+    assert 2.0 * tf + 3.0 * ss == pytest.approx(GOLDEN, rel=1e-12)
 
 
 def test_sskd_loss_is_zero_when_student_equals_teacher() -> None:
