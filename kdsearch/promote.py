@@ -16,7 +16,7 @@ import itertools
 import json
 import statistics
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,13 +183,24 @@ def run_budget(run: FrozenTrial) -> int:
     return Recipe.from_yaml(str(run.user_attrs["recipe"])).schedule.epochs
 
 
+def key_of(run: FrozenTrial) -> str:
+    """The run (recipe, seed, budget) a recorded try of it trained."""
+    return run_key(run.params["source_trial"], run.params["seed"], run_budget(run))
+
+
+def latest_budget(runs: Iterable[FrozenTrial]) -> int | None:
+    """The budget of the last recorded of `runs`; None for none."""
+    last = max(runs, key=lambda t: t.number, default=None)
+    return None if last is None else run_budget(last)
+
+
 def finished_runs(promoted: optuna.Study) -> dict[str, FrozenTrial]:
     """The COMPLETE runs by key, the first recorded of a run that two promotions running at once
     both trained."""
     done: dict[str, FrozenTrial] = {}
     for t in promoted.trials:
         if t.state == TrialState.COMPLETE:
-            done.setdefault(run_key(t.params["source_trial"], t.params["seed"], run_budget(t)), t)
+            done.setdefault(key_of(t), t)
     return done
 
 
@@ -203,21 +214,18 @@ def current_budget(promoted: optuna.Study) -> int | None:
     no searched recipe has finished."""
     if "budget" in promoted.user_attrs:
         return int(promoted.user_attrs["budget"])
-    searched = [  # a study of an older version: the budget of the latest searched run
+    return latest_budget(  # a study of an older version: the budget of the latest searched run
         t
         for t in promoted.trials
         if t.state == TrialState.COMPLETE and int(t.user_attrs["source_trial"]) >= 0
-    ]
-    return run_budget(max(searched, key=lambda t: t.number)) if searched else None
+    )
 
 
 def board_budget(promoted: optuna.Study) -> int | None:
     """The budget of the leaderboard: the current budget, else (no searched recipe has finished
     yet, only baselines) that of the latest finished run; None while no run has finished."""
     budget = current_budget(promoted)
-    if budget is None and (done := finished_runs(promoted)):
-        budget = run_budget(max(done.values(), key=lambda t: t.number))
-    return budget
+    return latest_budget(finished_runs(promoted).values()) if budget is None else budget
 
 
 def current_runs(promoted: optuna.Study) -> list[FrozenTrial]:
@@ -230,8 +238,8 @@ def failed_runs(promoted: optuna.Study) -> list[FrozenTrial]:
     """The FAIL runs at the leaderboard's budget (while no run has finished: the latest
     run's) that no later try of the same run (recipe, seed, budget) has finished, each once."""
     budget = board_budget(promoted)
-    if budget is None and promoted.trials:
-        budget = run_budget(max(promoted.trials, key=lambda t: t.number))
+    if budget is None:
+        budget = latest_budget(promoted.trials)
     return unfinished_failures(promoted, lambda t: run_budget(t) == budget)
 
 
@@ -261,7 +269,7 @@ def unfinished_failures(
     done = finished_runs(promoted)
     failed: dict[str, FrozenTrial] = {}
     for t in promoted.trials:  # in the order they were tried
-        key = run_key(t.params["source_trial"], t.params["seed"], run_budget(t))
+        key = key_of(t)
         if t.state != TrialState.FAIL or key in done or not keep(t):
             continue
         if key not in failed or diverged(t) or not diverged(failed[key]):
