@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -38,11 +38,26 @@ from kdsearch.recipe import (
     yaml_text,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 PROMOTED = "-promoted"  # the promotion runs of search S are study S-promoted, beside it
 
 
 NAME_MAX = 200  # characters: with ".db-journal" or "-promoted" added, under a file name's 255
+
+
+def parse_url(url: str) -> URL | None:
+    """`url` as SQLAlchemy reads it; None where it cannot (not a URL, or a port that is not a
+    number)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        return None
 
 
 def study_name_problem(text: str) -> str | None:
@@ -198,14 +213,11 @@ class StudyConfig(Section):
     @classmethod
     def _parsable(cls, value: str | None) -> str | None:
         """An SQLAlchemy URL that parses, or a path (no `://`), as `--storage` takes."""
-        if value is not None and "://" in value:
-            from sqlalchemy.engine import make_url
-            from sqlalchemy.exc import ArgumentError
-
-            try:
-                make_url(value)
-            except ArgumentError:
-                raise ValueError(f"{value!r} is not an SQLAlchemy URL") from None
+        if value is not None and "://" in value and parse_url(value) is None:
+            raise ValueError(
+                f"{value!r} is not an SQLAlchemy URL "
+                "(dialect://user:password@host:port/database, the port a number)"
+            )
         return value
 
 

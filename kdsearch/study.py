@@ -36,7 +36,7 @@ from kdsearch import __version__
 from kdsearch.errors import KdsearchWarning, RecipeError, StorageError, StudyError
 from kdsearch.paths import writable_file
 from kdsearch.recipe import Recipe, describe, flatten, load_yaml, yaml_text
-from kdsearch.space import PROMOTED, SearchSpace, SpaceFile, search_name_problem
+from kdsearch.space import PROMOTED, SearchSpace, SpaceFile, parse_url, search_name_problem
 
 METRIC = "val_acc"
 MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
@@ -91,14 +91,10 @@ def redact(url: str) -> str:
 
 def sqlite_file(url: str) -> Path | None:
     """The file an SQLite URL names (None for another database, or SQLite in memory)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
+    parsed = parse_url(url)
+    if parsed is None or not parsed.drivername.startswith("sqlite"):
         return None
-    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+    if parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
 
@@ -107,15 +103,11 @@ def storage_place(url: str) -> str:
     """Where the storage at `url` is, to tell apart two studies of one name: an SQLite file's
     absolute path, else the database's backend, host, port and name (not the driver, user,
     password or options, which name the same database in other ways)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     file = sqlite_file(url)
     if file is not None:
         return str(file.resolve())
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
+    parsed = parse_url(url)
+    if parsed is None:
         return redact(url)
     backend = parsed.get_backend_name()
     port = parsed.port or DEFAULT_PORTS.get(backend)
@@ -149,16 +141,20 @@ def open_storage(url: str) -> BaseStorage:
             raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
         if not file.exists():  # where it cannot be made, SQLite says "unable to open database file"
             writable_file(file, "the study storage")
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    with suppress(ArgumentError, ValueError):  # a URL SQLAlchemy cannot read fails below
-        parsed = make_url(url)
-        if parsed.password is not None and "@" in (parsed.host or "") + (parsed.database or ""):
-            raise StudyError(
-                f"cannot open the study storage {redact(url)}: its password holds an '@', "
-                "which SQLAlchemy reads as the end of the password; write it as %40"
-            )
+    parsed = parse_url(url)  # one SQLAlchemy cannot read fails below
+    if (
+        parsed is not None
+        and parsed.password is not None
+        and (
+            "@" in f"{parsed.host}{parsed.database}"  # what came after an '@' in the password
+        )
+    ):
+        raise StudyError(
+            f"cannot open the study storage {redact(url)}: its password holds an '@', "
+            "which SQLAlchemy reads as the end of the password; write it as %40"
+        )
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
         try:

@@ -444,7 +444,7 @@ def test_a_storage_that_is_not_a_study_database_is_refused_before_any_work(
     (tmp_path / "u.yaml").write_text(bad)
     ran = cli_here("run", "u.yaml", cwd=tmp_path)
     assert ran.returncode == 2 and "study.storage" in ran.stderr, ran.stderr
-    assert "'postgres ql://db/kd' is not an SQLAlchemy URL" in ran.stderr
+    assert "'postgres ql://db/kd' is not an SQLAlchemy URL (dialect://" in ran.stderr
 
 
 def test_an_export_folder_holding_something_else_is_refused_before_any_work(

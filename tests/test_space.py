@@ -197,6 +197,11 @@ def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
             f"study: {{name: {'a' * 201}}}",
             "study.name: aaaaaaaaaaaaaaaaaaaa...: a study name is at most 200 characters, not 201",
         ),
+        (  # SQLAlchemy's own words were int()'s: "invalid literal for int() with base 10"
+            "study: {name: t, storage: 'postgresql://u@h:abc/db'}",
+            "study.storage: 'postgresql://u@h:abc/db' is not an SQLAlchemy URL "
+            "(dialect://user:password@host:port/database, the port a number)",
+        ),
     ],
 )
 def test_a_bad_study_section_is_told_in_the_words_of_the_file(study: str, expected: str) -> None:
