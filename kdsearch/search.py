@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypedDict
@@ -579,6 +579,14 @@ class JobResult:
     warnings: tuple[str, ...] = ()  # kdsearch's warnings in the run (`kept_warnings`)
     device: str = "cpu"  # the type of the device it trained on (what `auto` became there)
 
+    @classmethod
+    def failed(
+        cls, key: str, failure: str, curve: dict[int, float] | None = None, seconds: float = 0.0
+    ) -> JobResult:
+        """A run that ended without a student: no accuracy (NaN), the epochs it reported."""
+        nan = float("nan")
+        return cls(key, curve or {}, nan, nan, 0, seconds, 0.0, None, failure[:2000])
+
 
 def train_job(
     key: str, recipe_yaml: str, shared: Shared, threads: float, progress: Queue | None
@@ -618,19 +626,10 @@ def train_job(
             device=resolve_device(recipe.device).type,
         )
     except Exception as err:  # recorded as a failed run with its reason
-        return JobResult(
-            key,
-            curve,
-            float("nan"),
-            float("nan"),
-            0,
-            time.perf_counter() - started,
-            0.0,
-            None,
-            f"{type(err).__name__}: {err}"[:2000],
-            threads=used,
-            warnings=tuple(told()),
+        failed = JobResult.failed(
+            key, f"{type(err).__name__}: {err}", curve, time.perf_counter() - started
         )
+        return replace(failed, threads=used, warnings=tuple(told()))
 
 
 def run_jobs(
@@ -715,7 +714,7 @@ def job_result(ref: ray.ObjectRef[JobResult], key: str) -> JobResult:
         error = cause if isinstance(cause, Exception) else err
         why = (str(error).strip().splitlines() or [""])[0]
         failure = f"{type(error).__name__}: {why}".removesuffix(": ")
-        return JobResult(key, {}, 0.0, 0.0, 0, 0.0, 0.0, None, failure=failure)
+        return JobResult.failed(key, failure)
     return result
 
 

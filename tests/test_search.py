@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import re
 import shutil
@@ -965,6 +966,8 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
         ray.shutdown()
     assert died.key == "trial-1-seed0" and died.weights is None
     assert died.failure is not None and died.failure.startswith("WorkerCrashedError")
+    # no accuracy, as for a run that raised in its process: not a score of 0%
+    assert math.isnan(died.val_acc) and math.isnan(died.test_acc)
     assert raised.failure == "ValueError: a bug in the run"
 
 
