@@ -54,9 +54,18 @@ from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports
 )
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    import optuna
+    import pandas as pd
+    from optuna.storages import BaseStorage
+
+    from kdsearch.data import ImageData
+    from kdsearch.promote import Run
+    from kdsearch.search import JobResult
     from kdsearch.space import SearchSpace
     from kdsearch.study import Record, Tally
-    from kdsearch.teacher import TeacherFiles
+    from kdsearch.teacher import Teacher, TeacherFiles
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -93,7 +102,9 @@ def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
     return recipe.override(parse_sets(sets), source="--set").resolve_paths(Path.cwd())
 
 
-def prepare_teacher(recipe: Recipe, data: Any, heads: bool, record: Record | None = None) -> Any:
+def prepare_teacher(
+    recipe: Recipe, data: ImageData, heads: bool, record: Record | None = None
+) -> Teacher:
     """The recipe's teacher (and its heads when asked), with progress while either trains.
     With `record` (a search resumed or joined), a teacher or heads file its trials learned
     from that this machine would have to train again is refused before the training: trained
@@ -618,7 +629,7 @@ def storage_option(study: str, url: str) -> str:
     return "" if storage_place(url) == found else f" --storage {shlex.quote(redact(url))}"
 
 
-def study_storage(study: str, given: str | None) -> tuple[Any, str]:
+def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
     if given is None:
@@ -648,7 +659,7 @@ def studies_here(shown: int = 8) -> str:
     return f"studies/ holds {', '.join(names[:shown])}{more}"
 
 
-def existing_storage(url: str) -> Any:
+def existing_storage(url: str) -> BaseStorage:
     """The storage at `url`, which holds studies already: a missing SQLite file, or one that is
     not Optuna's, is an error, where opening it would silently make it a study database."""
     from kdsearch.study import open_storage, refuse_foreign, sqlite_file
@@ -691,7 +702,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
 
 
-def note_search_running(storage: Any, name: str, does: str) -> None:
+def note_search_running(storage: BaseStorage, name: str, does: str) -> None:
     """Say so where another process searches study `name` now: what `does` (promotes,
     exports) the best trials so far is not the search's last word."""
     from kdsearch.study import searching_now
@@ -705,7 +716,7 @@ def note_search_running(storage: Any, name: str, does: str) -> None:
 
 
 def run_promotion(
-    storage: Any,
+    storage: BaseStorage,
     url: str,
     name: str,
     top_k: int,
@@ -725,7 +736,7 @@ def run_promotion(
     searched: list[str] = []  # the keys of the plan's runs of searched recipes
     at = ""  # the plan's budget, as the first line says it
 
-    def on_plan(runs: list[Any], todo: int) -> None:
+    def on_plan(runs: list[Run], todo: int) -> None:
         nonlocal at
         searched[:] = [r.key for r in runs if r.source_trial >= 0]
         found = len({r.source_trial for r in runs if r.source_trial >= 0})
@@ -743,10 +754,10 @@ def run_promotion(
         )
         status.total = todo
 
-    def on_epoch(run: Any, epoch: int, val_acc: float) -> None:
+    def on_epoch(run: Run, epoch: int, val_acc: float) -> None:
         status.epoch(f"{run.label} seed {run.seed}", epoch, run.recipe.schedule.epochs, val_acc)
 
-    def on_run(run: Any, result: Any) -> None:
+    def on_run(run: Run, result: JobResult) -> None:
         status.done(f"{run.label} seed {run.seed}")
         if result.failure:
             console.print(f"  {run.label} seed {run.seed}: failed: {result.failure}")
@@ -794,7 +805,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def run_export(
-    storage: Any,
+    storage: BaseStorage,
     url: str,
     name: str,
     out: Path,
@@ -1052,7 +1063,7 @@ def replaced_teacher(recipe_file: Path, meta: dict[str, Any], path: Path) -> tup
     return None
 
 
-def unrecorded_teacher(base: Recipe, data: Any, heads: bool) -> TeacherFiles:
+def unrecorded_teacher(base: Recipe, data: ImageData, heads: bool) -> TeacherFiles:
     """The files of the teacher a promotion by an earlier kdsearch trained against, which it did
     not record: the base recipe's, as this machine has it, never trained here (a teacher
     trained now would not be the students')."""
@@ -1114,7 +1125,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_until_stopped(server: Any) -> None:
+def serve_until_stopped(server: WSGIServer) -> None:
     """Serve requests on a thread of their own until Ctrl-C or SIGTERM. Served on this thread, a
     stop that lands while a request is handled is swallowed by wsgiref's error handler, and the
     server serves on."""
@@ -1217,7 +1228,7 @@ def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
     )
 
 
-def show_promoted(promoted: Any, csv: str | None) -> None:
+def show_promoted(promoted: optuna.Study, csv: str | None) -> None:
     """A promoted study: its leaderboard as `promote` ends with it, then the runs it leaves out
     (failed at its budget and not finished by a later try, or at another budget); with `csv`,
     every run."""
@@ -1263,7 +1274,7 @@ def replaceable(path: Path, option: str, what: str, ours: Callable[[str], bool])
         )
 
 
-def write_csv(table: Any, dest: str, rows: str) -> None:
+def write_csv(table: pd.DataFrame, dest: str, rows: str) -> None:
     """A pandas table as CSV to file `dest` (whole or not at all), or to stdout for `-`."""
     if dest == "-":
         table.to_csv(sys.stdout, index=False)

@@ -26,6 +26,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     import pandas as pd
 
+    from kdsearch.study import Tally
+    from kdsearch.train import EpochStats
+
 
 class Results(Console):
     """stdout, where a command prints its result (a table)."""
@@ -69,7 +72,7 @@ class EpochBars:
         self.task = progress.add_task(f"{label} epochs", total=epochs)
         self.batches = progress.add_task(f"{label} batches", total=None)
 
-    def __call__(self, stats: Any) -> None:
+    def __call__(self, stats: EpochStats) -> None:
         parts = " ".join(f"{k} {v:.3f}" for k, v in stats.parts.items())
         self.progress.console.print(
             f"{self.label} epoch {stats.epoch:>3}/{self.epochs}  loss {stats.train_loss:.4f} "
@@ -102,7 +105,7 @@ def epoch_progress(label: str, epochs: int) -> Iterator[EpochBars]:
         yield EpochBars(progress, label, epochs)
 
 
-def status_line(tally: Any, target: int) -> str:
+def status_line(tally: Tally, target: int) -> str:
     """One line: trials by state and the best so far."""
     finished = tally.complete + tally.pruned + tally.failed
     line = (
@@ -116,14 +119,14 @@ def status_line(tally: Any, target: int) -> str:
     return line
 
 
-def search_status(live: Live, target: int) -> Callable[[Any], None]:
+def search_status(live: Live, target: int) -> Callable[[Tally], None]:
     """The search's status callback: the live line in a terminal; elsewhere (a log file) the
     status printed as a line whenever trials have finished since the last one."""
     if console.is_terminal:
         return lambda tally: live.update(status_line(tally, target))
     printed = [0]
 
-    def show(tally: Any) -> None:
+    def show(tally: Tally) -> None:
         finished = tally.complete + tally.pruned + tally.failed
         if finished != printed[0] and finished != target:  # the target: the command's last line
             printed[0] = finished
@@ -177,7 +180,7 @@ class RunsStatus:
         return "; ".join([f"runs {self.finished}/{self.total} done", *at])
 
 
-def leaderboard_table(board: Any) -> Table:
+def leaderboard_table(board: pd.DataFrame) -> Table:
     """The promoted leaderboard (of one recipe at least) for the terminal."""
     over = "mean ± sd over seeds" if board["seeds"].max() > 1 else "one seed"
     title = f"promoted at {board['epochs'].max()} epochs (accuracy %, {over})"
@@ -194,7 +197,7 @@ def leaderboard_table(board: Any) -> Table:
     return table
 
 
-def seeds_cell(row: Any) -> str:
+def seeds_cell(row: pd.Series) -> str:
     """How many seeds of a leaderboard row finished and, of the others, how many diverged and
     how many failed otherwise: `2`, `1 (2 diverged)`, `2 (1 failed)`."""
     diverged = int(row.get("diverged", 0))

@@ -16,7 +16,9 @@ class Distiller(nn.Module):
     module tree: it is never trained, never in train mode and never saved with the student.
     """
 
-    def __init__(self, student: nn.Module, terms: dict[str, Term], weights: dict[str, float]):
+    def __init__(
+        self, student: nn.Module, terms: dict[str, Term], weights: dict[str, float]
+    ) -> None:
         super().__init__()
         self.student = student
         self.terms = nn.ModuleDict(terms)
