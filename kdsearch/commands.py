@@ -137,12 +137,23 @@ def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
         if heads
         else ("teacher", "teacher.checkpoint")
     )
+    source = Path(str(recorded[f"teacher_{part}file"]))
+    learned = (
+        f"study {record.study.study_name!r}: its trials learned from the {what} in {source} "
+        f"(weights hash {recorded[f'teacher_{part}digest']}), "
+    )
+    retrain = (
+        "trained again here it need not hash the same, and would be refused after its training"
+    )
+    way_out = f"or name it with --set {key}=FILE, or search in a new study (--study NAME)"
+    if source == path:  # this machine's own cache, emptied since
+        raise StudyError(
+            f"{learned}which is gone from this machine; {retrain}: put a copy of it back at "
+            f"{path}, {way_out}"
+        )
     raise StudyError(
-        f"study {record.study.study_name!r}: its trials learned from the {what} in "
-        f"{recorded[f'teacher_{part}file']} (weights hash {recorded[f'teacher_{part}digest']}), "
-        f"and this machine has no copy at {path}; trained again here it need not hash the "
-        f"same, and would be refused after its training: copy that file to {path}, or name it "
-        f"with --set {key}=FILE, or search in a new study (--study NAME)"
+        f"{learned}and this machine has no copy at {path}; {retrain}: copy that file to {path}, "
+        f"{way_out}"
     )
 
 
@@ -401,10 +412,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 130
     if tally.running:
-        console.print(
-            f"this driver is done; {tally.running} trials of other drivers "
-            "are still running in the study"
+        others = (
+            "1 trial of other drivers is"
+            if tally.running == 1
+            else f"{tally.running} trials of other drivers are"
         )
+        console.print(f"this driver is done; {others} still running in the study")
     console.print(
         f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`{password_hidden(url)})"
     )

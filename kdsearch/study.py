@@ -604,6 +604,7 @@ class Record:
                         float(last) != 0.0 and training
                     )
                     if crashes >= MAX_CRASHES:
+                        self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
                         self._give_up(
                             orphan,
                             f"its driver died while training it {crashes} times (killed: out "

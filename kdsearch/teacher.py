@@ -230,9 +230,13 @@ def _cached_or_trained(
     writable_folder(path.parent, "the teacher cache")  # before hours of training, not after
     blank = build_model(recipe.teacher.arch, data.num_classes, data.channels)
     _room_for(blank, path, "teacher")
-    for stale in path.parent.glob(f"{path.stem}-heads-*"):  # trained on a teacher now gone
-        if stale.suffix != ".lock":  # a lock stays where a process may hold it
+    # Heads cached for the teacher this one replaces stay where they name the teacher they
+    # were trained on: reused if this training gives the same weights (a CPU does), trained
+    # again otherwise. Heads that name none cannot be checked against the new teacher.
+    for stale in path.parent.glob(f"{path.stem}-heads-*.pt"):
+        if _names_no_teacher(stale):
             stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
     try:
         result = train(teacher_recipe(recipe), data, report)
     except NonFiniteLoss as err:  # not the student's optim.lr, which the teacher does not use
@@ -508,6 +512,15 @@ def _unwrapped(saved: Any) -> Any:
             if isinstance(saved.get(key), dict):
                 return saved[key]
     return saved
+
+
+def _names_no_teacher(path: Path) -> bool:
+    """Whether the heads file at `path` cannot say which teacher it was trained on (an earlier
+    kdsearch's, or one that cannot be read)."""
+    try:
+        return _trained_on(torch.load(path, map_location="cpu", weights_only=True)) is None
+    except Exception:  # a damaged file: torch.load raises many kinds
+        return True
 
 
 def _trained_on(saved: Any) -> str | None:

@@ -764,7 +764,7 @@ def test_a_driver_that_ends_while_others_still_run_trials_leaves_them_the_promot
     ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     said = " ".join(ran.stderr.split())
-    assert "1 trials of other drivers are still running" in said
+    assert "1 trial of other drivers is still running" in said
     assert (
         "leaves the space's promotion and export to the driver that finishes the search last"
         in said

@@ -935,11 +935,23 @@ def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lo
     with pytest.raises(StudyError) as refused:
         prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]
     assert not gone.exists(), "refused before training it again"
+    assert str(refused.value) == (  # this machine's own cache, emptied since
+        f"study 's': its trials learned from the {what} in {gone} (weights hash {digest}), "
+        f"which is gone from this machine; trained again here it need not hash the same, and "
+        f"would be refused after its training: put a copy of it back at {gone}, or name it "
+        f"with --set {key}=FILE, or search in a new study (--study NAME)"
+    )
+    part = "heads_" if lost == "heads" else ""
+    files_attr = dict(record.study.user_attrs["teacher_files"])
+    files_attr[f"teacher_{part}file"] = "/elsewhere/teacher.pt"  # another machine's search
+    record.study.set_user_attr("teacher_files", files_attr)
+    with pytest.raises(StudyError) as refused:
+        prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]
     assert str(refused.value) == (
-        f"study 's': its trials learned from the {what} in {gone} (weights hash {digest}), and "
-        f"this machine has no copy at {gone}; trained again here it need not hash the same, and "
-        f"would be refused after its training: copy that file to {gone}, or name it with --set "
-        f"{key}=FILE, or search in a new study (--study NAME)"
+        f"study 's': its trials learned from the {what} in /elsewhere/teacher.pt (weights hash "
+        f"{digest}), and this machine has no copy at {gone}; trained again here it need not "
+        f"hash the same, and would be refused after its training: copy that file to {gone}, "
+        f"or name it with --set {key}=FILE, or search in a new study (--study NAME)"
     )
 
 

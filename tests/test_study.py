@@ -501,6 +501,7 @@ def test_a_trial_that_waited_for_a_slot_is_no_death_of_its_driver(
     assert (
         t0.state == TrialState.FAIL and "died while training it 3 times" in t0.user_attrs["failure"]
     )
+    assert t0.user_attrs["crashes"] == 3, "the count its failure gives"
     assert t1.state == TrialState.RUNNING and t1.user_attrs["crashes"] == 0
 
 

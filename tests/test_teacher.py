@@ -212,14 +212,22 @@ def test_a_checkpoint_that_is_not_torch_weights_is_refused(
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "notes.pt")}), synthetic)
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "truncated heads"])
+@pytest.mark.parametrize(
+    "damage", ["truncated weights", "truncated heads", "truncated weights, heads naming no teacher"]
+)
 def test_a_damaged_cache_entry_is_trained_again_and_replaced(
     synthetic: ImageData, damage: str
 ) -> None:
+    """A teacher trained again deleted the heads cached beside it, though heads name the
+    teacher they were trained on: a resume whose teacher file was cut short trained the same
+    teacher again (on a CPU) and then refused the study, its heads gone."""
     recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
     first = get_teacher(recipe, synthetic)
     heads = next(first.path.parent.glob(f"{first.path.stem}-heads-*.pt"))
-    if damage == "truncated weights":
+    if "heads naming no teacher" in damage:  # as an earlier kdsearch cached them
+        torch.save(torch.load(heads, weights_only=True)["state_dict"], heads)
+    kept, digest = heads.read_bytes(), weights_digest(first.path)
+    if damage.startswith("truncated weights"):
         first.path.write_bytes(first.path.read_bytes()[:100])
     else:
         heads.write_bytes(heads.read_bytes()[:100])
@@ -227,8 +235,12 @@ def test_a_damaged_cache_entry_is_trained_again_and_replaced(
     with pytest.warns(UserWarning, match=r"cannot use the cached .*; training it again"):
         again = get_teacher(recipe, synthetic, heads_report=lambda s: heads_epochs.append(s.epoch))
     assert again.source == ("cache" if damage == "truncated heads" else "trained")
-    assert heads_epochs == [1], "heads trained on the teacher as it is now, not the one replaced"
     assert again.val_acc == first.val_acc, "the same recipe trains the same teacher"
+    assert weights_digest(again.path) == digest
+    if damage == "truncated weights":  # heads of that very teacher: used as they are
+        assert heads_epochs == [] and heads.read_bytes() == kept
+    else:
+        assert heads_epochs == [1], "heads trained on the teacher as it is now"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the cache is whole again
         assert get_teacher(recipe, synthetic).source == "cache"
@@ -242,6 +254,7 @@ def test_a_cached_teacher_copied_without_its_metadata_is_used_and_measured_again
     weights alone, which took the training, are enough; the metadata is written again."""
     recipe = tiny_recipe()
     first = get_teacher(recipe, synthetic)
+    digest = weights_digest(first.path)
     beside = first.path.with_suffix(".json")
     if meta == "missing":
         beside.unlink()
@@ -253,7 +266,7 @@ def test_a_cached_teacher_copied_without_its_metadata_is_used_and_measured_again
         again = get_teacher(recipe, synthetic, lambda s: epochs.append(s.epoch))
     assert again.source == "cache" and epochs == []
     assert again.val_acc == first.val_acc
-    assert weights_digest(again.path) == weights_digest(first.path)
+    assert weights_digest(again.path) == digest
     assert json.loads(beside.read_text())["val_acc"] == first.val_acc
 
 
