@@ -136,6 +136,9 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
                 rank = len(above) + 1
                 break
             above.append(number)
+        if rank is None:  # the winner's trial is not among them: none is known to rank above
+            above = []
+        on_board = set(board["source_trial"])
         tried = {
             int(t.user_attrs["source_trial"])
             for t in promoted.trials
@@ -178,8 +181,8 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             sorted(int(t.user_attrs["seed"]) for t in failed if diverged(t)),
             promoted.user_attrs.get(f"seeds:{int(best['epochs'])}"),
             rank,
-            [n for n in above if n not in tried] if rank else [],
-            [n for n in above if n in tried and n not in set(board["source_trial"])],
+            [n for n in above if n not in tried],
+            [n for n in above if n in tried and n not in on_board],
             top.user_attrs.get("device"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)
