@@ -146,7 +146,7 @@ def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
         "trained again here it need not hash the same, and would be refused after its training"
     )
     way_out = f"or name it with --set {key}=FILE, or search in a new study (--study NAME)"
-    if source == path:  # this machine's own cache, emptied since
+    if source == path.absolute():  # this machine's own cache, emptied since
         raise StudyError(
             f"{learned}which is gone from this machine; {retrain}: put a copy of it back at "
             f"{path}, {way_out}"

@@ -909,6 +909,21 @@ def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> 
         same_teacher(record, TeacherFiles(weights, weights_digest(weights)))  # type: ignore[arg-type]
 
 
+def test_a_file_gone_from_a_relative_cache_folder_is_said_to_be_gone_from_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study records absolute paths; a KDSEARCH_CACHE_DIR given relative named the same
+    file otherwise, and the refusal said to copy the file onto itself."""
+    from kdsearch.commands import not_retrained
+
+    monkeypatch.chdir(tmp_path)
+    study = optuna.create_study(study_name="s")
+    gone = tmp_path / "cache" / "teachers" / "t.pt"
+    study.set_user_attr("teacher_files", {"teacher_file": str(gone), "teacher_digest": "ab"})
+    with pytest.raises(StudyError, match="which is gone from this machine"):
+        not_retrained(SimpleNamespace(study=study), Path("cache/teachers/t.pt"), heads=False)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("lost", ["teacher", "heads"])
 def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lost: str) -> None:
     """A --resume on a machine without the cached teacher trained it in full, and only then
