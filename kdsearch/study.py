@@ -541,13 +541,15 @@ class Record:
         their checks (a run refused before would leave its machine settings, say a teacher
         file that is not there, for `promote` and `export` to read)."""
         space = self.space
+        # one attribute at a time, "space" last: the mark of a kdsearch study that drivers
+        # joining it, and every reader, take to mean the others are there
         for key, value in {
-            "space": password_hidden_text(space.text, space.config.study.storage, space.source),
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),
             "metric": METRIC,
             "max_epochs": space.config.asha.max_epochs,
+            "space": password_hidden_text(space.text, space.config.study.storage, space.source),
         }.items():
             self.study.set_user_attr(key, value)
 

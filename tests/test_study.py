@@ -224,6 +224,32 @@ def test_an_empty_study_of_other_settings_is_refused_without_resume(
     assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
 
 
+def test_a_driver_joins_between_any_two_of_the_first_drivers_setting_writes(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two drivers started at once: the second reads the study while the first is writing its
+    # settings, one attribute at a time
+    write = optuna.Study.set_user_attr
+    joined_after: list[str] = []  # the first driver's writes that a second driver followed
+    second_joining = False
+
+    def write_then_join(study: optuna.Study, key: str, value: Any) -> None:
+        nonlocal second_joining
+        write(study, key, value)
+        if not second_joining:
+            joined_after.append(key)
+            second_joining = True
+            try:
+                Record(open_storage(url), "s", space, target=2, resume=False)
+            finally:
+                second_joining = False
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", write_then_join)
+    Record(open_storage(url), "s", space, target=2, resume=False)
+    assert len(joined_after) == 6, "a second driver joined after each write"
+    assert optuna.load_study(study_name="s", storage=url).user_attrs["space"] == SPACE
+
+
 def test_an_empty_study_nobody_prepares_is_taken_over(
     space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
