@@ -468,6 +468,7 @@ class Record:
                 "choose another --study name"
             )
         self.created = not exists
+        self._described = False  # the study records a space (this driver's or another's)
         if exists:
             study_id = storage.get_study_id_from_name(name)
             n = len(storage.get_all_trials(study_id, deepcopy=False))
@@ -491,7 +492,8 @@ class Record:
                     f"accuracy; delete it (optuna delete-study --study-name {name} --storage "
                     "URL) and make it with --direction maximize, or choose another --study name"
                 )
-            changed = changed_settings(found, space) if "space" in found.user_attrs else []
+            self._described = "space" in found.user_attrs
+            changed = changed_settings(found, space) if self._described else []
             if changed and resume:
                 raise StudyError(
                     f"study {name!r} was started with other settings ({'; '.join(changed)}); "
@@ -539,19 +541,53 @@ class Record:
         """Record this driver's space and base recipe as the study's: at once in a study of no
         trials yet; in one resumed or joined, once this driver's data and teacher have passed
         their checks (a run refused before would leave its machine settings, say a teacher
-        file that is not there, for `promote` and `export` to read)."""
+        file that is not there, for `promote` and `export` to read). A study this driver found
+        undescribed it describes in one transaction that fails where another driver has done so
+        since: a driver joining then sees all the settings or none, and of two drivers with
+        other settings that start on one new study at once, the second to write refuses."""
         space = self.space
-        # one attribute at a time, "space" last: the mark of a kdsearch study that drivers
-        # joining it, and every reader, take to mean the others are there
-        for key, value in {
+        settings = {
             "space_file": space.source,
             "kdsearch_version": __version__,
             "base_recipe": space.base.to_yaml(),
             "metric": METRIC,
             "max_epochs": space.config.asha.max_epochs,
+            # the mark of a kdsearch study: last, for the readers of one being rewritten
             "space": password_hidden_text(space.text, space.config.study.storage, space.source),
-        }.items():
-            self.study.set_user_attr(key, value)
+        }
+        if self._described:
+            for key, value in settings.items():
+                self.study.set_user_attr(key, value)
+        elif not self._describe_first(settings) and (
+            changed := changed_settings(self.study, space)
+        ):
+            beats = self.storage.get_study_system_attrs(self.study_id)
+            first = [d for d in live_drivers(beats) if d != self.driver]
+            self.heartbeat(at=0.0)  # this driver ends here: nobody waits for it
+            raise StudyError(
+                f"study {self.study.study_name!r} was just started by "
+                f"{first[0] if first else 'another driver'} with other settings "
+                f"({'; '.join(changed)}); choose another --study name"
+            )
+        self._described = True
+
+    def _describe_first(self, settings: Mapping[str, Any]) -> bool:
+        """Write `settings` as the study's user attributes in one transaction, unless it holds
+        one of them already: False then, and nothing written."""
+        from optuna.storages._rdb.models import StudyUserAttributeModel as Attr
+        from sqlalchemy import insert
+        from sqlalchemy.exc import IntegrityError
+
+        rows = [
+            {"study_id": self.study_id, "key": key, "value_json": json.dumps(value)}
+            for key, value in settings.items()
+        ]
+        try:  # (study, key) is unique: where another driver wrote first, the insert fails
+            with transaction(self.storage) as connection:
+                connection.execute(insert(Attr), rows)
+        except IntegrityError:
+            return False
+        return True
 
     @clear_storage_errors
     def record_options(self, options: Mapping[str, Any]) -> None:

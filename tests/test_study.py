@@ -224,30 +224,36 @@ def test_an_empty_study_of_other_settings_is_refused_without_resume(
     assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
 
 
-def test_a_driver_joins_between_any_two_of_the_first_drivers_setting_writes(
-    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("same", [True, False])
+def test_of_two_drivers_starting_one_study_at_once_the_second_to_describe_it_joins_or_refuses(
+    space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch, same: bool
 ) -> None:
-    # two drivers started at once: the second reads the study while the first is writing its
-    # settings, one attribute at a time
-    write = optuna.Study.set_user_attr
-    joined_after: list[str] = []  # the first driver's writes that a second driver followed
-    second_joining = False
+    # the second driver opens the study the first has just created and not yet described, and
+    # describes it first; the first then finds the study described
+    second = (
+        space
+        if same
+        else SearchSpace.from_yaml(SPACE.replace("high: 0.2", "high: 0.3"), source="o.yaml")
+    )
+    beat = Record.heartbeat
+    started: list[str] = []
 
-    def write_then_join(study: optuna.Study, key: str, value: Any) -> None:
-        nonlocal second_joining
-        write(study, key, value)
-        if not second_joining:
-            joined_after.append(key)
-            second_joining = True
-            try:
-                Record(open_storage(url), "s", space, target=2, resume=False)
-            finally:
-                second_joining = False
+    def second_starts(record: Record, at: float | None = None) -> None:
+        beat(record, at)
+        if not started:  # at the first driver's first beat
+            started.append("second")
+            Record(open_storage(url), "s", second, target=2, resume=False)
 
-    monkeypatch.setattr(optuna.Study, "set_user_attr", write_then_join)
-    Record(open_storage(url), "s", space, target=2, resume=False)
-    assert len(joined_after) == 6, "a second driver joined after each write"
-    assert optuna.load_study(study_name="s", storage=url).user_attrs["space"] == SPACE
+    monkeypatch.setattr(Record, "heartbeat", second_starts)
+    if same:
+        assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
+    else:
+        with pytest.raises(StudyError, match=r"was just started by .* with other settings"):
+            Record(open_storage(url), "s", space, target=2, resume=False)
+    assert started, "the second driver started"
+    attrs = optuna.load_study(study_name="s", storage=url).user_attrs
+    assert attrs["space"] == second.text, "the second driver's settings, whole"
+    assert attrs["base_recipe"] == second.base.to_yaml()
 
 
 def test_an_empty_study_nobody_prepares_is_taken_over(
