@@ -317,6 +317,7 @@ class KdSearcher(Searcher):
         self.interrupted: list[int] = []
         self.failure: StudyError | None = None  # the study could not be written
         self.warned: set[str] = set()  # the trials' warnings told so far
+        self.watch: RayWatch | None = None  # the search's Ray, while Tune runs the trials
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.failure is not None:  # Tune would log it and go on training trials
@@ -363,6 +364,11 @@ class KdSearcher(Searcher):
         ):
             if key in last:
                 attrs[key] = last[key]
+        if error and self.watch is not None and self.watch.lost_within(2 * WATCH_S):
+            # its process died with the Ray it ran on: no failure of its own; the watch ends
+            # the search, and `--resume` trains it again
+            self.interrupted.append(plan.number)
+            return
         if error or "failure" in last:
             attrs["failure"] = last.get("failure") or self.asha.errors.get(
                 trial_id, "the trial failed"
@@ -386,8 +392,8 @@ class KdSearcher(Searcher):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its searcher for an experiment restore that kdsearch does not use; the
-        # database connection cannot be pickled and is not needed there.
-        return {k: v for k, v in self.__dict__.items() if k != "record"}
+        # database connection and the watch's thread cannot be pickled and are not needed there.
+        return {k: v for k, v in self.__dict__.items() if k not in ("record", "watch")}
 
     def _note(self, trial_id: str, number: int, result: dict[str, Any]) -> None:
         value = result.get(METRIC)
@@ -503,8 +509,14 @@ def run_search(
                 ),
             )
             on_int = signal.getsignal(signal.SIGINT)
+            lost = (
+                "the trials it was training stay unfinished in the study, what had finished is "
+                f"kept, and {resume} finishes the search"
+                + (" (on this machine's own Ray: without --address)" if address else "")
+            )
             try:
-                tuner.fit()
+                with RayWatch(address, lost, before=record.mark_ended) as searcher.watch:
+                    tuner.fit()
                 if searcher.failure is not None:
                     raise searcher.failure
             except StudyError as err:
@@ -685,15 +697,23 @@ def run_jobs(
             remote.remote(key, r.to_yaml(), shared, cpu, progress): key for key, r in jobs.items()
         }
         told: set[str] = set()
+        lost = (
+            "the promotion runs that had finished are kept, and the same command again (`kdsearch "
+            "run` with --resume) trains only the others"
+            + (" (on this machine's own Ray: without --address)" if address else "")
+        )
         try:
-            while pending:
-                timeout = None if progress is None else PROGRESS_S
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-                drain()  # a run's last epochs before its result
-                for ref in done:
-                    result = job_result(ref, pending.pop(ref))
-                    tell_once(told, result.key, result.warnings)
-                    on_done(result)
+            with RayWatch(address, lost, before=lambda: None) as watch:
+                while pending:
+                    timeout = None if progress is None else PROGRESS_S
+                    done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+                    drain()  # a run's last epochs before its result
+                    for ref in done:
+                        result = job_result(ref, pending.pop(ref), watch)
+                        if result is None:  # its process died with the Ray: the watch ends this
+                            continue
+                        tell_once(told, result.key, result.warnings)
+                        on_done(result)
         finally:  # stopped or failed: no run trains on, no queue is left behind
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -704,12 +724,16 @@ def run_jobs(
             ray.shutdown()
 
 
-def job_result(ref: ray.ObjectRef[JobResult], key: str) -> JobResult:
+def job_result(ref: ray.ObjectRef[JobResult], key: str, watch: RayWatch) -> JobResult | None:
     """The result of the run `key` (see `train_job`), or, where its process died before it
-    could return one, a failed result naming why."""
+    could return one, a failed result naming why; None where it died with the Ray it ran on
+    (`watch`)."""
     try:
         result: JobResult = ray.get(ref)
     except ray.exceptions.RayError as err:
+        # not an error of its own (RayTaskError): its process died, perhaps with the Ray
+        if not isinstance(err, ray.exceptions.RayTaskError) and watch.lost_within(2 * WATCH_S):
+            return None
         cause = getattr(err, "cause", None)  # what train_job raised, where it raised
         error = cause if isinstance(cause, Exception) else err
         why = (str(error).strip().splitlines() or [""])[0]
@@ -832,6 +856,86 @@ def start_ray(address: str | None) -> None:
 def stop_ray() -> None:
     """Leave the Ray this process started or joined (`start_ray`)."""
     ray.shutdown()
+
+
+WATCH_S = 2.0  # how often a search or promotion checks that its Ray still answers
+
+
+def ray_patience_s() -> float:
+    """How long Ray waits for its lost GCS (a cluster's head, a local Ray's own) before it ends
+    the process: its `gcs_rpc_server_reconnect_timeout_s`, 60 s unless the environment says
+    otherwise as Ray reads it."""
+    with contextlib.suppress(ValueError):
+        return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))  # noqa: SIM112 (Ray's name)
+    return 60.0
+
+
+class RayWatch:
+    """Ends this process cleanly where the Ray it runs on is lost. Ray itself waits
+    `ray_patience_s()` for its GCS and then ends the process with status 1, its own tracebacks
+    and no word of what is kept; a watch checks every WATCH_S, from a thread, that something
+    accepts connections at the GCS address, and once nothing has for half that time it calls
+    `before` (what the caller must record first), says `kdsearch: error:` what was lost and
+    `then` (what is kept, what to run), and exits with status 2."""
+
+    def __init__(self, address: str | None, then: str, before: Callable[[], None]) -> None:
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        self.where = (host.strip("[]"), int(port))
+        self.what = f"the Ray cluster at {address}" if address else "this machine's Ray"
+        self.then = then
+        self.before = before
+        self._stop = threading.Event()
+        self._ending = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="kdsearch-ray-watch", daemon=True)
+
+    def __enter__(self) -> RayWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def answers(self) -> bool:
+        """Whether something accepts a connection at the GCS address now."""
+        try:
+            socket.create_connection(self.where, timeout=WATCH_S).close()
+        except OSError:
+            return False
+        return True
+
+    def lost_within(self, seconds: float) -> bool:
+        """Whether the GCS stops answering within `seconds`: asked where a trial's process
+        died, which Ray may report before the GCS of a stopped cluster goes too (`ray stop`
+        kills the workers first)."""
+        end = time.monotonic() + seconds
+        while self.answers():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.25)
+        return True
+
+    def _watch(self) -> None:
+        silent_since: float | None = None
+        while not self._stop.wait(WATCH_S):
+            if self.answers():
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            if (silent := time.monotonic() - silent_since) >= ray_patience_s() / 2:
+                self._give_up(silent)
+
+    def _give_up(self, silent: float) -> None:
+        with self._ending:  # never released: the process ends here
+            with contextlib.suppress(Exception):  # the line and the exit matter more
+                self.before()
+            host, port = self.where
+            line = (
+                f"kdsearch: error: {self.what} stopped answering (nothing at its GCS address "
+                f"{host}:{port} for {silent:.0f} s); {self.then}\n"
+            )
+            os.write(2, line.encode())  # past any live display, which may hold a lock
+            os._exit(2)
 
 
 def check_answers(address: str) -> None:

@@ -453,6 +453,7 @@ class Record:
         self.beat_failure: StudyError | None = None  # why the heartbeat thread stopped
         self._beating = False
         self._beat_lock = threading.Lock()  # no beat lands after the mark of the end
+        self._ended = False  # `mark_ended`: the process ends now
         self._claimed: set[int] = set()  # trial ids this driver runs
         names = study_names(storage)
         exists = name in names
@@ -837,7 +838,7 @@ class Record:
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
                 with self._beat_lock:
-                    if stop.is_set():  # the end was marked while this beat waited for the lock
+                    if stop.is_set() or self._ended:  # the end was marked meanwhile
                         return
                     try:
                         self.heartbeat()
@@ -862,6 +863,13 @@ class Record:
             if storage_works and self.beat_failure is None:
                 with self._beat_lock, suppress(Exception):  # ...but it lands before the end
                     self.heartbeat(at=0.0)  # (the error that ended the block is the one to show)
+
+    def mark_ended(self) -> None:
+        """Tell other drivers at once that this one has ended, from any thread, and let no
+        later beat of `alive` say otherwise: for a driver about to end its process."""
+        with self._beat_lock:
+            self._ended = True
+            self.heartbeat(at=0.0)
 
     def check_beat(self) -> None:
         """Raise the storage failure that stopped the heartbeat, if one did: the trials would

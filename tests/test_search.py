@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -358,8 +358,10 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             assert t.user_attrs["training_attempt"] == left[t.number], "its start recorded"
 
 
-def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
-    root, env = workdir(tmp_path)
+@contextlib.contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A `ray start --head` of 2 CPUs on a free port of 127.0.0.1, and that port; stopped after
+    the block, and only its processes (`stop_session`)."""
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert ray is not None
     with socket.socket() as s:
@@ -390,6 +392,16 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         _, err = head.communicate(timeout=120)
         assert head.returncode == 0, err
         assert in_session(head.pid), "the cluster's processes are found by their session"
+        yield head, port
+    finally:
+        left = stop_session(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"the cluster's processes are stopped: {left}"
+
+
+def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
+    root, env = workdir(tmp_path)
+    with ray_head(env) as (_, port):
         proc = kdsearch(
             "run",
             "space.yaml",
@@ -403,10 +415,63 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
         assert [t.state.is_finished() for t in trials(root)] == [True] * 4
-    finally:
-        left = stop_session(head.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not left, f"the cluster's processes are stopped: {left}"
+
+
+def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line_and_resumes(tmp_path: Path) -> None:
+    """The cluster's head stopped mid-search (`ray stop` on it, a lost machine): Ray would end
+    the driver 60 s later with its tracebacks and status 1, the heartbeat still fresh, some
+    trials recorded FAIL for the processes that died with it."""
+    root, env = workdir(tmp_path)
+    env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"  # Ray's patience, halved by the watch
+    with ray_head(env) as (head, port):
+        address = f"127.0.0.1:{port}"
+        proc = kdsearch(
+            "run",
+            "space.yaml",
+            "--trials",
+            "10",
+            "--address",
+            address,
+            cwd=root,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            _wait_for(
+                lambda: (
+                    len(_finished_and_running(root)[0]) >= 3
+                    and bool(_finished_and_running(root)[1])
+                ),
+                300,
+                proc,
+            )
+            stop_session(head.pid)  # SIGTERM, then SIGKILL for what lingers: as `ray stop`
+            lost_at = time.monotonic()
+            _, err = proc.communicate(timeout=120)
+            waited = time.monotonic() - lost_at
+        finally:
+            stop_session(proc.pid)
+    assert proc.returncode == 2, err
+    assert waited < 20, f"ended before Ray would have ended it: {waited:.0f} s"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kdsearch: error: the Ray cluster at {address} stopped answering")
+    resume = f"`kdsearch run space.yaml --trials 10 --address {address} --resume`"
+    assert last.endswith(
+        f"{resume} finishes the search (on this machine's own Ray: without --address)"
+    ), last
+    ts = trials(root)
+    failures = [t.user_attrs["failure"] for t in ts if t.state == TrialState.FAIL]
+    assert all(f.startswith("NonFiniteLoss") for f in failures), "none failed with the cluster"
+    assert any(t.state == TrialState.RUNNING for t in ts), "left to the resume"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root}/studies/tiny.db")
+    attrs = storage.get_study_system_attrs(storage.get_study_id_from_name("tiny"))
+    beats = [v for k, v in attrs.items() if k.startswith("heartbeat:")]
+    assert beats == [0.0], "marked ended: a resume takes its trials over at once"
+    resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    final = trials(root)
+    assert len(final) == 10 and all(t.state.is_finished() for t in final)
 
 
 POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
@@ -975,7 +1040,7 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     cancelled every other run still training."""
     import ray
 
-    from kdsearch.search import job_result
+    from kdsearch.search import RayWatch, job_result
 
     @ray.remote(num_cpus=1, max_retries=0)
     def dies() -> None:
@@ -987,10 +1052,18 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        died = job_result(dies.remote(), "trial-1-seed0")
-        raised = job_result(raises.remote(), "trial-2-seed0")
+        watch = RayWatch(None, "", before=lambda: None)  # the Ray answers: a run's own death
+        died = job_result(dies.remote(), "trial-1-seed0", watch)
+        raised = job_result(raises.remote(), "trial-2-seed0", watch)
+        with socket.socket() as closed:  # a port where nothing listens, once closed
+            closed.bind(("127.0.0.1", 0))
+            watch.where = closed.getsockname()
+        # died with the Ray it ran on: not recorded (the watch ends the promotion)
+        assert job_result(dies.remote(), "trial-1-seed1", watch) is None
+        assert job_result(raises.remote(), "trial-2-seed1", watch) is not None, "its own error"
     finally:
         ray.shutdown()
+    assert died is not None and raised is not None
     assert died.key == "trial-1-seed0" and died.weights is None
     assert died.failure is not None and died.failure.startswith("WorkerCrashedError")
     # no accuracy, as for a run that raised in its process: not a score of 0%
