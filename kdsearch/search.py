@@ -45,7 +45,7 @@ from kdsearch.paths import flocked
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace, cluster_address
 from kdsearch.store import StoreConfig
-from kdsearch.study import METRIC, Plan, Record, Tally, process_alive
+from kdsearch.study import METRIC, STALE_S, Plan, Record, Tally, process_alive
 from kdsearch.teacher import Teacher
 from kdsearch.train import EpochStats, evaluate_split, free_device_memory, resolve_device, train
 
@@ -364,11 +364,8 @@ class KdSearcher(Searcher):
         ):
             if key in last:
                 attrs[key] = last[key]
-        if error and self.watch is not None and self.watch.lost_within(2 * WATCH_S):
-            # its process died with the Ray it ran on: no failure of its own; the watch ends
-            # the search, and `--resume` trains it again
-            self.interrupted.append(plan.number)
-            return
+        if error and self.watch is not None:  # the process died: with the Ray, this ends here
+            self.watch.wait_if_lost()
         if error or "failure" in last:
             attrs["failure"] = last.get("failure") or self.asha.errors.get(
                 trial_id, "the trial failed"
@@ -512,7 +509,8 @@ def run_search(
             lost = (
                 "the trials it was training stay unfinished in the study, what had finished is "
                 f"kept, and {resume} finishes the search"
-                + (" (on this machine's own Ray: without --address)" if address else "")
+                + (" once the cluster is back" if address else "")
+                + elsewhere(address)
             )
             try:
                 with RayWatch(address, lost, before=record.mark_ended) as searcher.watch:
@@ -698,9 +696,8 @@ def run_jobs(
         }
         told: set[str] = set()
         lost = (
-            "the promotion runs that had finished are kept, and the same command again (`kdsearch "
-            "run` with --resume) trains only the others"
-            + (" (on this machine's own Ray: without --address)" if address else "")
+            "the promotion runs that had finished are kept, and the command again trains the "
+            "others (`kdsearch run` with --resume)" + elsewhere(address)
         )
         try:
             with RayWatch(address, lost, before=lambda: None) as watch:
@@ -710,8 +707,6 @@ def run_jobs(
                     drain()  # a run's last epochs before its result
                     for ref in done:
                         result = job_result(ref, pending.pop(ref), watch)
-                        if result is None:  # its process died with the Ray: the watch ends this
-                            continue
                         tell_once(told, result.key, result.warnings)
                         on_done(result)
         finally:  # stopped or failed: no run trains on, no queue is left behind
@@ -724,16 +719,15 @@ def run_jobs(
             ray.shutdown()
 
 
-def job_result(ref: ray.ObjectRef[JobResult], key: str, watch: RayWatch) -> JobResult | None:
+def job_result(ref: ray.ObjectRef[JobResult], key: str, watch: RayWatch) -> JobResult:
     """The result of the run `key` (see `train_job`), or, where its process died before it
-    could return one, a failed result naming why; None where it died with the Ray it ran on
-    (`watch`)."""
+    could return one, a failed result naming why (where it died with the Ray it ran on, the
+    `watch` ends the process instead)."""
     try:
         result: JobResult = ray.get(ref)
     except ray.exceptions.RayError as err:
-        # not an error of its own (RayTaskError): its process died, perhaps with the Ray
-        if not isinstance(err, ray.exceptions.RayTaskError) and watch.lost_within(2 * WATCH_S):
-            return None
+        if not isinstance(err, ray.exceptions.RayTaskError):  # not its own error: it died
+            watch.wait_if_lost()
         cause = getattr(err, "cause", None)  # what train_job raised, where it raised
         error = cause if isinstance(cause, Exception) else err
         why = (str(error).strip().splitlines() or [""])[0]
@@ -859,6 +853,7 @@ def stop_ray() -> None:
 
 
 WATCH_S = 2.0  # how often a search or promotion checks that its Ray still answers
+BEFORE_S = 5.0  # how long a RayWatch waits for its caller's last record
 
 
 def ray_patience_s() -> float:
@@ -875,8 +870,9 @@ class RayWatch:
     `ray_patience_s()` for its GCS and then ends the process with status 1, its own tracebacks
     and no word of what is kept; a watch checks every WATCH_S, from a thread, that something
     accepts connections at the GCS address, and once nothing has for half that time it calls
-    `before` (what the caller must record first), says `kdsearch: error:` what was lost and
-    `then` (what is kept, what to run), and exits with status 2."""
+    `before` (what the caller must record first; given BEFORE_S at most), says
+    `kdsearch: error:` what was lost and `then` (what is kept, what to run), and exits with
+    status 2."""
 
     def __init__(self, address: str | None, then: str, before: Callable[[], None]) -> None:
         host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
@@ -885,14 +881,16 @@ class RayWatch:
         self.then = then
         self.before = before
         self._stop = threading.Event()
-        self._ending = threading.Lock()
+        self._ending = threading.Lock()  # the watch's thread or the caller's: one line, one exit
         self._thread = threading.Thread(target=self._watch, name="kdsearch-ray-watch", daemon=True)
 
     def __enter__(self) -> RayWatch:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and not self.answers():  # raised for want of the Ray, perhaps
+            self._wait_while_silent(time.monotonic())
         self._stop.set()
         self._thread.join()
 
@@ -904,38 +902,60 @@ class RayWatch:
             return False
         return True
 
-    def lost_within(self, seconds: float) -> bool:
-        """Whether the GCS stops answering within `seconds`: asked where a trial's process
-        died, which Ray may report before the GCS of a stopped cluster goes too (`ray stop`
-        kills the workers first)."""
-        end = time.monotonic() + seconds
+    def wait_if_lost(self) -> None:
+        """Asked where a trial's or a run's process died, before that is recorded as its
+        failure: where the GCS stops answering within 2 x WATCH_S (`ray stop` kills the workers
+        before the head), wait until it answers again, and return, or until the watch's time
+        is up, and end the process as the watch does. (The caller must not go on meanwhile:
+        a search or promotion whose last runs died with the Ray would end as if they had
+        failed, and leave the watch.)"""
+        end = time.monotonic() + 2 * WATCH_S
         while self.answers():
             if time.monotonic() >= end:
-                return False
+                return
             time.sleep(0.25)
-        return True
+        self._wait_while_silent(time.monotonic())
 
     def _watch(self) -> None:
-        silent_since: float | None = None
         while not self._stop.wait(WATCH_S):
-            if self.answers():
-                silent_since = None
-                continue
-            silent_since = silent_since or time.monotonic()
-            if (silent := time.monotonic() - silent_since) >= ray_patience_s() / 2:
+            if not self.answers():
+                self._wait_while_silent(time.monotonic(), self._stop)
+
+    def _wait_while_silent(self, since: float, stop: threading.Event | None = None) -> None:
+        """Return once the GCS answers again (or `stop` is set); end the process where it has
+        not for half of Ray's patience since `since`."""
+        while not self.answers():
+            if (silent := time.monotonic() - since) >= ray_patience_s() / 2:
                 self._give_up(silent)
+            if stop is not None and stop.is_set():
+                return
+            time.sleep(WATCH_S / 4)
 
     def _give_up(self, silent: float) -> None:
         with self._ending:  # never released: the process ends here
-            with contextlib.suppress(Exception):  # the line and the exit matter more
-                self.before()
+            marked = threading.Thread(target=self.before, daemon=True)  # a storage on the lost
+            marked.start()  # machine may not answer either: waited for BEFORE_S at most
+            marked.join(BEFORE_S)
+            unmarked = (
+                " (this driver's end could not be written to the study: other drivers take its "
+                f"trials over once its heartbeat is {STALE_S / 60:.0f} minutes old)"
+                if marked.is_alive()
+                else ""
+            )
             host, port = self.where
             line = (
                 f"kdsearch: error: {self.what} stopped answering (nothing at its GCS address "
-                f"{host}:{port} for {silent:.0f} s); {self.then}\n"
+                f"{host}:{port} for {silent:.0f} s); {self.then}{unmarked}\n"
             )
-            os.write(2, line.encode())  # past any live display, which may hold a lock
-            os._exit(2)
+            try:
+                os.write(2, line.encode())  # past any live display, which may hold a lock
+            finally:  # a closed stderr (`... 2>&1 | head`) ends the process all the same
+                os._exit(2)
+
+
+def elsewhere(address: str | None) -> str:
+    """How to go on without the lost cluster at `address` (a RayWatch's `then`)."""
+    return " (or, without --address, on this machine)" if address else ""
 
 
 def check_answers(address: str) -> None:

@@ -434,7 +434,8 @@ class Tally:
 
 class Record:
     """Writes one driver's trials into a study. Not thread-safe: call it from one thread
-    (`alive` writes the heartbeat from a thread of its own)."""
+    (`alive` writes the heartbeat from a thread of its own, and `mark_ended` may be called
+    from any)."""
 
     @clear_storage_errors
     def __init__(
@@ -557,11 +558,12 @@ class Record:
             "space": password_hidden_text(space.text, space.config.study.storage, space.source),
         }
         if self._described:
-            for key, value in settings.items():
-                self.study.set_user_attr(key, value)
-        elif not self._describe_first(settings) and (
-            changed := changed_settings(self.study, space)
-        ):
+            self._write(settings)
+        elif self._describe_first(settings):
+            pass
+        elif "space" not in self.study.user_attrs:  # a driver died writing one key at a time
+            self._write(settings)
+        elif changed := changed_settings(self.study, space):  # another driver was first
             beats = self.storage.get_study_system_attrs(self.study_id)
             first = [d for d in live_drivers(beats) if d != self.driver]
             self.heartbeat(at=0.0)  # this driver ends here: nobody waits for it
@@ -571,6 +573,11 @@ class Record:
                 f"({'; '.join(changed)}); choose another --study name"
             )
         self._described = True
+
+    def _write(self, settings: Mapping[str, Any]) -> None:
+        """Write `settings` as the study's user attributes, one at a time, in their order."""
+        for key, value in settings.items():
+            self.study.set_user_attr(key, value)
 
     def _describe_first(self, settings: Mapping[str, Any]) -> bool:
         """Write `settings` as the study's user attributes in one transaction, unless it holds

@@ -417,11 +417,22 @@ def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert [t.state.is_finished() for t in trials(root)] == [True] * 4
 
 
-def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line_and_resumes(tmp_path: Path) -> None:
-    """The cluster's head stopped mid-search (`ray stop` on it, a lost machine): Ray would end
-    the driver 60 s later with its tracebacks and status 1, the heartbeat still fresh, some
-    trials recorded FAIL for the processes that died with it."""
+def kill_gcs(session: int) -> None:
+    """Kill the GCS of the Ray head started in session `session` (`ray_head`), and nothing else:
+    as a driver on another node sees a head machine that is gone. (A driver on the node that
+    goes loses its own object store too, and Ray may end it at once: see the README.)"""
+    procs = [p for p in in_session(session) if "gcs_server" in " ".join(p.cmdline())]
+    assert len(procs) == 1, procs
+    procs[0].kill()
+    procs[0].wait(timeout=10)
+
+
+def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) -> None:
+    """The cluster's head lost mid-search: Ray would end the driver 60 s later with its
+    tracebacks and status 1, its heartbeat still fresh."""
     root, env = workdir(tmp_path)
+    # trials enough that they do not all end within the watch's 10 s on the workers left
+    (root / "space.yaml").write_text(SPACE.replace("subset: 600", "subset: 1400"))
     env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"  # Ray's patience, halved by the watch
     with ray_head(env) as (head, port):
         address = f"127.0.0.1:{port}"
@@ -429,7 +440,7 @@ def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line_and_resumes(tmp_pat
             "run",
             "space.yaml",
             "--trials",
-            "10",
+            "40",
             "--address",
             address,
             cwd=root,
@@ -445,19 +456,17 @@ def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line_and_resumes(tmp_pat
                 300,
                 proc,
             )
-            stop_session(head.pid)  # SIGTERM, then SIGKILL for what lingers: as `ray stop`
-            lost_at = time.monotonic()
+            kill_gcs(head.pid)
             _, err = proc.communicate(timeout=120)
-            waited = time.monotonic() - lost_at
         finally:
             stop_session(proc.pid)
-    assert proc.returncode == 2, err
-    assert waited < 20, f"ended before Ray would have ended it: {waited:.0f} s"
+    assert proc.returncode == 2, err  # Ray's own end: status 1
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"kdsearch: error: the Ray cluster at {address} stopped answering")
-    resume = f"`kdsearch run space.yaml --trials 10 --address {address} --resume`"
+    resume = f"`kdsearch run space.yaml --trials 40 --address {address} --resume`"
     assert last.endswith(
-        f"{resume} finishes the search (on this machine's own Ray: without --address)"
+        f"{resume} finishes the search once the cluster is back (or, without --address, on "
+        "this machine)"
     ), last
     ts = trials(root)
     failures = [t.user_attrs["failure"] for t in ts if t.state == TrialState.FAIL]
@@ -467,11 +476,38 @@ def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line_and_resumes(tmp_pat
     attrs = storage.get_study_system_attrs(storage.get_study_id_from_name("tiny"))
     beats = [v for k, v in attrs.items() if k.startswith("heartbeat:")]
     assert beats == [0.0], "marked ended: a resume takes its trials over at once"
-    resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    final = trials(root)
-    assert len(final) == 10 and all(t.state.is_finished() for t in final)
+
+
+def test_a_promotion_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) -> None:
+    root, env = workdir(tmp_path)
+    (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
+    env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"  # Ray's patience, halved by the watch
+    with ray_head(env) as (head, port):
+        address = f"127.0.0.1:{port}"
+        args = ("run", "space.yaml", "--trials", "2", "--address", address)
+        proc = kdsearch(*args, cwd=root, env=env, start_new_session=True)
+        seen: list[str] = []
+        try:
+            assert proc.stderr is not None
+            while not any(line.startswith("promoting the") for line in seen[-1:]):
+                line = proc.stderr.readline()
+                assert line, "".join(seen)
+                seen.append(line)
+            deadline = time.monotonic() + 120
+            while not running("ray::train_job", head.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            kill_gcs(head.pid)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            stop_session(proc.pid)
+    assert proc.returncode == 2, "".join(seen) + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kdsearch: error: the Ray cluster at {address} stopped answering")
+    assert "the promotion runs that had finished are kept" in last, last
+    storage = f"sqlite:///{root}/studies/tiny.db"
+    if "tiny-promoted" in optuna.get_all_study_names(storage):
+        runs = optuna.load_study(study_name="tiny-promoted", storage=storage).trials
+        assert not [t for t in runs if t.state == TrialState.FAIL], "none failed with the Ray"
 
 
 POSTGRES = os.environ.get("KDSEARCH_TEST_POSTGRES")
@@ -1055,15 +1091,8 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
         watch = RayWatch(None, "", before=lambda: None)  # the Ray answers: a run's own death
         died = job_result(dies.remote(), "trial-1-seed0", watch)
         raised = job_result(raises.remote(), "trial-2-seed0", watch)
-        with socket.socket() as closed:  # a port where nothing listens, once closed
-            closed.bind(("127.0.0.1", 0))
-            watch.where = closed.getsockname()
-        # died with the Ray it ran on: not recorded (the watch ends the promotion)
-        assert job_result(dies.remote(), "trial-1-seed1", watch) is None
-        assert job_result(raises.remote(), "trial-2-seed1", watch) is not None, "its own error"
     finally:
         ray.shutdown()
-    assert died is not None and raised is not None
     assert died.key == "trial-1-seed0" and died.weights is None
     assert died.failure is not None and died.failure.startswith("WorkerCrashedError")
     # no accuracy, as for a run that raised in its process: not a score of 0%

@@ -256,6 +256,18 @@ def test_of_two_drivers_starting_one_study_at_once_the_second_to_describe_it_joi
     assert attrs["base_recipe"] == second.base.to_yaml()
 
 
+def test_a_study_whose_driver_died_writing_its_settings_is_taken_over(
+    space: SearchSpace, url: str
+) -> None:
+    # an earlier kdsearch wrote the settings one at a time, and its driver died before "space"
+    optuna.create_study(study_name="s", storage=url, direction="maximize").set_user_attr(
+        "base_recipe", "left: over\n"
+    )
+    assert Record(open_storage(url), "s", space, target=2, resume=False).target == 2
+    attrs = optuna.load_study(study_name="s", storage=url).user_attrs
+    assert attrs["space"] == SPACE and attrs["base_recipe"] == space.base.to_yaml()
+
+
 def test_an_empty_study_nobody_prepares_is_taken_over(
     space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
