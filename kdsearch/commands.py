@@ -309,22 +309,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     target = args.trials or space.config.search.trials
     at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
-    if args.address is None:  # a local Ray: refuse a request it cannot meet before any work
-        from kdsearch.search import local_resources, machine_choices, trial_resources
-
-        (node,) = local_resources()
-        cpu, gpu = trial_resources(
-            space.config.search, [node], **machine_choices(space), source=space.source
-        )
-        room = min(node["CPU"] // cpu, node["GPU"] // gpu if gpu else math.inf)
-        if (concurrent := space.config.search.concurrent) > room:
-            console.print(
-                f"note: {space.source}: search.concurrent is {concurrent}, but this machine has "
-                f"room for {room:.0f} trial{'s' * (room > 1)} at once ({cpu:g} CPU"
-                f"{'s' * (cpu != 1)}{f' and {gpu:g} GPU' if gpu else ''} each), so "
-                f"{room:.0f} run at a time"
-            )
-        at_once = f"{min(concurrent, room):.0f} at a time on this machine"
+    if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
+        at_once = fitted_trials(space, args.address)
     given = args.storage or space.config.study.storage
     url = storage_url(given or default_storage(name))
     if space.config.export is not None:  # now, not after the search
@@ -497,6 +483,46 @@ def same_teacher(record: Record, files: TeacherFiles) -> None:
             f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
             "new study (--study NAME)"
         )
+
+
+def fitted_trials(space: SearchSpace, address: str | None) -> str:
+    """Check that a trial of `space` fits a node of this machine's Ray, or of the cluster at
+    `address` (joined and left here: `--check`); say so where fewer than `search.concurrent`
+    fit at once, and return how many run at a time, where."""
+    from kdsearch.search import (
+        cluster_nodes,
+        local_resources,
+        machine_choices,
+        start_ray,
+        stop_ray,
+        trial_resources,
+    )
+
+    if address is None:
+        nodes, where = local_resources(), "this machine"
+    else:
+        with console.status(Text(f"joining the Ray cluster at {address}")):
+            start_ray(address)
+        try:
+            nodes = cluster_nodes()
+        finally:
+            stop_ray()
+        where = f"the cluster's {len(nodes)} node{'s' * (len(nodes) != 1)}"
+    cpu, gpu = trial_resources(
+        space.config.search, nodes, **machine_choices(space), source=space.source
+    )
+    room = sum(
+        min(node.get("CPU", 0.0) // cpu, node.get("GPU", 0.0) // gpu if gpu else math.inf)
+        for node in nodes
+    )
+    if (concurrent := space.config.search.concurrent) > room:
+        has = "have" if len(nodes) > 1 else "has"
+        console.print(
+            f"note: {space.source}: search.concurrent is {concurrent}, but {where} {has} room "
+            f"for {room:.0f} trial{'s' * (room > 1)} at once ({cpu:g} CPU{'s' * (cpu != 1)}"
+            f"{f' and {gpu:g} GPU' if gpu else ''} each), so {room:.0f} run at a time"
+        )
+    return f"{min(concurrent, room):.0f} at a time on {where}"
 
 
 def search_trials(

@@ -860,8 +860,9 @@ def ray_patience_s() -> float:
     """How long Ray waits for its lost GCS (a cluster's head, a local Ray's own) before it ends
     the process: its `gcs_rpc_server_reconnect_timeout_s`, 60 s unless the environment says
     otherwise as Ray reads it."""
+    name = "RAY_gcs_rpc_server_reconnect_timeout_s"  # Ray's spelling, not upper case
     with contextlib.suppress(ValueError):
-        return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))  # noqa: SIM112 (Ray's name)
+        return float(os.environ.get(name, "60"))
     return 60.0
 
 

@@ -402,6 +402,21 @@ def ray_head(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], int]]
 def test_search_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     root, env = workdir(tmp_path)
     with ray_head(env) as (_, port):
+        # --check joins it too, and checks that a trial fits a node
+        checked = kdsearch(
+            "run", "space.yaml", "--check", "--address", f"127.0.0.1:{port}", cwd=root, env=env
+        )
+        _, err = checked.communicate(timeout=120)
+        assert checked.returncode == 0, err
+        assert "2 at a time on the cluster's 1 node," in " ".join(err.split()), err
+        (root / "big.yaml").write_text(SPACE.replace("per_trial: {cpu: 1}", "per_trial: {cpu: 4}"))
+        checked = kdsearch(
+            "run", "big.yaml", "--check", "--address", f"127.0.0.1:{port}", cwd=root, env=env
+        )
+        _, err = checked.communicate(timeout=120)
+        assert checked.returncode == 2, err
+        assert "search.per_trial.cpu is 4, but the Ray cluster has 2 CPUs" in err, err
+        assert not (root / "studies").exists(), "nothing written"
         proc = kdsearch(
             "run",
             "space.yaml",
@@ -478,6 +493,19 @@ def test_a_search_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) -> 
     assert beats == [0.0], "marked ended: a resume takes its trials over at once"
 
 
+def into_promotion_runs(proc: subprocess.Popen[str], session: int, seen: list[str]) -> None:
+    """Read `proc`'s stderr into `seen` until its promotion starts, then wait until a run
+    trains in a process of `session` (the driver's, or a cluster's)."""
+    assert proc.stderr is not None
+    while not any(line.startswith("promoting the") for line in seen[-1:]):
+        line = proc.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
+    deadline = time.monotonic() + 120
+    while not running("ray::train_job", session) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def test_a_promotion_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) -> None:
     root, env = workdir(tmp_path)
     (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
@@ -488,14 +516,7 @@ def test_a_promotion_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) 
         proc = kdsearch(*args, cwd=root, env=env, start_new_session=True)
         seen: list[str] = []
         try:
-            assert proc.stderr is not None
-            while not any(line.startswith("promoting the") for line in seen[-1:]):
-                line = proc.stderr.readline()
-                assert line, "".join(seen)
-                seen.append(line)
-            deadline = time.monotonic() + 120
-            while not running("ray::train_job", head.pid) and time.monotonic() < deadline:
-                time.sleep(0.5)
+            into_promotion_runs(proc, head.pid, seen)
             kill_gcs(head.pid)
             _, err = proc.communicate(timeout=120)
         finally:
@@ -599,17 +620,11 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path)
     root, env = workdir(tmp_path)
     (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
     proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env, start_new_session=True)
-    seen = []
+    seen: list[str] = []
     try:
-        while not any(line.startswith("promoting the") for line in seen[-1:]):
-            line = proc.stderr.readline()
-            assert line, "".join(seen)
-            seen.append(line)
-        # Into the promotion's runs, past Ray's start (a SIGTERM inside ray.init meets Ray's
-        # own handler: see the README's "Resume, Ctrl-C and kill -9").
-        deadline = time.monotonic() + 120
-        while not running("ray::train_job", proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # past Ray's start (a SIGTERM inside ray.init meets Ray's own handler: see the README's
+        # "Resume, Ctrl-C and kill -9")
+        into_promotion_runs(proc, proc.pid, seen)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
