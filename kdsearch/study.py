@@ -559,11 +559,17 @@ class Record:
         }
         if self._described:
             self._write(settings)
-        elif self._describe_first(settings):
-            pass
-        elif "space" not in self.study.user_attrs:  # a driver died writing one key at a time
+        elif not self._describe_first(settings):
+            self._join_described(settings)
+        self._described = True
+
+    def _join_described(self, settings: Mapping[str, Any]) -> None:
+        """After another driver described the study first (`record_settings`): take it over
+        where that driver died half-way, join it where its settings are this driver's, and
+        refuse it otherwise."""
+        if "space" not in self.study.user_attrs:  # a driver died writing one key at a time
             self._write(settings)
-        elif changed := changed_settings(self.study, space):  # another driver was first
+        elif changed := changed_settings(self.study, self.space):
             beats = self.storage.get_study_system_attrs(self.study_id)
             first = [d for d in live_drivers(beats) if d != self.driver]
             self.heartbeat(at=0.0)  # this driver ends here: nobody waits for it
@@ -572,7 +578,6 @@ class Record:
                 f"{first[0] if first else 'another driver'} with other settings "
                 f"({'; '.join(changed)}); choose another --study name"
             )
-        self._described = True
 
     def _write(self, settings: Mapping[str, Any]) -> None:
         """Write `settings` as the study's user attributes, one at a time, in their order."""
