@@ -279,6 +279,15 @@ def stop_as_ctrl_c(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM stops the command as Ctrl-C does (`stop_as_ctrl_c`) from here on. Ray's C++ core
+    would take SIGTERM for its crash report, and leave it at the system's default once its Ray
+    shut down: a SIGTERM after a search (in its promotion, its export, its last lines) killed
+    the command without a word. Set before Ray is imported; a user's own setting stays."""
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+
+
 def redeliver_lost_stop(unraisable: sys.UnraisableHookArgs) -> None:
     """A Ctrl-C (or SIGTERM) that lands while Python runs a finalizer (SQLAlchemy's weak
     reference callbacks run often) raises its KeyboardInterrupt there, where Python prints it as
@@ -331,7 +340,7 @@ UNREACHABLE = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdsearch` console command."""
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+    stop_on_sigterm()
     warnings.showwarning = show_warning
     sys.unraisablehook = redeliver_lost_stop
     try:

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
+from types import FrameType, SimpleNamespace
 from typing import Any, TypedDict
 
 import numpy as np
@@ -512,8 +512,13 @@ def run_search(
                 + (" once the cluster is back" if address else "")
                 + elsewhere(address)
             )
+
+            def leave() -> None:  # where the watch ends the process: its scratch and its end
+                scratch_held.close()
+                record.mark_ended()
+
             try:
-                with RayWatch(address, lost, before=record.mark_ended) as searcher.watch:
+                with RayWatch(address, lost, before=leave) as searcher.watch:
                     tuner.fit()
                 if searcher.failure is not None:
                     raise searcher.failure
@@ -853,6 +858,8 @@ def stop_ray() -> None:
 
 
 WATCH_S = 2.0  # how often a search or promotion checks that its Ray still answers
+STOPPING_S = 0.05  # how often once a SIGTERM came: Ray may end the process itself in moments
+STOPPED_S = 1.0  # how long a block a SIGTERM ended waits to see whether the GCS went with it
 BEFORE_S = 5.0  # how long a RayWatch waits for its caller's last record
 
 
@@ -873,7 +880,9 @@ class RayWatch:
     accepts connections at the GCS address, and once nothing has for half that time it calls
     `before` (what the caller must record first; given BEFORE_S at most), says
     `kdsearch: error:` what was lost and `then` (what is kept, what to run), and exits with
-    status 2."""
+    status 2. A SIGTERM to the whole process group (GNU timeout, SLURM) stops Ray's processes
+    with the driver: once one has come, the watch checks every STOPPING_S, and a silent GCS
+    ends the process at once, as interrupted (status 130), instead of after that wait."""
 
     def __init__(self, address: str | None, then: str, before: Callable[[], None]) -> None:
         host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
@@ -882,26 +891,40 @@ class RayWatch:
         self.then = then
         self.before = before
         self._stop = threading.Event()
+        self._wake = threading.Event()  # to look now: the block ended, or a SIGTERM came
         self._ending = threading.Lock()  # the watch's thread or the caller's: one line, one exit
         self._thread = threading.Thread(target=self._watch, name="kdsearch-ray-watch", daemon=True)
+        self.stopped = threading.Event()  # a SIGTERM came while the watch was on
+        self._on_term: Callable[[int, FrameType | None], Any] | None = None
 
     def __enter__(self) -> RayWatch:
+        on_term = signal.getsignal(signal.SIGTERM)
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+
+            def heard(signum: int, frame: FrameType | None) -> None:
+                self.stopped.set()
+                self._wake.set()
+                on_term(signum, frame)
+
+            self._on_term = on_term
+            signal.signal(signal.SIGTERM, heard)
         self._thread.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        if kind is not None and not self.answers():  # raised for want of the Ray, perhaps
+        # raised for want of the Ray, perhaps; or stopped, where a group SIGTERM ends the
+        # GCS a moment after the driver heard it (left before, Ray's shutdown waited ~10 s)
+        if kind is not None and self._goes_silent(STOPPED_S if self.stopped.is_set() else 0):
             self._wait_while_silent(time.monotonic())
         self._stop.set()
+        self._wake.set()
         self._thread.join()
+        if self._on_term is not None:
+            signal.signal(signal.SIGTERM, self._on_term)
 
     def answers(self) -> bool:
         """Whether something accepts a connection at the GCS address now."""
-        try:
-            socket.create_connection(self.where, timeout=WATCH_S).close()
-        except OSError:
-            return False
-        return True
+        return refusal(self.where, WATCH_S) is None
 
     def wait_if_lost(self) -> None:
         """Asked where a trial's or a run's process died, before that is recorded as its
@@ -910,15 +933,24 @@ class RayWatch:
         is up, and end the process as the watch does. (The caller must not go on meanwhile:
         a search or promotion whose last runs died with the Ray would end as if they had
         failed, and leave the watch.)"""
-        end = time.monotonic() + 2 * WATCH_S
+        if self._goes_silent(2 * WATCH_S):
+            self._wait_while_silent(time.monotonic())
+
+    def _goes_silent(self, within: float) -> bool:
+        """Whether the GCS stops answering within `within` seconds (or does not now)."""
+        end = time.monotonic() + within
         while self.answers():
             if time.monotonic() >= end:
-                return
-            time.sleep(0.25)
-        self._wait_while_silent(time.monotonic())
+                return False
+            time.sleep(STOPPING_S)
+        return True
 
     def _watch(self) -> None:
-        while not self._stop.wait(WATCH_S):
+        while True:
+            self._wake.wait(STOPPING_S if self.stopped.is_set() else WATCH_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             if not self.answers():
                 self._wait_while_silent(time.monotonic(), self._stop)
 
@@ -926,7 +958,8 @@ class RayWatch:
         """Return once the GCS answers again (or `stop` is set); end the process where it has
         not for half of Ray's patience since `since`."""
         while not self.answers():
-            if (silent := time.monotonic() - since) >= ray_patience_s() / 2:
+            silent = time.monotonic() - since
+            if self.stopped.is_set() or silent >= ray_patience_s() / 2:
                 self._give_up(silent)
             if stop is not None and stop.is_set():
                 return
@@ -944,14 +977,18 @@ class RayWatch:
                 else ""
             )
             host, port = self.where
-            line = (
-                f"kdsearch: error: {self.what} stopped answering (nothing at its GCS address "
-                f"{host}:{port} for {silent:.0f} s); {self.then}{unmarked}\n"
-            )
-            try:
-                os.write(2, line.encode())  # past any live display, which may hold a lock
+            if self.stopped.is_set():
+                line, status = f"kdsearch: interrupted, and {self.what} with it; ", 130
+            else:
+                line, status = (
+                    f"kdsearch: error: {self.what} stopped answering (nothing at its GCS "
+                    f"address {host}:{port} for {silent:.0f} s); ",
+                    2,
+                )
+            try:  # past any live display, which may hold a lock
+                os.write(2, f"{line}{self.then}{unmarked}\n".encode())
             finally:  # a closed stderr (`... 2>&1 | head`) ends the process all the same
-                os._exit(2)
+                os._exit(status)
 
 
 def elsewhere(address: str | None) -> str:
@@ -966,16 +1003,22 @@ def check_answers(address: str) -> None:
         where = cluster_address(address)
     except ValueError as err:
         raise KdsearchError(f"--address: {err}") from None
-    if where is None:
-        return
-    try:
-        socket.create_connection(where, timeout=CONNECT_S).close()
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
+    if where is not None and (refused := refusal(where, CONNECT_S)) is not None:
+        reason = refused.strerror or type(refused).__name__
         raise KdsearchError(
             f"cannot join the Ray cluster at {address}: nothing answers there ({reason}); "
             "`ray status` on the head node prints its address"
-        ) from None
+        )
+
+
+def refusal(where: tuple[str, int], timeout: float) -> OSError | None:
+    """Why nothing accepted a TCP connection at `where` within `timeout`; None where
+    something did."""
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as err:
+        return err
+    return None
 
 
 def active_terms(space: SearchSpace) -> set[str]:

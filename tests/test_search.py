@@ -290,7 +290,9 @@ def stop_session(session: int) -> list[psutil.Process]:
     return in_session(session)
 
 
-@pytest.mark.parametrize("how", ["kill -9", "ctrl-c", "sigterm", "ctrl-c twice"])
+@pytest.mark.parametrize(
+    "how", ["kill -9", "ctrl-c", "sigterm", "ctrl-c twice", "sigterm to the group"]
+)
 def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_trial(
     tmp_path: Path, how: str
 ) -> None:
@@ -313,11 +315,14 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
         if how == "kill -9":
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
+        elif how == "sigterm to the group":  # GNU timeout, SLURM: Ray's processes die of it
+            os.killpg(proc.pid, signal.SIGTERM)
         else:  # SIGTERM (timeout, a batch scheduler) stops it as Ctrl-C does
             proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
             if how == "ctrl-c twice":  # an impatient user: Tune does not wait on the second
                 time.sleep(0.7)
                 proc.send_signal(signal.SIGINT)
+        if how != "kill -9":
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 130, err
             hint = "`kdsearch run space.yaml --trials 10 --resume` finishes the search"
@@ -615,8 +620,10 @@ def test_a_space_with_promote_and_export_sections_runs_end_to_end(tmp_path: Path
     assert "exported the winner of 'tiny'" in err and "kdsearch train out/winner/recipe.yaml" in err
 
 
-def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path) -> None:
-    # Tune leaves its SIGINT handler behind after a search; a stop must not land in it.
+@pytest.mark.parametrize("to", ["the driver", "its group"])
+def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path, to: str) -> None:
+    # Tune leaves its SIGINT handler behind after a search; a stop must not land in it. Sent to
+    # the group (GNU timeout, SLURM), it stops the promotion's local Ray too.
     root, env = workdir(tmp_path)
     (root / "space.yaml").write_text(SPACE + "promote: {top_k: 1, seeds: 3, epochs: 400}\n")
     proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env, start_new_session=True)
@@ -625,12 +632,43 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path)
         # past Ray's start (a SIGTERM inside ray.init meets Ray's own handler: see the README's
         # "Resume, Ctrl-C and kill -9")
         into_promotion_runs(proc, proc.pid, seen)
-        proc.send_signal(signal.SIGTERM)
+        if to == "its group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         stop_session(proc.pid)
     assert proc.returncode == 130, "".join(seen) + err
     assert "kdsearch: interrupted" in err
+    if to == "its group":  # said by the watch of the promotion's Ray, which went with it
+        assert "Ray with it; the promotion runs that had finished are kept" in err, err
+
+
+def test_sigterm_after_a_search_s_ray_shut_down_still_stops_as_ctrl_c(tmp_path: Path) -> None:
+    # Ray's C++ core left SIGTERM at the system's default once its Ray shut down: a SIGTERM in a
+    # promotion's export, or as a search printed its last lines, ended the command with status
+    # 143 and no word
+    script = """
+import os, signal, time
+from kdsearch.cli import stop_on_sigterm
+stop_on_sigterm()
+from kdsearch.search import start_ray, stop_ray
+start_ray(None)
+stop_ray()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("stopped as Ctrl-C stops")
+"""
+    _, env = workdir(tmp_path)
+    env.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stopped as Ctrl-C stops\n"
 
 
 def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
