@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, TypedDict
 
 import numpy as np
@@ -571,7 +572,15 @@ def scratch_folder() -> Iterator[Path]:
         with flocked(folder, wait=True):
             yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        # a trial's worker dying with its Ray (a SIGTERM to the group) may still write in it
+        for _ in range(SCRATCH_TRIES):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
+            time.sleep(0.2)
+
+
+SCRATCH_TRIES = 5  # removals of a search's scratch folder, 0.2 s apart, before it is left
 
 
 PROGRESS_S = 1.0  # how often the driver of full trainings looks for finished epochs
@@ -882,7 +891,10 @@ class RayWatch:
     `kdsearch: error:` what was lost and `then` (what is kept, what to run), and exits with
     status 2. A SIGTERM to the whole process group (GNU timeout, SLURM) stops Ray's processes
     with the driver: once one has come, the watch checks every STOPPING_S, and a silent GCS
-    ends the process at once, as interrupted (status 130), instead of after that wait."""
+    ends the process at once, as interrupted (status 130), instead of after that wait. The
+    watch hears of a SIGTERM through Python's wakeup file descriptor, written by the signal
+    handler in C at once: the Python handler runs only once the main thread is back in
+    Python, which a call into a Ray that is gone may never return from."""
 
     def __init__(self, address: str | None, then: str, before: Callable[[], None]) -> None:
         host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
@@ -891,23 +903,18 @@ class RayWatch:
         self.then = then
         self.before = before
         self._stop = threading.Event()
-        self._wake = threading.Event()  # to look now: the block ended, or a SIGTERM came
         self._ending = threading.Lock()  # the watch's thread or the caller's: one line, one exit
         self._thread = threading.Thread(target=self._watch, name="kdsearch-ray-watch", daemon=True)
         self.stopped = threading.Event()  # a SIGTERM came while the watch was on
-        self._on_term: Callable[[int, FrameType | None], Any] | None = None
+        # the signals' numbers as the C handler writes them, and a 0 from `__exit__`
+        self._heard, self._told = os.pipe()
+        for fd in (self._heard, self._told):
+            os.set_blocking(fd, False)
+        self._wakeup: int | None = None  # the wakeup fd before this watch's, where it set one
 
     def __enter__(self) -> RayWatch:
-        on_term = signal.getsignal(signal.SIGTERM)
-        if callable(on_term) and threading.current_thread() is threading.main_thread():
-
-            def heard(signum: int, frame: FrameType | None) -> None:
-                self.stopped.set()
-                self._wake.set()
-                on_term(signum, frame)
-
-            self._on_term = on_term
-            signal.signal(signal.SIGTERM, heard)
+        if threading.current_thread() is threading.main_thread():
+            self._wakeup = signal.set_wakeup_fd(self._told, warn_on_full_buffer=False)
         self._thread.start()
         return self
 
@@ -917,10 +924,12 @@ class RayWatch:
         if kind is not None and self._goes_silent(STOPPED_S if self.stopped.is_set() else 0):
             self._wait_while_silent(time.monotonic())
         self._stop.set()
-        self._wake.set()
+        os.write(self._told, b"\0")
         self._thread.join()
-        if self._on_term is not None:
-            signal.signal(signal.SIGTERM, self._on_term)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._wakeup)
+        os.close(self._heard)
+        os.close(self._told)
 
     def answers(self) -> bool:
         """Whether something accepts a connection at the GCS address now."""
@@ -942,16 +951,27 @@ class RayWatch:
         while self.answers():
             if time.monotonic() >= end:
                 return False
-            time.sleep(STOPPING_S)
+            self._listen(STOPPING_S)
         return True
 
+    def _listen(self, timeout: float) -> None:
+        """Wait up to `timeout` for a signal (or `__exit__`); a SIGTERM sets `stopped`. The
+        numbers go on to the wakeup fd that was there before, if any."""
+        ready, _, _ = select.select([self._heard], [], [], timeout)
+        if not ready:
+            return
+        with contextlib.suppress(BlockingIOError):  # the other thread read them first
+            heard = os.read(self._heard, 512)
+            if signal.SIGTERM in heard:
+                self.stopped.set()
+            if self._wakeup is not None and self._wakeup >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wakeup, heard.replace(b"\0", b""))
+
     def _watch(self) -> None:
-        while True:
-            self._wake.wait(STOPPING_S if self.stopped.is_set() else WATCH_S)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            if not self.answers():
+        while not self._stop.is_set():
+            self._listen(STOPPING_S if self.stopped.is_set() else WATCH_S)
+            if not self._stop.is_set() and not self.answers():
                 self._wait_while_silent(time.monotonic(), self._stop)
 
     def _wait_while_silent(self, since: float, stop: threading.Event | None = None) -> None:
@@ -963,7 +983,7 @@ class RayWatch:
                 self._give_up(silent)
             if stop is not None and stop.is_set():
                 return
-            time.sleep(WATCH_S / 4)
+            self._listen(WATCH_S / 4)
 
     def _give_up(self, silent: float) -> None:
         with self._ending:  # never released: the process ends here
