@@ -921,8 +921,10 @@ class RayWatch:
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         # raised for want of the Ray, perhaps; or stopped, where a group SIGTERM ends the
         # GCS a moment after the driver heard it (left before, Ray's shutdown waited ~10 s)
-        if kind is not None and self._goes_silent(STOPPED_S if self.stopped.is_set() else 0):
-            self._wait_while_silent(time.monotonic())
+        if kind is not None:
+            self._listen(0)  # a SIGTERM that no thread has read yet
+            if self._goes_silent(STOPPED_S if self.stopped.is_set() else 0):
+                self._wait_while_silent(time.monotonic())
         self._stop.set()
         os.write(self._told, b"\0")
         self._thread.join()
