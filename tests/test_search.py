@@ -640,8 +640,7 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path,
     proc = kdsearch("run", "space.yaml", "--trials", "2", cwd=root, env=env, start_new_session=True)
     seen: list[str] = []
     try:
-        # past Ray's start (a SIGTERM inside ray.init meets Ray's own handler: see the README's
-        # "Resume, Ctrl-C and kill -9")
+        # once the promotion's runs train, where the stop must reach the promotion, not the search
         into_promotion_runs(proc, proc.pid, seen)
         if to == "its group":
             os.killpg(proc.pid, signal.SIGTERM)
