@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdsearch.data import ImageData, Split
 from kdsearch.errors import KdsearchError, KdsearchWarning, RecipeError, StudyError
+from kdsearch.leftover import remove, remove_once_released
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model, count_parameters
 from kdsearch.paths import flocked
@@ -515,7 +516,7 @@ def run_search(
             )
 
             def leave() -> None:  # where the watch ends the process: its scratch and its end
-                scratch_held.close()
+                remove_once_released(scratch)  # Tune's thread writes in it until the end
                 record.mark_ended()
 
             try:
@@ -572,15 +573,7 @@ def scratch_folder() -> Iterator[Path]:
         with flocked(folder, wait=True):
             yield folder
     finally:
-        # a trial's worker dying with its Ray (a SIGTERM to the group) may still write in it
-        for _ in range(SCRATCH_TRIES):
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                break
-            time.sleep(0.2)
-
-
-SCRATCH_TRIES = 5  # removals of a search's scratch folder, 0.2 s apart, before it is left
+        remove(folder)
 
 
 PROGRESS_S = 1.0  # how often the driver of full trainings looks for finished epochs

@@ -228,6 +228,31 @@ def scratch_of(pid: int) -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob(f"kdsearch-search-{host}-{pid}-*"))
 
 
+def test_a_folder_handed_over_is_removed_only_once_its_lock_is_released(tmp_path: Path) -> None:
+    from kdsearch.leftover import remove_once_released
+
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the driver holds it until it ends
+        remove_once_released(folder)
+        time.sleep(1.0)
+        (folder / "tune").mkdir()  # the driver's other threads still write in it meanwhile
+        (folder / "tune" / "experiment_state.json").write_text("{}")
+        assert folder.exists(), "removed while its driver still held it"
+    finally:
+        os.close(fd)
+    for what in ("removed once released", "removed again where a dying worker wrote in it"):
+        deadline = time.monotonic() + 30
+        while folder.exists():
+            assert time.monotonic() < deadline, f"not {what}"
+            time.sleep(0.05)
+        if what == "removed once released":
+            time.sleep(0.5)
+            (folder / "teacher-outputs").mkdir(parents=True)
+
+
 def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
     from kdsearch.search import scratch_folder
 
@@ -322,11 +347,18 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
             if how == "ctrl-c twice":  # an impatient user: Tune does not wait on the second
                 time.sleep(0.7)
                 proc.send_signal(signal.SIGINT)
+        raced = False
         if how != "kill -9":
             _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 130, err
-            hint = "`kdsearch run space.yaml --trials 10 --resume` finishes the search"
-            assert hint in err and "Traceback" not in err and "SIGTERM received" not in err
+            # Ray's core may end the driver first, where it touches its object store gone with
+            # the group: status 1 and Ray's lines only (README, "Resume, Ctrl-C and kill -9");
+            # the study is then as after kill -9
+            raced = how == "sigterm to the group" and proc.returncode == 1
+            raced = raced and "kdsearch:" not in err and "Traceback" not in err
+            if not raced:
+                assert proc.returncode == 130, err
+                hint = "`kdsearch run space.yaml --trials 10 --resume` finishes the search"
+                assert hint in err and "Traceback" not in err and "SIGTERM received" not in err
     finally:
         stop_session(proc.pid)  # the killed driver's Ray
     # `trials` names the whole command that finishes the search, as the run's own last line
@@ -343,7 +375,15 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
         if t.state == TrialState.RUNNING
     }
     assert left, "the stop must have caught trials in flight"
-    assert bool(scratch_of(proc.pid)) == (how == "kill -9"), "Ctrl-C cleans up its own"
+    # where the watch ended the driver (a group SIGTERM), a process of its own removes the
+    # folder once the driver has ended, a moment after
+    deadline = time.monotonic() + 30
+    killed = how == "kill -9" or raced
+    while not killed and scratch_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bool(scratch_of(proc.pid)) == killed, "Ctrl-C cleans up its own"
+    if how in ("sigterm", "ctrl-c twice"):  # they leave the study as Ctrl-C does, which resumes
+        return
     resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
