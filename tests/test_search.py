@@ -689,6 +689,10 @@ def test_sigterm_still_stops_the_promotion_that_follows_a_search(tmp_path: Path,
         _, err = proc.communicate(timeout=120)
     finally:
         stop_session(proc.pid)
+    # Ray's core may end the driver first, status 1 and Ray's lines only (see the search's test)
+    if to == "its group" and proc.returncode == 1 and "kdsearch:" not in err:
+        assert "Traceback" not in err, err
+        return
     assert proc.returncode == 130, "".join(seen) + err
     assert "kdsearch: interrupted" in err
     if to == "its group":  # said by the watch of the promotion's Ray, which went with it
