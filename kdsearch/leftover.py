@@ -4,7 +4,7 @@ experiment state on a stop), so a removal from inside it races them. A process o
 just before, waits until the driver's lock on the folder is released (the driver has ended) and
 removes the folder then.
 
-    python -m kdsearch.leftover FOLDER
+    python -I path/to/kdsearch/leftover.py FOLDER
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def settled(folder: Path) -> None:
 def remove_once_released(folder: Path) -> None:
     """Start a process, in a session of its own (a second signal to this group spares it), that
     removes `folder` once no process holds its lock (`settled`). Where none can be started, the
-    next search from this host removes the folder (its driver is gone)."""
+    next search from this host removes the folder (its driver is gone). It runs this file, which
+    needs only the standard library, isolated (`-I`): a `kdsearch` folder in the working
+    directory or on PYTHONPATH cannot stand in for it."""
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-m", "kdsearch.leftover", str(folder)],
+            [sys.executable, "-I", __file__, str(folder)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

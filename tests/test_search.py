@@ -238,9 +238,11 @@ def test_a_folder_handed_over_is_removed_only_once_its_lock_is_released(tmp_path
         fcntl.flock(fd, fcntl.LOCK_EX)  # as the driver holds it until it ends
         remove_once_released(folder)
         time.sleep(1.0)
+        assert folder.exists(), "removed while its driver still held it"
         (folder / "tune").mkdir()  # the driver's other threads still write in it meanwhile
         (folder / "tune" / "experiment_state.json").write_text("{}")
-        assert folder.exists(), "removed while its driver still held it"
+        time.sleep(0.5)
+        assert (folder / "tune").exists(), "removed while its driver still held it"
     finally:
         os.close(fd)
     for what in ("removed once released", "removed again where a dying worker wrote in it"):
