@@ -171,7 +171,7 @@ def bare(slots: int, cpu: float) -> None:
     placement groups, so a floor under what Tune itself could reach."""
     import ray
 
-    from kdsearch import commands, search  # noqa: F401  (what `kdsearch run` imports)
+    from kdsearch import cli, search  # noqa: F401  (what `kdsearch run` imports)
 
     search.start_ray(None)
     first = ray.remote(num_cpus=cpu)(first_use)

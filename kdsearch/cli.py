@@ -15,15 +15,11 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from kdsearch import __version__
-from kdsearch.commands import (
-    cmd_dashboard,
-    cmd_export,
-    cmd_promote,
-    cmd_report,
-    cmd_run,
-    cmd_train,
-    cmd_trials,
-)
+from kdsearch.commands.export import cmd_export
+from kdsearch.commands.promote import cmd_promote
+from kdsearch.commands.run import cmd_run
+from kdsearch.commands.studies import cmd_dashboard, cmd_report, cmd_trials
+from kdsearch.commands.train import cmd_train
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
 from kdsearch.space import cluster_address, study_name_problem

@@ -17,14 +17,9 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands import (
-    parse_sets,
-    password_hidden,
-    recorded_resume,
-    storage_option,
-    storage_url,
-    train_command,
-)
+from kdsearch.commands.common import parse_sets, password_hidden, storage_option, storage_url
+from kdsearch.commands.export import train_command
+from kdsearch.commands.studies import recorded_resume
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model

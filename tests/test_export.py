@@ -16,7 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from kdsearch.commands import load_recipe
+from kdsearch.commands.common import load_recipe
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.export import Winner, _copy_checked, check_out, export

@@ -304,7 +304,7 @@ def test_a_stop_in_the_promotion_after_a_search_says_how_to_finish_it(
     def stopped(*_: object, **__: object) -> bool:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kdsearch.commands.run_promotion", stopped)
+    monkeypatch.setattr("kdsearch.commands.run.run_promotion", stopped)
     ran = cli_here("run", "space.yaml", "--resume", cwd=tmp_path)
     assert ran.returncode == 130
     assert (

@@ -803,7 +803,7 @@ SLOW_SERVER = """
 import signal, sys, time
 from wsgiref.simple_server import make_server
 from kdsearch.cli import stop_as_ctrl_c
-from kdsearch.commands import serve_until_stopped
+from kdsearch.commands.studies import serve_until_stopped
 
 def slow(environ, start_response):
     print("handling", flush=True)

@@ -26,7 +26,7 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.commands import same_teacher
+from kdsearch.commands.run import same_teacher
 from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
@@ -1161,7 +1161,7 @@ def test_a_file_gone_from_a_relative_cache_folder_is_said_to_be_gone_from_here(
 ) -> None:
     """The study records absolute paths; a KDSEARCH_CACHE_DIR given relative named the same
     file otherwise, and the refusal said to copy the file onto itself."""
-    from kdsearch.commands import not_retrained
+    from kdsearch.commands.common import not_retrained
 
     monkeypatch.chdir(tmp_path)
     study = optuna.create_study(study_name="s")
@@ -1175,7 +1175,7 @@ def test_a_file_gone_from_a_relative_cache_folder_is_said_to_be_gone_from_here(
 def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lost: str) -> None:
     """A --resume on a machine without the cached teacher trained it in full, and only then
     found it hashing otherwise (on a GPU it always does) and refused it."""
-    from kdsearch.commands import prepare_teacher
+    from kdsearch.commands.common import prepare_teacher
     from kdsearch.data import load_data
 
     from .conftest import tiny_recipe

@@ -847,7 +847,7 @@ def test_a_searched_section_sets_the_keys_a_choice_names_and_keeps_the_rest() ->
 
 
 def test_a_set_of_a_section_sets_the_keys_it_names() -> None:
-    from kdsearch.commands import parse_sets
+    from kdsearch.commands.common import parse_sets
 
     changes = parse_sets(["optim={lr: 0.2}", "distill.kd={weight: 0.5}", "optim.nesterov=true"])
     assert changes == {"optim.lr": 0.2, "distill.kd.weight": 0.5, "optim.nesterov": True}

@@ -1,0 +1,271 @@
+"""What the commands share: recipes and `--set`, the teacher's preparation, a study's
+storage, and the checks made before Ray is imported."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdsearch.display import console, epoch_progress
+from kdsearch.errors import KdsearchError, RecipeError, StudyError
+from kdsearch.recipe import Recipe, empty_section, leaf_changes, load_yaml
+from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports Optuna
+    NAME_MAX,
+    PROMOTED,
+    study_name_problem,
+)
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from kdsearch.data import ImageData
+    from kdsearch.study import Record
+    from kdsearch.teacher import Teacher
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """`path=value` pairs; each value is read as YAML, so `6`, `true`, `[1, 2]` keep their types,
+    and a mapping sets the keys it names (`optim={lr: 0.1}` is `optim.lr=0.1`)."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise KdsearchError(
+                f"--set {item!r}: expected PATH=VALUE, e.g. distill.kd.temperature=6"
+            )
+        value = load_yaml(text, source=f"--set {path}")
+        if empty := empty_section(path.strip(), value):
+            raise KdsearchError(
+                f"--set {item}: {empty} is an empty mapping, which changes nothing; name the "
+                f"keys to change ({empty}.KEY=VALUE)"
+            )
+        for key, leaf in leaf_changes({path.strip(): value}).items():
+            if key in changes:  # the last would win without a word
+                raise KdsearchError(
+                    f"--set {key} given twice ({changes[key]!r}, then {leaf!r}); give it once"
+                )
+            changes[key] = leaf
+    return changes
+
+
+def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
+    """A recipe file with the command line's `--set` overrides applied."""
+    recipe = Recipe.load(path)
+    if not sets:
+        return recipe
+    # paths given on the command line: relative to the working folder
+    return recipe.override(parse_sets(sets), source="--set").resolve_paths(Path.cwd())
+
+
+def prepare_teacher(
+    recipe: Recipe, data: ImageData, heads: bool, record: Record | None = None
+) -> Teacher:
+    """The recipe's teacher (and its heads when asked), with progress while either trains.
+    With `record` (a search resumed or joined), a teacher or heads file its trials learned
+    from that this machine would have to train again is refused before the training: trained
+    again, weights need not hash the same (on a GPU they never do), and `same_teacher` would
+    refuse them only after hours."""
+    from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_heads_path, with_heads
+
+    if record is not None and recipe.teacher.checkpoint is None:
+        not_retrained(record, cached_teacher_path(recipe, data), heads=False)
+    with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
+        teacher = get_teacher(recipe, data, report, heads=False)
+    if heads:
+        path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
+        if record is not None and recipe.teacher.heads.checkpoint is None:
+            not_retrained(record, path, heads=True)
+        with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
+            teacher = with_heads(recipe, data, teacher, report=heads_report, path=path)
+    return teacher
+
+
+def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
+    """Refuse where the study records the teacher file (with `heads`: its heads' file) its
+    trials learned from, and `path`, where this machine would find it cached, holds nothing."""
+    recorded = record.study.user_attrs.get("teacher_files", {})
+    part = "heads_" if heads else ""
+    if f"teacher_{part}file" not in recorded or path.is_file():
+        return
+    what, key = (
+        ("teacher's heads", "teacher.heads.checkpoint")
+        if heads
+        else ("teacher", "teacher.checkpoint")
+    )
+    source = Path(str(recorded[f"teacher_{part}file"]))
+    learned = (
+        f"study {record.study.study_name!r}: its trials learned from the {what} in {source} "
+        f"(weights hash {recorded[f'teacher_{part}digest']}), "
+    )
+    retrain = (
+        "trained again here it need not hash the same, and would be refused after its training"
+    )
+    way_out = f"or name it with --set {key}=FILE, or search in a new study (--study NAME)"
+    if source == path.absolute():  # this machine's own cache, emptied since
+        raise StudyError(
+            f"{learned}which is gone from this machine; {retrain}: put a copy of it back at "
+            f"{path}, {way_out}"
+        )
+    raise StudyError(
+        f"{learned}and this machine has no copy at {path}; {retrain}: copy that file to {path}, "
+        f"{way_out}"
+    )
+
+
+def password_hidden(url: str) -> str:
+    """' (its password hidden)' to follow a printed command whose storage URL `redact` has
+    shortened, else ''."""
+    from kdsearch.study import redact
+
+    return " (its password hidden)" if redact(url) != url else ""
+
+
+def run_resumed(
+    space: str,
+    study: str | None,
+    storage: str | None,
+    trials: int | None,
+    address: str | None,
+    sets: Sequence[str],
+) -> str:
+    """`kdsearch run SPACE` with the options given (those that are not None), and --resume."""
+    parts = ["kdsearch", "run", space]
+    for option, value in (
+        ("--study", study),
+        ("--storage", storage),
+        ("--trials", trials and str(trials)),
+        ("--address", address),
+    ):
+        if value:
+            parts += [option, value]
+    for item in sets:
+        parts += ["--set", item]
+    return shlex.join([*parts, "--resume"])
+
+
+def storage_url(given: str) -> str:
+    """A --storage value as a URL: an SQLAlchemy URL as it is, a file's path as
+    sqlite:///ABSOLUTE_PATH."""
+    return given if "://" in given else f"sqlite:///{Path(given).expanduser().resolve()}"
+
+
+def study_file(study: str) -> Path:
+    """./studies/<study>.db; for a promoted study without a file of its own, the search's,
+    where `promote` records it."""
+    own = Path("studies") / f"{study}.db"
+    search = Path("studies") / f"{study.removesuffix(PROMOTED)}.db"
+    return search if not own.is_file() and search.is_file() else own
+
+
+def storage_option(study: str, url: str) -> str:
+    """` --storage URL` (its password hidden) for a command on `study` in the storage at `url`,
+    or nothing where that is the storage the command finds by itself (`study_file`)."""
+    from kdsearch.study import redact, storage_place
+
+    found = storage_place(f"sqlite:///{study_file(study)}")
+    return "" if storage_place(url) == found else f" --storage {shlex.quote(redact(url))}"
+
+
+def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
+    """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
+    `study_file`."""
+    if given is None:
+        if len(study.removesuffix(PROMOTED)) > NAME_MAX:  # no study file can have such a
+            # name: one line, no OSError (a promoted study's is its search's file)
+            raise KdsearchError(str(study_name_problem(study)))
+        path = study_file(study)
+        if not path.is_file():
+            raise KdsearchError(
+                f"no study database at {path} ({studies_here()}); pass --storage URL"
+            )
+        given = f"sqlite:///{path}"
+    url = storage_url(given)
+    return existing_storage(url), url
+
+
+def studies_here(shown: int = 8) -> str:
+    """What ./studies holds, for a study name that names no file there (a typo, or a command
+    run from another folder than the search's)."""
+    folder = Path("studies")
+    if not folder.is_dir():
+        return "no studies/ folder here: a search keeps its study in studies/ where it ran"
+    names = sorted(f.stem for f in folder.glob("*.db"))
+    if not names:
+        return "studies/ holds no study database"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"studies/ holds {', '.join(names[:shown])}{more}"
+
+
+def existing_storage(url: str) -> BaseStorage:
+    """The storage at `url`, which holds studies already: a missing SQLite file, or one that is
+    not Optuna's, is an error, where opening it would silently make it a study database."""
+    from kdsearch.study import open_storage, refuse_foreign, sqlite_file
+
+    file = sqlite_file(url)
+    if file is not None and file.is_dir():
+        raise KdsearchError(f"{file} is a folder, not a study database")
+    if file is not None and not file.is_file():
+        raise KdsearchError(f"no study database at {file}")
+    if file is not None:
+        refuse_foreign(file, empty_ok=False)
+    return open_storage(url)
+
+
+def note_search_running(storage: BaseStorage, name: str, does: str) -> None:
+    """Say so where another process searches study `name` now: what `does` (promotes,
+    exports) the best trials so far is not the search's last word."""
+    from kdsearch.study import searching_now
+
+    if drivers := searching_now(storage, name):
+        more = f" and {len(drivers) - 1} more" if len(drivers) > 1 else ""
+        console.print(
+            f"note: {name!r} is still being searched (by {drivers[0]}{more}); this {does} its "
+            "best trials so far, and once the search ends they may be others"
+        )
+
+
+def numbered(word: str, items: Sequence[int], mark: str = "") -> str:
+    """`word`, in the plural for more than one, and the `items` marked: "seed 2", "trials #1,
+    #4"."""
+    return f"{word}{'s' * (len(items) > 1)} " + ", ".join(f"{mark}{i}" for i in items)
+
+
+def device_type(name: str) -> str | None:
+    """The type of device a recipe's `device` is here; None where it names one not here."""
+    from kdsearch.train import resolve_device
+
+    try:
+        return resolve_device(name).type
+    except RecipeError:
+        return None
+
+
+def refuse_other_kdsearch(cwd: Path) -> None:
+    """Ray's workers import from the driver's working directory first: refuse a kdsearch there
+    other than the one running (a checkout of another version), whose code every trial would
+    run instead, failing on recipes this one writes."""
+    theirs, ours = cwd / "kdsearch", Path(__file__).resolve().parents[1]
+    if not (theirs / "__init__.py").is_file() or theirs.resolve() == ours:
+        return
+    if _sources(theirs) != _sources(ours):
+        raise KdsearchError(
+            f"{theirs} is another kdsearch than the one running ({ours}), and Ray's workers "
+            "would import it from the working directory; run kdsearch from another directory"
+        )
+
+
+def _sources(package: Path) -> dict[Path, bytes]:
+    return {f.relative_to(package): f.read_bytes() for f in sorted(package.rglob("*.py"))}
+
+
+def use_ray_token(env: MutableMapping[str, str]) -> None:
+    """Clusters started with `ray start` check a token that Ray loads by itself only for
+    `--address auto`; for an explicit address, turn token mode on when a token is at hand. Ray
+    reads this setting when it is first imported, so this runs before kdsearch.search is."""
+    if "RAY_AUTH_MODE" in env:
+        return
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_TOKEN" in env or token_file.is_file():
+        env["RAY_AUTH_MODE"] = "token"

@@ -1,0 +1,291 @@
+"""`kdsearch export`: the winner as a folder a production job trains from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdsearch.commands.common import (
+    device_type,
+    note_search_running,
+    numbered,
+    parse_sets,
+    password_hidden,
+    prepare_teacher,
+    storage_option,
+    study_storage,
+)
+from kdsearch.display import console, epoch_progress
+from kdsearch.errors import KdsearchError
+from kdsearch.recipe import Recipe, flatten
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from kdsearch.data import ImageData
+    from kdsearch.teacher import TeacherFiles
+
+# what a promotion's baselines train (`kdsearch.promote.plan`), by their label there
+BASELINE_TERMS = {
+    "student alone": "every distill weight but ce's at 0",
+    "plain KD": "every distill weight but ce's and kd's at 0",
+}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the winner as a folder: its recipe, student, teacher, metadata, hyperparameters."""
+    storage, url = study_storage(args.study, args.storage)
+    run_export(storage, url, args.study, Path(args.out))
+    return 0
+
+
+def run_export(
+    storage: BaseStorage,
+    url: str,
+    name: str,
+    out: Path,
+    here: dict[str, Any] | None = None,
+    option: str = "--out",
+) -> None:
+    """Export the winner of study `name` in `storage` (at `url`) and the teacher it learned
+    from; without a promotion, train the winning trial's recipe once first, against the
+    search's teacher. `here`: this machine's settings (`export.find_winner`); `option`: what
+    set `out`, as an error names it."""
+    import torch
+
+    from kdsearch.data import load_data
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
+    from kdsearch.promote import failed_searched_runs, first_run, leaderboard
+    from kdsearch.study import promoted_name, promoted_study
+    from kdsearch.teacher import TeacherFiles
+    from kdsearch.train import evaluate_split, train
+
+    check_out(out, name, url, option)
+    hidden = password_hidden(url)  # after each command the notes print with --storage
+    promoted = promoted_name(name)
+    winner = find_winner(storage, name, here)
+    note_search_running(storage, name, "exports")
+    # weights trained on the CPU where the recipe's device here is not (a search or promotion
+    # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
+    on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
+    data = load_data(winner.recipe.data)
+    heads = needs_teacher_heads(winner.recipe)
+    files = winner.teacher
+    checked = True
+    # a baseline that did better than the exported recipe, and how: named once the export is
+    # written, with the command that trains its first run from the exported recipe
+    better: list[tuple[str, str]] = []
+    if winner.weights is not None:
+        if not winner.weights.is_file():
+            raise KdsearchError(
+                f"the promoted student's weights are not at {winner.weights} (moved, or "
+                f"promoted on another machine); put {winner.weights.parent.name}/ back there, "
+                "or export on the machine that promoted"
+            )
+        weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
+        if winner.data_fingerprint not in (None, data.fingerprint):
+            console.print(
+                "note: the promoted student trained on other images or splits than this machine "
+                f"loads for {winner.recipe.data.dataset} (data fingerprint "
+                f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
+                "records the promotion's",
+            )
+        if files is None and needs_teacher(winner.recipe):
+            files = unrecorded_teacher(winner.base, data, heads)
+            checked = False
+    else:
+        if winner.threads is not None:  # the trial's thread count: the trial's own student
+            torch.set_num_threads(winner.threads)
+        console.print(
+            f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
+            "once to export its student"
+        )
+        promotion = promoted_study(storage, name)
+        failed, bad = failed_searched_runs(promotion)
+        if failed and promotion is not None:  # not "nothing": nothing finished
+            console.print(
+                f"note: no run of a searched recipe has finished in the promotion ({failed} "
+                f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
+                f"{storage_option(promoted, url)}`{hidden} says why); no promotion confirms "
+                "this trial's score, which is from the search's budget"
+            )
+            board = leaderboard(promotion)  # the baselines that finished there, to weigh it against
+            better += [
+                (
+                    str(row["recipe"]),
+                    f"finished in the promotion, {row['val_mean']:.2f}% on validation at "
+                    f"{row['epochs']} epochs (mean of {row['seeds']} seeds)",
+                )
+                for _, row in board[board["source_trial"] < 0].iterrows()
+            ]
+        teacher, files = None, None
+        if needs_teacher(winner.recipe):
+            teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
+            files = TeacherFiles.of(teacher, heads)
+            if winner.teacher and (problem := files.changed_since(winner.teacher.attrs())):
+                console.print(
+                    f"note: {problem}; the search chose this recipe against that teacher, and "
+                    "the exported student learns from this one",
+                )
+        trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
+        with epoch_progress("winner", trained.schedule.epochs) as report:
+            result = train(
+                trained,
+                data,
+                report,
+                teacher=teacher.model if teacher else None,
+                teacher_heads=teacher.heads if teacher else None,
+            )
+        winner.metrics.update(
+            val_acc=result.val_acc,
+            test_acc=evaluate_split(result.student, data.test, data, trained)[0],
+        )
+        winner = replace(winner, device=device_type(trained.device))  # where these trained
+        weights = result.student.state_dict()
+    export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
+    # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
+    # (or the default) top-k, seeds and epochs, perhaps another budget altogether
+    tried = len(winner.seeds) + len(winner.failed_seeds)
+    top_k = f" --top-k {winner.rank}" if winner.rank else ""
+    again = (
+        f"`kdsearch promote {name}{storage_option(name, url)}{top_k} --seeds "
+        f"{max(tried, winner.planned_seeds or 0)} --epochs {winner.recipe.schedule.epochs}`"
+        + hidden
+    )
+    why = f"`kdsearch trials {promoted}{storage_option(promoted, url)}`{hidden} says why"
+    epochs = winner.recipe.schedule.epochs
+    if lost := [s for s in winner.failed_seeds if s not in winner.diverged_seeds]:
+        console.print(
+            f"note: {numbered('seed', lost)} of the winner "
+            f"failed at {epochs} epochs ({why}; {again} tries them again); its mean is over the "
+            "seeds that finished",
+        )
+    if gone := winner.diverged_seeds:  # the recipe's and seed's doing, not the machine's
+        console.print(
+            f"note: {numbered('seed', gone)} of the winner "
+            f"diverged at {epochs} epochs, its loss non-finite ({why}); its mean is over the "
+            "seeds that finished, and a try again with the same seed, on the CPU with the same "
+            "thread count, diverges the same way",
+        )
+    if winner.planned_seeds and tried < winner.planned_seeds:
+        console.print(
+            f"note: the winner's mean is over {len(winner.seeds)} of the "
+            f"{winner.planned_seeds} seeds a promotion asked for (interrupted, or a promotion "
+            f"at this budget with fewer seeds or other recipes); {again} "
+            "trains the rest, then export again",
+        )
+    if winner.passed_over:  # a search resumed after its promotion, say: its winner is not ours
+        one = len(winner.passed_over) == 1
+        console.print(
+            f"note: {numbered('trial', winner.passed_over, '#')} of the search scored higher "
+            f"there than the exported recipe's (#{winner.trial}) "
+            f"and no promotion at {epochs} epochs has trained "
+            f"{'it' if one else 'them'} ({'it' if one else 'they'} finished after the promotion "
+            f"ran, or it stopped first); {again} does, then export again"
+        )
+    if winner.all_failed:
+        one = len(winner.all_failed) == 1
+        console.print(
+            f"note: {numbered('trial', winner.all_failed, '#')} of the search scored higher "
+            f"there than the exported recipe's (#{winner.trial}), but "
+            f"{'its recipe' if one else 'their recipes'} finished no seed at {epochs} epochs "
+            f"({why})"
+        )
+    better += [
+        (
+            baseline,
+            f"scored higher on validation ({100 * scores['val_acc_mean']:.2f}% against "
+            f"{100 * winner.metrics['val_acc_mean']:.2f}%) than the best searched recipe, "
+            "which is exported all the same",
+        )
+        for baseline, scores in winner.metrics.get("baselines", {}).items()
+        if scores["val_acc_mean"] > winner.metrics["val_acc_mean"]
+    ]
+    for baseline, what in better:
+        how = f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
+        if (run := first_run(promoted_study(storage, name), baseline)) is not None:
+            trained_as = Recipe.from_yaml(str(run.user_attrs["recipe"]))
+            command = train_command(
+                out / "recipe.yaml",
+                trained_as,
+                threads=run.user_attrs.get("threads"),
+                cpu=run.user_attrs.get("device") == "cpu"
+                and device_type(winner.recipe.device) != "cpu",
+            )
+            how = f"`{command}` trains its seed {trained_as.seed} run again"
+        console.print(f"note: {baseline} {what}; for {baseline}, {how}")
+    threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
+    written = ["recipe.yaml", "student.pt"]
+    if files is not None:
+        written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
+    recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
+    console.print(
+        f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
+        f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
+        f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
+    )
+
+
+def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool) -> str:
+    """`kdsearch train FILE` with the `--set` items that make the recipe in `file` train as
+    `wanted` (not its settings of the machine, which `file` has as this one needs them), with
+    the `threads` it trained with and, where it trained on the CPU of a machine whose device
+    is not (`cpu`), on the CPU."""
+    from kdsearch.study import PER_MACHINE
+
+    have, want = flatten(Recipe.load(file).to_dict()), flatten(wanted.to_dict())
+    sets = []
+    for key in sorted(want.keys() - PER_MACHINE):
+        if want[key] != have.get(key):
+            text = json.dumps(want[key])  # YAML reads JSON's numbers, lists, null and strings
+            if isinstance(want[key], str) and bare(key, want[key]):
+                text = want[key]  # a bare word, as a user writes it
+            sets.append(f" --set {shlex.quote(f'{key}={text}')}")
+    if cpu:
+        sets.append(" --set device=cpu")
+    pinned = "" if threads is None else f"OMP_NUM_THREADS={threads} "
+    return f"{pinned}kdsearch train {shlex.quote(str(file))}{''.join(sets)}"
+
+
+def bare(key: str, text: str) -> bool:
+    """Whether `--set KEY=TEXT` sets KEY to the string `text` itself."""
+    try:
+        return bool(parse_sets([f"{key}={text}"])[key] == text)
+    except KdsearchError:
+        return False
+
+
+def unrecorded_teacher(base: Recipe, data: ImageData, heads: bool) -> TeacherFiles:
+    """The files of the teacher a promotion by an earlier kdsearch trained against, which it did
+    not record: the base recipe's, as this machine has it, never trained here (a teacher
+    trained now would not be the students')."""
+    from kdsearch.teacher import (
+        TeacherFiles,
+        cached_teacher_path,
+        get_teacher,
+        teacher_heads_path,
+        with_heads,
+    )
+
+    missing = (
+        "the promotion recorded no teacher file (an earlier kdsearch promoted it), and the "
+        "teacher it trained against{} is not on this machine; export on the machine that promoted"
+    )
+    if base.teacher.checkpoint is None and not cached_teacher_path(base, data).is_file():
+        raise KdsearchError(missing.format(""))
+    teacher = get_teacher(base, data, heads=False)  # loaded, not trained
+    if heads:
+        if not teacher_heads_path(base, data, teacher).is_file():
+            raise KdsearchError(missing.format("'s heads"))
+        teacher = with_heads(base, data, teacher)
+    console.print(
+        "note: the promotion recorded no teacher file (an earlier kdsearch promoted it); "
+        "exporting the teacher of the study's base recipe on this machine, unchecked "
+        '(meta.json: "checked": false)'
+    )
+    return TeacherFiles.of(teacher, heads)

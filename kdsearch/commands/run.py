@@ -1,0 +1,371 @@
+"""`kdsearch run`: search a space, then the space's promotion and export."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.live import Live
+from rich.text import Text
+
+from kdsearch import __version__
+from kdsearch.commands.common import (
+    parse_sets,
+    password_hidden,
+    prepare_teacher,
+    refuse_other_kdsearch,
+    run_resumed,
+    storage_url,
+    use_ray_token,
+)
+from kdsearch.commands.export import run_export
+from kdsearch.commands.promote import run_promotion
+from kdsearch.display import console, search_status, status_line
+from kdsearch.errors import KdsearchError, StudyError
+from kdsearch.paths import remove_empty
+from kdsearch.space import search_name_problem
+
+if TYPE_CHECKING:
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import Record, Tally
+    from kdsearch.teacher import TeacherFiles
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Search a space: trials on Ray Tune with ASHA, every one recorded in an Optuna study."""
+    refuse_other_kdsearch(Path.cwd())
+    if args.address not in (None, "auto"):
+        use_ray_token(os.environ)  # before Ray is imported
+    from kdsearch.space import SearchSpace
+    from kdsearch.study import (
+        Record,
+        default_storage,
+        machine_settings,
+        open_storage,
+        redact,
+        refuse_foreign,
+        retuned_settings,
+        sqlite_file,
+    )
+    from kdsearch.teacher import refuse_missing_checkpoints
+
+    changes = parse_sets(args.set)
+    space = SearchSpace.load(args.space, changes)
+    refuse_missing_checkpoints(space.base)  # before the data loads, and before the study
+    for idle in space.idle_settings():
+        console.print(f"note: {space.source}: {idle}")
+    for ignored in space.searched_changes(changes):
+        console.print(f"note: {ignored}")
+    name = args.study or space.config.study.name
+    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
+        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
+    target = args.trials or space.config.search.trials
+    at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
+    if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
+        at_once = fitted_trials(space, args.address)
+    given = args.storage or space.config.study.storage
+    url = storage_url(given or default_storage(name))
+    if space.config.export is not None:  # now, not after the search
+        from kdsearch.export import check_out
+
+        check_out(Path(space.config.export.dir), name, url, export_option(space))
+    if args.check:  # every check made before the study opens, and nothing written
+        console.print(
+            f"{space.source}: checked: {len(space.params)} parameter"
+            f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "
+            f"{space.config.asha.max_epochs} epochs, {at_once}, for study {name!r} in "
+            f"{redact(url)}; the data, the teacher and the study are first read when it runs"
+        )
+        return 0
+    file = sqlite_file(url)
+    made: list[Path] = []  # ./studies where this command makes it, once nothing has refused
+    if file is not None and not given and not file.parent.exists():
+        file.parent.mkdir(exist_ok=True)
+        made.append(file.parent)
+    new_file = file is not None and not file.exists()
+    if file is not None and file.is_file():
+        refuse_foreign(file, empty_ok=True)
+    try:
+        record = Record(open_storage(url), name, space, target=target, resume=args.resume)
+    except BaseException:
+        if new_file and file is not None:  # a refused run leaves no file (that a later
+            forget_if_empty(file)  # `trials NAME` would find before the right one)
+            remove_empty(made)
+        raise
+    if args.resume and record.created:  # a typo in --study would otherwise pass unseen
+        console.print(f"note: no study {name!r} in {redact(url)} yet, so --resume starts it")
+    resumed = password_hidden(url) if args.storage else ""  # after the --resume command
+    try:
+        with record.alive():
+            held = len(record.study.trials)
+            if record.all_started():  # --resume of a finished search, or --trials at most it holds
+                console.print(
+                    f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
+                    f"trials ({target} asked for); none to run"
+                )
+                tally, seconds, complete = record.tally(), 0.0, True
+                target = max(target, held)
+            else:
+                target = max(target, held)  # --trials below what it holds: its orphans run
+                if retuned := retuned_settings(record.study, space):
+                    console.print(
+                        f"note: study {name!r} was searched with other settings "
+                        f"({'; '.join(retuned)}); the trials still to run are stopped and "
+                        "proposed by this run's, and the finished ones stay as they were"
+                    )
+                console.print(
+                    f"kdsearch {__version__}: study {name!r} in {redact(url)}: {target} trials "
+                    f"({held - record.tally().running} finished before, {len(record.orphans)} to "
+                    f"run again), at most {space.config.asha.max_epochs} epochs each"
+                )
+                finish = f"`{resume_command(args, url)}`{resumed}"
+                record.record_options(
+                    {
+                        "space": str(Path(args.space).resolve()),
+                        "study": args.study,
+                        "trials": args.trials,
+                        "set": list(args.set),
+                        "address": args.address,
+                    }
+                )
+                tally, seconds, complete = search_trials(
+                    args, space, record, file, new_file, made, target, finish
+                )
+    except KeyboardInterrupt:  # a second Ctrl-C (Tune waits on the first only), or one as
+        # the search ended: the resume line, where the study kept what this run began
+        with suppress(Exception):
+            if record.study.get_trials(deepcopy=False):
+                console.print(
+                    f"stopped; `{resume_command(args, url)}`{resumed} finishes the search"
+                )
+        raise
+    console.print(status_line(tally, target) + f" in {seconds:.0f} s")
+    for line in tally.failures[-5:]:
+        console.print(f"  failed {line}")
+    finished = tally.complete + tally.pruned + tally.failed
+    if not complete:
+        console.print(
+            f"stopped with {finished} of {target} trials finished; "
+            f"`{resume_command(args, url)}`{resumed} finishes the search",
+        )
+        return 130
+    if tally.running:
+        others = (
+            "1 trial of other drivers is"
+            if tally.running == 1
+            else f"{tally.running} trials of other drivers are"
+        )
+        console.print(f"this driver is done; {others} still running in the study")
+    console.print(
+        f"study {name!r}: {redact(url)} (`kdsearch dashboard {redact(url)}`{password_hidden(url)})"
+    )
+    if not tally.complete and not tally.running:
+        console.print("no trial completed, so there is no result to promote or export")
+        return 1
+    if tally.running and (space.config.promote or space.config.export):
+        # from the trials finished so far, the best might not be the search's: the last
+        # driver to finish promotes and exports (or, should it be gone, the user)
+        hidden = password_hidden(url) if given else ""
+        console.print(
+            "so this driver leaves the space's promotion and export to the driver that "
+            "finishes the search last (if its space file has them); should none, run "
+            f"{left_to_user(args, space, url)}{hidden} once it is done",
+        )
+        return 0
+    # this driver's data folder, device, teacher files: the study records the base recipe of
+    # whichever driver joined it last, perhaps on another machine
+    here = machine_settings(space.base, space.params)
+    try:
+        if space.config.promote is not None:
+            p = space.config.promote
+            if not run_promotion(
+                open_storage(url), url, name, p.top_k, p.seeds, p.epochs, args.address, here
+            ):
+                if space.config.export is not None:
+                    console.print("so the space's export is not done")
+                return 1
+        if space.config.export is not None:
+            out = Path(space.config.export.dir)
+            run_export(open_storage(url), url, name, out, here, export_option(space))
+    except KeyboardInterrupt:  # the search is done; say how to finish what follows it
+        cfg = space.config
+        steps = [w for w, on in (("promotion", cfg.promote), ("export", cfg.export)) if on]
+        kept = " (the promotion runs already finished are kept)" if cfg.promote else ""
+        console.print(
+            f"stopped after the search; `{resume_command(args, url)}`{resumed} does the "
+            f"space's {' and '.join(steps)}{kept}"
+        )
+        raise
+    return 0
+
+
+def export_option(space: SearchSpace) -> str:
+    """What names a search's export folder, in an error about it."""
+    return f"{space.source}: export.dir"
+
+
+def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
+    """The commands that do the space's promotion and export as `kdsearch run` would."""
+    from kdsearch.study import redact
+
+    name = args.study or space.config.study.name
+    named = args.storage or space.config.study.storage  # else the default, which they find
+    storage = f" --storage {shlex.quote(redact(url))}" if named else ""
+    address = f" --address {shlex.quote(args.address)}" if args.address else ""  # its cluster
+    commands = []
+    if (p := space.config.promote) is not None:
+        epochs = f" --epochs {p.epochs}" if p.epochs else ""
+        commands.append(
+            f"kdsearch promote {name}{storage}{address} --top-k {p.top_k} --seeds {p.seeds}"
+            + epochs
+        )
+    if (e := space.config.export) is not None:
+        commands.append(f"kdsearch export {name}{storage} --out {shlex.quote(e.dir)}")
+    return " and ".join(f"`{c}`" for c in commands)
+
+
+def same_teacher(record: Record, files: TeacherFiles) -> None:
+    """Record in the study the teacher files its trials learn from, or, where a driver before
+    recorded them, refuse other ones: one study, one teacher."""
+    recorded = record.study.user_attrs.get("teacher_files")
+    if recorded is None:
+        record.study.set_user_attr("teacher_files", files.attrs())
+    elif problem := files.changed_since(recorded):
+        raise StudyError(
+            f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
+            "new study (--study NAME)"
+        )
+
+
+def fitted_trials(space: SearchSpace, address: str | None) -> str:
+    """Check that a trial of `space` fits a node of this machine's Ray, or of the cluster at
+    `address` (joined and left here: `--check`); say so where fewer than `search.concurrent`
+    fit at once, and return how many run at a time, where."""
+    from kdsearch.search import (
+        cluster_nodes,
+        local_resources,
+        machine_choices,
+        start_ray,
+        stop_ray,
+        trial_resources,
+    )
+
+    if address is None:
+        nodes, where = local_resources(), "this machine"
+    else:
+        with console.status(Text(f"joining the Ray cluster at {address}")):
+            start_ray(address)
+        try:
+            nodes = cluster_nodes()
+        finally:
+            stop_ray()
+        where = f"the cluster's {len(nodes)} node{'s' * (len(nodes) != 1)}"
+    cpu, gpu = trial_resources(
+        space.config.search, nodes, **machine_choices(space), source=space.source
+    )
+    room = sum(
+        min(node.get("CPU", 0.0) // cpu, node.get("GPU", 0.0) // gpu if gpu else math.inf)
+        for node in nodes
+    )
+    if (concurrent := space.config.search.concurrent) > room:
+        has = "have" if len(nodes) > 1 else "has"
+        console.print(
+            f"note: {space.source}: search.concurrent is {concurrent}, but {where} {has} room "
+            f"for {room:.0f} trial{'s' * (room > 1)} at once ({cpu:g} CPU{'s' * (cpu != 1)}"
+            f"{f' and {gpu:g} GPU' if gpu else ''} each), so {room:.0f} run at a time"
+        )
+    return f"{min(concurrent, room):.0f} at a time on {where}"
+
+
+def search_trials(
+    args: argparse.Namespace,
+    space: SearchSpace,
+    record: Record,
+    file: Path | None,
+    new_file: bool,
+    made: list[Path],
+    target: int,
+    resume: str,
+) -> tuple[Tally, float, bool]:
+    """Load the data, prepare the teacher and run the trials: the tally, seconds, and whether
+    every trial this driver started has finished; `resume` is the command that finishes them.
+    `new_file`: whether this command made the SQLite `file`, `made`: the folders it made for
+    it."""
+    from kdsearch.data import load_data
+    from kdsearch.losses import LOSSES
+    from kdsearch.search import (
+        active_terms,
+        machine_choices,
+        run_search,
+        start_ray,
+        stop_ray,
+        trial_resources,
+    )
+    from kdsearch.teacher import TeacherFiles
+
+    try:
+        if args.address is not None:  # join the cluster first: a wrong address costs no work
+            # Text: a spinner's words are read as markup whatever the console's setting, and
+            # an address such as [fe80::1]:6379 would lose its brackets
+            with console.status(Text(f"joining the Ray cluster at {args.address}")):
+                start_ray(args.address)
+            trial_resources(space.config.search, **machine_choices(space), source=space.source)
+        with console.status("loading data"):
+            data = load_data(space.base.data)
+        terms = active_terms(space)
+        teacher = None
+        if any(LOSSES[t].needs_teacher for t in terms):
+            heads = any(LOSSES[t].has_teacher_heads for t in terms)
+            teacher = prepare_teacher(space.base, data, heads, record)
+            console.print(
+                f"teacher {space.base.teacher.arch} ({teacher.source}): "
+                f"val acc {100 * teacher.val_acc:.2f}%"
+            )
+            same_teacher(record, TeacherFiles.of(teacher, heads))
+        record.record_settings()  # once the data and the teacher have passed
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            outcome = run_search(
+                space,
+                record,
+                data,
+                teacher,
+                address=args.address,
+                status=search_status(live, target),
+                resume=resume,
+            )
+    except BaseException:
+        # Failed before its first trial (no data, Ctrl-C while the teacher trains): take back
+        # the SQLite study this command created, and its file, so a rerun starts clean. (Not
+        # on a shared server: another driver may have joined the study and be preparing.)
+        with suppress(Exception):  # the error that stopped the search is the one to show
+            if file is not None and record.discard_if_unused() and new_file:
+                file.unlink(missing_ok=True)
+                remove_empty(made)
+        raise
+    finally:
+        if args.address is not None:
+            stop_ray()
+    return outcome.tally, outcome.seconds, outcome.complete
+
+
+def forget_if_empty(file: Path) -> None:
+    """Remove the SQLite `file` this command created, where it holds no study after all."""
+    from kdsearch.study import holds_no_study
+
+    if file.is_file() and holds_no_study(file):
+        with suppress(OSError):  # the error that refused the run is the one to show
+            file.unlink()
+
+
+def resume_command(args: argparse.Namespace, url: str) -> str:
+    """The command that finishes this search: the same options, and --resume."""
+    from kdsearch.study import redact
+
+    return run_resumed(
+        args.space, args.study, args.storage and redact(url), args.trials, args.address, args.set
+    )

@@ -1,0 +1,159 @@
+"""`kdsearch train`: one student from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdsearch import __version__
+from kdsearch.commands.common import load_recipe, prepare_teacher
+from kdsearch.display import console, epoch_progress
+from kdsearch.errors import KdsearchError
+from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
+
+if TYPE_CHECKING:
+    pass
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one student from a recipe and write recipe.yaml, metrics.json and student.pt."""
+    recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: bad input fails fast
+    import torch
+
+    from kdsearch.data import load_data
+    from kdsearch.distill import needs_teacher, needs_teacher_heads
+    from kdsearch.teacher import refuse_missing_checkpoints
+    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, train
+
+    if needs_teacher(recipe):
+        refuse_missing_checkpoints(recipe)
+
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("studies/runs") / f"{run_name(args.recipe)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    writable_folder(out, "--out")
+    held = run_files(out) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise KdsearchError(f"--out {out} already holds files ({shown}); choose another folder")
+    device = resolve_device(recipe.device)
+    dtype = autocast_dtype(recipe.precision, device)
+    console.print(
+        f"kdsearch {__version__}: {recipe.teacher.arch} -> {recipe.student.arch} on "
+        f"{recipe.data.dataset}, {device.type}, {dtype or torch.float32}"
+    )
+    with console.status("loading data"):
+        data = load_data(
+            recipe.data, progress=lambda what, done, total: console.print(f"{what}: {done}/{total}")
+        )
+    console.print(
+        f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+        f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
+    )
+    exported = export_meta(Path(args.recipe))
+    if (searched := exported.get("data_fingerprint")) not in (None, data.fingerprint):
+        console.print(
+            f"note: these are not the images or splits the exported student in "
+            f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
+            f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
+        )
+    teacher = None
+    if needs_teacher(recipe):
+        teacher = prepare_teacher(recipe, data, needs_teacher_heads(recipe))
+        console.print(
+            f"teacher {recipe.teacher.arch} ({teacher.source}, {teacher.path}): "
+            f"val acc {100 * teacher.val_acc:.2f}%"
+            + (f"; its heads: {teacher.heads_path}" if teacher.heads_path else "")
+        )
+        if (replaced := replaced_teacher(Path(args.recipe), exported, teacher.path)) is not None:
+            console.print(
+                f"note: {teacher.path} is not the teacher the exported student in "
+                f"{Path(args.recipe).parent} learned from (weights hash {replaced[0]}, there "
+                f"{replaced[1]}); its meta.json's accuracies do not carry over"
+            )
+    with epoch_progress("student", recipe.schedule.epochs) as report:
+        result = train(
+            recipe,
+            data,
+            report,
+            teacher=teacher.model if teacher else None,
+            teacher_heads=teacher.heads if teacher else None,
+        )
+    test_acc, test_loss = evaluate_split(result.student, data.test, data, recipe)
+    metrics = {
+        "val_acc": result.val_acc,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs": len(result.history),
+        "seconds": round(result.seconds, 2),
+        "images_per_sec": round(result.images_per_sec, 1),
+        "student_params": result.params,
+        "device": str(device),
+        "precision": str(dtype or torch.float32),
+        "teacher": None
+        if teacher is None
+        else {
+            "arch": recipe.teacher.arch,
+            "source": teacher.source,
+            "path": str(teacher.path),
+            "val_acc": teacher.val_acc,
+            **({"heads_path": str(teacher.heads_path)} if teacher.heads_path else {}),
+        },
+        "history": [vars(s) for s in result.history],
+        "inputs": data.inputs(),  # what serving the student needs: size, normalisation, classes
+        "kdsearch": __version__,
+    }
+
+    def write(folder: Path) -> None:
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
+        torch.save(weights, folder / "student.pt")
+
+    with write_errors(f"--out {out}"):
+        written = placed_files(out, write)
+    if written != out:
+        console.print(f"note: another run wrote into {out} while this one trained")
+    console.print(
+        f"student {recipe.student.arch}: val acc {100 * result.val_acc:.2f}%, "
+        f"test acc {100 * test_acc:.2f}%; wrote {written}/recipe.yaml, metrics.json, student.pt"
+    )
+    return 0
+
+
+def run_name(recipe: str) -> str:
+    """What names a run of `recipe` by default: its file's name, but an export's `recipe.yaml`
+    its folder's (the runs of two exports are told apart)."""
+    path = Path(recipe).resolve()
+    return path.parent.name if path.name == "recipe.yaml" and path.parent.name else path.stem
+
+
+def export_meta(recipe_file: Path) -> dict[str, Any]:
+    """The meta.json of the export holding `recipe_file`; empty for a recipe that is not in an
+    export. Here, not in kdsearch.export, which writes it: `train` should not import Ray to
+    read it."""
+    try:
+        found = json.loads((recipe_file.parent / "meta.json").read_text())
+    except (OSError, ValueError):  # no meta.json, not JSON
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def replaced_teacher(recipe_file: Path, meta: dict[str, Any], path: Path) -> tuple[str, str] | None:
+    """Where the teacher at `path` is a file of the export holding `recipe_file` whose weights
+    hash otherwise than its meta.json records (the file replaced since): both hashes."""
+    from kdsearch.teacher import weights_digest
+
+    files = meta.get("teacher_files")
+    for name, recorded in files.items() if isinstance(files, dict) else ():
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("digest"), str):
+            continue
+        if (recipe_file.parent / str(name)).resolve() == path.resolve():
+            here = weights_digest(path)
+            return (here, recorded["digest"]) if here != recorded["digest"] else None
+    return None
