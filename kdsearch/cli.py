@@ -28,7 +28,13 @@ from kdsearch.space import cluster_address, study_name_problem
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line with status 2, and refuses an option of
     one value given twice (argparse keeps the last without a word: `--trials 20 --trials 4`
-    ran 4)."""
+    ran 4), and takes options only as spelled in full: argparse's prefixes read `promote
+    --seed 1` (meant: seed 1) as `--seeds 1`, and a script's prefix would change meaning, or
+    stop working, with each option added later."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -675,6 +675,22 @@ def test_an_option_of_one_value_given_twice_is_refused(tmp_path: Path, cli_here:
     assert not (tmp_path / "studies").exists()
 
 
+def test_an_option_is_taken_only_as_spelled_in_full(tmp_path: Path, cli_here: CliHere) -> None:
+    """argparse's prefixes read `promote S --seed 1` (meant: the seed) as `--seeds 1`."""
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    for command, given in (
+        (["promote", "s", "--seed", "1"], "--seed 1"),
+        (["run", "space.yaml", "--trial", "3"], "--trial 3"),
+        (["trials", "s", "--sto", "x.db"], "--sto x.db"),
+    ):
+        ran = cli_here(*command, cwd=tmp_path)
+        assert ran.returncode == 2 and ran.stderr == (
+            f"kdsearch {command[0]}: error: unrecognized arguments: {given} (see kdsearch "
+            f"{command[0]} --help)\n"
+        ), ran.stderr
+    assert not (tmp_path / "studies").exists()
+
+
 def test_a_train_command_turns_a_recipe_file_into_another_recipe_but_for_the_machine(
     tmp_path: Path,
 ) -> None:
