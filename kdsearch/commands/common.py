@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kdsearch.data import ImageData
     from kdsearch.study import Record
     from kdsearch.teacher import Teacher
+    from kdsearch.train import Result
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -80,6 +81,21 @@ def prepare_teacher(
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
             teacher = with_heads(recipe, data, teacher, report=heads_report, path=path)
     return teacher
+
+
+def student_trained(what: str, recipe: Recipe, data: ImageData, teacher: Teacher | None) -> Result:
+    """A student trained from `recipe` (against `teacher`, where its terms need one), with the
+    progress of its epochs under the label `what`."""
+    from kdsearch.train import train
+
+    with epoch_progress(what, recipe.schedule.epochs) as report:
+        return train(
+            recipe,
+            data,
+            report,
+            teacher=teacher.model if teacher else None,
+            teacher_heads=teacher.heads if teacher else None,
+        )
 
 
 def not_retrained(record: Record, path: Path, *, heads: bool) -> None:

@@ -17,9 +17,10 @@ from kdsearch.commands.common import (
     password_hidden,
     prepare_teacher,
     storage_option,
+    student_trained,
     study_storage,
 )
-from kdsearch.display import console, epoch_progress
+from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.recipe import Recipe, flatten
 
@@ -63,7 +64,7 @@ def run_export(
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
     from kdsearch.study import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
-    from kdsearch.train import evaluate_split, train
+    from kdsearch.train import evaluate_split
 
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage
@@ -133,14 +134,7 @@ def run_export(
                     "the exported student learns from this one",
                 )
         trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
-        with epoch_progress("winner", trained.schedule.epochs) as report:
-            result = train(
-                trained,
-                data,
-                report,
-                teacher=teacher.model if teacher else None,
-                teacher_heads=teacher.heads if teacher else None,
-            )
+        result = student_trained("winner", trained, data, teacher)
         winner.metrics.update(
             val_acc=result.val_acc,
             test_acc=evaluate_split(result.student, data.test, data, trained)[0],

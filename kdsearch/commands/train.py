@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch import __version__
-from kdsearch.commands.common import load_recipe, prepare_teacher
-from kdsearch.display import console, epoch_progress
+from kdsearch.commands.common import load_recipe, prepare_teacher, student_trained
+from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
 
@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import refuse_missing_checkpoints
-    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, train
+    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device
 
     if needs_teacher(recipe):
         refuse_missing_checkpoints(recipe)
@@ -76,14 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{Path(args.recipe).parent} learned from (weights hash {replaced[0]}, there "
                 f"{replaced[1]}); its meta.json's accuracies do not carry over"
             )
-    with epoch_progress("student", recipe.schedule.epochs) as report:
-        result = train(
-            recipe,
-            data,
-            report,
-            teacher=teacher.model if teacher else None,
-            teacher_heads=teacher.heads if teacher else None,
-        )
+    result = student_trained("student", recipe, data, teacher)
     test_acc, test_loss = evaluate_split(result.student, data.test, data, recipe)
     metrics = {
         "val_acc": result.val_acc,
