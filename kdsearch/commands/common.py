@@ -1,5 +1,5 @@
-"""What the commands share: recipes and `--set`, the teacher's preparation, a study's
-storage, and the checks made before Ray is imported."""
+"""What the commands share: recipes and `--set`, the teacher's preparation, a student's
+training, a study's storage, and the checks made before Ray is imported."""
 
 from __future__ import annotations
 
