@@ -216,6 +216,29 @@ def holds_no_study(file: Path) -> bool:
         return False
 
 
+def trials_held(file: Path, name: str) -> int | None:
+    """How many trials study `name` holds in SQLite `file`, read without Optuna's storage (which
+    is slower to open, and may write) and without writing; None where the file cannot tell
+    (no Optuna tables; locked, or unreadable)."""
+    query = (
+        "SELECT COUNT(*) FROM trials WHERE study_id = "
+        "(SELECT study_id FROM studies WHERE study_name = ?)"
+    )
+    try:
+        with read_only(file) as db:
+            return int(db.execute(query, (name,)).fetchone()[0]) if has_studies_table(db) else None
+    except sqlite3.Error:
+        return None
+
+
+def already_held(name: str, trials: int) -> StudyError:
+    """The refusal of a search without --resume in study `name`, which holds `trials`."""
+    return StudyError(
+        f"study {name!r} already holds {trials} trials; add --resume to finish it, or choose "
+        "another --study name"
+    )
+
+
 @contextmanager
 def read_only(file: Path) -> Iterator[sqlite3.Connection]:
     """A connection to SQLite `file` that cannot write to it."""
@@ -475,10 +498,7 @@ class Record:
             study_id = storage.get_study_id_from_name(name)
             n = len(storage.get_all_trials(study_id, deepcopy=False))
             if n and not resume:
-                raise StudyError(
-                    f"study {name!r} already holds {n} trials; add --resume to finish it, or "
-                    "choose another --study name"
-                )
+                raise already_held(name, n)
             # Empty and without settings: another driver may be creating it this moment, or
             # preparing it (data, teacher); a study nobody prepares, or one made outside
             # kdsearch, this driver takes over. Trials without settings: another tool's study.

@@ -25,7 +25,7 @@ from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 
-from .conftest import SMALL_SPACE, CliHere, run_cli, tiny_recipe, write_study
+from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, tiny_recipe, write_study
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
@@ -673,6 +673,26 @@ def test_an_option_of_one_value_given_twice_is_refused(tmp_path: Path, cli_here:
             "run --help)\n"
         )
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_search_run_again_without_resume_is_refused_before_torch_and_ray_load(
+    tmp_path: Path,
+) -> None:
+    """The same command twice, the common slip, is refused in about a second: before, it waited
+    for torch and Ray to import (6-7 s on two cores) and the study's own refusal."""
+    write_study(tmp_path)  # studies/s.db, its search's trials finished
+    code = (
+        "import sys; from kdsearch.cli import main; status = main(['run', 'space.yaml']); "
+        "print(status, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.stdout.split("\n")[-2] == "2 []", (proc.stdout, proc.stderr)
+    assert proc.stderr == (
+        f"kdsearch: error: study 's' already holds {len(SEARCH_VALUES)} trials; add --resume to "
+        "finish it, or choose another --study name\n"
+    )
 
 
 def test_an_option_is_taken_only_as_spelled_in_full(tmp_path: Path, cli_here: CliHere) -> None:

@@ -33,9 +33,11 @@ from kdsearch.study import (
     ranked,
     redact,
     space_config,
+    sqlite_file,
     storage_place,
     study_names,
     trial_recipe,
+    trials_held,
 )
 
 SPACE = """
@@ -139,6 +141,25 @@ def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
     with pytest.raises(StudyError, match="already holds 1 trials; add --resume"):
         Record(open_storage(url), "s", space, target=2, resume=False)
     assert Record(open_storage(url), "s", space, target=2, resume=True).target == 2
+
+
+def test_trials_held_counts_a_study_s_trials_without_writing(
+    space: SearchSpace, url: str, tmp_path: Path
+) -> None:
+    """What `kdsearch run` reads to refuse the same search again before torch and Ray load."""
+    record = Record(open_storage(url), "s", space, target=3, resume=False)
+    record.next_plan("a")
+    record.next_plan("b")
+    file = sqlite_file(url)
+    assert file is not None
+    before = file.read_bytes()
+    assert trials_held(file, "s") == 2
+    assert trials_held(file, "s-other") == 0  # no such study
+    assert file.read_bytes() == before
+    (tmp_path / "notes.db").write_text("not a database\n")
+    assert trials_held(tmp_path / "notes.db", "s") is None  # for the real open to refuse
+    sqlite3.connect(tmp_path / "empty.db").close()
+    assert trials_held(tmp_path / "empty.db", "s") is None  # no Optuna tables
 
 
 def test_a_search_named_as_one_whose_promotion_outlived_it_is_refused(

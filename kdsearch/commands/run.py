@@ -44,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.space import SearchSpace
     from kdsearch.study import (
         Record,
+        already_held,
         default_storage,
         machine_settings,
         open_storage,
@@ -51,25 +52,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         refuse_foreign,
         retuned_settings,
         sqlite_file,
+        trials_held,
     )
-    from kdsearch.teacher import refuse_missing_checkpoints
 
     changes = parse_sets(args.set)
     space = SearchSpace.load(args.space, changes)
+    name = args.study or space.config.study.name
+    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
+        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
+    given = args.storage or space.config.study.storage
+    url = storage_url(given or default_storage(name))
+    # the same command run twice: refused before torch and Ray are imported (seconds);
+    # `Record` refuses it too, on any storage
+    known = None if args.resume or args.check else sqlite_file(url)
+    if known is not None and known.is_file() and (held := trials_held(known, name)):
+        raise already_held(name, held)
+    from kdsearch.teacher import refuse_missing_checkpoints
+
     refuse_missing_checkpoints(space.base)  # before the data loads, and before the study
     for idle in space.idle_settings():
         console.print(f"note: {space.source}: {idle}")
     for ignored in space.searched_changes(changes):
         console.print(f"note: {ignored}")
-    name = args.study or space.config.study.name
-    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
-        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     target = args.trials or space.config.search.trials
     at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
     if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
         at_once = fitted_trials(space, args.address)
-    given = args.storage or space.config.study.storage
-    url = storage_url(given or default_storage(name))
     if space.config.export is not None:  # now, not after the search
         from kdsearch.export import check_out
 
