@@ -26,7 +26,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     import pandas as pd
 
-    from kdsearch.study import Tally
+    from kdsearch.study.record import Tally
     from kdsearch.train import EpochStats
 
 

@@ -50,7 +50,7 @@ from kdsearch.promote import (
     run_budget,
 )
 from kdsearch.recipe import Recipe, flatten
-from kdsearch.study import (
+from kdsearch.study.contents import (
     base_recipe,
     load_study,
     machine_settings,
@@ -58,10 +58,9 @@ from kdsearch.study import (
     ranked,
     recorded,
     space_config,
-    sqlite_file,
-    storage_place,
     trial_recipe,
 )
+from kdsearch.study.storage import sqlite_file, storage_place
 from kdsearch.teacher import TeacherFiles, weights_digest
 
 if TYPE_CHECKING:

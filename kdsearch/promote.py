@@ -31,9 +31,8 @@ from kdsearch import __version__
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, StudyError
 from kdsearch.paths import writable_folder
 from kdsearch.recipe import DistillConfig, Recipe
-from kdsearch.study import (
+from kdsearch.study.contents import (
     base_recipe,
-    check_writes,
     load_study,
     machine_settings,
     not_the_promotion,
@@ -41,10 +40,9 @@ from kdsearch.study import (
     promotion_held,
     ranked,
     space_config,
-    sqlite_file,
-    storage_errors,
     trial_recipe,
 )
+from kdsearch.study.storage import check_writes, sqlite_file, storage_errors
 
 if TYPE_CHECKING:  # torch: `trials` and `report` read promotions without it
     from kdsearch.data import ImageData

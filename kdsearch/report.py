@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.display import TRIAL_COLUMNS, seeds_cell, value_text
 from kdsearch.errors import StudyError
 from kdsearch.promote import failed_line, failed_runs, leaderboard
-from kdsearch.study import (
+from kdsearch.study.contents import (
     is_promotion,
     load_study,
     promoted_study,

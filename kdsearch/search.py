@@ -47,7 +47,9 @@ from kdsearch.paths import flocked
 from kdsearch.recipe import Recipe
 from kdsearch.space import SearchConfig, SearchSpace, cluster_address
 from kdsearch.store import StoreConfig
-from kdsearch.study import METRIC, STALE_S, Plan, Record, Tally, process_alive
+from kdsearch.study.contents import METRIC
+from kdsearch.study.drivers import STALE_S, process_alive
+from kdsearch.study.record import Plan, Record, Tally
 from kdsearch.teacher import Teacher
 from kdsearch.train import EpochStats, evaluate_split, free_device_memory, resolve_device, train
 

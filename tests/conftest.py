@@ -188,7 +188,8 @@ def write_study(root: Path, space_text: str = SMALL_SPACE) -> str:
     from optuna.trial import TrialState
 
     from kdsearch.space import SearchSpace
-    from kdsearch.study import Record, open_storage
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
 
     (root / "studies").mkdir(parents=True, exist_ok=True)
     (root / "space.yaml").write_text(space_text)

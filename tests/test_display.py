@@ -18,7 +18,7 @@ from kdsearch.display import (
     search_status,
     trials_view,
 )
-from kdsearch.study import Tally
+from kdsearch.study.record import Tally
 
 
 def test_off_a_terminal_the_search_status_is_a_line_when_trials_have_finished(

@@ -25,7 +25,8 @@ from kdsearch.paths import staging_path
 from kdsearch.promote import _record, open_promoted, plan
 from kdsearch.recipe import Recipe, flatten
 from kdsearch.search import JobResult
-from kdsearch.study import PER_MACHINE, open_storage
+from kdsearch.study.contents import PER_MACHINE
+from kdsearch.study.storage import open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study

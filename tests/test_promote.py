@@ -42,14 +42,9 @@ from kdsearch.promote import (
 from kdsearch.recipe import Recipe
 from kdsearch.search import JobResult
 from kdsearch.space import SearchSpace
-from kdsearch.study import (
-    Record,
-    base_recipe,
-    open_storage,
-    promoted_study,
-    space_config,
-    trial_recipe,
-)
+from kdsearch.study.contents import base_recipe, promoted_study, space_config, trial_recipe
+from kdsearch.study.record import Record
+from kdsearch.study.storage import open_storage
 from kdsearch.teacher import Teacher, TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -312,7 +307,7 @@ def test_a_stop_in_the_promotion_after_a_search_says_how_to_finish_it(
         "(the promotion runs already finished are kept)"
     ) in " ".join(ran.stderr.split())
     # a --storage whose URL is printed without its password says so after the command
-    monkeypatch.setattr("kdsearch.study.redact", lambda url: "postgresql://u:***@db/kd")
+    monkeypatch.setattr("kdsearch.study.storage.redact", lambda url: "postgresql://u:***@db/kd")
     ran = cli_here("run", "space.yaml", "--resume", "--storage", "studies/s.db", cwd=tmp_path)
     assert (
         "stopped after the search; `kdsearch run space.yaml --storage "

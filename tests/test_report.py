@@ -28,7 +28,9 @@ from kdsearch.display import trials_view
 from kdsearch.promote import PLAIN_KD, open_promoted
 from kdsearch.report import build_report, learning_curves, trials_table
 from kdsearch.space import SearchSpace
-from kdsearch.study import Record, open_storage, this_driver
+from kdsearch.study.drivers import this_driver
+from kdsearch.study.record import Record
+from kdsearch.study.storage import open_storage
 
 from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, write_study
 

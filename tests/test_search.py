@@ -30,7 +30,7 @@ from kdsearch.commands.run import same_teacher
 from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
-from kdsearch.study import trial_recipe
+from kdsearch.study.contents import trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
@@ -835,7 +835,9 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
 def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:
     from kdsearch import search
     from kdsearch.errors import KdsearchWarning
-    from kdsearch.study import METRIC, Record, open_storage
+    from kdsearch.study.contents import METRIC
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
 
     space = SearchSpace.from_yaml(SPACE, source="s.yaml")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=2, resume=False)
@@ -859,7 +861,7 @@ def test_failed_trials_stay_out_of_ashas_rungs() -> None:
     """Their NaN went into the rung, where numpy warned "All-NaN slice encountered" onto the
     user's terminal once a rung held failed trials alone."""
     from kdsearch import search
-    from kdsearch.study import METRIC
+    from kdsearch.study.contents import METRIC
 
     asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
     asha.set_search_properties(METRIC, "max")
@@ -884,7 +886,9 @@ def test_a_trial_whose_process_died_keeps_what_its_last_epoch_said(tmp_path: Pat
     """Tune ends such a trial with no result, and the attributes came from that result alone:
     its parameters, device, thread count and times were lost."""
     from kdsearch import search
-    from kdsearch.study import METRIC, Record, open_storage
+    from kdsearch.study.contents import METRIC
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
 
     space = SearchSpace.from_yaml(SPACE, source="s.yaml")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
@@ -909,7 +913,7 @@ def test_a_trial_whose_process_died_records_why(tmp_path: Path) -> None:
     from ray import tune
 
     from kdsearch.search import RecordingASHA
-    from kdsearch.study import METRIC
+    from kdsearch.study.contents import METRIC
 
     def dies(config: dict[str, object]) -> None:
         tune.report({"epoch": 1, METRIC: 0.5})
@@ -1100,7 +1104,8 @@ def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     its own search only."""
     from kdsearch.data import load_data
     from kdsearch.search import run_search
-    from kdsearch.study import Record, open_storage
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
 
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
     space = one_lr_without_kd("trials: 1, concurrent: 2")
@@ -1259,7 +1264,7 @@ def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_search_
     from types import SimpleNamespace
 
     from kdsearch.search import RecordingASHA
-    from kdsearch.study import METRIC
+    from kdsearch.study.contents import METRIC
 
     live = RecordingASHA(16, 1, reduction_factor)
     live.set_search_properties(METRIC, "max")
@@ -1313,14 +1318,15 @@ def test_a_resume_counts_to_what_the_study_holds_and_notes_other_asha_or_sampler
     sampler: its orphans run again whatever --trials says (the count read `trials 2/1`), and
     the settings that decide how they are stopped and proposed were taken silently. (One
     search for both: each costs half a minute of CI.)"""
-    from kdsearch.study import Record, open_storage
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
 
     (tmp_path / "studies").mkdir()
     space = SearchSpace.from_yaml(SMALL_SPACE, source="space.yaml")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with monkeypatch.context() as m:
-        m.setattr("kdsearch.study.os.getpid", lambda: dead.pid)
+        m.setattr("kdsearch.study.drivers.os.getpid", lambda: dead.pid)
         url = f"sqlite:///{tmp_path}/studies/s.db"
         first = Record(open_storage(url), "s", space, target=2, resume=False)
         for n in range(2):

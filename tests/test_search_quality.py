@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from kdsearch.search import RecordingASHA
-from kdsearch.study import METRIC
+from kdsearch.study.contents import METRIC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import search_quality as bench

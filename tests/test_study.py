@@ -21,22 +21,17 @@ from sqlalchemy import DateTime, column, make_url, text
 
 from kdsearch.errors import KdsearchError, KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
-from kdsearch.study import (
-    STALE_S,
-    Record,
+from kdsearch.study.contents import ranked, space_config, study_names, trial_recipe
+from kdsearch.study.drivers import STALE_S, driver_alive, pid_scope
+from kdsearch.study.record import Record
+from kdsearch.study.storage import (
     check_writes,
-    driver_alive,
     holds_no_study,
     holds_studies,
     open_storage,
-    pid_scope,
-    ranked,
     redact,
-    space_config,
     sqlite_file,
     storage_place,
-    study_names,
-    trial_recipe,
     trials_held,
 )
 
@@ -67,7 +62,7 @@ def url(tmp_path: Path) -> str:
 @pytest.fixture
 def beating(space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch) -> Record:
     """A new driver of study "s" whose `alive` beats every 0.05 s."""
-    monkeypatch.setattr("kdsearch.study.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("kdsearch.study.record.HEARTBEAT_S", 0.05)
     return Record(open_storage(url), "s", space, target=2, resume=False)
 
 
@@ -223,7 +218,7 @@ def test_a_driver_beside_another_with_section_choices_written_otherwise_draws_th
     draw, not at its start."""
     first = driver_of(url, WRITTEN, 8, resume=False)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("kdsearch.study.os.getpid", os.getppid)  # another driver, alive
+        m.setattr("kdsearch.study.drivers.os.getpid", os.getppid)  # another driver, alive
         beside = driver_of(url, OTHERWISE, 8, resume=False)
     for n in range(4):
         assert first.next_plan(f"a{n}") is not None and beside.next_plan(f"b{n}") is not None
@@ -293,7 +288,7 @@ def test_an_empty_study_nobody_prepares_is_taken_over(
     space: SearchSpace, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with monkeypatch.context() as m:  # a driver killed while it prepared the study
-        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        m.setattr("kdsearch.study.drivers.os.getpid", _dead_pid)
         Record(open_storage(url), "s", space, target=2, resume=False)
     other = SearchSpace.from_yaml(SPACE.replace("high: 0.2", "high: 0.3"), source="o.yaml")
     assert Record(open_storage(url), "s", other, target=2, resume=False).target == 2
@@ -449,7 +444,7 @@ def test_a_trial_taken_over_trains_with_this_machines_settings(
         source="s.yaml",
     )
     with monkeypatch.context() as m:  # the first driver's process is gone
-        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        m.setattr("kdsearch.study.drivers.os.getpid", _dead_pid)
         first = Record(storage, "s", theirs, target=1, resume=False)
         proposed = first.next_plan("r0")
     assert proposed is not None and proposed.recipe.device == "cuda:1"
@@ -545,7 +540,7 @@ def test_a_trial_that_waited_for_a_slot_is_no_death_of_its_driver(
     trials that had never trained were failed as the likely cause."""
     storage = open_storage(url)
     with monkeypatch.context() as m:  # the driver that is killed
-        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        m.setattr("kdsearch.study.drivers.os.getpid", _dead_pid)
         first = Record(storage, "s", space, target=2, resume=False)
         for n in range(2):
             assert first.next_plan(f"r{n}") is not None
@@ -834,7 +829,7 @@ def test_a_trial_whose_driver_died_while_proposing_it_is_proposed_again_on_resum
     RUNNING trial with no recipe (and no driver); resuming must not stop at it."""
     storage = open_storage(url)
     with monkeypatch.context() as m:  # the first driver's process is gone
-        m.setattr("kdsearch.study.os.getpid", _dead_pid)
+        m.setattr("kdsearch.study.drivers.os.getpid", _dead_pid)
         first = Record(storage, "s", space, target=3, resume=False)
     first.next_plan("r0")
     first.finish(0, TrialState.COMPLETE, {4: 0.9}, {})
@@ -872,7 +867,7 @@ def test_a_trial_a_live_driver_is_proposing_is_left_to_it(
         def now(cls, tz: tzinfo | None = None) -> Later:
             return cls.fromtimestamp(later.timestamp(), tz)
 
-    monkeypatch.setattr("kdsearch.study.datetime", Later)
+    monkeypatch.setattr("kdsearch.study.record.datetime", Later)
     orphans = Record(storage, "s", space, target=3, resume=True).orphans
     assert [t.number for t in orphans] == [proposing.number]
 
@@ -884,7 +879,7 @@ def test_drivers_that_start_on_a_study_at_once_propose_different_trials(
     the same values and trained every trial twice. A driver alone draws as it always did."""
     storage = open_storage(url)
     with monkeypatch.context() as m:  # the other driver: a live process that is not this one
-        m.setattr("kdsearch.study.os.getpid", os.getppid)
+        m.setattr("kdsearch.study.drivers.os.getpid", os.getppid)
         first = Record(storage, "s", space, target=8, resume=False)
     second = Record(storage, "s", space, target=8, resume=False)
     ours = [first.next_plan(f"a{i}") for i in range(4)]
@@ -906,7 +901,7 @@ def test_a_driver_stopped_while_preparing_keeps_a_study_another_driver_joined(
     under a second driver that joined it meanwhile (it crashed later: no such study)."""
     storage = open_storage(url)
     with monkeypatch.context() as m:
-        m.setattr("kdsearch.study.os.getpid", os.getppid)
+        m.setattr("kdsearch.study.drivers.os.getpid", os.getppid)
         creator = Record(storage, "s", space, target=2, resume=False)
     assert creator.created
     joined = Record(storage, "s", space, target=2, resume=False)
@@ -1032,10 +1027,10 @@ def test_a_postgresql_server_that_never_answers_is_given_up_on(
 ) -> None:
     """A host that takes the connection and says nothing (or drops packets): libpq waited
     without end, and the one clear line never came."""
-    from kdsearch import study
+    from kdsearch.study import storage
 
-    monkeypatch.setattr(study, "PG_CONNECT_S", 2)
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage, "PG_CONNECT_S", 2)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel completes the handshakes; nothing ever speaks

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
     from kdsearch.data import ImageData
-    from kdsearch.study import Record
+    from kdsearch.study.record import Record
     from kdsearch.teacher import Teacher
     from kdsearch.train import Result
 
@@ -133,7 +133,7 @@ def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
 def password_hidden(url: str) -> str:
     """' (its password hidden)' to follow a printed command whose storage URL `redact` has
     shortened, else ''."""
-    from kdsearch.study import redact
+    from kdsearch.study.storage import redact
 
     return " (its password hidden)" if redact(url) != url else ""
 
@@ -178,7 +178,7 @@ def study_file(study: str) -> Path:
 def storage_option(study: str, url: str) -> str:
     """` --storage URL` (its password hidden) for a command on `study` in the storage at `url`,
     or nothing where that is the storage the command finds by itself (`study_file`)."""
-    from kdsearch.study import redact, storage_place
+    from kdsearch.study.storage import redact, storage_place
 
     found = storage_place(f"sqlite:///{study_file(study)}")
     return "" if storage_place(url) == found else f" --storage {shlex.quote(redact(url))}"
@@ -217,7 +217,7 @@ def studies_here(shown: int = 8) -> str:
 def existing_storage(url: str) -> BaseStorage:
     """The storage at `url`, which holds studies already: a missing SQLite file, or one that is
     not Optuna's, is an error, where opening it would silently make it a study database."""
-    from kdsearch.study import open_storage, refuse_foreign, sqlite_file
+    from kdsearch.study.storage import open_storage, refuse_foreign, sqlite_file
 
     file = sqlite_file(url)
     if file is not None and file.is_dir():
@@ -232,7 +232,7 @@ def existing_storage(url: str) -> BaseStorage:
 def note_search_running(storage: BaseStorage, name: str, does: str) -> None:
     """Say so where another process searches study `name` now: what `does` (promotes,
     exports) the best trials so far is not the search's last word."""
-    from kdsearch.study import searching_now
+    from kdsearch.study.drivers import searching_now
 
     if drivers := searching_now(storage, name):
         more = f" and {len(drivers) - 1} more" if len(drivers) > 1 else ""

@@ -62,7 +62,7 @@ def run_export(
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
-    from kdsearch.study import promoted_name, promoted_study
+    from kdsearch.study.contents import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import evaluate_split
 
@@ -230,7 +230,7 @@ def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool)
     `wanted` (not its settings of the machine, which `file` has as this one needs them), with
     the `threads` it trained with and, where it trained on the CPU of a machine whose device
     is not (`cpu`), on the CPU."""
-    from kdsearch.study import PER_MACHINE
+    from kdsearch.study.contents import PER_MACHINE
 
     have, want = flatten(Recipe.load(file).to_dict()), flatten(wanted.to_dict())
     sets = []

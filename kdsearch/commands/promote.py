@@ -30,7 +30,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import short_promotion
-    from kdsearch.study import base_recipe, load_study, space_config
+    from kdsearch.study.contents import base_recipe, load_study, space_config
 
     storage, url = study_storage(args.study, args.storage)
     study = load_study(storage, args.study)
@@ -66,7 +66,8 @@ def run_promotion(
     searched recipe is recorded finished at the promotion's budget (not: every one failed).
     `here`: this machine's settings (`promote.plan`)."""
     from kdsearch.promote import finished_keys, leaderboard, promote, weights_dir_for
-    from kdsearch.study import promoted_name, redact
+    from kdsearch.study.contents import promoted_name
+    from kdsearch.study.storage import redact
 
     weights_dir = weights_dir_for(url, name)
     status = RunsStatus()

@@ -32,7 +32,7 @@ from kdsearch.space import search_name_problem
 
 if TYPE_CHECKING:
     from kdsearch.space import SearchSpace
-    from kdsearch.study import Record, Tally
+    from kdsearch.study.record import Record, Tally
     from kdsearch.teacher import TeacherFiles
 
 
@@ -42,15 +42,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import SearchSpace
-    from kdsearch.study import (
-        Record,
-        already_held,
+    from kdsearch.study.contents import already_held, machine_settings, retuned_settings
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import (
         default_storage,
-        machine_settings,
         open_storage,
         redact,
         refuse_foreign,
-        retuned_settings,
         sqlite_file,
         trials_held,
     )
@@ -219,7 +217,7 @@ def export_option(space: SearchSpace) -> str:
 
 def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
     """The commands that do the space's promotion and export as `kdsearch run` would."""
-    from kdsearch.study import redact
+    from kdsearch.study.storage import redact
 
     name = args.study or space.config.study.name
     named = args.storage or space.config.study.storage  # else the default, which they find
@@ -363,7 +361,7 @@ def search_trials(
 
 def forget_if_empty(file: Path) -> None:
     """Remove the SQLite `file` this command created, where it holds no study after all."""
-    from kdsearch.study import holds_no_study
+    from kdsearch.study.storage import holds_no_study
 
     if file.is_file() and holds_no_study(file):
         with suppress(OSError):  # the error that refused the run is the one to show
@@ -372,7 +370,7 @@ def forget_if_empty(file: Path) -> None:
 
 def resume_command(args: argparse.Namespace, url: str) -> str:
     """The command that finishes this search: the same options, and --resume."""
-    from kdsearch.study import redact
+    from kdsearch.study.storage import redact
 
     return run_resumed(
         args.space, args.study, args.storage and redact(url), args.trials, args.address, args.set

@@ -79,7 +79,8 @@ def serve_until_stopped(server: WSGIServer) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
     from kdsearch.report import TITLE, build_report, search_study
-    from kdsearch.study import ranked, sqlite_file
+    from kdsearch.study.contents import ranked
+    from kdsearch.study.storage import sqlite_file
 
     storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
@@ -109,7 +110,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
     """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
     promoted study's runs as their leaderboard."""
     from kdsearch.report import trials_table
-    from kdsearch.study import is_promotion, left_running, load_study
+    from kdsearch.study.contents import is_promotion, load_study
+    from kdsearch.study.drivers import left_running
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
@@ -148,7 +150,7 @@ def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
     """The command that resumes the search of study `name`, from the options its latest driver
     recorded (`Record.record_options`; a study searched before they were: SPACE for its file,
     and no other options)."""
-    from kdsearch.study import redact
+    from kdsearch.study.storage import redact
 
     options = attrs.get("run_options", {})
     space = options.get("space")
