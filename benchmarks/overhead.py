@@ -171,9 +171,10 @@ def bare(slots: int, cpu: float) -> None:
     placement groups, so a floor under what Tune itself could reach."""
     import ray
 
-    from kdsearch import cli, search  # noqa: F401  (what `kdsearch run` imports)
+    from kdsearch import cli  # noqa: F401  (with the search's modules: what `kdsearch run` imports)
+    from kdsearch.search import cluster, tuner  # noqa: F401
 
-    search.start_ray(None)
+    cluster.start_ray(None)
     first = ray.remote(num_cpus=cpu)(first_use)
     ray.get([first.remote() for _ in range(slots)])
     ray.shutdown()
@@ -183,7 +184,7 @@ def first_use() -> None:
     """What a fresh trial worker does before any trial-specific work."""
     import torch
 
-    from kdsearch import search  # noqa: F401  (the trial function's module)
+    from kdsearch.search import worker  # noqa: F401  (the trial function's module)
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 

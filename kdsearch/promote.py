@@ -46,7 +46,7 @@ from kdsearch.study.storage import check_writes, sqlite_file, storage_errors
 
 if TYPE_CHECKING:  # torch: `trials` and `report` read promotions without it
     from kdsearch.data import ImageData
-    from kdsearch.search import JobResult
+    from kdsearch.search.worker import JobResult
     from kdsearch.teacher import Teacher, TeacherFiles
 
 STUDENT_ALONE = -1  # `source_trial` of the baselines, in the promoted study
@@ -415,7 +415,7 @@ def promote(
             if on_run is not None:
                 on_run(run, result)
 
-        from kdsearch.search import run_jobs  # Ray: not imported by export, report or trials
+        from kdsearch.search.jobs import run_jobs  # Ray: not imported by export, report or trials
 
         run_jobs(
             {k: r.recipe for k, r in todo.items()},

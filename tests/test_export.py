@@ -24,7 +24,7 @@ from kdsearch.models import build_model
 from kdsearch.paths import staging_path
 from kdsearch.promote import _record, open_promoted, plan
 from kdsearch.recipe import Recipe, flatten
-from kdsearch.search import JobResult
+from kdsearch.search.worker import JobResult
 from kdsearch.study.contents import PER_MACHINE
 from kdsearch.study.storage import open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest

@@ -104,7 +104,7 @@ def test_cuda_training_runs_channels_last_too(synthetic: ImageData) -> None:
 def test_a_teacher_trained_on_the_gpu_is_shared_from_host_memory() -> None:
     """Trials rebuild what the driver shares; CUDA tensors would land on the driver's GPU in
     every trial, and fail on a node without one."""
-    from kdsearch.search import share
+    from kdsearch.search.worker import share
     from kdsearch.teacher import get_teacher
 
     recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})

@@ -40,7 +40,7 @@ from kdsearch.promote import (
     promote,
 )
 from kdsearch.recipe import Recipe
-from kdsearch.search import JobResult
+from kdsearch.search.worker import JobResult
 from kdsearch.space import SearchSpace
 from kdsearch.study.contents import base_recipe, promoted_study, space_config, trial_recipe
 from kdsearch.study.record import Record
@@ -438,7 +438,7 @@ def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_again
     def no_ray(*_: object, **__: object) -> None:  # the promotion stops before its runs train
         raise InterruptedError
 
-    monkeypatch.setattr("kdsearch.search.run_jobs", no_ray)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", no_ray)
     with pytest.warns(KdsearchWarning) as told, pytest.raises(InterruptedError):
         promote(storage, "s", top_k=1, seeds=1, epochs=2, weights_dir=tmp_path, prepare=prepare)
     assert [str(w.message) for w in told] == [
@@ -676,7 +676,7 @@ def test_a_promotion_ray_refuses_records_no_plan(
     def refused(*_: object, **__: object) -> None:
         raise KdsearchError("cannot join the Ray cluster at 127.0.0.1:1: nothing answers there")
 
-    monkeypatch.setattr("kdsearch.search.run_jobs", refused)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", refused)
     torch.save(model.state_dict(), tmp_path / "teacher.pt")
     with pytest.raises(KdsearchError, match="cannot join"):
         promote(storage, "s", top_k=1, seeds=5, epochs=2, weights_dir=tmp_path, prepare=prepare)
@@ -901,7 +901,7 @@ def test_a_read_only_storage_shows_a_promotions_board_and_refuses_new_runs_in_on
     url = write_study(tmp_path)
     read_only = RDBStorage(f"sqlite:///file:{tmp_path}/studies/s.db?mode=ro&uri=true")
     prepare = fake_teacher(tmp_path)
-    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", trained_at_once)
     weights = tmp_path / "w"
     with pytest.raises(StorageError) as first:  # no promotion yet: it would be created
         promote(read_only, "s", top_k=1, seeds=1, epochs=2, weights_dir=weights, prepare=prepare)
@@ -935,7 +935,7 @@ def test_a_promotion_stopped_before_recording_a_run_leaves_nothing_and_takes_not
     def stopped(*_: object, **__: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", stopped)
     with pytest.raises(KeyboardInterrupt):
         promote(storage, "s", prepare=prepare, **kwargs)
     assert "s-promoted" not in [s.study_name for s in storage.get_all_studies()]
@@ -946,14 +946,14 @@ def test_a_promotion_stopped_before_recording_a_run_leaves_nothing_and_takes_not
         weights.mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kdsearch.search.run_jobs", beside)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", beside)
     with pytest.raises(KeyboardInterrupt):
         promote(storage, "s", prepare=prepare, **kwargs)
     assert "s-promoted" in [s.study_name for s in storage.get_all_studies()] and weights.is_dir()
     # runs recorded before stay, with their weights
-    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", trained_at_once)
     promote(storage, "s", prepare=prepare, **kwargs)
-    monkeypatch.setattr("kdsearch.search.run_jobs", stopped)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", stopped)
     with pytest.raises(KeyboardInterrupt):
         promote(storage, "s", prepare=prepare, **{**kwargs, "seeds": 2})
     assert len(promoted_study(storage, "s").trials) == 3  # type: ignore[union-attr]
@@ -972,7 +972,7 @@ def test_a_storage_lost_as_a_run_is_recorded_is_one_line_and_leaves_no_weights(
             "An exception is raised during the commit"
         ) from cause
 
-    monkeypatch.setattr("kdsearch.search.run_jobs", trained_at_once)
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", trained_at_once)
     monkeypatch.setattr(optuna.Study, "add_trial", lost)
     kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": tmp_path / "w"}
     with pytest.raises(StorageError) as err:

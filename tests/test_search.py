@@ -256,7 +256,7 @@ def test_a_folder_handed_over_is_removed_only_once_its_lock_is_released(tmp_path
 
 
 def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
-    from kdsearch.search import scratch_folder
+    from kdsearch.search.tuner import scratch_folder
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -709,7 +709,7 @@ def test_sigterm_after_a_search_s_ray_shut_down_still_stops_as_ctrl_c(tmp_path: 
 import os, signal, time
 from kdsearch.cli import stop_on_sigterm
 stop_on_sigterm()
-from kdsearch.search import start_ray, stop_ray
+from kdsearch.search.cluster import start_ray, stop_ray
 start_ray(None)
 stop_ray()
 try:
@@ -735,7 +735,7 @@ def test_a_watch_hears_sigterm_while_the_main_thread_is_held_up(tmp_path: Path) 
 import signal, time
 from kdsearch.cli import stop_on_sigterm
 stop_on_sigterm()
-from kdsearch.search import RayWatch, start_ray
+from kdsearch.search.cluster import RayWatch, start_ray
 start_ray(None)
 with RayWatch(None, "and so on", before=lambda: None):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # another thread takes it
@@ -766,9 +766,9 @@ with RayWatch(None, "and so on", before=lambda: None):
 
 def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The trial reports its failure (the driver records FAIL and goes on) instead of raising."""
-    from kdsearch import search
     from kdsearch.data import load_data
     from kdsearch.recipe import DataConfig
+    from kdsearch.search import worker
 
     from .conftest import tiny_recipe
 
@@ -776,11 +776,11 @@ def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     reports: list[dict[str, object]] = []
-    monkeypatch.setattr(search, "train", out_of_memory)
-    monkeypatch.setattr(search.tune, "report", reports.append)
-    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    monkeypatch.setattr(worker, "train", out_of_memory)
+    monkeypatch.setattr(worker.tune, "report", reports.append)
+    shared = worker.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
     recipe = tiny_recipe({"distill.kd.weight": 0.0})
-    search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    worker.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
     (report,) = reports
     assert str(report["failure"]).startswith("OutOfMemoryError: CUDA out of memory")
 
@@ -799,21 +799,21 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
     goes to the driver with the trial's reports and the promotion run's result instead."""
     import warnings
 
-    from kdsearch import search
     from kdsearch.data import load_data
     from kdsearch.recipe import DataConfig
+    from kdsearch.search import worker
 
     from .conftest import tiny_recipe
 
     reports: list[dict[str, object]] = []
     monkeypatch.setattr(torch, "compile", _broken_compile)
-    monkeypatch.setattr(search.tune, "report", reports.append)
-    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    monkeypatch.setattr(worker.tune, "report", reports.append)
+    shared = worker.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
     recipe = tiny_recipe({"distill.kd.weight": 0.0, "schedule.epochs": 1, "compile": True})
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
-        job = search.train_job("best#0", recipe.to_yaml(), shared, 1, None)
+        worker.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+        job = worker.train_job("best#0", recipe.to_yaml(), shared, 1, None)
     said = [
         "torch.compile failed (RuntimeError: no compiler for this operation); training goes on without it"
     ]
@@ -822,27 +822,27 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
     assert job.failure is None and job.warnings == tuple(said)
     assert not [w for w in shown if "torch.compile" in str(w.message)]  # kept, not shown
     reports.clear()
-    search.run_trial(
+    worker.run_trial(
         {"number": 4, "recipe": recipe.override({"compile": False}).to_yaml(), "threads": 1}, shared
     )
     assert reports and all("warnings" not in r for r in reports)
     reports.clear()  # a trial that fails: its warnings come with its failure
     diverges = recipe.override({"optim.lr": 1.0e12}).to_yaml()
-    search.run_trial({"number": 5, "recipe": diverges, "threads": 1}, shared)
+    worker.run_trial({"number": 5, "recipe": diverges, "threads": 1}, shared)
     assert "NonFiniteLoss" in str(reports[-1]["failure"]) and reports[-1]["warnings"] == said
 
 
 def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:
-    from kdsearch import search
     from kdsearch.errors import KdsearchWarning
+    from kdsearch.search import tuner
     from kdsearch.study.contents import METRIC
     from kdsearch.study.record import Record
     from kdsearch.study.storage import open_storage
 
     space = SearchSpace.from_yaml(SPACE, source="s.yaml")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=2, resume=False)
-    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
-    searcher = search.KdSearcher(record, asha, 1.0, None)
+    asha = tuner.RecordingASHA(MAX_EPOCHS, 1, 2)
+    searcher = tuner.KdSearcher(record, asha, 1.0, None)
     said = "torch.compile failed (RuntimeError: x); training goes on without it"
     with pytest.warns(KdsearchWarning) as shown:
         for ray_id in ("a", "b"):
@@ -860,10 +860,10 @@ def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path)
 def test_failed_trials_stay_out_of_ashas_rungs() -> None:
     """Their NaN went into the rung, where numpy warned "All-NaN slice encountered" onto the
     user's terminal once a rung held failed trials alone."""
-    from kdsearch import search
+    from kdsearch.search import tuner
     from kdsearch.study.contents import METRIC
 
-    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
+    asha = tuner.RecordingASHA(MAX_EPOCHS, 1, 2)
     asha.set_search_properties(METRIC, "max")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
@@ -885,16 +885,16 @@ def test_failed_trials_stay_out_of_ashas_rungs() -> None:
 def test_a_trial_whose_process_died_keeps_what_its_last_epoch_said(tmp_path: Path) -> None:
     """Tune ends such a trial with no result, and the attributes came from that result alone:
     its parameters, device, thread count and times were lost."""
-    from kdsearch import search
+    from kdsearch.search import tuner
     from kdsearch.study.contents import METRIC
     from kdsearch.study.record import Record
     from kdsearch.study.storage import open_storage
 
     space = SearchSpace.from_yaml(SPACE, source="s.yaml")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
-    asha = search.RecordingASHA(MAX_EPOCHS, 1, 2)
+    asha = tuner.RecordingASHA(MAX_EPOCHS, 1, 2)
     asha.errors["a"] = "The actor is dead because its worker process has died."
-    searcher = search.KdSearcher(record, asha, 1.0, None)
+    searcher = tuner.KdSearcher(record, asha, 1.0, None)
     searcher.suggest("a")
     said = {"student_params": 78042, "device": "cpu", "threads": 1.0, "train_seconds": 2.5}
     for epoch in (1, 2):
@@ -912,7 +912,7 @@ def test_a_trial_whose_process_died_records_why(tmp_path: Path) -> None:
     import ray
     from ray import tune
 
-    from kdsearch.search import RecordingASHA
+    from kdsearch.search.tuner import RecordingASHA
     from kdsearch.study.contents import METRIC
 
     def dies(config: dict[str, object]) -> None:
@@ -944,9 +944,9 @@ def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
     frees nothing; it must come after, and before the next trial of a reused worker."""
     import weakref
 
-    from kdsearch import search
     from kdsearch.data import load_data
     from kdsearch.recipe import DataConfig
+    from kdsearch.search import worker
 
     from .conftest import tiny_recipe
 
@@ -958,18 +958,18 @@ def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
         alive.append(weakref.ref(model))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(search, "train", out_of_memory)
-    monkeypatch.setattr(search.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(worker, "train", out_of_memory)
+    monkeypatch.setattr(worker.tune, "report", lambda metrics: None)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(
         torch.cuda, "empty_cache", lambda: emptied_with.append(any(m() for m in alive))
     )
-    shared = search.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
+    shared = worker.share(load_data(DataConfig(dataset="synthetic")), None, "resnet8")
     recipe = tiny_recipe({"distill.kd.weight": 0.0})
-    search.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    worker.run_trial({"number": 3, "recipe": recipe.to_yaml(), "threads": 1}, shared)
     # Emptied at the start (nothing yet) and after the failure, with the model gone.
     assert emptied_with == [False, False] and len(alive) == 1
-    search.run_trial({"number": 4, "recipe": recipe.to_yaml(), "threads": 1}, shared)
+    worker.run_trial({"number": 4, "recipe": recipe.to_yaml(), "threads": 1}, shared)
     assert emptied_with == [False, False, False, False] and len(alive) == 2
 
 
@@ -986,32 +986,32 @@ def test_a_failed_trial_gives_its_gpu_memory_back_once_its_tensors_are_gone(
 def test_a_worker_trains_on_the_device_ray_gave_it(
     device: str, gpu_ids: list[int], expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdsearch import search
+    from kdsearch.search import worker
 
     from .conftest import tiny_recipe
 
-    monkeypatch.setattr(search.ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(search.ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setattr(worker.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(worker.ray, "get_gpu_ids", lambda: gpu_ids)
     recipe = tiny_recipe({"device": device})
-    assert search.worker_recipe(recipe).device == expected
-    assert search.worker_recipe(recipe).student == recipe.student
+    assert worker.worker_recipe(recipe).device == expected
+    assert worker.worker_recipe(recipe).student == recipe.student
 
 
 @pytest.mark.parametrize("gpus", [0.0, 1.0])
 def test_a_cuda_device_for_trials_given_no_gpu_is_refused(
     gpus: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdsearch import search
     from kdsearch.errors import RecipeError
+    from kdsearch.search import cluster
     from kdsearch.space import SearchConfig
 
-    monkeypatch.setattr(search, "cluster_nodes", lambda: [{"CPU": 4.0, "GPU": gpus}])
+    monkeypatch.setattr(cluster, "cluster_nodes", lambda: [{"CPU": 4.0, "GPU": gpus}])
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0}})
     with pytest.raises(RecipeError, match=r"device: cuda, but trials get no GPU"):
-        search.trial_resources(config, devices=["auto", "cuda"])
+        cluster.trial_resources(config, devices=["auto", "cuda"])
     with pytest.raises(RecipeError, match=r"precision: fp16 needs CUDA, but trials get no GPU"):
-        search.trial_resources(config, devices=["auto"], precisions=["fp32", "fp16"])
-    assert search.trial_resources(config, devices=["auto", "cpu"], precisions=["bf16"]) == (
+        cluster.trial_resources(config, devices=["auto"], precisions=["fp32", "fp16"])
+    assert cluster.trial_resources(config, devices=["auto", "cpu"], precisions=["bf16"]) == (
         1.0,
         0.0,
     )
@@ -1036,52 +1036,52 @@ def test_trial_resources_share_a_gpu_between_trials(
     gpus: float,
     expected: tuple[float, float],
 ) -> None:
-    from kdsearch import search
+    from kdsearch.search import cluster
     from kdsearch.space import SearchConfig
 
     nodes = [{"CPU": 8.0, "GPU": gpus / 2}, {"CPU": 8.0, "GPU": gpus / 2}]  # two like nodes
-    monkeypatch.setattr(search, "cluster_nodes", lambda: nodes)
+    monkeypatch.setattr(cluster, "cluster_nodes", lambda: nodes)
     config = SearchConfig.model_validate({"per_trial": per_trial, "concurrent": concurrent})
-    assert search.trial_resources(config) == expected
+    assert cluster.trial_resources(config) == expected
 
 
 def test_a_gpu_share_the_cluster_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdsearch import search
     from kdsearch.errors import RecipeError
+    from kdsearch.search import cluster
     from kdsearch.space import SearchConfig
 
-    monkeypatch.setattr(search, "cluster_nodes", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(cluster, "cluster_nodes", lambda: [{"CPU": 2.0}])
     config = SearchConfig.model_validate({"per_trial": {"gpu": 0.25}})
     with pytest.raises(RecipeError, match=r"search\.per_trial\.gpu is 0\.25, but the Ray cluster"):
-        search.trial_resources(config)
+        cluster.trial_resources(config)
 
 
 def test_a_local_ray_has_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """A SLURM job given 2 of a node's 64 CPUs started a Ray of 64, as many trials at once."""
-    from kdsearch import search
+    from kdsearch.search import cluster
 
-    monkeypatch.setattr(search.os, "sched_getaffinity", lambda pid: {3, 5})
-    monkeypatch.setattr(search.os, "cpu_count", lambda: 64)
-    assert search.usable_cpus() == 2 and search.local_resources()[0]["CPU"] == 2.0
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: {3, 5})
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 64)
+    assert cluster.usable_cpus() == 2 and cluster.local_resources()[0]["CPU"] == 2.0
 
 
 def test_a_request_no_single_node_meets_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compared with the cluster's totals, two GPUs a trial on four one-GPU nodes passed, and
     the search waited forever with no trial running."""
-    from kdsearch import search
     from kdsearch.errors import RecipeError
+    from kdsearch.search import cluster
     from kdsearch.space import SearchConfig
 
     nodes = [{"CPU": 8.0, "GPU": 1.0}] * 4 + [{"CPU": 32.0}]
-    monkeypatch.setattr(search, "cluster_nodes", lambda: nodes)
+    monkeypatch.setattr(cluster, "cluster_nodes", lambda: nodes)
     two = SearchConfig.model_validate({"per_trial": {"cpu": 1, "gpu": 2}})
     with pytest.raises(RecipeError, match=r"per_trial\.gpu is 2, but its largest Ray node has 1"):
-        search.trial_resources(two)
+        cluster.trial_resources(two)
     cpus = SearchConfig.model_validate({"per_trial": {"cpu": 16, "gpu": 1}})
     with pytest.raises(RecipeError, match=r"16 CPUs with 1 GPUs, but no Ray node has both"):
-        search.trial_resources(cpus)
+        cluster.trial_resources(cpus)
     fits = SearchConfig.model_validate({"per_trial": {"cpu": 16, "gpu": 0}})
-    assert search.trial_resources(fits) == (16.0, 0.0)
+    assert cluster.trial_resources(fits) == (16.0, 0.0)
 
 
 def one_lr_without_kd(search: str) -> SearchSpace:
@@ -1103,7 +1103,7 @@ def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
     """A library caller's later Tune runs keep Tune's console output: kdsearch turns it off for
     its own search only."""
     from kdsearch.data import load_data
-    from kdsearch.search import run_search
+    from kdsearch.search.tuner import run_search
     from kdsearch.study.record import Record
     from kdsearch.study.storage import open_storage
 
@@ -1227,7 +1227,8 @@ def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     cancelled every other run still training."""
     import ray
 
-    from kdsearch.search import RayWatch, job_result
+    from kdsearch.search.cluster import RayWatch
+    from kdsearch.search.jobs import job_result
 
     @ray.remote(num_cpus=1, max_retries=0)
     def dies() -> None:
@@ -1263,7 +1264,7 @@ def test_a_resumed_search_enters_earlier_trials_into_the_rungs_as_a_live_search_
     live side is driven as Tune drives a scheduler: results until it says STOP, then the end."""
     from types import SimpleNamespace
 
-    from kdsearch.search import RecordingASHA
+    from kdsearch.search.tuner import RecordingASHA
     from kdsearch.study.contents import METRIC
 
     live = RecordingASHA(16, 1, reduction_factor)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kdsearch.search import RecordingASHA
+from kdsearch.search.tuner import RecordingASHA
 from kdsearch.study.contents import METRIC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -10,7 +10,7 @@ from optuna.trial import FixedTrial
 
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import Recipe
-from kdsearch.search import active_terms
+from kdsearch.search.tuner import active_terms
 from kdsearch.space import SearchSpace, choice_labels, cluster_address, on_grid
 
 from .conftest import REPO, tiny_recipe

@@ -754,7 +754,7 @@ def test_a_beat_in_flight_as_the_driver_ends_lands_before_the_mark_of_its_end(
 def test_a_heartbeat_the_storage_refuses_stops_the_search_in_the_drivers_thread(
     beating: Record, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
-    from kdsearch.search import Progress
+    from kdsearch.search.tuner import Progress
 
     record = beating
 

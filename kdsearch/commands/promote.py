@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
     from kdsearch.promote import Run
-    from kdsearch.search import JobResult
+    from kdsearch.search.worker import JobResult
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

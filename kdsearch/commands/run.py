@@ -252,7 +252,7 @@ def fitted_trials(space: SearchSpace, address: str | None) -> str:
     """Check that a trial of `space` fits a node of this machine's Ray, or of the cluster at
     `address` (joined and left here: `--check`); say so where fewer than `search.concurrent`
     fit at once, and return how many run at a time, where."""
-    from kdsearch.search import (
+    from kdsearch.search.cluster import (
         cluster_nodes,
         local_resources,
         machine_choices,
@@ -304,14 +304,8 @@ def search_trials(
     it."""
     from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
-    from kdsearch.search import (
-        active_terms,
-        machine_choices,
-        run_search,
-        start_ray,
-        stop_ray,
-        trial_resources,
-    )
+    from kdsearch.search.cluster import machine_choices, start_ray, stop_ray, trial_resources
+    from kdsearch.search.tuner import active_terms, run_search
     from kdsearch.teacher import TeacherFiles
 
     try:
