@@ -6,10 +6,11 @@ and a whole folder loaded the first time (decoded) and again (from the decoded c
 
 Decoding: for each of `--sizes`, `--images` JPEG files (quality 90) of that many pixels square,
 smooth colour gradients with noise on them, written once to a temporary folder, are decoded by
-kdsearch's decoder (`data.decode_images`) at their size and resized to 32 x 32, in this thread
-and on one thread per core, alternately, `--rounds` times: microseconds an image (medians) and
-the speed-up of the threads. kdsearch decodes a folder on threads only where its first images
-took at least `data.THREADED_FROM` seconds each; the last column says which it chose.
+kdsearch's decoder (`data.imagefolder.decode_images`) at their size and resized to 32 x 32, in
+this thread and on one thread per core, alternately, `--rounds` times: microseconds an image
+(medians) and the speed-up of the threads. kdsearch decodes a folder on threads only where its
+first images took at least `data.imagefolder.THREADED_FROM` seconds each; the last column says
+which it chose.
 
 Whole load (with `--root`, an image folder of train/ and test/ such as CIFAR-10 as JPEG):
 `load_data` in a fresh process with an empty cache folder (listing, decoding, caching), then in
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tables import Table, command_line, cpu_name, positive, run
 
-from kdsearch.data import PROBE_IMAGES, decode_images, probe_decoding
+from kdsearch.data.imagefolder import PROBE_IMAGES, decode_images, probe_decoding
 
 TARGET = 32  # the resized rows' size, CIFAR's
 SIZES = [32, 64, 128, 256, 512]

@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdsearch import data as data_module
-from kdsearch.data import Loader, crop_flip, epoch_draws, load_data, read_idx, stratified_take
+from kdsearch.data import Loader, bundled, imagefolder, load_data
+from kdsearch.data import download as download_module
+from kdsearch.data.base import stratified_take
+from kdsearch.data.batches import crop_flip, epoch_draws
+from kdsearch.data.fashion_mnist import read_idx
 from kdsearch.errors import DataError
 from kdsearch.recipe import DataConfig, Recipe
 
@@ -52,7 +56,7 @@ def test_digits_are_scikit_learns_read_without_importing_it(
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    table = data_module.digits_table()
+    table = bundled.digits_table()
     assert np.array_equal(table[:, :64].reshape(-1, 8, 8), bunch.images)
     assert np.array_equal(table[:, 64], bunch.target)
     # the same images and splits as when they were loaded through scikit-learn: a study's
@@ -62,7 +66,7 @@ def test_digits_are_scikit_learns_read_without_importing_it(
         [
             sys.executable,
             "-c",
-            "import sys, kdsearch.data as d; d.digits_table(); print('sklearn' in sys.modules)",
+            "import sys, kdsearch.data.bundled as d; d.digits_table(); print('sklearn' in sys.modules)",
         ],
         capture_output=True,
         text=True,
@@ -70,8 +74,8 @@ def test_digits_are_scikit_learns_read_without_importing_it(
     )
     assert loaded.stdout.strip() == "False", "seconds of start-up in every process"
     # where a scikit-learn keeps the file elsewhere: through load_digits, the same table
-    monkeypatch.setattr(data_module, "find_spec", lambda name: None)
-    assert np.array_equal(data_module.digits_table(), table)
+    monkeypatch.setattr(bundled, "find_spec", lambda name: None)
+    assert np.array_equal(bundled.digits_table(), table)
 
 
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
@@ -440,14 +444,14 @@ def test_an_image_of_another_size_stops_the_decoding_there(
     _folder(tmp_path, {"train": [12, 12], "test": [12, 12]})
     Image.new("RGB", (12, 9)).save(tmp_path / "train" / "class0" / "0.png")  # the first
     decoded: list[Path] = []
-    decode = data_module._decode
+    decode = imagefolder._decode
 
     def slow(path: Path, size: int | None) -> np.ndarray:
         time.sleep(0.02)
         decoded.append(path)
         return decode(path, size)
 
-    monkeypatch.setattr(data_module, "_decode", slow)
+    monkeypatch.setattr(imagefolder, "_decode", slow)
     with pytest.raises(DataError, match=r"class0/0.png is 9 high and 12 wide"):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
     time.sleep(0.2)  # any decoding still going on has finished
@@ -462,12 +466,12 @@ def test_small_images_are_decoded_in_this_thread_and_slow_ones_on_threads(
     images that decode fast are decoded in the calling thread now, slow ones still on threads,
     in the same order. The first image's decoding (PIL's import: 16 ms against 0.13 ms an image)
     is not timed: counted in, it took CIFAR's images near the threads' threshold."""
-    decode = data_module._decode
+    decode = imagefolder._decode
     # seconds the first image and each other one take to decode, besides decoding them
     delays = {
         "fast": (0.0, 0.0),
         "slow first": (0.2, 0.0),
-        "slow": (0.0, data_module.THREADED_FROM),
+        "slow": (0.0, imagefolder.THREADED_FROM),
     }
     seen: dict[str, set[int]] = {speed: set() for speed in delays}
     loaded = {}
@@ -484,7 +488,7 @@ def test_small_images_are_decoded_in_this_thread_and_slow_ones_on_threads(
             time.sleep(first if path.endswith("train/class0/0.png") else each)
             return decode(path, size)
 
-        monkeypatch.setattr(data_module, "_decode", recorded)
+        monkeypatch.setattr(imagefolder, "_decode", recorded)
         _folder(tmp_path / speed, {"train": [8] * 4, "test": [8] * 4})  # 80, past the 33 probed
         loaded[speed] = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / speed)))
     here = threading.get_ident()
@@ -697,8 +701,8 @@ def test_a_download_that_never_answers_times_out_with_an_offline_hint(
     guard = threading.Timer(10.0, server.close)
     guard.start()
     monkeypatch.setattr(tvd.CIFAR10, "url", url)
-    monkeypatch.setattr(data_module, "DOWNLOADS", {"cifar10": (url, "cifar-10-python.tar.gz")})
-    monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(download_module, "DOWNLOADS", {"cifar10": (url, "cifar-10-python.tar.gz")})
+    monkeypatch.setattr(download_module, "DOWNLOAD_TIMEOUT_S", 0.5)
     root = tmp_path / "data" / "new"
     try:
         with pytest.raises(DataError) as err:
@@ -781,13 +785,11 @@ def test_a_damaged_decoded_cache_entry_is_decoded_again_and_replaced(
 def test_images_decoded_by_another_decoding_format_are_decoded_again_and_replaced(
     tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdsearch import data as data_module
-
     root = tmp_path / "images"
     _folder(root, {"train": [16, 16], "test": [16, 16]})
     cfg = DataConfig(dataset="imagefolder", root=str(root))
     with monkeypatch.context() as m:
-        m.setattr(data_module, "DECODE_FORMAT", data_module.DECODE_FORMAT - 1)
+        m.setattr(imagefolder, "DECODE_FORMAT", imagefolder.DECODE_FORMAT - 1)
         load_data(cfg)
     (old,) = (isolated_cache / "decoded").glob("imagefolder-*.pt")
     old.write_bytes(b"")  # would warn if read

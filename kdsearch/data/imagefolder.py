@@ -1,0 +1,295 @@
+"""An image folder (`train/` and `test/`, a folder per class): listed, decoded once, on threads
+where that pays, into one size, and cached decoded, keyed by every file it read."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kdsearch.cache import cache_dir, digest
+from kdsearch.data.base import Progress, Raw, Split, as_split, data_root, first_line
+from kdsearch.errors import DataError, KdsearchWarning
+from kdsearch.paths import replaced_whole
+from kdsearch.recipe import DataConfig
+
+IMAGE_SUFFIXES = (  # what torchvision's ImageFolder reads, and GIF and JFIF
+    ".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".gif",
+    ".webp",
+)  # fmt: skip
+# Bump when decoding changes what an image becomes (2: greyscale in a colour set made colour,
+# 16-bit scaled, not clipped), so that no set decoded the old way is read from the cache.
+DECODE_FORMAT = 2
+
+
+def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
+    root = data_root(cfg)
+    if not root.is_dir():
+        kind = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"imagefolder: data.root {root} {kind}")
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"imagefolder: {root} needs train/ and test/ folders of class folders")
+    listing = {split: _list_images(root, split) for split in ("train", "test")}
+    classes = tuple(sorted({found.cls for found in listing["train"]}))
+    unknown = sorted({found.cls for found in listing["test"]} - set(classes))
+    if unknown:
+        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
+    key = digest(
+        {
+            "format": DECODE_FORMAT,
+            "root": str(root.resolve()),
+            "size": cfg.image_size,
+            "files": [found.key for split in listing.values() for found in split],
+        }
+    )
+    # named for the folder (and size) first: a decode of it replaces those before, which the
+    # folder's files changing since (or another decoding format) left unread for good
+    folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
+    cached = cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
+    saved = _read_decoded(cached)
+    if saved is not None:
+        return Raw(*saved, classes, hflip=True)
+    paths = [found.path for split in listing.values() for found in split]
+    images = _same_channels(_decode_all(paths, cfg.image_size, progress))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[found.cls] for split in listing.values() for found in split]
+    n = len(listing["train"])
+    train = as_split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
+    test = as_split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
+    _write_decoded(cached, train, test)
+    for stale in cached.parent.glob("imagefolder-*.pt"):  # this folder's, and any named
+        # as before the folder was in the name, whose keys (files without their inodes) no
+        # decode makes now
+        if stale != cached and (
+            stale.name.startswith(f"imagefolder-{folder}-") or stale.stem.count("-") == 1
+        ):
+            stale.unlink(missing_ok=True)
+    return Raw(train, test, classes, hflip=True)
+
+
+def _read_decoded(path: Path) -> tuple[Split, Split] | None:
+    """The train and test splits cached at `path`; None (with a warning if damaged) when none."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        return Split(*saved["train"]), Split(*saved["test"])
+    except Exception as err:  # a damaged file: torch.load raises many kinds
+        warnings.warn(
+            f"cannot use the cached {path} ({first_line(err)}); decoding the images again",
+            KdsearchWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _write_decoded(path: Path, train: Split, test: Split) -> None:
+    """Cache the decoded splits at `path`; where that fails, warn and go on without."""
+    try:  # whole or not at all, a Ctrl-C too: no half-written copy of the data set is left
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_whole(path) as tmp:
+            torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        warnings.warn(
+            f"cannot cache the decoded images in {path.parent} ({first_line(err)}); "
+            "going on without the cache",
+            KdsearchWarning,
+            stacklevel=3,
+        )
+
+
+class Found(NamedTuple):
+    """An image of an image folder: its class, its path, and what the decoded cache's key holds
+    of it: its path under the root, size, modification time (ns) and inode. The inode tells
+    apart two files of one size and time that swapped names (class folders renamed into each
+    other, the files' times as an archive set them)."""
+
+    cls: str
+    path: str
+    key: tuple[str, int, int, int]
+
+
+def _unreadable(path: str, err: OSError) -> DataError:
+    """An OSError reading `path` as one line naming it (a link to nothing, a folder not ours)."""
+    return DataError(f"imagefolder: cannot read {path}: {err.strerror}")
+
+
+def _list_images(root: Path, split: str) -> list[Found]:
+    """Every image in the class folders of `root/split` and the folders in them, as
+    torchvision's ImageFolder finds them, hidden entries (such as .ipynb_checkpoints, .DS_Store,
+    macOS's ._ files) left out, in name order. A folder reached a second time (a link to another
+    class's folder, or back up the tree) is refused: its images would count twice, under a class
+    that is not theirs, or without end. One `scandir` a folder and one `stat` an image (a
+    search's every command lists the folder again, to know its cached decode is current)."""
+    seen: dict[str, str] = {}  # each folder read, by where it really is
+
+    def visible(path: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(path) as entries:
+                return sorted(
+                    (e for e in entries if not e.name.startswith(".")), key=lambda e: e.name
+                )
+        except OSError as err:
+            raise _unreadable(path, err) from None
+
+    def images(cls: str, path: str, under: str) -> Iterator[Found]:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DataError(
+                f"imagefolder: {seen[real]} and {path} are one folder, {real} (reached through a "
+                "link); remove the link, or copy the images it should add"
+            )
+        seen[real] = path
+        for entry in visible(path):
+            if entry.is_dir():
+                yield from images(cls, entry.path, f"{under}/{entry.name}")
+            elif _is_image(entry.name):
+                try:
+                    stat = entry.stat()
+                except OSError as err:
+                    raise _unreadable(entry.path, err) from None
+                key = (f"{under}/{entry.name}", stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                yield Found(cls, entry.path, key)
+
+    folder = str(root / split)
+    classes = [e for e in visible(folder) if e.is_dir()]
+    found = {c.name: list(images(c.name, c.path, f"{split}/{c.name}")) for c in classes}
+    if empty := [name for name, images_of in found.items() if not images_of]:
+        raise DataError(  # as torchvision's ImageFolder refuses it: a class would go missing
+            f"imagefolder: {folder}/{empty[0]} holds no {'/'.join(IMAGE_SUFFIXES)} image; "
+            "remove the folder, or convert its images"
+        )
+    items = [image for images_of in found.values() for image in images_of]
+    if not items:
+        loose = [e for e in visible(folder) if _is_image(e.name)]
+        if loose:
+            raise DataError(
+                f"imagefolder: {len(loose)} images lie directly in {folder}; they must be in "
+                f"one subfolder per class, {folder}/<class>/"
+            )
+        raise DataError(f"imagefolder: no images under {folder}")
+    return items
+
+
+def _is_image(name: str) -> bool:
+    """Whether a (visible) file's suffix is one of the image suffixes, in any case."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+PROBE_IMAGES = 32  # timed in the calling thread, to choose how to decode the rest
+THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (README)
+
+
+def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -> list[np.ndarray]:
+    """Decode every image (height x width x channels). Without `size`, the first image that is
+    not square, or not the size of the first, stops the decoding, naming it (decoded whole
+    first, a folder of photos could take more memory than the machine has before being
+    refused)."""
+    images: list[np.ndarray] = []
+    decoded = decode_images(paths, size)
+    try:
+        for done, image in enumerate(decoded, start=1):
+            if size is None and (problem := _size_problem(image, images, paths, done - 1)):
+                raise DataError(problem)
+            images.append(image)
+            if progress is not None and (done % 2000 == 0 or done == len(paths)):
+                progress("decoding images", done, len(paths))
+    finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
+        decoded.close()
+    return images
+
+
+def decode_images(
+    paths: list[str], size: int | None, threaded: bool | None = None
+) -> Generator[np.ndarray, None, None]:
+    """Each image decoded (and resized to `size` square), in order, in this thread or on one
+    thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
+    under `THREADED_FROM` seconds each (those of CIFAR or MNIST, JPEGs up to about 128 pixels
+    wide) are decoded in this thread: PIL holds Python's lock between its short calls, and two
+    threads taking turns at it decoded 32-pixel JPEGs 2-2.5 times slower than one thread (README,
+    "Performance"). Larger ones, whose decoding and resizing run outside that lock, are decoded
+    on threads."""
+    if threaded is None:
+        threaded = yield from probe_decoding(paths, size)
+        paths = paths[PROBE_IMAGES + 1 :]
+    if not threaded:
+        for path in paths:
+            yield _decode(path, size)
+        return
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        decoding = [pool.submit(_decode, p, size) for p in paths]
+        try:
+            for future in decoding:
+                yield future.result()
+        finally:
+            for future in decoding:
+                future.cancel()
+
+
+def probe_decoding(paths: list[str], size: int | None) -> Generator[np.ndarray, None, bool]:
+    """The first `PROBE_IMAGES` + 1 images decoded, in order; returns whether the rest are to be
+    decoded on threads. The first image is not timed: it pays for importing PIL and setting up
+    its format's decoder (16 ms, against 0.13 ms for each 32x32 JPEG after it, here; timed with
+    them, it took their average to 0.8-0.9 ms, near `THREADED_FROM`)."""
+    for path in paths[:1]:
+        yield _decode(path, size)
+    probe = paths[1 : PROBE_IMAGES + 1]
+    started = time.perf_counter()
+    for path in probe:
+        yield _decode(path, size)
+    per_image = (time.perf_counter() - started) / max(1, len(probe))
+    return per_image >= THREADED_FROM and (os.cpu_count() or 1) > 1
+
+
+def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[str], i: int) -> str:
+    """Why image `i` (decoded without resizing) cannot join those `before` it, or ''."""
+    height, width = image.shape[:2]
+    if not before:
+        return (
+            ""
+            if height == width
+            else (
+                f"imagefolder: {paths[0]} is {height} high and {width} wide; kdsearch trains on "
+                "square images: set data.image_size to resize them to a square"
+            )
+        )
+    if (height, width) == before[0].shape[:2]:
+        return ""
+    first = "x".join(map(str, before[0].shape[:2]))
+    return (
+        f"imagefolder: images of different sizes: {paths[i]} is {height}x{width} (height x "
+        f"width), {paths[0]} {first}; set data.image_size to resize them all to a square"
+    )
+
+
+def _same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
+    """The images in colour if any is (as torchvision's ImageFolder reads every image as RGB),
+    else greyscale."""
+    if any(a.shape[2] == 3 for a in images):
+        images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
+    return images
+
+
+def _decode(path: str, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as file:
+            if file.mode.startswith("I"):  # 16-bit greyscale: rescale 0..65535 to 0..255
+                grey = np.asarray(file, dtype=np.float64) / 257.0
+                img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+            else:
+                img = file.convert("L" if file.mode in ("1", "L", "LA") else "RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode: {err}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
