@@ -25,24 +25,28 @@ def readme_rows() -> dict[str, int]:
     return rows
 
 
-def imports(source: Path) -> list[tuple[str, int]]:
-    """The kdsearch modules `source` imports, anywhere in it, as (top-level part, line)."""
+def imported(source: Path) -> list[tuple[str, int]]:
+    """Every module `source` imports, anywhere in it, as (dotted name, line); `from kdsearch
+    import x` counts as `kdsearch.x`, a relative import not at all."""
     found = []
     for node in ast.walk(ast.parse(source.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "kdsearch":
-                names = [f"kdsearch.{alias.name}" for alias in node.names]
+                found += [(f"kdsearch.{alias.name}", node.lineno) for alias in node.names]
             else:
-                names = [node.module]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        found += [
-            (name.split(".")[1], node.lineno)
-            for name in names
-            if name.startswith("kdsearch.") and name.split(".")[1] != "__version__"
-        ]
+                found.append((node.module, node.lineno))
     return found
+
+
+def kdsearch_parts(source: Path) -> list[tuple[str, int]]:
+    """The parts of the package (`study`, `cli`, ...) `source` imports, with their lines."""
+    return [
+        (name.split(".")[1], line)
+        for name, line in imported(source)
+        if name.startswith("kdsearch.") and name != "kdsearch.__version__"
+    ]
 
 
 def part(source: Path) -> str:
@@ -61,22 +65,17 @@ def test_no_module_imports_from_a_row_above_its_own() -> None:
         f"{source.relative_to(REPO)}:{line} imports kdsearch.{name}"
         for source in sorted(PACKAGE.rglob("*.py"))
         if part(source) in rows
-        for name, line in imports(source)
+        for name, line in kdsearch_parts(source)
         if rows[name] < rows[part(source)]
     ]
     assert upward == []
 
 
 def test_only_the_search_package_imports_ray() -> None:
-    importers = set()
-    for source in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            if any(name == "ray" or name.startswith("ray.") for name in names):
-                importers.add(part(source))
+    importers = {
+        part(source)
+        for source in PACKAGE.rglob("*.py")
+        for name, _ in imported(source)
+        if name == "ray" or name.startswith("ray.")
+    }
     assert importers == {"search"}
