@@ -11,6 +11,7 @@ from kdsearch.data import ImageData, load_data
 from kdsearch.errors import NonFiniteLoss, RecipeError
 from kdsearch.models import TapModel, build_model
 from kdsearch.train import (
+    CompiledTaps,
     EpochStats,
     autocast_dtype,
     cpu_has_amx,
@@ -272,7 +273,7 @@ def test_compile_gives_the_eager_run(synthetic: ImageData, precision: str, rel: 
 def test_compile_that_fails_falls_back_to_eager_with_a_warning(
     synthetic: ImageData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(fn: object) -> object:
+    def broken(fn: object, **options: object) -> object:
         def run(x: torch.Tensor) -> object:
             raise RuntimeError("no compiler for this operation\nsecond line")
 
@@ -289,7 +290,7 @@ def test_compile_that_fails_falls_back_to_eager_with_a_warning(
 def test_compile_passes_running_out_of_memory_on_instead_of_falling_back(
     synthetic: ImageData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def out_of_memory(fn: object) -> object:
+    def out_of_memory(fn: object, **options: object) -> object:
         def run(x: torch.Tensor) -> object:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -301,6 +302,23 @@ def test_compile_passes_running_out_of_memory_on_instead_of_falling_back(
         warnings.filterwarnings("error", message="torch.compile failed")
         with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
             train(recipe, synthetic)
+
+
+@pytest.mark.parametrize(("device", "mode"), [("cpu", None), ("cuda", "reduce-overhead")])
+def test_compile_replays_cuda_graphs_on_cuda_only(
+    device: str, mode: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU a small model's step is bound by kernel launches, which CUDA graphs remove; on
+    a CPU there are none to replay (tests/test_gpu.py trains every term this way on CUDA)."""
+    asked: list[object] = []
+
+    def recording(fn: object, **options: object) -> object:
+        asked.append(options.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording)
+    CompiledTaps(build_model("resnet8", 10, 3), torch.device(device))
+    assert asked == [mode]
 
 
 def test_epochs_report_training_and_validation_time_apart(synthetic: ImageData) -> None:
