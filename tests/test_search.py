@@ -785,7 +785,7 @@ def test_a_trial_out_of_gpu_memory_fails_alone(monkeypatch: pytest.MonkeyPatch) 
     assert str(report["failure"]).startswith("OutOfMemoryError: CUDA out of memory")
 
 
-def _broken_compile(fn: object) -> object:
+def _broken_compile(fn: object, **options: object) -> object:
     def run(x: torch.Tensor) -> object:
         raise RuntimeError("no compiler for this operation")
 
