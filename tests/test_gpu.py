@@ -126,8 +126,8 @@ def test_compiled_training_replays_cuda_graphs_and_gives_the_eager_run(
     """`compile: true` on CUDA replays each model's passes as CUDA graphs, whose outputs the
     next step overwrites: every term must have read them before (or the losses drift), and no
     pass may fall back to launching its kernels one by one (a skipped graph raises here). The
-    validation accuracy of these near-chance students is not compared: with CRD, training
-    losses within 0.5% of each other ended 6 of 80 validation images apart."""
+    validation accuracy of these barely trained students (two epochs) is not compared: with
+    CRD, training losses within 0.5% of each other ended 6 of 80 validation images apart."""
     from torch._inductor import config as inductor
 
     from kdsearch.distill import HEAD_TERMS
