@@ -224,7 +224,7 @@ def train(
     val_loader = Loader(data.val, data, device, batch_size=EVAL_BATCH, train=False)
     student_taps = taps_fn(student, recipe.compile, device)
     teacher_taps = None if teacher is None else taps_fn(teacher, recipe.compile, device)
-    graphs = recipe.compile and device.type == "cuda"  # see CompiledTaps
+    graphs = isinstance(student_taps, CompiledTaps) and student_taps.graphs
     result = Result(student, params=count_parameters(student))
     from_store = None
     if store is not None and teacher_taps is not None:
@@ -310,8 +310,8 @@ class CompiledTaps:
 
     def __init__(self, model: TapModel, device: torch.device) -> None:
         self.model = model
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.compiled = torch.compile(model.taps, mode=mode)
+        self.graphs = device.type == "cuda"
+        self.compiled = torch.compile(model.taps, mode="reduce-overhead" if self.graphs else None)
         self.failure: str | None = None
 
     def __call__(self, x: torch.Tensor) -> Taps:

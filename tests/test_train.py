@@ -317,8 +317,9 @@ def test_compile_replays_cuda_graphs_on_cuda_only(
         return fn
 
     monkeypatch.setattr(torch, "compile", recording)
-    CompiledTaps(build_model("resnet8", 10, 3), torch.device(device))
+    taps = CompiledTaps(build_model("resnet8", 10, 3), torch.device(device))
     assert asked == [mode]
+    assert taps.graphs == (mode is not None)  # the training loop marks each step's start then
 
 
 def test_epochs_report_training_and_validation_time_apart(synthetic: ImageData) -> None:
