@@ -380,10 +380,11 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
     # where the watch ended the driver (a group SIGTERM), a process of its own removes the
     # folder once the driver has ended, a moment after
     deadline = time.monotonic() + 30
-    killed = how == "kill -9" or raced
-    while not killed and scratch_of(proc.pid) and time.monotonic() < deadline:
+    killed = how == "kill -9"
+    while not (killed or raced) and scratch_of(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert bool(scratch_of(proc.pid)) == killed, "Ctrl-C cleans up its own"
+    if not raced:  # where Ray's core ended the driver, the folder may be gone or left: both seen
+        assert bool(scratch_of(proc.pid)) == killed, "Ctrl-C cleans up its own"
     if how in ("sigterm", "ctrl-c twice"):  # they leave the study as Ctrl-C does, which resumes
         return
     resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
