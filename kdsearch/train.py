@@ -104,16 +104,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`; None means plain fp32.
 
     `auto` is bf16 where the hardware multiplies in bf16 natively: GPUs of compute capability 8
-    and later (Ampere on; no loss scaling needed) and CPUs with AMX, where oneDNN's bf16
-    convolutions train 1.7-3.6x faster than fp32 at the same accuracy (README, "Performance");
-    fp16 with loss scaling on GPUs of capability 7 (Volta, Turing: fp16 tensor cores, bf16
-    emulated); fp32 on older GPUs and on CPUs without AMX, which emulate bf16 slowly.
+    and later (Ampere on; no loss scaling needed) and CPUs with AVX-512 BF16 or AMX, where
+    oneDNN's bf16 convolutions train 1.6-3.6x faster than fp32 at the same accuracy (README,
+    "Performance"); fp16 with loss scaling on GPUs of capability 7 (Volta, Turing: fp16 tensor
+    cores, bf16 emulated); fp32 on older GPUs and on other CPUs, which emulate bf16 slowly.
     """
     if precision == "auto":
         if device.type == "cuda":
             major = torch.cuda.get_device_capability(device)[0]
             return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_multiplies_bf16() else None
     if precision == "fp16" and device.type != "cuda":
         raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -125,6 +125,14 @@ def free_device_memory() -> None:
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         gc.collect()  # tensors that only reference cycles still hold
         torch.cuda.empty_cache()
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware, as oneDNN's bf16 kernels need to beat fp32:
+    AVX-512 BF16's dot products (Intel from Cooper Lake, AMD from Zen 4) or AMX tiles. Elsewhere
+    PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC (README)."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(avx512_bf16 is not None and avx512_bf16()) or cpu_has_amx()
 
 
 def cpu_has_amx() -> bool:

@@ -181,7 +181,7 @@ def test_trials_share_by_the_precision_they_train_in_not_the_one_they_name(
 ) -> None:
     for precision in ("auto", "bf16", "fp32"):
         run(data, teacher, {"schedule.epochs": 1, "precision": precision}, config(tmp_path))
-    # auto is bf16 on a CPU with AMX and fp32 elsewhere: it shares with one of the other two
+    # auto is bf16 on a CPU that multiplies bf16 and fp32 elsewhere: it shares with one of the two
     assert len(streams(tmp_path)) == 2
 
 

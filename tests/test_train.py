@@ -15,6 +15,7 @@ from kdsearch.train import (
     EpochStats,
     autocast_dtype,
     cpu_has_amx,
+    cpu_multiplies_bf16,
     lr_at,
     resolve_device,
     train,
@@ -185,24 +186,35 @@ def test_auto_device_and_precision_on_this_machine() -> None:
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():  # what Linux says this CPU has, independently of torch's probe
-        amx = "amx_bf16" in cpuinfo.read_text().split()
+        flags = cpuinfo.read_text().split()
+        amx = "amx_bf16" in flags
+        native = amx or "avx512_bf16" in flags
         assert cpu_has_amx() == amx
-        assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if amx else None)
+        assert cpu_multiplies_bf16() == native
+        assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if native else None)
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(RecipeError, match="fp16 needs CUDA"):
         autocast_dtype("fp16", torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
-    ("has_amx", "kernel_allows", "expected"),
-    [(True, True, torch.bfloat16), (True, False, None), (False, False, None)],
+    ("avx512_bf16", "has_amx", "kernel_allows", "expected"),
+    [
+        (False, True, True, torch.bfloat16),  # AMX the kernel lets the process use
+        (False, True, False, None),
+        (True, False, False, torch.bfloat16),  # AVX-512 BF16 alone (AMD Zen 4, Cooper Lake)
+        (True, True, False, torch.bfloat16),  # AMX refused, AVX-512 BF16 still there
+        (False, False, False, None),  # bf16 emulated (AVX2-only CPUs)
+    ],
 )
-def test_auto_precision_on_the_cpu_is_bf16_only_with_usable_amx(
+def test_auto_precision_on_the_cpu_is_bf16_only_where_it_multiplies_bf16(
+    avx512_bf16: bool,
     has_amx: bool,
     kernel_allows: bool,
     expected: torch.dtype | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
     monkeypatch.setattr(torch.cpu, "_init_amx", lambda: kernel_allows)
     assert autocast_dtype("auto", torch.device("cpu")) is expected
