@@ -100,6 +100,7 @@ class Winner:
     # trials ranked above it whose recipe the promotion at its budget tried and no seed finished
     all_failed: list[int] = field(default_factory=list)
     device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
+    precision: str | None = None  # the precision they trained in there (`auto` resolved), likewise
 
 
 def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
@@ -183,6 +184,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             [n for n in above if n not in tried],
             [n for n in above if n in tried and n not in on_board],
             top.user_attrs.get("device"),  # absent from older promotions
+            top.user_attrs.get("precision"),  # absent from older promotions
         )
     best_trials = ranked(study.trials)
     if not best_trials:
@@ -205,6 +207,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         None if threads is None else int(threads),
         TeacherFiles.from_attrs(study.user_attrs.get("teacher_files") or {}),
         device=best_trial.user_attrs.get("device"),
+        precision=best_trial.user_attrs.get("precision"),
     )
 
 
@@ -262,6 +265,7 @@ def export(
         "planned_seeds": winner.planned_seeds,
         "threads": winner.threads,
         "device": winner.device,  # the type it trained on; None where not recorded
+        "precision": winner.precision,  # what it trained in there; None where not recorded
         "metrics": winner.metrics,
         "student": winner.recipe.student.arch,
         "teacher": winner.recipe.teacher.arch,

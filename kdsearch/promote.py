@@ -456,6 +456,7 @@ def _record(
         "epochs": max(result.curve, default=0),
         "threads": result.threads,
         "device": result.device,
+        "precision": result.precision,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
         **trained_on,

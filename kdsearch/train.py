@@ -119,6 +119,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def trained_precision(recipe: Recipe, device: torch.device) -> str:
+    """The precision a run of `recipe` trains in on `device` (what `auto` becomes there), as a
+    recipe writes it: a study and an export record it beside the device."""
+    dtype = autocast_dtype(recipe.precision, device)
+    return "bf16" if dtype is torch.bfloat16 else "fp16" if dtype is torch.float16 else "fp32"
+
+
 def free_device_memory() -> None:
     """Give the GPU memory this process's allocator caches but no longer uses back to the GPU,
     for the other processes (trials) sharing it. Nothing to do where CUDA was never started."""

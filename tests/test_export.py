@@ -28,6 +28,7 @@ from kdsearch.search.worker import JobResult
 from kdsearch.study.contents import PER_MACHINE
 from kdsearch.study.storage import open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
+from kdsearch.train import cpu_multiplies_bf16
 
 from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
 
@@ -51,6 +52,7 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
     assert "not the images or splits" not in again.stderr, "the same data as the export's"
     assert "is not the teacher" not in again.stderr, "the export's own teacher"
+    assert "its weights will differ" not in again.stderr, "the precision it trained in"
     assert not (empty / "teachers").exists(), "no teacher trained"
     # what `train` wrote runs again from anywhere: its teacher paths are absolute
     rerun = Recipe.load(out / "recipe.yaml")
@@ -151,6 +153,9 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert meta["threads"] == 1
     assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
     assert best.user_attrs["device"] == meta["device"] == "cpu"
+    # and the precision `auto` became there, which `kdsearch train` of the export compares
+    here = "bf16" if cpu_multiplies_bf16() else "fp32"
+    assert best.user_attrs["precision"] == meta["precision"] == here
 
     # runs of device `auto` on a machine where that is CUDA, which trained on its CPU (per_trial
     # gpu 0): the line pins the CPU the weights trained on; the recipe keeps the machine's `auto`
@@ -447,7 +452,12 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     assert meta["data_fingerprint"] == data.fingerprint
     # neither the teacher nor its heads trained again where the export is trained
     assert_retrained_alike(tmp_path, "w", metrics["val_acc"])
-    # on other images or splits, the retraining says its accuracy is not the export's
+    # on other images or splits, the retraining says its accuracy is not the export's; in
+    # another precision than the export trained in (an export from a machine where `auto` is
+    # bf16, trained again where it is fp32, or the other way), it says that and how to match it
+    here = "bf16" if cpu_multiplies_bf16() else "fp32"
+    there = "fp32" if here == "bf16" else "bf16"
+    (tmp_path / "w" / "meta.json").write_text(json.dumps({**meta, "precision": there}))
     other = run_cli(
         "train",
         "w/recipe.yaml",
@@ -463,6 +473,11 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     assert "note: these are not the images or splits the exported student in w trained on" in (
         " ".join(other.stderr.split())
     )
+    assert (
+        f"note: the exported student in w trained in {there} and this run trains in {here} "
+        "(`precision: auto` on this machine), so its weights will differ; "
+        f"`--set precision={there}` trains it as it did"
+    ) in " ".join(other.stderr.split())
     # exported again, of a winner that reads no teacher: the earlier teacher files go
     plain = replace(winner, recipe=recipe.override({"distill.hsakd.weight": 0.0}))
     export(plain, "s", url, tmp_path / "w", weights, data, None)
@@ -640,4 +655,6 @@ def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(
         ran.stderr
     )
     assert Recipe.load(tmp_path / "w" / "recipe.yaml").device == "auto"
-    assert json.loads((tmp_path / "w" / "meta.json").read_text())["device"] == "cpu"
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert meta["device"] == "cpu"
+    assert meta["precision"] == ("bf16" if cpu_multiplies_bf16() else "fp32")  # `auto` there

@@ -64,7 +64,7 @@ def run_export(
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
     from kdsearch.study.contents import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
-    from kdsearch.train import evaluate_split
+    from kdsearch.train import evaluate_split, resolve_device, trained_precision
 
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage
@@ -139,7 +139,8 @@ def run_export(
             val_acc=result.val_acc,
             test_acc=evaluate_split(result.student, data.test, data, trained)[0],
         )
-        winner = replace(winner, device=device_type(trained.device))  # where these trained
+        device = resolve_device(trained.device)  # where these trained, and how
+        winner = replace(winner, device=device.type, precision=trained_precision(trained, device))
         weights = result.student.state_dict()
     export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's

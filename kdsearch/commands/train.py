@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import refuse_missing_checkpoints
-    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device
+    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, trained_precision
 
     if needs_teacher(recipe):
         refuse_missing_checkpoints(recipe)
@@ -61,6 +61,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"note: these are not the images or splits the exported student in "
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
+        )
+    here = trained_precision(recipe, device)
+    if (there := exported.get("precision")) not in (None, here):
+        # `precision: auto` resolves by machine (bf16 where the CPU or GPU multiplies bf16)
+        how = "" if there == "fp16" and device.type != "cuda" else f"; `--set precision={there}`"
+        console.print(
+            f"note: the exported student in {Path(args.recipe).parent} trained in {there} and "
+            f"this run trains in {here} (`precision: {recipe.precision}` on this machine), so "
+            f"its weights will differ{how} trains it as it did",
         )
     teacher = None
     if needs_teacher(recipe):

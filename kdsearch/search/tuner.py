@@ -170,6 +170,7 @@ class KdSearcher(Searcher):
             "student_params",
             "threads",
             "device",
+            "precision",
             "warnings",
         ):
             if key in last:

@@ -26,7 +26,14 @@ from kdsearch.recipe import Recipe
 from kdsearch.store import StoreConfig
 from kdsearch.study.contents import METRIC
 from kdsearch.teacher import Teacher
-from kdsearch.train import EpochStats, evaluate_split, free_device_memory, resolve_device, train
+from kdsearch.train import (
+    EpochStats,
+    evaluate_split,
+    free_device_memory,
+    resolve_device,
+    train,
+    trained_precision,
+)
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,8 @@ def _train_trial(
     told: Callable[[], list[str]],
 ) -> None:
     recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
-    device = resolve_device(recipe.device).type  # what `auto` became here: the export pins it
+    device = resolve_device(recipe.device)  # what `auto` became here: the export pins it
+    precision = trained_precision(recipe, device)
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
     busy = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_images": 0.0}
@@ -159,7 +167,8 @@ def _train_trial(
                 "images_per_sec": stats.images_per_sec,
                 "student_params": params,
                 "threads": torch.get_num_threads(),
-                "device": device,
+                "device": device.type,
+                "precision": precision,
                 "wall_seconds": time.perf_counter() - started,
                 **busy,
                 **({"warnings": said} if (said := told()) else {}),
@@ -224,6 +233,7 @@ class JobResult:
     threads: int = 1  # CPU threads it trained with: the same weights need the same count
     warnings: tuple[str, ...] = ()  # kdsearch's warnings in the run (`kept_warnings`)
     device: str = "cpu"  # the type of the device it trained on (what `auto` became there)
+    precision: str = "fp32"  # the precision it trained in there (likewise)
 
     @classmethod
     def failed(
@@ -269,7 +279,8 @@ def train_job(
             weights,
             threads=used,
             warnings=tuple(told()),
-            device=resolve_device(recipe.device).type,
+            device=(device := resolve_device(recipe.device)).type,
+            precision=trained_precision(recipe, device),
         )
     except Exception as err:  # recorded as a failed run with its reason
         failed = JobResult.failed(
