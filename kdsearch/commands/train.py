@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import refuse_missing_checkpoints
-    from kdsearch.train import autocast_dtype, evaluate_split, resolve_device, trained_precision
+    from kdsearch.train import evaluate_split, resolve_device, trained_precision
 
     if needs_teacher(recipe):
         refuse_missing_checkpoints(recipe)
@@ -42,10 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise KdsearchError(f"--out {out} already holds files ({shown}); choose another folder")
     device = resolve_device(recipe.device)
-    dtype = autocast_dtype(recipe.precision, device)
+    precision = trained_precision(recipe, device)
     console.print(
         f"kdsearch {__version__}: {recipe.teacher.arch} -> {recipe.student.arch} on "
-        f"{recipe.data.dataset}, {device.type}, {dtype or torch.float32}"
+        f"{recipe.data.dataset}, {device.type}, {precision}"
     )
     with console.status("loading data"):
         data = load_data(
@@ -62,13 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
         )
-    here = trained_precision(recipe, device)
-    if (there := exported.get("precision")) not in (None, here):
+    if (there := exported.get("precision")) not in (None, precision):
         # `precision: auto` resolves by machine (bf16 where the CPU or GPU multiplies bf16)
         how = "" if there == "fp16" and device.type != "cuda" else f"; `--set precision={there}`"
         console.print(
             f"note: the exported student in {Path(args.recipe).parent} trained in {there} and "
-            f"this run trains in {here} (`precision: {recipe.precision}` on this machine), so "
+            f"this run trains in {precision} (`precision: {recipe.precision}` on this machine), so "
             f"its weights will differ{how} trains it as it did",
         )
     teacher = None
@@ -96,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "images_per_sec": round(result.images_per_sec, 1),
         "student_params": result.params,
         "device": str(device),
-        "precision": str(dtype or torch.float32),
+        "precision": precision,
         "teacher": None
         if teacher is None
         else {
