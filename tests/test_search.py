@@ -834,6 +834,11 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
     diverges = recipe.override({"optim.lr": 1.0e12}).to_yaml()
     worker.run_trial({"number": 5, "recipe": diverges, "threads": 1}, shared)
     assert "NonFiniteLoss" in str(reports[-1]["failure"]) and reports[-1]["warnings"] == said
+    # a promotion run that fails records where and how it trained as one that finishes does
+    in_bf16 = recipe.override({"optim.lr": 1.0e12, "precision": "bf16"}).to_yaml()
+    failed = worker.train_job("best#1", in_bf16, shared, 1, None)
+    assert str(failed.failure).startswith("NonFiniteLoss") and failed.warnings == tuple(said)
+    assert (failed.device, failed.precision) == ("cpu", "bf16")
 
 
 def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:

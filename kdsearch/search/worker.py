@@ -261,8 +261,11 @@ def train_job(
                 progress.put_nowait((key, stats.epoch, stats.val_acc))
 
     told: Callable[[], list[str]] = list
+    device, precision = "cpu", "fp32"  # JobResult's defaults, until the recipe resolves here
     try:
         recipe = worker_recipe(Recipe.from_yaml(recipe_yaml, source=key))
+        resolved = resolve_device(recipe.device)
+        device, precision = resolved.type, trained_precision(recipe, resolved)
         data, teacher, heads = unshare(shared)
         with kept_warnings() as told:
             result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
@@ -279,11 +282,13 @@ def train_job(
             weights,
             threads=used,
             warnings=tuple(told()),
-            device=(device := resolve_device(recipe.device)).type,
-            precision=trained_precision(recipe, device),
+            device=device,
+            precision=precision,
         )
     except Exception as err:  # recorded as a failed run with its reason
         failed = JobResult.failed(
             key, f"{type(err).__name__}: {err}", curve, time.perf_counter() - started
         )
-        return replace(failed, threads=used, warnings=tuple(told()))
+        return replace(
+            failed, threads=used, warnings=tuple(told()), device=device, precision=precision
+        )
