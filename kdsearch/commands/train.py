@@ -64,11 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if (there := exported.get("precision")) not in (None, precision):
         # `precision: auto` resolves by machine (bf16 where the CPU or GPU multiplies bf16)
-        how = "" if there == "fp16" and device.type != "cuda" else f"; `--set precision={there}`"
+        how = (
+            ""
+            if there == "fp16" and device.type != "cuda"  # not to be had here
+            else f"; `--set precision={there}` trains it as it did"
+        )
         console.print(
             f"note: the exported student in {Path(args.recipe).parent} trained in {there} and "
             f"this run trains in {precision} (`precision: {recipe.precision}` on this machine), so "
-            f"its weights will differ{how} trains it as it did",
+            f"its weights will differ{how}",
         )
     teacher = None
     if needs_teacher(recipe):
