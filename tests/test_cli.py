@@ -20,6 +20,7 @@ from kdsearch import cli
 from kdsearch.commands.common import parse_sets, password_hidden, storage_option, storage_url
 from kdsearch.commands.export import train_command
 from kdsearch.commands.studies import recorded_resume
+from kdsearch.commands.train import precision_note
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
@@ -27,6 +28,24 @@ from kdsearch.recipe import Recipe
 from kdsearch.train import cpu_multiplies_bf16
 
 from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, tiny_recipe, write_study
+
+
+def test_train_of_an_export_notes_another_precision_and_how_to_match_it() -> None:
+    recipe, export = tiny_recipe(), Path("w/recipe.yaml")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision_note(export, {}, recipe, "fp32", cpu) is None  # an export that kept none
+    assert precision_note(export, {"precision": "fp32"}, recipe, "fp32", cpu) is None
+    said = precision_note(export, {"precision": "bf16"}, recipe, "fp32", cpu)
+    assert said == (
+        "note: the exported student in w trained in bf16 and this run trains in fp32 "
+        "(`precision: auto` on this machine), so its weights will differ; "
+        "`--set precision=bf16` trains it as it did"
+    )
+    # fp16 needs CUDA: no --set to offer on the CPU, one on a GPU
+    on_cpu = precision_note(export, {"precision": "fp16"}, recipe, "bf16", cpu)
+    assert on_cpu is not None and on_cpu.endswith("so its weights will differ")
+    on_gpu = precision_note(export, {"precision": "fp16"}, recipe, "bf16", cuda)
+    assert on_gpu is not None and on_gpu.endswith("`--set precision=fp16` trains it as it did")
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
 
 if TYPE_CHECKING:
-    pass
+    import torch
+
+    from kdsearch.recipe import Recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -62,18 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
         )
-    if (there := exported.get("precision")) not in (None, precision):
-        # `precision: auto` resolves by machine (bf16 where the CPU or GPU multiplies bf16)
-        how = (
-            ""
-            if there == "fp16" and device.type != "cuda"  # not to be had here
-            else f"; `--set precision={there}` trains it as it did"
-        )
-        console.print(
-            f"note: the exported student in {Path(args.recipe).parent} trained in {there} and "
-            f"this run trains in {precision} (`precision: {recipe.precision}` on this machine), so "
-            f"its weights will differ{how}",
-        )
+    if (note := precision_note(Path(args.recipe), exported, recipe, precision, device)) is not None:
+        console.print(note)
     teacher = None
     if needs_teacher(recipe):
         teacher = prepare_teacher(recipe, data, needs_teacher_heads(recipe))
@@ -136,6 +128,27 @@ def run_name(recipe: str) -> str:
     its folder's (the runs of two exports are told apart)."""
     path = Path(recipe).resolve()
     return path.parent.name if path.name == "recipe.yaml" and path.parent.name else path.stem
+
+
+def precision_note(
+    recipe_file: Path, meta: dict[str, Any], recipe: Recipe, precision: str, device: torch.device
+) -> str | None:
+    """What to say where this run trains in another `precision` than the export holding
+    `recipe_file` (its `meta`) did: `precision: auto` resolves by machine (bf16 where the CPU or
+    GPU multiplies bf16). None where they agree, or the export did not record it."""
+    there = meta.get("precision")
+    if there in (None, precision):
+        return None
+    how = (
+        ""
+        if there == "fp16" and device.type != "cuda"  # not to be had here
+        else f"; `--set precision={there}` trains it as it did"
+    )
+    return (
+        f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
+        f"trains in {precision} (`precision: {recipe.precision}` on this machine), so its "
+        f"weights will differ{how}"
+    )
 
 
 def export_meta(recipe_file: Path) -> dict[str, Any]:
