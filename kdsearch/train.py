@@ -30,6 +30,12 @@ from kdsearch.recipe import OptimConfig, Recipe
 from kdsearch.store import StoreConfig, StoreReader
 
 EVAL_BATCH = 512
+# a recipe's precision and its autocast dtype (None: plain fp32)
+DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -116,14 +122,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if device.type == "cpu" and cpu_multiplies_bf16() else None
     if precision == "fp16" and device.type != "cuda":
         raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return DTYPES[precision]
 
 
 def trained_precision(recipe: Recipe, device: torch.device) -> str:
     """The precision a run of `recipe` trains in on `device` (what `auto` becomes there), as a
     recipe writes it: a study and an export record it beside the device."""
     dtype = autocast_dtype(recipe.precision, device)
-    return "bf16" if dtype is torch.bfloat16 else "fp16" if dtype is torch.float16 else "fp32"
+    return next(name for name, d in DTYPES.items() if d is dtype)
 
 
 def free_device_memory() -> None:
