@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kdsearch.recipe import Recipe
-from kdsearch.train import EpochStats
+from kdsearch.train import EpochStats, cpu_multiplies_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(
@@ -129,6 +129,11 @@ class Recorder:
 
     def batch(self, done: int, total: int) -> None:
         self.ticks.append((done, total))
+
+
+def auto_on_cpu() -> str:
+    """What `precision: auto` trains in on this machine's CPU: bf16 where it multiplies bf16."""
+    return "bf16" if cpu_multiplies_bf16() else "fp32"
 
 
 def tiny_recipe(changes: dict[str, Any] | None = None) -> Recipe:

@@ -25,9 +25,16 @@ from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
-from kdsearch.train import cpu_multiplies_bf16
 
-from .conftest import SEARCH_VALUES, SMALL_SPACE, CliHere, run_cli, tiny_recipe, write_study
+from .conftest import (
+    SEARCH_VALUES,
+    SMALL_SPACE,
+    CliHere,
+    auto_on_cpu,
+    run_cli,
+    tiny_recipe,
+    write_study,
+)
 
 
 def test_train_of_an_export_notes_another_precision_and_how_to_match_it() -> None:
@@ -74,7 +81,7 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     assert metrics["inputs"] == load_data(resolved.data).inputs()
     # the device and precision `auto` became, in the words an export's meta.json uses
     assert metrics["device"] == "cpu"
-    assert metrics["precision"] == ("bf16" if cpu_multiplies_bf16() else "fp32")
+    assert metrics["precision"] == auto_on_cpu()
     assert f"on synthetic, cpu, {metrics['precision']}" in proc.stderr
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights

@@ -28,9 +28,8 @@ from kdsearch.search.worker import JobResult
 from kdsearch.study.contents import PER_MACHINE
 from kdsearch.study.storage import open_storage
 from kdsearch.teacher import TeacherFiles, get_teacher, weights_digest
-from kdsearch.train import cpu_multiplies_bf16
 
-from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
+from .conftest import SMALL_SPACE, CliHere, auto_on_cpu, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +153,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert "`OMP_NUM_THREADS=1 kdsearch train winner/recipe.yaml` reproduces it" in proc.stderr
     assert best.user_attrs["device"] == meta["device"] == "cpu"
     # and the precision `auto` became there, which `kdsearch train` of the export compares
-    here = "bf16" if cpu_multiplies_bf16() else "fp32"
+    here = auto_on_cpu()
     assert best.user_attrs["precision"] == meta["precision"] == here
 
     # runs of device `auto` on a machine where that is CUDA, which trained on its CPU (per_trial
@@ -455,7 +454,7 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     # on other images or splits, the retraining says its accuracy is not the export's; in
     # another precision than the export trained in (an export from a machine where `auto` is
     # bf16, trained again where it is fp32, or the other way), it says that and how to match it
-    here = "bf16" if cpu_multiplies_bf16() else "fp32"
+    here = auto_on_cpu()
     there = "fp32" if here == "bf16" else "bf16"
     (tmp_path / "w" / "meta.json").write_text(json.dumps({**meta, "precision": there}))
     other = run_cli(
@@ -657,4 +656,4 @@ def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(
     assert Recipe.load(tmp_path / "w" / "recipe.yaml").device == "auto"
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
     assert meta["device"] == "cpu"
-    assert meta["precision"] == ("bf16" if cpu_multiplies_bf16() else "fp32")  # `auto` there
+    assert meta["precision"] == auto_on_cpu()  # `auto` there

@@ -32,9 +32,8 @@ from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
 from kdsearch.study.contents import trial_recipe
 from kdsearch.teacher import TeacherFiles, weights_digest
-from kdsearch.train import cpu_multiplies_bf16
 
-from .conftest import SMALL_SPACE, CliHere, run_cli, write_study
+from .conftest import SMALL_SPACE, CliHere, auto_on_cpu, run_cli, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +182,7 @@ def test_trials_and_study_carry_their_attributes(
             assert t.user_attrs["threads"] == 1, "per_trial.cpu: 1"
             assert t.user_attrs["device"] == "cpu"  # what the recipe's device became there
             # and what its `precision: auto` became: bf16 on a CPU that multiplies bf16
-            assert t.user_attrs["precision"] == ("bf16" if cpu_multiplies_bf16() else "fp32")
+            assert t.user_attrs["precision"] == auto_on_cpu()
             busy = t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"]
             assert 0 < busy < t.user_attrs["wall_seconds"]
             per_epoch, rest = divmod(t.user_attrs["train_images"], t.user_attrs["epochs"])
