@@ -19,6 +19,7 @@ from kdsearch.train import (
     lr_at,
     resolve_device,
     train,
+    trained_precision,
 )
 
 from .conftest import Recorder, tiny_recipe
@@ -195,6 +196,14 @@ def test_auto_device_and_precision_on_this_machine() -> None:
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(RecipeError, match="fp16 needs CUDA"):
         autocast_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("precision", "device"), [("fp32", "cpu"), ("bf16", "cpu"), ("fp16", "cuda")]
+)
+def test_a_run_records_its_precision_in_the_recipes_words(precision: str, device: str) -> None:
+    recipe = tiny_recipe({"precision": precision, "device": device})
+    assert trained_precision(recipe, torch.device(device)) == precision
 
 
 @pytest.mark.parametrize(
