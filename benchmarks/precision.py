@@ -31,7 +31,7 @@ from kdsearch.data import ImageData, load_data
 from kdsearch.models import build_model
 from kdsearch.recipe import Recipe
 from kdsearch.teacher import get_teacher
-from kdsearch.train import evaluate_split, train
+from kdsearch.train import cpu_multiplies_bf16, evaluate_split, onednn_isa_cap, train
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -119,9 +119,11 @@ def main() -> None:
         recipe = cifar_recipe(args.root, args.subset, args.epochs)
         runs.append((f"CIFAR-10 {args.subset:,}, KD", recipe))
     datas = [load_data(recipe.data) for _, recipe in runs]  # a wrong --root fails before training
+    native = cpu_multiplies_bf16()
     print(
-        f"CPU: {cpu_name()}; bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads\n"
+        f"CPU: {cpu_name()}; bf16 instructions: {cpu_bf16()}; oneDNN capped at: "
+        f"{onednn_isa_cap() or 'nothing'}; precision auto here: {'bf16' if native else 'fp32'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print(
         f"| run ({args.seeds} seeds) | val acc % | test acc % | train img/s (median) |", flush=True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,10 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+# oneDNN's `MAX_CPU_ISA` settings below AVX-512 BF16: under them its bf16 kernels are emulated
+ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -143,9 +148,21 @@ def free_device_memory() -> None:
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware, as oneDNN's bf16 kernels need to beat fp32:
     AVX-512 BF16's dot products (Intel from Cooper Lake, AMD from Zen 4) or AMX tiles. Elsewhere
-    PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC (README)."""
+    PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC (README), and so
+    does oneDNN where the user caps its instruction set below AVX-512 BF16."""
+    if onednn_isa_cap() in ISAS_WITHOUT_BF16:
+        return False
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(avx512_bf16 is not None and avx512_bf16()) or cpu_has_amx()
+
+
+def onednn_isa_cap() -> str:
+    """The instruction set the user caps oneDNN at, upper-cased, as oneDNN reads it:
+    `ONEDNN_MAX_CPU_ISA`, else the older `DNNL_MAX_CPU_ISA`, an empty one skipped; "" if none."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if value := os.environ.get(name, ""):
+            return value.upper()
+    return ""
 
 
 def cpu_has_amx() -> bool:
