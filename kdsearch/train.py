@@ -118,7 +118,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     and later (Ampere on; no loss scaling needed) and CPUs with AVX-512 BF16 or AMX, where
     oneDNN's bf16 convolutions train 1.6-3.6x faster than fp32 at the same accuracy (README,
     "Performance"); fp16 with loss scaling on GPUs of capability 7 (Volta, Turing: fp16 tensor
-    cores, bf16 emulated); fp32 on older GPUs and on other CPUs, which emulate bf16 slowly.
+    cores, bf16 emulated); fp32 on older GPUs and on other CPUs, which emulate bf16 slowly, as
+    oneDNN does under a user's cap on its instruction set below AVX-512 BF16.
     """
     if precision == "auto":
         if device.type == "cuda":
