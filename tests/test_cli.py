@@ -37,7 +37,11 @@ from .conftest import (
 )
 
 
-def test_train_of_an_export_notes_another_precision_and_how_to_match_it() -> None:
+def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     recipe, export = tiny_recipe(), Path("w/recipe.yaml")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert precision_note(export, {}, recipe, "fp32", cpu) is None  # an export that kept none
@@ -53,6 +57,23 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it() -> Non
     assert on_cpu is not None and on_cpu.endswith("so its weights will differ")
     on_gpu = precision_note(export, {"precision": "fp16"}, recipe, "bf16", cuda)
     assert on_gpu is not None and on_gpu.endswith("`--set precision=fp16` trains it as it did")
+    # a recipe that pins its precision is not "on this machine"; a cap on oneDNN is named
+    pinned = precision_note(
+        export, {"precision": "bf16"}, tiny_recipe({"precision": "fp32"}), "fp32", cpu
+    )
+    assert pinned is not None and "(`precision: fp32`), so" in pinned
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    capped = precision_note(export, {"precision": "bf16"}, recipe, "fp32", cpu)
+    assert (
+        capped is not None
+        and (
+            "(`precision: auto` on this machine, where oneDNN's instruction set is capped at AVX2, "
+            "below bf16's), so"
+        )
+        in capped
+    )
+    on_gpu = precision_note(export, {"precision": "bf16"}, recipe, "fp16", cuda)
+    assert on_gpu is not None and "capped" not in on_gpu  # the cap is the CPU's alone
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:

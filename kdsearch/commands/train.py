@@ -136,9 +136,16 @@ def precision_note(
     """What to say where this run trains in another `precision` than the export holding
     `recipe_file` (its `meta`) did: `precision: auto` resolves by machine (bf16 where the CPU or
     GPU multiplies bf16). None where they agree, or the export did not record it."""
+    from kdsearch.train import ISAS_WITHOUT_BF16, onednn_isa_cap
+
     there = meta.get("precision")
     if there in (None, precision):
         return None
+    why = f"`precision: {recipe.precision}`" + (
+        " on this machine" if recipe.precision == "auto" else ""
+    )
+    if device.type == "cpu" and (cap := onednn_isa_cap()) in ISAS_WITHOUT_BF16:
+        why += f", where oneDNN's instruction set is capped at {cap}, below bf16's"
     how = (
         ""
         if there == "fp16" and device.type != "cuda"  # not to be had here
@@ -146,8 +153,7 @@ def precision_note(
     )
     return (
         f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
-        f"trains in {precision} (`precision: {recipe.precision}` on this machine), so its "
-        f"weights will differ{how}"
+        f"trains in {precision} ({why}), so its weights will differ{how}"
     )
 
 
