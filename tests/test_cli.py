@@ -64,13 +64,21 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     assert pinned is not None and "(`precision: fp32`), so" in pinned
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     capped = precision_note(export, {"precision": "bf16"}, recipe, "fp32", cpu)
-    assert (
-        capped is not None
-        and (
-            "(`precision: auto` on this machine, where oneDNN's instruction set is capped at AVX2, "
-            "below bf16's), so"
-        )
-        in capped
+    assert capped is not None and capped.endswith(
+        "(`precision: auto` on this machine, where oneDNN's instruction set is capped at AVX2, "
+        "below bf16's), so its weights will differ; `--set precision=bf16` trains in bf16, but "
+        "emulated under the cap at AVX2: slowly, and rounding otherwise than bf16 hardware does"
+    )
+    # a precision the run pins is not put down to the cap
+    pinned = precision_note(
+        export, {"precision": "bf16"}, tiny_recipe({"precision": "fp32"}), "fp32", cpu
+    )
+    assert pinned is not None and "(`precision: fp32`), so" in pinned
+    fp32_export = precision_note(
+        export, {"precision": "fp32"}, tiny_recipe({"precision": "bf16"}), "bf16", cpu
+    )
+    assert fp32_export is not None and fp32_export.endswith(
+        "(`precision: bf16`), so its weights will differ; `--set precision=fp32` trains it as it did"
     )
     on_gpu = precision_note(export, {"precision": "bf16"}, recipe, "fp16", cuda)
     assert on_gpu is not None and "capped" not in on_gpu  # the cap is the CPU's alone

@@ -144,13 +144,18 @@ def precision_note(
     why = f"`precision: {recipe.precision}`" + (
         " on this machine" if recipe.precision == "auto" else ""
     )
-    if device.type == "cpu" and (cap := onednn_isa_cap()) in ISAS_WITHOUT_BF16:
+    cap = onednn_isa_cap() if device.type == "cpu" else ""
+    if cap in ISAS_WITHOUT_BF16 and recipe.precision == "auto":  # what made `auto` fp32 here
         why += f", where oneDNN's instruction set is capped at {cap}, below bf16's"
-    how = (
-        ""
-        if there == "fp16" and device.type != "cuda"  # not to be had here
-        else f"; `--set precision={there}` trains it as it did"
-    )
+    if there == "fp16" and device.type != "cuda":  # not to be had here
+        how = ""
+    elif there == "bf16" and cap in ISAS_WITHOUT_BF16:
+        how = (
+            f"; `--set precision=bf16` trains in bf16, but emulated under the cap at {cap}: "
+            "slowly, and rounding otherwise than bf16 hardware does"
+        )
+    else:
+        how = f"; `--set precision={there}` trains it as it did"
     return (
         f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
         f"trains in {precision} ({why}), so its weights will differ{how}"
