@@ -342,6 +342,22 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     proc = cli_here("export", "s", "--out", "w2", cwd=tmp_path)
     assert proc.returncode == 2 and "the promoted student's weights are not at" in proc.stderr
     assert "Traceback" not in proc.stderr
+    (tmp_path / "moved").rename(tmp_path / "studies" / "s-promoted")
+    # promoted in another precision than `auto` gives here (another kind of CPU, a oneDNN cap
+    # set or unset): the line does not send the user to "a machine like this one"
+    there = "fp32" if here == "bf16" else "bf16"
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
+            (json.dumps(there),),
+        )
+    proc = cli_here("export", "s", "--out", "w6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "`OMP_NUM_THREADS=1 kdsearch train w6/recipe.yaml` reproduces it on a machine where its "
+        f"`precision: auto` is {there}, as where it trained (here it is {here})"
+    ) in " ".join(proc.stderr.split())
+    assert json.loads((tmp_path / "w6" / "meta.json").read_text())["precision"] == there
 
 
 def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
@@ -657,3 +673,37 @@ def test_a_best_trial_trained_on_the_cpu_of_a_cuda_machine_is_retrained_there(
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
     assert meta["device"] == "cpu"
     assert meta["precision"] == auto_on_cpu()  # `auto` there
+
+
+def test_an_export_that_trains_the_best_trial_in_another_precision_says_so(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """Nothing promoted: the export trains the best trial again, here. Where `auto` resolves
+    otherwise here than it did for the trial (another kind of CPU, a oneDNN cap set or unset),
+    the exported student is not the trial's own, and the export says so before training."""
+    write_study(tmp_path, SMALL_SPACE.replace("kd: {weight: 0.9", "kd: {weight: 0.0"))
+    here = auto_on_cpu()
+    there = "fp32" if here == "bf16" else "bf16"
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+            f"SELECT trial_id, 'precision', '\"{there}\"' FROM trials"
+        )
+    ran = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    said = " ".join(ran.stderr.split())
+    assert (
+        f"trained in {there} and this run trains in {here} (`precision: auto` here), so the "
+        "exported student is not the trial's own; export where and as the search ran for that"
+    ) in said
+    assert said.index("not the trial's own") < said.index("winner epoch")  # before training
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["precision"] == here
+    # where it agrees, nothing is said
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
+            (json.dumps(here),),
+        )
+    again = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "not the trial's own" not in again.stderr

@@ -134,13 +134,20 @@ def run_export(
                     "the exported student learns from this one",
                 )
         trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
+        device = resolve_device(trained.device)  # where these train, and how
+        precision = trained_precision(trained, device)
+        if winner.precision not in (None, precision):  # `auto` resolved otherwise for the trial
+            console.print(
+                f"note: trial #{winner.trial} trained in {winner.precision} and this run trains "
+                f"in {precision} (`precision: {trained.precision}` here), so the exported "
+                "student is not the trial's own; export where and as the search ran for that"
+            )
         result = student_trained("winner", trained, data, teacher)
         winner.metrics.update(
             val_acc=result.val_acc,
             test_acc=evaluate_split(result.student, data.test, data, trained)[0],
         )
-        device = resolve_device(trained.device)  # where these trained, and how
-        winner = replace(winner, device=device.type, precision=trained_precision(trained, device))
+        winner = replace(winner, device=device.type, precision=precision)
         weights = result.student.state_dict()
     export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
@@ -219,11 +226,29 @@ def run_export(
     if files is not None:
         written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
     recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
+    where = "a machine like this one"
+    if winner.precision not in (None, auto_here := precision_here(winner.recipe, on_cpu)):
+        where = (
+            f"a machine where its `precision: {winner.recipe.precision}` is {winner.precision}, "
+            f"as where it trained (here it is {auto_here})"
+        )
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
-        f"`{threads}kdsearch train {recipe_path}` reproduces it on a machine like this one"
+        f"`{threads}kdsearch train {recipe_path}` reproduces it on {where}"
     )
+
+
+def precision_here(recipe: Recipe, on_cpu: bool) -> str | None:
+    """The precision `recipe` trains in on this machine (on its CPU where `on_cpu`): what its
+    `auto` becomes here. None where its device is not here (CUDA on a machine without)."""
+    from kdsearch.errors import RecipeError
+    from kdsearch.train import resolve_device, trained_precision
+
+    try:
+        return trained_precision(recipe, resolve_device("cpu" if on_cpu else recipe.device))
+    except RecipeError:  # a device this machine lacks, fp16 without CUDA
+        return None
 
 
 def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool) -> str:
