@@ -101,6 +101,7 @@ class Winner:
     all_failed: list[int] = field(default_factory=list)
     device: str | None = None  # the device type the weights (or the trial) trained on, if recorded
     precision: str | None = None  # the precision they trained in there (`auto` resolved), likewise
+    onednn_cap: str | None = None  # the cap on oneDNN's instruction set there ("": none), likewise
 
 
 def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None = None) -> Winner:
@@ -185,6 +186,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
             [n for n in above if n in tried and n not in on_board],
             top.user_attrs.get("device"),  # absent from older promotions
             top.user_attrs.get("precision"),  # absent from older promotions
+            top.user_attrs.get("onednn_cap"),  # likewise
         )
     best_trials = ranked(study.trials)
     if not best_trials:
@@ -208,6 +210,7 @@ def find_winner(storage: BaseStorage, name: str, here: Mapping[str, Any] | None 
         TeacherFiles.from_attrs(study.user_attrs.get("teacher_files") or {}),
         device=best_trial.user_attrs.get("device"),
         precision=best_trial.user_attrs.get("precision"),
+        onednn_cap=best_trial.user_attrs.get("onednn_cap"),
     )
 
 
@@ -266,6 +269,7 @@ def export(
         "threads": winner.threads,
         "device": winner.device,  # the type it trained on; None where not recorded
         "precision": winner.precision,  # what it trained in there; None where not recorded
+        "onednn_cap": winner.onednn_cap,  # the cap on oneDNN it trained under ("": none), likewise
         "metrics": winner.metrics,
         "student": winner.recipe.student.arch,
         "teacher": winner.recipe.teacher.arch,

@@ -457,6 +457,7 @@ def _record(
         "threads": result.threads,
         "device": result.device,
         "precision": result.precision,
+        "onednn_cap": result.onednn_cap,
         "wall_seconds": round(result.seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
         **trained_on,

@@ -166,6 +166,13 @@ def onednn_isa_cap() -> str:
     return ""
 
 
+def kernel_cap(device: torch.device) -> str:
+    """The cap on oneDNN's instruction set a run on `device` trains under, as a study records it
+    beside the precision: it changes oneDNN's CPU kernels, and so the weights, in any precision.
+    "" where none is set, and on CUDA, whose kernels are cuDNN's."""
+    return onednn_isa_cap() if device.type == "cpu" else ""
+
+
 def cpu_has_amx() -> bool:
     """Whether this process can use AMX tiles (Intel Sapphire Rapids and later), which oneDNN
     uses for bf16 matrix products: the CPU has them and the kernel lets the process use them."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -20,7 +21,7 @@ from kdsearch import cli
 from kdsearch.commands.common import parse_sets, password_hidden, storage_option, storage_url
 from kdsearch.commands.export import train_command
 from kdsearch.commands.studies import recorded_resume
-from kdsearch.commands.train import precision_note
+from kdsearch.commands.train import kernel_notes
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning
 from kdsearch.models import build_model
@@ -44,44 +45,70 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
         monkeypatch.delenv(name, raising=False)
     recipe, export = tiny_recipe(), Path("w/recipe.yaml")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert precision_note(export, {}, recipe, "fp32", cpu) is None  # an export that kept none
-    assert precision_note(export, {"precision": "fp32"}, recipe, "fp32", cpu) is None
-    said = precision_note(export, {"precision": "bf16"}, recipe, "fp32", cpu)
-    assert said == (
+
+    def note(meta: dict[str, Any], precision: str, device: torch.device, r: Recipe = recipe) -> str:
+        (said,) = kernel_notes(export, meta, r, precision, device)
+        return said
+
+    assert kernel_notes(export, {}, recipe, "fp32", cpu) == []  # an export that kept none
+    assert kernel_notes(export, {"precision": "fp32"}, recipe, "fp32", cpu) == []
+    assert note({"precision": "bf16"}, "fp32", cpu) == (
         "note: the exported student in w trained in bf16 and this run trains in fp32 "
         "(`precision: auto` on this machine), so its weights will differ; "
         "`--set precision=bf16` trains it as it did"
     )
     # fp16 needs CUDA: no --set to offer on the CPU, one on a GPU
-    on_cpu = precision_note(export, {"precision": "fp16"}, recipe, "bf16", cpu)
-    assert on_cpu is not None and on_cpu.endswith("so its weights will differ")
-    on_gpu = precision_note(export, {"precision": "fp16"}, recipe, "bf16", cuda)
-    assert on_gpu is not None and on_gpu.endswith("`--set precision=fp16` trains it as it did")
-    # a recipe that pins its precision is not "on this machine"; a cap on oneDNN is named
-    pinned = precision_note(
-        export, {"precision": "bf16"}, tiny_recipe({"precision": "fp32"}), "fp32", cpu
+    assert note({"precision": "fp16"}, "bf16", cpu).endswith("so its weights will differ")
+    assert note({"precision": "fp16"}, "bf16", cuda).endswith(
+        "`--set precision=fp16` trains it as it did"
     )
-    assert pinned is not None and "(`precision: fp32`), so" in pinned
+    # a recipe that pins its precision is not "on this machine"
+    pinned = tiny_recipe({"precision": "fp32"})
+    assert "(`precision: fp32`), so" in note({"precision": "bf16"}, "fp32", cpu, pinned)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
-    capped = precision_note(export, {"precision": "bf16"}, recipe, "fp32", cpu)
-    assert capped is not None and capped.endswith(
+    # a oneDNN cap here, the export's not recorded (before kdsearch kept it): named where it
+    # made `auto` fp32, and bf16 under it is emulated
+    assert note({"precision": "bf16"}, "fp32", cpu).endswith(
         "(`precision: auto` on this machine, where oneDNN's instruction set is capped at AVX2, "
         "below bf16's), so its weights will differ; `--set precision=bf16` trains in bf16, but "
         "emulated under the cap at AVX2: slowly, and rounding otherwise than bf16 hardware does"
     )
-    # a precision the run pins is not put down to the cap
-    pinned = precision_note(
-        export, {"precision": "bf16"}, tiny_recipe({"precision": "fp32"}), "fp32", cpu
-    )
-    assert pinned is not None and "(`precision: fp32`), so" in pinned
-    fp32_export = precision_note(
-        export, {"precision": "fp32"}, tiny_recipe({"precision": "bf16"}), "bf16", cpu
-    )
-    assert fp32_export is not None and fp32_export.endswith(
+    assert "(`precision: fp32`), so" in note({"precision": "bf16"}, "fp32", cpu, pinned)
+    assert note({"precision": "fp32"}, "bf16", cpu, tiny_recipe({"precision": "bf16"})).endswith(
         "(`precision: bf16`), so its weights will differ; `--set precision=fp32` trains it as it did"
     )
-    on_gpu = precision_note(export, {"precision": "bf16"}, recipe, "fp16", cuda)
-    assert on_gpu is not None and "capped" not in on_gpu  # the cap is the CPU's alone
+    assert "capped" not in note({"precision": "bf16"}, "fp16", cuda)  # the cap is the CPU's alone
+    # the export recorded its cap: where it differs, on the CPU, it is said with how to match it,
+    # and a `--set precision=` alone is not offered (it would not give the same weights)
+    made = {"device": "cpu", "precision": "bf16", "onednn_cap": ""}
+    # the same cap there (its bf16 emulated too): `--set precision=bf16` does train it as it did
+    assert kernel_notes(export, made | {"onednn_cap": "AVX2"}, pinned, "fp32", cpu) == [
+        "note: the exported student in w trained in bf16 and this run trains in fp32 "
+        "(`precision: fp32`), so its weights will differ; `--set precision=bf16` trains it as it did"
+    ]
+    uncapped_there = kernel_notes(export, made, recipe, "fp32", cpu)
+    assert uncapped_there == [
+        "note: the exported student in w trained in bf16 and this run trains in fp32 "
+        "(`precision: auto` on this machine, where oneDNN's instruction set is capped at AVX2, "
+        "below bf16's), so its weights will differ",
+        "note: the exported student in w trained in bf16 and this run trains in fp32 under "
+        "ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's CPU kernels differ by the cap on its instruction set "
+        "(ONEDNN_MAX_CPU_ISA), so its weights will differ; with ONEDNN_MAX_CPU_ISA and "
+        "DNNL_MAX_CPU_ISA unset, it trains as it did",
+    ]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    capped_there = {"device": "cpu", "precision": "fp32", "onednn_cap": "AVX2"}
+    assert kernel_notes(export, capped_there, pinned, "fp32", cpu) == [
+        "note: the exported student in w trained in fp32 under ONEDNN_MAX_CPU_ISA=AVX2 and this "
+        "run trains in fp32: oneDNN's CPU kernels differ by the cap on its instruction set "
+        "(ONEDNN_MAX_CPU_ISA), so its weights will differ; with `ONEDNN_MAX_CPU_ISA=AVX2` set, "
+        "it trains as it did"
+    ]
+    # the same cap, or an export trained on a GPU (cuDNN's kernels): nothing to say of caps
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert kernel_notes(export, capped_there, pinned, "fp32", cpu) == []
+    on_gpu = capped_there | {"device": "cuda"}
+    assert kernel_notes(export, on_gpu, pinned, "fp32", cpu) == []
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
@@ -110,7 +137,7 @@ def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:
     assert metrics["inputs"] == load_data(resolved.data).inputs()
     # the device and precision `auto` became, in the words an export's meta.json uses
     assert metrics["device"] == "cpu"
-    assert metrics["precision"] == auto_on_cpu()
+    assert metrics["precision"] == auto_on_cpu() and metrics["onednn_cap"] == ""
     assert f"on synthetic, cpu, {metrics['precision']}" in proc.stderr
     state = torch.load(out / "student.pt", weights_only=True)
     build_model("resnet8", 10, 3).load_state_dict(state)  # strict: no head, no teacher weights
@@ -820,6 +847,10 @@ def test_a_train_command_turns_a_recipe_file_into_another_recipe_but_for_the_mac
     ], command
     told = Recipe.load(file).override(parse_sets(sets))
     assert told == wanted.override({"data.root": exported.data.root})  # this machine's folder
+    # trained under a cap on oneDNN's instruction set: under it again (its kernels, its weights)
+    capped = shlex.split(train_command(file, wanted, threads=1, cpu=False, cap="AVX2"))
+    assert capped[:4] == ["OMP_NUM_THREADS=1", "ONEDNN_MAX_CPU_ISA=AVX2", "kdsearch", "train"]
+    assert shlex.split(train_command(file, wanted, threads=1, cpu=False, cap=""))[1] == "kdsearch"
 
 
 def test_the_recorded_resume_command_gives_study_where_the_run_did(

@@ -155,6 +155,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     # and the precision `auto` became there, which `kdsearch train` of the export compares
     here = auto_on_cpu()
     assert best.user_attrs["precision"] == meta["precision"] == here
+    assert best.user_attrs["onednn_cap"] == meta["onednn_cap"] == ""  # none on oneDNN
 
     # runs of device `auto` on a machine where that is CUDA, which trained on its CPU (per_trial
     # gpu 0): the line pins the CPU the weights trained on; the recipe keeps the machine's `auto`
@@ -358,6 +359,30 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
         f"`precision: auto` is {there}, as where it trained (here it is {here})"
     ) in " ".join(proc.stderr.split())
     assert json.loads((tmp_path / "w6" / "meta.json").read_text())["precision"] == there
+    # promoted under a cap on oneDNN's instruction set: the command sets it again (and under it
+    # `auto` resolves as it did there)
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = '\"AVX2\"' WHERE key = 'onednn_cap'"
+        )
+    proc = cli_here("export", "s", "--out", "w7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "`OMP_NUM_THREADS=1 ONEDNN_MAX_CPU_ISA=AVX2 kdsearch train w7/recipe.yaml` reproduces it "
+        "on a machine like this one"
+    ) in " ".join(proc.stderr.split())
+    assert json.loads((tmp_path / "w7" / "meta.json").read_text())["onednn_cap"] == "AVX2"
+    # promoted under none, exported under one: the command cannot take it away, the line says to
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute("UPDATE trial_user_attributes SET value_json = '\"\"' WHERE key = 'onednn_cap'")
+    with pytest.MonkeyPatch.context() as capped_here:
+        capped_here.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        proc = cli_here("export", "s", "--out", "w8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "`OMP_NUM_THREADS=1 kdsearch train w8/recipe.yaml` reproduces it on a machine like this "
+        "one, with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+    ) in " ".join(proc.stderr.split())
 
 
 def test_export_without_a_promotion_trains_the_best_trial(tmp_path: Path) -> None:
@@ -707,3 +732,17 @@ def test_an_export_that_trains_the_best_trial_in_another_precision_says_so(
     again = cli_here("export", "s", "--out", "w", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "not the trial's own" not in again.stderr
+    # the trial trained under a cap on oneDNN's instruction set, and this run under none: its
+    # kernels differ, so the student is not the trial's either
+    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
+        db.execute(
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+            "SELECT trial_id, 'onednn_cap', '\"AVX2\"' FROM trials"
+        )
+    capped = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert capped.returncode == 0, capped.stderr
+    assert (
+        f"trained in {here} under ONEDNN_MAX_CPU_ISA=AVX2 and this run trains in {here} "
+        "(`precision: auto` here), so the exported student is not the trial's own"
+    ) in " ".join(capped.stderr.split())
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["onednn_cap"] == ""

@@ -183,6 +183,7 @@ def test_trials_and_study_carry_their_attributes(
             assert t.user_attrs["device"] == "cpu"  # what the recipe's device became there
             # and what its `precision: auto` became: bf16 on a CPU that multiplies bf16
             assert t.user_attrs["precision"] == auto_on_cpu()
+            assert t.user_attrs["onednn_cap"] == ""  # none set on oneDNN's instruction set
             busy = t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"]
             assert 0 < busy < t.user_attrs["wall_seconds"]
             per_epoch, rest = divmod(t.user_attrs["train_images"], t.user_attrs["epochs"])
@@ -837,7 +838,16 @@ def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
     in_bf16 = recipe.override({"optim.lr": 1.0e12, "precision": "bf16"}).to_yaml()
     failed = worker.train_job("best#1", in_bf16, shared, 1, None)
     assert str(failed.failure).startswith("NonFiniteLoss") and failed.warnings == tuple(said)
-    assert (failed.device, failed.precision) == ("cpu", "bf16")
+    assert (failed.device, failed.precision, failed.onednn_cap) == ("cpu", "bf16", "")
+    # and under a cap on oneDNN's instruction set, which changes its kernels: recorded, as a
+    # trial records it, and `auto` is fp32 under it
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    failed = worker.train_job("best#1", diverges, shared, 1, None)
+    assert (failed.precision, failed.onednn_cap) == ("fp32", "AVX2")
+    reports.clear()
+    plain = recipe.override({"compile": False}).to_yaml()
+    worker.run_trial({"number": 6, "recipe": plain, "threads": 1}, shared)
+    assert (reports[0]["precision"], reports[0]["onednn_cap"]) == ("fp32", "AVX2")
 
 
 def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
+    arithmetic,
     device_type,
     note_search_running,
     numbered,
@@ -64,7 +65,7 @@ def run_export(
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
     from kdsearch.study.contents import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
-    from kdsearch.train import evaluate_split, resolve_device, trained_precision
+    from kdsearch.train import evaluate_split, kernel_cap, resolve_device, trained_precision
 
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage
@@ -135,19 +136,22 @@ def run_export(
                 )
         trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
         device = resolve_device(trained.device)  # where these train, and how
-        precision = trained_precision(trained, device)
-        if winner.precision not in (None, precision):  # `auto` resolved otherwise for the trial
+        precision, cap = trained_precision(trained, device), kernel_cap(device)
+        # `auto` resolved otherwise for the trial, or it trained under another oneDNN cap
+        if winner.precision not in (None, precision) or winner.onednn_cap not in (None, cap):
+            was = arithmetic(winner.precision, winner.onednn_cap)
             console.print(
-                f"note: trial #{winner.trial} trained in {winner.precision} and this run trains "
-                f"in {precision} (`precision: {trained.precision}` here), so the exported "
-                "student is not the trial's own; export where and as the search ran for that"
+                f"note: trial #{winner.trial} trained {was} "
+                f"and this run trains {arithmetic(precision, cap)} (`precision: "
+                f"{trained.precision}` here), so the exported student is not the trial's own; "
+                "export where and as the search ran for that"
             )
         result = student_trained("winner", trained, data, teacher)
         winner.metrics.update(
             val_acc=result.val_acc,
             test_acc=evaluate_split(result.student, data.test, data, trained)[0],
         )
-        winner = replace(winner, device=device.type, precision=precision)
+        winner = replace(winner, device=device.type, precision=precision, onednn_cap=cap)
         weights = result.student.state_dict()
     export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
@@ -218,16 +222,27 @@ def run_export(
                 threads=run.user_attrs.get("threads"),
                 cpu=run.user_attrs.get("device") == "cpu"
                 and device_type(winner.recipe.device) != "cpu",
+                cap=run.user_attrs.get("onednn_cap"),
             )
             how = f"`{command}` trains its seed {trained_as.seed} run again"
         console.print(f"note: {baseline} {what}; for {baseline}, {how}")
-    threads = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
+    env = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
+    if winner.onednn_cap:  # trained under a cap on oneDNN: its kernels, its weights
+        env += f"ONEDNN_MAX_CPU_ISA={winner.onednn_cap} "
     written = ["recipe.yaml", "student.pt"]
     if files is not None:
         written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
     recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
     where = "a machine like this one"
-    if winner.precision not in (None, auto_here := precision_here(winner.recipe, on_cpu)):
+    here_cap = kernel_cap(torch.device("cpu"))
+    caps_differ = winner.device == "cpu" and winner.onednn_cap not in (None, here_cap)
+    if caps_differ and not winner.onednn_cap:  # a cap here that the command cannot take away
+        where += ", with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+    # (where the command sets the cap it trained under, `auto` resolves there as it did)
+    elif not caps_differ and winner.precision not in (
+        None,
+        auto_here := precision_here(winner.recipe, on_cpu),
+    ):
         where = (
             f"a machine where its `precision: {winner.recipe.precision}` is {winner.precision}, "
             f"as where it trained (here it is {auto_here})"
@@ -235,7 +250,7 @@ def run_export(
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
-        f"`{threads}kdsearch train {recipe_path}` reproduces it on {where}"
+        f"`{env}kdsearch train {recipe_path}` reproduces it on {where}"
     )
 
 
@@ -251,11 +266,13 @@ def precision_here(recipe: Recipe, on_cpu: bool) -> str | None:
         return None
 
 
-def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool) -> str:
+def train_command(
+    file: Path, wanted: Recipe, *, threads: int | None, cpu: bool, cap: str | None = None
+) -> str:
     """`kdsearch train FILE` with the `--set` items that make the recipe in `file` train as
     `wanted` (not its settings of the machine, which `file` has as this one needs them), with
-    the `threads` it trained with and, where it trained on the CPU of a machine whose device
-    is not (`cpu`), on the CPU."""
+    the `threads` it trained with, under the `cap` on oneDNN it trained under, and, where it
+    trained on the CPU of a machine whose device is not (`cpu`), on the CPU."""
     from kdsearch.study.contents import PER_MACHINE
 
     have, want = flatten(Recipe.load(file).to_dict()), flatten(wanted.to_dict())
@@ -269,6 +286,7 @@ def train_command(file: Path, wanted: Recipe, *, threads: int | None, cpu: bool)
     if cpu:
         sets.append(" --set device=cpu")
     pinned = "" if threads is None else f"OMP_NUM_THREADS={threads} "
+    pinned += f"ONEDNN_MAX_CPU_ISA={cap} " if cap else ""
     return f"{pinned}kdsearch train {shlex.quote(str(file))}{''.join(sets)}"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch import __version__
-from kdsearch.commands.common import load_recipe, prepare_teacher, student_trained
+from kdsearch.commands.common import arithmetic, load_recipe, prepare_teacher, student_trained
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import refuse_missing_checkpoints
-    from kdsearch.train import evaluate_split, resolve_device, trained_precision
+    from kdsearch.train import evaluate_split, kernel_cap, resolve_device, trained_precision
 
     if needs_teacher(recipe):
         refuse_missing_checkpoints(recipe)
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
         )
-    if (note := precision_note(Path(args.recipe), exported, recipe, precision, device)) is not None:
+    for note in kernel_notes(Path(args.recipe), exported, recipe, precision, device):
         console.print(note)
     teacher = None
     if needs_teacher(recipe):
@@ -92,6 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "student_params": result.params,
         "device": str(device),
         "precision": precision,
+        "onednn_cap": kernel_cap(device),
         "teacher": None
         if teacher is None
         else {
@@ -130,36 +131,54 @@ def run_name(recipe: str) -> str:
     return path.parent.name if path.name == "recipe.yaml" and path.parent.name else path.stem
 
 
-def precision_note(
+def kernel_notes(
     recipe_file: Path, meta: dict[str, Any], recipe: Recipe, precision: str, device: torch.device
-) -> str | None:
-    """What to say where this run trains in another `precision` than the export holding
-    `recipe_file` (its `meta`) did: `precision: auto` resolves by machine (bf16 where the CPU or
-    GPU multiplies bf16). None where they agree, or the export did not record it."""
-    from kdsearch.train import ISAS_WITHOUT_BF16, onednn_isa_cap
+) -> list[str]:
+    """What to say where this run will not do the arithmetic the export holding `recipe_file`
+    (its `meta`) did: another precision (`precision: auto` resolves by machine: bf16 where the
+    CPU or GPU multiplies bf16), or on the CPU another cap on oneDNN's instruction set, which
+    changes its kernels in any precision. Nothing where they agree or the export kept neither."""
+    from kdsearch.train import ISAS_WITHOUT_BF16, kernel_cap
 
+    cap = kernel_cap(device)
+    on_cpus = meta.get("device") == "cpu" and device.type == "cpu"
+    there_cap = meta.get("onednn_cap") if on_cpus else None  # None: not recorded, or not CPUs
+    caps_differ = there_cap is not None and there_cap != cap
+    notes = []
     there = meta.get("precision")
-    if there in (None, precision):
-        return None
-    why = f"`precision: {recipe.precision}`" + (
-        " on this machine" if recipe.precision == "auto" else ""
-    )
-    cap = onednn_isa_cap() if device.type == "cpu" else ""
-    if cap in ISAS_WITHOUT_BF16 and recipe.precision == "auto":  # what made `auto` fp32 here
-        why += f", where oneDNN's instruction set is capped at {cap}, below bf16's"
-    if there == "fp16" and device.type != "cuda":  # not to be had here
-        how = ""
-    elif there == "bf16" and cap in ISAS_WITHOUT_BF16:
-        how = (
-            f"; `--set precision=bf16` trains in bf16, but emulated under the cap at {cap}: "
-            "slowly, and rounding otherwise than bf16 hardware does"
+    if there not in (None, precision):
+        why = f"`precision: {recipe.precision}`" + (
+            " on this machine" if recipe.precision == "auto" else ""
         )
-    else:
-        how = f"; `--set precision={there}` trains it as it did"
-    return (
-        f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
-        f"trains in {precision} ({why}), so its weights will differ{how}"
-    )
+        if cap in ISAS_WITHOUT_BF16 and recipe.precision == "auto":  # what made `auto` fp32 here
+            why += f", where oneDNN's instruction set is capped at {cap}, below bf16's"
+        if caps_differ or (there == "fp16" and device.type != "cuda"):  # the cap's note says how
+            how = ""
+        elif there == "bf16" and cap in ISAS_WITHOUT_BF16 and there_cap != cap:
+            how = (
+                f"; `--set precision=bf16` trains in bf16, but emulated under the cap at {cap}: "
+                "slowly, and rounding otherwise than bf16 hardware does"
+            )
+        else:
+            how = f"; `--set precision={there}` trains it as it did"
+        notes.append(
+            f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
+            f"trains in {precision} ({why}), so its weights will differ{how}"
+        )
+    if caps_differ:
+        how = (
+            f"`ONEDNN_MAX_CPU_ISA={there_cap}` set"
+            if there_cap
+            else "ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+        )
+        notes.append(
+            f"note: the exported student in {recipe_file.parent} trained "
+            f"{arithmetic(there, there_cap or None)} and this run trains "
+            f"{arithmetic(precision, cap)}: oneDNN's CPU kernels differ by the cap on its "
+            f"instruction set (ONEDNN_MAX_CPU_ISA), so its weights will differ; with {how}, "
+            "it trains as it did"
+        )
+    return notes
 
 
 def export_meta(recipe_file: Path) -> dict[str, Any]:

@@ -171,6 +171,7 @@ class KdSearcher(Searcher):
             "threads",
             "device",
             "precision",
+            "onednn_cap",
             "warnings",
         ):
             if key in last:

@@ -30,6 +30,7 @@ from kdsearch.train import (
     EpochStats,
     evaluate_split,
     free_device_memory,
+    kernel_cap,
     resolve_device,
     train,
     trained_precision,
@@ -169,6 +170,7 @@ def _train_trial(
                 "threads": torch.get_num_threads(),
                 "device": device.type,
                 "precision": precision,
+                "onednn_cap": kernel_cap(device),
                 "wall_seconds": time.perf_counter() - started,
                 **busy,
                 **({"warnings": said} if (said := told()) else {}),
@@ -234,6 +236,7 @@ class JobResult:
     warnings: tuple[str, ...] = ()  # kdsearch's warnings in the run (`kept_warnings`)
     device: str = "cpu"  # the type of the device it trained on (what `auto` became there)
     precision: str = "fp32"  # the precision it trained in there (likewise)
+    onednn_cap: str = ""  # the cap on oneDNN's instruction set it trained under (`kernel_cap`)
 
     @classmethod
     def failed(
@@ -261,11 +264,12 @@ def train_job(
                 progress.put_nowait((key, stats.epoch, stats.val_acc))
 
     told: Callable[[], list[str]] = list
-    device, precision = "cpu", "fp32"  # JobResult's defaults, until the recipe resolves here
+    device, precision, cap = "cpu", "fp32", ""  # JobResult's defaults, until the recipe resolves
     try:
         recipe = worker_recipe(Recipe.from_yaml(recipe_yaml, source=key))
         resolved = resolve_device(recipe.device)
         device, precision = resolved.type, trained_precision(recipe, resolved)
+        cap = kernel_cap(resolved)
         data, teacher, heads = unshare(shared)
         with kept_warnings() as told:
             result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
@@ -284,11 +288,17 @@ def train_job(
             warnings=tuple(told()),
             device=device,
             precision=precision,
+            onednn_cap=cap,
         )
     except Exception as err:  # recorded as a failed run with its reason
         failed = JobResult.failed(
             key, f"{type(err).__name__}: {err}", curve, time.perf_counter() - started
         )
         return replace(
-            failed, threads=used, warnings=tuple(told()), device=device, precision=precision
+            failed,
+            threads=used,
+            warnings=tuple(told()),
+            device=device,
+            precision=precision,
+            onednn_cap=cap,
         )
