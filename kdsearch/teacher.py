@@ -574,8 +574,12 @@ def _load_weights(path: Path, where: str) -> Any:
                 "and never runs a file's code: save the model's state_dict, "
                 "torch.save(model.state_dict(), PATH)"
             ) from None
+        if not re.search(r"[A-Za-z]{2}", reader):  # pickle's reader met a byte it has no op for
+            reader = (
+                f"not written by torch.save: its reader stopped at {type(err).__name__} {reader}"
+            )
         raise TeacherError(
-            f"{where}{path}: not a loadable weights file ({reader or type(err).__name__})"
+            f"{where}{path}: not a loadable weights file ({reader.strip()})"
         ) from None
 
 

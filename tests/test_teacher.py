@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -202,14 +203,16 @@ def test_checkpoint_holding_code_objects_is_refused(synthetic: ImageData, tmp_pa
     assert "weights_only" not in str(refused.value)
 
 
-@pytest.mark.parametrize("text", ["study: {name: s}\n", "", "\x00" * 100])
+@pytest.mark.parametrize("text", ["study: {name: s}\n", "", "\x00" * 100, "hi\n"])
 def test_a_checkpoint_that_is_not_torch_weights_is_refused(
     synthetic: ImageData, tmp_path: Path, text: str
 ) -> None:
     (tmp_path / "notes.pt").write_text(text)
     refused = r"teacher\.checkpoint: .*notes\.pt: not a loadable weights file \([^;]*\)$"
-    with pytest.raises(TeacherError, match=refused):
+    with pytest.raises(TeacherError, match=refused) as told:
         get_teacher(tiny_recipe({"teacher.checkpoint": str(tmp_path / "notes.pt")}), synthetic)
+    # in words: "hi" stopped pickle's reader at a KeyError whose text is the byte, "(105)"
+    assert re.search(r"\(.*[A-Za-z]{2}.*\)$", str(told.value)), str(told.value)
 
 
 @pytest.mark.parametrize(
