@@ -885,3 +885,10 @@ def test_check_runs_the_checks_of_a_search_and_writes_nothing(
     (tmp_path / "s.yaml").write_text(SMALL_SPACE.replace("cpu: 1", "cpu: 4096"))
     ran = cli_here("run", "s.yaml", "--check", cwd=tmp_path)
     assert ran.returncode == 2 and "search.per_trial.cpu is 4096" in ran.stderr
+    # a storage the search would refuse is refused by the check (it said "checked", exit 0)
+    (tmp_path / "s.yaml").write_text(SMALL_SPACE)
+    ran = cli_here("run", "s.yaml", "--check", "--storage", "nowhere/x.db", cwd=tmp_path)
+    assert ran.returncode == 2 and "no folder" in ran.stderr and "nowhere" in ran.stderr
+    ran = cli_here("run", "s.yaml", "--check", "--storage", "sqlite://", cwd=tmp_path)
+    assert ran.returncode == 2 and "in memory is lost" in ran.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

@@ -67,6 +67,23 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{place}"
 
 
+def check_sqlite_file(url: str) -> None:
+    """Refuse, in one line, an SQLite URL no study can be kept in: a database in memory, a file
+    in a folder that does not exist, a folder, a file that cannot be made."""
+    file = sqlite_file(url)
+    if file is None:
+        raise StudyError(
+            f"{url}: an SQLite database in memory is lost when the command ends; name a "
+            "file, e.g. sqlite:///studies/NAME.db"
+        )
+    if not file.parent.is_dir():
+        raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
+    if file.is_dir():
+        raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
+    if not file.exists():  # where it cannot be made, SQLite says "unable to open database file"
+        writable_file(file, "the study storage")
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file an SQLite URL names (None for another database, or SQLite in memory)."""
     parsed = parse_url(url)
@@ -107,18 +124,7 @@ def open_storage(url: str) -> BaseStorage:
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_S}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
-        file = sqlite_file(url)
-        if file is None:
-            raise StudyError(
-                f"{url}: an SQLite database in memory is lost when the command ends; name a "
-                "file, e.g. sqlite:///studies/NAME.db"
-            )
-        if not file.parent.is_dir():
-            raise StudyError(f"cannot open the study storage {url}: no folder {file.parent}")
-        if file.is_dir():
-            raise StudyError(f"cannot open the study storage {url}: {file} is a folder")
-        if not file.exists():  # where it cannot be made, SQLite says "unable to open database file"
-            writable_file(file, "the study storage")
+        check_sqlite_file(url)
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     parsed = parse_url(url)  # one SQLAlchemy cannot read fails below
