@@ -52,6 +52,8 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
 
     assert kernel_notes(export, {}, recipe, "fp32", cpu) == []  # an export that kept none
     assert kernel_notes(export, {"precision": "fp32"}, recipe, "fp32", cpu) == []
+    for edited in ("fp64", ["bf16"]):  # a meta.json edited by hand: no `--set` no recipe takes
+        assert kernel_notes(export, {"precision": edited}, recipe, "fp32", cpu) == []
     assert note({"precision": "bf16"}, "fp32", cpu) == (
         "note: the exported student in w trained in bf16 and this run trains in fp32 "
         "(`precision: auto` on this machine), so its weights will differ; "
@@ -109,6 +111,24 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     assert kernel_notes(export, capped_there, pinned, "fp32", cpu) == []
     on_gpu = capped_there | {"device": "cuda"}
     assert kernel_notes(export, on_gpu, pinned, "fp32", cpu) == []
+
+
+def test_train_of_an_export_whose_meta_json_is_damaged_says_it_compares_nothing(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """A damaged meta.json turned every note of `train` off (the data, the precision, the
+    teacher), and said nothing."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "recipe.yaml").write_text(tiny_recipe({"schedule.epochs": 1}).to_yaml())
+    for text, why in (("{bad", "cannot be read (not JSON)"), ("[1]", "is not an export's")):
+        (tmp_path / "w" / "meta.json").write_text(text)
+        ran = cli_here("train", "w/recipe.yaml", "--out", f"o{len(text)}", cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        said = " ".join(ran.stderr.split())
+        assert f"note: w/meta.json {why}" in said and "this run is not compared with it" in said
+    (tmp_path / "w" / "meta.json").unlink()  # no meta.json: a recipe that is not an export
+    ran = cli_here("train", "w/recipe.yaml", "--out", "o", cwd=tmp_path)
+    assert ran.returncode == 0 and "meta.json" not in ran.stderr, ran.stderr
 
 
 def test_train_writes_recipe_metrics_and_a_bare_student(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def kernel_notes(
     (its `meta`) did: another precision (`precision: auto` resolves by machine: bf16 where the
     CPU or GPU multiplies bf16), or on the CPU another cap on oneDNN's instruction set, which
     changes its kernels in any precision. Nothing where they agree or the export kept neither."""
-    from kdsearch.train import ISAS_WITHOUT_BF16, kernel_cap
+    from kdsearch.train import DTYPES, ISAS_WITHOUT_BF16, kernel_cap
 
     cap = kernel_cap(device)
     on_cpus = meta.get("device") == "cpu" and device.type == "cpu"
@@ -146,7 +146,7 @@ def kernel_notes(
     caps_differ = there_cap is not None and there_cap != cap
     notes = []
     there = meta.get("precision")
-    if there not in (None, precision):
+    if isinstance(there, str) and there in DTYPES and there != precision:  # (else hand-edited)
         why = f"`precision: {recipe.precision}`" + (
             " on this machine" if recipe.precision == "auto" else ""
         )
@@ -185,11 +185,21 @@ def export_meta(recipe_file: Path) -> dict[str, Any]:
     """The meta.json of the export holding `recipe_file`; empty for a recipe that is not in an
     export. Here, not in kdsearch.export, which writes it: `train` should not import Ray to
     read it."""
+    file = recipe_file.parent / "meta.json"
     try:
-        found = json.loads((recipe_file.parent / "meta.json").read_text())
-    except (OSError, ValueError):  # no meta.json, not JSON
+        found = json.loads(file.read_text())
+    except FileNotFoundError:  # not an export
         return {}
-    return found if isinstance(found, dict) else {}
+    except (OSError, ValueError) as err:  # unreadable, not JSON: said, not passed over
+        why = err.strerror if isinstance(err, OSError) and err.strerror else "not JSON"
+        console.print(f"note: {file} cannot be read ({why}); this run is not compared with it")
+        return {}
+    if not isinstance(found, dict):
+        console.print(
+            f"note: {file} is not an export's meta.json; this run is not compared with it"
+        )
+        return {}
+    return found
 
 
 def replaced_teacher(recipe_file: Path, meta: dict[str, Any], path: Path) -> tuple[str, str] | None:
