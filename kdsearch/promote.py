@@ -313,6 +313,7 @@ def promote(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import TeacherFiles
+    from kdsearch.train import arithmetic
 
     study = load_study(storage, name)
     if here is None:
@@ -398,6 +399,13 @@ def promote(
         # gave it
         trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
         ended: list[str] = []
+        # how each recipe's finished seeds did their arithmetic (precision, oneDNN cap): a mean
+        # over seeds that mixes them is said (another kind of machine since, a mixed cluster)
+        arithmetics: dict[str, set[str]] = {}
+        for t in recorded:
+            if t.state == TrialState.COMPLETE and "precision" in t.user_attrs:
+                how = arithmetic(t.user_attrs["precision"], t.user_attrs.get("onednn_cap"))
+                arithmetics.setdefault(str(t.user_attrs["label"]), set()).add(how)
 
         def record(result: JobResult) -> None:
             nonlocal promoted
@@ -412,6 +420,17 @@ def promote(
                 files.get(needs_teacher_heads(run.recipe)) if needs_teacher(run.recipe) else None
             )
             _record(promoted, run, result, weights_dir, learned, trained_on)
+            if result.failure is None:
+                how = arithmetic(result.precision, result.onednn_cap)
+                before = arithmetics.setdefault(run.label, set())
+                if before and how not in before:
+                    warnings.warn(
+                        f"{run.label}, seed {run.seed}, trained {how}, and seeds of it before "
+                        f"{' or '.join(sorted(before))}: its mean over seeds mixes them",
+                        KdsearchWarning,
+                        stacklevel=2,
+                    )
+                before.add(how)
             if on_run is not None:
                 on_run(run, result)
 

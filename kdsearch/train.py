@@ -173,6 +173,12 @@ def kernel_cap(device: torch.device) -> str:
     return onednn_isa_cap() if device.type == "cpu" else ""
 
 
+def arithmetic(precision: str | None, cap: str | None) -> str:
+    """How a run did its arithmetic, as notes name it: "in bf16", "in fp32 under
+    ONEDNN_MAX_CPU_ISA=AVX2" (`cap`, "" or None: none set, or none recorded)."""
+    return f"in {precision}" + (f" under ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+
+
 def cpu_has_amx() -> bool:
     """Whether this process can use AMX tiles (Intel Sapphire Rapids and later), which oneDNN
     uses for bf16 matrix products: the CPU has them and the kernel lets the process use them."""

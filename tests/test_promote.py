@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -446,6 +447,39 @@ def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_again
         f"{weights_digest(searched_with)}, but the runs recorded before learned from one that "
         f"hashed {'0' * 16}: it was trained again or replaced since; its recipes were chosen "
         "against that teacher, and the promotion trains against this one"
+    ]
+
+
+def test_a_promotion_says_when_a_recipes_seeds_trained_in_other_precisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeds added on another kind of machine, or under another oneDNN cap, were averaged with
+    the seeds before them without a word."""
+    storage, study, promoted_study = searched(tmp_path)
+    teacher_file = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, teacher_file)
+    files = TeacherFiles(teacher_file, weights_digest(teacher_file))
+    kd = next(r for r in plan(study, top_k=1, seeds=1, epochs=2) if r.source_trial == PLAIN_KD)
+    here = load_data(base_recipe(study).data)
+    seed0 = replace(result_of(kd, 0.5), precision="bf16", onednn_cap="")
+    trained_on = {"data_fingerprint": here.fingerprint, "inputs": here.inputs()}
+    _record(promoted_study, kd, seed0, tmp_path, files, trained_on)
+    model = build_model("resnet8", 10, 1)
+
+    def prepare(recipe: Recipe, data: ImageData, heads: bool) -> Teacher:
+        return Teacher(model, "cache", teacher_file, 0.5)
+
+    def in_fp32(jobs: Mapping[str, Recipe], *_: object, on_done: Any, **__: object) -> None:
+        for key in jobs:  # every run trains in fp32 under a cap, here
+            done = JobResult(key, {2: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {}, precision="fp32")
+            on_done(replace(done, onednn_cap="AVX2"))
+
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", in_fp32)
+    with pytest.warns(KdsearchWarning) as told:
+        promote(storage, "s", top_k=1, seeds=2, epochs=2, weights_dir=tmp_path, prepare=prepare)
+    assert [str(w.message) for w in told] == [
+        "plain KD, seed 1, trained in fp32 under ONEDNN_MAX_CPU_ISA=AVX2, and seeds of it before "
+        "in bf16: its mean over seeds mixes them"
     ]
 
 

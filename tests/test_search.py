@@ -875,6 +875,45 @@ def test_the_driver_says_each_trials_warning_once_and_records_it(tmp_path: Path)
     assert [t.user_attrs["warnings"] for t in trials] == [[said], [said]]
 
 
+def test_a_trial_that_trains_in_another_precision_than_the_studys_earlier_ones_is_said(
+    tmp_path: Path,
+) -> None:
+    """A resume on another kind of machine (or under another oneDNN cap), or a cluster of mixed
+    nodes: trials in bf16 and fp32 were ranked together without a word."""
+    from kdsearch.errors import KdsearchWarning
+    from kdsearch.search import tuner
+    from kdsearch.study.contents import METRIC
+    from kdsearch.study.record import Record
+    from kdsearch.study.storage import open_storage
+
+    space = SearchSpace.from_yaml(SPACE, source="s.yaml")
+    record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=4, resume=False)
+    asha = tuner.RecordingASHA(MAX_EPOCHS, 1, 2)
+
+    def trial(searcher: tuner.KdSearcher, ray_id: str, precision: str, cap: str) -> None:
+        searcher.suggest(ray_id)
+        for epoch in range(1, MAX_EPOCHS + 1):
+            result = {"epoch": epoch, METRIC: 0.5, "precision": precision, "onednn_cap": cap}
+            searcher.on_trial_result(ray_id, result)
+        searcher.on_trial_complete(ray_id, result)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # alike: nothing said
+        first = tuner.KdSearcher(record, asha, 1.0, None)
+        trial(first, "a", "bf16", "")
+        trial(first, "b", "bf16", "")
+    resumed = tuner.KdSearcher(record, asha, 1.0, None)  # reads the study's trials
+    with pytest.warns(KdsearchWarning) as shown:
+        trial(resumed, "c", "fp32", "AVX2")
+        trial(resumed, "d", "fp32", "AVX2")  # said once
+    assert [str(w.message) for w in shown] == [
+        "trial 2 trains in fp32 under ONEDNN_MAX_CPU_ISA=AVX2, and trials of the study before it "
+        "trained in bf16: the study ranks them together"
+    ]
+    recorded = [t.user_attrs["onednn_cap"] for t in record.study.get_trials()]
+    assert recorded == ["", "", "AVX2", "AVX2"]
+
+
 def test_failed_trials_stay_out_of_ashas_rungs() -> None:
     """Their NaN went into the rung, where numpy warned "All-NaN slice encountered" onto the
     user's terminal once a rung held failed trials alone."""

@@ -248,12 +248,6 @@ def numbered(word: str, items: Sequence[int], mark: str = "") -> str:
     return f"{word}{'s' * (len(items) > 1)} " + ", ".join(f"{mark}{i}" for i in items)
 
 
-def arithmetic(precision: str | None, cap: str | None) -> str:
-    """How a run did its arithmetic, as notes name it: "in bf16", "in fp32 under
-    ONEDNN_MAX_CPU_ISA=AVX2" (`cap`, "" or None: none set, or none recorded)."""
-    return f"in {precision}" + (f" under ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
-
-
 def device_type(name: str) -> str | None:
     """The type of device a recipe's `device` is here; None where it names one not here."""
     from kdsearch.train import resolve_device

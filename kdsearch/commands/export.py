@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
-    arithmetic,
     device_type,
     note_search_running,
     numbered,
@@ -65,7 +64,13 @@ def run_export(
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
     from kdsearch.study.contents import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
-    from kdsearch.train import evaluate_split, kernel_cap, resolve_device, trained_precision
+    from kdsearch.train import (
+        arithmetic,
+        evaluate_split,
+        kernel_cap,
+        resolve_device,
+        trained_precision,
+    )
 
     check_out(out, name, url, option)
     hidden = password_hidden(url)  # after each command the notes print with --storage

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch import __version__
-from kdsearch.commands.common import arithmetic, load_recipe, prepare_teacher, student_trained
+from kdsearch.commands.common import load_recipe, prepare_teacher, student_trained
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
@@ -138,7 +138,7 @@ def kernel_notes(
     (its `meta`) did: another precision (`precision: auto` resolves by machine: bf16 where the
     CPU or GPU multiplies bf16), or on the CPU another cap on oneDNN's instruction set, which
     changes its kernels in any precision. Nothing where they agree or the export kept neither."""
-    from kdsearch.train import DTYPES, ISAS_WITHOUT_BF16, kernel_cap
+    from kdsearch.train import DTYPES, ISAS_WITHOUT_BF16, arithmetic, kernel_cap
 
     cap = kernel_cap(device)
     on_cpus = meta.get("device") == "cpu" and device.type == "cpu"

@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from kdsearch.data import ImageData
-from kdsearch.errors import StudyError
+from kdsearch.errors import KdsearchWarning, StudyError
 from kdsearch.leftover import remove, remove_once_released
 from kdsearch.losses import LOSSES
 from kdsearch.paths import flocked
@@ -37,6 +38,7 @@ from kdsearch.study.contents import METRIC
 from kdsearch.study.drivers import process_alive
 from kdsearch.study.record import Plan, Record, Tally
 from kdsearch.teacher import Teacher
+from kdsearch.train import arithmetic
 
 Status = Callable[[Tally], None]
 SCRATCH = "kdsearch-search"
@@ -127,6 +129,13 @@ class KdSearcher(Searcher):
         self.interrupted: list[int] = []
         self.failure: StudyError | None = None  # the study could not be written
         self.warned: set[str] = set()  # the trials' warnings told so far
+        # how the study's trials did their arithmetic (precision, oneDNN cap), to say where a
+        # trial does it otherwise: a resume on another kind of machine, a mixed cluster
+        self.arithmetics = {
+            arithmetic(t.user_attrs["precision"], t.user_attrs.get("onednn_cap"))
+            for t in record.study.trials
+            if "precision" in t.user_attrs
+        }
         self.watch: RayWatch | None = None  # the search's Ray, while Tune runs the trials
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
@@ -210,6 +219,16 @@ class KdSearcher(Searcher):
             self.curves[trial_id][int(result["epoch"])] = float(value)
             self.latest[trial_id] = result
         tell_once(self.warned, f"trial {number}", result.get("warnings", ()))
+        if "precision" in result:
+            how = arithmetic(result["precision"], result.get("onednn_cap"))
+            if self.arithmetics and how not in self.arithmetics:
+                warnings.warn(
+                    f"trial {number} trains {how}, and trials of the study before it trained "
+                    f"{' or '.join(sorted(self.arithmetics))}: the study ranks them together",
+                    KdsearchWarning,
+                    stacklevel=2,
+                )
+            self.arithmetics.add(how)
 
 
 class Progress(tune.Callback):
