@@ -331,7 +331,7 @@ class Recipe(Section):
         inside = Path(path) / "recipe.yaml"
         if os.access(path, os.X_OK) and inside.is_file():
             raise RecipeError(f"{path} is a folder; the recipe in it is {inside}")
-        return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(Path(path).parent)
+        return cls.from_yaml(read_text(path), source=str(path)).resolve_paths(followed(path).parent)
 
     def resolve_paths(self, folder: Path) -> Recipe:
         """The same recipe with each relative input path (the data folder, the checkpoints)
@@ -659,6 +659,14 @@ def load_yaml(text: str, *, source: str) -> Any:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError(f"{source}:{where}: not valid YAML: {problem}") from None
+
+
+def followed(path: str | Path) -> Path:
+    """`path`, or where it is a link, the file it leads to: a file's relative paths are
+    relative to the folder it is in (an export's recipe, linked from elsewhere, still names the
+    teacher beside it)."""
+    file = Path(path)
+    return file.resolve() if file.is_symlink() else file
 
 
 def read_text(path: str | Path) -> str:

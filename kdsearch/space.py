@@ -30,6 +30,7 @@ from kdsearch.recipe import (
     Seed,
     describe,
     empty_section,
+    followed,
     leaf_changes,
     load_yaml,
     not_a_mapping,
@@ -350,7 +351,7 @@ class SearchSpace:
         --set) change the base recipe before the space is checked against it."""
         text = read_text(path)
         return cls.from_yaml(
-            text, source=str(path), folder=Path(path).parent, base_changes=base_changes
+            text, source=str(path), folder=followed(path).parent, base_changes=base_changes
         )
 
     @classmethod

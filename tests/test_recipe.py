@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdsearch.errors import RecipeError
-from kdsearch.recipe import DATASET_NAMES, MODEL_NAMES, Recipe, flatten
+from kdsearch.recipe import DATASET_NAMES, MODEL_NAMES, Recipe, flatten, followed
 
 from .conftest import REPO, tiny_recipe
 
@@ -284,6 +284,14 @@ def test_input_paths_in_a_file_are_relative_to_its_folder(
     monkeypatch.chdir(tmp_path)  # a file named relative to the working folder: still absolute
     (folder / "recipe.yaml").write_text(text)
     assert Recipe.load("export/recipe.yaml").teacher.checkpoint == str(folder / "teacher.pt")
+    # a link to the file: relative to the folder of the file it leads to (an export's recipe
+    # linked from elsewhere could not find the teacher beside it)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.yaml").symlink_to(folder / "recipe.yaml")
+    linked = Recipe.load(tmp_path / "elsewhere" / "link.yaml")
+    assert linked.teacher.checkpoint == str(folder / "teacher.pt")
+    assert followed(tmp_path / "elsewhere" / "link.yaml") == (folder / "recipe.yaml").resolve()
+    assert followed("export/recipe.yaml") == Path("export/recipe.yaml"), "no link: as given"
 
 
 def test_recipe_module_does_not_import_torch() -> None:

@@ -13,6 +13,7 @@ from kdsearch.commands.common import load_recipe, prepare_teacher, student_train
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
+from kdsearch.recipe import followed
 
 if TYPE_CHECKING:
     import torch
@@ -57,14 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
     )
-    exported = export_meta(Path(args.recipe))
+    recipe_file = followed(args.recipe)  # an export's recipe.yaml, linked from elsewhere too
+    exported = export_meta(recipe_file)
     if (searched := exported.get("data_fingerprint")) not in (None, data.fingerprint):
         console.print(
             f"note: these are not the images or splits the exported student in "
-            f"{Path(args.recipe).parent} trained on (data fingerprint {data.fingerprint[:12]}, "
+            f"{recipe_file.parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
         )
-    for note in kernel_notes(Path(args.recipe), exported, recipe, precision, device):
+    for note in kernel_notes(recipe_file, exported, recipe, precision, device):
         console.print(note)
     teacher = None
     if needs_teacher(recipe):
@@ -74,10 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"val acc {100 * teacher.val_acc:.2f}%"
             + (f"; its heads: {teacher.heads_path}" if teacher.heads_path else "")
         )
-        if (replaced := replaced_teacher(Path(args.recipe), exported, teacher.path)) is not None:
+        if (replaced := replaced_teacher(recipe_file, exported, teacher.path)) is not None:
             console.print(
                 f"note: {teacher.path} is not the teacher the exported student in "
-                f"{Path(args.recipe).parent} learned from (weights hash {replaced[0]}, there "
+                f"{recipe_file.parent} learned from (weights hash {replaced[0]}, there "
                 f"{replaced[1]}); its meta.json's accuracies do not carry over"
             )
     result = student_trained("student", recipe, data, teacher)
