@@ -399,13 +399,14 @@ def promote(
         # gave it
         trained_on = {"data_fingerprint": data.fingerprint, "inputs": data.inputs()}
         ended: list[str] = []
-        # how each recipe's finished seeds did their arithmetic (precision, oneDNN cap): a mean
-        # over seeds that mixes them is said (another kind of machine since, a mixed cluster)
-        arithmetics: dict[str, set[str]] = {}
+        # how each recipe's finished seeds at a budget did their arithmetic (precision, oneDNN
+        # cap): a mean over seeds that mixes them is said (another kind of machine since, a
+        # mixed cluster)
+        arithmetics: dict[tuple[str, int], set[str]] = {}
         for t in recorded:
             if t.state == TrialState.COMPLETE and "precision" in t.user_attrs:
                 how = arithmetic(t.user_attrs["precision"], t.user_attrs.get("onednn_cap"))
-                arithmetics.setdefault(str(t.user_attrs["label"]), set()).add(how)
+                arithmetics.setdefault((str(t.user_attrs["label"]), run_budget(t)), set()).add(how)
 
         def record(result: JobResult) -> None:
             nonlocal promoted
@@ -422,7 +423,7 @@ def promote(
             _record(promoted, run, result, weights_dir, learned, trained_on)
             if result.failure is None:
                 how = arithmetic(result.precision, result.onednn_cap)
-                before = arithmetics.setdefault(run.label, set())
+                before = arithmetics.setdefault((run.label, run.recipe.schedule.epochs), set())
                 if before and how not in before:
                     warnings.warn(
                         f"{run.label}, seed {run.seed}, trained {how}, and seeds of it before "

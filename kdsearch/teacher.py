@@ -575,9 +575,8 @@ def _load_weights(path: Path, where: str) -> Any:
                 "torch.save(model.state_dict(), PATH)"
             ) from None
         if not re.search(r"[A-Za-z]{2}", reader):  # pickle's reader met a byte it has no op for
-            reader = (
-                f"not written by torch.save: its reader stopped at {type(err).__name__} {reader}"
-            )
+            stop = f"{type(err).__name__} {reader}"
+            reader = f"not a torch.save file, or a damaged one: its reader stopped at {stop}"
         raise TeacherError(
             f"{where}{path}: not a loadable weights file ({reader.strip()})"
         ) from None

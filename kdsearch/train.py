@@ -41,6 +41,19 @@ DTYPES: dict[str, torch.dtype | None] = {
 ISAS_WITHOUT_BF16 = frozenset(
     {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 )
+# and the settings that cap it higher (oneDNN 3's names); ALL, DEFAULT and names it does not know
+# cap nothing
+ISA_CAPS = ISAS_WITHOUT_BF16 | {
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+}
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -111,8 +124,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32.
+def autocast_dtype(
+    precision: str, device: torch.device, cap: str | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, under the cap `cap` on oneDNN's
+    instruction set (this process's where None); None means plain fp32.
 
     `auto` is bf16 where the hardware multiplies in bf16 natively: GPUs of compute capability 8
     and later (Ampere on; no loss scaling needed) and CPUs with AVX-512 BF16 or AMX, where
@@ -125,16 +141,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda":
             major = torch.cuda.get_device_capability(device)[0]
             return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_multiplies_bf16() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_multiplies_bf16(cap) else None
     if precision == "fp16" and device.type != "cuda":
         raise RecipeError("precision: fp16 needs CUDA; use bf16 or fp32 on the CPU")
     return DTYPES[precision]
 
 
-def trained_precision(recipe: Recipe, device: torch.device) -> str:
-    """The precision a run of `recipe` trains in on `device` (what `auto` becomes there), as a
-    recipe writes it: a study and an export record it beside the device."""
-    dtype = autocast_dtype(recipe.precision, device)
+def trained_precision(recipe: Recipe, device: torch.device, cap: str | None = None) -> str:
+    """The precision a run of `recipe` trains in on `device` (what `auto` becomes there, under
+    the cap `cap` on oneDNN, this process's where None), as a recipe writes it: a study and an
+    export record it beside the device."""
+    dtype = autocast_dtype(recipe.precision, device, cap)
     return next(name for name, d in DTYPES.items() if d is dtype)
 
 
@@ -146,12 +163,13 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def cpu_multiplies_bf16() -> bool:
+def cpu_multiplies_bf16(cap: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware, as oneDNN's bf16 kernels need to beat fp32:
     AVX-512 BF16's dot products (Intel from Cooper Lake, AMD from Zen 4) or AMX tiles. Elsewhere
     PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC (README), and so
-    does oneDNN where the user caps its instruction set below AVX-512 BF16."""
-    if onednn_isa_cap() in ISAS_WITHOUT_BF16:
+    does oneDNN under a cap on its instruction set below AVX-512 BF16: `cap`, or where None,
+    this process's."""
+    if (onednn_isa_cap() if cap is None else cap) in ISAS_WITHOUT_BF16:
         return False
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(avx512_bf16 is not None and avx512_bf16()) or cpu_has_amx()
@@ -159,10 +177,11 @@ def cpu_multiplies_bf16() -> bool:
 
 def onednn_isa_cap() -> str:
     """The instruction set the user caps oneDNN at, upper-cased, as oneDNN reads it:
-    `ONEDNN_MAX_CPU_ISA`, else the older `DNNL_MAX_CPU_ISA`, an empty one skipped; "" if none."""
+    `ONEDNN_MAX_CPU_ISA`, else the older `DNNL_MAX_CPU_ISA`, an empty one skipped; "" where
+    none is set or the setting caps nothing (ALL, DEFAULT, a name oneDNN does not know)."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         if value := os.environ.get(name, ""):
-            return value.upper()
+            return value.upper() if value.upper() in ISA_CAPS else ""
     return ""
 
 
@@ -176,7 +195,18 @@ def kernel_cap(device: torch.device) -> str:
 def arithmetic(precision: str | None, cap: str | None) -> str:
     """How a run did its arithmetic, as notes name it: "in bf16", "in fp32 under
     ONEDNN_MAX_CPU_ISA=AVX2" (`cap`, "" or None: none set, or none recorded)."""
-    return f"in {precision}" + (f" under ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+    said = f"in {precision}" if precision else "in a precision not recorded"
+    return said + (f" under ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+
+
+def recorded_cap(value: object) -> str | None:
+    """A cap on oneDNN as a study or meta.json records it, as `onednn_isa_cap` would give it;
+    None where it is not recorded, or not a cap (a hand-edited file)."""
+    if not isinstance(value, str):
+        return None
+    if value.upper() in ("", "ALL", "DEFAULT"):
+        return ""
+    return value.upper() if value.upper() in ISA_CAPS else None
 
 
 def cpu_has_amx() -> bool:

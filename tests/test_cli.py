@@ -19,7 +19,7 @@ import torch
 import kdsearch
 from kdsearch import cli
 from kdsearch.commands.common import parse_sets, password_hidden, storage_option, storage_url
-from kdsearch.commands.export import train_command
+from kdsearch.commands.export import LIKE_HERE, cap_set, reproduced_on, train_command
 from kdsearch.commands.studies import recorded_resume
 from kdsearch.commands.train import kernel_notes
 from kdsearch.data import load_data
@@ -43,6 +43,9 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
 ) -> None:
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
+    native = True  # a CPU that multiplies bf16 (AVX-512 BF16), whatever this one is
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     recipe, export = tiny_recipe(), Path("w/recipe.yaml")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
@@ -67,6 +70,13 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     # a recipe that pins its precision is not "on this machine"
     pinned = tiny_recipe({"precision": "fp32"})
     assert "(`precision: fp32`), so" in note({"precision": "bf16"}, "fp32", cpu, pinned)
+    # a CPU without bf16 instructions, no cap: bf16 is emulated there too
+    native = False
+    assert note({"precision": "bf16"}, "fp32", cpu).endswith(
+        "so its weights will differ; `--set precision=bf16` trains in bf16, but this CPU "
+        "emulates it: slowly, and rounding otherwise than bf16 hardware does"
+    )
+    native = True
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     # a oneDNN cap here, the export's not recorded (before kdsearch kept it): named where it
     # made `auto` fp32, and bf16 under it is emulated
@@ -98,6 +108,27 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
         "(ONEDNN_MAX_CPU_ISA), so its weights will differ; with ONEDNN_MAX_CPU_ISA and "
         "DNNL_MAX_CPU_ISA unset, it trains as it did",
     ]
+    # where the cap unset would still not give the export's precision, the note says both: an
+    # fp32 export from a CPU without bf16, trained here under the cap; a run that pins fp32
+    fp32_there = {"device": "cpu", "precision": "fp32", "onednn_cap": ""}
+    (cap_note,) = kernel_notes(export, fp32_there, recipe, "fp32", cpu)
+    assert cap_note.endswith(
+        "with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset and `--set precision=fp32`, it "
+        "trains as it did"
+    )
+    assert kernel_notes(export, made, pinned, "fp32", cpu)[1].endswith(
+        "with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset and `--set precision=bf16`, it "
+        "trains as it did"
+    )
+    # ALL and DEFAULT cap nothing, recorded or set; a cap name no oneDNN knows is not compared
+    assert kernel_notes(export, made | {"onednn_cap": "DEFAULT"}, recipe, "fp32", cpu) == (
+        uncapped_there
+    )
+    assert kernel_notes(export, made | {"onednn_cap": "avx2"}, recipe, "bf16", cpu) == []  # AVX2
+    assert kernel_notes(export, made | {"onednn_cap": "FOO"}, recipe, "bf16", cpu) == []
+    assert kernel_notes(export, made | {"onednn_cap": False}, recipe, "bf16", cpu) == []
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "all")
+    assert kernel_notes(export, made, recipe, "bf16", cpu) == []
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     capped_there = {"device": "cpu", "precision": "fp32", "onednn_cap": "AVX2"}
     assert kernel_notes(export, capped_there, pinned, "fp32", cpu) == [
@@ -113,6 +144,37 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     assert kernel_notes(export, on_gpu, pinned, "fp32", cpu) == []
 
 
+def test_an_exports_command_says_where_it_gives_the_weights_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the cap on oneDNN the command sets (the one the run trained under), or none where
+    the run had none: `auto` may resolve otherwise there than in this process."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 natively
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    recipe, unset = tiny_recipe(), ", with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+
+    def other(there: str, here: str) -> str:
+        return f"a machine where its `precision: auto` is {there}, as where it trained (here it is {here})"
+
+    assert reproduced_on(recipe, False, "cpu", "bf16", "") == LIKE_HERE
+    assert reproduced_on(recipe, False, "cpu", "fp32", "") == other("fp32", "bf16")
+    assert reproduced_on(recipe, False, "cpu", "fp32", "AVX2") == LIKE_HERE  # fp32 under AVX2
+    assert reproduced_on(recipe, False, "cpu", "bf16", "AVX2") == other("bf16", "fp32")
+    assert reproduced_on(recipe, False, "cpu", "bf16", None) == LIKE_HERE  # kept no cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert reproduced_on(recipe, False, "cpu", "bf16", "") == LIKE_HERE + unset
+    assert reproduced_on(recipe, False, "cpu", "fp32", "") == other("fp32", "bf16") + unset
+    assert reproduced_on(recipe, False, "cpu", "fp32", "AVX2") == LIKE_HERE
+    assert reproduced_on(recipe, False, "cpu", "bf16", None) == other("bf16", "fp32")  # this cap
+    assert [cap_set(*run) for run in (("cpu", "avx2"), ("cuda", "AVX2"), ("cpu", "FOO"))] == [
+        "AVX2",
+        "",
+        "",
+    ]
+
+
 def test_train_of_an_export_whose_meta_json_is_damaged_says_it_compares_nothing(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
@@ -126,6 +188,12 @@ def test_train_of_an_export_whose_meta_json_is_damaged_says_it_compares_nothing(
         assert ran.returncode == 0, ran.stderr
         said = " ".join(ran.stderr.split())
         assert f"note: w/meta.json {why}" in said and "this run is not compared with it" in said
+    # the recipe given as a link: the meta.json beside the file it leads to
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "w" / "recipe.yaml")
+    ran = cli_here("train", "link.yaml", "--out", "ol", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    meta = tmp_path.resolve() / "w" / "meta.json"
+    assert f"note: {meta} is not an export's" in " ".join(ran.stderr.split())
     (tmp_path / "w" / "meta.json").unlink()  # no meta.json: a recipe that is not an export
     ran = cli_here("train", "w/recipe.yaml", "--out", "o", cwd=tmp_path)
     assert ran.returncode == 0 and "meta.json" not in ran.stderr, ran.stderr

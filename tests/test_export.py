@@ -359,11 +359,14 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
         f"`precision: auto` is {there}, as where it trained (here it is {here})"
     ) in " ".join(proc.stderr.split())
     assert json.loads((tmp_path / "w6" / "meta.json").read_text())["precision"] == there
-    # promoted under a cap on oneDNN's instruction set: the command sets it again (and under it
-    # `auto` resolves as it did there)
+    # promoted in fp32 under a cap on oneDNN's instruction set: the command sets it again, and
+    # under it `auto` is fp32 on any CPU
     with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
         db.execute(
             "UPDATE trial_user_attributes SET value_json = '\"AVX2\"' WHERE key = 'onednn_cap'"
+        )
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = '\"fp32\"' WHERE key = 'precision'"
         )
     proc = cli_here("export", "s", "--out", "w7", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -372,16 +375,22 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
         "on a machine like this one"
     ) in " ".join(proc.stderr.split())
     assert json.loads((tmp_path / "w7" / "meta.json").read_text())["onednn_cap"] == "AVX2"
-    # promoted under none, exported under one: the command cannot take it away, the line says to
+    # promoted under none in the precision `auto` is not here, exported under a cap: the command
+    # cannot take the cap away, and the line says both
     with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
         db.execute("UPDATE trial_user_attributes SET value_json = '\"\"' WHERE key = 'onednn_cap'")
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
+            (json.dumps(there),),
+        )
     with pytest.MonkeyPatch.context() as capped_here:
         capped_here.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
         proc = cli_here("export", "s", "--out", "w8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (
-        "`OMP_NUM_THREADS=1 kdsearch train w8/recipe.yaml` reproduces it on a machine like this "
-        "one, with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+        "`OMP_NUM_THREADS=1 kdsearch train w8/recipe.yaml` reproduces it on a machine where its "
+        f"`precision: auto` is {there}, as where it trained (here it is {here}), with "
+        "ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
     ) in " ".join(proc.stderr.split())
 
 

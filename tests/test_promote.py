@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -481,6 +482,18 @@ def test_a_promotion_says_when_a_recipes_seeds_trained_in_other_precisions(
         "plain KD, seed 1, trained in fp32 under ONEDNN_MAX_CPU_ISA=AVX2, and seeds of it before "
         "in bf16: its mean over seeds mixes them"
     ]
+
+    # at another budget, a mean of its own: seeds under yet another cap mix with none of those
+    # at 2 epochs
+    def under_vnni(jobs: Mapping[str, Recipe], *_: object, on_done: Any, **__: object) -> None:
+        for key in jobs:
+            done = JobResult(key, {4: 0.5}, 0.5, 0.5, 1, 0.1, 10.0, {}, precision="fp32")
+            on_done(replace(done, onednn_cap="AVX512_CORE_VNNI"))
+
+    monkeypatch.setattr("kdsearch.search.jobs.run_jobs", under_vnni)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        promote(storage, "s", top_k=1, seeds=2, epochs=4, weights_dir=tmp_path, prepare=prepare)
 
 
 def test_leaderboard_ties_go_to_more_seeds_then_the_steadier_recipe_then_the_lower_trial(

@@ -599,6 +599,11 @@ def test_a_teacher_checkpoint_in_the_base_is_relative_to_its_file(tmp_path: Path
     inline = "{data: {dataset: digits}, teacher: {arch: resnet8, checkpoint: t.pt}, student: {arch: resnet8}}"
     (tmp_path / "s.yaml").write_text(f"study: {{name: t}}\nbase: {inline}\n" + rest)
     assert SearchSpace.load(tmp_path / "s.yaml").base.teacher.checkpoint == str(tmp_path / "t.pt")
+    # a link to the space: relative to the folder of the file it leads to
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "s.yaml").symlink_to(tmp_path / "s.yaml")
+    linked = SearchSpace.load(tmp_path / "elsewhere" / "s.yaml").base.teacher.checkpoint
+    assert linked == str(tmp_path.resolve() / "t.pt")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,10 @@ from kdsearch.train import (
     autocast_dtype,
     cpu_has_amx,
     cpu_multiplies_bf16,
+    kernel_cap,
     lr_at,
+    onednn_isa_cap,
+    recorded_cap,
     resolve_device,
     train,
     trained_precision,
@@ -235,7 +238,7 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_it_multiplies_bf16(
 @pytest.mark.parametrize(
     ("onednn", "dnnl", "expected"),
     [
-        ("AVX2", None, None),  # bf16 trains at 12 img/s, fp32 at 152 (README)
+        ("AVX2", None, None),  # bf16 at 0.11-0.12x fp32's speed there (README)
         ("avx512_core_vnni", None, None),  # oneDNN reads the value in any case
         (None, "AVX512_CORE", None),  # the older name, read where the new one is not set
         ("", "AVX2", None),  # an empty setting is skipped, as oneDNN skips it
@@ -243,6 +246,8 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_it_multiplies_bf16(
         ("AVX512_CORE_BF16", None, torch.bfloat16),
         ("AVX512_CORE_AMX", None, torch.bfloat16),
         ("NOT_AN_ISA", None, torch.bfloat16),  # oneDNN ignores what it does not know
+        ("ALL", None, torch.bfloat16),
+        ("default", "AVX2", torch.bfloat16),  # DEFAULT caps nothing, and the new name wins
         (None, None, torch.bfloat16),
     ],
 )
@@ -262,6 +267,31 @@ def test_auto_precision_on_the_cpu_is_fp32_where_onednn_is_capped_below_bf16(
             monkeypatch.setenv(name, value)
     assert autocast_dtype("auto", torch.device("cpu")) is expected
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # pinned, as asked
+
+
+def test_a_cap_is_recorded_as_onednn_reads_it_and_a_setting_that_caps_nothing_as_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for value, cap in (
+        ("avx2", "AVX2"),
+        ("ALL", ""),
+        ("default", ""),
+        ("NOT_AN_ISA", ""),
+        ("", ""),
+    ):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
+        assert onednn_isa_cap() == cap, value
+        assert (kernel_cap(torch.device("cpu")), kernel_cap(torch.device("cuda"))) == (cap, "")
+    # as a study or meta.json holds it: None where it is not one (a hand-edited file)
+    assert [recorded_cap(v) for v in ("avx2", "", "ALL", "FOO", None, 0)] == [
+        "AVX2",
+        "",
+        "",
+        None,
+        None,
+        None,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.recipe import Recipe, flatten
 
+LIKE_HERE = "a machine like this one"  # where an export's command gives its weights again
+
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
@@ -68,6 +70,7 @@ def run_export(
         arithmetic,
         evaluate_split,
         kernel_cap,
+        recorded_cap,
         resolve_device,
         trained_precision,
     )
@@ -143,8 +146,9 @@ def run_export(
         device = resolve_device(trained.device)  # where these train, and how
         precision, cap = trained_precision(trained, device), kernel_cap(device)
         # `auto` resolved otherwise for the trial, or it trained under another oneDNN cap
-        if winner.precision not in (None, precision) or winner.onednn_cap not in (None, cap):
-            was = arithmetic(winner.precision, winner.onednn_cap)
+        was_cap = recorded_cap(winner.onednn_cap)
+        if winner.precision not in (None, precision) or was_cap not in (None, cap):
+            was = arithmetic(winner.precision, was_cap)
             console.print(
                 f"note: trial #{winner.trial} trained {was} "
                 f"and this run trains {arithmetic(precision, cap)} (`precision: "
@@ -221,37 +225,34 @@ def run_export(
         how = f"`kdsearch train` the base recipe with {BASELINE_TERMS[baseline]}"
         if (run := first_run(promoted_study(storage, name), baseline)) is not None:
             trained_as = Recipe.from_yaml(str(run.user_attrs["recipe"]))
+            attrs = run.user_attrs
+            cpu = attrs.get("device") == "cpu" and device_type(winner.recipe.device) != "cpu"
             command = train_command(
                 out / "recipe.yaml",
                 trained_as,
-                threads=run.user_attrs.get("threads"),
-                cpu=run.user_attrs.get("device") == "cpu"
-                and device_type(winner.recipe.device) != "cpu",
-                cap=run.user_attrs.get("onednn_cap"),
+                threads=attrs.get("threads"),
+                cpu=cpu,
+                cap=cap_set(attrs.get("device"), attrs.get("onednn_cap")),
             )
-            how = f"`{command}` trains its seed {trained_as.seed} run again"
+            where = reproduced_on(
+                trained_as,
+                cpu,
+                attrs.get("device"),
+                attrs.get("precision"),
+                attrs.get("onednn_cap"),
+            )
+            how = f"`{command}` trains its seed {trained_as.seed} run again" + (
+                "" if where == LIKE_HERE else f" on {where}"
+            )
         console.print(f"note: {baseline} {what}; for {baseline}, {how}")
     env = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
-    if winner.onednn_cap:  # trained under a cap on oneDNN: its kernels, its weights
-        env += f"ONEDNN_MAX_CPU_ISA={winner.onednn_cap} "
+    if cap := cap_set(winner.device, winner.onednn_cap):  # its kernels, its weights
+        env += f"ONEDNN_MAX_CPU_ISA={cap} "
     written = ["recipe.yaml", "student.pt"]
     if files is not None:
         written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
     recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
-    where = "a machine like this one"
-    here_cap = kernel_cap(torch.device("cpu"))
-    caps_differ = winner.device == "cpu" and winner.onednn_cap not in (None, here_cap)
-    if caps_differ and not winner.onednn_cap:  # a cap here that the command cannot take away
-        where += ", with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
-    # (where the command sets the cap it trained under, `auto` resolves there as it did)
-    elif not caps_differ and winner.precision not in (
-        None,
-        auto_here := precision_here(winner.recipe, on_cpu),
-    ):
-        where = (
-            f"a machine where its `precision: {winner.recipe.precision}` is {winner.precision}, "
-            f"as where it trained (here it is {auto_here})"
-        )
+    where = reproduced_on(winner.recipe, on_cpu, winner.device, winner.precision, winner.onednn_cap)
     console.print(
         f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
         f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
@@ -259,14 +260,46 @@ def run_export(
     )
 
 
-def precision_here(recipe: Recipe, on_cpu: bool) -> str | None:
-    """The precision `recipe` trains in on this machine (on its CPU where `on_cpu`): what its
-    `auto` becomes here. None where its device is not here (CUDA on a machine without)."""
+def cap_set(device: object, cap: object) -> str:
+    """The cap on oneDNN's instruction set a retraining sets to train as a run on `device` that
+    recorded `cap` did; "" where it trained under none, or not on the CPU."""
+    from kdsearch.train import recorded_cap
+
+    return (recorded_cap(cap) or "") if device == "cpu" else ""
+
+
+def reproduced_on(
+    recipe: Recipe, on_cpu: bool, device: object, precision: object, cap: object
+) -> str:
+    """Where `kdsearch train` of `recipe` (on the CPU where `on_cpu`), under the cap it sets
+    (`cap_set`), gives again the weights that trained on `device` in `precision` under `cap`:
+    `LIKE_HERE`, or what must differ from here (`auto` another precision under that cap, a
+    cap set here that the run had not)."""
+    from kdsearch.train import onednn_isa_cap, recorded_cap
+
+    here = onednn_isa_cap()
+    then = recorded_cap(cap) if device == "cpu" else None  # None: not recorded, or not the CPU
+    auto = precision_here(recipe, on_cpu, here if then is None else then)
+    where = LIKE_HERE
+    if precision is not None and precision != auto:
+        where = (
+            f"a machine where its `precision: {recipe.precision}` is {precision}, as where it "
+            f"trained (here it is {auto})"
+        )
+    if then == "" and here:  # a cap this process runs under, which the command cannot unset
+        where += ", with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
+    return where
+
+
+def precision_here(recipe: Recipe, on_cpu: bool, cap: str) -> str | None:
+    """The precision `recipe` trains in on this machine (on its CPU where `on_cpu`) under the
+    cap `cap` on oneDNN: what its `auto` becomes here. None where its device is not here (CUDA
+    on a machine without)."""
     from kdsearch.errors import RecipeError
     from kdsearch.train import resolve_device, trained_precision
 
     try:
-        return trained_precision(recipe, resolve_device("cpu" if on_cpu else recipe.device))
+        return trained_precision(recipe, resolve_device("cpu" if on_cpu else recipe.device), cap)
     except RecipeError:  # a device this machine lacks, fp16 without CUDA
         return None
 

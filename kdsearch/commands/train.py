@@ -139,29 +139,41 @@ def kernel_notes(
     """What to say where this run will not do the arithmetic the export holding `recipe_file`
     (its `meta`) did: another precision (`precision: auto` resolves by machine: bf16 where the
     CPU or GPU multiplies bf16), or on the CPU another cap on oneDNN's instruction set, which
-    changes its kernels in any precision. Nothing where they agree or the export kept neither."""
-    from kdsearch.train import DTYPES, ISAS_WITHOUT_BF16, arithmetic, kernel_cap
+    changes its kernels in any precision. Nothing where they agree or the export kept neither
+    (a value no recipe or cap takes, from a hand-edited file, counts as not kept)."""
+    from kdsearch.train import (
+        DTYPES,
+        ISAS_WITHOUT_BF16,
+        arithmetic,
+        cpu_multiplies_bf16,
+        kernel_cap,
+        recorded_cap,
+        trained_precision,
+    )
 
     cap = kernel_cap(device)
+    there = meta.get("precision")
+    there = there if isinstance(there, str) and there in DTYPES else None
     on_cpus = meta.get("device") == "cpu" and device.type == "cpu"
-    there_cap = meta.get("onednn_cap") if on_cpus else None  # None: not recorded, or not CPUs
+    there_cap = recorded_cap(meta.get("onednn_cap")) if on_cpus else None
     caps_differ = there_cap is not None and there_cap != cap
     notes = []
-    there = meta.get("precision")
-    if isinstance(there, str) and there in DTYPES and there != precision:  # (else hand-edited)
+    if there is not None and there != precision:
         why = f"`precision: {recipe.precision}`" + (
             " on this machine" if recipe.precision == "auto" else ""
         )
         if cap in ISAS_WITHOUT_BF16 and recipe.precision == "auto":  # what made `auto` fp32 here
             why += f", where oneDNN's instruction set is capped at {cap}, below bf16's"
+        emulated = there == "bf16" and device.type == "cpu" and not cpu_multiplies_bf16()
         if caps_differ or (there == "fp16" and device.type != "cuda"):  # the cap's note says how
             how = ""
-        elif there == "bf16" and cap in ISAS_WITHOUT_BF16 and there_cap != cap:
+        elif emulated and not (there_cap == cap and cap in ISAS_WITHOUT_BF16):
+            by = f"emulated under the cap at {cap}" if cap else "this CPU emulates it"
             how = (
-                f"; `--set precision=bf16` trains in bf16, but emulated under the cap at {cap}: "
-                "slowly, and rounding otherwise than bf16 hardware does"
+                f"; `--set precision=bf16` trains in bf16, but {by}: slowly, and rounding "
+                "otherwise than bf16 hardware does"
             )
-        else:
+        else:  # (an export emulated under the same cap trains as it did)
             how = f"; `--set precision={there}` trains it as it did"
         notes.append(
             f"note: the exported student in {recipe_file.parent} trained in {there} and this run "
@@ -173,12 +185,13 @@ def kernel_notes(
             if there_cap
             else "ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
         )
+        if there is not None and trained_precision(recipe, device, there_cap) != there:
+            how += f" and `--set precision={there}`"  # what the recipe gives under that cap
         notes.append(
             f"note: the exported student in {recipe_file.parent} trained "
-            f"{arithmetic(there, there_cap or None)} and this run trains "
-            f"{arithmetic(precision, cap)}: oneDNN's CPU kernels differ by the cap on its "
-            f"instruction set (ONEDNN_MAX_CPU_ISA), so its weights will differ; with {how}, "
-            "it trains as it did"
+            f"{arithmetic(there, there_cap)} and this run trains {arithmetic(precision, cap)}: "
+            "oneDNN's CPU kernels differ by the cap on its instruction set "
+            f"(ONEDNN_MAX_CPU_ISA), so its weights will differ; with {how}, it trains as it did"
         )
     return notes
 
