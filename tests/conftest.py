@@ -136,6 +136,19 @@ def auto_on_cpu() -> str:
     return "bf16" if cpu_multiplies_bf16() else "fp32"
 
 
+def cpu_like(
+    monkeypatch: pytest.MonkeyPatch, *, avx512_bf16: bool, amx: bool = False, amx_on: bool = False
+) -> None:
+    """torch's probes of the CPU answering as one with these bf16 instructions would (AMX
+    tiles that the kernel lets the process use where `amx_on`), whatever this CPU has; and no
+    cap on oneDNN's instruction set."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx_on)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def tiny_recipe(changes: dict[str, Any] | None = None) -> Recipe:
     """Synthetic data, resnet8 teacher and student, two epochs: a full run in a few seconds."""
     recipe = Recipe.from_dict(

@@ -32,6 +32,7 @@ from .conftest import (
     SMALL_SPACE,
     CliHere,
     auto_on_cpu,
+    cpu_like,
     run_cli,
     tiny_recipe,
     write_study,
@@ -41,11 +42,7 @@ from .conftest import (
 def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(name, raising=False)
-    native = True  # a CPU that multiplies bf16 (AVX-512 BF16), whatever this one is
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu_like(monkeypatch, avx512_bf16=True)  # a CPU that multiplies bf16, whatever this one is
     recipe, export = tiny_recipe(), Path("w/recipe.yaml")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
@@ -71,12 +68,12 @@ def test_train_of_an_export_notes_another_precision_and_how_to_match_it(
     pinned = tiny_recipe({"precision": "fp32"})
     assert "(`precision: fp32`), so" in note({"precision": "bf16"}, "fp32", cpu, pinned)
     # a CPU without bf16 instructions, no cap: bf16 is emulated there too
-    native = False
+    cpu_like(monkeypatch, avx512_bf16=False)
     assert note({"precision": "bf16"}, "fp32", cpu).endswith(
         "so its weights will differ; `--set precision=bf16` trains in bf16, but this CPU "
         "emulates it: slowly, and rounding otherwise than bf16 hardware does"
     )
-    native = True
+    cpu_like(monkeypatch, avx512_bf16=True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     # a oneDNN cap here, the export's not recorded (before kdsearch kept it): named where it
     # made `auto` fp32, and bf16 under it is emulated
@@ -149,10 +146,7 @@ def test_an_exports_command_says_where_it_gives_the_weights_again(
 ) -> None:
     """Under the cap on oneDNN the command sets (the one the run trained under), or none where
     the run had none: `auto` may resolve otherwise there than in this process."""
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 natively
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu_like(monkeypatch, avx512_bf16=True)  # bf16 natively
     recipe, unset = tiny_recipe(), ", with ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA unset"
 
     def other(there: str, here: str) -> str:

@@ -63,6 +63,17 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     assert all(torch.allclose(retrained[k], v, atol=1e-5) for k, v in exported.items())
 
 
+def record_all(root: Path, **attrs: object) -> None:
+    """Every run of the study in root/studies/s.db (its search's and its promotion's) recorded
+    with these values of attributes it holds, as if it had trained so."""
+    with sqlite3.connect(root / "studies" / "s.db") as db:
+        for key, value in attrs.items():
+            db.execute(
+                "UPDATE trial_user_attributes SET value_json = ? WHERE key = ?",
+                (json.dumps(value), key),
+            )
+
+
 def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     tmp_path: Path, isolated_cache: Path, cli_here: CliHere
 ) -> None:
@@ -347,11 +358,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     # promoted in another precision than `auto` gives here (another kind of CPU, a oneDNN cap
     # set or unset): the line does not send the user to "a machine like this one"
     there = "fp32" if here == "bf16" else "bf16"
-    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
-        db.execute(
-            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
-            (json.dumps(there),),
-        )
+    record_all(tmp_path, precision=there)
     proc = cli_here("export", "s", "--out", "w6", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (
@@ -361,13 +368,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert json.loads((tmp_path / "w6" / "meta.json").read_text())["precision"] == there
     # promoted in fp32 under a cap on oneDNN's instruction set: the command sets it again, and
     # under it `auto` is fp32 on any CPU
-    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
-        db.execute(
-            "UPDATE trial_user_attributes SET value_json = '\"AVX2\"' WHERE key = 'onednn_cap'"
-        )
-        db.execute(
-            "UPDATE trial_user_attributes SET value_json = '\"fp32\"' WHERE key = 'precision'"
-        )
+    record_all(tmp_path, onednn_cap="AVX2", precision="fp32")
     proc = cli_here("export", "s", "--out", "w7", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (
@@ -377,12 +378,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert json.loads((tmp_path / "w7" / "meta.json").read_text())["onednn_cap"] == "AVX2"
     # promoted under none in the precision `auto` is not here, exported under a cap: the command
     # cannot take the cap away, and the line says both
-    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
-        db.execute("UPDATE trial_user_attributes SET value_json = '\"\"' WHERE key = 'onednn_cap'")
-        db.execute(
-            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
-            (json.dumps(there),),
-        )
+    record_all(tmp_path, onednn_cap="", precision=there)
     with pytest.MonkeyPatch.context() as capped_here:
         capped_here.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
         proc = cli_here("export", "s", "--out", "w8", cwd=tmp_path)
@@ -733,11 +729,7 @@ def test_an_export_that_trains_the_best_trial_in_another_precision_says_so(
     assert said.index("not the trial's own") < said.index("winner epoch")  # before training
     assert json.loads((tmp_path / "w" / "meta.json").read_text())["precision"] == here
     # where it agrees, nothing is said
-    with sqlite3.connect(tmp_path / "studies" / "s.db") as db:
-        db.execute(
-            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'precision'",
-            (json.dumps(here),),
-        )
+    record_all(tmp_path, precision=here)
     again = cli_here("export", "s", "--out", "w", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "not the trial's own" not in again.stderr

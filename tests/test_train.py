@@ -25,7 +25,7 @@ from kdsearch.train import (
     trained_precision,
 )
 
-from .conftest import Recorder, tiny_recipe
+from .conftest import Recorder, cpu_like, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +228,7 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_it_multiplies_bf16(
     expected: torch.dtype | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
-    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: kernel_allows)
+    cpu_like(monkeypatch, avx512_bf16=avx512_bf16, amx=has_amx, amx_on=kernel_allows)
     assert autocast_dtype("auto", torch.device("cpu")) is expected
     assert autocast_dtype("fp32", torch.device("cpu")) is None
 
@@ -257,9 +255,7 @@ def test_auto_precision_on_the_cpu_is_fp32_where_onednn_is_capped_below_bf16(
     expected: torch.dtype | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: True)
+    cpu_like(monkeypatch, avx512_bf16=True, amx=True, amx_on=True)
     for name, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("DNNL_MAX_CPU_ISA", dnnl)):
         if value is None:
             monkeypatch.delenv(name, raising=False)

@@ -275,7 +275,7 @@ def train_job(
             result = train(recipe, data, report, teacher=teacher, teacher_heads=heads)
         test_acc, _ = evaluate_split(result.student, data.test, data, recipe)
         weights = {k: v.cpu() for k, v in result.student.state_dict().items()}
-        return JobResult(
+        job = JobResult(
             key,
             curve,
             result.val_acc,
@@ -284,21 +284,17 @@ def train_job(
             time.perf_counter() - started,
             result.images_per_sec,
             weights,
-            threads=used,
-            warnings=tuple(told()),
-            device=device,
-            precision=precision,
-            onednn_cap=cap,
         )
     except Exception as err:  # recorded as a failed run with its reason
-        failed = JobResult.failed(
+        job = JobResult.failed(
             key, f"{type(err).__name__}: {err}", curve, time.perf_counter() - started
         )
-        return replace(
-            failed,
-            threads=used,
-            warnings=tuple(told()),
-            device=device,
-            precision=precision,
-            onednn_cap=cap,
-        )
+    # how it trained, finished or failed
+    return replace(
+        job,
+        threads=used,
+        warnings=tuple(told()),
+        device=device,
+        precision=precision,
+        onednn_cap=cap,
+    )
