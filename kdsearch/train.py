@@ -181,7 +181,7 @@ def onednn_isa_cap() -> str:
     none is set or the setting caps nothing (ALL, DEFAULT, a name oneDNN does not know)."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         if value := os.environ.get(name, ""):
-            return value.upper() if value.upper() in ISA_CAPS else ""
+            return recorded_cap(value) or ""  # (one oneDNN does not know: ignored, as it does)
     return ""
 
 

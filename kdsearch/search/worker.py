@@ -149,7 +149,7 @@ def _train_trial(
 ) -> None:
     recipe = worker_recipe(Recipe.from_yaml(config["recipe"], source=f"trial {config['number']}"))
     device = resolve_device(recipe.device)  # what `auto` became here: the export pins it
-    precision = trained_precision(recipe, device)
+    precision, cap = trained_precision(recipe, device), kernel_cap(device)
     data, teacher, heads = unshare(shared)
     params = count_parameters(build_model(recipe.student.arch, data.num_classes, data.channels))
     busy = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_images": 0.0}
@@ -170,7 +170,7 @@ def _train_trial(
                 "threads": torch.get_num_threads(),
                 "device": device.type,
                 "precision": precision,
-                "onednn_cap": kernel_cap(device),
+                "onednn_cap": cap,
                 "wall_seconds": time.perf_counter() - started,
                 **busy,
                 **({"warnings": said} if (said := told()) else {}),
