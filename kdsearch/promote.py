@@ -313,7 +313,7 @@ def promote(
     from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import TeacherFiles
-    from kdsearch.train import arithmetic
+    from kdsearch.train import arithmetic, unlike
 
     study = load_study(storage, name)
     if here is None:
@@ -423,15 +423,14 @@ def promote(
             _record(promoted, run, result, weights_dir, learned, trained_on)
             if result.failure is None:
                 how = arithmetic(result.precision, result.onednn_cap)
-                before = arithmetics.setdefault((run.label, run.recipe.schedule.epochs), set())
-                if before and how not in before:
+                seen = arithmetics.setdefault((run.label, run.recipe.schedule.epochs), set())
+                if (before := unlike(seen, how)) is not None:
                     warnings.warn(
                         f"{run.label}, seed {run.seed}, trained {how}, and seeds of it before "
-                        f"{' or '.join(sorted(before))}: its mean over seeds mixes them",
+                        f"{before}: its mean over seeds mixes them",
                         KdsearchWarning,
                         stacklevel=2,
                     )
-                before.add(how)
             if on_run is not None:
                 on_run(run, result)
 

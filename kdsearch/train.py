@@ -199,6 +199,15 @@ def arithmetic(precision: str | None, cap: str | None) -> str:
     return said + (f" under ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
 
 
+def unlike(seen: set[str], how: str) -> str | None:
+    """How the runs before did their arithmetic (`seen`, each as `arithmetic` says it), said as
+    one, where a new run's `how` is none of them; None where it is one, or none came before.
+    `how` joins `seen`."""
+    said = " or ".join(sorted(seen)) if seen and how not in seen else None
+    seen.add(how)
+    return said
+
+
 def recorded_cap(value: object) -> str | None:
     """A cap on oneDNN as a study or meta.json records it, as `onednn_isa_cap` would give it;
     None where it is not recorded, or not a cap (a hand-edited file)."""

@@ -38,7 +38,7 @@ from kdsearch.study.contents import METRIC
 from kdsearch.study.drivers import process_alive
 from kdsearch.study.record import Plan, Record, Tally
 from kdsearch.teacher import Teacher
-from kdsearch.train import arithmetic
+from kdsearch.train import arithmetic, unlike
 
 Status = Callable[[Tally], None]
 SCRATCH = "kdsearch-search"
@@ -221,14 +221,13 @@ class KdSearcher(Searcher):
         tell_once(self.warned, f"trial {number}", result.get("warnings", ()))
         if "precision" in result:
             how = arithmetic(result["precision"], result.get("onednn_cap"))
-            if self.arithmetics and how not in self.arithmetics:
+            if (before := unlike(self.arithmetics, how)) is not None:
                 warnings.warn(
                     f"trial {number} trains {how}, and trials of the study before it trained "
-                    f"{' or '.join(sorted(self.arithmetics))}: the study ranks them together",
+                    f"{before}: the study ranks them together",
                     KdsearchWarning,
                     stacklevel=2,
                 )
-            self.arithmetics.add(how)
 
 
 class Progress(tune.Callback):
