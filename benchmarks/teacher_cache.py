@@ -8,7 +8,8 @@ Each search runs twice, once with `search.teacher_store.enabled: false` (the tea
 every trial) and once with the store (its default), as `kdsearch run` in a fresh process with
 the teacher already cached; the table gives the search's wall time and its trials' training
 images per second (median over trials of all the images a trial trained over its training
-time, so a trial's figure includes computing the store's epochs it was first to reach), and
+time, so a trial's figure includes computing its shares of the epochs it was among the first
+to reach), and
 the ratios. The two arms of a search run the same trials only where its sampler and pruning do
 not depend on the order trials finish in (the r32x4 searches: random proposals, no pruning);
 the digits and cifar10 searches are TPE with ASHA, so each arm's trials and the epochs they

@@ -243,7 +243,7 @@ def kdsearch_speed(
 ) -> tuple[float, float]:
     """Images per second of the timed epoch of kdsearch's training loop: with the teacher run
     live, and reading the teacher-output store a previous run of the same recipe wrote (what
-    every trial of a search but the first to reach an epoch does)."""
+    every trial of a search but the first ones to reach an epoch does)."""
     recipe = variant(pair_recipe(*pair, device), method).override(
         {"optim.nesterov": False, "compile": compiled, "precision": precision}
     )

@@ -91,11 +91,12 @@ def write_errors(
 
 
 @contextlib.contextmanager
-def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
+def flocked(path: Path, *, wait: bool, shared: bool = False) -> Iterator[bool | None]:
     """Hold the lock of `path` (a folder, or a file, made if missing; released when the process
     dies, too): True when this process got it; without `wait`, False at once when another
     process holds it; None when `path` cannot be opened (a full or read-only folder), so that
-    nothing is locked."""
+    nothing is locked. A `shared` lock is held by any number of processes at once, and keeps out
+    the one lock that is not."""
     try:
         try:
             fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_CREAT | os.O_RDWR, 0o644)
@@ -106,7 +107,8 @@ def flocked(path: Path, *, wait: bool) -> Iterator[bool | None]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            fcntl.flock(fd, kind | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

@@ -231,9 +231,9 @@ class PerTrialConfig(Section):
 
 class TeacherStoreConfig(Section):
     """The teacher-output store: the teacher's outputs for each epoch computed once and read by
-    every trial on the machine (see `kdsearch.store`). `budget_mb` caps the store's size, and
-    so the memory of an epoch being computed (a trial runs the teacher live for an epoch that does
-    not fit); an epoch of at most `device_mb` is copied to a trial's GPU."""
+    every trial on the machine (see `kdsearch.store`). `budget_mb` caps the store's size on the
+    disk, epochs being computed included (trials run the teacher live for an epoch that does not
+    fit); an epoch of at most `device_mb` is copied to a trial's GPU."""
 
     enabled: bool = True
     budget_mb: Annotated[float, Field(ge=0)] = 4096.0

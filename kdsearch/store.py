@@ -4,34 +4,42 @@ computed once and read by every trial of a search on the same machine.
 Within a search every trial sees the same images in the same order with the same augmentation
 draws (a pure function of the recipe's seed, which a space cannot search, the epoch and the
 image index, see `data.Loader`), so the teacher's outputs for an epoch are the same for every
-trial. The first trial to reach an epoch computes them, over the batches it trains on, and
-writes them to the store; later trials read them instead of running the teacher. What is stored
+trial. The first trials to reach an epoch compute them, over the batches they train on, and
+write them to the store; later trials read them instead of running the teacher. What is stored
 is what the terms read of the teacher: final logits and pooled features, on the batch (`plain`)
 or on its four rotations (`rot`), and the outputs of the teacher's HSAKD heads on the rotations.
 Terms that read the teacher's stage maps (CKTF) or its outputs on images a trial mixes with its
 own parameters (STKD) run the teacher live.
 
-An epoch is one folder of `.npy` files, in the precision the teacher ran in (bf16 as its 16
-bits), written under a temporary name and renamed into place, so a reader never sees half an
-epoch; a lock file per epoch lets one trial compute it while a trial reaching it at the same
-time runs the teacher live for that epoch instead of waiting or computing it twice. Stored
-epochs are memory-mapped (the page cache holds them in host memory); an epoch that fits
-`device_bytes` is copied to the training device at the start of the epoch. Writers take turns
-(one lock for the whole store) to check `budget_bytes` and write, so trials computing different
-epochs at once cannot grow the store past it together. An epoch that would grow the store past
-the budget (or the disk's free space) is not computed: its first batch tells its size, and the
-trial runs the teacher live, as do later trials for the epochs of the kind not stored. An epoch
-that fitted when its computing began but not once it was done (trials computing others at the
-same time took the room) is used by the trial that computed it and not stored.
+An epoch is one folder of `.npy` files, one row an image, in the precision the teacher ran in
+(bf16 as its 16 bits). Its batches are cut into `SHARES` shares, each with a lock: trials that
+reach an epoch at the same time (a search's first trials all do, at every epoch) compute the
+shares between them, each taking one nobody has, then waiting for those the others are
+computing, and each trial then trains on the whole epoch. A share whose trial stopped half-way
+is computed by the next trial to wait for it. Only once every share is in is the epoch marked
+complete; a reader never sees half an epoch.
+
+Its files are made at their full size, on the disk, before any share is computed, by a trial
+holding the store's one lock and only when they fit `budget_bytes` beside the epochs already
+there (complete or not) and the disk's free space: trials computing epochs at once cannot grow
+the store past the budget, and a full disk shows then, not half-way. An epoch that does not fit
+is not computed: the first time, one batch tells its size, and the trial, and every later one
+reaching that epoch, runs the teacher live for it. Room is made by removing epochs that are not
+complete and that no trial is working on (their trials stopped). Stored epochs are
+memory-mapped (the page cache holds them in host memory); an epoch that fits `device_bytes` is
+copied to the training device at the start of the epoch.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +52,7 @@ from kdsearch.data import ImageData, Loader
 from kdsearch.distill import Distiller
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import ROTATIONS, TapsFn, rotate
-from kdsearch.paths import flocked
+from kdsearch.paths import flocked, staging_path
 from kdsearch.recipe import Recipe
 
 Outputs = dict[str, Tensor]
@@ -96,6 +104,26 @@ def per_image(outputs: Outputs, batch: int) -> Outputs:
     return out
 
 
+SHARES = 16
+"""Into how many shares an epoch's batches are cut for the trials computing it at once."""
+
+COMPLETE = "complete"
+"""The file that marks an epoch folder whose every share has been computed."""
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""Each stored output's shape for one image (its row) and dtype."""
+
+Compute = Callable[[range], Iterator[tuple[Tensor, Outputs]]]
+"""The teacher's outputs over some of an epoch's batches: each batch's image indices and its
+step-layout outputs."""
+
+
+def shares(batches: int) -> list[range]:
+    """An epoch's batch numbers in at most `SHARES` runs of near-equal length."""
+    n = min(SHARES, batches)
+    return [range(i * batches // n, (i + 1) * batches // n) for i in range(n)]
+
+
 class TeacherStore:
     """The store of one search (or one training run) for one stream of training batches.
 
@@ -111,84 +139,129 @@ class TeacherStore:
         self.num_images = num_images
 
     def epoch(
-        self,
-        epoch: int,
-        group: str,
-        device: torch.device,
-        compute: Callable[[], Iterator[tuple[Tensor, Outputs]]],
+        self, epoch: int, group: str, device: torch.device, compute: Compute, batches: int
     ) -> EpochOutputs | None:
-        """The outputs of `epoch` for `group`: read from the store; else computed here (by
-        `compute`, which yields each batch's image indices and its step-layout outputs) and
-        stored when the budget allows; None when the teacher is to run live for this epoch
-        (another trial is computing it right now, the store is known to have no room for it,
-        or the store's folder cannot be written)."""
+        """The outputs of `epoch` (of `batches` batches) for `group`: read from the store, or
+        computed into it here, sharing the work with the trials computing it at the same time;
+        None when the teacher is to run live for this epoch (the store has no room for it, or
+        its folder cannot be written)."""
         final = self.folder / f"{group}-epoch{epoch}"
-        if not final.is_dir():
-            with flocked(final.with_suffix(".lock"), wait=False) as mine:
-                if not mine:
-                    return None
-                if not final.is_dir():
-                    return self._computed(group, final, device, compute)
+        if not self.folder.is_dir():
+            return None
+        if not (final / COMPLETE).exists():
+            layout = self._layout(group, compute)
+            if layout is None:
+                return None
+            with ExitStack() as working:
+                with flocked(self.config.root / "writer.lock", wait=True) as mine:
+                    if not mine or not (final.is_dir() or self._made(final, layout)):
+                        return None
+                    # held while this trial fills it: an epoch nobody holds may be removed
+                    users = flocked(final / "users.lock", wait=True, shared=True)
+                    if not working.enter_context(users):
+                        return None
+                with suppress(OSError):  # the store is a saving, never a reason to fail
+                    if self._filled(final, layout, compute, batches):
+                        return self._placed(self._read(final), device)
+                return None
         return self._placed(self._read(final), device)
 
-    def _computed(
-        self,
-        group: str,
-        final: Path,
-        device: torch.device,
-        compute: Callable[[], Iterator[tuple[Tensor, Outputs]]],
-    ) -> EpochOutputs | None:
-        """`final`'s epoch computed here, and stored if it fits; None when it is known not to:
-        from an earlier epoch of the group, or from this one's first batch, before the rest is
-        computed (so an epoch over the budget never takes more memory than a batch's outputs)."""
-        size = self.folder / f"{group}.bytes"  # every epoch of a group is the same size
-        with suppress(OSError, ValueError):
-            if not self._has_room(int(size.read_text())):
-                return None  # computing it would only cost its memory and syncs
-        outputs = self._compute(compute, size)
-        if outputs is None:
+    def _layout(self, group: str, compute: Compute) -> Layout | None:
+        """What `group` stores, from the store, or from the teacher's outputs on one batch
+        (then written for the epochs after it); None when it cannot be written."""
+        path = self.folder / f"{group}.layout"
+        with suppress(OSError, ValueError, TypeError, AttributeError):
+            return {
+                name: (tuple(shape), getattr(torch, dtype))
+                for name, (shape, dtype) in json.loads(path.read_text()).items()
+            }
+        idx, outputs = next(compute(range(1)))
+        rows_of = per_image(outputs, len(idx))
+        layout = {name: (tuple(rows.shape[1:]), rows.dtype) for name, rows in rows_of.items()}
+        text = {
+            name: (shape, str(dtype).removeprefix("torch."))
+            for name, (shape, dtype) in layout.items()
+        }
+        staged = staging_path(path)
+        try:
+            staged.write_text(json.dumps(text))
+            staged.replace(path)
+        except OSError:
+            staged.unlink(missing_ok=True)
             return None
-        with flocked(self.config.root / "writer.lock", wait=True) as mine:
-            if mine:
-                self._clear_dead_writers()
-                if self._used() + outputs.nbytes <= self.config.budget_bytes:
-                    self._write(outputs, final)
-        return self._placed(outputs, device)
+        return layout
 
-    def _has_room(self, need: int) -> bool:
-        """Whether an epoch of `need` bytes fits the budget beside the stored epochs, and the
-        disk."""
-        return (
-            self._used() + need <= self.config.budget_bytes
-            and shutil.disk_usage(self.folder).free >= need
+    def _bytes(self, layout: Layout) -> int:
+        """The size of one epoch of `layout`."""
+        return self.num_images * sum(
+            math.prod(shape) * dtype.itemsize for shape, dtype in layout.values()
         )
 
-    def _compute(
-        self, compute: Callable[[], Iterator[tuple[Tensor, Outputs]]], size: Path
-    ) -> EpochOutputs | None:
-        """The epoch's outputs, or None when its first batch shows that it cannot be stored
-        (its size, one row an image, is then written to `size` for the epochs after it)."""
-        tensors: dict[str, Tensor] = {}
-        for idx, batch_outputs in compute():
-            rows_of = per_image(batch_outputs, len(idx))
-            if not tensors:
-                need = self.num_images * sum(r[0].nbytes for r in rows_of.values())
-                with suppress(OSError):
-                    size.write_text(str(need))
-                with suppress(OSError):  # a folder that cannot be read: the write will tell
-                    if not self._has_room(need):
-                        return None
-                tensors = {
-                    name: torch.empty((self.num_images, *rows.shape[1:]), dtype=rows.dtype)
-                    for name, rows in rows_of.items()
-                }
-            for name, rows in rows_of.items():
-                tensors[name][idx.cpu()] = rows.cpu()
-        return EpochOutputs(tensors)
+    def _made(self, final: Path, layout: Layout) -> bool:
+        """`final`'s files made at their full size (called holding the store's lock), when they
+        fit the budget and the disk, after removing what no trial works on if need be; first
+        the temporary folders of trials killed while making an epoch's files."""
+        for made in self.config.root.glob("*/.*-epoch*"):  # a trial's, killed while making it
+            shutil.rmtree(made, ignore_errors=True)
+        need = self._bytes(layout)
+        if not self._has_room(need):
+            self._clear_abandoned()
+            if not self._has_room(need):
+                return False
+        staged = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
+        try:
+            staged.mkdir()
+            for name, (shape, dtype) in layout.items():
+                array = np.lib.format.open_memmap(
+                    staged / f"{name}.npy", "w+", NUMPY[dtype], (self.num_images, *shape)
+                )
+                del array  # the header is written; the data is allocated below
+                with open(staged / f"{name}.npy", "r+b") as f:
+                    allocate(f.fileno(), os.fstat(f.fileno()).st_size)
+                (staged / f"{name}.dtype").write_text(str(dtype).removeprefix("torch."))
+            staged.rename(final)
+        except OSError:  # the disk is full after all, or the folder cannot be written
+            shutil.rmtree(staged, ignore_errors=True)
+            return False
+        return True
+
+    def _has_room(self, need: int) -> bool:
+        """Whether an epoch of `need` bytes fits the budget beside the epochs in the store, and
+        the disk."""
+        with suppress(OSError):
+            return (
+                self._used() + need <= self.config.budget_bytes
+                and shutil.disk_usage(self.folder).free >= need
+            )
+        return False
+
+    def _filled(self, final: Path, layout: Layout, compute: Compute, batches: int) -> bool:
+        """Every share of `final`'s epoch computed, here or by other trials: first the shares
+        nobody is computing, then, waiting for each, those others were (computed here where a
+        trial stopped before it was done). False when the shares' locks cannot be taken."""
+        files = {
+            name: np.load(final / f"{name}.npy", mmap_mode="r+")
+            for name in layout  # to write its rows in place: a share is scattered over the rows
+        }
+        for wait in (False, True):
+            for number, share in enumerate(shares(batches)):
+                done = final / f"share{number}.done"
+                if done.exists():
+                    continue
+                with flocked(final / f"share{number}.lock", wait=wait) as mine:
+                    if mine is None:
+                        return False
+                    if mine and not done.exists():
+                        for idx, outputs in compute(share):
+                            for name, rows in per_image(outputs, len(idx)).items():
+                                files[name][idx.cpu().numpy()] = as_numpy(rows)
+                        done.touch()
+        (final / COMPLETE).touch()
+        return True
 
     def _used(self) -> int:
-        """Bytes of the stored epochs (renamed into place; epochs are never removed while a
-        search runs, so none vanishes under this count)."""
+        """Bytes of the epochs in the store, complete or not (made under the store's lock, and
+        removed only under it, so none vanishes under this count)."""
         return sum(
             f.stat().st_size
             for epoch in self.config.root.glob("*/*-epoch*")
@@ -196,24 +269,15 @@ class TeacherStore:
             for f in epoch.glob("*.npy")
         )
 
-    def _clear_dead_writers(self) -> None:
-        """Remove the temporary folders of writers killed while writing (called by the writer
-        holding the store's lock: no live writer has one)."""
-        for partial in self.config.root.glob("*/.*-epoch*"):
-            shutil.rmtree(partial, ignore_errors=True)
-
-    def _write(self, outputs: EpochOutputs, final: Path) -> None:
-        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
-        try:
-            partial.mkdir()
-            for name, t in outputs.tensors.items():
-                bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # NumPy has no bf16
-                np.save(partial / f"{name}.npy", bits.numpy())
-                (partial / f"{name}.dtype").write_text(str(t.dtype).removeprefix("torch."))
-            partial.rename(final)
-        except OSError:  # the disk is full (the epoch is used, not stored), or another process
-            # wrote it in the meantime (theirs is kept)
-            shutil.rmtree(partial, ignore_errors=True)
+    def _clear_abandoned(self) -> None:
+        """Remove epochs that are not complete and that no trial is working on (called holding
+        the store's lock, under which every trial starts to work on an epoch)."""
+        for epoch in self.config.root.glob("*/*-epoch*"):
+            if epoch.name.startswith(".") or (epoch / COMPLETE).exists():
+                continue
+            with flocked(epoch / "users.lock", wait=False) as nobody:
+                if nobody:
+                    shutil.rmtree(epoch, ignore_errors=True)
 
     def _read(self, final: Path) -> EpochOutputs:
         with warnings.catch_warnings():  # memory-mapped read-only; nothing writes to them
@@ -230,6 +294,27 @@ class TeacherStore:
         if device.type != "cpu" and outputs.nbytes <= self.config.device_bytes:
             return outputs.to(device)
         return outputs
+
+
+NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+"""How each output dtype is kept in a `.npy` file (NumPy has no bf16: its 16 bits)."""
+
+
+def as_numpy(rows: Tensor) -> np.ndarray:
+    """`rows` on the host as NumPy keeps them (`NUMPY`)."""
+    rows = rows.detach().cpu()
+    return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()
+
+
+def allocate(fd: int, size: int) -> None:
+    """Give the file `fd` its `size` bytes on the disk now (an OSError when the disk is full),
+    so that writing its rows through a memory map later cannot fail."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    block = bytes(2**20)  # macOS has no posix_fallocate: write zeros over the file
+    for offset in range(0, size, len(block)):
+        os.pwrite(fd, block[: size - offset], offset)
 
 
 def store_group(distiller: Distiller, heads: Mapping[str, torch.nn.Module]) -> str | None:
@@ -304,11 +389,12 @@ class StoreReader:
         return cls(store, group, teacher_outputs(teacher, heads, distiller.rotations), loader)
 
     def epoch(self, epoch: int) -> EpochOutputs | None:
-        """This epoch's outputs (stored, or computed now over the run's own batches), or None
-        when another run is computing them: the teacher then runs live for this epoch."""
+        """This epoch's outputs (stored, or computed now over the run's own batches, with the
+        runs computing them at the same time), or None when the teacher is to run live for this
+        epoch."""
 
-        def compute() -> Iterator[tuple[Tensor, Outputs]]:
-            for batch in self.loader.epoch(epoch):
+        def compute(batches: range) -> Iterator[tuple[Tensor, Outputs]]:
+            for batch in self.loader.epoch(epoch, batches):
                 yield batch.idx, self.outputs(batch.x)
 
-        return self.store.epoch(epoch, self.group, self.loader.device, compute)
+        return self.store.epoch(epoch, self.group, self.loader.device, compute, len(self.loader))

@@ -635,6 +635,19 @@ def test_loader_serves_full_shuffled_batches_with_normalised_images() -> None:
     assert all(torch.equal(a.x, b.x) for a, b in zip(batches, again, strict=True))
 
 
+def test_some_of_an_epochs_batches_are_those_batches_of_the_whole_epoch() -> None:
+    """Trials computing one epoch's teacher outputs between them each make a share of its
+    batches: a share must be the same images, crops and flips as in the whole epoch."""
+    data = load_data(DataConfig(dataset="synthetic"))
+    for train in (True, False):
+        loader = Loader(data.train, data, CPU, batch_size=64, train=train, seed=0)
+        whole = list(loader.epoch(3))
+        share = list(loader.epoch(3, range(2, 4)))
+        assert len(share) == 2
+        for a, b in zip(whole[2:4], share, strict=True):
+            assert torch.equal(a.idx, b.idx) and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
 def test_eval_loader_keeps_order_and_every_image() -> None:
     data = load_data(DataConfig(dataset="synthetic"))
     loader = Loader(data.test, data, CPU, batch_size=64, train=False)

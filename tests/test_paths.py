@@ -41,6 +41,21 @@ def test_a_held_lock_is_refused_without_waiting_and_free_once_let_go(tmp_path: P
         assert unopenable is None
 
 
+def test_shared_locks_are_held_together_and_keep_out_the_exclusive_one(tmp_path: Path) -> None:
+    lock = tmp_path / "x.lock"
+    with (
+        flocked(lock, wait=False, shared=True) as first,
+        flocked(lock, wait=False, shared=True) as second,
+    ):
+        assert first is True and second is True
+        with flocked(lock, wait=False) as exclusive:
+            assert exclusive is False
+    with flocked(lock, wait=False) as exclusive:
+        assert exclusive is True
+        with flocked(lock, wait=False, shared=True) as shared:
+            assert shared is False
+
+
 def test_another_users_lock_file_still_locks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

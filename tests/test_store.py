@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -20,7 +20,15 @@ from kdsearch.distill import HEAD_TERMS
 from kdsearch.losses import LOSSES
 from kdsearch.models import TapModel, build_model
 from kdsearch.recipe import DataConfig
-from kdsearch.store import Outputs, StoreConfig, TeacherStore, per_image
+from kdsearch.store import (
+    Compute,
+    EpochOutputs,
+    Outputs,
+    StoreConfig,
+    TeacherStore,
+    per_image,
+    shares,
+)
 from kdsearch.train import Result, train
 
 from .conftest import tiny_recipe
@@ -122,22 +130,37 @@ def test_stkd_beside_kd_reads_kd_s_outputs_from_the_store(
     assert {p.name for p in tmp_path.rglob("*.npy")} == {"logits.npy", "pooled.npy"}
 
 
-def test_an_epoch_another_run_is_computing_is_run_live_and_not_written_twice(
-    data: ImageData, teacher: tuple[TapModel, dict[str, torch.nn.Module]], tmp_path: Path
+def test_a_run_finishing_an_epoch_another_run_began_trains_as_one_with_the_teacher_live(
+    data: ImageData,
+    teacher: tuple[TapModel, dict[str, torch.nn.Module]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Runs computing an epoch together each compute some of its shares; here the first run
+    stops after a few of the first epoch's shares and the second computes the rest."""
     live = run(data, teacher, {}, None)
-    run(data, teacher, {"schedule.epochs": 1}, config(tmp_path / "probe"))
-    (stream,) = streams(tmp_path / "probe")
-    folder = tmp_path / "store" / stream.name
-    folder.mkdir(parents=True)
-    fd = os.open(folder / "plain-epoch1.lock", os.O_CREAT | os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is computing epoch 1 (the second)
-    try:
-        result = run(data, teacher, {}, config(tmp_path / "store"))
-    finally:
-        os.close(fd)
-    assert_same(live, result)
-    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["plain-epoch0"]
+    from kdsearch import store
+
+    rows = store.per_image
+    calls = 0
+
+    def stops(outputs: Outputs, batch: int) -> Outputs:
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # after the layout's batch and two shares (of four, a batch each)
+            raise KeyboardInterrupt
+        return rows(outputs, batch)
+
+    monkeypatch.setattr(store, "per_image", stops)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, teacher, {}, config(tmp_path))
+    monkeypatch.undo()
+    (stream,) = streams(tmp_path)
+    begun = stream / "plain-epoch0"
+    assert sorted(p.name for p in begun.glob("*.done")) == ["share0.done", "share1.done"]
+    assert not (begun / "complete").exists()
+    assert_same(live, run(data, teacher, {}, config(tmp_path)))
+    assert (begun / "complete").exists()
 
 
 def test_a_run_whose_epochs_are_over_the_budget_trains_as_one_without_a_store(
@@ -146,25 +169,6 @@ def test_a_run_whose_epochs_are_over_the_budget_trains_as_one_without_a_store(
     live = run(data, teacher, {}, None)
     result = run(data, teacher, {}, config(tmp_path, budget_mb=0.01))
     assert_same(live, result)
-    assert not list(tmp_path.rglob("*.npy"))
-
-
-def test_an_epoch_the_disk_has_no_room_for_is_used_and_leaves_nothing_behind(
-    data: ImageData,
-    teacher: tuple[TapModel, dict[str, torch.nn.Module]],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A full $TMPDIR failed every trial (OSError out of np.save) and left half-written files
-    that counted against the budget; the store is a saving, never a reason to fail."""
-    live = run(data, teacher, {}, None)
-
-    def full(path: Path, array: object) -> None:
-        Path(path).write_bytes(b"\x93NUMPY")  # the first bytes made it
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("kdsearch.store.np.save", full)
-    assert_same(live, run(data, teacher, {}, config(tmp_path)))
     assert not list(tmp_path.rglob("*.npy"))
 
 
@@ -186,8 +190,6 @@ def test_trials_share_by_the_precision_they_train_in_not_the_one_they_name(
 
 
 def test_rotated_outputs_are_kept_per_image_and_served_in_step_layout(data: ImageData) -> None:
-    from kdsearch.store import EpochOutputs
-
     loader = Loader(data.train, data, torch.device("cpu"), batch_size=4, train=True)
     batch = next(iter(loader.epoch(0)))
     step_layout = {"rot_logits": torch.arange(16.0)[:, None], "logits": torch.arange(4.0)[:, None]}
@@ -208,41 +210,93 @@ def test_rotated_outputs_are_kept_per_image_and_served_in_step_layout(data: Imag
 
 ROWS = 1000  # images of the epochs below; one epoch of 256 float32 logits each: 1,024,000 bytes
 EPOCH_BYTES = ROWS * 256 * 4
+BATCHES = 10  # of 100 images: one share each
+CPU = torch.device("cpu")
 
 
 def epoch_of(
-    seen: list[int] | None = None, barrier: threading.Barrier | None = None
-) -> Iterator[tuple[torch.Tensor, Outputs]]:
-    """A `compute` of one epoch in batches of 100 (noted in `seen`); then waits at `barrier`."""
-    for start in range(0, ROWS, 100):
-        idx = torch.arange(start, start + 100)
-        if seen is not None:
-            seen.append(start)
-        yield idx, {"logits": idx[:, None].float().expand(100, 256).contiguous()}
-    if barrier is not None:
-        barrier.wait(timeout=60)
+    seen: list[int] | None = None, delay: float = 0.0, stop_after: int | None = None
+) -> Compute:
+    """A `compute` over batches of 100 images whose logits are their indices; notes the batches
+    it computes in `seen`, takes `delay` seconds a batch, and raises after `stop_after`."""
+
+    def compute(batches: range) -> Iterator[tuple[torch.Tensor, Outputs]]:
+        for b in batches:
+            if stop_after is not None and seen is not None and len(seen) == stop_after:
+                raise KeyboardInterrupt
+            if seen is not None:
+                seen.append(b)
+            time.sleep(delay)
+            idx = torch.arange(b * 100, b * 100 + 100)
+            yield idx, {"logits": idx[:, None].float().expand(100, 256).contiguous()}
+
+    return compute
 
 
-def test_trials_storing_epochs_at_the_same_time_keep_the_store_within_its_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def expected_logits() -> torch.Tensor:
+    return torch.arange(float(ROWS))[:, None].expand(ROWS, 256)
+
+
+def store_of(tmp_path: Path, budget: int) -> TeacherStore:
+    return TeacherStore(StoreConfig(tmp_path, budget, 0), "s", ROWS)
+
+
+def test_runs_reaching_an_epoch_together_compute_its_shares_between_them(tmp_path: Path) -> None:
+    """The first trials of a search reach every epoch together: one computed it while the others
+    ran the teacher live, so each paid for the whole teacher."""
+    store_of(tmp_path, 100 * EPOCH_BYTES).epoch(0, "plain", CPU, epoch_of(), BATCHES)
+    seen: list[list[int]] = [[], [], []]
+    whole: list[bool] = []  # whether a run's outputs were all there when it got them
+
+    def reach(i: int) -> None:
+        store = store_of(tmp_path, 100 * EPOCH_BYTES)
+        outputs = store.epoch(1, "plain", CPU, epoch_of(seen[i], delay=0.05), BATCHES)
+        whole.append(
+            outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
+        )
+
+    threads = [threading.Thread(target=reach, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(len(batches) >= 2 for batches in seen), f"each computed a share: {seen}"
+    assert sorted(b for batches in seen for b in batches) == list(range(BATCHES)), "once each"
+    assert whole == [True, True, True]
+
+
+def test_a_share_whose_run_stopped_half_way_is_computed_by_the_next_run(tmp_path: Path) -> None:
+    store = store_of(tmp_path, 100 * EPOCH_BYTES)
+    store.epoch(0, "plain", CPU, epoch_of(), BATCHES)  # the layout is known from here on
+    seen: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        store.epoch(1, "plain", CPU, epoch_of(seen, stop_after=4), BATCHES)
+    assert seen == [0, 1, 2, 3]
+    assert not (tmp_path / "s" / "plain-epoch1" / "complete").exists()
+    seen.clear()
+    lock = os.open(tmp_path / "s" / "plain-epoch1" / "share6.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another run computing share 6, until it stops
+    threading.Timer(0.5, os.close, (lock,)).start()
+    outputs = store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES)
+    assert seen == [4, 5, 7, 8, 9, 6], "the free shares first, then the one the other run left"
+    assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
+
+
+def test_runs_making_epochs_at_the_same_time_keep_the_store_within_its_budget(
+    tmp_path: Path,
 ) -> None:
     """Each checked the budget before either had written, and both wrote: 2 epochs in a store
-    with room for 1."""
-    write = TeacherStore._write
-
-    def slow_write(self: TeacherStore, *args: Any) -> None:  # a large epoch takes a while
-        time.sleep(0.5)
-        write(self, *args)
-
-    monkeypatch.setattr(TeacherStore, "_write", slow_write)
-    stores = [TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES, 0), "s", ROWS) for _ in range(2)]
-    barrier = threading.Barrier(2)  # both have computed their epoch before either writes
-    cpu = torch.device("cpu")
+    with room for 1. An epoch's files now take their room before it is computed."""
+    store_of(tmp_path, EPOCH_BYTES).epoch(0, "other", CPU, epoch_of(), BATCHES)  # its layout
+    shutil.rmtree(tmp_path / "s" / "other-epoch0")
+    (tmp_path / "s" / "plain.layout").write_text((tmp_path / "s" / "other.layout").read_text())
     got: list[object] = []
     threads = [
         threading.Thread(
             target=lambda e=e: got.append(
-                stores[e].epoch(e, "plain", cpu, lambda: epoch_of(None, barrier))
+                store_of(tmp_path, EPOCH_BYTES).epoch(
+                    e, "plain", CPU, epoch_of(delay=0.02), BATCHES
+                )
             )
         )
         for e in (0, 1)
@@ -251,7 +305,7 @@ def test_trials_storing_epochs_at_the_same_time_keep_the_store_within_its_budget
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert len(got) == 2 and all(g is not None for g in got), "both used their epoch"
+    assert sorted(g is None for g in got) == [False, True], "one stored, one run live"
     stored = [p.name for p in (tmp_path / "s").iterdir() if p.is_dir()]
     assert len(stored) == 1 and sum(f.stat().st_size for f in tmp_path.rglob("*.npy")) <= (
         EPOCH_BYTES + 128  # .npy header
@@ -261,19 +315,16 @@ def test_trials_storing_epochs_at_the_same_time_keep_the_store_within_its_budget
 def test_a_full_store_runs_the_teacher_live_instead_of_computing_epochs_it_cannot_keep(
     tmp_path: Path,
 ) -> None:
-    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES + 4096, 0), "s", ROWS)
-    cpu = torch.device("cpu")
+    store = store_of(tmp_path, EPOCH_BYTES + 4096)
     seen: list[int] = []
-    first = store.epoch(0, "plain", cpu, lambda: epoch_of(seen))
-    assert first is not None and len(seen) == 10 and (tmp_path / "s" / "plain-epoch0").is_dir()
+    first = store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES)
+    assert seen == [0, *range(BATCHES)], "one batch for the layout, then the epoch"
+    assert first is not None and (tmp_path / "s" / "plain-epoch0" / "complete").exists()
     seen.clear()
-    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
-    read = store.epoch(0, "plain", cpu, lambda: epoch_of(seen))
-    assert (
-        read is not None
-        and seen == []
-        and torch.equal(read.tensors["logits"], first.tensors["logits"])
-    )
+    assert store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES) is None and seen == []
+    read = store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES)
+    assert read is not None and seen == []
+    assert torch.equal(read.tensors["logits"], expected_logits())
 
 
 def test_an_epoch_over_the_budget_is_not_computed_past_its_first_batch(
@@ -281,13 +332,14 @@ def test_an_epoch_over_the_budget_is_not_computed_past_its_first_batch(
 ) -> None:
     """The first epoch of a kind was computed whole in host memory (the budget's size or more),
     used by the trial and thrown away, whatever the budget: now its first batch tells its size."""
-    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES - 1, 0), "s", ROWS)
-    cpu = torch.device("cpu")
+    store = store_of(tmp_path, EPOCH_BYTES - 1)
     seen: list[int] = []
-    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is None and seen == [0]
-    assert (tmp_path / "s" / "plain.bytes").read_text() == str(EPOCH_BYTES)
+    assert store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES) is None and seen == [0]
+    assert json.loads((tmp_path / "s" / "plain.layout").read_text()) == {
+        "logits": [[256], "float32"]
+    }
     seen.clear()
-    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
+    assert store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES) is None and seen == []
     assert not list(tmp_path.rglob("*.npy"))
 
 
@@ -296,42 +348,75 @@ def test_a_full_disk_runs_the_teacher_live_instead_of_computing_epochs_it_cannot
 ) -> None:
     """Within the budget but not the disk's free space: every epoch was computed (its host
     memory and a sync per batch) and thrown away."""
-    store = TeacherStore(StoreConfig(tmp_path, 100 * EPOCH_BYTES, 0), "s", ROWS)
-    cpu = torch.device("cpu")
+    store = store_of(tmp_path, 100 * EPOCH_BYTES)
     seen: list[int] = []
-    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is not None and len(seen) == 10
+    assert store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES) is not None and len(seen) == 11
     room = shutil.disk_usage(tmp_path)._replace(free=EPOCH_BYTES - 1)
     monkeypatch.setattr("kdsearch.store.shutil.disk_usage", lambda _: room)
     seen.clear()
-    assert store.epoch(1, "plain", cpu, lambda: epoch_of(seen)) is None and seen == []
-    assert store.epoch(0, "plain", cpu, lambda: epoch_of(seen)) is not None and seen == []
+    assert store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES) is None and seen == []
+    assert store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES) is not None and seen == []
 
 
-def test_a_writer_killed_while_writing_leaves_nothing_that_counts_against_the_budget(
-    tmp_path: Path,
+def test_an_epoch_the_disk_cannot_hold_after_all_is_run_live_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dead = tmp_path / "s" / ".plain-epoch3.0123abcd"  # as `_write` names its folder
+    """A full $TMPDIR failed every trial (OSError out of np.save) and left half-written files
+    that counted against the budget; the store is a saving, never a reason to fail. The disk
+    filling between the check and the allocation is the same case now."""
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kdsearch.store.os.posix_fallocate", full)
+    seen: list[int] = []
+    assert store_of(tmp_path, 100 * EPOCH_BYTES).epoch(0, "plain", CPU, epoch_of(seen), 10) is None
+    assert seen == [0]  # the layout's batch only
+    assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_a_run_killed_while_making_an_epoch_leaves_nothing_behind(tmp_path: Path) -> None:
+    dead = tmp_path / "s" / ".plain-epoch3.0123abcd"  # as `_made` names its folder
     dead.mkdir(parents=True)
     (dead / "logits.npy").write_bytes(bytes(EPOCH_BYTES))
-    store = TeacherStore(StoreConfig(tmp_path, EPOCH_BYTES + 4096, 0), "s", ROWS)
-    assert store.epoch(0, "plain", torch.device("cpu"), epoch_of) is not None
+    store = store_of(tmp_path, EPOCH_BYTES + 4096)
+    assert store.epoch(0, "plain", CPU, epoch_of(), BATCHES) is not None
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["plain-epoch0"]
+
+
+def test_an_epoch_no_run_works_on_any_more_is_removed_when_its_room_is_needed(
+    tmp_path: Path,
+) -> None:
+    store = store_of(tmp_path, EPOCH_BYTES + 4096)
+    seen: list[int] = []
+    with pytest.raises(KeyboardInterrupt):  # its run stopped: half an epoch, taking the room
+        store.epoch(0, "plain", CPU, epoch_of(seen, stop_after=5), BATCHES)
+    half = tmp_path / "s" / "plain-epoch0"
+    fd = os.open(half / "users.lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a run still working on it
+    try:
+        assert store.epoch(1, "plain", CPU, epoch_of(), BATCHES) is None
+        assert half.is_dir()
+    finally:
+        os.close(fd)
+    outputs = store.epoch(1, "plain", CPU, epoch_of(), BATCHES)
+    assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["plain-epoch1"]
 
 
 def test_bf16_outputs_are_stored_as_their_16_bits_and_read_back_as_they_were(
     tmp_path: Path,
 ) -> None:
-    store = TeacherStore(StoreConfig(tmp_path, 2**30, 0), "s", ROWS)
-    cpu = torch.device("cpu")
+    store = store_of(tmp_path, 2**30)
     values = torch.randn(ROWS, 256).bfloat16()
 
-    def compute() -> Iterator[tuple[torch.Tensor, Outputs]]:
-        for start in range(0, ROWS, 100):
-            idx = torch.arange(start, start + 100)
+    def compute(batches: range) -> Iterator[tuple[torch.Tensor, Outputs]]:
+        for b in batches:
+            idx = torch.arange(b * 100, b * 100 + 100)
             yield idx, {"logits": values[idx], "pooled": values[idx].float()}
 
-    store.epoch(0, "plain", cpu, compute)
-    read = store.epoch(0, "plain", cpu, compute)
+    store.epoch(0, "plain", CPU, compute, BATCHES)
+    read = store.epoch(0, "plain", CPU, compute, BATCHES)
     assert read is not None
     assert read.tensors["logits"].dtype == torch.bfloat16
     assert torch.equal(read.tensors["logits"], values)
@@ -343,7 +428,7 @@ def test_a_store_whose_folder_cannot_be_written_runs_the_teacher_live(tmp_path: 
     (tmp_path / "file").write_text("not a folder")
     store = TeacherStore(StoreConfig(tmp_path / "file" / "store", 2**30, 0), "s", ROWS)
     seen: list[int] = []
-    assert store.epoch(0, "plain", torch.device("cpu"), lambda: epoch_of(seen)) is None
+    assert store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES) is None
     assert seen == []
 
 
@@ -371,3 +456,10 @@ def test_an_epochs_stored_outputs_are_let_go_before_the_next_epochs_are_placed(
     monkeypatch.setattr(StoreReader, "epoch", epoch)
     run(data, teacher, {"schedule.epochs": 3}, config(tmp_path))
     assert len(earlier) == 3
+
+
+def test_an_epoch_is_cut_into_shares_of_whole_batches_in_order() -> None:
+    assert [len(s) for s in shares(40)] == [2, 3] * 8
+    assert {len(s) for s in shares(1000)} == {62, 63}
+    assert shares(3) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert [b for s in shares(1000) for b in s] == list(range(1000))

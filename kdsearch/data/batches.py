@@ -66,17 +66,20 @@ class Loader:
         out = torch.addcmul(self.shift, x.float(), self.scale)
         return out.contiguous(memory_format=torch.channels_last)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch; for training, a pure function of (seed, epoch)."""
+    def epoch(self, epoch: int, batches: range | None = None) -> Iterator[Batch]:
+        """The batches of one epoch, or those numbered in `batches`; for training, a pure
+        function of (seed, epoch), whichever of them are asked for."""
         n = len(self.split)
+        numbers = range(len(self)) if batches is None else batches
         if not self.train:
-            for start in range(0, n, self.batch_size):
+            for b in numbers:
+                start = b * self.batch_size
                 idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
                 yield Batch(self.normalize(self.split.x[idx]), self.split.y[idx], idx)
             return
         draws = epoch_draws(n, seed=self.seed, epoch=epoch, pad=self.pad, hflip=self.hflip)
         order, offsets, flips = (from_host(d, self.device) for d in draws)
-        for b in range(len(self)):
+        for b in numbers:
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = crop_flip(self.split.x[idx], offsets[idx], flips[idx], self.pad)
             yield Batch(self.normalize(x), self.split.y[idx], idx)
