@@ -23,11 +23,13 @@ Its files are made at their full size, on the disk, before any share is computed
 holding the store's one lock and only when they fit `budget_bytes` beside the epochs already
 there (complete or not) and the disk's free space: trials computing epochs at once cannot grow
 the store past the budget, and a full disk shows then, not half-way. An epoch that does not fit
-is not computed: the first time, one batch tells its size, and the trial, and every later one
-reaching that epoch, runs the teacher live for it. Room is made by removing epochs that are not
-complete and that no trial is working on (their trials stopped). Stored epochs are
-memory-mapped (the page cache holds them in host memory); an epoch that fits `device_bytes` is
-copied to the training device at the start of the epoch.
+is not computed: the first time, one batch tells its size, and the trial runs the teacher live
+for it, as do the trials reaching it while there is no room. Room is made by removing epochs
+that are not complete and that no trial is working on (their trials stopped), where that makes
+enough. A trial waits for a share another trial is computing only so long (see `_filled`), then
+runs the teacher live. Stored epochs are memory-mapped (the page cache holds them in host
+memory); an epoch that fits `device_bytes` is copied to the training device at the start of the
+epoch.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +109,12 @@ def per_image(outputs: Outputs, batch: int) -> Outputs:
 
 SHARES = 16
 """Into how many shares an epoch's batches are cut for the trials computing it at once."""
+
+PATIENCE = 4
+PATIENCE_S = 600.0
+POLL_S = 0.02
+"""How long a trial waits for a share another trial holds (see `TeacherStore._filled`), and how
+often it looks."""
 
 COMPLETE = "complete"
 """The file that marks an epoch folder whose every share has been computed."""
@@ -204,10 +213,8 @@ class TeacherStore:
         for made in self.config.root.glob("*/.*-epoch*"):  # a trial's, killed while making it
             shutil.rmtree(made, ignore_errors=True)
         need = self._bytes(layout)
-        if not self._has_room(need):
-            self._clear_abandoned()
-            if not self._has_room(need):
-                return False
+        if not self._has_room(need, self._abandoned()):
+            return False
         staged = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
         try:
             staged.mkdir()
@@ -215,9 +222,13 @@ class TeacherStore:
                 array = np.lib.format.open_memmap(
                     staged / f"{name}.npy", "w+", NUMPY[dtype], (self.num_images, *shape)
                 )
-                del array  # the header is written; the data is allocated below
-                with open(staged / f"{name}.npy", "r+b") as f:
-                    allocate(f.fileno(), os.fstat(f.fileno()).st_size)
+                data, size = array.offset, array.nbytes
+                del array  # its header is written and its rows are a hole in the file: their
+                # room on the disk is taken now (macOS has no posix_fallocate: a full disk shows
+                # there when a row is written, as an OSError too)
+                if hasattr(os, "posix_fallocate"):
+                    with open(staged / f"{name}.npy", "r+b") as f:
+                        os.posix_fallocate(f.fileno(), data, size)
                 (staged / f"{name}.dtype").write_text(str(dtype).removeprefix("torch."))
             staged.rename(final)
         except OSError:  # the disk is full after all, or the folder cannot be written
@@ -225,37 +236,53 @@ class TeacherStore:
             return False
         return True
 
-    def _has_room(self, need: int) -> bool:
+    def _has_room(self, need: int, abandoned: list[Path]) -> bool:
         """Whether an epoch of `need` bytes fits the budget beside the epochs in the store, and
-        the disk."""
+        the disk, once the `abandoned` epochs are removed; they are removed where that makes it
+        fit (and only then: an epoch a stopped trial left may be finished by the next)."""
         with suppress(OSError):
-            return (
-                self._used() + need <= self.config.budget_bytes
-                and shutil.disk_usage(self.folder).free >= need
-            )
+            used, free = self._used(), shutil.disk_usage(self.folder).free
+            if used + need <= self.config.budget_bytes and free >= need:
+                return True
+            held = sum(f.stat().st_size for epoch in abandoned for f in epoch.glob("*.npy"))
+            if used - held + need <= self.config.budget_bytes and free + held >= need:
+                for epoch in abandoned:
+                    gone = epoch.with_name(f".{epoch.name}.{uuid.uuid4().hex}")  # never half-seen
+                    epoch.rename(gone)
+                    shutil.rmtree(gone, ignore_errors=True)
+                return True
         return False
 
     def _filled(self, final: Path, layout: Layout, compute: Compute, batches: int) -> bool:
         """Every share of `final`'s epoch computed, here or by other trials: first the shares
         nobody is computing, then, waiting for each, those others were (computed here where a
-        trial stopped before it was done). False when the shares' locks cannot be taken."""
-        files = {
-            name: np.load(final / f"{name}.npy", mmap_mode="r+")
-            for name in layout  # to write its rows in place: a share is scattered over the rows
-        }
+        trial stopped before it was done). False when the shares' locks cannot be taken, or a
+        trial computing a share seems stuck: it holds it `PATIENCE` times as long as a share
+        took here, and at least `PATIENCE_S` seconds."""
+        with closing(Rows(final, layout)) as rows:
+            return self._shares_filled(final, rows, compute, batches)
+
+    def _shares_filled(self, final: Path, rows: Rows, compute: Compute, batches: int) -> bool:
+        took = 0.0  # the longest share computed here, in seconds
         for wait in (False, True):
             for number, share in enumerate(shares(batches)):
                 done = final / f"share{number}.done"
-                if done.exists():
-                    continue
-                with flocked(final / f"share{number}.lock", wait=wait) as mine:
-                    if mine is None:
-                        return False
-                    if mine and not done.exists():
-                        for idx, outputs in compute(share):
-                            for name, rows in per_image(outputs, len(idx)).items():
-                                files[name][idx.cpu().numpy()] = as_numpy(rows)
-                        done.touch()
+                give_up = time.monotonic() + max(PATIENCE_S, PATIENCE * took)
+                while not done.exists():
+                    with flocked(final / f"share{number}.lock", wait=False) as mine:
+                        if mine is None:
+                            return False
+                        if mine and not done.exists():
+                            started = time.monotonic()
+                            for idx, outputs in compute(share):
+                                rows.write(idx, per_image(outputs, len(idx)))
+                            done.touch()
+                            took = max(took, time.monotonic() - started)
+                    if not wait or time.monotonic() > give_up:
+                        break
+                    time.sleep(POLL_S)
+                if not done.exists() and wait:
+                    return False
         (final / COMPLETE).touch()
         return True
 
@@ -269,15 +296,18 @@ class TeacherStore:
             for f in epoch.glob("*.npy")
         )
 
-    def _clear_abandoned(self) -> None:
-        """Remove epochs that are not complete and that no trial is working on (called holding
-        the store's lock, under which every trial starts to work on an epoch)."""
+    def _abandoned(self) -> list[Path]:
+        """Epochs that are not complete and that no trial is working on (called holding the
+        store's lock, under which every trial starts to work on an epoch, so none can start on
+        these)."""
+        found = []
         for epoch in self.config.root.glob("*/*-epoch*"):
             if epoch.name.startswith(".") or (epoch / COMPLETE).exists():
                 continue
             with flocked(epoch / "users.lock", wait=False) as nobody:
-                if nobody:
-                    shutil.rmtree(epoch, ignore_errors=True)
+                if nobody and not (epoch / COMPLETE).exists():  # not completed meanwhile
+                    found.append(epoch)
+        return found
 
     def _read(self, final: Path) -> EpochOutputs:
         with warnings.catch_warnings():  # memory-mapped read-only; nothing writes to them
@@ -306,15 +336,34 @@ def as_numpy(rows: Tensor) -> np.ndarray:
     return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()
 
 
-def allocate(fd: int, size: int) -> None:
-    """Give the file `fd` its `size` bytes on the disk now (an OSError when the disk is full),
-    so that writing its rows through a memory map later cannot fail."""
-    if hasattr(os, "posix_fallocate"):
-        os.posix_fallocate(fd, 0, size)
-        return
-    block = bytes(2**20)  # macOS has no posix_fallocate: write zeros over the file
-    for offset in range(0, size, len(block)):
-        os.pwrite(fd, block[: size - offset], offset)
+class Rows:
+    """An epoch's files, open to write images' rows into, each at its place with `os.pwrite` (a
+    full disk is then an OSError; a write through a memory map would kill the process instead,
+    on file systems that do not allocate ahead, such as ZFS). Closed with `close`."""
+
+    def __init__(self, final: Path, layout: Layout) -> None:
+        self.files: dict[str, tuple[int, int, int]] = {}  # name: descriptor, data offset, row
+        try:
+            for name in layout:
+                header = np.load(final / f"{name}.npy", mmap_mode="r")
+                fd = os.open(final / f"{name}.npy", os.O_WRONLY)
+                self.files[name] = (fd, header.offset, header.strides[0])
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, idx: Tensor, rows_of: Outputs) -> None:
+        """Each image's row of each output (one row an image, see `per_image`)."""
+        images = idx.cpu().tolist()
+        for name, rows in rows_of.items():
+            fd, data, row = self.files[name]
+            values = as_numpy(rows)
+            for i, image in enumerate(images):
+                os.pwrite(fd, values[i].tobytes(), data + image * row)
+
+    def close(self) -> None:
+        for fd, _, _ in self.files.values():
+            os.close(fd)
 
 
 def store_group(distiller: Distiller, heads: Mapping[str, torch.nn.Module]) -> str | None:

@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -247,22 +249,92 @@ def test_runs_reaching_an_epoch_together_compute_its_shares_between_them(tmp_pat
     store_of(tmp_path, 100 * EPOCH_BYTES).epoch(0, "plain", CPU, epoch_of(), BATCHES)
     seen: list[list[int]] = [[], [], []]
     whole: list[bool] = []  # whether a run's outputs were all there when it got them
+    together = threading.Barrier(3)  # each has taken a share before any takes a second
 
     def reach(i: int) -> None:
+        compute = epoch_of(seen[i], delay=0.05)
+
+        def meeting(batches: range) -> Iterator[tuple[torch.Tensor, Outputs]]:
+            if not seen[i]:
+                together.wait(timeout=30)
+            yield from compute(batches)
+
         store = store_of(tmp_path, 100 * EPOCH_BYTES)
-        outputs = store.epoch(1, "plain", CPU, epoch_of(seen[i], delay=0.05), BATCHES)
+        outputs = store.epoch(1, "plain", CPU, meeting, BATCHES)
         whole.append(
             outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
         )
 
-    threads = [threading.Thread(target=reach, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=reach, args=(i,), daemon=True) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert all(len(batches) >= 2 for batches in seen), f"each computed a share: {seen}"
+    assert all(seen), f"each computed a share: {seen}"
     assert sorted(b for batches in seen for b in batches) == list(range(BATCHES)), "once each"
     assert whole == [True, True, True]
+
+
+def test_a_share_a_killed_run_was_computing_is_computed_by_the_next_run(tmp_path: Path) -> None:
+    """A trial killed with -9 halfway through an epoch: the kernel lets go of its locks, and the
+    next trial to reach the epoch computes what it had not."""
+    store_of(tmp_path, 100 * EPOCH_BYTES).epoch(0, "plain", CPU, epoch_of(), BATCHES)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    for line in child.stdout:  # the batches it computes, one a line
+        if line.strip() == "3":
+            break
+    child.kill()
+    child.wait(timeout=30)
+    epoch = tmp_path / "s" / "plain-epoch1"
+    assert sorted(p.name for p in epoch.glob("*.done")) == [f"share{i}.done" for i in range(3)]
+    seen: list[int] = []
+    outputs = store_of(tmp_path, 100 * EPOCH_BYTES).epoch(1, "plain", CPU, epoch_of(seen), 10)
+    assert seen == [3, 4, 5, 6, 7, 8, 9], "share 3 was the killed run's: its lock is free"
+    assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
+
+
+KILLED = """
+import sys, time
+from pathlib import Path
+import torch
+from kdsearch.store import StoreConfig, TeacherStore
+
+def compute(batches):
+    for b in batches:
+        print(b, flush=True)
+        time.sleep(0.2 if b < 3 else 60)
+        idx = torch.arange(b * 100, b * 100 + 100)
+        yield idx, {"logits": idx[:, None].float().expand(100, 256).contiguous()}
+
+store = TeacherStore(StoreConfig(Path(sys.argv[1]), 2**30, 0), "s", 1000)
+store.epoch(1, "plain", torch.device("cpu"), compute, 10)
+"""
+
+
+def test_a_run_holding_a_share_too_long_is_not_waited_for_past_the_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial stuck while computing a share (stopped, hung on its device) held every trial
+    reaching the epoch for as long as it was stuck."""
+    monkeypatch.setattr("kdsearch.store.PATIENCE_S", 0.5)
+    store = store_of(tmp_path, 100 * EPOCH_BYTES)
+    store.epoch(0, "plain", CPU, epoch_of(), BATCHES)
+    seen: list[int] = []
+    with pytest.raises(KeyboardInterrupt):  # makes the epoch's files
+        store.epoch(1, "plain", CPU, epoch_of(seen, stop_after=0), BATCHES)
+    fd = os.open(tmp_path / "s" / "plain-epoch1" / "share4.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # stuck
+    try:
+        started = time.monotonic()
+        assert store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES) is None
+        waited = time.monotonic() - started
+    finally:
+        os.close(fd)
+    assert seen == [0, 1, 2, 3, 5, 6, 7, 8, 9], "all but the stuck share, then the teacher live"
+    assert 0.5 <= waited < 30
 
 
 def test_a_share_whose_run_stopped_half_way_is_computed_by_the_next_run(tmp_path: Path) -> None:
@@ -402,6 +474,36 @@ def test_an_epoch_no_run_works_on_any_more_is_removed_when_its_room_is_needed(
     outputs = store.epoch(1, "plain", CPU, epoch_of(), BATCHES)
     assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["plain-epoch1"]
+
+
+def test_an_epoch_a_stopped_run_left_is_kept_where_removing_it_would_not_make_room(
+    tmp_path: Path,
+) -> None:
+    store = store_of(tmp_path, EPOCH_BYTES + EPOCH_BYTES // 2)
+    with pytest.raises(KeyboardInterrupt):
+        store.epoch(0, "plain", CPU, epoch_of([], stop_after=5), BATCHES)
+
+    def wide(batches: range) -> Iterator[tuple[torch.Tensor, Outputs]]:  # twice the plain rows
+        for idx, outputs in epoch_of()(batches):
+            yield idx, {"logits": outputs["logits"].repeat(1, 2)}
+
+    assert store.epoch(0, "wide", CPU, wide, BATCHES) is None
+    assert (tmp_path / "s" / "plain-epoch0").is_dir(), "kept: the next run may finish it"
+    seen: list[int] = []
+    assert store.epoch(0, "plain", CPU, epoch_of(seen), BATCHES) is not None
+    assert seen == [4, 5, 6, 7, 8, 9]  # the stopped run did shares 0-3 after the layout's batch
+
+
+def test_without_posix_fallocate_the_store_writes_and_reads_its_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no posix_fallocate; zeros written over the whole file in its place wiped the
+    files' NumPy headers, and every trial failed."""
+    monkeypatch.delattr("kdsearch.store.os.posix_fallocate")
+    store = store_of(tmp_path, 100 * EPOCH_BYTES)
+    assert store.epoch(0, "plain", CPU, epoch_of(), BATCHES) is not None
+    outputs = store.epoch(0, "plain", CPU, epoch_of(), BATCHES)
+    assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
 
 
 def test_bf16_outputs_are_stored_as_their_16_bits_and_read_back_as_they_were(
