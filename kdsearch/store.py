@@ -1,39 +1,41 @@
-"""The teacher-output store: the frozen teacher's outputs for one epoch of training data,
-computed once and read by every trial of a search on the same machine.
+"""The teacher-output store: the frozen teacher's outputs for one epoch of training data, computed
+once and read by every trial of a search on the same machine.
 
-Within a search every trial sees the same images in the same order with the same augmentation
-draws (a pure function of the recipe's seed, which a space cannot search, the epoch and the
-image index, see `data.Loader`), so the teacher's outputs for an epoch are the same for every
-trial. The first trials to reach an epoch compute them, over the batches they train on, and
-write them to the store; later trials read them instead of running the teacher. What is stored
-is what the terms read of the teacher: final logits and pooled features, on the batch (`plain`)
-or on its four rotations (`rot`), and the outputs of the teacher's HSAKD heads on the rotations.
-Terms that read the teacher's stage maps (CKTF) or its outputs on images a trial mixes with its
-own parameters (STKD) run the teacher live.
+Within a search every trial sees the same images in the same order with the same augmentation draws
+(a pure function of the recipe's seed, which a space cannot search, the epoch and the image index,
+see `data.Loader`), so the teacher's outputs for an epoch are the same for every trial. The first
+trials to reach an epoch compute them, over the batches they train on, and write them to the store;
+later trials read them instead of running the teacher. What is stored is what the terms read of the
+teacher: final logits and pooled features, on the batch (`plain`) or on its four rotations (`rot`),
+and the outputs of the teacher's HSAKD heads on the rotations. Terms that read the teacher's stage
+maps (CKTF) or its outputs on images a trial mixes with its own parameters (STKD) run the teacher
+live.
 
-An epoch is one folder of `.npy` files, one row an image, in the precision the teacher ran in
-(bf16 as its 16 bits). Its batches are cut into `SHARES` shares, each with a lock: trials that
-reach an epoch at the same time (a search's first trials all do, at every epoch) compute the
-shares between them, each taking one nobody has, then waiting for those the others are
-computing, and each trial then trains on the whole epoch. A share whose trial stopped half-way
-is computed by the next trial to wait for it. Only once every share is in is the epoch marked
-complete; a reader never sees half an epoch.
+An epoch is one folder of `.npy` files, one row an image, in the precision the teacher ran in (bf16
+as its 16 bits). Its batches are cut into `SHARES` shares, each with a lock: trials that reach an
+epoch at the same time (a search's first trials all do, at every epoch) compute the shares between
+them, each taking one nobody has, then waiting for those the others are computing, and each trial
+then trains on the whole epoch. A share whose trial stopped half-way is computed by the next trial
+to wait for it. Only once every share is in is the epoch marked complete; a reader never sees half
+an epoch.
 
 Its files are made at their full size, on the disk, before any share is computed, by a trial
-holding the store's one lock and only when they fit `budget_bytes` beside the epochs already
-there (complete or not) and the disk's free space: trials computing epochs at once cannot grow
-the store past the budget, and a full disk shows then, not half-way. An epoch that does not fit
-is not computed: the first time, one batch tells its size, and the trial runs the teacher live
-for it, as do the trials reaching it while there is no room. Room is made by removing epochs
-that are not complete and that no trial is working on (their trials stopped), where that makes
-enough. A trial waits for a share another trial is computing only so long (see `_filled`), then
-runs the teacher live. Stored epochs are memory-mapped (the page cache holds them in host
-memory); an epoch that fits `device_bytes` is copied to the training device at the start of the
-epoch.
+holding the store's one lock and only when they fit `budget_bytes` beside the epochs already there
+(complete or not) and the disk's free space: trials computing epochs at once cannot grow the store
+past the budget, and a full disk shows then, not half-way (where the file system allocates ahead:
+on macOS, ZFS or a copy-on-write btrfs it shows as a failed write, and that trial runs the teacher
+live for the epoch). An epoch that does not fit is not computed: the first time, one batch tells
+its size, and the trial runs the teacher live for it, as do the trials reaching it while there is
+no room. Room is made by removing epochs that are not complete and that no trial is working on
+(their trials stopped), where that makes enough. A trial waits for a share another trial is
+computing only so long (see `_filled`), then runs the teacher live, and later trials do not wait
+for that share again. Stored epochs are memory-mapped (the page cache holds them in host memory);
+an epoch that fits `device_bytes` is copied to the training device at the start of the epoch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -226,7 +228,7 @@ class TeacherStore:
                 del array  # its header is written and its rows are a hole in the file: their
                 # room on the disk is taken now (macOS has no posix_fallocate: a full disk shows
                 # there when a row is written, as an OSError too)
-                if hasattr(os, "posix_fallocate"):
+                if hasattr(os, "posix_fallocate") and size:
                     with open(staged / f"{name}.npy", "r+b") as f:
                         os.posix_fallocate(f.fileno(), data, size)
                 (staged / f"{name}.dtype").write_text(str(dtype).removeprefix("torch."))
@@ -256,9 +258,10 @@ class TeacherStore:
     def _filled(self, final: Path, layout: Layout, compute: Compute, batches: int) -> bool:
         """Every share of `final`'s epoch computed, here or by other trials: first the shares
         nobody is computing, then, waiting for each, those others were (computed here where a
-        trial stopped before it was done). False when the shares' locks cannot be taken, or a
-        trial computing a share seems stuck: it holds it `PATIENCE` times as long as a share
-        took here, and at least `PATIENCE_S` seconds."""
+        trial stopped before it was done). False when the shares' locks cannot be taken, or when
+        a trial computing a share seems stuck: it has held it, since this trial began to wait for
+        it, `PATIENCE` times as long as the longest share this trial computed, and at least
+        `PATIENCE_S` seconds; the share is then marked, and later trials do not wait for it."""
         with closing(Rows(final, layout)) as rows:
             return self._shares_filled(final, rows, compute, batches)
 
@@ -267,6 +270,7 @@ class TeacherStore:
         for wait in (False, True):
             for number, share in enumerate(shares(batches)):
                 done = final / f"share{number}.done"
+                stuck = final / f"share{number}.stuck"  # another trial gave up waiting for it
                 give_up = time.monotonic() + max(PATIENCE_S, PATIENCE * took)
                 while not done.exists():
                     with flocked(final / f"share{number}.lock", wait=False) as mine:
@@ -278,7 +282,11 @@ class TeacherStore:
                                 rows.write(idx, per_image(outputs, len(idx)))
                             done.touch()
                             took = max(took, time.monotonic() - started)
-                    if not wait or time.monotonic() > give_up:
+                            continue
+                    if not wait or stuck.exists():
+                        break
+                    if time.monotonic() > give_up:
+                        stuck.touch()
                         break
                     time.sleep(POLL_S)
                 if not done.exists() and wait:
@@ -359,7 +367,8 @@ class Rows:
             fd, data, row = self.files[name]
             values = as_numpy(rows)
             for i, image in enumerate(images):
-                os.pwrite(fd, values[i].tobytes(), data + image * row)
+                if os.pwrite(fd, values[i].tobytes(), data + image * row) != row:
+                    raise OSError(errno.ENOSPC, "a row written in part")  # a full disk
 
     def close(self) -> None:
         for fd, _, _ in self.files.values():
