@@ -215,7 +215,7 @@ class TeacherStore:
         for made in self.config.root.glob("*/.*-epoch*"):  # a trial's, killed while making it
             shutil.rmtree(made, ignore_errors=True)
         need = self._bytes(layout)
-        if not self._has_room(need, self._abandoned()):
+        if not self._has_room(need):
             return False
         staged = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
         try:
@@ -238,14 +238,16 @@ class TeacherStore:
             return False
         return True
 
-    def _has_room(self, need: int, abandoned: list[Path]) -> bool:
+    def _has_room(self, need: int) -> bool:
         """Whether an epoch of `need` bytes fits the budget beside the epochs in the store, and
-        the disk, once the `abandoned` epochs are removed; they are removed where that makes it
-        fit (and only then: an epoch a stopped trial left may be finished by the next)."""
+        the disk, once the abandoned epochs (`_abandoned`) are removed; they are removed where
+        that makes it fit (and only then: an epoch a stopped trial left may be finished by the
+        next). They are looked for only where the epoch does not fit without."""
         with suppress(OSError):
             used, free = self._used(), shutil.disk_usage(self.folder).free
             if used + need <= self.config.budget_bytes and free >= need:
                 return True
+            abandoned = self._abandoned()
             held = sum(f.stat().st_size for epoch in abandoned for f in epoch.glob("*.npy"))
             if used - held + need <= self.config.budget_bytes and free + held >= need:
                 for epoch in abandoned:
