@@ -376,6 +376,27 @@ def test_a_share_whose_run_stopped_half_way_is_computed_by_the_next_run(tmp_path
     assert outputs is not None and torch.equal(outputs.tensors["logits"], expected_logits())
 
 
+def test_a_share_another_run_finishes_while_its_lock_is_taken_is_not_computed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between seeing a share not done and getting its lock, its run can finish it."""
+    from kdsearch import store as module
+
+    store = store_of(tmp_path, 100 * EPOCH_BYTES)
+    store.epoch(0, "plain", CPU, epoch_of(), BATCHES)
+    lock = module.flocked
+
+    def finished_meanwhile(path: Path, **how: bool) -> object:
+        if path.name == "share2.lock":
+            path.with_name("share2.done").touch()  # the other run, just before this one got it
+        return lock(path, **how)
+
+    monkeypatch.setattr(module, "flocked", finished_meanwhile)
+    seen: list[int] = []
+    assert store.epoch(1, "plain", CPU, epoch_of(seen), BATCHES) is not None
+    assert seen == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+
+
 def test_runs_making_epochs_at_the_same_time_keep_the_store_within_its_budget(
     tmp_path: Path,
 ) -> None:
