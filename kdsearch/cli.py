@@ -22,6 +22,7 @@ from kdsearch.commands.studies import cmd_dashboard, cmd_report, cmd_trials
 from kdsearch.commands.train import cmd_train
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
+from kdsearch.recipe import MOST
 from kdsearch.space import cluster_address, study_name_problem
 
 
@@ -93,10 +94,12 @@ def whole_number(text: str) -> int:
 
 
 def positive(text: str) -> int:
-    """A count or budget: at least 1."""
+    """A count or budget: at least 1, and at most what a study records (`recipe.MOST`)."""
     value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    if value > MOST:
+        raise argparse.ArgumentTypeError(f"{value} is more than a study records ({MOST})")
     return value
 
 

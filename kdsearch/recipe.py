@@ -54,7 +54,11 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 Weight = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
-Epochs = Annotated[int, Field(ge=1)]
+# The most a study can record of a count: Optuna keeps trial numbers and epochs (its steps) in
+# SQL `integer` columns, 32-bit in PostgreSQL.
+MOST = 2**31 - 1
+Count = Annotated[int, Field(ge=1, le=MOST)]
+Epochs = Count
 # Bounded so that a typo is an error, not a traceback from torch.manual_seed (past 2**64 - 1).
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 

@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import (
+    Count,
     Recipe,
     Section,
     Seed,
@@ -243,8 +244,8 @@ class TeacherStoreConfig(Section):
 class SearchConfig(Section):
     """How many trials, how many at once, and how they are proposed."""
 
-    trials: Annotated[int, Field(ge=1)] = 16
-    concurrent: Annotated[int, Field(ge=1)] = 2
+    trials: Count = 16
+    concurrent: Count = 2
     per_trial: PerTrialConfig = PerTrialConfig()
     sampler: Literal["tpe", "random"] = "tpe"
     seed: Seed = 0
@@ -255,8 +256,8 @@ class AshaConfig(Section):
     """Successive halving over epochs: a trial runs at most `max_epochs`; at `grace_epochs`
     and every `reduction_factor` times more, only the best 1/reduction_factor continue."""
 
-    max_epochs: Annotated[int, Field(ge=1)]
-    grace_epochs: Annotated[int, Field(ge=1)] = 1
+    max_epochs: Count
+    grace_epochs: Count = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 3.0
 
     @model_validator(mode="after")
@@ -271,9 +272,9 @@ class AshaConfig(Section):
 class PromoteConfig(Section):
     """Re-training of the best trials at full budget (`epochs`: the base recipe's if null)."""
 
-    top_k: Annotated[int, Field(ge=1)] = 3
-    seeds: Annotated[int, Field(ge=1)] = 3
-    epochs: Annotated[int, Field(ge=1)] | None = None
+    top_k: Count = 3
+    seeds: Count = 3
+    epochs: Count | None = None
 
 
 class ExportConfig(Section):

@@ -643,6 +643,48 @@ def test_the_promoted_study_of_a_search_with_a_long_name_is_looked_for(
     assert "a study name is at most 200 characters" in too_long.stderr
 
 
+def test_a_study_name_that_no_search_takes_names_no_file(tmp_path: Path, cli_here: CliHere) -> None:
+    """`kdsearch trials ../x` read ./x.db, outside studies/, and `trials ''` studies/.db."""
+    write_study(tmp_path / "inner")  # inner/studies/s.db: from inner/studies, studies/../s.db
+    for command in ("trials", "report", "promote", "export"):
+        for name in ("../s", "", "studies/s"):
+            out = ["--out", "w"] if command == "export" else []
+            ran = cli_here(command, name, *out, cwd=tmp_path / "inner" / "studies")
+            assert ran.returncode == 2 and ran.stderr == (
+                f"kdsearch: error: {name!r}: a study name is letters, digits, '_', '.' and '-', "
+                "not starting with '.', '_' or '-'\n"
+            ), ran.stderr
+    assert cli_here("trials", "s", cwd=tmp_path / "inner").returncode == 0
+
+
+def test_a_count_past_what_a_study_records_is_refused(tmp_path: Path, cli_here: CliHere) -> None:
+    """`--trials 99999999999` ran, as far as a search of that many trials runs."""
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    ran = cli_here("run", "space.yaml", "--check", "--trials", "2147483648", cwd=tmp_path)
+    assert ran.returncode == 2 and (
+        "argument --trials: 2147483648 is more than a study records (2147483647)" in ran.stderr
+    )
+    ran = cli_here("run", "space.yaml", "--check", "--trials", "2147483647", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_check_refuses_a_storage_whose_driver_is_not_installed(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """`run --check --storage mysql://...` said "checked", and the search then failed."""
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    for url, why in (
+        ("mysql://kd:hunter2@db/kd", "the module 'MySQLdb' its driver needs is not installed"),
+        ("foo://db/kd", "Can't load plugin: sqlalchemy.dialects:foo"),
+    ):
+        ran = cli_here("run", "space.yaml", "--check", "--storage", url, cwd=tmp_path)
+        shown = url.replace("hunter2", "***")
+        assert ran.returncode == 2, ran.stderr
+        assert f"cannot open the study storage {shown}: {why}" in ran.stderr
+    ran = cli_here("run", "space.yaml", "--check", "--storage", "postgresql://db/kd", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr  # psycopg2 is installed: nothing connects
+
+
 def test_a_storage_path_is_the_sqlite_url_of_the_absolute_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import FixedTrial
+from pydantic import ValidationError
 
 from kdsearch.errors import RecipeError
 from kdsearch.recipe import Recipe
 from kdsearch.search.tuner import active_terms
-from kdsearch.space import SearchSpace, choice_labels, cluster_address, on_grid
+from kdsearch.space import AshaConfig, SearchSpace, choice_labels, cluster_address, on_grid
 
 from .conftest import REPO, tiny_recipe
 
@@ -158,6 +159,11 @@ def test_bad_spaces_name_the_key(params: str, expected: str) -> None:
         ("search: {trials: 0}\n", "search.trials: Input should be greater than or equal to 1"),
         ("search: {sampler: grid}\n", "search.sampler: Input should be 'tpe' or 'random'"),
         ("search: {seed: 4294967296}\n", "search.seed: Input should be less than or equal to"),
+        (  # a typo's extra digits: no study records a trial number or an epoch past 2**31 - 1
+            "search: {trials: 2147483648}\n",
+            "search.trials: Input should be less than or equal to 2147483647",
+        ),
+        ("promote: {epochs: 2147483648}\n", "promote.epochs: Input should be less than or"),
         (
             "bogus: 1\n",
             "bogus: unknown key; allowed here: study, base, space, search, asha, promote, export",
@@ -182,6 +188,14 @@ def test_bad_sections_name_the_key(extra: str, expected: str) -> None:
     with pytest.raises(RecipeError, match=None) as info:
         space_of("  optim.lr: {type: float, low: 0.01, high: 0.1}\n", extra)
     assert expected in str(info.value)
+
+
+def test_asha_epochs_past_what_a_study_records_are_refused() -> None:
+    """`max_epochs: 99999999999999999999` was checked and searched, every trial pruned."""
+    for epochs in ({"max_epochs": 2**64}, {"max_epochs": 2**31, "grace_epochs": 2**31}):
+        with pytest.raises(ValidationError, match="less than or equal to 2147483647"):
+            AshaConfig(**epochs)
+    assert AshaConfig(max_epochs=2**31 - 1).max_epochs == 2**31 - 1
 
 
 @pytest.mark.parametrize(

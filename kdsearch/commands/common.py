@@ -12,7 +12,6 @@ from kdsearch.display import console, epoch_progress
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
 from kdsearch.recipe import Recipe, empty_section, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports Optuna
-    NAME_MAX,
     PROMOTED,
     study_name_problem,
 )
@@ -188,9 +187,11 @@ def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
     if given is None:
-        if len(study.removesuffix(PROMOTED)) > NAME_MAX:  # no study file can have such a
-            # name: one line, no OSError (a promoted study's is its search's file)
-            raise KdsearchError(str(study_name_problem(study)))
+        # a name no search takes names no file of studies/ either (`trials ../x` would read
+        # ./x.db); one line, and no OSError for a name too long (a promoted study's is its
+        # search's file)
+        if problem := study_name_problem(study.removesuffix(PROMOTED)):
+            raise KdsearchError(problem)
         path = study_file(study)
         if not path.is_file():
             raise KdsearchError(

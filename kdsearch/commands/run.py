@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.study.contents import already_held, machine_settings, retuned_settings
     from kdsearch.study.record import Record
     from kdsearch.study.storage import (
+        check_driver,
         check_sqlite_file,
         default_storage,
         open_storage,
@@ -84,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:  # every check made before the study opens, and nothing written
         if given and url.startswith("sqlite"):  # (the default's ./studies is made as it runs)
             check_sqlite_file(url)
+        check_driver(url)
         console.print(
             f"{space.source}: checked: {len(space.params)} parameter"
             f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "

@@ -23,6 +23,7 @@ from kdsearch.commands.common import (
 from kdsearch.display import console, leaderboard_table, print_whole, results, trials_view
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import replaced_whole, writable_file, write_errors
+from kdsearch.space import PROMOTED, study_name_problem
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -36,9 +37,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     given = args.storage
-    named = study_file(given.removesuffix(".db"))  # `digits` or `digits.db`: studies/digits.db
+    name = given.removesuffix(".db")  # `digits` or `digits.db`: studies/digits.db
+    named = study_file(name)
     if "://" not in given and not Path(given).is_file():
-        if named.is_file():
+        if named.is_file() and not study_name_problem(name.removesuffix(PROMOTED)):
             given = str(named)  # a study name, as the other commands take
         elif Path(given).name == given and not Path(given).is_dir():  # a bare name: say both
             # places it was looked for (a folder is refused as one below)

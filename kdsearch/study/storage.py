@@ -139,17 +139,11 @@ def open_storage(url: str) -> BaseStorage:
             f"cannot open the study storage {redact(url)}: its password holds an '@', "
             "which SQLAlchemy reads as the end of the password; write it as %40"
         )
+    check_driver(url)
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
         try:
             return RDBStorage(with_driver(url), engine_kwargs=kwargs)
-        except ImportError as err:  # no retry mends this; Optuna's own message names nothing
-            module = getattr(err.__cause__, "name", None) or "?"
-            hint = ", or write postgresql://, which uses psycopg2" if "postgres" in driver else ""
-            raise StudyError(
-                f"cannot open the study storage {redact(url)}: the module {module!r} its driver "
-                f"needs is not installed; pip install it{hint}"
-            ) from None
         except (ArgumentError, NoSuchModuleError) as err:  # no retry mends these
             failure = err
             break
@@ -163,6 +157,29 @@ def open_storage(url: str) -> BaseStorage:
     reason = text.splitlines()[0] if text else type(failure).__name__
     reason = reason.replace(url, redact(url))
     raise StudyError(f"cannot open the study storage {redact(url)}: {reason}")
+
+
+def check_driver(url: str) -> None:
+    """Refuse `url` where SQLAlchemy cannot read it or the module of its driver is not
+    installed (no retry mends these, and Optuna's message names no module), without
+    connecting: what `run --check` can tell of a storage it does not open."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(with_driver(url)).get_dialect().import_dbapi()
+    except ImportError as err:
+        postgres = "postgres" in url.partition("://")[0]
+        hint = ", or write postgresql://, which uses psycopg2" if postgres else ""
+        raise StudyError(
+            f"cannot open the study storage {redact(url)}: the module {err.name or '?'!r} its "
+            f"driver needs is not installed; pip install it{hint}"
+        ) from None
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:  # not a URL SQLAlchemy reads
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StudyError(
+            f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
+        ) from None
 
 
 def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
