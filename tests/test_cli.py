@@ -173,10 +173,15 @@ def test_train_of_an_export_whose_meta_json_is_damaged_says_it_compares_nothing(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
     """A damaged meta.json turned every note of `train` off (the data, the precision, the
-    teacher), and said nothing."""
+    teacher), and said nothing; a hand-written one (no study named) was compared with."""
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "recipe.yaml").write_text(tiny_recipe({"schedule.epochs": 1}).to_yaml())
-    for text, why in (("{bad", "cannot be read (not JSON)"), ("[1]", "is not an export's")):
+    written = '{"precision": "fp64", "data_fingerprint": 5}'
+    for text, why in (
+        ("{bad", "cannot be read (not JSON)"),
+        ("[1]", "is not an export's"),
+        (written, "is not an export's"),
+    ):
         (tmp_path / "w" / "meta.json").write_text(text)
         ran = cli_here("train", "w/recipe.yaml", "--out", f"o{len(text)}", cwd=tmp_path)
         assert ran.returncode == 0, ran.stderr
@@ -188,6 +193,10 @@ def test_train_of_an_export_whose_meta_json_is_damaged_says_it_compares_nothing(
     assert ran.returncode == 0, ran.stderr
     meta = tmp_path.resolve() / "w" / "meta.json"
     assert f"note: {meta} is not an export's" in " ".join(ran.stderr.split())
+    # an export's, edited: a fingerprint that is not one is passed over, as a precision is
+    (tmp_path / "w" / "meta.json").write_text('{"study": "s", "data_fingerprint": 5}')
+    ran = cli_here("train", "w/recipe.yaml", "--out", "of", cwd=tmp_path)
+    assert ran.returncode == 0 and "note:" not in ran.stderr, ran.stderr
     (tmp_path / "w" / "meta.json").unlink()  # no meta.json: a recipe that is not an export
     ran = cli_here("train", "w/recipe.yaml", "--out", "o", cwd=tmp_path)
     assert ran.returncode == 0 and "meta.json" not in ran.stderr, ran.stderr

@@ -60,11 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     recipe_file = followed(args.recipe)  # an export's recipe.yaml, linked from elsewhere too
     exported = export_meta(recipe_file)
-    if (searched := exported.get("data_fingerprint")) not in (None, data.fingerprint):
+    searched = exported.get("data_fingerprint")  # a fingerprint is a hash's hex digits; a
+    # value of another kind, from a hand-edited file, counts as not kept
+    if isinstance(searched, str) and searched != data.fingerprint:
         console.print(
             f"note: these are not the images or splits the exported student in "
             f"{recipe_file.parent} trained on (data fingerprint {data.fingerprint[:12]}, "
-            f"there {str(searched)[:12]}); its meta.json's accuracies do not carry over",
+            f"there {searched[:12]}); its meta.json's accuracies do not carry over",
         )
     for note in kernel_notes(recipe_file, exported, recipe, precision, device):
         console.print(note)
@@ -209,7 +211,8 @@ def export_meta(recipe_file: Path) -> dict[str, Any]:
         why = err.strerror if isinstance(err, OSError) and err.strerror else "not JSON"
         console.print(f"note: {file} cannot be read ({why}); this run is not compared with it")
         return {}
-    if not isinstance(found, dict):
+    if not isinstance(found, dict) or not isinstance(found.get("study"), str):  # as `export`
+        # tells its own folder (a hand-written file, or another tool's meta.json)
         console.print(
             f"note: {file} is not an export's meta.json; this run is not compared with it"
         )
