@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import atexit
 import errno
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import suppress
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
@@ -376,5 +378,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.unraisablehook = PYTHON_UNRAISABLEHOOK
 
 
+def entry() -> NoReturn:
+    """The `kdsearch` console command: `main`, then its status, even where a Ctrl-C or SIGTERM
+    comes as Python winds down (the second or so its finalizers take after the command's last
+    line), where Python would end a finished command by SIGINT (status 130) or print a
+    KeyboardInterrupt's traceback: such a stop ends it at once, with its status, while Python
+    runs its exit handlers, and is ignored after them."""
+    atexit.register(ignore_stops)  # registered before torch and Ray register theirs: run last
+    code = main()
+
+    def finished(signum: int, frame: FrameType | None) -> None:
+        with suppress(Exception):  # (a reader gone, or a flush the stop came in the middle of)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, finished)
+    signal.signal(signal.SIGTERM, finished)
+    sys.exit(code)
+
+
+def ignore_stops() -> None:
+    """Ignore SIGINT and SIGTERM from here on: past the exit handlers Python stops running its
+    own signal handlers and gives such a signal back its default action, which kills."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -860,6 +860,62 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_command(tmp_path: Path) ->
     assert "kdsearch: interrupted" in ran.stderr and "Exception ignored" not in ran.stderr
 
 
+LATE_STOP = """
+import atexit, os, signal, sys, time
+from kdsearch import cli
+
+
+class TornDown:
+    def __del__(self) -> None:  # as Python tears the modules down (torch's finalizers, a second)
+        if WHEN == "teardown":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os.write(2, b"torn down\\n")
+
+
+def stop_in_exit_handler() -> None:  # an exit handler registered as the command ran (Ray's)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    os.write(2, b"exit handler ran on\\n")
+
+
+def command(args: object) -> int:
+    if WHEN == "exit handler":
+        atexit.register(stop_in_exit_handler)
+    print("the command's last line", file=sys.stderr)
+    return 1  # (no result: the status to keep)
+
+
+WHEN = sys.argv[1]
+held = TornDown()
+cli.cmd_train = command
+sys.argv = ["kdsearch", "train", "r.yaml"]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("when", ["exit handler", "teardown"])
+def test_a_stop_as_a_finished_command_winds_down_keeps_its_status(
+    tmp_path: Path, when: str
+) -> None:
+    """A Ctrl-C in the second after an export's last line (Python running its exit handlers and
+    tearing down torch) ended the finished command by SIGINT, status 130, or printed a
+    KeyboardInterrupt's traceback."""
+    ran = subprocess.run(
+        [sys.executable, "-c", LATE_STOP, when],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 1, ran.stderr
+    assert "the command's last line" in ran.stderr and "KeyboardInterrupt" not in ran.stderr
+    assert "interrupted" not in ran.stderr
+    # in an exit handler it ends the process at once; past them it is ignored
+    assert "exit handler ran on" not in ran.stderr
+    assert ("torn down" in ran.stderr) is (when == "teardown")
+
+
 def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
