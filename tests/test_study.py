@@ -18,6 +18,9 @@ import pytest
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import DateTime, column, make_url, text
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine.interfaces import Dialect
 
 from kdsearch.errors import KdsearchError, KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
@@ -25,6 +28,7 @@ from kdsearch.study.contents import ranked, space_config, study_names, trial_rec
 from kdsearch.study.drivers import STALE_S, driver_alive, pid_scope
 from kdsearch.study.record import Record
 from kdsearch.study.storage import (
+    check_driver,
     check_writes,
     holds_no_study,
     holds_studies,
@@ -1020,6 +1024,24 @@ def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -
         open_storage(url)
     message = str(info.value)
     assert message.startswith(expected) and "hunter2" not in message and "\n" not in message
+
+
+class OldStyleDialect(SQLiteDialect_pysqlite):
+    """A dialect written for SQLAlchemy 1: a `dbapi` class method and no `import_dbapi`, which
+    SQLAlchemy 2's engines still accept (with a warning)."""
+
+    import_dbapi = Dialect.import_dbapi  # the interface's: it raises NotImplementedError
+
+    @classmethod
+    def dbapi(cls) -> Any:
+        return sqlite3
+
+
+def test_a_dialect_without_import_dbapi_is_left_to_the_opening(tmp_path: Path) -> None:
+    """`check_driver` called `import_dbapi`, which such a dialect lacks: a NotImplementedError
+    traceback from every command, on a URL that had opened."""
+    registry.register("oldstylekd", __name__, "OldStyleDialect")
+    check_driver(f"oldstylekd:///{tmp_path}/s.db")  # nothing to say: the opening tries it
 
 
 def test_a_postgresql_server_that_never_answers_is_given_up_on(

@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"note: {space.source}: {idle}")
     for ignored in space.searched_changes(changes):
         console.print(f"note: {ignored}")
+    check_driver(url)  # before Ray joins a cluster, and `--check` says so too
     target = args.trials or space.config.search.trials
     at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
     if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
@@ -85,7 +86,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:  # every check made before the study opens, and nothing written
         if given and url.startswith("sqlite"):  # (the default's ./studies is made as it runs)
             check_sqlite_file(url)
-        check_driver(url)
         console.print(
             f"{space.source}: checked: {len(space.params)} parameter"
             f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "

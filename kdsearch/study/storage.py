@@ -113,9 +113,8 @@ def storage_place(url: str) -> str:
 def open_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage; an unreachable or malformed URL is one clear line."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    driver = url.partition("://")[0]
     if (
-        driver in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+        scheme(url) in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg")
         and "connect_timeout" not in url
         and "PGCONNECT_TIMEOUT" not in os.environ  # the user's own
     ):
@@ -125,8 +124,6 @@ def open_storage(url: str) -> BaseStorage:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
         check_sqlite_file(url)
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
     parsed = parse_url(url)  # one SQLAlchemy cannot read fails below
     if (
         parsed is not None
@@ -139,47 +136,54 @@ def open_storage(url: str) -> BaseStorage:
             f"cannot open the study storage {redact(url)}: its password holds an '@', "
             "which SQLAlchemy reads as the end of the password; write it as %40"
         )
-    check_driver(url)
+    check_driver(url)  # what no retry mends
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
         try:
             return RDBStorage(with_driver(url), engine_kwargs=kwargs)
-        except (ArgumentError, NoSuchModuleError) as err:  # no retry mends these
-            failure = err
-            break
         except Exception as err:  # SQLAlchemy, driver and Optuna errors: cannot use this URL
             # Two processes opening a new database at once (two drivers on PostgreSQL; a search
             # and a reader of its new SQLite file) race to create Optuna's tables, and one of
             # them fails; a moment later the tables are there.
             failure = err
             time.sleep(0.5 + random.random())
-    text = str(failure).strip()
-    reason = text.splitlines()[0] if text else type(failure).__name__
-    reason = reason.replace(url, redact(url))
-    raise StudyError(f"cannot open the study storage {redact(url)}: {reason}")
+    raise cannot_open(url, failure)
+
+
+def scheme(url: str) -> str:
+    """The part of `url` before `://`: the dialect, and its driver where one is named."""
+    return url.partition("://")[0]
+
+
+def cannot_open(url: str, err: Exception | None) -> StudyError:
+    """The storage at `url` cannot be opened: the first line of `err`, the password hidden."""
+    text = str(err).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    return StudyError(
+        f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
+    )
 
 
 def check_driver(url: str) -> None:
     """Refuse `url` where SQLAlchemy cannot read it or the module of its driver is not
     installed (no retry mends these, and Optuna's message names no module), without
-    connecting: what `run --check` can tell of a storage it does not open."""
+    connecting: what `run --check` can tell of a storage it does not open. A dialect of
+    SQLAlchemy 1's kind (a `dbapi` method, no `import_dbapi`) is left for the opening to try."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         make_url(with_driver(url)).get_dialect().import_dbapi()
     except ImportError as err:
-        postgres = "postgres" in url.partition("://")[0]
-        hint = ", or write postgresql://, which uses psycopg2" if postgres else ""
+        hint = ", or write postgresql://, which uses psycopg2" if "postgres" in scheme(url) else ""
         raise StudyError(
             f"cannot open the study storage {redact(url)}: the module {err.name or '?'!r} its "
             f"driver needs is not installed; pip install it{hint}"
         ) from None
     except (ArgumentError, NoSuchModuleError, ValueError) as err:  # not a URL SQLAlchemy reads
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StudyError(
-            f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
-        ) from None
+        raise cannot_open(url, err) from None
+    except NotImplementedError:  # SQLAlchemy 1's kind of dialect: no import_dbapi to call
+        pass
 
 
 def refuse_foreign(file: Path, *, empty_ok: bool) -> None:
