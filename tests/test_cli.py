@@ -654,16 +654,26 @@ def test_the_promoted_study_of_a_search_with_a_long_name_is_looked_for(
 
 def test_a_study_name_that_no_search_takes_names_no_file(tmp_path: Path, cli_here: CliHere) -> None:
     """`kdsearch trials ../x` read ./x.db, outside studies/, and `trials ''` studies/.db."""
-    write_study(tmp_path / "inner")  # inner/studies/s.db: from inner/studies, studies/../s.db
+    write_study(tmp_path)  # studies/s.db
+    shutil.copy(tmp_path / "studies" / "s.db", tmp_path / "outside.db")  # studies/../outside.db
+    rule = "a study name is letters, digits, '_', '.' and '-', not starting with '.', '_' or '-'"
     for command in ("trials", "report", "promote", "export"):
-        for name in ("../s", "", "studies/s"):
+        for name in ("../outside", "", "studies/s"):
             out = ["--out", "w"] if command == "export" else []
-            ran = cli_here(command, name, *out, cwd=tmp_path / "inner" / "studies")
+            ran = cli_here(command, name, *out, cwd=tmp_path)
             assert ran.returncode == 2 and ran.stderr == (
-                f"kdsearch: error: {name!r}: a study name is letters, digits, '_', '.' and '-', "
-                "not starting with '.', '_' or '-'\n"
+                f"kdsearch: error: {name!r}: {rule}; a study database elsewhere: pass --storage "
+                "FILE\n"
             ), ran.stderr
-    assert cli_here("trials", "s", cwd=tmp_path / "inner").returncode == 0
+    assert cli_here("trials", "s", cwd=tmp_path).returncode == 0
+    # the dashboard's STORAGE, a bare name looked for in studies/: the file is there, the name
+    # says why it is not taken (it said "no study database at studies/x y.db")
+    shutil.copy(tmp_path / "studies" / "s.db", tmp_path / "studies" / "x y.db")
+    ran = cli_here("dashboard", "x y", "--host", "256.0.0.1", cwd=tmp_path)  # (had it taken
+    # the name, an address it cannot listen on ends it, rather than a server that runs on)
+    assert ran.returncode == 2 and ran.stderr == (
+        f"kdsearch: error: 'x y': {rule}; to serve that file, give its path (studies/x y.db)\n"
+    ), ran.stderr
 
 
 def test_a_count_past_what_a_study_records_is_refused(tmp_path: Path, cli_here: CliHere) -> None:

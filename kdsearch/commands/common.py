@@ -174,6 +174,16 @@ def study_file(study: str) -> Path:
     return search if not own.is_file() and search.is_file() else own
 
 
+def refuse_unnamed(
+    study: str, then: str = "a study database elsewhere: pass --storage FILE"
+) -> None:
+    """Refuse a `study` no search takes as its name where it would name a file of studies/
+    (`trials ../x` would read ./x.db), saying `then`: one line, and no OSError for a name too
+    long (a promoted study's is its search's file)."""
+    if problem := study_name_problem(study.removesuffix(PROMOTED)):
+        raise KdsearchError(f"{problem}; {then}")
+
+
 def storage_option(study: str, url: str) -> str:
     """` --storage URL` (its password hidden) for a command on `study` in the storage at `url`,
     or nothing where that is the storage the command finds by itself (`study_file`)."""
@@ -187,11 +197,7 @@ def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
     if given is None:
-        # a name no search takes names no file of studies/ either (`trials ../x` would read
-        # ./x.db); one line, and no OSError for a name too long (a promoted study's is its
-        # search's file)
-        if problem := study_name_problem(study.removesuffix(PROMOTED)):
-            raise KdsearchError(problem)
+        refuse_unnamed(study)
         path = study_file(study)
         if not path.is_file():
             raise KdsearchError(

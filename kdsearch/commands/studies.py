@@ -14,6 +14,7 @@ from kdsearch.commands.common import (
     existing_storage,
     numbered,
     password_hidden,
+    refuse_unnamed,
     run_resumed,
     storage_option,
     storage_url,
@@ -23,7 +24,6 @@ from kdsearch.commands.common import (
 from kdsearch.display import console, leaderboard_table, print_whole, results, trials_view
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import replaced_whole, writable_file, write_errors
-from kdsearch.space import PROMOTED, study_name_problem
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -40,7 +40,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     name = given.removesuffix(".db")  # `digits` or `digits.db`: studies/digits.db
     named = study_file(name)
     if "://" not in given and not Path(given).is_file():
-        if named.is_file() and not study_name_problem(name.removesuffix(PROMOTED)):
+        if named.is_file():
+            refuse_unnamed(name, f"to serve that file, give its path ({named})")
             given = str(named)  # a study name, as the other commands take
         elif Path(given).name == given and not Path(given).is_dir():  # a bare name: say both
             # places it was looked for (a folder is refused as one below)
