@@ -33,7 +33,8 @@ def stkd_loss(
 
 class STKD(Term):
     """Transfer inter-instance similarity through mixup (or cutmix) images, lam ~ Beta(a, a).
-    `kl_weight` is the KL's weight against the mixed labels' (the paper weights them apart)."""
+    `kl_weight` is the KL's weight against the mixed labels'; it and the defaults are a reading
+    of the paper's abstract (see the module's note), not the paper's figures."""
 
     teacher_reads = "mixed"
 

@@ -73,3 +73,36 @@ def test_hsakd_is_zero_when_the_student_is_the_teacher(tiny_data: ImageData) -> 
     distiller.eval()  # batch statistics would differ from the teacher's running ones
     value = distiller.loss(step_for(distiller, ctx, first_batch(tiny_data)))[1]["hsakd"]
     assert value.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_hsakd_term_pairs_heads_at_the_same_relative_depth_on_all_rotations(
+    tiny_data: ImageData,
+) -> None:
+    """The term against its formula by hand, in float64, for a student and a teacher of
+    different depths (resnet8: stages 1-3 carry heads; vgg8: 1-4): student head 1 learns from
+    teacher head 1, 2 from 3 and 3 from 4, and every KL, the final logits' too, runs over all
+    4B rotated images at the temperature."""
+    recipe = recipe_with(
+        {"hsakd": {"weight": 1.0, "temperature": 2.0, "placement": [1, 2, 3]}},
+        student="resnet8",
+        teacher="vgg8",
+    )
+    distiller, ctx = build(recipe, tiny_data)
+    assert ctx.teacher is not None
+    batch = first_batch(tiny_data)
+    term = distiller.terms["hsakd"]
+    value = term(step_for(distiller, ctx, batch)).item()
+
+    x = torch.cat([torch.rot90(batch.x, k, dims=(2, 3)) for k in range(4)])
+    teacher_heads = ctx.teacher_heads["hsakd"]
+    with torch.no_grad():
+        s, t = ctx.student.taps(x), ctx.teacher.taps(x)
+        pairs = [
+            (term.heads[str(p)](s.stages[p]), teacher_heads[str(q)](t.stages[q]))  # type: ignore[index]
+            for p, q in ((1, 1), (2, 3), (3, 4))
+        ]
+    by_hand = _kd_by_hand(s.logits.tolist(), t.logits.tolist(), 2.0) + sum(
+        _kd_by_hand(s_aux.tolist(), t_aux.tolist(), 2.0) for s_aux, t_aux in pairs
+    )
+    assert len(s.logits) == 4 * len(batch.y)
+    assert value == pytest.approx(by_hand, rel=1e-4)

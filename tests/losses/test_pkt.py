@@ -72,3 +72,16 @@ def test_the_kernel_stays_fp32_under_bf16_autocast() -> None:
     loss.backward()
     assert feat_s.grad is not None
     assert abs(loss.item()) < 1e-6 and feat_s.grad.abs().max().item() < 1e-8
+
+
+def test_pkt_is_the_official_loss_times_the_batch_so_weight_469_is_the_official_30000() -> None:
+    """The official code averages the same KL entries over all B^2 pairs; this loss sums over
+    neighbours and averages over anchors, B times as much. At the papers' batch of 64, weight
+    469 here is their weight 30000 (to 0.06%)."""
+    torch.manual_seed(1)
+    t = torch.randn(64, 8)
+    s = t + 0.3 * torch.randn(64, 8)
+    by_hand = _by_hand(s.tolist(), t.tolist())  # sum over pairs / B
+    official = by_hand / 64  # mean over the B^2 pairs
+    assert pkt_loss(s, t).item() == pytest.approx(64 * official, rel=1e-4)
+    assert 469 * pkt_loss(s, t).item() == pytest.approx(30000 * official, rel=1e-3)

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from kdsearch.data import ImageData
 from kdsearch.losses.sskd import kept_by_rank, rotation_similarity, sskd_loss
+
+from .conftest import build, first_batch, recipe_with, step_for
 
 
 def test_ranking_keeps_correct_rows_and_the_best_ranked_wrong_ones() -> None:
@@ -124,3 +127,46 @@ def test_sskd_loss_is_zero_when_student_equals_teacher() -> None:
         ss_keep=0.75,
     )
     assert value.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _kept_by_hand(sim: list[list[float]], batch: int, keep_wrong: float) -> list[int]:
+    """SSKD's error-level ranking of similarity rows, from the paper: row r (a rotated copy of
+    image r mod B) is right when its source image scores highest; every right row is kept, and of
+    the wrong ones the int(wrong x keep) whose source ranks best (ties in row order)."""
+    ranks = [sum(v > row[r % batch] for v in row) for r, row in enumerate(sim)]
+    wrong = sorted((rank, r) for r, rank in enumerate(ranks) if rank > 0)
+    kept = [r for r, rank in enumerate(ranks) if rank == 0]
+    return sorted(kept + [r for _, r in wrong[: int(len(wrong) * keep_wrong)]])
+
+
+def test_the_sskd_term_is_the_papers_loss_on_the_rotated_images(tiny_data: ImageData) -> None:
+    """The term at its defaults against its formula by hand, in float64, on real models: KD at
+    T = 4 on the 3B rotated images' logits, and KD at T = 0.5 between the rows of the rotated
+    images' cosine similarities to the unrotated ones that the teacher's ranking keeps (3/4 of
+    its wrong rows), weighted 2.7 and 10."""
+    distiller, ctx = build(recipe_with({"sskd": {"weight": 1.0}}), tiny_data)
+    assert ctx.teacher is not None
+    batch = first_batch(tiny_data)
+    term = distiller.terms["sskd"]
+    value = term(step_for(distiller, ctx, batch)).item()
+
+    b = len(batch.y)
+    x = torch.cat([torch.rot90(batch.x, k, dims=(2, 3)) for k in range(4)])
+    with torch.no_grad():
+        s, t = ctx.student.taps(x), ctx.teacher.taps(x)
+        s_proj, t_proj = term.proj(s.pooled), ctx.teacher_heads["sskd"](t.pooled)
+
+    def similarity(proj: torch.Tensor) -> list[list[float]]:
+        unit = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in proj.tolist()]
+        return [
+            [sum(a * c for a, c in zip(unit[r], unit[i], strict=True)) for i in range(b)]
+            for r in range(b, 4 * b)
+        ]
+
+    s_sim, t_sim = similarity(s_proj), similarity(t_proj)
+    kept = _kept_by_hand(t_sim, b, 0.75)
+    assert 0 < len(kept) < 3 * b  # the ranking drops rows here, so which ones counts
+    s_rot, t_rot = s.logits.tolist()[b:], t.logits.tolist()[b:]
+    tf = sum(_kd(s_rot[r], t_rot[r], 4.0) for r in range(3 * b)) / (3 * b)
+    ss = sum(_kd(s_sim[r], t_sim[r], 0.5) for r in kept) / len(kept)
+    assert value == pytest.approx(2.7 * tf + 10.0 * ss, rel=1e-4)
