@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -152,6 +153,12 @@ class CategoricalParam(_Param):
             same = [c for c in self.choices[:i] if c == choice]
             if same and repr(same[0]) == repr(choice):
                 raise ValueError(f"choices list {choice!r} twice")
+            if same and isinstance(same[0], bool) != isinstance(choice, bool):
+                raise ValueError(
+                    f"choices list {same[0]!r} and {choice!r}, which differ in YAML but a study "
+                    "stores as one value (Python counts True as 1 and False as 0); quote one "
+                    "to make it text"
+                )
             if same:
                 raise ValueError(f"choices list {same[0]!r} and {choice!r}, which are equal")
         return self
@@ -702,6 +709,33 @@ class SearchSpace:
                 )
         return idle
 
+    def distinct_samples(self, most: int) -> int | None:
+        """How many different samples the space can draw, where that is `most` or fewer; None
+        where it is more (a float without a step: without end). Each sample counts once, also
+        where two section choices make one change (`idle_settings` tells those)."""
+        referenced = {ref for p in self.params.values() for ref in (p.when or {})}
+        names = list(self.params)
+
+        def count(i: int, chosen: dict[str, Any]) -> float:
+            """Samples of the parameters from the i-th on, given those before it (`chosen`);
+            past `most` it stops counting."""
+            if i == len(names):
+                return 1
+            name, p = names[i], self.params[names[i]]
+            if not self._active(p, chosen):
+                return count(i + 1, chosen)
+            if name not in referenced:  # its value decides nothing below: a factor
+                return _value_count(p) * count(i + 1, chosen)
+            total = 0.0
+            for value in _values(p):  # an int or a categorical, as a `when` names
+                total += count(i + 1, {**chosen, name: value})
+                if total > most:
+                    break
+            return total
+
+        total = count(0, {})
+        return int(total) if total <= most else None
+
     def searched_changes(self, keys: Iterable[str]) -> list[str]:
         """Of the base recipe's changed `keys` (`--set`), those the space draws in every trial:
         no trial trains with the value given, each named with what to do. Told, not refused,
@@ -871,6 +905,25 @@ def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[A
     if isinstance(p, CategoricalParam) and wanted in p.choices:
         return [wanted]
     return wanted
+
+
+def _value_count(p: FloatParam | IntParam | CategoricalParam) -> float:
+    """How many values `p` takes (a float without a step: without end)."""
+    if isinstance(p, CategoricalParam):
+        return len(p.choices)
+    if isinstance(p, IntParam):
+        return (p.high - p.low) // p.step + 1
+    if p.low == p.high:
+        return 1
+    return math.inf if p.step is None else round((p.high - p.low) / p.step) + 1
+
+
+def _values(p: IntParam | CategoricalParam | FloatParam) -> Iterable[Any]:
+    """Every value of a parameter a `when` may name (an int or a categorical)."""
+    if isinstance(p, CategoricalParam):
+        return p.choices
+    assert isinstance(p, IntParam)  # `_check_when` refuses a float's
+    return range(p.low, p.high + 1, p.step)
 
 
 def _can_take(p: IntParam | CategoricalParam, value: Any) -> bool:

@@ -455,6 +455,28 @@ def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(
     ) in said and f"each), so {cpus} run at a time" in said
 
 
+def test_a_search_asking_for_more_trials_than_its_space_holds_is_told(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    space = SMALL_SPACE.replace(
+        "  distill.kd.temperature: {type: float, low: 1.0, high: 8.0}\n",
+        "  distill.kd.temperature: {type: categorical, choices: [2.0, 4.0]}\n"
+        "  $extra: {type: categorical, choices: [none, pkt]}\n"
+        "  distill.pkt.weight: {type: categorical, choices: [50, 100], when: {$extra: pkt}}\n",
+    )
+    (tmp_path / "s.yaml").write_text(space)
+    ran = cli_here("run", "s.yaml", "--check", "--trials", "7", cwd=tmp_path)
+    said = " ".join(ran.stderr.split())
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        "note: s.yaml: the space holds 6 different trials and the search asks for 7, so at "
+        "least 1 repeats an earlier trial's configuration, trained again from the start; set "
+        "search.trials (or --trials) to 6, or widen the space"
+    ) in said
+    ran = cli_here("run", "s.yaml", "--check", "--trials", "6", cwd=tmp_path)
+    assert ran.returncode == 0 and "note:" not in ran.stderr, ran.stderr
+
+
 def test_a_cluster_address_where_nothing_answers_is_refused_before_any_work(
     tmp_path: Path,
 ) -> None:

@@ -302,6 +302,10 @@ def test_a_parameter_given_twice_is_refused_with_its_line() -> None:
             "space.distill.kd.temperature: choices list 1 and 1.0, which are equal",
         ),
         (
+            "  $x: {type: categorical, choices: [1, true]}",
+            "space.$x: choices list 1 and True, which differ in YAML but a study stores as one value",
+        ),
+        (
             "  distill.kd.temperature: {type: float, low: 1, high: 2, step: 5}",
             "space.distill.kd.temperature: step 5.0 does not divide high - low (1.0); high 6.0 would fit",
         ),
@@ -1031,3 +1035,37 @@ def test_a_stepped_float_is_drawn_as_its_grid_writes_it() -> None:
     assert on_grid(0.15000000000000002, 0.01, 0.01) == 0.15
     assert on_grid(3.0000000000000004, 1.0, 0.5) == 3.0
     assert on_grid(2.5e-05 + 1e-21, 1e-05, 5e-06) == 2.5e-05
+
+
+@pytest.mark.parametrize(
+    ("params", "count"),
+    [
+        ("  distill.kd.temperature: {type: categorical, choices: [2.0, 4.0]}", 2),
+        ("  batch_size: {type: int, low: 32, high: 128, step: 32}", 4),
+        ("  distill.kd.weight: {type: float, low: 0.5, high: 0.5}", 1),
+        ("  distill.kd.weight: {type: float, low: 0.1, high: 0.9, step: 0.2}", 5),
+        (  # 2 x (1 + 3): pkt.weight is drawn only with $extra pkt
+            "  distill.kd.temperature: {type: categorical, choices: [2.0, 4.0]}\n"
+            "  $extra: {type: categorical, choices: [none, pkt]}\n"
+            "  distill.pkt.weight: {type: float, low: 50, high: 100, step: 25, when: {$extra: pkt}}",
+            8,
+        ),
+        (  # a chain: $b only with $a on, stkd.mix only with $b on: 1 + (1 + 2) + ... per batch
+            "  batch_size: {type: int, low: 32, high: 64, step: 32}\n"
+            "  $a: {type: categorical, choices: [off, on]}\n"
+            "  $b: {type: categorical, choices: [off, on], when: {$a: on}}\n"
+            "  distill.stkd.mix: {type: categorical, choices: [mixup, cutmix], when: {$b: on}}\n"
+            "  distill.stkd.weight: {type: categorical, choices: [0.5], when: {batch_size: 64}}",
+            8,  # batch 32: 1 + (1 + 2) = 4; batch 64: the same, its weight one value
+        ),
+        ("  distill.kd.weight: {type: float, low: 0.1, high: 0.9}", None),  # without end
+    ],
+)
+def test_the_distinct_samples_of_a_space_are_counted_through_its_conditions(
+    params: str, count: int | None
+) -> None:
+    space = space_of(params)
+    assert space.distinct_samples(most=100) == count
+    if count is not None:  # past `most`: not counted
+        assert space.distinct_samples(most=count - 1) is None
+        assert space.distinct_samples(most=count) == count

@@ -76,6 +76,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"note: {ignored}")
     check_driver(url)  # before Ray joins a cluster, and `--check` says so too
     target = args.trials or space.config.search.trials
+    distinct = space.distinct_samples(most=target - 1)
+    if distinct is not None:
+        again = target - distinct
+        console.print(
+            f"note: {space.source}: the space holds {distinct} different "
+            f"trial{'s' if distinct > 1 else ''} and the search asks for {target}, so at least "
+            f"{again} repeat{'s' if again == 1 else ''} an earlier trial's configuration, "
+            f"trained again from the start; set search.trials (or --trials) to {distinct}, or "
+            "widen the space"
+        )
     at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
     if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
         at_once = fitted_trials(space, args.address)

@@ -172,7 +172,9 @@ class Record:
         self.heartbeat()
         # Drivers that start on the same study at once see the same trial count; each draws
         # from its own stream, or they would propose (and train) the same trials in pairs.
-        # A driver alone keeps the stream of the count only, so a search is reproducible.
+        # A driver alone keeps the stream of the count only: it draws what a search of the same
+        # seed drew at that count. Past the random start-up what it draws depends on the trials
+        # before, and with trials at once on which of them ASHA stopped: on who came first.
         rank = len(self._earlier_drivers())
         stream = f"sampler/{len(study.trials)}" + (f"/driver{rank}" if rank else "")
         from kdsearch.data import derive_seed  # torch: not for the commands that read a study
