@@ -146,6 +146,33 @@ def test_asha_stopped_trials_are_pruned_and_full_ones_complete(
             assert epochs < MAX_EPOCHS and t.value == t.intermediate_values[epochs]
 
 
+def test_a_search_one_trial_at_a_time_gives_the_same_study_when_run_again(
+    tmp_path: Path,
+) -> None:
+    """As the README says of `search.seed`: on a CPU, one trial at a time, the same space run
+    again proposes, trains, stops and records the same trials, TPE's own proposals past its
+    10 random ones included (12 trials)."""
+    space = (
+        SPACE.replace("sampler: random", "sampler: tpe")
+        .replace("trials: 8, concurrent: 2", "trials: 12, concurrent: 1")
+        .replace("max_epochs: 4", "max_epochs: 2")
+        .replace("epochs: 4, kind", "epochs: 2, kind")
+    )
+    studies = []
+    for run in ("first", "again"):
+        root, env = workdir(tmp_path / run)
+        (root / "space.yaml").write_text(space)
+        env["KDSEARCH_CACHE_DIR"] = str(tmp_path / "cache")  # one teacher for both
+        proc = kdsearch("run", "space.yaml", cwd=root, env=env)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        studies.append(
+            [(t.number, t.state, t.params, t.value, t.intermediate_values) for t in trials(root)]
+        )
+    assert len(studies[0]) == 12 and studies[0] == studies[1]
+    assert {state for _, state, *_ in studies[0]} >= {TrialState.COMPLETE, TrialState.PRUNED}
+
+
 @ONE_SEARCH
 def test_a_trial_whose_loss_went_nan_is_failed_with_its_reason(
     search: tuple[Path, subprocess.CompletedProcess[str]],
