@@ -2,14 +2,14 @@
 once and read by every trial of a search on the same machine.
 
 Within a search every trial sees the same images in the same order with the same augmentation draws
-(a pure function of the recipe's seed, which a space cannot search, the epoch and the image index,
-see `data.Loader`), so the teacher's outputs for an epoch are the same for every trial. The first
-trials to reach an epoch compute them, over the batches they train on, and write them to the store;
-later trials read them instead of running the teacher. What is stored is what the terms read of the
-teacher: final logits and pooled features, on the batch (`plain`) or on its four rotations (`rot`),
-and the outputs of the teacher's HSAKD heads on the rotations. Terms that read the teacher's stage
-maps (CKTF) or its outputs on images a trial mixes with its own parameters (STKD) run the teacher
-live.
+(a pure function of the recipe's seed, which a space cannot search, the epoch and the image's place
+in the training split, see `data.Loader`), so the teacher's outputs for an epoch are the same for
+every trial. The first trials to reach an epoch compute them, over the batches they train on, and
+write them to the store; later trials read them instead of running the teacher. What is stored is
+what the terms read of the teacher: final logits and pooled features, on the batch (`plain`) or on
+its four rotations (`rot`), and the outputs of the teacher's HSAKD heads on the rotations. Terms
+that read the teacher's stage maps (CKTF) or its outputs on images a trial mixes with its own
+parameters (STKD) run the teacher live.
 
 An epoch is one folder of `.npy` files, one row an image, in the precision the teacher ran in (bf16
 as its 16 bits). Its batches are cut into `SHARES` shares, each with a lock: trials that reach an

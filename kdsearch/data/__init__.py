@@ -4,8 +4,8 @@ Every source becomes an `ImageData`: train / val / test splits of uint8 images (
 int64 labels. The validation split is carved from the training images with `data.seed`; the test
 split is never used for model selection. Batches are cut, cropped, flipped and normalised on the
 training device with tensor indexing only, no per-image Python. The random draws of an epoch
-(order, crop offsets, flips) are a pure function of (seed, epoch, image index), so every trial of a
-search sees the same stream.
+(order, crop offsets, flips) are a pure function of (seed, epoch, the training split's size, an
+image's place in it), so every trial of a search sees the same stream.
 
 `load_data` reads a source (`bundled`: digits and synthetic; `cifar`; `fashion_mnist`;
 `imagefolder`), `download` fetching CIFAR and Fashion-MNIST where they are missing, and cuts the

@@ -1,5 +1,6 @@
 """Augmented batches on the training device: an epoch's order, crops and flips drawn from
-(seed, epoch, image index), and cut, cropped, flipped and normalised with tensor indexing only."""
+(seed, epoch, the split's size, an image's place in it), and cut, cropped, flipped and
+normalised with tensor indexing only."""
 
 from __future__ import annotations
 
