@@ -25,7 +25,7 @@ they are. On a GPU a step takes milliseconds: give `--steps` in the hundreds the
 CRD's memory banks hold one row per training image, so here `--steps` x 64 rows, not CIFAR-100's
 50,000: kdsearch's product with the whole bank (2 x B x N x D multiply-adds forward, about as
 many again backward, since both embeddings train) is cheaper here than there by up to 1.6 GMAC a
-step, and the reference's gathers read a bank that fits in cache.
+step, and the reference's gathers read a bank that fits in cache; `crd_bank.py` measures both.
 """
 
 from __future__ import annotations
