@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=positive, default=20)
     parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out")
+    parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
     device = resolve_device(args.device)
     sizes: list[int] = args.banks

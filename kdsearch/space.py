@@ -711,26 +711,40 @@ class SearchSpace:
 
     def distinct_samples(self, most: int) -> int | None:
         """How many different samples the space can draw, where that is `most` or fewer; None
-        where it is more (a float without a step: without end). Each sample counts once, also
-        where two section choices make one change (`idle_settings` tells those)."""
-        referenced = {ref for p in self.params.values() for ref in (p.when or {})}
+        where it is more (a float without a step: without end), or where its conditions branch
+        too often to count within COUNTING calls. Each sample counts once, also where two
+        section choices make one change (`idle_settings` tells those)."""
+        named: dict[str, list[Any]] = {}  # each parameter a `when` names: the values it names
+        for p in self.params.values():
+            for ref, wanted in (p.when or {}).items():
+                for value in _allowed(self.params[ref], wanted):
+                    if not _among(value, named.setdefault(ref, [])):
+                        named[ref].append(value)
         names = list(self.params)
+        calls = 0
 
         def count(i: int, chosen: dict[str, Any]) -> float:
             """Samples of the parameters from the i-th on, given those before it (`chosen`);
             past `most` it stops counting."""
+            nonlocal calls
+            calls += 1
+            if calls > COUNTING:
+                return math.inf
             if i == len(names):
                 return 1
             name, p = names[i], self.params[names[i]]
             if not self._active(p, chosen):
                 return count(i + 1, chosen)
-            if name not in referenced:  # its value decides nothing below: a factor
+            if name not in named:  # its value decides nothing below: a factor
                 return _value_count(p) * count(i + 1, chosen)
             total = 0.0
-            for value in _values(p):  # an int or a categorical, as a `when` names
+            for value in named[name]:
                 total += count(i + 1, {**chosen, name: value})
                 if total > most:
-                    break
+                    return total
+            others = _value_count(p) - len(named[name])  # alike: no `when` names them
+            if others:
+                total += others * count(i + 1, {**chosen, name: UNNAMED})
             return total
 
         total = count(0, {})
@@ -907,6 +921,10 @@ def _allowed(p: FloatParam | IntParam | CategoricalParam, wanted: Any) -> list[A
     return wanted
 
 
+COUNTING = 100_000  # calls `distinct_samples` makes at most: a space's count is advice, not a wait
+UNNAMED = object()  # a parameter's value that no `when` names (equal to none)
+
+
 def _value_count(p: FloatParam | IntParam | CategoricalParam) -> float:
     """How many values `p` takes (a float without a step: without end)."""
     if isinstance(p, CategoricalParam):
@@ -916,14 +934,6 @@ def _value_count(p: FloatParam | IntParam | CategoricalParam) -> float:
     if p.low == p.high:
         return 1
     return math.inf if p.step is None else round((p.high - p.low) / p.step) + 1
-
-
-def _values(p: IntParam | CategoricalParam | FloatParam) -> Iterable[Any]:
-    """Every value of a parameter a `when` may name (an int or a categorical)."""
-    if isinstance(p, CategoricalParam):
-        return p.choices
-    assert isinstance(p, IntParam)  # `_check_when` refuses a float's
-    return range(p.low, p.high + 1, p.step)
 
 
 def _can_take(p: IntParam | CategoricalParam, value: Any) -> bool:

@@ -1069,3 +1069,26 @@ def test_the_distinct_samples_of_a_space_are_counted_through_its_conditions(
     if count is not None:  # past `most`: not counted
         assert space.distinct_samples(most=count - 1) is None
         assert space.distinct_samples(most=count) == count
+
+
+def test_counting_a_space_takes_the_values_no_when_names_together_and_gives_up_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An int of a billion values that one `when` names one of is counted without a billion
+    steps; eighteen two-way decisions, all named, branch past what is counted, and the count
+    gives up (the note it feeds is advice)."""
+    wide = space_of(
+        "  batch_size: {type: int, low: 2, high: 1000000001}\n"
+        "  distill.kd.weight: {type: categorical, choices: [0.5, 0.9], when: {batch_size: 64}}"
+    )
+    with monkeypatch.context() as patched:  # a few calls do: each value a step would fail fast
+        patched.setattr("kdsearch.space.COUNTING", 100)
+        assert wide.distinct_samples(most=2**31 - 1) == 10**9 - 1 + 2
+    decisions = "".join(f"  $d{i}: {{type: categorical, choices: [a, b]}}\n" for i in range(18))
+    every = ", ".join(f"$d{i}: a" for i in range(18))
+    branching = space_of(
+        decisions
+        + f"  distill.kd.temperature: {{type: categorical, choices: [1.0, 2.0], when: {{{every}}}}}"
+    )
+    assert branching.distinct_samples(most=2**31 - 1) is None  # 2^18 + 1, past COUNTING calls
+    assert branching.distinct_samples(most=10) is None  # past `most`, found early
