@@ -1050,7 +1050,7 @@ def test_a_stepped_float_is_drawn_as_its_grid_writes_it() -> None:
             "  distill.pkt.weight: {type: float, low: 50, high: 100, step: 25, when: {$extra: pkt}}",
             8,
         ),
-        (  # a chain: $b only with $a on, stkd.mix only with $b on: 1 + (1 + 2) + ... per batch
+        (  # a chain: $b only with $a on, stkd.mix only with $b on
             "  batch_size: {type: int, low: 32, high: 64, step: 32}\n"
             "  $a: {type: categorical, choices: [off, on]}\n"
             "  $b: {type: categorical, choices: [off, on], when: {$a: on}}\n"
