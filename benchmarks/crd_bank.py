@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from tables import Table, command_line, device_line, positive, run
+from tables import Table, command_line, device_line, positive, run, step_options
 from terms import BATCH, CLASSES
 from throughput import GatherMemory
 
@@ -125,10 +125,7 @@ def reference_ms(n: int, steps: int, device: torch.device) -> float:
 def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--banks", type=banks, default="256,50000")
-    parser.add_argument("--steps", type=positive, default=20)
-    parser.add_argument("--rounds", type=positive, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    step_options(parser, steps=20)
     args = parser.parse_args()
     device = resolve_device(args.device)
     sizes: list[int] = args.banks

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from tables import Table, command_line, device_line, pairs, positive, run
+from tables import Table, command_line, device_line, pairs, positive, run, step_options
 from torch import nn
 
 from kdsearch.models import build_model, fold_batch_norm
@@ -136,11 +136,8 @@ def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default=PAIRS)
     parser.add_argument("--threads", type=thread_counts, default="1,2")
-    parser.add_argument("--steps", type=positive, default=8)
-    parser.add_argument("--rounds", type=positive, default=3)
-    parser.add_argument("--device", default="auto")
+    step_options(parser, steps=8)
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--out")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = autocast_dtype(args.precision, device)

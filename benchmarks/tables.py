@@ -72,6 +72,15 @@ def positive(text: str) -> int:
     return value
 
 
+def step_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options of the step benchmarks: `--steps` timed (`steps` by default), `--rounds`,
+    `--device` and `--out`."""
+    parser.add_argument("--steps", type=positive, default=steps)
+    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="also write what it prints to this markdown file")
+
+
 def pairs(text: str) -> list[tuple[str, str]]:
     """`teacher:student,...` as pairs of registered models (an argparse type)."""
     from kdsearch.models import MODELS

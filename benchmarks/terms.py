@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from tables import Table, command_line, device_line, pairs, positive, run
+from tables import Table, command_line, device_line, pairs, run, step_options
 
 from kdsearch.data import ImageData, Split
 from kdsearch.distill import HEAD_TERMS
@@ -81,10 +81,7 @@ def variant(base: Recipe, term: str | None) -> Recipe:
 def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
-    parser.add_argument("--steps", type=positive, default=4)
-    parser.add_argument("--rounds", type=positive, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    step_options(parser, steps=4)
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = random_data(args.steps * BATCH)

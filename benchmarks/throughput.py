@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from tables import Table, command_line, device_line, names, pairs, positive, run
+from tables import Table, command_line, device_line, names, pairs, run, step_options
 from terms import BATCH, CLASSES, pair_recipe, random_data, variant
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -260,15 +260,12 @@ def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--pairs", type=pairs, default="resnet32x4:resnet8x4,wrn_40_2:wrn_16_2")
     parser.add_argument("--methods", type=names(METHODS), default="kd,hsakd,crd")
-    parser.add_argument("--steps", type=positive, default=4)
-    parser.add_argument("--rounds", type=positive, default=3)
-    parser.add_argument("--device", default="auto")
+    step_options(parser, steps=4)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument(
         "--precisions", type=names(PRECISIONS), default="auto", help="kdsearch's loop at each"
     )
     parser.add_argument("--compile", action="store_true", help="kdsearch's loop with compile: true")
-    parser.add_argument("--out")
     args = parser.parse_args()
     if args.workers < 0:
         parser.error("--workers must be 0 or more")
