@@ -1207,16 +1207,19 @@ def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(
     command that finishes it (it said only "--resume"), and the trial is left to that command."""
     import sqlite3
 
-    from optuna.storages import RDBStorage
+    from kdsearch.study import record
 
     (tmp_path / "space.yaml").write_text(one_lr_without_kd("trials: 3, concurrent: 1").text)
+    write = record.write_trial
 
-    def full(*args: object) -> None:
-        raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
-            "database or disk is full"
-        )
+    def full_at_the_curve(*args: object, **kwargs: object) -> None:
+        if "curve" in kwargs:  # the disk filled up while the first trial trained
+            raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
+                "database or disk is full"
+            )
+        write(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(RDBStorage, "set_trial_intermediate_value", full)
+    monkeypatch.setattr(record, "write_trial", full_at_the_curve)
     done = cli_here("run", "space.yaml", "--study", "s", "--trials", "3", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1] == (

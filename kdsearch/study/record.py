@@ -42,7 +42,12 @@ from kdsearch.study.contents import (
     trial_recipe,
 )
 from kdsearch.study.drivers import HEARTBEAT_S, driver_gone, live_drivers, this_driver
-from kdsearch.study.storage import password_hidden_text, storage_failure, transaction
+from kdsearch.study.storage import (
+    password_hidden_text,
+    storage_failure,
+    transaction,
+    write_trial,
+)
 
 MAX_CRASHES = 3  # a trial whose driver died this often is not adopted again
 P = ParamSpec("P")
@@ -109,6 +114,7 @@ class Record:
         self._beat_lock = threading.Lock()  # no beat lands after the mark of the end
         self._ended = False  # `mark_ended`: the process ends now
         self._claimed: set[int] = set()  # trial ids this driver runs
+        self._attempts: dict[int, tuple[int, int]] = {}  # number: (trial id, attempt) it started
         names = study_names(storage)
         exists = name in names
         if not exists and (problem := search_name_problem(name)):
@@ -321,8 +327,7 @@ class Record:
                     recipe = recorded_recipe.override(here)
                     if not self._claim(orphan._trial_id, owner):
                         continue
-                    self.storage.set_trial_user_attr(orphan._trial_id, "crashes", crashes)
-                    self._started(orphan._trial_id, ray_trial_id, attempt + 1, recipe)
+                    self._started(orphan, ray_trial_id, attempt + 1, recipe, crashes=crashes)
                     return Plan(orphan.number, recipe, adopted=True)
                 # Its driver was killed while proposing it, so it never trained: propose it
                 # again, keeping the values it had drawn (Optuna returns those), drawing the rest.
@@ -362,26 +367,34 @@ class Record:
             self.storage.set_trial_user_attr(trial._trial_id, "failure", str(err))
             self.study.tell(trial, state=TrialState.FAIL)
             return None
-        self._started(trial._trial_id, ray_trial_id, attempt, recipe)
+        self._started(trial, ray_trial_id, attempt, recipe)
         return Plan(trial.number, recipe)
 
-    def _started(self, trial_id: int, ray_trial_id: str, attempt: int, recipe: Recipe) -> None:
-        """Record what a claimed trial runs as: its Ray trial, its attempt and its recipe."""
-        for key, value in (
-            ("ray_trial_id", ray_trial_id),
-            ("attempt", attempt),
-            ("training_attempt", 0),  # not yet: Tune may hold it back for a slot (`training`)
-            ("recipe", recipe.to_yaml()),
-        ):
-            self.storage.set_trial_user_attr(trial_id, key, value)
+    def _started(
+        self,
+        trial: Trial | FrozenTrial,
+        ray_trial_id: str,
+        attempt: int,
+        recipe: Recipe,
+        **more: Any,
+    ) -> None:
+        """Record what a claimed trial runs as: its Ray trial, its attempt and its recipe (and
+        the attributes `more`)."""
+        attrs = {
+            "ray_trial_id": ray_trial_id,
+            "attempt": attempt,
+            "training_attempt": 0,  # not yet: Tune may hold it back for a slot (`training`)
+            "recipe": recipe.to_yaml(),
+        }
+        write_trial(self.storage, trial._trial_id, attrs | more)
+        self._attempts[trial.number] = (trial._trial_id, attempt)
 
     @clear_storage_errors
     def training(self, number: int) -> None:
-        """Record that trial `number`'s attempt has started training (Tune gave it a slot):
-        should its driver die now, the trial may be what killed it."""
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        attempt = self.storage.get_trial(trial_id).user_attrs.get("attempt", 1)
-        self.storage.set_trial_user_attr(trial_id, "training_attempt", attempt)
+        """Record that trial `number`'s attempt, which this driver started, has started training
+        (Tune gave it a slot): should its driver die now, the trial may be what killed it."""
+        trial_id, attempt = self._attempts[number]
+        write_trial(self.storage, trial_id, {"training_attempt": attempt})
 
     @clear_storage_errors
     def all_started(self) -> bool:
@@ -453,30 +466,16 @@ class Record:
             )
             return
         last = max(curve, default=0)
-        if any(step > last for step in trial.intermediate_values):
-            self._drop_steps_after(trial_id, last)
         try:
-            for epoch, value in sorted(curve.items()):
-                self.storage.set_trial_intermediate_value(trial_id, epoch, value)
-            for key, value in attrs.items():
-                self.storage.set_trial_user_attr(trial_id, key, value)
+            # the whole curve: a killed attempt's steps past this one's last would be read as
+            # this attempt's (a pruned trial's value is its last step's, and TPE ranks by it)
+            write_trial(self.storage, trial_id, attrs, curve=curve)
             if state == TrialState.COMPLETE:
                 self.study.tell(number, curve[last], skip_if_finished=True)
             else:
                 self.study.tell(number, state=state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another driver finished it as this one wrote: the first finish stands
-
-    def _drop_steps_after(self, trial_id: int, last: int) -> None:
-        """Delete a trial's intermediate values past step `last`: an earlier attempt's, whose
-        driver stopped while recording it (killed, or a write the storage refused) before the
-        trial was adopted. Optuna has no call for it, and would read them as this attempt's:
-        a pruned trial's value is its last step's, and TPE ranks pruned trials by it."""
-        from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
-        from sqlalchemy import delete
-
-        with transaction(self.storage) as connection:
-            connection.execute(delete(Step).where(Step.trial_id == trial_id, Step.step > last))
 
     # -- liveness ------------------------------------------------------------------------
 

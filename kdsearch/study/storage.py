@@ -4,11 +4,12 @@ without writing to it, and writes Optuna has no call for."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,8 @@ def storage_errors(storage: BaseStorage, then: str = "") -> Iterator[None]:
 @contextmanager
 def transaction(storage: BaseStorage) -> Iterator[Any]:
     """A connection in one transaction on `storage`'s database, for the writes Optuna has no
-    call for; a write the database refuses fails as Optuna's own do (`storage_errors`), but
-    for a broken unique constraint, which the caller reads."""
+    call for or takes a transaction for each of; a write the database refuses fails as Optuna's
+    own do (`storage_errors`), but for a broken unique constraint, which the caller reads."""
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     assert isinstance(storage, RDBStorage)  # open_storage's
@@ -301,6 +302,58 @@ def transaction(storage: BaseStorage) -> Iterator[Any]:
         raise
     except SQLAlchemyError as err:
         raise optuna.exceptions.StorageInternalError(str(err)) from err
+
+
+def write_trial(
+    storage: BaseStorage,
+    trial_id: int,
+    attrs: Mapping[str, Any],
+    *,
+    curve: Mapping[int, float] | None = None,
+) -> None:
+    """Set a running trial's user attributes `attrs`, and with `curve` (epoch: value) make its
+    intermediate values that curve (any others deleted), as Optuna's `set_trial_user_attr` and
+    `set_trial_intermediate_value` write them, in one transaction where Optuna takes one for
+    each write (on SQLite each commit waits for the disk: 1.6 ms on the Zen 4 EPYC, so about
+    35 ms for a trial's curve and attributes); a trial that has finished raises Optuna's
+    `UpdateFinishedTrialError`, as its own writes do."""
+    from optuna.storages._rdb.models import TrialIntermediateValueModel as Step
+    from optuna.storages._rdb.models import TrialModel
+    from optuna.storages._rdb.models import TrialUserAttributeModel as Attr
+    from sqlalchemy import delete, insert, select
+
+    with transaction(storage) as connection:
+        state = connection.execute(
+            select(TrialModel.state).where(TrialModel.trial_id == trial_id)
+        ).scalar_one()
+        if state.is_finished():
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial {trial_id} has already finished and cannot be updated"
+            )
+        if attrs:
+            connection.execute(delete(Attr).where(Attr.trial_id == trial_id, Attr.key.in_(attrs)))
+            connection.execute(
+                insert(Attr),
+                [
+                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                    for k, v in attrs.items()
+                ],
+            )
+        if curve is not None:
+            connection.execute(delete(Step).where(Step.trial_id == trial_id))
+            rows = []
+            for step, value in curve.items():
+                stored, kind = Step.intermediate_value_to_stored_repr(value)
+                rows.append(
+                    {
+                        "trial_id": trial_id,
+                        "step": step,
+                        "intermediate_value": stored,
+                        "intermediate_value_type": kind,
+                    }
+                )
+            if rows:
+                connection.execute(insert(Step), rows)
 
 
 def check_writes(storage: BaseStorage, name: str) -> None:
