@@ -13,9 +13,10 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -289,10 +290,8 @@ def train(
     torch.manual_seed(recipe.seed)
     student = place(build_model(recipe.student.arch, data.num_classes, data.channels), device)
     if teacher is not None:
-        teacher = place(fold_batch_norm(freeze(teacher)), device)
-    heads = {
-        name: place(fold_batch_norm(freeze(h)), device) for name, h in (teacher_heads or {}).items()
-    }
+        teacher = ready(teacher, device)
+    heads = {name: ready(h, device) for name, h in (teacher_heads or {}).items()}
     ctx = BuildContext(
         student,
         teacher,
@@ -426,6 +425,33 @@ def place(model: M, device: torch.device) -> M:
     """`model` on `device` in the channels-last layout, which the convolution kernels of both
     oneDNN (CPU) and cuDNN run fastest on; `Loader` serves batches in the same layout."""
     return model.to(device).to(memory_format=torch.channels_last)
+
+
+def ready(model: M, device: torch.device) -> M:
+    """A frozen copy of `model`, its batch norms folded, on `device` in the channels-last
+    layout: how a run reads its teacher and the heads trained on them. Made once for each model,
+    device and state of the model's weights in a process, and handed again to later runs given
+    the same model (the trials of a reused Ray worker, to which `unshare` hands the same
+    teacher), which only read it: weights changed in place or replaced since make a new one."""
+    key = (device, weights_key(model))
+    made = READY.get(model)
+    if made is None or made[0] != key or key[1] is None:
+        made = (key, place(fold_batch_norm(freeze(model)), device))
+        READY[model] = made
+    return cast(M, made[1])
+
+
+def weights_key(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """Where each of `model`'s tensors is and how often it was changed in place; None where
+    one was made in inference mode, which counts no changes."""
+    tensors = model.state_dict(keep_vars=True).values()
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+READY: weakref.WeakKeyDictionary[nn.Module, tuple[object, nn.Module]] = weakref.WeakKeyDictionary()
+"""`ready`'s copies, by the model they were made from, each with what it was made for."""
 
 
 def freeze(model: M) -> M:

@@ -823,6 +823,43 @@ def _broken_compile(fn: object, **options: object) -> object:
     return run
 
 
+def test_a_workers_trials_read_one_teacher_and_a_new_search_gets_its_own() -> None:
+    """A reused worker built the teacher (and heads) from the object store's weights again for
+    every trial, and `train` folded it again: a sixth of what a short trial cost besides its
+    training. The trials only read it."""
+    import pickle
+
+    from kdsearch.data import load_data
+    from kdsearch.losses.hsakd import HSAKD
+    from kdsearch.recipe import DataConfig
+    from kdsearch.search import worker
+    from kdsearch.study.contents import METRIC
+    from kdsearch.teacher import Teacher
+
+    from .conftest import tiny_recipe
+
+    data = load_data(DataConfig(dataset="synthetic"))
+    model = build_model("resnet8", data.num_classes, data.channels)
+    heads = {"hsakd": HSAKD.teacher_heads(model, data.num_classes)}
+    teacher = Teacher(model, "trained", Path("teacher.pt"), 0.5, heads)
+    shared = worker.share(data, teacher, "resnet8")
+    first = worker.unshare(shared)
+    assert all(a is b for a, b in zip(worker.unshare(shared), first, strict=True))
+    assert worker.unshare(pickle.loads(pickle.dumps(shared)))[1] is first[1], "as Ray hands it"
+    search = worker.share(data, teacher, "resnet8")  # another search's, in a process Ray reused
+    second = worker.unshare(search)
+    assert second[1] is not first[1] and second[2]["hsakd"] is not first[2]["hsakd"]
+    assert worker.UNSHARED.keys() == {search.token}, "the earlier one is let go"
+    recipe = tiny_recipe({"schedule.epochs": 1}).override({"distill.hsakd.weight": 1.0})
+    reports: list[dict[str, object]] = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(worker.tune, "report", reports.append)
+        for number in (0, 1):
+            worker.run_trial({"number": number, "recipe": recipe.to_yaml(), "threads": 1}, search)
+    assert [r["epoch"] for r in reports] == [1, 1] and "failure" not in reports[-1]
+    assert reports[0][METRIC] == reports[1][METRIC], "the second trial read the teacher as it was"
+
+
 def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,6 +19,7 @@ from kdsearch.train import (
     kernel_cap,
     lr_at,
     onednn_isa_cap,
+    ready,
     recorded_cap,
     resolve_device,
     train,
@@ -92,6 +93,32 @@ def test_teacher_stays_frozen_and_in_eval_mode(synthetic: ImageData) -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed: batch-norm statistics must stay"
+
+
+def test_a_teacher_is_prepared_once_and_again_when_its_weights_change(
+    synthetic: ImageData,
+) -> None:
+    """Runs given the same teacher (a reused worker's trials) fold and place it once; one whose
+    weights changed since, in place or replaced, is distilled from as it is now."""
+    cpu = torch.device("cpu")
+    teacher = _teacher(synthetic, epochs=1)
+    assert ready(teacher, cpu) is ready(teacher, cpu)
+    recipe = tiny_recipe({"schedule.epochs": 1})
+
+    def losses(model: TapModel) -> list[tuple[float, dict[str, float], float]]:
+        history = train(recipe, synthetic, teacher=model).history
+        return [(s.train_loss, s.parts, s.val_loss) for s in history]
+
+    first = losses(teacher)
+    other = _teacher(synthetic, epochs=2)
+    teacher.load_state_dict(other.state_dict())  # copied into its tensors in place
+    after = losses(teacher)
+    assert after != first
+    assert after == losses(other)
+    again = ready(teacher, cpu)
+    with torch.no_grad():
+        teacher.fc.weight.data = teacher.fc.weight.data * 2  # a tensor replaced, not changed
+    assert ready(teacher, cpu) is not again
 
 
 def test_models_and_batches_are_channels_last(synthetic: ImageData) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ class Shared:
     teacher_arch: str
     teacher_state: dict[str, torch.Tensor]
     heads_state: dict[str, dict[str, torch.Tensor]]
+    # tells this share from any other a process may see (Ray reuses a task's process)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def share(data: ImageData, teacher: Teacher | None, arch: str) -> Shared:
@@ -81,8 +84,22 @@ def host_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in state.items()}
 
 
-def unshare(shared: Shared) -> tuple[ImageData, TapModel | None, dict[str, torch.nn.Module]]:
-    """Data, teacher and heads back as torch objects (the data without a copy)."""
+Unshared = tuple[ImageData, TapModel | None, dict[str, torch.nn.Module]]
+UNSHARED: dict[str, Unshared] = {}  # the last share this process unpacked, by its token
+
+
+def unshare(shared: Shared) -> Unshared:
+    """Data, teacher and heads back as torch objects (the data without a copy); the same
+    objects again for every later trial or run in this process of the same share, which only
+    read them: the teacher is built once, and `train` folds and places it once (`ready`)."""
+    if shared.token not in UNSHARED:
+        UNSHARED.clear()  # an earlier search's or promotion's
+        UNSHARED[shared.token] = unpack(shared)
+    return UNSHARED[shared.token]
+
+
+def unpack(shared: Shared) -> Unshared:
+    """`shared` as torch objects."""
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = {k: torch.from_numpy(v) for k, v in shared.arrays.items()}
