@@ -1,6 +1,6 @@
 """Where studies are kept: opening an SQLAlchemy storage from a URL (SQLite by default,
 PostgreSQL for clusters) with one clear line for each way that fails, reading an SQLite file
-without writing to it, and writes Optuna has no call for."""
+without writing to it, and writes Optuna has no call for or makes one transaction at a time."""
 
 from __future__ import annotations
 
