@@ -159,6 +159,65 @@ def test_a_trials_attributes_and_curve_are_one_write_that_reads_as_optunas_own(
         write_trial(storage, by_kdsearch._trial_id, {"epochs": 4})
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_writers_of_one_trial_take_turns(url: str, backend: str) -> None:
+    """On PostgreSQL the second writer's delete missed the first's new rows, and its insert
+    broke their unique key: a raw IntegrityError out of the search. It now waits for the
+    trial's row, and then replaces what the first wrote."""
+    from optuna.storages._rdb.models import TrialModel
+    from optuna.storages._rdb.models import TrialUserAttributeModel as Attr
+    from sqlalchemy import insert, select
+
+    if backend == "postgresql":
+        if not POSTGRES:
+            pytest.skip("set KDSEARCH_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
+        url = POSTGRES
+    storage = open_storage(url)
+    assert isinstance(storage, RDBStorage)
+    study = optuna.create_study(study_name=f"w-{uuid.uuid4().hex[:8]}", storage=storage)
+    trial_id = study.ask()._trial_id
+    done: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            done["wrote"] = write_trial(storage, trial_id, {"k": "second"})
+        except Exception as err:
+            done["failed"] = err
+
+    # a writer halfway through, as write_trial writes
+    with storage.engine.connect() as first, first.begin():
+        row = select(TrialModel.state).where(TrialModel.trial_id == trial_id)
+        first.execute(row.with_for_update())
+        first.execute(insert(Attr).values(trial_id=trial_id, key="k", value_json='"first"'))
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), "the second writes once the first has committed"
+    thread.join(30)
+    assert done == {"wrote": True}
+    assert storage.get_trial(trial_id).user_attrs == {"k": "second"}
+
+
+def test_a_driver_whose_trial_was_taken_over_marks_nothing_in_it(
+    space: SearchSpace, url: str
+) -> None:
+    """A driver thought gone (suspended for 5 minutes) that woke as Tune gave the trial a slot
+    wrote its own attempt into the trial another driver had adopted since: had that driver then
+    died training it, its death went uncounted."""
+    storage = open_storage(url)
+    record = Record(storage, "s", space, target=1, resume=False)
+    assert record.next_plan("r0") is not None
+    trial_id = storage.get_trial_id_from_study_id_trial_number(record.study_id, 0)
+    _own(storage, record.study_id, 0, "elsewhere:42")  # adopted: its second attempt, training
+    storage.set_trial_user_attr(trial_id, "attempt", 2)
+    storage.set_trial_user_attr(trial_id, "training_attempt", 2)
+    record.training(0)
+    assert storage.get_trial(trial_id).user_attrs["training_attempt"] == 2
+    assert not write_trial(storage, trial_id, {"x": 1}, driver=record.driver)
+    assert write_trial(storage, trial_id, {"x": 1}, driver="elsewhere:42")
+    assert storage.get_trial(trial_id).user_attrs["x"] == 1
+
+
 def test_a_trials_writes_do_not_grow_with_its_epochs_or_attributes(
     space: SearchSpace, url: str
 ) -> None:

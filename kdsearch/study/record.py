@@ -394,7 +394,9 @@ class Record:
         """Record that trial `number`'s attempt, which this driver started, has started training
         (Tune gave it a slot): should its driver die now, the trial may be what killed it."""
         trial_id, attempt = self._attempts[number]
-        write_trial(self.storage, trial_id, {"training_attempt": attempt})
+        # not once another driver has taken it over (this one's heartbeat had stopped): the
+        # attempt it trains is that driver's to mark
+        write_trial(self.storage, trial_id, {"training_attempt": attempt}, driver=self.driver)
 
     @clear_storage_errors
     def all_started(self) -> bool:
@@ -423,7 +425,10 @@ class Record:
         value = json.dumps(self.driver)  # as Optuna writes a user attribute
         try:
             with transaction(self.storage) as connection:
-                if connection.execute(select(TrialModel.trial_id).where(*running)).first() is None:
+                # the trial's row locked, as `write_trial` locks it: a write of this trial's
+                # driver waits for the swap, and then sees it
+                held = select(TrialModel.trial_id).where(*running).with_for_update()
+                if connection.execute(held).first() is None:
                     return False
                 if was is None:  # (trial, key) is unique: of two inserts, the second fails
                     connection.execute(
@@ -469,7 +474,8 @@ class Record:
         try:
             # the whole curve: a killed attempt's steps past this one's last would be read as
             # this attempt's (a pruned trial's value is its last step's, and TPE ranks by it)
-            write_trial(self.storage, trial_id, attrs, curve=curve)
+            if not write_trial(self.storage, trial_id, attrs, curve=curve, driver=self.driver):
+                return  # taken over since it was read above
             if state == TrialState.COMPLETE:
                 self.study.tell(number, curve[last], skip_if_finished=True)
             else:
