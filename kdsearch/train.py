@@ -429,29 +429,29 @@ def place(model: M, device: torch.device) -> M:
 
 def ready(model: M, device: torch.device) -> M:
     """A frozen copy of `model`, its batch norms folded, on `device` in the channels-last
-    layout: how a run reads its teacher and the heads trained on them. Made once for each model,
-    device and state of the model's weights in a process, and handed again to later runs given
-    the same model (the trials of a reused Ray worker, to which `unshare` hands the same
-    teacher), which only read it: weights changed in place or replaced since make a new one."""
-    key = (device, weights_key(model))
-    made = READY.get(model)
-    if made is None or made[0] != key or key[1] is None:
-        made = (key, place(fold_batch_norm(freeze(model)), device))
-        READY[model] = made
-    return cast(M, made[1])
+    layout: how a run reads its teacher and the heads trained on them. Made anew for each run,
+    but for a model marked `fixed`, whose copy on each device is made once and handed to every
+    later run in the process."""
+    copies = FIXED.get(model)
+    if copies is not None and device in copies:
+        return cast(M, copies[device])
+    copy = place(fold_batch_norm(freeze(model)), device)
+    if copies is not None:
+        copies[device] = copy
+    return copy
 
 
-def weights_key(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
-    """Where each of `model`'s tensors is and how often it was changed in place; None where
-    one was made in inference mode, which counts no changes."""
-    tensors = model.state_dict(keep_vars=True).values()
-    if any(t.is_inference() for t in tensors):
-        return None
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def fixed(model: M) -> M:
+    """Mark `model` as never changed from now on (a reused worker's teacher, built from the
+    share for its trials alone, which only read it): `ready` prepares it once per device."""
+    FIXED.setdefault(model, {})
+    return model
 
 
-READY: weakref.WeakKeyDictionary[nn.Module, tuple[object, nn.Module]] = weakref.WeakKeyDictionary()
-"""`ready`'s copies, by the model they were made from, each with what it was made for."""
+FIXED: weakref.WeakKeyDictionary[nn.Module, dict[torch.device, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The models marked `fixed`, each with `ready`'s copies of it by device."""
 
 
 def freeze(model: M) -> M:

@@ -835,6 +835,7 @@ def test_a_workers_trials_read_one_teacher_and_a_new_search_gets_its_own() -> No
     from kdsearch.search import worker
     from kdsearch.study.contents import METRIC
     from kdsearch.teacher import Teacher
+    from kdsearch.train import ready
 
     from .conftest import tiny_recipe
 
@@ -857,7 +858,12 @@ def test_a_workers_trials_read_one_teacher_and_a_new_search_gets_its_own() -> No
         for number in (0, 1):
             worker.run_trial({"number": number, "recipe": recipe.to_yaml(), "threads": 1}, search)
     assert [r["epoch"] for r in reports] == [1, 1] and "failure" not in reports[-1]
-    assert reports[0][METRIC] == reports[1][METRIC], "the second trial read the teacher as it was"
+    for key in (METRIC, "train_loss"):  # the second trial read the teacher and heads as they were
+        assert reports[0][key] == reports[1][key], key
+    teacher = second[1]
+    assert teacher is not None and ready(teacher, torch.device("cpu")) is ready(
+        teacher, torch.device("cpu")
+    ), "folded and placed once"
 
 
 def test_a_trials_and_a_promotion_runs_warnings_travel_with_their_results(

@@ -30,6 +30,7 @@ from kdsearch.teacher import Teacher
 from kdsearch.train import (
     EpochStats,
     evaluate_split,
+    fixed,
     free_device_memory,
     kernel_cap,
     resolve_device,
@@ -91,10 +92,15 @@ UNSHARED: dict[str, Unshared] = {}  # the last share this process unpacked, by i
 def unshare(shared: Shared) -> Unshared:
     """Data, teacher and heads back as torch objects (the data without a copy); the same
     objects again for every later trial or run in this process of the same share, which only
-    read them: the teacher is built once, and `train` folds and places it once (`ready`)."""
+    read them: the teacher is built once, and `train` folds and places it once (`fixed`)."""
     if shared.token not in UNSHARED:
         UNSHARED.clear()  # an earlier search's or promotion's
-        UNSHARED[shared.token] = unpack(shared)
+        data, teacher, heads = unpack(shared)
+        UNSHARED[shared.token] = (
+            data,
+            None if teacher is None else fixed(teacher),
+            {name: fixed(head) for name, head in heads.items()},
+        )
     return UNSHARED[shared.token]
 
 
