@@ -29,7 +29,7 @@ from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
 from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
 from kdsearch.losses.base import frozen_taps, rotate
-from kdsearch.models import TapModel, build_model, fold_batch_norm
+from kdsearch.models import TapModel, build_model
 from kdsearch.paths import flocked, replaced_whole, writable_folder, write_errors
 from kdsearch.recipe import DistillConfig, Recipe
 from kdsearch.train import (
@@ -45,6 +45,7 @@ from kdsearch.train import (
     free_device_memory,
     freeze,
     place,
+    ready,
     resolve_device,
     set_lr,
     sgd,
@@ -409,7 +410,7 @@ def train_teacher_heads(
     `teacher.heads.lr` over `teacher.heads.epochs`, the recipe's optimizer and batch size)."""
     device = resolve_device(recipe.device)
     dtype = autocast_dtype(recipe.precision, device)
-    teacher = place(fold_batch_norm(freeze(teacher)), device)
+    teacher = ready(teacher, device)
     place(heads, device)
     cfg = recipe.teacher.heads
     optimizer = sgd(heads.parameters(), recipe.optim, cfg.lr)
