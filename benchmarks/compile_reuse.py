@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-from tables import Table, command_line, device_line, names, run
+from tables import Table, command_line, machine_line, names, run
 from terms import TERMS, pair_recipe, variant
 from torch._dynamo.utils import counters
 
@@ -42,7 +41,7 @@ def main() -> None:
     teacher = build_model("resnet20", data.num_classes, data.channels)
     heads = {n: LOSSES[n].teacher_heads(teacher, data.num_classes) for n in HEAD_TERMS}
     table = Table(
-        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{machine_line(device)}, "
         "resnet20 -> resnet8, one epoch of the synthetic data each, in one process",
         "",
         "| run | term | seconds | graphs made so far |",

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from tables import Table, command_line, device_line, positive, run, step_options
+from tables import Table, command_line, machine_line, positive, run, step_options
 from terms import BATCH, CLASSES
 from throughput import GatherMemory
 
@@ -131,7 +131,7 @@ def main() -> None:
     sizes: list[int] = args.banks
     first = sizes[0]
     table = Table(
-        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{machine_line(device)}, "
         f"batch {BATCH}, {NEGATIVES} negatives, medians of {args.steps} steps and "
         f"{args.rounds} rounds",
         "",

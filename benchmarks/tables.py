@@ -43,6 +43,14 @@ def device_line(device: torch.device) -> str:
     return f"device: {device.type} ({name})"
 
 
+def machine_line(device: torch.device) -> str:
+    """A table's first words: the device (`device_line`), the CPU threads torch uses, torch's
+    version."""
+    import torch
+
+    return f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def cpu_name() -> str:
     """The CPU's model name (a virtual machine may name none), else the machine's type."""
     cpuinfo = Path("/proc/cpuinfo")

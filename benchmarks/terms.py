@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from tables import Table, command_line, device_line, pairs, run, step_options
+from tables import Table, command_line, machine_line, pairs, run, step_options
 
 from kdsearch.data import ImageData, Split
 from kdsearch.distill import HEAD_TERMS
@@ -86,7 +86,7 @@ def main() -> None:
     device = resolve_device(args.device)
     data = random_data(args.steps * BATCH)
     table = Table(
-        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{machine_line(device)}, "
         f"batch {BATCH}, {args.steps} timed steps, medians of {args.rounds} rounds",
         "",
         "| teacher -> student | variant | train img/s (median) | relative to KD (median) |",

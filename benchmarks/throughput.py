@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from tables import Table, command_line, device_line, names, pairs, run, step_options
+from tables import Table, command_line, machine_line, names, pairs, run, step_options
 from terms import BATCH, CLASSES, pair_recipe, random_data, variant
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -278,7 +278,7 @@ def main() -> None:
     images = data.train.x.permute(0, 2, 3, 1).contiguous().numpy()
     labels = data.train.y.numpy()
     table = Table(
-        f"{device_line(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{machine_line(device)}, "
         f"batch {BATCH}, {args.steps} timed steps, medians of {args.rounds} rounds, "
         f"reference DataLoader workers {args.workers} (HSAKD: 0)"
         + (", kdsearch with compile: true" if args.compile else ""),
