@@ -133,10 +133,11 @@ def autocast_dtype(
 
     `auto` is bf16 where the hardware multiplies in bf16 natively: GPUs of compute capability 8
     and later (Ampere on; no loss scaling needed) and CPUs with AVX-512 BF16 or AMX, where
-    oneDNN's bf16 convolutions train 1.6-3.6x faster than fp32 at the same accuracy (README,
-    "Performance"); fp16 with loss scaling on GPUs of capability 7 (Volta, Turing: fp16 tensor
-    cores, bf16 emulated); fp32 on older GPUs and on other CPUs, which emulate bf16 slowly, as
-    oneDNN does under a user's cap on its instruction set below AVX-512 BF16.
+    oneDNN's bf16 convolutions train 1.6-3.6x faster than fp32 at the same accuracy
+    (benchmarks/README.md, "bf16 on the CPU"); fp16 with loss scaling on GPUs of capability 7
+    (Volta, Turing: fp16 tensor cores, bf16 emulated); fp32 on older GPUs and on other CPUs,
+    which emulate bf16 slowly, as oneDNN does under a user's cap on its instruction set below
+    AVX-512 BF16.
     """
     if precision == "auto":
         if device.type == "cuda":
@@ -167,9 +168,9 @@ def free_device_memory() -> None:
 def cpu_multiplies_bf16(cap: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware, as oneDNN's bf16 kernels need to beat fp32:
     AVX-512 BF16's dot products (Intel from Cooper Lake, AMD from Zen 4) or AMX tiles. Elsewhere
-    PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC (README), and so
-    does oneDNN under a cap on its instruction set below AVX-512 BF16: `cap`, or where None,
-    this process's."""
+    PyTorch emulates bf16, at a tenth of fp32's speed on an AVX2-only EPYC
+    (benchmarks/README.md), and so does oneDNN under a cap on its instruction set below AVX-512
+    BF16: `cap`, or where None, this process's."""
     if (onednn_isa_cap() if cap is None else cap) in ISAS_WITHOUT_BF16:
         return False
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)

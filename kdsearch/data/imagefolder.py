@@ -184,7 +184,7 @@ def _is_image(name: str) -> bool:
 
 
 PROBE_IMAGES = 32  # timed in the calling thread, to choose how to decode the rest
-THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (README)
+THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (benchmarks/README.md)
 
 
 def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -> list[np.ndarray]:
@@ -213,9 +213,9 @@ def decode_images(
     thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
     under `THREADED_FROM` seconds each (those of CIFAR or MNIST, JPEGs up to about 128 pixels
     wide) are decoded in this thread: PIL holds Python's lock between its short calls, and two
-    threads taking turns at it decoded 32-pixel JPEGs 2-2.5 times slower than one thread (README,
-    "Performance"). Larger ones, whose decoding and resizing run outside that lock, are decoded
-    on threads."""
+    threads taking turns at it decoded 32-pixel JPEGs 2-2.5 times slower than one thread
+    (benchmarks/README.md, "Loading an image folder"). Larger ones, whose decoding and resizing
+    run outside that lock, are decoded on threads."""
     if threaded is None:
         threaded = yield from probe_decoding(paths, size)
         paths = paths[PROBE_IMAGES + 1 :]
