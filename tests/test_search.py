@@ -31,6 +31,7 @@ from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
 from kdsearch.study.contents import trial_recipe
+from kdsearch.study.record import Record
 from kdsearch.teacher import TeacherFiles, weights_digest
 
 from .conftest import SMALL_SPACE, CliHere, auto_on_cpu, run_cli, write_study
@@ -1273,6 +1274,46 @@ def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(
     url = f"sqlite:///{tmp_path}/studies/s.db"
     states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
     assert states == [TrialState.RUNNING], "stopped at the first failed write, left to --resume"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "after", "said"),
+    [
+        (3, "", "stopped; `kdsearch run space.yaml --study s --resume` finishes the search"),
+        (5, "", "stopped as the search ended: its 5 trials had all finished"),
+        (
+            5,
+            "promote: {top_k: 1, seeds: 1}\n",
+            "stopped after the search; `kdsearch run space.yaml --study s --resume` does the "
+            "space's promotion (the promotion runs already finished are kept)",
+        ),
+    ],
+)
+def test_a_ctrl_c_in_the_search_says_what_is_left_to_do(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cli_here: CliHere,
+    recorded: int,
+    after: str,
+    said: str,
+) -> None:
+    """A Ctrl-C that landed after the last of the 5 trials was recorded, before the summary,
+    said that `--resume` finishes the search, which had no trial left to run."""
+
+    def search(args: object, space: SearchSpace, record: Record, *_: object) -> None:
+        for number in range(recorded):  # as the trials finish, then the Ctrl-C
+            assert record.next_plan(f"ray{number}") is not None
+            record.finish(number, TrialState.COMPLETE, {1: 0.5}, {"epochs": 1, "threads": 1})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kdsearch.commands.run.search_trials", search)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE + after)
+    done = cli_here("run", "space.yaml", "--study", "s", cwd=tmp_path)
+    assert done.returncode == 130
+    assert done.stderr.splitlines()[-2:] == [
+        said,
+        "kdsearch: interrupted (what had finished is kept; nothing half-done was written)",
+    ], done.stderr
 
 
 def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> None:

@@ -161,9 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # the search ended: the resume line, where the study kept what this run began
         with suppress(Exception):
             if record.study.get_trials(deepcopy=False):
-                console.print(
-                    f"stopped; `{resume_command(args, url)}`{resumed} finishes the search"
-                )
+                console.print(stopped_line(record.tally(), target, space, args, url, resumed))
         raise
     console.print(status_line(tally, target) + f" in {seconds:.0f} s")
     for line in tally.failures[-5:]:
@@ -214,15 +212,36 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = Path(space.config.export.dir)
             run_export(open_storage(url), url, name, out, here, export_option(space))
     except KeyboardInterrupt:  # the search is done; say how to finish what follows it
-        cfg = space.config
-        steps = [w for w, on in (("promotion", cfg.promote), ("export", cfg.export)) if on]
-        kept = " (the promotion runs already finished are kept)" if cfg.promote else ""
-        console.print(
-            f"stopped after the search; `{resume_command(args, url)}`{resumed} does the "
-            f"space's {' and '.join(steps)}{kept}"
-        )
+        console.print(after_search_line(space, f"`{resume_command(args, url)}`{resumed}"))
         raise
     return 0
+
+
+def stopped_line(
+    tally: Tally,
+    target: int,
+    space: SearchSpace,
+    args: argparse.Namespace,
+    url: str,
+    resumed: str,
+) -> str:
+    """What is left to do after a Ctrl-C that stopped the search part of `kdsearch run`: one
+    that lands as the last trial is recorded leaves no trial to run again."""
+    command = f"`{resume_command(args, url)}`{resumed}"
+    finished = tally.complete + tally.pruned + tally.failed
+    if tally.running or finished < target:
+        return f"stopped; {command} finishes the search"
+    if space.config.promote or space.config.export:
+        return after_search_line(space, command)
+    return f"stopped as the search ended: its {finished} trials had all finished"
+
+
+def after_search_line(space: SearchSpace, command: str) -> str:
+    """How to finish the promotion and export of a space whose search is done."""
+    cfg = space.config
+    steps = [w for w, on in (("promotion", cfg.promote), ("export", cfg.export)) if on]
+    kept = " (the promotion runs already finished are kept)" if cfg.promote else ""
+    return f"stopped after the search; {command} does the space's {' and '.join(steps)}{kept}"
 
 
 def export_option(space: SearchSpace) -> str:
