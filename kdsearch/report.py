@@ -34,6 +34,7 @@ from kdsearch.study.contents import (
     recorded,
     space_config,
 )
+from kdsearch.study.drivers import left_running
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -232,7 +233,7 @@ def build_report(storage: BaseStorage, name: str) -> str:
         if any(param in t.params for t in complete):
             fig = plot_slice(study, params=[param], target=_accuracy, target_name=ACCURACY)
             sections.append((f"{param} against the metric", [fig]))
-    return _page(name, study, sections)
+    return _page(name, study, sections, left_running(storage, name, study.trials))
 
 
 def _accuracy(trial: FrozenTrial) -> float:
@@ -274,7 +275,9 @@ def _comparisons(study: optuna.Study, complete: list[FrozenTrial]) -> list[tuple
     return sections + ([("Parameter importances", importances)] if importances else [])
 
 
-def _page(name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]]) -> str:
+def _page(
+    name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]], left: list[int]
+) -> str:
     lines = [
         "<!DOCTYPE html>",
         "<html><head><meta charset='utf-8'>",
@@ -282,7 +285,7 @@ def _page(name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]]
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         " section{margin-bottom:2em}</style></head><body>",
         f"<h1>kdsearch study {html.escape(name)}</h1>",
-        f"<p>{html.escape(summary(study.trials))}</p>",
+        f"<p>{html.escape(summary(study.trials, left))}</p>",
         f"<p>{html.escape(best_line(study))}</p>",
     ]
     first = True
@@ -299,15 +302,23 @@ def _page(name: str, study: optuna.Study, sections: list[tuple[str, list[Part]]]
     return "\n".join(lines)
 
 
-def summary(trials: list[FrozenTrial]) -> str:
-    """The trials by state ("5 trials: 3 complete, 1 pruned, 1 failed."), or that there are none."""
+def summary(trials: list[FrozenTrial], left: list[int]) -> str:
+    """The trials by state ("5 trials: 3 complete, 1 pruned, 1 failed."), or that there are
+    none; `left`, the RUNNING trials a search that stopped left (`left_running`), said so."""
     if not trials:
         return "The study holds no trial yet."
     counts = Counter(t.state.name for t in trials)
     states = ", ".join(
         f"{counts[s]} {'failed' if s == 'FAIL' else s.lower()}" for s in STATE_COLOURS if counts[s]
     )
-    return f"{len(trials)} trial{'s' if len(trials) > 1 else ''}: {states}."
+    said = f"{len(trials)} trial{'s' if len(trials) > 1 else ''}: {states}."
+    if left:
+        marks = ", ".join(f"#{n}" for n in left)
+        said += (
+            f" The search stopped (Ctrl-C, or killed) and left {marks} RUNNING, which "
+            "`kdsearch run SPACE --resume` runs again: the best trials here are the best so far."
+        )
+    return said
 
 
 def best_line(study: optuna.Study) -> str:

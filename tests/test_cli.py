@@ -18,9 +18,14 @@ import torch
 
 import kdsearch
 from kdsearch import cli
-from kdsearch.commands.common import parse_sets, password_hidden, storage_option, storage_url
+from kdsearch.commands.common import (
+    parse_sets,
+    password_hidden,
+    recorded_resume,
+    storage_option,
+    storage_url,
+)
 from kdsearch.commands.export import LIKE_HERE, cap_set, reproduced_on, train_command
-from kdsearch.commands.studies import recorded_resume
 from kdsearch.commands.train import kernel_notes
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning

@@ -200,6 +200,73 @@ def test_trials_a_stopped_search_left_running_are_said_to_be_so(
     assert list(pd.read_csv(io.StringIO(stopped.stdout))["state"])[1:] == ["RUNNING"] * 3
 
 
+def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
+    tmp_path: Path, cli_here: CliHere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search stopped by Ctrl-C with 2 of its space's 5 trials finished: `promote` and
+    `export` chose from those 2 without a word (they noted only a search running now), and the
+    report counted its trial left RUNNING as running."""
+    from kdsearch.errors import DataError
+
+    (tmp_path / "studies").mkdir()
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    record_study(url, "s", [("COMPLETE", [0.5, 0.6]), ("PRUNED", [0.4]), ("RUNNING", [0.3])])
+    storage = open_storage(url)
+    stopped = f"heartbeat:{this_driver()}"  # as a stop ends its driver
+    storage.set_study_system_attr(storage.get_study_id_from_name("s"), stopped, 0.0)
+    note = (
+        "note: the search of 's' stopped with 2 of its 5 trials finished, trial #2 left RUNNING; "
+        "this {} its best trials so far, and `kdsearch run SPACE --study s --resume` finishes "
+        "the search"
+    )
+    monkeypatch.setattr("kdsearch.commands.promote.run_promotion", lambda *_, **__: True)
+    promoted = cli_here("promote", "s", cwd=tmp_path)
+    assert promoted.returncode == 0 and promoted.stderr.splitlines() == [note.format("promotes")]
+
+    def no_data(*_: object) -> None:  # the export stops where it would load the data
+        raise DataError("no data here")
+
+    monkeypatch.setattr("kdsearch.data.load_data", no_data)
+    exported = cli_here("export", "s", "--out", "w", cwd=tmp_path)
+    assert exported.stderr.splitlines() == [
+        note.format("exports"),
+        "kdsearch: error: no data here",
+    ]
+    reported = cli_here("report", "s", cwd=tmp_path)
+    assert reported.returncode == 0
+    assert reported.stderr.splitlines()[0] == note.format("reports on")
+    page = (tmp_path / "studies" / "s-report.html").read_text()
+    assert (
+        "<p>3 trials: 1 complete, 1 pruned, 1 running. The search stopped (Ctrl-C, or killed) "
+        "and left #2 RUNNING, which `kdsearch run SPACE --resume` runs again: the best trials "
+        "here are the best so far.</p>"
+    ) in page
+    # run with `--trials 2`: as many finished as it asked for, but one left to run again
+    study = optuna.load_study(study_name="s", storage=url)
+    study.set_user_attr("run_options", {"study": "s", "trials": 2})
+    reported = cli_here("report", "s", cwd=tmp_path)
+    assert reported.stderr.splitlines()[0] == (
+        "note: the search of 's' stopped with 2 trials finished, trial #2 left RUNNING; this "
+        "reports on its best trials so far, and `kdsearch run SPACE --study s --trials 2 "
+        "--resume` finishes the search"
+    )
+    # stopped between trials: none left RUNNING, but 3 of the 5 finished
+    study.set_user_attr("run_options", {"study": "s"})
+    study.tell(2, state=TrialState.FAIL)
+    reported = cli_here("report", "s", cwd=tmp_path)
+    assert reported.stderr.splitlines()[0] == (
+        "note: the search of 's' stopped with 3 of its 5 trials finished; this reports on its "
+        "best trials so far, and `kdsearch run SPACE --study s --resume` finishes the search"
+    )
+    page = (tmp_path / "studies" / "s-report.html").read_text()
+    assert "<p>3 trials: 1 complete, 1 pruned, 1 failed.</p>" in page
+    # the same search finished: nothing to say
+    done = write_study(tmp_path / "done")
+    for command in (["report", "s"], ["promote", "s"]):
+        ran = cli_here(*command, "--storage", done, cwd=tmp_path)
+        assert ran.returncode == 0 and "note:" not in ran.stderr, ran.stderr
+
+
 def test_another_tools_parameters_named_as_a_column_do_not_take_its_place(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
@@ -733,12 +800,22 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
             pages[name].count("Plotly.newPlot") == 1 and "<h2>Learning curves</h2>" in pages[name]
         )
     assert "no complete trials" not in capfd.readouterr().err.lower()
+    ended = f"heartbeat:{this_driver()}"  # the searches that wrote them ended, as one ends
+    for name in ("pruned", "empty"):
+        storage.set_study_system_attr(storage.get_study_id_from_name(name), ended, 0.0)
     proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
-    assert proc.returncode == 0 and proc.stderr.startswith(f"wrote {tmp_path}/pruned-report.html (")
+    noted, wrote = proc.stderr.splitlines()
+    assert proc.returncode == 0 and wrote.startswith(f"wrote {tmp_path}/pruned-report.html (")
+    assert noted == (  # 3 of the 5 trials its space asks for
+        "note: the search of 'pruned' stopped with 3 of its 5 trials finished; this reports on "
+        f"its best trials so far, and `kdsearch run SPACE --study pruned --storage {url} "
+        "--resume` finishes the search"
+    )
     assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
     proc = run_cli("report", "empty", "--storage", url, "--out", "e.html", cwd=tmp_path)
     size = (tmp_path / "e.html").stat().st_size  # under a KiB: in bytes, not "0 KiB"
-    assert proc.stderr.startswith(f"wrote e.html ({size:,} bytes, opens offline)"), proc.stderr
+    wrote = proc.stderr.splitlines()[-1]  # after the note that no trial of 5 has run
+    assert wrote.startswith(f"wrote e.html ({size:,} bytes, opens offline)"), proc.stderr
 
 
 def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHere) -> None:

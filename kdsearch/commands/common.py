@@ -4,7 +4,8 @@ training, a study's storage, and the checks made before Ray is imported."""
 from __future__ import annotations
 
 import shlex
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +194,27 @@ def storage_option(study: str, url: str) -> str:
     return "" if storage_place(url) == found else f" --storage {shlex.quote(redact(url))}"
 
 
+def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
+    """The command that resumes the search of study `name`, from the options its latest driver
+    recorded (`Record.record_options`; a study searched before they were: SPACE for its file,
+    and no other options)."""
+    from kdsearch.study.storage import redact
+
+    options = attrs.get("run_options", {})
+    space = options.get("space")
+    if space is not None and Path(space).is_relative_to(Path.cwd()):
+        space = str(Path(space).relative_to(Path.cwd()))
+    storage = redact(url) if storage_option(name, url) else None
+    return run_resumed(
+        space or "SPACE",
+        options.get("study", name),  # None: the run named none (the space's)
+        storage,
+        options.get("trials"),
+        options.get("address"),
+        options.get("set", []),
+    )
+
+
 def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
     """The storage of an existing study and its URL: `given` (a URL or an SQLite file), else
     `study_file`."""
@@ -236,10 +258,13 @@ def existing_storage(url: str) -> BaseStorage:
     return open_storage(url)
 
 
-def note_search_running(storage: BaseStorage, name: str, does: str) -> None:
-    """Say so where another process searches study `name` now: what `does` (promotes,
-    exports) the best trials so far is not the search's last word."""
-    from kdsearch.study.drivers import searching_now
+def note_unfinished_search(storage: BaseStorage, url: str, name: str, does: str) -> None:
+    """Say so where the search of study `name` (in `storage`, at `url`) is not over: another
+    process searches it now, or one that stopped (Ctrl-C, a kill) left trials to run. What
+    `does` (promotes, exports, reports on) is then the best trials so far, which need not be
+    the search's."""
+    from kdsearch.study.contents import load_study, space_config
+    from kdsearch.study.drivers import left_running, searching_now
 
     if drivers := searching_now(storage, name):
         more = f" and {len(drivers) - 1} more" if len(drivers) > 1 else ""
@@ -247,6 +272,29 @@ def note_search_running(storage: BaseStorage, name: str, does: str) -> None:
             f"note: {name!r} is still being searched (by {drivers[0]}{more}); this {does} its "
             "best trials so far, and once the search ends they may be others"
         )
+        return
+    study = load_study(storage, name)
+    if "space" not in study.user_attrs:  # not a kdsearch search: no target to hold it to
+        return
+    trials = study.get_trials(deepcopy=False)
+    target = study.user_attrs.get("run_options", {}).get("trials")
+    if target is None:  # the space's count; a recorded space this kdsearch refuses has none
+        with suppress(StudyError):
+            target = space_config(study).search.trials
+    finished = sum(t.state.is_finished() for t in trials)
+    short = target is not None and finished < target
+    left = left_running(storage, name, trials)
+    if not short and not left:
+        return
+    counted = f"{finished} of its {target}" if short else str(finished)
+    running = f", {numbered('trial', left, '#')} left RUNNING" if left else ""
+    console.print(
+        f"note: the search of {name!r} stopped with {counted} trials finished{running}; this "
+        f"{does} its best trials so far, and "
+        f"`{recorded_resume(study.user_attrs, name, url)}`{password_hidden(url)} finishes the "
+        "search",
+        soft_wrap=True,
+    )
 
 
 def numbered(word: str, items: Sequence[int], mark: str = "") -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
     device_type,
-    note_search_running,
+    note_unfinished_search,
     numbered,
     parse_sets,
     password_hidden,
@@ -79,7 +79,7 @@ def run_export(
     hidden = password_hidden(url)  # after each command the notes print with --storage
     promoted = promoted_name(name)
     winner = find_winner(storage, name, here)
-    note_search_running(storage, name, "exports")
+    note_unfinished_search(storage, url, name, "exports")
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
     # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
     on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
-    note_search_running,
+    note_unfinished_search,
     prepare_teacher,
     refuse_other_kdsearch,
     study_storage,
@@ -48,7 +48,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     fix = f"pass --epochs {space.asha.max_epochs} or more"
     if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
         raise KdsearchError(short)
-    note_search_running(storage, args.study, "promotes")
+    note_unfinished_search(storage, url, args.study, "promotes")
     return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
     existing_storage,
+    note_unfinished_search,
     numbered,
     password_hidden,
+    recorded_resume,
     refuse_unnamed,
-    run_resumed,
     storage_option,
     storage_url,
     study_file,
@@ -88,6 +89,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
     study = search_study(storage, args.study, lambda study: storage_option(study, url))
+    note_unfinished_search(storage, url, args.study, "reports on")
     option = "--out"
     if args.out is None:  # beside its study, as a promotion's weights: one per study
         file = sqlite_file(url)
@@ -147,27 +149,6 @@ def cmd_trials(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
     return 0
-
-
-def recorded_resume(attrs: Mapping[str, Any], name: str, url: str) -> str:
-    """The command that resumes the search of study `name`, from the options its latest driver
-    recorded (`Record.record_options`; a study searched before they were: SPACE for its file,
-    and no other options)."""
-    from kdsearch.study.storage import redact
-
-    options = attrs.get("run_options", {})
-    space = options.get("space")
-    if space is not None and Path(space).is_relative_to(Path.cwd()):
-        space = str(Path(space).relative_to(Path.cwd()))
-    storage = redact(url) if storage_option(name, url) else None
-    return run_resumed(
-        space or "SPACE",
-        options.get("study", name),  # None: the run named none (the space's)
-        storage,
-        options.get("trials"),
-        options.get("address"),
-        options.get("set", []),
-    )
 
 
 def show_promoted(promoted: optuna.Study, csv: str | None) -> None:
