@@ -1118,3 +1118,15 @@ def test_check_runs_the_checks_of_a_search_and_writes_nothing(
     ran = cli_here("run", "s.yaml", "--check", "--storage", "sqlite://", cwd=tmp_path)
     assert ran.returncode == 2 and "in memory is lost" in ran.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+    # a study that already holds trials, which the search refuses without --resume: so does the
+    # check (it said "checked", exit 0), and with --resume it passes; the file is only read
+    write_study(tmp_path)
+    before = (tmp_path / "studies" / "s.db").read_bytes()
+    ran = cli_here("run", "s.yaml", "--check", cwd=tmp_path)
+    assert ran.returncode == 2 and ran.stderr.splitlines() == [
+        "kdsearch: error: study 's' already holds 5 trials; add --resume to finish it, or choose "
+        "another --study name"
+    ]
+    assert cli_here("run", "s.yaml", "--check", "--resume", cwd=tmp_path).returncode == 0
+    assert cli_here("run", "s.yaml", "--check", "--study", "t", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "studies" / "s.db").read_bytes() == before

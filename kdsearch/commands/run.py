@@ -62,9 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
     given = args.storage or space.config.study.storage
     url = storage_url(given or default_storage(name))
-    # the same command run twice: refused before torch and Ray are imported (seconds);
-    # `Record` refuses it too, on any storage
-    known = None if args.resume or args.check else sqlite_file(url)
+    # the same command run twice: refused before torch and Ray are imported (seconds), and
+    # by `--check`, which reads the file without writing; `Record` refuses it on any storage
+    known = None if args.resume else sqlite_file(url)
     if known is not None and known.is_file() and (held := trials_held(known, name)):
         raise already_held(name, held)
     from kdsearch.teacher import refuse_missing_checkpoints
