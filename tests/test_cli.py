@@ -720,7 +720,10 @@ def test_check_refuses_a_storage_whose_driver_is_not_installed(
     """`run --check --storage mysql://...` said "checked", and the search then failed."""
     (tmp_path / "space.yaml").write_text(SMALL_SPACE)
     for url, why in (
-        ("mysql://kd:hunter2@db/kd", "the module 'MySQLdb' its driver needs is not installed"),
+        (
+            "mysql://kd:hunter2@db/kd",
+            "the module 'MySQLdb' its driver needs is not installed; pip install mysqlclient",
+        ),
         ("foo://db/kd", "Can't load plugin: sqlalchemy.dialects:foo"),
     ):
         ran = cli_here("run", "space.yaml", "--check", "--storage", url, cwd=tmp_path)

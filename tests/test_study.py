@@ -1146,7 +1146,12 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
         (
             "mysql://kd:hunter2@127.0.0.1:1/none",
             "cannot open the study storage mysql://kd:***@127.0.0.1:1/none: the module "
-            "'MySQLdb' its driver needs is not installed; pip install it",
+            "'MySQLdb' its driver needs is not installed; pip install mysqlclient",
+        ),
+        (  # the pip distribution, where its module is named otherwise
+            "mysql+pymysql://kd:hunter2@127.0.0.1:1/none",
+            "cannot open the study storage mysql+pymysql://kd:***@127.0.0.1:1/none: the module "
+            "'pymysql' its driver needs is not installed; pip install PyMySQL",
         ),
         (
             "sqlite://",

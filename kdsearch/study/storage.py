@@ -165,6 +165,15 @@ def cannot_open(url: str, err: Exception | None) -> StudyError:
     )
 
 
+# The pip distributions of SQLAlchemy's database drivers whose module is named otherwise
+DISTRIBUTIONS = {
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysql": "mysql-connector-python",
+    "cx_Oracle": "cx-Oracle",
+}
+
+
 def check_driver(url: str) -> None:
     """Refuse `url` where SQLAlchemy cannot read it or the module of its driver is not
     installed (no retry mends these, and Optuna's message names no module), without
@@ -176,10 +185,14 @@ def check_driver(url: str) -> None:
     try:
         make_url(with_driver(url)).get_dialect().import_dbapi()
     except ImportError as err:
+        module = err.name or "?"
+        install = (
+            f"pip install {DISTRIBUTIONS[module]}" if module in DISTRIBUTIONS else "pip install it"
+        )
         hint = ", or write postgresql://, which uses psycopg2" if "postgres" in scheme(url) else ""
         raise StudyError(
-            f"cannot open the study storage {redact(url)}: the module {err.name or '?'!r} its "
-            f"driver needs is not installed; pip install it{hint}"
+            f"cannot open the study storage {redact(url)}: the module {module!r} its driver "
+            f"needs is not installed; {install}{hint}"
         ) from None
     except (ArgumentError, NoSuchModuleError, ValueError) as err:  # not a URL SQLAlchemy reads
         raise cannot_open(url, err) from None
