@@ -434,7 +434,11 @@ def _tag_problem(e: ErrorDetails, model: type[BaseModel], loc: tuple[str, ...], 
     members = _union_members(_user_keys(model, loc)[1])
     allowed = ", ".join(str(v) for m in members for v in get_args(m.model_fields[name].annotation))
     if e["type"] == "union_tag_not_found":
-        return f"{key}.{name}: required key is missing; allowed: {allowed}"
+        known = {k for m in members for k in m.model_fields}
+        given = e["input"] if isinstance(e["input"], dict) else {}
+        unknown = [str(k) for k in given if k not in known]  # `tpye: float`, say
+        also = f"; unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}" if unknown else ""
+        return f"{key}.{name}: required key is missing; allowed: {allowed}{also}"
     return f"{key}.{name}: got {_short(e['input'][name])}; allowed: {allowed}"
 
 

@@ -83,7 +83,7 @@ def test_shipped_spaces_name_their_asha_rungs_as_configured(name: str) -> None:
         (
             "  distill.kd.temperature: {tpye: float, low: 1, high: 2}",
             "space.distill.kd.temperature.type: required key is missing; "
-            "allowed: float, int, categorical",
+            "allowed: float, int, categorical; unknown key tpye",
         ),
         (
             "  distill.kd.temperature: {type: float, low: 1, high: 2, when: {$x: a}}\n  $x: {type: categorical, choices: [a, b]}",
