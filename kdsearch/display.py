@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -63,14 +64,23 @@ FAILURE_CHARS = 40  # a failure's first line is cut here in the terminal; the CS
 
 class EpochBars:
     """The report of a training run in the terminal: a bar over epochs with time elapsed and
-    left, a bar over the running epoch's batches, and one printed line per epoch."""
+    left, a bar over the running epoch's batches, and one printed line per epoch. The bars
+    appear with the first batch: a run that trains nothing (a teacher read from its cache)
+    shows none."""
 
     def __init__(self, progress: Progress, label: str, epochs: int) -> None:
         self.progress = progress
         self.label = label
         self.epochs = epochs
-        self.task = progress.add_task(f"{label} epochs", total=epochs)
-        self.batches = progress.add_task(f"{label} batches", total=None)
+        self.tasks: tuple[TaskID, TaskID] | None = None  # the epochs' and the batches' bars
+
+    def _bars(self) -> tuple[TaskID, TaskID]:
+        if self.tasks is None:
+            self.tasks = (
+                self.progress.add_task(f"{self.label} epochs", total=self.epochs),
+                self.progress.add_task(f"{self.label} batches", total=None),
+            )
+        return self.tasks
 
     def __call__(self, stats: EpochStats) -> None:
         parts = " ".join(f"{k} {v:.3f}" for k, v in stats.parts.items())
@@ -79,12 +89,13 @@ class EpochBars:
             f"({parts})  val acc {100 * stats.val_acc:6.2f}%  lr {stats.lr:.4g}  "
             f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s"
         )
-        self.progress.advance(self.task)
+        self.progress.advance(self._bars()[0])
 
     def batch(self, done: int, total: int) -> None:
+        batches = self._bars()[1]
         if done == 1:  # a new epoch: its own elapsed and remaining time
-            self.progress.reset(self.batches, total=total)
-        self.progress.update(self.batches, completed=done, total=total)
+            self.progress.reset(batches, total=total)
+        self.progress.update(batches, completed=done, total=total)
 
 
 @contextmanager

@@ -8,9 +8,11 @@ import sys
 import pandas as pd
 import pytest
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from kdsearch.display import (
+    EpochBars,
     RunsStatus,
     console,
     leaderboard_table,
@@ -149,3 +151,18 @@ def test_a_log_whose_reader_went_away_ends_as_sigpipe_ends_a_command() -> None:
     proc.stderr.close()  # as `head -1` does
     assert proc.wait(timeout=120) == 141
     assert proc.stdout.read() == "", "nothing, no traceback, went to stdout instead"
+
+
+def test_a_run_that_trains_nothing_shows_no_bars() -> None:
+    """A teacher read from its cache showed its bars, `teacher epochs 0/40` and `teacher
+    batches 0/?`, as if it were training again; a run shows them from its first batch."""
+    shown = {}
+    for batches in (0, 1):
+        terminal = Console(width=100, file=io.StringIO(), force_terminal=True)
+        with Progress(console=terminal, transient=True) as progress:
+            bars = EpochBars(progress, "teacher", 40)
+            for done in range(1, batches + 1):
+                bars.batch(done, 10)
+        shown[batches] = terminal.file.getvalue()  # type: ignore[attr-defined]
+    assert "teacher" not in shown[0]
+    assert "teacher epochs" in shown[1] and "teacher batches" in shown[1]
