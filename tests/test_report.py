@@ -544,7 +544,8 @@ def test_a_missing_study_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
     ran = cli_here("trials", "nothere", cwd=tmp_path)
     assert ran.returncode == 2 and ran.stderr.strip() == (
         "kdsearch: error: no study database at studies/nothere.db (no studies/ folder here: a "
-        "search keeps its study in studies/ where it ran); pass --storage URL"
+        "search keeps its study in studies/ where it ran); check the name, or pass --storage "
+        "with the study's file or URL"
     )
     write_study(tmp_path)
     (tmp_path / "studies" / "digits.db").write_bytes(b"")
@@ -552,7 +553,7 @@ def test_a_missing_study_is_one_line(tmp_path: Path, cli_here: CliHere) -> None:
         ran = cli_here(*command, "digit", cwd=tmp_path)
         assert ran.returncode == 2 and " ".join(ran.stderr.split()) == (
             "kdsearch: error: no study database at studies/digit.db (studies/ holds digits, s); "
-            "pass --storage URL"
+            "check the name, or pass --storage with the study's file or URL"
         )
     ran = cli_here(
         "report", "other", "--storage", f"sqlite:///{tmp_path}/studies/s.db", cwd=tmp_path

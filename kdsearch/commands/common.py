@@ -223,7 +223,8 @@ def study_storage(study: str, given: str | None) -> tuple[BaseStorage, str]:
         path = study_file(study)
         if not path.is_file():
             raise KdsearchError(
-                f"no study database at {path} ({studies_here()}); pass --storage URL"
+                f"no study database at {path} ({studies_here()}); check the name, or pass "
+                "--storage with the study's file or URL"
             )
         given = f"sqlite:///{path}"
     url = storage_url(given)
