@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import atexit
+import difflib
 import errno
 import os
 import signal
@@ -59,8 +60,23 @@ class _Parser(argparse.ArgumentParser):
             # `kdsearch --bogus trials S` is the top parser's error, `kdsearch trials S x` the
             # command's
             owner = self if any(e in before for e in extras) else commands.get(command, self)
-            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{owner.meant(extras)}")
         return parsed
+
+    def meant(self, extras: Sequence[str]) -> str:
+        """'; did you mean --seeds?' for each unknown option close to one of this parser's
+        (`promote S --seed 1`, which is not read as `--seeds`), else ''."""
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        guesses = [
+            (given, close[0])
+            for given in (e.partition("=")[0] for e in extras if e.startswith("--"))
+            if (close := difflib.get_close_matches(given, known, n=1, cutoff=0.75))
+        ]
+        if len(guesses) == 1:
+            return f"; did you mean {guesses[0][1]}?"
+        return (
+            f"; did you mean {', '.join(f'{o} (for {g})' for g, o in guesses)}?" if guesses else ""
+        )
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         if args and str(args[0]).startswith("-") and "action" not in kwargs:

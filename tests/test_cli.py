@@ -673,7 +673,8 @@ def test_the_promoted_study_of_a_search_with_a_long_name_is_looked_for(
     assert shown.returncode == 2
     assert shown.stderr.strip() == (
         f"kdsearch: error: no study database at studies/{name}-promoted.db (no studies/ folder "
-        "here: a search keeps its study in studies/ where it ran); pass --storage URL"
+        "here: a search keeps its study in studies/ where it ran); check the name, or pass "
+        "--storage with the study's file or URL"
     )
     too_long = cli_here("trials", f"{name}L-promoted", cwd=tmp_path)
     assert "a study name is at most 200 characters" in too_long.stderr
@@ -1014,10 +1015,14 @@ def test_a_search_run_again_without_resume_is_refused_before_torch_and_ray_load(
 def test_an_option_is_taken_only_as_spelled_in_full(tmp_path: Path, cli_here: CliHere) -> None:
     """argparse's prefixes read `promote S --seed 1` (meant: the seed) as `--seeds 1`."""
     (tmp_path / "space.yaml").write_text(SMALL_SPACE)
-    for command, given in (
-        (["promote", "s", "--seed", "1"], "--seed 1"),
-        (["run", "space.yaml", "--trial", "3"], "--trial 3"),
+    for command, given in (  # with the options meant, where one is close
+        (["promote", "s", "--seed", "1"], "--seed 1; did you mean --seeds?"),
+        (
+            ["run", "space.yaml", "--trial", "3", "--chek"],
+            "--trial 3 --chek; did you mean --trials (for --trial), --check (for --chek)?",
+        ),
         (["trials", "s", "--sto", "x.db"], "--sto x.db"),
+        (["trials", "s", "--csv=t.csv", "--sot=value"], "--sot=value; did you mean --sort?"),
     ):
         ran = cli_here(*command, cwd=tmp_path)
         assert ran.returncode == 2 and ran.stderr == (
