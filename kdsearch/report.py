@@ -34,7 +34,7 @@ from kdsearch.study.contents import (
     recorded,
     space_config,
 )
-from kdsearch.study.drivers import left_running
+from kdsearch.study.drivers import left_running, searching_now
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -233,7 +233,9 @@ def build_report(storage: BaseStorage, name: str) -> str:
         if any(param in t.params for t in complete):
             fig = plot_slice(study, params=[param], target=_accuracy, target_name=ACCURACY)
             sections.append((f"{param} against the metric", [fig]))
-    return _page(name, study, sections, left_running(storage, name, study.trials))
+    # trials of a dead driver are taken over by a live one: left only where none searches
+    left = [] if searching_now(storage, name) else left_running(storage, name, study.trials)
+    return _page(name, study, sections, left)
 
 
 def _accuracy(trial: FrozenTrial) -> float:
@@ -315,8 +317,9 @@ def summary(trials: list[FrozenTrial], left: list[int]) -> str:
     if left:
         marks = ", ".join(f"#{n}" for n in left)
         said += (
-            f" The search stopped (Ctrl-C, or killed) and left {marks} RUNNING, which "
-            "`kdsearch run SPACE --resume` runs again: the best trials here are the best so far."
+            f" The search stopped (Ctrl-C, or killed) and left {marks} RUNNING: the best trials "
+            "here are the best so far, and `kdsearch trials` names the command that runs them "
+            "again."
         )
     return said
 

@@ -211,9 +211,11 @@ def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
     (tmp_path / "studies").mkdir()
     url = f"sqlite:///{tmp_path}/studies/s.db"
     record_study(url, "s", [("COMPLETE", [0.5, 0.6]), ("PRUNED", [0.4]), ("RUNNING", [0.3])])
+    study = optuna.load_study(study_name="s", storage=url)
+    study.set_user_attr("run_options", {"study": "s"})  # run without --trials: its space's 5
     storage = open_storage(url)
-    stopped = f"heartbeat:{this_driver()}"  # as a stop ends its driver
-    storage.set_study_system_attr(storage.get_study_id_from_name("s"), stopped, 0.0)
+    study_id = storage.get_study_id_from_name("s")
+    storage.set_study_system_attr(study_id, f"heartbeat:{this_driver()}", 0.0)  # stopped
     note = (
         "note: the search of 's' stopped with 2 of its 5 trials finished, trial #2 left RUNNING; "
         "this {} its best trials so far, and `kdsearch run SPACE --study s --resume` finishes "
@@ -238,11 +240,17 @@ def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
     page = (tmp_path / "studies" / "s-report.html").read_text()
     assert (
         "<p>3 trials: 1 complete, 1 pruned, 1 running. The search stopped (Ctrl-C, or killed) "
-        "and left #2 RUNNING, which `kdsearch run SPACE --resume` runs again: the best trials "
-        "here are the best so far.</p>"
+        "and left #2 RUNNING: the best trials here are the best so far, and `kdsearch trials` "
+        "names the command that runs them again.</p>"
     ) in page
+    # another driver searches it now, and takes #2 over: said so, and no trial is "left"
+    storage.set_study_system_attr(study_id, "heartbeat:far:4242", time.time())
+    reported = cli_here("report", "s", cwd=tmp_path)
+    assert reported.stderr.splitlines()[0].startswith("note: 's' is still being searched (by far")
+    page = (tmp_path / "studies" / "s-report.html").read_text()
+    assert "<p>3 trials: 1 complete, 1 pruned, 1 running.</p>" in page
+    storage.set_study_system_attr(study_id, "heartbeat:far:4242", 0.0)  # it stopped too
     # run with `--trials 2`: as many finished as it asked for, but one left to run again
-    study = optuna.load_study(study_name="s", storage=url)
     study.set_user_attr("run_options", {"study": "s", "trials": 2})
     reported = cli_here("report", "s", cwd=tmp_path)
     assert reported.stderr.splitlines()[0] == (
@@ -258,6 +266,11 @@ def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
         "note: the search of 's' stopped with 3 of its 5 trials finished; this reports on its "
         "best trials so far, and `kdsearch run SPACE --study s --resume` finishes the search"
     )
+    # searched before kdsearch recorded how (no run_options): its count is not known, so its
+    # space's is not taken for it (the search may have been run with fewer --trials)
+    with closing(sqlite3.connect(tmp_path / "studies" / "s.db")) as db, db:
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'run_options'")
+    assert "note:" not in cli_here("report", "s", cwd=tmp_path).stderr
     page = (tmp_path / "studies" / "s-report.html").read_text()
     assert "<p>3 trials: 1 complete, 1 pruned, 1 failed.</p>" in page
     # the same search finished: nothing to say
@@ -805,18 +818,11 @@ def test_a_report_without_a_complete_trial_says_so_and_draws_only_what_there_is(
     for name in ("pruned", "empty"):
         storage.set_study_system_attr(storage.get_study_id_from_name(name), ended, 0.0)
     proc = run_cli("report", "pruned", "--storage", url, cwd=tmp_path)
-    noted, wrote = proc.stderr.splitlines()
-    assert proc.returncode == 0 and wrote.startswith(f"wrote {tmp_path}/pruned-report.html (")
-    assert noted == (  # 3 of the 5 trials its space asks for
-        "note: the search of 'pruned' stopped with 3 of its 5 trials finished; this reports on "
-        f"its best trials so far, and `kdsearch run SPACE --study pruned --storage {url} "
-        "--resume` finishes the search"
-    )
+    assert proc.returncode == 0 and proc.stderr.startswith(f"wrote {tmp_path}/pruned-report.html (")
     assert proc.stderr.endswith("opens offline); study 'pruned' has no COMPLETE trial yet\n")
     proc = run_cli("report", "empty", "--storage", url, "--out", "e.html", cwd=tmp_path)
     size = (tmp_path / "e.html").stat().st_size  # under a KiB: in bytes, not "0 KiB"
-    wrote = proc.stderr.splitlines()[-1]  # after the note that no trial of 5 has run
-    assert wrote.startswith(f"wrote e.html ({size:,} bytes, opens offline)"), proc.stderr
+    assert proc.stderr.startswith(f"wrote e.html ({size:,} bytes, opens offline)"), proc.stderr
 
 
 def test_report_writes_over_its_own_report_only(tmp_path: Path, cli_here: CliHere) -> None:

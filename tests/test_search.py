@@ -1277,15 +1277,27 @@ def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(
 
 
 @pytest.mark.parametrize(
-    ("recorded", "after", "said"),
+    ("recorded", "state", "after", "said"),
     [
-        (3, "", "stopped; `kdsearch run space.yaml --study s --resume` finishes the search"),
-        (5, "", "stopped as the search ended: its 5 trials had all finished"),
+        (
+            3,
+            "COMPLETE",
+            "",
+            "stopped; `kdsearch run space.yaml --study s --resume` finishes the search",
+        ),
+        (5, "COMPLETE", "", "stopped as the search ended: its 5 trials had all finished"),
         (
             5,
+            "COMPLETE",
             "promote: {top_k: 1, seeds: 1}\n",
             "stopped after the search; `kdsearch run space.yaml --study s --resume` does the "
             "space's promotion (the promotion runs already finished are kept)",
+        ),
+        (  # nothing for a resume to promote
+            5,
+            "FAIL",
+            "promote: {top_k: 1, seeds: 1}\n",
+            "stopped as the search ended: its 5 trials had all finished, none complete",
         ),
     ],
 )
@@ -1294,6 +1306,7 @@ def test_a_ctrl_c_in_the_search_says_what_is_left_to_do(
     monkeypatch: pytest.MonkeyPatch,
     cli_here: CliHere,
     recorded: int,
+    state: str,
     after: str,
     said: str,
 ) -> None:
@@ -1303,7 +1316,7 @@ def test_a_ctrl_c_in_the_search_says_what_is_left_to_do(
     def search(args: object, space: SearchSpace, record: Record, *_: object) -> None:
         for number in range(recorded):  # as the trials finish, then the Ctrl-C
             assert record.next_plan(f"ray{number}") is not None
-            record.finish(number, TrialState.COMPLETE, {1: 0.5}, {"epochs": 1, "threads": 1})
+            record.finish(number, TrialState[state], {1: 0.5}, {"epochs": 1, "threads": 1})
         raise KeyboardInterrupt
 
     monkeypatch.setattr("kdsearch.commands.run.search_trials", search)
@@ -1314,6 +1327,35 @@ def test_a_ctrl_c_in_the_search_says_what_is_left_to_do(
         said,
         "kdsearch: interrupted (what had finished is kept; nothing half-done was written)",
     ], done.stderr
+
+
+def test_a_run_s_own_export_says_nothing_of_the_search_it_saw_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere
+) -> None:
+    """A resume with no trial left to run went on to the space's export, which noted that the
+    search had stopped with 7 of the 10 trials an earlier `--trials 10` asked for."""
+    from kdsearch.errors import DataError
+
+    def search(args: object, space: SearchSpace, record: Record, *_: object) -> None:
+        for number in range(7):  # of the 10 asked for, then the Ctrl-C
+            assert record.next_plan(f"ray{number}") is not None
+            record.finish(number, TrialState.COMPLETE, {1: 0.5}, {"epochs": 1, "threads": 1})
+        raise KeyboardInterrupt
+
+    def no_data(*_: object) -> None:  # the export stops where it would load the data
+        raise DataError("no data here")
+
+    monkeypatch.setattr("kdsearch.commands.run.search_trials", search)
+    monkeypatch.setattr("kdsearch.data.load_data", no_data)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE + "export: {dir: w}\n")
+    assert cli_here("run", "space.yaml", "--trials", "10", cwd=tmp_path).returncode == 130
+    done = cli_here("run", "space.yaml", "--resume", cwd=tmp_path)  # 5 asked: none to run
+    assert done.returncode == 2 and "note:" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == "kdsearch: error: no data here"
+    exported = cli_here("export", "s", "--out", "w", cwd=tmp_path)  # on its own, it says so
+    assert exported.stderr.splitlines()[0].startswith(
+        "note: the search of 's' stopped with 7 of its 10 trials finished;"
+    ), exported.stderr
 
 
 def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -1164,6 +1166,10 @@ def test_a_sample_the_recipe_rejects_is_a_failed_trial_and_the_search_goes_on(ur
     ],
 )
 def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -> None:
+    if (missing := re.search(r"the module '([\w.]+)' its driver", expected)) and (
+        importlib.util.find_spec(missing[1]) is not None
+    ):
+        pytest.skip(f"{missing[1]} is installed here")
     with pytest.raises(StudyError) as info:
         open_storage(url)
     message = str(info.value)

@@ -278,8 +278,11 @@ def note_unfinished_search(storage: BaseStorage, url: str, name: str, does: str)
     if "space" not in study.user_attrs:  # not a kdsearch search: no target to hold it to
         return
     trials = study.get_trials(deepcopy=False)
-    target = study.user_attrs.get("run_options", {}).get("trials")
-    if target is None:  # the space's count; a recorded space this kdsearch refuses has none
+    # the trials its last driver was to run: its --trials, else its space's; unknown for a
+    # study searched before kdsearch recorded run_options, or whose space it now refuses
+    options = study.user_attrs.get("run_options")
+    target = None if options is None else options.get("trials")
+    if options is not None and target is None:
         with suppress(StudyError):
             target = space_config(study).search.trials
     finished = sum(t.state.is_finished() for t in trials)
@@ -287,10 +290,11 @@ def note_unfinished_search(storage: BaseStorage, url: str, name: str, does: str)
     left = left_running(storage, name, trials)
     if not short and not left:
         return
-    counted = f"{finished} of its {target}" if short else str(finished)
+    of = f" of its {target}" if short else ""
+    counted = f"{finished}{of} trial{'s' * ((target if short else finished) != 1)}"
     running = f", {numbered('trial', left, '#')} left RUNNING" if left else ""
     console.print(
-        f"note: the search of {name!r} stopped with {counted} trials finished{running}; this "
+        f"note: the search of {name!r} stopped with {counted} finished{running}; this "
         f"{does} its best trials so far, and "
         f"`{recorded_resume(study.user_attrs, name, url)}`{password_hidden(url)} finishes the "
         "search",

@@ -53,11 +53,14 @@ def run_export(
     out: Path,
     here: dict[str, Any] | None = None,
     option: str = "--out",
+    *,
+    after_search: bool = False,
 ) -> None:
     """Export the winner of study `name` in `storage` (at `url`) and the teacher it learned
     from; without a promotion, train the winning trial's recipe once first, against the
     search's teacher. `here`: this machine's settings (`export.find_winner`); `option`: what
-    set `out`, as an error names it."""
+    set `out`, as an error names it; `after_search`: `kdsearch run`'s export, which follows a
+    search it has seen finish (nothing to note of it)."""
     import torch
 
     from kdsearch.data import load_data
@@ -79,7 +82,8 @@ def run_export(
     hidden = password_hidden(url)  # after each command the notes print with --storage
     promoted = promoted_name(name)
     winner = find_winner(storage, name, here)
-    note_unfinished_search(storage, url, name, "exports")
+    if not after_search:
+        note_unfinished_search(storage, url, name, "exports")
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
     # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
     on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"

@@ -210,7 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 1
         if space.config.export is not None:
             out = Path(space.config.export.dir)
-            run_export(open_storage(url), url, name, out, here, export_option(space))
+            where = export_option(space)
+            run_export(open_storage(url), url, name, out, here, where, after_search=True)
     except KeyboardInterrupt:  # the search is done; say how to finish what follows it
         console.print(after_search_line(space, f"`{resume_command(args, url)}`{resumed}"))
         raise
@@ -231,9 +232,10 @@ def stopped_line(
     finished = tally.complete + tally.pruned + tally.failed
     if tally.running or finished < target:
         return f"stopped; {command} finishes the search"
-    if space.config.promote or space.config.export:
+    if tally.complete and (space.config.promote or space.config.export):
         return after_search_line(space, command)
-    return f"stopped as the search ended: its {finished} trials had all finished"
+    none = "" if tally.complete else ", none complete"  # so no promotion or export follows
+    return f"stopped as the search ended: its {finished} trials had all finished{none}"
 
 
 def after_search_line(space: SearchSpace, command: str) -> str:

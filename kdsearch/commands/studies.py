@@ -89,7 +89,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
     study = search_study(storage, args.study, lambda study: storage_option(study, url))
-    note_unfinished_search(storage, url, args.study, "reports on")
     option = "--out"
     if args.out is None:  # beside its study, as a promotion's weights: one per study
         file = sqlite_file(url)
@@ -101,6 +100,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = Path(args.out)
     writable_file(out, option)
     replaceable(out, option, "a kdsearch report", lambda head: f"<title>{TITLE}" in head)
+    note_unfinished_search(storage, url, args.study, "reports on")
     page = build_report(storage, args.study)
     with write_errors(f"{option} {out}"), replaced_whole(out, follow_link=True) as tmp:
         tmp.write_text(page, encoding="utf-8")

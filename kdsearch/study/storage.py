@@ -170,6 +170,7 @@ DISTRIBUTIONS = {
     "MySQLdb": "mysqlclient",
     "pymysql": "PyMySQL",
     "mysql": "mysql-connector-python",
+    "mysql.connector": "mysql-connector-python",
     "cx_Oracle": "cx-Oracle",
 }
 
