@@ -355,6 +355,31 @@ def test_an_image_folder_with_a_link_to_nothing_is_one_line(tmp_path: Path) -> N
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("loop", "loop"),  # a link to itself, in a class folder
+        ("x.png", "x.png"),  # an image's name linked to itself
+        ("class1", "class1"),  # a class folder that is such a link
+        ("a", "b"),  # two links to each other
+    ],
+)
+def test_an_image_folder_with_a_link_that_loops_is_one_line(
+    tmp_path: Path, name: str, target: str
+) -> None:
+    """`entry.is_dir()` follows the link and raised "Too many levels of symbolic links" out of
+    `load_data`: a traceback, exit status 1."""
+    _folder(tmp_path, {"train": [8, 8], "test": [8, 8]})
+    where = tmp_path / "train" if name == "class1" else tmp_path / "train" / "class0"
+    if name == "class1":
+        shutil.rmtree(where / name)
+    (where / name).symlink_to(where / target)
+    if name != target:
+        (where / target).symlink_to(where / name)
+    with pytest.raises(DataError, match=r"cannot read .*: Too many levels of symbolic links$"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
     for split, per_class in sizes.items():
         for c, size in enumerate(per_class):

@@ -139,6 +139,12 @@ def _list_images(root: Path, split: str) -> list[Found]:
         except OSError as err:
             raise _unreadable(path, err) from None
 
+    def is_folder(entry: os.DirEntry[str]) -> bool:
+        try:  # follows links: one that loops (to itself, or two to each other) cannot be read
+            return entry.is_dir()
+        except OSError as err:
+            raise _unreadable(entry.path, err) from None
+
     def images(cls: str, path: str, under: str) -> Iterator[Found]:
         real = os.path.realpath(path)
         if real in seen:
@@ -148,7 +154,7 @@ def _list_images(root: Path, split: str) -> list[Found]:
             )
         seen[real] = path
         for entry in visible(path):
-            if entry.is_dir():
+            if is_folder(entry):
                 yield from images(cls, entry.path, f"{under}/{entry.name}")
             elif _is_image(entry.name):
                 try:
@@ -159,7 +165,7 @@ def _list_images(root: Path, split: str) -> list[Found]:
                 yield Found(cls, entry.path, key)
 
     folder = str(root / split)
-    classes = [e for e in visible(folder) if e.is_dir()]
+    classes = [e for e in visible(folder) if is_folder(e)]
     found = {c.name: list(images(c.name, c.path, f"{split}/{c.name}")) for c in classes}
     if empty := [name for name, images_of in found.items() if not images_of]:
         raise DataError(  # as torchvision's ImageFolder refuses it: a class would go missing
