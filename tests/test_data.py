@@ -132,12 +132,21 @@ def test_a_single_class_is_refused(tmp_path: Path) -> None:
 def test_splits_lacking_some_classes_warn(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"the validation split has no image of 5 of the 10"):
         load_data(DataConfig(dataset="synthetic", subset=100, val_fraction=0.05))
-    _write_fashion(tmp_path, classes=8)  # no Bag or Ankle boot among the training images
+    _write_fashion(tmp_path, classes=8)  # no Bag or Ankle boot among the images
     with pytest.warns(UserWarning) as record:
         load_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False))
     assert [str(w.message).split(";")[0] for w in record] == [
         f"data: the {split} split has no image of 2 of the 10 classes"
-        for split in ("training", "validation")
+        for split in ("training", "validation", "test")
+    ]
+    # a folder whose test/ lacks a class: the test accuracy is over the others alone
+    _folder(tmp_path / "f", {"train": [8, 8, 8], "test": [8, 8, 8]})
+    shutil.rmtree(tmp_path / "f" / "test" / "class2")
+    with pytest.warns(UserWarning) as record:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "f")))
+    assert [str(w.message) for w in record] == [
+        "data: the test split has no image of 1 of the 3 classes; its accuracy says little (add "
+        "its images to the test set)"
     ]
 
 

@@ -66,12 +66,17 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
         )
     val_idx, train_idx = stratified_take(train.y, n_val, seeded_generator(cfg.seed, "val"))
     val, train = take(train, val_idx), take(train, train_idx)
-    for name, split in (("training", train), ("validation", val)):
+    fixes = "change data.subset or data.val_fraction"
+    for name, split, fix in (
+        ("training", train, fixes),
+        ("validation", val, fixes),
+        ("test", test, "add its images to the test set"),  # a folder's test/ lacking a class
+    ):
         lacking = n_classes - len(torch.unique(split.y))
         if lacking:
             warnings.warn(
                 f"data: the {name} split has no image of {lacking} of the {n_classes} classes; "
-                "its accuracy says little (change data.subset or data.val_fraction)",
+                f"its accuracy says little ({fix})",
                 KdsearchWarning,
                 stacklevel=2,
             )
