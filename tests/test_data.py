@@ -389,6 +389,23 @@ def test_an_image_folder_with_a_link_that_loops_is_one_line(
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
 
 
+def test_a_folder_s_decoding_says_how_far_it_got_every_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its progress was a line every 2,000 images: for photos decoding at a few a second, the
+    first line came after minutes. It is a line every PROGRESS_S seconds, and one at the end."""
+    _folder(tmp_path, {"train": [8, 8], "test": [8, 8]})  # 40 images, decoded together
+    lines: list[tuple[str, int, int]] = []
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path))
+    load_data(cfg, progress=lambda *line: lines.append(line))
+    assert lines == [("decoding images", 40, 40)]  # at the end, no more
+    monkeypatch.setattr(imagefolder, "PROGRESS_S", 0.0)  # as if each image took that long
+    shutil.rmtree(Path(os.environ["KDSEARCH_CACHE_DIR"]) / "decoded")  # decoded again
+    lines.clear()
+    load_data(cfg, progress=lambda *line: lines.append(line))
+    assert lines == [("decoding images", n, 40) for n in range(1, 41)]
+
+
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
     for split, per_class in sizes.items():
         for c, size in enumerate(per_class):

@@ -225,7 +225,7 @@ def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
     promoted = cli_here("promote", "s", cwd=tmp_path)
     assert promoted.returncode == 0 and promoted.stderr.splitlines() == [note.format("promotes")]
 
-    def no_data(*_: object) -> None:  # the export stops where it would load the data
+    def no_data(*_: object, **__: object) -> None:  # the export stops where it would load the data
         raise DataError("no data here")
 
     monkeypatch.setattr("kdsearch.data.load_data", no_data)

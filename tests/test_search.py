@@ -1342,7 +1342,7 @@ def test_a_run_s_own_export_says_nothing_of_the_search_it_saw_finish(
             record.finish(number, TrialState.COMPLETE, {1: 0.5}, {"epochs": 1, "threads": 1})
         raise KeyboardInterrupt
 
-    def no_data(*_: object) -> None:  # the export stops where it would load the data
+    def no_data(*_: object, **__: object) -> None:  # the export stops where it would load the data
         raise DataError("no data here")
 
     monkeypatch.setattr("kdsearch.commands.run.search_trials", search)
@@ -1554,6 +1554,8 @@ def test_a_resume_counts_to_what_the_study_holds_and_notes_other_asha_or_sampler
     said = " ".join(ran.stderr.split())
     assert "study 's' in" in said and ": 2 trials (0 finished before, 2 to run again)" in said
     assert re.search(r"trials 2/2: \d complete, \d pruned, 0 failed, 0 running", said), said
+    # the data's splits, as `train` says them (SMALL_SPACE: 300 digits, 30% to validate)
+    assert "data: 210 train / 90 val / 359 test images, 1x8x8, 10 classes" in said
     assert (
         "note: study 's' was searched with other settings (asha.grace_epochs 1 -> 2; "
         "search.sampler 'random' -> 'tpe'); the trials still to run are stopped and proposed by "

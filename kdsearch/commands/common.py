@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdsearch.display import console, epoch_progress
 from kdsearch.errors import KdsearchError, RecipeError, StudyError
-from kdsearch.recipe import Recipe, empty_section, leaf_changes, load_yaml
+from kdsearch.recipe import DataConfig, Recipe, empty_section, leaf_changes, load_yaml
 from kdsearch.space import (  # not kdsearch.study's promoted_name: that imports Optuna
     PROMOTED,
     study_name_problem,
@@ -58,6 +58,22 @@ def load_recipe(path: str, sets: Sequence[str]) -> Recipe:
         return recipe
     # paths given on the command line: relative to the working folder
     return recipe.override(parse_sets(sets), source="--set").resolve_paths(Path.cwd())
+
+
+def loaded_data(cfg: DataConfig) -> ImageData:
+    """The data set `cfg` names, with the progress of a folder's decoding (its first load)
+    and a line on its splits."""
+    from kdsearch.data import load_data
+
+    with console.status("loading data"):
+        data = load_data(
+            cfg, progress=lambda what, done, total: console.print(f"{what}: {done}/{total}")
+        )
+    console.print(
+        f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+        f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
+    )
+    return data
 
 
 def prepare_teacher(

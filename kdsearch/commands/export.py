@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdsearch.commands.common import (
     device_type,
+    loaded_data,
     note_unfinished_search,
     numbered,
     parse_sets,
@@ -63,7 +64,6 @@ def run_export(
     search it has seen finish (nothing to note of it)."""
     import torch
 
-    from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
     from kdsearch.promote import failed_searched_runs, first_run, leaderboard
@@ -87,7 +87,7 @@ def run_export(
     # weights trained on the CPU where the recipe's device here is not (a search or promotion
     # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
     on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
-    data = load_data(winner.recipe.data)
+    data = loaded_data(winner.recipe.data)
     heads = needs_teacher_heads(winner.recipe)
     files = winner.teacher
     checked = True

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from kdsearch import __version__
 from kdsearch.commands.common import (
+    loaded_data,
     parse_sets,
     password_hidden,
     prepare_teacher,
@@ -338,7 +339,6 @@ def search_trials(
     every trial this driver started has finished; `resume` is the command that finishes them.
     `new_file`: whether this command made the SQLite `file`, `made`: the folders it made for
     it."""
-    from kdsearch.data import load_data
     from kdsearch.losses import LOSSES
     from kdsearch.search.cluster import machine_choices, start_ray, stop_ray, trial_resources
     from kdsearch.search.tuner import active_terms, run_search
@@ -351,8 +351,7 @@ def search_trials(
             with console.status(Text(f"joining the Ray cluster at {args.address}")):
                 start_ray(args.address)
             trial_resources(space.config.search, **machine_choices(space), source=space.source)
-        with console.status("loading data"):
-            data = load_data(space.base.data)
+        data = loaded_data(space.base.data)
         terms = active_terms(space)
         teacher = None
         if any(LOSSES[t].needs_teacher for t in terms):

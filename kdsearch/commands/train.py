@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsearch import __version__
-from kdsearch.commands.common import load_recipe, prepare_teacher, student_trained
+from kdsearch.commands.common import load_recipe, loaded_data, prepare_teacher, student_trained
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError
 from kdsearch.paths import placed_files, run_files, writable_folder, write_errors
@@ -26,7 +26,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: bad input fails fast
     import torch
 
-    from kdsearch.data import load_data
     from kdsearch.distill import needs_teacher, needs_teacher_heads
     from kdsearch.teacher import refuse_missing_checkpoints
     from kdsearch.train import evaluate_split, kernel_cap, resolve_device, trained_precision
@@ -50,14 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"kdsearch {__version__}: {recipe.teacher.arch} -> {recipe.student.arch} on "
         f"{recipe.data.dataset}, {device.type}, {precision}"
     )
-    with console.status("loading data"):
-        data = load_data(
-            recipe.data, progress=lambda what, done, total: console.print(f"{what}: {done}/{total}")
-        )
-    console.print(
-        f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-        f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes"
-    )
+    data = loaded_data(recipe.data)
     recipe_file = followed(args.recipe)  # an export's recipe.yaml, linked from elsewhere too
     exported = export_meta(recipe_file)
     searched = exported.get("data_fingerprint")  # a fingerprint is a hash's hex digits; a

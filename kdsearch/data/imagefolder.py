@@ -190,6 +190,7 @@ def _is_image(name: str) -> bool:
 
 
 PROBE_IMAGES = 32  # timed in the calling thread, to choose how to decode the rest
+PROGRESS_S = 5.0  # seconds between lines on the decoding's progress (photos: a few a second)
 THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (benchmarks/README.md)
 
 
@@ -200,13 +201,17 @@ def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -
     refused)."""
     images: list[np.ndarray] = []
     decoded = decode_images(paths, size)
+    shown = time.monotonic()
     try:
         for done, image in enumerate(decoded, start=1):
             if size is None and (problem := _size_problem(image, images, paths, done - 1)):
                 raise DataError(problem)
             images.append(image)
-            if progress is not None and (done % 2000 == 0 or done == len(paths)):
+            if progress is not None and (
+                done == len(paths) or time.monotonic() - shown >= PROGRESS_S
+            ):
                 progress("decoding images", done, len(paths))
+                shown = time.monotonic()
     finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
         decoded.close()
     return images
