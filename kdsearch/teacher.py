@@ -507,11 +507,15 @@ def load_checkpoint(
 
 def _unwrapped(saved: Any) -> Any:
     """The state dict in what a checkpoint holds: itself, or the one under "state_dict" or
-    "model" (as other training scripts save it)."""
+    "model" (as other training scripts save it), its names without the "module." that
+    `nn.DataParallel` and DistributedDataParallel put before every one."""
     if isinstance(saved, dict):
         for key in ("state_dict", "model"):
             if isinstance(saved.get(key), dict):
-                return saved[key]
+                saved = saved[key]
+                break
+    if isinstance(saved, dict) and saved and all(str(k).startswith("module.") for k in saved):
+        return {str(k).removeprefix("module."): v for k, v in saved.items()}
     return saved
 
 

@@ -155,15 +155,16 @@ def test_teacher_recipe_trains_with_cross_entropy_alone() -> None:
     assert recipe.schedule.kind == "cosine" and recipe.schedule.epochs == 2
 
 
-def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefix", ["", "module."])  # module.: saved from (Distributed)DataParallel
+def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path, prefix: str) -> None:
     model = build_model("resnet8", synthetic.num_classes, synthetic.channels)
-    torch.save({"model": model.state_dict(), "epoch": 240}, tmp_path / "t.pth")
+    state = {f"{prefix}{name}": value for name, value in model.state_dict().items()}
+    torch.save({"model": state, "epoch": 240}, tmp_path / "t.pth")
     recipe = tiny_recipe({"teacher.checkpoint": str(tmp_path / "t.pth")})
     teacher = get_teacher(recipe, synthetic)
     assert teacher.source == "checkpoint"
-    torch.testing.assert_close(
-        teacher.model.state_dict()["fc.weight"], model.state_dict()["fc.weight"]
-    )
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(teacher.model.state_dict()[name], value)
     assert not cached_teacher_path(recipe, synthetic).exists(), "a checkpoint needs no training"
 
 
