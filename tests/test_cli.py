@@ -1138,3 +1138,19 @@ def test_check_runs_the_checks_of_a_search_and_writes_nothing(
     assert cli_here("run", "s.yaml", "--check", "--resume", cwd=tmp_path).returncode == 0
     assert cli_here("run", "s.yaml", "--check", "--study", "t", cwd=tmp_path).returncode == 0
     assert (tmp_path / "studies" / "s.db").read_bytes() == before
+    # an image folder that is not there (it said "checked"; the search then failed to load it)
+    shown = cli_here(
+        "run",
+        "s.yaml",
+        "--check",
+        "--study",
+        "t",
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        "data.root=nowhere",
+        cwd=tmp_path,
+    )
+    assert shown.returncode == 2 and shown.stderr.splitlines() == [
+        f"kdsearch: error: imagefolder: data.root {tmp_path}/nowhere does not exist"
+    ]

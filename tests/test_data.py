@@ -609,9 +609,24 @@ def test_image_size_resizes_the_kept_subset_as_it_resized_the_whole_set() -> Non
 
 
 def test_imagefolder_without_a_test_folder_is_an_error(tmp_path: Path) -> None:
-    _folder(tmp_path, {"train": [16, 16]})
-    with pytest.raises(DataError, match="needs train/ and test/"):
+    _folder(tmp_path, {"train": [16, 16], "val": [16, 16]})  # ImageNet's layout
+    with pytest.raises(DataError) as layout:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(layout.value) == (  # it said the same whatever it found
+        f"imagefolder: {tmp_path} needs train/ and test/ folders of class folders; it holds "
+        "train/, val/"
+    )
+    with pytest.raises(DataError) as split:  # one split's class folders given as the root
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "train")))
+    assert str(split.value).endswith("; it holds class0/, class1/")
+    (tmp_path / "val").rename(tmp_path / "test")
+    (tmp_path / "test" / "class1").rename(tmp_path / "test" / "Class1")
+    with pytest.raises(DataError) as case:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(case.value) == (
+        "imagefolder: test/ has classes that train/ lacks: Class1 (train/ has class1)"
+    )
+    shutil.rmtree(tmp_path / "test")
     # a mistyped root said the same, as if the folder were there and laid out wrong
     with pytest.raises(DataError) as typo:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "typo")))

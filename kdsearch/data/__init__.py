@@ -36,9 +36,17 @@ from kdsearch.data.batches import Batch, Loader, from_host
 from kdsearch.data.bundled import read_digits, read_synthetic
 from kdsearch.data.cifar import read_cifar
 from kdsearch.data.fashion_mnist import read_fashion_mnist
-from kdsearch.data.imagefolder import read_imagefolder
+from kdsearch.data.imagefolder import check_folder, read_imagefolder
 from kdsearch.errors import DataError, KdsearchWarning
 from kdsearch.recipe import DataConfig
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Refuse, reading no image, a data set that cannot load as `cfg` names it, where that is
+    cheap to tell: an image folder's `data.root` without train/ and test/ (the other sources
+    can download what they lack, or say where they looked once they read)."""
+    if cfg.dataset == "imagefolder":
+        check_folder(cfg)
 
 
 def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData:
@@ -171,6 +179,7 @@ __all__ = [
     "Progress",
     "Split",
     "channel_stats",
+    "check_data",
     "derive_seed",
     "from_host",
     "load_data",

@@ -29,18 +29,40 @@ IMAGE_SUFFIXES = (  # what torchvision's ImageFolder reads, and GIF and JFIF
 DECODE_FORMAT = 2
 
 
-def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
+def check_folder(cfg: DataConfig) -> None:
+    """Refuse a `data.root` that cannot be an image folder, reading no image: no folder there,
+    or no train/ and test/ in it (what it holds named: val/ where test/ should be, or class
+    folders given for the whole)."""
     root = data_root(cfg)
     if not root.is_dir():
         kind = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"imagefolder: data.root {root} {kind}")
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DataError(f"imagefolder: {root} needs train/ and test/ folders of class folders")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return
+    try:
+        with os.scandir(root) as entries:
+            held = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError as err:
+        raise _unreadable(str(root), err) from None
+    shown = ", ".join(f"{name}/" for name in held[:6]) + (", ..." if len(held) > 6 else "")
+    raise DataError(
+        f"imagefolder: {root} needs train/ and test/ folders of class folders; it holds "
+        f"{shown or 'no folder'}"
+    )
+
+
+def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
+    check_folder(cfg)
+    root = data_root(cfg)
     listing = {split: _list_images(root, split) for split in ("train", "test")}
     classes = tuple(sorted({found.cls for found in listing["train"]}))
     unknown = sorted({found.cls for found in listing["test"]} - set(classes))
     if unknown:
-        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(unknown)}")
+        named = {c.lower(): c for c in classes}  # `Cat` beside `cat`: the case alone differs
+        shown = [
+            f"{u} (train/ has {named[u.lower()]})" if u.lower() in named else u for u in unknown
+        ]
+        raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(shown)}")
     key = digest(
         {
             "format": DECODE_FORMAT,
