@@ -406,6 +406,39 @@ def test_a_folder_s_decoding_says_how_far_it_got_every_few_seconds(
     assert lines == [("decoding images", n, 40) for n in range(1, 41)]
 
 
+def test_an_image_that_cannot_be_read_or_decoded_is_one_line_naming_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path came twice ("x.png: cannot decode: cannot identify image file 'x.png'"), a file
+    that could not be read was said not to decode, and a pipe named like an image waited for
+    ever."""
+    _folder(tmp_path, {"train": [8, 8], "test": [8, 8]})
+    bad = tmp_path / "train" / "class0" / "0.png"
+    bad.write_bytes(b"not an image")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path))
+    with pytest.raises(DataError) as garbage:
+        load_data(cfg)
+    assert str(garbage.value) == f"{bad}: cannot decode: cannot identify image file"
+    bad.unlink()
+    os.mkfifo(bad)
+    with pytest.raises(DataError) as pipe:
+        load_data(cfg)
+    assert str(pipe.value) == f"imagefolder: {bad} is not a file (a pipe, socket or device)"
+    bad.unlink()
+    Image.new("RGB", (8, 8)).save(bad)
+    opened = Image.open
+
+    def refused(path: str, *args: object, **kwargs: object) -> object:  # chmod 0, as not root
+        if path == str(bad):
+            raise PermissionError(13, "Permission denied", path)
+        return opened(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", refused)
+    with pytest.raises(DataError) as unreadable:
+        load_data(cfg)
+    assert str(unreadable.value) == f"imagefolder: cannot read {bad}: Permission denied"
+
+
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
     for split, per_class in sizes.items():
         for c, size in enumerate(per_class):

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from stat import S_ISREG
 from typing import NamedTuple
 
 import numpy as np
@@ -183,6 +184,10 @@ def _list_images(root: Path, split: str) -> list[Found]:
                     stat = entry.stat()
                 except OSError as err:
                     raise _unreadable(entry.path, err) from None
+                if not S_ISREG(stat.st_mode):  # a pipe named x.jpg: reading it waits for ever
+                    raise DataError(
+                        f"imagefolder: {entry.path} is not a file (a pipe, socket or device)"
+                    )
                 key = (f"{under}/{entry.name}", stat.st_size, stat.st_mtime_ns, stat.st_ino)
                 yield Found(cls, entry.path, key)
 
@@ -324,5 +329,8 @@ def _decode(path: str, size: int | None) -> np.ndarray:
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot decode: {err}") from None
+        if isinstance(err, OSError) and err.errno is not None:  # not PIL's: the file's own
+            raise _unreadable(path, err) from None
+        why = str(err).replace(f" {path!r}", "").replace(f" {path}", "")  # named once, first
+        raise DataError(f"{path}: cannot decode: {why}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
