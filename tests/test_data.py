@@ -439,6 +439,30 @@ def test_an_image_that_cannot_be_read_or_decoded_is_one_line_naming_it_once(
     assert str(unreadable.value) == f"imagefolder: cannot read {bad}: Permission denied"
 
 
+def test_every_image_that_cannot_be_decoded_is_named_in_one_error(tmp_path: Path) -> None:
+    """Only the first was named, so a folder with several took a decode (minutes, for photos)
+    per bad file to find them all."""
+    _folder(tmp_path, {"train": [8, 8], "test": [8, 8]})
+    bad = [  # in the order they are read: train/ then test/, each class in turn
+        tmp_path / "train" / "class0" / "9.png",
+        *(tmp_path / split / "class1" / f"{i}.png" for split in ("train", "test") for i in (2, 5)),
+    ]
+    for path in bad:
+        path.write_bytes(b"")
+    with pytest.raises(DataError) as many:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    shown = [f"{path}: cannot decode: cannot identify image file" for path in bad]
+    assert str(many.value) == (
+        "imagefolder: 5 images cannot be read or decoded (remove or replace them): "
+        + "; ".join(shown)
+    )
+    (tmp_path / "test" / "class0" / "0.png").write_bytes(b"")
+    with pytest.raises(DataError) as more:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(more.value).startswith("imagefolder: 6 images cannot be read or decoded")
+    assert str(more.value).endswith("; and 1 more")
+
+
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:
     for split, per_class in sizes.items():
         for c, size in enumerate(per_class):

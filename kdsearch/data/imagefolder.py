@@ -217,37 +217,54 @@ def _is_image(name: str) -> bool:
 
 
 PROBE_IMAGES = 32  # timed in the calling thread, to choose how to decode the rest
+SHOWN_BAD = 5  # images that cannot be decoded named in the error, of all there are
 PROGRESS_S = 5.0  # seconds between lines on the decoding's progress (photos: a few a second)
 THREADED_FROM = 0.001  # seconds an image, from which threads decoded faster (benchmarks/README.md)
 
 
 def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -> list[np.ndarray]:
-    """Decode every image (height x width x channels). Without `size`, the first image that is
-    not square, or not the size of the first, stops the decoding, naming it (decoded whole
-    first, a folder of photos could take more memory than the machine has before being
-    refused)."""
+    """Decode every image (height x width x channels). Images that cannot be read or decoded
+    are all named at the end (`SHOWN_BAD` of them), not one per load. Without `size`, the first
+    image that is not square, or not the size of the first, stops the decoding, naming it
+    (decoded whole first, a folder of photos could take more memory than the machine has
+    before being refused)."""
     images: list[np.ndarray] = []
+    kept: list[str] = []  # the paths of `images`
+    bad: list[DataError] = []
     decoded = decode_images(paths, size)
     shown = time.monotonic()
     try:
-        for done, image in enumerate(decoded, start=1):
-            if size is None and (problem := _size_problem(image, images, paths, done - 1)):
+        for done, (path, image) in enumerate(zip(paths, decoded, strict=True), start=1):
+            if isinstance(image, DataError):
+                bad.append(image)
+            elif size is None and (problem := _size_problem(image, images, kept, path)):
                 raise DataError(problem)
-            images.append(image)
+            else:
+                images.append(image)
+                kept.append(path)
             if progress is not None and (
                 done == len(paths) or time.monotonic() - shown >= PROGRESS_S
             ):
                 progress("decoding images", done, len(paths))
                 shown = time.monotonic()
-    finally:  # a refusal, a bad image or Ctrl-C: the images not started are not decoded
+    finally:  # a refusal or Ctrl-C: the images not started are not decoded
         decoded.close()
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        more = f"; and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
+        raise DataError(
+            f"imagefolder: {len(bad)} images cannot be read or decoded (remove or replace "
+            f"them): {'; '.join(str(e) for e in bad[:SHOWN_BAD])}{more}"
+        )
     return images
 
 
 def decode_images(
     paths: list[str], size: int | None, threaded: bool | None = None
-) -> Generator[np.ndarray, None, None]:
-    """Each image decoded (and resized to `size` square), in order, in this thread or on one
+) -> Generator[np.ndarray | DataError, None, None]:
+    """Each image decoded (and resized to `size` square), or why it cannot be, in order, in
+    this thread or on one
     thread per core (`threaded`; None: chosen by timing the first images). Images that decode in
     under `THREADED_FROM` seconds each (those of CIFAR or MNIST, JPEGs up to about 128 pixels
     wide) are decoded in this thread: PIL holds Python's lock between its short calls, and two
@@ -259,10 +276,10 @@ def decode_images(
         paths = paths[PROBE_IMAGES + 1 :]
     if not threaded:
         for path in paths:
-            yield _decode(path, size)
+            yield _decoded(path, size)
         return
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        decoding = [pool.submit(_decode, p, size) for p in paths]
+        decoding = [pool.submit(_decoded, p, size) for p in paths]
         try:
             for future in decoding:
                 yield future.result()
@@ -271,30 +288,33 @@ def decode_images(
                 future.cancel()
 
 
-def probe_decoding(paths: list[str], size: int | None) -> Generator[np.ndarray, None, bool]:
+def probe_decoding(
+    paths: list[str], size: int | None
+) -> Generator[np.ndarray | DataError, None, bool]:
     """The first `PROBE_IMAGES` + 1 images decoded, in order; returns whether the rest are to be
     decoded on threads. The first image is not timed: it pays for importing PIL and setting up
     its format's decoder (16 ms, against 0.13 ms for each 32x32 JPEG after it, here; timed with
     them, it took their average to 0.8-0.9 ms, near `THREADED_FROM`)."""
     for path in paths[:1]:
-        yield _decode(path, size)
+        yield _decoded(path, size)
     probe = paths[1 : PROBE_IMAGES + 1]
     started = time.perf_counter()
     for path in probe:
-        yield _decode(path, size)
+        yield _decoded(path, size)
     per_image = (time.perf_counter() - started) / max(1, len(probe))
     return per_image >= THREADED_FROM and (os.cpu_count() or 1) > 1
 
 
-def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[str], i: int) -> str:
-    """Why image `i` (decoded without resizing) cannot join those `before` it, or ''."""
+def _size_problem(image: np.ndarray, before: list[np.ndarray], kept: list[str], path: str) -> str:
+    """Why the image at `path` (decoded without resizing) cannot join those `before` it (from
+    the paths `kept`), or ''."""
     height, width = image.shape[:2]
     if not before:
         return (
             ""
             if height == width
             else (
-                f"imagefolder: {paths[0]} is {height} high and {width} wide; kdsearch trains on "
+                f"imagefolder: {path} is {height} high and {width} wide; kdsearch trains on "
                 "square images: set data.image_size to resize them to a square"
             )
         )
@@ -302,8 +322,8 @@ def _size_problem(image: np.ndarray, before: list[np.ndarray], paths: list[str],
         return ""
     first = "x".join(map(str, before[0].shape[:2]))
     return (
-        f"imagefolder: images of different sizes: {paths[i]} is {height}x{width} (height x "
-        f"width), {paths[0]} {first}; set data.image_size to resize them all to a square"
+        f"imagefolder: images of different sizes: {path} is {height}x{width} (height x "
+        f"width), {kept[0]} {first}; set data.image_size to resize them all to a square"
     )
 
 
@@ -313,6 +333,14 @@ def _same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
     if any(a.shape[2] == 3 for a in images):
         images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
     return images
+
+
+def _decoded(path: str, size: int | None) -> np.ndarray | DataError:
+    """The image at `path` decoded, or the error that says why it cannot be."""
+    try:
+        return _decode(path, size)
+    except DataError as err:
+        return err
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
