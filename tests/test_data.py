@@ -436,7 +436,7 @@ def test_an_image_that_cannot_be_read_or_decoded_is_one_line_naming_it_once(
     monkeypatch.setattr(Image, "open", refused)
     with pytest.raises(DataError) as unreadable:
         load_data(cfg)
-    assert str(unreadable.value) == f"imagefolder: cannot read {bad}: Permission denied"
+    assert str(unreadable.value) == f"{bad}: cannot read: Permission denied"
 
 
 def test_every_image_that_cannot_be_decoded_is_named_in_one_error(tmp_path: Path) -> None:
@@ -456,6 +456,14 @@ def test_every_image_that_cannot_be_decoded_is_named_in_one_error(tmp_path: Path
         "imagefolder: 5 images cannot be read or decoded (remove or replace them): "
         + "; ".join(shown)
     )
+    wide = tmp_path / "test" / "class1" / "9.png"  # a size problem stops the decoding there,
+    Image.new("RGB", (8, 4)).save(wide)  # naming the bad image before it too
+    with pytest.raises(DataError) as size:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(size.value).endswith(
+        f"; and before it, {bad[0]}: cannot decode: cannot identify image file"
+    )
+    Image.new("RGB", (8, 8)).save(wide)
     (tmp_path / "test" / "class0" / "0.png").write_bytes(b"")
     with pytest.raises(DataError) as more:
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
@@ -673,6 +681,13 @@ def test_imagefolder_without_a_test_folder_is_an_error(tmp_path: Path) -> None:
         f"imagefolder: {tmp_path} needs train/ and test/ folders of class folders; it holds "
         "train/, val/"
     )
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # named, not the root it lies in
+    with pytest.raises(DataError) as loop:
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert str(loop.value) == (
+        f"imagefolder: cannot read {tmp_path}/loop: Too many levels of symbolic links"
+    )
+    (tmp_path / "loop").unlink()
     with pytest.raises(DataError) as split:  # one split's class folders given as the root
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "train")))
     assert str(split.value).endswith("; it holds class0/, class1/")

@@ -42,9 +42,18 @@ def check_folder(cfg: DataConfig) -> None:
         return
     try:
         with os.scandir(root) as entries:
-            held = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+            visible = sorted(
+                (e for e in entries if not e.name.startswith(".")), key=lambda e: e.name
+            )
     except OSError as err:
         raise _unreadable(str(root), err) from None
+    held = []
+    for entry in visible:
+        try:  # follows links: one that loops is named, not the root
+            if entry.is_dir():
+                held.append(entry.name)
+        except OSError as err:
+            raise _unreadable(entry.path, err) from None
     shown = ", ".join(f"{name}/" for name in held[:6]) + (", ..." if len(held) > 6 else "")
     raise DataError(
         f"imagefolder: {root} needs train/ and test/ folders of class folders; it holds "
@@ -238,7 +247,8 @@ def _decode_all(paths: list[str], size: int | None, progress: Progress | None) -
             if isinstance(image, DataError):
                 bad.append(image)
             elif size is None and (problem := _size_problem(image, images, kept, path)):
-                raise DataError(problem)
+                also = f"; and before it, {bad[0]}" if bad else ""  # found now, not next load
+                raise DataError(problem + also)
             else:
                 images.append(image)
                 kept.append(path)
@@ -358,7 +368,7 @@ def _decode(path: str, size: int | None) -> np.ndarray:
         arr = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         if isinstance(err, OSError) and err.errno is not None:  # not PIL's: the file's own
-            raise _unreadable(path, err) from None
+            raise DataError(f"{path}: cannot read: {err.strerror}") from None
         why = str(err).replace(f" {path!r}", "").replace(f" {path}", "")  # named once, first
         raise DataError(f"{path}: cannot decode: {why}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
