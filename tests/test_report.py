@@ -273,6 +273,17 @@ def test_promote_export_and_report_say_a_search_stopped_short_of_its_trials(
     assert "note:" not in cli_here("report", "s", cwd=tmp_path).stderr
     page = (tmp_path / "studies" / "s-report.html").read_text()
     assert "<p>3 trials: 1 complete, 1 pruned, 1 failed.</p>" in page
+    # one trial finished, of one asked for: "1 trial", and the one left RUNNING named
+    record_study(url, "one", [("COMPLETE", [0.5]), ("RUNNING", [])])
+    optuna.load_study(study_name="one", storage=url).set_user_attr(
+        "run_options", {"study": "one", "trials": 1}
+    )
+    ended = f"heartbeat:{this_driver()}"
+    storage.set_study_system_attr(storage.get_study_id_from_name("one"), ended, 0.0)
+    reported = cli_here("report", "one", "--storage", url, cwd=tmp_path)
+    assert reported.stderr.splitlines()[0].startswith(
+        "note: the search of 'one' stopped with 1 trial finished, trial #1 left RUNNING;"
+    ), reported.stderr
     # the same search finished: nothing to say
     done = write_study(tmp_path / "done")
     for command in (["report", "s"], ["promote", "s"]):
