@@ -2,7 +2,7 @@
 and a whole folder loaded the first time (decoded) and again (from the decoded cache), in one run.
 
     python benchmarks/image_folder.py [--sizes 32,64,128,256,512] [--images 1000] [--rounds 3]
-        [--root DIR] [--out FILE.md]
+        [--root DIR [--subset N]] [--out FILE.md]
 
 Decoding: for each of `--sizes`, `--images` JPEG files (quality 90) of that many pixels square,
 smooth colour gradients with noise on them, written once to a temporary folder, are decoded by
@@ -15,7 +15,9 @@ which it chose.
 Whole load (with `--root`, an image folder of train/ and test/ such as CIFAR-10 as JPEG):
 `load_data` in a fresh process with an empty cache folder (listing, decoding, caching), then in
 another fresh process with that cache (listing, checking the cache is current, reading it), and
-each load's seconds inside its process (not the process's start and imports).
+each load's seconds inside its process (not the process's start and imports). With `--subset`,
+the same two loads of `data.subset: N` of it, from a cache of their own: its kept training images
+and the test split decoded, not the whole folder.
 """
 
 from __future__ import annotations
@@ -78,18 +80,23 @@ import json, sys, time
 from kdsearch.data import load_data
 from kdsearch.recipe import DataConfig
 started = time.perf_counter()
-data = load_data(DataConfig(dataset="imagefolder", root=sys.argv[1]))
+subset = int(sys.argv[2]) if sys.argv[2] else None
+data = load_data(DataConfig(dataset="imagefolder", root=sys.argv[1], subset=subset))
 print(json.dumps({"seconds": time.perf_counter() - started, "images": len(data.train) +
     len(data.val) + len(data.test)}))
 """
 
 
-def load_seconds(root: str, cache: str) -> tuple[float, int]:
-    """Seconds `load_data` took for the folder at `root` in a fresh process with `cache`, and
-    the images it loaded."""
+def load_seconds(root: str, cache: str, subset: int | None) -> tuple[float, int]:
+    """Seconds `load_data` took for the folder at `root` (`subset` of its training images, or
+    all) in a fresh process with `cache`, and the images it loaded."""
     env = {**os.environ, "KDSEARCH_CACHE_DIR": cache}
     done = subprocess.run(
-        [sys.executable, "-c", LOAD, root], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", LOAD, root, str(subset or "")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode:
         sys.exit(f"image_folder.py: loading {root} failed:\n{done.stderr.strip()}")
@@ -105,12 +112,15 @@ def main() -> None:
     parser.add_argument("--images", type=positive, default=1000)
     parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--root", help="an image folder to load whole")
+    parser.add_argument("--subset", type=positive, help="also load this many of its images")
     parser.add_argument("--out", help="also write the tables to this markdown file")
     args = parser.parse_args()
     if args.images <= PROBE_IMAGES:
         parser.error(f"--images must be more than {PROBE_IMAGES}, the images kdsearch times")
     if args.root and not Path(args.root).is_dir():
         parser.error(f"--root {args.root} is not a folder")
+    if args.subset and not args.root:
+        parser.error("--subset needs --root")
     decoding = Table(
         f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.images} JPEG images a size, medians "
         f"of {args.rounds} rounds\n",
@@ -133,11 +143,16 @@ def main() -> None:
                 )
         lines = decoding.lines
         if args.root:
-            cache = str(Path(tmp) / "cache")
-            loading = Table("", "| folder | images | first load, s | again, s |", "|---" * 4 + "|")
-            first, images = load_seconds(args.root, cache)
-            again, _ = load_seconds(args.root, cache)
-            loading.row(f"| {args.root} | {images:,} | {first:.1f} | {again:.1f} |")
+            loading = Table(
+                "", "| folder | subset | images | first load, s | again, s |", "|---" * 5 + "|"
+            )
+            for subset in (None, args.subset) if args.subset else (None,):
+                cache = str(Path(tmp) / f"cache-{subset}")
+                first, images = load_seconds(args.root, cache, subset)
+                again, _ = load_seconds(args.root, cache, subset)
+                loading.row(
+                    f"| {args.root} | {subset or '-'} | {images:,} | {first:.1f} | {again:.1f} |"
+                )
             lines = lines + loading.lines
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -325,7 +325,7 @@ def test_fashion_mnist_real_data_from_debian() -> None:
 
 @pytest.mark.slow
 def test_imagefolder_reads_the_real_cifar10_jpegs_and_caches_them(
-    cifar10_folder: Path, isolated_cache: Path
+    cifar10_folder: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = DataConfig(dataset="imagefolder", root=str(cifar10_folder), val_fraction=0.1)
     seen: list[tuple[int, int]] = []
@@ -342,6 +342,16 @@ def test_imagefolder_reads_the_real_cifar10_jpegs_and_caches_them(
     again = load_data(cfg, progress=lambda what, done, total: seen.append((done, total)))
     assert not seen, "the second load must come from the cache, not decode again"
     assert again.fingerprint == data.fingerprint
+    # a subset: read from the whole folder's decode, or decoded alone (its 1,000 training
+    # images and the test split), the same images
+    subset = cfg.model_copy(update={"subset": 1000})
+    from_whole = load_data(subset, progress=lambda what, done, total: seen.append((done, total)))
+    assert not seen
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(isolated_cache / "another"))
+    alone = load_data(subset, progress=lambda what, done, total: seen.append((done, total)))
+    assert seen[-1] == (11_000, 11_000)
+    assert (len(alone.train), len(alone.val), len(alone.test)) == (900, 100, 10_000)
+    assert alone.fingerprint == from_whole.fingerprint
 
 
 def test_channel_stats_summed_in_chunks_are_those_of_the_whole_set(
@@ -469,6 +479,52 @@ def test_every_image_that_cannot_be_decoded_is_named_in_one_error(tmp_path: Path
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))
     assert str(more.value).startswith("imagefolder: 6 images cannot be read or decoded")
     assert str(more.value).endswith("; and 1 more")
+
+
+def test_a_subset_of_an_image_folder_decodes_only_the_images_it_keeps(
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data.subset` was cut after the whole folder was decoded (and cached): a quick search on
+    a few thousand images of a large folder waited for all of them. The training images it keeps
+    are decoded alone now (with the test split, kept whole), into the data a decode of the whole
+    folder gives; that decode, where cached, serves the subset, and replaces its entry."""
+    _folder(tmp_path / "f", {"train": [8] * 4, "test": [8] * 4})  # 40 images a split
+    decoded: list[str] = []
+    decode = imagefolder._decode
+
+    def counted(path: str, size: int | None) -> np.ndarray:
+        decoded.append(path)
+        return decode(path, size)
+
+    monkeypatch.setattr(imagefolder, "_decode", counted)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "f"), subset=16, val_fraction=0.25)
+    with pytest.raises(DataError, match=r"^data.subset: 41 is more than the 40 training images$"):
+        load_data(cfg.model_copy(update={"subset": 41}))
+    assert not decoded, "refused before decoding"
+    alone = load_data(cfg)
+    assert (len(alone.train), len(alone.val), len(alone.test)) == (12, 4, 40)
+    assert sum("/train/" in p for p in decoded) == 16 and len(decoded) == 56
+    decoded.clear()
+    assert load_data(cfg).fingerprint == alone.fingerprint and not decoded  # its own entry
+    load_data(cfg.model_copy(update={"subset": None}))
+    assert len(decoded) == 80
+    assert len(list((isolated_cache / "decoded").glob("*.pt"))) == 1, "the subset's replaced"
+    decoded.clear()
+    from_whole = load_data(cfg)
+    assert not decoded
+    assert from_whole.fingerprint == alone.fingerprint
+    assert (from_whole.mean, from_whole.std) == (alone.mean, alone.std)
+
+
+def test_a_source_that_cut_the_subset_is_not_cut_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source that decoded `data.subset`'s images alone says so (`Raw.cut`); `load_data`
+    takes its training split as that subset."""
+    raw = bundled.read_synthetic(DataConfig(dataset="synthetic"), None)
+    monkeypatch.setitem(
+        data_module.SOURCES, "synthetic", lambda cfg, progress: raw._replace(cut=True)
+    )
+    data = load_data(DataConfig(dataset="synthetic", subset=100, val_fraction=0.25))
+    assert len(data.train) + len(data.val) == 800
 
 
 def _folder(root: Path, sizes: dict[str, list[int]]) -> None:

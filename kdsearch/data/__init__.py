@@ -30,6 +30,7 @@ from kdsearch.data.base import (
     derive_seed,
     seeded_generator,
     stratified_take,
+    subset_indices,
     take,
 )
 from kdsearch.data.batches import Batch, Loader, from_host
@@ -54,12 +55,7 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
     raw = SOURCES[cfg.dataset](cfg, progress)
     _check_labels(raw, cfg.dataset)
     train, test = raw.train, raw.test
-    if cfg.subset is not None:
-        if cfg.subset > len(train):
-            raise DataError(
-                f"data.subset: {cfg.subset} is more than the {len(train)} training images"
-            )
-        keep, _ = stratified_take(train.y, cfg.subset, seeded_generator(cfg.seed, "subset"))
+    if not raw.cut and (keep := subset_indices(train.y, cfg)) is not None:
         train = take(train, keep)
     if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:  # the kept images
         train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)

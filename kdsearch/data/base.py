@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdsearch.errors import DataError
 from kdsearch.recipe import DataConfig
 
 Progress = Callable[[str, int, int], None]
@@ -81,6 +82,8 @@ class Raw(NamedTuple):
     test: Split
     classes: tuple[str, ...]
     hflip: bool  # whether a flip keeps an image's class (not so for digits)
+    cut: bool = False  # whether `train` is already `data.subset`'s images (an image folder's
+    # subset is decoded alone), not the whole training set
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -110,6 +113,18 @@ def stratified_take(y: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Te
     mask = torch.zeros(len(y), dtype=torch.bool)
     mask[torch.cat(picked)] = True
     return torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+
+
+def subset_indices(y: Tensor, cfg: DataConfig) -> Tensor | None:
+    """Which of the training images with labels `y` `data.subset` keeps, sorted (None without a
+    subset): drawn by class with `data.seed`, the same whether the images are decoded yet or
+    not."""
+    if cfg.subset is None:
+        return None
+    if cfg.subset > len(y):
+        raise DataError(f"data.subset: {cfg.subset} is more than the {len(y)} training images")
+    keep, _ = stratified_take(y, cfg.subset, seeded_generator(cfg.seed, "subset"))
+    return keep
 
 
 def take(split: Split, idx: Tensor) -> Split:

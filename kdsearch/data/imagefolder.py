@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from kdsearch.cache import cache_dir, digest
-from kdsearch.data.base import Progress, Raw, Split, as_split, data_root, first_line
+from kdsearch.data.base import (
+    Progress,
+    Raw,
+    Split,
+    as_split,
+    data_root,
+    first_line,
+    subset_indices,
+    take,
+)
 from kdsearch.errors import DataError, KdsearchWarning
 from kdsearch.paths import replaced_whole
 from kdsearch.recipe import DataConfig
@@ -62,6 +71,9 @@ def check_folder(cfg: DataConfig) -> None:
 
 
 def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
+    """The folder's train and test splits, from the decoded cache where it holds them. With
+    `data.subset`, the training images it keeps are decoded alone (and cached apart), unless a
+    decode of the whole folder is cached: the same images either way."""
     check_folder(cfg)
     root = data_root(cfg)
     listing = {split: _list_images(root, split) for split in ("train", "test")}
@@ -73,37 +85,57 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
             f"{u} (train/ has {named[u.lower()]})" if u.lower() in named else u for u in unknown
         ]
         raise DataError(f"imagefolder: test/ has classes that train/ lacks: {', '.join(shown)}")
-    key = digest(
-        {
-            "format": DECODE_FORMAT,
-            "root": str(root.resolve()),
-            "size": cfg.image_size,
-            "files": [found.key for split in listing.values() for found in split],
-        }
-    )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = {split: [index[found.cls] for found in listing[split]] for split in listing}
+    keep = subset_indices(torch.tensor(labels["train"], dtype=torch.int64), cfg)
     # named for the folder (and size) first: a decode of it replaces those before, which the
     # folder's files changing since (or another decoding format) left unread for good
     folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
-    cached = cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
-    saved = _read_decoded(cached)
+    whole = _cached_path(folder, cfg, listing)
+    saved = _read_decoded(whole)
     if saved is not None:
-        return Raw(*saved, classes, hflip=True)
+        train, test = saved
+        train = train if keep is None else take(train, keep)
+        return Raw(train, test, classes, hflip=True, cut=True)
+    if keep is not None:  # the subset's own entry, which a decode of the whole folder replaces
+        folder = f"{folder}-s{cfg.subset}x{cfg.seed}"
+        picked = keep.tolist()
+        listing["train"] = [listing["train"][i] for i in picked]
+        labels["train"] = [labels["train"][i] for i in picked]
+        cached = _cached_path(folder, cfg, listing)
+        saved = _read_decoded(cached)
+        if saved is not None:
+            return Raw(*saved, classes, hflip=True, cut=True)
+    else:
+        cached = whole
     paths = [found.path for split in listing.values() for found in split]
     images = _same_channels(_decode_all(paths, cfg.image_size, progress))
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index[found.cls] for split in listing.values() for found in split]
     n = len(listing["train"])
-    train = as_split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels[:n])
-    test = as_split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels[n:])
+    train = as_split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels["train"])
+    test = as_split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels["test"])
     _write_decoded(cached, train, test)
-    for stale in cached.parent.glob("imagefolder-*.pt"):  # this folder's, and any named
-        # as before the folder was in the name, whose keys (files without their inodes) no
-        # decode makes now
+    for stale in cached.parent.glob("imagefolder-*.pt"):  # this folder's (a whole decode: its
+        # subsets' too), and any named as before the folder was in the name, whose keys (files
+        # without their inodes) no decode makes now
         if stale != cached and (
             stale.name.startswith(f"imagefolder-{folder}-") or stale.stem.count("-") == 1
         ):
             stale.unlink(missing_ok=True)
-    return Raw(train, test, classes, hflip=True)
+    return Raw(train, test, classes, hflip=True, cut=True)
+
+
+def _cached_path(folder: str, cfg: DataConfig, listing: dict[str, list[Found]]) -> Path:
+    """Where the decode of the images `listing` names is cached: keyed by every file's name,
+    size, time and inode, so that a folder changed since is decoded again."""
+    key = digest(
+        {
+            "format": DECODE_FORMAT,
+            "root": str(data_root(cfg).resolve()),
+            "size": cfg.image_size,
+            "files": [found.key for split in listing.values() for found in split],
+        }
+    )
+    return cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
 
 
 def _read_decoded(path: Path) -> tuple[Split, Split] | None:
