@@ -505,17 +505,29 @@ def load_checkpoint(
     return model
 
 
+WRAPPED = ("module.", "_orig_mod.")  # before every name in a wrapped model's state dict
+
+
 def _unwrapped(saved: Any) -> Any:
     """The state dict in what a checkpoint holds: itself, or the one under "state_dict" or
-    "model" (as other training scripts save it), its names without the "module." that
-    `nn.DataParallel` and DistributedDataParallel put before every one."""
+    "model" (as other training scripts save it), its names without what a wrapper puts before
+    every one: "module." (`nn.DataParallel`, DistributedDataParallel, and the `AveragedModel` of
+    SWA and EMA teachers, whose count of models averaged, "n_averaged", is dropped too) and
+    "_orig_mod." (a model of `torch.compile`), in any nesting."""
     if isinstance(saved, dict):
         for key in ("state_dict", "model"):
             if isinstance(saved.get(key), dict):
                 saved = saved[key]
                 break
-    if isinstance(saved, dict) and saved and all(str(k).startswith("module.") for k in saved):
-        return {str(k).removeprefix("module."): v for k, v in saved.items()}
+    if not isinstance(saved, dict):
+        return saved
+    names = {k: v for k, v in saved.items() if k != "n_averaged"}
+    if len(names) < len(saved) and names and all(str(k).startswith("module.") for k in names):
+        saved = names  # an AveragedModel's
+    while saved and (
+        prefix := next((p for p in WRAPPED if all(str(k).startswith(p) for k in saved)), None)
+    ):
+        saved = {str(k).removeprefix(prefix): v for k, v in saved.items()}
     return saved
 
 

@@ -6,10 +6,12 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from kdsearch import teacher as teacher_module
 from kdsearch.data import ImageData, load_data
@@ -155,10 +157,21 @@ def test_teacher_recipe_trains_with_cross_entropy_alone() -> None:
     assert recipe.schedule.kind == "cosine" and recipe.schedule.epochs == 2
 
 
-@pytest.mark.parametrize("prefix", ["", "module."])  # module.: saved from (Distributed)DataParallel
-def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path, prefix: str) -> None:
+WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "none": lambda model: model,
+    "DataParallel": nn.DataParallel,  # (Distributed)DataParallel: "module." before every name
+    "AveragedModel": torch.optim.swa_utils.AveragedModel,  # SWA, EMA: that and "n_averaged"
+    "compile": torch.compile,  # "_orig_mod."
+    "compile in DataParallel": lambda model: nn.DataParallel(torch.compile(model)),
+}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path, wrapper: str) -> None:
+    """A checkpoint saved from a wrapped model loads as the model it wraps (a model saved from
+    `AveragedModel` or `torch.compile` was refused as missing and unexpected weights)."""
     model = build_model("resnet8", synthetic.num_classes, synthetic.channels)
-    state = {f"{prefix}{name}": value for name, value in model.state_dict().items()}
+    state = WRAPPERS[wrapper](model).state_dict()
     torch.save({"model": state, "epoch": 240}, tmp_path / "t.pth")
     recipe = tiny_recipe({"teacher.checkpoint": str(tmp_path / "t.pth")})
     teacher = get_teacher(recipe, synthetic)
