@@ -488,34 +488,76 @@ def load_checkpoint(
     """A model of `arch` for `data`'s classes and channels with the weights in `path`; errors
     start with `where` (the recipe key by default).
 
-    Accepts a bare state dict or one under "state_dict" / "model" (as other training scripts
-    save it). Loading uses `weights_only=True`: a checkpoint cannot run code.
+    Accepts a bare state dict or one under "state_dict", "model" or "net" (as other training
+    scripts save it), and an HSAKD teacher's backbone beside its auxiliary classifiers. Weights
+    named otherwise than kdsearch's but in its order load by position (`_by_position`).
+    Loading uses `weights_only=True`: a checkpoint cannot run code.
     """
-    saved = _unwrapped(_load_weights(path, where))
+    saved = _backbone_of(_unwrapped(_load_weights(path, where)))
     if not isinstance(saved, dict):
         raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
     model = build_model(arch, data.num_classes, data.channels)
-    mismatch = _mismatch(model.state_dict(), saved)
-    if mismatch:
-        raise TeacherError(
-            f"{where}{path} does not fit {arch} with {data.num_classes} classes and "
-            f"{data.channels} input channels: {mismatch}"
+    expected = model.state_dict()
+    if mismatch := _mismatch(expected, saved):
+        if (renamed := _by_position(expected, saved)) is None:
+            raise TeacherError(
+                f"{where}{path} does not fit {arch} with {data.num_classes} classes and "
+                f"{data.channels} input channels: {mismatch}"
+            )
+        for (of, name), what in COMPUTES_OTHERWISE.items():
+            if of == arch and name in saved:
+                raise TeacherError(
+                    f"{where}{path} holds {what}: its weights have the shapes of kdsearch's "
+                    f"{arch}, but its network computes otherwise; kdsearch has no such model"
+                )
+        theirs, ours = next((t, o) for t, o in zip(saved, expected, strict=True) if t != o)
+        warnings.warn(
+            f"{where}{path} names its weights otherwise than kdsearch's {arch} (its {theirs} "
+            f"is kdsearch's {ours}); loaded by their order, as each of its {len(saved)} tensors "
+            "has the shape and kind of kdsearch's in that place (the teacher's validation "
+            "accuracy, printed next, tells whether its layers are in kdsearch's order)",
+            KdsearchWarning,
+            stacklevel=2,
         )
+        saved = renamed
     model.load_state_dict(saved)
     return model
+
+
+# Official models whose weights fit kdsearch's of that name by position, but whose network
+# computes otherwise, by a weight's name that only their files hold. Every other model of the
+# official RepDistiller and HSAKD code computes what kdsearch's does from its weights loaded
+# by position (checked against their code, README "Teachers").
+COMPUTES_OTHERWISE = {
+    ("mobilenetv2", "classifier.weight"): (
+        "HSAKD's MobileNetV2, whose first convolution has stride 1 (kdsearch's, as "
+        "RepDistiller's, 2)"
+    ),
+}
+
+
+def _backbone_of(saved: Any) -> Any:
+    """The backbone's weights where `saved` is an HSAKD teacher (its backbone and auxiliary
+    classifiers, under "backbone." and "auxiliary_classifier."); else `saved`. The classifiers
+    are left: kdsearch trains its own teacher heads where a term needs them."""
+    if not isinstance(saved, dict) or not any(str(k).startswith("backbone.") for k in saved):
+        return saved
+    if not all(str(k).startswith(("backbone.", "auxiliary_classifier.")) for k in saved):
+        return saved
+    return {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
 
 
 WRAPPED = ("module.", "_orig_mod.")  # before every name in a wrapped model's state dict
 
 
 def _unwrapped(saved: Any) -> Any:
-    """The state dict in what a checkpoint holds: itself, or the one under "state_dict" or
-    "model" (as other training scripts save it), its names without what a wrapper puts before
+    """The state dict in what a checkpoint holds: itself, or the one under "state_dict", "model"
+    or "net" (as other training scripts save it), its names without what a wrapper puts before
     every one: "module." (`nn.DataParallel`, DistributedDataParallel, and the `AveragedModel` of
     SWA and EMA teachers, whose count of models averaged, "n_averaged", is dropped too) and
     "_orig_mod." (a model of `torch.compile`), in any nesting."""
     if isinstance(saved, dict):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "net"):
             if isinstance(saved.get(key), dict):
                 saved = saved[key]
                 break
@@ -615,6 +657,23 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
         problems.append(f"{len(extra)} unexpected weights (first: {extra[0]})")
     problems += shapes[:2]
     return "; ".join(problems)
+
+
+def _by_position(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, Any] | None:
+    """`saved` under `expected`'s names, paired in order, where the two hold as many tensors and
+    each pair has one shape and one kind (the name's last part: weight, bias, running_mean...):
+    a model built as kdsearch's is, layer for layer, whose code names its layers otherwise (as
+    the official RepDistiller and HSAKD code does); None where they are not."""
+    if len(saved) != len(expected):
+        return None
+    for (theirs, value), (ours, like) in zip(saved.items(), expected.items(), strict=True):
+        if not (
+            isinstance(value, torch.Tensor)
+            and value.shape == like.shape
+            and str(theirs).rsplit(".", 1)[-1] == ours.rsplit(".", 1)[-1]
+        ):
+            return None
+    return dict(zip(expected, saved.values(), strict=True))
 
 
 def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:

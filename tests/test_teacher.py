@@ -23,6 +23,7 @@ from kdsearch.teacher import (
     cached_teacher_path,
     get_teacher,
     get_teacher_heads,
+    load_checkpoint,
     teacher_key,
     teacher_recipe,
     weights_digest,
@@ -179,6 +180,107 @@ def test_checkpoint_is_loaded(synthetic: ImageData, tmp_path: Path, wrapper: str
     for name, value in model.state_dict().items():
         torch.testing.assert_close(teacher.model.state_dict()[name], value)
     assert not cached_teacher_path(recipe, synthetic).exists(), "a checkpoint needs no training"
+
+
+def cifar_resnet_names(blocks: int) -> list[str]:
+    """The names another code base gives a CIFAR ResNet's weights, in its order: that of the
+    official RepDistiller code (a stem conv1 and bn1, layer1-3 of blocks with conv1, bn1, conv2,
+    bn2 and a downsample where the shape changes, fc)."""
+
+    def bn(name: str) -> list[str]:
+        return [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")] + [
+            f"{name}.num_batches_tracked"
+        ]
+
+    names = ["conv1.weight", *bn("bn1")]
+    for stage in (1, 2, 3):
+        for b in range(blocks):
+            block = f"layer{stage}.{b}"
+            names += [f"{block}.conv1.weight", *bn(f"{block}.bn1")]
+            names += [f"{block}.conv2.weight", *bn(f"{block}.bn2")]
+            if stage > 1 and b == 0:
+                names += [f"{block}.downsample.0.weight", *bn(f"{block}.downsample.1")]
+    return [*names, "fc.weight", "fc.bias"]
+
+
+def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """A teacher from another code base (RepDistiller's and HSAKD's CIFAR-100 teachers) names
+    the same layers otherwise, and was refused as missing and unexpected weights. Where every
+    tensor has the shape and kind of kdsearch's in its place, it loads by position, saying so;
+    where one does not, it is refused as before."""
+    model = build_model("resnet8", synthetic.num_classes, synthetic.channels)
+    with torch.no_grad():  # every tensor its own values, so that no two could be swapped unseen
+        for value in model.state_dict().values():
+            value.copy_(torch.rand_like(value.float()).to(value.dtype) + 0.5)
+    values = list(model.state_dict().values())
+    names = cifar_resnet_names(blocks=1)
+    torch.save({"model": dict(zip(names, values, strict=True))}, tmp_path / "t.pth")
+    recipe = tiny_recipe({"teacher.checkpoint": str(tmp_path / "t.pth")})
+    with pytest.warns(KdsearchWarning) as warned:
+        teacher = get_teacher(recipe, synthetic)
+    assert str(warned[0].message).startswith(
+        f"teacher.checkpoint: {tmp_path}/t.pth names its weights otherwise than kdsearch's "
+        "resnet8 (its conv1.weight is kdsearch's stem.0.0.weight); loaded by their order, as "
+        "each of its 56 tensors has the shape and kind"
+    )
+    x = synthetic.val.x[:8].float() / 255
+    model.eval()
+    torch.testing.assert_close(teacher.model(x), model(x), rtol=1e-4, atol=1e-4)
+    # as an HSAKD teacher is saved: under "net", the backbone beside auxiliary classifiers
+    hsakd = {f"backbone.{name}": value for name, value in zip(names, values, strict=True)}
+    hsakd |= {"auxiliary_classifier.fc1.weight": torch.zeros(40, 64)}
+    torch.save({"net": hsakd, "acc": 70.0}, tmp_path / "hsakd.pth.tar")
+    with pytest.warns(KdsearchWarning, match="its conv1.weight is kdsearch's stem.0.0.weight"):
+        loaded = load_checkpoint(tmp_path / "hsakd.pth.tar", "resnet8", synthetic)
+    torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
+    # a model of its own whose layers are "backbone." and "head.", not an HSAKD teacher's: whole
+    own = [f"backbone.{name}" for name in names[:-2]] + ["head.weight", "head.bias"]
+    torch.save(dict(zip(own, values, strict=True)), tmp_path / "own.pt")
+    with pytest.warns(KdsearchWarning, match="its backbone.conv1.weight is kdsearch's stem"):
+        load_checkpoint(tmp_path / "own.pt", "resnet8", synthetic)
+    # a weight and a bias of one shape swapped: the kinds differ, so nothing is loaded
+    i = names.index("bn1.weight")
+    swapped = [*names[:i], names[i + 1], names[i], *names[i + 2 :]]
+    torch.save(dict(zip(swapped, values, strict=True)), tmp_path / "swapped.pth")
+    with pytest.raises(TeacherError, match=r"54 weights missing \(first: stem.0.0.weight\)"):
+        load_checkpoint(tmp_path / "swapped.pth", "resnet8", synthetic)
+    # one tensor more, past those that fit: refused
+    torch.save({**dict(zip(names, values, strict=True)), "aux.weight": values[-1]}, tmp_path / "a")
+    with pytest.raises(TeacherError, match="does not fit resnet8 with 10 classes"):
+        load_checkpoint(tmp_path / "a", "resnet8", synthetic)
+    # another architecture or class count, named as that code base names it: refused
+    for arch, classes, blocks in (("resnet14", 10, 2), ("resnet8", 100, 1)):
+        other = build_model(arch, classes, synthetic.channels).state_dict().values()
+        torch.save(dict(zip(cifar_resnet_names(blocks), other, strict=True)), tmp_path / "o.pt")
+        with pytest.raises(TeacherError, match="does not fit resnet8 with 10 classes"):
+            load_checkpoint(tmp_path / "o.pt", "resnet8", synthetic)
+
+
+def test_hsakds_mobilenetv2_is_refused_though_its_weights_fit(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """HSAKD's MobileNetV2 has the shapes of kdsearch's (and RepDistiller's) in the same order,
+    but a first convolution of stride 1: loaded by position, it would compute another network.
+    Its files are told by the classifier's name (RepDistiller's: classifier.0.weight)."""
+    ours = build_model("mobilenetv2", synthetic.num_classes, synthetic.channels).state_dict()
+    for classifier, loads in (("classifier.0", True), ("classifier", False)):
+        names = [re.sub(r"^fc\.", f"{classifier}.", re.sub(r"^stem\.", "conv1.", n)) for n in ours]
+        torch.save({"state_dict": dict(zip(names, ours.values(), strict=True))}, tmp_path / "m")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KdsearchWarning)
+            if loads:
+                load_checkpoint(tmp_path / "m", "mobilenetv2", synthetic)
+                continue
+            with pytest.raises(TeacherError) as refused:
+                load_checkpoint(tmp_path / "m", "mobilenetv2", synthetic)
+        assert str(refused.value) == (
+            f"teacher.checkpoint: {tmp_path}/m holds HSAKD's MobileNetV2, whose first "
+            "convolution has stride 1 (kdsearch's, as RepDistiller's, 2): its weights have the "
+            "shapes of kdsearch's mobilenetv2, but its network computes otherwise; kdsearch has "
+            "no such model"
+        )
 
 
 @pytest.mark.parametrize(
