@@ -54,6 +54,7 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 Weight = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # The most a study can record of a count: Optuna keeps trial numbers and epochs (its steps) in
 # SQL `integer` columns, 32-bit in PostgreSQL.
 MOST = 2**31 - 1
@@ -84,6 +85,25 @@ class DataConfig(Section):
     seed: Seed = 0
     image_size: Annotated[int, Field(ge=8)] | None = None
     hflip: bool | None = None  # flip training images left-right; None: as the data set allows
+    # per channel, in [0, 1] units, what inputs are normalised with; None: the training split's
+    # (a teacher from elsewhere was trained with its code's constants)
+    mean: list[Fraction] | None = None
+    std: list[Positive] | None = None
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            given, lacking = ("mean", "std") if self.std is None else ("std", "mean")
+            raise ValueError(
+                f"data.{given} needs data.{lacking}: inputs are normalised with both, or with "
+                "the training split's own when neither is given"
+            )
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(
+                f"data.mean has {len(self.mean)} values and data.std {len(self.std)}; "
+                "give one of each per channel"
+            )
+        return self
 
 
 class TeacherTrainConfig(Section):
@@ -148,7 +168,6 @@ class PKTConfig(Section):
     weight: Weight = 0.0
 
 
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 FeatDim = Annotated[int, Field(ge=2)]
 Negatives = Annotated[int, Field(ge=1)]
 

@@ -858,6 +858,46 @@ def test_normalisation_uses_the_training_split_statistics() -> None:
     torch.testing.assert_close(x.std(1), torch.ones(3), atol=1e-3, rtol=0)
 
 
+def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them() -> None:
+    """Inputs were normalised with the training split's own statistics only: a teacher from
+    elsewhere, trained with its code's constants (ImageNet's, say), saw other inputs here.
+    `data.mean` and `data.std` set them; they are in the data's fingerprint, so a teacher
+    cached for other inputs is not reused, and what a served model takes says them."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    own = load_data(DataConfig(dataset="synthetic"))
+    data = load_data(DataConfig(dataset="synthetic", mean=mean, std=std))
+    assert (data.mean, data.std) == (tuple(mean), tuple(std))
+    assert (data.inputs()["mean"], data.inputs()["std"]) == (mean, std)
+    assert data.fingerprint != own.fingerprint
+    loader = Loader(data.val, data, CPU, batch_size=1000, train=False)
+    x = torch.cat([b.x for b in loader.epoch(0)])
+    expected = (data.val.x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataError) as channels:
+        load_data(DataConfig(dataset="digits", mean=mean, std=std))
+    assert str(channels.value) == (
+        "data.mean and data.std: 3 values each, but the images have 1 channel(s); give one of "
+        "each per channel"
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"mean": [0.5]}, "data.mean needs data.std: inputs are normalised with both"),
+        ({"std": [0.5]}, "data.std needs data.mean"),
+        ({"mean": [0.5], "std": [0.2, 0.2]}, "data.mean has 1 values and data.std 2"),
+        ({"mean": [0.5], "std": [0.0]}, "greater than 0"),
+        ({"mean": [1.5], "std": [0.2]}, "less than or equal to 1"),
+    ],
+)
+def test_normalisation_constants_are_checked(given: dict[str, list[float]], expected: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        DataConfig(dataset="synthetic", **given)
+
+
 def test_missing_cifar_is_downloaded_with_torchvision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,7 +84,15 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
                 KdsearchWarning,
                 stacklevel=2,
             )
-    mean, std = channel_stats(train.x)
+    if cfg.mean is not None and cfg.std is not None:
+        if len(cfg.mean) != train.x.shape[1]:
+            raise DataError(
+                f"data.mean and data.std: {len(cfg.mean)} values each, but the images have "
+                f"{train.x.shape[1]} channel(s); give one of each per channel"
+            )
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    else:
+        mean, std = channel_stats(train.x)
     return ImageData(
         name=cfg.dataset,
         train=train,
@@ -94,7 +102,7 @@ def load_data(cfg: DataConfig, *, progress: Progress | None = None) -> ImageData
         hflip=raw.hflip if cfg.hflip is None else cfg.hflip,
         mean=mean,
         std=std,
-        fingerprint=_fingerprint(train, val, test, flips=cfg.hflip, default=raw.hflip),
+        fingerprint=_fingerprint(train, val, test, cfg=cfg, default=raw.hflip),
     )
 
 
@@ -129,16 +137,19 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-3).tolist())
 
 
-def _fingerprint(*splits: Split, flips: bool | None, default: bool) -> str:
-    """A hash of the splits, and of `data.hflip` where it is not the data set's default (so
-    every fingerprint, and the cached teachers keyed by it, stayed as it was before the key)."""
+def _fingerprint(*splits: Split, cfg: DataConfig, default: bool) -> str:
+    """A hash of the splits, of `data.hflip` where it is not the data set's default, and of
+    `data.mean` and `data.std` where given (so every fingerprint, and the cached teachers keyed
+    by it, stayed as it was before those keys)."""
     h = hashlib.blake2b(digest_size=8)
     for s in splits:
         h.update(str(tuple(s.x.shape)).encode())
         h.update(s.x.contiguous().numpy().data)  # the buffer itself, not a copy of it
         h.update(s.y.contiguous().numpy().data)
-    if flips is not None and flips != default:
-        h.update(f"hflip={flips}".encode())
+    if cfg.hflip is not None and cfg.hflip != default:
+        h.update(f"hflip={cfg.hflip}".encode())
+    if cfg.mean is not None:
+        h.update(f"mean={cfg.mean} std={cfg.std}".encode())
     return h.hexdigest()
 
 
