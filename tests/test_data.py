@@ -24,10 +24,10 @@ from PIL import Image
 from kdsearch import data as data_module
 from kdsearch.data import Loader, bundled, imagefolder, load_data
 from kdsearch.data import download as download_module
-from kdsearch.data.base import stratified_take
+from kdsearch.data.base import seeded_generator, stratified_take
 from kdsearch.data.batches import crop_flip, epoch_draws
 from kdsearch.data.fashion_mnist import read_idx
-from kdsearch.errors import DataError
+from kdsearch.errors import DataError, KdsearchWarning
 from kdsearch.recipe import DataConfig, Recipe
 
 CPU = torch.device("cpu")
@@ -486,8 +486,9 @@ def test_a_subset_of_an_image_folder_decodes_only_the_images_it_keeps(
 ) -> None:
     """`data.subset` was cut after the whole folder was decoded (and cached): a quick search on
     a few thousand images of a large folder waited for all of them. The training images it keeps
-    are decoded alone now (with the test split, kept whole), into the data a decode of the whole
-    folder gives; that decode, where cached, serves the subset, and replaces its entry."""
+    are decoded alone now (with the test split, kept whole), into the images the whole folder's
+    decode cut by class with `data.seed` gives; that decode, where cached, serves the subset,
+    and replaces its entry."""
     _folder(tmp_path / "f", {"train": [8] * 4, "test": [8] * 4})  # 40 images a split
     decoded: list[str] = []
     decode = imagefolder._decode
@@ -501,19 +502,81 @@ def test_a_subset_of_an_image_folder_decodes_only_the_images_it_keeps(
     with pytest.raises(DataError, match=r"^data.subset: 41 is more than the 40 training images$"):
         load_data(cfg.model_copy(update={"subset": 41}))
     assert not decoded, "refused before decoding"
-    alone = load_data(cfg)
-    assert (len(alone.train), len(alone.val), len(alone.test)) == (12, 4, 40)
+    alone = imagefolder.read_imagefolder(cfg, None)
     assert sum("/train/" in p for p in decoded) == 16 and len(decoded) == 56
-    decoded.clear()
-    assert load_data(cfg).fingerprint == alone.fingerprint and not decoded  # its own entry
-    load_data(cfg.model_copy(update={"subset": None}))
-    assert len(decoded) == 80
+    assert load_data(cfg).fingerprint == load_data(cfg).fingerprint and len(decoded) == 56
+    everything = imagefolder.read_imagefolder(cfg.model_copy(update={"subset": None}), None)
+    assert len(decoded) == 56 + 80
     assert len(list((isolated_cache / "decoded").glob("*.pt"))) == 1, "the subset's replaced"
-    decoded.clear()
+    kept, _ = stratified_take(everything.train.y, 16, seeded_generator(0, "subset"))
+    for split in (alone.train, imagefolder.read_imagefolder(cfg, None).train):  # and from it
+        assert torch.equal(split.x, everything.train.x[kept])
+        assert torch.equal(split.y, everything.train.y[kept])
+    assert torch.equal(alone.test.x, everything.test.x) and len(decoded) == 56 + 80
+    # a subset of every image is the whole folder: read from its entry, or decoded into it
+    assert len(load_data(cfg.model_copy(update={"subset": 40})).train) == 30
+    assert len(decoded) == 56 + 80
+    shutil.rmtree(isolated_cache)
+    load_data(cfg.model_copy(update={"subset": 40}))
+    assert [p.name.count("-") for p in (isolated_cache / "decoded").glob("*.pt")] == [2]
+
+
+def test_a_subset_of_a_folder_with_a_colour_image_left_out_is_in_colour(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
+    """A folder with any colour image is read in colour. A subset decoded alone went by its
+    own images: greyscale where those it kept were, colour when cut from the whole folder's
+    decode, so its fingerprint hung on what the cache held. The headers of the images it leaves
+    out are read now."""
+    _folder(tmp_path, {"train": [8] * 4, "test": [8] * 4})
+    for image in tmp_path.glob("*/*/*.png"):
+        Image.open(image).convert("L").save(image)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), subset=16, val_fraction=0.25)
+    seen: list[tuple[str, int, int]] = []
+    assert load_data(cfg, progress=lambda *step: seen.append(step)).channels == 1
+    assert seen[-1] == ("reading the headers of the images left out", 24, 24)
+    whole = imagefolder.read_imagefolder(cfg.model_copy(update={"subset": None}), None)
+    kept, _ = stratified_take(whole.train.y, 16, seeded_generator(0, "subset"))
+    left_out = sorted(set(range(40)) - set(kept.tolist()))[-1]
+    shutil.rmtree(isolated_cache)
+    colour = sorted(tmp_path.glob("train/*/*.png"))[left_out]
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(colour)
+    alone = load_data(cfg)
+    load_data(cfg.model_copy(update={"subset": None}))
     from_whole = load_data(cfg)
-    assert not decoded
-    assert from_whole.fingerprint == alone.fingerprint
-    assert (from_whole.mean, from_whole.std) == (alone.mean, alone.std)
+    assert alone.channels == from_whole.channels == 3
+    assert alone.fingerprint == from_whole.fingerprint
+
+
+def test_a_damaged_or_outdated_decode_of_a_folder_is_removed(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
+    """A damaged whole-folder entry was left in place when a subset was decoded, and warned at
+    every later load; nor did a subset's decode remove the whole decode of the folder as it was
+    before its files changed."""
+    _folder(tmp_path, {"train": [8] * 4, "test": [8] * 4})
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), subset=16, val_fraction=0.25)
+    load_data(cfg.model_copy(update={"subset": None}))
+    (whole,) = (isolated_cache / "decoded").glob("*.pt")
+    whole.write_bytes(b"not a torch file")
+    with pytest.warns(KdsearchWarning, match="cannot use the cached .*; decoding the images again"):
+        load_data(cfg)
+    (subset,) = (isolated_cache / "decoded").glob("*.pt")
+    assert "-s16x0-" in subset.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_data(cfg)
+    load_data(cfg.model_copy(update={"subset": 20}))  # another subset's entry
+    load_data(cfg.model_copy(update={"subset": None}))
+    (whole,) = (isolated_cache / "decoded").glob("*.pt")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "class0" / "new.png")
+    load_data(cfg)
+    (subset,) = (isolated_cache / "decoded").glob("*.pt")
+    assert "-s16x0-" in subset.name, "the whole decode of the folder as it was is removed"
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "class0" / "newer.png")
+    load_data(cfg)
+    (newer,) = (isolated_cache / "decoded").glob("*.pt")
+    assert newer != subset, "the subset's entry for the folder as it was is removed"
 
 
 def test_a_source_that_cut_the_subset_is_not_cut_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,10 +45,10 @@ class ImageData:
     test: Split
     classes: tuple[str, ...]
     hflip: bool  # whether training images are flipped left-right (not digits, by default)
-    mean: tuple[float, ...]  # per channel, of the training split, in [0, 1]
-    std: tuple[float, ...]
-    fingerprint: str  # changes whenever any image, label or split changes, or `hflip`
-    # against the data set's own default
+    mean: tuple[float, ...]  # per channel, in [0, 1]: `data.mean`, else the training split's
+    std: tuple[float, ...]  # `data.std`, else the training split's
+    fingerprint: str  # changes whenever any image, label or split changes, `hflip` against
+    # the data set's own default, or `data.mean` and `data.std` where given
 
     @property
     def num_classes(self) -> int:
@@ -117,9 +117,9 @@ def stratified_take(y: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Te
 
 def subset_indices(y: Tensor, cfg: DataConfig) -> Tensor | None:
     """Which of the training images with labels `y` `data.subset` keeps, sorted (None without a
-    subset): drawn by class with `data.seed`, the same whether the images are decoded yet or
-    not."""
-    if cfg.subset is None:
+    subset, or with one of every image): drawn by class with `data.seed`, the same whether the
+    images are decoded yet or not."""
+    if cfg.subset is None or cfg.subset == len(y):
         return None
     if cfg.subset > len(y):
         raise DataError(f"data.subset: {cfg.subset} is more than the {len(y)} training images")

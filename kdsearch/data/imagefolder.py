@@ -97,45 +97,86 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
         train, test = saved
         train = train if keep is None else take(train, keep)
         return Raw(train, test, classes, hflip=True, cut=True)
-    if keep is not None:  # the subset's own entry, which a decode of the whole folder replaces
-        folder = f"{folder}-s{cfg.subset}x{cfg.seed}"
-        picked = keep.tolist()
-        listing["train"] = [listing["train"][i] for i in picked]
-        labels["train"] = [labels["train"][i] for i in picked]
-        cached = _cached_path(folder, cfg, listing)
+    cached, left_out = whole, []
+    if keep is not None and cfg.subset is not None:  # its own entry, until a whole decode
+        cached = _cached_path(folder, cfg, listing, (cfg.subset, cfg.seed))
         saved = _read_decoded(cached)
         if saved is not None:
             return Raw(*saved, classes, hflip=True, cut=True)
-    else:
-        cached = whole
+        kept = set(keep.tolist())
+        left_out = [f.path for i, f in enumerate(listing["train"]) if i not in kept]
+        listing["train"] = [listing["train"][i] for i in sorted(kept)]
+        labels["train"] = [labels["train"][i] for i in sorted(kept)]
     paths = [found.path for split in listing.values() for found in split]
-    images = _same_channels(_decode_all(paths, cfg.image_size, progress))
+    images = _decode_all(paths, cfg.image_size, progress)
+    # in colour if any image of the folder is (as torchvision's ImageFolder reads every image
+    # as RGB), those a subset leaves out too (their headers say), else greyscale
+    if any(a.shape[2] == 3 for a in images) or _any_colour(left_out, progress):
+        images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
     n = len(listing["train"])
     train = as_split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels["train"])
     test = as_split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels["test"])
     _write_decoded(cached, train, test)
-    for stale in cached.parent.glob("imagefolder-*.pt"):  # this folder's (a whole decode: its
-        # subsets' too), and any named as before the folder was in the name, whose keys (files
-        # without their inodes) no decode makes now
-        if stale != cached and (
-            stale.name.startswith(f"imagefolder-{folder}-") or stale.stem.count("-") == 1
-        ):
-            stale.unlink(missing_ok=True)
+    _prune(cached, folder, whole=cached == whole)
     return Raw(train, test, classes, hflip=True, cut=True)
 
 
-def _cached_path(folder: str, cfg: DataConfig, listing: dict[str, list[Found]]) -> Path:
-    """Where the decode of the images `listing` names is cached: keyed by every file's name,
-    size, time and inode, so that a folder changed since is decoded again."""
-    key = digest(
-        {
-            "format": DECODE_FORMAT,
-            "root": str(data_root(cfg).resolve()),
-            "size": cfg.image_size,
-            "files": [found.key for split in listing.values() for found in split],
-        }
-    )
-    return cache_dir() / "decoded" / f"imagefolder-{folder}-{key}.pt"
+def _cached_path(
+    folder: str,
+    cfg: DataConfig,
+    listing: dict[str, list[Found]],
+    subset: tuple[int, int] | None = None,
+) -> Path:
+    """Where the decode of the folder `listing` lists is cached, or that of its `subset` (the
+    training images kept, and the seed that drew them): keyed by every file's name, size, time
+    and inode, so that a folder changed since is decoded again."""
+    spec = {
+        "format": DECODE_FORMAT,
+        "root": str(data_root(cfg).resolve()),
+        "size": cfg.image_size,
+        "files": [found.key for split in listing.values() for found in split],
+    }
+    if subset is None:  # the key of every decode of a whole folder so far
+        return cache_dir() / "decoded" / f"imagefolder-{folder}-{digest(spec)}.pt"
+    key = digest({**spec, "subset": list(subset)})
+    return cache_dir() / "decoded" / f"imagefolder-{folder}-s{subset[0]}x{subset[1]}-{key}.pt"
+
+
+def _prune(cached: Path, folder: str, *, whole: bool) -> None:
+    """Remove the folder's other decoded entries that no load will read again: after a whole
+    decode, every other (it serves every subset); after a subset's, the whole decodes and the
+    entries of that subset of the folder as it was. Also any entry named as before the folder
+    was in the name, whose key (files without their inodes) no decode makes now."""
+    subset = cached.name.removeprefix(f"imagefolder-{folder}-").split("-")[0]
+    for stale in cached.parent.glob("imagefolder-*.pt"):
+        if stale == cached:
+            continue
+        rest = stale.stem.removeprefix(f"imagefolder-{folder}-")
+        ours = rest != stale.stem
+        if stale.stem.count("-") == 1 or (
+            ours and (whole or "-" not in rest or rest.startswith(f"{subset}-"))
+        ):
+            stale.unlink(missing_ok=True)
+
+
+def _any_colour(paths: list[str], progress: Progress | None) -> bool:
+    """Whether any image at `paths` is in colour, from its header (no pixel is decoded): a
+    subset decoded in greyscale is read in colour where an image it left out is, as the whole
+    folder is. A file that cannot be opened does not count (nor is it decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    shown = time.monotonic()
+    for done, path in enumerate(paths, start=1):
+        try:
+            with Image.open(path) as file:
+                if not _is_grey(file.mode):
+                    return True
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            pass
+        if progress is not None and (done == len(paths) or time.monotonic() - shown >= PROGRESS_S):
+            progress("reading the headers of the images left out", done, len(paths))
+            shown = time.monotonic()
+    return False
 
 
 def _read_decoded(path: Path) -> tuple[Split, Split] | None:
@@ -369,12 +410,9 @@ def _size_problem(image: np.ndarray, before: list[np.ndarray], kept: list[str], 
     )
 
 
-def _same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
-    """The images in colour if any is (as torchvision's ImageFolder reads every image as RGB),
-    else greyscale."""
-    if any(a.shape[2] == 3 for a in images):
-        images = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in images]
-    return images
+def _is_grey(mode: str) -> bool:
+    """Whether an image of PIL's `mode` decodes to one channel (16-bit greyscale rescaled)."""
+    return mode.startswith("I") or mode in ("1", "L", "LA")
 
 
 def _decoded(path: str, size: int | None) -> np.ndarray | DataError:
@@ -394,7 +432,7 @@ def _decode(path: str, size: int | None) -> np.ndarray:
                 grey = np.asarray(file, dtype=np.float64) / 257.0
                 img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
             else:
-                img = file.convert("L" if file.mode in ("1", "L", "LA") else "RGB")
+                img = file.convert("L" if _is_grey(file.mode) else "RGB")
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
