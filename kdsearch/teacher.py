@@ -499,10 +499,15 @@ def load_checkpoint(
     model = build_model(arch, data.num_classes, data.channels)
     expected = model.state_dict()
     if mismatch := _mismatch(expected, saved):
-        if (renamed := _by_position(expected, saved)) is None:
+        pairs, why_not = _by_position(expected, saved)
+        if not pairs:
+            named_otherwise = any(k not in saved for k in expected) and any(
+                k not in expected for k in saved
+            )
             raise TeacherError(
                 f"{where}{path} does not fit {arch} with {data.num_classes} classes and "
                 f"{data.channels} input channels: {mismatch}"
+                + (f"; by position, {why_not}" if named_otherwise and why_not else "")
             )
         for (of, name), what in COMPUTES_OTHERWISE.items():
             if of == arch and name in saved:
@@ -510,16 +515,18 @@ def load_checkpoint(
                     f"{where}{path} holds {what}: its weights have the shapes of kdsearch's "
                     f"{arch}, but its network computes otherwise; kdsearch has no such model"
                 )
-        theirs, ours = next((t, o) for t, o in zip(saved, expected, strict=True) if t != o)
-        warnings.warn(
-            f"{where}{path} names its weights otherwise than kdsearch's {arch} (its {theirs} "
-            f"is kdsearch's {ours}); loaded by their order, as each of its {len(saved)} tensors "
-            "has the shape and kind of kdsearch's in that place (the teacher's validation "
-            "accuracy, printed next, tells whether its layers are in kdsearch's order)",
-            KdsearchWarning,
-            stacklevel=2,
-        )
-        saved = renamed
+        renamed = [(t, o) for t, o in pairs if t != o]  # none: kdsearch's, batch norms' counts
+        if renamed:  # left out (as torch before 0.4.1 saved them)
+            warnings.warn(
+                f"{where}{path} names its weights otherwise than kdsearch's {arch} (its "
+                f"{renamed[0][0]} is kdsearch's {renamed[0][1]}); loaded by their order, as each "
+                f"of its {len(saved)} tensors has the shape and kind of kdsearch's in that place "
+                "(the teacher's validation accuracy, printed next, tells whether its layers are "
+                "in kdsearch's order)",
+                KdsearchWarning,
+                stacklevel=2,
+            )
+        saved = {**expected, **{o: saved[t] for t, o in pairs}}
     model.load_state_dict(saved)
     return model
 
@@ -563,12 +570,13 @@ def _unwrapped(saved: Any) -> Any:
                 break
     if not isinstance(saved, dict):
         return saved
-    names = {k: v for k, v in saved.items() if k != "n_averaged"}
-    if len(names) < len(saved) and names and all(str(k).startswith("module.") for k in names):
-        saved = names  # an AveragedModel's
-    while saved and (
-        prefix := next((p for p in WRAPPED if all(str(k).startswith(p) for k in saved)), None)
-    ):
+    while saved:
+        names = {k: v for k, v in saved.items() if k != "n_averaged"}
+        if len(names) < len(saved) and names and all(str(k).startswith("module.") for k in names):
+            saved = names  # an AveragedModel's
+        prefix = next((p for p in WRAPPED if all(str(k).startswith(p) for k in saved)), None)
+        if prefix is None:
+            break
         saved = {str(k).removeprefix(prefix): v for k, v in saved.items()}
     return saved
 
@@ -647,8 +655,10 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
     extra = [k for k in saved if k not in expected]
     shapes = [
         f"{k} is {tuple(saved[k].shape)}, expected {tuple(v.shape)}"
+        if isinstance(saved[k], torch.Tensor)
+        else f"{k} is a {type(saved[k]).__name__}, not a tensor"
         for k, v in expected.items()
-        if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape
+        if k in saved and not (isinstance(saved[k], torch.Tensor) and saved[k].shape == v.shape)
     ]
     problems = []
     if missing:
@@ -659,21 +669,32 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
     return "; ".join(problems)
 
 
-def _by_position(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, Any] | None:
-    """`saved` under `expected`'s names, paired in order, where the two hold as many tensors and
+def _by_position(
+    expected: dict[str, torch.Tensor], saved: dict[str, Any]
+) -> tuple[list[tuple[str, str]], str]:
+    """`saved`'s names paired with `expected`'s in order, where the two hold as many tensors and
     each pair has one shape and one kind (the name's last part: weight, bias, running_mean...):
     a model built as kdsearch's is, layer for layer, whose code names its layers otherwise (as
-    the official RepDistiller and HSAKD code does); None where they are not."""
-    if len(saved) != len(expected):
-        return None
-    for (theirs, value), (ours, like) in zip(saved.items(), expected.items(), strict=True):
-        if not (
-            isinstance(value, torch.Tensor)
-            and value.shape == like.shape
-            and str(theirs).rsplit(".", 1)[-1] == ours.rsplit(".", 1)[-1]
-        ):
-            return None
-    return dict(zip(expected, saved.values(), strict=True))
+    the official RepDistiller and HSAKD code does); else no pairs, and the first reason. A file
+    without batch norm's `num_batches_tracked` (saved by a torch before 0.4.1) is paired without
+    them (the model keeps its own)."""
+    ours = list(expected)
+    if not any(str(k).endswith("num_batches_tracked") for k in saved):
+        ours = [k for k in ours if not k.endswith("num_batches_tracked")]
+    if len(saved) != len(ours):
+        return [], f"it holds {len(saved)} tensors where kdsearch's model holds {len(ours)}"
+    for (theirs, value), name in zip(saved.items(), ours, strict=True):
+        like = expected[name]
+        if not isinstance(value, torch.Tensor):
+            return [], f"its {theirs} is a {type(value).__name__}, not a tensor"
+        if str(theirs).rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
+            return [], f"its {theirs} stands where kdsearch's {name} does"
+        if value.shape != like.shape:  # of one name: as `_mismatch` says already
+            return [], "" if theirs == name else (
+                f"its {theirs} is {tuple(value.shape)} where kdsearch's {name} is "
+                f"{tuple(like.shape)}"
+            )
+    return list(zip(map(str, saved), ours, strict=True)), ""
 
 
 def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:

@@ -164,6 +164,12 @@ WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "AveragedModel": torch.optim.swa_utils.AveragedModel,  # SWA, EMA: that and "n_averaged"
     "compile": torch.compile,  # "_orig_mod."
     "compile in DataParallel": lambda model: nn.DataParallel(torch.compile(model)),
+    "AveragedModel compiled": lambda model: torch.compile(
+        torch.optim.swa_utils.AveragedModel(model)
+    ),
+    "AveragedModel in DataParallel": lambda model: nn.DataParallel(
+        torch.optim.swa_utils.AveragedModel(model)
+    ),
 }
 
 
@@ -250,12 +256,57 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
     torch.save({**dict(zip(names, values, strict=True)), "aux.weight": values[-1]}, tmp_path / "a")
     with pytest.raises(TeacherError, match="does not fit resnet8 with 10 classes"):
         load_checkpoint(tmp_path / "a", "resnet8", synthetic)
-    # another architecture or class count, named as that code base names it: refused
-    for arch, classes, blocks in (("resnet14", 10, 2), ("resnet8", 100, 1)):
+    # another architecture or class count, named as that code base names it: refused, saying
+    # why it does not fit by position either
+    for arch, classes, blocks, classifier, why in (
+        (
+            "resnet14",
+            10,
+            2,
+            "fc",
+            "; by position, it holds 92 tensors where kdsearch's model holds 56",
+        ),
+        (
+            "resnet8",
+            100,
+            1,
+            "fc",
+            "; fc.weight is (100, 64), expected (10, 64); fc.bias is (100,), expected (10,)",
+        ),  # as by name: said once
+        (
+            "resnet8",
+            100,
+            1,
+            "linear",
+            "; by position, its linear.weight is (100, 64) where kdsearch's fc.weight is (10, 64)",
+        ),
+    ):
         other = build_model(arch, classes, synthetic.channels).state_dict().values()
-        torch.save(dict(zip(cifar_resnet_names(blocks), other, strict=True)), tmp_path / "o.pt")
-        with pytest.raises(TeacherError, match="does not fit resnet8 with 10 classes"):
+        named = [n.replace("fc.", f"{classifier}.") for n in cifar_resnet_names(blocks)]
+        torch.save(dict(zip(named, other, strict=True)), tmp_path / "o.pt")
+        with pytest.raises(TeacherError) as refused:
             load_checkpoint(tmp_path / "o.pt", "resnet8", synthetic)
+        assert re.search(r"\(first: conv1.weight\)(.*)$", str(refused.value))[1] == why
+    # saved by a torch before 0.4.1: no batch norm counts; named otherwise or as kdsearch does
+    for file_names in (names, list(model.state_dict())):
+        old = {n: v for n, v in zip(file_names, values, strict=True) if "num_batches" not in n}
+        torch.save(old, tmp_path / "old.pt")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loaded = load_checkpoint(tmp_path / "old.pt", "resnet8", synthetic).eval()
+        assert len(seen) == (file_names is names)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_with_a_value_that_is_not_a_tensor_is_refused(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """A number where a weight should be got past the check and failed in torch's loading."""
+    state: dict[str, object] = dict(build_model("resnet8", 10, 3).state_dict())
+    state["stem.0.0.weight"] = 1.0
+    torch.save(state, tmp_path / "t.pt")
+    with pytest.raises(TeacherError, match=r"input channels: stem.0.0.weight is a float, not a"):
+        load_checkpoint(tmp_path / "t.pt", "resnet8", synthetic)
 
 
 def test_hsakds_mobilenetv2_is_refused_though_its_weights_fit(
