@@ -51,6 +51,9 @@ HEAD_STAGES: dict[str, int] = {
     for name in MODEL_NAMES
 }
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+# the channels of each data set's images, where known before they are read (an image folder's:
+# colour if any image is); the data package reads them so (a test holds the two together)
+DATASET_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "synthetic": 3}
 
 Weight = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
@@ -87,8 +90,8 @@ class DataConfig(Section):
     hflip: bool | None = None  # flip training images left-right; None: as the data set allows
     # per channel, in [0, 1] units, what inputs are normalised with; None: the training split's
     # (a teacher from elsewhere was trained with its code's constants)
-    mean: list[Fraction] | None = None
-    std: list[Positive] | None = None
+    mean: Annotated[list[Fraction], Field(min_length=1)] | None = None
+    std: Annotated[list[Annotated[float, Field(ge=1e-3)]], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> DataConfig:
@@ -98,11 +101,19 @@ class DataConfig(Section):
                 f"data.{given} needs data.{lacking}: inputs are normalised with both, or with "
                 "the training split's own when neither is given"
             )
-        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
-            raise ValueError(
-                f"data.mean has {len(self.mean)} values and data.std {len(self.std)}; "
-                "give one of each per channel"
-            )
+        if self.mean is not None and self.std is not None:
+            channels = DATASET_CHANNELS.get(self.dataset)
+            if len(self.mean) != len(self.std):
+                raise ValueError(
+                    f"data.mean has {len(self.mean)} values and data.std {len(self.std)}; "
+                    "give one of each per channel"
+                )
+            if channels is not None and len(self.mean) != channels:
+                raise ValueError(
+                    f"data.mean and data.std have {len(self.mean)} values each, but "
+                    f"{self.dataset}'s images have {channels} channel(s); give one of each per "
+                    "channel"
+                )
         return self
 
 

@@ -28,7 +28,7 @@ from kdsearch.data.base import seeded_generator, stratified_take
 from kdsearch.data.batches import crop_flip, epoch_draws
 from kdsearch.data.fashion_mnist import read_idx
 from kdsearch.errors import DataError, KdsearchWarning
-from kdsearch.recipe import DataConfig, Recipe
+from kdsearch.recipe import DATASET_CHANNELS, DataConfig, Recipe
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -921,7 +921,9 @@ def test_normalisation_uses_the_training_split_statistics() -> None:
     torch.testing.assert_close(x.std(1), torch.ones(3), atol=1e-3, rtol=0)
 
 
-def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them() -> None:
+def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them(
+    tmp_path: Path,
+) -> None:
     """Inputs were normalised with the training split's own statistics only: a teacher from
     elsewhere, trained with its code's constants (ImageNet's, say), saw other inputs here.
     `data.mean` and `data.std` set them; they are in the data's fingerprint, so a teacher
@@ -938,12 +940,28 @@ def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them() 
         std
     ).view(1, 3, 1, 1)
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"data.mean and data.std have 3 values each, but digits"):
+        DataConfig(dataset="digits", mean=mean, std=std)  # refused before any image is read
+    folder = tmp_path / "letters"  # an image folder's channels are known once it is read
+    _folder(folder, {"train": [8, 8], "test": [8, 8]})
+    for image in folder.glob("*/*/*.png"):
+        Image.open(image).convert("L").save(image)
     with pytest.raises(DataError) as channels:
-        load_data(DataConfig(dataset="digits", mean=mean, std=std))
+        load_data(DataConfig(dataset="imagefolder", root=str(folder), mean=mean, std=std))
     assert str(channels.value) == (
         "data.mean and data.std: 3 values each, but the images have 1 channel(s); give one of "
         "each per channel"
     )
+
+
+def test_the_channels_known_before_reading_are_those_read(tmp_path: Path) -> None:
+    """`DATASET_CHANNELS` lets a recipe's `data.mean` be checked before any image is read."""
+    _write_cifar(tmp_path / "cifar10", "cifar10", n_train=100, n_test=10, as_archive=False)
+    _write_cifar(tmp_path / "cifar100", "cifar100", n_train=1000, n_test=100, as_archive=False)
+    _write_fashion(tmp_path / "fashion_mnist")
+    for dataset, channels in DATASET_CHANNELS.items():
+        cfg = DataConfig(dataset=dataset, root=str(tmp_path / dataset), download=False)
+        assert load_data(cfg).channels == channels, dataset
 
 
 @pytest.mark.parametrize(
@@ -952,7 +970,8 @@ def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them() 
         ({"mean": [0.5]}, "data.mean needs data.std: inputs are normalised with both"),
         ({"std": [0.5]}, "data.std needs data.mean"),
         ({"mean": [0.5], "std": [0.2, 0.2]}, "data.mean has 1 values and data.std 2"),
-        ({"mean": [0.5], "std": [0.0]}, "greater than 0"),
+        ({"mean": [0.5], "std": [0.0]}, "greater than or equal to 0.001"),
+        ({"mean": [], "std": []}, "at least 1 item"),
         ({"mean": [1.5], "std": [0.2]}, "less than or equal to 1"),
     ],
 )
