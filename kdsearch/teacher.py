@@ -107,7 +107,8 @@ class TeacherFiles:
             if was is not None and now is not None and was != now:
                 return (
                     f"the teacher file {path} hashes {now}, but the runs recorded before learned "
-                    f"from one that hashed {was}: it was trained again or replaced since"
+                    f"from one that hashed {was}: it was trained again or replaced since (the same "
+                    "weights saved under other names, or in another layout, hash otherwise)"
                 )
         return None
 

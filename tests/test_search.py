@@ -1435,6 +1435,69 @@ def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lo
     )
 
 
+def test_a_resume_with_another_checkpoint_teacher_is_refused_before_its_heads(
+    tmp_path: Path,
+) -> None:
+    """A resume whose `teacher.checkpoint` held other weights was refused for the heads it
+    lacked, with advice (copy the old heads here) that would pair them with another teacher."""
+    from kdsearch.commands.common import prepare_teacher
+    from kdsearch.data import load_data
+
+    from .conftest import tiny_recipe
+
+    changes = {"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1}
+    first = tiny_recipe(changes)
+    data = load_data(first.data)
+    trained = prepare_teacher(first, data, False)
+    state = torch.load(trained.path, weights_only=True)
+    state = state.get("state_dict", state)
+    torch.save(state, tmp_path / "a.pt")
+    state["fc.bias"] = state["fc.bias"] + 1.0
+    torch.save(state, tmp_path / "b.pt")
+    recipe = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "a.pt")})
+    record = SimpleNamespace(study=optuna.create_study(study_name="s"))
+    same_teacher(record, TeacherFiles.of(prepare_teacher(recipe, data, True), True))  # type: ignore[arg-type]
+    other = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "b.pt")})
+    with pytest.raises(StudyError) as refused:
+        prepare_teacher(other, data, True, record)  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        f"study 's': the teacher file {tmp_path / 'b.pt'} hashes "
+        f"{weights_digest(tmp_path / 'b.pt')}, but the runs recorded before learned from one "
+        f"that hashed {weights_digest(tmp_path / 'a.pt')}: it was trained again or replaced "
+        "since (the same weights saved under other names, or in another layout, hash "
+        "otherwise); put that file back, or search in a new study (--study NAME)"
+    )
+
+
+def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path, cli_here: CliHere) -> None:
+    """An image folder whose files changed between a search and its resume (one image added
+    redraws its subset) was searched on as if nothing had: no setting differs, and nothing
+    compared the data. The study records its data's fingerprint and a resume compares it."""
+    from kdsearch.commands.run import same_data
+    from kdsearch.data import load_data
+    from kdsearch.recipe import DataConfig
+
+    url = write_study(tmp_path)
+    study = optuna.load_study(study_name="s", storage=url)
+    assert "data_fingerprint" not in study.user_attrs  # as recorded by an earlier kdsearch
+    digits = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
+    record = SimpleNamespace(study=study)
+    same_data(record, digits)  # type: ignore[arg-type]  # recorded where none was
+    assert study.user_attrs["data_fingerprint"] == digits.fingerprint
+    study.set_user_attr("data_fingerprint", "0123456789abcdef")  # as another folder's was
+    ran = run_cli("run", "space.yaml", "--resume", "--trials", "20", cwd=tmp_path)
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines()[-1] == (
+        "kdsearch: error: study 's': its trials trained on other data than digits loads here "
+        f"(data fingerprint 0123456789ab, here {digits.fingerprint[:12]}): its files changed "
+        "since; put them back as they were, or search in a new study (--study NAME)"
+    )
+    empty = SimpleNamespace(study=optuna.create_study(study_name="e"))
+    empty.study.set_user_attr("data_fingerprint", "0123456789abcdef")
+    same_data(empty, digits)  # type: ignore[arg-type]  # no trial trained on the old data
+    assert empty.study.user_attrs["data_fingerprint"] == digits.fingerprint
+
+
 def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:
     """Ray retried it from its first epoch, then `ray.get` raised out of the promotion, which
     cancelled every other run still training."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from kdsearch.data import ImageData
     from kdsearch.study.record import Record
-    from kdsearch.teacher import Teacher
+    from kdsearch.teacher import Teacher, TeacherFiles
     from kdsearch.train import Result
 
 
@@ -84,12 +84,20 @@ def prepare_teacher(
     from that this machine would have to train again is refused before the training: trained
     again, weights need not hash the same (on a GPU they never do), and `same_teacher` would
     refuse them only after hours."""
-    from kdsearch.teacher import cached_teacher_path, get_teacher, teacher_heads_path, with_heads
+    from kdsearch.teacher import (
+        TeacherFiles,
+        cached_teacher_path,
+        get_teacher,
+        teacher_heads_path,
+        with_heads,
+    )
 
     if record is not None and recipe.teacher.checkpoint is None:
         not_retrained(record, cached_teacher_path(recipe, data), heads=False)
     with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
         teacher = get_teacher(recipe, data, report, heads=False)
+    if record is not None:  # another teacher: said before heads are looked for or trained
+        refuse_other_teacher(record, TeacherFiles.of(teacher, heads=False))
     if heads:
         path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
         if record is not None and recipe.teacher.heads.checkpoint is None:
@@ -111,6 +119,17 @@ def student_trained(what: str, recipe: Recipe, data: ImageData, teacher: Teacher
             report,
             teacher=teacher.model if teacher else None,
             teacher_heads=teacher.heads if teacher else None,
+        )
+
+
+def refuse_other_teacher(record: Record, files: TeacherFiles) -> None:
+    """Refuse teacher files that hash otherwise than those the study records its trials
+    learned from: one study, one teacher."""
+    recorded = record.study.user_attrs.get("teacher_files")
+    if recorded is not None and (problem := files.changed_since(recorded)):
+        raise StudyError(
+            f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
+            "new study (--study NAME)"
         )
 
 

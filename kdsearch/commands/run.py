@@ -20,6 +20,7 @@ from kdsearch.commands.common import (
     password_hidden,
     prepare_teacher,
     refuse_other_kdsearch,
+    refuse_other_teacher,
     run_resumed,
     storage_url,
     use_ray_token,
@@ -32,6 +33,7 @@ from kdsearch.paths import remove_empty
 from kdsearch.space import search_name_problem
 
 if TYPE_CHECKING:
+    from kdsearch.data import ImageData
     from kdsearch.space import SearchSpace
     from kdsearch.study.record import Record, Tally
     from kdsearch.teacher import TeacherFiles
@@ -277,13 +279,24 @@ def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
 def same_teacher(record: Record, files: TeacherFiles) -> None:
     """Record in the study the teacher files its trials learn from, or, where a driver before
     recorded them, refuse other ones: one study, one teacher."""
-    recorded = record.study.user_attrs.get("teacher_files")
-    if recorded is None:
+    if record.study.user_attrs.get("teacher_files") is None:
         record.study.set_user_attr("teacher_files", files.attrs())
-    elif problem := files.changed_since(recorded):
+    refuse_other_teacher(record, files)
+
+
+def same_data(record: Record, data: ImageData) -> None:
+    """Record in the study the fingerprint of the data its trials train on, or, where it holds
+    trials trained on other data (an image folder's files changed since, which no setting
+    says), refuse: one study, one data set."""
+    recorded = record.study.user_attrs.get("data_fingerprint")
+    if recorded is None or not record.study.get_trials(deepcopy=False):
+        record.study.set_user_attr("data_fingerprint", data.fingerprint)
+    elif recorded != data.fingerprint:
         raise StudyError(
-            f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
-            "new study (--study NAME)"
+            f"study {record.study.study_name!r}: its trials trained on other data than "
+            f"{data.name} loads here (data fingerprint {str(recorded)[:12]}, here "
+            f"{data.fingerprint[:12]}): its files changed since; put them back as they were, "
+            "or search in a new study (--study NAME)"
         )
 
 
@@ -354,6 +367,7 @@ def search_trials(
                 start_ray(args.address)
             trial_resources(space.config.search, **machine_choices(space), source=space.source)
         data = loaded_data(space.base.data)
+        same_data(record, data)
         terms = active_terms(space)
         teacher = None
         if any(LOSSES[t].needs_teacher for t in terms):
