@@ -370,9 +370,10 @@ def promote(
             if t.state == TrialState.COMPLETE and trained_on not in (None, data.fingerprint):
                 raise StudyError(
                     f"{promoted_name(name)}: its run {t.user_attrs['label']}, seed "
-                    f"{t.user_attrs['seed']} trained on other images or splits than this machine "
-                    f"loads for {base.data.dataset} (data fingerprint {str(trained_on)[:12]}, here "
-                    f"{data.fingerprint[:12]}); promote where that data is, or delete the study "
+                    f"{t.user_attrs['seed']} trained on other images, splits or normalisation "
+                    f"than this machine loads for {base.data.dataset} (data fingerprint "
+                    f"{str(trained_on)[:12]}, here {data.fingerprint[:12]}); promote where that "
+                    "data is, or delete the study "
                     f"{promoted_name(name)!r} (optuna delete-study) to promote afresh"
                 )
         teacher = None

@@ -57,7 +57,6 @@ DATASET_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3
 
 Weight = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # The most a study can record of a count: Optuna keeps trial numbers and epochs (its steps) in
 # SQL `integer` columns, 32-bit in PostgreSQL.
 MOST = 2**31 - 1
@@ -90,8 +89,8 @@ class DataConfig(Section):
     hflip: bool | None = None  # flip training images left-right; None: as the data set allows
     # per channel, in [0, 1] units, what inputs are normalised with; None: the training split's
     # (a teacher from elsewhere was trained with its code's constants)
-    mean: Annotated[list[Fraction], Field(min_length=1)] | None = None
-    std: Annotated[list[Annotated[float, Field(ge=1e-3)]], Field(min_length=1)] | None = None
+    mean: Annotated[list[float], Field(min_length=1)] | None = None
+    std: Annotated[list[float], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> DataConfig:
@@ -102,6 +101,14 @@ class DataConfig(Section):
                 "the training split's own when neither is given"
             )
         if self.mean is not None and self.std is not None:
+            if not (
+                all(0 <= m <= 1 for m in self.mean) and all(1e-3 <= d <= 0.5 for d in self.std)
+            ):
+                raise ValueError(
+                    f"data.mean {self.mean} and data.std {self.std} are in [0, 1] units, as "
+                    "images scaled to [0, 1] (0-255 values divided by 255): each mean from 0 to "
+                    "1, each deviation from 0.001 to 0.5"
+                )
             channels = DATASET_CHANNELS.get(self.dataset)
             if len(self.mean) != len(self.std):
                 raise ValueError(
@@ -179,6 +186,7 @@ class PKTConfig(Section):
     weight: Weight = 0.0
 
 
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 FeatDim = Annotated[int, Field(ge=2)]
 Negatives = Annotated[int, Field(ge=1)]
 

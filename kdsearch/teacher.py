@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
 import warnings
@@ -25,6 +24,7 @@ from torch import nn
 
 from kdsearch.cache import cache_dir, digest
 from kdsearch.data import ImageData, Loader, derive_seed
+from kdsearch.data.base import load_failure
 from kdsearch.distill import HEAD_TERMS, needs_teacher_heads
 from kdsearch.errors import KdsearchWarning, NonFiniteLoss, TeacherError
 from kdsearch.losses import LOSSES
@@ -633,21 +633,14 @@ def _load_weights(path: Path, where: str) -> Any:
     except Exception as err:  # torch.load of a file that is no checkpoint raises many kinds
         # torch's advice (load with weights_only=False, which runs the file's code) is not for
         # this: say what the reader met, and, for a pickled object, how to save weights alone
-        text = " ".join(str(err).split())
-        reader = re.split(r"\.? (?:Please use|Check the documentation)", text)[0]
-        reader = reader.partition("WeightsUnpickler error: ")[2] or reader
+        reader = load_failure(err)
         if reader.startswith("Unsupported global"):
             raise TeacherError(
                 f"{where}{path}: not a file of weights alone ({reader}); kdsearch reads tensors "
                 "and never runs a file's code: save the model's state_dict, "
                 "torch.save(model.state_dict(), PATH)"
             ) from None
-        if not re.search(r"[A-Za-z]{2}", reader):  # pickle's reader met a byte it has no op for
-            stop = f"{type(err).__name__} {reader}"
-            reader = f"not a torch.save file, or a damaged one: its reader stopped at {stop}"
-        raise TeacherError(
-            f"{where}{path}: not a loadable weights file ({reader.strip()})"
-        ) from None
+        raise TeacherError(f"{where}{path}: not a loadable weights file ({reader})") from None
 
 
 def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:

@@ -559,13 +559,26 @@ def test_a_damaged_or_outdated_decode_of_a_folder_is_removed(
     load_data(cfg.model_copy(update={"subset": None}))
     (whole,) = (isolated_cache / "decoded").glob("*.pt")
     whole.write_bytes(b"not a torch file")
-    with pytest.warns(KdsearchWarning, match="cannot use the cached .*; decoding the images again"):
+    with pytest.warns(KdsearchWarning) as told:
         load_data(cfg)
+    assert str(told[0].message) == (
+        f"cannot use the cached {whole} (not a torch.save file, or a damaged one: its reader "
+        "stopped at UnpicklingError Unsupported operand 110); decoding the images again"
+    )
     (subset,) = (isolated_cache / "decoded").glob("*.pt")
     assert "-s16x0-" in subset.name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_data(cfg)
+        loaded = load_data(cfg)
+    # a torch file, but not of this subset's images: said, and decoded again
+    few = imagefolder.Split(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.zeros(10).long())
+    torch.save({"train": (few.x, few.y), "test": (few.x, few.y)}, subset)
+    with pytest.warns(KdsearchWarning) as told:
+        assert load_data(cfg).fingerprint == loaded.fingerprint
+    assert str(told[0].message) == (
+        f"cannot use the cached {subset} (it holds 10 and 10 training and test images with 10 "
+        "and 10 labels, where the folder has 16 and 40); decoding the images again"
+    )
     load_data(cfg.model_copy(update={"subset": 20}))  # another subset's entry
     load_data(cfg.model_copy(update={"subset": None}))
     (whole,) = (isolated_cache / "decoded").glob("*.pt")
@@ -970,9 +983,10 @@ def test_the_channels_known_before_reading_are_those_read(tmp_path: Path) -> Non
         ({"mean": [0.5]}, "data.mean needs data.std: inputs are normalised with both"),
         ({"std": [0.5]}, "data.std needs data.mean"),
         ({"mean": [0.5], "std": [0.2, 0.2]}, "data.mean has 1 values and data.std 2"),
-        ({"mean": [0.5], "std": [0.0]}, "greater than or equal to 0.001"),
+        ({"mean": [0.5], "std": [0.0]}, "each deviation from 0.001 to 0.5"),
+        ({"mean": [0.5], "std": [58.0]}, "are in [0, 1] units, as images scaled to [0, 1] (0-255"),
         ({"mean": [], "std": []}, "at least 1 item"),
-        ({"mean": [1.5], "std": [0.2]}, "less than or equal to 1"),
+        ({"mean": [124.0], "std": [0.2]}, "data.mean [124.0] and data.std [0.2] are in [0, 1]"),
     ],
 )
 def test_normalisation_constants_are_checked(given: dict[str, list[float]], expected: str) -> None:

@@ -49,7 +49,9 @@ def assert_retrained_alike(root: Path, export: str, val_acc: float) -> None:
     # named after the export (every export's file is recipe.yaml), in studies/runs
     (out,) = (root / "studies" / "runs").glob(f"{Path(export).name}-2*")
     assert f"teacher resnet8 (checkpoint, {root / export / 'teacher.pt'})" in again.stderr
-    assert "not the images or splits" not in again.stderr, "the same data as the export's"
+    assert "not the images, splits or normalisation" not in again.stderr, (
+        "the same data as the export's"
+    )
     assert "is not the teacher" not in again.stderr, "the export's own teacher"
     assert "its weights will differ" not in again.stderr, "the precision it trained in"
     assert not (empty / "teachers").exists(), "no teacher trained"
@@ -111,7 +113,7 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     assert meta["failed_seeds"] == [] and meta["planned_seeds"] == 2
     assert meta["storage"] == str((tmp_path / "studies" / "s.db").resolve())
     assert "failed at" not in proc.stderr and "seeds a promotion asked for" not in proc.stderr
-    assert "trained on other images or splits" not in proc.stderr
+    assert "trained on other images, splits or normalisation" not in proc.stderr
     assert not (out / "teacher.heads.pt").exists(), "no term of the winner reads heads"
     # plain KD ahead of the winner: told, with how to train it, and the winner exported
     plain_kd = (
@@ -258,7 +260,10 @@ def test_export_of_a_promoted_study_reproduces_with_kdsearch_train(
     proc = cli_here("export", "s", "--out", "w5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert "note: the promoted student trained on other images or splits than this machine" in said
+    assert (
+        "note: the promoted student trained on other images, splits or normalisation than this machine"
+        in said
+    )
     assert "note: seed 2 of the winner failed at 2 epochs (`kdsearch trials s-promoted`" in said
     assert "note: the winner's mean is over 2 of the 5 seeds a promotion asked for" in said
     # the promotion that trains them, as it was asked for (a bare `promote s` plans the space's)
@@ -497,7 +502,7 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
     assert meta["data_fingerprint"] == data.fingerprint
     # neither the teacher nor its heads trained again where the export is trained
     assert_retrained_alike(tmp_path, "w", metrics["val_acc"])
-    # on other images or splits, the retraining says its accuracy is not the export's; in
+    # on other images, splits or normalisation, the retraining says its accuracy is not the export's; in
     # another precision than the export trained in (an export from a machine where `auto` is
     # bf16, trained again where it is fp32, or the other way), it says that and how to match it
     here = auto_on_cpu()
@@ -515,8 +520,9 @@ def test_export_ships_the_heads_an_hsakd_student_learned_from(tmp_path: Path) ->
         cwd=tmp_path,
     )
     assert other.returncode == 0, other.stderr
-    assert "note: these are not the images or splits the exported student in w trained on" in (
-        " ".join(other.stderr.split())
+    assert (
+        "note: these are not the images, splits or normalisation the exported student in w trained on"
+        in (" ".join(other.stderr.split()))
     )
     assert (
         f"note: the exported student in w trained in {there} and this run trains in {here} "

@@ -692,7 +692,7 @@ def test_a_searched_schedule_kind_promotes_at_the_base_epochs_of_a_cosine_base(
 
 
 def test_a_promotion_refuses_runs_recorded_on_other_data(tmp_path: Path) -> None:
-    """Runs on other images or splits (another machine, a changed folder) were averaged with
+    """Runs on other images, splits or normalisation (another machine, a changed folder) were averaged with
     the new ones over seeds."""
     storage, study, promoted_study = searched(tmp_path)
     runs = plan(study, top_k=1, seeds=1, epochs=2)
@@ -702,7 +702,7 @@ def test_a_promotion_refuses_runs_recorded_on_other_data(tmp_path: Path) -> None
     kept = dict(promoted_study.user_attrs)
     with pytest.raises(StudyError) as info:
         promote(storage, "s", top_k=1, seeds=2, epochs=2, weights_dir=tmp_path)
-    assert "trained on other images or splits" in str(info.value)
+    assert "trained on other images, splits or normalisation" in str(info.value)
     assert "(data fingerprint 0123456789ab, here" in str(info.value)
     assert len(promoted_study.trials) == len(runs), "nothing trained on this data"
     # refused, it changed nothing: the budget shown, and so the leaderboard, the report and

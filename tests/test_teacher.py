@@ -382,6 +382,34 @@ def test_a_checkpoint_that_is_not_torch_weights_is_refused(
     assert re.search(r"\(.*[A-Za-z]{2}.*\)$", str(told.value)), str(told.value)
 
 
+def test_why_a_file_is_not_torch_weights_is_said_in_words(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """A text file was refused as "(174812789)", "(Unsupported operand 110)", "(105)"; a cut
+    one with torch's several sentences on its zip reader."""
+    torch.save(build_model("resnet8", 10, 3).state_dict(), tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    for content, why in (
+        (b"hi\n", "not a torch.save file, or a damaged one: its reader stopped at KeyError 105"),
+        (
+            b"notes",
+            "not a torch.save file, or a damaged one: its reader stopped at "
+            "UnpicklingError Unsupported operand 110",
+        ),
+        (b"", "not a torch.save file, or a damaged one: its reader stopped at EOFError"),
+        (
+            whole[: len(whole) // 2],
+            "PytorchStreamReader failed reading zip archive: failed finding central directory",
+        ),
+    ):
+        (tmp_path / "t.pt").write_bytes(content)
+        with pytest.raises(TeacherError) as refused:
+            load_checkpoint(tmp_path / "t.pt", "resnet8", synthetic)
+        assert str(refused.value) == (
+            f"teacher.checkpoint: {tmp_path}/t.pt: not a loadable weights file ({why})"
+        )
+
+
 @pytest.mark.parametrize(
     "damage", ["truncated weights", "truncated heads", "truncated weights, heads naming no teacher"]
 )

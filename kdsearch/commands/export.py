@@ -104,8 +104,8 @@ def run_export(
         weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
         if winner.data_fingerprint not in (None, data.fingerprint):
             console.print(
-                "note: the promoted student trained on other images or splits than this machine "
-                f"loads for {winner.recipe.data.dataset} (data fingerprint "
+                "note: the promoted student trained on other images, splits or normalisation "
+                f"than this machine loads for {winner.recipe.data.dataset} (data fingerprint "
                 f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
                 "records the promotion's",
             )

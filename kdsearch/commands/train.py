@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # value of another kind, from a hand-edited file, counts as not kept
     if isinstance(searched, str) and searched != data.fingerprint:
         console.print(
-            f"note: these are not the images or splits the exported student in "
+            f"note: these are not the images, splits or normalisation the exported student in "
             f"{recipe_file.parent} trained on (data fingerprint {data.fingerprint[:12]}, "
             f"there {searched[:12]}); its meta.json's accuracies do not carry over",
         )

@@ -4,6 +4,7 @@ int64 labels), and the seeded streams that cut the subset, validation and test s
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,3 +145,19 @@ def data_root(cfg: DataConfig) -> Path:
 
 def first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_failure(err: Exception) -> str:
+    """Why `torch.load` could not read a file, in one line: its reader's own words, without
+    torch's advice (to load with weights_only=False, which runs the file's code) or its zip
+    reader's note on itself; where its pickle reader met a byte it has no op for (a number, or
+    "Unsupported operand" and one), that it is no torch.save file, or a damaged one."""
+    text = " ".join(str(err).split())
+    reader = re.split(r"\.? (?:Please use|Check the documentation|This is an internal)", text)[0]
+    reader = (reader.partition("WeightsUnpickler error: ")[2] or reader).strip()
+    if re.fullmatch(r"(?:Unsupported operand )?\d*", reader):
+        reader = (
+            "not a torch.save file, or a damaged one: its reader stopped at "
+            f"{type(err).__name__} {reader}".strip()
+        )
+    return reader

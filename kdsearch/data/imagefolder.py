@@ -23,6 +23,7 @@ from kdsearch.data.base import (
     as_split,
     data_root,
     first_line,
+    load_failure,
     subset_indices,
     take,
 )
@@ -91,8 +92,9 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     # named for the folder (and size) first: a decode of it replaces those before, which the
     # folder's files changing since (or another decoding format) left unread for good
     folder = digest({"root": str(root.resolve()), "size": cfg.image_size})
+    sizes = len(listing["train"]), len(listing["test"])
     whole = _cached_path(folder, cfg, listing)
-    saved = _read_decoded(whole)
+    saved = _read_decoded(whole, sizes)
     if saved is not None:
         train, test = saved
         train = train if keep is None else take(train, keep)
@@ -100,7 +102,7 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     cached, left_out = whole, []
     if keep is not None and cfg.subset is not None:  # its own entry, until a whole decode
         cached = _cached_path(folder, cfg, listing, (cfg.subset, cfg.seed))
-        saved = _read_decoded(cached)
+        saved = _read_decoded(cached, (cfg.subset, sizes[1]))
         if saved is not None:
             return Raw(*saved, classes, hflip=True, cut=True)
         kept = set(keep.tolist())
@@ -179,16 +181,28 @@ def _any_colour(paths: list[str], progress: Progress | None) -> bool:
     return False
 
 
-def _read_decoded(path: Path) -> tuple[Split, Split] | None:
-    """The train and test splits cached at `path`; None (with a warning if damaged) when none."""
+def _read_decoded(path: Path, sizes: tuple[int, int]) -> tuple[Split, Split] | None:
+    """The train and test splits cached at `path`, of `sizes` images; None when none, or (with
+    a warning) when damaged or of other sizes."""
     if not path.is_file():
         return None
     try:
         saved = torch.load(path, weights_only=True)
-        return Split(*saved["train"]), Split(*saved["test"])
+        train, test = Split(*saved["train"]), Split(*saved["test"])
+        if (
+            (len(train), len(test)) != sizes
+            or len(train.x) != len(train)
+            or len(test.x) != len(test)
+        ):
+            raise ValueError(
+                f"it holds {len(train.x)} and {len(test.x)} training and test images with "
+                f"{len(train)} and {len(test)} labels, where the folder has {sizes[0]} and "
+                f"{sizes[1]}"
+            )
+        return train, test
     except Exception as err:  # a damaged file: torch.load raises many kinds
         warnings.warn(
-            f"cannot use the cached {path} ({first_line(err)}); decoding the images again",
+            f"cannot use the cached {path} ({load_failure(err)}); decoding the images again",
             KdsearchWarning,
             stacklevel=3,
         )
