@@ -338,14 +338,19 @@ def show_warning(
     line: str | None = None,
 ) -> None:
     """kdsearch's own warnings as one line, as its errors are (not Python's file:line, category
-    and source line); every other warning as Python shows it."""
+    and source line), each once a command (a teacher file loaded by position warns where the
+    search loads it and again where its promotion does); every other warning as Python shows
+    it."""
     if issubclass(category, KdsearchWarning):
-        console.print(f"kdsearch: warning: {message}")
+        if str(message) not in SHOWN:
+            SHOWN.add(str(message))
+            console.print(f"kdsearch: warning: {message}")
     else:
         PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
 PYTHON_SHOWWARNING = warnings.showwarning
+SHOWN: set[str] = set()  # the kdsearch warnings this command has shown
 
 # What an interrupted command leaves, by command (the others keep nothing of the interrupted work)
 INTERRUPTED = {
@@ -365,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop_on_sigterm()
     warnings.showwarning = show_warning
+    SHOWN.clear()
     sys.unraisablehook = redeliver_lost_stop
     try:
         if "address" in args and args.address in (None, "auto"):

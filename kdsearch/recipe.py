@@ -117,8 +117,8 @@ class DataConfig(Section):
                 )
             if channels is not None and len(self.mean) != channels:
                 raise ValueError(
-                    f"data.mean and data.std have {len(self.mean)} values each, but "
-                    f"{self.dataset}'s images have {channels} channel(s); give one of each per "
+                    f"data.mean and data.std have {len(self.mean)} values each, but the "
+                    f"images of {self.dataset} have {channels} channel(s); give one of each per "
                     "channel"
                 )
         return self

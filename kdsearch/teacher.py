@@ -494,7 +494,8 @@ def load_checkpoint(
     named otherwise than kdsearch's but in its order load by position (`_by_position`).
     Loading uses `weights_only=True`: a checkpoint cannot run code.
     """
-    saved = _backbone_of(_unwrapped(_load_weights(path, where)))
+    unwrapped = _unwrapped(_load_weights(path, where))
+    saved = _backbone_of(unwrapped)
     if not isinstance(saved, dict):
         raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
     model = build_model(arch, data.num_classes, data.channels)
@@ -507,7 +508,7 @@ def load_checkpoint(
             )
             raise TeacherError(
                 f"{where}{path} does not fit {arch} with {data.num_classes} classes and "
-                f"{data.channels} input channels: {mismatch}"
+                f"{_counted(data.channels, 'input channel')}: {mismatch}"
                 + (f"; by position, {why_not}" if named_otherwise and why_not else "")
             )
         for (of, name), what in COMPUTES_OTHERWISE.items():
@@ -518,12 +519,15 @@ def load_checkpoint(
                 )
         renamed = [(t, o) for t, o in pairs if t != o]  # none: kdsearch's, batch norms' counts
         if renamed:  # left out (as torch before 0.4.1 saved them)
+            backbone = "backbone." if saved is not unwrapped else ""  # an HSAKD teacher's
             warnings.warn(
                 f"{where}{path} names its weights otherwise than kdsearch's {arch} (its "
-                f"{renamed[0][0]} is kdsearch's {renamed[0][1]}); loaded by their order, as each "
-                f"of its {len(saved)} tensors has the shape and kind of kdsearch's in that place "
-                "(the teacher's validation accuracy, printed next, tells whether its layers are "
-                "in kdsearch's order)",
+                f"{backbone}{renamed[0][0]} is kdsearch's {renamed[0][1]}); loaded by their "
+                f"order, as each of its {len(saved)} {backbone and 'backbone '}tensors has the "
+                "shape and kind of kdsearch's in that place"
+                + ("; its auxiliary classifiers are left out" if backbone else "")
+                + " (the teacher's validation accuracy, printed when it is ready, tells whether "
+                "its layers are in kdsearch's order)",
                 KdsearchWarning,
                 stacklevel=2,
             )
@@ -656,9 +660,9 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} weights missing (first: {missing[0]})")
+        problems.append(f"{_counted(len(missing), 'weight')} missing (first: {missing[0]})")
     if extra:
-        problems.append(f"{len(extra)} unexpected weights (first: {extra[0]})")
+        problems.append(f"{_counted(len(extra), 'unexpected weight')} (first: {extra[0]})")
     problems += shapes[:2]
     return "; ".join(problems)
 
@@ -673,10 +677,15 @@ def _by_position(
     without batch norm's `num_batches_tracked` (saved by a torch before 0.4.1) is paired without
     them (the model keeps its own)."""
     ours = list(expected)
+    counts = ""
     if not any(str(k).endswith("num_batches_tracked") for k in saved):
         ours = [k for k in ours if not k.endswith("num_batches_tracked")]
+        counts = " besides batch norm's num_batches_tracked, which the file lacks"
     if len(saved) != len(ours):
-        return [], f"it holds {len(saved)} tensors where kdsearch's model holds {len(ours)}"
+        return [], (
+            f"it holds {_counted(len(saved), 'entry', 'entries')} where kdsearch's model holds "
+            f"{len(ours)} tensors{counts}"
+        )
     for (theirs, value), name in zip(saved.items(), ours, strict=True):
         like = expected[name]
         if not isinstance(value, torch.Tensor):
@@ -689,6 +698,11 @@ def _by_position(
                 f"{tuple(like.shape)}"
             )
     return list(zip(map(str, saved), ours, strict=True)), ""
+
+
+def _counted(n: int, one: str, many: str = "") -> str:
+    """`n` and the word for one thing or for `many` (by default `one` and an s): "1 weight"."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _val_acc(model: TapModel, data: ImageData, recipe: Recipe) -> float:

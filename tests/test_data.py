@@ -953,7 +953,7 @@ def test_normalisation_constants_can_be_given_for_a_teacher_trained_with_them(
         std
     ).view(1, 3, 1, 1)
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"data.mean and data.std have 3 values each, but digits"):
+    with pytest.raises(ValueError, match=r"have 3 values each, but the images of digits have 1 "):
         DataConfig(dataset="digits", mean=mean, std=std)  # refused before any image is read
     folder = tmp_path / "letters"  # an image folder's channels are known once it is read
     _folder(folder, {"train": [8, 8], "test": [8, 8]})

@@ -238,8 +238,14 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
     hsakd = {f"backbone.{name}": value for name, value in zip(names, values, strict=True)}
     hsakd |= {"auxiliary_classifier.fc1.weight": torch.zeros(40, 64)}
     torch.save({"net": hsakd, "acc": 70.0}, tmp_path / "hsakd.pth.tar")
-    with pytest.warns(KdsearchWarning, match="its conv1.weight is kdsearch's stem.0.0.weight"):
+    with pytest.warns(KdsearchWarning) as warned:
         loaded = load_checkpoint(tmp_path / "hsakd.pth.tar", "resnet8", synthetic)
+    assert str(warned[0].message).endswith(
+        "(its backbone.conv1.weight is kdsearch's stem.0.0.weight); loaded by their order, as "
+        "each of its 56 backbone tensors has the shape and kind of kdsearch's in that place; its "
+        "auxiliary classifiers are left out (the teacher's validation accuracy, printed when it "
+        "is ready, tells whether its layers are in kdsearch's order)"
+    )
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
     # a model of its own whose layers are "backbone." and "head.", not an HSAKD teacher's: whole
     own = [f"backbone.{name}" for name in names[:-2]] + ["head.weight", "head.bias"]
@@ -252,6 +258,14 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
     torch.save(dict(zip(swapped, values, strict=True)), tmp_path / "swapped.pth")
     with pytest.raises(TeacherError, match=r"54 weights missing \(first: stem.0.0.weight\)"):
         load_checkpoint(tmp_path / "swapped.pth", "resnet8", synthetic)
+    # no tensors at all, where the file's batch norms would have their counts: said so
+    torch.save({"model": None}, tmp_path / "none.pt")
+    with pytest.raises(TeacherError) as nothing:
+        load_checkpoint(tmp_path / "none.pt", "resnet8", synthetic)
+    assert str(nothing.value).endswith(
+        "1 unexpected weight (first: model); by position, it holds 1 entry where kdsearch's "
+        "model holds 47 tensors besides batch norm's num_batches_tracked, which the file lacks"
+    )
     # one tensor more, past those that fit: refused
     torch.save({**dict(zip(names, values, strict=True)), "aux.weight": values[-1]}, tmp_path / "a")
     with pytest.raises(TeacherError, match="does not fit resnet8 with 10 classes"):
@@ -264,7 +278,7 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
             10,
             2,
             "fc",
-            "; by position, it holds 92 tensors where kdsearch's model holds 56",
+            "; by position, it holds 92 entries where kdsearch's model holds 56 tensors",
         ),
         (
             "resnet8",
