@@ -494,10 +494,8 @@ def load_checkpoint(
     named otherwise than kdsearch's but in its order load by position (`_by_position`).
     Loading uses `weights_only=True`: a checkpoint cannot run code.
     """
-    unwrapped = _unwrapped(_load_weights(path, where))
+    unwrapped = _state_in(path, where)
     saved = _backbone_of(unwrapped)
-    if not isinstance(saved, dict):
-        raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
     model = build_model(arch, data.num_classes, data.channels)
     expected = model.state_dict()
     if mismatch := _mismatch(expected, saved):
@@ -617,15 +615,32 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def refuse_missing_checkpoints(recipe: Recipe) -> None:
-    """A teacher or heads checkpoint the recipe names and this machine lacks, refused in the
-    words loading it would say, before the data set loads (minutes, for a large one)."""
-    for key, path in (
-        ("teacher.checkpoint", recipe.teacher.checkpoint),
-        ("teacher.heads.checkpoint", recipe.teacher.heads.checkpoint),
-    ):
-        if path is not None and not Path(path).exists():
+def refuse_unusable_checkpoints(recipe: Recipe) -> None:
+    """A teacher or heads checkpoint the recipe names that this machine lacks, or that holds no
+    torch weights (a text file, one cut short), refused in the words loading it would say,
+    before the data set loads (minutes, for a large one). Whether the weights fit is known once
+    the data set is: its classes and channels."""
+    named = [
+        (key, Path(path))
+        for key, path in (
+            ("teacher.checkpoint", recipe.teacher.checkpoint),
+            ("teacher.heads.checkpoint", recipe.teacher.heads.checkpoint),
+        )
+        if path is not None
+    ]
+    for key, path in named:
+        if not path.exists():
             raise TeacherError(f"{key}: {path}: no such file")
+    for key, path in named:
+        _state_in(path, f"{key}: ")
+
+
+def _state_in(path: Path, where: str) -> dict[str, Any]:
+    """The state dict a checkpoint holds (`_unwrapped`), or a one-line TeacherError."""
+    saved = _unwrapped(_load_weights(path, where))
+    if not isinstance(saved, dict):
+        raise TeacherError(f"{where}{path}: holds a {type(saved).__name__}, not weights")
+    return saved
 
 
 def _load_weights(path: Path, where: str) -> Any:

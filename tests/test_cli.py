@@ -979,6 +979,24 @@ def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
     assert not (tmp_path / "studies").exists()
 
 
+def test_a_teacher_checkpoint_that_holds_no_weights_is_refused_before_the_data_loads(
+    tmp_path: Path, cli_here: CliHere
+) -> None:
+    """A text file, or one cut short, named as the teacher passed `run --check` and was found
+    out only once the data set had loaded."""
+    (tmp_path / "r.yaml").write_text(tiny_recipe().to_yaml())
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    (tmp_path / "notes.pt").write_text("hi\n")
+    for command in ("train r.yaml", "run space.yaml", "run space.yaml --check"):
+        ran = cli_here(*command.split(), "--set", "teacher.checkpoint=notes.pt", cwd=tmp_path)
+        assert ran.returncode == 2 and ran.stdout == ""
+        assert ran.stderr == (
+            f"kdsearch: error: teacher.checkpoint: {tmp_path}/notes.pt: not a loadable weights "
+            "file (not a torch.save file, or a damaged one: its reader stopped at KeyError 105)\n"
+        )
+    assert not (tmp_path / "studies").exists()
+
+
 def test_an_option_of_one_value_given_twice_is_refused(tmp_path: Path, cli_here: CliHere) -> None:
     """`--trials 20 --trials 4 --resume` ran with 4, `--study a --study b` searched b: argparse
     keeps the last value without a word."""

@@ -71,9 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if known is not None and known.is_file() and (held := trials_held(known, name)):
         raise already_held(name, held)
     from kdsearch.data import check_data
-    from kdsearch.teacher import refuse_missing_checkpoints
+    from kdsearch.teacher import refuse_unusable_checkpoints
 
-    refuse_missing_checkpoints(space.base)  # before the data loads, and before the study
+    refuse_unusable_checkpoints(space.base)  # before the data loads, and before the study
     check_data(space.base.data)  # a folder that is not there, or not laid out as one: likewise
     for idle in space.idle_settings():
         console.print(f"note: {space.source}: {idle}")

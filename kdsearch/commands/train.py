@@ -27,11 +27,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from kdsearch.distill import needs_teacher, needs_teacher_heads
-    from kdsearch.teacher import refuse_missing_checkpoints
+    from kdsearch.teacher import refuse_unusable_checkpoints
     from kdsearch.train import evaluate_split, kernel_cap, resolve_device, trained_precision
 
     if needs_teacher(recipe):
-        refuse_missing_checkpoints(recipe)
+        refuse_unusable_checkpoints(recipe)
 
     out = (
         Path(args.out)
