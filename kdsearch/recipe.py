@@ -101,13 +101,11 @@ class DataConfig(Section):
                 "the training split's own when neither is given"
             )
         if self.mean is not None and self.std is not None:
-            if not (
-                all(0 <= m <= 1 for m in self.mean) and all(1e-3 <= d <= 0.5 for d in self.std)
-            ):
+            if not (all(0 <= m <= 1 for m in self.mean) and all(1e-3 <= d <= 1 for d in self.std)):
                 raise ValueError(
                     f"data.mean {self.mean} and data.std {self.std} are in [0, 1] units, as "
                     "images scaled to [0, 1] (0-255 values divided by 255): each mean from 0 to "
-                    "1, each deviation from 0.001 to 0.5"
+                    "1, each deviation from 0.001 to 1 (1 with mean 0: inputs as read)"
                 )
             channels = DATASET_CHANNELS.get(self.dataset)
             if len(self.mean) != len(self.std):

@@ -108,7 +108,7 @@ class TeacherFiles:
                 return (
                     f"the teacher file {path} hashes {now}, but the runs recorded before learned "
                     f"from one that hashed {was}: it was trained again or replaced since (the same "
-                    "weights saved under other names, or in another layout, hash otherwise)"
+                    "weights saved under other names, or in another dtype, hash otherwise)"
                 )
         return None
 
@@ -518,12 +518,13 @@ def load_checkpoint(
         renamed = [(t, o) for t, o in pairs if t != o]  # none: kdsearch's, batch norms' counts
         if renamed:  # left out (as torch before 0.4.1 saved them)
             backbone = "backbone." if saved is not unwrapped else ""  # an HSAKD teacher's
+            aux = any(str(k).startswith("auxiliary_classifier.") for k in unwrapped)
             warnings.warn(
                 f"{where}{path} names its weights otherwise than kdsearch's {arch} (its "
                 f"{backbone}{renamed[0][0]} is kdsearch's {renamed[0][1]}); loaded by their "
                 f"order, as each of its {len(saved)} {backbone and 'backbone '}tensors has the "
                 "shape and kind of kdsearch's in that place"
-                + ("; its auxiliary classifiers are left out" if backbone else "")
+                + ("; its auxiliary classifiers are left out" if aux else "")
                 + " (the teacher's validation accuracy, printed when it is ready, tells whether "
                 "its layers are in kdsearch's order)",
                 KdsearchWarning,
@@ -621,7 +622,7 @@ def refuse_unusable_checkpoints(recipe: Recipe) -> None:
     before the data set loads (minutes, for a large one). Whether the weights fit is known once
     the data set is: its classes and channels."""
     named = [
-        (key, Path(path))
+        (key, Path(path).expanduser())
         for key, path in (
             ("teacher.checkpoint", recipe.teacher.checkpoint),
             ("teacher.heads.checkpoint", recipe.teacher.heads.checkpoint),

@@ -598,6 +598,9 @@ def test_a_warning_of_kdsearch_is_one_line_and_others_stay_as_python_shows_them(
     assert ran.stderr.splitlines() == [  # as it is: no emoji for :fire:
         "kdsearch: warning: cannot use the cached run:fire:1/t.pt (truncated); training it again"
     ]
+    with pytest.warns(DeprecationWarning):
+        again = cli_here("trials", "s", cwd=tmp_path)  # another command: said again
+    assert again.stderr == ran.stderr
 
 
 def test_another_kdsearch_in_the_working_directory_is_refused(tmp_path: Path) -> None:

@@ -983,7 +983,7 @@ def test_the_channels_known_before_reading_are_those_read(tmp_path: Path) -> Non
         ({"mean": [0.5]}, "data.mean needs data.std: inputs are normalised with both"),
         ({"std": [0.5]}, "data.std needs data.mean"),
         ({"mean": [0.5], "std": [0.2, 0.2]}, "data.mean has 1 values and data.std 2"),
-        ({"mean": [0.5], "std": [0.0]}, "each deviation from 0.001 to 0.5"),
+        ({"mean": [0.5], "std": [0.0]}, "each deviation from 0.001 to 1"),
         ({"mean": [0.5], "std": [58.0]}, "are in [0, 1] units, as images scaled to [0, 1] (0-255"),
         ({"mean": [], "std": []}, "at least 1 item"),
         ({"mean": [124.0], "std": [0.2]}, "data.mean [124.0] and data.std [0.2] are in [0, 1]"),

@@ -447,7 +447,7 @@ def test_a_promotion_says_when_its_teacher_is_not_the_one_the_search_chose_again
         f"the search 's': the teacher file {searched_with} hashes "
         f"{weights_digest(searched_with)}, but the runs recorded before learned from one that "
         f"hashed {'0' * 16}: it was trained again or replaced since (the same weights saved under "
-        "other names, or in another layout, hash otherwise); its recipes were chosen "
+        "other names, or in another dtype, hash otherwise); its recipes were chosen "
         "against that teacher, and the promotion trains against this one"
     ]
 

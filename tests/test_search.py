@@ -1464,12 +1464,12 @@ def test_a_resume_with_another_checkpoint_teacher_is_refused_before_its_heads(
         f"study 's': the teacher file {tmp_path / 'b.pt'} hashes "
         f"{weights_digest(tmp_path / 'b.pt')}, but the runs recorded before learned from one "
         f"that hashed {weights_digest(tmp_path / 'a.pt')}: it was trained again or replaced "
-        "since (the same weights saved under other names, or in another layout, hash "
+        "since (the same weights saved under other names, or in another dtype, hash "
         "otherwise); put that file back, or search in a new study (--study NAME)"
     )
 
 
-def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path, cli_here: CliHere) -> None:
+def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path) -> None:
     """An image folder whose files changed between a search and its resume (one image added
     redraws its subset) was searched on as if nothing had: no setting differs, and nothing
     compared the data. The study records its data's fingerprint and a resume compares it."""
@@ -1479,10 +1479,17 @@ def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path, cli_here
 
     url = write_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
-    assert "data_fingerprint" not in study.user_attrs  # as recorded by an earlier kdsearch
     digits = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
-    record = SimpleNamespace(study=study)
-    same_data(record, digits)  # type: ignore[arg-type]  # recorded where none was
+    record = SimpleNamespace(study=study, others_alive=lambda: False)
+    same_data(record, digits)  # type: ignore[arg-type]  # as an earlier kdsearch left it: not
+    assert "data_fingerprint" not in study.user_attrs  # taken before the teacher has passed
+    ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)  # one more
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        "note: study 's' recorded no data fingerprint (an earlier kdsearch); its trials are "
+        f"taken to have trained on the data loaded here ({digits.fingerprint[:12]})"
+    ) in ran.stderr
+    study = optuna.load_study(study_name="s", storage=url)
     assert study.user_attrs["data_fingerprint"] == digits.fingerprint
     study.set_user_attr("data_fingerprint", "0123456789abcdef")  # as another folder's was
     ran = run_cli("run", "space.yaml", "--resume", "--trials", "20", cwd=tmp_path)
@@ -1490,12 +1497,30 @@ def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path, cli_here
     assert ran.stderr.strip().splitlines()[-1] == (
         "kdsearch: error: study 's': its trials trained on other data than digits loads here "
         f"(data fingerprint 0123456789ab, here {digits.fingerprint[:12]}): its files changed "
-        "since; put them back as they were, or search in a new study (--study NAME)"
+        "since, or decode otherwise on this machine; put them back as they were, or search in "
+        "a new study (--study NAME)"
     )
-    empty = SimpleNamespace(study=optuna.create_study(study_name="e"))
-    empty.study.set_user_attr("data_fingerprint", "0123456789abcdef")
-    same_data(empty, digits)  # type: ignore[arg-type]  # no trial trained on the old data
-    assert empty.study.user_attrs["data_fingerprint"] == digits.fingerprint
+
+
+def test_a_study_of_no_trials_yet_takes_its_first_drivers_data() -> None:
+    """A second driver with other data joined a study whose first driver was still preparing
+    its teacher, and both searched it on different data. A driver alone in a study of no
+    trials (a run refused before left a fingerprint, and the data was fixed) records its own."""
+    from kdsearch.commands.run import same_data
+    from kdsearch.data import load_data
+    from kdsearch.recipe import DataConfig
+
+    first = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
+    other = load_data(DataConfig(dataset="digits", subset=400, val_fraction=0.3))
+    study = optuna.create_study(study_name="new")
+    alone = SimpleNamespace(study=study, others_alive=lambda: False)
+    same_data(alone, first)  # type: ignore[arg-type]
+    assert study.user_attrs["data_fingerprint"] == first.fingerprint  # at once, for joiners
+    joining = SimpleNamespace(study=study, others_alive=lambda: True)
+    with pytest.raises(StudyError, match=r"its trials are prepared by another driver on other"):
+        same_data(joining, other)  # type: ignore[arg-type]
+    same_data(alone, other)  # type: ignore[arg-type]
+    assert study.user_attrs["data_fingerprint"] == other.fingerprint
 
 
 def test_a_promotion_run_whose_process_died_is_one_failed_run() -> None:

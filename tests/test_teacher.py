@@ -247,6 +247,11 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
         "is ready, tells whether its layers are in kdsearch's order)"
     )
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
+    backbone = {k: v for k, v in hsakd.items() if k.startswith("backbone.")}
+    torch.save({"net": backbone}, tmp_path / "backbone.pth.tar")  # without its classifiers
+    with pytest.warns(KdsearchWarning) as warned:
+        load_checkpoint(tmp_path / "backbone.pth.tar", "resnet8", synthetic)
+    assert "auxiliary" not in str(warned[0].message)
     # a model of its own whose layers are "backbone." and "head.", not an HSAKD teacher's: whole
     own = [f"backbone.{name}" for name in names[:-2]] + ["head.weight", "head.bias"]
     torch.save(dict(zip(own, values, strict=True)), tmp_path / "own.pt")
@@ -411,6 +416,10 @@ def test_why_a_file_is_not_torch_weights_is_said_in_words(
             "UnpicklingError Unsupported operand 110",
         ),
         (b"", "not a torch.save file, or a damaged one: its reader stopped at EOFError"),
+        (
+            bytes(4096),
+            "in torch's legacy .tar format, which weights alone cannot be read from, or damaged",
+        ),  # zeros, as a crash can leave a file: torch advised weights_only=False
         (
             whole[: len(whole) // 2],
             "PytorchStreamReader failed reading zip archive: failed finding central directory",

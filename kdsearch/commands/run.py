@@ -285,19 +285,37 @@ def same_teacher(record: Record, files: TeacherFiles) -> None:
 
 
 def same_data(record: Record, data: ImageData) -> None:
-    """Record in the study the fingerprint of the data its trials train on, or, where it holds
-    trials trained on other data (an image folder's files changed since, which no setting
-    says), refuse: one study, one data set."""
+    """Refuse data other than the study's (an image folder whose files changed since, which no
+    setting says): where its trials trained on other data, or another driver is preparing a
+    study of no trials yet on other data. One study, one data set. A study of no trials takes
+    this driver's data as its own at once, for drivers that join it; `adopt_data` records it
+    in a study an earlier kdsearch left without."""
     recorded = record.study.user_attrs.get("data_fingerprint")
-    if recorded is None or not record.study.get_trials(deepcopy=False):
-        record.study.set_user_attr("data_fingerprint", data.fingerprint)
-    elif recorded != data.fingerprint:
+    if recorded == data.fingerprint:
+        return
+    trials = record.study.get_trials(deepcopy=False)
+    if recorded is not None and (trials or record.others_alive()):
         raise StudyError(
-            f"study {record.study.study_name!r}: its trials trained on other data than "
+            f"study {record.study.study_name!r}: its trials "
+            f"{'trained' if trials else 'are prepared by another driver'} on other data than "
             f"{data.name} loads here (data fingerprint {str(recorded)[:12]}, here "
-            f"{data.fingerprint[:12]}): its files changed since; put them back as they were, "
-            "or search in a new study (--study NAME)"
+            f"{data.fingerprint[:12]}): its files changed since, or decode otherwise on this "
+            "machine; put them back as they were, or search in a new study (--study NAME)"
         )
+    if not trials:  # no trial trained on other data: a run refused before left it, say
+        record.study.set_user_attr("data_fingerprint", data.fingerprint)
+
+
+def adopt_data(record: Record, data: ImageData) -> None:
+    """Record the data of a study whose trials an earlier kdsearch recorded without it, once
+    this driver's data and teacher have passed their checks, saying so."""
+    if "data_fingerprint" not in record.study.user_attrs:
+        console.print(
+            f"note: study {record.study.study_name!r} recorded no data fingerprint (an earlier "
+            f"kdsearch); its trials are taken to have trained on the data loaded here "
+            f"({data.fingerprint[:12]})"
+        )
+        record.study.set_user_attr("data_fingerprint", data.fingerprint)
 
 
 def fitted_trials(space: SearchSpace, address: str | None) -> str:
@@ -378,6 +396,7 @@ def search_trials(
                 f"val acc {100 * teacher.val_acc:.2f}%"
             )
             same_teacher(record, TeacherFiles.of(teacher, heads))
+        adopt_data(record, data)
         record.record_settings()  # once the data and the teacher have passed
         with Live(console=console, refresh_per_second=2, transient=True) as live:
             outcome = run_search(

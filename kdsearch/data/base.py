@@ -150,11 +150,15 @@ def first_line(err: Exception) -> str:
 def load_failure(err: Exception) -> str:
     """Why `torch.load` could not read a file, in one line: its reader's own words, without
     torch's advice (to load with weights_only=False, which runs the file's code) or its zip
-    reader's note on itself; where its pickle reader met a byte it has no op for (a number, or
-    "Unsupported operand" and one), that it is no torch.save file, or a damaged one."""
+    reader's note on itself. Said in words: a file of torch's legacy .tar format (or of zeros,
+    which reads as one), and a byte its pickle reader has no op for (a number, or "Unsupported
+    operand" and one): no torch.save file, or a damaged one."""
     text = " ".join(str(err).split())
-    reader = re.split(r"\.? (?:Please use|Check the documentation|This is an internal)", text)[0]
-    reader = (reader.partition("WeightsUnpickler error: ")[2] or reader).strip()
+    text = text.partition("WeightsUnpickler error: ")[2] or text
+    advice = r"\.? (?:In PyTorch 2\.6|Please use|Check the documentation|This is an internal)"
+    reader = re.split(advice, text)[0].strip()
+    if "legacy .tar format" in reader:  # as a file of zeros reads too
+        return "in torch's legacy .tar format, which weights alone cannot be read from, or damaged"
     if re.fullmatch(r"(?:Unsupported operand )?\d*", reader):
         reader = (
             "not a torch.save file, or a damaged one: its reader stopped at "

@@ -273,7 +273,7 @@ class Record:
         and no other live driver has joined it; True when the storage then holds no study."""
         if not self.created or self.storage.get_all_trials(self.study_id, deepcopy=False):
             return False
-        if self._others_alive():
+        if self.others_alive():
             return False
         self.storage.delete_study(self.study_id)
         return not self.storage.get_all_studies()
@@ -558,7 +558,7 @@ class Record:
         if not others:
             return []
         beats = self.storage.get_study_system_attrs(self.study_id)
-        others_alive = self._others_alive(beats)
+        others_alive = self.others_alive(beats)
         now = datetime.now()
         # one that names this driver but that this Record did not claim: an earlier process of
         # the same host and pid left it (a container restarted: PID 1)
@@ -568,7 +568,7 @@ class Record:
             if t.user_attrs.get("driver") == self.driver or driver_gone(t, beats, others_alive, now)
         ]
 
-    def _others_alive(self, beats: Mapping[str, Any] | None = None) -> bool:
+    def others_alive(self, beats: Mapping[str, Any] | None = None) -> bool:
         """Whether another driver of the study is alive (by `beats`, else read now)."""
         if beats is None:
             beats = self.storage.get_study_system_attrs(self.study_id)
