@@ -416,6 +416,11 @@ def test_why_a_file_is_not_torch_weights_is_said_in_words(
             "UnpicklingError Unsupported operand 110",
         ),
         (b"", "not a torch.save file, or a damaged one: its reader stopped at EOFError"),
+        (  # read as pickle's GLOBAL op, naming no Python object: it advised saving a state_dict
+            b"cifar text",
+            "not a torch.save file, or a damaged one: its reader stopped at UnpicklingError "
+            "GLOBAL ifar tex.",
+        ),
         (
             bytes(4096),
             "in torch's legacy .tar format, which weights alone cannot be read from, or damaged",

@@ -152,16 +152,22 @@ def load_failure(err: Exception) -> str:
     torch's advice (to load with weights_only=False, which runs the file's code) or its zip
     reader's note on itself. Said in words: a file of torch's legacy .tar format (or of zeros,
     which reads as one), and a byte its pickle reader has no op for (a number, or "Unsupported
-    operand" and one): no torch.save file, or a damaged one."""
+    operand" and one) or a "global" that names no Python object (text starting with a c): no
+    torch.save file, or a damaged one."""
     text = " ".join(str(err).split())
     text = text.partition("WeightsUnpickler error: ")[2] or text
     advice = r"\.? (?:In PyTorch 2\.6|Please use|Check the documentation|This is an internal)"
     reader = re.split(advice, text)[0].strip()
     if "legacy .tar format" in reader:  # as a file of zeros reads too
         return "in torch's legacy .tar format, which weights alone cannot be read from, or damaged"
-    if re.fullmatch(r"(?:Unsupported operand )?\d*", reader):
-        reader = (
-            "not a torch.save file, or a damaged one: its reader stopped at "
-            f"{type(err).__name__} {reader}".strip()
-        )
-    return reader
+    named = re.fullmatch(
+        r"Unsupported global: GLOBAL (.*) was not an allowed global by default", reader
+    )
+    if named and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", named[1]):
+        reader = f"GLOBAL {named[1]}"  # no Python name: text whose c reads as pickle's GLOBAL
+    elif not re.fullmatch(r"(?:Unsupported operand )?\d*", reader):
+        return reader
+    return (
+        "not a torch.save file, or a damaged one: its reader stopped at "
+        f"{type(err).__name__} {reader}".strip()
+    )
