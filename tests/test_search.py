@@ -224,12 +224,17 @@ def test_trials_and_study_carry_their_attributes(
     assert study.user_attrs["kdsearch_version"] and study.user_attrs["metric"] == "val_acc"
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen[str]) -> None:
+def _wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    proc: subprocess.Popen[str],
+    every: float = 0.5,
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "the search did not get there in time"
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def _finished_and_running(root: Path) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
@@ -355,17 +360,19 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
     tmp_path: Path, how: str
 ) -> None:
     root, env = workdir(tmp_path)
+    # trials long enough that the study is seen with 3 finished and some running: at 600 images
+    # a loaded machine once saw the whole search end between two looks
+    (root / "space.yaml").write_text(SPACE.replace("subset: 600", "subset: 1000"))
     proc = kdsearch(
         "run", "space.yaml", "--trials", "10", cwd=root, env=env, start_new_session=True
     )
     try:
-        _wait_for(
-            lambda: (
-                len(_finished_and_running(root)[0]) >= 3 and bool(_finished_and_running(root)[1])
-            ),
-            300,
-            proc,
-        )
+
+        def caught_in_flight() -> bool:
+            finished, running = _finished_and_running(root)  # one look at the study
+            return len(finished) >= 3 and bool(running)
+
+        _wait_for(caught_in_flight, 300, proc, every=0.2)
         before = {
             t.number: (t.state, t.value, t.datetime_complete)
             for t in _finished_and_running(root)[0]
