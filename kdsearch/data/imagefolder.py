@@ -99,16 +99,18 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
         train, test = saved
         train = train if keep is None else take(train, keep)
         return Raw(train, test, classes, hflip=True, cut=True)
-    cached, left_out = whole, []
-    if keep is not None and cfg.subset is not None:  # its own entry, until a whole decode
-        cached = _cached_path(folder, cfg, listing, (cfg.subset, cfg.seed))
-        saved = _read_decoded(cached, (cfg.subset, sizes[1]))
+    cached, subset, left_out = whole, None, []
+    if keep is not None:  # its own entry, until a whole decode
+        subset = f"s{cfg.subset}x{cfg.seed}"
+        cached = _cached_path(folder, cfg, listing, subset)
+        picked = keep.tolist()
+        saved = _read_decoded(cached, (len(picked), sizes[1]))
         if saved is not None:
             return Raw(*saved, classes, hflip=True, cut=True)
-        kept = set(keep.tolist())
+        kept = set(picked)
         left_out = [f.path for i, f in enumerate(listing["train"]) if i not in kept]
-        listing["train"] = [listing["train"][i] for i in sorted(kept)]
-        labels["train"] = [labels["train"][i] for i in sorted(kept)]
+        listing["train"] = [listing["train"][i] for i in picked]
+        labels["train"] = [labels["train"][i] for i in picked]
     paths = [found.path for split in listing.values() for found in split]
     images = _decode_all(paths, cfg.image_size, progress)
     # in colour if any image of the folder is (as torchvision's ImageFolder reads every image
@@ -119,7 +121,7 @@ def read_imagefolder(cfg: DataConfig, progress: Progress | None) -> Raw:
     train = as_split(np.stack(images[:n]).transpose(0, 3, 1, 2), labels["train"])
     test = as_split(np.stack(images[n:]).transpose(0, 3, 1, 2), labels["test"])
     _write_decoded(cached, train, test)
-    _prune(cached, folder, whole=cached == whole)
+    _prune(cached, folder, subset)
     return Raw(train, test, classes, hflip=True, cut=True)
 
 
@@ -127,11 +129,11 @@ def _cached_path(
     folder: str,
     cfg: DataConfig,
     listing: dict[str, list[Found]],
-    subset: tuple[int, int] | None = None,
+    subset: str | None = None,
 ) -> Path:
-    """Where the decode of the folder `listing` lists is cached, or that of its `subset` (the
-    training images kept, and the seed that drew them): keyed by every file's name, size, time
-    and inode, so that a folder changed since is decoded again."""
+    """Where the decode of the folder `listing` lists is cached, or that of its `subset` (named
+    by the training images kept and the seed that drew them): keyed by every file's name, size,
+    time and inode, so that a folder changed since is decoded again."""
     spec = {
         "format": DECODE_FORMAT,
         "root": str(data_root(cfg).resolve()),
@@ -140,23 +142,22 @@ def _cached_path(
     }
     if subset is None:  # the key of every decode of a whole folder so far
         return cache_dir() / "decoded" / f"imagefolder-{folder}-{digest(spec)}.pt"
-    key = digest({**spec, "subset": list(subset)})
-    return cache_dir() / "decoded" / f"imagefolder-{folder}-s{subset[0]}x{subset[1]}-{key}.pt"
+    key = digest({**spec, "subset": subset})
+    return cache_dir() / "decoded" / f"imagefolder-{folder}-{subset}-{key}.pt"
 
 
-def _prune(cached: Path, folder: str, *, whole: bool) -> None:
+def _prune(cached: Path, folder: str, subset: str | None) -> None:
     """Remove the folder's other decoded entries that no load will read again: after a whole
-    decode, every other (it serves every subset); after a subset's, the whole decodes and the
+    decode, every other (it serves every subset); after a `subset`'s, the whole decodes and the
     entries of that subset of the folder as it was. Also any entry named as before the folder
     was in the name, whose key (files without their inodes) no decode makes now."""
-    subset = cached.name.removeprefix(f"imagefolder-{folder}-").split("-")[0]
     for stale in cached.parent.glob("imagefolder-*.pt"):
         if stale == cached:
             continue
         rest = stale.stem.removeprefix(f"imagefolder-{folder}-")
         ours = rest != stale.stem
         if stale.stem.count("-") == 1 or (
-            ours and (whole or "-" not in rest or rest.startswith(f"{subset}-"))
+            ours and (subset is None or "-" not in rest or rest.startswith(f"{subset}-"))
         ):
             stale.unlink(missing_ok=True)
 
