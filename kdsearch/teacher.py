@@ -86,11 +86,13 @@ class TeacherFiles:
     heads_digest: str | None = None
 
     @classmethod
-    def of(cls, teacher: Teacher, heads: bool) -> TeacherFiles:
-        """The files of a ready `teacher` (absolute paths); its heads' file too when `heads`."""
+    def of(cls, teacher: Teacher, heads: bool, digest: str | None = None) -> TeacherFiles:
+        """The files of a ready `teacher` (absolute paths); its heads' file too when `heads`.
+        `digest`: its weights', where hashed already."""
         heads_file = teacher.heads_path.absolute() if heads and teacher.heads_path else None
         heads_digest = None if heads_file is None else weights_digest(heads_file)
-        return cls(teacher.path.absolute(), weights_digest(teacher.path), heads_file, heads_digest)
+        weights = digest or weights_digest(teacher.path)
+        return cls(teacher.path.absolute(), weights, heads_file, heads_digest)
 
     def without_heads(self) -> TeacherFiles:
         """The teacher's weights alone (a run that reads no heads)."""

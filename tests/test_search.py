@@ -26,7 +26,7 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.commands.run import same_teacher
+from kdsearch.commands.common import same_teacher
 from kdsearch.errors import StudyError
 from kdsearch.models import build_model, count_parameters
 from kdsearch.space import SearchSpace
@@ -1463,7 +1463,9 @@ def test_a_resume_with_another_checkpoint_teacher_is_refused_before_its_heads(
     torch.save(state, tmp_path / "b.pt")
     recipe = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "a.pt")})
     record = SimpleNamespace(study=optuna.create_study(study_name="s"))
-    same_teacher(record, TeacherFiles.of(prepare_teacher(recipe, data, True), True))  # type: ignore[arg-type]
+    searched = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # records
+    assert record.study.user_attrs["teacher_files"] == TeacherFiles.of(searched, True).attrs()
+    assert record.study.user_attrs["teacher_files"]["teacher_heads_digest"]  # its heads' too
     other = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "b.pt")})
     with pytest.raises(StudyError) as refused:
         prepare_teacher(other, data, True, record)  # type: ignore[arg-type]

@@ -80,10 +80,10 @@ def prepare_teacher(
     recipe: Recipe, data: ImageData, heads: bool, record: Record | None = None
 ) -> Teacher:
     """The recipe's teacher (and its heads when asked), with progress while either trains.
-    With `record` (a search resumed or joined), a teacher or heads file its trials learned
-    from that this machine would have to train again is refused before the training: trained
-    again, weights need not hash the same (on a GPU they never do), and `same_teacher` would
-    refuse them only after hours."""
+    With `record` (a search), a teacher or heads file its trials learned from that this
+    machine would have to train again is refused before the training: trained again, weights
+    need not hash the same (on a GPU they never do), and `same_teacher`, which then records
+    the files or refuses others, would refuse them only after hours."""
     from kdsearch.teacher import (
         TeacherFiles,
         cached_teacher_path,
@@ -96,14 +96,17 @@ def prepare_teacher(
         not_retrained(record, cached_teacher_path(recipe, data), heads=False)
     with epoch_progress("teacher", recipe.teacher.train.epochs) as report:
         teacher = get_teacher(recipe, data, report, heads=False)
-    if record is not None:  # another teacher: said before heads are looked for or trained
-        refuse_other_teacher(record, TeacherFiles.of(teacher, heads=False))
+    files = None if record is None else TeacherFiles.of(teacher, heads=False)
+    if record is not None and files is not None:  # another teacher: said before heads are
+        refuse_other_teacher(record, files)  # looked for or trained
     if heads:
         path = teacher_heads_path(recipe, data, teacher)  # hashes a checkpoint teacher: once
         if record is not None and recipe.teacher.heads.checkpoint is None:
             not_retrained(record, path, heads=True)
         with epoch_progress("teacher heads", recipe.teacher.heads.epochs) as heads_report:
             teacher = with_heads(recipe, data, teacher, report=heads_report, path=path)
+    if record is not None and files is not None:
+        same_teacher(record, TeacherFiles.of(teacher, heads, digest=files.digest))
     return teacher
 
 
@@ -120,6 +123,14 @@ def student_trained(what: str, recipe: Recipe, data: ImageData, teacher: Teacher
             teacher=teacher.model if teacher else None,
             teacher_heads=teacher.heads if teacher else None,
         )
+
+
+def same_teacher(record: Record, files: TeacherFiles) -> None:
+    """Record in the study the teacher files its trials learn from, or, where a driver before
+    recorded them, refuse other ones: one study, one teacher."""
+    if record.study.user_attrs.get("teacher_files") is None:
+        record.study.set_user_attr("teacher_files", files.attrs())
+    refuse_other_teacher(record, files)
 
 
 def refuse_other_teacher(record: Record, files: TeacherFiles) -> None:

@@ -20,7 +20,6 @@ from kdsearch.commands.common import (
     password_hidden,
     prepare_teacher,
     refuse_other_kdsearch,
-    refuse_other_teacher,
     run_resumed,
     storage_url,
     use_ray_token,
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from kdsearch.data import ImageData
     from kdsearch.space import SearchSpace
     from kdsearch.study.record import Record, Tally
-    from kdsearch.teacher import TeacherFiles
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -276,14 +274,6 @@ def left_to_user(args: argparse.Namespace, space: SearchSpace, url: str) -> str:
     return " and ".join(f"`{c}`" for c in commands)
 
 
-def same_teacher(record: Record, files: TeacherFiles) -> None:
-    """Record in the study the teacher files its trials learn from, or, where a driver before
-    recorded them, refuse other ones: one study, one teacher."""
-    if record.study.user_attrs.get("teacher_files") is None:
-        record.study.set_user_attr("teacher_files", files.attrs())
-    refuse_other_teacher(record, files)
-
-
 def same_data(record: Record, data: ImageData) -> None:
     """Refuse data other than the study's (an image folder whose files changed since, which no
     setting says): where its trials trained on other data, or another driver is preparing a
@@ -375,7 +365,6 @@ def search_trials(
     from kdsearch.losses import LOSSES
     from kdsearch.search.cluster import machine_choices, start_ray, stop_ray, trial_resources
     from kdsearch.search.tuner import active_terms, run_search
-    from kdsearch.teacher import TeacherFiles
 
     try:
         if args.address is not None:  # join the cluster first: a wrong address costs no work
@@ -395,7 +384,6 @@ def search_trials(
                 f"teacher {space.base.teacher.arch} ({teacher.source}): "
                 f"val acc {100 * teacher.val_acc:.2f}%"
             )
-            same_teacher(record, TeacherFiles.of(teacher, heads))
         adopt_data(record, data)
         record.record_settings()  # once the data and the teacher have passed
         with Live(console=console, refresh_per_second=2, transient=True) as live:
