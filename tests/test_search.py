@@ -1489,7 +1489,7 @@ def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path) -> None:
     url = write_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
     digits = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
-    record = SimpleNamespace(study=study, others_alive=lambda: False)
+    record = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: False)
     same_data(record, digits)  # type: ignore[arg-type]  # as an earlier kdsearch left it: not
     assert "data_fingerprint" not in study.user_attrs  # taken before the teacher has passed
     ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)  # one more
@@ -1522,10 +1522,10 @@ def test_a_study_of_no_trials_yet_takes_its_first_drivers_data() -> None:
     first = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
     other = load_data(DataConfig(dataset="digits", subset=400, val_fraction=0.3))
     study = optuna.create_study(study_name="new")
-    alone = SimpleNamespace(study=study, others_alive=lambda: False)
+    alone = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: False)
     same_data(alone, first)  # type: ignore[arg-type]
     assert study.user_attrs["data_fingerprint"] == first.fingerprint  # at once, for joiners
-    joining = SimpleNamespace(study=study, others_alive=lambda: True)
+    joining = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: True)
     with pytest.raises(StudyError, match=r"its trials are prepared by another driver on other"):
         same_data(joining, other)  # type: ignore[arg-type]
     same_data(alone, other)  # type: ignore[arg-type]
@@ -1660,3 +1660,61 @@ def test_a_resume_counts_to_what_the_study_holds_and_notes_other_asha_or_sampler
     ) in said
     recorded = optuna.load_study(study_name="s", storage=url).user_attrs["space"]
     assert recorded == retuned, "recorded since: a next resume has nothing to note"
+
+
+def test_a_study_that_cannot_record_its_data_stops_in_one_line_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere
+) -> None:
+    """The data's fingerprint is the first thing a run writes in a new study once the data has
+    loaded; a disk that filled up then gave Optuna's traceback and status 1, and left the file
+    a rerun would then find."""
+    import sqlite3
+
+    (tmp_path / "space.yaml").write_text(one_lr_without_kd("trials: 2, concurrent: 1").text)
+    set_attr = optuna.Study.set_user_attr
+
+    def full_at_the_fingerprint(study: optuna.Study, key: str, value: object) -> None:
+        if key == "data_fingerprint":
+            raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
+                "database or disk is full"
+            )
+        set_attr(study, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", full_at_the_fingerprint)
+    done = cli_here("run", "space.yaml", "--study", "s", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "kdsearch: error: cannot use the study storage sqlite:///studies/s.db: database or disk "
+        "is full"
+    ), done.stderr
+    assert not (tmp_path / "studies").exists(), "a refused run leaves no file"
+
+
+def test_a_failed_write_of_an_older_studys_data_is_one_line_and_no_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`adopt_data` on a study an earlier kdsearch recorded without a fingerprint, where the
+    write fails: the storage's one line, and no note that the data was taken as the study's."""
+    import sqlite3
+
+    from kdsearch.commands.run import adopt_data
+    from kdsearch.data import load_data
+    from kdsearch.errors import StorageError
+    from kdsearch.recipe import DataConfig
+    from kdsearch.study.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    digits = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
+
+    def full(*args: object) -> None:
+        raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
+            "database or disk is full"
+        )
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", full)
+    record = SimpleNamespace(study=study, storage=storage)
+    capsys.readouterr()
+    with pytest.raises(StorageError, match=r"s\.db: database or disk is full$"):
+        adopt_data(record, digits)  # type: ignore[arg-type]
+    assert "note:" not in capsys.readouterr().err

@@ -280,32 +280,40 @@ def same_data(record: Record, data: ImageData) -> None:
     study of no trials yet on other data. One study, one data set. A study of no trials takes
     this driver's data as its own at once, for drivers that join it; `adopt_data` records it
     in a study an earlier kdsearch left without."""
-    recorded = record.study.user_attrs.get("data_fingerprint")
-    if recorded == data.fingerprint:
-        return
-    trials = record.study.get_trials(deepcopy=False)
-    if recorded is not None and (trials or record.others_alive()):
-        raise StudyError(
-            f"study {record.study.study_name!r}: its trials "
-            f"{'trained' if trials else 'are prepared by another driver'} on other data than "
-            f"{data.name} loads here (data fingerprint {str(recorded)[:12]}, here "
-            f"{data.fingerprint[:12]}): its files changed since, or decode otherwise on this "
-            "machine; put them back as they were, or search in a new study (--study NAME)"
-        )
-    if not trials:  # no trial trained on other data: a run refused before left it, say
-        record.study.set_user_attr("data_fingerprint", data.fingerprint)
+    from kdsearch.study.storage import storage_errors
+
+    with storage_errors(record.storage):
+        recorded = record.study.user_attrs.get("data_fingerprint")
+        if recorded == data.fingerprint:
+            return
+        trials = record.study.get_trials(deepcopy=False)
+        if recorded is not None and (trials or record.others_alive()):
+            raise StudyError(
+                f"study {record.study.study_name!r}: its trials "
+                f"{'trained' if trials else 'are prepared by another driver'} on other data "
+                f"than {data.name} loads here (data fingerprint {str(recorded)[:12]}, here "
+                f"{data.fingerprint[:12]}): its files changed since, or decode otherwise on "
+                "this machine; put them back as they were, or search in a new study "
+                "(--study NAME)"
+            )
+        if not trials:  # no trial trained on other data: a run refused before left it, say
+            record.study.set_user_attr("data_fingerprint", data.fingerprint)
 
 
 def adopt_data(record: Record, data: ImageData) -> None:
     """Record the data of a study whose trials an earlier kdsearch recorded without it, once
     this driver's data and teacher have passed their checks, saying so."""
-    if "data_fingerprint" not in record.study.user_attrs:
-        console.print(
-            f"note: study {record.study.study_name!r} recorded no data fingerprint (an earlier "
-            f"kdsearch); its trials are taken to have trained on the data loaded here "
-            f"({data.fingerprint[:12]})"
-        )
+    from kdsearch.study.storage import storage_errors
+
+    with storage_errors(record.storage):
+        if "data_fingerprint" in record.study.user_attrs:
+            return
         record.study.set_user_attr("data_fingerprint", data.fingerprint)
+    console.print(
+        f"note: study {record.study.study_name!r} recorded no data fingerprint (an earlier "
+        f"kdsearch); its trials are taken to have trained on the data loaded here "
+        f"({data.fingerprint[:12]})"
+    )
 
 
 def fitted_trials(space: SearchSpace, address: str | None) -> str:
