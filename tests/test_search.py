@@ -1367,7 +1367,7 @@ def test_a_run_s_own_export_says_nothing_of_the_search_it_saw_finish(
 
 def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="s")
-    record = SimpleNamespace(study=study)
+    record = SimpleNamespace(study=study, storage=study._storage)
     weights = tmp_path / "teacher.pt"
     torch.save({"w": torch.zeros(3)}, weights)
     first = TeacherFiles(weights, weights_digest(weights))
@@ -1393,7 +1393,11 @@ def test_a_file_gone_from_a_relative_cache_folder_is_said_to_be_gone_from_here(
     gone = tmp_path / "cache" / "teachers" / "t.pt"
     study.set_user_attr("teacher_files", {"teacher_file": str(gone), "teacher_digest": "ab"})
     with pytest.raises(StudyError, match="which is gone from this machine"):
-        not_retrained(SimpleNamespace(study=study), Path("cache/teachers/t.pt"), heads=False)  # type: ignore[arg-type]
+        not_retrained(
+            SimpleNamespace(study=study, storage=study._storage),
+            Path("cache/teachers/t.pt"),
+            heads=False,
+        )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("lost", ["teacher", "heads"])
@@ -1408,7 +1412,8 @@ def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lo
     recipe = tiny_recipe({"distill.hsakd.weight": 1.0, "teacher.heads.epochs": 1})
     data = load_data(recipe.data)
     files = TeacherFiles.of(prepare_teacher(recipe, data, True), True)
-    record = SimpleNamespace(study=optuna.create_study(study_name="s"))
+    study = optuna.create_study(study_name="s")
+    record = SimpleNamespace(study=study, storage=study._storage)
     same_teacher(record, files)  # type: ignore[arg-type]
     again = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # all cached
     assert TeacherFiles.of(again, True) == files
@@ -1462,7 +1467,8 @@ def test_a_resume_with_another_checkpoint_teacher_is_refused_before_its_heads(
     state["fc.bias"] = state["fc.bias"] + 1.0
     torch.save(state, tmp_path / "b.pt")
     recipe = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "a.pt")})
-    record = SimpleNamespace(study=optuna.create_study(study_name="s"))
+    study = optuna.create_study(study_name="s")
+    record = SimpleNamespace(study=study, storage=study._storage)
     searched = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # records
     assert record.study.user_attrs["teacher_files"] == TeacherFiles.of(searched, True).attrs()
     assert record.study.user_attrs["teacher_files"]["teacher_heads_digest"]  # its heads' too
@@ -1718,3 +1724,36 @@ def test_a_failed_write_of_an_older_studys_data_is_one_line_and_no_note(
     with pytest.raises(StorageError, match=r"s\.db: database or disk is full$"):
         adopt_data(record, digits)  # type: ignore[arg-type]
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fails", ["read", "write"])
+def test_a_study_that_cannot_read_or_record_its_teacher_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """The teacher files are read from the study and written to it after the teacher trained
+    (on a server, perhaps an hour after the last write): a connection lost by then gave
+    Optuna's traceback."""
+    import sqlite3
+
+    from kdsearch.errors import StorageError
+    from kdsearch.study.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    weights = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, weights)
+
+    def lost(*args: object) -> None:
+        raise optuna.exceptions.StorageInternalError("commit") from sqlite3.OperationalError(
+            "server closed the connection unexpectedly"
+        )
+
+    if fails == "read":
+        monkeypatch.setattr(type(storage), "get_study_user_attrs", lost)
+    else:
+        monkeypatch.setattr(optuna.Study, "set_user_attr", lost)
+    with pytest.raises(StorageError, match=r"s\.db: server closed the connection unexpectedly$"):
+        same_teacher(  # type: ignore[arg-type]
+            SimpleNamespace(study=study, storage=storage),
+            TeacherFiles(weights, weights_digest(weights)),
+        )

@@ -128,15 +128,18 @@ def student_trained(what: str, recipe: Recipe, data: ImageData, teacher: Teacher
 def same_teacher(record: Record, files: TeacherFiles) -> None:
     """Record in the study the teacher files its trials learn from, or, where a driver before
     recorded them, refuse other ones: one study, one teacher."""
-    if record.study.user_attrs.get("teacher_files") is None:
-        record.study.set_user_attr("teacher_files", files.attrs())
+    from kdsearch.study.storage import storage_errors
+
+    if recorded_teacher(record) is None:
+        with storage_errors(record.storage):
+            record.study.set_user_attr("teacher_files", files.attrs())
     refuse_other_teacher(record, files)
 
 
 def refuse_other_teacher(record: Record, files: TeacherFiles) -> None:
     """Refuse teacher files that hash otherwise than those the study records its trials
     learned from: one study, one teacher."""
-    recorded = record.study.user_attrs.get("teacher_files")
+    recorded = recorded_teacher(record)
     if recorded is not None and (problem := files.changed_since(recorded)):
         raise StudyError(
             f"study {record.study.study_name!r}: {problem}; put that file back, or search in a "
@@ -144,10 +147,19 @@ def refuse_other_teacher(record: Record, files: TeacherFiles) -> None:
         )
 
 
+def recorded_teacher(record: Record) -> dict[str, Any] | None:
+    """The teacher files the study records its trials learned from (`same_teacher`), if any."""
+    from kdsearch.study.storage import storage_errors
+
+    with storage_errors(record.storage):
+        recorded: dict[str, Any] | None = record.study.user_attrs.get("teacher_files")
+    return recorded
+
+
 def not_retrained(record: Record, path: Path, *, heads: bool) -> None:
     """Refuse where the study records the teacher file (with `heads`: its heads' file) its
     trials learned from, and `path`, where this machine would find it cached, holds nothing."""
-    recorded = record.study.user_attrs.get("teacher_files", {})
+    recorded = recorded_teacher(record) or {}
     part = "heads_" if heads else ""
     if f"teacher_{part}file" not in recorded or path.is_file():
         return
