@@ -1178,3 +1178,38 @@ def test_check_runs_the_checks_of_a_search_and_writes_nothing(
     assert shown.returncode == 2 and shown.stderr.splitlines() == [
         f"kdsearch: error: imagefolder: data.root {tmp_path}/nowhere does not exist"
     ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("trials", "s"),
+        ("report", "s", "--out", "r.html"),
+        ("export", "s", "--out", "w"),
+        ("promote", "s", "--epochs", "2", "--seeds", "1"),
+    ],
+)
+def test_a_study_that_cannot_be_read_stops_each_command_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere, command: tuple[str, ...]
+) -> None:
+    """A server lost, or an SQLite file locked past its timeout, as the command reads the
+    study's trials: it was Optuna's traceback and status 1."""
+    import sqlite3
+
+    from optuna.storages import RDBStorage
+
+    write_study(tmp_path)
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise optuna.exceptions.StorageInternalError("read") from sqlite3.OperationalError(
+            "database is locked"
+        )
+
+    monkeypatch.setattr(RDBStorage, "get_all_trials", locked)
+    monkeypatch.setattr(RDBStorage, "_get_trials", locked)
+    done = cli_here(*command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "kdsearch: error: cannot use the study storage sqlite:///studies/s.db: database is locked"
+    ), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "studies"]

@@ -42,8 +42,11 @@ BASELINE_TERMS = {
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the winner as a folder: its recipe, student, teacher, metadata, hyperparameters."""
+    from kdsearch.study.storage import storage_errors
+
     storage, url = study_storage(args.study, args.storage)
-    run_export(storage, url, args.study, Path(args.out))
+    with storage_errors(storage):
+        run_export(storage, url, args.study, Path(args.out))
     return 0
 
 

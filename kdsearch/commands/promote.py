@@ -31,24 +31,26 @@ def cmd_promote(args: argparse.Namespace) -> int:
         use_ray_token(os.environ)  # before Ray is imported
     from kdsearch.space import short_promotion
     from kdsearch.study.contents import base_recipe, load_study, space_config
+    from kdsearch.study.storage import storage_errors
 
     storage, url = study_storage(args.study, args.storage)
-    study = load_study(storage, args.study)
-    space = space_config(study)
-    cfg = space.promote
-    top_k = args.top_k or (cfg.top_k if cfg else 3)
-    seeds = args.seeds or (cfg.seeds if cfg else 3)
-    epochs = args.epochs or (cfg.epochs if cfg else None)
-    if args.epochs:
-        what = "--epochs"
-    elif epochs:
-        what = "the search's promote.epochs"  # checked at load too, by a kdsearch that does
-    else:
-        what = "the base recipe's schedule.epochs"
-    fix = f"pass --epochs {space.asha.max_epochs} or more"
-    if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
-        raise KdsearchError(short)
-    note_unfinished_search(storage, url, args.study, "promotes")
+    with storage_errors(storage):
+        study = load_study(storage, args.study)
+        space = space_config(study)
+        cfg = space.promote
+        top_k = args.top_k or (cfg.top_k if cfg else 3)
+        seeds = args.seeds or (cfg.seeds if cfg else 3)
+        epochs = args.epochs or (cfg.epochs if cfg else None)
+        if args.epochs:
+            what = "--epochs"
+        elif epochs:
+            what = "the search's promote.epochs"  # checked at load too, by a kdsearch that does
+        else:
+            what = "the base recipe's schedule.epochs"
+        fix = f"pass --epochs {space.asha.max_epochs} or more"
+        if short := short_promotion(what, epochs or base_recipe(study).schedule.epochs, space, fix):
+            raise KdsearchError(short)
+        note_unfinished_search(storage, url, args.study, "promotes")
     return 0 if run_promotion(storage, url, args.study, top_k, seeds, epochs, args.address) else 1
 
 
@@ -67,7 +69,7 @@ def run_promotion(
     `here`: this machine's settings (`promote.plan`)."""
     from kdsearch.promote import finished_keys, leaderboard, promote, weights_dir_for
     from kdsearch.study.contents import promoted_name
-    from kdsearch.study.storage import redact
+    from kdsearch.study.storage import redact, storage_errors
 
     weights_dir = weights_dir_for(url, name)
     status = RunsStatus()
@@ -106,7 +108,7 @@ def run_promotion(
             )
 
     try:
-        promoted = promote(
+        promoted = promote(  # which says what it keeps where the storage fails
             storage,
             name,
             top_k=top_k,
@@ -122,14 +124,15 @@ def run_promotion(
         )
     finally:
         status.close()
-    board = leaderboard(promoted)
-    if not board.empty:  # every run failed: their lines above say why
-        console.print(leaderboard_table(board))
-    console.print(
-        f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
-        f"weights in {weights_dir}/"
-    )
-    if finished_keys(promoted) & set(searched):
-        return True
+    with storage_errors(storage):
+        board = leaderboard(promoted)
+        if not board.empty:  # every run failed: their lines above say why
+            console.print(leaderboard_table(board))
+        console.print(
+            f"runs recorded in study {promoted_name(name)!r} of {redact(url)}; the students' "
+            f"weights in {weights_dir}/"
+        )
+        if finished_keys(promoted) & set(searched):
+            return True
     console.print(f"every run of the searched recipes failed at {at}: nothing is promoted")
     return False

@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         redact,
         refuse_foreign,
         sqlite_file,
+        storage_errors,
         trials_held,
     )
 
@@ -214,7 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if space.config.export is not None:
             out = Path(space.config.export.dir)
             where = export_option(space)
-            run_export(open_storage(url), url, name, out, here, where, after_search=True)
+            with storage_errors(storage := open_storage(url)):
+                run_export(storage, url, name, out, here, where, after_search=True)
     except KeyboardInterrupt:  # the search is done; say how to finish what follows it
         console.print(after_search_line(space, f"`{resume_command(args, url)}`{resumed}"))
         raise

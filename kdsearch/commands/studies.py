@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     import optuna
     import pandas as pd
+    from optuna.storages import BaseStorage
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -82,11 +83,19 @@ def serve_until_stopped(server: WSGIServer) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report of a study."""
+    from kdsearch.study.storage import storage_errors
+
+    storage, url = study_storage(args.study, args.storage)
+    with storage_errors(storage):
+        return write_report(args, storage, url)
+
+
+def write_report(args: argparse.Namespace, storage: BaseStorage, url: str) -> int:
+    """`cmd_report` on the study's `storage`, at `url`."""
     from kdsearch.report import TITLE, build_report, search_study
     from kdsearch.study.contents import ranked
     from kdsearch.study.storage import sqlite_file
 
-    storage, url = study_storage(args.study, args.storage)
     # refused before anything is written
     study = search_study(storage, args.study, lambda study: storage_option(study, url))
     option = "--out"
@@ -114,9 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_trials(args: argparse.Namespace) -> int:
     """Print the trials of a study as a table, or write them as CSV (`-`: to stdout); a
     promoted study's runs as their leaderboard."""
-    from kdsearch.report import trials_table
-    from kdsearch.study.contents import is_promotion, load_study
-    from kdsearch.study.drivers import left_running
+    from kdsearch.study.storage import storage_errors
 
     if args.csv and args.csv != "-":
         writable_file(Path(args.csv), "--csv")
@@ -124,6 +131,16 @@ def cmd_trials(args: argparse.Namespace) -> int:
             Path(args.csv), "--csv", "a table kdsearch wrote", lambda h: h.startswith(CSV_HEADS)
         )
     storage, url = study_storage(args.study, args.storage)
+    with storage_errors(storage):
+        return show_trials(args, storage, url)
+
+
+def show_trials(args: argparse.Namespace, storage: BaseStorage, url: str) -> int:
+    """`cmd_trials` on the study's `storage`, at `url`."""
+    from kdsearch.report import trials_table
+    from kdsearch.study.contents import is_promotion, load_study
+    from kdsearch.study.drivers import left_running
+
     study = load_study(storage, args.study)
     if is_promotion(study.user_attrs):
         show_promoted(study, args.csv)
