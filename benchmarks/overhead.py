@@ -29,7 +29,8 @@ trial is recorded (Ray's shutdown, printing the leaderboard, the process's exit)
 The bare start-up is what a search started as `kdsearch run` starts one (on a local Ray) pays
 here with no data, teacher, study or trial: a process that imports what `kdsearch run` imports,
 starts Ray as it does, has one fresh worker per slot import what a trial imports and make a
-torch optimizer (whose first use imports torch._dynamo), shuts Ray down and exits; one such
+torch optimizer (whose first use imports torch._dynamo), shuts Ray down and exits as the
+command does (its exit handlers run, Python's teardown of its modules does not); one such
 process runs first, uncounted, so that none of the counted ones reads a cold disk. "Least
 possible" is the overhead the search would have if that were all it paid besides its busy time:
 1 - busy / (concurrent x bare + busy).
@@ -38,6 +39,7 @@ possible" is the overhead the search would have if that were all it paid besides
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import statistics
@@ -171,9 +173,10 @@ def bare(slots: int, cpu: float) -> None:
     placement groups, so a floor under what Tune itself could reach."""
     import ray
 
-    from kdsearch import cli  # noqa: F401  (with the search's modules: what `kdsearch run` imports)
+    from kdsearch import cli  # with the search's modules: what `kdsearch run` imports
     from kdsearch.search import cluster, tuner  # noqa: F401
 
+    atexit.register(cli.last_exit_handler, [0])  # first, so last: as `cli.entry` ends
     cluster.start_ray(None)
     first = ray.remote(num_cpus=cpu)(first_use)
     ray.get([first.remote() for _ in range(slots)])
