@@ -176,7 +176,7 @@ def bare(slots: int, cpu: float) -> None:
     from kdsearch import cli  # with the search's modules: what `kdsearch run` imports
     from kdsearch.search import cluster, tuner  # noqa: F401
 
-    atexit.register(cli.last_exit_handler, [0])  # first, so last: as `cli.entry` ends
+    atexit.register(cli.last_exit_handler, [0], ends=True)  # as `cli.entry` ends
     cluster.start_ray(None)
     first = ray.remote(num_cpus=cpu)(first_use)
     ray.get([first.remote() for _ in range(slots)])

@@ -407,7 +407,10 @@ def entry() -> NoReturn:
     a stop ends it at once, with its status. Once the exit handlers have run, the process ends
     (`last_exit_handler`)."""
     status: list[int] = []  # the command's, once `main` has returned it
-    atexit.register(last_exit_handler, status)  # before torch and Ray register theirs: run last
+    # Registered before torch and Ray register theirs: run last. Where a handler was registered
+    # before this one (coverage's, a sitecustomize's), it runs after, so Python ends the process.
+    last = getattr(atexit, "_ncallbacks", lambda: 1)() == 0
+    atexit.register(last_exit_handler, status, ends=last)
     status.append(main())
 
     def finished(signum: int, frame: FrameType | None) -> None:
@@ -418,14 +421,14 @@ def entry() -> NoReturn:
     sys.exit(status[0])
 
 
-def last_exit_handler(status: list[int]) -> None:
-    """Where the command returned its `status` (not a traceback), end the process with it once
-    every other exit handler has run, skipping Python's teardown of its modules: 0.4-1 s with
-    torch and Ray loaded, on every command, which nothing needs (the command's files are closed,
-    its study committed, its Ray shut down). Else ignore SIGINT and SIGTERM from here on: past
-    the exit handlers Python stops running its own signal handlers and gives such a signal back
-    its default action, which kills."""
-    if status:
+def last_exit_handler(status: list[int], *, ends: bool) -> None:
+    """Where the command returned its `status` (not a traceback) and this handler `ends` the
+    exit handlers, end the process with it, skipping Python's teardown of its modules: 0.4-1 s
+    with torch and Ray loaded, on every command, which nothing needs (the command's files are
+    closed, its study committed, its Ray shut down). Else ignore SIGINT and SIGTERM from here
+    on: past the exit handlers Python stops running its own signal handlers and gives such a
+    signal back its default action, which kills."""
+    if status and ends:
         end_now(status[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
