@@ -435,9 +435,20 @@ def last_exit_handler(status: list[int], *, ends: bool) -> None:
 
 
 def end_now(status: int) -> NoReturn:
-    """End the process with `status` at once, what it printed flushed."""
-    with suppress(Exception):  # (a reader gone, or a flush a stop came in the middle of)
+    """End the process with `status` at once, what it printed flushed. Output that can no
+    longer be written is not lost without a word, as Python's own last flush says it (status
+    120): where its reader has gone, status 141, as `main` ends; else one line, status 2 in
+    place of 0."""
+    try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        status = 141
+    except OSError as err:  # a full disk, say
+        with suppress(Exception):
+            sys.stderr.write(f"kdsearch: error: cannot write the output: {err.strerror}\n")
+        status = status or 2
+    except Exception:  # (a flush that a stop came in the middle of, while one ran)
+        pass
     with suppress(Exception):
         sys.stderr.flush()
     os._exit(status)
