@@ -1021,6 +1021,48 @@ def test_a_finished_command_ends_after_its_exit_handlers_with_its_output_and_sta
     assert ("earlier handler ran" in ran.stderr) is (how == "after another's handler")
 
 
+UNWRITABLE = """
+import os, sys
+from kdsearch import cli
+
+
+def command(args: object) -> int:
+    if HOW == "full":
+        os.dup2(os.open("/dev/full", os.O_WRONLY), 1)
+    else:  # a reader that has gone, as `kdsearch trials S --csv - | true`
+        read, write = os.pipe()
+        os.close(read)
+        os.dup2(write, 1)
+    sys.stdout.write("the last rows")  # in the stream's buffer at exit
+    return 0
+
+
+HOW = sys.argv[1]
+cli.cmd_train = command
+sys.argv = ["kdsearch", "train", "r.yaml"]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize(("where", "status"), [("full", 2), ("gone", 141)])
+def test_output_that_cannot_be_written_at_the_end_is_not_lost_without_a_word(
+    tmp_path: Path, where: str, status: int
+) -> None:
+    """`kdsearch trials S --csv - > /dev/full` ended 0 with its rows lost once the process
+    ended without Python's last flush, which says so with status 120."""
+    ran = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE, where],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+    )
+    assert ran.returncode == status, ran.stderr
+    said = "kdsearch: error: cannot write the output: No space left on device\n"
+    assert ran.stderr == (said if where == "full" else "")
+
+
 def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
