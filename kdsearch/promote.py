@@ -315,10 +315,11 @@ def promote(
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import arithmetic, unlike
 
-    study = load_study(storage, name)
-    if here is None:
-        here = machine_settings(base_recipe(study), space_config(study).space)
-    runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
+    with storage_errors(storage):  # nothing recorded yet: nothing to say is kept
+        study = load_study(storage, name)
+        if here is None:
+            here = machine_settings(base_recipe(study), space_config(study).space)
+        runs = plan(study, top_k=top_k, seeds=seeds, epochs=epochs, here=here)
     if weights_dir.exists() and not weights_dir.is_dir():
         raise KdsearchError(
             f"{weights_dir} is a file, where the promotion keeps its students' weights; move it "

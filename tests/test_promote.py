@@ -1030,3 +1030,44 @@ def test_a_storage_lost_as_a_run_is_recorded_is_one_line_and_leaves_no_weights(
         "works trains the others"
     )
     assert list((tmp_path / "w").iterdir()) == [], "no weights that no run names"
+
+
+def test_a_storage_lost_before_the_plan_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study's first reads (its trials, for the plan) were outside the promotion's own
+    handler: `kdsearch run`'s promotion, the first read after a long search, gave Optuna's
+    traceback where the storage had gone meanwhile."""
+    storage = open_storage(write_study(tmp_path))
+
+    def lost(*_: object, **__: object) -> None:
+        raise optuna.exceptions.StorageInternalError("read") from sqlite3.OperationalError(
+            "disk I/O error"
+        )
+
+    monkeypatch.setattr(RDBStorage, "get_all_trials", lost)
+    monkeypatch.setattr(RDBStorage, "_get_trials", lost)
+    kwargs: dict[str, Any] = {"top_k": 1, "seeds": 1, "epochs": 2, "weights_dir": tmp_path / "w"}
+    with pytest.raises(StorageError, match=r"^cannot use the study storage .*: disk I/O error$"):
+        promote(storage, "s", prepare=fake_teacher(tmp_path), **kwargs)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_storage_lost_as_the_leaderboard_is_read_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the promotion's last run, the leaderboard and the runs finished are read again."""
+    from kdsearch.commands.promote import run_promotion
+
+    url = write_study(tmp_path)
+    storage = open_storage(url)
+
+    def lost(*_: object) -> None:
+        raise optuna.exceptions.StorageInternalError("read") from sqlite3.OperationalError(
+            "disk I/O error"
+        )
+
+    monkeypatch.setattr("kdsearch.promote.promote", lambda *_, **__: None)  # every run done
+    monkeypatch.setattr("kdsearch.promote.leaderboard", lost)
+    with pytest.raises(StorageError, match=r"^cannot use the study storage .*: disk I/O error$"):
+        run_promotion(storage, url, "s", 1, 1, 2, None)

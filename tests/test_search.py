@@ -1757,3 +1757,27 @@ def test_a_study_that_cannot_read_or_record_its_teacher_fails_in_one_line(
             SimpleNamespace(study=study, storage=storage),
             TeacherFiles(weights, weights_digest(weights)),
         )
+
+
+def test_a_study_that_cannot_be_read_as_a_resume_starts_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: CliHere
+) -> None:
+    """The trials a resumed study holds and the settings it was searched with are read before
+    the data loads; a storage lost there gave Optuna's traceback and status 1."""
+    import sqlite3
+
+    from kdsearch.study import contents
+
+    (tmp_path / "space.yaml").write_text(one_lr_without_kd("trials: 2, concurrent: 1").text)
+
+    def lost(*args: object) -> None:
+        raise optuna.exceptions.StorageInternalError("read") from sqlite3.OperationalError(
+            "database is locked"
+        )
+
+    monkeypatch.setattr(contents, "retuned_settings", lost)
+    done = cli_here("run", "space.yaml", "--study", "s", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "kdsearch: error: cannot use the study storage sqlite:///studies/s.db: database is locked"
+    ), done.stderr

@@ -108,7 +108,7 @@ def run_promotion(
             )
 
     try:
-        promoted = promote(  # which says what it keeps where the storage fails
+        promoted = promote(  # which fails in one line where the storage does, saying what it kept
             storage,
             name,
             top_k=top_k,

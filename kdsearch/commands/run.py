@@ -127,7 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     resumed = password_hidden(url) if args.storage else ""  # after the --resume command
     try:
         with record.alive():
-            held = len(record.study.trials)
+            with storage_errors(record.storage):
+                held = len(record.study.trials)
+                retuned = retuned_settings(record.study, space)
             if record.all_started():  # --resume of a finished search, or --trials at most it holds
                 console.print(
                     f"kdsearch {__version__}: study {name!r} in {redact(url)} already holds {held} "
@@ -137,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 target = max(target, held)
             else:
                 target = max(target, held)  # --trials below what it holds: its orphans run
-                if retuned := retuned_settings(record.study, space):
+                if retuned:
                     console.print(
                         f"note: study {name!r} was searched with other settings "
                         f"({'; '.join(retuned)}); the trials still to run are stopped and "
