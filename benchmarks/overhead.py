@@ -171,12 +171,14 @@ def measure_bare(slots: int, cpu: float) -> float:
 def bare(slots: int, cpu: float) -> None:
     """The bare start-up itself (see the module's text). Plain Ray tasks: no Tune, no
     placement groups, so a floor under what Tune itself could reach."""
+    from kdsearch import cli
+
+    # as `cli.entry` registers it: before Ray's and torch's handlers, so after them
+    atexit.register(cli.last_exit_handler, [0], ends=atexit._ncallbacks() == 0)
     import ray
 
-    from kdsearch import cli  # with the search's modules: what `kdsearch run` imports
-    from kdsearch.search import cluster, tuner  # noqa: F401
+    from kdsearch.search import cluster, tuner  # noqa: F401  (what `kdsearch run` imports)
 
-    atexit.register(cli.last_exit_handler, [0], ends=True)  # as `cli.entry` ends
     cluster.start_ray(None)
     first = ray.remote(num_cpus=cpu)(first_use)
     ray.get([first.remote() for _ in range(slots)])
