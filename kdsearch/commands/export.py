@@ -29,8 +29,10 @@ LIKE_HERE = "a machine like this one"  # where an export's command gives its wei
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
+    from torch import Tensor
 
     from kdsearch.data import ImageData
+    from kdsearch.export import Winner
     from kdsearch.teacher import TeacherFiles
 
 # what a promotion's baselines train (`kdsearch.promote.plan`), by their label there
@@ -65,11 +67,82 @@ def run_export(
     search's teacher. `here`: this machine's settings (`export.find_winner`); `option`: what
     set `out`, as an error names it; `after_search`: `kdsearch run`'s export, which follows a
     search it has seen finish (nothing to note of it)."""
+    from kdsearch.distill import needs_teacher_heads
+    from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
+
+    check_out(out, name, url, option)
+    winner = find_winner(storage, name, here)
+    if not after_search:
+        note_unfinished_search(storage, url, name, "exports")
+    # weights trained on the CPU where the recipe's device here is not (a search or promotion
+    # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
+    on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
+    data = loaded_data(winner.recipe.data)
+    heads = needs_teacher_heads(winner.recipe)
+    if winner.weights is not None:
+        weights, files, checked = promoted_student(winner.weights, winner, data, heads)
+        better: list[tuple[str, str]] = []
+    else:
+        winner, weights, files, better = trial_student(storage, url, name, winner, data, on_cpu)
+        checked = True
+    export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
+    note_seeds_and_trials(winner, name, url)
+    note_better_baselines(storage, name, out, winner, better)
+    env = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
+    if cap := cap_set(winner.device, winner.onednn_cap):  # its kernels, its weights
+        env += f"ONEDNN_MAX_CPU_ISA={cap} "
+    written = ["recipe.yaml", "student.pt"]
+    if files is not None:
+        written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
+    recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
+    where = reproduced_on(winner.recipe, on_cpu, winner.device, winner.precision, winner.onednn_cap)
+    console.print(
+        f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
+        f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
+        f"`{env}kdsearch train {recipe_path}` reproduces it on {where}"
+    )
+
+
+def promoted_student(
+    path: Path, winner: Winner, data: ImageData, heads: bool
+) -> tuple[dict[str, Tensor], TeacherFiles | None, bool]:
+    """The promoted `winner`'s student weights (in `path`), the teacher files it learned from,
+    and whether the promotion recorded those (a promotion by a kdsearch that did not: this
+    machine's teacher for its base recipe, with `heads`, unchecked)."""
+    import torch
+
+    from kdsearch.distill import needs_teacher
+
+    if not path.is_file():
+        raise KdsearchError(
+            f"the promoted student's weights are not at {path} (moved, or promoted on another "
+            f"machine); put {path.parent.name}/ back there, or export on the machine that "
+            "promoted"
+        )
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    if winner.data_fingerprint not in (None, data.fingerprint):
+        console.print(
+            "note: the promoted student trained on other images, splits or normalisation "
+            f"than this machine loads for {winner.recipe.data.dataset} (data fingerprint "
+            f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
+            "records the promotion's",
+        )
+    if winner.teacher is None and needs_teacher(winner.recipe):
+        return weights, unrecorded_teacher(winner.base, data, heads), False
+    return weights, winner.teacher, True
+
+
+def trial_student(
+    storage: BaseStorage, url: str, name: str, winner: Winner, data: ImageData, on_cpu: bool
+) -> tuple[Winner, dict[str, Tensor], TeacherFiles | None, list[tuple[str, str]]]:
+    """The best trial of study `name`, nothing promoted, trained once at its budget (on the
+    CPU where `on_cpu`) against the search's teacher: the `winner` with its scores and how it
+    trained, its student weights, the teacher files, and the promotion's baselines that
+    finished (a promotion whose searched recipes all failed), each with how it scored."""
     import torch
 
     from kdsearch.distill import needs_teacher, needs_teacher_heads
-    from kdsearch.export import HEADS_FILE, TEACHER_FILE, check_out, export, find_winner
-    from kdsearch.promote import failed_searched_runs, first_run, leaderboard
+    from kdsearch.promote import failed_searched_runs, leaderboard
     from kdsearch.study.contents import promoted_name, promoted_study
     from kdsearch.teacher import TeacherFiles
     from kdsearch.train import (
@@ -81,95 +154,71 @@ def run_export(
         trained_precision,
     )
 
-    check_out(out, name, url, option)
-    hidden = password_hidden(url)  # after each command the notes print with --storage
-    promoted = promoted_name(name)
-    winner = find_winner(storage, name, here)
-    if not after_search:
-        note_unfinished_search(storage, url, name, "exports")
-    # weights trained on the CPU where the recipe's device here is not (a search or promotion
-    # with `per_trial: {gpu: 0}` on a GPU machine): retrained and reproduced on the CPU too
-    on_cpu = winner.device == "cpu" and device_type(winner.recipe.device) != "cpu"
-    data = loaded_data(winner.recipe.data)
-    heads = needs_teacher_heads(winner.recipe)
-    files = winner.teacher
-    checked = True
-    # a baseline that did better than the exported recipe, and how: named once the export is
-    # written, with the command that trains its first run from the exported recipe
+    if winner.threads is not None:  # the trial's thread count: the trial's own student
+        torch.set_num_threads(winner.threads)
+    console.print(
+        f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
+        "once to export its student"
+    )
+    promotion = promoted_study(storage, name)
+    failed, bad = failed_searched_runs(promotion)
     better: list[tuple[str, str]] = []
-    if winner.weights is not None:
-        if not winner.weights.is_file():
-            raise KdsearchError(
-                f"the promoted student's weights are not at {winner.weights} (moved, or "
-                f"promoted on another machine); put {winner.weights.parent.name}/ back there, "
-                "or export on the machine that promoted"
-            )
-        weights = torch.load(winner.weights, map_location="cpu", weights_only=True)
-        if winner.data_fingerprint not in (None, data.fingerprint):
-            console.print(
-                "note: the promoted student trained on other images, splits or normalisation "
-                f"than this machine loads for {winner.recipe.data.dataset} (data fingerprint "
-                f"{str(winner.data_fingerprint)[:12]}, here {data.fingerprint[:12]}); meta.json "
-                "records the promotion's",
-            )
-        if files is None and needs_teacher(winner.recipe):
-            files = unrecorded_teacher(winner.base, data, heads)
-            checked = False
-    else:
-        if winner.threads is not None:  # the trial's thread count: the trial's own student
-            torch.set_num_threads(winner.threads)
+    if failed and promotion is not None:  # not "nothing": nothing finished
+        promoted = promoted_name(name)
         console.print(
-            f"nothing promoted: training the best trial (#{winner.trial}) of {name!r} "
-            "once to export its student"
+            f"note: no run of a searched recipe has finished in the promotion ({failed} "
+            f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
+            f"{storage_option(promoted, url)}`{password_hidden(url)} says why); no promotion "
+            "confirms this trial's score, which is from the search's budget"
         )
-        promotion = promoted_study(storage, name)
-        failed, bad = failed_searched_runs(promotion)
-        if failed and promotion is not None:  # not "nothing": nothing finished
-            console.print(
-                f"note: no run of a searched recipe has finished in the promotion ({failed} "
-                f"failed, {bad} of them diverged; `kdsearch trials {promoted}"
-                f"{storage_option(promoted, url)}`{hidden} says why); no promotion confirms "
-                "this trial's score, which is from the search's budget"
+        board = leaderboard(promotion)  # the baselines that finished there, to weigh it against
+        better += [
+            (
+                str(row["recipe"]),
+                f"finished in the promotion, {row['val_mean']:.2f}% on validation at "
+                f"{row['epochs']} epochs (mean of {row['seeds']} seeds)",
             )
-            board = leaderboard(promotion)  # the baselines that finished there, to weigh it against
-            better += [
-                (
-                    str(row["recipe"]),
-                    f"finished in the promotion, {row['val_mean']:.2f}% on validation at "
-                    f"{row['epochs']} epochs (mean of {row['seeds']} seeds)",
-                )
-                for _, row in board[board["source_trial"] < 0].iterrows()
-            ]
-        teacher, files = None, None
-        if needs_teacher(winner.recipe):
-            teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
-            files = TeacherFiles.of(teacher, heads)
-            if winner.teacher and (problem := files.changed_since(winner.teacher.attrs())):
-                console.print(
-                    f"note: {problem}; the search chose this recipe against that teacher, and "
-                    "the exported student learns from this one",
-                )
-        trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
-        device = resolve_device(trained.device)  # where these train, and how
-        precision, cap = trained_precision(trained, device), kernel_cap(device)
-        # `auto` resolved otherwise for the trial, or it trained under another oneDNN cap
-        was_cap = recorded_cap(winner.onednn_cap)
-        if winner.precision not in (None, precision) or was_cap not in (None, cap):
-            was = arithmetic(winner.precision, was_cap)
+            for _, row in board[board["source_trial"] < 0].iterrows()
+        ]
+    teacher, files = None, None
+    if needs_teacher(winner.recipe):
+        heads = needs_teacher_heads(winner.recipe)
+        teacher = prepare_teacher(winner.base, data, heads)  # the search's own teacher
+        files = TeacherFiles.of(teacher, heads)
+        if winner.teacher and (problem := files.changed_since(winner.teacher.attrs())):
             console.print(
-                f"note: trial #{winner.trial} trained {was} "
-                f"and this run trains {arithmetic(precision, cap)} (`precision: "
-                f"{trained.precision}` here), so the exported student is not the trial's own; "
-                "export where and as the search ran for that"
+                f"note: {problem}; the search chose this recipe against that teacher, and "
+                "the exported student learns from this one",
             )
-        result = student_trained("winner", trained, data, teacher)
-        winner.metrics.update(
-            val_acc=result.val_acc,
-            test_acc=evaluate_split(result.student, data.test, data, trained)[0],
+    trained = winner.recipe.override({"device": "cpu"}) if on_cpu else winner.recipe
+    device = resolve_device(trained.device)  # where these train, and how
+    precision, cap = trained_precision(trained, device), kernel_cap(device)
+    # `auto` resolved otherwise for the trial, or it trained under another oneDNN cap
+    was_cap = recorded_cap(winner.onednn_cap)
+    if winner.precision not in (None, precision) or was_cap not in (None, cap):
+        was = arithmetic(winner.precision, was_cap)
+        console.print(
+            f"note: trial #{winner.trial} trained {was} "
+            f"and this run trains {arithmetic(precision, cap)} (`precision: "
+            f"{trained.precision}` here), so the exported student is not the trial's own; "
+            "export where and as the search ran for that"
         )
-        winner = replace(winner, device=device.type, precision=precision, onednn_cap=cap)
-        weights = result.student.state_dict()
-    export(winner, name, url, out, weights, data, files, teacher_checked=checked, option=option)
+    result = student_trained("winner", trained, data, teacher)
+    winner.metrics.update(
+        val_acc=result.val_acc,
+        test_acc=evaluate_split(result.student, data.test, data, trained)[0],
+    )
+    winner = replace(winner, device=device.type, precision=precision, onednn_cap=cap)
+    return winner, result.student.state_dict(), files, better
+
+
+def note_seeds_and_trials(winner: Winner, name: str, url: str) -> None:
+    """Notes on the promoted `winner` of study `name`: seeds of it that failed, diverged or
+    never ran, and better trials of the search that no promotion at its budget has trained,
+    each with the `kdsearch promote` or `kdsearch trials` to run."""
+    from kdsearch.study.contents import promoted_name
+
+    hidden, promoted = password_hidden(url), promoted_name(name)
     # the promotion that trains the winner's missing seeds: a bare `promote` plans the space's
     # (or the default) top-k, seeds and epochs, perhaps another budget altogether
     tried = len(winner.seeds) + len(winner.failed_seeds)
@@ -218,7 +267,19 @@ def run_export(
             f"{'its recipe' if one else 'their recipes'} finished no seed at {epochs} epochs "
             f"({why})"
         )
-    better += [
+
+
+def note_better_baselines(
+    storage: BaseStorage, name: str, out: Path, winner: Winner, better: list[tuple[str, str]]
+) -> None:
+    """A note for each baseline of the promotion (plain KD, the student alone) that did better
+    than the exported recipe, `better` (those found already, each with how it did) and those
+    whose mean beat the winner's, with the command that trains its first run from the exported
+    recipe in `out`."""
+    from kdsearch.promote import first_run
+    from kdsearch.study.contents import promoted_study
+
+    better = better + [
         (
             baseline,
             f"scored higher on validation ({100 * scores['val_acc_mean']:.2f}% against "
@@ -252,19 +313,6 @@ def run_export(
                 "" if where == LIKE_HERE else f" on {where}"
             )
         console.print(f"note: {baseline} {what}; for {baseline}, {how}")
-    env = "" if winner.threads is None else f"OMP_NUM_THREADS={winner.threads} "
-    if cap := cap_set(winner.device, winner.onednn_cap):  # its kernels, its weights
-        env += f"ONEDNN_MAX_CPU_ISA={cap} "
-    written = ["recipe.yaml", "student.pt"]
-    if files is not None:
-        written += [TEACHER_FILE] + ([HEADS_FILE] if files.heads else [])
-    recipe_path = shlex.quote(f"{out}/recipe.yaml") + (" --set device=cpu" if on_cpu else "")
-    where = reproduced_on(winner.recipe, on_cpu, winner.device, winner.precision, winner.onednn_cap)
-    console.print(
-        f"exported the winner of {name!r} ({winner.source} #{winner.trial}) to {out}/: "
-        f"{', '.join([*written, 'meta.json', 'hyperparameters.json'])}; "
-        f"`{env}kdsearch train {recipe_path}` reproduces it on {where}"
-    )
 
 
 def cap_set(device: object, cap: object) -> str:
