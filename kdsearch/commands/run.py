@@ -42,70 +42,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     refuse_other_kdsearch(Path.cwd())
     if args.address not in (None, "auto"):
         use_ray_token(os.environ)  # before Ray is imported
-    from kdsearch.space import SearchSpace
-    from kdsearch.study.contents import already_held, machine_settings, retuned_settings
+    from kdsearch.study.contents import retuned_settings
     from kdsearch.study.record import Record
     from kdsearch.study.storage import (
-        check_driver,
-        check_sqlite_file,
-        default_storage,
         open_storage,
         redact,
         refuse_foreign,
         sqlite_file,
         storage_errors,
-        trials_held,
     )
 
-    changes = parse_sets(args.set)
-    space = SearchSpace.load(args.space, changes)
-    name = args.study or space.config.study.name
-    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
-        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
-    given = args.storage or space.config.study.storage
-    url = storage_url(given or default_storage(name))
-    # the same command run twice: refused before torch and Ray are imported (seconds), and
-    # by `--check`, which reads the file without writing; `Record` refuses it on any storage
-    known = None if args.resume else sqlite_file(url)
-    if known is not None and known.is_file() and (held := trials_held(known, name)):
-        raise already_held(name, held)
-    from kdsearch.data import check_data
-    from kdsearch.teacher import refuse_unusable_checkpoints
-
-    refuse_unusable_checkpoints(space.base)  # before the data loads, and before the study
-    check_data(space.base.data)  # a folder that is not there, or not laid out as one: likewise
-    for idle in space.idle_settings():
-        console.print(f"note: {space.source}: {idle}")
-    for ignored in space.searched_changes(changes):
-        console.print(f"note: {ignored}")
-    check_driver(url)  # before Ray joins a cluster, and `--check` says so too
-    target = args.trials or space.config.search.trials
-    distinct = space.distinct_samples(most=target - 1)
-    if distinct is not None:
-        again = target - distinct
-        console.print(
-            f"note: {space.source}: the space holds {distinct} different "
-            f"trial{'s' if distinct > 1 else ''} and the search asks for {target}, so at least "
-            f"{again} repeat{'s' if again == 1 else ''} an earlier trial's configuration, "
-            f"trained again from the start; set search.trials (or --trials) to {distinct}, or "
-            "widen the space"
-        )
-    at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
-    if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
-        at_once = fitted_trials(space, args.address)
-    if space.config.export is not None:  # now, not after the search
-        from kdsearch.export import check_out
-
-        check_out(Path(space.config.export.dir), name, url, export_option(space))
-    if args.check:  # every check made before the study opens, and nothing written
-        if given and url.startswith("sqlite"):  # (the default's ./studies is made as it runs)
-            check_sqlite_file(url)
-        console.print(
-            f"{space.source}: checked: {len(space.params)} parameter"
-            f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "
-            f"{space.config.asha.max_epochs} epochs, {at_once}, for study {name!r} in "
-            f"{redact(url)}; the data, the teacher and the study are first read when it runs"
-        )
+    space, name, given, url, target = checked_search(args)
+    if args.check:
         return 0
     file = sqlite_file(url)
     made: list[Path] = []  # ./studies where this command makes it, once nothing has refused
@@ -179,6 +127,90 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"`{resume_command(args, url)}`{resumed} finishes the search",
         )
         return 130
+    return after_search(args, space, name, url, tally, given=given)
+
+
+def checked_search(args: argparse.Namespace) -> tuple[SearchSpace, str, str | None, str, int]:
+    """Every check `run` makes before its study opens, each refusal one line (with `--check`,
+    then what the search would run): the space, the study's name, the storage given (on the
+    command line or in the space), its URL, and the number of trials asked for."""
+    from kdsearch.space import SearchSpace
+    from kdsearch.study.contents import already_held
+    from kdsearch.study.storage import (
+        check_driver,
+        check_sqlite_file,
+        default_storage,
+        redact,
+        sqlite_file,
+        trials_held,
+    )
+
+    changes = parse_sets(args.set)
+    space = SearchSpace.load(args.space, changes)
+    name = args.study or space.config.study.name
+    if not args.resume and (problem := search_name_problem(name)):  # before any file is made
+        raise KdsearchError(problem)  # (one --resume would start: `Record` refuses it)
+    given = args.storage or space.config.study.storage
+    url = storage_url(given or default_storage(name))
+    # the same command run twice: refused before torch and Ray are imported (seconds), and
+    # by `--check`, which reads the file without writing; `Record` refuses it on any storage
+    known = None if args.resume else sqlite_file(url)
+    if known is not None and known.is_file() and (held := trials_held(known, name)):
+        raise already_held(name, held)
+    from kdsearch.data import check_data
+    from kdsearch.teacher import refuse_unusable_checkpoints
+
+    refuse_unusable_checkpoints(space.base)  # before the data loads, and before the study
+    check_data(space.base.data)  # a folder that is not there, or not laid out as one: likewise
+    for idle in space.idle_settings():
+        console.print(f"note: {space.source}: {idle}")
+    for ignored in space.searched_changes(changes):
+        console.print(f"note: {ignored}")
+    check_driver(url)  # before Ray joins a cluster, and `--check` says so too
+    target = args.trials or space.config.search.trials
+    distinct = space.distinct_samples(most=target - 1)
+    if distinct is not None:
+        again = target - distinct
+        console.print(
+            f"note: {space.source}: the space holds {distinct} different "
+            f"trial{'s' if distinct > 1 else ''} and the search asks for {target}, so at least "
+            f"{again} repeat{'s' if again == 1 else ''} an earlier trial's configuration, "
+            f"trained again from the start; set search.trials (or --trials) to {distinct}, or "
+            "widen the space"
+        )
+    at_once = f"{space.config.search.concurrent} at a time (on the cluster's resources)"
+    if args.address is None or args.check:  # refuse a request Ray cannot meet before any work
+        at_once = fitted_trials(space, args.address)
+    if space.config.export is not None:  # now, not after the search
+        from kdsearch.export import check_out
+
+        check_out(Path(space.config.export.dir), name, url, export_option(space))
+    if args.check:  # every check made before the study opens, and nothing written
+        if given and url.startswith("sqlite"):  # (the default's ./studies is made as it runs)
+            check_sqlite_file(url)
+        console.print(
+            f"{space.source}: checked: {len(space.params)} parameter"
+            f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "
+            f"{space.config.asha.max_epochs} epochs, {at_once}, for study {name!r} in "
+            f"{redact(url)}; the data, the teacher and the study are first read when it runs"
+        )
+    return space, name, given, url, target
+
+
+def after_search(
+    args: argparse.Namespace,
+    space: SearchSpace,
+    name: str,
+    url: str,
+    tally: Tally,
+    *,
+    given: str | None,
+) -> int:
+    """Once every trial this driver started has finished: where the study is, then the space's
+    promotion and export where this driver is the last to finish; the command's status."""
+    from kdsearch.study.contents import machine_settings
+    from kdsearch.study.storage import open_storage, redact, storage_errors
+
     if tally.running:
         others = (
             "1 trial of other drivers is"
@@ -205,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # this driver's data folder, device, teacher files: the study records the base recipe of
     # whichever driver joined it last, perhaps on another machine
     here = machine_settings(space.base, space.params)
+    resumed = password_hidden(url) if args.storage else ""
     try:
         if space.config.promote is not None:
             p = space.config.promote
