@@ -907,6 +907,19 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_command(tmp_path: Path) ->
     assert "kdsearch: interrupted" in ran.stderr and "Exception ignored" not in ran.stderr
 
 
+def run_script(script: str, arg: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`script` run by this Python with the argument `arg` in folder `cwd`, its output buffered
+    as by default (PYTHONUNBUFFERED unset), captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script, arg],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+    )
+
+
 LATE_STOP = """
 import atexit, os, signal, sys, time
 from kdsearch import cli
@@ -950,13 +963,7 @@ def test_a_stop_as_a_finished_command_winds_down_keeps_its_status(
     """A Ctrl-C in the second after an export's last line (Python running its exit handlers and
     tearing down torch) ended the finished command by SIGINT, status 130, or printed a
     KeyboardInterrupt's traceback."""
-    ran = subprocess.run(
-        [sys.executable, "-c", LATE_STOP, when],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ran = run_script(LATE_STOP, when, tmp_path)
     assert ran.returncode == 1, ran.stderr
     assert "the command's last line" in ran.stderr and "KeyboardInterrupt" not in ran.stderr
     assert "interrupted" not in ran.stderr
@@ -1013,14 +1020,7 @@ def test_a_finished_command_ends_after_its_exit_handlers_with_its_output_and_sta
     or one under an exit handler registered before kdsearch's, ends as Python ends it."""
     if how == "returns":
         skip_where_exit_handlers_start_registered()
-    ran = subprocess.run(
-        [sys.executable, "-c", ENDS, how],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # as by default
-    )
+    ran = run_script(ENDS, how, tmp_path)
     assert ran.stdout == "x" * 300_000 + "end"
     assert "exit handler ran" in ran.stderr
     assert ran.returncode == 1, ran.stderr
@@ -1062,14 +1062,7 @@ def test_output_that_cannot_be_written_at_the_end_is_not_lost_without_a_word(
     """`kdsearch trials S --csv - > /dev/full` ended 0 with its rows lost once the process
     ended without Python's last flush, which says so with status 120."""
     skip_where_exit_handlers_start_registered()
-    ran = subprocess.run(
-        [sys.executable, "-c", UNWRITABLE, where],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
-    )
+    ran = run_script(UNWRITABLE, where, tmp_path)
     assert ran.returncode == status, ran.stderr
     said = "kdsearch: error: cannot write the output: No space left on device\n"
     assert ran.stderr == (said if where == "full" else "")
