@@ -70,7 +70,8 @@ def main(folder: Path) -> None:
     held after RELEASE_S."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # removed already
+    except OSError:  # removed already (by its driver, which has let it go): should something
+        settled(folder)  # write in it again in a moment, removed again
         return
     try:
         end = time.monotonic() + RELEASE_S

@@ -377,13 +377,14 @@ def run_search(
 def scratch_folder() -> Iterator[Path]:
     """A new temporary folder for this search (Tune's files, the teacher-output store), named
     after the driver's host and process, locked (`flock`) while the search runs and removed
-    after it. The folders this user's earlier searches driven from this host left behind
-    (killed with -9, so they could not remove their own) are removed first: those no process
-    holds whose process is gone or is this one (a restarted container's PID 1 before it). One
-    held is another search's, even where its PID means nothing here (a container on this
-    host's network sharing its /tmp). Trials on other nodes of a cluster create the same name
-    there; a driver never touches a folder named after another host, whose process it cannot
-    see."""
+    after it (a stopped or failed search's also by a process of its own, which removes it again
+    where something writes in it later: `remove_once_released`). The folders this user's
+    earlier searches driven from this host left behind (killed with -9, so they could not
+    remove their own) are removed first: those no process holds whose process is gone or is
+    this one (a restarted container's PID 1 before it). One held is another search's, even
+    where its PID means nothing here (a container on this host's network sharing its /tmp).
+    Trials on other nodes of a cluster create the same name there; a driver never touches a
+    folder named after another host, whose process it cannot see."""
     owner = f"{SCRATCH}-{socket.gethostname()}"
     for old in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
         named, pid, _ = old.name.rsplit("-", 2)
@@ -397,11 +398,15 @@ def scratch_folder() -> Iterator[Path]:
                     if free:
                         shutil.rmtree(old, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
+    ended = False
     try:
         with flocked(folder, wait=True):
             yield folder
+        ended = True
     finally:
         remove(folder)
+        if not ended:  # stopped or failed: Tune's threads, and workers Ray is still ending, may
+            remove_once_released(folder)  # write in it after this removal, which lasts a moment
 
 
 def active_terms(space: SearchSpace) -> set[str]:
