@@ -2,7 +2,8 @@
 (`os._exit`) has other threads that still write in the folder until the very end (Tune saves its
 experiment state on a stop), so a removal from inside it races them. A process of its own, started
 just before, waits until the driver's lock on the folder is released (the driver has ended) and
-removes the folder then.
+removes the folder then. A stopped search's driver removes its folder itself and hands it over
+too, for what writes in it after that removal.
 
     python -I path/to/kdsearch/leftover.py FOLDER
 """
