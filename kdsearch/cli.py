@@ -25,6 +25,7 @@ from kdsearch.commands.studies import cmd_dashboard, cmd_report, cmd_trials
 from kdsearch.commands.train import cmd_train
 from kdsearch.display import console
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
+from kdsearch.paths import output_failure
 from kdsearch.recipe import MOST
 from kdsearch.space import cluster_address, study_name_problem
 
@@ -437,16 +438,17 @@ def last_exit_handler(status: list[int], *, ends: bool) -> None:
 def end_now(status: int) -> NoReturn:
     """End the process with `status` at once, what it printed flushed. Output that can no
     longer be written is not lost without a word, as Python's own last flush says it (status
-    120): where its reader has gone, status 141, as `main` ends; else one line, status 2 in
-    place of 0."""
+    120): where its reader has gone, status 141, as `main` ends; else, for a command that
+    succeeded, one line and status 2."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         status = 141
-    except OSError as err:  # a full disk, say
-        with suppress(Exception):
-            sys.stderr.write(f"kdsearch: error: cannot write the output: {err.strerror}\n")
-        status = status or 2
+    except OSError as err:  # a full disk, say; a command that failed has said why already
+        if status == 0:  # (perhaps this: what it could not write stays in the buffer)
+            with suppress(Exception):
+                sys.stderr.write(f"kdsearch: error: {output_failure(err)}\n")
+            status = 2
     except Exception:  # (a flush that a stop came in the middle of, while one ran)
         pass
     with suppress(Exception):

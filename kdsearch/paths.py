@@ -5,6 +5,7 @@ processes sharing a folder take turns by."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -88,6 +89,28 @@ def write_errors(
     except (OSError, RuntimeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
         raise error(f"{where}: cannot write there ({reason}); {then}") from None
+
+
+# what writing to a stream whose file cannot take more says (a full disk, a quota, a device)
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def output_failure(err: OSError) -> str:
+    """What a failed write of the command's output (stdout) says, in one line."""
+    return f"cannot write the output: {err.strerror}"
+
+
+@contextlib.contextmanager
+def output_errors() -> Iterator[None]:
+    """A write to stdout that fails in the block for want of room (`trials S --csv - > FILE` on
+    a full disk) as one line, where it was a traceback. A reader gone (BrokenPipeError) stays
+    one, for `main`'s status 141; an error naming a file is another's."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, BrokenPipeError) or err.filename is not None or err.errno not in FULL:
+            raise
+        raise KdsearchError(output_failure(err)) from None
 
 
 @contextlib.contextmanager

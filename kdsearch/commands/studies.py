@@ -24,7 +24,7 @@ from kdsearch.commands.common import (
 )
 from kdsearch.display import console, leaderboard_table, print_whole, results, trials_view
 from kdsearch.errors import KdsearchError
-from kdsearch.paths import replaced_whole, writable_file, write_errors
+from kdsearch.paths import output_errors, replaced_whole, writable_file, write_errors
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -131,7 +131,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
             Path(args.csv), "--csv", "a table kdsearch wrote", lambda h: h.startswith(CSV_HEADS)
         )
     storage, url = study_storage(args.study, args.storage)
-    with storage_errors(storage):
+    with storage_errors(storage), output_errors():
         return show_trials(args, storage, url)
 
 
