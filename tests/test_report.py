@@ -380,6 +380,30 @@ def test_trials_written_to_a_reader_that_stopped_reading_ends_quietly(
     assert stderr == "", "no traceback"
 
 
+@pytest.mark.parametrize("csv", [["--csv", "-"], []])
+@pytest.mark.parametrize("buffered", [True, False])
+def test_trials_written_to_a_full_disk_say_so_in_one_line(
+    tmp_path: Path, csv: list[str], buffered: bool
+) -> None:
+    """`kdsearch trials s --csv - > FILE` on a full disk: a traceback where the rows were written
+    as they came (PYTHONUNBUFFERED, or more rows than the stream's buffer), and nothing at all
+    where they waited in it. Both are now one line and status 2."""
+    write_study(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run(
+            [sys.executable, "-m", "kdsearch.cli", "trials", "s", *csv],
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env=env if buffered else {**env, "PYTHONUNBUFFERED": "1"},
+        )
+    assert ran.returncode == 2
+    assert ran.stderr == "kdsearch: error: cannot write the output: No space left on device\n"
+
+
 def test_trials_and_report_show_why_a_trial_failed(tmp_path: Path, cli_here: CliHere) -> None:
     url = write_study(tmp_path)
     reason = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of it)"
