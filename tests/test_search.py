@@ -1388,9 +1388,21 @@ def test_a_run_s_own_export_says_nothing_of_the_search_it_saw_finish(
     ), exported.stderr
 
 
+def record_of(
+    study: optuna.Study, storage: object = None, *, others_alive: bool = False
+) -> SimpleNamespace:
+    """What the study checks of `kdsearch.commands` read of a `Record`: its study, its storage
+    (the study's own unless given) and whether other drivers are alive in it."""
+    return SimpleNamespace(
+        study=study,
+        storage=study._storage if storage is None else storage,
+        others_alive=lambda: others_alive,
+    )
+
+
 def test_a_study_keeps_the_teacher_its_first_driver_recorded(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="s")
-    record = SimpleNamespace(study=study, storage=study._storage)
+    record = record_of(study)
     weights = tmp_path / "teacher.pt"
     torch.save({"w": torch.zeros(3)}, weights)
     first = TeacherFiles(weights, weights_digest(weights))
@@ -1417,7 +1429,7 @@ def test_a_file_gone_from_a_relative_cache_folder_is_said_to_be_gone_from_here(
     study.set_user_attr("teacher_files", {"teacher_file": str(gone), "teacher_digest": "ab"})
     with pytest.raises(StudyError, match="which is gone from this machine"):
         not_retrained(
-            SimpleNamespace(study=study, storage=study._storage),
+            record_of(study),
             Path("cache/teachers/t.pt"),
             heads=False,
         )  # type: ignore[arg-type]
@@ -1436,7 +1448,7 @@ def test_a_resume_that_would_train_the_studys_teacher_again_is_refused_before(lo
     data = load_data(recipe.data)
     files = TeacherFiles.of(prepare_teacher(recipe, data, True), True)
     study = optuna.create_study(study_name="s")
-    record = SimpleNamespace(study=study, storage=study._storage)
+    record = record_of(study)
     same_teacher(record, files)  # type: ignore[arg-type]
     again = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # all cached
     assert TeacherFiles.of(again, True) == files
@@ -1491,7 +1503,7 @@ def test_a_resume_with_another_checkpoint_teacher_is_refused_before_its_heads(
     torch.save(state, tmp_path / "b.pt")
     recipe = tiny_recipe(changes | {"teacher.checkpoint": str(tmp_path / "a.pt")})
     study = optuna.create_study(study_name="s")
-    record = SimpleNamespace(study=study, storage=study._storage)
+    record = record_of(study)
     searched = prepare_teacher(recipe, data, True, record)  # type: ignore[arg-type]  # records
     assert record.study.user_attrs["teacher_files"] == TeacherFiles.of(searched, True).attrs()
     assert record.study.user_attrs["teacher_files"]["teacher_heads_digest"]  # its heads' too
@@ -1518,7 +1530,7 @@ def test_a_resume_on_data_that_changed_since_is_refused(tmp_path: Path) -> None:
     url = write_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
     digits = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
-    record = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: False)
+    record = record_of(study)
     same_data(record, digits)  # type: ignore[arg-type]  # as an earlier kdsearch left it: not
     assert "data_fingerprint" not in study.user_attrs  # taken before the teacher has passed
     ran = run_cli("run", "space.yaml", "--resume", "--trials", "6", cwd=tmp_path)  # one more
@@ -1551,10 +1563,10 @@ def test_a_study_of_no_trials_yet_takes_its_first_drivers_data() -> None:
     first = load_data(DataConfig(dataset="digits", subset=300, val_fraction=0.3))
     other = load_data(DataConfig(dataset="digits", subset=400, val_fraction=0.3))
     study = optuna.create_study(study_name="new")
-    alone = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: False)
+    alone = record_of(study)
     same_data(alone, first)  # type: ignore[arg-type]
     assert study.user_attrs["data_fingerprint"] == first.fingerprint  # at once, for joiners
-    joining = SimpleNamespace(study=study, storage=study._storage, others_alive=lambda: True)
+    joining = record_of(study, others_alive=True)
     with pytest.raises(StudyError, match=r"its trials are prepared by another driver on other"):
         same_data(joining, other)  # type: ignore[arg-type]
     same_data(alone, other)  # type: ignore[arg-type]
@@ -1742,7 +1754,7 @@ def test_a_failed_write_of_an_older_studys_data_is_one_line_and_no_note(
         )
 
     monkeypatch.setattr(optuna.Study, "set_user_attr", full)
-    record = SimpleNamespace(study=study, storage=storage)
+    record = record_of(study, storage)
     capsys.readouterr()
     with pytest.raises(StorageError, match=r"s\.db: database or disk is full$"):
         adopt_data(record, digits)  # type: ignore[arg-type]
@@ -1777,7 +1789,7 @@ def test_a_study_that_cannot_read_or_record_its_teacher_fails_in_one_line(
         monkeypatch.setattr(optuna.Study, "set_user_attr", lost)
     with pytest.raises(StorageError, match=r"s\.db: server closed the connection unexpectedly$"):
         same_teacher(  # type: ignore[arg-type]
-            SimpleNamespace(study=study, storage=storage),
+            record_of(study, storage),
             TeacherFiles(weights, weights_digest(weights)),
         )
 
