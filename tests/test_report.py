@@ -1010,6 +1010,22 @@ def test_dashboard_port_in_use_is_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_dashboard_to_a_full_disk_says_so_in_one_line(tmp_path: Path) -> None:
+    """Its address line went to stdout through a bare print: a traceback on a full disk."""
+    write_study(tmp_path)
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run(
+            [sys.executable, "-m", "kdsearch.cli", "dashboard", "s", "--port", "0"],
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert ran.returncode == 2
+    assert ran.stderr == "kdsearch: error: cannot write the output: No space left on device\n"
+
+
 @pytest.mark.parametrize(
     ("was", "now", "why"),
     [

@@ -59,10 +59,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         server = make_server(args.host, args.port, wsgi(storage), handler_class=Quiet)
     except OSError as err:
         raise KdsearchError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
-    print(
-        f"optuna-dashboard: http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C stops)",
-        flush=True,
-    )
+    with output_errors():  # `dashboard S > FILE` on a full disk: one line, not a traceback
+        print(
+            f"optuna-dashboard: http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C stops)",
+            flush=True,
+        )
     serve_until_stopped(server)
     return 0
 
