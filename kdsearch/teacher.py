@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 import warnings
@@ -292,12 +293,16 @@ def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Pat
     `teacher` are (or will be) cached, beside the teacher."""
     if recipe.teacher.heads.checkpoint is not None:
         return Path(recipe.teacher.heads.checkpoint).expanduser()
+    aux: dict[str, int] = {}
     if teacher.source == "checkpoint":
         ident = f"{recipe.teacher.arch}-ckpt{_file_digest(teacher.path)}"
+        if classifiers := _aux_classifiers(teacher.path):  # HSAKD's heads come from the file
+            aux = {"teacher_aux": len(classifiers)}
     else:
         ident = teacher.path.stem
     opt = recipe.optim
     spec = {
+        **aux,
         "format": HEADS_FORMAT,
         "teacher": ident,
         "data": data.fingerprint,
@@ -321,8 +326,9 @@ def get_teacher_heads(
 ) -> dict[str, nn.Module]:
     """The teacher-side heads of every term that has some (HSAKD: an auxiliary classifier on
     every stage that can carry one; SSKD: the projection): from `teacher.heads.checkpoint`,
-    else from the cache, else trained now. `path`: `teacher_heads_path`, where the caller has
-    it already."""
+    else from the cache, else trained now (HSAKD's taken from an HSAKD teacher file's own
+    auxiliary classifiers where they fit, `_given_aux`). `path`: `teacher_heads_path`, where the
+    caller has it already."""
 
     def fresh() -> nn.ModuleDict:
         # the same initial heads for the same key (its seed), whatever ran before
@@ -342,7 +348,9 @@ def get_teacher_heads(
                 heads = fresh()  # a failed load may have copied some of the tensors already
                 writable_folder(path.parent, "the teacher cache")
                 _room_for(heads, path, "teacher's heads")
-                train_teacher_heads(heads, teacher.model, recipe, data, report)
+                given = _given_aux(heads[AUX_TERM], teacher, recipe.teacher.arch)
+                untrained = {n: h for n, h in heads.items() if not (given and n == AUX_TERM)}
+                train_teacher_heads(nn.ModuleDict(untrained), teacher.model, recipe, data, report)
                 _save(
                     heads,
                     path,
@@ -355,6 +363,75 @@ def get_teacher_heads(
                 )
     on_host(teacher.model)
     return {name: freeze(on_host(head)) for name, head in heads.items()}
+
+
+AUX = "auxiliary_classifier."  # before the names of an HSAKD teacher file's classifiers
+AUX_TERM = "hsakd"  # the term whose teacher heads those classifiers are
+
+
+def _aux_classifiers(path: Path) -> list[dict[str, Any]]:
+    """The auxiliary classifiers of the HSAKD teacher file at `path` (`_backbone_of`'s layout),
+    one state dict each in the order of their numbers (`block_extractor2`, `bn2`, `fc2`: the
+    second), its tensors in the file's order; none for any other file. The official code lists
+    every classifier's feature layers first, then their batch norms, then their linear layers,
+    so a classifier's tensors lie apart in the file."""
+    saved = _state_in(path, "teacher.checkpoint: ")
+    if _backbone_of(saved) is saved:
+        return []
+    numbered: dict[int, dict[str, Any]] = {}
+    for key, value in saved.items():
+        if key.startswith(AUX):
+            number = re.search(r"\d+$", key.removeprefix(AUX).split(".", 1)[0])
+            numbered.setdefault(int(number.group()) if number else -1, {})[key] = value
+    return [numbered[n] for n in sorted(numbered)]
+
+
+def _given_aux(heads: nn.Module, teacher: Teacher, arch: str) -> bool:
+    """Load an HSAKD teacher file's auxiliary classifiers into HSAKD's teacher `heads` (one per
+    stage that can carry one, in order), where each fits kdsearch's head on the stage of its
+    place by position (`_by_position`; the official code names the layers otherwise): whether
+    they were. Trained with that teacher (HSAKD's teachers train them on the frozen backbone
+    for 100 epochs, or with it), they are the heads its method reads. Said either way."""
+    assert isinstance(heads, nn.ModuleDict)
+    classifiers = _aux_classifiers(teacher.path) if teacher.source == "checkpoint" else []
+    if not classifiers:
+        return False
+    loads: list[tuple[nn.Module, dict[str, Any]]] = []
+    why = ""
+    if len(classifiers) != len(heads):
+        why = (
+            f"it holds {_counted(len(classifiers), 'auxiliary classifier')} where kdsearch's "
+            f"{arch} carries {_counted(len(heads), 'head')} (on stages {', '.join(heads)})"
+        )
+    else:
+        pairing = zip(classifiers, heads.items(), strict=True)
+        for number, (saved, (stage, head)) in enumerate(pairing, 1):
+            expected = head.state_dict()
+            pairs, why_not = _by_position(expected, saved)
+            if not pairs:
+                why = f"its classifier {number} does not fit kdsearch's head on stage {stage}: "
+                why += why_not
+                break
+            loads.append((head, {**expected, **{ours: saved[t] for t, ours in pairs}}))
+    where = f"teacher.checkpoint: {teacher.path}"
+    if why:
+        warnings.warn(
+            f"{where}: its auxiliary classifiers are left out, as {why}; kdsearch trains HSAKD's "
+            "teacher heads itself",
+            KdsearchWarning,
+            stacklevel=3,
+        )
+        return False
+    for head, state in loads:
+        head.load_state_dict(state)
+    warnings.warn(
+        f"{where}: its {len(classifiers)} auxiliary classifiers are HSAKD's teacher heads (on "
+        f"stages {', '.join(heads)}, loaded by their order); kdsearch trains SSKD's projection "
+        "alone",
+        KdsearchWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def _load_cached_heads(heads: nn.ModuleDict, path: Path, teacher: Teacher) -> bool:
@@ -520,13 +597,11 @@ def load_checkpoint(
         renamed = [(t, o) for t, o in pairs if t != o]  # none: kdsearch's, batch norms' counts
         if renamed:  # left out (as torch before 0.4.1 saved them)
             backbone = "backbone." if saved is not unwrapped else ""  # an HSAKD teacher's
-            aux = any(str(k).startswith("auxiliary_classifier.") for k in unwrapped)
             warnings.warn(
                 f"{where}{path} names its weights otherwise than kdsearch's {arch} (its "
                 f"{backbone}{renamed[0][0]} is kdsearch's {renamed[0][1]}); loaded by their "
                 f"order, as each of its {len(saved)} {backbone and 'backbone '}tensors has the "
                 "shape and kind of kdsearch's in that place"
-                + ("; its auxiliary classifiers are left out" if aux else "")
                 + " (the teacher's validation accuracy, printed when it is ready, tells whether "
                 "its layers are in kdsearch's order)",
                 KdsearchWarning,
@@ -551,11 +626,11 @@ COMPUTES_OTHERWISE = {
 
 def _backbone_of(saved: Any) -> Any:
     """The backbone's weights where `saved` is an HSAKD teacher (its backbone and auxiliary
-    classifiers, under "backbone." and "auxiliary_classifier."); else `saved`. The classifiers
-    are left: kdsearch trains its own teacher heads where a term needs them."""
+    classifiers, under "backbone." and AUX); else `saved`. The classifiers are read apart, as
+    HSAKD's teacher heads (`_given_aux`)."""
     if not isinstance(saved, dict) or not any(str(k).startswith("backbone.") for k in saved):
         return saved
-    if not all(str(k).startswith(("backbone.", "auxiliary_classifier.")) for k in saved):
+    if not all(str(k).startswith(("backbone.", AUX)) for k in saved):
         return saved
     return {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
 

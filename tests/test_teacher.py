@@ -16,6 +16,7 @@ from torch import nn
 from kdsearch import teacher as teacher_module
 from kdsearch.data import ImageData, load_data
 from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss, TeacherError
+from kdsearch.losses import LOSSES
 from kdsearch.models import build_model
 from kdsearch.recipe import DataConfig, Recipe
 from kdsearch.teacher import (
@@ -242,9 +243,9 @@ def test_checkpoint_named_otherwise_in_the_same_order_loads_by_position(
         loaded = load_checkpoint(tmp_path / "hsakd.pth.tar", "resnet8", synthetic)
     assert str(warned[0].message).endswith(
         "(its backbone.conv1.weight is kdsearch's stem.0.0.weight); loaded by their order, as "
-        "each of its 56 backbone tensors has the shape and kind of kdsearch's in that place; its "
-        "auxiliary classifiers are left out (the teacher's validation accuracy, printed when it "
-        "is ready, tells whether its layers are in kdsearch's order)"
+        "each of its 56 backbone tensors has the shape and kind of kdsearch's in that place (the "
+        "teacher's validation accuracy, printed when it is ready, tells whether its layers are in "
+        "kdsearch's order)"
     )
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
     backbone = {k: v for k, v in hsakd.items() if k.startswith("backbone.")}
@@ -436,6 +437,97 @@ def test_why_a_file_is_not_torch_weights_is_said_in_words(
         assert str(refused.value) == (
             f"teacher.checkpoint: {tmp_path}/t.pt: not a loadable weights file ({why})"
         )
+
+
+def hsakd_teacher_file(path: Path, model: nn.Module, heads: nn.ModuleDict, drop: int = 0) -> None:
+    """`model` and HSAKD `heads` (stage -> classifier) saved as HSAKD's training script saves a
+    teacher: under "net", the backbone under "backbone.", then the classifiers' feature layers
+    (`block_extractorN`), then their linear layers (`fcN`), numbered from 1; the last `drop`
+    classifiers left out."""
+    net = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    kept = list(heads.values())[: len(heads) - drop]
+    for part, official in (("trunk.", "block_extractor"), ("fc.", "fc")):
+        for number, head in enumerate(kept, 1):
+            for name, value in head.state_dict().items():
+                if name.startswith(part):
+                    net[f"auxiliary_classifier.{official}{number}.{name.removeprefix(part)}"] = (
+                        value
+                    )
+    torch.save({"net": net, "acc": 71.0}, path)
+
+
+def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """They were dropped and kdsearch trained heads of its own on the frozen teacher, where
+    HSAKD's method reads the classifiers trained with that teacher (100 epochs in its
+    scripts). Where every one fits kdsearch's head on its stage they are those heads, and only
+    SSKD's are trained; where they do not, kdsearch trains its own, saying why."""
+    model = build_model("resnet8", synthetic.num_classes, synthetic.channels)
+    heads = LOSSES["hsakd"].teacher_heads(model, synthetic.num_classes)
+    assert isinstance(heads, nn.ModuleDict) and list(heads) == ["1", "2", "3"]
+    with torch.no_grad():  # every tensor its own values, so that no two could be swapped unseen
+        for value in heads.state_dict().values():
+            value.copy_(torch.rand_like(value.float()).to(value.dtype) + 0.5)
+    hsakd_teacher_file(tmp_path / "t.pth.tar", model, heads)
+    recipe = tiny_recipe(
+        {
+            "teacher.checkpoint": str(tmp_path / "t.pth.tar"),
+            "distill.hsakd.weight": 1.0,
+            "teacher.heads.epochs": 1,
+        }
+    )
+    parts: list[set[str]] = []
+    with pytest.warns(KdsearchWarning) as warned:
+        teacher = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
+    assert [str(w.message) for w in warned] == [
+        f"teacher.checkpoint: {tmp_path}/t.pth.tar: its 3 auxiliary classifiers are HSAKD's "
+        "teacher heads (on stages 1, 2, 3, loaded by their order); kdsearch trains SSKD's projection alone"
+    ]
+    assert parts == [{"sskd"}], "SSKD's heads alone trained"
+    for stage, head in heads.items():
+        loaded = teacher.heads["hsakd"][stage].state_dict()  # type: ignore[index]
+        for name, value in head.state_dict().items():
+            assert torch.equal(loaded[name], value), (stage, name)
+    assert teacher.heads_path is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: loaded as they are, nothing to say
+        again = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
+    assert again.heads_path == teacher.heads_path and len(parts) == 1
+    # the cache key tells them from heads kdsearch trained for that file (an earlier version's)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(teacher_module, "_aux_classifiers", lambda path: [])
+        assert teacher_module.teacher_heads_path(recipe, synthetic, teacher) != teacher.heads_path
+    # classifiers that do not fit kdsearch's heads: left out, saying why, and trained here
+    hsakd_teacher_file(tmp_path / "two.pth.tar", model, heads, drop=1)
+    wide = LOSSES["hsakd"].teacher_heads(model, 2 * synthetic.num_classes)
+    assert isinstance(wide, nn.ModuleDict)
+    hsakd_teacher_file(tmp_path / "wide.pth.tar", model, wide)
+    for name, why in (
+        (
+            "two",
+            "it holds 2 auxiliary classifiers where kdsearch's resnet8 carries 3 heads (on "
+            "stages 1, 2, 3)",
+        ),
+        (
+            "wide",
+            "its classifier 1 does not fit kdsearch's head on stage 1: its "
+            "auxiliary_classifier.fc1.weight is (80, 64) where kdsearch's fc.weight is (40, 64)",
+        ),
+    ):
+        parts.clear()
+        path = tmp_path / f"{name}.pth.tar"
+        with pytest.warns(KdsearchWarning) as warned:
+            get_teacher(
+                recipe.override({"teacher.checkpoint": str(path)}),
+                synthetic,
+                heads_report=lambda s: parts.append(set(s.parts)),
+            )
+        assert [str(w.message) for w in warned] == [
+            f"teacher.checkpoint: {path}: its auxiliary classifiers are left out, as {why}; "
+            "kdsearch trains HSAKD's teacher heads itself"
+        ]
+        assert parts == [{"hsakd", "sskd"}]
 
 
 @pytest.mark.parametrize(
