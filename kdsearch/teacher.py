@@ -290,19 +290,21 @@ def training_turn(path: Path, what: str) -> Iterator[None]:
 
 def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Path:
     """`teacher.heads.checkpoint` if the recipe names one, else where the heads trained on
-    `teacher` are (or will be) cached, beside the teacher."""
+    `teacher` are (or will be) cached, beside the teacher. The heads of an HSAKD teacher file
+    with auxiliary classifiers (`_given_aux`) are cached under a key of their own; where heads
+    an earlier kdsearch trained for that file are cached under the key without them, those are
+    used, as the studies and promotions that learned from them recorded them, and a warning
+    says how to use the file's classifiers instead."""
     if recipe.teacher.heads.checkpoint is not None:
         return Path(recipe.teacher.heads.checkpoint).expanduser()
-    aux: dict[str, int] = {}
+    classifiers = []
     if teacher.source == "checkpoint":
         ident = f"{recipe.teacher.arch}-ckpt{_file_digest(teacher.path)}"
-        if classifiers := _aux_classifiers(teacher.path):  # HSAKD's heads come from the file
-            aux = {"teacher_aux": len(classifiers)}
+        classifiers = _aux_classifiers(teacher.path)
     else:
         ident = teacher.path.stem
     opt = recipe.optim
     spec = {
-        **aux,
         "format": HEADS_FORMAT,
         "teacher": ident,
         "data": data.fingerprint,
@@ -313,7 +315,21 @@ def teacher_heads_path(recipe: Recipe, data: ImageData, teacher: Teacher) -> Pat
         "precision": recipe.precision,
         "seed": recipe.teacher.train.seed,
     }
-    return cache_dir() / "teachers" / f"{ident}-heads-{digest(spec)}.pt"
+    path = cache_dir() / "teachers" / f"{ident}-heads-{digest(spec)}.pt"
+    if not classifiers:
+        return path
+    given = path.with_stem(f"{ident}-heads-{digest({**spec, 'teacher_aux': len(classifiers)})}")
+    if path.is_file() and not given.is_file():
+        warnings.warn(
+            f"teacher.checkpoint: {teacher.path}: using the teacher heads an earlier kdsearch "
+            f"trained for it ({path}), not its own auxiliary classifiers; to use those, move that "
+            "file out of the cache (a study that learned from it names it with --set "
+            "teacher.heads.checkpoint=FILE)",
+            KdsearchWarning,
+            stacklevel=2,
+        )
+        return path
+    return given
 
 
 def get_teacher_heads(
@@ -369,21 +385,22 @@ AUX = "auxiliary_classifier."  # before the names of an HSAKD teacher file's cla
 AUX_TERM = "hsakd"  # the term whose teacher heads those classifiers are
 
 
-def _aux_classifiers(path: Path) -> list[dict[str, Any]]:
+def _aux_classifiers(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """The auxiliary classifiers of the HSAKD teacher file at `path` (`_backbone_of`'s layout),
-    one state dict each in the order of their numbers (`block_extractor2`, `bn2`, `fc2`: the
-    second), its tensors in the file's order; none for any other file. The official code lists
-    every classifier's feature layers first, then their batch norms, then their linear layers,
-    so a classifier's tensors lie apart in the file."""
+    each with its number and its tensors in the file's order, in the order of their numbers
+    (`block_extractor2`, `bn2`, `fc2`: classifier "2"); none for any other file. The official
+    code lists every classifier's feature layers first, then their batch norms, then their
+    linear layers, so a classifier's tensors lie apart in the file. Tensors under no number
+    go together, as classifier "", first."""
     saved = _state_in(path, "teacher.checkpoint: ")
     if _backbone_of(saved) is saved:
         return []
-    numbered: dict[int, dict[str, Any]] = {}
+    numbered: dict[str, dict[str, Any]] = {}
     for key, value in saved.items():
         if key.startswith(AUX):
             number = re.search(r"\d+$", key.removeprefix(AUX).split(".", 1)[0])
-            numbered.setdefault(int(number.group()) if number else -1, {})[key] = value
-    return [numbered[n] for n in sorted(numbered)]
+            numbered.setdefault(number.group() if number else "", {})[key] = value
+    return sorted(numbered.items(), key=lambda item: int(item[0] or -1))
 
 
 def _given_aux(heads: nn.Module, teacher: Teacher, arch: str) -> bool:
@@ -398,14 +415,15 @@ def _given_aux(heads: nn.Module, teacher: Teacher, arch: str) -> bool:
         return False
     loads: list[tuple[nn.Module, dict[str, Any]]] = []
     why = ""
-    if len(classifiers) != len(heads):
+    if unnumbered := dict(classifiers).get(""):
+        why = f"its {next(iter(unnumbered))} belongs to no numbered classifier"
+    elif len(classifiers) != len(heads):
         why = (
             f"it holds {_counted(len(classifiers), 'auxiliary classifier')} where kdsearch's "
             f"{arch} carries {_counted(len(heads), 'head')} (on stages {', '.join(heads)})"
         )
     else:
-        pairing = zip(classifiers, heads.items(), strict=True)
-        for number, (saved, (stage, head)) in enumerate(pairing, 1):
+        for (number, saved), (stage, head) in zip(classifiers, heads.items(), strict=True):
             expected = head.state_dict()
             pairs, why_not = _by_position(expected, saved)
             if not pairs:
@@ -424,10 +442,10 @@ def _given_aux(heads: nn.Module, teacher: Teacher, arch: str) -> bool:
         return False
     for head, state in loads:
         head.load_state_dict(state)
+    others = " and ".join(f"{n.upper()}'s" for n in HEAD_TERMS if n != AUX_TERM)
     warnings.warn(
         f"{where}: its {len(classifiers)} auxiliary classifiers are HSAKD's teacher heads (on "
-        f"stages {', '.join(heads)}, loaded by their order); kdsearch trains SSKD's projection "
-        "alone",
+        f"stages {', '.join(heads)}, loaded by their order); kdsearch trains {others} heads alone",
         KdsearchWarning,
         stacklevel=3,
     )

@@ -482,7 +482,8 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
         teacher = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
     assert [str(w.message) for w in warned] == [
         f"teacher.checkpoint: {tmp_path}/t.pth.tar: its 3 auxiliary classifiers are HSAKD's "
-        "teacher heads (on stages 1, 2, 3, loaded by their order); kdsearch trains SSKD's projection alone"
+        "teacher heads (on stages 1, 2, 3, loaded by their order); kdsearch trains SSKD's heads "
+        "alone"
     ]
     assert parts == [{"sskd"}], "SSKD's heads alone trained"
     for stage, head in heads.items():
@@ -494,15 +495,31 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
         warnings.simplefilter("error")  # cached: loaded as they are, nothing to say
         again = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
     assert again.heads_path == teacher.heads_path and len(parts) == 1
-    # the cache key tells them from heads kdsearch trained for that file (an earlier version's)
+    # heads an earlier kdsearch trained for that file, cached under the key without the
+    # classifiers (as studies and promotions recorded them): used as they are, saying so
+    teacher.heads_path.unlink()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(teacher_module, "_aux_classifiers", lambda path: [])
-        assert teacher_module.teacher_heads_path(recipe, synthetic, teacher) != teacher.heads_path
+        earlier = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
+    assert earlier.heads_path != teacher.heads_path and parts[1:] == [{"hsakd", "sskd"}]
+    with pytest.warns(KdsearchWarning) as warned:
+        old = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
+    assert [str(w.message) for w in warned] == [
+        f"teacher.checkpoint: {tmp_path}/t.pth.tar: using the teacher heads an earlier kdsearch "
+        f"trained for it ({earlier.heads_path}), not its own auxiliary classifiers; to use "
+        "those, move that file out of the cache (a study that learned from it names it with "
+        "--set teacher.heads.checkpoint=FILE)"
+    ]
+    assert old.heads_path == earlier.heads_path and len(parts) == 2, "not trained again"
     # classifiers that do not fit kdsearch's heads: left out, saying why, and trained here
     hsakd_teacher_file(tmp_path / "two.pth.tar", model, heads, drop=1)
     wide = LOSSES["hsakd"].teacher_heads(model, 2 * synthetic.num_classes)
     assert isinstance(wide, nn.ModuleDict)
     hsakd_teacher_file(tmp_path / "wide.pth.tar", model, wide)
+    net = torch.load(tmp_path / "t.pth.tar", weights_only=True)["net"]
+    torch.save(
+        {"net": {**net, "auxiliary_classifier.scale": torch.ones(())}}, tmp_path / "u.pth.tar"
+    )
     for name, why in (
         (
             "two",
@@ -514,6 +531,7 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
             "its classifier 1 does not fit kdsearch's head on stage 1: its "
             "auxiliary_classifier.fc1.weight is (80, 64) where kdsearch's fc.weight is (40, 64)",
         ),
+        ("u", "its auxiliary_classifier.scale belongs to no numbered classifier"),
     ):
         parts.clear()
         path = tmp_path / f"{name}.pth.tar"
