@@ -425,7 +425,7 @@ def _given_aux(heads: nn.Module, teacher: Teacher, arch: str) -> bool:
     else:
         for (number, saved), (stage, head) in zip(classifiers, heads.items(), strict=True):
             expected = head.state_dict()
-            pairs, why_not = _by_position(expected, saved)
+            pairs, why_not = _by_position(expected, saved, ours=("the head", "the head's"))
             if not pairs:
                 why = f"its classifier {number} does not fit kdsearch's head on stage {stage}: "
                 why += why_not
@@ -779,36 +779,39 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str:
 
 
 def _by_position(
-    expected: dict[str, torch.Tensor], saved: dict[str, Any]
+    expected: dict[str, torch.Tensor],
+    saved: dict[str, Any],
+    ours: tuple[str, str] = ("kdsearch's model", "kdsearch's"),
 ) -> tuple[list[tuple[str, str]], str]:
     """`saved`'s names paired with `expected`'s in order, where the two hold as many tensors and
     each pair has one shape and one kind (the name's last part: weight, bias, running_mean...):
     a model built as kdsearch's is, layer for layer, whose code names its layers otherwise (as
-    the official RepDistiller and HSAKD code does); else no pairs, and the first reason. A file
-    without batch norm's `num_batches_tracked` (saved by a torch before 0.4.1) is paired without
-    them (the model keeps its own)."""
-    ours = list(expected)
+    the official RepDistiller and HSAKD code does); else no pairs, and the first reason, which
+    names the module `expected` comes from as `ours` says (its name, and its possessive). A
+    file without batch norm's `num_batches_tracked` (saved by a torch before 0.4.1) is paired
+    without them (the module keeps its own)."""
+    names = list(expected)
     counts = ""
     if not any(str(k).endswith("num_batches_tracked") for k in saved):
-        ours = [k for k in ours if not k.endswith("num_batches_tracked")]
+        names = [k for k in names if not k.endswith("num_batches_tracked")]
         counts = " besides batch norm's num_batches_tracked, which the file lacks"
-    if len(saved) != len(ours):
+    if len(saved) != len(names):
         return [], (
-            f"it holds {_counted(len(saved), 'entry', 'entries')} where kdsearch's model holds "
-            f"{len(ours)} tensors{counts}"
+            f"it holds {_counted(len(saved), 'entry', 'entries')} where {ours[0]} holds "
+            f"{len(names)} tensors{counts}"
         )
-    for (theirs, value), name in zip(saved.items(), ours, strict=True):
+    for (theirs, value), name in zip(saved.items(), names, strict=True):
         like = expected[name]
         if not isinstance(value, torch.Tensor):
             return [], f"its {theirs} is a {type(value).__name__}, not a tensor"
         if str(theirs).rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
-            return [], f"its {theirs} stands where kdsearch's {name} does"
+            return [], f"its {theirs} stands where {ours[1]} {name} does"
         if value.shape != like.shape:  # of one name: as `_mismatch` says already
             return [], "" if theirs == name else (
-                f"its {theirs} is {tuple(value.shape)} where kdsearch's {name} is "
+                f"its {theirs} is {tuple(value.shape)} where {ours[1]} {name} is "
                 f"{tuple(like.shape)}"
             )
-    return list(zip(map(str, saved), ours, strict=True)), ""
+    return list(zip(map(str, saved), names, strict=True)), ""
 
 
 def _counted(n: int, one: str, many: str = "") -> str:

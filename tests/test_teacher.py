@@ -442,17 +442,27 @@ def test_why_a_file_is_not_torch_weights_is_said_in_words(
 def hsakd_teacher_file(path: Path, model: nn.Module, heads: nn.ModuleDict, drop: int = 0) -> None:
     """`model` and HSAKD `heads` (stage -> classifier) saved as HSAKD's training script saves a
     teacher: under "net", the backbone under "backbone.", then the classifiers' feature layers
-    (`block_extractorN`), then their linear layers (`fcN`), numbered from 1; the last `drop`
-    classifiers left out."""
+    (`block_extractorN`), then a WRN's batch norms after them (`bnN`: a batch norm in the head's
+    trunk itself, after its blocks), then their linear layers (`fcN`), numbered from 1; the last `drop` classifiers left
+    out."""
     net = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     kept = list(heads.values())[: len(heads) - drop]
-    for part, official in (("trunk.", "block_extractor"), ("fc.", "fc")):
+
+    def part(head: nn.Module, name: str) -> tuple[str, str]:
+        trunk = head.get_submodule("trunk")
+        bns = [i for i, layer in enumerate(trunk.children()) if isinstance(layer, nn.BatchNorm2d)]
+        if bns and name.startswith(bn := f"trunk.{bns[-1]}."):
+            return "bn", name.removeprefix(bn)
+        if name.startswith("trunk."):
+            return "block_extractor", name.removeprefix("trunk.")
+        return "fc", name.removeprefix("fc.")
+
+    for official in ("block_extractor", "bn", "fc"):
         for number, head in enumerate(kept, 1):
             for name, value in head.state_dict().items():
-                if name.startswith(part):
-                    net[f"auxiliary_classifier.{official}{number}.{name.removeprefix(part)}"] = (
-                        value
-                    )
+                of, rest = part(head, name)
+                if of == official:
+                    net[f"auxiliary_classifier.{official}{number}.{rest}"] = value
     torch.save({"net": net, "acc": 71.0}, path)
 
 
@@ -520,6 +530,8 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
     torch.save(
         {"net": {**net, "auxiliary_classifier.scale": torch.ones(())}}, tmp_path / "u.pth.tar"
     )
+    short = {k: v for k, v in net.items() if k != "auxiliary_classifier.fc1.bias"}
+    torch.save({"net": short}, tmp_path / "short.pth.tar")
     for name, why in (
         (
             "two",
@@ -529,9 +541,15 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
         (
             "wide",
             "its classifier 1 does not fit kdsearch's head on stage 1: its "
-            "auxiliary_classifier.fc1.weight is (80, 64) where kdsearch's fc.weight is (40, 64)",
+            "auxiliary_classifier.fc1.weight is (80, 64) where the head's fc.weight is (40, 64)",
         ),
         ("u", "its auxiliary_classifier.scale belongs to no numbered classifier"),
+        (
+            "short",
+            "its classifier 1 does not fit kdsearch's head on stage 1: it holds "
+            f"{len(heads['1'].state_dict()) - 1} entries where the head holds "
+            f"{len(heads['1'].state_dict())} tensors",
+        ),
     ):
         parts.clear()
         path = tmp_path / f"{name}.pth.tar"
@@ -546,6 +564,40 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
             "kdsearch trains HSAKD's teacher heads itself"
         ]
         assert parts == [{"hsakd", "sskd"}]
+
+
+def test_a_wrn_hsakd_teachers_batch_norms_after_its_classifiers_go_to_their_heads(
+    synthetic: ImageData, tmp_path: Path
+) -> None:
+    """HSAKD's WRN classifiers keep their last batch norm apart (`bnN`), saved after every
+    classifier's feature layers and before any linear layer: each goes back to its own head,
+    between that head's feature layers and its linear layer."""
+    model = build_model("wrn_16_2", synthetic.num_classes, synthetic.channels)
+    heads = LOSSES["hsakd"].teacher_heads(model, synthetic.num_classes)
+    assert isinstance(heads, nn.ModuleDict)
+    with torch.no_grad():
+        for value in heads.state_dict().values():
+            value.copy_(torch.rand_like(value.float()).to(value.dtype) + 0.5)
+    path = tmp_path / "wrn.pth.tar"
+    hsakd_teacher_file(path, model, heads)
+    names = list(torch.load(path, weights_only=True)["net"])
+    firsts = [names.index(f"auxiliary_classifier.{p}1.weight") for p in ("bn", "fc")]
+    assert names.index("auxiliary_classifier.block_extractor3.0.0.conv1.weight") < firsts[0]
+    assert firsts[0] < firsts[1], "every bnN after the feature layers and before any fcN"
+    recipe = tiny_recipe(
+        {
+            "teacher.arch": "wrn_16_2",
+            "teacher.checkpoint": str(path),
+            "distill.hsakd.weight": 1.0,
+            "teacher.heads.epochs": 1,
+        }
+    )
+    with pytest.warns(KdsearchWarning, match="its 3 auxiliary classifiers are HSAKD's"):
+        teacher = get_teacher(recipe, synthetic)
+    for stage, head in heads.items():
+        loaded = teacher.heads["hsakd"][stage].state_dict()  # type: ignore[index]
+        for name, value in head.state_dict().items():
+            assert torch.equal(loaded[name], value), (stage, name)
 
 
 @pytest.mark.parametrize(
