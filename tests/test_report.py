@@ -903,8 +903,8 @@ def _serve(tmp_path: Path, storage: str = "studies/s.db") -> tuple[subprocess.Po
         text=True,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/dashboard/", line)
+    line = proc.stdout.readline()  # the address alone: `curl "$(... | head -1)"` works
+    match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/dashboard/\n", line)
     assert match, line + proc.stderr.read() if proc.stderr else line
     return proc, int(match.group(1))
 
@@ -977,6 +977,10 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert proc.stderr is not None
+    assert proc.stderr.read() == (
+        f"optuna-dashboard on sqlite:///{tmp_path}/studies/s.db; Ctrl-C stops it\n"
+    )
 
 
 @needs_chromium

@@ -38,6 +38,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve optuna-dashboard on a study storage until Ctrl-C."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+    from kdsearch.study.storage import redact
+
     given = args.storage
     name = given.removesuffix(".db")  # `digits` or `digits.db`: studies/digits.db
     named = study_file(name)
@@ -60,10 +62,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as err:
         raise KdsearchError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     with output_errors():  # `dashboard S > FILE` on a full disk: one line, not a traceback
-        print(
-            f"optuna-dashboard: http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C stops)",
-            flush=True,
-        )
+        # the address alone on stdout, for `$(...)` and pipes; what it serves on stderr
+        print(f"http://{args.host}:{server.server_port}/dashboard/", flush=True)
+    console.print(f"optuna-dashboard on {redact(storage_url(given))}; Ctrl-C stops it")
     serve_until_stopped(server)
     return 0
 
