@@ -32,8 +32,17 @@ def writable_folder(folder: Path, option: str) -> None:
     if not ancestor.is_dir():
         raise KdsearchError(f"{option} {folder}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise KdsearchError(f"{option} {folder}: cannot write in {ancestor} (permission denied)")
+        raise KdsearchError(f"{option} {folder}: cannot write in {ancestor} ({_refusal(ancestor)})")
     _probe(folder, f"{option} {folder}")
+
+
+def _refusal(path: Path) -> str:
+    """Why `path`, which `os.access` says cannot be written, cannot: a read-only mount refuses
+    root too, where a folder's permissions do not."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    return "permission denied"
 
 
 def _probe(folder: Path, where: str) -> None:
@@ -72,9 +81,9 @@ def writable_file(path: Path, option: str) -> None:
     if not folder.is_dir():
         raise KdsearchError(f"{option} {path}: no folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise KdsearchError(f"{option} {path}: cannot write in {folder} (permission denied)")
+        raise KdsearchError(f"{option} {path}: cannot write in {folder} ({_refusal(folder)})")
     if target.exists() and not os.access(target, os.W_OK):
-        raise KdsearchError(f"{option} {path}: cannot write it (permission denied)")
+        raise KdsearchError(f"{option} {path}: cannot write it ({_refusal(target)})")
     _probe(folder, f"{option} {path}")  # a read-only mount or /proc passes the checks above
 
 

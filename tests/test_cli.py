@@ -440,6 +440,49 @@ def test_an_unusable_out_is_refused_before_training(tmp_path: Path, cli_here: Cl
     assert (tmp_path / "mine" / "recipe.yaml").read_text() == "my notes"
 
 
+def test_run_check_refuses_the_storages_the_run_refuses(tmp_path: Path, cli_here: CliHere) -> None:
+    """`--check` passed a working folder where ./studies cannot be made (the run then ended in
+    a traceback), a storage file that is not a study database and a password holding an '@',
+    each of which the run refuses: both now refuse them, in the same line."""
+    import sqlite3
+
+    space = tmp_path / "s.yaml"
+    space.write_text(SMALL_SPACE)
+    (tmp_path / "notes.db").write_text("my notes")
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.close()
+    cases = [
+        (  # even root cannot make a folder there
+            Path("/proc"),
+            [],
+            "the study storage's folder studies: cannot write there (No such file or directory);"
+            " run from a folder you can write in, or name a study storage with --storage",
+        ),
+        (
+            tmp_path,
+            ["--storage", "notes.db"],
+            f"{tmp_path}/notes.db is not a study database (it is not an SQLite database)\n",
+        ),
+        (
+            tmp_path,
+            ["--storage", "other.db"],
+            f"{tmp_path}/other.db is not a study database (it holds no Optuna tables)\n",
+        ),
+        (
+            tmp_path,
+            ["--storage", "postgresql://u:p@w@h/db"],
+            "cannot open the study storage postgresql://u:***@h/db: its password holds an '@'",
+        ),
+    ]
+    for cwd, options, expected in cases:
+        for check in (["--check"], []):
+            ran = cli_here("run", str(space), *options, *check, cwd=cwd)
+            assert ran.returncode == 2, (options, check, ran.stderr)
+            assert ran.stderr.startswith(f"kdsearch: error: {expected}"), ran.stderr
+            assert "Traceback" not in ran.stderr and "teacher" not in ran.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "other.db", "s.yaml"]
+    assert (tmp_path / "notes.db").read_text() == "my notes"
+
+
 def test_a_trial_bigger_than_this_machine_is_refused_before_any_work(
     tmp_path: Path, cli_here: CliHere
 ) -> None:

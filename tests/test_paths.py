@@ -208,3 +208,27 @@ def test_a_folder_or_file_the_user_may_not_write_is_refused_saying_why(
     with pytest.raises(KdsearchError) as kept:
         writable_file(locked / "old.csv", "--csv")
     assert str(kept.value) == f"--csv {locked}/old.csv: cannot write it (permission denied)"
+
+
+def test_a_read_only_mount_is_said_to_be_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was said as "permission denied", which sends a user to the folder's permissions
+    (root, who passes those, meets it too). The mount's flag is the one told apart here."""
+    stat = os.statvfs(tmp_path)
+    read_only = type("Stat", (), {"f_flag": stat.f_flag | os.ST_RDONLY})()
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(paths.os, "statvfs", lambda path: read_only)
+    with pytest.raises(KdsearchError) as folder:
+        writable_folder(tmp_path / "out", "--out")
+    assert (
+        str(folder.value)
+        == f"--out {tmp_path}/out: cannot write in {tmp_path} (read-only file system)"
+    )
+    (tmp_path / "old.csv").touch()
+    with pytest.raises(KdsearchError) as file:
+        writable_file(tmp_path / "old.csv", "--csv")
+    assert (
+        str(file.value)
+        == f"--csv {tmp_path}/old.csv: cannot write in {tmp_path} (read-only file system)"
+    )

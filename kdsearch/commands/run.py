@@ -28,7 +28,7 @@ from kdsearch.commands.export import run_export
 from kdsearch.commands.promote import run_promotion
 from kdsearch.display import console, search_status, status_line
 from kdsearch.errors import KdsearchError, StudyError
-from kdsearch.paths import remove_empty
+from kdsearch.paths import remove_empty, writable_folder
 from kdsearch.space import search_name_problem
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ def checked_search(args: argparse.Namespace) -> tuple[SearchSpace, str, str | No
         check_sqlite_file,
         default_storage,
         redact,
+        refuse_foreign,
         sqlite_file,
         trials_held,
     )
@@ -167,6 +168,14 @@ def checked_search(args: argparse.Namespace) -> tuple[SearchSpace, str, str | No
     for ignored in space.searched_changes(changes):
         console.print(f"note: {ignored}")
     check_driver(url)  # before Ray joins a cluster, and `--check` says so too
+    file = sqlite_file(url)
+    if file is not None and not given and not file.exists():  # ./studies/NAME.db, made as the
+        try:  # search starts: a read-only working folder was a traceback after the checks
+            writable_folder(file.parent, "the study storage's folder")
+        except KdsearchError as err:
+            raise StudyError(
+                f"{err}; run from a folder you can write in, or name a study storage with --storage"
+            ) from None
     target = args.trials or space.config.search.trials
     distinct = space.distinct_samples(most=target - 1)
     if distinct is not None:
@@ -188,6 +197,8 @@ def checked_search(args: argparse.Namespace) -> tuple[SearchSpace, str, str | No
     if args.check:  # every check made before the study opens, and nothing written
         if given and url.startswith("sqlite"):  # (the default's ./studies is made as it runs)
             check_sqlite_file(url)
+        if file is not None and file.is_file():  # as the run refuses it, before it opens
+            refuse_foreign(file, empty_ok=True)
         console.print(
             f"{space.source}: checked: {len(space.params)} parameter"
             f"{'s' * (len(space.params) != 1)}, {target} trial{'s' * (target != 1)} of at most "

@@ -125,18 +125,6 @@ def open_storage(url: str) -> BaseStorage:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # the dashboard may be reading at the same time
         check_sqlite_file(url)
-    parsed = parse_url(url)  # one SQLAlchemy cannot read fails below
-    if (
-        parsed is not None
-        and parsed.password is not None
-        and (
-            "@" in f"{parsed.host}{parsed.database}"  # what came after an '@' in the password
-        )
-    ):
-        raise StudyError(
-            f"cannot open the study storage {redact(url)}: its password holds an '@', "
-            "which SQLAlchemy reads as the end of the password; write it as %40"
-        )
     check_driver(url)  # what no retry mends
     failure: Exception | None = None
     for _ in range(OPEN_ATTEMPTS):
@@ -179,10 +167,21 @@ def check_driver(url: str) -> None:
     """Refuse `url` where SQLAlchemy cannot read it or the module of its driver is not
     installed (no retry mends these, and Optuna's message names no module), without
     connecting: what `run --check` can tell of a storage it does not open. A dialect of
-    SQLAlchemy 1's kind (a `dbapi` method, no `import_dbapi`) is left for the opening to try."""
+    SQLAlchemy 1's kind (a `dbapi` method, no `import_dbapi`) is left for the opening to try.
+    A password holding an '@' is refused too: SQLAlchemy reads the rest as the host."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    parsed = parse_url(url)  # one SQLAlchemy cannot read fails below
+    if (
+        parsed is not None
+        and parsed.password is not None
+        and "@" in f"{parsed.host}{parsed.database}"  # what came after an '@' in the password
+    ):
+        raise StudyError(
+            f"cannot open the study storage {redact(url)}: its password holds an '@', "
+            "which SQLAlchemy reads as the end of the password; write it as %40"
+        )
     try:
         make_url(with_driver(url)).get_dialect().import_dbapi()
     except ImportError as err:
