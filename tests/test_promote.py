@@ -245,6 +245,10 @@ def test_a_study_without_a_complete_trial_is_refused_before_the_banner(
     assert out.returncode == 2
     assert "study 's' has no COMPLETE trial to promote" in out.stderr
     assert "promoting" not in out.stderr
+    out = cli_here("export", "s", "--out", "winner", cwd=tmp_path)  # nothing to export either
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == "kdsearch: error: study 's' has no COMPLETE trial to export\n"
+    assert not (tmp_path / "winner").exists()
 
 
 def test_a_run_interrupted_while_its_weights_are_written_leaves_no_file(
