@@ -417,6 +417,11 @@ def test_why_a_file_is_not_torch_weights_is_said_in_words(
             "UnpicklingError Unsupported operand 110",
         ),
         (b"", "not a torch.save file, or a damaged one: its reader stopped at EOFError"),
+        (  # /etc/passwd's first line: it was "(list index out of range)" alone
+            b"root:x:0:0:root:/root:/bin/bash\n",
+            "not a torch.save file, or a damaged one: its reader stopped at IndexError list "
+            "index out of range",
+        ),
         (  # read as pickle's GLOBAL op, naming no Python object: it advised saving a state_dict
             b"cifar text",
             "not a torch.save file, or a damaged one: its reader stopped at UnpicklingError "

@@ -152,8 +152,9 @@ def load_failure(err: Exception) -> str:
     torch's advice (to load with weights_only=False, which runs the file's code) or its zip
     reader's note on itself. Said in words: a file of torch's legacy .tar format (or of zeros,
     which reads as one), and a byte its pickle reader has no op for (a number, or "Unsupported
-    operand" and one) or a "global" that names no Python object (text starting with a c): no
-    torch.save file, or a damaged one."""
+    operand" and one), a "global" that names no Python object (text starting with a c) or a
+    lookup that failed inside the reader (an IndexError or a KeyError: text starting with an r
+    reads as a memo pickle never wrote): no torch.save file, or a damaged one."""
     text = " ".join(str(err).split())
     text = text.partition("WeightsUnpickler error: ")[2] or text
     advice = r"\.? (?:In PyTorch 2\.6|Please use|Check the documentation|This is an internal)"
@@ -165,7 +166,9 @@ def load_failure(err: Exception) -> str:
     )
     if named and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", named[1]):
         reader = f"GLOBAL {named[1]}"  # no Python name: text whose c reads as pickle's GLOBAL
-    elif not re.fullmatch(r"(?:Unsupported operand )?\d*", reader):
+    elif not re.fullmatch(r"(?:Unsupported operand )?\d*", reader) and not isinstance(
+        err, LookupError
+    ):
         return reader
     return (
         "not a torch.save file, or a damaged one: its reader stopped at "
