@@ -44,6 +44,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message: str, file: TextIO | None = None) -> None:
+        """As argparse's, but a write that fails is not ignored (`--help > /dev/full` ended 0
+        with nothing said): where its reader has gone, status 141; else one line and status 2,
+        as for a command's output. A write left in the buffer is checked as the command ends
+        (`end_now`)."""
+        if not message:
+            return
+        try:
+            (file or sys.stderr).write(message)
+        except BrokenPipeError:
+            sys.exit(141)
+        except OSError as err:
+            with suppress(OSError):
+                sys.stderr.write(f"kdsearch: error: {output_failure(err)}\n")
+            sys.exit(2)
+
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
@@ -412,7 +428,12 @@ def entry() -> NoReturn:
     # before this one (coverage's, a sitecustomize's), it runs after, so Python ends the process.
     last = getattr(atexit, "_ncallbacks", lambda: 1)() == 0
     atexit.register(last_exit_handler, status, ends=last)
-    status.append(main())
+    try:
+        status.append(main())
+    except SystemExit as exit_:  # argparse's --help, --version and usage errors: ended as a
+        if not isinstance(exit_.code, int):  # command is, their output's last flush checked
+            raise  # (argparse writes it unchecked, and a full disk was status 0, unsaid)
+        status.append(exit_.code)
 
     def finished(signum: int, frame: FrameType | None) -> None:
         end_now(status[0])

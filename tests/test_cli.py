@@ -1111,6 +1111,37 @@ def test_output_that_cannot_be_written_at_the_end_is_not_lost_without_a_word(
     assert ran.stderr == (said if where == "full" else "")
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+@pytest.mark.parametrize("option", ["--version", "--help"])
+def test_help_and_version_that_cannot_be_written_say_so(
+    tmp_path: Path, option: str, unbuffered: str
+) -> None:
+    """To a full disk they ended 0 with nothing said: argparse ignores a failed write
+    (unbuffered, the write itself fails) and exits before the command's own ending, which checks
+    its output's last flush (buffered, that flush fails). To a reader gone, 141, as a command."""
+    skip_where_exit_handlers_start_registered()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, gone = os.pipe()
+    os.close(read)
+    for where, status, said in (
+        ("/dev/full", 2, "kdsearch: error: cannot write the output: No space left on device\n"),
+        (gone, 141, ""),
+    ):
+        with open(where, "w") as out:
+            ran = subprocess.run(
+                [sys.executable, "-m", "kdsearch.cli", option],
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+                env={**env, "PYTHONUNBUFFERED": unbuffered} if unbuffered else env,
+            )
+        assert (ran.returncode, ran.stderr) == (status, said)
+    ran = run_cli(option, cwd=tmp_path)
+    assert ran.returncode == 0 and "kdsearch" in ran.stdout.splitlines()[0] and ran.stderr == ""
+
+
 def test_a_missing_teacher_checkpoint_is_refused_before_the_data_loads(
     tmp_path: Path, cli_here: CliHere
 ) -> None:
