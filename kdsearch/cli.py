@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import suppress
 from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kdsearch import __version__
 from kdsearch.commands.export import cmd_export
@@ -28,6 +28,9 @@ from kdsearch.errors import KdsearchError, KdsearchWarning, NonFiniteLoss
 from kdsearch.paths import output_failure
 from kdsearch.recipe import MOST
 from kdsearch.space import cluster_address, study_name_problem
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def _print_message(self, message: str, file: TextIO | None = None) -> None:
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         """As argparse's, but a write that fails is not ignored (`--help > /dev/full` ended 0
         with nothing said): where its reader has gone, status 141; else one line and status 2,
         as for a command's output. A write left in the buffer is checked as the command ends
