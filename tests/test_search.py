@@ -291,6 +291,38 @@ def test_a_folder_handed_over_is_removed_only_once_its_lock_is_released(tmp_path
             (folder / "teacher-outputs").mkdir(parents=True)
 
 
+HANDS_OVER = """
+import shutil, sys, time
+from pathlib import Path
+from kdsearch.leftover import SETTLE_S, remove_once_released
+
+folder = Path(sys.argv[1])
+shutil.rmtree(folder)  # as a stopped search's driver removes its folder, then hands it over
+remove_once_released(folder)
+time.sleep(SETTLE_S + 1.5)  # Tune's syncing thread, slow on a loaded machine, writes it again
+(folder / "tune").mkdir(parents=True)
+(folder / "tune" / "experiment_state.json").write_text("{}")
+time.sleep(0.5)
+"""
+
+
+def test_a_folder_written_by_its_driver_after_a_pause_is_removed_again(tmp_path: Path) -> None:
+    """A search stopped by a second Ctrl-C left its scratch folder behind in CI again: its
+    remover kept the folder removed until nothing had written it for 2 s, but the driver's own
+    threads may write it later than that on a loaded machine, until the driver ends. The remover
+    now keeps removing it until the driver has ended, and settles only then."""
+    folder = tmp_path / "scratch"
+    (folder / "teacher-outputs").mkdir(parents=True)
+    driver = subprocess.run(
+        [sys.executable, "-c", HANDS_OVER, str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert driver.returncode == 0, driver.stderr
+    deadline = time.monotonic() + 30
+    while folder.exists():
+        assert time.monotonic() < deadline, "written after the pause, and left"
+        time.sleep(0.05)
+
+
 def test_a_search_removes_only_its_own_hosts_folders_of_dead_drivers() -> None:
     from kdsearch.search.tuner import scratch_folder
 
