@@ -903,7 +903,7 @@ def _serve(tmp_path: Path, storage: str = "studies/s.db") -> tuple[subprocess.Po
         text=True,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # the address alone: `curl "$(... | head -1)"` works
+    line = proc.stdout.readline()  # the address alone, for a script to read
     match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/dashboard/\n", line)
     assert match, line + proc.stderr.read() if proc.stderr else line
     return proc, int(match.group(1))

@@ -62,7 +62,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as err:
         raise KdsearchError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     with output_errors():  # `dashboard S > FILE` on a full disk: one line, not a traceback
-        # the address alone on stdout, for `$(...)` and pipes; what it serves on stderr
+        # the address alone on stdout, for a script to read; what it serves on stderr
         print(f"http://{args.host}:{server.server_port}/dashboard/", flush=True)
     console.print(f"optuna-dashboard on {redact(storage_url(given))}; Ctrl-C stops it")
     serve_until_stopped(server)
