@@ -7,6 +7,7 @@ promotion that asks for the same teacher loads it instead of training it again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -391,7 +392,15 @@ def _aux_classifiers(path: Path) -> list[tuple[str, dict[str, Any]]]:
     (`block_extractor2`, `bn2`, `fc2`: classifier "2"); none for any other file. The official
     code lists every classifier's feature layers first, then their batch norms, then their
     linear layers, so a classifier's tensors lie apart in the file. Tensors under no number
-    go together, as classifier "", first."""
+    go together, as classifier "", first. The heads' cache key and their loading both ask:
+    the file is read once while it stays as it is."""
+    stat = path.stat()
+    return _read_aux_classifiers(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_aux_classifiers(path: Path, mtime_ns: int, size: int) -> list[tuple[str, dict[str, Any]]]:
+    """`_aux_classifiers` of the file at `path` as it was at `mtime_ns` and `size`."""
     saved = _state_in(path, "teacher.checkpoint: ")
     if _backbone_of(saved) is saved:
         return []

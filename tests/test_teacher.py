@@ -493,8 +493,13 @@ def test_an_hsakd_teachers_auxiliary_classifiers_are_its_hsakd_heads(
         }
     )
     parts: list[set[str]] = []
-    with pytest.warns(KdsearchWarning) as warned:
+    reads: list[Path] = []
+    state_in = teacher_module._state_in
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(KdsearchWarning) as warned:
+        patch.setattr(teacher_module, "_state_in", lambda p, w: reads.append(p) or state_in(p, w))
         teacher = get_teacher(recipe, synthetic, heads_report=lambda s: parts.append(set(s.parts)))
+    # once for the teacher, once for its classifiers (the heads' key and their loading share it)
+    assert [p.name for p in reads] == ["t.pth.tar"] * 2
     assert [str(w.message) for w in warned] == [
         f"teacher.checkpoint: {tmp_path}/t.pth.tar: its 3 auxiliary classifiers are HSAKD's "
         "teacher heads (on stages 1, 2, 3, loaded by their order); kdsearch trains SSKD's heads "
