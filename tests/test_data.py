@@ -1252,10 +1252,10 @@ def test_an_archive_unpacked_meanwhile_by_another_process_is_used(
 
 
 def _write_fashion(
-    folder: Path, n_train: int = 100, n_train_labels: int = 100, classes: int = 10
+    folder: Path, n_train: int = 100, n_train_labels: int = 100, classes: int = 10, seed: int = 0
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for prefix, n, n_labels in (("train", n_train, n_train_labels), ("t10k", 30, 30)):
         _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n_labels) % classes)
@@ -1297,7 +1297,9 @@ def test_a_download_completes_a_folder_that_held_some_of_the_files(
     import torchvision.datasets as tvd
 
     def download(root: str, train: bool, download: bool) -> None:
-        _write_fashion(Path(root) / "FashionMNIST" / "raw")  # all four, as torchvision does
+        # all four, as torchvision does; other pixels than the file kept, so a kept file
+        # overwritten by the download's would show
+        _write_fashion(Path(root) / "FashionMNIST" / "raw", seed=1)
 
     monkeypatch.setattr(tvd, "FashionMNIST", download)
     raw = tmp_path / "FashionMNIST" / "raw"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from kdsearch.errors import RecipeError
@@ -34,7 +35,9 @@ def test_yaml_round_trip_gives_an_equal_recipe() -> None:
 
 
 def test_shipped_recipes_load() -> None:
-    for path in sorted((REPO / "search_spaces" / "recipes").glob("*.yaml")):
+    paths = sorted((REPO / "search_spaces" / "recipes").glob("*.yaml"))
+    assert paths, "the shipped recipes are there"
+    for path in paths:
         assert Recipe.load(path).student.arch in MODEL_NAMES
 
 
@@ -250,7 +253,7 @@ def test_override_rejects_bad_paths_and_values(changes: dict[str, object], expec
 
 def test_recipe_is_immutable() -> None:
     recipe = Recipe.from_yaml(MINIMAL)
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         recipe.seed = 3  # type: ignore[misc]
 
 

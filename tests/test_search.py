@@ -479,6 +479,8 @@ def test_a_killed_or_interrupted_search_resumes_without_losing_or_repeating_a_tr
     if not raced:  # where Ray's core ended the driver, the folder may be gone or left: both seen
         assert bool(scratch_of(proc.pid)) == killed, "Ctrl-C cleans up its own"
     if how in ("sigterm", "ctrl-c twice"):  # they leave the study as Ctrl-C does, which resumes
+        stopped = {t.number: (t.state, t.value, t.datetime_complete) for t in trials(root)}
+        assert all(stopped[n] == was for n, was in before.items()), "a finished trial changed"
         return
     resumed = kdsearch("run", "space.yaml", "--trials", "10", "--resume", cwd=root, env=env)
     _, err = resumed.communicate(timeout=600)
@@ -656,6 +658,7 @@ def into_promotion_runs(proc: subprocess.Popen[str], session: int, seen: list[st
     deadline = time.monotonic() + 120
     while not running("ray::train_job", session) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert running("ray::train_job", session), "no promotion run trained within 120 s"
 
 
 def test_a_promotion_whose_ray_cluster_is_lost_ends_in_one_line(tmp_path: Path) -> None:
@@ -709,7 +712,8 @@ def test_two_drivers_share_one_postgresql_study(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], errs
     study = optuna.load_study(study_name=name, storage=POSTGRES)
     ts = study.trials
-    assert len(ts) >= 8 and all(t.state.is_finished() for t in ts)
+    # a driver reads the count before it asks, so each other driver may add one more
+    assert 8 <= len(ts) <= 9 and all(t.state.is_finished() for t in ts)
     assert sorted(t.number for t in ts) == list(range(len(ts)))
     ray_ids = [t.user_attrs["ray_trial_id"] for t in ts]
     assert len(set(ray_ids)) == len(ray_ids), "no trial recorded twice"
@@ -1067,9 +1071,8 @@ def test_failed_trials_stay_out_of_ashas_rungs() -> None:
         asha.on_trial_add(None, good)  # first to the rung: goes on
         assert asha.on_trial_result(None, good, {"epoch": 1, METRIC: 0.1}) == "CONTINUE"
     assert asha.stopped == set()
-    assert all(
-        not recorded or set(recorded) == {"c"} for b in asha._brackets for _, recorded in b._rungs
-    )
+    rungs = [set(recorded) for b in asha._brackets for _, recorded in b._rungs]
+    assert {"c"} in rungs and all(r in (set(), {"c"}) for r in rungs), rungs
 
 
 def test_a_trial_whose_process_died_keeps_what_its_last_epoch_said(tmp_path: Path) -> None:
@@ -1287,22 +1290,26 @@ def one_lr_without_kd(search: str) -> SearchSpace:
     return SearchSpace.from_yaml(text, source="space.yaml")
 
 
+@pytest.mark.parametrize("chosen", [None, "1"])
 def test_a_search_in_a_callers_process_leaves_its_environment_as_it_was(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chosen: str | None
 ) -> None:
     """A library caller's later Tune runs keep Tune's console output: kdsearch turns it off for
-    its own search only."""
+    its own search only, and leaves it as the caller chose where the caller did."""
     from kdsearch.data import load_data
     from kdsearch.search.tuner import run_search
     from kdsearch.study.record import Record
     from kdsearch.study.storage import open_storage
 
-    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    if chosen is None:
+        monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", chosen)
     space = one_lr_without_kd("trials: 1, concurrent: 2")
     record = Record(open_storage(f"sqlite:///{tmp_path}/s.db"), "s", space, target=1, resume=False)
     outcome = run_search(space, record, load_data(space.base.data), None)
     assert outcome.complete and outcome.tally.complete + outcome.tally.pruned == 1
-    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    assert os.environ.get("RAY_AIR_NEW_OUTPUT") == chosen
 
 
 def test_a_study_that_stops_taking_writes_stops_the_search_in_one_line(

@@ -600,7 +600,7 @@ def test_a_promotion_at_the_base_budget_below_the_trial_budget_is_refused() -> N
         "promote.epochs, or raise schedule.epochs in base"
     )
     with_epochs = SearchSpace.from_yaml(text + params + "promote: {epochs: 24}", source="s.yaml")
-    assert with_epochs.config.promote is not None
+    assert with_epochs.config.promote is not None and with_epochs.config.promote.epochs == 24
     assert SearchSpace.from_yaml(text + params, source="s.yaml").config.promote is None
 
 

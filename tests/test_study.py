@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from contextlib import closing
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
@@ -21,8 +23,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import DateTime, column, make_url, text
 from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 
 from kdsearch.errors import KdsearchError, KdsearchWarning, StorageError, StudyError
 from kdsearch.space import SearchSpace
@@ -275,8 +276,9 @@ def test_a_placement_is_stored_as_text_and_recorded_as_a_list(space: SearchSpace
     stored = {t.number: t.params for t in record.study.trials}
     for plan in plans:
         assert plan is not None
-        assert stored[plan.number]["distill.hsakd.placement"] in ("[1, 2, 3]", "[3]")
-        assert plan.recipe.distill.hsakd.placement in ([1, 2, 3], [3])
+        text = stored[plan.number]["distill.hsakd.placement"]
+        assert text in ("[1, 2, 3]", "[3]")
+        assert plan.recipe.distill.hsakd.placement == json.loads(text)
 
 
 def test_an_existing_study_needs_resume(space: SearchSpace, url: str) -> None:
@@ -744,8 +746,18 @@ def test_a_refused_delete_of_old_steps_is_a_storage_failure(space: SearchSpace, 
         impatient.set_trial_intermediate_value(trial_id, epoch, 0.5)
     with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
         db.execute("BEGIN IMMEDIATE")  # another writer holds the file
-        with pytest.raises(StudyError):
+        with pytest.raises(
+            StorageError, match=r"cannot use the study storage .*: database is locked"
+        ):
             record.finish(0, TrialState.PRUNED, {1: 0.3}, {"epochs": 1})
+        db.rollback()
+    # nothing of the refused write landed: the trial is as it was
+    trial = impatient.get_trial(trial_id)
+    assert trial.state == TrialState.RUNNING and trial.intermediate_values == {
+        1: 0.5,
+        2: 0.5,
+        3: 0.5,
+    }
 
 
 def _own(storage: BaseStorage, study_id: int, number: int, driver: str) -> None:
@@ -1176,11 +1188,13 @@ def test_bad_storage_is_one_line_without_the_password(url: str, expected: str) -
     assert message.startswith(expected) and "hunter2" not in message and "\n" not in message
 
 
-class OldStyleDialect(SQLiteDialect_pysqlite):
-    """A dialect written for SQLAlchemy 1: a `dbapi` class method and no `import_dbapi`, which
-    SQLAlchemy 2's engines still accept (with a warning)."""
+class OldStyleDialect(SQLiteDialect):
+    """A dialect written for SQLAlchemy 1: a `dbapi` class method and no `import_dbapi` but the
+    interface's (which raises NotImplementedError), which SQLAlchemy 2's engines still accept
+    (with a warning)."""
 
-    import_dbapi = Dialect.import_dbapi  # the interface's: it raises NotImplementedError
+    driver = "pysqlite"
+    supports_statement_cache = True
 
     @classmethod
     def dbapi(cls) -> Any:
@@ -1191,7 +1205,11 @@ def test_a_dialect_without_import_dbapi_is_left_to_the_opening(tmp_path: Path) -
     """`check_driver` called `import_dbapi`, which such a dialect lacks: a NotImplementedError
     traceback from every command, on a URL that had opened."""
     registry.register("oldstylekd", __name__, "OldStyleDialect")
-    check_driver(f"oldstylekd:///{tmp_path}/s.db")  # nothing to say: the opening tries it
+    url = f"oldstylekd:///{tmp_path}/s.db"
+    check_driver(url)  # nothing to say: the opening tries it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SQLAlchemy's, on the dialect's old-style `dbapi`
+        assert study_names(open_storage(url)) == [], "and the URL opens"
 
 
 def test_a_postgresql_server_that_never_answers_is_given_up_on(

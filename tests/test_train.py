@@ -366,6 +366,9 @@ def test_student_state_dict_loads_into_the_bare_architecture(synthetic: ImageDat
     result = train(tiny_recipe({"schedule.epochs": 1}), synthetic, teacher=teacher)
     bare = build_model("resnet8", synthetic.num_classes, synthetic.channels)
     bare.load_state_dict(result.student.state_dict())
+    x = synthetic.val.x[:8].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(bare.eval()(x), result.student.eval()(x), atol=1e-5)
 
 
 @pytest.mark.parametrize(("precision", "rel"), [("fp32", 1e-4), ("bf16", 4e-3)])

@@ -13,6 +13,7 @@ def test_rotate_stacks_the_four_rotations() -> None:
     assert r[0, 0].tolist() == [[0, 1], [2, 3]]
     assert r[1, 0].tolist() == [[1, 3], [0, 2]]  # 90 degrees counter-clockwise
     assert r[2, 0].tolist() == [[3, 2], [1, 0]]
+    assert r[3, 0].tolist() == [[2, 0], [3, 1]]
 
 
 def test_match_stage_keeps_relative_depth() -> None:
